@@ -1,0 +1,24 @@
+import pino from 'pino';
+
+/**
+ * Structured JSON logs on stderr (stdout stays free for a command's own output). LOG_LEVEL sets the
+ * level; each component gets a child logger with its name.
+ */
+const root = pino({ level: process.env.LOG_LEVEL ?? 'info', base: { pid: process.pid } }, pino.destination(2));
+
+export type Logger = pino.Logger;
+
+export function createLogger(component: string, bindings: Record<string, unknown> = {}): Logger {
+  return root.child({ component, ...bindings });
+}
+
+/** An error with its cause chain, for log fields and messages. */
+export function describeError(err: unknown): string {
+  const parts: string[] = [];
+  let e: unknown = err;
+  for (let depth = 0; e && depth < 5; depth++) {
+    parts.push(e instanceof Error ? e.message : String(e));
+    e = e instanceof Error ? e.cause : undefined;
+  }
+  return parts.join(': caused by: ');
+}

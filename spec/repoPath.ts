@@ -1,0 +1,45 @@
+/**
+ * Repository paths, shared by the repository server, the client library and the task spec (and so
+ * by workflow code: keep this file free of Node APIs). A path is relative, '/'-separated, normalised,
+ * with no '.', '..' or empty segments, no NUL or control characters, and bounded lengths.
+ */
+export const MAX_PATH_BYTES = 1024;
+export const MAX_SEGMENT_BYTES = 255;
+
+function utf8Length(s: string): number {
+  return new TextEncoder().encode(s).length;
+}
+
+/** Returns the normalised path, or throws an Error naming what is wrong. */
+export function normaliseRepoPath(input: string, what = 'path'): string {
+  if (typeof input !== 'string' || input.length === 0) throw new Error(`${what} is empty`);
+  if (input.includes('\0')) throw new Error(`${what} contains a NUL byte`);
+  // eslint-disable-next-line no-control-regex
+  if (/[\x01-\x1f\x7f]/.test(input)) throw new Error(`${what} contains a control character`);
+  if (input.startsWith('/')) throw new Error(`${what} ${JSON.stringify(input)} is absolute; use a relative path`);
+  if (input.includes('\\')) throw new Error(`${what} ${JSON.stringify(input)} contains a backslash`);
+  const nfc = input.normalize('NFC');
+  const segments = nfc.split('/').filter((s, i, all) => !(s === '' && i === all.length - 1));
+  for (const seg of segments) {
+    if (seg === '') throw new Error(`${what} ${JSON.stringify(input)} has an empty segment`);
+    if (seg === '.' || seg === '..') throw new Error(`${what} ${JSON.stringify(input)} contains '${seg}'`);
+    if (utf8Length(seg) > MAX_SEGMENT_BYTES)
+      throw new Error(`${what} has a segment longer than ${MAX_SEGMENT_BYTES} bytes`);
+  }
+  const out = segments.join('/');
+  if (out.length === 0) throw new Error(`${what} is empty`);
+  if (utf8Length(out) > MAX_PATH_BYTES) throw new Error(`${what} is longer than ${MAX_PATH_BYTES} bytes`);
+  return out;
+}
+
+export function isValidRepoPath(input: string): boolean {
+  try {
+    normaliseRepoPath(input);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Owner names double as folder names and search-attribute values. */
+export const OWNER_NAME = /^[a-z][a-z0-9_-]{0,62}$/;

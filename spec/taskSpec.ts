@@ -1,0 +1,73 @@
+import { z } from 'zod';
+import { isValidRepoPath, normaliseRepoPath, OWNER_NAME } from './repoPath';
+
+/**
+ * The task spec: the one JSON object a user gives to start a task, so that
+ * `temporal workflow start --type TaskLifecycle --task-queue vsp --input '{...}'` works as well as the
+ * client library. Validated in the client and again in the workflow (this file has no Node APIs).
+ */
+const repoPath = (what: string) =>
+  z
+    .string()
+    .refine(isValidRepoPath, {
+      error: (iss) => {
+        try {
+          normaliseRepoPath(String(iss.input), what);
+        } catch (err) {
+          return (err as Error).message;
+        }
+        return `invalid ${what}`;
+      },
+    })
+    .transform((p) => normaliseRepoPath(p, what));
+
+export const TaskSpecSchema = z
+  .object({
+    owner: z.string().regex(OWNER_NAME, 'owner must be lower-case letters, digits, _ or -, starting with a letter'),
+    /** A short label shown in listings; defaults to the workflow id. */
+    name: z.string().min(1).max(100).optional(),
+    /** Repository paths in the owner's space; each appears at the same relative path in the task's home. */
+    inputs: z.array(repoPath('input path')).max(1000).default([]),
+    /** Run by /bin/sh -c in the task's home. */
+    command: z.string().min(1, 'command is empty').max(65536),
+    /** Base image: 'default' (the provider's appliance) or an image path in the owner's space. */
+    image: z.string().min(1).max(1024).default('default'),
+    /** Which hypervisor driver to use; the host's default when absent. */
+    driver: z.enum(['process', 'qemu']).optional(),
+    vcpus: z.number().int().min(1).max(64).default(1),
+    memoryMiB: z.number().int().min(64).max(262144).default(256),
+    timeLimitSec: z.number().int().min(1).max(30 * 24 * 3600).default(3600),
+    /** Folder in the task's home whose contents are the task's outputs. */
+    outputDir: repoPath('outputDir').default('out'),
+    /** Room left on the data disk for outputs. */
+    outputRoomMiB: z.number().int().min(1).max(1024 * 1024).default(64),
+    /** Repository folder (owner's space) that receives outputs and logs; default results/<task id>. */
+    resultsPath: repoPath('resultsPath').optional(),
+    /** TCP ports of a long-running service; a task with ports runs until cancelled. */
+    ports: z.array(z.number().int().min(1).max(65535)).max(32).default([]),
+    /** Host to run on; placement chooses when absent. */
+    host: z
+      .string()
+      .regex(/^[a-z0-9][a-z0-9-]{0,62}$/, 'host must be a host name from the cluster configuration')
+      .optional(),
+  })
+  .strict();
+
+export type TaskSpecInput = z.input<typeof TaskSpecSchema>;
+export type TaskSpec = z.output<typeof TaskSpecSchema>;
+
+export class TaskSpecError extends Error {
+  constructor(readonly issues: string[]) {
+    super(`invalid task spec: ${issues.join('; ')}`);
+    this.name = 'TaskSpecError';
+  }
+}
+
+/** Validates and fills defaults; throws TaskSpecError naming every bad field. */
+export function parseTaskSpec(input: unknown): TaskSpec {
+  const r = TaskSpecSchema.safeParse(input);
+  if (r.success) return r.data;
+  throw new TaskSpecError(
+    r.error.issues.map((i) => `${i.path.length ? i.path.join('.') : 'spec'}: ${i.message}`),
+  );
+}

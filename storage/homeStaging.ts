@@ -1,0 +1,21 @@
+import type { VmPaths } from './vmStore';
+
+/** Files taken out of a finished task's home, ready for upload. */
+export interface ExtractedOutputs {
+  /** Folder holding the task's outputs (may be empty). */
+  outputsDir: string;
+  /** The task's stdout+stderr, if it produced one. */
+  taskLog?: string;
+}
+
+/**
+ * How a task's inputs become its home and its outputs come back: a plain folder for the process
+ * driver, an ext4 data-disk image for VMs (the paper's mechanism). The workflow never sees which.
+ */
+export interface HomeStaging {
+  readonly kind: 'directory' | 'disk-image';
+  /** Builds the home from the inputs downloaded into `vm.inputsDir`, leaving `outputRoomBytes` free. */
+  build(vm: VmPaths, outputRoomBytes: number): Promise<{ bytes: number }>;
+  /** Copies `outputDir` (relative to the home) and the task log into `vm.outboxDir`. */
+  extract(vm: VmPaths, outputDir: string): Promise<ExtractedOutputs>;
+}
