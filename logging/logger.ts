@@ -4,7 +4,10 @@ import pino from 'pino';
  * Structured JSON logs on stderr (stdout stays free for a command's own output). LOG_LEVEL sets the
  * level; each component gets a child logger with its name.
  */
-const root = pino({ level: process.env.LOG_LEVEL ?? 'info', base: { pid: process.pid } }, pino.destination(2));
+const root = pino(
+  { level: process.env.LOG_LEVEL ?? 'info', base: { pid: process.pid } },
+  pino.destination(2),
+);
 
 export type Logger = pino.Logger;
 

@@ -16,7 +16,8 @@ export function normaliseRepoPath(input: string, what = 'path'): string {
   if (input.includes('\0')) throw new Error(`${what} contains a NUL byte`);
   // eslint-disable-next-line no-control-regex
   if (/[\x01-\x1f\x7f]/.test(input)) throw new Error(`${what} contains a control character`);
-  if (input.startsWith('/')) throw new Error(`${what} ${JSON.stringify(input)} is absolute; use a relative path`);
+  if (input.startsWith('/'))
+    throw new Error(`${what} ${JSON.stringify(input)} is absolute; use a relative path`);
   if (input.includes('\\')) throw new Error(`${what} ${JSON.stringify(input)} contains a backslash`);
   const nfc = input.normalize('NFC');
   const segments = nfc.split('/').filter((s, i, all) => !(s === '' && i === all.length - 1));

@@ -23,7 +23,9 @@ const repoPath = (what: string) =>
 
 export const TaskSpecSchema = z
   .object({
-    owner: z.string().regex(OWNER_NAME, 'owner must be lower-case letters, digits, _ or -, starting with a letter'),
+    owner: z
+      .string()
+      .regex(OWNER_NAME, 'owner must be lower-case letters, digits, _ or -, starting with a letter'),
     /** A short label shown in listings; defaults to the workflow id. */
     name: z.string().min(1).max(100).optional(),
     /** Repository paths in the owner's space; each appears at the same relative path in the task's home. */
@@ -36,11 +38,21 @@ export const TaskSpecSchema = z
     driver: z.enum(['process', 'qemu']).optional(),
     vcpus: z.number().int().min(1).max(64).default(1),
     memoryMiB: z.number().int().min(64).max(262144).default(256),
-    timeLimitSec: z.number().int().min(1).max(30 * 24 * 3600).default(3600),
+    timeLimitSec: z
+      .number()
+      .int()
+      .min(1)
+      .max(30 * 24 * 3600)
+      .default(3600),
     /** Folder in the task's home whose contents are the task's outputs. */
     outputDir: repoPath('outputDir').default('out'),
     /** Room left on the data disk for outputs. */
-    outputRoomMiB: z.number().int().min(1).max(1024 * 1024).default(64),
+    outputRoomMiB: z
+      .number()
+      .int()
+      .min(1)
+      .max(1024 * 1024)
+      .default(64),
     /** Repository folder (owner's space) that receives outputs and logs; default results/<task id>. */
     resultsPath: repoPath('resultsPath').optional(),
     /** TCP ports of a long-running service; a task with ports runs until cancelled. */

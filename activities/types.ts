@@ -1,0 +1,43 @@
+import type { ExitResult, VmHandle } from '../drivers/types';
+import type { TaskSpec } from '../spec/taskSpec';
+
+/** Messages between the workflow and its activities (plain JSON). */
+
+export interface TaskRef {
+  /** The workflow id; names the task in the repository and logs. */
+  taskId: string;
+  /** Names the VM folder on its host (workflow id + run, made safe for file names). */
+  vmId: string;
+  spec: TaskSpec;
+  /** Repository folder (owner's space) for outputs and logs. */
+  resultsPath: string;
+}
+
+export interface StageInResult {
+  driver: string;
+  files: number;
+  bytes: number;
+}
+
+export interface AwaitResult extends ExitResult {
+  progress?: number;
+}
+
+export interface UploadedFile {
+  path: string;
+  size: number;
+  sha256: string;
+}
+
+export interface StageOutResult {
+  outputs: UploadedFile[];
+  logs: UploadedFile[];
+}
+
+export interface Placement {
+  host: string;
+  /** Running tasks the host had when chosen. */
+  load: number;
+}
+
+export type { VmHandle };

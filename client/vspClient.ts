@@ -1,0 +1,121 @@
+import { randomUUID } from 'node:crypto';
+import { Client, WorkflowFailedError, WorkflowNotFoundError } from '@temporalio/client';
+import { CONTROL_TASK_QUEUE, SEARCH_ATTRIBUTES } from '../config/names';
+import { connectClient } from '../config/temporal';
+import { parseTaskSpec, type TaskSpecInput } from '../spec/taskSpec';
+import { cancelUpdate, statusQuery, type TaskResult, type TaskStatus } from '../workflows/definitions';
+
+export interface TaskSummary {
+  taskId: string;
+  status: string;
+  owner?: string;
+  phase?: string;
+  host?: string;
+  startTime: string;
+}
+
+const TERMINAL = new Set(['completed', 'failed', 'cancelled']);
+
+/**
+ * VSP's client library over Temporal: submit tasks (validated here first), follow them, cancel them.
+ * Files go through the repository client (repository/client.ts).
+ */
+export class VspClient {
+  constructor(readonly temporal: Client) {}
+
+  static async connect(): Promise<VspClient> {
+    return new VspClient(await connectClient());
+  }
+
+  /** Validates the spec (throws TaskSpecError naming the bad fields) and starts its workflow. */
+  async submit(
+    input: TaskSpecInput,
+    opts: { taskId?: string } = {},
+  ): Promise<{ taskId: string; runId: string }> {
+    const spec = parseTaskSpec(input);
+    const taskId =
+      opts.taskId ?? `${spec.owner}-${spec.name ? `${spec.name}-` : ''}${randomUUID().slice(0, 8)}`;
+    const handle = await this.temporal.workflow.start('TaskLifecycle', {
+      taskQueue: CONTROL_TASK_QUEUE,
+      workflowId: taskId,
+      // The raw input: the workflow validates it again, deterministically, and fills the same defaults.
+      args: [input],
+      staticSummary: `${spec.owner}: ${spec.name ?? spec.command.slice(0, 60)}`,
+    });
+    return { taskId, runId: handle.firstExecutionRunId };
+  }
+
+  async status(taskId: string): Promise<TaskStatus> {
+    return this.temporal.workflow.getHandle(taskId).query(statusQuery);
+  }
+
+  /** Calls `onStatus` on every change until the task ends; resolves with its result or throws its failure. */
+  async watch(taskId: string, onStatus: (s: TaskStatus) => void, intervalMs = 1000): Promise<TaskResult> {
+    const handle = this.temporal.workflow.getHandle(taskId);
+    const result = handle.result() as Promise<TaskResult>;
+    let done = false;
+    void result.finally(() => (done = true)).catch(() => undefined);
+    let last = '';
+    while (!done) {
+      try {
+        const s = await handle.query(statusQuery);
+        const key = JSON.stringify(s);
+        if (key !== last) onStatus(s);
+        last = key;
+        if (TERMINAL.has(s.phase)) break;
+      } catch (err) {
+        if (err instanceof WorkflowNotFoundError) throw err;
+        // The workflow may be between tasks or its worker restarting: try again.
+      }
+      await Promise.race([result.catch(() => undefined), new Promise((r) => setTimeout(r, intervalMs))]);
+    }
+    return result;
+  }
+
+  async result(taskId: string): Promise<TaskResult> {
+    return (await this.temporal.workflow.getHandle(taskId).result()) as TaskResult;
+  }
+
+  /** Cancels a running task; its VM is stopped, its logs kept in the repository. */
+  async cancel(taskId: string, reason?: string): Promise<TaskStatus> {
+    return this.temporal.workflow.getHandle(taskId).executeUpdate(cancelUpdate, { args: [{ reason }] });
+  }
+
+  async list(opts: { owner?: string; running?: boolean; limit?: number } = {}): Promise<TaskSummary[]> {
+    const clauses = [`WorkflowType="TaskLifecycle"`];
+    if (opts.owner) clauses.push(`${SEARCH_ATTRIBUTES.owner}="${opts.owner.replace(/"/g, '')}"`);
+    if (opts.running) clauses.push(`ExecutionStatus="Running"`);
+    const out: TaskSummary[] = [];
+    for await (const wf of this.temporal.workflow.list({ query: clauses.join(' AND ') })) {
+      const sa = wf.typedSearchAttributes;
+      const get = (name: string) => {
+        const pair = sa.getAll().find((p) => p.key.name === name);
+        return pair ? String(pair.value) : undefined;
+      };
+      out.push({
+        taskId: wf.workflowId,
+        status: wf.status.name,
+        owner: get(SEARCH_ATTRIBUTES.owner),
+        phase: get(SEARCH_ATTRIBUTES.phase),
+        host: get(SEARCH_ATTRIBUTES.host),
+        startTime: wf.startTime.toISOString(),
+      });
+      if (out.length >= (opts.limit ?? 100)) break;
+    }
+    return out;
+  }
+}
+
+/** The message a failed task's workflow ended with, cause included. */
+export function taskFailureMessage(err: unknown): string {
+  if (err instanceof WorkflowFailedError) {
+    const parts: string[] = [];
+    let e: unknown = err.cause;
+    while (e instanceof Error && parts.length < 4) {
+      parts.push(e.message);
+      e = e.cause;
+    }
+    return parts.join(': ') || err.message;
+  }
+  return err instanceof Error ? err.message : String(err);
+}

@@ -1,0 +1,17 @@
+/** Names shared by the workflow, workers and clients (no Node APIs: workflow code imports this). */
+export const CONTROL_TASK_QUEUE = 'vsp';
+
+export function hostTaskQueue(host: string): string {
+  return `vsp-host-${host}`;
+}
+
+export const HOST_NAME = /^[a-z0-9][a-z0-9-]{0,62}$/;
+
+/** Custom search attributes, registered on the dev server by deploy/devcluster/temporal.ts. */
+export const SEARCH_ATTRIBUTES = {
+  owner: 'VspOwner',
+  host: 'VspHost',
+  storageHost: 'VspStorageHost',
+  phase: 'VspPhase',
+  driver: 'VspDriver',
+} as const;

@@ -1,0 +1,67 @@
+import path from 'node:path';
+import { z } from 'zod';
+import { loadConfig, nameList } from './env';
+import { HOST_NAME } from './names';
+
+const hostName = z.string().regex(HOST_NAME, 'host names are lower-case letters, digits and -');
+
+const HostSchema = z.object({
+  host: hostName,
+  storeDir: z.string().min(1).optional(),
+  repositoryUrl: z.url({ protocol: /^https?$/ }),
+  repositoryToken: z.string().min(8, 'the repository service token is missing or too short'),
+  drivers: nameList(z.enum(['process', 'qemu'])).default(['process']),
+  defaultDriver: z.enum(['process', 'qemu']).optional(),
+  applianceDir: z.string().optional(),
+  maxImageBytes: z.coerce
+    .number()
+    .int()
+    .positive()
+    .default(8 * 1024 ** 3),
+  accel: z.enum(['auto', 'kvm', 'tcg']).default('auto'),
+});
+
+export type HostConfig = Omit<z.output<typeof HostSchema>, 'storeDir' | 'defaultDriver'> & {
+  storeDir: string;
+  defaultDriver: 'process' | 'qemu';
+};
+
+/** Configuration of a host worker: VSP_HOST, VSP_STORE_DIR, VSP_REPOSITORY_URL, ... (see README). */
+export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig {
+  const c = loadConfig(
+    HostSchema,
+    {
+      host: 'VSP_HOST',
+      storeDir: 'VSP_STORE_DIR',
+      repositoryUrl: 'VSP_REPOSITORY_URL',
+      repositoryToken: 'VSP_REPOSITORY_TOKEN',
+      drivers: 'VSP_DRIVERS',
+      defaultDriver: 'VSP_DEFAULT_DRIVER',
+      applianceDir: 'VSP_APPLIANCE_DIR',
+      maxImageBytes: 'VSP_MAX_IMAGE_BYTES',
+      accel: 'VSP_ACCEL',
+    },
+    env,
+  );
+  const defaultDriver = c.defaultDriver ?? c.drivers[0];
+  if (!c.drivers.includes(defaultDriver))
+    throw new Error(`invalid configuration: VSP_DEFAULT_DRIVER=${defaultDriver} is not in VSP_DRIVERS`);
+  return {
+    ...c,
+    storeDir: path.resolve(c.storeDir ?? path.join('.vsp', 'hosts', c.host)),
+    defaultDriver,
+  };
+}
+
+const ControlSchema = z.object({
+  hosts: nameList(hostName),
+  /** A host whose queue had no poller for this long counts as down. */
+  hostLivenessSec: z.coerce.number().int().positive().default(90),
+});
+
+export type ControlConfig = z.output<typeof ControlSchema>;
+
+/** Configuration of the control worker: VSP_HOSTS lists the cluster's hosts. */
+export function loadControlConfig(env: NodeJS.ProcessEnv = process.env): ControlConfig {
+  return loadConfig(ControlSchema, { hosts: 'VSP_HOSTS', hostLivenessSec: 'VSP_HOST_LIVENESS_SEC' }, env);
+}

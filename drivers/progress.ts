@@ -1,0 +1,41 @@
+import { promises as fs } from 'node:fs';
+
+/**
+ * Tasks report progress by printing `VSP-PROGRESS <0-100> [message]` on their output; drivers read the
+ * last such line from the tail of a log (the task log for processes, the serial console for VMs).
+ */
+const PROGRESS_LINE = /^VSP-PROGRESS\s+(\d{1,3}(?:\.\d+)?)(?:\s+(.*))?$/;
+
+export interface Progress {
+  progress: number;
+  message?: string;
+}
+
+export function lastProgress(text: string): Progress | undefined {
+  const lines = text.split('\n');
+  for (let i = lines.length - 1; i >= 0; i--) {
+    const m = PROGRESS_LINE.exec(lines[i].trim());
+    if (m) return { progress: Math.min(100, Number(m[1])), message: m[2]?.slice(0, 200) };
+  }
+  return undefined;
+}
+
+/** The last `bytes` of a file ('' when it does not exist). */
+export async function readTail(file: string, bytes = 64 * 1024): Promise<string> {
+  let fh: fs.FileHandle;
+  try {
+    fh = await fs.open(file, 'r');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return '';
+    throw err;
+  }
+  try {
+    const { size } = await fh.stat();
+    const start = Math.max(0, size - bytes);
+    const buf = Buffer.alloc(size - start);
+    await fh.read(buf, 0, buf.length, start);
+    return buf.toString('utf8');
+  } finally {
+    await fh.close();
+  }
+}

@@ -1,0 +1,93 @@
+import { promises as fs } from 'node:fs';
+
+/** What the guest told the host on its serial console (see deploy/guest/init). */
+export interface ConsoleState {
+  progress?: number;
+  progressMessage?: string;
+  /** Set once the guest printed VSP-EXIT. */
+  exitCode?: number;
+  /** The task wrote its first line (VSP-START seen). */
+  started: boolean;
+  /** The guest ran out of room on the data disk. */
+  diskFull: boolean;
+  /** A fatal error the guest init reported (VSP-ERROR). */
+  guestError?: string;
+}
+
+const MAX_READ = 1 << 20;
+
+/**
+ * Follows a console log incrementally: each poll reads only the new bytes and parses whole lines.
+ * Kernel messages may interleave; only lines starting with VSP- count.
+ */
+export class ConsoleFollower {
+  private offset = 0;
+  private partial = '';
+  readonly state: ConsoleState = { started: false, diskFull: false };
+
+  constructor(private readonly file: string) {}
+
+  async poll(): Promise<ConsoleState> {
+    let fh: fs.FileHandle;
+    try {
+      fh = await fs.open(this.file, 'r');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return this.state;
+      throw err;
+    }
+    try {
+      for (;;) {
+        const buf = Buffer.alloc(MAX_READ);
+        const { bytesRead } = await fh.read(buf, 0, MAX_READ, this.offset);
+        if (bytesRead === 0) break;
+        this.offset += bytesRead;
+        this.feed(buf.subarray(0, bytesRead).toString('utf8'));
+      }
+    } finally {
+      await fh.close();
+    }
+    return this.state;
+  }
+
+  private feed(text: string): void {
+    const lines = (this.partial + text).split('\n');
+    this.partial = lines.pop() ?? '';
+    for (const raw of lines) this.parseLine(raw.replace(/\r$/, ''));
+  }
+
+  private parseLine(line: string): void {
+    const progress = /^VSP-PROGRESS (\d{1,3})(?: (.*))?$/.exec(line);
+    if (progress) {
+      const n = Number(progress[1]);
+      if (n <= 100) {
+        this.state.progress = n;
+        this.state.progressMessage = progress[2]?.slice(0, 200);
+      }
+      return;
+    }
+    const exit = /^VSP-EXIT (\d+)$/.exec(line);
+    if (exit) this.state.exitCode = Number(exit[1]);
+    else if (line === 'VSP-START') this.state.started = true;
+    else if (line === 'VSP-DISK-FULL') this.state.diskFull = true;
+    else if (line.startsWith('VSP-ERROR ')) this.state.guestError = line.slice('VSP-ERROR '.length);
+  }
+}
+
+/** The last `lines` lines of a console log, for error messages. */
+export async function consoleTail(file: string, lines = 30): Promise<string> {
+  try {
+    const fh = await fs.open(file, 'r');
+    try {
+      const { size } = await fh.stat();
+      const len = Math.min(size, 16 * 1024);
+      const buf = Buffer.alloc(len);
+      await fh.read(buf, 0, len, size - len);
+      return buf.toString('utf8').split('\n').slice(-lines).join('\n').trim();
+    } finally {
+      await fh.close();
+    }
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return '(no console log)';
+    throw err;
+  }
+}

@@ -1,0 +1,19 @@
+import { promises as fs } from 'node:fs';
+
+/** Flushes a file's data to disk, so a rename that publishes it cannot expose an empty file after a crash. */
+export async function fsyncFile(file: string): Promise<void> {
+  const fh = await fs.open(file, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Writes `data` so readers see the old content or the new, never a part (temp file, fsync, rename). */
+export async function writeFileAtomic(file: string, data: string): Promise<void> {
+  const tmp = `${file}.${process.pid}.tmp`;
+  await fs.writeFile(tmp, data);
+  await fsyncFile(tmp);
+  await fs.rename(tmp, file);
+}

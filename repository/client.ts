@@ -1,0 +1,311 @@
+import { constants as fsc, createReadStream, promises as fs } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import http, { type IncomingMessage, type OutgoingHttpHeaders } from 'node:http';
+import https from 'node:https';
+import path from 'node:path';
+import { Readable, Transform } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { normaliseRepoPath, OWNER_NAME } from '../spec/repoPath';
+import { fileSink } from './fileSink';
+
+/**
+ * Client for the repository's HTTP API, used by the CLI (uploading inputs, fetching outputs) and by
+ * host workers (service token). Built on node:http so uploads and downloads stream with flat memory
+ * and an early refusal (413, 401) is read while the body is still being sent.
+ */
+
+export interface FileInfo {
+  path: string;
+  size: number;
+  sha256: string;
+  /** ISO 8601, UTC. */
+  mtime: string;
+}
+
+/**
+ * A failed call. `status` is the HTTP status (404, 401, 403, 413, ...) with the server's message, or
+ * 0 when there was no usable reply: the server was unreachable, the connection broke, or downloaded
+ * bytes did not match their checksum.
+ */
+export class RepositoryError extends Error {
+  constructor(
+    readonly status: number,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+    this.name = 'RepositoryError';
+  }
+}
+
+const MAX_ERROR_BODY = 64 * 1024;
+
+function checkOwner(owner: string): void {
+  if (!OWNER_NAME.test(owner))
+    throw new RepositoryError(0, `owner name ${JSON.stringify(owner)} must match ${OWNER_NAME}`);
+}
+
+function checkPath(repoPath: string): string {
+  try {
+    return normaliseRepoPath(repoPath);
+  } catch (err) {
+    throw new RepositoryError(0, (err as Error).message, { cause: err });
+  }
+}
+
+/** The reply body as text; beyond `limit` bytes the reply is cut off (error bodies are short). */
+async function readBody(res: IncomingMessage, limit = Infinity): Promise<string> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of res as AsyncIterable<Buffer>) {
+    size += chunk.length;
+    if (size > limit) {
+      res.destroy();
+      break;
+    }
+    chunks.push(chunk);
+  }
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+/** Turns a non-success reply into a RepositoryError carrying the server's `{error}` message. */
+async function failure(res: IncomingMessage, what: string): Promise<RepositoryError> {
+  const status = res.statusCode ?? 0;
+  let message = `${res.statusMessage ?? 'error'}`;
+  try {
+    const text = await readBody(res, MAX_ERROR_BODY);
+    const parsed = JSON.parse(text) as { error?: unknown };
+    if (typeof parsed.error === 'string') message = parsed.error;
+  } catch {
+    // No JSON body (e.g. a HEAD reply): the status line is all there is.
+  }
+  return new RepositoryError(status, `${what}: ${status} ${message}`);
+}
+
+function infoFromHeaders(repoPath: string, res: IncomingMessage): FileInfo {
+  const sha256 = res.headers['x-content-sha256'];
+  const mtime = res.headers['x-file-mtime'];
+  const size = Number(res.headers['content-length']);
+  if (typeof sha256 !== 'string' || typeof mtime !== 'string' || !Number.isSafeInteger(size)) {
+    throw new RepositoryError(
+      0,
+      `reply for ${repoPath} lacks X-Content-SHA256, X-File-Mtime or Content-Length`,
+    );
+  }
+  return { path: repoPath, size, sha256, mtime };
+}
+
+export class RepositoryClient {
+  private readonly base: URL;
+  private readonly token: string;
+
+  constructor(opts: { url: string; token: string }) {
+    let base: URL;
+    try {
+      base = new URL(opts.url);
+    } catch (err) {
+      throw new Error(`repository URL ${JSON.stringify(opts.url)} is not a valid URL`, { cause: err });
+    }
+    if (base.protocol !== 'http:' && base.protocol !== 'https:') {
+      throw new Error(`repository URL ${opts.url} must be http:// or https://`);
+    }
+    if (typeof opts.token !== 'string' || opts.token.length === 0)
+      throw new Error('repository token is empty');
+    this.base = base;
+    this.token = opts.token;
+  }
+
+  /** Uploads a local file or a stream; the server stores it atomically and returns what it stored. */
+  async upload(
+    owner: string,
+    repoPath: string,
+    source: string | NodeJS.ReadableStream,
+    opts: { sha256?: string; size?: number } = {},
+  ): Promise<FileInfo> {
+    checkOwner(owner);
+    const p = checkPath(repoPath);
+    let size = opts.size;
+    let body: NodeJS.ReadableStream;
+    if (typeof source === 'string') {
+      size ??= (await fs.stat(source)).size;
+      body = createReadStream(source, { highWaterMark: 1 << 20 });
+    } else {
+      body = source;
+    }
+    const headers: OutgoingHttpHeaders = { 'Content-Type': 'application/octet-stream' };
+    if (size !== undefined) headers['Content-Length'] = size;
+    if (opts.sha256 !== undefined) headers['X-Content-SHA256'] = opts.sha256;
+    const res = await this.send('PUT', this.filePath(owner, p), headers, body);
+    if (res.statusCode !== 201) throw await failure(res, `upload of ${p}`);
+    return JSON.parse(await readBody(res)) as FileInfo;
+  }
+
+  /** Downloads to `destFile` atomically (temp file + rename), verifying the SHA-256 on the way. */
+  async download(owner: string, repoPath: string, destFile: string): Promise<FileInfo> {
+    checkOwner(owner);
+    const p = checkPath(repoPath);
+    const res = await this.send('GET', this.filePath(owner, p));
+    if (res.statusCode !== 200) throw await failure(res, `download of ${p}`);
+    const info = infoFromHeaders(p, res);
+    const dest = path.resolve(destFile);
+    const tmp = path.join(
+      path.dirname(dest),
+      `.${path.basename(dest)}.${randomBytes(6).toString('hex')}.part`,
+    );
+    const hash = createHash('sha256');
+    let received = 0;
+    const meter = new Transform({
+      highWaterMark: 1 << 20,
+      transform(chunk: Buffer, _enc, done) {
+        received += chunk.length;
+        hash.update(chunk);
+        done(null, chunk);
+      },
+    });
+    let renamed = false;
+    try {
+      const handle = await fs.open(tmp, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL, 0o644);
+      try {
+        await pipeline(res, meter, fileSink(handle));
+        await handle.sync();
+      } finally {
+        await handle.close();
+      }
+      const sha256 = hash.digest('hex');
+      if (received !== info.size || sha256 !== info.sha256) {
+        throw new RepositoryError(
+          0,
+          `download of ${p} is corrupt: got ${received} bytes with SHA-256 ${sha256}, expected ${info.size} with ${info.sha256}`,
+        );
+      }
+      await fs.rename(tmp, dest);
+      renamed = true;
+      return info;
+    } catch (err) {
+      if (err instanceof RepositoryError) throw err;
+      throw new RepositoryError(0, `download of ${p} to ${dest} failed`, { cause: err });
+    } finally {
+      res.destroy();
+      if (!renamed) await fs.rm(tmp, { force: true });
+    }
+  }
+
+  /** The file's bytes (or an inclusive byte range of them) as a stream; destroy it if not read to the end. */
+  async downloadStream(
+    owner: string,
+    repoPath: string,
+    range?: { start: number; end?: number },
+  ): Promise<Readable> {
+    checkOwner(owner);
+    const p = checkPath(repoPath);
+    const headers: OutgoingHttpHeaders = {};
+    if (range !== undefined) {
+      if (
+        !Number.isSafeInteger(range.start) ||
+        range.start < 0 ||
+        (range.end !== undefined && range.end < range.start)
+      ) {
+        throw new RepositoryError(0, `invalid byte range ${JSON.stringify(range)}`);
+      }
+      headers.Range = `bytes=${range.start}-${range.end ?? ''}`;
+    }
+    const res = await this.send('GET', this.filePath(owner, p), headers);
+    if (res.statusCode !== 200 && res.statusCode !== 206) throw await failure(res, `download of ${p}`);
+    return res;
+  }
+
+  /** The file's metadata, or undefined if there is no such file. */
+  async stat(owner: string, repoPath: string): Promise<FileInfo | undefined> {
+    checkOwner(owner);
+    const p = checkPath(repoPath);
+    const res = await this.send('HEAD', this.filePath(owner, p));
+    res.resume();
+    if (res.statusCode === 404) return undefined;
+    if (res.statusCode !== 200) throw await failure(res, `stat of ${p}`);
+    return infoFromHeaders(p, res);
+  }
+
+  /** Files whose path starts with `prefix` (a string prefix: "out" matches "output/a"), sorted by path. */
+  async list(owner: string, prefix?: string): Promise<FileInfo[]> {
+    checkOwner(owner);
+    const query = prefix ? `?prefix=${encodeURIComponent(prefix)}` : '';
+    const res = await this.send('GET', `/v1/owners/${owner}/files${query}`);
+    if (res.statusCode !== 200) throw await failure(res, `list of ${owner}'s files`);
+    return (JSON.parse(await readBody(res)) as { files: FileInfo[] }).files;
+  }
+
+  /** Returns false if there was no such file. */
+  async delete(owner: string, repoPath: string): Promise<boolean> {
+    checkOwner(owner);
+    const p = checkPath(repoPath);
+    const res = await this.send('DELETE', this.filePath(owner, p));
+    if (res.statusCode === 204) {
+      res.resume();
+      return true;
+    }
+    if (res.statusCode === 404) {
+      const err = await failure(res, `delete of ${p}`);
+      if (/no such file/.test(err.message)) return false;
+      throw err;
+    }
+    throw await failure(res, `delete of ${p}`);
+  }
+
+  /** True if the server answers its health check. */
+  async health(): Promise<boolean> {
+    try {
+      const res = await this.send('GET', '/v1/health', {}, undefined, false);
+      res.resume();
+      return res.statusCode === 200;
+    } catch {
+      return false;
+    }
+  }
+
+  private filePath(owner: string, p: string): string {
+    return `/v1/owners/${owner}/files/${p.split('/').map(encodeURIComponent).join('/')}`;
+  }
+
+  /**
+   * Sends a request, streaming `body` with backpressure, and resolves with the reply as soon as its
+   * headers arrive - even before the body is sent, so an early refusal is seen. Transport failures
+   * become RepositoryError(0).
+   */
+  private send(
+    method: string,
+    apiPath: string,
+    headers: OutgoingHttpHeaders = {},
+    body?: NodeJS.ReadableStream,
+    auth = true,
+  ): Promise<IncomingMessage> {
+    const url = new URL(this.base.pathname.replace(/\/+$/, '') + apiPath, this.base);
+    const transport = url.protocol === 'https:' ? https : http;
+    const allHeaders: OutgoingHttpHeaders = auth
+      ? { ...headers, Authorization: `Bearer ${this.token}` }
+      : headers;
+    return new Promise((resolve, reject) => {
+      let answered = false;
+      const req = transport.request(url, { method, headers: allHeaders });
+      req.on('response', (res) => {
+        answered = true;
+        // A refusal mid-upload: stop sending once the reply has been read.
+        if (body !== undefined && (res.statusCode ?? 0) >= 400) res.once('end', () => req.destroy());
+        resolve(res);
+      });
+      req.on('error', (err) => {
+        if (!answered)
+          reject(new RepositoryError(0, `${method} ${url.href} failed: ${err.message}`, { cause: err }));
+      });
+      if (body === undefined) {
+        req.end();
+        return;
+      }
+      pipeline(body, req).catch((err: unknown) => {
+        if (!answered) {
+          req.destroy();
+          reject(new RepositoryError(0, `${method} ${url.href} failed while sending`, { cause: err }));
+        }
+      });
+    });
+  }
+}

@@ -1,0 +1,34 @@
+import type { FileHandle } from 'node:fs/promises';
+import { Writable } from 'node:stream';
+
+/**
+ * A Writable over an open FileHandle that leaves the handle open, so the caller can fsync and close
+ * it afterwards. (FileHandle.createWriteStream with autoClose:false keeps a reference that makes a
+ * later handle.close() wait forever.) Batches queued chunks into one writev.
+ */
+export function fileSink(handle: FileHandle, highWaterMark = 1 << 20): Writable {
+  async function writeAll(chunks: Buffer[]): Promise<void> {
+    let pending = chunks;
+    while (pending.length > 0) {
+      const { bytesWritten } = await handle.writev(pending);
+      pending = dropBytes(pending, bytesWritten);
+    }
+  }
+  return new Writable({
+    highWaterMark,
+    write(chunk: Buffer, _enc, done) {
+      writeAll([chunk]).then(() => done(), done);
+    },
+    writev(entries, done) {
+      writeAll(entries.map((e) => e.chunk as Buffer)).then(() => done(), done);
+    },
+  });
+}
+
+/** What is left of `chunks` after a (possibly partial) write of `n` bytes. */
+function dropBytes(chunks: Buffer[], n: number): Buffer[] {
+  let i = 0;
+  while (i < chunks.length && n >= chunks[i].length) n -= chunks[i++].length;
+  if (i === chunks.length) return [];
+  return [chunks[i].subarray(n), ...chunks.slice(i + 1)];
+}

@@ -1,0 +1,292 @@
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { PassThrough } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { MAX_PATH_BYTES, normaliseRepoPath, OWNER_NAME } from '../spec/repoPath';
+import { describeError, type Logger } from '../logging/logger';
+import { AccessDenied, authenticate, authorise, type Principal } from './auth';
+import { StoreError, type FileStore, type StoreErrorCode } from './fileStore';
+import type { MetadataDb } from './metadataDb';
+import { parseRange } from './byteRange';
+
+/**
+ * The repository's HTTP API (v1): routing, auth, validation and streaming. Paths are taken from the
+ * raw request target and decoded here, never resolved by a URL parser, so `%2e%2e` reaches
+ * normaliseRepoPath as `..` and is refused rather than silently collapsed.
+ */
+
+export interface HttpApiDeps {
+  db: MetadataDb;
+  store: FileStore;
+  maxFileBytes: number;
+  log: Logger;
+}
+
+/** A request refused with a status and a message for the client. */
+class HttpError extends Error {
+  constructor(
+    readonly status: number,
+    message: string,
+    readonly headers: Record<string, string> = {},
+  ) {
+    super(message);
+  }
+}
+
+const STORE_STATUS: Record<StoreErrorCode, number> = {
+  'not-found': 404,
+  'too-large': 413,
+  'checksum-mismatch': 400,
+  'size-mismatch': 400,
+  conflict: 409,
+  corrupt: 500,
+};
+
+/** How long a refused upload's remaining body is still read (so the client sees the reply, not a reset). */
+const DRAIN_MS = 2000;
+
+const SHA256_HEX = /^[0-9a-f]{64}$/;
+
+type Route =
+  | { kind: 'health' }
+  | { kind: 'list'; owner: string; query: URLSearchParams }
+  | { kind: 'file'; owner: string; rawPath: string };
+
+function route(target: string): Route | undefined {
+  const q = target.indexOf('?');
+  const pathname = q < 0 ? target : target.slice(0, q);
+  const query = new URLSearchParams(q < 0 ? '' : target.slice(q + 1));
+  if (pathname === '/v1/health') return { kind: 'health' };
+  const m = /^\/v1\/owners\/([^/]+)\/files(\/.*)?$/.exec(pathname);
+  if (!m) return undefined;
+  const owner = decodeComponent(m[1], 'owner name');
+  if (m[2] === undefined) return { kind: 'list', owner, query };
+  return { kind: 'file', owner, rawPath: m[2].slice(1) };
+}
+
+function decodeComponent(raw: string, what: string): string {
+  try {
+    return decodeURIComponent(raw);
+  } catch {
+    throw new HttpError(400, `${what} is not valid percent-encoding`);
+  }
+}
+
+function bearerToken(req: IncomingMessage): string | undefined {
+  const header = req.headers.authorization;
+  if (header === undefined) return undefined;
+  const m = /^Bearer\s+(\S+)\s*$/i.exec(header);
+  if (!m)
+    throw new HttpError(401, "Authorization header must be 'Bearer <token>'", {
+      'WWW-Authenticate': 'Bearer',
+    });
+  return m[1];
+}
+
+function checkOwnerName(owner: string): void {
+  if (!OWNER_NAME.test(owner)) {
+    throw new HttpError(400, `owner name ${JSON.stringify(owner)} is invalid: it must match ${OWNER_NAME}`);
+  }
+}
+
+function checkPath(raw: string): string {
+  try {
+    return normaliseRepoPath(decodeComponent(raw, 'path'));
+  } catch (err) {
+    if (err instanceof HttpError) throw err;
+    throw new HttpError(400, (err as Error).message);
+  }
+}
+
+/** A list prefix need not be a whole path ("out" matches "output/a"), but gets the same character rules. */
+function checkPrefix(prefix: string | null): string {
+  if (prefix === null || prefix === '') return '';
+  // eslint-disable-next-line no-control-regex
+  if (/[\x00-\x1f\x7f]/.test(prefix)) throw new HttpError(400, 'prefix contains a NUL or control character');
+  if (prefix.startsWith('/')) throw new HttpError(400, 'prefix is absolute; use a relative path');
+  if (Buffer.byteLength(prefix) > MAX_PATH_BYTES)
+    throw new HttpError(400, `prefix is longer than ${MAX_PATH_BYTES} bytes`);
+  return prefix.normalize('NFC');
+}
+
+function sendJson(
+  res: ServerResponse,
+  status: number,
+  body: unknown,
+  headers: Record<string, string> = {},
+): void {
+  const text = JSON.stringify(body);
+  res.writeHead(status, {
+    ...headers,
+    'Content-Type': 'application/json; charset=utf-8',
+    'Content-Length': Buffer.byteLength(text),
+  });
+  res.end(text);
+}
+
+/**
+ * Replying before the request body is read: close the connection afterwards, but keep reading for a
+ * moment so the client gets to see the reply instead of a connection reset.
+ */
+function discardUnreadBody(req: IncomingMessage, res: ServerResponse): void {
+  if (req.complete) return;
+  res.setHeader('Connection', 'close');
+  req.resume();
+  setTimeout(() => req.socket.destroy(), DRAIN_MS).unref();
+}
+
+export function createRequestHandler(
+  deps: HttpApiDeps,
+): (req: IncomingMessage, res: ServerResponse) => Promise<void> {
+  const { db, store, log } = deps;
+
+  function fileHeaders(info: { size: number; sha256: string; mtime: string }): Record<string, string> {
+    return {
+      ETag: `"${info.sha256}"`,
+      'X-Content-SHA256': info.sha256,
+      'X-File-Mtime': info.mtime,
+      'Last-Modified': new Date(info.mtime).toUTCString(),
+      'Accept-Ranges': 'bytes',
+    };
+  }
+
+  async function upload(
+    req: IncomingMessage,
+    res: ServerResponse,
+    owner: string,
+    repoPath: string,
+  ): Promise<void> {
+    const declared = req.headers['content-length'];
+    const expectedSize = declared === undefined ? undefined : Number(declared);
+    if (expectedSize !== undefined && expectedSize > deps.maxFileBytes) {
+      throw new HttpError(
+        413,
+        `file of ${expectedSize} bytes is larger than the limit of ${deps.maxFileBytes} bytes`,
+      );
+    }
+    const shaHeader = req.headers['x-content-sha256'];
+    let expectedSha256: string | undefined;
+    if (shaHeader !== undefined) {
+      expectedSha256 = String(shaHeader).trim().toLowerCase();
+      if (!SHA256_HEX.test(expectedSha256))
+        throw new HttpError(400, 'X-Content-SHA256 must be 64 hex digits');
+    }
+    // The store destroys its source on failure; giving it a PassThrough keeps the socket alive for the reply.
+    const body = new PassThrough({ highWaterMark: 1 << 20 });
+    req.pipe(body);
+    req.on('close', () => {
+      if (!req.complete) body.destroy(new Error('client disconnected during the upload'));
+    });
+    const info = await store.write(owner, repoPath, body, {
+      maxBytes: deps.maxFileBytes,
+      expectedSha256,
+      expectedSize,
+    });
+    log.info({ owner, path: repoPath, size: info.size }, 'file stored');
+    sendJson(res, 201, info);
+  }
+
+  async function download(
+    req: IncomingMessage,
+    res: ServerResponse,
+    owner: string,
+    repoPath: string,
+  ): Promise<void> {
+    const file = await store.open(owner, repoPath);
+    const { info } = file;
+    const headers = fileHeaders(info);
+    const etag = headers.ETag;
+    if (req.headers['if-none-match'] === etag) {
+      await file.close();
+      res.writeHead(304, headers).end();
+      return;
+    }
+    const ifRange = req.headers['if-range'];
+    const range = parseRange(
+      ifRange === undefined || ifRange === etag ? req.headers.range : undefined,
+      info.size,
+    );
+    if (range.kind === 'unsatisfiable') {
+      await file.close();
+      throw new HttpError(416, `range ${req.headers.range} is outside the file's ${info.size} bytes`, {
+        'Content-Range': `bytes */${info.size}`,
+      });
+    }
+    const [start, end] = range.kind === 'partial' ? [range.start, range.end] : [0, info.size - 1];
+    headers['Content-Type'] = 'application/octet-stream';
+    headers['Content-Length'] = String(end - start + 1);
+    if (range.kind === 'partial') headers['Content-Range'] = `bytes ${start}-${end}/${info.size}`;
+    res.writeHead(range.kind === 'partial' ? 206 : 200, headers);
+    if (req.method === 'HEAD' || info.size === 0) {
+      await file.close();
+      res.end();
+      return;
+    }
+    try {
+      await pipeline(file.createReadStream({ start, end }), res);
+    } catch (err) {
+      log.debug({ owner, path: repoPath, err: describeError(err) }, 'download ended early');
+    }
+  }
+
+  async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const method = req.method ?? 'GET';
+    const r = route(req.url ?? '/');
+    if (!r) throw new HttpError(404, `no such endpoint: ${method} ${(req.url ?? '').split('?')[0]}`);
+    if (r.kind === 'health') {
+      if (method !== 'GET' && method !== 'HEAD')
+        throw new HttpError(405, 'health accepts GET', { Allow: 'GET, HEAD' });
+      sendJson(res, 200, { ok: true });
+      return;
+    }
+    const principal: Principal = authenticate(db, bearerToken(req));
+    checkOwnerName(r.owner);
+    authorise(db, principal, r.owner);
+    if (r.kind === 'list') {
+      if (method !== 'GET')
+        throw new HttpError(405, `${method} is not allowed on a file list`, { Allow: 'GET' });
+      sendJson(res, 200, { files: store.list(r.owner, checkPrefix(r.query.get('prefix'))) });
+      return;
+    }
+    const repoPath = checkPath(r.rawPath);
+    switch (method) {
+      case 'PUT':
+        return upload(req, res, r.owner, repoPath);
+      case 'GET':
+      case 'HEAD':
+        return download(req, res, r.owner, repoPath);
+      case 'DELETE':
+        if (!store.delete(r.owner, repoPath)) throw new HttpError(404, `no such file: ${repoPath}`);
+        log.info({ owner: r.owner, path: repoPath }, 'file deleted');
+        res.writeHead(204).end();
+        return;
+      default:
+        throw new HttpError(405, `${method} is not allowed on a file`, { Allow: 'GET, HEAD, PUT, DELETE' });
+    }
+  }
+
+  return async (req, res) => {
+    try {
+      await handle(req, res);
+    } catch (err) {
+      if (req.destroyed && !req.complete) {
+        log.info({ url: req.url, err: describeError(err) }, 'upload abandoned by the client');
+        return;
+      }
+      let status = 500;
+      let message = 'internal error';
+      let headers: Record<string, string> = {};
+      if (err instanceof HttpError) [status, message, headers] = [err.status, err.message, err.headers];
+      else if (err instanceof AccessDenied) [status, message] = [err.status, err.message];
+      else if (err instanceof StoreError) [status, message] = [STORE_STATUS[err.code], err.message];
+      if (status === 401) headers['WWW-Authenticate'] = 'Bearer';
+      if (status >= 500)
+        log.error({ method: req.method, url: req.url, err: describeError(err) }, 'request failed');
+      if (res.headersSent) {
+        res.destroy();
+        return;
+      }
+      discardUnreadBody(req, res);
+      sendJson(res, status, { error: message }, headers);
+    }
+  };
+}

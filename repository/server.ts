@@ -1,0 +1,94 @@
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import path from 'node:path';
+import { createLogger } from '../logging/logger';
+import { ensureServiceToken } from './auth';
+import { FileStore } from './fileStore';
+import { createRequestHandler } from './httpApi';
+import { MetadataDb } from './metadataDb';
+
+export interface RepositoryServerOptions {
+  dataDir: string;
+  host?: string;
+  /** 0 picks an ephemeral port. */
+  port?: number;
+  maxFileBytes?: number;
+  /** If given, ensured to exist as a service token named 'hosts'. */
+  serviceToken?: string;
+}
+
+export interface RepositoryServer {
+  url: string;
+  close(): Promise<void>;
+}
+
+export const DEFAULT_PORT = 8420;
+export const DEFAULT_MAX_FILE_BYTES = 64 * 1024 ** 3;
+/** A connection that moves no bytes for this long is dropped (and its unfinished upload discarded). */
+const IDLE_TIMEOUT_MS = 5 * 60_000;
+/** On close, requests still running after this long are cut off. */
+const CLOSE_GRACE_MS = 10_000;
+
+function validate(opts: RepositoryServerOptions): Required<Omit<RepositoryServerOptions, 'serviceToken'>> {
+  if (typeof opts.dataDir !== 'string' || opts.dataDir === '')
+    throw new Error('repository dataDir is required');
+  const port = opts.port ?? DEFAULT_PORT;
+  if (!Number.isInteger(port) || port < 0 || port > 65535)
+    throw new Error(`repository port ${port} is not 0-65535`);
+  const maxFileBytes = opts.maxFileBytes ?? DEFAULT_MAX_FILE_BYTES;
+  if (!Number.isSafeInteger(maxFileBytes) || maxFileBytes < 0) {
+    throw new Error(`repository maxFileBytes ${maxFileBytes} is not a non-negative integer`);
+  }
+  return { dataDir: path.resolve(opts.dataDir), host: opts.host ?? '127.0.0.1', port, maxFileBytes };
+}
+
+/** Starts the repository's HTTP service over the store in `dataDir`. */
+export async function startRepositoryServer(opts: RepositoryServerOptions): Promise<RepositoryServer> {
+  const { dataDir, host, port, maxFileBytes } = validate(opts);
+  const log = createLogger('repository');
+  const db = MetadataDb.open(dataDir);
+  try {
+    if (opts.serviceToken !== undefined) ensureServiceToken(db, opts.serviceToken, 'hosts');
+    const store = await FileStore.open(dataDir, db);
+    const handler = createRequestHandler({ db, store, maxFileBytes, log });
+    const inFlight = new Set<Promise<void>>();
+    const server = createServer((req: IncomingMessage, res: ServerResponse) => {
+      const p = handler(req, res).finally(() => inFlight.delete(p));
+      inFlight.add(p);
+    });
+    // Large uploads legitimately take long; only idleness ends a connection.
+    server.requestTimeout = 0;
+    server.setTimeout(IDLE_TIMEOUT_MS);
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(port, host, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    const addr = server.address() as AddressInfo;
+    const shownHost = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
+    const url = `http://${shownHost}:${addr.port}`;
+    let closing: Promise<void> | undefined;
+    const close = async (): Promise<void> => {
+      const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+      server.closeIdleConnections();
+      const cutOff = setTimeout(() => server.closeAllConnections(), CLOSE_GRACE_MS);
+      try {
+        await closed;
+        await Promise.allSettled([...inFlight]);
+      } finally {
+        clearTimeout(cutOff);
+        db.close();
+      }
+      log.info({ url }, 'repository closed');
+    };
+    return {
+      url,
+      close: () => (closing ??= close()),
+    };
+  } catch (err) {
+    db.close();
+    throw err;
+  }
+}

@@ -1,0 +1,57 @@
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import type { ExtractedOutputs, HomeStaging } from './homeStaging';
+import type { VmPaths } from './vmStore';
+
+/** Staging for the process driver: the inputs folder becomes the task's home as it is. */
+export class DirectoryStaging implements HomeStaging {
+  readonly kind = 'directory' as const;
+
+  async build(vm: VmPaths, outputRoomBytes: number): Promise<{ bytes: number }> {
+    const free = await freeBytes(vm.dir);
+    if (free < outputRoomBytes)
+      throw new Error(
+        `host disk has ${free} bytes free, less than the ${outputRoomBytes} bytes of output room`,
+      );
+    // A retried build finds the home already in place.
+    if (!(await isDir(vm.homeDir))) {
+      await fs.mkdir(vm.inputsDir, { recursive: true });
+      await fs.rename(vm.inputsDir, vm.homeDir);
+    }
+    return { bytes: await treeBytes(vm.homeDir) };
+  }
+
+  async extract(vm: VmPaths, outputDir: string): Promise<ExtractedOutputs> {
+    const outputsDir = path.join(vm.outboxDir, 'outputs');
+    await fs.rm(vm.outboxDir, { recursive: true, force: true });
+    await fs.mkdir(outputsDir, { recursive: true });
+    const src = path.join(vm.homeDir, outputDir);
+    if (await isDir(src)) await fs.cp(src, outputsDir, { recursive: true, verbatimSymlinks: true });
+    const hasLog = await fs.stat(vm.taskLog).then(
+      () => true,
+      () => false,
+    );
+    return { outputsDir, taskLog: hasLog ? vm.taskLog : undefined };
+  }
+}
+
+async function isDir(p: string): Promise<boolean> {
+  return fs.stat(p).then(
+    (s) => s.isDirectory(),
+    () => false,
+  );
+}
+
+export async function freeBytes(dir: string): Promise<number> {
+  const s = await fs.statfs(dir);
+  return s.bavail * s.bsize;
+}
+
+/** Total size of the regular files under a folder (symlinks are not followed). */
+export async function treeBytes(dir: string): Promise<number> {
+  let total = 0;
+  for (const entry of await fs.readdir(dir, { withFileTypes: true, recursive: true })) {
+    if (entry.isFile()) total += (await fs.lstat(path.join(entry.parentPath, entry.name))).size;
+  }
+  return total;
+}

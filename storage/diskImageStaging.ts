@@ -1,0 +1,217 @@
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { fsyncFile, writeFileAtomic } from '../drivers/qemu/durableFile';
+import { runCommand } from '../drivers/qemu/runCommand';
+import { createLogger } from '../logging/logger';
+import { normaliseRepoPath } from '../spec/repoPath';
+import type { ExtractedOutputs, HomeStaging } from './homeStaging';
+import type { VmPaths } from './vmStore';
+
+const MiB = 1024 * 1024;
+const BLOCK = 4096;
+const INODE_BYTES = 256;
+/** Reserved for root inside the guest: the init can still write exit status and log on a full disk. */
+const RESERVED_BYTES = MiB;
+/** ext4 wants the journal well below the file system size: small disks get a small one. */
+const journalMiB = (bytes: number) => (bytes < 256 * MiB ? 4 : 16);
+/** Below this much free room (beyond the reserve) after the task, the outputs filled the disk. */
+const FULL_SLACK_BYTES = 256 * 1024;
+const TOOL_TIMEOUT_MS = 30 * 60_000;
+/** Folder on the data disk for VSP's own files (command, task.log, exit-status). */
+export const VSP_DIR = '.vsp';
+
+interface StagingRecord {
+  inputBytes: number;
+  outputRoomBytes: number;
+  imageBytes: number;
+}
+
+/**
+ * Task homes as ext4 data-disk images (the paper's mechanism), built and read without mounting: mke2fs -d
+ * copies the inputs in, debugfs rdump copies the outputs out. The disk root is the owner's home.
+ */
+export class DiskImageStaging implements HomeStaging {
+  readonly kind = 'disk-image' as const;
+  private readonly log = createLogger('disk-staging');
+
+  async build(vm: VmPaths, outputRoomBytes: number): Promise<{ bytes: number }> {
+    if (!Number.isSafeInteger(outputRoomBytes) || outputRoomBytes < 0)
+      throw new Error(`output room must be a non-negative byte count, got ${outputRoomBytes}`);
+    const haveInputs = await exists(vm.inputsDir);
+    if (!haveInputs && (await exists(vm.dataDisk))) {
+      // A retry after a build that already finished (the inputs folder is removed last).
+      return { bytes: (await fs.stat(vm.dataDisk)).size };
+    }
+    await fs.mkdir(vm.inputsDir, { recursive: true });
+    const usage = await measureInputs(vm.inputsDir);
+    await fs.mkdir(path.join(vm.inputsDir, VSP_DIR));
+    const inodes = usage.entries + 1024 + Math.ceil(outputRoomBytes / (64 * 1024));
+    const payload = usage.bytes + outputRoomBytes;
+    // ext4 metadata: journal, inode tables, bitmaps and extent blocks (~2%), plus the root reserve.
+    const metadata = inodes * INODE_BYTES + Math.ceil(payload * 0.02) + RESERVED_BYTES + 4 * MiB;
+    const journal = journalMiB(payload + metadata);
+    const imageBytes = Math.ceil((payload + metadata + journal * MiB) / MiB) * MiB;
+    const tmp = `${vm.dataDisk}.${process.pid}.tmp`;
+    await fs.rm(tmp, { force: true });
+    try {
+      await runCommand(
+        'mke2fs',
+        [
+          '-q',
+          '-F',
+          '-t',
+          'ext4',
+          '-b',
+          String(BLOCK),
+          '-m',
+          '0',
+          '-N',
+          String(inodes),
+          '-J',
+          `size=${journal}`,
+          '-E',
+          'root_owner=0:0',
+          '-L',
+          'vsp-home',
+          '-d',
+          vm.inputsDir,
+          tmp,
+          `${imageBytes / 1024}k`,
+        ],
+        { timeoutMs: TOOL_TIMEOUT_MS },
+      );
+      await runCommand('tune2fs', ['-r', String(RESERVED_BYTES / BLOCK), tmp], {
+        timeoutMs: TOOL_TIMEOUT_MS,
+      });
+      await fsyncFile(tmp);
+      await fs.rename(tmp, vm.dataDisk);
+    } catch (err) {
+      await fs.rm(tmp, { force: true });
+      throw new Error(`cannot build the data disk ${vm.dataDisk}`, { cause: err });
+    }
+    const record: StagingRecord = { inputBytes: usage.bytes, outputRoomBytes, imageBytes };
+    await writeFileAtomic(stagingRecordOf(vm), JSON.stringify(record));
+    await fs.rm(vm.inputsDir, { recursive: true, force: true });
+    this.log.info({ dataDisk: vm.dataDisk, ...record, files: usage.entries }, 'data disk built');
+    return { bytes: imageBytes };
+  }
+
+  async extract(vm: VmPaths, outputDir: string): Promise<ExtractedOutputs> {
+    const rel = normaliseRepoPath(outputDir, 'outputDir');
+    if (rel.includes('"')) throw new Error(`outputDir ${JSON.stringify(rel)} contains a double quote`);
+    if (rel === VSP_DIR || rel.startsWith(`${VSP_DIR}/`))
+      throw new Error(`outputDir may not be inside ${VSP_DIR}/`);
+    if (!(await exists(vm.dataDisk))) throw new Error(`no data disk ${vm.dataDisk} to extract outputs from`);
+    const record = await readStagingRecord(vm);
+    await replayJournalIfNeeded(vm.dataDisk);
+    await checkRoom(vm.dataDisk, record);
+
+    await fs.rm(vm.outboxDir, { recursive: true, force: true });
+    const dumpDir = path.join(vm.outboxDir, '.dump');
+    await fs.mkdir(dumpDir, { recursive: true });
+    const outputsDir = path.join(vm.outboxDir, 'outputs');
+    const dumped = path.join(dumpDir, path.posix.basename(rel));
+    const r = await debugfs(vm.dataDisk, `rdump "/${rel}" "${dumpDir}"`);
+    const st = await fs.lstat(dumped).catch(() => undefined);
+    if (!st) {
+      if (!/not found/i.test(r.stderr))
+        throw new Error(`cannot extract /${rel} from ${vm.dataDisk}: ${r.stderr.trim()}`);
+      await fs.mkdir(outputsDir);
+    } else if (!st.isDirectory()) {
+      throw new Error(`outputDir ${rel} is not a folder on the data disk`);
+    } else {
+      await fs.rename(dumped, outputsDir);
+    }
+    await fs.rm(dumpDir, { recursive: true, force: true });
+
+    const taskLog = path.join(vm.outboxDir, 'task.log');
+    await debugfs(vm.dataDisk, `dump "/${VSP_DIR}/task.log" "${taskLog}"`);
+    const haveLog = await exists(taskLog);
+    this.log.info({ dataDisk: vm.dataDisk, outputsDir }, 'outputs extracted');
+    return { outputsDir, ...(haveLog ? { taskLog } : {}) };
+  }
+}
+
+/** Reads a file from a data disk without mounting it (debugfs cat); undefined when absent. */
+export async function readDataDiskFile(dataDisk: string, relPath: string): Promise<string | undefined> {
+  const r = await debugfs(dataDisk, `cat "/${relPath}"`);
+  return /not found/i.test(r.stderr) ? undefined : r.stdout;
+}
+
+function debugfs(image: string, request: string) {
+  return runCommand('debugfs', ['-R', request, image], { timeoutMs: TOOL_TIMEOUT_MS, maxBuffer: 256 * MiB });
+}
+
+/** A VM killed mid-task leaves a journal to replay; debugfs reads the disk as is, so replay it first. */
+async function replayJournalIfNeeded(image: string): Promise<void> {
+  const { stdout } = await runCommand('dumpe2fs', ['-h', image], { timeoutMs: TOOL_TIMEOUT_MS });
+  if (!/^Filesystem features:.*\bneeds_recovery\b/m.test(stdout)) return;
+  await runCommand('e2fsck', ['-y', '-E', 'journal_only', image], { timeoutMs: TOOL_TIMEOUT_MS }).catch(
+    (err: unknown) => {
+      // e2fsck exits 1 when it changed the file system, which is the point here.
+      if (((err as Error).cause as { code?: unknown } | undefined)?.code !== 1) throw err;
+    },
+  );
+}
+
+async function checkRoom(image: string, record: StagingRecord | undefined): Promise<void> {
+  const { stdout } = await runCommand('dumpe2fs', ['-h', image], { timeoutMs: TOOL_TIMEOUT_MS });
+  const field = (name: string) => Number(new RegExp(`^${name}:\\s+(\\d+)`, 'm').exec(stdout)?.[1]);
+  const free = field('Free blocks');
+  const reserved = field('Reserved block count');
+  const blockCount = field('Block count');
+  const blockSize = field('Block size');
+  if (![free, reserved, blockCount, blockSize].every(Number.isFinite))
+    throw new Error(`cannot read the free space of ${image}`);
+  // ext4 also holds back min(2%, 4096) blocks for its own metadata, which no task can use.
+  const ext4Reserve = Math.min(Math.floor(blockCount / 50), 4096);
+  if ((free - reserved - ext4Reserve) * blockSize < FULL_SLACK_BYTES) {
+    const room = record ? `${Math.round(record.outputRoomBytes / MiB)} MiB` : 'unknown size';
+    throw new Error(`outputs exceeded the declared room of ${room}: the task filled its data disk`);
+  }
+}
+
+async function measureInputs(dir: string): Promise<{ bytes: number; entries: number }> {
+  let bytes = 0;
+  let entries = 0;
+  const walk = async (d: string, rel: string): Promise<void> => {
+    for (const e of await fs.readdir(d, { withFileTypes: true })) {
+      const relPath = rel ? `${rel}/${e.name}` : e.name;
+      if (!rel && e.name === VSP_DIR) throw new Error(`input ${VSP_DIR}/ is reserved for VSP's own files`);
+      entries++;
+      const full = path.join(d, e.name);
+      if (e.isDirectory()) {
+        bytes += BLOCK;
+        await walk(full, relPath);
+      } else if (e.isFile()) {
+        bytes += Math.ceil((await fs.stat(full)).size / BLOCK) * BLOCK;
+      } else if (e.isSymbolicLink()) {
+        bytes += BLOCK;
+      } else {
+        throw new Error(`input ${relPath} is not a regular file, folder or symlink`);
+      }
+    }
+  };
+  await walk(dir, '');
+  return { bytes, entries };
+}
+
+function stagingRecordOf(vm: VmPaths): string {
+  return path.join(vm.dir, 'staging.json');
+}
+
+async function readStagingRecord(vm: VmPaths): Promise<StagingRecord | undefined> {
+  try {
+    return JSON.parse(await fs.readFile(stagingRecordOf(vm), 'utf8')) as StagingRecord;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw err;
+  }
+}
+
+async function exists(p: string): Promise<boolean> {
+  return fs.access(p).then(
+    () => true,
+    () => false,
+  );
+}

@@ -1,0 +1,180 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { gunzipSync } from 'node:zlib';
+import { ensureAppliance, type Appliance } from '../drivers/qemu/appliance';
+import { QemuDriver, TIMEOUT_EXIT_CODE } from '../drivers/qemu/qemuDriver';
+import type { VmConfig, VmHandle, VmStatus } from '../drivers/types';
+import { DiskImageStaging, readDataDiskFile } from '../storage/diskImageStaging';
+import { ImageCache } from '../storage/imageCache';
+import { VmStore } from '../storage/vmStore';
+
+/** Real QEMU under TCG (KVM hangs on these machines): each boot costs seconds, so the VMs are few. */
+describe('QemuDriver (real QEMU)', () => {
+  let appliance: Appliance;
+  let work: string;
+  let store: VmStore;
+  let baseImage: string;
+  const staging = new DiskImageStaging();
+  const handles: VmHandle[] = [];
+
+  const newDriver = () =>
+    new QemuDriver({ store, hostName: 'test-host', appliance, accel: 'auto', pollMs: 250 });
+
+  beforeAll(async () => {
+    appliance = await ensureAppliance();
+    work = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-qemu-'));
+    store = new VmStore(work);
+    await store.init();
+    const cache = new ImageCache({ dir: store.imagesDir, maxVirtualBytes: 1024 ** 3 });
+    baseImage = (await cache.ensureFromFile(appliance.root.path, appliance.root.sha256)).path;
+  });
+
+  afterEach(async () => {
+    const driver = newDriver();
+    for (const h of handles.splice(0)) await driver.destroy(h);
+  });
+
+  afterAll(async () => {
+    await fs.rm(work, { recursive: true, force: true });
+  });
+
+  /** Stage-in the way host activities do: inputs into inputsDir, then the data disk. */
+  async function prepare(
+    vmId: string,
+    inputs: Record<string, Buffer>,
+    roomMiB: number,
+    overrides: Partial<VmConfig>,
+  ) {
+    const paths = store.paths(vmId);
+    for (const [rel, data] of Object.entries(inputs)) {
+      await fs.mkdir(path.dirname(path.join(paths.inputsDir, rel)), { recursive: true });
+      await fs.writeFile(path.join(paths.inputsDir, rel), data);
+    }
+    await staging.build(paths, roomMiB * 1024 * 1024);
+    const config: VmConfig = {
+      vmId,
+      owner: 'alice',
+      command: 'true',
+      vcpus: 1,
+      memoryMiB: 256,
+      baseImage,
+      ports: [],
+      timeLimitSec: 300,
+      ...overrides,
+    };
+    const driver = newDriver();
+    const handle = await driver.create(config);
+    handles.push(handle);
+    return { paths, driver, handle };
+  }
+
+  const noAbort = () => new AbortController().signal;
+
+  async function untilConsole(file: string, text: string, timeoutMs = 60_000) {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const content = await fs.readFile(file, 'utf8').catch(() => '');
+      if (content.includes(text)) return;
+      if (Date.now() > deadline) throw new Error(`console never showed ${text}:\n${content}`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+
+  async function expectNoTrace(vmId: string) {
+    const paths = store.paths(vmId);
+    await expect(fs.access(paths.dir)).rejects.toThrow();
+    for (const pid of await fs.readdir('/proc')) {
+      if (!/^\d+$/.test(pid)) continue;
+      const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+      expect(cmdline).not.toContain(paths.dir);
+    }
+  }
+
+  test('runs a CPU-bound task once across a worker restart and returns its outputs', async () => {
+    const input = randomBytes(3 * 1024 * 1024);
+    const command = [
+      'echo run >> runs.txt',
+      'echo VSP-PROGRESS 10 compressing',
+      'grep " $HOME " /proc/mounts',
+      'echo "user=$USER home=$HOME pwd=$(pwd)"',
+      'mkdir -p out',
+      'gzip -c data/input.bin > out/input.gz',
+      'sha256sum data/input.bin | cut -d" " -f1 > out/input.sha256',
+      'sleep 2',
+      'echo VSP-PROGRESS 100 done',
+    ].join('\n');
+    const { paths, driver, handle } = await prepare('cpu-1', { 'data/input.bin': input }, 16, { command });
+    expect(
+      await driver.create({ ...(await store.readState<{ config: VmConfig }>('cpu-1'))!.config }),
+    ).toEqual(handle);
+    const started = await driver.start(handle);
+    expect(started.state.pid).toEqual(expect.any(Number));
+
+    // Simulated worker restart: a new driver re-attaches from the VM folder alone.
+    const restarted = newDriver();
+    const status = await restarted.recover(handle);
+    expect(status.phase).toBe('running');
+    expect(status.details).toMatchObject({
+      accelerator: expect.stringMatching(/^(tcg|kvm)$/),
+      memoryMiB: 256,
+    });
+    expect(status.details.qmpStatus).toBe('running');
+    // A retried start on a started VM boots nothing.
+    expect((await restarted.start(handle)).state.pid).toBe(started.state.pid);
+
+    const seen: VmStatus[] = [];
+    const result = await restarted.wait(handle, { onProgress: (s) => seen.push(s), signal: noAbort() });
+    expect(result).toEqual({ exitCode: 0, timedOut: false });
+    expect(seen.some((s) => s.progress === 10 && s.progressMessage === 'compressing')).toBe(true);
+    expect((await restarted.inspect(handle)).phase).toBe('exited');
+
+    expect(await readDataDiskFile(paths.dataDisk, 'runs.txt')).toBe('run\n');
+    const out = await staging.extract(paths, 'out');
+    const sha = createHash('sha256').update(input).digest('hex');
+    expect((await fs.readFile(path.join(out.outputsDir, 'input.sha256'), 'utf8')).trim()).toBe(sha);
+    expect(gunzipSync(await fs.readFile(path.join(out.outputsDir, 'input.gz'))).equals(input)).toBe(true);
+    const log = await fs.readFile(out.taskLog!, 'utf8');
+    expect(log).toMatch(/^\/dev\/vdb \/home\/alice ext4 rw/m);
+    expect(log).toContain('user=alice home=/home/alice pwd=/home/alice');
+
+    await restarted.destroy(handle);
+    await restarted.destroy(handle);
+    await expectNoTrace('cpu-1');
+  });
+
+  test('a QEMU killed mid-task makes wait fail with the console tail', async () => {
+    const { paths, driver, handle } = await prepare('killed-1', {}, 4, {
+      command: 'echo VSP-PROGRESS 5 working; sleep 600',
+    });
+    const started = await driver.start(handle);
+    await untilConsole(paths.consoleLog, 'VSP-PROGRESS 5');
+    const waiting = driver.wait(handle, { onProgress: () => undefined, signal: noAbort() });
+    process.kill(Number(started.state.pid), 'SIGKILL');
+    await expect(waiting).rejects.toThrow(
+      /QEMU exited before the task finished[\s\S]*console tail:[\s\S]*VSP-PROGRESS 5/,
+    );
+    expect((await driver.inspect(handle)).phase).toBe('missing');
+  });
+
+  test('outputs larger than the declared room give a clear error', async () => {
+    const { paths, driver, handle } = await prepare('full-1', {}, 4, {
+      command: 'mkdir -p out; dd if=/dev/zero of=out/big bs=1M count=64',
+    });
+    await driver.start(handle);
+    const result = await driver.wait(handle, { onProgress: () => undefined, signal: noAbort() });
+    expect(result.exitCode).not.toBe(0);
+    await expect(staging.extract(paths, 'out')).rejects.toThrow(
+      'outputs exceeded the declared room of 4 MiB',
+    );
+  });
+
+  test('the time limit stops the VM', async () => {
+    const { driver, handle } = await prepare('slow-1', {}, 4, { command: 'sleep 600', timeLimitSec: 3 });
+    await driver.start(handle);
+    const result = await driver.wait(handle, { onProgress: () => undefined, signal: noAbort() });
+    expect(result).toEqual({ exitCode: TIMEOUT_EXIT_CODE, timedOut: true });
+    expect((await driver.inspect(handle)).phase).toBe('missing');
+  });
+});

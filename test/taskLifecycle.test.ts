@@ -1,0 +1,173 @@
+import { createHash } from 'node:crypto';
+import { execFileSync } from 'node:child_process';
+import { promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { WorkflowFailedError } from '@temporalio/client';
+import { resolveTemporalCli } from '../deploy/devcluster/tools';
+import { taskFailureMessage } from '../client/vspClient';
+import { TaskSpecError } from '../spec/taskSpec';
+import { startClusterFixture, until, type ClusterFixture } from './support/clusterFixture';
+import { temporalAddress } from './support/temporalEnv';
+
+const sha256 = (b: Buffer | string) => createHash('sha256').update(b).digest('hex');
+
+let fx: ClusterFixture;
+let tmp: string;
+
+beforeAll(async () => {
+  fx = await startClusterFixture({ hosts: ['a', 'b'], owners: ['alice', 'bob'] });
+  tmp = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-e2e-'));
+}, 180_000);
+
+afterAll(async () => {
+  await fx?.stop();
+  if (tmp) await fs.rm(tmp, { recursive: true, force: true });
+});
+
+async function vmFolders(): Promise<string[]> {
+  const all: string[] = [];
+  for (const h of ['a', 'b']) {
+    const dir = path.join(fx.cluster.storeDir(h), 'vms');
+    all.push(...(await fs.readdir(dir).catch(() => [] as string[])).map((v) => `${h}/${v}`));
+  }
+  return all;
+}
+
+async function uploadText(owner: string, repoPath: string, text: string): Promise<void> {
+  const f = path.join(tmp, `up-${Math.random().toString(36).slice(2)}`);
+  await fs.writeFile(f, text);
+  await fx.repo(owner).upload(owner, repoPath, f);
+}
+
+function processRunning(marker: string): boolean {
+  const out = execFileSync('ps', ['-eo', 'args'], { encoding: 'utf8' });
+  return out.split('\n').some((l) => l.includes(marker) && !l.includes('ps -eo'));
+}
+
+test('a task with two inputs runs end to end; outputs match; describe shows it completed', async () => {
+  await uploadText('alice', 'in/a.txt', 'hello\n');
+  await uploadText('alice', 'in/b.txt', 'world\n');
+  const { taskId } = await fx.vsp.submit(
+    {
+      owner: 'alice',
+      name: 'concat',
+      inputs: ['in/a.txt', 'in/b.txt'],
+      command: 'mkdir -p out && cat in/a.txt in/b.txt > out/joined.txt && echo VSP-PROGRESS 100 done',
+    },
+    { taskId: `e2e-concat-${Date.now()}` },
+  );
+  const result = await fx.vsp.result(taskId);
+  expect(result.exitCode).toBe(0);
+  expect(['a', 'b']).toContain(result.host);
+  const joined = result.outputs.find((o) => o.path.endsWith('outputs/joined.txt'));
+  expect(joined?.sha256).toBe(sha256('hello\nworld\n'));
+  const dest = path.join(tmp, 'joined.txt');
+  const info = await fx.repo('alice').download('alice', joined!.path, dest);
+  expect(sha256(await fs.readFile(dest))).toBe(info.sha256);
+  expect(result.logs.map((l) => l.path)).toContain(`${result.resultsPath}/logs/task.log`);
+
+  const described = JSON.parse(
+    execFileSync(
+      resolveTemporalCli(),
+      ['workflow', 'describe', '-w', taskId, '--address', temporalAddress(), '-o', 'json'],
+      { encoding: 'utf8' },
+    ),
+  );
+  const text = JSON.stringify(described);
+  expect(text).toMatch(/WORKFLOW_EXECUTION_STATUS_COMPLETED|"status":\s*"?(Completed|COMPLETED)/);
+  expect(text).toContain('VspOwner');
+  expect(text).toContain('alice');
+  expect(text).toContain('VspPhase');
+  expect(await vmFolders()).toEqual([]);
+
+  const listed = await until('visibility', async () => {
+    const l = await fx.vsp.list({ owner: 'alice' });
+    return l.find((t) => t.taskId === taskId && t.phase === 'completed');
+  });
+  expect(listed.host).toBe(result.host);
+});
+
+test('an invalid spec is refused by the client and fails fast in the workflow', async () => {
+  await expect(
+    fx.vsp.submit({ owner: 'alice', command: '', inputs: ['../etc/passwd'] } as never),
+  ).rejects.toThrow(TaskSpecError);
+  const handle = await fx.temporal.workflow.start('TaskLifecycle', {
+    taskQueue: 'vsp',
+    workflowId: `e2e-invalid-${Date.now()}`,
+    args: [{ owner: 'Alice!', command: 'true', inputs: ['/etc/passwd'] }],
+  });
+  const err = await handle.result().catch((e: unknown) => e);
+  expect(err).toBeInstanceOf(WorkflowFailedError);
+  const cause = (err as WorkflowFailedError).cause;
+  expect(cause?.message).toMatch(/owner/);
+  expect(cause?.message).toMatch(/absolute/);
+  expect((cause as { type?: string }).type).toBe('InvalidTaskSpec');
+});
+
+test('a missing input fails the task at stage-in, naming the file, leaving nothing on the host', async () => {
+  await uploadText('alice', 'present.txt', 'x');
+  const { taskId } = await fx.vsp.submit({
+    owner: 'alice',
+    inputs: ['present.txt', 'missing/nope.bin'],
+    command: 'true',
+  });
+  const err = await fx.vsp.result(taskId).catch((e: unknown) => e);
+  expect(err).toBeInstanceOf(WorkflowFailedError);
+  expect(taskFailureMessage(err)).toContain('missing/nope.bin');
+  const status = await fx.vsp.status(taskId);
+  expect(status.phase).toBe('failed');
+  expect(status.error).toContain('missing/nope.bin');
+  expect(await vmFolders()).toEqual([]);
+});
+
+test("another owner's file cannot be staged in", async () => {
+  await uploadText('bob', 'secret.txt', 'bob only');
+  const { taskId } = await fx.vsp.submit({
+    owner: 'alice',
+    inputs: ['secret.txt'],
+    command: 'cat secret.txt',
+  });
+  await expect(fx.vsp.result(taskId)).rejects.toThrow();
+  expect((await fx.vsp.status(taskId)).error).toContain('secret.txt');
+});
+
+test('the host worker killed mid-task and restarted: the task completes once, output intact', async () => {
+  const marker = `vsp-once-${Date.now()}`;
+  const { taskId } = await fx.vsp.submit({
+    owner: 'alice',
+    host: 'a',
+    command: `mkdir -p out && echo run >> out/runs.txt && echo VSP-PROGRESS 50 ${marker} && sleep 6 && echo finished >> out/runs.txt`,
+  });
+  await until('the task to run', async () => (await fx.vsp.status(taskId)).phase === 'running' || undefined);
+  await fx.cluster.killHost('a');
+  await new Promise((r) => setTimeout(r, 2000));
+  await fx.cluster.startHost('a');
+  const result = await fx.vsp.result(taskId);
+  const runs = result.outputs.find((o) => o.path.endsWith('outputs/runs.txt'));
+  expect(runs?.sha256).toBe(sha256('run\nfinished\n'));
+  expect(await vmFolders()).toEqual([]);
+}, 180_000);
+
+test('cancelling a running task: process gone, host folder cleaned, logs kept', async () => {
+  const marker = `vspcancel${Date.now()}`;
+  const { taskId } = await fx.vsp.submit({
+    owner: 'alice',
+    command: `echo started-${marker}; sh -c 'sleep 300; echo ${marker}'`,
+  });
+  await until('the task to run', async () => (await fx.vsp.status(taskId)).phase === 'running' || undefined);
+  await until('the command to start', async () => processRunning(`echo ${marker}`) || undefined);
+  const s = await fx.vsp.cancel(taskId, 'test');
+  expect(s.phase).toBe('running');
+  await expect(fx.vsp.result(taskId)).rejects.toThrow();
+  expect((await fx.vsp.status(taskId)).phase).toBe('cancelled');
+  expect(processRunning(`echo ${marker}`)).toBe(false);
+  expect(await vmFolders()).toEqual([]);
+  const status = await fx.vsp.status(taskId);
+  const logs = await fx.repo('alice').list('alice', `${status.resultsPath}/logs/`);
+  const taskLog = logs.find((f) => f.path.endsWith('logs/task.log'));
+  expect(taskLog).toBeDefined();
+  const dest = path.join(tmp, 'cancel-task.log');
+  await fx.repo('alice').download('alice', taskLog!.path, dest);
+  expect(await fs.readFile(dest, 'utf8')).toContain(`started-${marker}`);
+});

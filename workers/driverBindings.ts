@@ -1,0 +1,90 @@
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { ApplicationFailure } from '@temporalio/activity';
+import type { DriverBinding } from '../activities/host/hostDeps';
+import type { HostConfig } from '../config/workerConfig';
+import { ensureAppliance } from '../drivers/qemu/appliance';
+import { QemuDriver } from '../drivers/qemu/qemuDriver';
+import { ProcessDriver } from '../drivers/process/processDriver';
+import { describeError } from '../logging/logger';
+import { RepositoryError, type RepositoryClient } from '../repository/client';
+import { DirectoryStaging } from '../storage/directoryStaging';
+import { DiskImageStaging } from '../storage/diskImageStaging';
+import { ImageCache } from '../storage/imageCache';
+import type { VmStore } from '../storage/vmStore';
+
+/** The drivers a host offers, from its configuration (VSP_DRIVERS). */
+export async function createDriverBindings(
+  config: HostConfig,
+  store: VmStore,
+  repository: RepositoryClient,
+): Promise<Record<string, DriverBinding>> {
+  const bindings: Record<string, DriverBinding> = {};
+  for (const name of config.drivers) {
+    if (name === 'process') {
+      bindings.process = {
+        driver: new ProcessDriver({ store, hostName: config.host }),
+        staging: new DirectoryStaging(),
+      };
+    } else if (name === 'qemu') {
+      const appliance = await ensureAppliance(config.applianceDir);
+      const cache = new ImageCache({ dir: store.imagesDir, maxVirtualBytes: config.maxImageBytes });
+      bindings.qemu = {
+        driver: new QemuDriver({ store, hostName: config.host, appliance, accel: config.accel }),
+        staging: new DiskImageStaging(),
+        resolveImage: async (owner, image) => {
+          if (image === 'default')
+            return (await cache.ensureFromFile(appliance.root.path, appliance.root.sha256)).path;
+          return customerImage(cache, store, repository, owner, image);
+        },
+      };
+    }
+  }
+  return bindings;
+}
+
+/**
+ * An owner's own image from the repository, fetched once per host: the cache is keyed by content hash,
+ * so a second task naming the same image (or another path with the same bytes) reuses it.
+ */
+async function customerImage(
+  cache: ImageCache,
+  store: VmStore,
+  repository: RepositoryClient,
+  owner: string,
+  image: string,
+): Promise<string> {
+  let info;
+  try {
+    info = await repository.stat(owner, image);
+  } catch (err) {
+    if (err instanceof RepositoryError && err.status === 400)
+      throw ApplicationFailure.nonRetryable(
+        `image name '${image}' is invalid: ${err.message}`,
+        'InvalidImage',
+      );
+    throw err;
+  }
+  if (!info)
+    throw ApplicationFailure.nonRetryable(
+      `image '${image}' is not in ${owner}'s repository space`,
+      'ImageNotFound',
+    );
+  const cached = await cache.get(info.sha256);
+  if (cached) return cached.path;
+  const incoming = path.join(store.imagesDir, '.incoming');
+  await fs.mkdir(incoming, { recursive: true });
+  const tmp = path.join(incoming, `${info.sha256}.${process.pid}`);
+  try {
+    await repository.download(owner, image, tmp);
+    return (await cache.ensureFromFile(tmp, info.sha256)).path;
+  } catch (err) {
+    if (err instanceof RepositoryError) throw err;
+    throw ApplicationFailure.nonRetryable(
+      `image '${image}' was rejected: ${describeError(err)}`,
+      'InvalidImage',
+    );
+  } finally {
+    await fs.rm(tmp, { force: true });
+  }
+}

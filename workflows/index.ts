@@ -1,0 +1,1 @@
+export { TaskLifecycle } from './taskLifecycle';
