@@ -1,3 +1,4 @@
+import { existsSync } from 'node:fs';
 import { Client } from '@temporalio/client';
 import { Worker } from '@temporalio/worker';
 import { createControlActivities } from '../activities/control/createControlActivities';
@@ -5,6 +6,7 @@ import { CONTROL_TASK_QUEUE } from '../config/names';
 import { connectWorkerConnection } from '../config/temporal';
 import { loadControlConfig } from '../config/workerConfig';
 import { createLogger, describeError } from '../logging/logger';
+import { WORKFLOW_BUNDLE } from './bundleWorkflows';
 
 const log = createLogger('worker.control');
 
@@ -17,7 +19,9 @@ async function main(): Promise<void> {
     connection,
     namespace,
     taskQueue: CONTROL_TASK_QUEUE,
-    workflowsPath: require.resolve('../workflows'),
+    ...(existsSync(WORKFLOW_BUNDLE)
+      ? { workflowBundle: { codePath: WORKFLOW_BUNDLE } }
+      : { workflowsPath: require.resolve('../workflows') }),
     activities: createControlActivities({
       client,
       hosts: config.hosts,
