@@ -89,6 +89,7 @@ async function main(): Promise<void> {
       .join(', ');
     say(`task completed on host ${result.host}: ${phases}`);
     const outDir = path.join(runDir, 'outputs');
+    await fs.mkdir(outDir, { recursive: true });
     for (const f of result.outputs) {
       const dest = path.join(outDir, path.basename(f.path));
       await repo.download('alice', f.path, dest);
