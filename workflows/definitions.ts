@@ -30,6 +30,8 @@ export interface TaskStatus {
   progressMessage?: string;
   exitCode?: number;
   error?: string;
+  /** Set when the VM could not be destroyed (its host gone): the task's data is safe, its host is not clean. */
+  cleanupError?: string;
   resultsPath?: string;
 }
 

@@ -53,10 +53,13 @@ function hostActivities(host: string, spec: TaskSpec) {
   const base: ActivityOptions = {
     taskQueue: hostTaskQueue(host),
     retry: { initialInterval: '1s', maximumInterval: '10s', maximumAttempts: 20 },
+    // No worker on the host's queue for this long: the host is gone, fail now rather than at the end.
+    scheduleToStartTimeout: '5m',
   };
   const options = {
     short: { ...base, startToCloseTimeout: '2m', scheduleToCloseTimeout: '15m' },
     transfer: { ...base, startToCloseTimeout: '2h', heartbeatTimeout: '30s', scheduleToCloseTimeout: '6h' },
+    cleanup: { ...base, startToCloseTimeout: '10m', heartbeatTimeout: '30s', scheduleToCloseTimeout: '30m' },
     // The task's own time limit bounds the run; the margin covers boot and worker restarts.
     run: {
       ...base,
@@ -207,7 +210,7 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
     if (failure) {
       try {
         await call(
-          'transfer',
+          'cleanup',
           'collectLogs',
           `keep the logs in ${ref.resultsPath}/logs`,
           ref,
@@ -218,7 +221,13 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
         log.warn('could not collect the task logs', { error: describe(err) });
       }
     }
-    await call('short', 'destroyVm', `destroy VM ${ref.vmId}`, ref, handle);
+    try {
+      await call('cleanup', 'destroyVm', `destroy VM ${ref.vmId}`, ref, handle);
+    } catch (err) {
+      // The outputs are safe in the repository; what is left on a dead host is its operator's to clear.
+      status.cleanupError = describe(err);
+      log.error('could not destroy the VM', { vmId: ref.vmId, host, error: status.cleanupError });
+    }
   });
 
   if (failure) {

@@ -1,5 +1,6 @@
 import { Connection } from '@temporalio/client';
 
+import { SEARCH_ATTRIBUTES } from '../../config/names';
 import { createLogger } from '../../logging/logger';
 import { freePort } from './ports';
 import { spawnManaged } from './processes';
@@ -8,13 +9,8 @@ import { resolveTemporalCli } from './tools';
 const log = createLogger('devcluster.temporal');
 
 /** The custom search attributes VSP's workflows set; the dev server registers them at start. */
-export const VSP_SEARCH_ATTRIBUTES = {
-  VspOwner: 'Keyword',
-  VspHost: 'Keyword',
-  VspStorageHost: 'Keyword',
-  VspPhase: 'Keyword',
-  VspDriver: 'Keyword',
-} as const;
+/** The project's custom search attributes (all Keyword), registered at start. */
+export const VSP_SEARCH_ATTRIBUTES: readonly string[] = Object.values(SEARCH_ATTRIBUTES);
 
 export interface TemporalDevServerOptions {
   /** SQLite file that keeps workflow state across restarts; absent = in memory. */
@@ -54,7 +50,7 @@ async function hasSearchAttributes(address: string): Promise<boolean> {
   const connection = await Connection.connect({ address, connectTimeout: '2s' });
   try {
     const res = await connection.operatorService.listSearchAttributes({ namespace: 'default' });
-    return Object.keys(VSP_SEARCH_ATTRIBUTES).every((name) => name in (res.customAttributes ?? {}));
+    return VSP_SEARCH_ATTRIBUTES.every((name) => name in (res.customAttributes ?? {}));
   } finally {
     await connection.close();
   }
@@ -71,8 +67,7 @@ export async function startTemporalDevServer(opts: TemporalDevServerOptions): Pr
 
   const args = ['server', 'start-dev', '--ip', ip, '--port', String(port), '--log-format', 'json'];
   args.push('--log-level', 'warn');
-  for (const [name, type] of Object.entries(VSP_SEARCH_ATTRIBUTES))
-    args.push('--search-attribute', `${name}=${type}`);
+  for (const name of VSP_SEARCH_ATTRIBUTES) args.push('--search-attribute', `${name}=Keyword`);
   if (opts.dbFile) args.push('--db-filename', opts.dbFile);
   if (uiPort === undefined) args.push('--headless');
   else args.push('--ui-port', String(uiPort), '--ui-disable-news-fetch');
