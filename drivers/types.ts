@@ -81,3 +81,83 @@ export interface HypervisorDriver {
   /** Stops if needed and removes every trace of the VM on this host. */
   destroy(handle: VmHandle): Promise<void>;
 }
+
+/* ---- Live migration (issue 4): memory only; the disks stay in the storage host's store. ---- */
+
+/** A disk of a VM, named by the host whose store holds it and its path inside that store. */
+export interface VmDiskRef {
+  storageHost: string;
+  /** Relative to the store root, e.g. 'vms/<vmId>/root.qcow2'. */
+  path: string;
+}
+
+/** What the source host tells the target: enough to start the same VM there, waiting for its memory. */
+export interface MigrationSource {
+  config: VmConfig;
+  /** The VM's handle where it runs now. */
+  handle: VmHandle;
+  /** Root overlay, data disk and the overlay's base image, by locator. */
+  disks: { root: VmDiskRef; data: VmDiskRef; base?: VmDiskRef };
+}
+
+/** A VM prepared on the target host, waiting for the source to send its memory. Serialisable. */
+export interface IncomingVm {
+  vmId: string;
+  /** The target host. */
+  host: string;
+  /** Where the source sends the memory, e.g. 'tcp:10.77.0.2:47123'. */
+  uri: string;
+  /** The VM's handle once it runs on the target. */
+  handle: VmHandle;
+}
+
+export interface MigrationProgress {
+  /** QEMU's migration status: setup, active, device, completed, failed... */
+  status: string;
+  transferredBytes: number;
+  remainingBytes: number;
+  totalBytes: number;
+  elapsedMs: number;
+}
+
+export interface MigrationOptions {
+  /** Longest pause of the guest at switch-over (QEMU downtime-limit), ms. */
+  downtimeLimitMs?: number;
+  /** Bytes per second; unset: QEMU's default. */
+  maxBandwidthBytesPerSec?: number;
+  /** Cancel (and keep the VM at the source) after this long. */
+  timeoutMs?: number;
+  onProgress?: (progress: MigrationProgress) => void;
+  signal?: AbortSignal;
+}
+
+export interface MigrationResult {
+  vmId: string;
+  from: string;
+  to: string;
+  totalTimeMs: number;
+  downtimeMs: number;
+  ramTransferredBytes: number;
+  /** Bytes of disk sent by the migration stream: 0, since the target reads the disks in place. */
+  diskTransferredBytes: number;
+}
+
+/**
+ * A driver that live-migrates VMs between hosts. Protocol: `describeForMigration` on the source,
+ * `prepareIncoming` on the target, `migrate` on the source (on success the source VM is gone), then
+ * `finishIncoming` on the target; on any failure `abortIncoming` on the target, and the VM keeps running
+ * at the source. Every step is idempotent.
+ */
+export interface MigratableDriver extends HypervisorDriver {
+  describeForMigration(handle: VmHandle): Promise<MigrationSource>;
+  prepareIncoming(source: MigrationSource): Promise<IncomingVm>;
+  migrate(handle: VmHandle, target: IncomingVm, options: MigrationOptions): Promise<MigrationResult>;
+  /** Waits until the VM runs on this host and records it here; returns its handle. */
+  finishIncoming(incoming: IncomingVm): Promise<VmHandle>;
+  /** Stops the incoming VM and removes its traces; refuses if it already runs (the VM would be lost). */
+  abortIncoming(incoming: IncomingVm): Promise<void>;
+}
+
+export function isMigratable(driver: HypervisorDriver): driver is MigratableDriver {
+  return driver.capabilities.liveMigration && 'prepareIncoming' in driver && 'migrate' in driver;
+}

@@ -171,3 +171,20 @@ test('cancelling a running task: process gone, host folder cleaned, logs kept', 
   await fx.repo('alice').download('alice', taskLog!.path, dest);
   expect(await fs.readFile(dest, 'utf8')).toContain(`started-${marker}`);
 });
+
+test('a task past its time limit is stopped and fails, its outputs and logs kept', async () => {
+  const { taskId } = await fx.vsp.submit({
+    owner: 'alice',
+    timeLimitSec: 2,
+    command: 'mkdir -p out && echo partial > out/partial.txt && echo before-limit && sleep 60',
+  });
+  const err = await fx.vsp.result(taskId).catch((e: unknown) => e);
+  expect(taskFailureMessage(err)).toMatch(/time limit of 2 s/);
+  const status = await fx.vsp.status(taskId);
+  expect(status.phase).toBe('failed');
+  const files = (await fx.repo('alice').list('alice', `${status.resultsPath}/`)).map((f) => f.path);
+  expect(files).toContain(`${status.resultsPath}/outputs/partial.txt`);
+  expect(files).toContain(`${status.resultsPath}/logs/task.log`);
+  expect(processRunning('before-limit')).toBe(false);
+  expect(await vmFolders()).toEqual([]);
+});

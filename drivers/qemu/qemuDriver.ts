@@ -1,13 +1,19 @@
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { inNetns } from '../../deploy/devcluster/netns';
 import { createLogger, describeError } from '../../logging/logger';
 import { OWNER_NAME } from '../../spec/repoPath';
+import type { ClusterStorage } from '../../storage/diskLocator';
 import type { VmPaths, VmStore } from '../../storage/vmStore';
 import type {
   DriverCapabilities,
   ExitResult,
-  HypervisorDriver,
+  IncomingVm,
+  MigratableDriver,
+  MigrationOptions,
+  MigrationResult,
+  MigrationSource,
   VmConfig,
   VmHandle,
   VmStatus,
@@ -17,6 +23,7 @@ import { probeAccelerator, type Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
 import { buildQemuArgs } from './commandLine';
 import { ConsoleFollower, consoleTail } from './consoleLog';
+import { QemuMigration } from './migration';
 import { qmpCommand } from './qmp';
 import { runCommand } from './runCommand';
 import { freeLocalPort, isVmProcess, readPidFile, sleep, waitForExit } from './vmProcess';
@@ -29,10 +36,14 @@ export interface QemuDriverOptions {
   qemuBinary?: string;
   /** Poll period of `wait`; progress is reported on every poll. */
   pollMs?: number;
+  /** Every host's NFS export (live migration opens remote disks through it). */
+  cluster?: ClusterStorage;
+  /** Network namespace QEMU runs in (test hosts on one machine, see deploy/devcluster/netns.ts). */
+  netns?: string;
 }
 
 /** What the VM folder's state file holds: enough to re-attach from any worker. */
-interface QemuVmState {
+export interface QemuVmState {
   config: VmConfig;
   handle: VmHandle;
 }
@@ -55,12 +66,24 @@ export function hostPortsOf(handle: VmHandle): Record<number, number> {
   return out;
 }
 
+/** `wait` on the host a VM left by live migration: the task goes on at `to`, so wait there. */
+export class VmMigratedError extends Error {
+  constructor(
+    readonly vmId: string,
+    readonly from: string,
+    readonly to: string,
+  ) {
+    super(`VM ${vmId} was migrated from ${from} to ${to}: wait for it there`);
+    this.name = 'VmMigratedError';
+  }
+}
+
 /**
  * Runs each task in a QEMU VM booted from the appliance kernel + initramfs, with a CoW overlay of the
  * cached base image as root disk and the staged ext4 data disk as the owner's home. QEMU runs
  * daemonized, so VMs outlive the worker; every fact needed to re-attach is in the VM folder.
  */
-export class QemuDriver implements HypervisorDriver {
+export class QemuDriver implements MigratableDriver {
   readonly name = 'qemu';
   readonly capabilities: DriverCapabilities = {
     liveMigration: true,
@@ -70,10 +93,19 @@ export class QemuDriver implements HypervisorDriver {
   private readonly log = createLogger('qemu-driver');
   private readonly qemuBinary: string;
   private readonly pollMs: number;
+  private readonly migration: QemuMigration;
 
   constructor(private readonly opts: QemuDriverOptions) {
     this.qemuBinary = opts.qemuBinary ?? 'qemu-system-x86_64';
     this.pollMs = opts.pollMs ?? 1000;
+    this.migration = new QemuMigration({
+      store: opts.store,
+      hostName: opts.hostName,
+      appliance: opts.appliance,
+      qemuBinary: this.qemuBinary,
+      cluster: opts.cluster ?? {},
+      netns: opts.netns,
+    });
   }
 
   async create(config: VmConfig): Promise<VmHandle> {
@@ -166,7 +198,10 @@ export class QemuDriver implements HypervisorDriver {
       owner: config.owner,
       portForwards,
     });
-    await runCommand(this.qemuBinary, args, { timeoutMs: LAUNCH_TIMEOUT_MS });
+    const launch = this.opts.netns
+      ? inNetns(this.opts.netns, this.qemuBinary, args)
+      : { cmd: this.qemuBinary, args };
+    await runCommand(launch.cmd, launch.args, { timeoutMs: LAUNCH_TIMEOUT_MS });
     const pid = await readPidFile(pidFileOf(paths));
     if (!pid) throw new Error(`VM ${config.vmId}: QEMU started but wrote no pid file`);
     handle.state.pid = pid;
@@ -195,6 +230,8 @@ export class QemuDriver implements HypervisorDriver {
         return { exitCode: cons.exitCode, timedOut: false };
       }
       if (!alive) {
+        const movedTo = await this.migratedAway(handle.vmId);
+        if (movedTo !== undefined) throw new VmMigratedError(handle.vmId, this.opts.hostName, movedTo);
         const why = cons.guestError
           ? `the guest init failed: ${cons.guestError}`
           : 'QEMU exited before the task finished (killed?)';
@@ -295,6 +332,33 @@ export class QemuDriver implements HypervisorDriver {
     this.log.info({ vmId: handle.vmId }, 'VM destroyed');
   }
 
+  describeForMigration(handle: VmHandle): Promise<MigrationSource> {
+    return this.migration.describeForMigration(handle);
+  }
+
+  prepareIncoming(source: MigrationSource): Promise<IncomingVm> {
+    return this.migration.prepareIncoming(source);
+  }
+
+  migrate(handle: VmHandle, target: IncomingVm, options: MigrationOptions): Promise<MigrationResult> {
+    return this.migration.migrate(handle, target, options);
+  }
+
+  finishIncoming(incoming: IncomingVm): Promise<VmHandle> {
+    return this.migration.finishIncoming(incoming);
+  }
+
+  abortIncoming(incoming: IncomingVm): Promise<void> {
+    return this.migration.abortIncoming(incoming);
+  }
+
+  /** The host a VM left this one for by live migration (undefined: it did not leave). */
+  private async migratedAway(vmId: string): Promise<string | undefined> {
+    const saved = await this.opts.store.readState<QemuVmState>(vmId);
+    if (!saved) return 'another host';
+    return saved.handle.host !== this.opts.hostName ? saved.handle.host : undefined;
+  }
+
   private async readState(vmId: string): Promise<QemuVmState> {
     const saved = await this.opts.store.readState<QemuVmState>(vmId);
     if (!saved) throw new Error(`VM ${vmId} does not exist on ${this.opts.hostName}: create it first`);
@@ -326,11 +390,11 @@ export class QemuDriver implements HypervisorDriver {
   }
 }
 
-function pidFileOf(paths: VmPaths): string {
+export function pidFileOf(paths: VmPaths): string {
   return path.join(paths.dir, 'qemu.pid');
 }
 
-function startedMarkerOf(paths: VmPaths): string {
+export function startedMarkerOf(paths: VmPaths): string {
   return path.join(paths.dir, 'started');
 }
 

@@ -1,0 +1,123 @@
+import { ApplicationFailure, Context } from '@temporalio/activity';
+import {
+  isMigratable,
+  type IncomingVm,
+  type MigratableDriver,
+  type MigrationOptions,
+  type MigrationResult,
+  type MigrationSource,
+  type VmHandle,
+} from '../../drivers/types';
+import { createLogger, describeError } from '../../logging/logger';
+import type { DriverBinding } from './hostDeps';
+
+const log = createLogger('activities.migration');
+
+export interface MigrationDeps {
+  hostName: string;
+  drivers: Record<string, DriverBinding>;
+  /** From the cluster configuration; progress callbacks are the activity's own. */
+  migration?: Omit<MigrationOptions, 'onProgress' | 'signal'>;
+}
+
+export interface MigrateOutRequest {
+  handle: VmHandle;
+  target: IncomingVm;
+}
+
+/**
+ * Host-level steps of a live migration, each run by the worker of the host it names and idempotent.
+ * Workflow order: describeMigrationSource (source) -> prepareIncoming (target) -> migrateOut (source)
+ * -> finishIncoming (target); if migrateOut or finishIncoming fails, abortIncoming (target) and the VM
+ * keeps running at the source. A failed migrateOut is not retryable (the VM runs at the source); a
+ * retried migrateOut after a worker restart follows the migration QEMU still runs.
+ */
+export function createMigrationActivities(deps: MigrationDeps) {
+  const { hostName } = deps;
+
+  function driverFor(driverName: string): MigratableDriver {
+    const binding = deps.drivers[driverName];
+    if (!binding)
+      throw ApplicationFailure.nonRetryable(
+        `host ${hostName} has no '${driverName}' driver`,
+        'DriverUnavailable',
+      );
+    if (!isMigratable(binding.driver))
+      throw ApplicationFailure.nonRetryable(
+        `driver '${driverName}' cannot live-migrate VMs`,
+        'DriverCannotMigrate',
+      );
+    return binding.driver;
+  }
+
+  /** Errors of a bad request (not worth a retry) become non-retryable failures. */
+  async function run<T>(what: string, vmId: string, step: () => Promise<T>): Promise<T> {
+    try {
+      return await step();
+    } catch (err) {
+      if (err instanceof ApplicationFailure) throw err;
+      const message = `${what} of VM ${vmId} on ${hostName}: ${describeError(err)}`;
+      log.error({ vmId, what, err: describeError(err) }, 'migration step failed');
+      if (/finish the migration instead/.test(message))
+        throw ApplicationFailure.nonRetryable(message, 'IncomingAlreadyRunning');
+      if (
+        /already runs on|cannot migrate a VM to its own host|does not run on|no NFS export|not running/.test(
+          message,
+        )
+      )
+        throw ApplicationFailure.nonRetryable(message, 'MigrationRejected');
+      throw new Error(message, { cause: err });
+    }
+  }
+
+  return {
+    /** On the source host: what the target needs to prepare the VM. */
+    async describeMigrationSource(handle: VmHandle): Promise<MigrationSource> {
+      return run('describe', handle.vmId, () => driverFor(handle.driver).describeForMigration(handle));
+    },
+
+    /** On the target host: starts the VM waiting for its memory, its disks opened where they are. */
+    async prepareIncoming(source: MigrationSource): Promise<IncomingVm> {
+      return run('prepare incoming', source.config.vmId, () =>
+        driverFor(source.handle.driver).prepareIncoming(source),
+      );
+    },
+
+    /** On the source host: sends the memory, heartbeating the bytes sent; the source VM ends on success. */
+    async migrateOut(req: MigrateOutRequest): Promise<MigrationResult> {
+      const ctx = Context.current();
+      const driver = driverFor(req.handle.driver);
+      try {
+        return await driver.migrate(req.handle, req.target, {
+          ...deps.migration,
+          onProgress: (p) => ctx.heartbeat({ step: 'migrate', ...p }),
+          signal: ctx.cancellationSignal,
+        });
+      } catch (err) {
+        // A failed migration leaves the VM running here, so a retry against the failed target is pointless.
+        // The workflow then calls abortIncoming, which refuses (IncomingAlreadyRunning) in the one case
+        // where the migration did complete (a retry after the source finished): then it finishes instead.
+        throw ApplicationFailure.nonRetryable(
+          `migration of VM ${req.handle.vmId} from ${hostName} to ${req.target.host} failed: ${describeError(err)}`,
+          'MigrationFailed',
+        );
+      }
+    },
+
+    /** On the target host: waits until the VM runs here and records it; returns its new handle. */
+    async finishIncoming(incoming: IncomingVm): Promise<VmHandle> {
+      return run('finish incoming', incoming.vmId, () =>
+        driverFor(incoming.handle.driver).finishIncoming(incoming),
+      );
+    },
+
+    /** On the target host: removes the incoming VM (refused if it already runs: finish it then). */
+    async abortIncoming(incoming: IncomingVm): Promise<void> {
+      return run('abort incoming', incoming.vmId, () =>
+        driverFor(incoming.handle.driver).abortIncoming(incoming),
+      );
+    },
+  };
+}
+
+export type MigrationActivities = ReturnType<typeof createMigrationActivities>;

@@ -1,0 +1,496 @@
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { createLogger, describeError } from '../../logging/logger';
+import { inNetns } from '../../deploy/devcluster/netns';
+import {
+  locatorOf,
+  qemuFileName,
+  qemuFileNode,
+  resolveForQemu,
+  type ClusterStorage,
+} from '../../storage/diskLocator';
+import { checkNfsExport } from '../../storage/nfsExport';
+import type { VmPaths, VmStore } from '../../storage/vmStore';
+import type {
+  IncomingVm,
+  MigrationOptions,
+  MigrationResult,
+  MigrationSource,
+  VmDiskRef,
+  VmHandle,
+} from '../types';
+import type { Accelerator } from './accelerator';
+import type { Appliance } from './appliance';
+import { buildQemuArgs } from './commandLine';
+import { writeFileAtomic } from './durableFile';
+import { QmpClient, qmpCommand } from './qmp';
+import { pidFileOf, startedMarkerOf, type QemuVmState } from './qemuDriver';
+import { runCommand } from './runCommand';
+import { freeLocalPort, isVmProcess, readPidFile, sleep, waitForExit } from './vmProcess';
+
+/**
+ * Memory-only live migration of QEMU VMs between hosts that reach each other's stores over NFS. The
+ * target starts the same VM with `-incoming`, its disks opened by locator (a local file on the storage
+ * host, nfs:// elsewhere); the source sends its RAM and device state with QMP `migrate`. Each host keeps
+ * what it knows in its own store: `incoming.json` while a VM is being received, `state.json` once it runs.
+ */
+
+export interface QemuMigrationContext {
+  store: VmStore;
+  hostName: string;
+  appliance: Appliance;
+  qemuBinary: string;
+  /** Every host's NFS export; its address is also where the host receives migrations. */
+  cluster: ClusterStorage;
+  /** Network namespace QEMU runs in (test hosts). */
+  netns?: string;
+}
+
+/** Defaults for options the caller leaves out. */
+export const MIGRATION_DEFAULTS = {
+  downtimeLimitMs: 300,
+  timeoutMs: 10 * 60_000,
+  /** Set on every migration, since QEMU keeps the last value (a throttled attempt would slow the next). */
+  maxBandwidthBytesPerSec: 1024 ** 3,
+};
+const BASE_NODE = 'vsp-base';
+const INCOMING_PORTS = { first: 47000, count: 2000 };
+const PORT_ATTEMPTS = 5;
+const POLL_MS = 200;
+const QMP_TIMEOUT_MS = 5_000;
+const LAUNCH_TIMEOUT_MS = 60_000;
+/** How long the target may take to resume the guest after the source reported completion. */
+const RESUME_TIMEOUT_MS = 30_000;
+const QUIT_TIMEOUT_MS = 5_000;
+const FINAL_STATES = new Set(['completed', 'failed', 'cancelled']);
+const IN_PROGRESS = new Set([
+  'setup',
+  'active',
+  'pre-switchover',
+  'device',
+  'wait-unplug',
+  'postcopy-active',
+]);
+
+interface IncomingRecord {
+  source: MigrationSource;
+  incoming: IncomingVm;
+}
+
+interface QueryMigrate {
+  status?: string;
+  'total-time'?: number;
+  downtime?: number;
+  'error-desc'?: string;
+  ram?: { transferred: number; remaining: number; total: number };
+  disk?: { transferred: number };
+}
+
+export class QemuMigration {
+  private readonly log = createLogger('qemu-migration');
+
+  constructor(private readonly ctx: QemuMigrationContext) {}
+
+  /** On the source: the VM's config, handle and disk locators, from its state file here. */
+  async describeForMigration(handle: VmHandle): Promise<MigrationSource> {
+    const saved = await this.readState(handle.vmId);
+    const { config, handle: current } = saved;
+    if (current.host !== this.ctx.hostName)
+      throw new Error(`VM ${handle.vmId} does not run on ${this.ctx.hostName} (it runs on ${current.host})`);
+    return { config, handle: current, disks: this.disksOf(current) };
+  }
+
+  /** Disk locators: computed on the storage host, carried in the handle everywhere else. */
+  private disksOf(handle: VmHandle): MigrationSource['disks'] {
+    const stored = handle.state.diskRoot;
+    if (typeof stored === 'string') {
+      const ref = (p: unknown): VmDiskRef | undefined =>
+        typeof p === 'string' && p ? { storageHost: handle.storageHost, path: p } : undefined;
+      return {
+        root: ref(handle.state.diskRoot) as VmDiskRef,
+        data: ref(handle.state.diskData) as VmDiskRef,
+        base: ref(handle.state.diskBase),
+      };
+    }
+    if (handle.storageHost !== this.ctx.hostName)
+      throw new Error(
+        `VM ${handle.vmId}: its handle names no disk locators and its disks are not on this host`,
+      );
+    const paths = this.ctx.store.paths(handle.vmId);
+    const root = this.ctx.store.root;
+    const baseImage = handle.state.baseImage;
+    return {
+      root: locatorOf(handle.storageHost, root, paths.rootDisk),
+      data: locatorOf(handle.storageHost, root, paths.dataDisk),
+      // A base image outside the store cannot be reached remotely: the target then needs it at the same path.
+      base:
+        typeof baseImage === 'string' && !path.relative(root, baseImage).startsWith('..')
+          ? locatorOf(handle.storageHost, root, baseImage)
+          : undefined,
+    };
+  }
+
+  /** On the target: starts the VM waiting for its memory (`-incoming`), its disks opened in place. */
+  async prepareIncoming(source: MigrationSource): Promise<IncomingVm> {
+    const { config, handle: from, disks } = source;
+    const vmId = config.vmId;
+    if (from.driver !== 'qemu') throw new Error(`VM ${vmId} runs under driver '${from.driver}', not qemu`);
+    if (from.vmId !== vmId) throw new Error(`migration source names VM ${from.vmId} and config ${vmId}`);
+    if (from.host === this.ctx.hostName)
+      throw new Error(`VM ${vmId} already runs on ${this.ctx.hostName}: pick another target host`);
+    const self = this.ctx.cluster[this.ctx.hostName];
+    if (!self) throw new Error(`host ${this.ctx.hostName} has no address in the cluster configuration`);
+    const paths = this.ctx.store.paths(vmId);
+    const existing = await this.readIncoming(vmId);
+    if (existing && (await isVmProcess(await readPidFile(pidFileOf(paths)), paths.qmpSocket))) {
+      this.log.info({ vmId }, 'incoming VM already prepared');
+      return existing.incoming;
+    }
+    if (from.storageHost !== this.ctx.hostName) {
+      const endpoint = this.ctx.cluster[from.storageHost];
+      if (!endpoint) throw new Error(`no NFS export configured for storage host ${from.storageHost}`);
+      await checkNfsExport(from.storageHost, endpoint, this.ctx.netns);
+    }
+    const local = { host: this.ctx.hostName, storeRoot: this.ctx.store.root, cluster: this.ctx.cluster };
+    const root = resolveForQemu(disks.root, local);
+    const data = resolveForQemu(disks.data, local);
+    const base = disks.base && root.kind === 'nfs' ? resolveForQemu(disks.base, local) : undefined;
+
+    await fs.mkdir(paths.dir, { recursive: true });
+    const portForwards: Record<number, number> = {};
+    for (const port of config.ports) portForwards[port] = await freeLocalPort();
+    const args = buildQemuArgs({
+      vmId,
+      accel: from.state.accel as Accelerator,
+      memoryMiB: config.memoryMiB,
+      vcpus: config.vcpus,
+      vmlinuz: this.ctx.appliance.vmlinuz,
+      initrd: this.ctx.appliance.initrd,
+      rootDisk: qemuFileName(root),
+      dataDisk: qemuFileName(data),
+      qmpSocket: paths.qmpSocket,
+      consoleLog: paths.consoleLog,
+      pidFile: pidFileOf(paths),
+      owner: config.owner,
+      portForwards,
+    });
+    if (base && disks.base) {
+      const format = disks.base.path.endsWith('.raw') ? 'raw' : 'qcow2';
+      overrideBacking(args, qemuFileName(root), { driver: format, file: qemuFileNode(base) });
+    }
+
+    let lastError: unknown;
+    for (let attempt = 0; attempt < PORT_ATTEMPTS; attempt++) {
+      const port = INCOMING_PORTS.first + Math.floor(Math.random() * INCOMING_PORTS.count);
+      const incoming: IncomingVm = {
+        vmId,
+        host: this.ctx.hostName,
+        uri: `tcp:${self.address}:${port}`,
+        handle: {
+          ...from,
+          host: this.ctx.hostName,
+          state: {
+            ...withoutHostPorts(from.state),
+            ...Object.fromEntries(Object.entries(portForwards).map(([g, h]) => [`hostPort:${g}`, h])),
+            pidFile: pidFileOf(paths),
+            qmpSocket: paths.qmpSocket,
+            consoleLog: paths.consoleLog,
+            diskRoot: disks.root.path,
+            diskData: disks.data.path,
+            diskBase: disks.base?.path ?? '',
+            migratedFrom: from.host,
+          },
+        },
+      };
+      // Recorded before QEMU starts, so an abort after a crash here still finds what to clean.
+      await this.writeIncoming(vmId, { source, incoming });
+      await fs.rm(paths.qmpSocket, { force: true });
+      await fs.rm(pidFileOf(paths), { force: true });
+      try {
+        const c = this.wrap(this.ctx.qemuBinary, [...args, '-incoming', incoming.uri]);
+        await runCommand(c.cmd, c.args, { timeoutMs: LAUNCH_TIMEOUT_MS });
+      } catch (err) {
+        lastError = err;
+        if (/Address already in use/i.test(describeError(err))) continue;
+        await this.abortIncoming(incoming);
+        throw new Error(`VM ${vmId}: cannot start the incoming QEMU on ${this.ctx.hostName}`, { cause: err });
+      }
+      const pid = await readPidFile(pidFileOf(paths));
+      if (!pid) throw new Error(`VM ${vmId}: incoming QEMU wrote no pid file`);
+      incoming.handle.state.pid = pid;
+      await this.writeIncoming(vmId, { source, incoming });
+      this.log.info({ vmId, uri: incoming.uri, pid, root: qemuFileName(root) }, 'incoming VM ready');
+      return incoming;
+    }
+    throw new Error(`VM ${vmId}: no free migration port on ${self.address}`, { cause: lastError });
+  }
+
+  /**
+   * On the source: sends the VM to the prepared target and, once QEMU reports completion, ends the
+   * source QEMU. On failure, timeout or abort the VM keeps running here and this throws.
+   */
+  async migrate(handle: VmHandle, target: IncomingVm, options: MigrationOptions): Promise<MigrationResult> {
+    const vmId = handle.vmId;
+    const { config, handle: current } = await this.readState(vmId);
+    if (current.host !== this.ctx.hostName)
+      throw new Error(`VM ${vmId} does not run on ${this.ctx.hostName} (its state says ${current.host})`);
+    if (target.host === this.ctx.hostName) throw new Error(`VM ${vmId}: cannot migrate a VM to its own host`);
+    const paths = this.ctx.store.paths(vmId);
+    const pid = Number(current.state.pid);
+    if (!(await isVmProcess(pid, paths.qmpSocket)))
+      throw new Error(`VM ${vmId} is not running on ${this.ctx.hostName}: nothing to migrate`);
+    const timeoutMs = options.timeoutMs ?? MIGRATION_DEFAULTS.timeoutMs;
+    const started = Date.now();
+    const qmp = await QmpClient.connect(paths.qmpSocket, QMP_TIMEOUT_MS);
+    let info: QueryMigrate;
+    try {
+      info = await qmp.execute<QueryMigrate>('query-migrate', undefined, QMP_TIMEOUT_MS);
+      // A retry after a worker restart finds its migration under way (or done) and follows it. The mark
+      // tells ours apart from the incoming migration that brought the VM here, which QEMU also reports.
+      const ours = current.state.migratingTo === target.uri;
+      if (!ours || (!IN_PROGRESS.has(info.status ?? '') && info.status !== 'completed')) {
+        const marked = { ...current, state: { ...current.state, migratingTo: target.uri } };
+        await this.ctx.store.writeState(vmId, { config, handle: marked } satisfies QemuVmState);
+        const params = {
+          'downtime-limit': options.downtimeLimitMs ?? MIGRATION_DEFAULTS.downtimeLimitMs,
+          'max-bandwidth': options.maxBandwidthBytesPerSec ?? MIGRATION_DEFAULTS.maxBandwidthBytesPerSec,
+        };
+        await qmp.execute('migrate-set-parameters', params, QMP_TIMEOUT_MS);
+        this.log.info({ vmId, to: target.host, uri: target.uri, params }, 'migration started');
+        await qmp.execute('migrate', { uri: target.uri }, QMP_TIMEOUT_MS);
+      }
+      info = await this.follow(qmp, vmId, started, timeoutMs, options);
+    } catch (err) {
+      await this.keepRunningHere(qmp, vmId);
+      const { migratingTo: _dropped, ...state } = current.state;
+      await this.ctx.store.writeState(vmId, { config, handle: { ...current, state } } satisfies QemuVmState);
+      qmp.close();
+      throw new Error(
+        `VM ${vmId}: migration ${this.ctx.hostName} -> ${target.host} failed; it runs on here`,
+        {
+          cause: err,
+        },
+      );
+    }
+    qmp.close();
+    const result: MigrationResult = {
+      vmId,
+      from: this.ctx.hostName,
+      to: target.host,
+      totalTimeMs: info['total-time'] ?? Date.now() - started,
+      downtimeMs: info.downtime ?? 0,
+      ramTransferredBytes: info.ram?.transferred ?? 0,
+      diskTransferredBytes: info.disk?.transferred ?? 0,
+    };
+    // The target owns the VM now; record that before the source QEMU goes, so nothing restarts it here.
+    if (current.storageHost === this.ctx.hostName) {
+      const moved: VmHandle = {
+        ...current,
+        host: target.host,
+        state: { ...current.state, migratedTo: target.host },
+      };
+      await this.ctx.store.writeState(vmId, { config, handle: moved } satisfies QemuVmState);
+    }
+    await this.quit(pid, paths);
+    if (current.storageHost !== this.ctx.hostName) await this.ctx.store.remove(vmId);
+    this.log.info({ ...result }, 'migration completed');
+    return result;
+  }
+
+  private async follow(
+    qmp: QmpClient,
+    vmId: string,
+    started: number,
+    timeoutMs: number,
+    options: MigrationOptions,
+  ): Promise<QueryMigrate> {
+    for (;;) {
+      const info = await qmp.execute<QueryMigrate>('query-migrate', undefined, QMP_TIMEOUT_MS);
+      const status = info.status ?? 'none';
+      options.onProgress?.({
+        status,
+        transferredBytes: info.ram?.transferred ?? 0,
+        remainingBytes: info.ram?.remaining ?? 0,
+        totalBytes: info.ram?.total ?? 0,
+        elapsedMs: Date.now() - started,
+      });
+      if (status === 'completed') return info;
+      if (FINAL_STATES.has(status) || status === 'none')
+        throw new Error(
+          `QEMU reports migration ${status}${info['error-desc'] ? `: ${info['error-desc']}` : ''}`,
+        );
+      const why = options.signal?.aborted
+        ? 'aborted'
+        : Date.now() - started > timeoutMs
+          ? `not done after ${timeoutMs} ms`
+          : undefined;
+      if (why) {
+        await qmp.execute('migrate_cancel', undefined, QMP_TIMEOUT_MS);
+        throw new Error(`migration of VM ${vmId} cancelled: ${why}`);
+      }
+      await sleep(POLL_MS, options.signal);
+    }
+  }
+
+  /** After a failed or cancelled migration: waits for QEMU to settle, and resumes the guest if paused. */
+  private async keepRunningHere(qmp: QmpClient, vmId: string): Promise<void> {
+    try {
+      for (let i = 0; i < 50; i++) {
+        const info = await qmp.execute<QueryMigrate>('query-migrate', undefined, QMP_TIMEOUT_MS);
+        if (!IN_PROGRESS.has(info.status ?? '') && info.status !== 'cancelling') break;
+        await sleep(POLL_MS);
+      }
+      const { status } = await qmp.execute<{ status: string }>('query-status', undefined, QMP_TIMEOUT_MS);
+      if (status !== 'running') {
+        this.log.warn({ vmId, status }, 'VM paused after the failed migration: resuming it');
+        await qmp.execute('cont', undefined, QMP_TIMEOUT_MS);
+      }
+    } catch (err) {
+      this.log.error({ vmId, err: describeError(err) }, 'cannot check the VM after a failed migration');
+    }
+  }
+
+  private async quit(pid: number, paths: VmPaths): Promise<void> {
+    try {
+      await qmpCommand(paths.qmpSocket, 'quit', undefined, QMP_TIMEOUT_MS);
+    } catch (err) {
+      this.log.debug({ err: describeError(err) }, 'QMP quit failed');
+    }
+    if (await waitForExit(pid, paths.qmpSocket, QUIT_TIMEOUT_MS)) return;
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
+    }
+    if (!(await waitForExit(pid, paths.qmpSocket, QUIT_TIMEOUT_MS)))
+      throw new Error(`source QEMU ${pid} survived SIGKILL`);
+  }
+
+  /** On the target: waits until the guest runs here, then records the VM as this host's. */
+  async finishIncoming(incoming: IncomingVm): Promise<VmHandle> {
+    const vmId = incoming.vmId;
+    const paths = this.ctx.store.paths(vmId);
+    const record = await this.readIncoming(vmId);
+    if (!record) {
+      const saved = await this.ctx.store.readState<QemuVmState>(vmId);
+      if (
+        saved?.handle.host === this.ctx.hostName &&
+        (await isVmProcess(Number(saved.handle.state.pid), paths.qmpSocket))
+      )
+        return saved.handle;
+      throw new Error(`VM ${vmId}: no incoming migration on ${this.ctx.hostName}`);
+    }
+    const pid = Number(record.incoming.handle.state.pid);
+    const deadline = Date.now() + RESUME_TIMEOUT_MS;
+    for (;;) {
+      if (!(await isVmProcess(pid, paths.qmpSocket)))
+        throw new Error(`VM ${vmId}: the incoming QEMU on ${this.ctx.hostName} is gone`);
+      const { status } = await qmpCommand<{ status: string }>(
+        paths.qmpSocket,
+        'query-status',
+        undefined,
+        QMP_TIMEOUT_MS,
+      );
+      if (status === 'running') break;
+      if (status !== 'inmigrate' && status !== 'paused' && status !== 'prelaunch')
+        throw new Error(`VM ${vmId}: incoming QEMU is in state ${status}`);
+      if (Date.now() > deadline)
+        throw new Error(`VM ${vmId}: incoming VM not running after ${RESUME_TIMEOUT_MS} ms (${status})`);
+      await sleep(POLL_MS);
+    }
+    const handle = record.incoming.handle;
+    await this.ctx.store.writeState(vmId, { config: record.source.config, handle } satisfies QemuVmState);
+    await fs.writeFile(startedMarkerOf(paths), '');
+    await fs.rm(this.incomingFile(vmId), { force: true });
+    this.log.info({ vmId, host: this.ctx.hostName, pid }, 'VM runs here after migration');
+    return handle;
+  }
+
+  /** On the target: stops the incoming QEMU and removes its files; the disks are never touched. */
+  async abortIncoming(incoming: IncomingVm): Promise<void> {
+    const vmId = incoming.vmId;
+    const paths = this.ctx.store.paths(vmId);
+    const record = await this.readIncoming(vmId);
+    if (!record) return;
+    const pid = await readPidFile(pidFileOf(paths));
+    if (pid && (await isVmProcess(pid, paths.qmpSocket))) {
+      const status = await qmpCommand<{ status: string }>(
+        paths.qmpSocket,
+        'query-status',
+        undefined,
+        QMP_TIMEOUT_MS,
+      ).then(
+        (s) => s.status,
+        () => 'unreachable',
+      );
+      if (status === 'running')
+        throw new Error(
+          `VM ${vmId} already runs on ${this.ctx.hostName}: finish the migration instead of aborting it`,
+        );
+      process.kill(pid, 'SIGKILL');
+      if (!(await waitForExit(pid, paths.qmpSocket, QUIT_TIMEOUT_MS)))
+        throw new Error(`VM ${vmId}: incoming QEMU ${pid} survived SIGKILL`);
+    }
+    if (record.source.handle.storageHost === this.ctx.hostName) {
+      // Home of the disks: keep the folder, drop only what the incoming QEMU left.
+      for (const f of [paths.qmpSocket, pidFileOf(paths), this.incomingFile(vmId)])
+        await fs.rm(f, { force: true });
+    } else {
+      await this.ctx.store.remove(vmId);
+    }
+    this.log.info({ vmId, host: this.ctx.hostName }, 'incoming VM aborted');
+  }
+
+  private wrap(cmd: string, args: string[]): { cmd: string; args: string[] } {
+    return this.ctx.netns ? inNetns(this.ctx.netns, cmd, args) : { cmd, args };
+  }
+
+  private incomingFile(vmId: string): string {
+    return path.join(this.ctx.store.paths(vmId).dir, 'incoming.json');
+  }
+
+  private async readIncoming(vmId: string): Promise<IncomingRecord | undefined> {
+    try {
+      return JSON.parse(await fs.readFile(this.incomingFile(vmId), 'utf8')) as IncomingRecord;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw err;
+    }
+  }
+
+  private async writeIncoming(vmId: string, record: IncomingRecord): Promise<void> {
+    await writeFileAtomic(this.incomingFile(vmId), JSON.stringify(record, null, 2));
+  }
+
+  private async readState(vmId: string): Promise<QemuVmState> {
+    const saved = await this.ctx.store.readState<QemuVmState>(vmId);
+    if (!saved) throw new Error(`VM ${vmId} does not exist on ${this.ctx.hostName}`);
+    return saved;
+  }
+}
+
+function withoutHostPorts(state: VmHandle['state']): VmHandle['state'] {
+  return Object.fromEntries(Object.entries(state).filter(([k]) => !k.startsWith('hostPort:')));
+}
+
+/**
+ * The overlay names its base image by an absolute path on the storage host; a remote host opens the base
+ * over NFS instead, as a separate read-only node the root drive uses as its backing.
+ */
+function overrideBacking(
+  args: string[],
+  rootFile: string,
+  base: { driver: string; file: Record<string, unknown> },
+): void {
+  const i = args.findIndex((a) => a.startsWith(`file=${rootFile},`));
+  if (i < 0 || args[i - 1] !== '-drive')
+    throw new Error(`no root -drive for ${rootFile} in the QEMU arguments`);
+  args[i] = `${args[i]},backing=${BASE_NODE}`;
+  const node = {
+    driver: base.driver,
+    'node-name': BASE_NODE,
+    'read-only': true,
+    file: { ...base.file, 'read-only': true },
+  };
+  args.splice(i - 1, 0, '-blockdev', JSON.stringify(node));
+}

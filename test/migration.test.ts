@@ -1,0 +1,239 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { createTestNetwork, type TestNetwork } from '../deploy/devcluster/netns';
+import { ensureAppliance, type Appliance } from '../drivers/qemu/appliance';
+import { qmpCommand } from '../drivers/qemu/qmp';
+import { QemuDriver, VmMigratedError } from '../drivers/qemu/qemuDriver';
+import type { MigrationProgress, MigrationResult, VmConfig, VmHandle } from '../drivers/types';
+import type { ClusterStorage } from '../storage/diskLocator';
+import { DiskImageStaging, readDataDiskFile } from '../storage/diskImageStaging';
+import { ImageCache } from '../storage/imageCache';
+import { checkNfsExport, startNfsExport, type RunningNfsExport } from '../storage/nfsExport';
+import { VmStore } from '../storage/vmStore';
+
+/**
+ * Live migration between three test hosts (network namespaces, each with its own nfs-ganesha export of
+ * its VM store), real QEMU under TCG. Needs root. VMs are created on host a; only RAM moves.
+ */
+const HOSTS = ['a', 'b', 'c'] as const;
+type Host = (typeof HOSTS)[number];
+const MEMORY_MIB = 128;
+const BLOB_BYTES = 4 * 1024 * 1024;
+/** The guest counts this many seconds, then reads its input: by then every migration is done. */
+const GUEST_SECONDS = 24;
+
+describe('live migration over per-host NFS (real QEMU, namespace hosts)', () => {
+  let appliance: Appliance;
+  let work: string;
+  let network: TestNetwork;
+  let baseImage: string;
+  const stores = {} as Record<Host, VmStore>;
+  const drivers = {} as Record<Host, QemuDriver>;
+  const exports: RunningNfsExport[] = [];
+  const cluster: ClusterStorage = {};
+  const started: { host: Host; handle: VmHandle }[] = [];
+  const staging = new DiskImageStaging();
+  const noAbort = () => new AbortController().signal;
+
+  beforeAll(async () => {
+    appliance = await ensureAppliance();
+    work = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-migration-'));
+    network = await createTestNetwork({ hosts: [...HOSTS], prefix: 'vspmig-', subnet: '10.77.9' });
+    for (const h of HOSTS) {
+      stores[h] = new VmStore(path.join(work, h, 'store'));
+      await stores[h].init();
+      cluster[h] = { address: network.hosts[h].address, exportPath: '/vsp' };
+    }
+    for (const h of HOSTS) {
+      exports.push(
+        await startNfsExport({
+          hostName: h,
+          storeRoot: stores[h].root,
+          endpoint: cluster[h],
+          stateDir: path.join(work, h, 'nfs'),
+          netns: network.hosts[h].netns,
+        }),
+      );
+      drivers[h] = new QemuDriver({
+        store: stores[h],
+        hostName: h,
+        appliance,
+        accel: 'auto',
+        pollMs: 250,
+        cluster,
+        netns: network.hosts[h].netns,
+      });
+    }
+    const cache = new ImageCache({ dir: stores.a.imagesDir, maxVirtualBytes: 1024 ** 3 });
+    baseImage = (await cache.ensureFromFile(appliance.root.path, appliance.root.sha256)).path;
+  });
+
+  afterAll(async () => {
+    for (const { host, handle } of started.splice(0).reverse())
+      await drivers[host].destroy(handle).catch(() => undefined);
+    for (const e of exports.splice(0)) await e.stop();
+    await network?.teardown();
+    if (work) await fs.rm(work, { recursive: true, force: true });
+  });
+
+  /** A VM on host a whose task counts GUEST_SECONDS, then hashes its 4 MiB input into md5.txt. */
+  async function startVmOnA(vmId: string): Promise<{ handle: VmHandle; blobMd5: string }> {
+    const paths = stores.a.paths(vmId);
+    const blob = randomBytes(BLOB_BYTES);
+    await fs.mkdir(paths.inputsDir, { recursive: true });
+    await fs.writeFile(path.join(paths.inputsDir, 'blob.bin'), blob);
+    await staging.build(paths, 4 * 1024 * 1024);
+    const config: VmConfig = {
+      vmId,
+      owner: 'alice',
+      command: `for i in $(seq 1 ${GUEST_SECONDS}); do echo "VSP-PROGRESS $i"; sleep 1; done; md5sum blob.bin > md5.txt`,
+      vcpus: 1,
+      memoryMiB: MEMORY_MIB,
+      baseImage,
+      ports: [],
+      timeLimitSec: 600,
+    };
+    const handle = await drivers.a.start(await drivers.a.create(config));
+    started.push({ host: 'a', handle });
+    await untilProgress(stores.a.paths(vmId).consoleLog, 1);
+    return { handle, blobMd5: createHash('md5').update(blob).digest('hex') };
+  }
+
+  async function migrate(
+    vm: VmHandle,
+    to: Host,
+    onProgress?: (p: MigrationProgress) => void,
+    maxBandwidthBytesPerSec?: number,
+  ): Promise<{ handle: VmHandle; result: MigrationResult }> {
+    const from = drivers[vm.host as Host];
+    const source = await from.describeForMigration(vm);
+    const incoming = await drivers[to].prepareIncoming(source);
+    try {
+      const result = await from.migrate(vm, incoming, {
+        downtimeLimitMs: 300,
+        onProgress,
+        maxBandwidthBytesPerSec,
+      });
+      const handle = await drivers[to].finishIncoming(incoming);
+      started.push({ host: to, handle });
+      return { handle, result };
+    } catch (err) {
+      await drivers[to].abortIncoming(incoming);
+      throw err;
+    }
+  }
+
+  /** What QEMU on the VM's current host opened as the VM's first disk. */
+  async function rootDiskAsOpened(handle: VmHandle): Promise<string> {
+    const blocks = await qmpCommand<{ inserted?: { file: string } }[]>(
+      String(handle.state.qmpSocket),
+      'query-block',
+    );
+    return blocks.find((b) => b.inserted)?.inserted?.file ?? '';
+  }
+
+  function expectMemoryOnly(result: MigrationResult) {
+    expect(result.diskTransferredBytes).toBe(0);
+    expect(result.ramTransferredBytes).toBeGreaterThan(0);
+    // Far less than the disks would be (root overlay + 4 MiB input + base image).
+    expect(result.ramTransferredBytes).toBeLessThan(2 * MEMORY_MIB * 1024 * 1024);
+  }
+
+  async function finishAndCheck(handle: VmHandle, vmId: string, blobMd5: string) {
+    const exit = await drivers[handle.host as Host].wait(handle, {
+      onProgress: () => undefined,
+      signal: noAbort(),
+    });
+    expect(exit).toEqual({ exitCode: 0, timedOut: false });
+    // It finished counting where it ended, so it read its input there (over NFS unless back home).
+    const consoleLog = await fs.readFile(String(handle.state.consoleLog), 'utf8');
+    expect(consoleLog).toMatch(new RegExp(`^VSP-PROGRESS ${GUEST_SECONDS}\\b`, 'm'));
+    // The guest's last write went to the data disk in a's store, wherever the guest ran.
+    const md5 = await readDataDiskFile(stores.a.paths(vmId).dataDisk, 'md5.txt');
+    expect(md5?.split(' ')[0]).toBe(blobMd5);
+  }
+
+  test('exports answer from every host; an unreachable one is a clear error', async () => {
+    for (const h of HOSTS) await checkNfsExport('a', cluster.a, network.hosts[h].netns);
+    await expect(checkNfsExport('ghost', { address: '10.77.9.77', exportPath: '/vsp' })).rejects.toThrow(
+      'the NFS export of host ghost (nfs://10.77.9.77/vsp/) is unreachable',
+    );
+  });
+
+  test('a -> b -> a: memory only, b reads the disks over NFS, back home the disks are local again', async () => {
+    const { handle, blobMd5 } = await startVmOnA('vm-home');
+    expect(await rootDiskAsOpened(handle)).toBe(stores.a.paths('vm-home').rootDisk);
+
+    await expect(drivers.a.prepareIncoming(await drivers.a.describeForMigration(handle))).rejects.toThrow(
+      'already runs on a',
+    );
+
+    const waitingOnA = drivers.a.wait(handle, { onProgress: () => undefined, signal: noAbort() });
+    const seen: MigrationProgress[] = [];
+    const toB = await migrate(handle, 'b', (p) => seen.push(p));
+    await expect(waitingOnA).rejects.toThrow(new VmMigratedError('vm-home', 'a', 'b'));
+    expectMemoryOnly(toB.result);
+    expect(seen.some((p) => p.transferredBytes > 0)).toBe(true);
+    expect(toB.handle).toMatchObject({ host: 'b', storageHost: 'a' });
+    expect(await rootDiskAsOpened(toB.handle)).toMatch(
+      /"driver": "nfs".*"path": "\/vsp\/vms\/vm-home\/root.qcow2"/,
+    );
+    expect((await drivers.b.inspect(toB.handle)).details.qmpStatus).toBe('running');
+    expect((await drivers.a.inspect(handle)).phase).not.toBe('running');
+
+    const home = await migrate(toB.handle, 'a');
+    expectMemoryOnly(home.result);
+    expect(home.handle).toMatchObject({ host: 'a', storageHost: 'a' });
+    expect(await rootDiskAsOpened(home.handle)).toBe(stores.a.paths('vm-home').rootDisk);
+    await expect(fs.access(stores.b.paths('vm-home').dir)).rejects.toThrow();
+    console.log(`migration figures a->b ${JSON.stringify(toB.result)} b->a ${JSON.stringify(home.result)}`);
+
+    await finishAndCheck(home.handle, 'vm-home', blobMd5);
+  });
+
+  test('a failed migration (target killed) leaves the VM at the source; then a -> b -> c', async () => {
+    const { handle, blobMd5 } = await startVmOnA('vm-roam');
+    const source = await drivers.a.describeForMigration(handle);
+    const incoming = await drivers.b.prepareIncoming(source);
+    let killed = false;
+    const failing = drivers.a.migrate(handle, incoming, {
+      // Throttled so the kill lands mid-transfer.
+      maxBandwidthBytesPerSec: 4 * 1024 * 1024,
+      onProgress: (p) => {
+        if (!killed && p.transferredBytes > 1024 * 1024) {
+          killed = true;
+          process.kill(Number(incoming.handle.state.pid), 'SIGKILL');
+        }
+      },
+    });
+    await expect(failing).rejects.toThrow(/migration a -> b failed; it runs on here/);
+    expect(killed).toBe(true);
+    expect((await drivers.a.inspect(handle)).details.qmpStatus).toBe('running');
+    await drivers.b.abortIncoming(incoming);
+    await expect(fs.access(stores.b.paths('vm-roam').dir)).rejects.toThrow();
+
+    const toB = await migrate(handle, 'b');
+    expectMemoryOnly(toB.result);
+    const toC = await migrate(toB.handle, 'c');
+    expectMemoryOnly(toC.result);
+    expect(toC.handle).toMatchObject({ host: 'c', storageHost: 'a' });
+    expect(await rootDiskAsOpened(toC.handle)).toMatch(/"driver": "nfs"/);
+    await expect(fs.access(stores.b.paths('vm-roam').dir)).rejects.toThrow();
+    console.log(`migration figures a->b ${JSON.stringify(toB.result)} b->c ${JSON.stringify(toC.result)}`);
+
+    await finishAndCheck(toC.handle, 'vm-roam', blobMd5);
+  });
+});
+
+async function untilProgress(consoleLog: string, n: number, timeoutMs = 90_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const text = await fs.readFile(consoleLog, 'utf8').catch(() => '');
+    if (new RegExp(`^VSP-PROGRESS ${n}\\b`, 'm').test(text)) return;
+    if (/VSP-(EXIT|ERROR)/.test(text) || Date.now() > deadline)
+      throw new Error(`guest never reported progress ${n}; console:\n${text.slice(-3000)}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
