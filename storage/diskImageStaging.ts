@@ -20,6 +20,22 @@ const TOOL_TIMEOUT_MS = 30 * 60_000;
 /** Folder on the data disk for VSP's own files (command, task.log, exit-status). */
 export const VSP_DIR = '.vsp';
 
+/**
+ * The task left outputs that cannot be taken: it filled its data disk beyond the declared room, or its
+ * outputDir is not a folder. The task's own doing, so retrying cannot help; the task log, when there is
+ * one, was still extracted so that it can reach the owner.
+ */
+export class UnusableOutputsError extends Error {
+  constructor(
+    message: string,
+    readonly reason: 'OutputsTooLarge' | 'BadOutputs',
+    readonly taskLog?: string,
+  ) {
+    super(message);
+    this.name = 'UnusableOutputsError';
+  }
+}
+
 interface StagingRecord {
   inputBytes: number;
   outputRoomBytes: number;
@@ -104,11 +120,18 @@ export class DiskImageStaging implements HomeStaging {
     if (!(await exists(vm.dataDisk))) throw new Error(`no data disk ${vm.dataDisk} to extract outputs from`);
     const record = await readStagingRecord(vm);
     await replayJournalIfNeeded(vm.dataDisk);
-    await checkRoom(vm.dataDisk, record);
+    const overflow = await roomOverflow(vm.dataDisk, record);
 
     await fs.rm(vm.outboxDir, { recursive: true, force: true });
+    await fs.mkdir(vm.outboxDir, { recursive: true });
+    // The task log first: it explains a failure, and unusable outputs are one.
+    const taskLogFile = path.join(vm.outboxDir, 'task.log');
+    await debugfs(vm.dataDisk, `dump "/${VSP_DIR}/task.log" "${taskLogFile}"`);
+    const taskLog = (await exists(taskLogFile)) ? taskLogFile : undefined;
+    if (overflow) throw new UnusableOutputsError(overflow, 'OutputsTooLarge', taskLog);
+
     const dumpDir = path.join(vm.outboxDir, '.dump');
-    await fs.mkdir(dumpDir, { recursive: true });
+    await fs.mkdir(dumpDir);
     const outputsDir = path.join(vm.outboxDir, 'outputs');
     const dumped = path.join(dumpDir, path.posix.basename(rel));
     const r = await debugfs(vm.dataDisk, `rdump "/${rel}" "${dumpDir}"`);
@@ -118,17 +141,17 @@ export class DiskImageStaging implements HomeStaging {
         throw new Error(`cannot extract /${rel} from ${vm.dataDisk}: ${r.stderr.trim()}`);
       await fs.mkdir(outputsDir);
     } else if (!st.isDirectory()) {
-      throw new Error(`outputDir ${rel} is not a folder on the data disk`);
+      throw new UnusableOutputsError(
+        `outputDir ${rel} is not a folder on the data disk`,
+        'BadOutputs',
+        taskLog,
+      );
     } else {
       await fs.rename(dumped, outputsDir);
     }
     await fs.rm(dumpDir, { recursive: true, force: true });
-
-    const taskLog = path.join(vm.outboxDir, 'task.log');
-    await debugfs(vm.dataDisk, `dump "/${VSP_DIR}/task.log" "${taskLog}"`);
-    const haveLog = await exists(taskLog);
     this.log.info({ dataDisk: vm.dataDisk, outputsDir }, 'outputs extracted');
-    return { outputsDir, ...(haveLog ? { taskLog } : {}) };
+    return { outputsDir, ...(taskLog ? { taskLog } : {}) };
   }
 }
 
@@ -154,7 +177,8 @@ async function replayJournalIfNeeded(image: string): Promise<void> {
   );
 }
 
-async function checkRoom(image: string, record: StagingRecord | undefined): Promise<void> {
+/** Why the task's outputs overflowed its declared room, or undefined when they did not. */
+async function roomOverflow(image: string, record: StagingRecord | undefined): Promise<string | undefined> {
   const { stdout } = await runCommand('dumpe2fs', ['-h', image], { timeoutMs: TOOL_TIMEOUT_MS });
   const field = (name: string) => Number(new RegExp(`^${name}:\\s+(\\d+)`, 'm').exec(stdout)?.[1]);
   const free = field('Free blocks');
@@ -165,10 +189,9 @@ async function checkRoom(image: string, record: StagingRecord | undefined): Prom
     throw new Error(`cannot read the free space of ${image}`);
   // ext4 also holds back min(2%, 4096) blocks for its own metadata, which no task can use.
   const ext4Reserve = Math.min(Math.floor(blockCount / 50), 4096);
-  if ((free - reserved - ext4Reserve) * blockSize < FULL_SLACK_BYTES) {
-    const room = record ? `${Math.round(record.outputRoomBytes / MiB)} MiB` : 'unknown size';
-    throw new Error(`outputs exceeded the declared room of ${room}: the task filled its data disk`);
-  }
+  if ((free - reserved - ext4Reserve) * blockSize >= FULL_SLACK_BYTES) return undefined;
+  const room = record ? `${Math.round(record.outputRoomBytes / MiB)} MiB` : 'unknown size';
+  return `outputs exceeded the declared room of ${room}: the task filled its data disk`;
 }
 
 async function measureInputs(dir: string): Promise<{ bytes: number; entries: number }> {

@@ -33,6 +33,14 @@ interface QemuImgInfo {
   'format-specific'?: { data?: { 'data-file'?: string } };
 }
 
+/** The file is not an image a VM may boot from: retrying cannot help, the owner must fix the image. */
+export class InvalidImageError extends Error {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'InvalidImageError';
+  }
+}
+
 /**
  * Base images, keyed by content hash, validated before first use: qcow2 or raw only, bounded virtual
  * size, no backing file outside the cache, no external data file, and a clean `qemu-img check`. Cached
@@ -60,8 +68,9 @@ export class ImageCache {
   /**
    * Adds `file` to the cache (copied, so later changes to `file` cannot reach running VMs) and returns
    * the cached image. With `sha256`, a cache hit skips all work and a content mismatch is an error.
+   * `name` is how errors call the image (default: `file`), e.g. the owner's repository path.
    */
-  async ensureFromFile(file: string, sha256?: string): Promise<CachedImage> {
+  async ensureFromFile(file: string, sha256?: string, name = file): Promise<CachedImage> {
     if (sha256 !== undefined) {
       const hit = await this.get(sha256);
       if (hit) return hit;
@@ -71,10 +80,10 @@ export class ImageCache {
     try {
       await fs.copyFile(file, tmp, fsConstants.COPYFILE_FICLONE);
       // Validate and hash the copy, not the source: what was checked is what VMs will read.
-      const info = await this.validate(tmp);
+      const info = await this.validate(tmp, name);
       const actual = await sha256File(tmp);
       if (sha256 !== undefined && actual !== sha256)
-        throw new Error(`image ${file} has content hash ${actual}, expected ${sha256}`);
+        throw new Error(`image ${name} has content hash ${actual}, expected ${sha256}`);
       const hit = await this.get(actual);
       if (hit) return hit;
       const cached: CachedImage = {
@@ -97,13 +106,13 @@ export class ImageCache {
     }
   }
 
-  /** Checks that `file` is an image VMs may boot from; throws an Error saying what is wrong. */
-  async validate(file: string): Promise<ImageInfo> {
+  /** Checks that `file` is an image VMs may boot from; throws an InvalidImageError saying what is wrong. */
+  async validate(file: string, name = file): Promise<ImageInfo> {
     const st = await fs.stat(file).catch((err: unknown) => {
-      throw new Error(`image ${file} cannot be read`, { cause: err });
+      throw new InvalidImageError(`image ${name} cannot be read`, { cause: err });
     });
-    if (!st.isFile()) throw new Error(`image ${file} is not a regular file`);
-    if (st.size === 0) throw new Error(`image ${file} is not a disk image: it is empty`);
+    if (!st.isFile()) throw new InvalidImageError(`image ${name} is not a regular file`);
+    if (st.size === 0) throw new InvalidImageError(`image ${name} is not a disk image: it is empty`);
     let raw: QemuImgInfo;
     try {
       const { stdout } = await runCommand('qemu-img', ['info', '--output=json', file], {
@@ -111,40 +120,48 @@ export class ImageCache {
       });
       raw = JSON.parse(stdout) as QemuImgInfo;
     } catch (err) {
-      throw new Error(`image ${file} is not a readable disk image`, { cause: err });
+      throw new InvalidImageError(`image ${name} is not a readable disk image`, { cause: err });
     }
     if (raw.format !== 'qcow2' && raw.format !== 'raw')
-      throw new Error(`image ${file} has format ${raw.format}: only qcow2 and raw images are accepted`);
+      throw new InvalidImageError(
+        `image ${name} has format ${raw.format}: only qcow2 and raw images are accepted`,
+      );
     const format: ImageFormat = raw.format;
     const virtualBytes = raw['virtual-size'];
     if (virtualBytes > this.opts.maxVirtualBytes)
-      throw new Error(
-        `image ${file} has a virtual size of ${mib(virtualBytes)} MiB, more than the maximum of ${mib(this.opts.maxVirtualBytes)} MiB`,
+      throw new InvalidImageError(
+        `image ${name} has a virtual size of ${mib(virtualBytes)} MiB, more than the maximum of ${mib(this.opts.maxVirtualBytes)} MiB`,
       );
     if (format === 'raw') {
-      await checkRawHoldsExt4(file, st.size);
+      await checkRawHoldsExt4(file, name, st.size);
       return { format, virtualBytes };
     }
     if (raw['format-specific']?.data?.['data-file'])
-      throw new Error(`image ${file} keeps its data in an external file, which is not accepted`);
-    const backingFile = raw['backing-filename'] ? await this.checkBacking(file, raw) : undefined;
+      throw new InvalidImageError(`image ${name} keeps its data in an external file, which is not accepted`);
+    const backingFile = raw['backing-filename'] ? await this.checkBacking(file, name, raw) : undefined;
     try {
       await runCommand('qemu-img', ['check', '-q', '-f', 'qcow2', file], { timeoutMs: QEMU_IMG_TIMEOUT_MS });
     } catch (err) {
-      throw new Error(`image ${file} is damaged or truncated (qemu-img check failed)`, { cause: err });
+      throw new InvalidImageError(`image ${name} is damaged or truncated (qemu-img check failed)`, {
+        cause: err,
+      });
     }
     return { format, virtualBytes, ...(backingFile ? { backingFile } : {}) };
   }
 
-  private async checkBacking(file: string, raw: QemuImgInfo): Promise<string> {
+  private async checkBacking(file: string, name: string, raw: QemuImgInfo): Promise<string> {
     const named =
       raw['full-backing-filename'] ?? path.resolve(path.dirname(file), raw['backing-filename'] as string);
     const cacheDir = await fs.realpath(this.opts.dir).catch(() => path.resolve(this.opts.dir));
     const real = await fs.realpath(named).catch((err: unknown) => {
-      throw new Error(`image ${file} has a backing file ${named} that does not exist`, { cause: err });
+      throw new InvalidImageError(`image ${name} has a backing file ${named} that does not exist`, {
+        cause: err,
+      });
     });
     if (path.dirname(real) !== cacheDir || !SHA256.test(path.basename(real).split('.')[0]))
-      throw new Error(`image ${file} has a backing file ${named} outside the image cache ${this.opts.dir}`);
+      throw new InvalidImageError(
+        `image ${name} has a backing file ${named} outside the image cache ${this.opts.dir}`,
+      );
     return real;
   }
 
@@ -154,15 +171,17 @@ export class ImageCache {
 }
 
 /** The appliance mounts /dev/vda as ext4, so a raw image must be one (a file of any bytes probes as raw). */
-async function checkRawHoldsExt4(file: string, size: number): Promise<void> {
+async function checkRawHoldsExt4(file: string, name: string, size: number): Promise<void> {
   if (size % 512 !== 0)
-    throw new Error(`image ${file} is not a disk image: its size is not a multiple of 512 bytes`);
+    throw new InvalidImageError(`image ${name} is not a disk image: its size is not a multiple of 512 bytes`);
   const fh = await fs.open(file, 'r');
   try {
     const buf = Buffer.alloc(2);
     await fh.read(buf, 0, 2, EXT4_MAGIC_OFFSET);
     if (buf.readUInt16LE(0) !== EXT4_MAGIC)
-      throw new Error(`image ${file} is not a disk image: a raw image must hold an ext4 file system`);
+      throw new InvalidImageError(
+        `image ${name} is not a disk image: a raw image must hold an ext4 file system`,
+      );
   } finally {
     await fh.close();
   }

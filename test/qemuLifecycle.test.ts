@@ -1,0 +1,305 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { execFileSync } from 'node:child_process';
+import { promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { gunzipSync } from 'node:zlib';
+import { ApplicationFailure, WorkflowFailedError } from '@temporalio/client';
+import { taskFailureMessage } from '../client/vspClient';
+import { ensureAppliance, type Appliance } from '../drivers/qemu/appliance';
+import type { TaskSpecInput } from '../spec/taskSpec';
+import { startClusterFixture, until, type ClusterFixture } from './support/clusterFixture';
+
+/**
+ * The task lifecycle with real QEMU VMs (TCG: KVM hangs on these machines) through the whole Temporal
+ * workflow: one host worker with the qemu driver, a real repository and control worker. Each boot costs
+ * seconds, so the VMs are few and their commands short.
+ */
+const HOST = 'q';
+const OWNER = 'alice';
+const sha256 = (b: Buffer | string) => createHash('sha256').update(b).digest('hex');
+
+let fx: ClusterFixture;
+let tmp: string;
+let appliance: Appliance;
+
+beforeAll(async () => {
+  appliance = await ensureAppliance();
+  tmp = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-qemu-e2e-'));
+  fx = await startClusterFixture({
+    hosts: [HOST],
+    owners: [OWNER],
+    drivers: ['qemu'],
+    hostEnv: { VSP_ACCEL: 'tcg' },
+  });
+}, 180_000);
+
+afterAll(async () => {
+  // A failed test must not leave its VM running: kill what is left of this cluster's QEMUs, by pid.
+  if (fx) for (const pid of qemuPids()) process.kill(pid, 'SIGKILL');
+  await fx?.stop();
+  if (tmp) await fs.rm(tmp, { recursive: true, force: true });
+});
+
+const storeDir = () => fx.cluster.storeDir(HOST);
+const vmDir = (vmId: string) => path.join(storeDir(), 'vms', vmId);
+
+/** QEMU processes whose command line lies in this cluster's folder (disks, sockets, pid files). */
+function qemuPids(): number[] {
+  const out = execFileSync('ps', ['-eo', 'pid=,args='], { encoding: 'utf8' });
+  return out
+    .split('\n')
+    .filter((l) => l.includes('qemu-system') && l.includes(fx.cluster.opts.baseDir))
+    .map((l) => Number(l.trim().split(/\s+/)[0]));
+}
+
+/** Running, not merely unreaped: a daemonized QEMU is reaped by init, which may take its time. */
+async function alive(pid: number): Promise<boolean> {
+  const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+  return stat !== '' && stat.slice(stat.lastIndexOf(')') + 2)[0] !== 'Z';
+}
+
+async function vmFolders(): Promise<string[]> {
+  return fs.readdir(path.join(storeDir(), 'vms')).catch(() => [] as string[]);
+}
+
+async function socketsUnder(dir: string): Promise<string[]> {
+  const found: string[] = [];
+  for (const e of await fs.readdir(dir, { withFileTypes: true, recursive: true }))
+    if (e.isSocket()) found.push(path.join(e.parentPath, e.name));
+  return found;
+}
+
+async function uploadFile(repoPath: string, data: Buffer | string): Promise<void> {
+  const f = path.join(tmp, `up-${randomBytes(6).toString('hex')}`);
+  await fs.writeFile(f, data);
+  await fx.repo(OWNER).upload(OWNER, repoPath, f);
+  await fs.rm(f);
+}
+
+async function downloadText(repoPath: string): Promise<string> {
+  return (await downloadBytes(repoPath)).toString('utf8');
+}
+
+async function downloadBytes(repoPath: string): Promise<Buffer> {
+  const f = path.join(tmp, `down-${randomBytes(6).toString('hex')}`);
+  await fx.repo(OWNER).download(OWNER, repoPath, f);
+  const data = await fs.readFile(f);
+  await fs.rm(f);
+  return data;
+}
+
+function submit(spec: Omit<TaskSpecInput, 'owner'>) {
+  return fx.vsp.submit({ owner: OWNER, driver: 'qemu', host: HOST, timeLimitSec: 300, ...spec });
+}
+
+/** The VM folder name of a task: its default results folder is results/<vmId>. */
+async function vmIdOf(taskId: string): Promise<string> {
+  const { resultsPath } = await until('the task status', async () => fx.vsp.status(taskId));
+  return path.posix.basename(resultsPath ?? '');
+}
+
+/** Waits until the VM's console shows `line` (the guest's VSP- lines reach it as they are printed). */
+async function awaitConsole(vmId: string, line: string): Promise<void> {
+  await until(
+    `'${line}' on the console of ${vmId}`,
+    async () =>
+      (await fs.readFile(path.join(vmDir(vmId), 'console.log'), 'utf8')).includes(line) || undefined,
+    120_000,
+  );
+}
+
+async function qemuPidOf(vmId: string): Promise<number> {
+  return until(`the QEMU pid of ${vmId}`, async () => {
+    const pid = Number((await fs.readFile(path.join(vmDir(vmId), 'qemu.pid'), 'utf8')).trim());
+    return pid > 1 ? pid : undefined;
+  });
+}
+
+/** The workflow's failure, with the innermost ApplicationFailure (type, non-retryable flag). */
+async function failureOf(taskId: string) {
+  const err = await fx.vsp.result(taskId).then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  expect(err).toBeInstanceOf(WorkflowFailedError);
+  let app: ApplicationFailure | undefined;
+  for (let e: unknown = err; e instanceof Error; e = e.cause) if (e instanceof ApplicationFailure) app = e;
+  return { message: taskFailureMessage(err), app, status: await fx.vsp.status(taskId) };
+}
+
+test('a CPU-bound task runs in a VM: outputs match the host checksum, home is the mounted data disk', async () => {
+  // Half random, half repetitive: gzip has real work to do and something to gain.
+  const data = Buffer.concat([randomBytes(1536 * 1024), Buffer.alloc(1536 * 1024, 'vsp compress me ')]);
+  await uploadFile('in/data.bin', data);
+  const { taskId } = await submit({
+    inputs: ['in/data.bin'],
+    command: [
+      'set -e',
+      'pwd',
+      'mount | grep home',
+      'mkdir -p out',
+      'gzip -9 -c in/data.bin > out/data.bin.gz',
+      'sha256sum in/data.bin > out/data.sha256',
+      'echo VSP-PROGRESS 100 done',
+    ].join('\n'),
+  });
+  const result = await fx.vsp.result(taskId);
+  expect(result.exitCode).toBe(0);
+  expect(result.host).toBe(HOST);
+
+  const sums = await downloadText(`${result.resultsPath}/outputs/data.sha256`);
+  expect(sums).toBe(`${sha256(data)}  in/data.bin\n`);
+  const gz = await downloadBytes(`${result.resultsPath}/outputs/data.bin.gz`);
+  expect(gz.length).toBeLessThan(data.length * 0.75);
+  expect(sha256(gunzipSync(gz))).toBe(sha256(data));
+
+  const taskLog = await downloadText(`${result.resultsPath}/logs/task.log`);
+  expect(taskLog).toMatch(new RegExp(`^/home/${OWNER}$`, 'm'));
+  expect(taskLog).toMatch(new RegExp(`^/dev/vdb on /home/${OWNER} type ext4`, 'm'));
+  expect(await vmFolders()).toEqual([]);
+  expect(qemuPids()).toEqual([]);
+}, 180_000);
+
+test('the host worker SIGKILLed mid-task and restarted: the VM keeps running, the task runs once', async () => {
+  const { taskId } = await submit({
+    command: [
+      'echo run >> runs.txt',
+      'echo VSP-PROGRESS 10 started',
+      // Outlasts the heartbeat timeout (20 s) after which the new worker's awaitVm re-attaches.
+      'sleep 40',
+      'mkdir -p out && cp runs.txt out/runs.txt',
+    ].join('\n'),
+  });
+  const vmId = await vmIdOf(taskId);
+  await awaitConsole(vmId, 'VSP-PROGRESS 10');
+  const pid = await qemuPidOf(vmId);
+
+  await fx.cluster.killHost(HOST);
+  expect(await alive(pid)).toBe(true);
+  await fx.cluster.startHost(HOST);
+  expect(await alive(pid)).toBe(true);
+
+  const result = await fx.vsp.result(taskId);
+  expect(result.exitCode).toBe(0);
+  expect(await downloadText(`${result.resultsPath}/outputs/runs.txt`)).toBe('run\n');
+  const consoleLog = await downloadText(`${result.resultsPath}/logs/console.log`);
+  expect(consoleLog.match(/^VSP-START/gm)).toHaveLength(1);
+  const hostLog = await fs.readFile(path.join(fx.cluster.logDir, `host-${HOST}.log`), 'utf8');
+  expect(hostLog).toMatch(new RegExp(`"vmId":"${vmId}".*"phase":"running".*re-attached to VM`));
+  expect(await alive(pid)).toBe(false);
+  expect(await vmFolders()).toEqual([]);
+}, 180_000);
+
+test('QEMU killed mid-task: the task fails clearly, its logs reach the repository, the host is clean', async () => {
+  const marker = `before-kill-${Date.now()}`;
+  const { taskId } = await submit({
+    command: `echo ${marker}; sleep 1; sync; echo VSP-PROGRESS 10 started; sleep 120`,
+  });
+  const vmId = await vmIdOf(taskId);
+  await awaitConsole(vmId, 'VSP-PROGRESS 10');
+  const pid = await qemuPidOf(vmId);
+  process.kill(pid, 'SIGKILL');
+
+  const { message, app, status } = await failureOf(taskId);
+  expect(message).toMatch(/QEMU exited before the task finished/);
+  expect(app?.type).toBe('VmFailed');
+  expect(app?.nonRetryable).toBe(true);
+  expect(status.phase).toBe('failed');
+
+  const logs = (await fx.repo(OWNER).list(OWNER, `${status.resultsPath}/logs/`)).map((f) => f.path);
+  expect(logs).toEqual(
+    expect.arrayContaining([
+      `${status.resultsPath}/logs/console.log`,
+      `${status.resultsPath}/logs/task.log`,
+      `${status.resultsPath}/logs/failure.txt`,
+    ]),
+  );
+  expect(await downloadText(`${status.resultsPath}/logs/console.log`)).toContain('VSP-START');
+  expect(await downloadText(`${status.resultsPath}/logs/task.log`)).toContain(marker);
+  expect(await downloadText(`${status.resultsPath}/logs/failure.txt`)).toMatch(/QEMU exited/);
+  expect(await vmFolders()).toEqual([]);
+  expect(qemuPids()).toEqual([]);
+}, 180_000);
+
+test('bad images fail their tasks with clear non-retryable errors; the inputs stay in the repository', async () => {
+  await uploadFile('in/keep.txt', 'keep me\n');
+  await uploadFile('images/not-an-image.img', 'this is a text file, not a disk image\n');
+  const root = await fs.readFile(appliance.root.path);
+  await uploadFile('images/truncated.qcow2', root.subarray(0, Math.floor(root.length / 2)));
+  const outside = path.join(tmp, 'outside.qcow2');
+  const withBacking = path.join(tmp, 'with-backing.qcow2');
+  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', outside, '64M']);
+  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', outside, '-F', 'qcow2', withBacking]);
+  await uploadFile('images/with-backing.qcow2', await fs.readFile(withBacking));
+
+  const cases = [
+    { image: 'images/not-an-image.img', type: 'InvalidImage', problem: /is not a disk image/ },
+    {
+      image: 'images/truncated.qcow2',
+      type: 'InvalidImage',
+      problem: /is damaged or truncated|is not a readable disk image/,
+    },
+    {
+      image: 'images/with-backing.qcow2',
+      type: 'InvalidImage',
+      problem: /has a backing file .*outside the image cache/,
+    },
+    { image: 'images/nowhere.qcow2', type: 'ImageNotFound', problem: /is not in alice's repository space/ },
+  ];
+  const tasks = await Promise.all(
+    cases.map(({ image }) => submit({ image, inputs: ['in/keep.txt'], command: 'true' })),
+  );
+  for (const [i, { taskId }] of tasks.entries()) {
+    const { message, app, status } = await failureOf(taskId);
+    expect(message).toMatch(new RegExp(`image '${cases[i].image}' (?:${cases[i].problem.source})`));
+    expect(app?.type).toBe(cases[i].type);
+    expect(app?.nonRetryable).toBe(true);
+    expect(status.phase).toBe('failed');
+  }
+  for (const p of ['in/keep.txt', ...cases.slice(0, 3).map((c) => c.image)])
+    expect(await fx.repo(OWNER).stat(OWNER, p)).toBeDefined();
+  expect(await vmFolders()).toEqual([]);
+}, 120_000);
+
+test("an owner's own image boots the task", async () => {
+  // The appliance root with a marker file added (debugfs, no mount), stored as a new qcow2.
+  const raw = path.join(tmp, 'own.raw');
+  const own = path.join(tmp, 'own.qcow2');
+  const marker = path.join(tmp, 'marker');
+  const text = `own image ${Date.now()}\n`;
+  await fs.writeFile(marker, text);
+  await fs.chmod(marker, 0o644);
+  execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', appliance.root.path, raw]);
+  execFileSync('debugfs', ['-w', '-R', `write ${marker} /etc/vsp-image`, raw], { stdio: 'ignore' });
+  execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, own]);
+  await fs.rm(raw);
+  await uploadFile('images/own.qcow2', await fs.readFile(own));
+
+  const { taskId } = await submit({
+    image: 'images/own.qcow2',
+    command: 'mkdir -p out && cat /etc/vsp-image > out/which.txt',
+  });
+  const result = await fx.vsp.result(taskId);
+  expect(result.exitCode).toBe(0);
+  expect(await downloadText(`${result.resultsPath}/outputs/which.txt`)).toBe(text);
+}, 180_000);
+
+test('outputs larger than the declared room fail the task with a clear error, logs kept', async () => {
+  const { taskId } = await submit({
+    outputRoomMiB: 1,
+    command: 'mkdir -p out && echo writing; dd if=/dev/zero of=out/big bs=1M count=32; sync',
+  });
+  const { message, app, status } = await failureOf(taskId);
+  expect(message).toMatch(/declared (output )?room of 1 MiB/);
+  expect(app?.nonRetryable).toBe(true);
+  expect(status.phase).toBe('failed');
+  expect(await downloadText(`${status.resultsPath}/logs/task.log`)).toContain('writing');
+  expect(await vmFolders()).toEqual([]);
+}, 180_000);
+
+test('nothing is left on the host: no QEMU process, socket or VM folder', async () => {
+  expect(qemuPids()).toEqual([]);
+  expect(await vmFolders()).toEqual([]);
+  expect(await socketsUnder(storeDir())).toEqual([]);
+});
