@@ -19,5 +19,3 @@ export async function processStartTime(pid: number): Promise<number | undefined>
 export async function isSameProcessAlive(pid: number, startTime: number): Promise<boolean> {
   return (await processStartTime(pid)) === startTime;
 }
-
-export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));

@@ -1,10 +1,11 @@
 import { spawn } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { createLogger } from '../../logging/logger';
 import type { VmStore } from '../../storage/vmStore';
 import { lastProgress, readTail } from '../progress';
-import { isSameProcessAlive, processStartTime, sleep } from '../processLiveness';
+import { isSameProcessAlive, processStartTime } from '../processLiveness';
 import type {
   DriverCapabilities,
   ExitResult,
