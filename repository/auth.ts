@@ -1,4 +1,6 @@
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import { hash as argon2Hash, verify as argon2Verify } from '@node-rs/argon2';
+import { OWNER_NAME } from '../spec/repoPath';
 import type { MetadataDb } from './metadataDb';
 
 /**
@@ -62,6 +64,85 @@ export function authorise(db: MetadataDb, principal: Principal, owner: string): 
   const row = db.getOwner(owner);
   if (!row) throw new AccessDenied(404, `no such owner: ${owner}`);
   if (row.disabled) throw new AccessDenied(403, `owner ${owner} is disabled`);
+}
+
+export const MIN_PASSWORD_LENGTH = 10;
+export const MAX_PASSWORD_LENGTH = 1024;
+
+/** Argon2id with the library's defaults (OWASP's minimum: 19 MiB, 2 passes). */
+export async function hashPassword(password: string): Promise<string> {
+  if (password.length < MIN_PASSWORD_LENGTH || password.length > MAX_PASSWORD_LENGTH) {
+    throw new Error(`a password must be ${MIN_PASSWORD_LENGTH}-${MAX_PASSWORD_LENGTH} characters long`);
+  }
+  if (password.startsWith(TOKEN_PREFIX)) throw new Error(`a password may not start with '${TOKEN_PREFIX}'`);
+  return argon2Hash(password);
+}
+
+/** Verified against for unknown owners too, so a login's timing does not tell which owners exist. */
+let dummyHash: Promise<string> | undefined;
+
+/** How an owner logged in on a session protocol (SFTP, FTPS); re-checked on every request. */
+export type Credential =
+  | { kind: 'password'; /** the hash logged in against */ hash: string }
+  | { kind: 'token'; id: number }
+  | { kind: 'key'; id: number };
+
+export interface OwnerSession {
+  owner: string;
+  credential: Credential;
+}
+
+/**
+ * A login by name and secret: the secret is the owner's password, or one of its API tokens (so
+ * tools that only know passwords can use a revocable token). Throws AccessDenied(401).
+ */
+export async function authenticatePassword(
+  db: MetadataDb,
+  owner: string,
+  secret: string,
+): Promise<OwnerSession> {
+  if (secret.startsWith(TOKEN_PREFIX)) {
+    const p = authenticate(db, secret);
+    if (p.kind !== 'owner' || p.owner !== owner)
+      throw new AccessDenied(401, `token is not one of ${owner}'s`);
+    return { owner, credential: { kind: 'token', id: p.tokenId } };
+  }
+  const row = OWNER_NAME.test(owner) ? db.getOwner(owner) : undefined;
+  const stored = row ? db.getPasswordHash(owner) : undefined;
+  const ok =
+    secret.length <= MAX_PASSWORD_LENGTH &&
+    (await argon2Verify(
+      stored ?? (await (dummyHash ??= argon2Hash(randomBytes(16).toString('hex')))),
+      secret,
+    ));
+  if (!row || stored === undefined || !ok) throw new AccessDenied(401, `wrong name or password for ${owner}`);
+  if (row.disabled) throw new AccessDenied(401, `owner ${owner} is disabled`);
+  return { owner, credential: { kind: 'password', hash: stored } };
+}
+
+/** A login by SSH key, once the protocol has checked the signature. Throws AccessDenied(401). */
+export function authenticateKey(db: MetadataDb, owner: string, keyBlob: Buffer): OwnerSession {
+  const row = OWNER_NAME.test(owner) ? db.getOwner(owner) : undefined;
+  const key = row && db.findKey(owner, keyBlob.toString('base64'));
+  if (!row || !key) throw new AccessDenied(401, `key is not authorised for ${owner}`);
+  if (row.disabled) throw new AccessDenied(401, `owner ${owner} is disabled`);
+  return { owner, credential: { kind: 'key', id: key.id } };
+}
+
+/**
+ * Is a session still allowed? Disabling the owner, revoking the token, removing the key or changing
+ * the password ends its sessions at their next request.
+ */
+export function checkSession(db: MetadataDb, s: OwnerSession): void {
+  const row = db.getOwner(s.owner);
+  if (!row || row.disabled) throw new AccessDenied(401, `owner ${s.owner} is disabled`);
+  const c = s.credential;
+  if (c.kind === 'token' && db.tokenRevoked(c.id))
+    throw new AccessDenied(401, 'access token has been revoked');
+  if (c.kind === 'key' && !db.keyExists(c.id)) throw new AccessDenied(401, 'SSH key has been removed');
+  if (c.kind === 'password' && db.getPasswordHash(s.owner) !== c.hash) {
+    throw new AccessDenied(401, 'password has been changed');
+  }
 }
 
 /** Records a supplied service token under `name` unless a token with its hash already exists. */

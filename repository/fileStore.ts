@@ -6,7 +6,7 @@ import path from 'node:path';
 import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { fileSink } from './fileSink';
-import type { FileRow, MetadataDb } from './metadataDb';
+import type { FileRow, MetadataDb, OwnerRow, OwnerUsage } from './metadataDb';
 
 /**
  * The owners' files on disk (`<dataDir>/files/<owner>/<path>`) kept in step with their metadata rows.
@@ -18,7 +18,13 @@ import type { FileRow, MetadataDb } from './metadataDb';
  */
 
 export type StoreErrorCode =
-  'not-found' | 'too-large' | 'checksum-mismatch' | 'size-mismatch' | 'conflict' | 'corrupt';
+  | 'not-found'
+  | 'too-large'
+  | 'quota-exceeded'
+  | 'checksum-mismatch'
+  | 'size-mismatch'
+  | 'conflict'
+  | 'corrupt';
 
 export class StoreError extends Error {
   constructor(
@@ -42,9 +48,31 @@ export interface OpenFile {
   info: FileRow;
   /** Inclusive byte range, like HTTP's; the stream closes the file when it ends or is destroyed. */
   createReadStream(range?: { start: number; end: number }): Readable;
+  /** Up to `length` bytes from `position` (fewer at the end of the file), for protocols that read by offset. */
+  read(position: number, length: number): Promise<Buffer>;
   /** For callers that end up not streaming (e.g. a 416). */
   close(): Promise<void>;
 }
+
+/** What a path names in an owner's space. Folders are implied by the files in them or made explicitly. */
+export type Entry = { kind: 'file'; info: FileRow } | { kind: 'folder'; path: string };
+
+/** One item of a folder listing. */
+export type DirEntry = { name: string } & Entry;
+
+/** An upload in progress, counted against its owner's quota before it is committed. */
+interface PendingUpload {
+  owner: string;
+  path: string;
+  bytes: number;
+  /** Does it add a file (rather than replace one)? */
+  adds: boolean;
+  /** The owner's limits and stored totals, re-read during a transfer at most every QUOTA_REFRESH_MS. */
+  snapshot?: { at: number; row?: OwnerRow; usage: OwnerUsage; replaced: number };
+}
+
+/** The final check at commit always reads afresh; this only bounds the work per received chunk. */
+const QUOTA_REFRESH_MS = 1000;
 
 /** Duck-typed: errors from Node's fs need not be `instanceof Error` of this realm (e.g. under jest). */
 function isErrno(err: unknown, ...codes: string[]): boolean {
@@ -55,6 +83,7 @@ function isErrno(err: unknown, ...codes: string[]): boolean {
 export class FileStore {
   private readonly filesDir: string;
   private readonly tmpDir: string;
+  private readonly pending = new Set<PendingUpload>();
 
   private constructor(
     dataDir: string,
@@ -83,16 +112,34 @@ export class FileStore {
    * leaves neither the file nor the temp file. `source` is destroyed on failure.
    */
   async write(owner: string, repoPath: string, source: Readable, limits: WriteLimits): Promise<FileRow> {
+    const upload: PendingUpload = {
+      owner,
+      path: repoPath,
+      bytes: 0,
+      adds: !this.db.getFile(owner, repoPath),
+    };
+    try {
+      this.precheckWrite(owner, repoPath, limits.expectedSize);
+    } catch (err) {
+      source.destroy();
+      throw err;
+    }
     const tmp = path.join(this.tmpDir, `upload-${randomBytes(12).toString('hex')}`);
     const handle = await fs.open(tmp, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600);
     const hash = createHash('sha256');
-    let size = 0;
+    this.pending.add(upload);
     const meter = new Transform({
       highWaterMark: 1 << 20,
-      transform(chunk: Buffer, _enc, done) {
-        size += chunk.length;
-        if (size > limits.maxBytes) {
+      transform: (chunk: Buffer, _enc, done) => {
+        upload.bytes += chunk.length;
+        if (upload.bytes > limits.maxBytes) {
           done(new StoreError('too-large', `file is larger than the limit of ${limits.maxBytes} bytes`));
+          return;
+        }
+        try {
+          this.checkQuota(upload, upload.bytes, false);
+        } catch (err) {
+          done(err as Error);
           return;
         }
         hash.update(chunk);
@@ -109,6 +156,7 @@ export class FileStore {
         await handle.close();
       }
       const sha256 = hash.digest('hex');
+      const size = upload.bytes;
       if (limits.expectedSize !== undefined && size !== limits.expectedSize) {
         throw new StoreError(
           'size-mismatch',
@@ -122,12 +170,67 @@ export class FileStore {
         );
       }
       const info: FileRow = { path: repoPath, size, sha256, mtime: new Date().toISOString() };
+      this.pending.delete(upload);
+      // Synchronous from here to the metadata row: the authoritative quota check cannot race another commit.
+      upload.adds = !this.db.getFile(owner, repoPath);
+      this.checkQuota(upload, size);
       const dest = this.commit(owner, repoPath, tmp, info);
       committed = true;
       await syncDir(path.dirname(dest));
       return info;
     } finally {
+      this.pending.delete(upload);
       if (!committed) await fs.rm(tmp, { force: true });
+    }
+  }
+
+  /** Fails before any byte is sent if an upload of `expectedSize` bytes to `repoPath` cannot be stored. */
+  precheckWrite(owner: string, repoPath: string, expectedSize = 0): void {
+    if (this.entry(owner, repoPath)?.kind === 'folder')
+      throw new StoreError('conflict', `${repoPath} is a folder`);
+    this.checkQuota(
+      { owner, path: repoPath, bytes: 0, adds: !this.db.getFile(owner, repoPath) },
+      expectedSize,
+    );
+  }
+
+  /**
+   * Would `upload`, at `bytes`, fit in its owner's quota beside the stored files and the other uploads
+   * in progress? The file it replaces does not count. Throws StoreError('quota-exceeded').
+   */
+  private checkQuota(upload: PendingUpload, bytes: number, fresh = true): void {
+    let snap = upload.snapshot;
+    if (fresh || !snap || Date.now() - snap.at > QUOTA_REFRESH_MS) {
+      const replaced = upload.adds ? 0 : (this.db.getFile(upload.owner, upload.path)?.size ?? 0);
+      snap = upload.snapshot = {
+        at: Date.now(),
+        row: this.db.getOwner(upload.owner),
+        usage: this.db.usage(upload.owner),
+        replaced,
+      };
+    }
+    const { row, usage } = snap;
+    if (!row || (row.quotaBytes === undefined && row.quotaFiles === undefined)) return;
+    let otherBytes = 0;
+    let otherAdds = 0;
+    for (const p of this.pending) {
+      if (p === upload || p.owner !== upload.owner) continue;
+      otherBytes += p.bytes;
+      if (p.adds) otherAdds++;
+    }
+    if (row.quotaFiles !== undefined && upload.adds && usage.files + otherAdds + 1 > row.quotaFiles) {
+      throw new StoreError(
+        'quota-exceeded',
+        `${upload.owner} has reached the quota of ${row.quotaFiles} files (${usage.files} stored); nothing stored`,
+      );
+    }
+    if (row.quotaBytes === undefined) return;
+    const used = usage.bytes - snap.replaced + otherBytes;
+    if (used + bytes > row.quotaBytes) {
+      throw new StoreError(
+        'quota-exceeded',
+        `upload would exceed ${upload.owner}'s quota of ${row.quotaBytes} bytes (${used} in use); nothing stored`,
+      );
     }
   }
 
@@ -162,6 +265,16 @@ export class FileStore {
     return {
       info,
       createReadStream: (range) => handle.createReadStream({ ...range, highWaterMark: 1 << 20 }),
+      read: async (position, length) => {
+        const buf = Buffer.allocUnsafe(Math.max(0, Math.min(length, info.size - position)));
+        let done = 0;
+        while (done < buf.length) {
+          const { bytesRead } = await handle.read(buf, done, buf.length - done, position + done);
+          if (bytesRead === 0) break;
+          done += bytesRead;
+        }
+        return buf.subarray(0, done);
+      },
       close: () => handle.close(),
     };
   }
@@ -183,15 +296,98 @@ export class FileStore {
       if (!isErrno(err, 'ENOENT')) throw err;
     }
     this.db.deleteFile(owner, repoPath);
+    this.removeEmptyParents(owner, dest);
+    return true;
+  }
+
+  /** What `repoPath` names ('' is the owner's root folder), or undefined. */
+  entry(owner: string, repoPath: string): Entry | undefined {
+    if (repoPath === '') return { kind: 'folder', path: '' };
+    const info = this.db.getFile(owner, repoPath);
+    if (info) return { kind: 'file', info };
+    if (this.db.folderExists(owner, repoPath) || this.db.listFiles(owner, `${repoPath}/`).length > 0)
+      return { kind: 'folder', path: repoPath };
+    return undefined;
+  }
+
+  /** The files and folders directly in folder `dir` ('' for the root), by name. */
+  readdir(owner: string, dir: string): DirEntry[] {
+    const prefix = dir === '' ? '' : `${dir}/`;
+    const out = new Map<string, DirEntry>();
+    for (const info of this.db.listFiles(owner, prefix)) {
+      const rest = info.path.slice(prefix.length);
+      const slash = rest.indexOf('/');
+      if (slash < 0) out.set(rest, { name: rest, kind: 'file', info });
+      else if (!out.has(rest.slice(0, slash)))
+        out.set(rest.slice(0, slash), {
+          name: rest.slice(0, slash),
+          kind: 'folder',
+          path: prefix + rest.slice(0, slash),
+        });
+    }
+    for (const folder of this.db.listFolders(owner, prefix)) {
+      const rest = folder.slice(prefix.length);
+      const name = rest.split('/')[0];
+      if (!out.has(name)) out.set(name, { name, kind: 'folder', path: prefix + name });
+    }
+    return [...out.values()].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  }
+
+  /** Makes an empty folder; its parent must be a folder and the name free. */
+  makeFolder(owner: string, repoPath: string): void {
+    this.requireFreeWithParent(owner, repoPath);
+    this.db.insertFolder(owner, repoPath);
+  }
+
+  /** Removes an empty folder. */
+  removeFolder(owner: string, repoPath: string): void {
+    const e = this.entry(owner, repoPath);
+    if (e?.kind !== 'folder' || repoPath === '')
+      throw new StoreError('not-found', `no such folder: ${repoPath}`);
+    if (this.readdir(owner, repoPath).length > 0)
+      throw new StoreError('conflict', `folder ${repoPath} is not empty`);
+    this.db.deleteFolder(owner, repoPath);
+  }
+
+  /**
+   * Renames a file or folder within an owner's space. The target must not exist and its parent must
+   * be a folder; a folder cannot move into itself. Disk and metadata change together.
+   */
+  rename(owner: string, from: string, to: string): void {
+    const src = this.entry(owner, from);
+    if (!src || from === '') throw new StoreError('not-found', `no such file or folder: ${from}`);
+    this.requireFreeWithParent(owner, to);
+    if (src.kind === 'folder' && to.startsWith(`${from}/`))
+      throw new StoreError('conflict', `cannot move folder ${from} into itself`);
+    const onDisk =
+      src.kind === 'file'
+        ? this.checkedParents(owner, from, false)
+        : this.checkedDirs(owner, from.split('/'), 'probe');
+    const dest = this.checkedParents(owner, to, onDisk !== undefined);
+    this.db.transaction(() => {
+      if (src.kind === 'file') this.db.renameFile(owner, from, to);
+      else this.db.renameTree(owner, from, to);
+      if (onDisk !== undefined) renameSync(onDisk, dest); // a throw here rolls the metadata back
+    });
+    if (onDisk !== undefined) this.removeEmptyParents(owner, onDisk);
+  }
+
+  private requireFreeWithParent(owner: string, repoPath: string): void {
+    if (this.entry(owner, repoPath)) throw new StoreError('conflict', `${repoPath} already exists`);
+    const parent = repoPath.includes('/') ? repoPath.slice(0, repoPath.lastIndexOf('/')) : '';
+    if (this.entry(owner, parent)?.kind !== 'folder')
+      throw new StoreError('not-found', `no such folder: ${parent}`);
+  }
+
+  private removeEmptyParents(owner: string, removed: string): void {
     const ownerDir = path.join(this.filesDir, owner);
-    for (let dir = path.dirname(dest); dir !== ownerDir; dir = path.dirname(dir)) {
+    for (let dir = path.dirname(removed); dir !== ownerDir; dir = path.dirname(dir)) {
       try {
         rmdirSync(dir);
       } catch {
         break; // not empty (or already gone): its parents are not empty either
       }
     }
-    return true;
   }
 
   private commit(owner: string, repoPath: string, tmp: string, info: FileRow): string {
@@ -213,10 +409,24 @@ export class FileStore {
    */
   private checkedParents(owner: string, repoPath: string, create: boolean): string {
     const segments = repoPath.split('/');
+    const dir = this.checkedDirs(owner, segments.slice(0, -1), create ? 'create' : repoPath);
+    return path.join(dir as string, segments[segments.length - 1]);
+  }
+
+  /**
+   * Walks `<owner>/<dirs...>` on disk, refusing symlinks and files on the way. A missing folder is
+   * made ('create'), ends the walk with undefined ('probe'), or is corruption of the recorded file
+   * named by the string.
+   */
+  private checkedDirs(
+    owner: string,
+    dirs: string[],
+    onMissing: 'create' | 'probe' | string,
+  ): string | undefined {
     let dir = this.filesDir;
-    for (const [i, seg] of [owner, ...segments.slice(0, -1)].entries()) {
+    for (const [i, seg] of [owner, ...dirs].entries()) {
       dir = path.join(dir, seg);
-      const shown = i === 0 ? 'owner folder' : `'${segments.slice(0, i).join('/')}'`;
+      const shown = i === 0 ? 'owner folder' : `'${dirs.slice(0, i).join('/')}'`;
       try {
         const st = lstatSync(dir);
         if (st.isSymbolicLink())
@@ -224,12 +434,13 @@ export class FileStore {
         if (!st.isDirectory()) throw new StoreError('conflict', `${shown} is a file, not a folder`);
       } catch (err) {
         if (!isErrno(err, 'ENOENT')) throw err;
-        if (!create)
-          throw new StoreError('corrupt', `${repoPath} is recorded but ${shown} is missing on disk`);
+        if (onMissing === 'probe') return undefined;
+        if (onMissing !== 'create')
+          throw new StoreError('corrupt', `${onMissing} is recorded but ${shown} is missing on disk`);
         mkdirSync(dir, { mode: 0o755 });
       }
     }
-    return path.join(dir, segments[segments.length - 1]);
+    return dir;
   }
 }
 

@@ -4,6 +4,7 @@ import { pipeline } from 'node:stream/promises';
 import { MAX_PATH_BYTES, normaliseRepoPath, OWNER_NAME } from '../spec/repoPath';
 import { describeError, type Logger } from '../logging/logger';
 import { AccessDenied, authenticate, authorise, type Principal } from './auth';
+import { remoteOf, type AuditEvent, type AuditLog } from './auditLog';
 import { StoreError, type FileStore, type StoreErrorCode } from './fileStore';
 import type { MetadataDb } from './metadataDb';
 import { parseRange } from './byteRange';
@@ -19,7 +20,13 @@ export interface HttpApiDeps {
   store: FileStore;
   maxFileBytes: number;
   log: Logger;
+  audit: AuditLog;
 }
+
+/** What a request did, filled in as it is understood, recorded in the audit log when it ends. */
+type AuditDraft = Omit<AuditEvent, 'result' | 'protocol'>;
+
+const ACTIONS: Record<string, string> = { PUT: 'upload', GET: 'download', HEAD: 'stat', DELETE: 'delete' };
 
 /** A request refused with a status and a message for the client. */
 class HttpError extends Error {
@@ -35,6 +42,7 @@ class HttpError extends Error {
 const STORE_STATUS: Record<StoreErrorCode, number> = {
   'not-found': 404,
   'too-large': 413,
+  'quota-exceeded': 413,
   'checksum-mismatch': 400,
   'size-mismatch': 400,
   conflict: 409,
@@ -137,7 +145,7 @@ function discardUnreadBody(req: IncomingMessage, res: ServerResponse): void {
 export function createRequestHandler(
   deps: HttpApiDeps,
 ): (req: IncomingMessage, res: ServerResponse) => Promise<void> {
-  const { db, store, log } = deps;
+  const { db, store, log, audit } = deps;
 
   function fileHeaders(info: { size: number; sha256: string; mtime: string }): Record<string, string> {
     return {
@@ -154,7 +162,7 @@ export function createRequestHandler(
     res: ServerResponse,
     owner: string,
     repoPath: string,
-  ): Promise<void> {
+  ): Promise<number> {
     const declared = req.headers['content-length'];
     const expectedSize = declared === undefined ? undefined : Number(declared);
     if (expectedSize !== undefined && expectedSize > deps.maxFileBytes) {
@@ -183,6 +191,7 @@ export function createRequestHandler(
     });
     log.info({ owner, path: repoPath, size: info.size }, 'file stored');
     sendJson(res, 201, info);
+    return info.size;
   }
 
   async function download(
@@ -228,7 +237,7 @@ export function createRequestHandler(
     }
   }
 
-  async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+  async function handle(req: IncomingMessage, res: ServerResponse, draft: AuditDraft): Promise<void> {
     const method = req.method ?? 'GET';
     const r = route(req.url ?? '/');
     if (!r) throw new HttpError(404, `no such endpoint: ${method} ${(req.url ?? '').split('?')[0]}`);
@@ -238,7 +247,11 @@ export function createRequestHandler(
       sendJson(res, 200, { ok: true });
       return;
     }
+    draft.owner = r.owner;
+    draft.action = r.kind === 'list' ? 'list' : (ACTIONS[method] ?? method);
+    if (r.kind === 'file') draft.path = r.rawPath;
     const principal: Principal = authenticate(db, bearerToken(req));
+    draft.user = principal.kind === 'owner' ? principal.owner : `service:${principal.tokenId}`;
     checkOwnerName(r.owner);
     authorise(db, principal, r.owner);
     if (r.kind === 'list') {
@@ -248,9 +261,11 @@ export function createRequestHandler(
       return;
     }
     const repoPath = checkPath(r.rawPath);
+    draft.path = repoPath;
     switch (method) {
       case 'PUT':
-        return upload(req, res, r.owner, repoPath);
+        draft.bytes = await upload(req, res, r.owner, repoPath);
+        return;
       case 'GET':
       case 'HEAD':
         return download(req, res, r.owner, repoPath);
@@ -265,9 +280,23 @@ export function createRequestHandler(
   }
 
   return async (req, res) => {
+    const draft: AuditDraft = {
+      action: 'request',
+      remote: remoteOf(req.socket.remoteAddress, req.socket.remotePort),
+    };
     try {
-      await handle(req, res);
+      await handle(req, res, draft);
+      if (draft.owner !== undefined) audit.record({ protocol: 'http', ...draft, result: 'ok' });
     } catch (err) {
+      audit.record({
+        protocol: 'http',
+        ...draft,
+        result:
+          err instanceof AccessDenied || (err instanceof HttpError && err.status === 401)
+            ? 'denied'
+            : 'failed',
+        detail: err instanceof Error ? err.message : String(err),
+      });
       if (req.destroyed && !req.complete) {
         log.info({ url: req.url, err: describeError(err) }, 'upload abandoned by the client');
         return;

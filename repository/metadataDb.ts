@@ -12,6 +12,27 @@ export interface OwnerRow {
   name: string;
   created: string;
   disabled: boolean;
+  hasPassword: boolean;
+  /** Undefined: no limit. */
+  quotaBytes?: number;
+  quotaFiles?: number;
+}
+
+/** An SSH public key allowed to log in as its owner. */
+export interface SshKeyRow {
+  id: number;
+  owner: string;
+  name: string;
+  /** e.g. 'ssh-ed25519'. */
+  algorithm: string;
+  /** SHA256:<base64> as OpenSSH prints it. */
+  fingerprint: string;
+  created: string;
+}
+
+export interface OwnerUsage {
+  bytes: number;
+  files: number;
 }
 
 export interface TokenRow {
@@ -31,13 +52,16 @@ export interface FileRow {
   mtime: string;
 }
 
-const SCHEMA_VERSION = 1;
+const SCHEMA_VERSION = 2;
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS owners (
   name TEXT PRIMARY KEY,
   created TEXT NOT NULL,
-  disabled INTEGER NOT NULL DEFAULT 0
+  disabled INTEGER NOT NULL DEFAULT 0,
+  password_hash TEXT,
+  quota_bytes INTEGER,
+  quota_files INTEGER
 );
 CREATE TABLE IF NOT EXISTS tokens (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -57,10 +81,54 @@ CREATE TABLE IF NOT EXISTS files (
   mtime TEXT NOT NULL,
   PRIMARY KEY (owner, path)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ssh_keys (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  owner TEXT NOT NULL REFERENCES owners(name),
+  name TEXT NOT NULL,
+  algorithm TEXT NOT NULL,
+  key_data TEXT NOT NULL,
+  fingerprint TEXT NOT NULL,
+  created TEXT NOT NULL,
+  UNIQUE (owner, key_data)
+);
+CREATE TABLE IF NOT EXISTS folders (
+  owner TEXT NOT NULL REFERENCES owners(name),
+  path TEXT NOT NULL,
+  PRIMARY KEY (owner, path)
+) WITHOUT ROWID;
+`;
+
+/** Schema 1 had owners without passwords or quotas; the new tables come from SCHEMA itself. */
+const MIGRATE_FROM_1 = `
+ALTER TABLE owners ADD COLUMN password_hash TEXT;
+ALTER TABLE owners ADD COLUMN quota_bytes INTEGER;
+ALTER TABLE owners ADD COLUMN quota_files INTEGER;
 `;
 
 export function repositoryDbPath(dataDir: string): string {
   return path.join(dataDir, 'repository.db');
+}
+
+const OWNER_COLUMNS = 'name, created, disabled, password_hash, quota_bytes, quota_files';
+
+interface RawOwner {
+  name: string;
+  created: string;
+  disabled: number;
+  password_hash: string | null;
+  quota_bytes: number | null;
+  quota_files: number | null;
+}
+
+function toOwnerRow(r: RawOwner): OwnerRow {
+  return {
+    name: r.name,
+    created: r.created,
+    disabled: r.disabled !== 0,
+    hasPassword: r.password_hash !== null,
+    quotaBytes: r.quota_bytes ?? undefined,
+    quotaFiles: r.quota_files ?? undefined,
+  };
 }
 
 interface RawToken {
@@ -109,8 +177,11 @@ export class MetadataDb {
         `repository database ${file} has schema ${version}, newer than this VSP (${SCHEMA_VERSION})`,
       );
     }
-    db.exec(SCHEMA);
-    db.pragma(`user_version = ${SCHEMA_VERSION}`);
+    db.transaction(() => {
+      if (version === 1) db.exec(MIGRATE_FROM_1);
+      db.exec(SCHEMA);
+      db.pragma(`user_version = ${SCHEMA_VERSION}`);
+    })();
     return new MetadataDb(db);
   }
 
@@ -121,20 +192,50 @@ export class MetadataDb {
   // --- owners ---
 
   getOwner(name: string): OwnerRow | undefined {
-    const r = this.db.prepare('SELECT name, created, disabled FROM owners WHERE name = ?').get(name) as
-      { name: string; created: string; disabled: number } | undefined;
-    return r && { name: r.name, created: r.created, disabled: r.disabled !== 0 };
+    const r = this.db.prepare(`SELECT ${OWNER_COLUMNS} FROM owners WHERE name = ?`).get(name) as
+      RawOwner | undefined;
+    return r && toOwnerRow(r);
   }
 
-  listOwners(): (OwnerRow & { activeTokens: number })[] {
+  listOwners(): (OwnerRow & { activeTokens: number; sshKeys: number })[] {
     const rows = this.db
       .prepare(
-        `SELECT o.name, o.created, o.disabled,
-           (SELECT COUNT(*) FROM tokens t WHERE t.owner = o.name AND t.revoked IS NULL) AS activeTokens
+        `SELECT ${OWNER_COLUMNS},
+           (SELECT COUNT(*) FROM tokens t WHERE t.owner = o.name AND t.revoked IS NULL) AS activeTokens,
+           (SELECT COUNT(*) FROM ssh_keys k WHERE k.owner = o.name) AS sshKeys
          FROM owners o ORDER BY o.name`,
       )
-      .all() as { name: string; created: string; disabled: number; activeTokens: number }[];
-    return rows.map((r) => ({ ...r, disabled: r.disabled !== 0 }));
+      .all() as (RawOwner & { activeTokens: number; sshKeys: number })[];
+    return rows.map((r) => ({ ...toOwnerRow(r), activeTokens: r.activeTokens, sshKeys: r.sshKeys }));
+  }
+
+  getPasswordHash(owner: string): string | undefined {
+    const r = this.db.prepare('SELECT password_hash FROM owners WHERE name = ?').get(owner) as
+      { password_hash: string | null } | undefined;
+    return r?.password_hash ?? undefined;
+  }
+
+  /** `hash` undefined removes the password. Returns false if there is no such owner. */
+  setPasswordHash(owner: string, hash: string | undefined): boolean {
+    return (
+      this.db.prepare('UPDATE owners SET password_hash = ? WHERE name = ?').run(hash ?? null, owner)
+        .changes === 1
+    );
+  }
+
+  /** Undefined limits mean none. Returns false if there is no such owner. */
+  setQuota(owner: string, quota: { bytes?: number; files?: number }): boolean {
+    return (
+      this.db
+        .prepare('UPDATE owners SET quota_bytes = ?, quota_files = ? WHERE name = ?')
+        .run(quota.bytes ?? null, quota.files ?? null, owner).changes === 1
+    );
+  }
+
+  usage(owner: string): OwnerUsage {
+    return this.db
+      .prepare('SELECT COALESCE(SUM(size), 0) AS bytes, COUNT(*) AS files FROM files WHERE owner = ?')
+      .get(owner) as OwnerUsage;
   }
 
   /** Inserts an owner; returns false if one of that name already exists. */
@@ -228,5 +329,101 @@ export class MetadataDb {
     return (
       this.db.prepare('DELETE FROM files WHERE owner = ? AND path = ?').run(owner, repoPath).changes === 1
     );
+  }
+
+  /** Moves one file's record; the caller has checked that `to` is free. */
+  renameFile(owner: string, from: string, to: string): void {
+    this.db
+      .prepare('UPDATE files SET path = ?, mtime = ? WHERE owner = ? AND path = ?')
+      .run(to, new Date().toISOString(), owner, from);
+  }
+
+  /** Moves every file and folder record under `from/` to `to/` (a folder rename). */
+  renameTree(owner: string, from: string, to: string): void {
+    for (const table of ['files', 'folders']) {
+      this.db
+        .prepare(
+          `UPDATE ${table} SET path = ? || substr(path, length(?) + 1)
+           WHERE owner = ? AND (path = ? OR substr(path, 1, length(?) + 1) = ? || '/')`,
+        )
+        .run(to, from, owner, from, from, from);
+    }
+  }
+
+  // --- empty folders made explicitly (over SFTP/FTP); folders holding files are implied by their paths ---
+
+  folderExists(owner: string, repoPath: string): boolean {
+    return (
+      this.db.prepare('SELECT 1 FROM folders WHERE owner = ? AND path = ?').get(owner, repoPath) !== undefined
+    );
+  }
+
+  insertFolder(owner: string, repoPath: string): boolean {
+    return (
+      this.db
+        .prepare('INSERT INTO folders (owner, path) VALUES (?, ?) ON CONFLICT DO NOTHING')
+        .run(owner, repoPath).changes === 1
+    );
+  }
+
+  deleteFolder(owner: string, repoPath: string): boolean {
+    return (
+      this.db.prepare('DELETE FROM folders WHERE owner = ? AND path = ?').run(owner, repoPath).changes === 1
+    );
+  }
+
+  /** Explicit folders whose path starts with `prefix`, by path. */
+  listFolders(owner: string, prefix = ''): string[] {
+    return (
+      this.db
+        .prepare(`SELECT path FROM folders WHERE owner = ? AND substr(path, 1, length(?)) = ? ORDER BY path`)
+        .all(owner, prefix, prefix) as { path: string }[]
+    ).map((r) => r.path);
+  }
+
+  // --- SSH keys ---
+
+  insertKey(k: Omit<SshKeyRow, 'id' | 'created'> & { keyData: string }): number {
+    const info = this.db
+      .prepare(
+        `INSERT INTO ssh_keys (owner, name, algorithm, key_data, fingerprint, created)
+         VALUES (?, ?, ?, ?, ?, ?)`,
+      )
+      .run(k.owner, k.name, k.algorithm, k.keyData, k.fingerprint, new Date().toISOString());
+    return Number(info.lastInsertRowid);
+  }
+
+  /** This owner's key with this base64 public blob (the blob names its own algorithm). */
+  findKey(owner: string, keyData: string): SshKeyRow | undefined {
+    return this.db
+      .prepare(
+        `SELECT id, owner, name, algorithm, fingerprint, created FROM ssh_keys
+         WHERE owner = ? AND key_data = ?`,
+      )
+      .get(owner, keyData) as SshKeyRow | undefined;
+  }
+
+  keyExists(id: number): boolean {
+    return this.db.prepare('SELECT 1 FROM ssh_keys WHERE id = ?').get(id) !== undefined;
+  }
+
+  listKeys(owner?: string): SshKeyRow[] {
+    const sql = `SELECT id, owner, name, algorithm, fingerprint, created FROM ssh_keys`;
+    return (
+      owner === undefined
+        ? this.db.prepare(`${sql} ORDER BY id`).all()
+        : this.db.prepare(`${sql} WHERE owner = ? ORDER BY id`).all(owner)
+    ) as SshKeyRow[];
+  }
+
+  /** Returns false if the owner has no key with this id. */
+  deleteKey(owner: string, id: number): boolean {
+    return this.db.prepare('DELETE FROM ssh_keys WHERE owner = ? AND id = ?').run(owner, id).changes === 1;
+  }
+
+  tokenRevoked(id: number): boolean {
+    const r = this.db.prepare('SELECT revoked FROM tokens WHERE id = ?').get(id) as
+      { revoked: string | null } | undefined;
+    return r === undefined || r.revoked !== null;
   }
 }

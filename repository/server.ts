@@ -3,9 +3,11 @@ import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import { createLogger } from '../logging/logger';
 import { ensureServiceToken } from './auth';
+import { AuditLog, defaultAuditLogPath } from './auditLog';
 import { FileStore } from './fileStore';
 import { createRequestHandler } from './httpApi';
 import { MetadataDb } from './metadataDb';
+import { defaultHostKeyPath, startSftpServer, type SftpServer } from './sftpServer';
 
 export interface RepositoryServerOptions {
   dataDir: string;
@@ -15,10 +17,16 @@ export interface RepositoryServerOptions {
   maxFileBytes?: number;
   /** If given, ensured to exist as a service token named 'hosts'. */
   serviceToken?: string;
+  /** JSON-lines audit log; default `<dataDir>/audit.log`. */
+  auditLogFile?: string;
+  /** Also serve SFTP (same store, accounts and rules) when given. */
+  sftp?: { host?: string; port: number; hostKeyFile?: string };
 }
 
 export interface RepositoryServer {
   url: string;
+  /** Where SFTP listens, when it was configured. */
+  sftp?: { host: string; port: number };
   close(): Promise<void>;
 }
 
@@ -29,12 +37,18 @@ const IDLE_TIMEOUT_MS = 5 * 60_000;
 /** On close, requests still running after this long are cut off. */
 const CLOSE_GRACE_MS = 10_000;
 
-function validate(opts: RepositoryServerOptions): Required<Omit<RepositoryServerOptions, 'serviceToken'>> {
+function validate(
+  opts: RepositoryServerOptions,
+): Required<Pick<RepositoryServerOptions, 'dataDir' | 'host' | 'port' | 'maxFileBytes'>> {
   if (typeof opts.dataDir !== 'string' || opts.dataDir === '')
     throw new Error('repository dataDir is required');
   const port = opts.port ?? DEFAULT_PORT;
-  if (!Number.isInteger(port) || port < 0 || port > 65535)
-    throw new Error(`repository port ${port} is not 0-65535`);
+  for (const [what, p] of [
+    ['repository port', port],
+    ['SFTP port', opts.sftp?.port ?? 0],
+  ] as const) {
+    if (!Number.isInteger(p) || p < 0 || p > 65535) throw new Error(`${what} ${p} is not 0-65535`);
+  }
   const maxFileBytes = opts.maxFileBytes ?? DEFAULT_MAX_FILE_BYTES;
   if (!Number.isSafeInteger(maxFileBytes) || maxFileBytes < 0) {
     throw new Error(`repository maxFileBytes ${maxFileBytes} is not a non-negative integer`);
@@ -47,10 +61,22 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
   const { dataDir, host, port, maxFileBytes } = validate(opts);
   const log = createLogger('repository');
   const db = MetadataDb.open(dataDir);
+  let audit: AuditLog | undefined;
+  let sftp: SftpServer | undefined;
   try {
     if (opts.serviceToken !== undefined) ensureServiceToken(db, opts.serviceToken, 'hosts');
     const store = await FileStore.open(dataDir, db);
-    const handler = createRequestHandler({ db, store, maxFileBytes, log });
+    audit = AuditLog.open(opts.auditLogFile ?? defaultAuditLogPath(dataDir));
+    const deps = { db, store, maxFileBytes, log, audit };
+    if (opts.sftp) {
+      sftp = await startSftpServer(deps, {
+        host: opts.sftp.host ?? host,
+        port: opts.sftp.port,
+        hostKeyFile: opts.sftp.hostKeyFile ?? defaultHostKeyPath(dataDir),
+      });
+      log.info({ host: sftp.host, port: sftp.port }, 'SFTP listening');
+    }
+    const handler = createRequestHandler(deps);
     const inFlight = new Set<Promise<void>>();
     const server = createServer((req: IncomingMessage, res: ServerResponse) => {
       const p = handler(req, res).finally(() => inFlight.delete(p));
@@ -75,19 +101,22 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
       server.closeIdleConnections();
       const cutOff = setTimeout(() => server.closeAllConnections(), CLOSE_GRACE_MS);
       try {
-        await closed;
-        await Promise.allSettled([...inFlight]);
+        await Promise.all([sftp?.close(), closed.then(() => Promise.allSettled([...inFlight]))]);
       } finally {
         clearTimeout(cutOff);
+        audit?.close();
         db.close();
       }
       log.info({ url }, 'repository closed');
     };
     return {
       url,
+      sftp: sftp && { host: sftp.host, port: sftp.port },
       close: () => (closing ??= close()),
     };
   } catch (err) {
+    await sftp?.close();
+    audit?.close();
     db.close();
     throw err;
   }

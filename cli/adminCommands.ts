@@ -1,0 +1,215 @@
+import { promises as fs } from 'node:fs';
+import { Option, type Command } from 'commander';
+import {
+  addKey,
+  addOwner,
+  clearPassword,
+  createServiceToken,
+  createToken,
+  listKeys,
+  listOwners,
+  listTokens,
+  removeKey,
+  revokeToken,
+  setOwnerDisabled,
+  setPassword,
+  setQuota,
+} from '../repository/admin';
+
+/**
+ * The repository's admin commands (`vsp owner|token|key|password ...`), run on the repository host
+ * against its data folder. Secrets are printed once (tokens) or read from standard input (passwords),
+ * never taken as arguments, where `ps` and shell history would keep them.
+ */
+
+const dataDirOption = () =>
+  new Option('--data-dir <dir>', "the repository's data folder").env('VSP_REPO_DIR').makeOptionMandatory();
+
+function parseId(text: string, what: string): number {
+  if (!/^\d+$/.test(text) || !Number.isSafeInteger(Number(text)))
+    throw new Error(`${what} ${JSON.stringify(text)} must be a whole number`);
+  return Number(text);
+}
+
+/** A quota limit: a whole number, with an optional K/M/G/T (powers of 1024) for bytes, or 'none'. */
+export function parseLimit(text: string, what: string, units: boolean): number | undefined {
+  if (text === 'none') return undefined;
+  const m = (units ? /^(\d+)([KMGT]?)(?:i?B)?$/i : /^(\d+)()$/).exec(text.trim());
+  if (!m) {
+    throw new Error(
+      `${what} ${JSON.stringify(text)} must be a whole number${units ? ' (optionally with K, M, G or T)' : ''} or 'none'`,
+    );
+  }
+  const value = Number(m[1]) * 1024 ** ' KMGT'.indexOf(m[2].toUpperCase() || ' ');
+  if (!Number.isSafeInteger(value)) throw new Error(`${what} ${text} is too large`);
+  return value;
+}
+
+async function readSecret(file: string): Promise<string> {
+  const text = file === '-' ? await readStdin() : await fs.readFile(file, 'utf8');
+  return text.split(/\r?\n/)[0];
+}
+
+async function readStdin(): Promise<string> {
+  if (process.stdin.isTTY) process.stderr.write('password (then Enter; it is echoed): ');
+  const chunks: Buffer[] = [];
+  for await (const c of process.stdin) {
+    chunks.push(c as Buffer);
+    if (process.stdin.isTTY && (c as Buffer).includes(10)) break;
+  }
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+export function registerAdminCommands(program: Command): void {
+  const print = (human: string, data: unknown): void => {
+    process.stdout.write(program.opts().json ? `${JSON.stringify(data)}\n` : `${human}\n`);
+  };
+
+  const owner = program.command('owner').description('repository owners (admin, on the repository host)');
+  owner
+    .command('add <name>')
+    .description('create an owner and print its first API token')
+    .addOption(dataDirOption())
+    .action((name: string, opts: { dataDir: string }) => {
+      const r = addOwner(opts.dataDir, name);
+      print(r.token, r);
+    });
+  owner
+    .command('list')
+    .description('owners with their state, credentials, quota and usage')
+    .addOption(dataDirOption())
+    .action((opts: { dataDir: string }) => {
+      const owners = listOwners(opts.dataDir);
+      const quota = (used: number, limit?: number) => (limit === undefined ? `${used}` : `${used}/${limit}`);
+      print(
+        owners
+          .map(
+            (o) =>
+              `${o.name}${o.disabled ? ' (disabled)' : ''}  tokens ${o.activeTokens}  keys ${o.sshKeys}` +
+              `  password ${o.hasPassword ? 'yes' : 'no'}  bytes ${quota(o.usage.bytes, o.quotaBytes)}` +
+              `  files ${quota(o.usage.files, o.quotaFiles)}`,
+          )
+          .join('\n'),
+        owners,
+      );
+    });
+  for (const [verb, disabled] of [
+    ['disable', true],
+    ['enable', false],
+  ] as const) {
+    owner
+      .command(`${verb} <name>`)
+      .description(
+        disabled ? 'refuse the owner on every protocol, at once (files are kept)' : 'let the owner in again',
+      )
+      .addOption(dataDirOption())
+      .action((name: string, opts: { dataDir: string }) => {
+        setOwnerDisabled(opts.dataDir, name, disabled);
+        print(`${name} ${verb}d`, { owner: name, disabled });
+      });
+  }
+  owner
+    .command('quota <name>')
+    .description("set the owner's quota (files already stored are kept)")
+    .requiredOption('--bytes <n>', "total bytes, e.g. 500G, or 'none'")
+    .requiredOption('--files <n>', "number of files, or 'none'")
+    .addOption(dataDirOption())
+    .action((name: string, opts: { dataDir: string; bytes: string; files: string }) => {
+      const quota = {
+        bytes: parseLimit(opts.bytes, '--bytes', true),
+        files: parseLimit(opts.files, '--files', false),
+      };
+      setQuota(opts.dataDir, name, quota);
+      print(`${name}: bytes ${quota.bytes ?? 'unlimited'}, files ${quota.files ?? 'unlimited'}`, {
+        owner: name,
+        ...quota,
+      });
+    });
+
+  const token = program.command('token').description('API tokens (admin, on the repository host)');
+  token
+    .command('create <owner-or-service> <token-name>')
+    .description("create a named token for an owner, or with 'service' one for host workers; printed once")
+    .addOption(dataDirOption())
+    .action((who: string, name: string, opts: { dataDir: string }) => {
+      const t =
+        who === 'service' ? createServiceToken(opts.dataDir, name) : createToken(opts.dataDir, who, name);
+      print(t, { token: t });
+    });
+  token
+    .command('revoke <id>')
+    .description('revoke a token at once, on every protocol')
+    .addOption(dataDirOption())
+    .action((id: string, opts: { dataDir: string }) => {
+      revokeToken(opts.dataDir, parseId(id, 'token id'));
+      print(`token ${id} revoked`, { id: Number(id), revoked: true });
+    });
+  token
+    .command('list [owner]')
+    .description('tokens (without their secrets)')
+    .addOption(dataDirOption())
+    .action((who: string | undefined, opts: { dataDir: string }) => {
+      const tokens = listTokens(opts.dataDir, who);
+      print(
+        tokens
+          .map(
+            (t) =>
+              `${String(t.id).padStart(5)}  ${t.owner ?? '(service)'}  ${t.name}  ${t.created}` +
+              `${t.revoked ? `  revoked ${t.revoked}` : ''}`,
+          )
+          .join('\n'),
+        tokens,
+      );
+    });
+
+  const key = program.command('key').description("owners' SSH public keys for SFTP (admin)");
+  key
+    .command('add <owner> <public-key-file>')
+    .description("authorise an SSH public key (a .pub file, or '-' for standard input)")
+    .option('--name <name>', "the key's name (default: its comment)")
+    .addOption(dataDirOption())
+    .action(async (who: string, file: string, opts: { dataDir: string; name?: string }) => {
+      const text = file === '-' ? await readStdin() : await fs.readFile(file, 'utf8');
+      const k = addKey(opts.dataDir, who, text, opts.name);
+      print(`key ${k.id} ${k.fingerprint} added for ${who}`, k);
+    });
+  key
+    .command('remove <owner> <id>')
+    .description('remove a key; sessions that logged in with it end at their next request')
+    .addOption(dataDirOption())
+    .action((who: string, id: string, opts: { dataDir: string }) => {
+      removeKey(opts.dataDir, who, parseId(id, 'key id'));
+      print(`key ${id} removed`, { owner: who, id: Number(id), removed: true });
+    });
+  key
+    .command('list [owner]')
+    .addOption(dataDirOption())
+    .action((who: string | undefined, opts: { dataDir: string }) => {
+      const keys = listKeys(opts.dataDir, who);
+      print(
+        keys
+          .map((k) => `${String(k.id).padStart(5)}  ${k.owner}  ${k.algorithm}  ${k.fingerprint}  ${k.name}`)
+          .join('\n'),
+        keys,
+      );
+    });
+
+  const password = program.command('password').description("owners' passwords for SFTP (admin)");
+  password
+    .command('set <owner>')
+    .description('set the password, read from the first line of standard input (or --from-file)')
+    .option('--from-file <file>', 'read the password from the first line of this file')
+    .addOption(dataDirOption())
+    .action(async (who: string, opts: { dataDir: string; fromFile?: string }) => {
+      await setPassword(opts.dataDir, who, await readSecret(opts.fromFile ?? '-'));
+      print(`password set for ${who}`, { owner: who, password: true });
+    });
+  password
+    .command('clear <owner>')
+    .description('remove the password: only keys and tokens log in')
+    .addOption(dataDirOption())
+    .action((who: string, opts: { dataDir: string }) => {
+      clearPassword(opts.dataDir, who);
+      print(`password cleared for ${who}`, { owner: who, password: false });
+    });
+}
