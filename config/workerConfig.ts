@@ -5,6 +5,22 @@ import { HOST_NAME } from './names';
 
 const hostName = z.string().regex(HOST_NAME, 'host names are lower-case letters, digits and -');
 
+const nfsEndpoint = z.object({
+  address: z.ipv4('the export address must be an IPv4 address'),
+  exportPath: z.string().regex(/^\/[A-Za-z0-9_.-]+$/, 'the export path is one absolute component like /vsp'),
+});
+
+/** JSON text from the environment, an object from the config file. */
+const jsonObject = <T extends z.ZodType>(schema: T) =>
+  z.preprocess((v) => {
+    if (typeof v !== 'string') return v;
+    try {
+      return JSON.parse(v) as unknown;
+    } catch {
+      return v;
+    }
+  }, schema);
+
 const HostSchema = z.object({
   host: hostName,
   storeDir: z.string().min(1).optional(),
@@ -19,6 +35,20 @@ const HostSchema = z.object({
     .positive()
     .default(8 * 1024 ** 3),
   accel: z.enum(['auto', 'kvm', 'tcg']).default('auto'),
+  /** Every host's NFS export of its VM store, by host name: {"a":{"address":"10.0.0.1","exportPath":"/vsp"}}. */
+  clusterStorage: jsonObject(
+    z.record(hostName, nfsEndpoint, 'a JSON object of host -> {address, exportPath}'),
+  )
+    .optional()
+    .default({}),
+  /** Network namespace to run QEMU in, for a worker started outside its test host's namespace. */
+  netns: z
+    .string()
+    .regex(/^[A-Za-z0-9_.-]+$/, 'a network namespace name')
+    .optional(),
+  migrationDowntimeMs: z.coerce.number().int().positive().optional(),
+  migrationMaxBandwidth: z.coerce.number().int().positive().optional(),
+  migrationTimeoutSec: z.coerce.number().int().positive().optional(),
 });
 
 export type HostConfig = Omit<z.output<typeof HostSchema>, 'storeDir' | 'defaultDriver'> & {
@@ -40,12 +70,22 @@ export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig
       applianceDir: 'VSP_APPLIANCE_DIR',
       maxImageBytes: 'VSP_MAX_IMAGE_BYTES',
       accel: 'VSP_ACCEL',
+      clusterStorage: 'VSP_CLUSTER_STORAGE',
+      netns: 'VSP_NETNS',
+      migrationDowntimeMs: 'VSP_MIGRATION_DOWNTIME_MS',
+      migrationMaxBandwidth: 'VSP_MIGRATION_MAX_BANDWIDTH',
+      migrationTimeoutSec: 'VSP_MIGRATION_TIMEOUT_SEC',
     },
     env,
   );
   const defaultDriver = c.defaultDriver ?? c.drivers[0];
   if (!c.drivers.includes(defaultDriver))
     throw new Error(`invalid configuration: VSP_DEFAULT_DRIVER=${defaultDriver} is not in VSP_DRIVERS`);
+  const others = Object.keys(c.clusterStorage).filter((h) => h !== c.host);
+  if (others.length > 0 && !c.clusterStorage[c.host])
+    throw new Error(
+      `invalid configuration: VSP_CLUSTER_STORAGE lists ${others.join(', ')} but not this host (${c.host}): it needs its own export to receive migrations`,
+    );
   return {
     ...c,
     storeDir: path.resolve(c.storeDir ?? path.join('.vsp', 'hosts', c.host)),

@@ -10,7 +10,7 @@ import { describeError } from '../logging/logger';
 import { RepositoryError, type RepositoryClient } from '../repository/client';
 import { DirectoryStaging } from '../storage/directoryStaging';
 import { DiskImageStaging } from '../storage/diskImageStaging';
-import { ImageCache } from '../storage/imageCache';
+import { ImageCache, InvalidImageError } from '../storage/imageCache';
 import type { VmStore } from '../storage/vmStore';
 
 /** The drivers a host offers, from its configuration (VSP_DRIVERS). */
@@ -30,7 +30,14 @@ export async function createDriverBindings(
       const appliance = await ensureAppliance(config.applianceDir);
       const cache = new ImageCache({ dir: store.imagesDir, maxVirtualBytes: config.maxImageBytes });
       bindings.qemu = {
-        driver: new QemuDriver({ store, hostName: config.host, appliance, accel: config.accel }),
+        driver: new QemuDriver({
+          store,
+          hostName: config.host,
+          appliance,
+          accel: config.accel,
+          cluster: config.clusterStorage,
+          netns: config.netns,
+        }),
         staging: new DiskImageStaging(),
         resolveImage: async (owner, image) => {
           if (image === 'default')
@@ -77,13 +84,12 @@ async function customerImage(
   const tmp = path.join(incoming, `${info.sha256}.${process.pid}`);
   try {
     await repository.download(owner, image, tmp);
-    return (await cache.ensureFromFile(tmp, info.sha256)).path;
+    return (await cache.ensureFromFile(tmp, info.sha256, `'${image}'`)).path;
   } catch (err) {
-    if (err instanceof RepositoryError) throw err;
-    throw ApplicationFailure.nonRetryable(
-      `image '${image}' was rejected: ${describeError(err)}`,
-      'InvalidImage',
-    );
+    // Only a bad image is final; a failed download or a full disk may pass on a retry.
+    if (err instanceof InvalidImageError)
+      throw ApplicationFailure.nonRetryable(describeError(err), 'InvalidImage');
+    throw err;
   } finally {
     await fs.rm(tmp, { force: true });
   }

@@ -1,12 +1,14 @@
 import { Client } from '@temporalio/client';
 import { Worker } from '@temporalio/worker';
 import { createHostActivities } from '../activities/host/createHostActivities';
+import { createMigrationActivities } from '../activities/host/migrationActivities';
 import { connectWorkerConnection } from '../config/temporal';
 import { hostTaskQueue } from '../config/names';
 import { loadHostConfig } from '../config/workerConfig';
 import { progressSignal } from '../workflows/definitions';
 import { createLogger, describeError } from '../logging/logger';
 import { RepositoryClient } from '../repository/client';
+import { checkClusterExports } from '../storage/nfsExport';
 import { VmStore } from '../storage/vmStore';
 import { createDriverBindings } from './driverBindings';
 
@@ -40,11 +42,28 @@ async function main(): Promise<void> {
       await client.workflow.getHandle(workflowId).signal(progressSignal, { progress, message });
     },
   });
+  const migration = createMigrationActivities({
+    hostName: config.host,
+    drivers,
+    migration: {
+      downtimeLimitMs: config.migrationDowntimeMs,
+      maxBandwidthBytesPerSec: config.migrationMaxBandwidth,
+      timeoutMs: config.migrationTimeoutSec === undefined ? undefined : config.migrationTimeoutSec * 1000,
+    },
+  });
+  // Other hosts may come up later: an unreachable export is reported, not fatal (migrations check again).
+  if (Object.keys(config.clusterStorage).length > 1)
+    checkClusterExports(config.host, config.clusterStorage, config.netns).then(
+      () =>
+        log.info({ hosts: Object.keys(config.clusterStorage) }, 'every NFS export of the cluster answers'),
+      (err: unknown) =>
+        log.warn({ err: describeError(err) }, 'some NFS exports of the cluster do not answer'),
+    );
   const worker = await Worker.create({
     connection,
     namespace,
     taskQueue: hostTaskQueue(config.host),
-    activities,
+    activities: { ...activities, ...migration },
     identity: `vsp-host-${config.host}@${process.pid}`,
   });
   log.info(
@@ -53,6 +72,8 @@ async function main(): Promise<void> {
       taskQueue: hostTaskQueue(config.host),
       drivers: Object.keys(drivers),
       store: config.storeDir,
+      exports: Object.keys(config.clusterStorage),
+      netns: config.netns,
     },
     'host worker ready',
   );

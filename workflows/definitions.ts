@@ -33,6 +33,28 @@ export interface TaskStatus {
   /** Set when the VM could not be destroyed (its host gone): the task's data is safe, its host is not clean. */
   cleanupError?: string;
   resultsPath?: string;
+  /** The migration under way, if any. */
+  migrating?: { to: string; step: MigrationStep };
+  /** Every migration tried, in order, with its figures or its error. */
+  migrations?: MigrationRecord[];
+}
+
+export type MigrationStep = 'choosing-target' | 'preparing' | 'transferring' | 'finishing' | 'rolling-back';
+
+export interface MigrationRecord {
+  from: string;
+  to: string;
+  /** Host whose store holds the disks (unchanged by a migration). */
+  storageHost: string;
+  startedAt: string;
+  ok: boolean;
+  /** From QEMU's query-migrate at completion. */
+  totalTimeMs?: number;
+  downtimeMs?: number;
+  ramTransferredBytes?: number;
+  diskTransferredBytes?: number;
+  /** Why it failed; the VM then runs where it ran before. */
+  error?: string;
 }
 
 export interface TaskResult {
@@ -44,17 +66,26 @@ export interface TaskResult {
   logs: { path: string; size: number; sha256: string }[];
   /** Milliseconds spent in each phase. */
   phaseMs: Partial<Record<TaskPhase, number>>;
+  /** Host whose store held the disks (where stage-out ran). */
+  storageHost?: string;
+  migrations?: MigrationRecord[];
 }
 
 export interface MigrateRequest {
   /** Target host; placement chooses when absent. */
   host?: string;
+  /** Caps this migration's transfer rate (MiB/s); default: the source host's configuration. */
+  maxBandwidthMiBps?: number;
 }
 
 export const statusQuery = defineQuery<TaskStatus>('status');
 /** Cancels the task: the VM is stopped, its logs kept, its host folder removed. */
 export const cancelUpdate = defineUpdate<TaskStatus, [{ reason?: string }]>('cancel');
-/** Live migration (arrives with the per-host NFS storage); rejected with a clear reason until then. */
+/**
+ * Live-migrates a running task's VM (memory only; its disks stay on their storage host). Resolves with
+ * the status once the VM runs on the target; fails with the reason when it could not move, the VM then
+ * still running where it was.
+ */
 export const migrateUpdate = defineUpdate<TaskStatus, [MigrateRequest]>('migrate');
 /** Host workers report the task's progress (coarse, rate-limited) so the status query shows it. */
 export const progressSignal = defineSignal<[{ progress: number; message?: string }]>('progress');

@@ -1,7 +1,9 @@
 import {
+  ActivityFailure,
   ApplicationFailure,
   CancellationScope,
   CancelledFailure,
+  condition,
   isCancellation,
   log,
   proxyActivities,
@@ -14,13 +16,17 @@ import {
 import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
 import type { ControlActivities } from '../activities/control/createControlActivities';
 import type { HostActivities } from '../activities/host/createHostActivities';
+import type { MigrationActivities } from '../activities/host/migrationActivities';
 import type { AwaitResult, StageOutResult, TaskRef, VmHandle } from '../activities/types';
-import { CONTROL_TASK_QUEUE, hostTaskQueue, SEARCH_ATTRIBUTES } from '../config/names';
+import type { IncomingVm } from '../drivers/types';
+import { CONTROL_TASK_QUEUE, HOST_NAME, hostTaskQueue, SEARCH_ATTRIBUTES } from '../config/names';
 import { parseTaskSpec, type TaskSpec } from '../spec/taskSpec';
 import {
   cancelUpdate,
   migrateUpdate,
   type MigrateRequest,
+  type MigrationRecord,
+  type MigrationStep,
   progressSignal,
   statusQuery,
   type TaskPhase,
@@ -43,6 +49,16 @@ const control = proxyActivities<ControlActivities>({
   scheduleToCloseTimeout: '10m',
   retry: { initialInterval: '1s', maximumInterval: '15s' },
 });
+
+/** A migration target is chosen now or not at all: the task keeps running meanwhile. */
+const migrationControl = proxyActivities<ControlActivities>({
+  taskQueue: CONTROL_TASK_QUEUE,
+  startToCloseTimeout: '30s',
+  scheduleToCloseTimeout: '1m',
+  retry: { initialInterval: '1s', maximumInterval: '5s' },
+});
+
+type HostBoundActivities = HostActivities & MigrationActivities;
 
 /**
  * Host-bound activities run on the host's own queue. Each has a schedule-to-close timeout because a
@@ -67,15 +83,39 @@ function hostActivities(host: string, spec: TaskSpec) {
       scheduleToCloseTimeout: `${spec.timeLimitSec + 1800}s`,
       heartbeatTimeout: '20s',
     },
+    // Migration steps are bounded tightly: the VM keeps running at the source while they wait.
+    migrate: {
+      ...base,
+      scheduleToStartTimeout: '1m',
+      startToCloseTimeout: '2m',
+      scheduleToCloseTimeout: '4m',
+      retry: { ...base.retry, maximumAttempts: 3 },
+    },
+    migrateOut: {
+      ...base,
+      scheduleToStartTimeout: '1m',
+      startToCloseTimeout: '15m',
+      heartbeatTimeout: '30s',
+      scheduleToCloseTimeout: '20m',
+      retry: { ...base.retry, maximumAttempts: 3 },
+    },
+    // A target that does not answer soon is gone, and with it whatever it had prepared.
+    rollback: {
+      ...base,
+      scheduleToStartTimeout: '20s',
+      startToCloseTimeout: '1m',
+      scheduleToCloseTimeout: '2m',
+      retry: { ...base.retry, maximumAttempts: 3 },
+    },
   } satisfies Record<string, ActivityOptions>;
-  const proxy = proxyActivities<HostActivities>(options.short);
-  return <K extends keyof HostActivities>(
+  const proxy = proxyActivities<HostBoundActivities>(options.short);
+  return <K extends keyof HostBoundActivities>(
     kind: keyof typeof options,
     name: K,
     summary: string,
-    ...args: Parameters<HostActivities[K]>
-  ): Promise<Awaited<ReturnType<HostActivities[K]>>> =>
-    (proxy[name] as unknown as ActivityFunctionWithOptions<HostActivities[K]>).executeWithOptions(
+    ...args: Parameters<HostBoundActivities[K]>
+  ): Promise<Awaited<ReturnType<HostBoundActivities[K]>>> =>
+    (proxy[name] as unknown as ActivityFunctionWithOptions<HostBoundActivities[K]>).executeWithOptions(
       { ...options[kind], summary: `${summary} on ${host}` },
       args,
     );
@@ -144,36 +184,195 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
       },
     },
   );
-  setHandler(migrateUpdate, () => status, {
-    validator: (_req: MigrateRequest) => {
-      if (status.phase !== 'running')
-        throw new Error(`task ${info.workflowId} is not running (${status.phase})`);
-      throw new Error(`the '${status.driver}' driver on host ${status.host} has no live migration`);
-    },
-  });
   setHandler(progressSignal, ({ progress, message }) => {
     status.progress = progress;
     status.progressMessage = message;
   });
 
+  /** Where the VM runs and where its disks live; a migration changes the first only. */
   let host: string | undefined;
+  let storageHost: string | undefined;
   let driver: string | undefined;
   let handle: VmHandle | undefined;
   let exit: AwaitResult | undefined;
   let staged: StageOutResult | undefined;
   let failure: unknown;
+  /** The scope of the current wait for the VM; a migration cancels it and the wait resumes on the target. */
+  let waitScope: CancellationScope | undefined;
+  let migrating = false;
+  let waitCancelledForMigration = false;
+  const migrations: MigrationRecord[] = [];
+
+  const recordWhere = () => {
+    status.host = host;
+    status.storageHost = storageHost;
+    upsertSearchAttributes([
+      { key: SA.host, value: host ?? '' },
+      { key: SA.storageHost, value: storageHost ?? '' },
+    ]);
+  };
+
+  setHandler(migrateUpdate, (req) => migrate(req), {
+    validator: (req: MigrateRequest) => {
+      const id = info.workflowId;
+      if (status.phase !== 'running' || !handle || !host)
+        throw new Error(`task ${id} is not running (it is ${status.phase}): only a running task can migrate`);
+      if (migrating) throw new Error(`task ${id} is already migrating to ${status.migrating?.to}`);
+      if (typeof req !== 'object' || req === null) throw new Error('a migrate request is an object');
+      if (req.host !== undefined && (typeof req.host !== 'string' || !HOST_NAME.test(req.host)))
+        throw new Error(`${JSON.stringify(req.host)} is not a host name`);
+      if (req.host === host) throw new Error(`task ${id} already runs on host ${host}`);
+      const bw = req.maxBandwidthMiBps;
+      if (bw !== undefined && !(typeof bw === 'number' && Number.isFinite(bw) && bw > 0))
+        throw new Error(`maxBandwidthMiBps must be a positive number of MiB/s, not ${JSON.stringify(bw)}`);
+    },
+  });
+
+  /**
+   * Live migration, step by step (activities/host/migrationActivities.ts): describe on the source,
+   * prepare on the target, stop waiting at the source, send the memory, take over on the target. Until
+   * the memory is sent the VM runs at the source, which every failure falls back to after removing what
+   * the target prepared; once it is sent the VM is on the target, where the wait resumes.
+   */
+  async function migrate(req: MigrateRequest): Promise<TaskStatus> {
+    migrating = true;
+    const from = host as string;
+    const fromHandle = handle as VmHandle;
+    const vmId = fromHandle.vmId;
+    const record: MigrationRecord = {
+      from,
+      to: req.host ?? '(placement)',
+      storageHost: storageHost ?? from,
+      startedAt: new Date().toISOString(),
+      ok: false,
+    };
+    const step = (s: MigrationStep) => (status.migrating = { to: record.to, step: s });
+    let incoming: IncomingVm | undefined;
+    let left = false;
+    try {
+      step('choosing-target');
+      record.to = (await migrationControl.chooseMigrationTarget({ current: from, requested: req.host })).host;
+      const to = record.to;
+      const src = hostActivities(from, spec);
+      const dst = hostActivities(to, spec);
+      step('preparing');
+      const source = await src(
+        'migrate',
+        'describeMigrationSource',
+        `describe VM ${vmId} for migration to ${to}`,
+        fromHandle,
+      );
+      incoming = await dst('migrate', 'prepareIncoming', `prepare VM ${vmId} to arrive from ${from}`, source);
+      if (!waitScope) throw new Error('the task ended before its VM could move');
+      step('transferring');
+      waitCancelledForMigration = true;
+      waitScope.cancel();
+      const result = await src('migrateOut', 'migrateOut', `send the memory of VM ${vmId} to ${to}`, {
+        handle: fromHandle,
+        target: incoming,
+        maxBandwidthBytesPerSec: req.maxBandwidthMiBps
+          ? Math.round(req.maxBandwidthMiBps * 1024 ** 2)
+          : undefined,
+      });
+      // The source QEMU is gone: the VM runs on the target now, or nowhere.
+      left = true;
+      host = to;
+      handle = incoming.handle;
+      recordWhere();
+      Object.assign(record, {
+        totalTimeMs: result.totalTimeMs,
+        downtimeMs: result.downtimeMs,
+        ramTransferredBytes: result.ramTransferredBytes,
+        diskTransferredBytes: result.diskTransferredBytes,
+      });
+      step('finishing');
+      handle = await dst('migrate', 'finishIncoming', `take over VM ${vmId} on ${to}`, incoming);
+      record.ok = true;
+      log.info('VM migrated', { ...record });
+      return status;
+    } catch (err) {
+      let why = describe(err);
+      if (incoming && !left) {
+        step('rolling-back');
+        const taken = await rollBack(incoming);
+        if (taken) {
+          // The memory had been sent after all (a retried step): the VM runs on the target.
+          host = record.to;
+          handle = taken;
+          recordWhere();
+          record.ok = true;
+          return status;
+        }
+      } else if (left) {
+        why = `the VM left ${from} but ${record.to} did not take it over: ${why}`;
+      }
+      record.error = why;
+      log.warn('migration failed', { ...record });
+      throw ApplicationFailure.nonRetryable(
+        `could not migrate task ${info.workflowId} from ${from} to ${record.to}: ${why}; it runs on ${host}`,
+        'MigrationFailed',
+        { ...record },
+      );
+    } finally {
+      migrations.push(record);
+      status.migrations = migrations;
+      status.migrating = undefined;
+      migrating = false;
+    }
+  }
+
+  /**
+   * Removes what the target prepared. Returns the VM's handle there in the one case where the target
+   * refuses because the VM already runs on it (the migration completed after all): it is finished then.
+   */
+  async function rollBack(incoming: IncomingVm): Promise<VmHandle | undefined> {
+    const dst = hostActivities(incoming.host, spec);
+    try {
+      await dst('rollback', 'abortIncoming', `remove incoming VM ${incoming.vmId}`, incoming);
+      return undefined;
+    } catch (err) {
+      if (failureType(err) === 'IncomingAlreadyRunning')
+        // It runs there: record it there even if taking over fails; the wait on that host then decides.
+        return dst('migrate', 'finishIncoming', `take over VM ${incoming.vmId}`, incoming).catch(
+          (e: unknown) => {
+            log.error('the VM runs on the target, which could not take it over', { error: describe(e) });
+            return incoming.handle;
+          },
+        );
+      // A target that cannot be reached is down, and what it prepared is gone with it.
+      log.warn('could not remove the incoming VM', { host: incoming.host, error: describe(err) });
+      return undefined;
+    }
+  }
+
+  /** Waits for the task to end, following its VM from host to host. */
+  async function runToExit(): Promise<AwaitResult> {
+    for (;;) {
+      const scope = new CancellationScope();
+      const [where, vm] = [host as string, handle as VmHandle];
+      waitScope = scope;
+      try {
+        return await scope.run(() =>
+          hostActivities(where, spec)('run', 'awaitVm', `run the task in VM ${ref.vmId}`, vm),
+        );
+      } catch (err) {
+        // Cancelling the task cancels this scope too: only a wait stopped for a migration resumes.
+        if (!(isCancellation(err) && waitCancelledForMigration && !main.consideredCancelled)) throw err;
+      } finally {
+        waitScope = undefined;
+      }
+      await condition(() => !migrating);
+      waitCancelledForMigration = false;
+    }
+  }
 
   try {
     await main.run(async () => {
       setPhase('placing');
       const placement = await control.placeTask(spec);
-      host = placement.host;
-      status.host = status.storageHost = host;
-      upsertSearchAttributes([
-        { key: SA.host, value: host },
-        { key: SA.storageHost, value: host },
-      ]);
-      const call = hostActivities(host, spec);
+      host = storageHost = placement.host;
+      recordWhere();
+      const call = hostActivities(placement.host, spec);
 
       setPhase('staging-in');
       const stagedIn = await call(
@@ -190,12 +389,21 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
       setPhase('starting');
       handle = await call('short', 'startVm', `start VM ${ref.vmId}`, handle);
       setPhase('running');
-      exit = await call('run', 'awaitVm', `run the task in VM ${ref.vmId}`, handle);
+      exit = await runToExit();
       status.exitCode = exit.exitCode;
       if (exit.progress !== undefined) status.progress = exit.progress;
+      // A migration that began as the task ended settles before stage-out reads the disks.
+      await condition(() => !migrating);
 
       setPhase('staging-out');
-      staged = await call('transfer', 'stageOut', `stage-out to ${ref.resultsPath}`, ref, handle);
+      // The disks never moved: their own host reads them locally.
+      staged = await hostActivities(storageHost, spec)(
+        'transfer',
+        'stageOut',
+        `stage-out to ${ref.resultsPath}`,
+        ref,
+        handle,
+      );
     });
   } catch (err) {
     failure = err;
@@ -204,12 +412,14 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
 
   // Cleanup runs even when the workflow itself is being cancelled.
   await CancellationScope.nonCancellable(async () => {
-    if (!host) return;
-    const call = hostActivities(host, spec);
+    // A migration under way ends first (its steps are bounded): then the VM is in one known place.
+    await condition(() => !migrating);
+    if (!host || !storageHost) return;
+    const atStorage = hostActivities(storageHost, spec);
     setPhase('destroying');
     if (failure) {
       try {
-        await call(
+        await atStorage(
           'cleanup',
           'collectLogs',
           `keep the logs in ${ref.resultsPath}/logs`,
@@ -222,11 +432,19 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
       }
     }
     try {
-      await call('cleanup', 'destroyVm', `destroy VM ${ref.vmId}`, ref, handle);
+      // Stop the VM where it runs first: its disks must not vanish under it.
+      if (host !== storageHost)
+        await hostActivities(host, spec)('cleanup', 'destroyVm', `stop VM ${ref.vmId}`, ref, handle);
+      await atStorage('cleanup', 'destroyVm', `destroy VM ${ref.vmId}`, ref, handle);
     } catch (err) {
       // The outputs are safe in the repository; what is left on a dead host is its operator's to clear.
       status.cleanupError = describe(err);
-      log.error('could not destroy the VM', { vmId: ref.vmId, host, error: status.cleanupError });
+      log.error('could not destroy the VM', {
+        vmId: ref.vmId,
+        host,
+        storageHost,
+        error: status.cleanupError,
+      });
     }
   });
 
@@ -256,19 +474,30 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
   return {
     taskId: info.workflowId,
     host: host ?? '',
+    storageHost,
     exitCode: exit.exitCode,
     resultsPath: ref.resultsPath,
     outputs: staged?.outputs ?? [],
     logs: staged?.logs ?? [],
     phaseMs,
+    migrations,
   };
+}
+
+/** The type of the innermost ApplicationFailure in a chain of causes. */
+function failureType(err: unknown): string | undefined {
+  let type: string | undefined;
+  for (let e: unknown = err; e instanceof Error; e = e.cause)
+    if (e instanceof ApplicationFailure) type = e.type ?? undefined;
+  return type;
 }
 
 function describe(err: unknown): string {
   const parts: string[] = [];
   let e: unknown = err;
   while (e instanceof Error && parts.length < 4) {
-    parts.push(e.message);
+    // The wrapper around an activity's own failure says nothing the cause does not.
+    if (!(e instanceof ActivityFailure)) parts.push(e.message);
     e = e.cause;
   }
   return parts.join(': ') || String(err);

@@ -68,6 +68,43 @@ export function createControlActivities(deps: ControlDeps) {
       log.info({ owner: spec.owner, ...chosen, candidates: loads }, 'task placed');
       return chosen;
     },
+
+    /**
+     * The host a running task's VM moves to: the one asked for, checked (in the cluster, not the current
+     * host, live), or else the least-loaded live host other than the current one. Every refusal is
+     * non-retryable and says why: the task keeps running where it is.
+     */
+    async chooseMigrationTarget(req: { current: string; requested?: string }): Promise<Placement> {
+      const { current, requested } = req;
+      if (requested !== undefined) {
+        if (!deps.hosts.includes(requested))
+          throw ApplicationFailure.nonRetryable(
+            `host '${requested}' is not in the cluster (hosts: ${deps.hosts.join(', ')})`,
+            'UnknownHost',
+          );
+        if (requested === current)
+          throw ApplicationFailure.nonRetryable(`the task already runs on host '${requested}'`, 'SameHost');
+        if (!(await isLive(requested)))
+          throw ApplicationFailure.nonRetryable(
+            `host '${requested}' has no live worker: it cannot receive the VM`,
+            'HostDown',
+          );
+        return { host: requested, load: await load(requested) };
+      }
+      const others = deps.hosts.filter((h) => h !== current);
+      const live = (await Promise.all(others.map(async (h) => ((await isLive(h)) ? h : undefined)))).filter(
+        (h): h is string => h !== undefined,
+      );
+      if (live.length === 0)
+        throw ApplicationFailure.nonRetryable(
+          `no live host other than '${current}' to migrate to (cluster: ${deps.hosts.join(', ')})`,
+          'NoMigrationTarget',
+        );
+      const loads = await Promise.all(live.map(async (host) => ({ host, load: await load(host) })));
+      loads.sort((a, b) => a.load - b.load || a.host.localeCompare(b.host));
+      log.info({ current, ...loads[0], candidates: loads }, 'migration target chosen');
+      return loads[0];
+    },
   };
 }
 

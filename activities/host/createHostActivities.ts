@@ -3,8 +3,10 @@ import path from 'node:path';
 import { ApplicationFailure, Context } from '@temporalio/activity';
 import type { HypervisorDriver, VmConfig, VmHandle } from '../../drivers/types';
 import { readTail } from '../../drivers/progress';
+import { VmMigratedError } from '../../drivers/qemu/qemuDriver';
 import { createLogger, describeError } from '../../logging/logger';
 import { RepositoryError } from '../../repository/client';
+import { UnusableOutputsError } from '../../storage/diskImageStaging';
 import type { AwaitResult, StageInResult, StageOutResult, TaskRef, UploadedFile } from '../types';
 import type { DriverBinding, HostDeps } from './hostDeps';
 import { listOutputFiles } from './outputs';
@@ -149,6 +151,8 @@ export function createHostActivities(deps: HostDeps) {
         return { ...result, progress };
       } catch (err) {
         if (ctx.cancellationSignal.aborted) throw err;
+        // The workflow cancels this wait before it migrates the VM; a late poll still tells what happened.
+        if (err instanceof VmMigratedError) throw ApplicationFailure.nonRetryable(err.message, 'VmMigrated');
         throw ApplicationFailure.nonRetryable(describeError(err), 'VmFailed');
       }
     },
@@ -159,7 +163,11 @@ export function createHostActivities(deps: HostDeps) {
       const p = store.paths(ref.vmId);
       const ctx = Context.current();
       ctx.heartbeat({ step: 'extract' });
-      const extracted = await staging.extract(p, ref.spec.outputDir);
+      const extracted = await staging.extract(p, ref.spec.outputDir).catch((err: unknown) => {
+        if (err instanceof UnusableOutputsError)
+          throw ApplicationFailure.nonRetryable(err.message, err.reason);
+        throw err;
+      });
       let files;
       try {
         files = await listOutputFiles(extracted.outputsDir);
@@ -192,6 +200,7 @@ export function createHostActivities(deps: HostDeps) {
         taskLog = await b.staging.extract(p, ref.spec.outputDir).then(
           (x) => x.taskLog,
           (err: unknown) => {
+            if (err instanceof UnusableOutputsError) return err.taskLog;
             log.warn({ vmId: ref.vmId, err: describeError(err) }, 'no task log could be extracted');
             return undefined;
           },

@@ -23,6 +23,8 @@ export interface MigrationDeps {
 export interface MigrateOutRequest {
   handle: VmHandle;
   target: IncomingVm;
+  /** Per-migration overrides of the host's configured bandwidth cap (bytes per second). */
+  maxBandwidthBytesPerSec?: number;
 }
 
 /**
@@ -90,6 +92,7 @@ export function createMigrationActivities(deps: MigrationDeps) {
       try {
         return await driver.migrate(req.handle, req.target, {
           ...deps.migration,
+          ...(req.maxBandwidthBytesPerSec ? { maxBandwidthBytesPerSec: req.maxBandwidthBytesPerSec } : {}),
           onProgress: (p) => ctx.heartbeat({ step: 'migrate', ...p }),
           signal: ctx.cancellationSignal,
         });

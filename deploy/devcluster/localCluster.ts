@@ -3,6 +3,9 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { createLogger } from '../../logging/logger';
 import { addOwner } from '../../repository/admin';
+import type { ClusterStorage } from '../../storage/diskLocator';
+import { startNfsExport, type RunningNfsExport } from '../../storage/nfsExport';
+import { inNetns, type TestNetwork } from './netns';
 import { freePort } from './ports';
 import { spawnManaged, type ManagedProcess } from './processes';
 import { repoRoot } from './tools';
@@ -22,6 +25,13 @@ export interface LocalClusterOptions {
   hostEnv?: NodeJS.ProcessEnv;
   /** Owners to create, with a token each. */
   owners?: string[];
+  /**
+   * Namespace mode (needs root): each host worker runs inside its test host (a network namespace of
+   * `network`, one per host name) next to an NFS export of its store, and every host worker gets the
+   * cluster's storage map. The repository then listens on the network's gateway address; Temporal
+   * (`temporalAddress`) must be reachable from the namespaces too, e.g. a dev server bound to the gateway.
+   */
+  testHosts?: { network: TestNetwork; exportPath?: string };
 }
 
 /**
@@ -31,6 +41,8 @@ export interface LocalClusterOptions {
 export class LocalCluster {
   readonly hostProcs = new Map<string, ManagedProcess>();
   readonly ownerTokens = new Map<string, string>();
+  /** Namespace mode: each host's NFS export. */
+  readonly exports = new Map<string, RunningNfsExport>();
   repositoryUrl = '';
   private repository?: ManagedProcess;
   private control?: ManagedProcess;
@@ -58,22 +70,41 @@ export class LocalCluster {
     return { ...process.env, TEMPORAL_ADDRESS: this.opts.temporalAddress, TEMPORAL_NAMESPACE: 'default' };
   }
 
+  /** Namespace mode: every host's export, as host workers receive it (VSP_CLUSTER_STORAGE). */
+  get clusterStorage(): ClusterStorage {
+    const map: ClusterStorage = {};
+    const testHosts = this.opts.testHosts;
+    if (testHosts)
+      for (const h of this.opts.hosts)
+        map[h] = { address: this.testHost(h).address, exportPath: testHosts.exportPath ?? '/vsp' };
+    return map;
+  }
+
+  private testHost(host: string) {
+    const h = this.opts.testHosts?.network.hosts[host];
+    if (!h) throw new Error(`host ${host} is not a test host of the network`);
+    return h;
+  }
+
   async start(): Promise<this> {
     await fs.mkdir(this.logDir, { recursive: true });
-    const port = await freePort();
+    // Namespace hosts reach the root namespace only at the gateway address.
+    const listen = this.opts.testHosts?.network.gateway ?? '127.0.0.1';
+    const port = await freePort(listen);
     this.repository = await spawnManaged('repository', process.execPath, [this.js('repository/main.js')], {
       env: {
         ...this.baseEnv(),
         VSP_REPO_DIR: this.repoDir,
-        VSP_REPO_LISTEN: `127.0.0.1:${port}`,
+        VSP_REPO_LISTEN: `${listen}:${port}`,
         VSP_REPO_SERVICE_TOKEN: this.serviceToken,
       },
       logFile: path.join(this.logDir, 'repository.log'),
-      readyWhen: { port: { host: '127.0.0.1', port }, logLine: /repository listening/ },
+      readyWhen: { port: { host: listen, port }, logLine: /repository listening/ },
     });
-    this.repositoryUrl = `http://127.0.0.1:${port}`;
+    this.repositoryUrl = `http://${listen}:${port}`;
     for (const owner of this.opts.owners ?? [])
       this.ownerTokens.set(owner, addOwner(this.repoDir, owner).token);
+    if (this.opts.testHosts) await Promise.all(this.opts.hosts.map((h) => this.startExport(h)));
     await Promise.all([this.startControl(), ...this.opts.hosts.map((h) => this.startHost(h))]);
     log.info({ hosts: this.opts.hosts, repository: this.repositoryUrl }, 'local cluster ready');
     return this;
@@ -93,8 +124,25 @@ export class LocalCluster {
     );
   }
 
+  /** Namespace mode: the host's store exported over NFS from inside its namespace. */
+  private async startExport(host: string): Promise<void> {
+    const storeRoot = this.storeDir(host);
+    await fs.mkdir(storeRoot, { recursive: true });
+    const exp = await startNfsExport({
+      hostName: host,
+      storeRoot,
+      endpoint: this.clusterStorage[host],
+      stateDir: path.join(this.opts.baseDir, 'nfs', host),
+      netns: this.testHost(host).netns,
+    });
+    this.exports.set(host, exp);
+  }
+
   async startHost(host: string): Promise<ManagedProcess> {
-    const proc = await spawnManaged(`host-${host}`, process.execPath, [this.js('workers/hostWorker.js')], {
+    const worker = this.opts.testHosts
+      ? inNetns(this.testHost(host).netns, process.execPath, [this.js('workers/hostWorker.js')])
+      : { cmd: process.execPath, args: [this.js('workers/hostWorker.js')] };
+    const proc = await spawnManaged(`host-${host}`, worker.cmd, worker.args, {
       env: {
         ...this.baseEnv(),
         VSP_HOST: host,
@@ -102,6 +150,7 @@ export class LocalCluster {
         VSP_REPOSITORY_URL: this.repositoryUrl,
         VSP_REPOSITORY_TOKEN: this.serviceToken,
         VSP_DRIVERS: (this.opts.drivers ?? ['process']).join(','),
+        ...(this.opts.testHosts ? { VSP_CLUSTER_STORAGE: JSON.stringify(this.clusterStorage) } : {}),
         ...this.opts.hostEnv,
       },
       logFile: path.join(this.logDir, `host-${host}.log`),
@@ -130,5 +179,7 @@ export class LocalCluster {
     );
     await Promise.all(procs.map((p) => p.stop('SIGTERM', 10_000)));
     this.hostProcs.clear();
+    await Promise.all([...this.exports.values()].map((e) => e.stop()));
+    this.exports.clear();
   }
 }

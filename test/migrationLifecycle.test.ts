@@ -1,0 +1,295 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Client, Connection, WorkflowUpdateFailedError } from '@temporalio/client';
+import { LocalCluster } from '../deploy/devcluster/localCluster';
+import { createTestNetwork, requireRoot, type TestNetwork } from '../deploy/devcluster/netns';
+import { startTemporalDevServer, type TemporalDevServer } from '../deploy/devcluster/temporal';
+import { VspClient } from '../client/vspClient';
+import { ensureAppliance } from '../drivers/qemu/appliance';
+import { qmpCommand } from '../drivers/qemu/qmp';
+import { RepositoryClient } from '../repository/client';
+import type { TaskSpecInput } from '../spec/taskSpec';
+import { migrateUpdate, type MigrateRequest, type TaskResult } from '../workflows/definitions';
+import { until } from './support/clusterFixture';
+import { testLogDir } from './support/testRun';
+
+/**
+ * Live migration through the TaskLifecycle workflow: three namespace test hosts (a, b, c), each with its
+ * host worker and an nfs-ganesha export of its store, real QEMU under TCG, a Temporal dev server and the
+ * repository on the namespaces' gateway. Every task starts on a, whose store keeps its disks. Needs root.
+ */
+const HOSTS = ['a', 'b', 'c'];
+const OWNER = 'alice';
+const MEMORY_MIB = 256;
+const ROUNDS = 20;
+const DATA = randomBytes(2 * 1024 * 1024);
+const DATA_SHA = createHash('sha256').update(DATA).digest('hex');
+
+let network: TestNetwork;
+let temporal: TemporalDevServer;
+let temporalAddress: string;
+let cluster: LocalCluster;
+let connection: Connection;
+let client: Client;
+let vsp: VspClient;
+let baseDir: string;
+
+beforeAll(async () => {
+  requireRoot('the migration tests (network namespaces, NFS exports)');
+  await ensureAppliance();
+  baseDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-migration-e2e-'));
+  network = await createTestNetwork({ hosts: HOSTS, prefix: 'vspml-', subnet: '10.77.12' });
+  // The suite's Temporal listens on loopback, which the namespaces cannot reach. This one listens on every
+  // address (its services also dial each other on loopback) and is reached at the gateway.
+  temporal = await startTemporalDevServer({
+    ip: '0.0.0.0',
+    headless: true,
+    logFile: path.join(testLogDir(), 'migration-temporal.log'),
+  });
+  temporalAddress = `${network.gateway}:${temporal.address.split(':').pop()}`;
+  cluster = await new LocalCluster({
+    temporalAddress,
+    hosts: HOSTS,
+    baseDir,
+    drivers: ['qemu', 'process'],
+    hostEnv: { VSP_ACCEL: 'tcg' },
+    owners: [OWNER],
+    testHosts: { network },
+  }).start();
+  connection = await Connection.connect({ address: temporalAddress });
+  client = new Client({ connection, namespace: 'default' });
+  vsp = new VspClient(client);
+  const f = path.join(baseDir, 'data.bin');
+  await fs.writeFile(f, DATA);
+  await repo().upload(OWNER, 'in/data.bin', f);
+}, 240_000);
+
+afterAll(async () => {
+  await connection?.close();
+  await cluster?.stop();
+  await temporal?.stop();
+  // Kills whatever a failed test left in the namespaces (QEMU), then removes them.
+  await network?.teardown();
+  if (baseDir) {
+    if (process.env.VSP_KEEP_TEST_DIRS === '1') process.stderr.write(`kept ${baseDir}\n`);
+    else await fs.rm(baseDir, { recursive: true, force: true });
+  }
+}, 120_000);
+
+function repo(): RepositoryClient {
+  return new RepositoryClient({ url: cluster.repositoryUrl, token: cluster.ownerTokens.get(OWNER) ?? '' });
+}
+
+/** A CPU-bound task on host a: hashes its input ROUNDS times, one line per round, reporting progress. */
+function submitCpuTask(rounds = ROUNDS): Promise<{ taskId: string }> {
+  const spec: TaskSpecInput = {
+    owner: OWNER,
+    driver: 'qemu',
+    host: 'a',
+    memoryMiB: MEMORY_MIB,
+    timeLimitSec: 600,
+    inputs: ['in/data.bin'],
+    command: [
+      'set -e',
+      'mkdir -p out',
+      'i=0',
+      `while [ $i -lt ${rounds} ]; do`,
+      '  i=$((i+1))',
+      '  for j in 1 2 3; do sha256sum in/data.bin > /tmp/sum; done',
+      '  cat /tmp/sum >> out/rounds.txt',
+      `  echo "VSP-PROGRESS $((i*100/${rounds})) round $i"`,
+      'done',
+    ].join('\n'),
+  };
+  return vsp.submit(spec);
+}
+
+async function vmIdOf(taskId: string): Promise<string> {
+  const { resultsPath } = await until('the task status', async () => vsp.status(taskId));
+  return path.posix.basename(resultsPath ?? '');
+}
+
+const vmDir = (host: string, vmId: string) => path.join(cluster.storeDir(host), 'vms', vmId);
+
+/** Waits until the guest on `host` printed progress >= `percent` (each host's console starts at arrival). */
+async function awaitProgress(host: string, vmId: string, percent: number): Promise<void> {
+  await until(
+    `progress ${percent} of ${vmId} on ${host}`,
+    async () => {
+      const text = await fs.readFile(path.join(vmDir(host, vmId), 'console.log'), 'utf8');
+      const seen = [...text.matchAll(/^VSP-PROGRESS (\d+)/gm)].map((m) => Number(m[1]));
+      return seen.some((p) => p >= percent) || undefined;
+    },
+    180_000,
+  );
+}
+
+function migrate(taskId: string, req: MigrateRequest) {
+  return client.workflow.getHandle(taskId).executeUpdate(migrateUpdate, { args: [req] });
+}
+
+/** The update's failure message, cause included. */
+async function rejection(p: Promise<unknown>): Promise<string> {
+  const err = await p.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  expect(err).toBeInstanceOf(Error);
+  const parts: string[] = [];
+  for (let e: unknown = err; e instanceof Error; e = e.cause) parts.push(e.message);
+  return parts.join(': ');
+}
+
+/** What QEMU on `host` opened as the VM's root disk. */
+async function rootDiskOn(host: string, vmId: string): Promise<string> {
+  const blocks = await qmpCommand<{ inserted?: { file: string } }[]>(
+    path.join(vmDir(host, vmId), 'qmp.sock'),
+    'query-block',
+  );
+  return blocks.find((b) => b.inserted)?.inserted?.file ?? '';
+}
+
+async function searchAttribute(taskId: string, name: string): Promise<unknown> {
+  const d = await client.workflow.getHandle(taskId).describe();
+  return d.typedSearchAttributes.getAll().find((p) => p.key.name === name)?.value;
+}
+
+/** Completed with every round's hash right, wherever each round ran; nothing left on any host. */
+async function expectCorrectResult(result: TaskResult, cleanHosts = HOSTS, rounds = ROUNDS): Promise<void> {
+  expect(result.exitCode).toBe(0);
+  const f = path.join(baseDir, `rounds-${randomBytes(4).toString('hex')}`);
+  await repo().download(OWNER, `${result.resultsPath}/outputs/rounds.txt`, f);
+  const lines = (await fs.readFile(f, 'utf8')).trim().split('\n');
+  expect(lines).toEqual(Array.from({ length: rounds }, () => `${DATA_SHA}  in/data.bin`));
+  for (const h of cleanHosts)
+    expect(await fs.readdir(path.join(cluster.storeDir(h), 'vms')).catch(() => [])).toEqual([]);
+}
+
+function expectMemoryOnly(m: NonNullable<TaskResult['migrations']>[number]): void {
+  expect(m.ok).toBe(true);
+  expect(m.diskTransferredBytes).toBe(0);
+  expect(m.ramTransferredBytes).toBeGreaterThan(0);
+  // The disks (base image, overlay, 2 MiB input) are never sent: less than the guest's RAM goes over.
+  expect(m.ramTransferredBytes).toBeLessThan(MEMORY_MIB * 1024 * 1024);
+}
+
+test('a CPU-bound task migrated a -> b halfway completes correctly; only RAM moved, b reads a over NFS', async () => {
+  const { taskId } = await submitCpuTask();
+  const vmId = await vmIdOf(taskId);
+  await awaitProgress('a', vmId, 50);
+  const status = await migrate(taskId, { host: 'b' });
+  expect(status).toMatchObject({ host: 'b', storageHost: 'a', phase: 'running' });
+  expect(await searchAttribute(taskId, 'VspHost')).toBe('b');
+  expect(await searchAttribute(taskId, 'VspStorageHost')).toBe('a');
+  // On b the disks are a's, opened over NFS.
+  expect(await rootDiskOn('b', vmId)).toMatch(
+    new RegExp(`"driver": "nfs".*"path": "/vsp/vms/${vmId}/root.qcow2"`),
+  );
+  await awaitProgress('b', vmId, 60);
+
+  const result = await vsp.result(taskId);
+  await expectCorrectResult(result);
+  expect(result).toMatchObject({ host: 'b', storageHost: 'a' });
+  expect(result.migrations).toHaveLength(1);
+  expect(result.migrations?.[0]).toMatchObject({ from: 'a', to: 'b', storageHost: 'a' });
+  expectMemoryOnly(result.migrations![0]);
+  process.stderr.write(
+    `migration a->b: ${JSON.stringify(result.migrations)}; phases ${JSON.stringify(result.phaseMs)}\n`,
+  );
+}, 240_000);
+
+test('a -> b -> c, and a -> (placement) -> a back home, both complete', async () => {
+  const [roam, home] = await Promise.all([submitCpuTask(), submitCpuTask()]);
+  const [roamVm, homeVm] = await Promise.all([vmIdOf(roam.taskId), vmIdOf(home.taskId)]);
+
+  await awaitProgress('a', roamVm, 20);
+  await migrate(roam.taskId, { host: 'b' });
+  await awaitProgress('b', roamVm, 45);
+  expect(await migrate(roam.taskId, { host: 'c' })).toMatchObject({ host: 'c', storageHost: 'a' });
+
+  await awaitProgress('a', homeVm, 30);
+  // No host named: placement picks the least-loaded other live host (b and c each run one task now).
+  const away = await migrate(home.taskId, {});
+  expect(['b', 'c']).toContain(away.host);
+  await awaitProgress(away.host!, homeVm, 55);
+  expect(await migrate(home.taskId, { host: 'a' })).toMatchObject({ host: 'a', storageHost: 'a' });
+  // Back home the disks are local files again.
+  expect(await rootDiskOn('a', homeVm)).toBe(path.join(vmDir('a', homeVm), 'root.qcow2'));
+
+  const [r1, r2] = await Promise.all([vsp.result(roam.taskId), vsp.result(home.taskId)]);
+  await expectCorrectResult(r1);
+  await expectCorrectResult(r2);
+  expect(r1.migrations?.map((m) => `${m.from}->${m.to}`)).toEqual(['a->b', 'b->c']);
+  expect(r2.migrations?.map((m) => `${m.from}->${m.to}`)).toEqual([`a->${away.host}`, `${away.host}->a`]);
+  for (const m of [...r1.migrations!, ...r2.migrations!]) expectMemoryOnly(m);
+  expect(r1).toMatchObject({ host: 'c', storageHost: 'a' });
+  expect(r2).toMatchObject({ host: 'a', storageHost: 'a' });
+  process.stderr.write(`migrations a->b->c ${JSON.stringify(r1.migrations)}\n`);
+  process.stderr.write(`migrations a->x->a ${JSON.stringify(r2.migrations)}\n`);
+}, 300_000);
+
+test('bad migrate requests get clear errors and the task keeps running', async () => {
+  const { taskId } = await vsp.submit({
+    owner: OWNER,
+    driver: 'process',
+    host: 'a',
+    command: 'sleep 6; mkdir -p out; echo done > out/done.txt',
+  });
+  // Still being placed or staged: not running yet.
+  expect(await rejection(migrate(taskId, { host: 'b' }))).toMatch(/is not running \(it is [a-z-]+\)/);
+  await until('the task running', async () => (await vsp.status(taskId)).phase === 'running' || undefined);
+
+  expect(await rejection(migrate(taskId, { host: 'a' }))).toMatch(/already runs on host a/);
+  expect(await rejection(migrate(taskId, { host: 'Not A Host' }))).toMatch(/"Not A Host" is not a host name/);
+  expect(await rejection(migrate(taskId, { host: 'b', maxBandwidthMiBps: -1 }))).toMatch(
+    /maxBandwidthMiBps must be a positive number/,
+  );
+  const unknown = migrate(taskId, { host: 'zz' });
+  await expect(unknown).rejects.toBeInstanceOf(WorkflowUpdateFailedError);
+  expect(await rejection(unknown)).toMatch(/host 'zz' is not in the cluster \(hosts: a, b, c\)/);
+  expect(await rejection(migrate(taskId, { host: 'b' }))).toMatch(/driver 'process' cannot live-migrate/);
+
+  const status = await vsp.status(taskId);
+  expect(status).toMatchObject({ phase: 'running', host: 'a' });
+  expect(status.migrations?.map((m) => m.ok)).toEqual([false, false]);
+  const result = await vsp.result(taskId);
+  expect(result).toMatchObject({ exitCode: 0, host: 'a' });
+}, 120_000);
+
+test('the target host dies mid-migration: the task carries on at the source, the failure is recorded', async () => {
+  // Long enough to outlast the transfer and the wait for the dead target (its queue's schedule-to-start).
+  const { taskId } = await submitCpuTask(50);
+  const vmId = await vmIdOf(taskId);
+  await awaitProgress('a', vmId, 10);
+  // Throttled, so the transfer lasts long enough to be cut.
+  const migrating = migrate(taskId, { host: 'c', maxBandwidthMiBps: 2 });
+  const pid = await until('the incoming QEMU on c', async () => {
+    const text = await fs.readFile(path.join(vmDir('c', vmId), 'qemu.pid'), 'utf8');
+    return Number(text.trim()) > 1 ? Number(text.trim()) : undefined;
+  });
+  await until('the transfer under way', async () =>
+    (await vsp.status(taskId)).migrating?.step === 'transferring' ? true : undefined,
+  );
+  expect(await rejection(migrate(taskId, { host: 'b' }))).toMatch(/already migrating to c/);
+  await new Promise((r) => setTimeout(r, 1500));
+  // Host c dies: its worker and its QEMU.
+  await cluster.killHost('c');
+  process.kill(pid, 'SIGKILL');
+
+  const why = await rejection(migrating);
+  expect(why).toMatch(/could not migrate task .* from a to c: .*migration .*failed.*; it runs on a/);
+  const status = await vsp.status(taskId);
+  // The wait for the dead target lasts its queue's schedule-to-start (20 s): the task may be done by now.
+  expect(status).toMatchObject({ host: 'a', storageHost: 'a' });
+  expect(['running', 'staging-out', 'destroying', 'completed']).toContain(status.phase);
+  expect(status.migrations).toEqual([expect.objectContaining({ from: 'a', to: 'c', ok: false })]);
+
+  const result = await vsp.result(taskId);
+  // c is dead: what it had prepared stays there until its operator clears it.
+  await expectCorrectResult(result, ['a', 'b'], 50);
+  expect(result).toMatchObject({ exitCode: 0, host: 'a', storageHost: 'a' });
+  const history = JSON.stringify((await client.workflow.getHandle(taskId).fetchHistory()).events);
+  expect(history).toMatch(/MigrationFailed/);
+}, 300_000);
