@@ -111,6 +111,23 @@ program
     print(`cancelling ${taskId} (was ${s.phase})`, s);
   });
 program
+  .command('migrate <task-id>')
+  .description("live-migrate a running task's VM; its disks stay on their host")
+  .option('--to <host>', 'target host (default: placement chooses)')
+  .option('--max-bandwidth <MiBps>', 'cap the transfer rate', (v) => Number(v))
+  .action(async (taskId: string, opts: { to?: string; maxBandwidth?: number }) => {
+    const s = await (
+      await VspClient.connect()
+    ).migrate(taskId, { host: opts.to, maxBandwidthMiBps: opts.maxBandwidth });
+    const last = s.migrations?.at(-1);
+    print(
+      `${taskId} now runs on ${s.host} (disks on ${s.storageHost})${
+        last?.totalTimeMs !== undefined ? `: ${last.totalTimeMs} ms, downtime ${last.downtimeMs} ms` : ''
+      }`,
+      s,
+    );
+  });
+program
   .command('list')
   .description('list tasks')
   .addOption(ownerOption())

@@ -3,7 +3,14 @@ import { Client, WorkflowFailedError, WorkflowNotFoundError } from '@temporalio/
 import { CONTROL_TASK_QUEUE, SEARCH_ATTRIBUTES } from '../config/names';
 import { connectClient } from '../config/temporal';
 import { parseTaskSpec, type TaskSpecInput } from '../spec/taskSpec';
-import { cancelUpdate, statusQuery, type TaskResult, type TaskStatus } from '../workflows/definitions';
+import {
+  cancelUpdate,
+  migrateUpdate,
+  statusQuery,
+  type MigrateRequest,
+  type TaskResult,
+  type TaskStatus,
+} from '../workflows/definitions';
 
 export interface TaskSummary {
   taskId: string;
@@ -79,6 +86,14 @@ export class VspClient {
   /** Cancels a running task; its VM is stopped, its logs kept in the repository. */
   async cancel(taskId: string, reason?: string): Promise<TaskStatus> {
     return this.temporal.workflow.getHandle(taskId).executeUpdate(cancelUpdate, { args: [{ reason }] });
+  }
+
+  /**
+   * Live-migrates a running task's VM (to `host`, or where placement chooses); its disks stay where they
+   * are. Resolves when the VM runs on the target; a failure leaves it running where it was.
+   */
+  async migrate(taskId: string, request: MigrateRequest = {}): Promise<TaskStatus> {
+    return this.temporal.workflow.getHandle(taskId).executeUpdate(migrateUpdate, { args: [request] });
   }
 
   async list(opts: { owner?: string; running?: boolean; limit?: number } = {}): Promise<TaskSummary[]> {

@@ -11,7 +11,7 @@ import { ensureAppliance } from '../drivers/qemu/appliance';
 import { qmpCommand } from '../drivers/qemu/qmp';
 import { RepositoryClient } from '../repository/client';
 import type { TaskSpecInput } from '../spec/taskSpec';
-import { migrateUpdate, type MigrateRequest, type TaskResult } from '../workflows/definitions';
+import { type MigrateRequest, type TaskResult } from '../workflows/definitions';
 import { until } from './support/clusterFixture';
 import { testLogDir } from './support/testRun';
 
@@ -127,7 +127,7 @@ async function awaitProgress(host: string, vmId: string, percent: number): Promi
 }
 
 function migrate(taskId: string, req: MigrateRequest) {
-  return client.workflow.getHandle(taskId).executeUpdate(migrateUpdate, { args: [req] });
+  return vsp.migrate(taskId, req);
 }
 
 /** The update's failure message, cause included. */
