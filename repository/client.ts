@@ -38,7 +38,48 @@ export class RepositoryError extends Error {
   }
 }
 
+/** A failed resumable upload; pass `uploadId` (when set) back in the options to continue it. */
+export class ResumableUploadError extends RepositoryError {
+  constructor(
+    status: number,
+    message: string,
+    readonly uploadId: string | undefined,
+    options?: { cause?: unknown },
+  ) {
+    super(status, message, options);
+    this.name = 'ResumableUploadError';
+  }
+}
+
+export interface ResumableUploadOptions {
+  /** Bytes sent per request (default 16 MiB): what an interruption can cost at most. */
+  chunkBytes?: number;
+  /** Called whenever the server has acknowledged more bytes. */
+  onProgress?: (stored: number, total: number) => void;
+  /** Continue this session (from ResumableUploadError.uploadId) rather than starting a new one. */
+  uploadId?: string;
+  /** Transport failures in a row that are retried from the server's offset (default 3). */
+  retries?: number;
+  /** Stops the upload; the session stays on the server until it expires, ready to be resumed. */
+  signal?: AbortSignal;
+}
+
+const DEFAULT_CHUNK_BYTES = 16 << 20;
+const DEFAULT_RETRIES = 3;
+const RETRY_DELAY_MS = 250;
+
 const MAX_ERROR_BODY = 64 * 1024;
+
+async function sha256OfFile(file: string): Promise<string> {
+  const hash = createHash('sha256');
+  for await (const chunk of createReadStream(file, { highWaterMark: 1 << 20 })) hash.update(chunk as Buffer);
+  return hash.digest('hex');
+}
+
+function offsetOf(res: IncomingMessage): number | undefined {
+  const raw = res.headers['upload-offset'];
+  return typeof raw === 'string' && /^\d+$/.test(raw) ? Number(raw) : undefined;
+}
 
 function checkOwner(owner: string): void {
   if (!OWNER_NAME.test(owner))
@@ -249,6 +290,128 @@ export class RepositoryClient {
       throw err;
     }
     throw await failure(res, `delete of ${p}`);
+  }
+
+  /**
+   * Uploads a local file in chunks through a resumable session: transport failures are retried from
+   * the offset the server holds, and a failed call throws a ResumableUploadError whose `uploadId`
+   * continues the upload in a later call. The file appears on the server only once complete and
+   * verified against the SHA-256 computed here before sending.
+   */
+  async uploadResumable(
+    owner: string,
+    repoPath: string,
+    localFile: string,
+    opts: ResumableUploadOptions = {},
+  ): Promise<FileInfo> {
+    checkOwner(owner);
+    const p = checkPath(repoPath);
+    const chunkBytes = opts.chunkBytes ?? DEFAULT_CHUNK_BYTES;
+    const retries = opts.retries ?? DEFAULT_RETRIES;
+    if (!Number.isSafeInteger(chunkBytes) || chunkBytes <= 0)
+      throw new RepositoryError(0, `chunkBytes ${chunkBytes} is not a positive whole number`);
+    if (!Number.isSafeInteger(retries) || retries < 0)
+      throw new RepositoryError(0, `retries ${retries} is not a non-negative whole number`);
+    let uploadId = opts.uploadId;
+    const wrap = (err: unknown): ResumableUploadError => {
+      if (err instanceof ResumableUploadError) return err;
+      const status = err instanceof RepositoryError ? err.status : 0;
+      const message = err instanceof Error ? err.message : String(err);
+      return new ResumableUploadError(status, `resumable upload of ${p}: ${message}`, uploadId, {
+        cause: err,
+      });
+    };
+    try {
+      const { size } = await fs.stat(localFile);
+      let offset: number;
+      if (uploadId === undefined) {
+        const request = JSON.stringify({ path: p, size, sha256: await sha256OfFile(localFile) });
+        const res = await this.send(
+          'POST',
+          `/v1/owners/${owner}/uploads`,
+          { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(request) },
+          Readable.from([request]),
+        );
+        if (res.statusCode !== 201) throw await failure(res, 'start');
+        const session = JSON.parse(await readBody(res)) as { id: string; offset: number };
+        uploadId = session.id;
+        offset = session.offset;
+      } else {
+        offset = await this.uploadOffset(owner, uploadId, size);
+      }
+      let failures = 0;
+      for (;;) {
+        opts.signal?.throwIfAborted();
+        const end = Math.min(size, offset + chunkBytes);
+        const body =
+          end > offset
+            ? createReadStream(localFile, { start: offset, end: end - 1, highWaterMark: 1 << 20 })
+            : Readable.from([]);
+        const stop = (): void => void body.destroy(new Error('upload aborted'));
+        opts.signal?.addEventListener('abort', stop, { once: true });
+        let res: IncomingMessage;
+        try {
+          res = await this.send(
+            'PATCH',
+            `/v1/owners/${owner}/uploads/${uploadId}`,
+            {
+              'Content-Type': 'application/offset+octet-stream',
+              'Content-Length': end - offset,
+              'Upload-Offset': offset,
+            },
+            body,
+          );
+        } catch (err) {
+          opts.signal?.throwIfAborted();
+          if (!(err instanceof RepositoryError) || ++failures > retries) throw err;
+          await new Promise((r) => setTimeout(r, RETRY_DELAY_MS * failures));
+          offset = await this.uploadOffset(owner, uploadId, size);
+          continue;
+        } finally {
+          opts.signal?.removeEventListener('abort', stop);
+        }
+        if (res.statusCode === 201) {
+          const info = JSON.parse(await readBody(res)) as FileInfo;
+          opts.onProgress?.(size, size);
+          return info;
+        }
+        const serverOffset = offsetOf(res);
+        if (res.statusCode === 204 && serverOffset !== undefined) {
+          res.resume();
+          failures = 0;
+          offset = serverOffset;
+          opts.onProgress?.(offset, size);
+          continue;
+        }
+        // Out of step (e.g. a retried chunk that did arrive): continue from where the server is.
+        if (res.statusCode === 409 && serverOffset !== undefined && ++failures <= retries) {
+          res.resume();
+          offset = serverOffset;
+          continue;
+        }
+        throw await failure(res, `append at ${offset}`);
+      }
+    } catch (err) {
+      throw wrap(err);
+    }
+  }
+
+  /** The bytes a resumable upload session holds; it must be for a file of `size` bytes. */
+  private async uploadOffset(owner: string, uploadId: string, size: number): Promise<number> {
+    if (!/^[A-Za-z0-9_-]+$/.test(uploadId))
+      throw new RepositoryError(0, `upload id ${JSON.stringify(uploadId)} is malformed`);
+    const res = await this.send('HEAD', `/v1/owners/${owner}/uploads/${uploadId}`);
+    res.resume();
+    if (res.statusCode !== 200) throw await failure(res, `status of upload ${uploadId}`);
+    const offset = offsetOf(res);
+    const length = Number(res.headers['upload-length']);
+    if (offset === undefined) throw new RepositoryError(0, `upload ${uploadId}: reply lacks Upload-Offset`);
+    if (length !== size)
+      throw new RepositoryError(
+        0,
+        `upload ${uploadId} is for ${length} bytes but the local file has ${size}`,
+      );
+    return offset;
   }
 
   /** True if the server answers its health check. */

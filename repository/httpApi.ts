@@ -8,6 +8,7 @@ import { remoteOf, type AuditEvent, type AuditLog } from './auditLog';
 import { StoreError, type FileStore, type StoreErrorCode } from './fileStore';
 import type { MetadataDb } from './metadataDb';
 import { parseRange } from './byteRange';
+import { UploadError, type ResumableUploads } from './resumableUploads';
 
 /**
  * The repository's HTTP API (v1): routing, auth, validation and streaming. Paths are taken from the
@@ -21,6 +22,7 @@ export interface HttpApiDeps {
   maxFileBytes: number;
   log: Logger;
   audit: AuditLog;
+  uploads: ResumableUploads;
 }
 
 /** What a request did, filled in as it is understood, recorded in the audit log when it ends. */
@@ -54,16 +56,29 @@ const DRAIN_MS = 2000;
 
 const SHA256_HEX = /^[0-9a-f]{64}$/;
 
+/** A resumable upload's creation request is a small JSON object. */
+const MAX_JSON_BODY = 64 * 1024;
+
+const UPLOAD_ACTIONS: Record<string, string> = {
+  POST: 'upload-start',
+  PATCH: 'upload-append',
+  HEAD: 'upload-status',
+  DELETE: 'upload-abort',
+};
+
 type Route =
   | { kind: 'health' }
   | { kind: 'list'; owner: string; query: URLSearchParams }
-  | { kind: 'file'; owner: string; rawPath: string };
+  | { kind: 'file'; owner: string; rawPath: string }
+  | { kind: 'uploads'; owner: string; id?: string };
 
 function route(target: string): Route | undefined {
   const q = target.indexOf('?');
   const pathname = q < 0 ? target : target.slice(0, q);
   const query = new URLSearchParams(q < 0 ? '' : target.slice(q + 1));
   if (pathname === '/v1/health') return { kind: 'health' };
+  const u = /^\/v1\/owners\/([^/]+)\/uploads(?:\/([A-Za-z0-9_-]+))?$/.exec(pathname);
+  if (u) return { kind: 'uploads', owner: decodeComponent(u[1], 'owner name'), id: u[2] };
   const m = /^\/v1\/owners\/([^/]+)\/files(\/.*)?$/.exec(pathname);
   if (!m) return undefined;
   const owner = decodeComponent(m[1], 'owner name');
@@ -142,6 +157,31 @@ function discardUnreadBody(req: IncomingMessage, res: ServerResponse): void {
   setTimeout(() => req.socket.destroy(), DRAIN_MS).unref();
 }
 
+async function readJson(req: IncomingMessage): Promise<unknown> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of req as AsyncIterable<Buffer>) {
+    size += chunk.length;
+    if (size > MAX_JSON_BODY) throw new HttpError(413, `request body is larger than ${MAX_JSON_BODY} bytes`);
+    chunks.push(chunk);
+  }
+  try {
+    return JSON.parse(Buffer.concat(chunks).toString('utf8')) as unknown;
+  } catch {
+    throw new HttpError(400, 'request body is not valid JSON');
+  }
+}
+
+/** The request body as a stream the store may destroy without killing the socket (the reply still goes out). */
+function detachedBody(req: IncomingMessage): PassThrough {
+  const body = new PassThrough({ highWaterMark: 1 << 20 });
+  req.pipe(body);
+  req.on('close', () => {
+    if (!req.complete) body.destroy(new Error('client disconnected during the upload'));
+  });
+  return body;
+}
+
 export function createRequestHandler(
   deps: HttpApiDeps,
 ): (req: IncomingMessage, res: ServerResponse) => Promise<void> {
@@ -179,11 +219,7 @@ export function createRequestHandler(
         throw new HttpError(400, 'X-Content-SHA256 must be 64 hex digits');
     }
     // The store destroys its source on failure; giving it a PassThrough keeps the socket alive for the reply.
-    const body = new PassThrough({ highWaterMark: 1 << 20 });
-    req.pipe(body);
-    req.on('close', () => {
-      if (!req.complete) body.destroy(new Error('client disconnected during the upload'));
-    });
+    const body = detachedBody(req);
     const info = await store.write(owner, repoPath, body, {
       maxBytes: deps.maxFileBytes,
       expectedSha256,
@@ -237,6 +273,74 @@ export function createRequestHandler(
     }
   }
 
+  /** Resumable uploads: POST starts one, HEAD tells its offset, PATCH appends at it, DELETE drops it. */
+  async function resumable(
+    req: IncomingMessage,
+    res: ServerResponse,
+    owner: string,
+    id: string | undefined,
+    draft: AuditDraft,
+  ): Promise<void> {
+    const method = req.method ?? 'GET';
+    if (id === undefined) {
+      if (method !== 'POST')
+        throw new HttpError(405, `${method} is not allowed on uploads`, { Allow: 'POST' });
+      const session = await deps.uploads.create(owner, await readJson(req));
+      draft.path = session.path;
+      sendJson(res, 201, session, {
+        Location: `/v1/owners/${owner}/uploads/${session.id}`,
+        'Upload-Offset': '0',
+        'Upload-Length': String(session.size),
+      });
+      return;
+    }
+    draft.path = `upload:${id}`;
+    switch (method) {
+      case 'HEAD':
+      case 'GET': {
+        const s = deps.uploads.get(owner, id);
+        draft.path = s.path;
+        const headers = {
+          'Upload-Offset': String(s.offset),
+          'Upload-Length': String(s.size),
+          'Cache-Control': 'no-store',
+        };
+        if (method === 'GET') sendJson(res, 200, s, headers);
+        else res.writeHead(200, headers).end();
+        return;
+      }
+      case 'PATCH': {
+        const raw = req.headers['upload-offset'];
+        if (typeof raw !== 'string' || !/^\d{1,16}$/.test(raw.trim()))
+          throw new HttpError(400, 'Upload-Offset header must be a whole number of bytes');
+        const s = deps.uploads.get(owner, id);
+        draft.path = s.path;
+        const result = await deps.uploads.append(owner, id, Number(raw.trim()), detachedBody(req));
+        if (!result.done) {
+          res
+            .writeHead(204, { 'Upload-Offset': String(result.offset), 'Upload-Length': String(s.size) })
+            .end();
+          return;
+        }
+        draft.action = 'upload';
+        draft.bytes = result.info.size;
+        sendJson(res, 201, result.info, {
+          'Upload-Offset': String(result.info.size),
+          'Upload-Length': String(result.info.size),
+        });
+        return;
+      }
+      case 'DELETE':
+        await deps.uploads.abort(owner, id);
+        res.writeHead(204).end();
+        return;
+      default:
+        throw new HttpError(405, `${method} is not allowed on an upload`, {
+          Allow: 'GET, HEAD, PATCH, DELETE',
+        });
+    }
+  }
+
   async function handle(req: IncomingMessage, res: ServerResponse, draft: AuditDraft): Promise<void> {
     const method = req.method ?? 'GET';
     const r = route(req.url ?? '/');
@@ -248,7 +352,12 @@ export function createRequestHandler(
       return;
     }
     draft.owner = r.owner;
-    draft.action = r.kind === 'list' ? 'list' : (ACTIONS[method] ?? method);
+    draft.action =
+      r.kind === 'list'
+        ? 'list'
+        : r.kind === 'uploads'
+          ? (UPLOAD_ACTIONS[method] ?? method)
+          : (ACTIONS[method] ?? method);
     if (r.kind === 'file') draft.path = r.rawPath;
     const principal: Principal = authenticate(db, bearerToken(req));
     draft.user = principal.kind === 'owner' ? principal.owner : `service:${principal.tokenId}`;
@@ -260,6 +369,7 @@ export function createRequestHandler(
       sendJson(res, 200, { files: store.list(r.owner, checkPrefix(r.query.get('prefix'))) });
       return;
     }
+    if (r.kind === 'uploads') return resumable(req, res, r.owner, r.id, draft);
     const repoPath = checkPath(r.rawPath);
     draft.path = repoPath;
     switch (method) {
@@ -305,6 +415,8 @@ export function createRequestHandler(
       let message = 'internal error';
       let headers: Record<string, string> = {};
       if (err instanceof HttpError) [status, message, headers] = [err.status, err.message, err.headers];
+      else if (err instanceof UploadError)
+        [status, message, headers] = [err.status, err.message, err.headers];
       else if (err instanceof AccessDenied) [status, message] = [err.status, err.message];
       else if (err instanceof StoreError) [status, message] = [STORE_STATUS[err.code], err.message];
       if (status === 401) headers['WWW-Authenticate'] = 'Bearer';

@@ -11,7 +11,12 @@ import {
  * VSP_REPO_DIR (required), VSP_REPO_LISTEN (host:port, default 127.0.0.1:8420),
  * VSP_REPO_MAX_FILE_BYTES (default 64 GiB), VSP_REPO_SERVICE_TOKEN (optional),
  * VSP_REPO_SFTP_LISTEN (host:port; SFTP is off unless set), VSP_REPO_SFTP_HOST_KEY (default
- * <dir>/ssh_host_ed25519_key, made on first start), VSP_REPO_AUDIT_LOG (default <dir>/audit.log).
+ * <dir>/ssh_host_ed25519_key, made on first start), VSP_REPO_AUDIT_LOG (default <dir>/audit.log),
+ * VSP_REPO_UPLOAD_EXPIRY_SECONDS (unfinished resumable uploads are dropped after this idle time; 86400),
+ * VSP_REPO_FTPS_LISTEN (host:port; FTPS is off unless set), VSP_REPO_FTPS_PASV_PORTS (min-max, default
+ * 50000-50100), VSP_REPO_FTPS_PASV_ADDRESS (announced to non-local clients; default the listen host),
+ * VSP_REPO_FTPS_CERT / VSP_REPO_FTPS_KEY (PEM; default <dir>/ftps_cert.pem and ftps_key.pem, self-signed
+ * on first start), VSP_REPO_FTPS_ALLOW_PLAIN=1 (accept logins without AUTH TLS: only on purpose).
  */
 
 const log = createLogger('repository');
@@ -24,6 +29,21 @@ export function parseListen(value: string, variable = 'VSP_REPO_LISTEN'): { host
     throw new Error(`${variable}=${JSON.stringify(value)} must be host:port (or [ipv6]:port), port 0-65535`);
   }
   return { host: m[1] ?? m[2], port };
+}
+
+/** `min-max`, an inclusive range of unprivileged ports. */
+export function parsePortRange(value: string, variable: string): { min: number; max: number } {
+  const m = /^(\d{4,5})-(\d{4,5})$/.exec(value.trim());
+  const [min, max] = m ? [Number(m[1]), Number(m[2])] : [NaN, NaN];
+  if (!m || min < 1024 || max > 65535 || min > max)
+    throw new Error(`${variable}=${JSON.stringify(value)} must be min-max within 1024-65535`);
+  return { min, max };
+}
+
+function parseFlag(value: string | undefined, variable: string): boolean {
+  if (value === undefined || value === '' || value === '0') return false;
+  if (value === '1') return true;
+  throw new Error(`${variable}=${JSON.stringify(value)} must be 0 or 1`);
 }
 
 export function configFromEnv(env: NodeJS.ProcessEnv): RepositoryServerOptions {
@@ -50,7 +70,27 @@ export function configFromEnv(env: NodeJS.ProcessEnv): RepositoryServerOptions {
       }
     : undefined;
   const auditLogFile = env.VSP_REPO_AUDIT_LOG || undefined;
-  return { dataDir, host, port, maxFileBytes, serviceToken, sftp, auditLogFile };
+  let uploadExpiryMs: number | undefined;
+  const expiry = env.VSP_REPO_UPLOAD_EXPIRY_SECONDS;
+  if (expiry !== undefined && expiry !== '') {
+    if (!/^\d{1,9}$/.test(expiry) || Number(expiry) === 0) {
+      throw new Error(
+        `VSP_REPO_UPLOAD_EXPIRY_SECONDS=${JSON.stringify(expiry)} must be a positive whole number of seconds`,
+      );
+    }
+    uploadExpiryMs = Number(expiry) * 1000;
+  }
+  const ftps = env.VSP_REPO_FTPS_LISTEN
+    ? {
+        ...parseListen(env.VSP_REPO_FTPS_LISTEN, 'VSP_REPO_FTPS_LISTEN'),
+        pasvPorts: parsePortRange(env.VSP_REPO_FTPS_PASV_PORTS || '50000-50100', 'VSP_REPO_FTPS_PASV_PORTS'),
+        pasvAddress: env.VSP_REPO_FTPS_PASV_ADDRESS || undefined,
+        certFile: env.VSP_REPO_FTPS_CERT || undefined,
+        keyFile: env.VSP_REPO_FTPS_KEY || undefined,
+        allowPlain: parseFlag(env.VSP_REPO_FTPS_ALLOW_PLAIN, 'VSP_REPO_FTPS_ALLOW_PLAIN'),
+      }
+    : undefined;
+  return { dataDir, host, port, maxFileBytes, serviceToken, sftp, ftps, auditLogFile, uploadExpiryMs };
 }
 
 async function main(): Promise<void> {

@@ -5,8 +5,10 @@ import { createLogger } from '../logging/logger';
 import { ensureServiceToken } from './auth';
 import { AuditLog, defaultAuditLogPath } from './auditLog';
 import { FileStore } from './fileStore';
+import { defaultFtpsCertPaths, startFtpsServer, type FtpsServer } from './ftpsServer';
 import { createRequestHandler } from './httpApi';
 import { MetadataDb } from './metadataDb';
+import { ResumableUploads } from './resumableUploads';
 import { defaultHostKeyPath, startSftpServer, type SftpServer } from './sftpServer';
 
 export interface RepositoryServerOptions {
@@ -21,12 +23,28 @@ export interface RepositoryServerOptions {
   auditLogFile?: string;
   /** Also serve SFTP (same store, accounts and rules) when given. */
   sftp?: { host?: string; port: number; hostKeyFile?: string };
+  /** Also serve FTP with explicit TLS (same store, accounts and rules) when given. */
+  ftps?: {
+    host?: string;
+    port: number;
+    pasvPorts: { min: number; max: number };
+    pasvAddress?: string;
+    /** PEM files, default `<dataDir>/ftps_cert.pem` and `ftps_key.pem` (self-signed on first start). */
+    certFile?: string;
+    keyFile?: string;
+    /** Allow logins without AUTH TLS. */
+    allowPlain?: boolean;
+  };
+  /** How long an unfinished resumable upload lives after its last append (default 24 h). */
+  uploadExpiryMs?: number;
 }
 
 export interface RepositoryServer {
   url: string;
   /** Where SFTP listens, when it was configured. */
   sftp?: { host: string; port: number };
+  /** Where FTPS listens, when it was configured. */
+  ftps?: { host: string; port: number };
   close(): Promise<void>;
 }
 
@@ -46,6 +64,7 @@ function validate(
   for (const [what, p] of [
     ['repository port', port],
     ['SFTP port', opts.sftp?.port ?? 0],
+    ['FTPS port', opts.ftps?.port ?? 0],
   ] as const) {
     if (!Number.isInteger(p) || p < 0 || p > 65535) throw new Error(`${what} ${p} is not 0-65535`);
   }
@@ -63,11 +82,20 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
   const db = MetadataDb.open(dataDir);
   let audit: AuditLog | undefined;
   let sftp: SftpServer | undefined;
+  let uploads: ResumableUploads | undefined;
+  let ftps: FtpsServer | undefined;
   try {
     if (opts.serviceToken !== undefined) ensureServiceToken(db, opts.serviceToken, 'hosts');
     const store = await FileStore.open(dataDir, db);
     audit = AuditLog.open(opts.auditLogFile ?? defaultAuditLogPath(dataDir));
-    const deps = { db, store, maxFileBytes, log, audit };
+    uploads = await ResumableUploads.open({
+      dataDir,
+      store,
+      maxFileBytes,
+      log,
+      expiryMs: opts.uploadExpiryMs,
+    });
+    const deps = { db, store, maxFileBytes, log, audit, uploads };
     if (opts.sftp) {
       sftp = await startSftpServer(deps, {
         host: opts.sftp.host ?? host,
@@ -75,6 +103,16 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
         hostKeyFile: opts.sftp.hostKeyFile ?? defaultHostKeyPath(dataDir),
       });
       log.info({ host: sftp.host, port: sftp.port }, 'SFTP listening');
+    }
+    if (opts.ftps) {
+      const defaults = defaultFtpsCertPaths(dataDir);
+      ftps = await startFtpsServer(deps, {
+        ...opts.ftps,
+        host: opts.ftps.host ?? host,
+        certFile: opts.ftps.certFile ?? defaults.certFile,
+        keyFile: opts.ftps.keyFile ?? defaults.keyFile,
+      });
+      log.info({ host: ftps.host, port: ftps.port }, 'FTPS listening');
     }
     const handler = createRequestHandler(deps);
     const inFlight = new Set<Promise<void>>();
@@ -101,8 +139,13 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
       server.closeIdleConnections();
       const cutOff = setTimeout(() => server.closeAllConnections(), CLOSE_GRACE_MS);
       try {
-        await Promise.all([sftp?.close(), closed.then(() => Promise.allSettled([...inFlight]))]);
+        await Promise.all([
+          sftp?.close(),
+          ftps?.close(),
+          closed.then(() => Promise.allSettled([...inFlight])),
+        ]);
       } finally {
+        await uploads?.close();
         clearTimeout(cutOff);
         audit?.close();
         db.close();
@@ -112,10 +155,13 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
     return {
       url,
       sftp: sftp && { host: sftp.host, port: sftp.port },
+      ftps: ftps && { host: ftps.host, port: ftps.port },
       close: () => (closing ??= close()),
     };
   } catch (err) {
     await sftp?.close();
+    await ftps?.close();
+    await uploads?.close();
     audit?.close();
     db.close();
     throw err;

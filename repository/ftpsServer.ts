@@ -1,0 +1,399 @@
+import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { promises as fs } from 'node:fs';
+import type { AddressInfo, Server as NetServer, Socket } from 'node:net';
+import path from 'node:path';
+import { PassThrough, Readable, Writable } from 'node:stream';
+import { promisify } from 'node:util';
+import { FileSystem, FtpSrv, type FtpConnection } from 'ftp-srv';
+import { describeError, type Logger } from '../logging/logger';
+import { AccessDenied, authenticatePassword, checkSession, type OwnerSession } from './auth';
+import { remoteOf, type AuditEvent, type AuditLog } from './auditLog';
+import { StoreError, type Entry, type FileStore } from './fileStore';
+import type { MetadataDb } from './metadataDb';
+import { resolveSftpPath, toRepoPath } from './sftpSession';
+
+/**
+ * The repository's FTP service with explicit TLS (AUTH TLS), through ftp-srv: owners log in with their
+ * password or an API token as password, and see only their own space through a FileSystem over the
+ * shared FileStore, so uploads are atomic, checksummed, counted against the quota and audited as over
+ * HTTP and SFTP. Logging in without TLS is refused unless plain FTP is allowed on purpose. Passive
+ * mode only (active mode lets a client aim the server at any address).
+ */
+
+export interface FtpsServerOptions {
+  host: string;
+  /** 0 picks an ephemeral port. */
+  port: number;
+  /** Passive data connections use ports from this inclusive range. */
+  pasvPorts: { min: number; max: number };
+  /** The address announced for passive connections to non-local clients (default `host`). */
+  pasvAddress?: string;
+  /** PEM files; a self-signed pair is generated there on first start. */
+  certFile: string;
+  keyFile: string;
+  /** Let clients log in without AUTH TLS (passwords then cross the network in clear). */
+  allowPlain?: boolean;
+}
+
+export interface FtpsServer {
+  host: string;
+  port: number;
+  close(): Promise<void>;
+}
+
+export interface FtpsDeps {
+  db: MetadataDb;
+  store: FileStore;
+  maxFileBytes: number;
+  log: Logger;
+  audit: AuditLog;
+}
+
+const IDLE_TIMEOUT_MS = 5 * 60_000;
+const CERT_DAYS = 3650;
+const run = promisify(execFile);
+
+export function defaultFtpsCertPaths(dataDir: string): { certFile: string; keyFile: string } {
+  return { certFile: path.join(dataDir, 'ftps_cert.pem'), keyFile: path.join(dataDir, 'ftps_key.pem') };
+}
+
+/** Reads the TLS pair, or makes a self-signed one (atomically, key mode 0600) so clients can pin it. */
+export async function loadOrCreateTlsCert(
+  certFile: string,
+  keyFile: string,
+  commonName = 'vsp-repository',
+): Promise<{ cert: Buffer; key: Buffer }> {
+  try {
+    return { cert: await fs.readFile(certFile), key: await fs.readFile(keyFile) };
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT')
+      throw new Error(`cannot read the FTPS certificate ${certFile} or key ${keyFile}`, { cause: err });
+  }
+  const suffix = `.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
+  const [tmpCert, tmpKey] = [certFile + suffix, keyFile + suffix];
+  try {
+    await run('openssl', [
+      'req',
+      '-x509',
+      '-newkey',
+      'ec',
+      '-pkeyopt',
+      'ec_paramgen_curve:prime256v1',
+      '-nodes',
+      '-days',
+      String(CERT_DAYS),
+      '-subj',
+      `/CN=${commonName}`,
+      '-keyout',
+      tmpKey,
+      '-out',
+      tmpCert,
+    ]);
+    await fs.chmod(tmpKey, 0o600);
+    for (const f of [tmpKey, tmpCert]) {
+      const h = await fs.open(f, 'r');
+      await h.sync().finally(() => h.close());
+    }
+    await fs.rename(tmpKey, keyFile);
+    await fs.rename(tmpCert, certFile);
+  } catch (err) {
+    throw new Error(`cannot generate a self-signed FTPS certificate at ${certFile}`, { cause: err });
+  } finally {
+    await Promise.all([fs.rm(tmpCert, { force: true }), fs.rm(tmpKey, { force: true })]);
+  }
+  return { cert: await fs.readFile(certFile), key: await fs.readFile(keyFile) };
+}
+
+/** What ftp-srv's listings and SIZE/MDTM read from a stat. */
+interface FtpStat {
+  name: string;
+  size: number;
+  mtime: Date;
+  mode: number;
+  isDirectory(): boolean;
+}
+
+function statOf(name: string, e: Entry): FtpStat {
+  const folder = e.kind === 'folder';
+  return {
+    name,
+    size: folder ? 0 : e.info.size,
+    mtime: folder ? new Date(0) : new Date(e.info.mtime),
+    mode: folder ? 0o40755 : 0o100644,
+    isDirectory: () => folder,
+  };
+}
+
+/** One logged-in owner's view of the store; every call re-checks that the login still holds. */
+class OwnerFileSystem extends FileSystem {
+  private dir = '/';
+
+  constructor(
+    connection: FtpConnection,
+    private readonly session: OwnerSession,
+    private readonly deps: FtpsDeps,
+    private readonly remote: string | undefined,
+  ) {
+    super(connection, { root: '/', cwd: '/' });
+  }
+
+  override currentDirectory(): string {
+    return this.dir;
+  }
+
+  override get(fileName: string): Promise<FtpStat> {
+    return this.act(undefined, fileName, (p) => {
+      const e = this.deps.store.entry(this.session.owner, p);
+      if (!e) throw new StoreError('not-found', `no such file or folder: ${fileName}`);
+      return statOf(path.posix.basename(fileName) || '/', e);
+    });
+  }
+
+  override list(dir = '.'): Promise<FtpStat[]> {
+    return this.act('list', dir, (p) => {
+      if (this.deps.store.entry(this.session.owner, p)?.kind !== 'folder')
+        throw new StoreError('not-found', `no such folder: ${dir}`);
+      return this.deps.store.readdir(this.session.owner, p).map((d) => statOf(d.name, d));
+    });
+  }
+
+  /** '..' is lexical and stops at the owner's root, as in a chroot. */
+  override chdir(dir = '.'): Promise<string> {
+    return this.act(undefined, undefined, () => {
+      const shown = resolveSftpPath(dir.startsWith('/') ? dir : `${this.dir}/${dir}`);
+      if (this.deps.store.entry(this.session.owner, toRepoPath(shown))?.kind !== 'folder')
+        throw new StoreError('not-found', `no such folder: ${dir}`);
+      this.dir = shown;
+      return shown;
+    });
+  }
+
+  override write(
+    fileName: string,
+    { append = false, start }: { append?: boolean; start?: number } = {},
+  ): Promise<{ stream: Writable; clientPath: string }> {
+    return this.act('upload', fileName, (p) => {
+      if (append || (start ?? 0) > 0)
+        throw new StoreError('conflict', 'uploads write a whole new file (no APPE or REST)');
+      if (p === '') throw new StoreError('conflict', 'the root is a folder');
+      const { store, maxFileBytes } = this.deps;
+      store.precheckWrite(this.session.owner, p);
+      const body = new PassThrough({ highWaterMark: 1 << 20 });
+      const result = store.write(this.session.owner, p, body, { maxBytes: maxFileBytes });
+      // Failures reach the client through the sink below; the store destroys `body` when it fails.
+      result.catch(() => undefined);
+      body.on('error', () => undefined);
+      const failure = (): Promise<Error> =>
+        result.then(
+          () => new Error('upload ended early'),
+          (err: unknown) => err as Error,
+        );
+      let committed = false;
+      // ftp-srv replies 226 on 'finish', which comes only once the store has committed the file.
+      const stream = new Writable({
+        highWaterMark: 1 << 20,
+        write: (chunk: Buffer, _enc, done) => {
+          if (body.destroyed) return void failure().then(done);
+          if (body.write(chunk)) return done();
+          const resume = (): void => {
+            body.off('drain', resume).off('close', resume);
+            if (body.destroyed) void failure().then(done);
+            else done();
+          };
+          body.on('drain', resume).on('close', resume);
+        },
+        final: (done) => {
+          body.end();
+          result.then(
+            (info) => {
+              committed = true;
+              this.record({ action: 'upload', path: p, result: 'ok', bytes: info.size });
+              done();
+            },
+            (err: unknown) => {
+              this.record({ action: 'upload', path: p, result: 'failed', detail: (err as Error).message });
+              done(err as Error);
+            },
+          );
+        },
+        destroy: (err, done) => {
+          if (!committed && !body.destroyed) body.destroy(err ?? new Error('transfer aborted'));
+          done(err);
+        },
+      });
+      return { stream, clientPath: `/${p}` };
+    });
+  }
+
+  override read(
+    fileName: string,
+    { start = 0 }: { start?: number } = {},
+  ): Promise<{ stream: Readable; clientPath: string }> {
+    return this.act('download', fileName, async (p) => {
+      if (this.deps.store.entry(this.session.owner, p)?.kind !== 'file')
+        throw new StoreError('not-found', `no such file: ${fileName}`);
+      const file = await this.deps.store.open(this.session.owner, p);
+      const size = file.info.size;
+      if (start > size) {
+        await file.close();
+        throw new StoreError('conflict', `restart offset ${start} is past the file's ${size} bytes`);
+      }
+      if (start === size) {
+        await file.close();
+        return { stream: Readable.from([]), clientPath: `/${p}` };
+      }
+      return { stream: file.createReadStream({ start, end: size - 1 }), clientPath: `/${p}` };
+    });
+  }
+
+  override delete(target: string): Promise<void> {
+    return this.act('delete', target, (p) => {
+      const e = this.deps.store.entry(this.session.owner, p);
+      if (e?.kind === 'folder') this.deps.store.removeFolder(this.session.owner, p);
+      else if (!this.deps.store.delete(this.session.owner, p))
+        throw new StoreError('not-found', `no such file: ${target}`);
+    });
+  }
+
+  override mkdir(dir: string): Promise<string> {
+    return this.act('mkdir', dir, (p) => {
+      this.deps.store.makeFolder(this.session.owner, p);
+      return `/${p}`;
+    });
+  }
+
+  override rename(from: string, to: string): Promise<void> {
+    return this.act('rename', from, (p) => {
+      const target = this.repoPathOf(to);
+      this.deps.store.rename(this.session.owner, p, target);
+    });
+  }
+
+  override chmod(): Promise<void> {
+    return Promise.reject(new StoreError('conflict', 'permissions are not kept in the repository'));
+  }
+
+  override getUniqueName(): string {
+    return randomBytes(12).toString('hex');
+  }
+
+  /** '.' segments (LIST's default argument) name the folder they are in; '..' is left for refusal. */
+  private absolute(input: string): string {
+    const full = input.startsWith('/') ? input : `${this.dir}/${input}`;
+    return full
+      .split('/')
+      .filter((seg) => seg !== '.')
+      .join('/');
+  }
+
+  /** A client path as a repository path; a path that tries to leave the owner's space is an AccessDenied. */
+  private repoPathOf(input: string): string {
+    try {
+      return toRepoPath(this.absolute(input));
+    } catch (err) {
+      throw new AccessDenied(403, (err as Error).message);
+    }
+  }
+
+  private record(e: Omit<AuditEvent, 'protocol' | 'remote' | 'user' | 'owner'>): void {
+    const owner = this.session.owner;
+    this.deps.audit.record({ protocol: 'ftps', remote: this.remote, user: owner, owner, ...e });
+  }
+
+  /**
+   * Runs `fn` on `input` as a repository path (refusing '..', absolute escapes and the like by
+   * normaliseRepoPath's rules) after re-checking the login; failures of a named action are audited.
+   */
+  private async act<T>(
+    action: string | undefined,
+    input: string | undefined,
+    fn: (repoPath: string) => T | Promise<T>,
+  ): Promise<T> {
+    let repoPath: string | undefined;
+    try {
+      checkSession(this.deps.db, this.session);
+      repoPath = input === undefined ? '' : this.repoPathOf(input);
+      const out = await fn(repoPath);
+      // An upload is recorded when it commits.
+      if (action !== undefined && action !== 'upload') this.record({ action, path: repoPath, result: 'ok' });
+      return out;
+    } catch (err) {
+      if (!(err instanceof StoreError || err instanceof AccessDenied))
+        this.deps.log.error({ owner: this.session.owner, err: describeError(err) }, 'FTPS request failed');
+      if (action !== undefined) {
+        this.record({
+          action,
+          path: repoPath ?? input,
+          result: err instanceof AccessDenied ? 'denied' : 'failed',
+          detail: err instanceof Error ? err.message : String(err),
+        });
+      }
+      throw err;
+    }
+  }
+}
+
+export async function startFtpsServer(deps: FtpsDeps, opts: FtpsServerOptions): Promise<FtpsServer> {
+  const { db, log, audit } = deps;
+  const { min, max } = opts.pasvPorts;
+  if (!Number.isInteger(min) || !Number.isInteger(max) || min < 1024 || max > 65535 || min > max)
+    throw new Error(`FTPS passive ports ${min}-${max} must be a range within 1024-65535`);
+  const tls = await loadOrCreateTlsCert(opts.certFile, opts.keyFile);
+  // ftp-srv logs every refused command as an error; refusals are in the audit log, failures logged here.
+  const ftpLog = log.child({ component: 'ftps' }, { level: 'fatal' });
+  // ftp-srv exits the process on these signals; the repository's own handlers close it instead.
+  const signals = ['SIGTERM', 'SIGINT', 'SIGQUIT'] as const;
+  const before = new Map(signals.map((s) => [s, new Set(process.listeners(s))]));
+  const ftp = new FtpSrv({
+    url: `ftp://${opts.host.includes(':') ? `[${opts.host}]` : opts.host}:${opts.port}`,
+    pasv_url: opts.pasvAddress ?? opts.host,
+    pasv_min: min,
+    pasv_max: max,
+    tls: { cert: tls.cert, key: tls.key, minVersion: 'TLSv1.2' },
+    blacklist: ['PORT', 'EPRT'],
+    greeting: ['VSP repository'],
+    log: ftpLog,
+  });
+  for (const s of signals)
+    for (const l of process.listeners(s)) if (!before.get(s)?.has(l)) process.removeListener(s, l);
+
+  ftp.on('login', ({ connection, username, password }, resolve, reject) => {
+    const socket = (connection as unknown as { commandSocket?: Socket }).commandSocket;
+    const remote = remoteOf(socket?.remoteAddress, socket?.remotePort);
+    const denied = (err: unknown): void => {
+      const detail = err instanceof Error ? err.message : String(err);
+      audit.record({ protocol: 'ftps', remote, user: username, action: 'login', result: 'denied', detail });
+      reject(err instanceof Error ? err : new Error(detail));
+    };
+    if (!opts.allowPlain && !connection.secure)
+      return denied(new AccessDenied(401, 'log in only after AUTH TLS: plain FTP is not offered'));
+    authenticatePassword(db, username, password).then((session) => {
+      audit.record({
+        protocol: 'ftps',
+        remote,
+        user: session.owner,
+        action: 'login',
+        result: 'ok',
+        detail: session.credential.kind,
+      });
+      resolve({ fs: new OwnerFileSystem(connection, session, deps, remote) });
+    }, denied);
+  });
+  // Set here rather than through ftp-srv's `timeout`, which also delays its close by as long.
+  (ftp as NodeJS.EventEmitter).on('connect', ({ connection }: { connection: FtpConnection }) => {
+    (connection as unknown as { commandSocket?: Socket }).commandSocket?.setTimeout(IDLE_TIMEOUT_MS);
+  });
+  ftp.on('client-error', ({ error }: { error: unknown }) =>
+    log.debug({ err: describeError(error) }, 'FTP client error'),
+  );
+
+  await ftp.listen();
+  const addr = (ftp as unknown as { server: NetServer }).server.address() as AddressInfo;
+  let closing: Promise<void> | undefined;
+  return {
+    host: addr.address,
+    port: addr.port,
+    close: () => (closing ??= Promise.resolve(ftp.close())),
+  };
+}

@@ -1,0 +1,210 @@
+import { createHash, randomBytes, randomInt } from 'node:crypto';
+import { promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { PassThrough, Readable } from 'node:stream';
+import { Client, FTPError } from 'basic-ftp';
+import { addOwner, setOwnerDisabled, setPassword, setQuota } from '../repository/admin';
+import { RepositoryClient } from '../repository/client';
+import { startRepositoryServer, type RepositoryServer } from '../repository/server';
+
+const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
+const PASSWORD = 'correct horse battery staple';
+
+let dataDir: string;
+let server: RepositoryServer;
+let ftpsPort: number;
+let cert: Buffer;
+let aliceToken: string;
+let bobToken: string;
+let aliceHttp: RepositoryClient;
+let bobHttp: RepositoryClient;
+let sigtermListeners: { before: number; after: number };
+
+async function login(user: string, password: string, secure = true): Promise<Client> {
+  const c = new Client(10_000);
+  try {
+    await c.access({
+      host: '127.0.0.1',
+      port: ftpsPort,
+      user,
+      password,
+      secure,
+      // The self-signed certificate is pinned; it names the service, not 127.0.0.1.
+      secureOptions: { ca: cert, checkServerIdentity: () => undefined },
+    });
+    return c;
+  } catch (err) {
+    c.close();
+    throw err;
+  }
+}
+
+async function fetch(c: Client, remote: string): Promise<Buffer> {
+  const sink = new PassThrough();
+  const chunks: Buffer[] = [];
+  sink.on('data', (b: Buffer) => chunks.push(b));
+  await c.downloadTo(sink, remote);
+  return Buffer.concat(chunks);
+}
+
+/** The FTP reply code a refused command got. */
+async function refusal(p: Promise<unknown>): Promise<{ code: number; message: string }> {
+  const err = await p.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  if (!(err instanceof FTPError)) throw new Error(`expected an FTP refusal, got ${String(err)}`);
+  return { code: err.code, message: err.message };
+}
+
+async function auditLines(): Promise<Record<string, unknown>[]> {
+  const text = await fs.readFile(path.join(dataDir, 'audit.log'), 'utf8');
+  return text
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
+}
+
+beforeAll(async () => {
+  dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-ftps-'));
+  aliceToken = addOwner(dataDir, 'alice').token;
+  bobToken = addOwner(dataDir, 'bob').token;
+  await setPassword(dataDir, 'alice', PASSWORD);
+  await setPassword(dataDir, 'bob', `${PASSWORD} bob`);
+  const min = randomInt(30_000, 60_000);
+  const before = process.listenerCount('SIGTERM');
+  server = await startRepositoryServer({
+    dataDir,
+    port: 0,
+    ftps: { port: 0, pasvPorts: { min, max: min + 40 } },
+  });
+  ftpsPort = server.ftps?.port ?? 0;
+  sigtermListeners = { before, after: process.listenerCount('SIGTERM') };
+  cert = await fs.readFile(path.join(dataDir, 'ftps_cert.pem'));
+  aliceHttp = new RepositoryClient({ url: server.url, token: aliceToken });
+  bobHttp = new RepositoryClient({ url: server.url, token: bobToken });
+});
+
+afterAll(async () => {
+  await server?.close();
+  await fs.rm(dataDir, { recursive: true, force: true });
+});
+
+describe('FTPS service', () => {
+  test('the same file over HTTP and FTPS is stored once with the same checksum', async () => {
+    const data = randomBytes(700_000);
+    const c = await login('alice', PASSWORD);
+    try {
+      await c.uploadFrom(Readable.from([data]), 'both/from-ftps.bin');
+      expect((await aliceHttp.stat('alice', 'both/from-ftps.bin'))?.sha256).toBe(sha(data));
+
+      await aliceHttp.upload('alice', 'both/from-http.bin', Readable.from([data]), { size: data.length });
+      expect(sha(await fetch(c, 'both/from-http.bin'))).toBe(sha(data));
+      expect(sha(await fetch(c, '/both/from-ftps.bin'))).toBe(sha(data));
+      // Replacing over FTPS keeps one record per path.
+      await c.cd('both');
+      await c.uploadFrom(Readable.from([data]), 'from-http.bin');
+      expect((await c.list()).map((e) => [e.name, e.size]).sort()).toEqual([
+        ['from-ftps.bin', data.length],
+        ['from-http.bin', data.length],
+      ]);
+      const listed = await aliceHttp.list('alice', 'both/');
+      expect(listed.map((f) => [f.path, f.sha256])).toEqual([
+        ['both/from-ftps.bin', sha(data)],
+        ['both/from-http.bin', sha(data)],
+      ]);
+      expect(await fs.readdir(path.join(dataDir, 'tmp'))).toEqual([]);
+      // ftp-srv's own handler (which would exit the process) is gone.
+      expect(sigtermListeners.after).toBe(sigtermListeners.before);
+      // The self-signed pair made on first start is kept, the key private.
+      expect((await fs.stat(path.join(dataDir, 'ftps_key.pem'))).mode & 0o777).toBe(0o600);
+    } finally {
+      c.close();
+    }
+  });
+
+  test('mkdir, rename, delete and rmdir act on the store', async () => {
+    const c = await login('alice', aliceToken); // a token works as the password
+    try {
+      await c.send('MKD ops');
+      await c.uploadFrom(Readable.from([Buffer.from('abc')]), 'ops/a.txt');
+      await c.rename('ops/a.txt', 'ops/b.txt');
+      expect((await aliceHttp.stat('alice', 'ops/b.txt'))?.size).toBe(3);
+      expect(await aliceHttp.stat('alice', 'ops/a.txt')).toBeUndefined();
+      expect((await refusal(c.send('RMD ops'))).message).toMatch(/not empty/);
+      await c.remove('ops/b.txt');
+      await c.send('RMD ops');
+      expect(await aliceHttp.list('alice', 'ops')).toEqual([]);
+      expect(
+        (await refusal(c.appendFrom(Readable.from([Buffer.from('x')]), 'both/from-ftps.bin'))).message,
+      ).toMatch(/whole new file/);
+    } finally {
+      c.close();
+    }
+  });
+
+  test('.. and absolute paths never leave the owner space', async () => {
+    await bobHttp.upload('bob', 'secret.txt', Readable.from([Buffer.from('bob only')]), { size: 8 });
+    const c = await login('alice', PASSWORD);
+    try {
+      for (const p of ['../bob/secret.txt', '/../bob/secret.txt', 'both/../../bob/secret.txt']) {
+        expect((await refusal(fetch(c, p))).message).toMatch(/'\.\.'/);
+        expect((await refusal(c.uploadFrom(Readable.from([Buffer.from('x')]), p))).message).toMatch(/'\.\.'/);
+        expect((await refusal(c.remove(p))).message).toMatch(/'\.\.'/);
+        expect((await refusal(c.rename('both/from-ftps.bin', p))).message).toMatch(/'\.\.'/);
+      }
+      // An absolute path starts at alice's own root: bob's file is not there.
+      expect((await refusal(fetch(c, '/bob/secret.txt'))).message).toMatch(/no such file/);
+      expect((await refusal(c.list('..'))).message).toMatch(/'\.\.'/);
+      // cd .. stops at the root, as in a chroot.
+      await c.cd('/');
+      await c.cd('..');
+      expect(await c.pwd()).toBe('/');
+      expect((await c.list()).map((e) => e.name).sort()).toEqual(['both']);
+      expect((await refusal(c.send('PORT 127,0,0,1,200,10'))).code).toBe(502);
+    } finally {
+      c.close();
+    }
+    expect((await bobHttp.stat('bob', 'secret.txt'))?.size).toBe(8);
+    expect(await auditLines()).toContainEqual(
+      expect.objectContaining({ protocol: 'ftps', user: 'alice', action: 'download', result: 'denied' }),
+    );
+  });
+
+  test('bad passwords, other owners tokens, plain logins and disabled owners are refused', async () => {
+    expect((await refusal(login('alice', 'wrong password here'))).code).toBe(530);
+    expect((await refusal(login('alice', bobToken))).code).toBe(530);
+    expect((await refusal(login('nobody', PASSWORD))).code).toBe(530);
+    const plain = await refusal(login('alice', PASSWORD, false));
+    expect(plain.code).toBe(530);
+    expect(plain.message).toMatch(/AUTH TLS/);
+
+    const c = await login('bob', bobToken);
+    try {
+      setOwnerDisabled(dataDir, 'bob', true);
+      expect((await refusal(fetch(c, 'secret.txt'))).message).toMatch(/disabled/);
+      expect((await refusal(login('bob', `${PASSWORD} bob`))).code).toBe(530);
+    } finally {
+      c.close();
+      setOwnerDisabled(dataDir, 'bob', false);
+    }
+    const denied = (await auditLines()).filter((e) => e.action === 'login' && e.result === 'denied');
+    expect(denied.map((e) => e.user)).toEqual(expect.arrayContaining(['alice', 'nobody', 'bob']));
+  });
+
+  test('an upload over quota fails with a clear message and leaves nothing', async () => {
+    setQuota(dataDir, 'bob', { bytes: 100_000 });
+    const c = await login('bob', bobToken);
+    try {
+      const err = await refusal(c.uploadFrom(Readable.from([randomBytes(300_000)]), 'big.bin'));
+      expect(err.code).toBe(550);
+      expect(err.message).toMatch(/quota of 100000 bytes/);
+    } finally {
+      c.close();
+      setQuota(dataDir, 'bob', {});
+    }
+    expect(await bobHttp.stat('bob', 'big.bin')).toBeUndefined();
+    expect(await fs.readdir(path.join(dataDir, 'tmp'))).toEqual([]);
+  });
+});
