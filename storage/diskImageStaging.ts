@@ -1,6 +1,6 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { fsyncFile, writeFileAtomic } from '../drivers/qemu/durableFile';
+import { fsyncFile, writeFileAtomic } from './durableFile';
 import { runCommand } from '../drivers/qemu/runCommand';
 import { createLogger } from '../logging/logger';
 import { normaliseRepoPath } from '../spec/repoPath';

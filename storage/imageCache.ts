@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import { createReadStream, constants as fsConstants, promises as fs } from 'node:fs';
 import path from 'node:path';
-import { fsyncFile, writeFileAtomic } from '../drivers/qemu/durableFile';
+import { fsyncFile, writeFileAtomic } from './durableFile';
 import { runCommand } from '../drivers/qemu/runCommand';
 import { createLogger } from '../logging/logger';
 

@@ -3,7 +3,7 @@ import path from 'node:path';
 import { inNetns } from '../deploy/devcluster/netns';
 import { spawnManaged, type ManagedProcess } from '../deploy/devcluster/processes';
 import { repoRoot } from '../deploy/devcluster/tools';
-import { writeFileAtomic } from '../drivers/qemu/durableFile';
+import { writeFileAtomic } from './durableFile';
 import { runCommand } from '../drivers/qemu/runCommand';
 import { createLogger, describeError } from '../logging/logger';
 

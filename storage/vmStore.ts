@@ -1,5 +1,6 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
+import { writeFileAtomic } from './durableFile';
 
 /**
  * A host's local VM store. Each VM folder is self-contained (disks, logs, control socket, state),
@@ -85,9 +86,7 @@ export class VmStore {
   async writeState(vmId: string, state: unknown): Promise<void> {
     const p = this.paths(vmId);
     await fs.mkdir(p.dir, { recursive: true });
-    const tmp = `${p.stateFile}.${process.pid}.tmp`;
-    await fs.writeFile(tmp, JSON.stringify(state, null, 2));
-    await fs.rename(tmp, p.stateFile);
+    await writeFileAtomic(p.stateFile, JSON.stringify(state, null, 2));
   }
 
   async remove(vmId: string): Promise<void> {

@@ -1,9 +1,10 @@
-import { closeSync, fsyncSync, mkdirSync, openSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { mkdirSync, rmSync } from 'node:fs';
 import path from 'node:path';
 
 import { Command, InvalidArgumentError } from 'commander';
 
 import { createLogger, describeError } from '../../logging/logger';
+import { writeFileAtomicSync } from '../../storage/durableFile';
 import { isShuttingDown, stopAllOnSignals, tailLog } from './processes';
 import { startTemporalDevServer } from './temporal';
 import { repoRoot } from './tools';
@@ -16,18 +17,6 @@ function parsePort(value: string): number {
     throw new InvalidArgumentError(`expected a port from 1 to 65535, got '${value}'`);
   }
   return port;
-}
-
-function writeFileAtomic(file: string, text: string): void {
-  const tmp = `${file}.${process.pid}.tmp`;
-  const fd = openSync(tmp, 'w');
-  try {
-    writeSync(fd, text);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-  renameSync(tmp, file);
 }
 
 /** Runs a persistent Temporal dev server with the web UI until Ctrl-C. */
@@ -60,7 +49,7 @@ async function main(): Promise<void> {
     process.exit(1);
   });
   // Other tools (demo, CLI) read the address from here when TEMPORAL_ADDRESS is unset.
-  writeFileAtomic(addressFile, `${server.address}\n`);
+  writeFileAtomicSync(addressFile, `${server.address}\n`);
   process.stdout.write(
     `Temporal dev server: ${server.address} (namespace ${server.namespace})\n` +
       `Web UI: ${server.uiUrl}\nState: ${opts.dbFile}\nLog: ${logFile}\nPress Ctrl-C to stop.\n`,

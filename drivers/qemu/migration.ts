@@ -22,7 +22,7 @@ import type {
 import type { Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
 import { buildQemuArgs } from './commandLine';
-import { writeFileAtomic } from './durableFile';
+import { writeFileAtomic } from '../../storage/durableFile';
 import { QmpClient, qmpCommand } from './qmp';
 import { pidFileOf, startedMarkerOf, type QemuVmState } from './qemuDriver';
 import { runCommand } from './runCommand';

@@ -1,4 +1,4 @@
-import { promises as fs } from 'node:fs';
+import { closeSync, fsyncSync, openSync, promises as fs, renameSync, writeSync } from 'node:fs';
 
 /** Flushes a file's data to disk, so a rename that publishes it cannot expose an empty file after a crash. */
 export async function fsyncFile(file: string): Promise<void> {
@@ -16,4 +16,17 @@ export async function writeFileAtomic(file: string, data: string): Promise<void>
   await fs.writeFile(tmp, data);
   await fsyncFile(tmp);
   await fs.rename(tmp, file);
+}
+
+/** The same for the few synchronous callers (command-line entry points writing a small file). */
+export function writeFileAtomicSync(file: string, data: string): void {
+  const tmp = `${file}.${process.pid}.tmp`;
+  const fd = openSync(tmp, 'w');
+  try {
+    writeSync(fd, data);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  renameSync(tmp, file);
 }
