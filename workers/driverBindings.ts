@@ -3,6 +3,7 @@ import path from 'node:path';
 import { ApplicationFailure } from '@temporalio/activity';
 import type { DriverBinding } from '../activities/host/hostDeps';
 import type { HostConfig } from '../config/workerConfig';
+import { probeAccelerator } from '../drivers/qemu/accelerator';
 import { ensureAppliance } from '../drivers/qemu/appliance';
 import { QemuDriver } from '../drivers/qemu/qemuDriver';
 import { ProcessDriver } from '../drivers/process/processDriver';
@@ -28,6 +29,8 @@ export async function createDriverBindings(
       };
     } else if (name === 'qemu') {
       const appliance = await ensureAppliance(config.applianceDir);
+      // Probe now (bounded, cached per process) so that no task waits for it at its VM's start.
+      if (config.accel === 'auto') await probeAccelerator(appliance.vmlinuz);
       const cache = new ImageCache({ dir: store.imagesDir, maxVirtualBytes: config.maxImageBytes });
       bindings.qemu = {
         driver: new QemuDriver({
