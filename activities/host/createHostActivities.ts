@@ -41,6 +41,17 @@ export function createHostActivities(deps: HostDeps) {
 
   const stagedMarker = (vmId: string) => path.join(store.paths(vmId).dir, '.staged.json');
 
+  /** The cached base image the driver boots (fetched and validated once per host), if it boots one. */
+  async function baseImageFor(ref: TaskRef, driver: string): Promise<string | undefined> {
+    const b = binding(driver);
+    if (b.resolveImage) return b.resolveImage(ref.spec.owner, ref.spec.image);
+    if (ref.spec.image === 'default') return undefined;
+    throw ApplicationFailure.nonRetryable(
+      `the '${driver}' driver boots no images; image '${ref.spec.image}' cannot be used`,
+      'ImageUnsupported',
+    );
+  }
+
   async function upload(owner: string, repoPath: string, local: string): Promise<UploadedFile> {
     const info = await repository.upload(owner, repoPath, local);
     return { path: info.path, size: info.size, sha256: info.sha256 };
@@ -54,6 +65,11 @@ export function createHostActivities(deps: HostDeps) {
       const p = store.paths(ref.vmId);
       const done = await fs.readFile(stagedMarker(ref.vmId), 'utf8').catch(() => undefined);
       if (done) return JSON.parse(done) as StageInResult;
+      // A bad image fails the task before any input is fetched; a good one is cached for createVm.
+      if (ref.spec.image !== 'default') {
+        Context.current().heartbeat({ step: 'image', image: ref.spec.image });
+        await baseImageFor(ref, driver);
+      }
 
       await store.init();
       await fs.mkdir(p.inputsDir, { recursive: true });
@@ -87,14 +103,7 @@ export function createHostActivities(deps: HostDeps) {
 
     /** Prepares the VM (root disk from the cached base image, configuration) without running it. */
     async createVm(ref: TaskRef, driver: string): Promise<VmHandle> {
-      const b = binding(driver);
-      let baseImage: string | undefined;
-      if (b.resolveImage) baseImage = await b.resolveImage(ref.spec.owner, ref.spec.image);
-      else if (ref.spec.image !== 'default')
-        throw ApplicationFailure.nonRetryable(
-          `the '${driver}' driver boots no images; image '${ref.spec.image}' cannot be used`,
-          'ImageUnsupported',
-        );
+      const baseImage = await baseImageFor(ref, driver);
       const config: VmConfig = {
         vmId: ref.vmId,
         owner: ref.spec.owner,
@@ -105,7 +114,7 @@ export function createHostActivities(deps: HostDeps) {
         ports: ref.spec.ports,
         timeLimitSec: ref.spec.timeLimitSec,
       };
-      return b.driver.create(config);
+      return binding(driver).driver.create(config);
     },
 
     async startVm(handle: VmHandle): Promise<VmHandle> {
