@@ -1,15 +1,6 @@
 #!/usr/bin/env node
 import { execFileSync } from 'node:child_process';
-import {
-  closeSync,
-  fsyncSync,
-  mkdtempSync,
-  openSync,
-  readFileSync,
-  renameSync,
-  rmSync,
-  writeSync,
-} from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -19,8 +10,10 @@ import { descendantsOf, listProcesses, type ProcInfo } from '../deploy/devcluste
 import { stopAll, stopAllOnSignals } from '../deploy/devcluster/processes';
 import { startTemporalDevServer, type TemporalDevServer } from '../deploy/devcluster/temporal';
 import { createLogger, describeError } from '../logging/logger';
+import { writeFileAtomicSync } from '../storage/durableFile';
 import { benchLifecycle } from './lifecycle';
 import { benchOrchestration, type ClusterBenchEnv } from './orchestration';
+import { benchPaper } from './paperEvaluation';
 import { benchRepository } from './repository';
 import { writeReport, type BenchReport } from './report';
 import { benchStaging } from './staging';
@@ -48,6 +41,7 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   'vm-creation': () => benchVmCreation(),
   staging: () => benchStaging(),
   repository: (ctx) => benchRepository(ctx.quick ? { sizeMiB: 64, runs: 1 } : {}),
+  paper: (ctx) => benchPaper({ workDir: ctx.workDir, quick: ctx.quick }),
 };
 
 /**
@@ -124,18 +118,6 @@ async function cleanUp(workDir: string): Promise<void> {
   rmSync(workDir, { recursive: true, force: true });
 }
 
-function writeFileAtomic(file: string, text: string): void {
-  const tmp = `${file}.${process.pid}.tmp`;
-  const fd = openSync(tmp, 'w');
-  try {
-    writeSync(fd, text);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-  renameSync(tmp, file);
-}
-
 function gitCommit(): string {
   try {
     const rev = execFileSync('git', ['rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).trim();
@@ -181,7 +163,7 @@ async function writeSummary(outDir: string, ran: string[], failures: Map<string,
     lines.push('');
   }
   const file = path.join(outDir, 'SUMMARY.md');
-  writeFileAtomic(file, lines.join('\n'));
+  writeFileAtomicSync(file, lines.join('\n'));
   return file;
 }
 
