@@ -80,21 +80,16 @@ export async function startSftpServer(deps: SftpSessionDeps, opts: SftpServerOpt
       ctx.reject(['publickey', 'password']);
     };
 
+    const loggedIn = (ctx: AuthContext, s: OwnerSession, how: string): void => {
+      session = s;
+      audit.record({ protocol: 'sftp', remote, user: s.owner, action: 'login', result: 'ok', detail: how });
+      ctx.accept();
+    };
+
     client.on('authentication', (ctx) => {
       if (ctx.method === 'password') {
         authenticatePassword(db, ctx.username, ctx.password).then(
-          (s) => {
-            session = s;
-            audit.record({
-              protocol: 'sftp',
-              remote,
-              user: s.owner,
-              action: 'login',
-              result: 'ok',
-              detail: 'password',
-            });
-            ctx.accept();
-          },
+          (s) => loggedIn(ctx, s, 'password'),
           (err: unknown) => denied(ctx, err),
         );
         return;
@@ -111,16 +106,7 @@ export async function startSftpServer(deps: SftpSessionDeps, opts: SftpServerOpt
           !key.verify(ctx.blob, ctx.signature, ctx.hashAlgo)
         )
           throw new AccessDenied(401, 'SSH key signature does not verify');
-        session = s;
-        audit.record({
-          protocol: 'sftp',
-          remote,
-          user: s.owner,
-          action: 'login',
-          result: 'ok',
-          detail: 'publickey',
-        });
-        ctx.accept();
+        loggedIn(ctx, s, 'publickey');
       } catch (err) {
         denied(ctx, err);
       }
