@@ -188,3 +188,16 @@ test('a task past its time limit is stopped and fails, its outputs and logs kept
   expect(processRunning('before-limit')).toBe(false);
   expect(await vmFolders()).toEqual([]);
 });
+
+test("Temporal's own cancel (temporal workflow cancel) ends a running task the same way", async () => {
+  const marker = `vspnative${Date.now()}`;
+  const { taskId } = await fx.vsp.submit({ owner: 'alice', command: `sh -c 'sleep 300; echo ${marker}'` });
+  await until('the command to start', async () => processRunning(`echo ${marker}`) || undefined);
+  await fx.temporal.workflow.getHandle(taskId).cancel();
+  await expect(fx.vsp.result(taskId)).rejects.toThrow();
+  const description = await fx.temporal.workflow.getHandle(taskId).describe();
+  expect(description.status.name).toBe('CANCELLED');
+  expect((await fx.vsp.status(taskId)).phase).toBe('cancelled');
+  expect(processRunning(`echo ${marker}`)).toBe(false);
+  expect(await vmFolders()).toEqual([]);
+});
