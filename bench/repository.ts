@@ -5,6 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { addOwner, createServiceToken } from '../repository/admin';
+import { describeError } from '../logging/logger';
 import { RepositoryClient } from '../repository/client';
 import type { BenchReport } from './report';
 
@@ -163,6 +164,89 @@ export async function benchRepository(opts: { sizeMiB?: number; runs?: number } 
         'download MiB/s': rate(median(times.download)),
         'server peak RSS (MiB)': Math.round(serverPeak),
         'client peak RSS (MiB)': Math.round(process.resourceUsage().maxRSS / 1024),
+      },
+    };
+  } finally {
+    if (child) await stopServerProcess(child);
+    await fs.rm(dir, { recursive: true, force: true });
+  }
+}
+
+/**
+ * Many clients at once: `clients` concurrent uploads of `sizeMiB` each (10 owners, each with its own
+ * token), then every stored file checked by its checksum. Errors are counted, never retried.
+ */
+export async function benchRepositoryConcurrency(
+  opts: { clients?: number; sizeMiB?: number } = {},
+): Promise<BenchReport> {
+  const clients = opts.clients ?? 100;
+  const sizeMiB = opts.sizeMiB ?? 10;
+  const owners = Array.from({ length: 10 }, (_, i) => `owner${i}`);
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-bench-repo-many-'));
+  let child: ChildProcess | undefined;
+  try {
+    const dataDir = path.join(dir, 'data');
+    const tokens = owners.map((o) => addOwner(dataDir, o).token);
+    const srcs = await Promise.all(
+      Array.from({ length: 4 }, async (_, i) => {
+        const file = path.join(dir, `source${i}.bin`);
+        return { file, sha256: await writeRandomFile(file, sizeMiB * 1024 * 1024) };
+      }),
+    );
+    const started = await startServerProcess(dataDir, randomBytes(32).toString('base64url'));
+    child = started.child;
+    const perUpload: number[] = [];
+    const errors: string[] = [];
+    const wall = await timed(() =>
+      Promise.all(
+        Array.from({ length: clients }, async (_, i) => {
+          const owner = i % owners.length;
+          const src = srcs[i % srcs.length];
+          const client = new RepositoryClient({ url: started.url, token: tokens[owner] });
+          try {
+            perUpload.push(await timed(() => client.upload(owners[owner], `many/${i}.bin`, src.file)));
+          } catch (err) {
+            errors.push(describeError(err));
+          }
+        }),
+      ),
+    );
+    let mismatches = 0;
+    for (const [o, owner] of owners.entries()) {
+      const client = new RepositoryClient({ url: started.url, token: tokens[o] });
+      for (const f of await client.list(owner, 'many/')) {
+        const i = Number(f.path.slice('many/'.length, -'.bin'.length));
+        if (f.sha256 !== srcs[i % srcs.length].sha256) mismatches++;
+      }
+    }
+    const stored = clients - errors.length;
+    const sorted = [...perUpload].sort((a, b) => a - b);
+    const totalMiBps = Math.round(((stored * sizeMiB) / wall) * 10) / 10;
+    return {
+      name: 'repository-concurrency',
+      title: `Repository: ${clients} concurrent clients uploading ${sizeMiB} MiB each`,
+      method:
+        `${clients} RepositoryClient uploads started at once over HTTP (10 owners with their own tokens) to the ` +
+        'repository server as a separate process on 127.0.0.1; wall time from first start to last finish; then ' +
+        "every stored file's SHA-256 compared with its source. Failed uploads are counted, not retried.",
+      rows: [
+        {
+          clients,
+          'MiB each': sizeMiB,
+          'wall s': Math.round(wall * 100) / 100,
+          'total MiB/s': totalMiBps,
+          'median upload s': Math.round(median(sorted) * 100) / 100,
+          'slowest upload s': Math.round((sorted.at(-1) ?? 0) * 100) / 100,
+          errors: errors.length,
+          'checksum mismatches': mismatches,
+        },
+      ],
+      summary: {
+        'total MiB/s': totalMiBps,
+        errors: errors.length,
+        'checksum mismatches': mismatches,
+        'server peak RSS (MiB)': Math.round(await peakRssMiB(child.pid!)),
+        ...(errors.length > 0 ? { 'first error': errors[0] } : {}),
       },
     };
   } finally {

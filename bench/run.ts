@@ -14,7 +14,7 @@ import { writeFileAtomicSync } from '../storage/durableFile';
 import { benchLifecycle } from './lifecycle';
 import { benchOrchestration, type ClusterBenchEnv } from './orchestration';
 import { benchPaper } from './paperEvaluation';
-import { benchRepository } from './repository';
+import { benchRepository, benchRepositoryConcurrency } from './repository';
 import { writeReport, type BenchReport } from './report';
 import { benchStaging } from './staging';
 import { benchVmCreation } from './vmCreation';
@@ -41,6 +41,7 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   'vm-creation': () => benchVmCreation(),
   staging: () => benchStaging(),
   repository: (ctx) => benchRepository(ctx.quick ? { sizeMiB: 64, runs: 1 } : {}),
+  'repository-concurrency': (ctx) => benchRepositoryConcurrency(ctx.quick ? { clients: 20, sizeMiB: 2 } : {}),
   paper: (ctx) => benchPaper({ workDir: ctx.workDir, quick: ctx.quick }),
 };
 
