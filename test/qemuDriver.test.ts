@@ -4,7 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { ensureAppliance, type Appliance } from '../drivers/qemu/appliance';
-import { QemuDriver, TIMEOUT_EXIT_CODE } from '../drivers/qemu/qemuDriver';
+import { hostPortsOf, QemuDriver, TIMEOUT_EXIT_CODE } from '../drivers/qemu/qemuDriver';
 import type { VmConfig, VmHandle, VmStatus } from '../drivers/types';
 import { DiskImageStaging, readDataDiskFile } from '../storage/diskImageStaging';
 import { ImageCache } from '../storage/imageCache';
@@ -176,5 +176,30 @@ describe('QemuDriver (real QEMU)', () => {
     const result = await driver.wait(handle, { onProgress: () => undefined, signal: noAbort() });
     expect(result).toEqual({ exitCode: TIMEOUT_EXIT_CODE, timedOut: true });
     expect((await driver.inspect(handle)).phase).toBe('missing');
+  });
+
+  test('a service task keeps running and answers on its forwarded port until destroyed', async () => {
+    const { driver, handle } = await prepare('svc-1', {}, 4, {
+      command: 'echo hello-service > index.html && exec busybox httpd -f -p 8080 -h .',
+      ports: [8080],
+    });
+    const started = await driver.start(handle);
+    const hostPort = hostPortsOf(started)[8080];
+    expect(hostPort).toBeGreaterThan(0);
+    const deadline = Date.now() + 90_000;
+    let body = '';
+    while (Date.now() < deadline && !body.includes('hello-service')) {
+      body = await fetch(`http://127.0.0.1:${hostPort}/index.html`, { signal: AbortSignal.timeout(3000) })
+        .then((r) => r.text())
+        .catch(() => '');
+      if (!body.includes('hello-service')) await new Promise((r) => setTimeout(r, 500));
+    }
+    expect(body).toContain('hello-service');
+    expect((await driver.inspect(started)).phase).toBe('running');
+    await driver.destroy(started);
+    expect((await driver.inspect(started)).phase).toBe('missing');
+    await expect(
+      fetch(`http://127.0.0.1:${hostPort}/`, { signal: AbortSignal.timeout(3000) }),
+    ).rejects.toThrow();
   });
 });
