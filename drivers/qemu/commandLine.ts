@@ -1,4 +1,5 @@
 import type { Accelerator } from './accelerator';
+import type { VmNic } from './vmNetwork';
 
 export interface QemuLaunch {
   vmId: string;
@@ -15,6 +16,8 @@ export interface QemuLaunch {
   owner: string;
   /** guest port -> host port on 127.0.0.1; empty: no network device. */
   portForwards: Record<number, number>;
+  /** A tap on the cluster's VM network instead of user-mode networking (port forwards are then unused). */
+  nic?: VmNic;
 }
 
 /** QEMU option values separate sub-options with commas; a literal comma is doubled. */
@@ -24,7 +27,8 @@ const opt = (value: string) => value.replace(/,/g, ',,');
 export function buildQemuArgs(l: QemuLaunch): string[] {
   const forwards = Object.entries(l.portForwards);
   const append = ['console=ttyS0', 'quiet', 'panic=-1', `vsp.owner=${l.owner}`];
-  if (forwards.length > 0) append.push('vsp.net=1');
+  if (l.nic) append.push(`vsp.ip=${l.nic.address}`);
+  else if (forwards.length > 0) append.push('vsp.net=1');
   const args = [
     '-name',
     `vsp-${l.vmId}`,
@@ -62,7 +66,14 @@ export function buildQemuArgs(l: QemuLaunch): string[] {
     '-pidfile',
     l.pidFile,
   ];
-  if (forwards.length > 0) {
+  if (l.nic) {
+    args.push(
+      '-netdev',
+      `tap,id=net0,ifname=${l.nic.tap},script=no,downscript=no`,
+      '-device',
+      `virtio-net-pci,netdev=net0,mac=${l.nic.mac}`,
+    );
+  } else if (forwards.length > 0) {
     const hostfwd = forwards.map(([guest, host]) => `,hostfwd=tcp:127.0.0.1:${host}-:${guest}`).join('');
     args.push('-netdev', `user,id=net0${hostfwd}`, '-device', 'virtio-net-pci,netdev=net0');
   }

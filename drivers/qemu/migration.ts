@@ -26,6 +26,7 @@ import { writeFileAtomic } from '../../storage/durableFile';
 import { QmpClient, qmpCommand } from './qmp';
 import { pidFileOf, startedMarkerOf, type QemuVmState } from './qemuDriver';
 import { runCommand } from './runCommand';
+import { addVmTap, nicFromState, removeVmTap, type VmNetworkOptions } from './vmNetwork';
 import { freeLocalPort, isVmProcess, readPidFile, sleep, waitForExit } from './vmProcess';
 
 /**
@@ -44,6 +45,8 @@ export interface QemuMigrationContext {
   cluster: ClusterStorage;
   /** Network namespace QEMU runs in (test hosts). */
   netns?: string;
+  /** The cluster's VM network: a VM with a NIC gets its tap on this bridge here too. */
+  vmNetwork?: VmNetworkOptions;
 }
 
 /** Defaults for options the caller leaves out. */
@@ -157,8 +160,14 @@ export class QemuMigration {
     const base = disks.base && root.kind === 'nfs' ? resolveForQemu(disks.base, local) : undefined;
 
     await fs.mkdir(paths.dir, { recursive: true });
+    // The same NIC (tap, MAC, address) as on the source: the guest keeps its address.
+    const nic = nicFromState(from.state);
+    if (nic && !this.ctx.vmNetwork)
+      throw new Error(
+        `VM ${vmId} is on the VM network, which host ${this.ctx.hostName} is not configured for`,
+      );
     const portForwards: Record<number, number> = {};
-    for (const port of config.ports) portForwards[port] = await freeLocalPort();
+    if (!nic) for (const port of config.ports) portForwards[port] = await freeLocalPort();
     const args = buildQemuArgs({
       vmId,
       accel: from.state.accel as Accelerator,
@@ -173,6 +182,7 @@ export class QemuMigration {
       pidFile: pidFileOf(paths),
       owner: config.owner,
       portForwards,
+      nic,
     });
     if (base && disks.base) {
       const format = disks.base.path.endsWith('.raw') ? 'raw' : 'qcow2';
@@ -207,6 +217,7 @@ export class QemuMigration {
       await fs.rm(paths.qmpSocket, { force: true });
       await fs.rm(pidFileOf(paths), { force: true });
       try {
+        if (nic && this.ctx.vmNetwork) await addVmTap(this.wrap, this.ctx.vmNetwork.bridge, nic.tap);
         const c = this.wrap(this.ctx.qemuBinary, [...args, '-incoming', incoming.uri]);
         await runCommand(c.cmd, c.args, { timeoutMs: LAUNCH_TIMEOUT_MS });
       } catch (err) {
@@ -292,6 +303,8 @@ export class QemuMigration {
       await this.ctx.store.writeState(vmId, { config, handle: moved } satisfies QemuVmState);
     }
     await this.quit(pid, paths);
+    const nic = nicFromState(current.state);
+    if (nic) await removeVmTap(this.wrap, nic.tap);
     if (current.storageHost !== this.ctx.hostName) await this.ctx.store.remove(vmId);
     this.log.info({ ...result }, 'migration completed');
     return result;
@@ -431,6 +444,8 @@ export class QemuMigration {
       if (!(await waitForExit(pid, paths.qmpSocket, QUIT_TIMEOUT_MS)))
         throw new Error(`VM ${vmId}: incoming QEMU ${pid} survived SIGKILL`);
     }
+    const nic = nicFromState(record.incoming.handle.state);
+    if (nic) await removeVmTap(this.wrap, nic.tap);
     if (record.source.handle.storageHost === this.ctx.hostName) {
       // Home of the disks: keep the folder, drop only what the incoming QEMU left.
       for (const f of [paths.qmpSocket, pidFileOf(paths), this.incomingFile(vmId)])
@@ -441,9 +456,8 @@ export class QemuMigration {
     this.log.info({ vmId, host: this.ctx.hostName }, 'incoming VM aborted');
   }
 
-  private wrap(cmd: string, args: string[]): { cmd: string; args: string[] } {
-    return this.ctx.netns ? inNetns(this.ctx.netns, cmd, args) : { cmd, args };
-  }
+  private readonly wrap = (cmd: string, args: string[]): { cmd: string; args: string[] } =>
+    this.ctx.netns ? inNetns(this.ctx.netns, cmd, args) : { cmd, args };
 
   private incomingFile(vmId: string): string {
     return path.join(this.ctx.store.paths(vmId).dir, 'incoming.json');

@@ -26,6 +26,15 @@ import { ConsoleFollower, consoleTail } from './consoleLog';
 import { QemuMigration } from './migration';
 import { qmpCommand } from './qmp';
 import { runCommand } from './runCommand';
+import {
+  addVmTap,
+  nicFromState,
+  nicState,
+  removeVmTap,
+  validateVmNetwork,
+  vmNicOf,
+  type VmNetworkOptions,
+} from './vmNetwork';
 import { freeLocalPort, isVmProcess, readPidFile, sleep, waitForExit } from './vmProcess';
 
 export interface QemuDriverOptions {
@@ -40,6 +49,11 @@ export interface QemuDriverOptions {
   cluster?: ClusterStorage;
   /** Network namespace QEMU runs in (test hosts on one machine, see deploy/devcluster/netns.ts). */
   netns?: string;
+  /**
+   * VMs with ports get a tap on this cluster network (an address that follows them across migrations)
+   * instead of user-mode networking with host port forwards.
+   */
+  vmNetwork?: VmNetworkOptions;
 }
 
 /** What the VM folder's state file holds: enough to re-attach from any worker. */
@@ -98,6 +112,7 @@ export class QemuDriver implements MigratableDriver {
   constructor(private readonly opts: QemuDriverOptions) {
     this.qemuBinary = opts.qemuBinary ?? 'qemu-system-x86_64';
     this.pollMs = opts.pollMs ?? 1000;
+    if (opts.vmNetwork) validateVmNetwork(opts.vmNetwork);
     this.migration = new QemuMigration({
       store: opts.store,
       hostName: opts.hostName,
@@ -105,6 +120,7 @@ export class QemuDriver implements MigratableDriver {
       qemuBinary: this.qemuBinary,
       cluster: opts.cluster ?? {},
       netns: opts.netns,
+      vmNetwork: opts.vmNetwork,
     });
   }
 
@@ -167,8 +183,10 @@ export class QemuDriver implements MigratableDriver {
       this.opts.accel && this.opts.accel !== 'auto'
         ? this.opts.accel
         : await probeAccelerator(this.opts.appliance.vmlinuz, undefined, this.qemuBinary);
+    const nic =
+      this.opts.vmNetwork && config.ports.length > 0 ? vmNicOf(config.vmId, this.opts.vmNetwork) : undefined;
     const portForwards: Record<number, number> = {};
-    for (const port of config.ports) portForwards[port] = await freeLocalPort();
+    if (!nic) for (const port of config.ports) portForwards[port] = await freeLocalPort();
     const startedAt = Date.now();
     const handle: VmHandle = {
       ...current,
@@ -179,6 +197,7 @@ export class QemuDriver implements MigratableDriver {
         startedAt,
         deadline: startedAt + config.timeLimitSec * 1000,
         ...Object.fromEntries(Object.entries(portForwards).map(([g, h]) => [`${HOST_PORT_KEY}${g}`, h])),
+        ...(nic ? nicState(nic) : {}),
       },
     };
     await this.opts.store.writeState(config.vmId, { config, handle } satisfies QemuVmState);
@@ -197,16 +216,21 @@ export class QemuDriver implements MigratableDriver {
       pidFile: pidFileOf(paths),
       owner: config.owner,
       portForwards,
+      nic,
     });
-    const launch = this.opts.netns
-      ? inNetns(this.opts.netns, this.qemuBinary, args)
-      : { cmd: this.qemuBinary, args };
-    await runCommand(launch.cmd, launch.args, { timeoutMs: LAUNCH_TIMEOUT_MS });
+    const launch = this.wrap(this.qemuBinary, args);
+    if (nic && this.opts.vmNetwork) await addVmTap(this.wrap, this.opts.vmNetwork.bridge, nic.tap);
+    try {
+      await runCommand(launch.cmd, launch.args, { timeoutMs: LAUNCH_TIMEOUT_MS });
+    } catch (err) {
+      if (nic) await removeVmTap(this.wrap, nic.tap);
+      throw err;
+    }
     const pid = await readPidFile(pidFileOf(paths));
     if (!pid) throw new Error(`VM ${config.vmId}: QEMU started but wrote no pid file`);
     handle.state.pid = pid;
     await this.opts.store.writeState(config.vmId, { config, handle } satisfies QemuVmState);
-    this.log.info({ vmId: config.vmId, pid, accel, portForwards }, 'VM started');
+    this.log.info({ vmId: config.vmId, pid, accel, portForwards, address: nic?.address }, 'VM started');
     return handle;
   }
 
@@ -328,6 +352,10 @@ export class QemuDriver implements MigratableDriver {
 
   async destroy(handle: VmHandle): Promise<void> {
     await this.stop(handle, DESTROY_STOP_TIMEOUT_MS);
+    const saved = await this.opts.store.readState<QemuVmState>(handle.vmId);
+    const nic = nicFromState((saved?.handle ?? handle).state);
+    // A VM that migrated away has its tap on the other host; a same-named tap here is then not ours.
+    if (nic && (saved?.handle ?? handle).host === this.opts.hostName) await removeVmTap(this.wrap, nic.tap);
     await this.opts.store.remove(handle.vmId);
     this.log.info({ vmId: handle.vmId }, 'VM destroyed');
   }
@@ -351,6 +379,10 @@ export class QemuDriver implements MigratableDriver {
   abortIncoming(incoming: IncomingVm): Promise<void> {
     return this.migration.abortIncoming(incoming);
   }
+
+  /** Command words that run `cmd` in this host's network namespace (if any). */
+  private readonly wrap = (cmd: string, args: string[]) =>
+    this.opts.netns ? inNetns(this.opts.netns, cmd, args) : { cmd, args };
 
   /** The host a VM left this one for by live migration (undefined: it did not leave). */
   private async migratedAway(vmId: string): Promise<string | undefined> {
