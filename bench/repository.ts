@@ -18,7 +18,7 @@ import type { BenchReport } from './report';
 
 const run = promisify(execFile);
 
-function serverEntrypoint(): string {
+export function serverEntrypoint(): string {
   for (const candidate of [
     path.resolve(__dirname, '../repository/main.js'),
     path.resolve(process.cwd(), 'dist/repository/main.js'),
@@ -28,7 +28,7 @@ function serverEntrypoint(): string {
   throw new Error('dist/repository/main.js not found: run `npx tsc -p tsconfig.build.json` first');
 }
 
-async function writeRandomFile(file: string, bytes: number): Promise<string> {
+export async function writeRandomFile(file: string, bytes: number): Promise<string> {
   const hash = createHash('sha256');
   const handle = await fs.open(file, 'w');
   try {
@@ -45,9 +45,11 @@ async function writeRandomFile(file: string, bytes: number): Promise<string> {
 }
 
 /** Starts `node dist/repository/main.js` and waits for its "listening" log line. */
-async function startServerProcess(
+export async function startServerProcess(
   dataDir: string,
   serviceToken: string,
+  /** More VSP_REPO_* settings, e.g. the SFTP and FTPS listeners. */
+  extraEnv: NodeJS.ProcessEnv = {},
 ): Promise<{ child: ChildProcess; url: string }> {
   const child = spawn(process.execPath, [serverEntrypoint()], {
     env: {
@@ -55,6 +57,7 @@ async function startServerProcess(
       VSP_REPO_DIR: dataDir,
       VSP_REPO_LISTEN: '127.0.0.1:0',
       VSP_REPO_SERVICE_TOKEN: serviceToken,
+      ...extraEnv,
     },
     stdio: ['ignore', 'ignore', 'pipe'],
   });
@@ -80,27 +83,27 @@ async function startServerProcess(
   return { child, url };
 }
 
-async function stopServerProcess(child: ChildProcess): Promise<void> {
+export async function stopServerProcess(child: ChildProcess): Promise<void> {
   if (child.exitCode !== null) return;
   const exited = new Promise((resolve) => child.once('exit', resolve));
   child.kill('SIGTERM');
   await exited;
 }
 
-async function peakRssMiB(pid: number): Promise<number> {
+export async function peakRssMiB(pid: number): Promise<number> {
   const status = await fs.readFile(`/proc/${pid}/status`, 'utf8');
   const m = /^VmHWM:\s+(\d+) kB/m.exec(status);
   if (!m) throw new Error(`no VmHWM in /proc/${pid}/status`);
   return Number(m[1]) / 1024;
 }
 
-async function timed(fn: () => Promise<unknown>): Promise<number> {
+export async function timed(fn: () => Promise<unknown>): Promise<number> {
   const start = process.hrtime.bigint();
   await fn();
   return Number(process.hrtime.bigint() - start) / 1e9;
 }
 
-const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+export const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
 export async function benchRepository(opts: { sizeMiB?: number; runs?: number } = {}): Promise<BenchReport> {
   const sizeMiB = opts.sizeMiB ?? 1024;

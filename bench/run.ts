@@ -15,6 +15,7 @@ import { benchLifecycle } from './lifecycle';
 import { benchOrchestration, type ClusterBenchEnv } from './orchestration';
 import { benchPaper } from './paperEvaluation';
 import { benchRepository, benchRepositoryConcurrency } from './repository';
+import { benchRepositoryProtocols } from './repositoryProtocols';
 import { writeReport, type BenchReport } from './report';
 import { benchStaging } from './staging';
 import { benchVmCreation } from './vmCreation';
@@ -41,6 +42,7 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   'vm-creation': () => benchVmCreation(),
   staging: () => benchStaging(),
   repository: (ctx) => benchRepository(ctx.quick ? { sizeMiB: 64, runs: 1 } : {}),
+  protocols: (ctx) => benchRepositoryProtocols(ctx.quick ? { sizeMiB: 64, runs: 1 } : {}),
   'repository-concurrency': (ctx) => benchRepositoryConcurrency(ctx.quick ? { clients: 20, sizeMiB: 2 } : {}),
   paper: (ctx) => benchPaper({ workDir: ctx.workDir, quick: ctx.quick }),
 };
@@ -164,6 +166,7 @@ async function writeSummary(outDir: string, ran: string[], failures: Map<string,
     lines.push('');
   }
   const file = path.join(outDir, 'SUMMARY.md');
+  await fs.mkdir(outDir, { recursive: true });
   writeFileAtomicSync(file, lines.join('\n'));
   return file;
 }
