@@ -1,17 +1,15 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import { createTestNetwork, type TestNetwork } from '../deploy/devcluster/netns';
-import { ensureAppliance, type Appliance } from '../drivers/qemu/appliance';
+import { type TestNetwork } from '../deploy/devcluster/netns';
 import { qmpCommand } from '../drivers/qemu/qmp';
 import { QemuDriver, VmMigratedError } from '../drivers/qemu/qemuDriver';
 import type { MigrationProgress, MigrationResult, VmConfig, VmHandle } from '../drivers/types';
 import type { ClusterStorage } from '../storage/diskLocator';
 import { DiskImageStaging, readDataDiskFile } from '../storage/diskImageStaging';
-import { ImageCache } from '../storage/imageCache';
-import { checkNfsExport, startNfsExport, type RunningNfsExport } from '../storage/nfsExport';
-import { VmStore } from '../storage/vmStore';
+import { checkNfsExport } from '../storage/nfsExport';
+import type { VmStore } from '../storage/vmStore';
+import { startNfsTestHosts, type NfsTestHosts } from './support/nfsTestHosts';
 
 /**
  * Live migration between three test hosts (network namespaces, each with its own nfs-ganesha export of
@@ -25,57 +23,23 @@ const BLOB_BYTES = 4 * 1024 * 1024;
 const GUEST_SECONDS = 24;
 
 describe('live migration over per-host NFS (real QEMU, namespace hosts)', () => {
-  let appliance: Appliance;
-  let work: string;
+  let hosts: NfsTestHosts<Host> | undefined;
   let network: TestNetwork;
+  let stores: Record<Host, VmStore>;
+  let drivers: Record<Host, QemuDriver>;
+  let cluster: ClusterStorage;
   let baseImage: string;
-  const stores = {} as Record<Host, VmStore>;
-  const drivers = {} as Record<Host, QemuDriver>;
-  const exports: RunningNfsExport[] = [];
-  const cluster: ClusterStorage = {};
-  const started: { host: Host; handle: VmHandle }[] = [];
+  let started: { host: Host; handle: VmHandle }[];
   const staging = new DiskImageStaging();
   const noAbort = () => new AbortController().signal;
 
   beforeAll(async () => {
-    appliance = await ensureAppliance();
-    work = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-migration-'));
-    network = await createTestNetwork({ hosts: [...HOSTS], prefix: 'vspmig-', subnet: '10.77.9' });
-    for (const h of HOSTS) {
-      stores[h] = new VmStore(path.join(work, h, 'store'));
-      await stores[h].init();
-      cluster[h] = { address: network.hosts[h].address, exportPath: '/vsp' };
-    }
-    for (const h of HOSTS) {
-      exports.push(
-        await startNfsExport({
-          hostName: h,
-          storeRoot: stores[h].root,
-          endpoint: cluster[h],
-          stateDir: path.join(work, h, 'nfs'),
-          netns: network.hosts[h].netns,
-        }),
-      );
-      drivers[h] = new QemuDriver({
-        store: stores[h],
-        hostName: h,
-        appliance,
-        accel: 'auto',
-        pollMs: 250,
-        cluster,
-        netns: network.hosts[h].netns,
-      });
-    }
-    const cache = new ImageCache({ dir: stores.a.imagesDir, maxVirtualBytes: 1024 ** 3 });
-    baseImage = (await cache.ensureFromFile(appliance.root.path, appliance.root.sha256)).path;
+    hosts = await startNfsTestHosts({ hosts: HOSTS, prefix: 'vspmig-', subnet: '10.77.9' });
+    ({ network, stores, drivers, cluster, baseImage, started } = hosts);
   });
 
   afterAll(async () => {
-    for (const { host, handle } of started.splice(0).reverse())
-      await drivers[host].destroy(handle).catch(() => undefined);
-    for (const e of exports.splice(0)) await e.stop();
-    await network?.teardown();
-    if (work) await fs.rm(work, { recursive: true, force: true });
+    await hosts?.stop();
   });
 
   /** A VM on host a whose task counts GUEST_SECONDS, then hashes its 4 MiB input into md5.txt. */

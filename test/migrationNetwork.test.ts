@@ -1,19 +1,15 @@
 import { promises as fs } from 'node:fs';
 import http from 'node:http';
-import os from 'node:os';
 import path from 'node:path';
-import { createTestNetwork, HOST_BRIDGE, type TestNetwork } from '../deploy/devcluster/netns';
-import { ensureAppliance, type Appliance } from '../drivers/qemu/appliance';
+import { HOST_BRIDGE, type TestNetwork } from '../deploy/devcluster/netns';
 import { buildQemuArgs } from '../drivers/qemu/commandLine';
 import { QemuDriver } from '../drivers/qemu/qemuDriver';
 import { runCommand } from '../drivers/qemu/runCommand';
 import { vmNicOf, type VmNetworkOptions } from '../drivers/qemu/vmNetwork';
 import type { VmConfig, VmHandle } from '../drivers/types';
-import type { ClusterStorage } from '../storage/diskLocator';
 import { DiskImageStaging } from '../storage/diskImageStaging';
-import { ImageCache } from '../storage/imageCache';
-import { startNfsExport, type RunningNfsExport } from '../storage/nfsExport';
-import { VmStore } from '../storage/vmStore';
+import type { VmStore } from '../storage/vmStore';
+import { startNfsTestHosts, type NfsTestHosts } from './support/nfsTestHosts';
 
 /**
  * A VM's HTTP service on the cluster's VM network stays reachable, at the same address, while the VM
@@ -131,56 +127,25 @@ async function linkExists(netns: string, link: string): Promise<boolean> {
 }
 
 describe('VM network follows live migration (real QEMU, namespace hosts)', () => {
-  let appliance: Appliance;
-  let work: string;
+  let hosts: NfsTestHosts<Host> | undefined;
   let network: TestNetwork;
+  let stores: Record<Host, VmStore>;
+  let drivers: Record<Host, QemuDriver>;
   let baseImage: string;
-  const stores = {} as Record<Host, VmStore>;
-  const drivers = {} as Record<Host, QemuDriver>;
-  const exports: RunningNfsExport[] = [];
-  const cluster: ClusterStorage = {};
-  const started: { host: Host; handle: VmHandle }[] = [];
+  let started: { host: Host; handle: VmHandle }[];
 
   beforeAll(async () => {
-    appliance = await ensureAppliance();
-    work = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-migration-net-'));
-    network = await createTestNetwork({ hosts: [...HOSTS], prefix: 'vspnet-', subnet: SUBNET });
-    for (const h of HOSTS) {
-      stores[h] = new VmStore(path.join(work, h, 'store'));
-      await stores[h].init();
-      cluster[h] = { address: network.hosts[h].address, exportPath: '/vsp' };
-    }
-    for (const h of HOSTS) {
-      exports.push(
-        await startNfsExport({
-          hostName: h,
-          storeRoot: stores[h].root,
-          endpoint: cluster[h],
-          stateDir: path.join(work, h, 'nfs'),
-          netns: network.hosts[h].netns,
-        }),
-      );
-      drivers[h] = new QemuDriver({
-        store: stores[h],
-        hostName: h,
-        appliance,
-        accel: 'auto',
-        pollMs: 250,
-        cluster,
-        netns: network.hosts[h].netns,
-        vmNetwork: VM_NETWORK,
-      });
-    }
-    const cache = new ImageCache({ dir: stores.a.imagesDir, maxVirtualBytes: 1024 ** 3 });
-    baseImage = (await cache.ensureFromFile(appliance.root.path, appliance.root.sha256)).path;
+    hosts = await startNfsTestHosts({
+      hosts: HOSTS,
+      prefix: 'vspnet-',
+      subnet: SUBNET,
+      vmNetwork: VM_NETWORK,
+    });
+    ({ network, stores, drivers, baseImage, started } = hosts);
   });
 
   afterAll(async () => {
-    for (const { host, handle } of started.splice(0).reverse())
-      await drivers[host].destroy(handle).catch(() => undefined);
-    for (const e of exports.splice(0)) await e.stop();
-    await network?.teardown();
-    if (work) await fs.rm(work, { recursive: true, force: true });
+    await hosts?.stop();
   });
 
   test('an HTTP service polled every 50 ms (>= 10 req/s, 3 s timeout) loses no request across a -> b', async () => {

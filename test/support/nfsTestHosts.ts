@@ -1,0 +1,90 @@
+import { promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { createTestNetwork, type TestNetwork } from '../../deploy/devcluster/netns';
+import { ensureAppliance } from '../../drivers/qemu/appliance';
+import { QemuDriver } from '../../drivers/qemu/qemuDriver';
+import type { VmNetworkOptions } from '../../drivers/qemu/vmNetwork';
+import type { VmHandle } from '../../drivers/types';
+import type { ClusterStorage } from '../../storage/diskLocator';
+import { ImageCache } from '../../storage/imageCache';
+import { startNfsExport, type RunningNfsExport } from '../../storage/nfsExport';
+import { VmStore } from '../../storage/vmStore';
+
+export interface NfsTestHosts<H extends string> {
+  network: TestNetwork;
+  stores: Record<H, VmStore>;
+  drivers: Record<H, QemuDriver>;
+  cluster: ClusterStorage;
+  /** The appliance root, cached in the first host's store (VMs are created there). */
+  baseImage: string;
+  /** VMs the test started, destroyed by stop(). */
+  started: { host: H; handle: VmHandle }[];
+  stop(): Promise<void>;
+}
+
+/**
+ * Namespace test hosts, each exporting its own VM store over NFS (nfs-ganesha) and with a QEMU driver
+ * that knows every export: the setup the migration tests share. Needs root. A failed setup tears down
+ * what it made.
+ */
+export async function startNfsTestHosts<H extends string>(opts: {
+  hosts: readonly H[];
+  prefix: string;
+  subnet: string;
+  vmNetwork?: VmNetworkOptions;
+}): Promise<NfsTestHosts<H>> {
+  const appliance = await ensureAppliance();
+  const work = await fs.mkdtemp(path.join(os.tmpdir(), `${opts.prefix}work-`));
+  const exports: RunningNfsExport[] = [];
+  let network: TestNetwork | undefined;
+  const t = {
+    stores: {} as Record<H, VmStore>,
+    drivers: {} as Record<H, QemuDriver>,
+    cluster: {} as ClusterStorage,
+    started: [] as { host: H; handle: VmHandle }[],
+    async stop() {
+      for (const { host, handle } of t.started.splice(0).reverse())
+        await t.drivers[host].destroy(handle).catch(() => undefined);
+      for (const e of exports.splice(0)) await e.stop();
+      await network?.teardown();
+      await fs.rm(work, { recursive: true, force: true });
+    },
+  };
+  try {
+    network = await createTestNetwork({ hosts: [...opts.hosts], prefix: opts.prefix, subnet: opts.subnet });
+    const net = network;
+    for (const h of opts.hosts) {
+      t.stores[h] = new VmStore(path.join(work, h, 'store'));
+      await t.stores[h].init();
+      t.cluster[h] = { address: net.hosts[h].address, exportPath: '/vsp' };
+    }
+    for (const h of opts.hosts) {
+      exports.push(
+        await startNfsExport({
+          hostName: h,
+          storeRoot: t.stores[h].root,
+          endpoint: t.cluster[h],
+          stateDir: path.join(work, h, 'nfs'),
+          netns: net.hosts[h].netns,
+        }),
+      );
+      t.drivers[h] = new QemuDriver({
+        store: t.stores[h],
+        hostName: h,
+        appliance,
+        accel: 'auto',
+        pollMs: 250,
+        cluster: t.cluster,
+        netns: net.hosts[h].netns,
+        vmNetwork: opts.vmNetwork,
+      });
+    }
+    const cache = new ImageCache({ dir: t.stores[opts.hosts[0]].imagesDir, maxVirtualBytes: 1024 ** 3 });
+    const baseImage = (await cache.ensureFromFile(appliance.root.path, appliance.root.sha256)).path;
+    return { ...t, network: net, baseImage };
+  } catch (err) {
+    await t.stop();
+    throw err;
+  }
+}
