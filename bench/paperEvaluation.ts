@@ -1,17 +1,16 @@
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { createTestNetwork, inNetns, type TestNetwork } from '../deploy/devcluster/netns';
-import { ensureAppliance } from '../drivers/qemu/appliance';
-import { QemuDriver } from '../drivers/qemu/qemuDriver';
+import { inNetns, type TestNetwork } from '../deploy/devcluster/netns';
+import { startNfsTestHosts, type NfsTestHosts } from '../deploy/devcluster/nfsTestHosts';
+import type { QemuDriver } from '../drivers/qemu/qemuDriver';
 import { runCommand } from '../drivers/qemu/runCommand';
 import type { MigrationResult, VmConfig, VmHandle } from '../drivers/types';
 import { createLogger, describeError } from '../logging/logger';
 import type { ClusterStorage } from '../storage/diskLocator';
 import { DiskImageStaging, readDataDiskFile, VSP_DIR } from '../storage/diskImageStaging';
-import { ImageCache } from '../storage/imageCache';
-import { nfsUrl, startNfsExport, type RunningNfsExport } from '../storage/nfsExport';
-import { VmStore } from '../storage/vmStore';
+import { nfsUrl } from '../storage/nfsExport';
+import type { VmStore } from '../storage/vmStore';
 import { median, round } from './orchestration';
 import type { BenchReport } from './report';
 
@@ -92,66 +91,49 @@ interface GuestRun {
 
 /** Two namespace hosts with their stores exported; everything they start is stopped by `close`. */
 class PaperTestbed {
-  readonly stores = {} as Record<Host, VmStore>;
-  readonly drivers = {} as Record<Host, QemuDriver>;
-  readonly cluster: ClusterStorage = {};
-  baseImage = '';
-  private readonly exports: RunningNfsExport[] = [];
-  private readonly started: { host: Host; handle: VmHandle }[] = [];
   private readonly staging = new DiskImageStaging();
   private vmCount = 0;
 
-  constructor(
-    readonly work: string,
-    readonly network: TestNetwork,
-  ) {}
+  private constructor(private readonly hosts: NfsTestHosts<Host>) {}
 
-  static async open(work: string): Promise<PaperTestbed> {
-    const appliance = await ensureAppliance();
-    const network = await createTestNetwork({ hosts: HOSTS, prefix: 'vspppr-', subnet: '10.77.31' });
-    const bed = new PaperTestbed(work, network);
-    try {
-      for (const h of HOSTS) {
-        bed.stores[h] = new VmStore(path.join(work, h, 'store'));
-        await bed.stores[h].init();
-        bed.cluster[h] = { address: network.hosts[h].address, exportPath: '/vsp' };
-      }
-      for (const h of HOSTS) {
-        bed.exports.push(
-          await startNfsExport({
-            hostName: h,
-            storeRoot: bed.stores[h].root,
-            endpoint: bed.cluster[h],
-            stateDir: path.join(work, h, 'nfs'),
-            netns: network.hosts[h].netns,
-          }),
-        );
-        bed.drivers[h] = new QemuDriver({
-          store: bed.stores[h],
-          hostName: h,
-          appliance,
-          accel: 'tcg',
-          pollMs: 250,
-          cluster: bed.cluster,
-          netns: network.hosts[h].netns,
-        });
-      }
-      const cache = new ImageCache({ dir: bed.stores.a.imagesDir, maxVirtualBytes: 1024 ** 3 });
-      bed.baseImage = (await cache.ensureFromFile(appliance.root.path, appliance.root.sha256)).path;
-      return bed;
-    } catch (err) {
-      await bed.close();
-      throw err;
-    }
+  get stores(): Record<Host, VmStore> {
+    return this.hosts.stores;
   }
 
-  async close(): Promise<void> {
-    for (const { host, handle } of this.started.splice(0).reverse())
-      await this.drivers[host]
-        .destroy(handle)
-        .catch((err: unknown) => log.warn({ vmId: handle.vmId, err: describeError(err) }, 'destroy failed'));
-    for (const e of this.exports.splice(0)) await e.stop();
-    await this.network.teardown();
+  get drivers(): Record<Host, QemuDriver> {
+    return this.hosts.drivers;
+  }
+
+  get cluster(): ClusterStorage {
+    return this.hosts.cluster;
+  }
+
+  get network(): TestNetwork {
+    return this.hosts.network;
+  }
+
+  get baseImage(): string {
+    return this.hosts.baseImage;
+  }
+
+  private get started(): { host: Host; handle: VmHandle }[] {
+    return this.hosts.started;
+  }
+
+  static async open(work: string): Promise<PaperTestbed> {
+    return new PaperTestbed(
+      await startNfsTestHosts({
+        hosts: HOSTS,
+        prefix: 'vspppr-',
+        subnet: '10.77.31',
+        accel: 'tcg',
+        parentDir: work,
+      }),
+    );
+  }
+
+  close(): Promise<void> {
+    return this.hosts.stop();
   }
 
   /**

@@ -9,7 +9,7 @@ import type { ClusterStorage } from '../storage/diskLocator';
 import { DiskImageStaging, readDataDiskFile } from '../storage/diskImageStaging';
 import { checkNfsExport } from '../storage/nfsExport';
 import type { VmStore } from '../storage/vmStore';
-import { startNfsTestHosts, type NfsTestHosts } from './support/nfsTestHosts';
+import { startNfsTestHosts, type NfsTestHosts } from '../deploy/devcluster/nfsTestHosts';
 
 /**
  * Live migration between three test hosts (network namespaces, each with its own nfs-ganesha export of

@@ -9,7 +9,7 @@ import { vmNicOf, type VmNetworkOptions } from '../drivers/qemu/vmNetwork';
 import type { VmConfig, VmHandle } from '../drivers/types';
 import { DiskImageStaging } from '../storage/diskImageStaging';
 import type { VmStore } from '../storage/vmStore';
-import { startNfsTestHosts, type NfsTestHosts } from './support/nfsTestHosts';
+import { startNfsTestHosts, type NfsTestHosts } from '../deploy/devcluster/nfsTestHosts';
 
 /**
  * A VM's HTTP service on the cluster's VM network stays reachable, at the same address, while the VM

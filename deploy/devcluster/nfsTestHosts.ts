@@ -1,12 +1,14 @@
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { createTestNetwork, type TestNetwork } from '../../deploy/devcluster/netns';
+import { createTestNetwork, type TestNetwork } from './netns';
+import type { Accelerator } from '../../drivers/qemu/accelerator';
 import { ensureAppliance } from '../../drivers/qemu/appliance';
 import { QemuDriver } from '../../drivers/qemu/qemuDriver';
 import type { VmNetworkOptions } from '../../drivers/qemu/vmNetwork';
 import type { VmHandle } from '../../drivers/types';
 import type { ClusterStorage } from '../../storage/diskLocator';
+import { createLogger, describeError } from '../../logging/logger';
 import { ImageCache } from '../../storage/imageCache';
 import { startNfsExport, type RunningNfsExport } from '../../storage/nfsExport';
 import { VmStore } from '../../storage/vmStore';
@@ -23,19 +25,25 @@ export interface NfsTestHosts<H extends string> {
   stop(): Promise<void>;
 }
 
+const log = createLogger('devcluster.nfs-hosts');
+
 /**
  * Namespace test hosts, each exporting its own VM store over NFS (nfs-ganesha) and with a QEMU driver
- * that knows every export: the setup the migration tests share. Needs root. A failed setup tears down
- * what it made.
+ * that knows every export: what the migration tests and the paper benchmark run on. Needs root. A failed
+ * setup tears down what it made.
  */
 export async function startNfsTestHosts<H extends string>(opts: {
   hosts: readonly H[];
   prefix: string;
   subnet: string;
   vmNetwork?: VmNetworkOptions;
+  /** Default: the bounded probe. */
+  accel?: Accelerator;
+  /** Where the hosts' stores go (in a new folder removed by stop); default the system temp folder. */
+  parentDir?: string;
 }): Promise<NfsTestHosts<H>> {
   const appliance = await ensureAppliance();
-  const work = await fs.mkdtemp(path.join(os.tmpdir(), `${opts.prefix}work-`));
+  const work = await fs.mkdtemp(path.join(opts.parentDir ?? os.tmpdir(), `${opts.prefix}work-`));
   const exports: RunningNfsExport[] = [];
   let network: TestNetwork | undefined;
   const t = {
@@ -45,7 +53,11 @@ export async function startNfsTestHosts<H extends string>(opts: {
     started: [] as { host: H; handle: VmHandle }[],
     async stop() {
       for (const { host, handle } of t.started.splice(0).reverse())
-        await t.drivers[host].destroy(handle).catch(() => undefined);
+        await t.drivers[host]
+          .destroy(handle)
+          .catch((err: unknown) =>
+            log.warn({ vmId: handle.vmId, err: describeError(err) }, 'destroy failed'),
+          );
       for (const e of exports.splice(0)) await e.stop();
       await network?.teardown();
       await fs.rm(work, { recursive: true, force: true });
@@ -73,7 +85,7 @@ export async function startNfsTestHosts<H extends string>(opts: {
         store: t.stores[h],
         hostName: h,
         appliance,
-        accel: 'auto',
+        accel: opts.accel ?? 'auto',
         pollMs: 250,
         cluster: t.cluster,
         netns: net.hosts[h].netns,
