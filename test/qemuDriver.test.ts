@@ -178,6 +178,22 @@ describe('QemuDriver (real QEMU)', () => {
     expect((await driver.inspect(handle)).phase).toBe('missing');
   });
 
+  test('stop is graceful: the guest ends the task, records its status and unmounts the data disk', async () => {
+    const { paths, driver, handle } = await prepare('stop-1', {}, 4, {
+      command: 'echo "VSP-PROGRESS 1 up"; sleep 600',
+    });
+    await driver.start(handle);
+    await untilConsole(paths.consoleLog, 'VSP-PROGRESS 1 up', 120_000);
+    await driver.stop(handle, 30_000);
+    expect((await driver.inspect(handle)).phase).not.toBe('running');
+    // The ACPI power button reached the guest's init, which ended the task (TERM) and powered off itself.
+    const console = await fs.readFile(paths.consoleLog, 'utf8');
+    expect(console).toContain('VSP-STOPPING');
+    expect(console).toContain('VSP-EXIT 143');
+    expect(await readDataDiskFile(paths.dataDisk, '.vsp/exit-status')).toBe('143\n');
+    expect(await readDataDiskFile(paths.dataDisk, '.vsp/task.log')).toContain('VSP-PROGRESS 1 up');
+  });
+
   test('a service task keeps running and answers on its forwarded port until destroyed', async () => {
     const { driver, handle } = await prepare('svc-1', {}, 4, {
       command: 'echo hello-service > index.html && exec busybox httpd -f -p 8080 -h .',

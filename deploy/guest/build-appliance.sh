@@ -14,8 +14,9 @@ OUT="${1:-$ROOT/.vsp/appliance}"
 INIT="$HERE/init"
 BUSYBOX=/bin/busybox
 ROOT_DISK_SIZE=256M
-# What the guest needs; modprobe adds their dependencies. crc32c is a soft dependency of ext4.
-MODULES=(crc32c_generic virtio_pci virtio_blk ext4 virtio_net e1000)
+# What the guest needs; modprobe adds their dependencies. crc32c is a soft dependency of ext4; button and
+# evdev let the init see the ACPI power button (graceful stop).
+MODULES=(crc32c_generic virtio_pci virtio_blk ext4 virtio_net e1000 button evdev)
 
 say() { echo "build-appliance: $*" >&2; }
 die() {
