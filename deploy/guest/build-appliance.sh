@@ -12,11 +12,12 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 OUT="${1:-$ROOT/.vsp/appliance}"
 INIT="$HERE/init"
+STOP="$HERE/stop"
 BUSYBOX=/bin/busybox
 ROOT_DISK_SIZE=256M
 # What the guest needs; modprobe adds their dependencies. crc32c is a soft dependency of ext4; button and
-# evdev let the init see the ACPI power button (graceful stop).
-MODULES=(crc32c_generic virtio_pci virtio_blk ext4 virtio_net e1000 button evdev)
+# evdev let the init see the ACPI power button (graceful stop); xen-*front are the disks and NIC under Xen.
+MODULES=(crc32c_generic virtio_pci virtio_blk ext4 virtio_net e1000 button evdev xen-blkfront xen-netfront)
 
 say() { echo "build-appliance: $*" >&2; }
 die() {
@@ -57,7 +58,7 @@ VMLINUZ="$KROOT/boot/vmlinuz-$KVER"
 [ -f "$KROOT/lib/modules/$KVER/modules.dep" ] || die "no modules for kernel $KVER under $KROOT/lib/modules"
 BBVER="$("$BUSYBOX" | sed -n 1p)"
 
-VERSION="$({ cat "$0" "$INIT"; echo "$KVER"; echo "$BBVER"; } | sha256sum | cut -c1-16)"
+VERSION="$({ cat "$0" "$INIT" "$STOP"; echo "$KVER"; echo "$BBVER"; } | sha256sum | cut -c1-16)"
 DEST="$OUT/$VERSION"
 if [ -f "$DEST/manifest.json" ]; then
   say "appliance $VERSION is up to date"
@@ -71,6 +72,7 @@ I="$WORK/initrd"
 mkdir -p "$I"/{bin,dev,proc,sys,tmp,newroot,lib/mod}
 cp "$BUSYBOX" "$I/bin/busybox"
 cp "$INIT" "$I/init"
+cp "$STOP" "$I/bin/vsp-stop"
 chmod 755 "$I/init"
 : > "$I/lib/mod/order"
 for m in "${MODULES[@]}"; do
