@@ -1,4 +1,5 @@
 import path from 'node:path';
+import { HOST_NAME } from '../config/names';
 import type { VmDiskRef } from '../drivers/types';
 import { nfsUrl, validateEndpoint, type NfsEndpoint } from './nfsExport';
 
@@ -70,4 +71,26 @@ export function qemuFileNode(src: QemuDiskSource): Record<string, unknown> {
 /** The `file=` value of a `-drive` option (QEMU parses nfs:// URLs itself). */
 export function qemuFileName(src: QemuDiskSource): string {
   return src.kind === 'file' ? src.filename : src.url;
+}
+
+/**
+ * Where a locator's disk is under the per-host NFS mounts of a production cluster
+ * (deploy/production/storagePlan.ts): `<mountRoot>/<storageHost>/<path>`. Every host mounts every other
+ * host's store there and binds its own store at its own name, so the path is the same on every host and a
+ * domain config that names it (Xen's `xl migrate` sends the config along) is valid wherever the VM moves.
+ */
+export function resolveUnderMounts(loc: DiskLocator, mountRoot: string): string {
+  validateLocator(loc);
+  if (!HOST_NAME.test(loc.storageHost))
+    throw new Error(`disk locator storage host ${JSON.stringify(loc.storageHost)} is not a host name`);
+  validateMountRoot(mountRoot);
+  return path.posix.join(mountRoot, loc.storageHost, loc.path);
+}
+
+/** A mount root is a normalised absolute folder (no trailing slash, no `..`), and not `/` itself. */
+export function validateMountRoot(mountRoot: string): void {
+  if (!path.isAbsolute(mountRoot) || path.posix.normalize(mountRoot) !== mountRoot || mountRoot.endsWith('/'))
+    throw new Error(
+      `mount root ${JSON.stringify(mountRoot)} must be a normalised absolute folder like /var/lib/vsp/cluster`,
+    );
 }

@@ -1,0 +1,97 @@
+import path from 'node:path';
+import type { VmNic } from '../qemu/vmNetwork';
+
+/** The launch inputs of a Xen domain: the same facts the QEMU command line is built from. */
+export interface XenDomainLaunch {
+  /** Domain name, `vsp-<vmId>`. */
+  name: string;
+  memoryMiB: number;
+  vcpus: number;
+  /** The guest appliance, booted directly (PVH): no bootloader, no device model. */
+  kernel: string;
+  ramdisk: string;
+  owner: string;
+  /** Disk paths under the per-host mounts (the same on every host, see storage/diskLocator.ts). */
+  rootDisk: string;
+  dataDisk: string;
+  /** Format of the root disk (the data disk is raw ext4). */
+  rootFormat: 'qcow2' | 'raw';
+  /** On the cluster's VM network: a vif on this bridge with the VM's stable MAC and address. */
+  nic?: VmNic & { bridge: string };
+}
+
+/** Characters that cannot appear inside an xl.cfg string (or a comma-separated disk/vif spec). */
+const UNSAFE = /["\\\n\r,=]/;
+
+export function domainName(vmId: string): string {
+  return `vsp-${vmId}`;
+}
+
+/** Created by the one `start` that creates the domain (and by a finished incoming migration). */
+export function startedMarkerOf(vmDir: string): string {
+  return path.join(vmDir, 'started');
+}
+
+/**
+ * An xl domain config (xl.cfg(5)) for a VSP VM. PVH boots the appliance kernel directly; both disks use
+ * the qdisk backend (QEMU in dom0), which reads qcow2 overlays with their backing chain. The guest finds
+ * its disks as /dev/xvda (root) and /dev/xvdb (data), its console on hvc0. Power-off, reboot and crash all
+ * end the domain, as `-no-reboot` does for QEMU: the driver reads the outcome from the console log.
+ */
+export function renderDomainConfig(l: XenDomainLaunch): string {
+  const strings: [string, string][] = [
+    ['name', l.name],
+    ['kernel', l.kernel],
+    ['ramdisk', l.ramdisk],
+    ['rootDisk', l.rootDisk],
+    ['dataDisk', l.dataDisk],
+  ];
+  for (const [what, v] of strings)
+    if (!v || UNSAFE.test(v))
+      throw new Error(`Xen domain config: ${what} ${JSON.stringify(v)} has unsafe characters`);
+  if (!Number.isInteger(l.memoryMiB) || l.memoryMiB < 64)
+    throw new Error(`Xen domain config: memory ${l.memoryMiB} MiB`);
+  if (!Number.isInteger(l.vcpus) || l.vcpus < 1) throw new Error(`Xen domain config: vcpus ${l.vcpus}`);
+  const cmdline = [
+    'console=hvc0',
+    'quiet',
+    'panic=-1',
+    `vsp.owner=${l.owner}`,
+    'vsp.root=/dev/xvda',
+    'vsp.data=/dev/xvdb',
+    ...(l.nic ? [`vsp.ip=${l.nic.address}`] : []),
+  ].join(' ');
+  // `target=` comes last in a disk spec: xl takes the rest of the string as the path.
+  const disks = [
+    `format=${l.rootFormat},vdev=xvda,access=rw,backendtype=qdisk,target=${l.rootDisk}`,
+    `format=raw,vdev=xvdb,access=rw,backendtype=qdisk,target=${l.dataDisk}`,
+  ];
+  const lines = [
+    '# Written by VSP (drivers/xen): one task VM.',
+    `name = "${l.name}"`,
+    'type = "pvh"',
+    `kernel = "${l.kernel}"`,
+    `ramdisk = "${l.ramdisk}"`,
+    `cmdline = "${cmdline}"`,
+    `memory = ${l.memoryMiB}`,
+    `maxmem = ${l.memoryMiB}`,
+    `vcpus = ${l.vcpus}`,
+    'on_poweroff = "destroy"',
+    'on_reboot = "destroy"',
+    'on_crash = "destroy"',
+    `disk = [ ${disks.map((d) => `"${d}"`).join(', ')} ]`,
+  ];
+  if (l.nic) {
+    for (const [what, v] of [
+      ['bridge', l.nic.bridge],
+      ['vifname', l.nic.tap],
+      ['mac', l.nic.mac],
+    ])
+      if (UNSAFE.test(v))
+        throw new Error(`Xen domain config: ${what} ${JSON.stringify(v)} has unsafe characters`);
+    lines.push(`vif = [ "mac=${l.nic.mac},bridge=${l.nic.bridge},vifname=${l.nic.tap}" ]`);
+  } else {
+    lines.push('vif = [ ]');
+  }
+  return lines.join('\n') + '\n';
+}

@@ -1,0 +1,429 @@
+import { promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { createLogger } from '../../logging/logger';
+import { OWNER_NAME } from '../../spec/repoPath';
+import {
+  locatorOf,
+  resolveUnderMounts,
+  validateMountRoot,
+  type ClusterStorage,
+} from '../../storage/diskLocator';
+import type { VmStore } from '../../storage/vmStore';
+import { writeFileAtomic } from '../../storage/durableFile';
+import type {
+  DriverCapabilities,
+  ExitResult,
+  IncomingVm,
+  MigratableDriver,
+  MigrationOptions,
+  MigrationResult,
+  MigrationSource,
+  VmConfig,
+  VmHandle,
+  VmStatus,
+  WaitOptions,
+} from '../types';
+import type { Appliance } from '../qemu/appliance';
+import { ConsoleFollower, consoleTail } from '../qemu/consoleLog';
+import { TIMEOUT_EXIT_CODE, VmMigratedError } from '../qemu/qemuDriver';
+import { runCommand } from '../qemu/runCommand';
+import { nicState, validateVmNetwork, vmNicOf, type VmNetworkOptions } from '../qemu/vmNetwork';
+import { sleep } from '../qemu/vmProcess';
+import { writeDataDiskFile } from './dataDiskFile';
+import { domainName, renderDomainConfig, startedMarkerOf } from './domainConfig';
+import { XenMigration } from './xenMigration';
+import { checkToolstack, domainState, xlRunner, type XlRunner } from './xl';
+
+export interface XenDriverOptions {
+  store: VmStore;
+  hostName: string;
+  appliance: Appliance;
+  /** Where every host's store is mounted (deploy/production/storagePlan.ts), e.g. /var/lib/vsp/cluster. */
+  mountRoot: string;
+  /** Every host's export; its address is where the host receives migrations (over ssh). */
+  cluster?: ClusterStorage;
+  /** Runs xl; default `xl` from PATH. */
+  xl?: XlRunner;
+  /** xenconsoled's guest log folder (XENCONSOLED_TRACE=guest): `guest-<domain>.log` in it. */
+  consoleLogDir?: string;
+  /** `xl migrate -s`: how to reach the target's xl (a shell command xl runs as `<cmd> <host> xl migrate-receive`). */
+  sshCommand?: string;
+  /** VMs with ports get a vif on this bridge with the VM's stable MAC and address. */
+  vmNetwork?: VmNetworkOptions;
+  /** Poll period of `wait`. */
+  pollMs?: number;
+}
+
+/** What the VM folder's state file holds. */
+export interface XenVmState {
+  config: VmConfig;
+  handle: VmHandle;
+}
+
+export const DEFAULT_CONSOLE_LOG_DIR = '/var/log/xen/console';
+export const DEFAULT_SSH_COMMAND = 'ssh -o BatchMode=yes -o ConnectTimeout=10';
+const XL_TIMEOUT_MS = 60_000;
+/** After VSP-EXIT the guest powers off by itself; give it this long before destroying the domain. */
+const POWEROFF_GRACE_MS = 15_000;
+const DESTROY_STOP_TIMEOUT_MS = 2_000;
+
+/**
+ * Runs each task in a Xen PVH domain booted from the appliance kernel + initramfs, its disks (a qcow2
+ * overlay of the cached base image and the staged ext4 data disk) opened by the qdisk backend through the
+ * per-host NFS mounts, so the same domain config is valid on every host and `xl migrate` moves only
+ * memory. Domains outlive the worker (xl runs them in the hypervisor); the VM folder holds what is needed
+ * to re-attach. The guest's console is read from xenconsoled's log.
+ */
+export class XenDriver implements MigratableDriver {
+  readonly name = 'xen';
+  readonly capabilities: DriverCapabilities = {
+    liveMigration: true,
+    isolation: 'vm',
+    homeStaging: 'disk-image',
+  };
+  private readonly log = createLogger('xen-driver');
+  private readonly xl: XlRunner;
+  private readonly consoleLogDir: string;
+  private readonly pollMs: number;
+  private readonly migration: XenMigration;
+
+  constructor(private readonly opts: XenDriverOptions) {
+    validateMountRoot(opts.mountRoot);
+    if (opts.vmNetwork) validateVmNetwork(opts.vmNetwork);
+    this.xl = opts.xl ?? xlRunner();
+    this.consoleLogDir = opts.consoleLogDir ?? DEFAULT_CONSOLE_LOG_DIR;
+    this.pollMs = opts.pollMs ?? 1000;
+    this.migration = new XenMigration({
+      store: opts.store,
+      hostName: opts.hostName,
+      mountRoot: opts.mountRoot,
+      cluster: opts.cluster ?? {},
+      xl: this.xl,
+      sshCommand: opts.sshCommand ?? DEFAULT_SSH_COMMAND,
+      consoleLogOf: (vmId) => this.consoleLogOf(vmId),
+    });
+  }
+
+  /** Fails with a clear error when xl is missing or this is not a Xen dom0 (call at worker start). */
+  checkToolstack(): Promise<void> {
+    return checkToolstack(this.xl, this.opts.hostName);
+  }
+
+  async create(config: VmConfig): Promise<VmHandle> {
+    this.validateConfig(config);
+    const existing = await this.opts.store.readState<XenVmState>(config.vmId);
+    if (existing) return existing.handle;
+    const paths = this.opts.store.paths(config.vmId);
+    const self = this.opts.hostName;
+    const storeRoot = this.opts.store.root;
+    await fs.access(paths.dataDisk).catch((err: unknown) => {
+      throw new Error(`VM ${config.vmId}: data disk ${paths.dataDisk} is missing: stage the inputs first`, {
+        cause: err,
+      });
+    });
+    const base = locatorOf(self, storeRoot, config.baseImage as string);
+    const rootRef = locatorOf(self, storeRoot, paths.rootDisk);
+    const dataRef = locatorOf(self, storeRoot, paths.dataDisk);
+    // The overlay names its base by the mounted path, valid on every host the VM may move to.
+    const mountedBase = await this.mounted(base);
+    await createOverlay(config.baseImage as string, mountedBase, paths.rootDisk);
+    await writeDataDiskFile(
+      paths.dataDisk,
+      '.vsp/command',
+      config.command.endsWith('\n') ? config.command : `${config.command}\n`,
+      paths.dir,
+    );
+    const handle: VmHandle = {
+      driver: this.name,
+      vmId: config.vmId,
+      host: self,
+      storageHost: self,
+      state: {
+        domain: domainName(config.vmId),
+        consoleLog: this.consoleLogOf(config.vmId),
+        memoryMiB: config.memoryMiB,
+        vcpus: config.vcpus,
+        baseImage: config.baseImage as string,
+        diskRoot: rootRef.path,
+        diskData: dataRef.path,
+        diskBase: base.path,
+      },
+    };
+    await this.opts.store.writeState(config.vmId, { config, handle } satisfies XenVmState);
+    this.log.info({ vmId: config.vmId, base: mountedBase }, 'VM created');
+    return handle;
+  }
+
+  async start(handle: VmHandle): Promise<VmHandle> {
+    const { config, handle: current } = await this.readState(handle.vmId);
+    const paths = this.opts.store.paths(handle.vmId);
+    const name = domainName(handle.vmId);
+    // Exactly once: whoever creates the marker creates the domain; a retry finds it and starts nothing.
+    try {
+      await (await fs.open(startedMarkerOf(paths.dir), 'wx')).close();
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
+        this.log.info({ vmId: handle.vmId }, 'VM already started: not creating its domain again');
+        return current;
+      }
+      throw err;
+    }
+    let created = false;
+    try {
+      if (await domainState(this.xl, name))
+        throw new Error(`a domain named ${name} already exists on ${this.opts.hostName}`);
+      const nic =
+        config.ports.length > 0 && this.opts.vmNetwork
+          ? vmNicOf(config.vmId, this.opts.vmNetwork)
+          : undefined;
+      const cfg = renderDomainConfig({
+        name,
+        memoryMiB: config.memoryMiB,
+        vcpus: config.vcpus,
+        kernel: this.opts.appliance.vmlinuz,
+        ramdisk: this.opts.appliance.initrd,
+        owner: config.owner,
+        rootDisk: await this.mounted({
+          storageHost: current.storageHost,
+          path: String(current.state.diskRoot),
+        }),
+        dataDisk: await this.mounted({
+          storageHost: current.storageHost,
+          path: String(current.state.diskData),
+        }),
+        rootFormat: 'qcow2',
+        nic: nic && this.opts.vmNetwork ? { ...nic, bridge: this.opts.vmNetwork.bridge } : undefined,
+      });
+      const cfgFile = path.join(paths.dir, 'domain.cfg');
+      await writeFileAtomic(cfgFile, cfg);
+      // xenconsoled appends to a domain's log: start from an empty one so an old VSP-EXIT never counts.
+      await fs.rm(this.consoleLogOf(handle.vmId), { force: true });
+      const startedAt = Date.now();
+      // Recorded before the domain exists, so a worker that dies right after still knows its time limit.
+      const started: VmHandle = {
+        ...current,
+        host: this.opts.hostName,
+        state: {
+          ...current.state,
+          startedAt,
+          deadline: startedAt + config.timeLimitSec * 1000,
+          ...(nic ? nicState(nic) : {}),
+        },
+      };
+      await this.opts.store.writeState(config.vmId, { config, handle: started } satisfies XenVmState);
+      await this.xl(['create', cfgFile], { timeoutMs: XL_TIMEOUT_MS });
+      created = true;
+      const domid = (await this.xl(['domid', name], { timeoutMs: XL_TIMEOUT_MS })).stdout.trim();
+      started.state.domid = Number(domid);
+      await this.opts.store.writeState(config.vmId, { config, handle: started } satisfies XenVmState);
+      this.log.info({ vmId: config.vmId, domain: name, domid, address: nic?.address }, 'VM started');
+      return started;
+    } catch (err) {
+      // xl reports creation errors before the guest runs: nothing ran, so a retry may start it. Once the
+      // domain exists the claim stays, whatever failed after: the task must never run twice.
+      if (!created) await fs.rm(startedMarkerOf(paths.dir), { force: true });
+      throw new Error(`VM ${handle.vmId}: cannot start its Xen domain`, { cause: err });
+    }
+  }
+
+  async wait(handle: VmHandle, options: WaitOptions): Promise<ExitResult> {
+    const { handle: current } = await this.readState(handle.vmId);
+    const name = domainName(handle.vmId);
+    const consoleLog = this.consoleLogOf(handle.vmId);
+    const follower = new ConsoleFollower(consoleLog);
+    const deadline = Number(current.state.deadline);
+    for (;;) {
+      if (options.signal.aborted)
+        throw new Error(`waiting for VM ${handle.vmId} was aborted`, { cause: options.signal.reason });
+      const state = await domainState(this.xl, name);
+      // Console after the domain: a guest that printed VSP-EXIT and went away is seen exiting.
+      const cons = await follower.poll();
+      if (cons.exitCode !== undefined) {
+        if (state && !(await this.waitGone(name, POWEROFF_GRACE_MS))) {
+          this.log.warn(
+            { vmId: handle.vmId },
+            'guest did not power off after VSP-EXIT: destroying its domain',
+          );
+          await this.stop(current, DESTROY_STOP_TIMEOUT_MS);
+        }
+        return { exitCode: cons.exitCode, timedOut: false };
+      }
+      if (!state || state === 'crashed' || state === 'dying' || state === 'shutdown') {
+        const movedTo = await this.migratedAway(handle.vmId);
+        if (movedTo !== undefined) throw new VmMigratedError(handle.vmId, this.opts.hostName, movedTo);
+        const why = cons.guestError
+          ? `the guest init failed: ${cons.guestError}`
+          : `its domain is ${state ?? 'gone'} before the task finished`;
+        throw new Error(`VM ${handle.vmId}: ${why}; console tail:\n${await consoleTail(consoleLog)}`);
+      }
+      if (Number.isFinite(deadline) && Date.now() >= deadline) {
+        this.log.warn({ vmId: handle.vmId }, 'time limit reached: stopping the VM');
+        await this.stop(current, DESTROY_STOP_TIMEOUT_MS);
+        return { exitCode: TIMEOUT_EXIT_CODE, timedOut: true };
+      }
+      options.onProgress({
+        phase: 'running',
+        progress: cons.progress,
+        progressMessage: cons.progressMessage,
+        details: { domain: name, domainState: state, taskStarted: cons.started },
+      });
+      await sleep(this.pollMs, options.signal);
+    }
+  }
+
+  async inspect(handle: VmHandle): Promise<VmStatus> {
+    const saved = await this.opts.store.readState<XenVmState>(handle.vmId);
+    if (!saved) return { phase: 'missing', details: { reason: 'no VM folder on this host' } };
+    const { config, handle: current } = saved;
+    const paths = this.opts.store.paths(handle.vmId);
+    const name = domainName(handle.vmId);
+    const details: VmStatus['details'] = {
+      domain: name,
+      memoryMiB: config.memoryMiB,
+      vcpus: config.vcpus,
+      storageHost: current.storageHost,
+      rootDisk: resolveUnderMounts(
+        { storageHost: current.storageHost, path: String(current.state.diskRoot) },
+        this.opts.mountRoot,
+      ),
+    };
+    const started = await fs.access(startedMarkerOf(paths.dir)).then(
+      () => true,
+      () => false,
+    );
+    if (!started) return { phase: 'created', details };
+    const state = await domainState(this.xl, name);
+    const cons = await new ConsoleFollower(this.consoleLogOf(handle.vmId)).poll();
+    const progress = { progress: cons.progress, progressMessage: cons.progressMessage };
+    if (state) details.domainState = state;
+    if (state === 'running' || state === 'paused') return { phase: 'running', ...progress, details };
+    if (cons.exitCode !== undefined)
+      return { phase: 'exited', exitCode: cons.exitCode, ...progress, details };
+    details.reason = cons.guestError ?? `the domain is ${state ?? 'gone'} and the task reported no exit`;
+    return { phase: 'missing', ...progress, details };
+  }
+
+  async recover(handle: VmHandle): Promise<VmStatus> {
+    const status = await this.inspect(handle);
+    this.log.info(
+      { vmId: handle.vmId, phase: status.phase, domain: status.details.domain },
+      're-attached to VM',
+    );
+    return status;
+  }
+
+  async stop(handle: VmHandle, timeoutMs: number): Promise<void> {
+    const name = domainName(handle.vmId);
+    if (!(await domainState(this.xl, name))) return;
+    // Graceful: the PV shutdown request (the guest powers off), then destroy.
+    try {
+      await this.xl(['shutdown', name], { timeoutMs: XL_TIMEOUT_MS });
+    } catch (err) {
+      this.log.debug({ vmId: handle.vmId, err: String(err) }, 'xl shutdown failed');
+    }
+    if (await this.waitGone(name, timeoutMs)) return;
+    this.log.warn({ vmId: handle.vmId, domain: name }, 'VM did not stop in time: destroying its domain');
+    await this.xl(['destroy', name], { timeoutMs: XL_TIMEOUT_MS });
+    if (!(await this.waitGone(name, 10_000)))
+      throw new Error(`VM ${handle.vmId}: domain ${name} survived xl destroy`);
+  }
+
+  async destroy(handle: VmHandle): Promise<void> {
+    await this.stop(handle, DESTROY_STOP_TIMEOUT_MS);
+    await fs.rm(this.consoleLogOf(handle.vmId), { force: true });
+    await this.opts.store.remove(handle.vmId);
+    this.log.info({ vmId: handle.vmId }, 'VM destroyed');
+  }
+
+  describeForMigration(handle: VmHandle): Promise<MigrationSource> {
+    return this.migration.describeForMigration(handle);
+  }
+
+  prepareIncoming(source: MigrationSource): Promise<IncomingVm> {
+    return this.migration.prepareIncoming(source);
+  }
+
+  migrate(handle: VmHandle, target: IncomingVm, options: MigrationOptions): Promise<MigrationResult> {
+    return this.migration.migrate(handle, target, options);
+  }
+
+  finishIncoming(incoming: IncomingVm): Promise<VmHandle> {
+    return this.migration.finishIncoming(incoming);
+  }
+
+  abortIncoming(incoming: IncomingVm): Promise<void> {
+    return this.migration.abortIncoming(incoming);
+  }
+
+  private consoleLogOf(vmId: string): string {
+    return path.join(this.consoleLogDir, `guest-${domainName(vmId)}.log`);
+  }
+
+  /** A disk's path under the mounts; throws when that host's store is not mounted here. */
+  private async mounted(loc: { storageHost: string; path: string }): Promise<string> {
+    const file = resolveUnderMounts(loc, this.opts.mountRoot);
+    await fs.access(file).catch((err: unknown) => {
+      throw new Error(
+        `${file} is not reachable on ${this.opts.hostName}: is the store of ${loc.storageHost} mounted at ${path.join(this.opts.mountRoot, loc.storageHost)}? (deploy/production/setup-storage.sh)`,
+        { cause: err },
+      );
+    });
+    return file;
+  }
+
+  private async waitGone(name: string, timeoutMs: number): Promise<boolean> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      if (!(await domainState(this.xl, name))) return true;
+      if (Date.now() >= deadline) return false;
+      await sleep(Math.min(200, this.pollMs));
+    }
+  }
+
+  private async migratedAway(vmId: string): Promise<string | undefined> {
+    const saved = await this.opts.store.readState<XenVmState>(vmId);
+    if (!saved) return 'another host';
+    return saved.handle.host !== this.opts.hostName ? saved.handle.host : undefined;
+  }
+
+  private async readState(vmId: string): Promise<XenVmState> {
+    const saved = await this.opts.store.readState<XenVmState>(vmId);
+    if (!saved) throw new Error(`VM ${vmId} does not exist on ${this.opts.hostName}: create it first`);
+    return saved;
+  }
+
+  private validateConfig(c: VmConfig): void {
+    const bad: string[] = [];
+    if (!OWNER_NAME.test(c.owner)) bad.push(`owner ${JSON.stringify(c.owner)} is not a valid owner name`);
+    if (!c.command) bad.push('command is empty');
+    if (!Number.isInteger(c.vcpus) || c.vcpus < 1 || c.vcpus > os.cpus().length * 4)
+      bad.push(`vcpus ${c.vcpus} is out of range`);
+    if (!Number.isInteger(c.memoryMiB) || c.memoryMiB < 64) bad.push(`memoryMiB ${c.memoryMiB} is below 64`);
+    if (!Number.isInteger(c.timeLimitSec) || c.timeLimitSec < 1)
+      bad.push(`timeLimitSec ${c.timeLimitSec} must be >= 1`);
+    if (!c.baseImage || !path.isAbsolute(c.baseImage))
+      bad.push('baseImage must be the absolute path of a cached image');
+    if (c.ports.length > 0 && !this.opts.vmNetwork)
+      bad.push('a service VM (ports) needs the cluster VM network under Xen (no user-mode port forwards)');
+    if (bad.length > 0) throw new Error(`invalid VM config for ${c.vmId}: ${bad.join('; ')}`);
+  }
+}
+
+/** A qcow2 overlay of `base` whose backing file is recorded as `backingName` (the mounted path). */
+async function createOverlay(base: string, backingName: string, rootDisk: string): Promise<void> {
+  if (
+    await fs.access(rootDisk).then(
+      () => true,
+      () => false,
+    )
+  )
+    return;
+  const info = await runCommand('qemu-img', ['info', '--output=json', base], { timeoutMs: 30_000 });
+  const format = (JSON.parse(info.stdout) as { format: string }).format;
+  const tmp = `${rootDisk}.${process.pid}.tmp`;
+  await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', backingName, '-F', format, tmp], {
+    timeoutMs: 30_000,
+  });
+  await fs.rename(tmp, rootDisk);
+}

@@ -1,0 +1,431 @@
+import { execFileSync } from 'node:child_process';
+import { promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import type { Appliance } from '../drivers/qemu/appliance';
+import { TIMEOUT_EXIT_CODE, VmMigratedError } from '../drivers/qemu/qemuDriver';
+import { vmNicOf } from '../drivers/qemu/vmNetwork';
+import type { VmConfig, VmStatus } from '../drivers/types';
+import { renderDomainConfig } from '../drivers/xen/domainConfig';
+import { DEFAULT_SSH_COMMAND, XenDriver } from '../drivers/xen/xenDriver';
+import { xlRunner } from '../drivers/xen/xl';
+import { VmStore } from '../storage/vmStore';
+
+/**
+ * The Xen driver against a fake `xl`: this machine has no Xen hypervisor, so a small shell script placed
+ * first on PATH stands in for the toolstack. It keeps each host's domains as files, logs every call, writes
+ * the guest's console lines as xenconsoled would, and "migrates" by moving a domain to the target's folder.
+ * Everything else is real: the VM store, the qcow2 overlay (qemu-img), the command written onto a real
+ * ext4 data disk (debugfs), the disk paths under a mount root.
+ */
+const FAKE_XL = `#!/bin/bash
+set -u
+root="\${FAKE_XL_ROOT:?}"
+self="\${FAKE_XL_SELF:-10.0.0.1}"
+dir="$root/$self"
+mkdir -p "$dir/domains" "$dir/console"
+printf '%s %s\\n' "$self" "$*" >> "$root/calls.log"
+knob() { cat "$root/knob-$1" 2>/dev/null || echo "$2"; }
+nosuch() { echo "$1 is an invalid domain identifier (rc=-6)" >&2; exit 1; }
+cmd="$1"; shift
+case "$cmd" in
+  info) echo "xen_version : 4.17-fake" ;;
+  create)
+    name=$(sed -n 's/^name = "\\(.*\\)"$/\\1/p' "$1")
+    [ -e "$dir/domains/$name" ] && { echo "domain $name exists" >&2; exit 3; }
+    echo "$(knob polls 3) running" > "$dir/domains/$name"
+    printf 'VSP-START\\nVSP-PROGRESS 40 working\\n' >> "$dir/console/guest-$name.log" ;;
+  list)
+    f="$dir/domains/$1"; [ -e "$f" ] || nosuch "$1"
+    read -r left state < "$f"
+    if [ "$left" != forever ]; then
+      if [ "$left" -le 0 ]; then
+        printf 'VSP-EXIT %s\\n' "$(knob exit 0)" >> "$dir/console/guest-$1.log"; rm -f "$f"; nosuch "$1"
+      fi
+      echo "$((left - 1)) $state" > "$f"
+    fi
+    flags=-b----; [ "$state" = paused ] && flags=--p---
+    printf 'Name                 ID   Mem VCPUs\\tState\\tTime(s)\\n%s 7 256 1 %s 0.4\\n' "$1" "$flags" ;;
+  domid) [ -e "$dir/domains/$1" ] && echo 7 || { echo "Can't get domid of domain name '$1', maybe this domain does not exist." >&2; exit 1; } ;;
+  shutdown) [ -e "$dir/domains/$1" ] || nosuch "$1"; [ "$(knob shutdown ok)" = ok ] && rm -f "$dir/domains/$1"; true ;;
+  destroy) [ -e "$dir/domains/$1" ] || nosuch "$1"; rm -f "$dir/domains/$1" ;;
+  unpause) echo "forever running" > "$dir/domains/$1" ;;
+  migrate)
+    [ "$1" = -s ] || { echo "usage: migrate -s SSH DOMAIN HOST" >&2; exit 2; }
+    name="$3"; target="$4"; [ -e "$dir/domains/$name" ] || nosuch "$name"
+    if [ "$(knob migrate ok)" != ok ]; then echo "migration sender: Target reported failure" >&2; exit 1; fi
+    mkdir -p "$root/$target/domains"; mv "$dir/domains/$name" "$root/$target/domains/$name" ;;
+  *) echo "fake xl: unknown command $cmd" >&2; exit 2 ;;
+esac
+`;
+
+const HOSTS = { a: '10.0.0.1', b: '10.0.0.2' } as const;
+const cluster = {
+  a: { address: HOSTS.a, exportPath: '/vsp' },
+  b: { address: HOSTS.b, exportPath: '/vsp' },
+};
+
+let work: string;
+let fakeRoot: string;
+let mountRoot: string;
+const stores: Record<string, VmStore> = {};
+const appliance: Appliance = {
+  version: 'test',
+  kernelVersion: '6.1.0-test',
+  vmlinuz: '/opt/vsp/appliance/vmlinuz',
+  initrd: '/opt/vsp/appliance/initrd.img',
+  root: { path: '/opt/vsp/appliance/root.qcow2', sha256: '0'.repeat(64), format: 'qcow2' },
+};
+
+function driverOn(host: keyof typeof HOSTS, extra: Partial<ConstructorParameters<typeof XenDriver>[0]> = {}) {
+  return new XenDriver({
+    store: stores[host],
+    hostName: host,
+    appliance,
+    mountRoot,
+    cluster,
+    // The same xl, first on PATH, for both hosts; FAKE_XL_SELF tells it which host's domains it manages.
+    xl: xlRunner(['xl'], {
+      ...process.env,
+      PATH: `${path.join(work, 'bin')}:${process.env.PATH ?? ''}`,
+      FAKE_XL_ROOT: fakeRoot,
+      FAKE_XL_SELF: HOSTS[host],
+    }),
+    consoleLogDir: path.join(fakeRoot, HOSTS[host], 'console'),
+    pollMs: 50,
+    ...extra,
+  });
+}
+
+async function calls(): Promise<string[]> {
+  const text = await fs.readFile(path.join(fakeRoot, 'calls.log'), 'utf8').catch(() => '');
+  await fs.rm(path.join(fakeRoot, 'calls.log'), { force: true });
+  return text.split('\n').filter(Boolean);
+}
+
+const knob = (name: string, value: string) => fs.writeFile(path.join(fakeRoot, `knob-${name}`), value);
+
+async function stagedVm(vmId: string, over: Partial<VmConfig> = {}): Promise<VmConfig> {
+  const paths = stores.a.paths(vmId);
+  await fs.mkdir(paths.dir, { recursive: true });
+  execFileSync('mke2fs', ['-q', '-t', 'ext4', '-F', paths.dataDisk, '8M']);
+  return {
+    vmId,
+    owner: 'alice',
+    command: 'echo hello > out/x',
+    vcpus: 1,
+    memoryMiB: 256,
+    baseImage: path.join(stores.a.imagesDir, 'base.qcow2'),
+    ports: [],
+    timeLimitSec: 600,
+    ...over,
+  };
+}
+
+beforeAll(async () => {
+  work = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-xen-'));
+  const bin = path.join(work, 'bin');
+  fakeRoot = path.join(work, 'xl-state');
+  mountRoot = path.join(work, 'cluster');
+  await fs.mkdir(bin);
+  await fs.mkdir(mountRoot);
+  await fs.mkdir(fakeRoot);
+  await fs.writeFile(path.join(bin, 'xl'), FAKE_XL, { mode: 0o755 });
+  for (const h of Object.keys(HOSTS) as (keyof typeof HOSTS)[]) {
+    stores[h] = new VmStore(path.join(work, h, 'store'));
+    await stores[h].init();
+    // Stand-ins for the per-host mounts: one view of the cluster, the same on every host.
+    await fs.symlink(stores[h].root, path.join(mountRoot, h));
+  }
+  execFileSync('qemu-img', [
+    'create',
+    '-q',
+    '-f',
+    'qcow2',
+    path.join(stores.a.imagesDir, 'base.qcow2'),
+    '64M',
+  ]);
+});
+
+afterAll(async () => {
+  await fs.rm(work, { recursive: true, force: true });
+});
+
+beforeEach(async () => {
+  for (const f of await fs.readdir(fakeRoot).catch(() => [] as string[]))
+    if (f.startsWith('knob-') || f === 'calls.log') await fs.rm(path.join(fakeRoot, f));
+});
+
+describe('xl domain config', () => {
+  test('renders a PVH domain with disks under the mounts and the VM network vif', () => {
+    const nic = vmNicOf('t1', { bridge: 'vspbr0', subnet: '10.77.0' });
+    const text = renderDomainConfig({
+      name: 'vsp-t1',
+      memoryMiB: 512,
+      vcpus: 2,
+      kernel: '/k/vmlinuz',
+      ramdisk: '/k/initrd',
+      owner: 'alice',
+      rootDisk: '/var/lib/vsp/cluster/a/vms/t1/root.qcow2',
+      dataDisk: '/var/lib/vsp/cluster/a/vms/t1/data.img',
+      rootFormat: 'qcow2',
+      nic: { ...nic, bridge: 'vspbr0' },
+    });
+    expect(text).toBe(
+      [
+        '# Written by VSP (drivers/xen): one task VM.',
+        'name = "vsp-t1"',
+        'type = "pvh"',
+        'kernel = "/k/vmlinuz"',
+        'ramdisk = "/k/initrd"',
+        `cmdline = "console=hvc0 quiet panic=-1 vsp.owner=alice vsp.root=/dev/xvda vsp.data=/dev/xvdb vsp.ip=${nic.address}"`,
+        'memory = 512',
+        'maxmem = 512',
+        'vcpus = 2',
+        'on_poweroff = "destroy"',
+        'on_reboot = "destroy"',
+        'on_crash = "destroy"',
+        'disk = [ "format=qcow2,vdev=xvda,access=rw,backendtype=qdisk,target=/var/lib/vsp/cluster/a/vms/t1/root.qcow2", ' +
+          '"format=raw,vdev=xvdb,access=rw,backendtype=qdisk,target=/var/lib/vsp/cluster/a/vms/t1/data.img" ]',
+        `vif = [ "mac=${nic.mac},bridge=vspbr0,vifname=${nic.tap}" ]`,
+        '',
+      ].join('\n'),
+    );
+    expect(nic.mac).toMatch(/^52:54:00:/);
+  });
+
+  test('refuses values that would break the config', () => {
+    const base = {
+      name: 'vsp-t1',
+      memoryMiB: 256,
+      vcpus: 1,
+      kernel: '/k',
+      ramdisk: '/i',
+      owner: 'alice',
+      rootDisk: '/r',
+      dataDisk: '/d',
+      rootFormat: 'raw' as const,
+    };
+    expect(() => renderDomainConfig({ ...base, rootDisk: '/r",x' })).toThrow(/rootDisk .* unsafe characters/);
+    expect(() => renderDomainConfig({ ...base, memoryMiB: 10 })).toThrow(/memory 10 MiB/);
+  });
+});
+
+describe('XenDriver (fake xl on PATH)', () => {
+  test('create, start once, wait with progress, inspect, destroy: the exact xl commands', async () => {
+    const driver = driverOn('a');
+    const config = await stagedVm('t1');
+    const handle = await driver.create(config);
+    const paths = stores.a.paths('t1');
+    // The overlay's base is named by its mounted path, valid on every host.
+    const info = JSON.parse(
+      execFileSync('qemu-img', ['info', '--output=json', paths.rootDisk], { encoding: 'utf8' }),
+    ) as {
+      'backing-filename': string;
+    };
+    expect(info['backing-filename']).toBe(path.join(mountRoot, 'a', 'images', 'base.qcow2'));
+    expect(
+      execFileSync('debugfs', ['-R', 'cat /.vsp/command', paths.dataDisk], {
+        encoding: 'utf8',
+        stdio: 'pipe',
+      }),
+    ).toBe('echo hello > out/x\n');
+    expect(await driver.create(config)).toEqual(handle);
+    expect(await calls()).toEqual([]);
+    expect((await driver.inspect(handle)).phase).toBe('created');
+
+    await knob('polls', '4');
+    await knob('exit', '3');
+    const started = await driver.start(handle);
+    expect(await driver.start(handle)).toEqual(started);
+    const cfgFile = path.join(paths.dir, 'domain.cfg');
+    expect(await calls()).toEqual([
+      '10.0.0.1 list vsp-t1',
+      `10.0.0.1 create ${cfgFile}`,
+      '10.0.0.1 domid vsp-t1',
+    ]);
+    const cfg = await fs.readFile(cfgFile, 'utf8');
+    expect(cfg).toContain(`target=${mountRoot}/a/vms/t1/root.qcow2"`);
+    expect(cfg).toContain(`target=${mountRoot}/a/vms/t1/data.img"`);
+    expect(cfg).toContain('vif = [ ]');
+    expect(started.state).toMatchObject({ domain: 'vsp-t1', domid: 7, diskRoot: 'vms/t1/root.qcow2' });
+
+    const seen: VmStatus[] = [];
+    const result = await driver.wait(started, {
+      onProgress: (s) => seen.push(s),
+      signal: new AbortController().signal,
+    });
+    expect(result).toEqual({ exitCode: 3, timedOut: false });
+    expect(seen.length).toBeGreaterThan(0);
+    expect(seen[0]).toMatchObject({ phase: 'running', progress: 40, progressMessage: 'working' });
+    expect((await driver.inspect(started)).phase).toBe('exited');
+    expect((await driver.recover(started)).exitCode).toBe(3);
+
+    await calls();
+    await driver.destroy(started);
+    expect(await calls()).toEqual(['10.0.0.1 list vsp-t1']);
+    await expect(fs.access(paths.dir)).rejects.toThrow();
+    await expect(fs.access(path.join(fakeRoot, HOSTS.a, 'console', 'guest-vsp-t1.log'))).rejects.toThrow();
+  });
+
+  test('stop asks the guest to shut down, then destroys a domain that ignores it', async () => {
+    const driver = driverOn('a');
+    const handle = await driver.create(await stagedVm('t2'));
+    await knob('polls', 'forever');
+    await knob('shutdown', 'ignore');
+    const started = await driver.start(handle);
+    await calls();
+    await driver.stop(started, 300);
+    const issued = await calls();
+    expect(issued.slice(0, 3)).toEqual([
+      '10.0.0.1 list vsp-t2',
+      '10.0.0.1 shutdown vsp-t2',
+      '10.0.0.1 list vsp-t2',
+    ]);
+    expect(issued.slice(-3)).toEqual([
+      '10.0.0.1 list vsp-t2',
+      '10.0.0.1 destroy vsp-t2',
+      '10.0.0.1 list vsp-t2',
+    ]);
+    expect((await driver.inspect(started)).phase).toBe('missing');
+    await driver.destroy(started);
+  });
+
+  test('the time limit ends the VM with the timeout exit code', async () => {
+    const driver = driverOn('a');
+    const handle = await driver.create(await stagedVm('t3', { timeLimitSec: 1 }));
+    await knob('polls', 'forever');
+    const started = await driver.start(handle);
+    const r = await driver.wait(started, { onProgress: () => {}, signal: new AbortController().signal });
+    expect(r).toEqual({ exitCode: TIMEOUT_EXIT_CODE, timedOut: true });
+    expect(await calls()).toContain('10.0.0.1 shutdown vsp-t3');
+    await driver.destroy(started);
+  });
+
+  test('a service VM needs the VM network, whose vif carries the stable MAC', async () => {
+    await expect(driverOn('a').create(await stagedVm('t4', { ports: [8080] }))).rejects.toThrow(
+      /needs the cluster VM network under Xen/,
+    );
+    const vmNetwork = { bridge: 'vspbr0', subnet: '10.77.0' };
+    const driver = driverOn('a', { vmNetwork });
+    const started = await driver.start(await driver.create(await stagedVm('t4', { ports: [8080] })));
+    const nic = vmNicOf('t4', vmNetwork);
+    const cfg = await fs.readFile(path.join(stores.a.paths('t4').dir, 'domain.cfg'), 'utf8');
+    expect(cfg).toContain(`vif = [ "mac=${nic.mac},bridge=vspbr0,vifname=${nic.tap}" ]`);
+    expect(cfg).toContain(`vsp.ip=${nic.address}`);
+    expect(started.state).toMatchObject({ nicMac: nic.mac, nicAddress: nic.address });
+    await driver.destroy(started);
+  });
+
+  test('a missing mount is named before any domain is made', async () => {
+    const driver = driverOn('a', { mountRoot: path.join(work, 'no-mounts') });
+    await expect(driver.create(await stagedVm('t5'))).rejects.toThrow(
+      /images\/base.qcow2 is not reachable on a: is the store of a mounted at .*no-mounts\/a\?/,
+    );
+    expect(await calls()).toEqual([]);
+    await stores.a.remove('t5');
+  });
+
+  test('without xl the driver says the Xen toolstack is missing', async () => {
+    const driver = new XenDriver({
+      store: stores.a,
+      hostName: 'a',
+      appliance,
+      mountRoot,
+      xl: xlRunner(['xl'], { PATH: path.join(work, 'empty') }),
+    });
+    await expect(driver.checkToolstack()).rejects.toThrow(/xl does not work here/);
+    await expect(driver.checkToolstack().catch((e: Error) => Promise.reject(e.cause))).rejects.toThrow(
+      /xl is not installed: install xen-utils \(the Xen toolstack\)/,
+    );
+    const handle = await driver.create(await stagedVm('t6'));
+    await expect(driver.start(handle)).rejects.toThrow(/cannot start its Xen domain/);
+    // The failed start released its claim: a later start may run it.
+    await expect(fs.access(path.join(stores.a.paths('t6').dir, 'started'))).rejects.toThrow();
+    await stores.a.remove('t6');
+  });
+});
+
+describe('XenDriver live migration (xl migrate over ssh, fake xl)', () => {
+  test('a to b moves only the domain; the disks stay on a; wait on a says where it went', async () => {
+    const a = driverOn('a');
+    const b = driverOn('b');
+    await knob('polls', 'forever');
+    const started = await a.start(await a.create(await stagedVm('m1')));
+    const source = await a.describeForMigration(started);
+    expect(source.disks).toEqual({
+      root: { storageHost: 'a', path: 'vms/m1/root.qcow2' },
+      data: { storageHost: 'a', path: 'vms/m1/data.img' },
+      base: { storageHost: 'a', path: 'images/base.qcow2' },
+    });
+    await calls();
+    const incoming = await b.prepareIncoming(source);
+    expect(incoming).toMatchObject({ vmId: 'm1', host: 'b', uri: 'ssh:10.0.0.2' });
+    expect(await b.prepareIncoming(source)).toEqual(incoming);
+    const progress: string[] = [];
+    const r = await a.migrate(started, incoming, { onProgress: (p) => progress.push(p.status) });
+    expect(r).toMatchObject({
+      vmId: 'm1',
+      from: 'a',
+      to: 'b',
+      diskTransferredBytes: 0,
+      ramTransferredBytes: 256 * 1024 ** 2,
+    });
+    expect(progress[0]).toBe('active');
+    expect(progress.at(-1)).toBe('completed');
+    const moved = await b.finishIncoming(incoming);
+    expect(moved).toMatchObject({ host: 'b', storageHost: 'a', state: { domid: 7, migratedFrom: 'a' } });
+    expect(await calls()).toEqual([
+      '10.0.0.2 list vsp-m1',
+      '10.0.0.1 list vsp-m1',
+      `10.0.0.1 migrate -s ${DEFAULT_SSH_COMMAND} vsp-m1 10.0.0.2`,
+      '10.0.0.2 list vsp-m1',
+      '10.0.0.2 domid vsp-m1',
+    ]);
+    expect((await b.inspect(moved)).phase).toBe('running');
+    await expect(
+      a.wait(started, { onProgress: () => {}, signal: new AbortController().signal }),
+    ).rejects.toThrow(VmMigratedError);
+    // The storage host keeps the folder (the disks), marked as moved.
+    expect((await stores.a.readState<{ handle: { host: string } }>('m1'))?.handle.host).toBe('b');
+
+    // And back home: b is not the storage host, so it drops its folder once the VM left.
+    const back = await a.prepareIncoming(await b.describeForMigration(moved));
+    await b.migrate(moved, back, {});
+    const home = await a.finishIncoming(back);
+    expect(home).toMatchObject({ host: 'a', storageHost: 'a' });
+    expect(await stores.b.readState('m1')).toBeUndefined();
+    await a.destroy(home);
+  });
+
+  test('a failed migration leaves the VM running at the source, and the target cleans up', async () => {
+    const a = driverOn('a');
+    const b = driverOn('b');
+    await knob('polls', 'forever');
+    const started = await a.start(await a.create(await stagedVm('m2')));
+    const incoming = await b.prepareIncoming(await a.describeForMigration(started));
+    await knob('migrate', 'fail');
+    await expect(a.migrate(started, incoming, {})).rejects.toThrow(
+      /migration a -> b failed; it runs on here/,
+    );
+    expect((await a.inspect(started)).phase).toBe('running');
+    await b.abortIncoming(incoming);
+    expect(await stores.b.readState('m2')).toBeUndefined();
+    await expect(fs.access(stores.b.paths('m2').dir)).rejects.toThrow();
+    await expect(a.migrate(started, { ...incoming, host: 'a' }, {})).rejects.toThrow(/to its own host/);
+    await a.destroy(started);
+  });
+
+  test('a target that cannot reach the disks refuses before anything moves', async () => {
+    const a = driverOn('a');
+    await knob('polls', 'forever');
+    const started = await a.start(await a.create(await stagedVm('m3')));
+    const source = await a.describeForMigration(started);
+    const blind = driverOn('b', { mountRoot: path.join(work, 'no-mounts') });
+    await expect(blind.prepareIncoming(source)).rejects.toThrow(
+      /no-mounts\/a\/vms\/m3\/root.qcow2 is not reachable on b: the NFS export of a is not mounted/,
+    );
+    await expect(a.prepareIncoming(source)).rejects.toThrow(/already runs on a/);
+    await a.destroy(started);
+  });
+});
