@@ -12,6 +12,7 @@ import { startTemporalDevServer, type TemporalDevServer } from '../deploy/devclu
 import { createLogger, describeError } from '../logging/logger';
 import { writeFileAtomicSync } from '../storage/durableFile';
 import { benchLifecycle } from './lifecycle';
+import { benchMigrationTraces } from './migrationTraces';
 import { benchOrchestration, type ClusterBenchEnv } from './orchestration';
 import { benchPaper } from './paperEvaluation';
 import { benchRepository, benchRepositoryConcurrency } from './repository';
@@ -25,6 +26,8 @@ const log = createLogger('bench.run');
 interface RunContext {
   quick: boolean;
   workDir: string;
+  /** The reports' folder (benchmarks that draw figures put them there). */
+  outDir: string;
   logsDir?: string;
   /** Starts the Temporal dev server on first use; the runner stops it at the end. */
   temporalAddress(): Promise<string>;
@@ -45,6 +48,8 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   protocols: (ctx) => benchRepositoryProtocols(ctx.quick ? { sizeMiB: 64, runs: 1 } : {}),
   'repository-concurrency': (ctx) => benchRepositoryConcurrency(ctx.quick ? { clients: 20, sizeMiB: 2 } : {}),
   paper: (ctx) => benchPaper({ workDir: ctx.workDir, quick: ctx.quick }),
+  'migration-traces': (ctx) =>
+    benchMigrationTraces({ workDir: ctx.workDir, outDir: ctx.outDir, quick: ctx.quick }),
 };
 
 /**
@@ -204,6 +209,7 @@ async function main(): Promise<number> {
   const ctx: RunContext = {
     quick,
     workDir,
+    outDir,
     logsDir: keepLogs ? path.resolve(outDir, 'logs') : undefined,
     async temporalAddress() {
       temporal ??= await startTemporalDevServer({
