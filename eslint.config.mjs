@@ -13,6 +13,11 @@ export default tseslint.config(
     },
   },
   {
+    // The repository's web page runs in the browser, as plain scripts (no build step).
+    files: ['repository/web/**/*.js'],
+    languageOptions: { globals: { ...globals.browser } },
+  },
+  {
     // Workflow code runs in Temporal's deterministic sandbox: no Node APIs, no clocks, no randomness.
     files: ['workflows/**/*.ts'],
     rules: {

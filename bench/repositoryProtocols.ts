@@ -30,6 +30,16 @@ import {
 const run = promisify(execFile);
 const OWNER = 'bench';
 const SFTP_SERVER = '/usr/lib/openssh/sftp-server';
+/** The reference servers and clients, and what makes their keys and certificates. */
+const REFERENCE_TOOLS = [
+  '/usr/sbin/sshd',
+  SFTP_SERVER,
+  '/usr/bin/sftp',
+  '/usr/bin/ssh-keygen',
+  '/usr/sbin/vsftpd',
+  '/usr/bin/curl',
+  '/usr/bin/openssl',
+];
 
 type Protocol = 'HTTP' | 'SFTP' | 'FTPS';
 type Direction = 'upload' | 'download';
@@ -224,9 +234,12 @@ export async function benchRepositoryProtocols(
 ): Promise<BenchReport> {
   const sizeMiB = opts.sizeMiB ?? 1024;
   const runs = opts.runs ?? 3;
-  for (const tool of ['/usr/sbin/sshd', '/usr/sbin/vsftpd', SFTP_SERVER, '/usr/bin/sftp', '/usr/bin/curl']) {
-    if (!existsSync(tool))
-      throw new Error(`${tool} is missing: apt-get install -y openssh-client openssh-server vsftpd curl`);
+  const missing = REFERENCE_TOOLS.filter((tool) => !existsSync(tool));
+  if (missing.length > 0) {
+    throw new Error(
+      `the protocols benchmark needs its reference tools, missing here: ${missing.join(', ')}; ` +
+        '`npm run setup` installs them (apt-get install -y openssh-client openssh-server vsftpd curl openssl)',
+    );
   }
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-bench-protocols-'));
   const children: ChildProcess[] = [];

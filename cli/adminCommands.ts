@@ -1,4 +1,4 @@
-import { promises as fs } from 'node:fs';
+import { createReadStream, promises as fs } from 'node:fs';
 import { Option, type Command } from 'commander';
 import {
   addKey,
@@ -14,7 +14,9 @@ import {
   setOwnerDisabled,
   setPassword,
   setQuota,
+  withAdmin,
 } from '../repository/admin';
+import { addBaseImage, removeBaseImage } from '../repository/imageStore';
 
 /**
  * The repository's admin commands (`vsp owner|token|key|password ...`), run on the repository host
@@ -58,6 +60,14 @@ async function readStdin(): Promise<string> {
     if (process.stdin.isTTY && (c as Buffer).includes(10)) break;
   }
   return Buffer.concat(chunks).toString('utf8');
+}
+
+export const IMAGE_GROUP_DESCRIPTION =
+  "VM images: the owner's (under images/) and the provider's base images (add-base, remove-base: admin)";
+
+/** The subcommand `name` of `program`, made if absent: `vsp image` holds owner and admin commands. */
+export function commandGroup(program: Command, name: string, description: string): Command {
+  return program.commands.find((c) => c.name() === name) ?? program.command(name).description(description);
 }
 
 export function registerAdminCommands(program: Command): void {
@@ -192,6 +202,65 @@ export function registerAdminCommands(program: Command): void {
           .join('\n'),
         keys,
       );
+    });
+
+  const admin = program.command('admin').description('the admin HTTP API (on the repository host)');
+  const adminToken = admin.command('token').description('admin API tokens');
+  adminToken
+    .command('create <name>')
+    .description('create a named admin token for /v1/admin/...; printed once')
+    .addOption(dataDirOption())
+    .action((name: string, opts: { dataDir: string }) => {
+      const t = withAdmin(opts.dataDir, (a) => a.createAdminToken(name));
+      print(t.token, t);
+    });
+  adminToken
+    .command('revoke <id>')
+    .description('revoke an admin token at once')
+    .addOption(dataDirOption())
+    .action((id: string, opts: { dataDir: string }) => {
+      withAdmin(opts.dataDir, (a) => a.revokeAdminToken(parseId(id, 'admin token id')));
+      print(`admin token ${id} revoked`, { id: Number(id), revoked: true });
+    });
+  adminToken
+    .command('list')
+    .description('admin tokens (without their secrets)')
+    .addOption(dataDirOption())
+    .action((opts: { dataDir: string }) => {
+      const tokens = withAdmin(opts.dataDir, (a) => a.listAdminTokens());
+      print(
+        tokens
+          .map(
+            (t) =>
+              `${String(t.id).padStart(5)}  ${t.name}  ${t.created}${t.revoked ? `  revoked ${t.revoked}` : ''}`,
+          )
+          .join('\n'),
+        tokens,
+      );
+    });
+
+  const image = commandGroup(program, 'image', IMAGE_GROUP_DESCRIPTION);
+  image
+    .command('add-base <file>')
+    .description("add a provider base image (checked as hosts check it); task specs name it 'base:<name>'")
+    .requiredOption('--name <name>', 'the base image name, e.g. debian-12.qcow2')
+    .addOption(dataDirOption())
+    .action(async (file: string, opts: { dataDir: string; name: string }) => {
+      const entry = await withAdmin(opts.dataDir, (_a, db) =>
+        addBaseImage(opts.dataDir, db, opts.name, createReadStream(file, { highWaterMark: 1 << 20 })),
+      );
+      print(
+        `${entry.name}  ${entry.format}  ${entry.virtualBytes} bytes virtual  sha256 ${entry.sha256}`,
+        entry,
+      );
+    });
+  image
+    .command('remove-base <name>')
+    .description('remove a provider base image (hosts keep cached copies for running tasks)')
+    .addOption(dataDirOption())
+    .action(async (name: string, opts: { dataDir: string }) => {
+      await withAdmin(opts.dataDir, (_a, db) => removeBaseImage(opts.dataDir, db, name));
+      print(`base image ${name} removed`, { name, removed: true });
     });
 
   const password = program.command('password').description("owners' passwords for SFTP (admin)");

@@ -5,7 +5,7 @@ import { Command, Option } from 'commander';
 import { taskFailureMessage, VspClient } from '../client/vspClient';
 import { RepositoryClient } from '../repository/client';
 import { TaskSpecError } from '../spec/taskSpec';
-import { registerAdminCommands } from './adminCommands';
+import { commandGroup, IMAGE_GROUP_DESCRIPTION, registerAdminCommands } from './adminCommands';
 import { createProgressDisplay } from './progressDisplay';
 
 /**
@@ -73,6 +73,28 @@ program
     print(
       files.map((f) => `${String(f.size).padStart(12)}  ${f.sha256.slice(0, 12)}  ${f.path}`).join('\n'),
       files,
+    );
+  });
+
+commandGroup(program, 'image', IMAGE_GROUP_DESCRIPTION)
+  .command('ls')
+  .description(
+    "list images with format, sizes, checksum and status; NAME is what a task spec's 'image' takes",
+  )
+  .addOption(repoOption())
+  .addOption(ownerOption())
+  .action(async (opts) => {
+    const images = await repository(opts).listImages(ownerOf(opts));
+    const size = (n?: number) => (n === undefined ? '-' : String(n)).padStart(12);
+    print(
+      images
+        .map(
+          (i) =>
+            `${i.status.padEnd(10)} ${(i.format ?? '-').padEnd(6)} ${size(i.virtualBytes)} ${size(i.bytes)}` +
+            `  ${i.sha256.slice(0, 12)}  ${i.name}${i.error ? `  (${i.error})` : ''}`,
+        )
+        .join('\n'),
+      images,
     );
   });
 

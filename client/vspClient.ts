@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { Client, WorkflowFailedError, WorkflowNotFoundError } from '@temporalio/client';
+import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
 import { CONTROL_TASK_QUEUE, SEARCH_ATTRIBUTES } from '../config/names';
 import { connectClient } from '../config/temporal';
 import { parseTaskSpec, type TaskSpecInput } from '../spec/taskSpec';
@@ -21,6 +22,7 @@ export interface TaskSummary {
   startTime: string;
 }
 
+const OWNER_KEY = defineSearchAttributeKey(SEARCH_ATTRIBUTES.owner, SearchAttributeType.KEYWORD);
 const TERMINAL = new Set(['completed', 'failed', 'cancelled']);
 
 /**
@@ -48,6 +50,8 @@ export class VspClient {
       // The raw input: the workflow validates it again, deterministically, and fills the same defaults.
       args: [input],
       staticSummary: `${spec.owner}: ${spec.name ?? spec.command.slice(0, 60)}`,
+      // Listed under its owner from the start, before the workflow's first upsert.
+      typedSearchAttributes: [{ key: OWNER_KEY, value: spec.owner }],
     });
     return { taskId, runId: handle.firstExecutionRunId };
   }

@@ -1,154 +1,238 @@
 import { OWNER_NAME } from '../spec/repoPath';
 import { generateToken, hashPassword, hashToken } from './auth';
-import { MetadataDb, type OwnerRow, type OwnerUsage, type SshKeyRow, type TokenRow } from './metadataDb';
+import {
+  MetadataDb,
+  type AdminTokenRow,
+  type OwnerRow,
+  type OwnerUsage,
+  type SshKeyRow,
+  type TokenRow,
+} from './metadataDb';
 import { parsePublicKeyLine } from './sshKeys';
 
 /**
- * Account administration for the `vsp` CLI. Each call opens the data dir's database directly (safe
- * next to a running server: SQLite WAL) and closes it again. Tokens are returned once, never stored.
+ * Account administration: one implementation (AccountAdmin, over an open database) behind both the
+ * `vsp` admin CLI and the admin HTTP API. The CLI's functions below take the data dir, open its
+ * database (safe next to a running server: SQLite WAL) and close it again. Tokens are returned once,
+ * never stored. Disabling, revoking and removing take effect on every protocol at the next request,
+ * since every protocol re-checks its credential then (auth.ts).
  */
 
 export type OwnerSummary = OwnerRow & { activeTokens: number; sshKeys: number; usage: OwnerUsage };
-export type { SshKeyRow, TokenRow };
+export type { AdminTokenRow, SshKeyRow, TokenRow };
+
+/** A refused admin request: bad input, nothing of that name, or a name already taken. */
+export class AdminError extends Error {
+  constructor(
+    readonly code: 'invalid' | 'not-found' | 'conflict',
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+    this.name = 'AdminError';
+  }
+}
 
 const MAX_TOKEN_NAME = 100;
 
-function withDb<T>(dataDir: string, fn: (db: MetadataDb) => T): T {
-  const db = MetadataDb.open(dataDir);
-  try {
-    return fn(db);
-  } finally {
-    db.close();
-  }
-}
-
 function checkOwnerName(name: string): void {
-  if (!OWNER_NAME.test(name))
-    throw new Error(`owner name ${JSON.stringify(name)} is invalid: it must match ${OWNER_NAME}`);
+  if (typeof name !== 'string' || !OWNER_NAME.test(name))
+    throw new AdminError(
+      'invalid',
+      `owner name ${JSON.stringify(name)} is invalid: it must match ${OWNER_NAME}`,
+    );
 }
 
-function checkTokenName(name: string, what = 'token'): void {
-  // eslint-disable-next-line no-control-regex
-  if (name.length === 0 || name.length > MAX_TOKEN_NAME || /[\x00-\x1f\x7f]/.test(name)) {
-    throw new Error(`${what} name ${JSON.stringify(name)} must be 1-${MAX_TOKEN_NAME} printable characters`);
+// eslint-disable-next-line no-control-regex
+const CONTROL_CHARACTER = /[\x00-\x1f\x7f]/;
+
+function checkName(name: string, what: string): void {
+  if (
+    typeof name !== 'string' ||
+    name.length === 0 ||
+    name.length > MAX_TOKEN_NAME ||
+    CONTROL_CHARACTER.test(name)
+  ) {
+    throw new AdminError(
+      'invalid',
+      `${what} name ${JSON.stringify(name)} must be 1-${MAX_TOKEN_NAME} printable characters`,
+    );
   }
 }
 
-function requireOwner(db: MetadataDb, owner: string): void {
-  if (!db.getOwner(owner)) throw new Error(`no such owner: ${owner}`);
-}
-
-/** Creates an owner with a first token named 'default'; fails if the owner exists. */
-export function addOwner(dataDir: string, name: string): { owner: string; token: string } {
-  checkOwnerName(name);
-  return withDb(dataDir, (db) =>
-    db.transaction(() => {
-      if (!db.insertOwner(name)) throw new Error(`owner ${name} already exists`);
-      const token = generateToken();
-      db.insertToken(name, 'default', hashToken(token));
-      return { owner: name, token };
-    }),
-  );
-}
-
-export function createToken(dataDir: string, owner: string, name: string): string {
-  checkOwnerName(owner);
-  checkTokenName(name);
-  return withDb(dataDir, (db) => {
-    requireOwner(db, owner);
-    const token = generateToken();
-    db.insertToken(owner, name, hashToken(token));
-    return token;
-  });
-}
-
-/** A token for host workers: it may read and write every owner's space. */
-export function createServiceToken(dataDir: string, name: string): string {
-  checkTokenName(name);
-  return withDb(dataDir, (db) => {
-    const token = generateToken();
-    db.insertToken(undefined, name, hashToken(token));
-    return token;
-  });
-}
-
-export function listOwners(dataDir: string): OwnerSummary[] {
-  return withDb(dataDir, (db) => db.listOwners().map((o) => ({ ...o, usage: db.usage(o.name) })));
-}
-
-/** All tokens (or one owner's), without their secrets; service tokens have no owner. */
-export function listTokens(dataDir: string, owner?: string): TokenRow[] {
-  if (owner !== undefined) checkOwnerName(owner);
-  return withDb(dataDir, (db) => db.listTokens(owner));
-}
-
-export function revokeToken(dataDir: string, id: number): void {
-  withDb(dataDir, (db) => {
-    if (!db.revokeToken(id)) throw new Error(`no unrevoked token with id ${id}`);
-  });
-}
-
-/** A disabled owner's tokens stop working and service tokens may no longer reach its space. */
-export function setOwnerDisabled(dataDir: string, owner: string, disabled: boolean): void {
-  checkOwnerName(owner);
-  withDb(dataDir, (db) => {
-    if (!db.setOwnerDisabled(owner, disabled)) throw new Error(`no such owner: ${owner}`);
-  });
-}
-
-/** Sets (or replaces) an owner's password for SFTP/FTPS logins; sessions using the old one end. */
-export async function setPassword(dataDir: string, owner: string, password: string): Promise<void> {
-  checkOwnerName(owner);
-  const hash = await hashPassword(password);
-  withDb(dataDir, (db) => {
-    if (!db.setPasswordHash(owner, hash)) throw new Error(`no such owner: ${owner}`);
-  });
-}
-
-export function clearPassword(dataDir: string, owner: string): void {
-  checkOwnerName(owner);
-  withDb(dataDir, (db) => {
-    if (!db.setPasswordHash(owner, undefined)) throw new Error(`no such owner: ${owner}`);
-  });
-}
-
-/** Authorises an SSH public key (one `authorized_keys` line) for an owner's SFTP logins. */
-export function addKey(dataDir: string, owner: string, publicKeyLine: string, name?: string): SshKeyRow {
-  checkOwnerName(owner);
-  const key = parsePublicKeyLine(publicKeyLine);
-  const keyName = name ?? (key.comment || key.fingerprint);
-  checkTokenName(keyName, 'key');
-  return withDb(dataDir, (db) =>
-    db.transaction(() => {
-      requireOwner(db, owner);
-      if (db.findKey(owner, key.keyData)) throw new Error(`${owner} already has key ${key.fingerprint}`);
-      const id = db.insertKey({ owner, name: keyName, ...key });
-      return db.listKeys(owner).find((k) => k.id === id) as SshKeyRow;
-    }),
-  );
-}
-
-/** Removes a key; sessions that logged in with it end at their next request. */
-export function removeKey(dataDir: string, owner: string, id: number): void {
-  checkOwnerName(owner);
-  withDb(dataDir, (db) => {
-    if (!db.deleteKey(owner, id)) throw new Error(`${owner} has no key with id ${id}`);
-  });
-}
-
-export function listKeys(dataDir: string, owner?: string): SshKeyRow[] {
-  if (owner !== undefined) checkOwnerName(owner);
-  return withDb(dataDir, (db) => db.listKeys(owner));
-}
-
-/** Limits an owner's space; undefined means no limit. Files already stored are kept. */
-export function setQuota(dataDir: string, owner: string, quota: { bytes?: number; files?: number }): void {
-  checkOwnerName(owner);
+function checkQuota(quota: { bytes?: number; files?: number }): void {
   for (const [what, v] of Object.entries(quota)) {
     if (v !== undefined && (!Number.isSafeInteger(v) || v < 0))
-      throw new Error(`quota ${what} must be a whole number >= 0, not ${v}`);
+      throw new AdminError('invalid', `quota ${what} must be a whole number >= 0, not ${v}`);
   }
-  withDb(dataDir, (db) => {
-    if (!db.setQuota(owner, quota)) throw new Error(`no such owner: ${owner}`);
-  });
 }
+
+/** Turns a validation error of a helper (password rules, key parsing) into an AdminError. */
+function invalid<T>(fn: () => T): T {
+  try {
+    return fn();
+  } catch (err) {
+    throw new AdminError('invalid', (err as Error).message, { cause: err });
+  }
+}
+
+export class AccountAdmin {
+  constructor(private readonly db: MetadataDb) {}
+
+  private requireOwner(owner: string): void {
+    checkOwnerName(owner);
+    if (!this.db.getOwner(owner)) throw new AdminError('not-found', `no such owner: ${owner}`);
+  }
+
+  /** Creates an owner with a first token named 'default'; fails if the owner exists. */
+  addOwner(name: string): { owner: string; token: string } {
+    checkOwnerName(name);
+    return this.db.transaction(() => {
+      if (!this.db.insertOwner(name)) throw new AdminError('conflict', `owner ${name} already exists`);
+      const token = generateToken();
+      this.db.insertToken(name, 'default', hashToken(token));
+      return { owner: name, token };
+    });
+  }
+
+  listOwners(): OwnerSummary[] {
+    return this.db.listOwners().map((o) => ({ ...o, usage: this.db.usage(o.name) }));
+  }
+
+  /** A disabled owner's tokens stop working and service tokens may no longer reach its space. */
+  setOwnerDisabled(owner: string, disabled: boolean): void {
+    checkOwnerName(owner);
+    if (!this.db.setOwnerDisabled(owner, disabled))
+      throw new AdminError('not-found', `no such owner: ${owner}`);
+  }
+
+  /** Limits an owner's space; undefined means no limit. Files already stored are kept. */
+  setQuota(owner: string, quota: { bytes?: number; files?: number }): void {
+    checkOwnerName(owner);
+    checkQuota(quota);
+    if (!this.db.setQuota(owner, quota)) throw new AdminError('not-found', `no such owner: ${owner}`);
+  }
+
+  createToken(owner: string, name: string): { id: number; token: string } {
+    checkName(name, 'token');
+    this.requireOwner(owner);
+    const token = generateToken();
+    return { id: this.db.insertToken(owner, name, hashToken(token)), token };
+  }
+
+  /** A token for host workers: it may read and write every owner's space. */
+  createServiceToken(name: string): { id: number; token: string } {
+    checkName(name, 'token');
+    const token = generateToken();
+    return { id: this.db.insertToken(undefined, name, hashToken(token)), token };
+  }
+
+  /** All tokens (or one owner's), without their secrets; service tokens have no owner. */
+  listTokens(owner?: string): TokenRow[] {
+    if (owner !== undefined) checkOwnerName(owner);
+    return this.db.listTokens(owner);
+  }
+
+  revokeToken(id: number): void {
+    if (!this.db.revokeToken(id)) throw new AdminError('not-found', `no unrevoked token with id ${id}`);
+  }
+
+  /** Sets (or replaces) an owner's password for SFTP/FTPS logins; sessions using the old one end. */
+  async setPassword(owner: string, password: string): Promise<void> {
+    checkOwnerName(owner);
+    let hash: string;
+    try {
+      hash = await hashPassword(password);
+    } catch (err) {
+      throw new AdminError('invalid', (err as Error).message, { cause: err });
+    }
+    if (!this.db.setPasswordHash(owner, hash)) throw new AdminError('not-found', `no such owner: ${owner}`);
+  }
+
+  clearPassword(owner: string): void {
+    checkOwnerName(owner);
+    if (!this.db.setPasswordHash(owner, undefined))
+      throw new AdminError('not-found', `no such owner: ${owner}`);
+  }
+
+  /** Authorises an SSH public key (one `authorized_keys` line) for an owner's SFTP logins. */
+  addKey(owner: string, publicKeyLine: string, name?: string): SshKeyRow {
+    checkOwnerName(owner);
+    const key = invalid(() => parsePublicKeyLine(publicKeyLine));
+    const keyName = name ?? (key.comment || key.fingerprint);
+    checkName(keyName, 'key');
+    return this.db.transaction(() => {
+      this.requireOwner(owner);
+      if (this.db.findKey(owner, key.keyData))
+        throw new AdminError('conflict', `${owner} already has key ${key.fingerprint}`);
+      const id = this.db.insertKey({ owner, name: keyName, ...key });
+      return this.db.listKeys(owner).find((k) => k.id === id) as SshKeyRow;
+    });
+  }
+
+  /** Removes a key; sessions that logged in with it end at their next request. */
+  removeKey(owner: string, id: number): void {
+    checkOwnerName(owner);
+    if (!this.db.deleteKey(owner, id)) throw new AdminError('not-found', `${owner} has no key with id ${id}`);
+  }
+
+  listKeys(owner?: string): SshKeyRow[] {
+    if (owner !== undefined) checkOwnerName(owner);
+    return this.db.listKeys(owner);
+  }
+
+  /** A credential for the admin HTTP API, printed once. */
+  createAdminToken(name: string): { id: number; token: string } {
+    checkName(name, 'admin token');
+    const token = generateToken();
+    return { id: this.db.insertAdminToken(name, hashToken(token)), token };
+  }
+
+  listAdminTokens(): AdminTokenRow[] {
+    return this.db.listAdminTokens();
+  }
+
+  revokeAdminToken(id: number): void {
+    if (!this.db.revokeAdminToken(id))
+      throw new AdminError('not-found', `no unrevoked admin token with id ${id}`);
+  }
+}
+
+/** Runs `fn` on the data dir's database, opened for the call (the CLI's way in). */
+export function withAdmin<T>(dataDir: string, fn: (admin: AccountAdmin, db: MetadataDb) => T): T {
+  const db = MetadataDb.open(dataDir);
+  let out: T;
+  try {
+    out = fn(new AccountAdmin(db), db);
+  } catch (err) {
+    db.close();
+    throw err;
+  }
+  if (out instanceof Promise) return out.finally(() => db.close()) as T;
+  db.close();
+  return out;
+}
+
+// The data-dir forms used by the CLI, tests and tools: each opens the database for one AccountAdmin call.
+
+export const addOwner = (dataDir: string, name: string) => withAdmin(dataDir, (a) => a.addOwner(name));
+export const createToken = (dataDir: string, owner: string, name: string): string =>
+  withAdmin(dataDir, (a) => a.createToken(owner, name).token);
+export const createServiceToken = (dataDir: string, name: string): string =>
+  withAdmin(dataDir, (a) => a.createServiceToken(name).token);
+export const listOwners = (dataDir: string) => withAdmin(dataDir, (a) => a.listOwners());
+export const listTokens = (dataDir: string, owner?: string) => withAdmin(dataDir, (a) => a.listTokens(owner));
+export const revokeToken = (dataDir: string, id: number) => withAdmin(dataDir, (a) => a.revokeToken(id));
+export const setOwnerDisabled = (dataDir: string, owner: string, disabled: boolean) =>
+  withAdmin(dataDir, (a) => a.setOwnerDisabled(owner, disabled));
+export const setPassword = (dataDir: string, owner: string, password: string): Promise<void> =>
+  withAdmin(dataDir, (a) => a.setPassword(owner, password));
+export const clearPassword = (dataDir: string, owner: string) =>
+  withAdmin(dataDir, (a) => a.clearPassword(owner));
+export const addKey = (dataDir: string, owner: string, publicKeyLine: string, name?: string) =>
+  withAdmin(dataDir, (a) => a.addKey(owner, publicKeyLine, name));
+export const removeKey = (dataDir: string, owner: string, id: number) =>
+  withAdmin(dataDir, (a) => a.removeKey(owner, id));
+export const listKeys = (dataDir: string, owner?: string) => withAdmin(dataDir, (a) => a.listKeys(owner));
+export const setQuota = (dataDir: string, owner: string, quota: { bytes?: number; files?: number }) =>
+  withAdmin(dataDir, (a) => a.setQuota(owner, quota));

@@ -158,3 +158,25 @@ export function ensureServiceToken(db: MetadataDb, token: string, name: string):
   }
   db.insertToken(undefined, name, hashToken(token));
 }
+
+/** An admin API caller: one of the admin tokens made by `vsp admin token create`. */
+export interface AdminPrincipal {
+  kind: 'admin';
+  tokenId: number;
+}
+
+/**
+ * Resolves an admin API caller. Admin tokens live apart from owner and service tokens; a valid token
+ * of those kinds is known but not allowed here (403), anything else is not known (401).
+ */
+export function authenticateAdmin(db: MetadataDb, token: string | undefined): AdminPrincipal {
+  if (token === undefined || token.length === 0) throw new AccessDenied(401, 'missing admin token');
+  const hash = hashToken(token);
+  const row = db.findAdminTokenByHash(hash);
+  if (row && timingSafeEqual(Buffer.from(row.hash, 'hex'), Buffer.from(hash, 'hex'))) {
+    if (row.revoked !== undefined) throw new AccessDenied(401, 'admin token has been revoked');
+    return { kind: 'admin', tokenId: row.id };
+  }
+  authenticate(db, token); // throws 401 for an unknown, revoked or disabled owner's token
+  throw new AccessDenied(403, 'this token is not an admin token');
+}

@@ -7,6 +7,9 @@ import { Readable, Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { normaliseRepoPath, OWNER_NAME } from '../spec/repoPath';
 import { fileSink } from './fileSink';
+import type { ImageEntry } from './imageStore';
+
+export type { ImageEntry };
 
 /**
  * Client for the repository's HTTP API, used by the CLI (uploading inputs, fetching outputs) and by
@@ -273,6 +276,17 @@ export class RepositoryClient {
     const res = await this.send('GET', `/v1/owners/${owner}/files${query}`);
     if (res.statusCode !== 200) throw await failure(res, `list of ${owner}'s files`);
     return (JSON.parse(await readBody(res)) as { files: FileInfo[] }).files;
+  }
+
+  /**
+   * The owner's images (files under `images/`) and the provider's base images, with format, sizes,
+   * checksum and status ('inspecting' for a moment after an upload); `name` is what a task spec names.
+   */
+  async listImages(owner: string): Promise<ImageEntry[]> {
+    checkOwner(owner);
+    const res = await this.send('GET', `/v1/owners/${owner}/images`);
+    if (res.statusCode !== 200) throw await failure(res, `list of ${owner}'s images`);
+    return (JSON.parse(await readBody(res)) as { images: ImageEntry[] }).images;
   }
 
   /** Returns false if there was no such file. */

@@ -1,18 +1,31 @@
 import type { FileHandle } from 'node:fs/promises';
 import { Writable } from 'node:stream';
 
+export interface FileSinkOptions {
+  highWaterMark?: number;
+  /**
+   * Called with each chunk once all of it is in the file, in file order (e.g. to hash exactly what
+   * was written: after a failed write the file may hold a prefix of a chunk never passed here).
+   */
+  onWritten?: (chunk: Buffer) => void;
+}
+
 /**
  * A Writable over an open FileHandle that leaves the handle open, so the caller can fsync and close
  * it afterwards. (FileHandle.createWriteStream with autoClose:false keeps a reference that makes a
  * later handle.close() wait forever.) Batches queued chunks into one writev.
  */
-export function fileSink(handle: FileHandle, highWaterMark = 1 << 20): Writable {
+export function fileSink(
+  handle: FileHandle,
+  { highWaterMark = 1 << 20, onWritten }: FileSinkOptions = {},
+): Writable {
   async function writeAll(chunks: Buffer[]): Promise<void> {
     let pending = chunks;
     while (pending.length > 0) {
       const { bytesWritten } = await handle.writev(pending);
       pending = dropBytes(pending, bytesWritten);
     }
+    if (onWritten) for (const chunk of chunks) onWritten(chunk);
   }
   return new Writable({
     highWaterMark,

@@ -1,12 +1,24 @@
-import { constants as fsc, lstatSync, mkdirSync, renameSync, rmdirSync, unlinkSync } from 'node:fs';
+import {
+  closeSync,
+  constants as fsc,
+  fstatSync,
+  lstatSync,
+  mkdirSync,
+  openSync,
+  renameSync,
+  rmdirSync,
+  unlinkSync,
+} from 'node:fs';
 import { promises as fs } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { createHash, randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
+import { BASE_IMAGES_FOLDER } from '../spec/taskSpec';
+import { AccessDenied } from './auth';
 import { fileSink } from './fileSink';
-import type { FileRow, MetadataDb, OwnerRow, OwnerUsage } from './metadataDb';
+import type { BaseImageRow, FileRow, MetadataDb, OwnerRow, OwnerUsage } from './metadataDb';
 
 /**
  * The owners' files on disk (`<dataDir>/files/<owner>/<path>`) kept in step with their metadata rows.
@@ -15,7 +27,42 @@ import type { FileRow, MetadataDb, OwnerRow, OwnerUsage } from './metadataDb';
  *
  * The commit of a write (mkdir, rename, metadata row) and a delete run synchronously, so within the
  * one process that owns a data dir they never interleave and the metadata always names the bytes on disk.
+ *
+ * Every owner also sees the provider's base images, read-only, in the folder BASE_IMAGES_FOLDER of its
+ * space (`<dataDir>/base-images/<name>`, recorded in the base_images table). The refusal of writes there
+ * lives here, below every protocol, so HTTP, SFTP and FTPS cannot differ on it.
  */
+
+/** The provider's base images on disk; filled by imageStore.addBaseImage only. */
+export function baseImagesDir(dataDir: string): string {
+  return path.join(dataDir, 'base-images');
+}
+
+/** The base image a path names: '' for the folder itself, undefined if the path is outside it. */
+function baseImageName(repoPath: string): string | undefined {
+  if (repoPath === BASE_IMAGES_FOLDER) return '';
+  return repoPath.startsWith(`${BASE_IMAGES_FOLDER}/`)
+    ? repoPath.slice(BASE_IMAGES_FOLDER.length + 1)
+    : undefined;
+}
+
+function refuseBaseImages(...repoPaths: string[]): void {
+  for (const p of repoPaths) {
+    if (baseImageName(p) !== undefined)
+      throw new AccessDenied(
+        403,
+        `${BASE_IMAGES_FOLDER}/ holds the provider's base images: they are read-only (${p})`,
+      );
+  }
+}
+
+/** A base image as a file in an owner's view. */
+export function baseImageFile(b: BaseImageRow): FileRow {
+  return { path: `${BASE_IMAGES_FOLDER}/${b.name}`, size: b.size, sha256: b.sha256, mtime: b.mtime };
+}
+
+/** Called after a file appears at `repoPath` (written or renamed there). */
+export type CommitListener = (owner: string, repoPath: string) => void;
 
 export type StoreErrorCode =
   | 'not-found'
@@ -83,7 +130,9 @@ function isErrno(err: unknown, ...codes: string[]): boolean {
 export class FileStore {
   private readonly filesDir: string;
   private readonly tmpDir: string;
+  private readonly baseDir: string;
   private readonly pending = new Set<PendingUpload>();
+  private readonly listeners: CommitListener[] = [];
 
   private constructor(
     dataDir: string,
@@ -91,6 +140,16 @@ export class FileStore {
   ) {
     this.filesDir = path.join(dataDir, 'files');
     this.tmpDir = path.join(dataDir, 'tmp');
+    this.baseDir = baseImagesDir(dataDir);
+  }
+
+  /** `listener` hears of every file committed or renamed into place, after the fact (errors are its own). */
+  onCommit(listener: CommitListener): void {
+    this.listeners.push(listener);
+  }
+
+  private notify(owner: string, repoPaths: string[]): void {
+    for (const l of this.listeners) for (const p of repoPaths) l(owner, p);
   }
 
   /** Creates the folders and clears temp files left by a crash (one process owns a data dir). */
@@ -170,11 +229,7 @@ export class FileStore {
         );
       }
       const info: FileRow = { path: repoPath, size, sha256, mtime: new Date().toISOString() };
-      this.pending.delete(upload);
-      // Synchronous from here to the metadata row: the authoritative quota check cannot race another commit.
-      upload.adds = !this.db.getFile(owner, repoPath);
-      this.checkQuota(upload, size);
-      const dest = this.commit(owner, repoPath, tmp, info);
+      const dest = this.commitChecked(upload, tmp, info);
       committed = true;
       await syncDir(path.dirname(dest));
       return info;
@@ -184,8 +239,50 @@ export class FileStore {
     }
   }
 
+  /**
+   * Stores a file already complete and fsynced on the store's filesystem (a resumable upload's
+   * partial file), whose size and SHA-256 the caller has counted as it was written: checked as
+   * `write` checks, then renamed into place, never copied. `file` is consumed: renamed or removed.
+   */
+  async adopt(
+    owner: string,
+    repoPath: string,
+    file: string,
+    sum: { size: number; sha256: string },
+  ): Promise<FileRow> {
+    const upload: PendingUpload = {
+      owner,
+      path: repoPath,
+      bytes: 0,
+      adds: !this.db.getFile(owner, repoPath),
+    };
+    let committed = false;
+    try {
+      refuseBaseImages(repoPath);
+      await fs.chmod(file, 0o644);
+      const info: FileRow = { path: repoPath, ...sum, mtime: new Date().toISOString() };
+      const dest = this.commitChecked(upload, file, info);
+      committed = true;
+      await syncDir(path.dirname(dest));
+      return info;
+    } finally {
+      if (!committed) await fs.rm(file, { force: true });
+    }
+  }
+
+  /** The quota check and commit, synchronous so the check cannot race another commit. */
+  private commitChecked(upload: PendingUpload, tmp: string, info: FileRow): string {
+    this.pending.delete(upload);
+    upload.adds = !this.db.getFile(upload.owner, upload.path);
+    this.checkQuota(upload, info.size);
+    const dest = this.commit(upload.owner, upload.path, tmp, info);
+    this.notify(upload.owner, [upload.path]);
+    return dest;
+  }
+
   /** Fails before any byte is sent if an upload of `expectedSize` bytes to `repoPath` cannot be stored. */
   precheckWrite(owner: string, repoPath: string, expectedSize = 0): void {
+    refuseBaseImages(repoPath);
     if (this.entry(owner, repoPath)?.kind === 'folder')
       throw new StoreError('conflict', `${repoPath} is a folder`);
     this.checkQuota(
@@ -236,9 +333,10 @@ export class FileStore {
 
   /** Opens a recorded file for reading, refusing anything but a regular file reached without symlinks. */
   async open(owner: string, repoPath: string): Promise<OpenFile> {
-    const info = this.db.getFile(owner, repoPath);
+    const base = baseImageName(repoPath);
+    const info = base ? this.baseImageRow(base) : this.db.getFile(owner, repoPath);
     if (!info) throw new StoreError('not-found', `no such file: ${repoPath}`);
-    const dest = this.checkedParents(owner, repoPath, false);
+    const dest = base ? path.join(this.baseDir, base) : this.checkedParents(owner, repoPath, false);
     let handle: FileHandle;
     try {
       handle = await fs.open(dest, fsc.O_RDONLY | fsc.O_NOFOLLOW);
@@ -279,8 +377,29 @@ export class FileStore {
     };
   }
 
+  /**
+   * Opens an owner's stored file together with its metadata row in one synchronous step, so the bytes
+   * are those the row describes (files are replaced by rename, never in place). For inspecting a file
+   * with tools run on `/proc/<pid>/fd/<fd>`; the caller closes `fd`. Undefined if there is no such file.
+   */
+  openWithRow(owner: string, repoPath: string): { info: FileRow; fd: number } | undefined {
+    const info = this.db.getFile(owner, repoPath);
+    if (!info) return undefined;
+    const fd = openSync(this.checkedParents(owner, repoPath, false), fsc.O_RDONLY | fsc.O_NOFOLLOW);
+    try {
+      const st = fstatSync(fd);
+      if (!st.isFile() || st.size !== info.size)
+        throw new StoreError('corrupt', `${repoPath} on disk does not match its metadata`);
+    } catch (err) {
+      closeSync(fd);
+      throw err;
+    }
+    return { info, fd };
+  }
+
   /** Returns false if there was no such file. Empty folders left behind are removed. */
   delete(owner: string, repoPath: string): boolean {
+    refuseBaseImages(repoPath);
     if (!this.db.getFile(owner, repoPath)) return false;
     let dest: string;
     try {
@@ -303,6 +422,12 @@ export class FileStore {
   /** What `repoPath` names ('' is the owner's root folder), or undefined. */
   entry(owner: string, repoPath: string): Entry | undefined {
     if (repoPath === '') return { kind: 'folder', path: '' };
+    const base = baseImageName(repoPath);
+    if (base === '') return { kind: 'folder', path: repoPath };
+    if (base !== undefined) {
+      const info = this.baseImageRow(base);
+      return info && { kind: 'file', info };
+    }
     const info = this.db.getFile(owner, repoPath);
     if (info) return { kind: 'file', info };
     if (this.db.folderExists(owner, repoPath) || this.db.listFiles(owner, `${repoPath}/`).length > 0)
@@ -313,7 +438,13 @@ export class FileStore {
   /** The files and folders directly in folder `dir` ('' for the root), by name. */
   readdir(owner: string, dir: string): DirEntry[] {
     const prefix = dir === '' ? '' : `${dir}/`;
+    const base = baseImageName(dir);
+    if (base !== undefined && base !== '') return [];
+    if (base === '')
+      return this.db.listBaseImages().map((b) => ({ name: b.name, kind: 'file', info: baseImageFile(b) }));
     const out = new Map<string, DirEntry>();
+    if (dir === '')
+      out.set(BASE_IMAGES_FOLDER, { name: BASE_IMAGES_FOLDER, kind: 'folder', path: BASE_IMAGES_FOLDER });
     for (const info of this.db.listFiles(owner, prefix)) {
       const rest = info.path.slice(prefix.length);
       const slash = rest.indexOf('/');
@@ -335,12 +466,14 @@ export class FileStore {
 
   /** Makes an empty folder; its parent must be a folder and the name free. */
   makeFolder(owner: string, repoPath: string): void {
+    refuseBaseImages(repoPath);
     this.requireFreeWithParent(owner, repoPath);
     this.db.insertFolder(owner, repoPath);
   }
 
   /** Removes an empty folder. */
   removeFolder(owner: string, repoPath: string): void {
+    refuseBaseImages(repoPath);
     const e = this.entry(owner, repoPath);
     if (e?.kind !== 'folder' || repoPath === '')
       throw new StoreError('not-found', `no such folder: ${repoPath}`);
@@ -354,6 +487,7 @@ export class FileStore {
    * be a folder; a folder cannot move into itself. Disk and metadata change together.
    */
   rename(owner: string, from: string, to: string): void {
+    refuseBaseImages(from, to);
     const src = this.entry(owner, from);
     if (!src || from === '') throw new StoreError('not-found', `no such file or folder: ${from}`);
     this.requireFreeWithParent(owner, to);
@@ -370,6 +504,12 @@ export class FileStore {
       if (onDisk !== undefined) renameSync(onDisk, dest); // a throw here rolls the metadata back
     });
     if (onDisk !== undefined) this.removeEmptyParents(owner, onDisk);
+    this.notify(owner, src.kind === 'file' ? [to] : this.db.listFiles(owner, `${to}/`).map((f) => f.path));
+  }
+
+  private baseImageRow(name: string): FileRow | undefined {
+    const b = this.db.getBaseImage(name);
+    return b && baseImageFile(b);
   }
 
   private requireFreeWithParent(owner: string, repoPath: string): void {

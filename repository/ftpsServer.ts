@@ -4,12 +4,14 @@ import { promises as fs } from 'node:fs';
 import type { AddressInfo, Server as NetServer, Socket } from 'node:net';
 import path from 'node:path';
 import { PassThrough, Readable, Writable } from 'node:stream';
+import { createSecureContext, TLSSocket, type SecureContext } from 'node:tls';
 import { promisify } from 'node:util';
 import { FileSystem, FtpSrv, type FtpConnection } from 'ftp-srv';
 import { describeError, type Logger } from '../logging/logger';
 import { AccessDenied, authenticatePassword, checkSession, type OwnerSession } from './auth';
 import { remoteOf, type AuditEvent, type AuditLog } from './auditLog';
 import { StoreError, type Entry, type FileStore } from './fileStore';
+import type { LoginThrottle } from './loginThrottle';
 import type { MetadataDb } from './metadataDb';
 import { resolveSftpPath, toRepoPath } from './sftpSession';
 
@@ -48,6 +50,7 @@ export interface FtpsDeps {
   maxFileBytes: number;
   log: Logger;
   audit: AuditLog;
+  loginThrottle: LoginThrottle;
 }
 
 const IDLE_TIMEOUT_MS = 5 * 60_000;
@@ -334,12 +337,51 @@ class OwnerFileSystem extends FileSystem {
   }
 }
 
+/** The parts of ftp-srv's connection (not in its typings) that the TLS upgrade below replaces. */
+interface ConnectionInternals {
+  commandSocket: Socket;
+  secure: boolean;
+  commands: {
+    parse(message: string): { directive: string; arg: string | null };
+    handle(command: string | { directive: string; arg: string | null }): Promise<unknown>;
+  };
+}
+
+/**
+ * Answers AUTH TLS itself. ftp-srv replies 234 and wraps the command socket in TLS only some event-loop
+ * turns later (its promises resolve through setImmediate), so a quick client's ClientHello could be read
+ * first as an FTP command and answered in plain text: "wrong version number" at the client, often under
+ * load. Here the socket is wrapped in the same turn as the 234 is written, before anything can be read.
+ */
+function upgradeToTlsAtOnce(connection: FtpConnection, secureContext: SecureContext): void {
+  const conn = connection as unknown as ConnectionInternals;
+  const handle = conn.commands.handle.bind(conn.commands);
+  conn.commands.handle = (command) => {
+    const c = typeof command === 'string' ? conn.commands.parse(command) : command;
+    if (c.directive !== 'AUTH' || c.arg?.toUpperCase() !== 'TLS' || conn.secure) return handle(c);
+    const plain = conn.commandSocket;
+    plain.write('234 Honored\r\n');
+    const secure = new TLSSocket(plain, { isServer: true, secureContext });
+    // The idle timer moves along: the plain socket sees no reads once TLS has taken them over.
+    secure.setTimeout(plain.timeout ?? 0);
+    plain.setTimeout(0);
+    // ftp-srv listens on the plain socket: it keeps hearing what now arrives through TLS.
+    for (const event of ['data', 'timeout', 'end', 'close', 'drain', 'error'])
+      secure.on(event, (...args: unknown[]) => plain.emit(event, ...args));
+    conn.commandSocket = secure;
+    conn.secure = true;
+    return Promise.resolve();
+  };
+}
+
 export async function startFtpsServer(deps: FtpsDeps, opts: FtpsServerOptions): Promise<FtpsServer> {
   const { db, log, audit } = deps;
   const { min, max } = opts.pasvPorts;
   if (!Number.isInteger(min) || !Number.isInteger(max) || min < 1024 || max > 65535 || min > max)
     throw new Error(`FTPS passive ports ${min}-${max} must be a range within 1024-65535`);
   const tls = await loadOrCreateTlsCert(opts.certFile, opts.keyFile);
+  const tlsOptions = { cert: tls.cert, key: tls.key, minVersion: 'TLSv1.2' } as const;
+  const secureContext = createSecureContext(tlsOptions);
   // ftp-srv logs every refused command as an error; refusals are in the audit log, failures logged here.
   const ftpLog = log.child({ component: 'ftps' }, { level: 'fatal' });
   // ftp-srv exits the process on these signals; the repository's own handlers close it instead.
@@ -350,7 +392,7 @@ export async function startFtpsServer(deps: FtpsDeps, opts: FtpsServerOptions): 
     pasv_url: opts.pasvAddress ?? opts.host,
     pasv_min: min,
     pasv_max: max,
-    tls: { cert: tls.cert, key: tls.key, minVersion: 'TLSv1.2' },
+    tls: tlsOptions,
     blacklist: ['PORT', 'EPRT'],
     greeting: ['VSP repository'],
     log: ftpLog,
@@ -368,21 +410,26 @@ export async function startFtpsServer(deps: FtpsDeps, opts: FtpsServerOptions): 
     };
     if (!opts.allowPlain && !connection.secure)
       return denied(new AccessDenied(401, 'log in only after AUTH TLS: plain FTP is not offered'));
-    authenticatePassword(db, username, password).then((session) => {
-      audit.record({
-        protocol: 'ftps',
-        remote,
-        user: session.owner,
-        action: 'login',
-        result: 'ok',
-        detail: session.credential.kind,
-      });
-      resolve({ fs: new OwnerFileSystem(connection, session, deps, remote) });
-    }, denied);
+    const who = { address: socket?.remoteAddress, account: username };
+    deps.loginThrottle
+      .guard(who, () => authenticatePassword(db, username, password))
+      .then((session) => {
+        audit.record({
+          protocol: 'ftps',
+          remote,
+          user: session.owner,
+          action: 'login',
+          result: 'ok',
+          detail: session.credential.kind,
+        });
+        resolve({ fs: new OwnerFileSystem(connection, session, deps, remote) });
+      }, denied);
   });
-  // Set here rather than through ftp-srv's `timeout`, which also delays its close by as long.
   (ftp as NodeJS.EventEmitter).on('connect', ({ connection }: { connection: FtpConnection }) => {
-    (connection as unknown as { commandSocket?: Socket }).commandSocket?.setTimeout(IDLE_TIMEOUT_MS);
+    const socket = (connection as unknown as { commandSocket?: Socket }).commandSocket;
+    // Set here rather than through ftp-srv's `timeout`, which also delays its close by as long.
+    socket?.setTimeout(IDLE_TIMEOUT_MS);
+    upgradeToTlsAtOnce(connection, secureContext);
   });
   ftp.on('client-error', ({ error }: { error: unknown }) =>
     log.debug({ err: describeError(error) }, 'FTP client error'),

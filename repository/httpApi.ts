@@ -9,6 +9,12 @@ import { StoreError, type FileStore, type StoreErrorCode } from './fileStore';
 import type { MetadataDb } from './metadataDb';
 import { parseRange } from './byteRange';
 import { UploadError, type ResumableUploads } from './resumableUploads';
+import { LoginRateLimited, type LoginThrottle } from './loginThrottle';
+import { taskAction, TaskApiError, taskRequest, type TaskApi } from './taskApi';
+import { serveWebAsset, type WebAssets } from './webAssets';
+import { adminRequest, AdminApiError } from './adminApi';
+import { imageRequest, ImageApiError } from './imageApi';
+import type { ImageStore } from './imageStore';
 
 /**
  * The repository's HTTP API (v1): routing, auth, validation and streaming. Paths are taken from the
@@ -23,6 +29,14 @@ export interface HttpApiDeps {
   log: Logger;
   audit: AuditLog;
   uploads: ResumableUploads;
+  /** Counts failed token logins per address (tokens are unguessable, so not per account). */
+  loginThrottle: LoginThrottle;
+  /** The web page's files, served at `/` (webAssets.ts). */
+  web?: WebAssets;
+  /** The task endpoints (taskApi.ts); without Temporal they answer 503. */
+  tasks?: TaskApi;
+  /** Owners' images and the provider's base images (imageStore.ts). */
+  images?: ImageStore;
 }
 
 /** What a request did, filled in as it is understood, recorded in the audit log when it ends. */
@@ -70,7 +84,10 @@ type Route =
   | { kind: 'health' }
   | { kind: 'list'; owner: string; query: URLSearchParams }
   | { kind: 'file'; owner: string; rawPath: string }
-  | { kind: 'uploads'; owner: string; id?: string };
+  | { kind: 'uploads'; owner: string; id?: string }
+  | { kind: 'tasks'; owner: string; id?: string }
+  | { kind: 'images'; owner: string }
+  | { kind: 'admin'; path: string; query: URLSearchParams };
 
 function route(target: string): Route | undefined {
   const q = target.indexOf('?');
@@ -79,6 +96,14 @@ function route(target: string): Route | undefined {
   if (pathname === '/v1/health') return { kind: 'health' };
   const u = /^\/v1\/owners\/([^/]+)\/uploads(?:\/([A-Za-z0-9_-]+))?$/.exec(pathname);
   if (u) return { kind: 'uploads', owner: decodeComponent(u[1], 'owner name'), id: u[2] };
+  if (pathname.startsWith('/v1/admin/')) return { kind: 'admin', path: pathname.slice(10), query };
+  const img = /^\/v1\/owners\/([^/]+)\/images$/.exec(pathname);
+  if (img) return { kind: 'images', owner: decodeComponent(img[1], 'owner name') };
+  const t = /^\/v1\/owners\/([^/]+)\/tasks(?:\/([^/]+))?$/.exec(pathname);
+  if (t) {
+    const id = t[2] === undefined ? undefined : decodeComponent(t[2], 'task id');
+    return { kind: 'tasks', owner: decodeComponent(t[1], 'owner name'), id };
+  }
   const m = /^\/v1\/owners\/([^/]+)\/files(\/.*)?$/.exec(pathname);
   if (!m) return undefined;
   const owner = decodeComponent(m[1], 'owner name');
@@ -343,12 +368,28 @@ export function createRequestHandler(
 
   async function handle(req: IncomingMessage, res: ServerResponse, draft: AuditDraft): Promise<void> {
     const method = req.method ?? 'GET';
+    if (deps.web && serveWebAsset(deps.web, req, res)) return;
     const r = route(req.url ?? '/');
     if (!r) throw new HttpError(404, `no such endpoint: ${method} ${(req.url ?? '').split('?')[0]}`);
     if (r.kind === 'health') {
       if (method !== 'GET' && method !== 'HEAD')
         throw new HttpError(405, 'health accepts GET', { Allow: 'GET, HEAD' });
       sendJson(res, 200, { ok: true });
+      return;
+    }
+    if (r.kind === 'admin') {
+      const out = await adminRequest(deps, {
+        method,
+        path: r.path,
+        query: r.query,
+        token: bearerToken(req),
+        guard: (login) => deps.loginThrottle.guard({ address: req.socket.remoteAddress }, login),
+        json: () => readJson(req),
+        body: () => detachedBody(req),
+        audit: draft,
+      });
+      if (out.body === undefined) res.writeHead(out.status).end();
+      else sendJson(res, out.status, out.body);
       return;
     }
     draft.owner = r.owner;
@@ -359,7 +400,15 @@ export function createRequestHandler(
           ? (UPLOAD_ACTIONS[method] ?? method)
           : (ACTIONS[method] ?? method);
     if (r.kind === 'file') draft.path = r.rawPath;
-    const principal: Principal = authenticate(db, bearerToken(req));
+    if (r.kind === 'tasks') [draft.action, draft.path] = [taskAction(method, r.id), r.id && `task:${r.id}`];
+    if (r.kind === 'images') draft.action = 'list-images';
+    const token = bearerToken(req);
+    const principal: Principal =
+      token === undefined
+        ? authenticate(db, token)
+        : await deps.loginThrottle.guard({ address: req.socket.remoteAddress }, () =>
+            authenticate(db, token),
+          );
     draft.user = principal.kind === 'owner' ? principal.owner : `service:${principal.tokenId}`;
     checkOwnerName(r.owner);
     authorise(db, principal, r.owner);
@@ -370,6 +419,17 @@ export function createRequestHandler(
       return;
     }
     if (r.kind === 'uploads') return resumable(req, res, r.owner, r.id, draft);
+    if (r.kind === 'images') {
+      const out = imageRequest(deps.images, method, r.owner);
+      sendJson(res, out.status, out.body);
+      return;
+    }
+    if (r.kind === 'tasks') {
+      const body = () => readJson(req);
+      const out = await taskRequest(deps.tasks, { method, owner: r.owner, taskId: r.id, body });
+      sendJson(res, out.status, out.body);
+      return;
+    }
     const repoPath = checkPath(r.rawPath);
     draft.path = repoPath;
     switch (method) {
@@ -396,13 +456,16 @@ export function createRequestHandler(
     };
     try {
       await handle(req, res, draft);
-      if (draft.owner !== undefined) audit.record({ protocol: 'http', ...draft, result: 'ok' });
+      if (draft.owner !== undefined || draft.user !== undefined)
+        audit.record({ protocol: 'http', ...draft, result: 'ok' });
     } catch (err) {
       audit.record({
         protocol: 'http',
         ...draft,
         result:
-          err instanceof AccessDenied || (err instanceof HttpError && err.status === 401)
+          err instanceof AccessDenied ||
+          err instanceof LoginRateLimited ||
+          (err instanceof HttpError && err.status === 401)
             ? 'denied'
             : 'failed',
         detail: err instanceof Error ? err.message : String(err),
@@ -415,9 +478,15 @@ export function createRequestHandler(
       let message = 'internal error';
       let headers: Record<string, string> = {};
       if (err instanceof HttpError) [status, message, headers] = [err.status, err.message, err.headers];
+      else if (err instanceof TaskApiError) [status, message] = [err.status, err.message];
+      else if (err instanceof AdminApiError) [status, message] = [err.status, err.message];
+      else if (err instanceof ImageApiError)
+        [status, message, headers] = [err.status, err.message, err.headers];
       else if (err instanceof UploadError)
         [status, message, headers] = [err.status, err.message, err.headers];
       else if (err instanceof AccessDenied) [status, message] = [err.status, err.message];
+      else if (err instanceof LoginRateLimited)
+        [status, message, headers] = [429, err.message, { 'Retry-After': String(err.retryAfterSeconds) }];
       else if (err instanceof StoreError) [status, message] = [STORE_STATUS[err.code], err.message];
       if (status === 401) headers['WWW-Authenticate'] = 'Bearer';
       if (status >= 500)

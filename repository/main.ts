@@ -1,3 +1,4 @@
+import { VspClient } from '../client/vspClient';
 import { createLogger, describeError } from '../logging/logger';
 import {
   DEFAULT_MAX_FILE_BYTES,
@@ -16,7 +17,9 @@ import {
  * VSP_REPO_FTPS_LISTEN (host:port; FTPS is off unless set), VSP_REPO_FTPS_PASV_PORTS (min-max, default
  * 50000-50100), VSP_REPO_FTPS_PASV_ADDRESS (announced to non-local clients; default the listen host),
  * VSP_REPO_FTPS_CERT / VSP_REPO_FTPS_KEY (PEM; default <dir>/ftps_cert.pem and ftps_key.pem, self-signed
- * on first start), VSP_REPO_FTPS_ALLOW_PLAIN=1 (accept logins without AUTH TLS: only on purpose).
+ * on first start), VSP_REPO_FTPS_ALLOW_PLAIN=1 (accept logins without AUTH TLS: only on purpose),
+ * VSP_REPO_TEMPORAL=1 (connect to Temporal, with the TEMPORAL_* settings of config/temporal.ts, so the
+ * web page can list, submit and follow the owner's tasks; without it the task endpoints answer 503).
  */
 
 const log = createLogger('repository');
@@ -93,22 +96,40 @@ export function configFromEnv(env: NodeJS.ProcessEnv): RepositoryServerOptions {
   return { dataDir, host, port, maxFileBytes, serviceToken, sftp, ftps, auditLogFile, uploadExpiryMs };
 }
 
+/** Whether the repository should connect to Temporal for its task endpoints. */
+export function temporalFromEnv(env: NodeJS.ProcessEnv): boolean {
+  return parseFlag(env.VSP_REPO_TEMPORAL, 'VSP_REPO_TEMPORAL');
+}
+
 async function main(): Promise<void> {
   const config = configFromEnv(process.env);
-  const server = await startRepositoryServer(config);
+  const tasks = temporalFromEnv(process.env) ? await VspClient.connect() : undefined;
+  const server = await startRepositoryServer({ ...config, tasks }).catch(async (err: unknown) => {
+    await tasks?.temporal.connection.close();
+    throw err;
+  });
   log.info(
-    { url: server.url, sftp: server.sftp, dataDir: config.dataDir, maxFileBytes: config.maxFileBytes },
+    {
+      url: server.url,
+      sftp: server.sftp,
+      dataDir: config.dataDir,
+      maxFileBytes: config.maxFileBytes,
+      tasks: tasks !== undefined,
+    },
     'repository listening',
   );
   const stop = (signal: NodeJS.Signals): void => {
     log.info({ signal }, 'repository stopping');
-    server.close().then(
-      () => process.exit(0),
-      (err: unknown) => {
-        log.error({ err: describeError(err) }, 'repository did not close cleanly');
-        process.exit(1);
-      },
-    );
+    server
+      .close()
+      .then(() => tasks?.temporal.connection.close())
+      .then(
+        () => process.exit(0),
+        (err: unknown) => {
+          log.error({ err: describeError(err) }, 'repository did not close cleanly');
+          process.exit(1);
+        },
+      );
   };
   process.once('SIGTERM', stop);
   process.once('SIGINT', stop);

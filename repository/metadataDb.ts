@@ -52,7 +52,39 @@ export interface FileRow {
   mtime: string;
 }
 
-const SCHEMA_VERSION = 2;
+/** A base image the provider offers to every owner (read-only for them). */
+export interface BaseImageRow {
+  name: string;
+  size: number;
+  sha256: string;
+  /** ISO 8601, UTC. */
+  mtime: string;
+}
+
+/** What inspecting a file's content as a VM image found; keyed by content hash, so renames keep it. */
+export interface ImageInfoRow {
+  sha256: string;
+  status: 'ok' | 'invalid';
+  /** qemu-img's format name, when it could read the file at all. */
+  format?: string;
+  virtualBytes?: number;
+  /** Bytes allocated on disk (qemu-img's actual-size). */
+  actualBytes?: number;
+  hasBackingFile?: boolean;
+  /** Why the image is invalid. */
+  error?: string;
+  inspected: string;
+}
+
+/** A credential for the admin HTTP API; kept apart from owner and service tokens so neither can pass for it. */
+export interface AdminTokenRow {
+  id: number;
+  name: string;
+  created: string;
+  revoked?: string;
+}
+
+const SCHEMA_VERSION = 3;
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS owners (
@@ -96,9 +128,35 @@ CREATE TABLE IF NOT EXISTS folders (
   path TEXT NOT NULL,
   PRIMARY KEY (owner, path)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS admin_tokens (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  name TEXT NOT NULL,
+  hash TEXT NOT NULL UNIQUE,
+  created TEXT NOT NULL,
+  revoked TEXT
+);
+CREATE TABLE IF NOT EXISTS base_images (
+  name TEXT PRIMARY KEY,
+  size INTEGER NOT NULL,
+  sha256 TEXT NOT NULL,
+  mtime TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS image_info (
+  sha256 TEXT PRIMARY KEY,
+  status TEXT NOT NULL CHECK (status IN ('ok', 'invalid')),
+  format TEXT,
+  virtual_bytes INTEGER,
+  actual_bytes INTEGER,
+  has_backing INTEGER,
+  error TEXT,
+  inspected TEXT NOT NULL
+) WITHOUT ROWID;
 `;
 
-/** Schema 1 had owners without passwords or quotas; the new tables come from SCHEMA itself. */
+/**
+ * Schema 1 had owners without passwords or quotas; the new tables (SSH keys and folders in 2; admin
+ * tokens, base images and image inspections in 3) come from SCHEMA itself.
+ */
 const MIGRATE_FROM_1 = `
 ALTER TABLE owners ADD COLUMN password_hash TEXT;
 ALTER TABLE owners ADD COLUMN quota_bytes INTEGER;
@@ -426,4 +484,121 @@ export class MetadataDb {
       { revoked: string | null } | undefined;
     return r === undefined || r.revoked !== null;
   }
+
+  // --- admin tokens ---
+
+  insertAdminToken(name: string, hash: string): number {
+    const info = this.db
+      .prepare('INSERT INTO admin_tokens (name, hash, created) VALUES (?, ?, ?)')
+      .run(name, hash, new Date().toISOString());
+    return Number(info.lastInsertRowid);
+  }
+
+  findAdminTokenByHash(hash: string): (AdminTokenRow & { hash: string }) | undefined {
+    const r = this.db
+      .prepare('SELECT id, name, created, revoked, hash FROM admin_tokens WHERE hash = ?')
+      .get(hash) as (AdminTokenRow & { revoked: string | null; hash: string }) | undefined;
+    return r && { ...r, revoked: r.revoked ?? undefined };
+  }
+
+  listAdminTokens(): AdminTokenRow[] {
+    return (
+      this.db.prepare('SELECT id, name, created, revoked FROM admin_tokens ORDER BY id').all() as (Omit<
+        AdminTokenRow,
+        'revoked'
+      > & { revoked: string | null })[]
+    ).map((r) => ({ ...r, revoked: r.revoked ?? undefined }));
+  }
+
+  /** Returns false if there is no such unrevoked admin token. */
+  revokeAdminToken(id: number): boolean {
+    return (
+      this.db
+        .prepare('UPDATE admin_tokens SET revoked = ? WHERE id = ? AND revoked IS NULL')
+        .run(new Date().toISOString(), id).changes === 1
+    );
+  }
+
+  // --- the provider's base images ---
+
+  getBaseImage(name: string): BaseImageRow | undefined {
+    return this.db.prepare('SELECT name, size, sha256, mtime FROM base_images WHERE name = ?').get(name) as
+      BaseImageRow | undefined;
+  }
+
+  listBaseImages(): BaseImageRow[] {
+    return this.db
+      .prepare('SELECT name, size, sha256, mtime FROM base_images ORDER BY name')
+      .all() as BaseImageRow[];
+  }
+
+  /** Returns false if a base image of that name already exists. */
+  insertBaseImage(row: BaseImageRow): boolean {
+    return (
+      this.db
+        .prepare(
+          'INSERT INTO base_images (name, size, sha256, mtime) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING',
+        )
+        .run(row.name, row.size, row.sha256, row.mtime).changes === 1
+    );
+  }
+
+  deleteBaseImage(name: string): boolean {
+    return this.db.prepare('DELETE FROM base_images WHERE name = ?').run(name).changes === 1;
+  }
+
+  // --- image inspections ---
+
+  getImageInfo(sha256: string): ImageInfoRow | undefined {
+    const r = this.db
+      .prepare(
+        `SELECT sha256, status, format, virtual_bytes, actual_bytes, has_backing, error, inspected
+         FROM image_info WHERE sha256 = ?`,
+      )
+      .get(sha256) as RawImageInfo | undefined;
+    return r && toImageInfoRow(r);
+  }
+
+  putImageInfo(i: ImageInfoRow): void {
+    this.db
+      .prepare(
+        `INSERT OR REPLACE INTO image_info
+           (sha256, status, format, virtual_bytes, actual_bytes, has_backing, error, inspected)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+      )
+      .run(
+        i.sha256,
+        i.status,
+        i.format ?? null,
+        i.virtualBytes ?? null,
+        i.actualBytes ?? null,
+        i.hasBackingFile === undefined ? null : i.hasBackingFile ? 1 : 0,
+        i.error ?? null,
+        i.inspected,
+      );
+  }
+}
+
+interface RawImageInfo {
+  sha256: string;
+  status: 'ok' | 'invalid';
+  format: string | null;
+  virtual_bytes: number | null;
+  actual_bytes: number | null;
+  has_backing: number | null;
+  error: string | null;
+  inspected: string;
+}
+
+function toImageInfoRow(r: RawImageInfo): ImageInfoRow {
+  return {
+    sha256: r.sha256,
+    status: r.status,
+    format: r.format ?? undefined,
+    virtualBytes: r.virtual_bytes ?? undefined,
+    actualBytes: r.actual_bytes ?? undefined,
+    hasBackingFile: r.has_backing === null ? undefined : r.has_backing !== 0,
+    error: r.error ?? undefined,
+    inspected: r.inspected,
+  };
 }

@@ -1,5 +1,5 @@
-import { constants as fsc, createReadStream, promises as fs } from 'node:fs';
-import { randomBytes } from 'node:crypto';
+import { constants as fsc, promises as fs } from 'node:fs';
+import { createHash, randomBytes, type Hash } from 'node:crypto';
 import path from 'node:path';
 import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -7,15 +7,16 @@ import { z } from 'zod';
 import { normaliseRepoPath } from '../spec/repoPath';
 import { describeError, type Logger } from '../logging/logger';
 import { fileSink } from './fileSink';
-import type { FileStore } from './fileStore';
+import { StoreError, type FileStore } from './fileStore';
 import type { FileRow } from './metadataDb';
 
 /**
  * Resumable uploads by offset (HTTP: POST creates a session, PATCH appends at `Upload-Offset`, HEAD
- * tells the offset). The bytes gather in a private partial file outside the owner's space; when the
- * last one arrives the whole file goes through FileStore.write, which checks size, checksum and quota
- * and commits atomically, so a file is visible only once complete. Sessions live in memory: a restart
- * drops them with their partial files (the store's other temp files go the same way).
+ * tells the offset). The bytes gather in a private partial file outside the owner's space, hashed as
+ * they are written; when the last one arrives the checksum is compared and FileStore.adopt checks the
+ * quota and renames the partial file into place (no second copy), so a file is visible only once
+ * complete. Sessions live in memory: a restart drops them with their partial files (the store's other
+ * temp files go the same way), so the running hash never has to outlive the process.
  */
 
 export const DEFAULT_UPLOAD_EXPIRY_MS = 24 * 3600_000;
@@ -66,6 +67,8 @@ interface Session {
   offset: number;
   expiresAt: number;
   partial: string;
+  /** SHA-256 of the partial file's `offset` bytes, extended by each append. */
+  hash: Hash;
   /** An append or the commit is running: a second append waits its turn by being refused. */
   busy: boolean;
 }
@@ -146,6 +149,7 @@ export class ResumableUploads {
       offset: 0,
       expiresAt: Date.now() + this.expiryMs,
       partial,
+      hash: createHash('sha256'),
       busy: false,
     };
     this.sessions.set(id, s);
@@ -190,12 +194,19 @@ export class ResumableUploads {
         },
       });
       const handle = await fs.open(s.partial, fsc.O_WRONLY | fsc.O_APPEND | fsc.O_NOFOLLOW);
+      let written = s.offset;
+      const onWritten = (chunk: Buffer): void => {
+        s.hash.update(chunk);
+        written += chunk.length;
+      };
       try {
-        await pipeline(body, meter, fileSink(handle));
+        await pipeline(body, meter, fileSink(handle, { onWritten }));
       } finally {
-        // Keep what did arrive, durably, so a resume continues from there.
+        // Keep what did arrive, durably, so a resume continues from there. A write that failed partway
+        // may have left part of a chunk that was never hashed: it goes, so file and hash stay in step.
+        if ((await handle.stat()).size !== written) await handle.truncate(written);
         await handle.sync();
-        s.offset = (await handle.stat()).size;
+        s.offset = written;
         s.expiresAt = Date.now() + this.expiryMs;
         await handle.close();
       }
@@ -229,16 +240,14 @@ export class ResumableUploads {
 
   private async commit(s: Session): Promise<FileRow> {
     try {
-      const info = await this.store.write(
-        s.owner,
-        s.path,
-        createReadStream(s.partial, { highWaterMark: 1 << 20 }),
-        {
-          maxBytes: this.maxFileBytes,
-          expectedSize: s.size,
-          expectedSha256: s.sha256,
-        },
-      );
+      const sha256 = s.hash.digest('hex');
+      if (s.sha256 !== undefined && sha256 !== s.sha256) {
+        throw new StoreError(
+          'checksum-mismatch',
+          `content SHA-256 is ${sha256} but ${s.sha256} was announced; nothing stored`,
+        );
+      }
+      const info = await this.store.adopt(s.owner, s.path, s.partial, { size: s.offset, sha256 });
       this.log.info({ owner: s.owner, path: s.path, size: info.size, id: s.id }, 'resumable upload stored');
       return info;
     } finally {

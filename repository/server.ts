@@ -9,7 +9,12 @@ import { defaultFtpsCertPaths, startFtpsServer, type FtpsServer } from './ftpsSe
 import { createRequestHandler } from './httpApi';
 import { MetadataDb } from './metadataDb';
 import { ResumableUploads } from './resumableUploads';
+import { LoginThrottle, type LoginThrottleOptions } from './loginThrottle';
+import { ImageStore } from './imageStore';
 import { defaultHostKeyPath, startSftpServer, type SftpServer } from './sftpServer';
+import { TaskApi } from './taskApi';
+import { loadWebAssets } from './webAssets';
+import type { VspClient } from '../client/vspClient';
 
 export interface RepositoryServerOptions {
   dataDir: string;
@@ -37,6 +42,13 @@ export interface RepositoryServerOptions {
   };
   /** How long an unfinished resumable upload lives after its last append (default 24 h). */
   uploadExpiryMs?: number;
+  /** Login rate limiting shared by all protocols (defaults in loginThrottle.ts). */
+  loginThrottle?: Partial<LoginThrottleOptions>;
+  /**
+   * Temporal, for the task endpoints the web page uses (list, submit, status). Without it they answer
+   * 503. The caller keeps the connection and closes it after the server.
+   */
+  tasks?: VspClient;
 }
 
 export interface RepositoryServer {
@@ -84,9 +96,12 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
   let sftp: SftpServer | undefined;
   let uploads: ResumableUploads | undefined;
   let ftps: FtpsServer | undefined;
+  let images: ImageStore | undefined;
   try {
     if (opts.serviceToken !== undefined) ensureServiceToken(db, opts.serviceToken, 'hosts');
     const store = await FileStore.open(dataDir, db);
+    // Before any protocol starts: it hears of every image stored, whichever protocol stores it.
+    images = new ImageStore({ dataDir, db, store, log: log.child({ part: 'images' }) });
     audit = AuditLog.open(opts.auditLogFile ?? defaultAuditLogPath(dataDir));
     uploads = await ResumableUploads.open({
       dataDir,
@@ -95,7 +110,10 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
       log,
       expiryMs: opts.uploadExpiryMs,
     });
-    const deps = { db, store, maxFileBytes, log, audit, uploads };
+    const loginThrottle = new LoginThrottle(opts.loginThrottle);
+    const deps = { db, store, maxFileBytes, log, audit, uploads, loginThrottle };
+    const web = await loadWebAssets();
+    const tasks = opts.tasks && new TaskApi(opts.tasks, log.child({ part: 'tasks' }));
     if (opts.sftp) {
       sftp = await startSftpServer(deps, {
         host: opts.sftp.host ?? host,
@@ -114,7 +132,7 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
       });
       log.info({ host: ftps.host, port: ftps.port }, 'FTPS listening');
     }
-    const handler = createRequestHandler(deps);
+    const handler = createRequestHandler({ ...deps, web, tasks, images });
     const inFlight = new Set<Promise<void>>();
     const server = createServer((req: IncomingMessage, res: ServerResponse) => {
       const p = handler(req, res).finally(() => inFlight.delete(p));
@@ -146,6 +164,7 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
         ]);
       } finally {
         await uploads?.close();
+        await images?.close();
         clearTimeout(cutOff);
         audit?.close();
         db.close();
@@ -162,6 +181,7 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
     await sftp?.close();
     await ftps?.close();
     await uploads?.close();
+    await images?.close();
     audit?.close();
     db.close();
     throw err;

@@ -58,7 +58,7 @@ export async function loadOrCreateHostKey(file: string): Promise<Buffer> {
 }
 
 export async function startSftpServer(deps: SftpSessionDeps, opts: SftpServerOptions): Promise<SftpServer> {
-  const { db, log, audit } = deps;
+  const { db, log, audit, loginThrottle } = deps;
   const hostKey = await loadOrCreateHostKey(opts.hostKeyFile);
   const connections = new Set<Connection>();
 
@@ -87,26 +87,42 @@ export async function startSftpServer(deps: SftpSessionDeps, opts: SftpServerOpt
     };
 
     client.on('authentication', (ctx) => {
+      const who = { address: info.ip, account: ctx.username };
       if (ctx.method === 'password') {
-        authenticatePassword(db, ctx.username, ctx.password).then(
-          (s) => loggedIn(ctx, s, 'password'),
-          (err: unknown) => denied(ctx, err),
-        );
+        loginThrottle
+          .guard(who, () => authenticatePassword(db, ctx.username, ctx.password))
+          .then(
+            (s) => loggedIn(ctx, s, 'password'),
+            (err: unknown) => denied(ctx, err),
+          );
         return;
       }
       if (ctx.method !== 'publickey') return ctx.reject(['publickey', 'password']);
       try {
-        const s = authenticateKey(db, ctx.username, ctx.key.data);
-        // Without a signature the client only asks whether this key would do; accepting that is no login.
-        if (!ctx.signature) return ctx.accept();
-        const key = utils.parseKey(ctx.key.data);
-        if (
-          key instanceof Error ||
-          ctx.blob === undefined ||
-          !key.verify(ctx.blob, ctx.signature, ctx.hashAlgo)
-        )
-          throw new AccessDenied(401, 'SSH key signature does not verify');
-        loggedIn(ctx, s, 'publickey');
+        loginThrottle.check(who);
+        // Without a signature the client only asks whether this key would do: no login, and no
+        // guess either (public keys are public), so a refusal is not counted as a failure.
+        if (!ctx.signature) {
+          authenticateKey(db, ctx.username, ctx.key.data);
+          return ctx.accept();
+        }
+        const { signature } = ctx;
+        loginThrottle
+          .guard(who, () => {
+            const s = authenticateKey(db, ctx.username, ctx.key.data);
+            const key = utils.parseKey(ctx.key.data);
+            if (
+              key instanceof Error ||
+              ctx.blob === undefined ||
+              !key.verify(ctx.blob, signature, ctx.hashAlgo)
+            )
+              throw new AccessDenied(401, 'SSH key signature does not verify');
+            return s;
+          })
+          .then(
+            (s) => loggedIn(ctx, s, 'publickey'),
+            (err: unknown) => denied(ctx, err),
+          );
       } catch (err) {
         denied(ctx, err);
       }

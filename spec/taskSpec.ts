@@ -21,6 +21,41 @@ const repoPath = (what: string) =>
     })
     .transform((p) => normaliseRepoPath(p, what));
 
+/** A base image's name, as the provider gives it (`vsp image add-base`) and task specs name it (`base:<name>`). */
+export const BASE_IMAGE_NAME = /^[a-z0-9][a-z0-9._-]{0,99}$/;
+export const BASE_IMAGE_PREFIX = 'base:';
+/** Where every owner sees the provider's base images (read-only) in its own repository space. */
+export const BASE_IMAGES_FOLDER = 'base-images';
+
+/**
+ * The repository path (in the owner's view) of a task's `image` other than 'default': a base image's
+ * path in the read-only provider folder, or the owner's own path. Assumes a validated spec.
+ */
+export function imageRepoPath(image: string): string {
+  return image.startsWith(BASE_IMAGE_PREFIX)
+    ? `${BASE_IMAGES_FOLDER}/${image.slice(BASE_IMAGE_PREFIX.length)}`
+    : image;
+}
+
+/** Why `image` is not a valid task image, or undefined if it is. */
+function imageProblem(image: string): string | undefined {
+  if (image === 'default') return undefined;
+  if (image.startsWith(BASE_IMAGE_PREFIX)) {
+    const name = image.slice(BASE_IMAGE_PREFIX.length);
+    return BASE_IMAGE_NAME.test(name)
+      ? undefined
+      : `base image name ${JSON.stringify(name)} is invalid: it must match ${BASE_IMAGE_NAME}`;
+  }
+  try {
+    const p = normaliseRepoPath(image, 'image path');
+    if (p === BASE_IMAGES_FOLDER || p.startsWith(`${BASE_IMAGES_FOLDER}/`))
+      return `name a base image as '${BASE_IMAGE_PREFIX}<name>', not by its path ${JSON.stringify(p)}`;
+    return undefined;
+  } catch (err) {
+    return (err as Error).message;
+  }
+}
+
 export const TaskSpecSchema = z
   .object({
     owner: z
@@ -32,8 +67,22 @@ export const TaskSpecSchema = z
     inputs: z.array(repoPath('input path')).max(1000).default([]),
     /** Run by /bin/sh -c in the task's home. */
     command: z.string().min(1, 'command is empty').max(65536),
-    /** Base image: 'default' (the provider's appliance) or an image path in the owner's space. */
-    image: z.string().min(1).max(1024).default('default'),
+    /**
+     * Base image: 'default' (the provider's appliance), 'base:<name>' (one of the provider's base
+     * images, `vsp image ls`), or an image path in the owner's space (e.g. 'images/my.qcow2').
+     */
+    image: z
+      .string()
+      .min(1)
+      .max(1024)
+      .superRefine((image, ctx) => {
+        const problem = imageProblem(image);
+        if (problem !== undefined) ctx.addIssue({ code: 'custom', message: problem });
+      })
+      .transform((image) =>
+        image === 'default' || image.startsWith(BASE_IMAGE_PREFIX) ? image : normaliseRepoPath(image),
+      )
+      .default('default'),
     /** Which hypervisor driver to use; the host's default when absent. */
     driver: z.enum(['process', 'qemu']).optional(),
     vcpus: z.number().int().min(1).max(64).default(1),

@@ -1,15 +1,19 @@
+import { execFile } from 'node:child_process';
 import { createHash, randomBytes, randomInt } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { PassThrough, Readable } from 'node:stream';
+import { promisify } from 'node:util';
 import { Client, FTPError } from 'basic-ftp';
 import { addOwner, setOwnerDisabled, setPassword, setQuota } from '../repository/admin';
 import { RepositoryClient } from '../repository/client';
 import { startRepositoryServer, type RepositoryServer } from '../repository/server';
+import { BASE_IMAGES_FOLDER } from '../spec/taskSpec';
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 const PASSWORD = 'correct horse battery staple';
+const run = promisify(execFile);
 
 let dataDir: string;
 let server: RepositoryServer;
@@ -161,7 +165,8 @@ describe('FTPS service', () => {
       await c.cd('/');
       await c.cd('..');
       expect(await c.pwd()).toBe('/');
-      expect((await c.list()).map((e) => e.name).sort()).toEqual(['both']);
+      // The provider's base images are in every owner's root; bob's files are not.
+      expect((await c.list()).map((e) => e.name).sort()).toEqual([BASE_IMAGES_FOLDER, 'both'].sort());
       expect((await refusal(c.send('PORT 127,0,0,1,200,10'))).code).toBe(502);
     } finally {
       c.close();
@@ -207,4 +212,30 @@ describe('FTPS service', () => {
     expect(await bobHttp.stat('bob', 'big.bin')).toBeUndefined();
     expect(await fs.readdir(path.join(dataDir, 'tmp'))).toEqual([]);
   });
+
+  test('parallel curl sessions all log in over TLS and move the right bytes', async () => {
+    // A client that sends its ClientHello right after "234" once raced ftp-srv's delayed TLS wrap and got
+    // a plain-text reply ("wrong version number"), for about one session in three with a few in parallel.
+    const workDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-ftps-curl-'));
+    const curl = (...args: string[]): Promise<unknown> =>
+      run('curl', ['-sS', '--ssl-reqd', '--insecure', '--ftp-pasv', '--user', `alice:${PASSWORD}`, ...args]);
+    try {
+      const worker = async (w: number): Promise<void> => {
+        const data = randomBytes(200_000 + w);
+        const src = path.join(workDir, `src-${w}.bin`);
+        const dst = path.join(workDir, `dst-${w}.bin`);
+        await fs.writeFile(src, data);
+        for (let i = 0; i < 4; i++) {
+          await curl('-T', src, `ftp://127.0.0.1:${ftpsPort}/parallel/w${w}-${i}.bin`, '--ftp-create-dirs');
+          await curl('-o', dst, `ftp://127.0.0.1:${ftpsPort}/parallel/w${w}-${i}.bin`);
+          expect(sha(await fs.readFile(dst))).toBe(sha(data));
+          expect((await aliceHttp.stat('alice', `parallel/w${w}-${i}.bin`))?.sha256).toBe(sha(data));
+        }
+      };
+      await Promise.all(Array.from({ length: 6 }, (_, w) => worker(w)));
+    } finally {
+      await fs.rm(workDir, { recursive: true, force: true });
+    }
+    expect(await fs.readdir(path.join(dataDir, 'tmp'))).toEqual([]);
+  }, 120_000);
 });

@@ -140,6 +140,19 @@ describe('resumable uploads over HTTP', () => {
     expect((await request('HEAD', `/v1/owners/alice/uploads/${uploadId}`, aliceToken)).status).toBe(404);
   });
 
+  test('the completed upload is renamed into place, not written a second time', async () => {
+    const data = randomBytes(300_000);
+    const { id } = await startUpload('alice', aliceToken, { path: 'renamed.bin', size: data.length });
+    expect((await patch('alice', id, aliceToken, 0, data.subarray(0, 100_000))).status).toBe(204);
+    const partial = await fs.stat(path.join(dataDir, 'partial-uploads', id));
+    expect((await patch('alice', id, aliceToken, 100_000, data.subarray(100_000))).status).toBe(201);
+    const stored = await fs.stat(path.join(dataDir, 'files', 'alice', 'renamed.bin'));
+    // The same inode: the bytes were written once, as they arrived.
+    expect(stored.ino).toBe(partial.ino);
+    expect(stored.mode & 0o777).toBe(0o644);
+    expect((await alice.stat('alice', 'renamed.bin'))?.sha256).toBe(sha(data));
+  });
+
   test('a request cut off mid-body keeps the bytes that arrived, and nothing is visible', async () => {
     const data = randomBytes(1 << 20);
     const { id } = await startUpload('alice', aliceToken, {

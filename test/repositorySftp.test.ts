@@ -242,6 +242,51 @@ describe('SFTP service', () => {
     }
   });
 
+  test('pipelined WRITEs out of order land at their offsets; gaps and rewrites are refused', async () => {
+    const data = randomBytes(10 * 32 * 1024 + 1000);
+    const chunks = Array.from({ length: 11 }, (_, i) => i * 32 * 1024);
+    const c = await alice();
+    try {
+      const h = await c.open('/ooo.bin', 'w');
+      // All in flight at once, sent last chunk first: the server holds those ahead of the gap.
+      await Promise.all(
+        [...chunks]
+          .reverse()
+          .map((at) => c.write(h, data.subarray(at, Math.min(at + 32 * 1024, data.length)), at)),
+      );
+      await c.close(h);
+      expect(sha(await c.readFile('/ooo.bin'))).toBe(sha(data));
+      expect((await aliceHttp.stat('alice', 'ooo.bin'))?.sha256).toBe(sha(data));
+
+      const gap = await c.open('/gap.bin', 'w');
+      await c.write(gap, data.subarray(0, 1000), 0);
+      expect(await refusal(c.write(gap, data.subarray(0, 10), 500))).toMatch(
+        /offset 500 was already written/,
+      );
+      await c.write(gap, data.subarray(2000, 3000), 2000);
+      expect(await refusal(c.close(gap))).toMatch(/gap: nothing was written at offset 1000/);
+      expect(await aliceHttp.stat('alice', 'gap.bin')).toBeUndefined();
+    } finally {
+      c.end();
+    }
+    await until(async () => (await fs.readdir(path.join(dataDir, 'tmp'))).length === 0, 'temp file removal');
+  });
+
+  test('an owner disabled mid-upload gets its CLOSE refused and leaves no temp file', async () => {
+    const c = await alice();
+    try {
+      const h = await c.open('/disabled-mid.bin', 'w');
+      await c.write(h, randomBytes(64 * 1024), 0);
+      setOwnerDisabled(dataDir, 'alice', true);
+      expect(await refusal(c.close(h))).toMatch(/disabled/);
+    } finally {
+      setOwnerDisabled(dataDir, 'alice', false);
+      c.end();
+    }
+    await until(async () => (await fs.readdir(path.join(dataDir, 'tmp'))).length === 0, 'temp file removal');
+    expect(await aliceHttp.stat('alice', 'disabled-mid.bin')).toBeUndefined();
+  });
+
   test('over-quota uploads fail clearly on SFTP and HTTP and leave nothing', async () => {
     setQuota(dataDir, 'bob', { bytes: 100_000, files: 2 });
     const bobHttp = new RepositoryClient({ url: server.url, token: createToken(dataDir, 'bob', 'quota') });
