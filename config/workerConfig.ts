@@ -21,6 +21,38 @@ const jsonObject = <T extends z.ZodType>(schema: T) =>
     }
   }, schema);
 
+const hostPart = z.coerce
+  .number()
+  .int('firstHost and lastHost are whole numbers')
+  .min(1, 'firstHost and lastHost lie within 1..254')
+  .max(254, 'firstHost and lastHost lie within 1..254');
+/** The cluster's VM network (drivers/qemu/vmNetwork.ts): the bridge VMs' taps join, and their /24. */
+const vmNetwork = z
+  .object(
+    {
+      bridge: z
+        .string()
+        .regex(/^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,14}$/, 'bridge must be a link name (<= 15 characters)'),
+      subnet: z
+        .string()
+        .regex(
+          /^(25[0-5]|2[0-4]\d|1?\d?\d)(\.(25[0-5]|2[0-4]\d|1?\d?\d)){2}$/,
+          'subnet is the first three octets of the /24, like 10.77.0',
+        ),
+      firstHost: hostPart.optional(),
+      lastHost: hostPart.optional(),
+    },
+    {
+      error: (iss) =>
+        iss.code === 'invalid_type' ? 'a JSON object {bridge, subnet[, firstHost, lastHost]}' : undefined,
+    },
+  )
+  .strict()
+  .refine(
+    (n) => (n.firstHost ?? 100) <= (n.lastHost ?? 249),
+    'firstHost must not exceed lastHost (defaults 100..249)',
+  );
+
 const HostSchema = z.object({
   host: hostName,
   storeDir: z.string().min(1).optional(),
@@ -46,6 +78,8 @@ const HostSchema = z.object({
     .string()
     .regex(/^[A-Za-z0-9_.-]+$/, 'a network namespace name')
     .optional(),
+  /** Service VMs get a tap on this network (an address that follows them across migrations). */
+  vmNetwork: jsonObject(vmNetwork).optional(),
   migrationDowntimeMs: z.coerce.number().int().positive().optional(),
   migrationMaxBandwidth: z.coerce.number().int().positive().optional(),
   migrationTimeoutSec: z.coerce.number().int().positive().optional(),
@@ -72,6 +106,7 @@ export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig
       accel: 'VSP_ACCEL',
       clusterStorage: 'VSP_CLUSTER_STORAGE',
       netns: 'VSP_NETNS',
+      vmNetwork: 'VSP_VM_NETWORK',
       migrationDowntimeMs: 'VSP_MIGRATION_DOWNTIME_MS',
       migrationMaxBandwidth: 'VSP_MIGRATION_MAX_BANDWIDTH',
       migrationTimeoutSec: 'VSP_MIGRATION_TIMEOUT_SEC',

@@ -1,19 +1,16 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import { Client, Connection, WorkflowUpdateFailedError } from '@temporalio/client';
-import { LocalCluster } from '../deploy/devcluster/localCluster';
-import { createTestNetwork, requireRoot, type TestNetwork } from '../deploy/devcluster/netns';
-import { startTemporalDevServer, type TemporalDevServer } from '../deploy/devcluster/temporal';
-import { VspClient } from '../client/vspClient';
-import { ensureAppliance } from '../drivers/qemu/appliance';
+import { type Client, WorkflowUpdateFailedError } from '@temporalio/client';
+import type { LocalCluster } from '../deploy/devcluster/localCluster';
+import type { VspClient } from '../client/vspClient';
 import { qmpCommand } from '../drivers/qemu/qmp';
-import { RepositoryClient } from '../repository/client';
+import type { RepositoryClient } from '../repository/client';
 import type { TaskSpecInput } from '../spec/taskSpec';
 import { type MigrateRequest, type TaskResult } from '../workflows/definitions';
 import { until } from './support/clusterFixture';
-import { testLogDir } from './support/testRun';
+import { startNamespaceCluster, type NamespaceCluster } from './support/namespaceCluster';
+import { qemuHostsOf } from './support/vmProcesses';
 
 /**
  * Live migration through the TaskLifecycle workflow: three namespace test hosts (a, b, c), each with its
@@ -27,59 +24,26 @@ const ROUNDS = 20;
 const DATA = randomBytes(2 * 1024 * 1024);
 const DATA_SHA = createHash('sha256').update(DATA).digest('hex');
 
-let network: TestNetwork;
-let temporal: TemporalDevServer;
-let temporalAddress: string;
+let ns: NamespaceCluster;
 let cluster: LocalCluster;
-let connection: Connection;
 let client: Client;
 let vsp: VspClient;
 let baseDir: string;
 
 beforeAll(async () => {
-  requireRoot('the migration tests (network namespaces, NFS exports)');
-  await ensureAppliance();
-  baseDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-migration-e2e-'));
-  network = await createTestNetwork({ hosts: HOSTS, prefix: 'vspml-', subnet: '10.77.12' });
-  // The suite's Temporal listens on loopback, which the namespaces cannot reach. This one listens on every
-  // address (its services also dial each other on loopback) and is reached at the gateway.
-  temporal = await startTemporalDevServer({
-    ip: '0.0.0.0',
-    headless: true,
-    logFile: path.join(testLogDir(), 'migration-temporal.log'),
-  });
-  temporalAddress = `${network.gateway}:${temporal.address.split(':').pop()}`;
-  cluster = await new LocalCluster({
-    temporalAddress,
-    hosts: HOSTS,
-    baseDir,
-    drivers: ['qemu', 'process'],
-    hostEnv: { VSP_ACCEL: 'tcg' },
-    owners: [OWNER],
-    testHosts: { network },
-  }).start();
-  connection = await Connection.connect({ address: temporalAddress });
-  client = new Client({ connection, namespace: 'default' });
-  vsp = new VspClient(client);
+  ns = await startNamespaceCluster({ hosts: HOSTS, prefix: 'vspml-', subnet: '10.77.12', owners: [OWNER] });
+  ({ cluster, client, vsp, baseDir } = ns);
   const f = path.join(baseDir, 'data.bin');
   await fs.writeFile(f, DATA);
   await repo().upload(OWNER, 'in/data.bin', f);
 }, 240_000);
 
 afterAll(async () => {
-  await connection?.close();
-  await cluster?.stop();
-  await temporal?.stop();
-  // Kills whatever a failed test left in the namespaces (QEMU), then removes them.
-  await network?.teardown();
-  if (baseDir) {
-    if (process.env.VSP_KEEP_TEST_DIRS === '1') process.stderr.write(`kept ${baseDir}\n`);
-    else await fs.rm(baseDir, { recursive: true, force: true });
-  }
+  await ns?.stop();
 }, 120_000);
 
 function repo(): RepositoryClient {
-  return new RepositoryClient({ url: cluster.repositoryUrl, token: cluster.ownerTokens.get(OWNER) ?? '' });
+  return ns.repo(OWNER);
 }
 
 /** A CPU-bound task on host a: hashes its input ROUNDS times, one line per round, reporting progress. */
@@ -111,7 +75,7 @@ async function vmIdOf(taskId: string): Promise<string> {
   return path.posix.basename(resultsPath ?? '');
 }
 
-const vmDir = (host: string, vmId: string) => path.join(cluster.storeDir(host), 'vms', vmId);
+const vmDir = (host: string, vmId: string) => ns.vmDir(host, vmId);
 
 /** Waits until the guest on `host` printed progress >= `percent` (each host's console starts at arrival). */
 async function awaitProgress(host: string, vmId: string, percent: number): Promise<void> {
@@ -293,3 +257,118 @@ test('the target host dies mid-migration: the task carries on at the source, the
   const history = JSON.stringify((await client.workflow.getHandle(taskId).fetchHistory()).events);
   expect(history).toMatch(/MigrationFailed/);
 }, 300_000);
+
+/** Per poll: the hosts with a QEMU of the VM (process table) and those whose QEMU reports the guest running. */
+interface CopySample {
+  at: number;
+  hosts: string[];
+  running: string[];
+  settled: boolean;
+}
+
+/**
+ * Samples where copies of the VM exist and which of them run, every 300 ms until stopped. A QEMU whose
+ * QMP socket is held by its worker (one client at a time) counts as present with its state unknown.
+ */
+function watchCopies(vmId: string): { settle(): void; stop(): Promise<CopySample[]> } {
+  const storeDirs = Object.fromEntries(HOSTS.map((h) => [h, cluster.storeDir(h)]));
+  const samples: CopySample[] = [];
+  let settled = false;
+  let running = true;
+  const loop = (async () => {
+    while (running) {
+      const at = Date.now();
+      const hosts = await qemuHostsOf(vmId, storeDirs);
+      const states = await Promise.all(
+        hosts.map((h) =>
+          qmpCommand<{ status: string }>(
+            path.join(vmDir(h, vmId), 'qmp.sock'),
+            'query-status',
+            undefined,
+            1000,
+          )
+            .then((s) => s.status)
+            .catch(() => 'unknown'),
+        ),
+      );
+      samples.push({ at, hosts, running: hosts.filter((_, i) => states[i] === 'running'), settled });
+      await new Promise((r) => setTimeout(r, 300));
+    }
+  })();
+  return {
+    settle: () => (settled = true),
+    stop: async () => {
+      running = false;
+      await loop;
+      return samples;
+    },
+  };
+}
+
+test('the source worker restarts during migration: it completes or rolls back, never two running copies', async () => {
+  // The CPU-bound task of the other tests, long enough to outlast the migration and the restart.
+  const rounds = 300;
+  const { taskId } = await submitCpuTask(rounds);
+  const vmId = await vmIdOf(taskId);
+  await awaitProgress('a', vmId, 5);
+  const copies = watchCopies(vmId);
+  // Throttled to a few seconds, so that the worker dies while it sends (or is about to send) the memory. A
+  // longer transfer would widen the window further but made the TCG guest crash after more migrations.
+  const migrating = migrate(taskId, { host: 'b', maxBandwidthMiBps: 16 }).then(
+    (s) => ({ ok: true as const, status: s }),
+    (e: unknown) => ({ ok: false as const, error: e }),
+  );
+  await until('the transfer under way', async () =>
+    (await vsp.status(taskId)).migrating?.step === 'transferring' ? true : undefined,
+  );
+  await cluster.killHost('a');
+  await cluster.startHost('a');
+
+  const outcome = await migrating;
+  copies.settle();
+  await new Promise((r) => setTimeout(r, 5000));
+  const samples = await copies.stop();
+  const status = await vsp.status(taskId);
+  const record = status.migrations?.at(-1);
+  process.stderr.write(
+    `source worker restart mid-migration: ${outcome.ok ? 'completed' : 'rolled back'}; ${JSON.stringify(record)}; ` +
+      `copies seen: ${[...new Set(samples.map((s) => `${s.hosts.join('+')}(running: ${s.running.join('+') || '-'})`))].join(', ')}\n`,
+  );
+  // Never two running copies; at most the source and the incoming one (b's QEMU forks once as it
+  // daemonizes); exactly one once the migration settled.
+  for (const s of samples) {
+    expect(s.running.length).toBeLessThanOrEqual(1);
+    expect(s.hosts.filter((h) => h !== 'a' && h !== 'b')).toEqual([]);
+    expect(s.hosts.filter((h) => h === 'a').length).toBeLessThanOrEqual(1);
+    if (s.settled) expect(s.hosts).toHaveLength(1);
+  }
+  // The worker died under migrateOut: its retry on the restarted worker is what settled the migration.
+  const events = (await client.workflow.getHandle(taskId).fetchHistory()).events ?? [];
+  const migrateOuts = new Set(
+    events
+      .filter((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'migrateOut')
+      .map((e) => String(e.eventId)),
+  );
+  const attempts = events
+    .map((e) => e.activityTaskStartedEventAttributes)
+    .filter((a) => a && migrateOuts.has(String(a.scheduledEventId)))
+    .map((a) => a?.attempt ?? 0);
+  expect(Math.max(0, ...attempts)).toBeGreaterThanOrEqual(2);
+  const where = outcome.ok ? 'b' : 'a';
+  expect(status).toMatchObject({ host: where, storageHost: 'a' });
+  expect(samples.filter((s) => s.settled).every((s) => s.hosts[0] === where)).toBe(true);
+  if (outcome.ok) {
+    expect(record).toMatchObject({ from: 'a', to: 'b', ok: true, diskTransferredBytes: 0 });
+  } else {
+    expect(await rejection(Promise.reject(outcome.error))).toMatch(/could not migrate task .* from a to b/);
+    expect(record).toMatchObject({ from: 'a', to: 'b', ok: false });
+    // The incoming side is cleaned.
+    expect(await fs.readdir(path.join(cluster.storeDir('b'), 'vms'))).toEqual([]);
+  }
+
+  const result = await vsp.result(taskId);
+  expect(result).toMatchObject({ exitCode: 0, host: where, storageHost: 'a' });
+  // c died in the test before; what it kept of that test's VM stays there.
+  await expectCorrectResult(result, ['a', 'b'], rounds);
+  expect(await qemuHostsOf(vmId, Object.fromEntries(HOSTS.map((h) => [h, cluster.storeDir(h)])))).toEqual([]);
+}, 600_000);

@@ -1,15 +1,15 @@
 import { promises as fs } from 'node:fs';
-import http from 'node:http';
 import path from 'node:path';
 import { HOST_BRIDGE, type TestNetwork } from '../deploy/devcluster/netns';
 import { buildQemuArgs } from '../drivers/qemu/commandLine';
 import { QemuDriver } from '../drivers/qemu/qemuDriver';
-import { runCommand } from '../drivers/qemu/runCommand';
 import { vmNicOf, type VmNetworkOptions } from '../drivers/qemu/vmNetwork';
 import type { VmConfig, VmHandle } from '../drivers/types';
 import { DiskImageStaging } from '../storage/diskImageStaging';
 import type { VmStore } from '../storage/vmStore';
 import { startNfsTestHosts, type NfsTestHosts } from '../deploy/devcluster/nfsTestHosts';
+import { awaitAnswer, get, startPolling, summarizePolls } from './support/httpPoller';
+import { linkExists } from './support/vmProcesses';
 
 /**
  * A VM's HTTP service on the cluster's VM network stays reachable, at the same address, while the VM
@@ -19,9 +19,6 @@ const HOSTS = ['a', 'b'] as const;
 type Host = (typeof HOSTS)[number];
 const SUBNET = '10.77.11';
 const PORT = 8080;
-/** The acceptance bar: at least 10 requests per second, each given 3 s. */
-const POLL_INTERVAL_MS = 50;
-const REQUEST_TIMEOUT_MS = 3000;
 const VM_NETWORK: VmNetworkOptions = { bridge: HOST_BRIDGE, subnet: SUBNET };
 
 describe('VM network: buildQemuArgs and NIC identity (pure)', () => {
@@ -70,62 +67,6 @@ describe('VM network: buildQemuArgs and NIC identity (pure)', () => {
   });
 });
 
-interface Poll {
-  at: number;
-  ok: boolean;
-  ms: number;
-  error?: string;
-}
-
-/** One GET on a fresh connection, within REQUEST_TIMEOUT_MS. */
-function get(url: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const req = http.get(url, { agent: false, timeout: REQUEST_TIMEOUT_MS }, (res) => {
-      let body = '';
-      res.setEncoding('utf8');
-      res.on('data', (c: string) => (body += c));
-      res.on('end', () =>
-        res.statusCode === 200 ? resolve(body) : reject(new Error(`HTTP ${res.statusCode}`)),
-      );
-      res.on('error', reject);
-    });
-    req.on('timeout', () => req.destroy(new Error(`no answer in ${REQUEST_TIMEOUT_MS} ms`)));
-    req.on('error', reject);
-  });
-}
-
-/** Polls `url` every POLL_INTERVAL_MS (one request at a time) until stopped. */
-function startPolling(url: string): { stop: () => Promise<Poll[]> } {
-  const polls: Poll[] = [];
-  let running = true;
-  const loop = (async () => {
-    while (running) {
-      const at = Date.now();
-      try {
-        await get(url);
-        polls.push({ at, ok: true, ms: Date.now() - at });
-      } catch (err) {
-        polls.push({ at, ok: false, ms: Date.now() - at, error: String(err) });
-      }
-      await new Promise((r) => setTimeout(r, Math.max(0, POLL_INTERVAL_MS - (Date.now() - at))));
-    }
-  })();
-  return {
-    stop: async () => {
-      running = false;
-      await loop;
-      return polls;
-    },
-  };
-}
-
-async function linkExists(netns: string, link: string): Promise<boolean> {
-  const { stdout } = await runCommand('ip', ['netns', 'exec', netns, 'ip', '-o', 'link', 'show'], {
-    timeoutMs: 15_000,
-  });
-  return stdout.split('\n').some((l) => l.split(': ')[1]?.split('@')[0] === link);
-}
-
 describe('VM network follows live migration (real QEMU, namespace hosts)', () => {
   let hosts: NfsTestHosts<Host> | undefined;
   let network: TestNetwork;
@@ -172,16 +113,7 @@ describe('VM network follows live migration (real QEMU, namespace hosts)', () =>
     const url = `http://${nic.address.split('/')[0]}:${PORT}/index.html`;
 
     // Reached from the root namespace (the segment's gateway), not through any host port forward.
-    const bootDeadline = Date.now() + 120_000;
-    for (;;) {
-      const body = await get(url).catch(() => undefined);
-      if (body !== undefined) {
-        expect(body).toBe(`hello from ${vmId}\n`);
-        break;
-      }
-      if (Date.now() > bootDeadline) throw new Error(`the VM's service never answered at ${url}`);
-      await new Promise((r) => setTimeout(r, 500));
-    }
+    expect(await awaitAnswer(url, 120_000)).toBe(`hello from ${vmId}\n`);
 
     const poller = startPolling(url);
     await new Promise((r) => setTimeout(r, 2000));
@@ -195,20 +127,14 @@ describe('VM network follows live migration (real QEMU, namespace hosts)', () =>
     await new Promise((r) => setTimeout(r, 3000));
     const polls = await poller.stop();
 
-    const failed = polls.filter((p) => !p.ok);
-    const ok = polls.filter((p) => p.ok);
-    const spanSec = (polls[polls.length - 1].at - polls[0].at) / 1000;
-    let maxGapMs = 0;
-    for (let i = 1; i < ok.length; i++)
-      maxGapMs = Math.max(maxGapMs, ok[i].at + ok[i].ms - (ok[i - 1].at + ok[i - 1].ms));
-    const slowest = Math.max(...ok.map((p) => p.ms));
+    const { requests, failed, perSecond, maxGapMs, slowestMs } = summarizePolls(polls);
     console.log(
-      `VM network migration: requests=${polls.length} failed=${failed.length} rate=${(polls.length / spanSec).toFixed(1)}/s ` +
-        `maxGapBetweenAnswers=${maxGapMs}ms slowestRequest=${slowest}ms migrationWall=${migrationEnd - migrationStart}ms ` +
+      `VM network migration: requests=${requests} failed=${failed.length} rate=${perSecond.toFixed(1)}/s ` +
+        `maxGapBetweenAnswers=${maxGapMs}ms slowestRequest=${slowestMs}ms migrationWall=${migrationEnd - migrationStart}ms ` +
         `qemuDowntime=${result.downtimeMs}ms total=${result.totalTimeMs}ms`,
     );
     expect(failed).toEqual([]);
-    expect(polls.length / spanSec).toBeGreaterThanOrEqual(10);
+    expect(perSecond).toBeGreaterThanOrEqual(10);
     expect(polls.some((p) => p.at > migrationEnd)).toBe(true);
 
     // Same NIC and address on b; the source QEMU and its tap are gone, so b answered the last requests.

@@ -11,6 +11,7 @@ import { describeError } from '../logging/logger';
 import { RepositoryError, type RepositoryClient } from '../repository/client';
 import { DirectoryStaging } from '../storage/directoryStaging';
 import { DiskImageStaging } from '../storage/diskImageStaging';
+import { BASE_IMAGE_PREFIX, imageRepoPath } from '../spec/taskSpec';
 import { ImageCache, InvalidImageError } from '../storage/imageCache';
 import type { VmStore } from '../storage/vmStore';
 
@@ -40,6 +41,7 @@ export async function createDriverBindings(
           accel: config.accel,
           cluster: config.clusterStorage,
           netns: config.netns,
+          vmNetwork: config.vmNetwork,
         }),
         staging: new DiskImageStaging(),
         resolveImage: async (owner, image) => {
@@ -54,8 +56,9 @@ export async function createDriverBindings(
 }
 
 /**
- * An owner's own image from the repository, fetched once per host: the cache is keyed by content hash,
- * so a second task naming the same image (or another path with the same bytes) reuses it.
+ * An owner's own image, or a provider base image (`base:<name>`, which every owner sees read-only in
+ * its space), from the repository, fetched once per host: the cache is keyed by content hash, so a
+ * second task naming the same image (or another path with the same bytes) reuses it.
  */
 async function customerImage(
   cache: ImageCache,
@@ -64,9 +67,13 @@ async function customerImage(
   owner: string,
   image: string,
 ): Promise<string> {
+  const repoPath = imageRepoPath(image);
+  const where = image.startsWith(BASE_IMAGE_PREFIX)
+    ? "the provider's base images"
+    : `${owner}'s repository space`;
   let info;
   try {
-    info = await repository.stat(owner, image);
+    info = await repository.stat(owner, repoPath);
   } catch (err) {
     if (err instanceof RepositoryError && err.status === 400)
       throw ApplicationFailure.nonRetryable(
@@ -75,18 +82,14 @@ async function customerImage(
       );
     throw err;
   }
-  if (!info)
-    throw ApplicationFailure.nonRetryable(
-      `image '${image}' is not in ${owner}'s repository space`,
-      'ImageNotFound',
-    );
+  if (!info) throw ApplicationFailure.nonRetryable(`image '${image}' is not in ${where}`, 'ImageNotFound');
   const cached = await cache.get(info.sha256);
   if (cached) return cached.path;
   const incoming = path.join(store.imagesDir, '.incoming');
   await fs.mkdir(incoming, { recursive: true });
   const tmp = path.join(incoming, `${info.sha256}.${process.pid}`);
   try {
-    await repository.download(owner, image, tmp);
+    await repository.download(owner, repoPath, tmp);
     return (await cache.ensureFromFile(tmp, info.sha256, `'${image}'`)).path;
   } catch (err) {
     // Only a bad image is final; a failed download or a full disk may pass on a retry.

@@ -74,6 +74,7 @@ async function main(): Promise<void> {
       store: config.storeDir,
       exports: Object.keys(config.clusterStorage),
       netns: config.netns,
+      vmNetwork: config.vmNetwork,
     },
     'host worker ready',
   );

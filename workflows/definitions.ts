@@ -24,6 +24,8 @@ export interface TaskStatus {
   /** Host whose store holds the VM's disks. */
   storageHost?: string;
   driver?: string;
+  /** The VM's address on the cluster's VM network (service VMs), the same on every host it runs on. */
+  address?: string;
   /** ISO time each phase began. */
   timestamps: Partial<Record<TaskPhase, string>>;
   progress?: number;

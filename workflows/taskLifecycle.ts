@@ -203,9 +203,14 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
   let waitCancelledForMigration = false;
   const migrations: MigrationRecord[] = [];
 
+  const recordAddress = () => {
+    const address = handle?.state.nicAddress;
+    status.address = typeof address === 'string' ? address.split('/')[0] : undefined;
+  };
   const recordWhere = () => {
     status.host = host;
     status.storageHost = storageHost;
+    recordAddress();
     upsertSearchAttributes([
       { key: SA.host, value: host ?? '' },
       { key: SA.storageHost, value: storageHost ?? '' },
@@ -388,6 +393,7 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
       handle = await call('short', 'createVm', `create ${driver} VM ${ref.vmId}`, ref, driver);
       setPhase('starting');
       handle = await call('short', 'startVm', `start VM ${ref.vmId}`, handle);
+      recordAddress();
       setPhase('running');
       exit = await runToExit();
       status.exitCode = exit.exitCode;

@@ -5,7 +5,8 @@ import { createLogger } from '../../logging/logger';
 import { addOwner } from '../../repository/admin';
 import type { ClusterStorage } from '../../storage/diskLocator';
 import { startNfsExport, type RunningNfsExport } from '../../storage/nfsExport';
-import { inNetns, type TestNetwork } from './netns';
+import type { VmNetworkOptions } from '../../drivers/qemu/vmNetwork';
+import { HOST_BRIDGE, inNetns, type TestNetwork } from './netns';
 import { freePort } from './ports';
 import { spawnManaged, type ManagedProcess } from './processes';
 import { repoRoot } from './tools';
@@ -28,7 +29,7 @@ export interface LocalClusterOptions {
   /**
    * Namespace mode (needs root): each host worker runs inside its test host (a network namespace of
    * `network`, one per host name) next to an NFS export of its store, and every host worker gets the
-   * cluster's storage map. The repository then listens on the network's gateway address; Temporal
+   * cluster's storage map and VM network. The repository then listens on the network's gateway address; Temporal
    * (`temporalAddress`) must be reachable from the namespaces too, e.g. a dev server bound to the gateway.
    */
   testHosts?: { network: TestNetwork; exportPath?: string };
@@ -78,6 +79,15 @@ export class LocalCluster {
       for (const h of this.opts.hosts)
         map[h] = { address: this.testHost(h).address, exportPath: testHosts.exportPath ?? '/vsp' };
     return map;
+  }
+
+  /**
+   * Namespace mode: the VM network every host worker receives (VSP_VM_NETWORK): the hosts' bridges are one
+   * L2 segment, so a service VM answers at the same address on any host.
+   */
+  get vmNetwork(): VmNetworkOptions | undefined {
+    const network = this.opts.testHosts?.network;
+    return network && { bridge: HOST_BRIDGE, subnet: network.subnet };
   }
 
   private testHost(host: string) {
@@ -150,7 +160,12 @@ export class LocalCluster {
         VSP_REPOSITORY_URL: this.repositoryUrl,
         VSP_REPOSITORY_TOKEN: this.serviceToken,
         VSP_DRIVERS: (this.opts.drivers ?? ['process']).join(','),
-        ...(this.opts.testHosts ? { VSP_CLUSTER_STORAGE: JSON.stringify(this.clusterStorage) } : {}),
+        ...(this.opts.testHosts
+          ? {
+              VSP_CLUSTER_STORAGE: JSON.stringify(this.clusterStorage),
+              VSP_VM_NETWORK: JSON.stringify(this.vmNetwork),
+            }
+          : {}),
         ...this.opts.hostEnv,
       },
       logFile: path.join(this.logDir, `host-${host}.log`),

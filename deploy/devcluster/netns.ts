@@ -42,6 +42,8 @@ export interface TestNetworkOptions {
 export interface TestNetwork {
   prefix: string;
   hosts: Record<string, TestHost>;
+  /** First three octets of the segment's /24. */
+  subnet: string;
   /** Address of the root namespace on the segment (its bridge). */
   gateway: string;
   /** Creates (idempotently) a tap on the host's bridge for a VM's NIC; returns its name. */
@@ -103,6 +105,7 @@ export async function createTestNetwork(opts: TestNetworkOptions): Promise<TestN
   const network: TestNetwork = {
     prefix,
     hosts,
+    subnet,
     gateway,
     addTap: (host, tap) => addTap(hostOf(hosts, host), tap),
     teardown: () => cleanupTestHosts(prefix),

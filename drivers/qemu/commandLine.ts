@@ -1,4 +1,8 @@
+import path from 'node:path';
+import type { VmPaths } from '../../storage/vmStore';
+import type { VmConfig } from '../types';
 import type { Accelerator } from './accelerator';
+import type { Appliance } from './appliance';
 import type { VmNic } from './vmNetwork';
 
 export interface QemuLaunch {
@@ -18,6 +22,44 @@ export interface QemuLaunch {
   portForwards: Record<number, number>;
   /** A tap on the cluster's VM network instead of user-mode networking (port forwards are then unused). */
   nic?: VmNic;
+}
+
+/** Where QEMU writes its pid, in the VM's folder. */
+export function pidFileOf(paths: VmPaths): string {
+  return path.join(paths.dir, 'qemu.pid');
+}
+
+/**
+ * The launch of a VM from its configuration, the host's appliance and its folder here: the same for a
+ * first boot and for a VM arriving by migration, whose disks may be elsewhere (`disks`, as QEMU opens them).
+ */
+export function vmLaunch(
+  config: VmConfig,
+  appliance: Appliance,
+  paths: VmPaths,
+  run: {
+    accel: Accelerator;
+    portForwards: Record<number, number>;
+    nic?: VmNic;
+    disks?: { root: string; data: string };
+  },
+): QemuLaunch {
+  return {
+    vmId: config.vmId,
+    accel: run.accel,
+    memoryMiB: config.memoryMiB,
+    vcpus: config.vcpus,
+    vmlinuz: appliance.vmlinuz,
+    initrd: appliance.initrd,
+    rootDisk: run.disks?.root ?? paths.rootDisk,
+    dataDisk: run.disks?.data ?? paths.dataDisk,
+    qmpSocket: paths.qmpSocket,
+    consoleLog: paths.consoleLog,
+    pidFile: pidFileOf(paths),
+    owner: config.owner,
+    portForwards: run.portForwards,
+    nic: run.nic,
+  };
 }
 
 /** QEMU option values separate sub-options with commas; a literal comma is doubled. */

@@ -16,15 +16,17 @@ import type {
   MigrationOptions,
   MigrationResult,
   MigrationSource,
+  VmConfig,
   VmDiskRef,
   VmHandle,
 } from '../types';
 import type { Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
-import { buildQemuArgs } from './commandLine';
+import { buildQemuArgs, pidFileOf, vmLaunch } from './commandLine';
+import { ConsoleFollower } from './consoleLog';
 import { writeFileAtomic } from '../../storage/durableFile';
 import { QmpClient, qmpCommand } from './qmp';
-import { pidFileOf, startedMarkerOf, type QemuVmState } from './qemuDriver';
+import { startedMarkerOf, type QemuVmState } from './qemuDriver';
 import { runCommand } from './runCommand';
 import { addVmTap, nicFromState, removeVmTap, type VmNetworkOptions } from './vmNetwork';
 import { freeLocalPort, isVmProcess, readPidFile, sleep, waitForExit } from './vmProcess';
@@ -168,22 +170,14 @@ export class QemuMigration {
       );
     const portForwards: Record<number, number> = {};
     if (!nic) for (const port of config.ports) portForwards[port] = await freeLocalPort();
-    const args = buildQemuArgs({
-      vmId,
-      accel: from.state.accel as Accelerator,
-      memoryMiB: config.memoryMiB,
-      vcpus: config.vcpus,
-      vmlinuz: this.ctx.appliance.vmlinuz,
-      initrd: this.ctx.appliance.initrd,
-      rootDisk: qemuFileName(root),
-      dataDisk: qemuFileName(data),
-      qmpSocket: paths.qmpSocket,
-      consoleLog: paths.consoleLog,
-      pidFile: pidFileOf(paths),
-      owner: config.owner,
-      portForwards,
-      nic,
-    });
+    const args = buildQemuArgs(
+      vmLaunch(config, this.ctx.appliance, paths, {
+        accel: from.state.accel as Accelerator,
+        portForwards,
+        nic,
+        disks: { root: qemuFileName(root), data: qemuFileName(data) },
+      }),
+    );
     if (base && disks.base) {
       const format = disks.base.path.endsWith('.raw') ? 'raw' : 'qcow2';
       overrideBacking(args, qemuFileName(root), { driver: format, file: qemuFileNode(base) });
@@ -238,15 +232,24 @@ export class QemuMigration {
 
   /**
    * On the source: sends the VM to the prepared target and, once QEMU reports completion, ends the
-   * source QEMU. On failure, timeout or abort the VM keeps running here and this throws.
+   * source QEMU. On failure, timeout or abort the VM keeps running here and this throws. Safe to retry
+   * after a worker restart: it follows the migration QEMU still runs, or finishes the cleanup of one
+   * that completed, and never starts a second one.
    */
   async migrate(handle: VmHandle, target: IncomingVm, options: MigrationOptions): Promise<MigrationResult> {
     const vmId = handle.vmId;
     const { config, handle: current } = await this.readState(vmId);
+    const paths = this.ctx.store.paths(vmId);
+    const saved = current.state.migrationResult;
+    const left = typeof saved === 'string' ? (JSON.parse(saved) as MigrationResult) : undefined;
+    if (current.host === target.host && current.state.migratingTo === target.uri && left) {
+      this.log.info({ vmId, to: target.host }, 'migration had completed: finishing the cleanup here');
+      await this.leave(config, current, paths);
+      return left;
+    }
     if (current.host !== this.ctx.hostName)
       throw new Error(`VM ${vmId} does not run on ${this.ctx.hostName} (its state says ${current.host})`);
     if (target.host === this.ctx.hostName) throw new Error(`VM ${vmId}: cannot migrate a VM to its own host`);
-    const paths = this.ctx.store.paths(vmId);
     const pid = Number(current.state.pid);
     if (!(await isVmProcess(pid, paths.qmpSocket)))
       throw new Error(`VM ${vmId} is not running on ${this.ctx.hostName}: nothing to migrate`);
@@ -254,13 +257,13 @@ export class QemuMigration {
     const started = Date.now();
     const qmp = await QmpClient.connect(paths.qmpSocket, QMP_TIMEOUT_MS);
     let info: QueryMigrate;
+    let marked = current;
     try {
-      info = await qmp.execute<QueryMigrate>('query-migrate', undefined, QMP_TIMEOUT_MS);
-      // A retry after a worker restart finds its migration under way (or done) and follows it. The mark
-      // tells ours apart from the incoming migration that brought the VM here, which QEMU also reports.
-      const ours = current.state.migratingTo === target.uri;
-      if (!ours || (!IN_PROGRESS.has(info.status ?? '') && info.status !== 'completed')) {
-        const marked = { ...current, state: { ...current.state, migratingTo: target.uri } };
+      const resumed = await this.ourMigration(qmp, current, target);
+      if (resumed) {
+        this.log.info({ vmId, to: target.host, status: resumed }, 'following the migration under way');
+      } else {
+        marked = { ...current, state: { ...current.state, migratingTo: target.uri } };
         await this.ctx.store.writeState(vmId, { config, handle: marked } satisfies QemuVmState);
         const params = {
           'downtime-limit': options.downtimeLimitMs ?? MIGRATION_DEFAULTS.downtimeLimitMs,
@@ -293,21 +296,58 @@ export class QemuMigration {
       ramTransferredBytes: info.ram?.transferred ?? 0,
       diskTransferredBytes: info.disk?.transferred ?? 0,
     };
-    // The target owns the VM now; record that before the source QEMU goes, so nothing restarts it here.
-    if (current.storageHost === this.ctx.hostName) {
-      const moved: VmHandle = {
-        ...current,
-        host: target.host,
-        state: { ...current.state, migratedTo: target.host },
-      };
-      await this.ctx.store.writeState(vmId, { config, handle: moved } satisfies QemuVmState);
-    }
-    await this.quit(pid, paths);
-    const nic = nicFromState(current.state);
-    if (nic) await removeVmTap(this.wrap, nic.tap);
-    if (current.storageHost !== this.ctx.hostName) await this.ctx.store.remove(vmId);
+    // The target owns the VM now: recorded before the source QEMU goes, so nothing restarts it here and a
+    // retry after a crash from here on only finishes the cleanup.
+    const moved: VmHandle = {
+      ...marked,
+      host: target.host,
+      state: {
+        ...marked.state,
+        migratingTo: target.uri,
+        migratedTo: target.host,
+        migrationResult: JSON.stringify(result),
+      },
+    };
+    await this.ctx.store.writeState(vmId, { config, handle: moved } satisfies QemuVmState);
+    await this.leave(config, moved, paths);
     this.log.info({ ...result }, 'migration completed');
     return result;
+  }
+
+  /**
+   * The status of this VM's migration to `target` when QEMU still runs it or has completed it (a retry
+   * after a worker restart), undefined when there is none to follow. Throws when it ended in failure
+   * while no worker followed it. The mark tells ours apart from the incoming migration that brought the
+   * VM here, which QEMU also reports as completed; only an outgoing one leaves the VM in 'postmigrate'.
+   */
+  private async ourMigration(
+    qmp: QmpClient,
+    current: VmHandle,
+    target: IncomingVm,
+  ): Promise<string | undefined> {
+    if (current.state.migratingTo !== target.uri) return undefined;
+    const { status = 'none', 'error-desc': why } = await qmp.execute<QueryMigrate>(
+      'query-migrate',
+      undefined,
+      QMP_TIMEOUT_MS,
+    );
+    if (IN_PROGRESS.has(status)) return status;
+    const run = await qmp.execute<{ status: string }>('query-status', undefined, QMP_TIMEOUT_MS);
+    if (status === 'completed' && run.status === 'postmigrate') return status;
+    if (status === 'failed' || status === 'cancelled')
+      throw new Error(
+        `the migration to ${target.host} ended ${status} while no worker followed it${why ? `: ${why}` : ''}`,
+      );
+    return undefined;
+  }
+
+  /** After the memory went: ends the paused source QEMU and its tap, and the folder unless it holds the disks. */
+  private async leave(config: VmConfig, moved: VmHandle, paths: VmPaths): Promise<void> {
+    const pid = Number(moved.state.pid);
+    if (await isVmProcess(pid, paths.qmpSocket)) await this.quit(pid, paths);
+    const nic = nicFromState(moved.state);
+    if (nic) await removeVmTap(this.wrap, nic.tap);
+    if (moved.storageHost !== this.ctx.hostName) await this.ctx.store.remove(config.vmId);
   }
 
   private async follow(
@@ -354,7 +394,10 @@ export class QemuMigration {
         await sleep(POLL_MS);
       }
       const { status } = await qmp.execute<{ status: string }>('query-status', undefined, QMP_TIMEOUT_MS);
-      if (status !== 'running') {
+      // Its memory went out: the target may run it now, and resuming here would make two running copies.
+      if (status === 'postmigrate')
+        this.log.error({ vmId }, 'the VM left this host after all: not resuming it here');
+      else if (status !== 'running') {
         this.log.warn({ vmId, status }, 'VM paused after the failed migration: resuming it');
         await qmp.execute('cont', undefined, QMP_TIMEOUT_MS);
       }
@@ -396,8 +439,11 @@ export class QemuMigration {
     const pid = Number(record.incoming.handle.state.pid);
     const deadline = Date.now() + RESUME_TIMEOUT_MS;
     for (;;) {
-      if (!(await isVmProcess(pid, paths.qmpSocket)))
+      if (!(await isVmProcess(pid, paths.qmpSocket))) {
+        // The guest may have run its task to the end here before anyone took it over: a normal end.
+        if ((await new ConsoleFollower(paths.consoleLog).poll()).exitCode !== undefined) break;
         throw new Error(`VM ${vmId}: the incoming QEMU on ${this.ctx.hostName} is gone`);
+      }
       const { status } = await qmpCommand<{ status: string }>(
         paths.qmpSocket,
         'query-status',

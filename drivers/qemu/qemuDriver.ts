@@ -21,18 +21,18 @@ import type {
 } from '../types';
 import { probeAccelerator, type Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
-import { buildQemuArgs } from './commandLine';
+import { buildQemuArgs, pidFileOf, vmLaunch } from './commandLine';
 import { ConsoleFollower, consoleTail } from './consoleLog';
 import { QemuMigration } from './migration';
 import { qmpCommand } from './qmp';
 import { runCommand } from './runCommand';
 import {
   addVmTap,
+  chooseVmNic,
   nicFromState,
   nicState,
   removeVmTap,
   validateVmNetwork,
-  vmNicOf,
   type VmNetworkOptions,
 } from './vmNetwork';
 import { freeLocalPort, isVmProcess, readPidFile, sleep, waitForExit } from './vmProcess';
@@ -68,7 +68,7 @@ const HOST_PORT_KEY = 'hostPort:';
 const LAUNCH_TIMEOUT_MS = 60_000;
 /** After VSP-EXIT the guest powers off by itself; give it this long before forcing. */
 const POWEROFF_GRACE_MS = 15_000;
-const DESTROY_STOP_TIMEOUT_MS = 2_000;
+const DESTROY_STOP_TIMEOUT_MS = 10_000;
 const QMP_TIMEOUT_MS = 3_000;
 
 /** Host ports forwarded to a service VM's guest ports (guest port -> 127.0.0.1 port). */
@@ -184,7 +184,14 @@ export class QemuDriver implements MigratableDriver {
         ? this.opts.accel
         : await probeAccelerator(this.opts.appliance.vmlinuz, undefined, this.qemuBinary);
     const nic =
-      this.opts.vmNetwork && config.ports.length > 0 ? vmNicOf(config.vmId, this.opts.vmNetwork) : undefined;
+      this.opts.vmNetwork && config.ports.length > 0
+        ? await chooseVmNic(
+            config.vmId,
+            this.opts.vmNetwork,
+            this.wrap,
+            await this.addressesInStore(config.vmId),
+          )
+        : undefined;
     const portForwards: Record<number, number> = {};
     if (!nic) for (const port of config.ports) portForwards[port] = await freeLocalPort();
     const startedAt = Date.now();
@@ -202,22 +209,7 @@ export class QemuDriver implements MigratableDriver {
     };
     await this.opts.store.writeState(config.vmId, { config, handle } satisfies QemuVmState);
     await fs.rm(paths.qmpSocket, { force: true });
-    const args = buildQemuArgs({
-      vmId: config.vmId,
-      accel,
-      memoryMiB: config.memoryMiB,
-      vcpus: config.vcpus,
-      vmlinuz: this.opts.appliance.vmlinuz,
-      initrd: this.opts.appliance.initrd,
-      rootDisk: paths.rootDisk,
-      dataDisk: paths.dataDisk,
-      qmpSocket: paths.qmpSocket,
-      consoleLog: paths.consoleLog,
-      pidFile: pidFileOf(paths),
-      owner: config.owner,
-      portForwards,
-      nic,
-    });
+    const args = buildQemuArgs(vmLaunch(config, this.opts.appliance, paths, { accel, portForwards, nic }));
     const launch = this.wrap(this.qemuBinary, args);
     if (nic && this.opts.vmNetwork) await addVmTap(this.wrap, this.opts.vmNetwork.bridge, nic.tap);
     try {
@@ -391,6 +383,18 @@ export class QemuDriver implements MigratableDriver {
     return saved.handle.host !== this.opts.hostName ? saved.handle.host : undefined;
   }
 
+  /** VM-network addresses held by the other VMs of this host's store (address -> VM id). */
+  private async addressesInStore(except: string): Promise<Map<string, string>> {
+    const held = new Map<string, string>();
+    for (const vmId of await this.opts.store.list()) {
+      if (vmId === except) continue;
+      const saved = await this.opts.store.readState<QemuVmState>(vmId).catch(() => undefined);
+      const nic = saved && nicFromState(saved.handle.state);
+      if (nic) held.set(nic.address, vmId);
+    }
+    return held;
+  }
+
   private async readState(vmId: string): Promise<QemuVmState> {
     const saved = await this.opts.store.readState<QemuVmState>(vmId);
     if (!saved) throw new Error(`VM ${vmId} does not exist on ${this.opts.hostName}: create it first`);
@@ -420,10 +424,6 @@ export class QemuDriver implements MigratableDriver {
     });
     await fs.rename(tmp, rootDisk);
   }
-}
-
-export function pidFileOf(paths: VmPaths): string {
-  return path.join(paths.dir, 'qemu.pid');
 }
 
 export function startedMarkerOf(paths: VmPaths): string {

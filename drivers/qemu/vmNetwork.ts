@@ -32,6 +32,9 @@ export interface VmNic {
 const SUBNET24 = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/;
 const LINK_NAME = /^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,14}$/;
 const IP_TIMEOUT_MS = 15_000;
+/** How long an address gets to answer the ARP probe before it counts as free. */
+const ARP_WAIT_SEC = 1;
+const MAX_ADDRESS_TRIES = 8;
 
 export function validateVmNetwork(o: VmNetworkOptions): void {
   const bad: string[] = [];
@@ -48,20 +51,63 @@ export function validateVmNetwork(o: VmNetworkOptions): void {
 
 /**
  * The NIC of a VM: tap `vsp<8 hex>`, a MAC under QEMU's 52:54:00 prefix and an address in the host
- * range, all from a hash of the id. Two VMs may collide on the address (1 in the range size per pair):
- * fine for a development cluster; a real allocator would hand out leases.
+ * range, all from a hash of the id. `attempt` steps the address past ones found taken (chooseVmNic).
  */
-export function vmNicOf(vmId: string, o: VmNetworkOptions): VmNic {
+export function vmNicOf(vmId: string, o: VmNetworkOptions, attempt = 0): VmNic {
   const h = createHash('sha256').update(vmId).digest();
   const first = o.firstHost ?? 100;
   const last = o.lastHost ?? 249;
-  const hostPart = first + (h.readUInt32BE(4) % (last - first + 1));
+  const hostPart = first + ((h.readUInt32BE(4) + attempt) % (last - first + 1));
   const mac = ['52', '54', '00', ...[h[0], h[1], h[2]].map((b) => b.toString(16).padStart(2, '0'))];
   return {
     tap: `vsp${h.subarray(8, 12).toString('hex')}`,
     mac: mac.join(':'),
     address: `${o.subnet}.${hostPart}/24`,
   };
+}
+
+/**
+ * The NIC for a VM's first boot: its hashed address unless that is taken, by a VM of this host's store
+ * (`takenHere`: address -> VM id) or by any machine answering ARP on the segment; then the next ones.
+ * Two VMs booting at the same moment on different hosts can still pick the same address: nothing
+ * answers yet. Throws, naming every taken address, when none of the first few is free.
+ */
+export async function chooseVmNic(
+  vmId: string,
+  o: VmNetworkOptions,
+  wrap: Wrap,
+  takenHere: ReadonlyMap<string, string>,
+): Promise<VmNic> {
+  const size = (o.lastHost ?? 249) - (o.firstHost ?? 100) + 1;
+  const taken: string[] = [];
+  for (let attempt = 0; attempt < Math.min(MAX_ADDRESS_TRIES, size); attempt++) {
+    const nic = vmNicOf(vmId, o, attempt);
+    const ip = nic.address.split('/')[0];
+    const holder =
+      takenHere.get(nic.address) ??
+      ((await answersArp(wrap, o.bridge, ip)) ? 'a machine on the segment' : undefined);
+    if (!holder) {
+      if (taken.length > 0) log.warn({ vmId, taken, address: nic.address }, 'VM address collision avoided');
+      return nic;
+    }
+    taken.push(`${ip} (held by ${holder})`);
+  }
+  throw new Error(
+    `VM ${vmId}: no free address on the VM network ${o.subnet}.0/24 among its first ${taken.length} choices: ${taken.join(', ')}`,
+  );
+}
+
+/** Duplicate address detection: whether anything on the bridge's segment answers ARP for `ip`. */
+async function answersArp(wrap: Wrap, bridge: string, ip: string): Promise<boolean> {
+  const c = wrap('busybox', ['arping', '-D', '-q', '-c', '1', '-w', String(ARP_WAIT_SEC), '-I', bridge, ip]);
+  try {
+    await runCommand(c.cmd, c.args, { timeoutMs: IP_TIMEOUT_MS });
+    return false;
+  } catch (err) {
+    // arping -D exits 1 when the address answered; anything else means the probe itself failed.
+    if ((err as Error).cause && ((err as Error).cause as { code?: unknown }).code === 1) return true;
+    throw new Error(`cannot check whether ${ip} is free on bridge ${bridge}`, { cause: err });
+  }
 }
 
 /** Reads a NIC back from a handle's state (undefined: the VM has user-mode networking or none). */
