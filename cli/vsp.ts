@@ -123,7 +123,10 @@ program
   .action(async (taskId: string) => watch(await VspClient.connect(), taskId));
 program.command('status <task-id>').action(async (taskId: string) => {
   const s = await (await VspClient.connect()).status(taskId);
-  print(`${s.phase}${s.host ? ` on ${s.host}` : ''}${s.error ? `: ${s.error}` : ''}`, s);
+  print(
+    `${s.phase}${s.host ? ` on ${s.host}` : ''}${s.address ? ` at ${s.address}` : ''}${s.error ? `: ${s.error}` : ''}`,
+    s,
+  );
 });
 program
   .command('cancel <task-id>')

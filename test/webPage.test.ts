@@ -22,7 +22,6 @@ let browser: Browser | undefined;
 let context: BrowserContext | undefined;
 let page: Page;
 let tmp: string;
-const savedTemporalFlag = process.env.VSP_REPO_TEMPORAL;
 
 /** Lines of random hex: over one upload chunk (8 MiB), so the page uploads in two requests. */
 const LINES = 1_000_000;
@@ -35,8 +34,6 @@ const sortedWords = Buffer.from(words.toString().trimEnd().split('\n').sort().jo
 const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 
 beforeAll(async () => {
-  // The repository's task endpoints need its Temporal connection; LocalCluster passes its env on.
-  process.env.VSP_REPO_TEMPORAL = '1';
   fx = await startClusterFixture({ hosts: ['a'], owners: ['dora', 'erin'] });
   tmp = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-web-'));
   browser = await launchChromium();
@@ -49,8 +46,6 @@ afterAll(async () => {
   await browser?.close();
   await fx?.stop();
   if (tmp) await fs.rm(tmp, { recursive: true, force: true });
-  if (savedTemporalFlag === undefined) delete process.env.VSP_REPO_TEMPORAL;
-  else process.env.VSP_REPO_TEMPORAL = savedTemporalFlag;
 }, 60_000);
 
 const token = (owner: string) => fx.cluster.ownerTokens.get(owner) as string;

@@ -53,7 +53,9 @@ async function main(): Promise<void> {
     hostEnv: { VSP_ACCEL: process.env.VSP_ACCEL ?? 'auto' },
     owners: ['alice'],
   }).start();
-  say(`repository at ${cluster.repositoryUrl}; host workers a and b; logs in ${cluster.logDir}`);
+  say(
+    `repository at ${cluster.repositoryUrl} (its web page: open it in a browser); host workers a and b; logs in ${cluster.logDir}`,
+  );
 
   const repo = new RepositoryClient({ url: cluster.repositoryUrl, token: cluster.ownerTokens.get('alice')! });
   const input = path.join(runDir, 'frames.raw');

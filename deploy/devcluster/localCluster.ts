@@ -107,6 +107,8 @@ export class LocalCluster {
         VSP_REPO_DIR: this.repoDir,
         VSP_REPO_LISTEN: `${listen}:${port}`,
         VSP_REPO_SERVICE_TOKEN: this.serviceToken,
+        // The web page's task endpoints (TEMPORAL_ADDRESS comes from the base environment).
+        VSP_REPO_TEMPORAL: '1',
       },
       logFile: path.join(this.logDir, 'repository.log'),
       readyWhen: { port: { host: listen, port }, logLine: /repository listening/ },
