@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
-import http from 'node:http';
 import path from 'node:path';
+import { httpGet, startPolling, type Reply } from '../deploy/devcluster/httpPolling';
 import { HOST_BRIDGE } from '../deploy/devcluster/netns';
 import { startNfsTestHosts, type NfsTestHosts } from '../deploy/devcluster/nfsTestHosts';
 import { ConsoleFollower, type ConsoleState } from '../drivers/qemu/consoleLog';
@@ -409,59 +409,6 @@ const netnsOf = (hosts: NfsTestHosts<Host>) =>
 // ---------------------------------------------------------------------------------------------------
 // Figure 5.
 
-interface Reply {
-  sentAt: number;
-  doneAt: number;
-  ok: boolean;
-  error?: string;
-}
-
-/** One GET on a fresh connection; resolves with the body of a 200, rejects on anything else or after timeoutMs. */
-function httpGet(url: string, timeoutMs: number): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const req = http.get(url, { agent: false }, (res) => {
-      let body = '';
-      res.setEncoding('utf8');
-      res.on('data', (c: string) => (body += c));
-      res.on('end', () =>
-        res.statusCode === 200 ? resolve(body) : reject(new Error(`HTTP ${res.statusCode}`)),
-      );
-      res.on('error', reject);
-    });
-    const timer = setTimeout(() => req.destroy(new Error(`no answer in ${timeoutMs} ms`)), timeoutMs);
-    req.on('close', () => clearTimeout(timer));
-    req.on('error', reject);
-  });
-}
-
-/** `clients` loops, each sending one request at a time every `intervalMs`; a reply must match `body`. */
-function startClients(url: string, body: string, s: ServiceSizes): { stop: () => Promise<Reply[]> } {
-  const replies: Reply[] = [];
-  let running = true;
-  const client = async (offsetMs: number) => {
-    await new Promise((r) => setTimeout(r, offsetMs));
-    while (running) {
-      const sentAt = Date.now();
-      try {
-        const got = await httpGet(url, REQUEST_TIMEOUT_MS);
-        if (got !== body) throw new Error(`unexpected reply ${JSON.stringify(got.slice(0, 80))}`);
-        replies.push({ sentAt, doneAt: Date.now(), ok: true });
-      } catch (err) {
-        replies.push({ sentAt, doneAt: Date.now(), ok: false, error: String(err) });
-      }
-      await new Promise((r) => setTimeout(r, Math.max(0, s.intervalMs - (Date.now() - sentAt))));
-    }
-  };
-  const loops = Array.from({ length: s.clients }, (_, i) => client((i * s.intervalMs) / s.clients));
-  return {
-    stop: async () => {
-      running = false;
-      await Promise.all(loops);
-      return replies.sort((x, y) => x.doneAt - y.doneAt);
-    },
-  };
-}
-
 interface Figure5 {
   rows: CsvRow[];
   migration: Migration;
@@ -505,7 +452,12 @@ async function runFigure5(hosts: NfsTestHosts<Host>, sizes: ServiceSizes): Promi
   }
 
   const sampler = await HostTraceSampler.start(netnsOf(hosts));
-  const clients = startClients(url, body, sizes);
+  const clients = startPolling(url, {
+    clients: sizes.clients,
+    intervalMs: sizes.intervalMs,
+    timeoutMs: REQUEST_TIMEOUT_MS,
+    expectBody: body,
+  });
   let replies: Reply[] | undefined;
   let samples: HostSample[] | undefined;
   try {

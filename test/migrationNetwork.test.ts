@@ -135,7 +135,7 @@ describe('VM network follows live migration (real QEMU, namespace hosts)', () =>
     );
     expect(failed).toEqual([]);
     expect(perSecond).toBeGreaterThanOrEqual(10);
-    expect(polls.some((p) => p.at > migrationEnd)).toBe(true);
+    expect(polls.some((p) => p.sentAt > migrationEnd)).toBe(true);
 
     // Same NIC and address on b; the source QEMU and its tap are gone, so b answered the last requests.
     expect(moved).toMatchObject({ host: 'b' });

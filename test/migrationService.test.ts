@@ -75,7 +75,7 @@ test('an HTTP service polled at >= 10 req/s (3 s timeout) loses no request acros
   );
   expect(failed).toEqual([]);
   expect(perSecond).toBeGreaterThanOrEqual(10);
-  expect(polls.some((p) => p.at > migrationEnd)).toBe(true);
+  expect(polls.some((p) => p.sentAt > migrationEnd)).toBe(true);
   expect(moved).toMatchObject({ phase: 'running', host: 'b', storageHost: 'a', address: running.address });
   expect(m).toMatchObject({ from: 'a', to: 'b', ok: true, diskTransferredBytes: 0 });
   expect(await qemuHostsOf(vmId, storeDirs())).toEqual(['b']);
