@@ -1,6 +1,8 @@
 import path from 'node:path';
 import { z } from 'zod';
 import { loadConfig, nameList } from './env';
+import { DRIVER_NAMES } from '../spec/taskSpec';
+import { validateMountRoot } from '../storage/diskLocator';
 import { HOST_NAME } from './names';
 
 const hostName = z.string().regex(HOST_NAME, 'host names are lower-case letters, digits and -');
@@ -53,13 +55,15 @@ const vmNetwork = z
     'firstHost must not exceed lastHost (defaults 100..249)',
   );
 
+const driverName = z.enum(DRIVER_NAMES);
+
 const HostSchema = z.object({
   host: hostName,
   storeDir: z.string().min(1).optional(),
   repositoryUrl: z.url({ protocol: /^https?$/ }),
   repositoryToken: z.string().min(8, 'the repository service token is missing or too short'),
-  drivers: nameList(z.enum(['process', 'qemu'])).default(['process']),
-  defaultDriver: z.enum(['process', 'qemu']).optional(),
+  drivers: nameList(driverName).default(['process']),
+  defaultDriver: driverName.optional(),
   applianceDir: z.string().optional(),
   maxImageBytes: z.coerce
     .number()
@@ -67,6 +71,17 @@ const HostSchema = z.object({
     .positive()
     .default(8 * 1024 ** 3),
   accel: z.enum(['auto', 'kvm', 'tcg']).default('auto'),
+  /** Where every host's store is mounted (deploy/production/storagePlan.ts): the Xen driver's disk paths. */
+  mountRoot: z
+    .string()
+    .superRefine((p, ctx) => {
+      try {
+        validateMountRoot(p);
+      } catch (err) {
+        ctx.addIssue({ code: 'custom', message: (err as Error).message });
+      }
+    })
+    .default('/var/lib/vsp/cluster'),
   /** Every host's NFS export of its VM store, by host name: {"a":{"address":"10.0.0.1","exportPath":"/vsp"}}. */
   clusterStorage: jsonObject(
     z.record(hostName, nfsEndpoint, 'a JSON object of host -> {address, exportPath}'),
@@ -87,7 +102,7 @@ const HostSchema = z.object({
 
 export type HostConfig = Omit<z.output<typeof HostSchema>, 'storeDir' | 'defaultDriver'> & {
   storeDir: string;
-  defaultDriver: 'process' | 'qemu';
+  defaultDriver: z.output<typeof driverName>;
 };
 
 /** Configuration of a host worker: VSP_HOST, VSP_STORE_DIR, VSP_REPOSITORY_URL, ... (see README). */
@@ -104,6 +119,7 @@ export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig
       applianceDir: 'VSP_APPLIANCE_DIR',
       maxImageBytes: 'VSP_MAX_IMAGE_BYTES',
       accel: 'VSP_ACCEL',
+      mountRoot: 'VSP_MOUNT_ROOT',
       clusterStorage: 'VSP_CLUSTER_STORAGE',
       netns: 'VSP_NETNS',
       vmNetwork: 'VSP_VM_NETWORK',

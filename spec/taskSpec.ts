@@ -22,6 +22,9 @@ const repoPath = (what: string) =>
     .transform((p) => normaliseRepoPath(p, what));
 
 /** A base image's name, as the provider gives it (`vsp image add-base`) and task specs name it (`base:<name>`). */
+/** The hypervisor drivers a task may name and a host may offer. */
+export const DRIVER_NAMES = ['process', 'qemu', 'xen'] as const;
+
 export const BASE_IMAGE_NAME = /^[a-z0-9][a-z0-9._-]{0,99}$/;
 export const BASE_IMAGE_PREFIX = 'base:';
 /** Where every owner sees the provider's base images (read-only) in its own repository space. */
@@ -84,7 +87,7 @@ export const TaskSpecSchema = z
       )
       .default('default'),
     /** Which hypervisor driver to use; the host's default when absent. */
-    driver: z.enum(['process', 'qemu']).optional(),
+    driver: z.enum(DRIVER_NAMES).optional(),
     vcpus: z.number().int().min(1).max(64).default(1),
     memoryMiB: z.number().int().min(64).max(262144).default(256),
     timeLimitSec: z

@@ -161,6 +161,40 @@ export async function readDataDiskFile(dataDisk: string, relPath: string): Promi
   return /not found/i.test(r.stderr) ? undefined : r.stdout;
 }
 
+/**
+ * Writes `content` to `relPath` on a data disk without mounting it (debugfs write, with `workDir` holding
+ * the staging copy), then reads it back: the guest init runs `.vsp/command` from there.
+ */
+export async function writeDataDiskFile(
+  dataDisk: string,
+  relPath: string,
+  content: string,
+  workDir: string,
+): Promise<void> {
+  if (!/^[A-Za-z0-9_.-]+(\/[A-Za-z0-9_.-]+)*$/.test(relPath) || relPath.split('/').includes('..'))
+    throw new Error(`data disk path ${JSON.stringify(relPath)} must be relative, without '..'`);
+  const local = path.join(workDir, path.basename(relPath));
+  await fs.writeFile(local, content);
+  const dirs = relPath.split('/').slice(0, -1);
+  const script = [
+    ...dirs.map((_, i) => `mkdir "/${dirs.slice(0, i + 1).join('/')}"`),
+    `rm "/${relPath}"`,
+    `write "${local}" "/${relPath}"`,
+  ];
+  const scriptFile = `${local}.debugfs`;
+  await fs.writeFile(scriptFile, script.join('\n') + '\n');
+  try {
+    await runCommand('debugfs', ['-w', '-f', scriptFile, dataDisk], { timeoutMs: TOOL_TIMEOUT_MS });
+    const check = await debugfs(dataDisk, `cat "/${relPath}"`);
+    if (check.stdout !== content)
+      throw new Error(
+        `could not write /${relPath} on ${dataDisk}: ${check.stderr.trim() || 'content differs'}`,
+      );
+  } finally {
+    await fs.rm(scriptFile, { force: true });
+  }
+}
+
 function debugfs(image: string, request: string) {
   return runCommand('debugfs', ['-R', request, image], { timeoutMs: TOOL_TIMEOUT_MS, maxBuffer: 256 * MiB });
 }

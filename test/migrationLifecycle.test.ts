@@ -131,6 +131,36 @@ async function expectCorrectResult(result: TaskResult, cleanHosts = HOSTS, round
     expect(await fs.readdir(path.join(cluster.storeDir(h), 'vms')).catch(() => [])).toEqual([]);
 }
 
+/**
+ * The task's console in the repository: one segment per host the VM ran on, in order, under its header
+ * line, each also kept as its own file; the guest's progress rounds appear in every segment, each once
+ * and in order across them (a host's segment repeated or missing would break the order or the count).
+ */
+async function expectWholeConsole(result: TaskResult, hosts: string[], rounds = ROUNDS): Promise<void> {
+  const text = async (file: string) => {
+    const f = path.join(baseDir, `console-${randomBytes(4).toString('hex')}`);
+    await repo().download(OWNER, `${result.resultsPath}/logs/${file}`, f);
+    return fs.readFile(f, 'utf8');
+  };
+  const whole = await text('console.log');
+  expect(result.logs.map((l) => l.path)).toContain(`${result.resultsPath}/logs/console.log`);
+  const headers = [...whole.matchAll(/^=== host ([a-z]), (\S+) \.\. (\S+) ===$/gm)];
+  // An unmigrated VM's console is its one host's, as it was.
+  expect(headers.map((h) => h[1])).toEqual(hosts.length > 1 ? hosts : []);
+  if (hosts.length > 1) expect(whole.startsWith(headers[0][0])).toBe(true);
+  const roundsIn = (t: string) =>
+    [...t.matchAll(/^VSP-PROGRESS \d+ round (\d+)\r?$/gm)].map((m) => Number(m[1]));
+  const segments =
+    hosts.length > 1 ? headers.map((h, i) => whole.slice(h.index + h[0].length, headers[i + 1]?.index)) : [];
+  for (const [i, seg] of segments.entries()) {
+    expect(roundsIn(seg).length).toBeGreaterThan(0);
+    // Each host's own file holds its segment as it appears in the whole.
+    expect((await text(`console-${i + 1}-${hosts[i]}.log`)).trim()).toBe(seg.trim());
+  }
+  expect(roundsIn(whole)).toEqual(Array.from({ length: rounds }, (_, i) => i + 1));
+  expect(roundsIn(segments.at(-1) ?? whole).at(-1)).toBe(rounds);
+}
+
 function expectMemoryOnly(m: NonNullable<TaskResult['migrations']>[number]): void {
   expect(m.ok).toBe(true);
   expect(m.diskTransferredBytes).toBe(0);
@@ -190,6 +220,8 @@ test('a -> b -> c, and a -> (placement) -> a back home, both complete', async ()
   for (const m of [...r1.migrations!, ...r2.migrations!]) expectMemoryOnly(m);
   expect(r1).toMatchObject({ host: 'c', storageHost: 'a' });
   expect(r2).toMatchObject({ host: 'a', storageHost: 'a' });
+  await expectWholeConsole(r1, ['a', 'b', 'c']);
+  await expectWholeConsole(r2, ['a', away.host!, 'a']);
   process.stderr.write(`migrations a->b->c ${JSON.stringify(r1.migrations)}\n`);
   process.stderr.write(`migrations a->x->a ${JSON.stringify(r2.migrations)}\n`);
 }, 300_000);
@@ -370,5 +402,7 @@ test('the source worker restarts during migration: it completes or rolls back, n
   expect(result).toMatchObject({ exitCode: 0, host: where, storageHost: 'a' });
   // c died in the test before; what it kept of that test's VM stays there.
   await expectCorrectResult(result, ['a', 'b'], rounds);
+  // The retried migrateOut still handed a's console on: nothing the guest printed there is lost.
+  await expectWholeConsole(result, outcome.ok ? ['a', 'b'] : ['a'], rounds);
   expect(await qemuHostsOf(vmId, Object.fromEntries(HOSTS.map((h) => [h, cluster.storeDir(h)])))).toEqual([]);
 }, 600_000);

@@ -1,14 +1,16 @@
-import { execFileSync } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { loadHostConfig } from '../config/workerConfig';
 import type { Appliance } from '../drivers/qemu/appliance';
-import { TIMEOUT_EXIT_CODE, VmMigratedError } from '../drivers/qemu/qemuDriver';
+import { TIMEOUT_EXIT_CODE, VmMigratedError } from '../drivers/vmOutcome';
 import { vmNicOf } from '../drivers/qemu/vmNetwork';
 import type { VmConfig, VmStatus } from '../drivers/types';
 import { renderDomainConfig } from '../drivers/xen/domainConfig';
 import { DEFAULT_SSH_COMMAND, XenDriver } from '../drivers/xen/xenDriver';
 import { xlRunner } from '../drivers/xen/xl';
+import { parseTaskSpec } from '../spec/taskSpec';
 import { VmStore } from '../storage/vmStore';
 
 /**
@@ -428,4 +430,47 @@ describe('XenDriver live migration (xl migrate over ssh, fake xl)', () => {
     await expect(a.prepareIncoming(source)).rejects.toThrow(/already runs on a/);
     await a.destroy(started);
   });
+});
+
+describe('Xen in the host worker configuration', () => {
+  const HOST_ENV = {
+    VSP_HOST: 'a',
+    VSP_REPOSITORY_URL: 'http://127.0.0.1:1',
+    VSP_REPOSITORY_TOKEN: 'abcdefghij',
+  };
+
+  test('VSP_DRIVERS accepts xen, with the mount root of its disks; a task may ask for xen', () => {
+    const c = loadHostConfig({ ...HOST_ENV, VSP_DRIVERS: 'qemu,xen', VSP_DEFAULT_DRIVER: 'xen' });
+    expect(c.drivers).toEqual(['qemu', 'xen']);
+    expect(c.defaultDriver).toBe('xen');
+    expect(c.mountRoot).toBe('/var/lib/vsp/cluster');
+    expect(loadHostConfig({ ...HOST_ENV, VSP_MOUNT_ROOT: '/srv/vsp' }).mountRoot).toBe('/srv/vsp');
+    for (const bad of ['srv/vsp', '/srv/vsp/', '/srv/../vsp'])
+      expect(() => loadHostConfig({ ...HOST_ENV, VSP_MOUNT_ROOT: bad })).toThrow(
+        /VSP_MOUNT_ROOT \(mountRoot\): mount root .* must be a normalised absolute folder/,
+      );
+    expect(() => loadHostConfig({ ...HOST_ENV, VSP_DRIVERS: 'xen,kvm' })).toThrow(/VSP_DRIVERS/);
+    expect(parseTaskSpec({ owner: 'alice', command: 'true', driver: 'xen' }).driver).toBe('xen');
+    expect(() => parseTaskSpec({ owner: 'alice', command: 'true', driver: 'lxc' })).toThrow(/driver/);
+  });
+
+  test('a host worker offering xen on a host without xl fails at start, saying xl is missing', async () => {
+    // The built worker (npm run build), as deployed; this machine has no xl on PATH.
+    const worker = path.join(__dirname, '..', 'dist', 'workers', 'hostWorker.js');
+    const env = {
+      ...HOST_ENV,
+      VSP_STORE_DIR: path.join(work, 'worker-store'),
+      VSP_DRIVERS: 'xen',
+      PATH: `${path.join(work, 'empty')}:/usr/bin:/bin`,
+    };
+    const { code, stderr } = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
+      const child = execFile(process.execPath, [worker], { env, timeout: 120_000 }, (_err, _out, err) =>
+        resolve({ code: child.exitCode, stderr: err }),
+      );
+    });
+    expect(code).toBe(1);
+    expect(stderr).toMatch(/host worker failed/);
+    expect(stderr).toMatch(/the Xen driver cannot run on host a: xl does not work here/);
+    expect(stderr).toMatch(/xl is not installed: install xen-utils/);
+  }, 150_000);
 });

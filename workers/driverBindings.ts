@@ -4,9 +4,11 @@ import { ApplicationFailure } from '@temporalio/activity';
 import type { DriverBinding } from '../activities/host/hostDeps';
 import type { HostConfig } from '../config/workerConfig';
 import { probeAccelerator } from '../drivers/qemu/accelerator';
-import { ensureAppliance } from '../drivers/qemu/appliance';
+import { ensureAppliance, type Appliance } from '../drivers/qemu/appliance';
 import { QemuDriver } from '../drivers/qemu/qemuDriver';
 import { ProcessDriver } from '../drivers/process/processDriver';
+import { checkToolstack, xlRunner } from '../drivers/xen/xl';
+import { XenDriver } from '../drivers/xen/xenDriver';
 import { describeError } from '../logging/logger';
 import { RepositoryError, type RepositoryClient } from '../repository/client';
 import { DirectoryStaging } from '../storage/directoryStaging';
@@ -22,6 +24,8 @@ export async function createDriverBindings(
   repository: RepositoryClient,
 ): Promise<Record<string, DriverBinding>> {
   const bindings: Record<string, DriverBinding> = {};
+  // Shared by the VM drivers: one appliance and one image cache per host.
+  let vmImages: VmImages | undefined;
   for (const name of config.drivers) {
     if (name === 'process') {
       bindings.process = {
@@ -29,30 +33,64 @@ export async function createDriverBindings(
         staging: new DirectoryStaging(),
       };
     } else if (name === 'qemu') {
-      const appliance = await ensureAppliance(config.applianceDir);
+      vmImages ??= await vmImagesOf(config, store, repository);
       // Probe now (bounded, cached per process) so that no task waits for it at its VM's start.
-      if (config.accel === 'auto') await probeAccelerator(appliance.vmlinuz);
-      const cache = new ImageCache({ dir: store.imagesDir, maxVirtualBytes: config.maxImageBytes });
+      if (config.accel === 'auto') await probeAccelerator(vmImages.appliance.vmlinuz);
       bindings.qemu = {
         driver: new QemuDriver({
           store,
           hostName: config.host,
-          appliance,
+          appliance: vmImages.appliance,
           accel: config.accel,
           cluster: config.clusterStorage,
           netns: config.netns,
           vmNetwork: config.vmNetwork,
         }),
         staging: new DiskImageStaging(),
-        resolveImage: async (owner, image) => {
-          if (image === 'default')
-            return (await cache.ensureFromFile(appliance.root.path, appliance.root.sha256)).path;
-          return customerImage(cache, store, repository, owner, image);
-        },
+        resolveImage: vmImages.resolveImage,
+      };
+    } else {
+      // Before the appliance (which may have to be built): a host without a working xl fails at once.
+      await checkToolstack(xlRunner(), config.host);
+      vmImages ??= await vmImagesOf(config, store, repository);
+      bindings.xen = {
+        driver: new XenDriver({
+          store,
+          hostName: config.host,
+          appliance: vmImages.appliance,
+          mountRoot: config.mountRoot,
+          cluster: config.clusterStorage,
+          vmNetwork: config.vmNetwork,
+        }),
+        staging: new DiskImageStaging(),
+        resolveImage: vmImages.resolveImage,
       };
     }
   }
   return bindings;
+}
+
+interface VmImages {
+  appliance: Appliance;
+  resolveImage: NonNullable<DriverBinding['resolveImage']>;
+}
+
+/** The appliance the VM drivers boot, and the base image of a task: the appliance's root by default. */
+async function vmImagesOf(
+  config: HostConfig,
+  store: VmStore,
+  repository: RepositoryClient,
+): Promise<VmImages> {
+  const appliance = await ensureAppliance(config.applianceDir);
+  const cache = new ImageCache({ dir: store.imagesDir, maxVirtualBytes: config.maxImageBytes });
+  return {
+    appliance,
+    resolveImage: async (owner, image) => {
+      if (image === 'default')
+        return (await cache.ensureFromFile(appliance.root.path, appliance.root.sha256)).path;
+      return customerImage(cache, store, repository, owner, image);
+    },
+  };
 }
 
 /**

@@ -6,6 +6,7 @@ import {
   condition,
   isCancellation,
   log,
+  patched,
   proxyActivities,
   setHandler,
   upsertSearchAttributes,
@@ -15,9 +16,10 @@ import {
 } from '@temporalio/workflow';
 import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
 import type { ControlActivities } from '../activities/control/createControlActivities';
+import type { ConsoleSegment } from '../activities/host/consoleSegments';
 import type { HostActivities } from '../activities/host/createHostActivities';
 import type { MigrationActivities } from '../activities/host/migrationActivities';
-import type { AwaitResult, StageOutResult, TaskRef, VmHandle } from '../activities/types';
+import type { AwaitResult, StageOutResult, TaskRef, UploadedFile, VmHandle } from '../activities/types';
 import type { IncomingVm } from '../drivers/types';
 import { CONTROL_TASK_QUEUE, HOST_NAME, hostTaskQueue, SEARCH_ATTRIBUTES } from '../config/names';
 import { parseTaskSpec, type TaskSpec } from '../spec/taskSpec';
@@ -202,6 +204,11 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
   let migrating = false;
   let waitCancelledForMigration = false;
   const migrations: MigrationRecord[] = [];
+  /** Where the VM's console was written, host by host; a segment ends when the VM leaves its host. */
+  const consoleSegments: ConsoleSegment[] = [];
+  /** Hosts the VM left uploading their console segments, awaited before the last host joins them. */
+  const keepingConsoles: Promise<void>[] = [];
+  let consoleLogs: UploadedFile[] = [];
 
   const recordAddress = () => {
     const address = handle?.state.nicAddress;
@@ -281,9 +288,7 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
       });
       // The source QEMU is gone: the VM runs on the target now, or nowhere.
       left = true;
-      host = to;
-      handle = incoming.handle;
-      recordWhere();
+      movedTo(to, from, incoming.handle);
       Object.assign(record, {
         totalTimeMs: result.totalTimeMs,
         downtimeMs: result.downtimeMs,
@@ -302,9 +307,7 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
         const taken = await rollBack(incoming);
         if (taken) {
           // The memory had been sent after all (a retried step): the VM runs on the target.
-          host = record.to;
-          handle = taken;
-          recordWhere();
+          movedTo(record.to, from, taken);
           record.ok = true;
           return status;
         }
@@ -324,6 +327,32 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
       status.migrating = undefined;
       migrating = false;
     }
+  }
+
+  /** The VM left `from` for `to`: it runs there now, and `from` keeps the console it wrote. */
+  function movedTo(to: string, from: string, vm: VmHandle): void {
+    host = to;
+    handle = vm;
+    recordWhere();
+    const now = new Date().toISOString();
+    const left = consoleSegments.at(-1);
+    if (!left || left.host !== from) return;
+    left.until = now;
+    consoleSegments.push({ n: left.n + 1, host: to, since: now });
+    const segment = { ...left };
+    keepingConsoles.push(
+      hostActivities(from, spec)(
+        'migrate',
+        'keepConsoleSegment',
+        `keep the console of ${from}`,
+        ref,
+        segment,
+      ).then(
+        () => undefined,
+        (err: unknown) =>
+          log.warn('the console of a host the VM left is lost', { from, error: describe(err) }),
+      ),
+    );
   }
 
   /**
@@ -392,6 +421,9 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
       setPhase('creating');
       handle = await call('short', 'createVm', `create ${driver} VM ${ref.vmId}`, ref, driver);
       setPhase('starting');
+      // Histories from before console segments replay without them (their console went with stage-out).
+      if (patched('console-segments'))
+        consoleSegments.push({ n: 1, host: placement.host, since: new Date().toISOString() });
       handle = await call('short', 'startVm', `start VM ${ref.vmId}`, handle);
       recordAddress();
       setPhase('running');
@@ -435,6 +467,20 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
         );
       } catch (err) {
         log.warn('could not collect the task logs', { error: describe(err) });
+      }
+    }
+    if (consoleSegments.length > 0) {
+      await Promise.all(keepingConsoles);
+      try {
+        consoleLogs = await hostActivities(host, spec)(
+          'cleanup',
+          'collectConsole',
+          `keep the console in ${ref.resultsPath}/logs`,
+          ref,
+          consoleSegments,
+        );
+      } catch (err) {
+        log.warn('could not collect the console', { error: describe(err) });
       }
     }
     try {
@@ -484,7 +530,7 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
     exitCode: exit.exitCode,
     resultsPath: ref.resultsPath,
     outputs: staged?.outputs ?? [],
-    logs: staged?.logs ?? [],
+    logs: [...(staged?.logs ?? []), ...consoleLogs],
     phaseMs,
     migrations,
   };

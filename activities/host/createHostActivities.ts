@@ -2,13 +2,13 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { ApplicationFailure, Context } from '@temporalio/activity';
 import type { HypervisorDriver, VmConfig, VmHandle } from '../../drivers/types';
-import { readTail } from '../../drivers/progress';
 import { VmMigratedError } from '../../drivers/qemu/qemuDriver';
 import { createLogger, describeError } from '../../logging/logger';
 import { RepositoryError } from '../../repository/client';
 import { UnusableOutputsError } from '../../storage/diskImageStaging';
 import type { AwaitResult, StageInResult, StageOutResult, TaskRef, UploadedFile } from '../types';
 import type { DriverBinding, HostDeps } from './hostDeps';
+import { createConsoleActivities } from './consoleSegments';
 import { listOutputFiles } from './outputs';
 
 const log = createLogger('activities.host');
@@ -58,6 +58,8 @@ export function createHostActivities(deps: HostDeps) {
   }
 
   return {
+    ...createConsoleActivities(deps),
+
     /** Downloads the inputs from the repository and builds the task's home (a folder or a data disk). */
     async stageIn(ref: TaskRef): Promise<StageInResult> {
       const driver = ref.spec.driver ?? deps.defaultDriver;
@@ -231,17 +233,9 @@ export function createHostActivities(deps: HostDeps) {
     },
   };
 
+  /** The task's own log; the console comes from the host the VM ran on last (collectConsole). */
   async function uploadLogs(ref: TaskRef, taskLog: string | undefined): Promise<UploadedFile[]> {
-    const p = store.paths(ref.vmId);
-    const logs: UploadedFile[] = [];
-    if (taskLog) logs.push(await upload(ref.spec.owner, `${ref.resultsPath}/logs/task.log`, taskLog));
-    const consoleTail = await readTail(p.consoleLog, 256 * 1024);
-    if (consoleTail) {
-      const tailFile = path.join(p.dir, 'console-tail.log');
-      await fs.writeFile(tailFile, consoleTail);
-      logs.push(await upload(ref.spec.owner, `${ref.resultsPath}/logs/console.log`, tailFile));
-    }
-    return logs;
+    return taskLog ? [await upload(ref.spec.owner, `${ref.resultsPath}/logs/task.log`, taskLog)] : [];
   }
 }
 

@@ -1,4 +1,5 @@
 import { promises as fs } from 'node:fs';
+import path from 'node:path';
 
 /** What the guest told the host on its serial console (see deploy/guest/init). */
 export interface ConsoleState {
@@ -89,5 +90,35 @@ export async function consoleTail(file: string, lines = 30): Promise<string> {
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return '(no console log)';
     throw err;
+  }
+}
+
+/**
+ * Where a host keeps the console a VM wrote here once the VM left it, until the task's logs hold it:
+ * outside the VM folder, which goes with the VM (and on a return the VM starts a new console there).
+ */
+export function departedConsoleOf(storeRoot: string, vmId: string): string {
+  return path.join(storeRoot, 'departed-consoles', `${vmId}.log`);
+}
+
+/**
+ * Sets a finished console aside (its QEMU gone). Renaming is atomic, so a retry after a crash finds it
+ * either still in place or already moved. A segment an earlier departure left unkept is extended.
+ */
+export async function setConsoleAside(consoleLog: string, departed: string): Promise<void> {
+  await fs.mkdir(path.dirname(departed), { recursive: true });
+  const earlier = await fs.stat(departed).then(
+    () => true,
+    () => false,
+  );
+  try {
+    if (earlier) {
+      await fs.appendFile(departed, await fs.readFile(consoleLog));
+      await fs.rm(consoleLog);
+    } else {
+      await fs.rename(consoleLog, departed);
+    }
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
   }
 }

@@ -17,16 +17,16 @@ import type {
   MigrationResult,
   MigrationSource,
   VmConfig,
-  VmDiskRef,
   VmHandle,
 } from '../types';
 import type { Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
 import { buildQemuArgs, pidFileOf, vmLaunch } from './commandLine';
-import { ConsoleFollower } from './consoleLog';
-import { writeFileAtomic } from '../../storage/durableFile';
+import { ConsoleFollower, departedConsoleOf, setConsoleAside } from './consoleLog';
 import { QmpClient, qmpCommand } from './qmp';
-import { startedMarkerOf, type QemuVmState } from './qemuDriver';
+import { type QemuVmState } from './qemuDriver';
+import { MigrationRecords } from '../migrationRecords';
+import { diskRefsOf, startedMarkerOf } from '../savedVm';
 import { runCommand } from './runCommand';
 import { addVmTap, nicFromState, removeVmTap, type VmNetworkOptions } from './vmNetwork';
 import { freeLocalPort, isVmProcess, readPidFile, sleep, waitForExit } from './vmProcess';
@@ -77,11 +77,6 @@ const IN_PROGRESS = new Set([
   'postcopy-active',
 ]);
 
-interface IncomingRecord {
-  source: MigrationSource;
-  incoming: IncomingVm;
-}
-
 interface QueryMigrate {
   status?: string;
   'total-time'?: number;
@@ -91,10 +86,12 @@ interface QueryMigrate {
   disk?: { transferred: number };
 }
 
-export class QemuMigration {
+export class QemuMigration extends MigrationRecords {
   private readonly log = createLogger('qemu-migration');
 
-  constructor(private readonly ctx: QemuMigrationContext) {}
+  constructor(private readonly ctx: QemuMigrationContext) {
+    super(ctx);
+  }
 
   /** On the source: the VM's config, handle and disk locators, from its state file here. */
   async describeForMigration(handle: VmHandle): Promise<MigrationSource> {
@@ -107,16 +104,8 @@ export class QemuMigration {
 
   /** Disk locators: computed on the storage host, carried in the handle everywhere else. */
   private disksOf(handle: VmHandle): MigrationSource['disks'] {
-    const stored = handle.state.diskRoot;
-    if (typeof stored === 'string') {
-      const ref = (p: unknown): VmDiskRef | undefined =>
-        typeof p === 'string' && p ? { storageHost: handle.storageHost, path: p } : undefined;
-      return {
-        root: ref(handle.state.diskRoot) as VmDiskRef,
-        data: ref(handle.state.diskData) as VmDiskRef,
-        base: ref(handle.state.diskBase),
-      };
-    }
+    const stored = diskRefsOf(handle);
+    if (stored) return stored;
     if (handle.storageHost !== this.ctx.hostName)
       throw new Error(
         `VM ${handle.vmId}: its handle names no disk locators and its disks are not on this host`,
@@ -347,6 +336,8 @@ export class QemuMigration {
     if (await isVmProcess(pid, paths.qmpSocket)) await this.quit(pid, paths);
     const nic = nicFromState(moved.state);
     if (nic) await removeVmTap(this.wrap, nic.tap);
+    // What the guest printed here waits for the task's logs (activities/host/consoleSegments.ts).
+    await setConsoleAside(paths.consoleLog, departedConsoleOf(this.ctx.store.root, config.vmId));
     if (moved.storageHost !== this.ctx.hostName) await this.ctx.store.remove(config.vmId);
   }
 
@@ -459,7 +450,7 @@ export class QemuMigration {
     }
     const handle = record.incoming.handle;
     await this.ctx.store.writeState(vmId, { config: record.source.config, handle } satisfies QemuVmState);
-    await fs.writeFile(startedMarkerOf(paths), '');
+    await fs.writeFile(startedMarkerOf(paths.dir), '');
     await fs.rm(this.incomingFile(vmId), { force: true });
     this.log.info({ vmId, host: this.ctx.hostName, pid }, 'VM runs here after migration');
     return handle;
@@ -504,29 +495,6 @@ export class QemuMigration {
 
   private readonly wrap = (cmd: string, args: string[]): { cmd: string; args: string[] } =>
     this.ctx.netns ? inNetns(this.ctx.netns, cmd, args) : { cmd, args };
-
-  private incomingFile(vmId: string): string {
-    return path.join(this.ctx.store.paths(vmId).dir, 'incoming.json');
-  }
-
-  private async readIncoming(vmId: string): Promise<IncomingRecord | undefined> {
-    try {
-      return JSON.parse(await fs.readFile(this.incomingFile(vmId), 'utf8')) as IncomingRecord;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-      throw err;
-    }
-  }
-
-  private async writeIncoming(vmId: string, record: IncomingRecord): Promise<void> {
-    await writeFileAtomic(this.incomingFile(vmId), JSON.stringify(record, null, 2));
-  }
-
-  private async readState(vmId: string): Promise<QemuVmState> {
-    const saved = await this.ctx.store.readState<QemuVmState>(vmId);
-    if (!saved) throw new Error(`VM ${vmId} does not exist on ${this.ctx.hostName}`);
-    return saved;
-  }
 }
 
 function withoutHostPorts(state: VmHandle['state']): VmHandle['state'] {

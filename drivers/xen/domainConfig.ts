@@ -1,4 +1,3 @@
-import path from 'node:path';
 import type { VmNic } from '../qemu/vmNetwork';
 
 /** The launch inputs of a Xen domain: the same facts the QEMU command line is built from. */
@@ -25,11 +24,6 @@ const UNSAFE = /["\\\n\r,=]/;
 
 export function domainName(vmId: string): string {
   return `vsp-${vmId}`;
-}
-
-/** Created by the one `start` that creates the domain (and by a finished incoming migration). */
-export function startedMarkerOf(vmDir: string): string {
-  return path.join(vmDir, 'started');
 }
 
 /**

@@ -1,8 +1,6 @@
 import { promises as fs } from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { createLogger } from '../../logging/logger';
-import { OWNER_NAME } from '../../spec/repoPath';
 import {
   locatorOf,
   resolveUnderMounts,
@@ -11,27 +9,17 @@ import {
 } from '../../storage/diskLocator';
 import type { VmStore } from '../../storage/vmStore';
 import { writeFileAtomic } from '../../storage/durableFile';
-import type {
-  DriverCapabilities,
-  ExitResult,
-  IncomingVm,
-  MigratableDriver,
-  MigrationOptions,
-  MigrationResult,
-  MigrationSource,
-  VmConfig,
-  VmHandle,
-  VmStatus,
-  WaitOptions,
-} from '../types';
+import { endedGuestStatus } from '../guestWait';
 import type { Appliance } from '../qemu/appliance';
-import { ConsoleFollower, consoleTail } from '../qemu/consoleLog';
-import { TIMEOUT_EXIT_CODE, VmMigratedError } from '../qemu/qemuDriver';
-import { runCommand } from '../qemu/runCommand';
+import { ConsoleFollower } from '../qemu/consoleLog';
 import { nicState, validateVmNetwork, vmNicOf, type VmNetworkOptions } from '../qemu/vmNetwork';
 import { sleep } from '../qemu/vmProcess';
-import { writeDataDiskFile } from './dataDiskFile';
-import { domainName, renderDomainConfig, startedMarkerOf } from './domainConfig';
+import { claimStart, startedMarkerOf, startingHandle, wasStarted, type SavedVm } from '../savedVm';
+import { StoredVmDriver } from '../storedVmDriver';
+import type { ExitResult, MigratableDriver, VmConfig, VmHandle, VmStatus, WaitOptions } from '../types';
+import { checkVmConfig } from '../vmConfigCheck';
+import { createRootOverlay, requireDataDisk, writeTaskCommand } from '../vmDisks';
+import { domainName, renderDomainConfig } from './domainConfig';
 import { XenMigration } from './xenMigration';
 import { checkToolstack, domainState, xlRunner, type XlRunner } from './xl';
 
@@ -56,16 +44,11 @@ export interface XenDriverOptions {
 }
 
 /** What the VM folder's state file holds. */
-export interface XenVmState {
-  config: VmConfig;
-  handle: VmHandle;
-}
+export type XenVmState = SavedVm;
 
 export const DEFAULT_CONSOLE_LOG_DIR = '/var/log/xen/console';
 export const DEFAULT_SSH_COMMAND = 'ssh -o BatchMode=yes -o ConnectTimeout=10';
 const XL_TIMEOUT_MS = 60_000;
-/** After VSP-EXIT the guest powers off by itself; give it this long before destroying the domain. */
-const POWEROFF_GRACE_MS = 15_000;
 const DESTROY_STOP_TIMEOUT_MS = 2_000;
 
 /**
@@ -75,20 +58,16 @@ const DESTROY_STOP_TIMEOUT_MS = 2_000;
  * memory. Domains outlive the worker (xl runs them in the hypervisor); the VM folder holds what is needed
  * to re-attach. The guest's console is read from xenconsoled's log.
  */
-export class XenDriver implements MigratableDriver {
+export class XenDriver extends StoredVmDriver implements MigratableDriver {
   readonly name = 'xen';
-  readonly capabilities: DriverCapabilities = {
-    liveMigration: true,
-    isolation: 'vm',
-    homeStaging: 'disk-image',
-  };
-  private readonly log = createLogger('xen-driver');
+  protected readonly log = createLogger('xen-driver');
   private readonly xl: XlRunner;
   private readonly consoleLogDir: string;
-  private readonly pollMs: number;
-  private readonly migration: XenMigration;
+  protected readonly pollMs: number;
+  protected readonly migration: XenMigration;
 
   constructor(private readonly opts: XenDriverOptions) {
+    super(opts);
     validateMountRoot(opts.mountRoot);
     if (opts.vmNetwork) validateVmNetwork(opts.vmNetwork);
     this.xl = opts.xl ?? xlRunner();
@@ -111,29 +90,25 @@ export class XenDriver implements MigratableDriver {
   }
 
   async create(config: VmConfig): Promise<VmHandle> {
-    this.validateConfig(config);
+    checkVmConfig(
+      config,
+      config.ports.length > 0 && !this.opts.vmNetwork
+        ? ['a service VM (ports) needs the cluster VM network under Xen (no user-mode port forwards)']
+        : [],
+    );
     const existing = await this.opts.store.readState<XenVmState>(config.vmId);
     if (existing) return existing.handle;
     const paths = this.opts.store.paths(config.vmId);
     const self = this.opts.hostName;
     const storeRoot = this.opts.store.root;
-    await fs.access(paths.dataDisk).catch((err: unknown) => {
-      throw new Error(`VM ${config.vmId}: data disk ${paths.dataDisk} is missing: stage the inputs first`, {
-        cause: err,
-      });
-    });
+    await requireDataDisk(config.vmId, paths.dataDisk);
     const base = locatorOf(self, storeRoot, config.baseImage as string);
     const rootRef = locatorOf(self, storeRoot, paths.rootDisk);
     const dataRef = locatorOf(self, storeRoot, paths.dataDisk);
     // The overlay names its base by the mounted path, valid on every host the VM may move to.
     const mountedBase = await this.mounted(base);
-    await createOverlay(config.baseImage as string, mountedBase, paths.rootDisk);
-    await writeDataDiskFile(
-      paths.dataDisk,
-      '.vsp/command',
-      config.command.endsWith('\n') ? config.command : `${config.command}\n`,
-      paths.dir,
-    );
+    await createRootOverlay(config.baseImage as string, paths.rootDisk, mountedBase);
+    await writeTaskCommand(paths, config.command);
     const handle: VmHandle = {
       driver: this.name,
       vmId: config.vmId,
@@ -160,14 +135,9 @@ export class XenDriver implements MigratableDriver {
     const paths = this.opts.store.paths(handle.vmId);
     const name = domainName(handle.vmId);
     // Exactly once: whoever creates the marker creates the domain; a retry finds it and starts nothing.
-    try {
-      await (await fs.open(startedMarkerOf(paths.dir), 'wx')).close();
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
-        this.log.info({ vmId: handle.vmId }, 'VM already started: not creating its domain again');
-        return current;
-      }
-      throw err;
+    if (!(await claimStart(paths.dir))) {
+      this.log.info({ vmId: handle.vmId }, 'VM already started: not creating its domain again');
+      return current;
     }
     let created = false;
     try {
@@ -199,18 +169,8 @@ export class XenDriver implements MigratableDriver {
       await writeFileAtomic(cfgFile, cfg);
       // xenconsoled appends to a domain's log: start from an empty one so an old VSP-EXIT never counts.
       await fs.rm(this.consoleLogOf(handle.vmId), { force: true });
-      const startedAt = Date.now();
       // Recorded before the domain exists, so a worker that dies right after still knows its time limit.
-      const started: VmHandle = {
-        ...current,
-        host: this.opts.hostName,
-        state: {
-          ...current.state,
-          startedAt,
-          deadline: startedAt + config.timeLimitSec * 1000,
-          ...(nic ? nicState(nic) : {}),
-        },
-      };
+      const started = startingHandle(current, this.opts.hostName, config, nic ? nicState(nic) : {});
       await this.opts.store.writeState(config.vmId, { config, handle: started } satisfies XenVmState);
       await this.xl(['create', cfgFile], { timeoutMs: XL_TIMEOUT_MS });
       created = true;
@@ -230,46 +190,24 @@ export class XenDriver implements MigratableDriver {
   async wait(handle: VmHandle, options: WaitOptions): Promise<ExitResult> {
     const { handle: current } = await this.readState(handle.vmId);
     const name = domainName(handle.vmId);
-    const consoleLog = this.consoleLogOf(handle.vmId);
-    const follower = new ConsoleFollower(consoleLog);
-    const deadline = Number(current.state.deadline);
-    for (;;) {
-      if (options.signal.aborted)
-        throw new Error(`waiting for VM ${handle.vmId} was aborted`, { cause: options.signal.reason });
-      const state = await domainState(this.xl, name);
-      // Console after the domain: a guest that printed VSP-EXIT and went away is seen exiting.
-      const cons = await follower.poll();
-      if (cons.exitCode !== undefined) {
-        if (state && !(await this.waitGone(name, POWEROFF_GRACE_MS))) {
-          this.log.warn(
-            { vmId: handle.vmId },
-            'guest did not power off after VSP-EXIT: destroying its domain',
-          );
-          await this.stop(current, DESTROY_STOP_TIMEOUT_MS);
-        }
-        return { exitCode: cons.exitCode, timedOut: false };
-      }
-      if (!state || state === 'crashed' || state === 'dying' || state === 'shutdown') {
-        const movedTo = await this.migratedAway(handle.vmId);
-        if (movedTo !== undefined) throw new VmMigratedError(handle.vmId, this.opts.hostName, movedTo);
-        const why = cons.guestError
-          ? `the guest init failed: ${cons.guestError}`
-          : `its domain is ${state ?? 'gone'} before the task finished`;
-        throw new Error(`VM ${handle.vmId}: ${why}; console tail:\n${await consoleTail(consoleLog)}`);
-      }
-      if (Number.isFinite(deadline) && Date.now() >= deadline) {
-        this.log.warn({ vmId: handle.vmId }, 'time limit reached: stopping the VM');
-        await this.stop(current, DESTROY_STOP_TIMEOUT_MS);
-        return { exitCode: TIMEOUT_EXIT_CODE, timedOut: true };
-      }
-      options.onProgress({
-        phase: 'running',
-        progress: cons.progress,
-        progressMessage: cons.progressMessage,
-        details: { domain: name, domainState: state, taskStarted: cons.started },
-      });
-      await sleep(this.pollMs, options.signal);
-    }
+    return this.waitForGuest(
+      current,
+      {
+        consoleLog: this.consoleLogOf(handle.vmId),
+        probe: async () => {
+          const state = await domainState(this.xl, name);
+          return {
+            exists: state !== undefined,
+            running: state === 'running' || state === 'paused',
+            endedWhy: `its domain is ${state ?? 'gone'} before the task finished`,
+            details: { domain: name, ...(state ? { domainState: state } : {}) },
+          };
+        },
+        waitGone: (timeoutMs) => this.waitGone(name, timeoutMs),
+      },
+      DESTROY_STOP_TIMEOUT_MS,
+      options,
+    );
   }
 
   async inspect(handle: VmHandle): Promise<VmStatus> {
@@ -288,20 +226,13 @@ export class XenDriver implements MigratableDriver {
         this.opts.mountRoot,
       ),
     };
-    const started = await fs.access(startedMarkerOf(paths.dir)).then(
-      () => true,
-      () => false,
-    );
-    if (!started) return { phase: 'created', details };
+    if (!(await wasStarted(paths.dir))) return { phase: 'created', details };
     const state = await domainState(this.xl, name);
     const cons = await new ConsoleFollower(this.consoleLogOf(handle.vmId)).poll();
-    const progress = { progress: cons.progress, progressMessage: cons.progressMessage };
     if (state) details.domainState = state;
-    if (state === 'running' || state === 'paused') return { phase: 'running', ...progress, details };
-    if (cons.exitCode !== undefined)
-      return { phase: 'exited', exitCode: cons.exitCode, ...progress, details };
-    details.reason = cons.guestError ?? `the domain is ${state ?? 'gone'} and the task reported no exit`;
-    return { phase: 'missing', ...progress, details };
+    if (state === 'running' || state === 'paused')
+      return { phase: 'running', progress: cons.progress, progressMessage: cons.progressMessage, details };
+    return endedGuestStatus(cons, details, `the domain is ${state ?? 'gone'} and the task reported no exit`);
   }
 
   async recover(handle: VmHandle): Promise<VmStatus> {
@@ -336,26 +267,6 @@ export class XenDriver implements MigratableDriver {
     this.log.info({ vmId: handle.vmId }, 'VM destroyed');
   }
 
-  describeForMigration(handle: VmHandle): Promise<MigrationSource> {
-    return this.migration.describeForMigration(handle);
-  }
-
-  prepareIncoming(source: MigrationSource): Promise<IncomingVm> {
-    return this.migration.prepareIncoming(source);
-  }
-
-  migrate(handle: VmHandle, target: IncomingVm, options: MigrationOptions): Promise<MigrationResult> {
-    return this.migration.migrate(handle, target, options);
-  }
-
-  finishIncoming(incoming: IncomingVm): Promise<VmHandle> {
-    return this.migration.finishIncoming(incoming);
-  }
-
-  abortIncoming(incoming: IncomingVm): Promise<void> {
-    return this.migration.abortIncoming(incoming);
-  }
-
   private consoleLogOf(vmId: string): string {
     return path.join(this.consoleLogDir, `guest-${domainName(vmId)}.log`);
   }
@@ -380,50 +291,4 @@ export class XenDriver implements MigratableDriver {
       await sleep(Math.min(200, this.pollMs));
     }
   }
-
-  private async migratedAway(vmId: string): Promise<string | undefined> {
-    const saved = await this.opts.store.readState<XenVmState>(vmId);
-    if (!saved) return 'another host';
-    return saved.handle.host !== this.opts.hostName ? saved.handle.host : undefined;
-  }
-
-  private async readState(vmId: string): Promise<XenVmState> {
-    const saved = await this.opts.store.readState<XenVmState>(vmId);
-    if (!saved) throw new Error(`VM ${vmId} does not exist on ${this.opts.hostName}: create it first`);
-    return saved;
-  }
-
-  private validateConfig(c: VmConfig): void {
-    const bad: string[] = [];
-    if (!OWNER_NAME.test(c.owner)) bad.push(`owner ${JSON.stringify(c.owner)} is not a valid owner name`);
-    if (!c.command) bad.push('command is empty');
-    if (!Number.isInteger(c.vcpus) || c.vcpus < 1 || c.vcpus > os.cpus().length * 4)
-      bad.push(`vcpus ${c.vcpus} is out of range`);
-    if (!Number.isInteger(c.memoryMiB) || c.memoryMiB < 64) bad.push(`memoryMiB ${c.memoryMiB} is below 64`);
-    if (!Number.isInteger(c.timeLimitSec) || c.timeLimitSec < 1)
-      bad.push(`timeLimitSec ${c.timeLimitSec} must be >= 1`);
-    if (!c.baseImage || !path.isAbsolute(c.baseImage))
-      bad.push('baseImage must be the absolute path of a cached image');
-    if (c.ports.length > 0 && !this.opts.vmNetwork)
-      bad.push('a service VM (ports) needs the cluster VM network under Xen (no user-mode port forwards)');
-    if (bad.length > 0) throw new Error(`invalid VM config for ${c.vmId}: ${bad.join('; ')}`);
-  }
-}
-
-/** A qcow2 overlay of `base` whose backing file is recorded as `backingName` (the mounted path). */
-async function createOverlay(base: string, backingName: string, rootDisk: string): Promise<void> {
-  if (
-    await fs.access(rootDisk).then(
-      () => true,
-      () => false,
-    )
-  )
-    return;
-  const info = await runCommand('qemu-img', ['info', '--output=json', base], { timeoutMs: 30_000 });
-  const format = (JSON.parse(info.stdout) as { format: string }).format;
-  const tmp = `${rootDisk}.${process.pid}.tmp`;
-  await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', backingName, '-F', format, tmp], {
-    timeoutMs: 30_000,
-  });
-  await fs.rename(tmp, rootDisk);
 }

@@ -1,20 +1,13 @@
 import { promises as fs } from 'node:fs';
-import path from 'node:path';
 import { createLogger, describeError } from '../../logging/logger';
 import { resolveUnderMounts, type ClusterStorage } from '../../storage/diskLocator';
-import { writeFileAtomic } from '../../storage/durableFile';
 import type { VmStore } from '../../storage/vmStore';
-import type {
-  IncomingVm,
-  MigrationOptions,
-  MigrationResult,
-  MigrationSource,
-  VmDiskRef,
-  VmHandle,
-} from '../types';
+import { MigrationRecords } from '../migrationRecords';
 import { runCommand } from '../qemu/runCommand';
 import { sleep } from '../qemu/vmProcess';
-import { domainName, startedMarkerOf } from './domainConfig';
+import { diskRefsOf, startedMarkerOf } from '../savedVm';
+import type { IncomingVm, MigrationOptions, MigrationResult, MigrationSource, VmHandle } from '../types';
+import { domainName } from './domainConfig';
 import type { XenVmState } from './xenDriver';
 import { domainState, type XlRunner } from './xl';
 
@@ -38,11 +31,6 @@ export interface XenMigrationContext {
   consoleLogOf: (vmId: string) => string;
 }
 
-interface IncomingRecord {
-  source: MigrationSource;
-  incoming: IncomingVm;
-}
-
 const DEFAULT_TIMEOUT_MS = 10 * 60_000;
 const PROGRESS_MS = 1_000;
 const XL_TIMEOUT_MS = 60_000;
@@ -51,21 +39,20 @@ const POLL_MS = 200;
 const REACH_TIMEOUT_MS = 10_000;
 const SSH_URI = /^ssh:(\d{1,3}(?:\.\d{1,3}){3})$/;
 
-export class XenMigration {
+export class XenMigration extends MigrationRecords {
   private readonly log = createLogger('xen-migration');
 
-  constructor(private readonly ctx: XenMigrationContext) {}
+  constructor(private readonly ctx: XenMigrationContext) {
+    super(ctx);
+  }
 
   async describeForMigration(handle: VmHandle): Promise<MigrationSource> {
     const { config, handle: current } = await this.readState(handle.vmId);
     if (current.host !== this.ctx.hostName)
       throw new Error(`VM ${handle.vmId} does not run on ${this.ctx.hostName} (it runs on ${current.host})`);
-    const ref = (p: unknown): VmDiskRef | undefined =>
-      typeof p === 'string' && p ? { storageHost: current.storageHost, path: p } : undefined;
-    const root = ref(current.state.diskRoot);
-    const data = ref(current.state.diskData);
-    if (!root || !data) throw new Error(`VM ${handle.vmId}: its handle names no disk locators`);
-    return { config, handle: current, disks: { root, data, base: ref(current.state.diskBase) } };
+    const disks = diskRefsOf(current);
+    if (!disks) throw new Error(`VM ${handle.vmId}: its handle names no disk locators`);
+    return { config, handle: current, disks };
   }
 
   /** On the target: checks the disks are reachable here and records the VM xl is about to send. */
@@ -107,10 +94,7 @@ export class XenMigration {
     };
     const paths = this.ctx.store.paths(vmId);
     await fs.mkdir(paths.dir, { recursive: true });
-    await writeFileAtomic(
-      this.incomingFile(vmId),
-      JSON.stringify({ source, incoming } satisfies IncomingRecord, null, 2),
-    );
+    await this.writeIncoming(vmId, { source, incoming });
     this.log.info({ vmId, uri: incoming.uri }, 'ready to receive the VM');
     return incoming;
   }
@@ -268,24 +252,5 @@ export class XenMigration {
       await fs.rm(this.incomingFile(vmId), { force: true });
     else await this.ctx.store.remove(vmId);
     this.log.info({ vmId, host: this.ctx.hostName }, 'incoming VM aborted');
-  }
-
-  private incomingFile(vmId: string): string {
-    return path.join(this.ctx.store.paths(vmId).dir, 'incoming.json');
-  }
-
-  private async readIncoming(vmId: string): Promise<IncomingRecord | undefined> {
-    try {
-      return JSON.parse(await fs.readFile(this.incomingFile(vmId), 'utf8')) as IncomingRecord;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-      throw err;
-    }
-  }
-
-  private async readState(vmId: string): Promise<XenVmState> {
-    const saved = await this.ctx.store.readState<XenVmState>(vmId);
-    if (!saved) throw new Error(`VM ${vmId} does not exist on ${this.ctx.hostName}`);
-    return saved;
   }
 }
