@@ -1,12 +1,14 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
-import { promises as fs } from 'node:fs';
+import { createReadStream, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { ApplicationFailure, WorkflowFailedError } from '@temporalio/client';
 import { taskFailureMessage } from '../client/vspClient';
 import { ensureAppliance, type Appliance } from '../drivers/qemu/appliance';
+import { withAdmin } from '../repository/admin';
+import { addBaseImage } from '../repository/imageStore';
 import type { TaskSpecInput } from '../spec/taskSpec';
 import { startClusterFixture, until, type ClusterFixture } from './support/clusterFixture';
 
@@ -262,28 +264,52 @@ test('bad images fail their tasks with clear non-retryable errors; the inputs st
   expect(await vmFolders()).toEqual([]);
 }, 120_000);
 
-test("an owner's own image boots the task", async () => {
-  // The appliance root with a marker file added (debugfs, no mount), stored as a new qcow2.
-  const raw = path.join(tmp, 'own.raw');
-  const own = path.join(tmp, 'own.qcow2');
-  const marker = path.join(tmp, 'marker');
-  const text = `own image ${Date.now()}\n`;
+/** The appliance root with a marker file /etc/vsp-image added (debugfs, no mount), as a new qcow2. */
+async function markedImage(name: string, text: string): Promise<string> {
+  const raw = path.join(tmp, `${name}.raw`);
+  const image = path.join(tmp, `${name}.qcow2`);
+  const marker = path.join(tmp, `${name}.marker`);
   await fs.writeFile(marker, text);
   await fs.chmod(marker, 0o644);
   execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', appliance.root.path, raw]);
   execFileSync('debugfs', ['-w', '-R', `write ${marker} /etc/vsp-image`, raw], { stdio: 'ignore' });
-  execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, own]);
+  execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, image]);
   await fs.rm(raw);
-  await uploadFile('images/own.qcow2', await fs.readFile(own));
+  return image;
+}
 
-  const { taskId } = await submit({
-    image: 'images/own.qcow2',
-    command: 'mkdir -p out && cat /etc/vsp-image > out/which.txt',
-  });
+/** Runs a task on `image` that copies the image's marker to its outputs; returns the marker's text. */
+async function markerSeenBy(image: string): Promise<string> {
+  const { taskId } = await submit({ image, command: 'mkdir -p out && cat /etc/vsp-image > out/which.txt' });
   const result = await fx.vsp.result(taskId);
   expect(result.exitCode).toBe(0);
-  expect(await downloadText(`${result.resultsPath}/outputs/which.txt`)).toBe(text);
+  return downloadText(`${result.resultsPath}/outputs/which.txt`);
+}
+
+test("an owner's own image boots the task", async () => {
+  const text = `own image ${Date.now()}\n`;
+  await uploadFile('images/own.qcow2', await fs.readFile(await markedImage('own', text)));
+  expect(await markerSeenBy('images/own.qcow2')).toBe(text);
 }, 180_000);
+
+test("a provider base image named 'base:<name>' boots the task; the owner sees it read-only", async () => {
+  // Added on the repository host, as `vsp image add-base` does; the host fetches it through the owner's view.
+  const text = `provider base image ${Date.now()}\n`;
+  const image = await markedImage('base', text);
+  const added = await withAdmin(fx.cluster.repoDir, (_a, db) =>
+    addBaseImage(fx.cluster.repoDir, db, 'marked', createReadStream(image)),
+  );
+  expect(added).toMatchObject({ name: 'base:marked', status: 'ok', format: 'qcow2' });
+  expect((await fx.repo(OWNER).listImages(OWNER)).map((i) => i.name)).toContain('base:marked');
+  expect(await markerSeenBy('base:marked')).toBe(text);
+}, 300_000);
+
+test('a base image that does not exist fails the task at once, saying so', async () => {
+  const { taskId } = await submit({ image: 'base:missing', command: 'true' });
+  const err = await fx.vsp.result(taskId).catch((e: unknown) => e);
+  expect(err).toBeInstanceOf(WorkflowFailedError);
+  expect(taskFailureMessage(err)).toMatch(/image 'base:missing' is not in the provider's base images/);
+}, 120_000);
 
 test('outputs larger than the declared room fail the task with a clear error, logs kept', async () => {
   const { taskId } = await submit({

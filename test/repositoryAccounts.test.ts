@@ -2,8 +2,7 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import Database from 'better-sqlite3';
-import { Command } from 'commander';
-import { parseLimit, registerAdminCommands } from '../cli/adminCommands';
+import { parseLimit } from '../cli/adminCommands';
 import {
   addKey,
   addOwner,
@@ -16,6 +15,7 @@ import {
 import { authenticate, authenticatePassword, hashToken } from '../repository/auth';
 import { MetadataDb, repositoryDbPath } from '../repository/metadataDb';
 import { fingerprintOf, generateEd25519KeyPair, parsePublicKeyLine } from '../repository/sshKeys';
+import { runAdminCli } from './support/adminCli';
 
 let dataDir: string;
 
@@ -149,21 +149,7 @@ describe('schema', () => {
 });
 
 describe('admin CLI', () => {
-  async function vsp(...args: string[]): Promise<string> {
-    const program = new Command('vsp').option('--json').exitOverride();
-    registerAdminCommands(program);
-    let out = '';
-    const spy = jest.spyOn(process.stdout, 'write').mockImplementation((chunk: string | Uint8Array) => {
-      out += chunk.toString();
-      return true;
-    });
-    try {
-      await program.parseAsync([...args, '--data-dir', dataDir], { from: 'user' });
-    } finally {
-      spy.mockRestore();
-    }
-    return out;
-  }
+  const vsp = (...args: string[]) => runAdminCli(dataDir, ...args);
 
   test('owner, token, key, password and quota commands work end to end', async () => {
     const token = (await vsp('owner', 'add', 'alice')).trim();

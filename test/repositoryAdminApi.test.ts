@@ -3,13 +3,12 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
-import { Command } from 'commander';
-import { registerAdminCommands } from '../cli/adminCommands';
 import { addOwner, createServiceToken } from '../repository/admin';
 import { RepositoryClient, RepositoryError } from '../repository/client';
 import { startRepositoryServer, type RepositoryServer } from '../repository/server';
 import { generateEd25519KeyPair } from '../repository/sshKeys';
 import { sha256File } from '../storage/imageCache';
+import { runAdminCli } from './support/adminCli';
 import { refusal, SftpTestClient } from './support/sftpTestClient';
 
 const PASSWORD = 'correct horse battery staple';
@@ -21,21 +20,9 @@ let adminId: number;
 let aliceToken: string;
 let serviceToken: string;
 
-/** Runs a `vsp` admin command in-process against the data dir and returns its JSON output. */
+/** Runs a `vsp` admin command with --json and returns its parsed output. */
 async function vsp(...args: string[]): Promise<unknown> {
-  const program = new Command('vsp').option('--json').exitOverride();
-  registerAdminCommands(program);
-  let out = '';
-  const spy = jest.spyOn(process.stdout, 'write').mockImplementation((chunk: string | Uint8Array) => {
-    out += chunk.toString();
-    return true;
-  });
-  try {
-    await program.parseAsync(['--json', ...args, '--data-dir', dataDir], { from: 'user' });
-  } finally {
-    spy.mockRestore();
-  }
-  return JSON.parse(out) as unknown;
+  return JSON.parse(await runAdminCli(dataDir, '--json', ...args)) as unknown;
 }
 
 interface Reply {
