@@ -198,30 +198,36 @@ test('a -> b -> c, and a -> (placement) -> a back home, both complete', async ()
   const [roam, home] = await Promise.all([submitCpuTask(), submitCpuTask()]);
   const [roamVm, homeVm] = await Promise.all([vmIdOf(roam.taskId), vmIdOf(home.taskId)]);
 
-  await awaitProgress('a', roamVm, 20);
-  await migrate(roam.taskId, { host: 'b' });
-  await awaitProgress('b', roamVm, 45);
-  expect(await migrate(roam.taskId, { host: 'c' })).toMatchObject({ host: 'c', storageHost: 'a' });
-
-  await awaitProgress('a', homeVm, 30);
-  // No host named: placement picks the least-loaded other live host (b and c each run one task now).
-  const away = await migrate(home.taskId, {});
-  expect(['b', 'c']).toContain(away.host);
-  await awaitProgress(away.host!, homeVm, 55);
-  expect(await migrate(home.taskId, { host: 'a' })).toMatchObject({ host: 'a', storageHost: 'a' });
-  // Back home the disks are local files again.
-  expect(await rootDiskOn('a', homeVm)).toBe(path.join(vmDir('a', homeVm), 'root.qcow2'));
+  // The two tours run side by side, so neither task can end before its own tour is over.
+  const roamTour = async () => {
+    await awaitProgress('a', roamVm, 20);
+    await migrate(roam.taskId, { host: 'b' });
+    await awaitProgress('b', roamVm, 45);
+    expect(await migrate(roam.taskId, { host: 'c' })).toMatchObject({ host: 'c', storageHost: 'a' });
+  };
+  const homeTour = async () => {
+    await awaitProgress('a', homeVm, 30);
+    // No host named: placement picks the least-loaded other live host.
+    const moved = await migrate(home.taskId, {});
+    expect(['b', 'c']).toContain(moved.host);
+    await awaitProgress(moved.host!, homeVm, 55);
+    expect(await migrate(home.taskId, { host: 'a' })).toMatchObject({ host: 'a', storageHost: 'a' });
+    // Back home the disks are local files again.
+    expect(await rootDiskOn('a', homeVm)).toBe(path.join(vmDir('a', homeVm), 'root.qcow2'));
+    return moved.host!;
+  };
+  const [, away] = await Promise.all([roamTour(), homeTour()]);
 
   const [r1, r2] = await Promise.all([vsp.result(roam.taskId), vsp.result(home.taskId)]);
   await expectCorrectResult(r1);
   await expectCorrectResult(r2);
   expect(r1.migrations?.map((m) => `${m.from}->${m.to}`)).toEqual(['a->b', 'b->c']);
-  expect(r2.migrations?.map((m) => `${m.from}->${m.to}`)).toEqual([`a->${away.host}`, `${away.host}->a`]);
+  expect(r2.migrations?.map((m) => `${m.from}->${m.to}`)).toEqual([`a->${away}`, `${away}->a`]);
   for (const m of [...r1.migrations!, ...r2.migrations!]) expectMemoryOnly(m);
   expect(r1).toMatchObject({ host: 'c', storageHost: 'a' });
   expect(r2).toMatchObject({ host: 'a', storageHost: 'a' });
   await expectWholeConsole(r1, ['a', 'b', 'c']);
-  await expectWholeConsole(r2, ['a', away.host!, 'a']);
+  await expectWholeConsole(r2, ['a', away, 'a']);
   process.stderr.write(`migrations a->b->c ${JSON.stringify(r1.migrations)}\n`);
   process.stderr.write(`migrations a->x->a ${JSON.stringify(r2.migrations)}\n`);
 }, 300_000);
