@@ -5,12 +5,12 @@ import { httpGet, startPolling, type Reply } from '../deploy/devcluster/httpPoll
 import { HOST_BRIDGE } from '../deploy/devcluster/netns';
 import { startNfsTestHosts, type NfsTestHosts } from '../deploy/devcluster/nfsTestHosts';
 import { ConsoleFollower, type ConsoleState } from '../drivers/qemu/consoleLog';
-import { runCommand } from '../drivers/qemu/runCommand';
 import { nicFromState, type VmNetworkOptions } from '../drivers/qemu/vmNetwork';
 import type { MigrationResult, VmConfig, VmHandle } from '../drivers/types';
 import { createLogger } from '../logging/logger';
 import { DiskImageStaging } from '../storage/diskImageStaging';
 import { round } from './orchestration';
+import { HostTraceSampler, type HostTraceSample } from './hostTraces';
 import { plotLineChart, writeCsv, type ChartPanel, type CsvRow, type MarkedInterval } from './plot';
 import type { BenchReport } from './report';
 
@@ -38,7 +38,6 @@ const VM_NETWORK: VmNetworkOptions = { bridge: HOST_BRIDGE, subnet: SUBNET };
 const MEMORY_MIB = 256;
 const MiB = 1024 * 1024;
 const KiB = 1024;
-const SAMPLE_MS = 1000;
 const CONSOLE_POLL_MS = 200;
 const BOOT_TIMEOUT_MS = 180_000;
 const DOWNTIME_LIMIT_MS = 300;
@@ -84,134 +83,9 @@ function taskCommand(s: TaskSizes): string {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Host traces: CPU of the namespace's processes, traffic on its uplink.
+// Host traces as figure columns.
 
-interface HostRates {
-  /** Percent of one core used by the host's QEMU process(es). */
-  qemuCpu: number;
-  /** Percent of one core used by everything else in the host's namespace (nfs-ganesha, rpcbind). */
-  servicesCpu: number;
-  sentKiBs: number;
-  recvKiBs: number;
-}
-
-interface HostSample {
-  /** Seconds since the trace began, at the end of the interval the rates cover. */
-  t: number;
-  hosts: Record<Host, HostRates>;
-}
-
-interface ProcTicks {
-  comm: string;
-  ticks: number;
-}
-
-/** utime + stime (all threads) and the command name from /proc/<pid>/stat; undefined once it is gone. */
-async function readTicks(pid: number): Promise<ProcTicks | undefined> {
-  let stat: string;
-  try {
-    stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
-  } catch {
-    return undefined;
-  }
-  const close = stat.lastIndexOf(')');
-  // Fields after the name start at field 3 (state); utime and stime are fields 14 and 15.
-  const fields = stat.slice(close + 2).split(' ');
-  return { comm: stat.slice(stat.indexOf('(') + 1, close), ticks: Number(fields[11]) + Number(fields[12]) };
-}
-
-async function readCounter(file: string): Promise<number> {
-  return Number((await fs.readFile(file, 'utf8')).trim());
-}
-
-/**
- * Samples every host once a second. The root-namespace end of a host's veth is named like its namespace
- * (deploy/devcluster/netns.ts): what it receives, the host sent, and the other way round. A process's
- * CPU is the growth of its ticks since the last sample (all of them for one that appeared meanwhile).
- */
-class HostTraceSampler {
-  private readonly samples: HostSample[] = [];
-  private readonly lastTicks = new Map<number, number>();
-  private lastNet = {} as Record<Host, { rx: number; tx: number }>;
-  private lastAt = 0;
-  private stopped = false;
-  private loop?: Promise<void>;
-
-  private constructor(
-    private readonly netns: Record<Host, string>,
-    private readonly clockTicks: number,
-    readonly t0: number,
-  ) {}
-
-  static async start(netns: Record<Host, string>): Promise<HostTraceSampler> {
-    const { stdout } = await runCommand('getconf', ['CLK_TCK'], { timeoutMs: 10_000 });
-    const sampler = new HostTraceSampler(netns, Number(stdout.trim()) || 100, Date.now());
-    for (const h of HOSTS) {
-      const link = `/sys/class/net/${netns[h]}/statistics`;
-      await fs.access(link).catch((err: unknown) => {
-        throw new Error(`cannot read the traffic counters of host ${h} (${link})`, { cause: err });
-      });
-    }
-    await sampler.read();
-    sampler.loop = sampler.run();
-    return sampler;
-  }
-
-  /** Seconds since the trace began. */
-  since(at: number): number {
-    return (at - this.t0) / 1000;
-  }
-
-  async stop(): Promise<HostSample[]> {
-    this.stopped = true;
-    await this.loop;
-    return this.samples;
-  }
-
-  private async run(): Promise<void> {
-    for (let k = 1; !this.stopped; k++) {
-      const wait = this.t0 + k * SAMPLE_MS - Date.now();
-      if (wait > 0) await new Promise((r) => setTimeout(r, wait));
-      if (this.stopped) break;
-      const sample = await this.read();
-      this.samples.push({ ...sample, t: k });
-    }
-  }
-
-  private async read(): Promise<Omit<HostSample, 't'>> {
-    const pidsOf: Record<Host, number[]> = { a: [], b: [] };
-    for (const h of HOSTS) {
-      const { stdout } = await runCommand('ip', ['netns', 'pids', this.netns[h]], { timeoutMs: 10_000 });
-      pidsOf[h] = stdout.split(/\s+/).filter(Boolean).map(Number);
-    }
-    const at = Date.now();
-    const seconds = (at - this.lastAt) / 1000;
-    const hosts = {} as Record<Host, HostRates>;
-    const seen = new Set<number>();
-    for (const h of HOSTS) {
-      const rates: HostRates = { qemuCpu: 0, servicesCpu: 0, sentKiBs: 0, recvKiBs: 0 };
-      for (const pid of pidsOf[h]) {
-        const now = await readTicks(pid);
-        if (!now) continue;
-        seen.add(pid);
-        const percent = (100 * (now.ticks - (this.lastTicks.get(pid) ?? 0))) / this.clockTicks / seconds;
-        this.lastTicks.set(pid, now.ticks);
-        if (now.comm.startsWith('qemu-system')) rates.qemuCpu += percent;
-        else rates.servicesCpu += percent;
-      }
-      const dir = `/sys/class/net/${this.netns[h]}/statistics`;
-      const net = { rx: await readCounter(`${dir}/rx_bytes`), tx: await readCounter(`${dir}/tx_bytes`) };
-      const last = this.lastNet[h] ?? net;
-      rates.sentKiBs = (net.rx - last.rx) / KiB / seconds;
-      rates.recvKiBs = (net.tx - last.tx) / KiB / seconds;
-      this.lastNet[h] = net;
-      hosts[h] = rates;
-    }
-    for (const pid of this.lastTicks.keys()) if (!seen.has(pid)) this.lastTicks.delete(pid);
-    this.lastAt = at;
-    return { hosts };
-  }
-}
+type HostSample = HostTraceSample<Host>;
 
 const HOST_COLUMNS = (s: HostSample): CsvRow =>
   Object.fromEntries(
