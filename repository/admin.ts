@@ -1,3 +1,4 @@
+import { RefusedRequest } from './refusedRequest';
 import { OWNER_NAME } from '../spec/repoPath';
 import { generateToken, hashPassword, hashToken } from './auth';
 import {
@@ -21,17 +22,8 @@ import { parsePublicKeyLine } from './sshKeys';
 export type OwnerSummary = OwnerRow & { activeTokens: number; sshKeys: number; usage: OwnerUsage };
 export type { AdminTokenRow, SshKeyRow, TokenRow };
 
-/** A refused admin request: bad input, nothing of that name, or a name already taken. */
-export class AdminError extends Error {
-  constructor(
-    readonly code: 'invalid' | 'not-found' | 'conflict',
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-    this.name = 'AdminError';
-  }
-}
+/** A refused account-administration request. */
+export class AdminError extends RefusedRequest {}
 
 const MAX_TOKEN_NAME = 100;
 

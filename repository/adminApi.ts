@@ -1,8 +1,9 @@
 import type { Readable } from 'node:stream';
 import { z } from 'zod';
-import { AccountAdmin, AdminError } from './admin';
+import { AccountAdmin } from './admin';
+import { RefusedRequest } from './refusedRequest';
 import { authenticateAdmin } from './auth';
-import { ImageStoreError, listBaseImages, type ImageStore } from './imageStore';
+import { listBaseImages, type ImageStore } from './imageStore';
 import type { MetadataDb } from './metadataDb';
 
 /**
@@ -112,8 +113,7 @@ export async function adminRequest(deps: AdminApiDeps, call: AdminCall): Promise
   try {
     return await dispatch(deps, call, admin, seg);
   } catch (err) {
-    if (err instanceof AdminError || err instanceof ImageStoreError)
-      throw new AdminApiError(STATUS[err.code], err.message, { cause: err });
+    if (err instanceof RefusedRequest) throw new AdminApiError(STATUS[err.code], err.message, { cause: err });
     throw err;
   }
 }

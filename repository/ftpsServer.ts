@@ -7,12 +7,11 @@ import { PassThrough, Readable, Writable } from 'node:stream';
 import { createSecureContext, TLSSocket, type SecureContext } from 'node:tls';
 import { promisify } from 'node:util';
 import { FileSystem, FtpSrv, type FtpConnection } from 'ftp-srv';
-import { describeError, type Logger } from '../logging/logger';
+import { describeError } from '../logging/logger';
 import { AccessDenied, authenticatePassword, checkSession, type OwnerSession } from './auth';
-import { remoteOf, type AuditEvent, type AuditLog } from './auditLog';
-import { StoreError, type Entry, type FileStore } from './fileStore';
-import type { LoginThrottle } from './loginThrottle';
-import type { MetadataDb } from './metadataDb';
+import { remoteOf, type AuditEvent } from './auditLog';
+import { StoreError, type Entry } from './fileStore';
+import type { FileProtocolDeps } from './protocolDeps';
 import { resolveSftpPath, toRepoPath } from './sftpSession';
 
 /**
@@ -44,14 +43,7 @@ export interface FtpsServer {
   close(): Promise<void>;
 }
 
-export interface FtpsDeps {
-  db: MetadataDb;
-  store: FileStore;
-  maxFileBytes: number;
-  log: Logger;
-  audit: AuditLog;
-  loginThrottle: LoginThrottle;
-}
+export type FtpsDeps = FileProtocolDeps;
 
 const IDLE_TIMEOUT_MS = 5 * 60_000;
 const CERT_DAYS = 3650;

@@ -11,6 +11,7 @@ import { ImageCache } from '../storage/imageCache';
 import { fileSink } from './fileSink';
 import { baseImageFile, baseImagesDir, StoreError, type FileStore } from './fileStore';
 import type { BaseImageRow, FileRow, ImageInfoRow, MetadataDb } from './metadataDb';
+import { RefusedRequest } from './refusedRequest';
 
 /**
  * The VM image store: owners' images (files under IMAGES_FOLDER of their space, uploaded by any
@@ -54,16 +55,7 @@ interface QemuImgFacts {
 }
 
 /** A wrong input to the image store (a bad name, a name taken, an invalid base image): the caller's fault. */
-export class ImageStoreError extends Error {
-  constructor(
-    readonly code: 'invalid' | 'not-found' | 'conflict',
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-    this.name = 'ImageStoreError';
-  }
-}
+export class ImageStoreError extends RefusedRequest {}
 
 export function isOwnerImagePath(repoPath: string): boolean {
   return repoPath.startsWith(`${IMAGES_FOLDER}/`);

@@ -1,12 +1,12 @@
 import { PassThrough } from 'node:stream';
 import { utils, type Attributes, type FileEntry, type SFTPWrapper } from 'ssh2';
 import { normaliseRepoPath } from '../spec/repoPath';
-import { describeError, type Logger } from '../logging/logger';
+import { describeError } from '../logging/logger';
 import { AccessDenied, checkSession, type OwnerSession } from './auth';
-import type { AuditEvent, AuditLog } from './auditLog';
-import { StoreError, type DirEntry, type Entry, type FileStore, type OpenFile } from './fileStore';
-import type { LoginThrottle } from './loginThrottle';
-import type { FileRow, MetadataDb } from './metadataDb';
+import type { AuditEvent } from './auditLog';
+import { StoreError, type DirEntry, type Entry, type OpenFile } from './fileStore';
+import type { FileProtocolDeps } from './protocolDeps';
+import type { FileRow } from './metadataDb';
 
 /**
  * One SFTP session of one owner. The owner's space is the session's whole world: every client path
@@ -30,14 +30,7 @@ const DATA_RECHECK_MS = 250;
 /** WRITE data ahead of the next expected offset is held until the gap before it is filled: this much per session. */
 const MAX_AHEAD_BYTES = 16 << 20;
 
-export interface SftpSessionDeps {
-  db: MetadataDb;
-  store: FileStore;
-  maxFileBytes: number;
-  log: Logger;
-  audit: AuditLog;
-  loginThrottle: LoginThrottle;
-}
+export type SftpSessionDeps = FileProtocolDeps;
 
 type Handle =
   | { kind: 'read'; path: string; file: OpenFile }

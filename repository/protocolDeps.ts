@@ -1,0 +1,15 @@
+import type { Logger } from '../logging/logger';
+import type { AuditLog } from './auditLog';
+import type { FileStore } from './fileStore';
+import type { LoginThrottle } from './loginThrottle';
+import type { MetadataDb } from './metadataDb';
+
+/** What a file-transfer protocol server (SFTP, FTPS) shares with the others: one store, accounts, rules. */
+export interface FileProtocolDeps {
+  db: MetadataDb;
+  store: FileStore;
+  maxFileBytes: number;
+  log: Logger;
+  audit: AuditLog;
+  loginThrottle: LoginThrottle;
+}
