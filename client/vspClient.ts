@@ -4,6 +4,7 @@ import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/commo
 import { CONTROL_TASK_QUEUE, SEARCH_ATTRIBUTES } from '../config/names';
 import { connectClient } from '../config/temporal';
 import { parseTaskSpec, type TaskSpecInput } from '../spec/taskSpec';
+import { taskInput } from '../spec/taskInput';
 import {
   cancelUpdate,
   migrateUpdate,
@@ -36,10 +37,13 @@ export class VspClient {
     return new VspClient(await connectClient());
   }
 
-  /** Validates the spec (throws TaskSpecError naming the bad fields) and starts its workflow. */
+  /**
+   * Validates the spec (throws TaskSpecError naming the bad fields) and starts its workflow with the
+   * task's capability (minted by the repository for this task id, owner and results path).
+   */
   async submit(
     input: TaskSpecInput,
-    opts: { taskId?: string } = {},
+    opts: { taskId?: string; capability?: string } = {},
   ): Promise<{ taskId: string; runId: string }> {
     const spec = parseTaskSpec(input);
     const taskId =
@@ -47,8 +51,9 @@ export class VspClient {
     const handle = await this.temporal.workflow.start('TaskLifecycle', {
       taskQueue: CONTROL_TASK_QUEUE,
       workflowId: taskId,
-      // The raw input: the workflow validates it again, deterministically, and fills the same defaults.
-      args: [input],
+      // The raw spec: the workflow validates it again, deterministically, and fills the same defaults.
+      // Interim: without a capability the bare spec (the workflow still accepts it until callers move).
+      args: [opts.capability ? taskInput(input, opts.capability) : input],
       staticSummary: `${spec.owner}: ${spec.name ?? spec.command.slice(0, 60)}`,
       // Listed under its owner from the start, before the workflow's first upsert.
       typedSearchAttributes: [{ key: OWNER_KEY, value: spec.owner }],

@@ -23,6 +23,7 @@ import type { AwaitResult, StageOutResult, TaskRef, UploadedFile, VmHandle } fro
 import type { IncomingVm } from '../drivers/types';
 import { CONTROL_TASK_QUEUE, HOST_NAME, hostTaskQueue, SEARCH_ATTRIBUTES } from '../config/names';
 import { parseTaskSpec, type TaskSpec } from '../spec/taskSpec';
+import { parseTaskInput } from '../spec/taskInput';
 import {
   cancelUpdate,
   migrateUpdate,
@@ -152,7 +153,11 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
 
   let spec: TaskSpec;
   try {
-    spec = parseTaskSpec(input);
+    // Interim: the versioned input (spec/taskInput.ts) or, until every caller sends it, a bare spec.
+    spec =
+      typeof input === 'object' && input !== null && 'v' in input
+        ? parseTaskInput(input).spec
+        : parseTaskSpec(input);
   } catch (err) {
     status.error = (err as Error).message;
     setPhase('failed');
