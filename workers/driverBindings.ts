@@ -45,6 +45,8 @@ export async function createDriverBindings(
           cluster: config.clusterStorage,
           netns: config.netns,
           vmNetwork: config.vmNetwork,
+          qemuUser: config.qemuUser,
+          migrationTlsDir: config.migrationTlsDir,
         }),
         staging: new DiskImageStaging(),
         resolveImage: vmImages.resolveImage,

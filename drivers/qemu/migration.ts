@@ -21,21 +21,29 @@ import type {
 } from '../types';
 import type { Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
-import { buildQemuArgs, pidFileOf, vmLaunch } from './commandLine';
+import { buildQemuArgs, pidFileOf, qemuLogOf, vmLaunch } from './commandLine';
 import { ConsoleFollower, departedConsoleOf, setConsoleAside } from './consoleLog';
 import { QmpClient, qmpCommand } from './qmp';
 import { type QemuVmState } from './qemuDriver';
 import { MigrationRecords } from '../migrationRecords';
 import { diskRefsOf, startedMarkerOf } from '../savedVm';
-import { runCommand } from './runCommand';
+import {
+  checkMigrationTlsDir,
+  incomingTlsArgs,
+  incomingTlsParameters,
+  outgoingTlsParameters,
+} from './migrationTls';
+import { asAccount, checkReachable, giveToAccount, type QemuAccount } from './qemuAccount';
 import { addVmTap, nicFromState, removeVmTap, type VmNetworkOptions } from './vmNetwork';
-import { freeLocalPort, isVmProcess, readPidFile, sleep, waitForExit } from './vmProcess';
+import { freeLocalPort, isVmProcess, readPidFile, sleep, startDetached, waitForExit } from './vmProcess';
 
 /**
  * Memory-only live migration of QEMU VMs between hosts that reach each other's stores over NFS. The
  * target starts the same VM with `-incoming`, its disks opened by locator (a local file on the storage
  * host, nfs:// elsewhere); the source sends its RAM and device state with QMP `migrate`. Each host keeps
  * what it knows in its own store: `incoming.json` while a VM is being received, `state.json` once it runs.
+ * With the hosts' migration certificates (migrationTls.ts) the memory goes over TLS, and the target
+ * accepts it from the chosen source only.
  */
 
 export interface QemuMigrationContext {
@@ -49,6 +57,10 @@ export interface QemuMigrationContext {
   netns?: string;
   /** The cluster's VM network: a VM with a NIC gets its tap on this bridge here too. */
   vmNetwork?: VmNetworkOptions;
+  /** The unprivileged account QEMU runs as (qemuAccount.ts). */
+  account: () => Promise<QemuAccount | undefined>;
+  /** This host's migration credentials; undefined: plain TCP streams. */
+  migrationTlsDir?: string;
 }
 
 /** Defaults for options the caller leaves out. */
@@ -136,10 +148,16 @@ export class QemuMigration extends MigrationRecords {
     if (!self) throw new Error(`host ${this.ctx.hostName} has no address in the cluster configuration`);
     const paths = this.ctx.store.paths(vmId);
     const existing = await this.readIncoming(vmId);
-    if (existing && (await isVmProcess(await readPidFile(pidFileOf(paths)), paths.qmpSocket))) {
-      this.log.info({ vmId }, 'incoming VM already prepared');
-      return existing.incoming;
+    if (existing) {
+      if (existing.incoming.uri && (await isVmProcess(await readPidFile(pidFileOf(paths)), paths.qmpSocket))) {
+        this.log.info({ vmId }, 'incoming VM already prepared');
+        return existing.incoming;
+      }
+      // A QEMU that never got to listen (a worker died in between): start over.
+      await this.abortIncoming(existing.incoming);
     }
+    const tlsDir = this.ctx.migrationTlsDir;
+    if (tlsDir) await checkMigrationTlsDir(tlsDir);
     if (from.storageHost !== this.ctx.hostName) {
       const endpoint = this.ctx.cluster[from.storageHost];
       if (!endpoint) throw new Error(`no NFS export configured for storage host ${from.storageHost}`);
@@ -172,51 +190,87 @@ export class QemuMigration extends MigrationRecords {
       overrideBacking(args, qemuFileName(root), { driver: format, file: qemuFileNode(base) });
     }
 
-    let lastError: unknown;
-    for (let attempt = 0; attempt < PORT_ATTEMPTS; attempt++) {
-      const port = INCOMING_PORTS.first + Math.floor(Math.random() * INCOMING_PORTS.count);
-      const incoming: IncomingVm = {
-        vmId,
+    const incoming: IncomingVm = {
+      vmId,
+      host: this.ctx.hostName,
+      // Set once the incoming QEMU listens: an empty one tells a retry that it never did.
+      uri: '',
+      ...(tlsDir ? { tls: { hostname: this.ctx.hostName } } : {}),
+      handle: {
+        ...from,
         host: this.ctx.hostName,
-        uri: `tcp:${self.address}:${port}`,
-        handle: {
-          ...from,
-          host: this.ctx.hostName,
-          state: {
-            ...withoutHostPorts(from.state),
-            ...Object.fromEntries(Object.entries(portForwards).map(([g, h]) => [`hostPort:${g}`, h])),
-            pidFile: pidFileOf(paths),
-            qmpSocket: paths.qmpSocket,
-            consoleLog: paths.consoleLog,
-            diskRoot: disks.root.path,
-            diskData: disks.data.path,
-            diskBase: disks.base?.path ?? '',
-            migratedFrom: from.host,
-          },
+        state: {
+          ...withoutHostPorts(from.state),
+          ...Object.fromEntries(Object.entries(portForwards).map(([g, h]) => [`hostPort:${g}`, h])),
+          pidFile: pidFileOf(paths),
+          qmpSocket: paths.qmpSocket,
+          consoleLog: paths.consoleLog,
+          diskRoot: disks.root.path,
+          diskData: disks.data.path,
+          diskBase: disks.base?.path ?? '',
+          migratedFrom: from.host,
         },
-      };
-      // Recorded before QEMU starts, so an abort after a crash here still finds what to clean.
+      },
+    };
+    // Recorded before QEMU starts, so an abort after a crash here still finds what to clean.
+    await this.writeIncoming(vmId, { source, incoming });
+    await fs.rm(paths.qmpSocket, { force: true });
+    await fs.rm(pidFileOf(paths), { force: true });
+    try {
+      const account = await this.ctx.account();
+      await checkReachable(account, paths.dir);
+      await giveToAccount(account, {
+        // Disks over NFS are the storage host's to give; QEMU reaches them there as the same account.
+        disks: [root, data].flatMap((d) => (d.kind === 'file' ? [d.filename] : [])),
+        consoleLog: paths.consoleLog,
+        runDir: paths.runDir,
+      });
+      if (nic && this.ctx.vmNetwork) await addVmTap(this.wrap, this.ctx.vmNetwork.bridge, nic.tap, account);
+      const tlsArgs = tlsDir ? incomingTlsArgs(tlsDir, from.host) : [];
+      const qemu = asAccount(account, this.ctx.qemuBinary, [...args, ...tlsArgs, '-incoming', 'defer']);
+      incoming.handle.state.pid = await startDetached(this.wrap(qemu.cmd, qemu.args), {
+        qmpSocket: paths.qmpSocket,
+        logFile: qemuLogOf(paths),
+        pidFile: pidFileOf(paths),
+        timeoutMs: LAUNCH_TIMEOUT_MS,
+      });
       await this.writeIncoming(vmId, { source, incoming });
-      await fs.rm(paths.qmpSocket, { force: true });
-      await fs.rm(pidFileOf(paths), { force: true });
-      try {
-        if (nic && this.ctx.vmNetwork) await addVmTap(this.wrap, this.ctx.vmNetwork.bridge, nic.tap);
-        const c = this.wrap(this.ctx.qemuBinary, [...args, '-incoming', incoming.uri]);
-        await runCommand(c.cmd, c.args, { timeoutMs: LAUNCH_TIMEOUT_MS });
-      } catch (err) {
-        lastError = err;
-        if (/Address already in use/i.test(describeError(err))) continue;
-        await this.abortIncoming(incoming);
-        throw new Error(`VM ${vmId}: cannot start the incoming QEMU on ${this.ctx.hostName}`, { cause: err });
-      }
-      const pid = await readPidFile(pidFileOf(paths));
-      if (!pid) throw new Error(`VM ${vmId}: incoming QEMU wrote no pid file`);
-      incoming.handle.state.pid = pid;
-      await this.writeIncoming(vmId, { source, incoming });
-      this.log.info({ vmId, uri: incoming.uri, pid, root: qemuFileName(root) }, 'incoming VM ready');
-      return incoming;
+      incoming.uri = await this.listen(paths.qmpSocket, self.address, Boolean(tlsDir));
+    } catch (err) {
+      await this.abortIncoming(incoming);
+      throw new Error(`VM ${vmId}: cannot start the incoming QEMU on ${this.ctx.hostName}`, { cause: err });
     }
-    throw new Error(`VM ${vmId}: no free migration port on ${self.address}`, { cause: lastError });
+    await this.writeIncoming(vmId, { source, incoming });
+    this.log.info(
+      { vmId, uri: incoming.uri, tls: Boolean(tlsDir), pid: incoming.handle.state.pid, root: qemuFileName(root) },
+      'incoming VM ready',
+    );
+    return incoming;
+  }
+
+  /**
+   * Makes the waiting QEMU listen for the memory on a free port of `address`, over TLS from the chosen
+   * source only when `tls`; returns the URI the source sends to.
+   */
+  private async listen(qmpSocket: string, address: string, tls: boolean): Promise<string> {
+    const qmp = await QmpClient.connect(qmpSocket, QMP_TIMEOUT_MS);
+    try {
+      if (tls) await qmp.execute('migrate-set-parameters', incomingTlsParameters(), QMP_TIMEOUT_MS);
+      let lastError: unknown;
+      for (let attempt = 0; attempt < PORT_ATTEMPTS; attempt++) {
+        const uri = `tcp:${address}:${INCOMING_PORTS.first + Math.floor(Math.random() * INCOMING_PORTS.count)}`;
+        try {
+          await qmp.execute('migrate-incoming', { uri }, QMP_TIMEOUT_MS);
+          return uri;
+        } catch (err) {
+          lastError = err;
+          if (!/Address already in use/i.test(describeError(err))) throw err;
+        }
+      }
+      throw new Error(`no free migration port on ${address}`, { cause: lastError });
+    } finally {
+      qmp.close();
+    }
   }
 
   /**
@@ -254,12 +308,23 @@ export class QemuMigration extends MigrationRecords {
       } else {
         marked = { ...current, state: { ...current.state, migratingTo: target.uri } };
         await this.ctx.store.writeState(vmId, { config, handle: marked } satisfies QemuVmState);
+        const tlsDir = this.ctx.migrationTlsDir;
+        if (target.tls && !tlsDir)
+          throw new Error(
+            `${target.host} accepts migrations over TLS only, and this host has no migration certificates (VSP_MIGRATION_TLS_DIR)`,
+          );
+        if (!target.tls && tlsDir)
+          throw new Error(`${target.host} listens for plain TCP; this host sends VM memory over TLS only`);
         const params = {
           'downtime-limit': options.downtimeLimitMs ?? MIGRATION_DEFAULTS.downtimeLimitMs,
           'max-bandwidth': options.maxBandwidthBytesPerSec ?? MIGRATION_DEFAULTS.maxBandwidthBytesPerSec,
         };
-        await qmp.execute('migrate-set-parameters', params, QMP_TIMEOUT_MS);
-        this.log.info({ vmId, to: target.host, uri: target.uri, params }, 'migration started');
+        const tls = await outgoingTlsParameters(qmp, tlsDir, target.tls, QMP_TIMEOUT_MS);
+        await qmp.execute('migrate-set-parameters', { ...params, ...tls }, QMP_TIMEOUT_MS);
+        this.log.info(
+          { vmId, to: target.host, uri: target.uri, params, tls: Boolean(tls['tls-creds']) },
+          'migration started',
+        );
         await qmp.execute('migrate', { uri: target.uri }, QMP_TIMEOUT_MS);
       }
       info = await this.follow(qmp, vmId, started, timeoutMs, options);
