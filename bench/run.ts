@@ -12,6 +12,7 @@ import { startTemporalDevServer, type TemporalDevServer } from '../deploy/devclu
 import { createLogger, describeError } from '../logging/logger';
 import { writeFileAtomicSync } from '../storage/durableFile';
 import { benchLifecycle } from './lifecycle';
+import { benchMigrationTls } from './migrationTls';
 import { benchMigrationTraces } from './migrationTraces';
 import { benchOrchestration, type ClusterBenchEnv } from './orchestration';
 import { benchPaper } from './paperEvaluation';
@@ -50,6 +51,7 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   paper: (ctx) => benchPaper({ workDir: ctx.workDir, quick: ctx.quick }),
   'migration-traces': (ctx) =>
     benchMigrationTraces({ workDir: ctx.workDir, outDir: ctx.outDir, quick: ctx.quick }),
+  'migration-tls': (ctx) => benchMigrationTls({ workDir: ctx.workDir, quick: ctx.quick }),
 };
 
 /**

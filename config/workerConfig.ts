@@ -101,6 +101,11 @@ const HostSchema = z.object({
     .regex(/^[a-z_][a-z0-9_-]{0,31}$/, 'a user name like vsp-qemu')
     .refine((u) => u !== 'root', 'QEMU must not run as root')
     .default('vsp-qemu'),
+  /**
+   * How QEMU opens another host's disks: `nfs` (nfs:// through libnfs; the test hosts' ganesha) or
+   * `mounts` (the kernel NFS mounts under mountRoot, production: exports keep `secure`).
+   */
+  qemuRemoteDisks: z.enum(['nfs', 'mounts']).default('nfs'),
   /** This host's migration credentials (deploy/migration-tls.sh): QEMU migrations then go over TLS only. */
   migrationTlsDir: z
     .string()
@@ -136,6 +141,7 @@ export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig
       vmNetwork: 'VSP_VM_NETWORK',
       qemuUser: 'VSP_QEMU_USER',
       migrationTlsDir: 'VSP_MIGRATION_TLS_DIR',
+      qemuRemoteDisks: 'VSP_QEMU_REMOTE_DISKS',
       migrationDowntimeMs: 'VSP_MIGRATION_DOWNTIME_MS',
       migrationMaxBandwidth: 'VSP_MIGRATION_MAX_BANDWIDTH',
       migrationTimeoutSec: 'VSP_MIGRATION_TIMEOUT_SEC',

@@ -47,6 +47,7 @@ export async function createDriverBindings(
           vmNetwork: config.vmNetwork,
           qemuUser: config.qemuUser,
           migrationTlsDir: config.migrationTlsDir,
+          remoteDisksUnder: config.qemuRemoteDisks === 'mounts' ? config.mountRoot : undefined,
         }),
         staging: new DiskImageStaging(),
         resolveImage: vmImages.resolveImage,

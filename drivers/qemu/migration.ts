@@ -7,6 +7,9 @@ import {
   qemuFileName,
   qemuFileNode,
   resolveForQemu,
+  resolveUnderMounts,
+  type DiskLocator,
+  type QemuDiskSource,
   type ClusterStorage,
 } from '../../storage/diskLocator';
 import { checkNfsExport } from '../../storage/nfsExport';
@@ -59,6 +62,12 @@ export interface QemuMigrationContext {
   vmNetwork?: VmNetworkOptions;
   /** The unprivileged account QEMU runs as (qemuAccount.ts). */
   account: () => Promise<QemuAccount | undefined>;
+  /**
+   * Where the other hosts' stores are mounted (kernel NFS, deploy/production/storagePlan.ts): QEMU then
+   * opens remote disks there instead of over nfs:// (libnfs, which an unprivileged QEMU can only use with
+   * exports that accept unreserved ports).
+   */
+  remoteDisksUnder?: string;
   /** This host's migration credentials; undefined: plain TCP streams. */
   migrationTlsDir?: string;
 }
@@ -158,15 +167,28 @@ export class QemuMigration extends MigrationRecords {
     }
     const tlsDir = this.ctx.migrationTlsDir;
     if (tlsDir) await checkMigrationTlsDir(tlsDir);
-    if (from.storageHost !== this.ctx.hostName) {
+    const remote = from.storageHost !== this.ctx.hostName;
+    const mountRoot = this.ctx.remoteDisksUnder;
+    if (remote && mountRoot) {
+      const where = path.posix.join(mountRoot, from.storageHost);
+      // Touching it mounts it (automount); a storage host that does not answer fails here, clearly.
+      await fs.stat(resolveUnderMounts(disks.root, mountRoot)).catch((err: unknown) => {
+        throw new Error(`the disks of VM ${vmId} are not reachable under ${where}`, { cause: err });
+      });
+    } else if (remote) {
       const endpoint = this.ctx.cluster[from.storageHost];
       if (!endpoint) throw new Error(`no NFS export configured for storage host ${from.storageHost}`);
       await checkNfsExport(from.storageHost, endpoint, this.ctx.netns);
     }
     const local = { host: this.ctx.hostName, storeRoot: this.ctx.store.root, cluster: this.ctx.cluster };
-    const root = resolveForQemu(disks.root, local);
-    const data = resolveForQemu(disks.data, local);
-    const base = disks.base && root.kind === 'nfs' ? resolveForQemu(disks.base, local) : undefined;
+    const open = (loc: DiskLocator): QemuDiskSource =>
+      remote && mountRoot
+        ? { kind: 'file', filename: resolveUnderMounts(loc, mountRoot) }
+        : resolveForQemu(loc, local);
+    const root = open(disks.root);
+    const data = open(disks.data);
+    // The overlay names its base by the storage host's own path: elsewhere it is opened where it is reached.
+    const base = disks.base && remote ? open(disks.base) : undefined;
 
     await fs.mkdir(paths.dir, { recursive: true });
     // The same NIC (tap, MAC, address) as on the source: the guest keeps its address.
@@ -220,8 +242,8 @@ export class QemuMigration extends MigrationRecords {
       const account = await this.ctx.account();
       await checkReachable(account, paths.dir);
       await giveToAccount(account, {
-        // Disks over NFS are the storage host's to give; QEMU reaches them there as the same account.
-        disks: [root, data].flatMap((d) => (d.kind === 'file' ? [d.filename] : [])),
+        // Disks elsewhere are the storage host's to give; QEMU reaches them there as the same account.
+        disks: remote ? [] : [root, data].flatMap((d) => (d.kind === 'file' ? [d.filename] : [])),
         consoleLog: paths.consoleLog,
         runDir: paths.runDir,
       });
@@ -296,6 +318,15 @@ export class QemuMigration extends MigrationRecords {
     const pid = Number(current.state.pid);
     if (!(await isVmProcess(pid, paths.qmpSocket)))
       throw new Error(`VM ${vmId} is not running on ${this.ctx.hostName}: nothing to migrate`);
+    const tlsDir = this.ctx.migrationTlsDir;
+    if (target.tls && !tlsDir)
+      throw new Error(
+        `VM ${vmId}: ${target.host} accepts migrations over TLS only, and this host has no migration certificates (VSP_MIGRATION_TLS_DIR)`,
+      );
+    if (!target.tls && tlsDir)
+      throw new Error(
+        `VM ${vmId}: ${target.host} listens for plain TCP; this host sends VM memory over TLS only`,
+      );
     const timeoutMs = options.timeoutMs ?? MIGRATION_DEFAULTS.timeoutMs;
     const started = Date.now();
     const qmp = await QmpClient.connect(paths.qmpSocket, QMP_TIMEOUT_MS);
@@ -308,13 +339,6 @@ export class QemuMigration extends MigrationRecords {
       } else {
         marked = { ...current, state: { ...current.state, migratingTo: target.uri } };
         await this.ctx.store.writeState(vmId, { config, handle: marked } satisfies QemuVmState);
-        const tlsDir = this.ctx.migrationTlsDir;
-        if (target.tls && !tlsDir)
-          throw new Error(
-            `${target.host} accepts migrations over TLS only, and this host has no migration certificates (VSP_MIGRATION_TLS_DIR)`,
-          );
-        if (!target.tls && tlsDir)
-          throw new Error(`${target.host} listens for plain TCP; this host sends VM memory over TLS only`);
         const params = {
           'downtime-limit': options.downtimeLimitMs ?? MIGRATION_DEFAULTS.downtimeLimitMs,
           'max-bandwidth': options.maxBandwidthBytesPerSec ?? MIGRATION_DEFAULTS.maxBandwidthBytesPerSec,

@@ -54,6 +54,8 @@ export interface QemuDriverOptions {
    * instead of user-mode networking with host port forwards.
    */
   vmNetwork?: VmNetworkOptions;
+  /** Production: remote disks are opened under these kernel NFS mounts instead of over nfs://. */
+  remoteDisksUnder?: string;
   /** The unprivileged account QEMU runs as (VSP_QEMU_USER); default `vsp-qemu`. */
   qemuUser?: string;
   /**
@@ -103,6 +105,7 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver {
     this.migration = new QemuMigration({
       account: () => this.account(),
       migrationTlsDir: opts.migrationTlsDir,
+      remoteDisksUnder: opts.remoteDisksUnder,
       store: opts.store,
       hostName: opts.hostName,
       appliance: opts.appliance,

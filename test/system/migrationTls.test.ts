@@ -2,10 +2,12 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { issueMigrationCerts } from '../../deploy/devcluster/migrationCerts';
 import { startNfsTestHosts, type NfsTestHosts } from '../../deploy/devcluster/nfsTestHosts';
+import { qemuLogOf } from '../../drivers/qemu/commandLine';
 import { qmpCommand } from '../../drivers/qemu/qmp';
 import { QemuDriver } from '../../drivers/qemu/qemuDriver';
 import { isVmProcess } from '../../drivers/qemu/vmProcess';
 import type { IncomingVm, VmConfig, VmHandle } from '../../drivers/types';
+import { describeError } from '../../logging/logger';
 import { DiskImageStaging } from '../../storage/diskImageStaging';
 
 /**
@@ -61,8 +63,13 @@ describe('live migration over TLS (real QEMU, namespace hosts)', () => {
   test('only the chosen source, with the cluster certificate, over TLS, can migrate the VM', async () => {
     const t = hosts as NfsTestHosts<Host>;
     const tlsDirs = t.tlsDirs as Record<Host, string>;
-    // Outsiders: host a's name under another CA, and another name (c) under the cluster's own CA.
+    // Outsiders: host a's name under another CA, and another name (c) under the cluster's own CA. Both
+    // trust the cluster's CA too, so they accept b: only b's own checks can refuse them.
     const outsider = await issueMigrationCerts(path.join(t.workDir, 'outsider-tls'), { a: '10.77.13.2' });
+    await fs.appendFile(
+      path.join(outsider.a, 'ca-cert.pem'),
+      await fs.readFile(path.join(tlsDirs.b, 'ca-cert.pem')),
+    );
     const { c: otherHost } = await issueMigrationCerts(path.join(t.workDir, 'tls'), { c: '10.77.13.9' });
     const asA = (migrationTlsDir: string | undefined) =>
       new QemuDriver({ ...t.driverOptions.a, migrationTlsDir });
@@ -91,15 +98,20 @@ describe('live migration over TLS (real QEMU, namespace hosts)', () => {
       ['another cluster host', asA(otherHost), incoming],
       ['plain TCP', asA(undefined), { ...incoming, tls: undefined }],
     ] as const) {
-      await expect(driver.migrate(handle, target, { timeoutMs: 60_000 })).rejects.toThrow(
-        /migration a -> b failed; it runs on here/,
+      const refused = await driver.migrate(handle, target, { timeoutMs: 60_000 }).then(
+        () => undefined,
+        (err: unknown) => describeError(err),
       );
+      expect(refused).toMatch(/migration a -> b failed; it runs on here/);
       await expectStillAtSource(handle, incoming);
-      console.log(`migration from ${why}: refused; the VM runs on at a`);
+      console.log(`migration from ${why}: refused (${refused}); the VM runs on at a`);
     }
 
+    // b itself refused each one, and said why (the incoming QEMU's log).
+    const refusals = await fs.readFile(qemuLogOf(t.stores.b.paths('vm-tls')), 'utf8');
+    expect(refusals).toMatch(/known issuer[\s\S]*authz check for CN=c is denied[\s\S]*TLS handshake failed/);
+
     // The chosen source with its cluster certificate.
-    expect(tlsDirs.a).toBeTruthy();
     const result = await t.drivers.a.migrate(handle, incoming, { downtimeLimitMs: 300 });
     const moved = await t.drivers.b.finishIncoming(incoming);
     t.started.push({ host: 'b', handle: moved });
