@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -203,6 +203,8 @@ function parseArgs(): { names: string[]; quick: boolean; outDir: string; keepLog
 async function main(): Promise<number> {
   const { names, quick, outDir, keepLogs } = parseArgs();
   const workDir = mkdtempSync(path.join(os.tmpdir(), 'vsp-bench-'));
+  // QEMU runs as its own unprivileged account and must reach the VM stores made in here.
+  chmodSync(workDir, 0o711);
   // Every benchmark's temp folders (and its children's) land in workDir, which cleanUp removes, Ctrl-C too.
   process.env.TMPDIR = workDir;
   stopAllOnSignals(() => cleanUp(workDir));

@@ -158,7 +158,10 @@ export class QemuMigration extends MigrationRecords {
     const paths = this.ctx.store.paths(vmId);
     const existing = await this.readIncoming(vmId);
     if (existing) {
-      if (existing.incoming.uri && (await isVmProcess(await readPidFile(pidFileOf(paths)), paths.qmpSocket))) {
+      if (
+        existing.incoming.uri &&
+        (await isVmProcess(await readPidFile(pidFileOf(paths)), paths.qmpSocket))
+      ) {
         this.log.info({ vmId }, 'incoming VM already prepared');
         return existing.incoming;
       }
@@ -264,7 +267,13 @@ export class QemuMigration extends MigrationRecords {
     }
     await this.writeIncoming(vmId, { source, incoming });
     this.log.info(
-      { vmId, uri: incoming.uri, tls: Boolean(tlsDir), pid: incoming.handle.state.pid, root: qemuFileName(root) },
+      {
+        vmId,
+        uri: incoming.uri,
+        tls: Boolean(tlsDir),
+        pid: incoming.handle.state.pid,
+        root: qemuFileName(root),
+      },
       'incoming VM ready',
     );
     return incoming;

@@ -36,7 +36,13 @@ export async function checkMigrationTlsDir(dir: string): Promise<void> {
   if (!path.isAbsolute(dir)) throw new Error(`VSP_MIGRATION_TLS_DIR ${JSON.stringify(dir)} is not absolute`);
   const missing: string[] = [];
   for (const f of MIGRATION_TLS_FILES)
-    if (!(await fs.stat(path.join(dir, f)).then((s) => s.isFile(), () => false))) missing.push(f);
+    if (
+      !(await fs.stat(path.join(dir, f)).then(
+        (s) => s.isFile(),
+        () => false,
+      ))
+    )
+      missing.push(f);
   if (missing.length > 0)
     throw new Error(
       `migration TLS folder ${dir} lacks ${missing.join(', ')}: generate it with deploy/migration-tls.sh`,

@@ -96,8 +96,7 @@ export async function checkReachable(account: QemuAccount | undefined, dir: stri
   if (!account) return;
   for (let d = path.resolve(dir); ; d = path.dirname(d)) {
     const st = await fs.stat(d);
-    const search =
-      st.uid === account.uid ? 0o100 : st.gid === account.gid ? 0o010 : 0o001;
+    const search = st.uid === account.uid ? 0o100 : st.gid === account.gid ? 0o010 : 0o001;
     if ((st.mode & search) === 0)
       throw new Error(
         `QEMU's account '${account.user}' cannot reach ${dir}: ${d} (mode ${(st.mode & 0o777).toString(8)}) ` +

@@ -110,5 +110,8 @@ export async function startDetached(
 /** What this launch printed (the log keeps earlier launches too), at most its last few KiB. */
 async function readFrom(file: string, offset: number): Promise<string> {
   const text = await fs.readFile(file).catch(() => Buffer.alloc(0));
-  return text.subarray(Math.max(offset, text.length - LOG_TAIL_BYTES)).toString('utf8').trim();
+  return text
+    .subarray(Math.max(offset, text.length - LOG_TAIL_BYTES))
+    .toString('utf8')
+    .trim();
 }
