@@ -4,6 +4,7 @@ import { QemuDriver } from '../drivers/qemu/qemuDriver';
 import type { MigrationResult, VmHandle } from '../drivers/types';
 import { createLogger } from '../logging/logger';
 import { DiskImageStaging } from '../storage/diskImageStaging';
+import { untilLine } from './paperEvaluation';
 import type { BenchReport } from './report';
 
 const log = createLogger('bench.migration-tls');
@@ -13,6 +14,14 @@ const MEMORY_MIB = 256;
 /** Written by the guest before the runs, so its page cache holds this much besides the idle system. */
 const FILL_MB = 96;
 const MiB = 1024 * 1024;
+type Kind = 'plain' | 'tls';
+interface Run {
+  round: number;
+  kind: Kind;
+  result: MigrationResult;
+  /** Around the driver's migrate(): credentials, parameters, the stream and the source's exit. */
+  wallMs: number;
+}
 
 function median(xs: number[]): number {
   const s = [...xs].sort((x, y) => x - y);
@@ -28,7 +37,7 @@ function median(xs: number[]): number {
 export async function benchMigrationTls(o: { workDir: string; quick: boolean }): Promise<BenchReport> {
   const rounds = o.quick ? 2 : 5;
   let hosts: NfsTestHosts<Host> | undefined;
-  const figures: Record<'plain' | 'tls', MigrationResult[]> = { plain: [], tls: [] };
+  const runs: Run[] = [];
   try {
     hosts = await startNfsTestHosts({
       hosts: HOSTS,
@@ -60,13 +69,15 @@ export async function benchMigrationTls(o: { workDir: string; quick: boolean }):
     });
     vm = await t.drivers.a.start(vm);
     t.started.push({ host: 'a', handle: vm });
-    await untilConsole(paths.consoleLog, 'VSP-PROGRESS 1 filled');
+    await untilLine(paths.consoleLog, /VSP-PROGRESS 1 filled/, 300_000);
 
-    const move = async (kind: 'plain' | 'tls', to: Host) => {
+    const move = async (round: number, kind: Kind, to: Host) => {
       const from = drivers[kind][vm.host as Host];
       const incoming = await drivers[kind][to].prepareIncoming(await from.describeForMigration(vm));
       try {
-        figures[kind].push(await from.migrate(vm, incoming, { downtimeLimitMs: 300 }));
+        const t0 = Date.now();
+        const result = await from.migrate(vm, incoming, { downtimeLimitMs: 300 });
+        runs.push({ round, kind, result, wallMs: Date.now() - t0 });
       } catch (err) {
         await drivers[kind][to].abortIncoming(incoming);
         throw err;
@@ -77,31 +88,19 @@ export async function benchMigrationTls(o: { workDir: string; quick: boolean }):
     for (let round = 0; round < rounds; round++) {
       const order = round % 2 === 0 ? (['plain', 'tls'] as const) : (['tls', 'plain'] as const);
       for (const kind of order) {
-        await move(kind, 'b');
-        await move(kind, 'a');
+        await move(round, kind, 'b');
+        await move(round, kind, 'a');
       }
       log.info({ round }, 'round done');
     }
   } finally {
     await hosts?.stop();
   }
-  const row = (kind: 'plain' | 'tls') => {
-    const r = figures[kind];
-    const total = median(r.map((m) => m.totalTimeMs));
-    const ramMiB = median(r.map((m) => m.ramTransferredBytes)) / MiB;
-    return {
-      stream: kind === 'tls' ? 'TLS (x509, verify-peer, authz)' : 'plain TCP',
-      migrations: r.length,
-      'total time median ms': total,
-      'total time min..max ms': `${Math.min(...r.map((m) => m.totalTimeMs))}..${Math.max(...r.map((m) => m.totalTimeMs))}`,
-      'downtime median ms': median(r.map((m) => m.downtimeMs)),
-      'downtime min..max ms': `${Math.min(...r.map((m) => m.downtimeMs))}..${Math.max(...r.map((m) => m.downtimeMs))}`,
-      'RAM sent median MiB': Number(ramMiB.toFixed(1)),
-      'throughput MiB/s': Number((ramMiB / (total / 1000)).toFixed(0)),
-    };
-  };
-  const plain = row('plain');
-  const tls = row('tls');
+  const of = (kind: Kind) => runs.filter((r) => r.kind === kind);
+  const totals = (kind: Kind) => median(of(kind).map((r) => r.result.totalTimeMs));
+  const downtimes = (kind: Kind) => median(of(kind).map((r) => r.result.downtimeMs));
+  const throughput = (kind: Kind) =>
+    median(of(kind).map((r) => r.result.ramTransferredBytes / MiB / (r.result.totalTimeMs / 1000)));
   return {
     name: 'migration-tls',
     title: 'Live migration: TLS against plain TCP (same VM, same run)',
@@ -111,21 +110,19 @@ export async function benchMigrationTls(o: { workDir: string; quick: boolean }):
       `a -> b -> a ${rounds} times in plain TCP and ${rounds} times over TLS (the hosts' own CA, certificates ` +
       'from deploy/migration-tls.sh), alternating which kind goes first each round. Figures from query-migrate; ' +
       'downtime limit 300 ms, bandwidth uncapped.',
-    rows: [plain, tls],
+    rows: runs.map((r) => ({
+      round: r.round + 1,
+      stream: r.kind === 'tls' ? 'TLS' : 'plain TCP',
+      direction: `${r.result.from} -> ${r.result.to}`,
+      'total time ms': r.result.totalTimeMs,
+      'downtime ms': r.result.downtimeMs,
+      'RAM sent MiB': Number((r.result.ramTransferredBytes / MiB).toFixed(1)),
+      'migrate() wall ms': r.wallMs,
+    })),
     summary: {
-      'TLS / plain total time (median)': `${(tls['total time median ms'] / plain['total time median ms']).toFixed(2)}x`,
-      'downtime median plain -> TLS': `${plain['downtime median ms']} ms -> ${tls['downtime median ms']} ms`,
+      'total time median, plain -> TLS': `${totals('plain')} ms -> ${totals('tls')} ms (${(totals('tls') / totals('plain')).toFixed(2)}x)`,
+      'downtime median, plain -> TLS': `${downtimes('plain')} ms -> ${downtimes('tls')} ms`,
+      'RAM throughput median, plain -> TLS': `${throughput('plain').toFixed(0)} MiB/s -> ${throughput('tls').toFixed(0)} MiB/s`,
     },
   };
-}
-
-async function untilConsole(file: string, text: string, timeoutMs = 300_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const content = await fs.readFile(file, 'utf8').catch(() => '');
-    if (content.includes(text)) return;
-    if (/VSP-(EXIT|ERROR)/.test(content) || Date.now() > deadline)
-      throw new Error(`the guest never printed ${text}; console:\n${content.slice(-2000)}`);
-    await new Promise((r) => setTimeout(r, 500));
-  }
 }
