@@ -37,7 +37,7 @@ export interface OwnerUsage {
 
 export interface TokenRow {
   id: number;
-  /** Undefined for a service token, which may act for any owner. */
+  /** Undefined for a service token (the hosts': base images only). */
   owner?: string;
   name: string;
   created: string;
