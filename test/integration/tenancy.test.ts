@@ -8,7 +8,6 @@ import { addOwner, createServiceToken, setOwnerDisabled, setQuota, withAdmin } f
 import type { AuditEvent } from '../../repository/auditLog';
 import { loadCapabilityKeys, mintCapability } from '../../repository/capabilities';
 import { RepositoryClient } from '../../repository/client';
-import { MetadataDb } from '../../repository/metadataDb';
 import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
 import { decodeCapabilityClaims, type CapabilityClaims } from '../../spec/capability';
 import { parseTaskInput } from '../../spec/taskInput';
@@ -356,37 +355,21 @@ describe('a task capability reaches only its own task', () => {
     // Signed with another repository's key.
     const otherDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-tenancy-other-'));
     try {
-      const foreign = withDb((db) =>
-        mintCapability(db, loadCapabilityKeys(otherDir), { ...claimsOf(), exp: claims.exp }, 'test'),
-      );
+      const foreign = mint(claims.exp, otherDir);
       expect((await call('GET', fileTarget('alice', 'in/a.txt'), { token: foreign.token })).status).toBe(401);
     } finally {
       await fs.rm(otherDir, { recursive: true, force: true });
     }
   });
 
-  function claimsOf() {
-    return { owner: 'alice', taskId, read: ['in/a.txt'], results: `results/${taskId}` };
-  }
-
-  function withDb<T>(fn: (db: MetadataDb) => T): T {
-    const db = MetadataDb.open(dataDir);
-    try {
-      return fn(db);
-    } finally {
-      db.close();
-    }
+  /** A capability for this task minted directly (same database), signed with `keysDir`'s key. */
+  function mint(exp: number, keysDir = dataDir) {
+    const grant = { owner: 'alice', taskId, read: ['in/a.txt'], results: `results/${taskId}`, exp };
+    return withAdmin(dataDir, (_a, db) => mintCapability(db, loadCapabilityKeys(keysDir), grant, 'test'));
   }
 
   test('an expired capability is refused', async () => {
-    const expired = withDb((db) =>
-      mintCapability(
-        db,
-        loadCapabilityKeys(dataDir),
-        { ...claimsOf(), exp: Math.floor(Date.now() / 1000) - 1 },
-        'test',
-      ),
-    );
+    const expired = mint(Math.floor(Date.now() / 1000) - 1);
     const r = await call('GET', fileTarget('alice', 'in/a.txt'), { token: expired.token });
     expect(r).toEqual({ status: 401, body: { error: expect.stringMatching(/capability expired at/) } });
     expect(await auditLines()).toContainEqual(
