@@ -4,6 +4,7 @@ import { loadConfig, nameList } from './env';
 import { DRIVER_NAMES } from '../spec/taskSpec';
 import { validateMountRoot } from '../storage/diskLocator';
 import { HOST_NAME } from './names';
+import { parseUidRange } from '../drivers/process/taskAccounts';
 
 const hostName = z.string().regex(HOST_NAME, 'host names are lower-case letters, digits and -');
 
@@ -62,7 +63,7 @@ const HostSchema = z.object({
   storeDir: z.string().min(1).optional(),
   repositoryUrl: z.url({ protocol: /^https?$/ }),
   repositoryToken: z.string().min(8, 'the repository service token is missing or too short'),
-  drivers: nameList(driverName).default(['process']),
+  drivers: nameList(driverName).default(['qemu']),
   defaultDriver: driverName.optional(),
   applianceDir: z.string().optional(),
   maxImageBytes: z.coerce
@@ -71,6 +72,18 @@ const HostSchema = z.object({
     .positive()
     .default(8 * 1024 ** 3),
   accel: z.enum(['auto', 'kvm', 'tcg']).default('auto'),
+  /** The uids the process driver gives its tasks, one each: "first-last", none of the host's accounts. */
+  processUids: z
+    .string()
+    .superRefine((text, ctx) => {
+      try {
+        parseUidRange(text);
+      } catch (err) {
+        ctx.addIssue({ code: 'custom', message: (err as Error).message });
+      }
+    })
+    .transform(parseUidRange)
+    .optional(),
   /** Where every host's store is mounted (deploy/production/storagePlan.ts): the Xen driver's disk paths. */
   mountRoot: z
     .string()
@@ -102,7 +115,8 @@ const HostSchema = z.object({
 
 export type HostConfig = Omit<z.output<typeof HostSchema>, 'storeDir' | 'defaultDriver'> & {
   storeDir: string;
-  defaultDriver: z.output<typeof driverName>;
+  /** Tasks that name no driver get the first VM driver; `process` never runs a task that did not ask. */
+  defaultDriver?: z.output<typeof driverName>;
 };
 
 /** Configuration of a host worker: VSP_HOST, VSP_STORE_DIR, VSP_REPOSITORY_URL, ... (see README). */
@@ -119,6 +133,7 @@ export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig
       applianceDir: 'VSP_APPLIANCE_DIR',
       maxImageBytes: 'VSP_MAX_IMAGE_BYTES',
       accel: 'VSP_ACCEL',
+      processUids: 'VSP_PROCESS_UIDS',
       mountRoot: 'VSP_MOUNT_ROOT',
       clusterStorage: 'VSP_CLUSTER_STORAGE',
       netns: 'VSP_NETNS',
@@ -129,8 +144,12 @@ export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig
     },
     env,
   );
-  const defaultDriver = c.defaultDriver ?? c.drivers[0];
-  if (!c.drivers.includes(defaultDriver))
+  if (c.defaultDriver === 'process')
+    throw new Error(
+      'invalid configuration: VSP_DEFAULT_DRIVER=process: the process driver runs only tasks that name it',
+    );
+  const defaultDriver = c.defaultDriver ?? c.drivers.find((d) => d !== 'process');
+  if (defaultDriver && !c.drivers.includes(defaultDriver))
     throw new Error(`invalid configuration: VSP_DEFAULT_DRIVER=${defaultDriver} is not in VSP_DRIVERS`);
   const others = Object.keys(c.clusterStorage).filter((h) => h !== c.host);
   if (others.length > 0 && !c.clusterStorage[c.host])
@@ -140,7 +159,7 @@ export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig
   return {
     ...c,
     storeDir: path.resolve(c.storeDir ?? path.join('.vsp', 'hosts', c.host)),
-    defaultDriver,
+    ...(defaultDriver ? { defaultDriver } : {}),
   };
 }
 

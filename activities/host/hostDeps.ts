@@ -16,7 +16,8 @@ export interface HostDeps {
   store: VmStore;
   repository: RepositoryClient;
   drivers: Record<string, DriverBinding>;
-  defaultDriver: string;
+  /** The driver of tasks that name none: the host's first VM driver; none when it has only `process`. */
+  defaultDriver?: string;
   /** Tells the task's workflow of its progress (coarse: the activity calls it at most every few seconds). */
   reportProgress?: (workflowId: string, progress: number, message?: string) => Promise<void>;
 }
