@@ -58,6 +58,16 @@ const vmNetwork = z
 
 const driverName = z.enum(DRIVER_NAMES);
 
+/** A string that `check` accepts; its error message becomes the issue's. */
+const checkedString = (check: (text: string) => unknown) =>
+  z.string().superRefine((text, ctx) => {
+    try {
+      check(text);
+    } catch (err) {
+      ctx.addIssue({ code: 'custom', message: (err as Error).message });
+    }
+  });
+
 const HostSchema = z.object({
   host: hostName,
   storeDir: z.string().min(1).optional(),
@@ -73,28 +83,9 @@ const HostSchema = z.object({
     .default(8 * 1024 ** 3),
   accel: z.enum(['auto', 'kvm', 'tcg']).default('auto'),
   /** The uids the process driver gives its tasks, one each: "first-last", none of the host's accounts. */
-  processUids: z
-    .string()
-    .superRefine((text, ctx) => {
-      try {
-        parseUidRange(text);
-      } catch (err) {
-        ctx.addIssue({ code: 'custom', message: (err as Error).message });
-      }
-    })
-    .transform(parseUidRange)
-    .optional(),
+  processUids: checkedString(parseUidRange).transform(parseUidRange).optional(),
   /** Where every host's store is mounted (deploy/production/storagePlan.ts): the Xen driver's disk paths. */
-  mountRoot: z
-    .string()
-    .superRefine((p, ctx) => {
-      try {
-        validateMountRoot(p);
-      } catch (err) {
-        ctx.addIssue({ code: 'custom', message: (err as Error).message });
-      }
-    })
-    .default('/var/lib/vsp/cluster'),
+  mountRoot: checkedString(validateMountRoot).default('/var/lib/vsp/cluster'),
   /** Every host's NFS export of its VM store, by host name: {"a":{"address":"10.0.0.1","exportPath":"/vsp"}}. */
   clusterStorage: jsonObject(
     z.record(hostName, nfsEndpoint, 'a JSON object of host -> {address, exportPath}'),

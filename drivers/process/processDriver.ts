@@ -125,7 +125,8 @@ export class ProcessDriver implements HypervisorDriver {
   async create(config: VmConfig): Promise<VmHandle> {
     const existing = await this.opts.store.readState<ProcessState>(config.vmId);
     if (!existing) {
-      if (!OWNER_NAME.test(config.owner)) throw new Error(`invalid owner name ${JSON.stringify(config.owner)}`);
+      if (!OWNER_NAME.test(config.owner))
+        throw new Error(`invalid owner name ${JSON.stringify(config.owner)}`);
       const uid = await this.accounts.claim(this.vmKey(config.vmId));
       await this.opts.store.writeState(config.vmId, { config, uid } satisfies ProcessState);
     }

@@ -55,12 +55,15 @@ export class TaskAccounts {
         if ((await fs.readFile(file, 'utf8').catch(() => '')) === vmKey) return uid;
       }
     }
-    throw new Error(`no free task uid in ${this.range.first}-${this.range.last} (claims in ${this.claimsDir})`);
+    throw new Error(
+      `no free task uid in ${this.range.first}-${this.range.last} (claims in ${this.claimsDir})`,
+    );
   }
 
   /** Releases the uid if `vmKey` holds it; a uid claimed by another VM is left alone. */
   async release(uid: number, vmKey: string): Promise<void> {
     const file = path.join(this.claimsDir, String(uid));
-    if ((await fs.readFile(file, 'utf8').catch(() => undefined)) === vmKey) await fs.rm(file, { force: true });
+    if ((await fs.readFile(file, 'utf8').catch(() => undefined)) === vmKey)
+      await fs.rm(file, { force: true });
   }
 }

@@ -51,7 +51,7 @@ test('a task with two inputs runs end to end; outputs match; describe shows it c
   const { taskId } = await fx.vsp.submit(
     {
       owner: 'alice',
-    driver: 'process',
+      driver: 'process',
       name: 'concat',
       inputs: ['in/a.txt', 'in/b.txt'],
       command: 'mkdir -p out && cat in/a.txt in/b.txt > out/joined.txt && echo VSP-PROGRESS 100 done',
@@ -91,8 +91,7 @@ test('a task with two inputs runs end to end; outputs match; describe shows it c
 
 test('an invalid spec is refused by the client and fails fast in the workflow', async () => {
   await expect(
-    fx.vsp.submit({ owner: 'alice',
-    driver: 'process', command: '', inputs: ['../etc/passwd'] } as never),
+    fx.vsp.submit({ owner: 'alice', driver: 'process', command: '', inputs: ['../etc/passwd'] } as never),
   ).rejects.toThrow(TaskSpecError);
   const handle = await fx.temporal.workflow.start('TaskLifecycle', {
     taskQueue: 'vsp',
@@ -198,8 +197,11 @@ test('a task past its time limit is stopped and fails, its outputs and logs kept
 
 test("Temporal's own cancel (temporal workflow cancel) ends a running task the same way", async () => {
   const marker = `vspnative${Date.now()}`;
-  const { taskId } = await fx.vsp.submit({ owner: 'alice',
-    driver: 'process', command: `sh -c 'sleep 300; echo ${marker}'` });
+  const { taskId } = await fx.vsp.submit({
+    owner: 'alice',
+    driver: 'process',
+    command: `sh -c 'sleep 300; echo ${marker}'`,
+  });
   await until('the command to start', async () => processRunning(`echo ${marker}`) || undefined);
   await fx.temporal.workflow.getHandle(taskId).cancel();
   await expect(fx.vsp.result(taskId)).rejects.toThrow();
