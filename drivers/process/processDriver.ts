@@ -47,7 +47,7 @@ const WRAPPER = [
   'echo $code > "$VSP_VM_DIR/exit-status.tmp" && mv "$VSP_VM_DIR/exit-status.tmp" "$VSP_VM_DIR/exit-status"',
 ].join('\n');
 
-/** Root in the task's new namespaces: builds its view of the file system, then becomes the task. */
+/** Root, PID 1 of the task's new namespaces: builds the task's view of the file system, then runs it. */
 const JAIL = [
   'set -e',
   'mount -t tmpfs -o mode=0755,size=64k,nosuid,nodev vsp-home /home',
@@ -59,10 +59,14 @@ const JAIL = [
   'mount -t tmpfs -o mode=1777,size=64m,nosuid,nodev vsp-shm /dev/shm',
   'if [ -d "$VSP_STORE" ]; then mount -t tmpfs -o mode=0000,size=4k,ro vsp-hidden "$VSP_STORE"; fi',
   'cd "/home/$VSP_OWNER"',
-  'exec prlimit $VSP_LIMITS -- setpriv --reuid "$VSP_UID" --regid "$VSP_UID" --clear-groups --no-new-privs \\',
-  '  --inh-caps=-all --bounding-set=-all -- env -i HOME="/home/$VSP_OWNER" USER="$VSP_OWNER" \\',
-  '  LOGNAME="$VSP_OWNER" SHELL=/bin/sh PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 TMPDIR=/tmp \\',
-  '  VSP_TASK="$VSP_TASK" /bin/sh -c "$VSP_COMMAND"',
+  // The task is not PID 1 (which ignores a stop's SIGTERM): this shell stays PID 1 and, when the task
+  // ends, ends the namespace and with it whatever the task left running. `&` ignores SIGINT and SIGQUIT
+  // in the task; env restores them.
+  'prlimit $VSP_LIMITS -- setpriv --reuid "$VSP_UID" --regid "$VSP_UID" --clear-groups --no-new-privs \\',
+  '  --inh-caps=-all --bounding-set=-all -- env -i --default-signal=INT,QUIT HOME="/home/$VSP_OWNER" \\',
+  '  USER="$VSP_OWNER" LOGNAME="$VSP_OWNER" SHELL=/bin/sh PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 \\',
+  '  TMPDIR=/tmp VSP_TASK="$VSP_TASK" /bin/sh -c "$VSP_COMMAND" &',
+  'wait $!',
 ].join('\n');
 
 /** Per-task limits; processes count per uid, and each task has its own uid. */
