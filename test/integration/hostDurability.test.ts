@@ -101,7 +101,11 @@ test('a killed host worker is down within its liveness period; placement avoids 
 
   const results = await Promise.all(
     [1, 2, 3].map(async (i) => {
-      const { taskId } = await fx.vsp.submit({ owner: 'alice', driver: 'process', command: `echo placed-${i}` });
+      const { taskId } = await fx.vsp.submit({
+        owner: 'alice',
+        driver: 'process',
+        command: `echo placed-${i}`,
+      });
       return fx.vsp.result(taskId);
     }),
   );
