@@ -76,8 +76,9 @@ async function workflowExists(taskId: string): Promise<boolean> {
   }
 }
 
-/** Submits through the API as `owner`; records started tasks for cleanup. */
-async function submit(owner: keyof typeof tokens, spec: Record<string, unknown>, taskId?: string) {
+/** Submits through the API as `owner` (process driver unless named); records started tasks for cleanup. */
+async function submit(owner: keyof typeof tokens, given: Record<string, unknown>, taskId?: string) {
+  const spec = { driver: 'process', ...given };
   const r = await call('POST', `/v1/owners/${owner}/tasks`, {
     token: tokens[owner],
     json: taskId === undefined ? spec : { spec, taskId },
