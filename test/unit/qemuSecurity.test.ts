@@ -1,6 +1,7 @@
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { loadHostConfig } from '../../config/workerConfig';
 import { buildQemuArgs } from '../../drivers/qemu/commandLine';
 import { incomingTlsArgs, migrationIdentityOf } from '../../drivers/qemu/migrationTls';
 import { asAccount, checkReachable, resolveQemuAccount } from '../../drivers/qemu/qemuAccount';
@@ -78,4 +79,15 @@ test('the target verifies its client and admits the chosen source only', () => {
     'authz-simple,id=vsp-migration-authz,identity=CN=a',
   ]);
   expect(migrationIdentityOf('host-b')).toBe('CN=host-b');
+});
+
+test("the host worker's QEMU settings: account, TLS folder, remote disks", () => {
+  const env = { VSP_HOST: 'a', VSP_REPOSITORY_URL: 'http://127.0.0.1:1', VSP_REPOSITORY_TOKEN: 'abcdefghij' };
+  expect(loadHostConfig(env)).toMatchObject({ qemuUser: 'vsp-qemu', qemuRemoteDisks: 'nfs' });
+  expect(loadHostConfig({ ...env, VSP_MIGRATION_TLS_DIR: '/etc/vsp/migration-tls' }).migrationTlsDir).toBe(
+    '/etc/vsp/migration-tls',
+  );
+  expect(() => loadHostConfig({ ...env, VSP_QEMU_USER: 'root' })).toThrow(/QEMU must not run as root/);
+  expect(() => loadHostConfig({ ...env, VSP_MIGRATION_TLS_DIR: 'tls' })).toThrow(/an absolute folder/);
+  expect(() => loadHostConfig({ ...env, VSP_QEMU_REMOTE_DISKS: 'sshfs' })).toThrow(/qemuRemoteDisks/);
 });
