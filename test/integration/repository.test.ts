@@ -12,11 +12,11 @@ import {
   listTokens,
   revokeToken,
   setOwnerDisabled,
-} from '../repository/admin';
-import { RepositoryClient, RepositoryError } from '../repository/client';
-import { configFromEnv, parseListen } from '../repository/main';
-import { MetadataDb } from '../repository/metadataDb';
-import { startRepositoryServer, type RepositoryServer } from '../repository/server';
+} from '../../repository/admin';
+import { RepositoryClient, RepositoryError } from '../../repository/client';
+import { configFromEnv, parseListen } from '../../repository/main';
+import { MetadataDb } from '../../repository/metadataDb';
+import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
 
 const MAX = 1024 * 1024;
 

@@ -3,13 +3,13 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
-import { addOwner, createServiceToken } from '../repository/admin';
-import { RepositoryClient, RepositoryError } from '../repository/client';
-import { startRepositoryServer, type RepositoryServer } from '../repository/server';
-import { generateEd25519KeyPair } from '../repository/sshKeys';
-import { sha256File } from '../storage/imageCache';
-import { runAdminCli } from './support/adminCli';
-import { refusal, SftpTestClient } from './support/sftpTestClient';
+import { addOwner, createServiceToken } from '../../repository/admin';
+import { RepositoryClient, RepositoryError } from '../../repository/client';
+import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
+import { generateEd25519KeyPair } from '../../repository/sshKeys';
+import { sha256File } from '../../storage/imageCache';
+import { runAdminCli } from '../support/adminCli';
+import { refusal, SftpTestClient } from '../support/sftpTestClient';
 
 const PASSWORD = 'correct horse battery staple';
 
