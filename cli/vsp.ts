@@ -45,16 +45,20 @@ function need(name: string): string {
 }
 
 const repoOption = () => new Option('--repository <url>', 'repository URL').env('VSP_REPOSITORY_URL');
-const ownerOption = () => new Option('--owner <name>', 'owner whose space to use').env('VSP_OWNER');
+const ownerOption = () =>
+  new Option(
+    '--owner <name>',
+    "whose space or tasks (default: the token's owner; only your own is allowed)",
+  ).env('VSP_OWNER');
 
 function repository(opts: { repository?: string }): RepositoryClient {
   if (!opts.repository) throw new Error('the repository URL is missing: --repository or VSP_REPOSITORY_URL');
   return new RepositoryClient({ url: opts.repository, token: need('VSP_TOKEN') });
 }
 
-function ownerOf(opts: { owner?: string }): string {
-  if (!opts.owner) throw new Error('the owner is missing: --owner or VSP_OWNER');
-  return opts.owner;
+/** The owner named, or the token's own (the repository says whose it is). */
+async function ownerOf(opts: { repository?: string; owner?: string }): Promise<string> {
+  return opts.owner ?? ownerTasks(opts).ownerName();
 }
 
 registerAdminCommands(program);
@@ -65,7 +69,7 @@ program
   .addOption(repoOption())
   .addOption(ownerOption())
   .action(async (local: string, remote: string | undefined, opts) => {
-    const info = await repository(opts).upload(ownerOf(opts), remote ?? path.basename(local), local);
+    const info = await repository(opts).upload(await ownerOf(opts), remote ?? path.basename(local), local);
     print(`${info.path}  ${info.size} bytes  sha256 ${info.sha256}`, info);
   });
 program
@@ -74,7 +78,7 @@ program
   .addOption(repoOption())
   .addOption(ownerOption())
   .action(async (remote: string, local: string | undefined, opts) => {
-    const info = await repository(opts).download(ownerOf(opts), remote, local ?? path.basename(remote));
+    const info = await repository(opts).download(await ownerOf(opts), remote, local ?? path.basename(remote));
     print(`${local ?? path.basename(remote)}  ${info.size} bytes  sha256 ${info.sha256}`, info);
   });
 program
@@ -83,7 +87,7 @@ program
   .addOption(repoOption())
   .addOption(ownerOption())
   .action(async (prefix: string | undefined, opts) => {
-    const files = await repository(opts).list(ownerOf(opts), prefix);
+    const files = await repository(opts).list(await ownerOf(opts), prefix);
     print(
       files.map((f) => `${String(f.size).padStart(12)}  ${f.sha256.slice(0, 12)}  ${f.path}`).join('\n'),
       files,
@@ -98,7 +102,7 @@ commandGroup(program, 'image', IMAGE_GROUP_DESCRIPTION)
   .addOption(repoOption())
   .addOption(ownerOption())
   .action(async (opts) => {
-    const images = await repository(opts).listImages(ownerOf(opts));
+    const images = await repository(opts).listImages(await ownerOf(opts));
     const size = (n?: number) => (n === undefined ? '-' : String(n)).padStart(12);
     print(
       images
@@ -147,18 +151,9 @@ interface TaskCommandOptions {
   temporal?: boolean;
 }
 
-const taskOwnerOption = () =>
-  new Option('--owner <name>', "whose tasks (default: the token's owner; another owner's is refused)").env(
-    'VSP_OWNER',
-  );
-
 /** The repository options every task command takes, and --temporal where operators may use it. */
 function taskCommand(name: string, description: string, operators = true): Command {
-  const cmd = program
-    .command(name)
-    .description(description)
-    .addOption(repoOption())
-    .addOption(taskOwnerOption());
+  const cmd = program.command(name).description(description).addOption(repoOption()).addOption(ownerOption());
   return operators
     ? cmd.option('--temporal', 'operators: use Temporal directly (TEMPORAL_ADDRESS, ...), not the repository')
     : cmd;
