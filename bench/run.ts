@@ -19,6 +19,7 @@ import { benchRepository, benchRepositoryConcurrency } from './repository';
 import { benchRepositoryProtocols } from './repositoryProtocols';
 import { writeReport, type BenchReport } from './report';
 import { benchStaging } from './staging';
+import { benchSubmission } from './submission';
 import { benchVmCreation } from './vmCreation';
 
 const log = createLogger('bench.run');
@@ -41,6 +42,8 @@ async function clusterEnv(ctx: RunContext): Promise<ClusterBenchEnv> {
 /** Every benchmark, in the order a full run takes them; names are the reports' file names. */
 const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   orchestration: async (ctx) => benchOrchestration(await clusterEnv(ctx)),
+  submission: async (ctx) =>
+    benchSubmission({ temporalAddress: await ctx.temporalAddress(), quick: ctx.quick }),
   lifecycle: async (ctx) => benchLifecycle(await clusterEnv(ctx)),
   'vm-creation': () => benchVmCreation(),
   staging: () => benchStaging(),

@@ -8,8 +8,8 @@
 export interface DriverCapabilities {
   /** Memory-only live migration between hosts that share the VM's disks. */
   liveMigration: boolean;
-  /** 'none': the task runs as a host process (no isolation); 'vm': inside a guest. */
-  isolation: 'none' | 'vm';
+  /** 'process': a host process under its own uid and namespaces; 'vm': inside a guest. */
+  isolation: 'process' | 'vm';
   /** How the task's home reaches it: a host folder, or an ext4 data-disk image. */
   homeStaging: 'directory' | 'disk-image';
 }

@@ -3,8 +3,10 @@ import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { createProgressDisplay } from '../../cli/progressDisplay';
+import { z } from 'zod';
 import { TaskClientError } from '../../client/taskClient';
 import { RepositoryClient } from '../../repository/client';
+import { DRIVER_NAMES } from '../../spec/taskSpec';
 import { LocalCluster } from './localCluster';
 import { stopAll, stopAllOnSignals } from './processes';
 import { startTemporalDevServer } from './temporal';
@@ -32,7 +34,9 @@ async function main(): Promise<void> {
   await fs.rm(runDir, { recursive: true, force: true });
   await fs.mkdir(runDir, { recursive: true });
 
-  const driver = process.env.VSP_DEMO_DRIVER ?? (qemuAvailable() ? 'qemu' : 'process');
+  const driver = z
+    .enum(DRIVER_NAMES)
+    .parse(process.env.VSP_DEMO_DRIVER ?? (qemuAvailable() ? 'qemu' : 'process'));
   say(
     `VSP demo: driver '${driver}'${driver === 'process' ? ' (QEMU not installed: tasks run as host processes)' : ' (QEMU VMs)'}`,
   );
@@ -68,6 +72,8 @@ async function main(): Promise<void> {
   // Submitted as owners do: through the repository's task API with alice's token.
   const tasks = cluster.tasks('alice');
   const { taskId } = await tasks.submit({
+    // The process driver runs only tasks that name it.
+    driver,
     name: 'encode',
     inputs: ['videos/frames.raw'],
     command: [

@@ -69,6 +69,7 @@ test('upload, submit --watch, list and download through the vsp CLI', async () =
   expect(vsp(['ls', 'in/']).out).toContain('in/words.txt');
 
   const spec = {
+    driver: 'process',
     inputs: ['in/words.txt'],
     command: 'mkdir -p out && sort in/words.txt > out/sorted.txt',
   };
@@ -105,7 +106,7 @@ test("alice's task through the CLI: submit, status, list, watch while she cancel
   const marker = `cli-cancel-${Date.now()}`;
   const submitted = vsp(['--json', 'submit', '-', '--task-id', marker], {
     as: 'alice',
-    input: JSON.stringify({ command: `echo started; sh -c 'sleep 300; echo ${marker}'` }),
+    input: JSON.stringify({ driver: 'process', command: `echo started; sh -c 'sleep 300; echo ${marker}'` }),
   });
   expect(submitted.code).toBe(0);
   expect(JSON.parse(submitted.out)).toMatchObject({ taskId: marker, resultsPath: `results/${marker}` });
@@ -136,7 +137,7 @@ test('a failed task: submit --watch and status exit 3 with the error', () => {
   const id = `cli-fail-${Date.now()}`;
   const run = vsp(['submit', '-', '--watch', '--task-id', id], {
     as: 'alice',
-    input: '{"command":"exit 3"}',
+    input: '{"driver":"process","command":"exit 3"}',
   });
   expect(run.code).toBe(3);
   expect(run.err).toMatch(new RegExp(`task ${id} failed: .*exit`));
@@ -146,7 +147,7 @@ test('a failed task: submit --watch and status exit 3 with the error', () => {
 });
 
 test("alice's token cannot reach bob's tasks: list, status, cancel and a spec naming bob are refused", async () => {
-  const bobs = await fx.cluster.submitTask('bob', { command: 'true', name: 'bobs' });
+  const bobs = await fx.cluster.submitTask('bob', { driver: 'process', command: 'true', name: 'bobs' });
   const list = vsp(['list', '--owner', 'bob'], { as: 'alice' });
   expect(list.code).toBe(1);
   expect(list.err).toMatch(/403/);
@@ -163,7 +164,7 @@ test("alice's token cannot reach bob's tasks: list, status, cancel and a spec na
   expect(vsp(['--json', 'list'], { as: 'alice' }).out).not.toContain(bobs.taskId);
   const asBob = vsp(['submit', '-'], {
     as: 'alice',
-    input: JSON.stringify({ owner: 'bob', command: 'true' }),
+    input: JSON.stringify({ owner: 'bob', driver: 'process', command: 'true' }),
   });
   expect(asBob.code).toBe(1);
   expect(asBob.err).toMatch(/403.*bob/);

@@ -52,6 +52,7 @@ test('a task with two inputs runs end to end; outputs match; describe shows it c
   const submitted = await fx.cluster.submitTask(
     'alice',
     {
+      driver: 'process',
       name: 'concat',
       inputs: ['in/a.txt', 'in/b.txt'],
       command: 'mkdir -p out && cat in/a.txt in/b.txt > out/joined.txt && echo VSP-PROGRESS 100 done',
@@ -108,7 +109,12 @@ async function expectRefused(
 
 test('an invalid spec is refused at submission, naming the fields; started directly it fails fast', async () => {
   await expectRefused(
-    (taskId) => fx.cluster.submitTask('alice', { command: '', inputs: ['../etc/passwd'] }, { taskId }),
+    (taskId) =>
+      fx.cluster.submitTask(
+        'alice',
+        { driver: 'process', command: '', inputs: ['../etc/passwd'] },
+        { taskId },
+      ),
     [400],
     /inputs/,
   );
@@ -132,7 +138,7 @@ test('a missing input is refused at submission, naming the file; nothing starts 
     (taskId) =>
       fx.cluster.submitTask(
         'alice',
-        { inputs: ['present.txt', 'missing/nope.bin'], command: 'true' },
+        { driver: 'process', inputs: ['present.txt', 'missing/nope.bin'], command: 'true' },
         { taskId },
       ),
     [400, 404],
@@ -145,7 +151,11 @@ test("another owner's file cannot be staged in: alice's spec naming bob's file, 
   await uploadText('bob', 'secret.txt', 'bob only');
   await expectRefused(
     (taskId) =>
-      fx.cluster.submitTask('alice', { inputs: ['secret.txt'], command: 'cat secret.txt' }, { taskId }),
+      fx.cluster.submitTask(
+        'alice',
+        { driver: 'process', inputs: ['secret.txt'], command: 'cat secret.txt' },
+        { taskId },
+      ),
     [400, 404],
     /secret\.txt/,
   );
@@ -153,7 +163,7 @@ test("another owner's file cannot be staged in: alice's spec naming bob's file, 
     (taskId) =>
       fx.cluster.submitTask(
         'alice',
-        { owner: 'bob', inputs: ['secret.txt'], command: 'cat secret.txt' },
+        { owner: 'bob', driver: 'process', inputs: ['secret.txt'], command: 'cat secret.txt' },
         { taskId },
       ),
     [403],
@@ -164,6 +174,7 @@ test("another owner's file cannot be staged in: alice's spec naming bob's file, 
 test('the host worker killed mid-task and restarted: the task completes once, output intact', async () => {
   const marker = `vsp-once-${Date.now()}`;
   const { taskId } = await fx.cluster.submitTask('alice', {
+    driver: 'process',
     host: 'a',
     command: `mkdir -p out && echo run >> out/runs.txt && echo VSP-PROGRESS 50 ${marker} && sleep 6 && echo finished >> out/runs.txt`,
   });
@@ -181,6 +192,7 @@ test("cancelling a running task through the owner's API: process gone, host fold
   const marker = `vspcancel${Date.now()}`;
   const alice = fx.cluster.tasks('alice');
   const { taskId } = await alice.submit({
+    driver: 'process',
     command: `echo started-${marker}; sh -c 'sleep 300; echo ${marker}'`,
   });
   await until('the task to run', async () => (await alice.status(taskId)).phase === 'running' || undefined);
@@ -205,6 +217,7 @@ test("cancelling a running task through the owner's API: process gone, host fold
 
 test('a task past its time limit is stopped and fails, its outputs and logs kept', async () => {
   const { taskId } = await fx.cluster.submitTask('alice', {
+    driver: 'process',
     timeLimitSec: 2,
     command: 'mkdir -p out && echo partial > out/partial.txt && echo before-limit && sleep 60',
   });
@@ -221,7 +234,10 @@ test('a task past its time limit is stopped and fails, its outputs and logs kept
 
 test("Temporal's own cancel (temporal workflow cancel) ends a running task the same way", async () => {
   const marker = `vspnative${Date.now()}`;
-  const { taskId } = await fx.cluster.submitTask('alice', { command: `sh -c 'sleep 300; echo ${marker}'` });
+  const { taskId } = await fx.cluster.submitTask('alice', {
+    driver: 'process',
+    command: `sh -c 'sleep 300; echo ${marker}'`,
+  });
   await until('the command to start', async () => processRunning(`echo ${marker}`) || undefined);
   await fx.temporal.workflow.getHandle(taskId).cancel();
   await expect(fx.vsp.result(taskId)).rejects.toThrow();
