@@ -11,15 +11,11 @@ export interface TaskRef {
   spec: TaskSpec;
   /** Repository folder (owner's space) for outputs and logs. */
   resultsPath: string;
-  /** The task's capability (spec/capability.ts): the bearer credential for this task's transfers. */
-  capability: string;
-}
-
-/** A host's liveness as the control queue sees it (pollers and heartbeats of its worker). */
-export interface HostStatus {
-  live: boolean;
-  /** When the host's worker was last seen (Unix ms), if ever. */
-  lastSeenMs?: number;
+  /**
+   * The task's capability (spec/capability.ts): hosts present it as the bearer for this task's
+   * transfers. Optional only until every workflow passes one.
+   */
+  capability?: string;
 }
 
 export interface StageInResult {

@@ -68,7 +68,7 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
   // Outside the try: continueAsNew ends this run by throwing.
   if (t.continuing && !t.failure)
     await continueAsNew<typeof TaskLifecycle>(
-      taskInput(t.specInput, t.ref.capability, carriedOf(t), t.tuning),
+      taskInput(t.specInput, t.ref.capability as string, carriedOf(t), t.tuning),
     );
   await cleanUp(t);
   // A cancel through the update asked for the workflow's own cancellation: it ends CANCELED once that lands.
@@ -100,9 +100,11 @@ function validate(input: unknown): TaskState {
  * Interim, until every caller submits through the repository (helper `frontdoor`): a bare spec runs
  * without a capability. Removed with that move; parseTaskInput then refuses it with a clear message.
  */
-function interimBareSpec(input: unknown): ReturnType<typeof parseTaskInput<Carried>> | undefined {
+function interimBareSpec(
+  input: unknown,
+): (Omit<ReturnType<typeof parseTaskInput<Carried>>, 'capability'> & { capability?: string }) | undefined {
   if (typeof input !== 'object' || input === null || 'v' in input) return undefined;
-  return { spec: parseTaskSpec(input), specInput: input as TaskSpecInput, capability: '', tuning: {} };
+  return { spec: parseTaskSpec(input), specInput: input as TaskSpecInput, capability: undefined, tuning: {} };
 }
 
 /** The status query, the cancel and migrate updates (shapes checked in their validators), and the old progress signal. */
@@ -235,6 +237,8 @@ async function run(t: TaskState): Promise<AwaitResult | 'continue-as-new'> {
 }
 
 function historyIsLong(t: TaskState): boolean {
+  // Interim: a task started from a bare spec has no input to continue with (see interimBareSpec).
+  if (t.ref.capability === undefined) return false;
   const info = workflowInfo();
   const limit = t.tuning.historyEventLimit;
   return info.continueAsNewSuggested || (limit !== undefined && info.historyLength >= limit);

@@ -6,28 +6,15 @@ import {
   type ActivityFunctionWithOptions,
   type ActivityOptions,
 } from '@temporalio/workflow';
-import type { ControlActivities } from '../../activities/control/createControlActivities';
+import type { ControlActivities, HostStatus } from '../../activities/control/createControlActivities';
 import type { HostActivities } from '../../activities/host/createHostActivities';
 import type { MigrationActivities } from '../../activities/host/migrationActivities';
-import type { HostStatus, TaskRef } from '../../activities/types';
 import { CONTROL_TASK_QUEUE, hostTaskQueue } from '../../config/names';
 import type { TaskTuning } from '../../spec/taskInput';
 import { describe, isTimeout } from './failures';
 import type { TaskState } from './state';
 
-/**
- * Activities the workflow calls that the control and host workers provide (contract with their
- * implementations in activities/): the host's liveness as the control queue sees it, and the end of a
- * task's capability once its last transfer is done.
- */
-export interface LivenessActivities {
-  hostStatus(host: string): Promise<HostStatus>;
-}
-export interface CapabilityActivities {
-  releaseCapability(ref: TaskRef): Promise<void>;
-}
-
-type HostBoundActivities = HostActivities & MigrationActivities & CapabilityActivities;
+type HostBoundActivities = HostActivities & MigrationActivities;
 
 /** The workflow's durations unless the input's `tuning` says otherwise (spec/taskInput.ts). */
 export const TUNING_DEFAULTS: Required<Omit<TaskTuning, 'historyEventLimit'>> = {
@@ -67,7 +54,7 @@ export const cancellation = proxyActivities<ControlActivities>({
 });
 
 /** Asked only after a host step timed out; an answer that does not come soon is no answer. */
-const liveness = proxyActivities<LivenessActivities>({
+const liveness = proxyActivities<ControlActivities>({
   taskQueue: CONTROL_TASK_QUEUE,
   startToCloseTimeout: '10s',
   scheduleToCloseTimeout: '1m',

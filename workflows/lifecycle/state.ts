@@ -72,7 +72,7 @@ export interface Carried {
 export function newTaskState(
   spec: TaskSpec,
   specInput: TaskSpecInput,
-  capability: string,
+  capability: string | undefined,
   tuning: TaskTuning,
 ): TaskState {
   const info = workflowInfo();
