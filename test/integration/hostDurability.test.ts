@@ -51,9 +51,19 @@ async function bothLive(): Promise<void> {
   await until('hosts a and b live', async () => (await live('a')) && (await live('b')));
 }
 
-/** A command that waits for `release` (a file the test creates) and leaves one output. */
-function waitingCommand(marker: string, release: string): string {
-  return `echo ${marker}-started; while [ ! -e ${release} ]; do sleep 0.1; done; mkdir -p out; echo ${marker} > out/r.txt`;
+/** A command that waits for `release` in its home (a file the test drops there) and leaves one output. */
+function waitingCommand(marker: string): string {
+  return `echo ${marker}-started; while [ ! -e release ]; do sleep 0.1; done; mkdir -p out; echo ${marker} > out/r.txt`;
+}
+
+/** Releases the waiting task whose log shows `marker`: the task sees only its own home, not the host's files. */
+async function release(host: string, marker: string): Promise<void> {
+  const vms = path.join(fx.cluster.storeDir(host), 'vms');
+  for (const vm of await fs.readdir(vms)) {
+    const log = await fs.readFile(path.join(vms, vm, 'task.log'), 'utf8').catch(() => '');
+    if (log.includes(`${marker}-started`)) return fs.writeFile(path.join(vms, vm, 'home', 'release'), '');
+  }
+  throw new Error(`no task on host ${host} logged ${marker}-started`);
 }
 
 function processRunning(marker: string): boolean {
@@ -91,7 +101,11 @@ test('a killed host worker is down within its liveness period; placement avoids 
 
   const results = await Promise.all(
     [1, 2, 3].map(async (i) => {
-      const { taskId } = await fx.vsp.submit({ owner: 'alice', command: `echo placed-${i}` });
+      const { taskId } = await fx.vsp.submit({
+        owner: 'alice',
+        driver: 'process',
+        command: `echo placed-${i}`,
+      });
       return fx.vsp.result(taskId);
     }),
   );
@@ -106,16 +120,17 @@ test('after a restart the reaper stops the VM of a closed run and keeps its logs
   const stamp = Date.now();
   const closedMarker = `vsp-orphan-${stamp}`;
   const openMarker = `vsp-open-${stamp}`;
-  const releaseOpen = path.join(tmp, `release-open-${stamp}`);
   const closed = await fx.vsp.submit({
     owner: 'alice',
+    driver: 'process',
     host: 'a',
-    command: waitingCommand(closedMarker, path.join(tmp, `never-${stamp}`)),
+    command: waitingCommand(closedMarker),
   });
   const open = await fx.vsp.submit({
     owner: 'alice',
+    driver: 'process',
     host: 'a',
-    command: waitingCommand(openMarker, releaseOpen),
+    command: waitingCommand(openMarker),
   });
   await until('both tasks running', async () => {
     const phases = await Promise.all([phaseOf(closed.taskId), phaseOf(open.taskId)]);
@@ -152,7 +167,7 @@ test('after a restart the reaper stops the VM of a closed run and keeps its logs
 
   // The open run's VM stayed; its task finishes on the restarted worker.
   expect(processRunning(openMarker)).toBe(true);
-  await fs.writeFile(releaseOpen, '');
+  await release('a', openMarker);
   const result = await fx.vsp.result(open.taskId);
   expect(result.exitCode).toBe(0);
   expect(result.host).toBe('a');
@@ -190,6 +205,7 @@ rootOnly(
       const started = Date.now();
       const { taskId } = await fx.vsp.submit({
         owner: 'alice',
+        driver: 'process',
         host: 'b',
         inputs: ['big/input.bin'],
         command: 'true',
