@@ -5,23 +5,11 @@ import { loadHostConfig } from '../../config/workerConfig';
 import { buildQemuArgs } from '../../drivers/qemu/commandLine';
 import { incomingTlsArgs, migrationIdentityOf } from '../../drivers/qemu/migrationTls';
 import { asAccount, checkReachable, resolveQemuAccount } from '../../drivers/qemu/qemuAccount';
+import { SAMPLE_LAUNCH } from '../support/qemuLaunch';
 
 /** QEMU's privileges and TLS objects as they appear on its command line (pure parts; no QEMU runs). */
 
-const launch = {
-  vmId: 'vm-1',
-  accel: 'tcg' as const,
-  memoryMiB: 128,
-  vcpus: 1,
-  vmlinuz: '/k',
-  initrd: '/i',
-  rootDisk: '/r.qcow2',
-  dataDisk: '/d.img',
-  qmpSocket: '/run/q.sock',
-  consoleLog: '/c.log',
-  owner: 'alice',
-  portForwards: {},
-};
+const launch = SAMPLE_LAUNCH;
 const account = { user: 'vsp-qemu', uid: 64090, gid: 64091 };
 
 test('QEMU runs sandboxed, in the foreground (no fork for -daemonize, no -runas setuid: both are denied)', () => {
