@@ -71,8 +71,11 @@ function submitCpuTask(rounds = ROUNDS): Promise<{ taskId: string }> {
 }
 
 async function vmIdOf(taskId: string): Promise<string> {
-  const { resultsPath } = await until('the task status', async () => vsp.status(taskId));
-  return path.posix.basename(resultsPath ?? '');
+  return until('the VM folder', async () =>
+    (await fs.readdir(path.join(cluster.storeDir('a'), 'vms')).catch(() => [] as string[])).find((n) =>
+      n.startsWith(`${taskId}-`),
+    ),
+  );
 }
 
 const vmDir = (host: string, vmId: string) => ns.vmDir(host, vmId);
