@@ -7,6 +7,7 @@ import { temporal } from '@temporalio/proto';
 import { createControlActivities } from '../../activities/control/createControlActivities';
 import { taskFailureMessage } from '../../client/vspClient';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
+import { releaseTask, waitingCommand } from '../support/waitingTask';
 
 /**
  * Host durability with the process driver against real Temporal and a real repository: liveness and
@@ -49,21 +50,6 @@ const live = (host: string) => control.hostStatus(host).then((s) => s.live || un
 
 async function bothLive(): Promise<void> {
   await until('hosts a and b live', async () => (await live('a')) && (await live('b')));
-}
-
-/** A command that waits for `release` in its home (a file the test drops there) and leaves one output. */
-function waitingCommand(marker: string): string {
-  return `echo ${marker}-started; while [ ! -e release ]; do sleep 0.1; done; mkdir -p out; echo ${marker} > out/r.txt`;
-}
-
-/** Releases the waiting task whose log shows `marker`: the task sees only its own home, not the host's files. */
-async function release(host: string, marker: string): Promise<void> {
-  const vms = path.join(fx.cluster.storeDir(host), 'vms');
-  for (const vm of await fs.readdir(vms)) {
-    const log = await fs.readFile(path.join(vms, vm, 'task.log'), 'utf8').catch(() => '');
-    if (log.includes(`${marker}-started`)) return fs.writeFile(path.join(vms, vm, 'home', 'release'), '');
-  }
-  throw new Error(`no task on host ${host} logged ${marker}-started`);
 }
 
 function processRunning(marker: string): boolean {
@@ -167,7 +153,7 @@ test('after a restart the reaper stops the VM of a closed run and keeps its logs
 
   // The open run's VM stayed; its task finishes on the restarted worker.
   expect(processRunning(openMarker)).toBe(true);
-  await release('a', openMarker);
+  await releaseTask(fx.cluster, 'a', openMarker);
   const result = await fx.vsp.result(open.taskId);
   expect(result.exitCode).toBe(0);
   expect(result.host).toBe('a');
