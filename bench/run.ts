@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -12,6 +12,7 @@ import { startTemporalDevServer, type TemporalDevServer } from '../deploy/devclu
 import { createLogger, describeError } from '../logging/logger';
 import { writeFileAtomicSync } from '../storage/durableFile';
 import { benchLifecycle } from './lifecycle';
+import { benchMigrationTls } from './migrationTls';
 import { benchMigrationTraces } from './migrationTraces';
 import { benchOrchestration, type ClusterBenchEnv } from './orchestration';
 import { benchPaper } from './paperEvaluation';
@@ -53,6 +54,7 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   paper: (ctx) => benchPaper({ workDir: ctx.workDir, quick: ctx.quick }),
   'migration-traces': (ctx) =>
     benchMigrationTraces({ workDir: ctx.workDir, outDir: ctx.outDir, quick: ctx.quick }),
+  'migration-tls': (ctx) => benchMigrationTls({ workDir: ctx.workDir, quick: ctx.quick }),
 };
 
 /**
@@ -204,6 +206,8 @@ function parseArgs(): { names: string[]; quick: boolean; outDir: string; keepLog
 async function main(): Promise<number> {
   const { names, quick, outDir, keepLogs } = parseArgs();
   const workDir = mkdtempSync(path.join(os.tmpdir(), 'vsp-bench-'));
+  // QEMU runs as its own unprivileged account and must reach the VM stores made in here.
+  chmodSync(workDir, 0o711);
   // Every benchmark's temp folders (and its children's) land in workDir, which cleanUp removes, Ctrl-C too.
   process.env.TMPDIR = workDir;
   stopAllOnSignals(() => cleanUp(workDir));
