@@ -190,6 +190,8 @@ export class OrphanReaper {
           { action: 'keep-logs', vmId, run, to: `${record.resultsPath}/logs` },
           'orphan logs uploaded',
         );
+        // The run is over: its capability must not outlive it (the workflow's own revoke never ran).
+        await repository.revokeSelf();
         return 'repository';
       } catch (err) {
         log.warn(

@@ -134,18 +134,26 @@ test('after a restart the reaper stops the VM of a closed run and keeps its logs
     async () => (await logCount('a', 'orphan sweep done')) > sweepsBefore || undefined,
   );
 
-  // The closed run's VM is gone, its process stopped, its logs kept for the operator (no capability).
+  // The closed run's VM is gone, its process stopped; its logs went to its results with its capability,
+  // which the reaper then revoked (the workflow's own last step never ran).
   const after = await fs.readdir(vmsDir);
   expect(after).toHaveLength(1);
   expect(processRunning(closedMarker)).toBe(false);
-  const orphansDir = path.join(fx.cluster.storeDir('a'), 'orphans');
-  const kept = (await fs.readdir(orphansDir)).filter((d) => !after.some((v) => d.startsWith(`${v}-`)));
-  expect(kept).toHaveLength(1);
-  const keptLog = await fs.readFile(path.join(orphansDir, kept[0], 'task.log'), 'utf8');
-  expect(keptLog).toContain(`${closedMarker}-started`);
-  const record = JSON.parse(await fs.readFile(path.join(orphansDir, kept[0], 'task.json'), 'utf8'));
-  expect(record).toMatchObject({ taskId: closed.taskId, owner: 'alice' });
-  expect(record.capability).toBeUndefined();
+  const logsDir = `results/${closed.taskId}/logs/`;
+  const logs = (await fx.repo('alice').list('alice', logsDir)).map((f) => f.path.slice(logsDir.length));
+  expect(logs).toEqual(expect.arrayContaining(['reaped.txt', 'task.log']));
+  const keptLog = path.join(tmp, 'reaped-task.log');
+  await fx.repo('alice').download('alice', `${logsDir}task.log`, keptLog);
+  expect(await fs.readFile(keptLog, 'utf8')).toContain(`${closedMarker}-started`);
+  const audit = await fs.readFile(path.join(fx.cluster.repoDir, 'audit.log'), 'utf8');
+  expect(
+    audit
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => JSON.parse(l) as { action: string; task?: string; result: string }),
+  ).toContainEqual(
+    expect.objectContaining({ action: 'capability-revoke', task: closed.taskId, result: 'ok' }),
+  );
   expect(await logCount('a', '"action":"remove"')).toBeGreaterThanOrEqual(1);
 
   // The open run's VM stayed; its task finishes on the restarted worker.
