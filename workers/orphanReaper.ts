@@ -191,7 +191,14 @@ export class OrphanReaper {
           'orphan logs uploaded',
         );
         // The run is over: its capability must not outlive it (the workflow's own revoke never ran).
-        await repository.revokeSelf();
+        await repository
+          .revokeSelf()
+          .catch((err: unknown) =>
+            log.warn(
+              { action: 'revoke-failed', vmId, run, err: describeError(err) },
+              'capability not revoked',
+            ),
+          );
         return 'repository';
       } catch (err) {
         log.warn(

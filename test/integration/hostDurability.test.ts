@@ -7,7 +7,7 @@ import { temporal } from '@temporalio/proto';
 import { createControlActivities } from '../../activities/control/createControlActivities';
 import { taskFailureMessage } from '../../client/vspClient';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
-import { releaseTask, waitingCommand } from '../support/waitingTask';
+import { releaseTask, vmDirOf, waitingCommand } from '../support/waitingTask';
 
 /**
  * Host durability with the process driver against real Temporal and a real repository: liveness and
@@ -50,6 +50,17 @@ const live = (host: string) => control.hostStatus(host).then((s) => s.live || un
 
 async function bothLive(): Promise<void> {
   await until('hosts a and b live', async () => (await live('a')) && (await live('b')));
+}
+
+/** Revokes the capability of the task on host a whose log shows `marker`, as its run's last step would. */
+async function revokeCapabilityOf(marker: string): Promise<void> {
+  const record = path.join(await vmDirOf(fx.cluster, 'a', marker), 'task.json');
+  const { capability } = JSON.parse(await fs.readFile(record, 'utf8')) as { capability: string };
+  const res = await fetch(`${fx.cluster.repositoryUrl}/v1/capabilities/self`, {
+    method: 'DELETE',
+    headers: { Authorization: `Bearer ${capability}` },
+  });
+  expect(res.status).toBe(204);
 }
 
 function processRunning(marker: string): boolean {
@@ -104,29 +115,26 @@ test('after a restart the reaper stops the VM of a closed run and keeps its logs
   await bothLive();
   const stamp = Date.now();
   const closedMarker = `vsp-orphan-${stamp}`;
+  const revokedMarker = `vsp-revoked-${stamp}`;
   const openMarker = `vsp-open-${stamp}`;
-  const closed = await fx.cluster.submitTask('alice', {
-    driver: 'process',
-    host: 'a',
-    command: waitingCommand(closedMarker),
-  });
-  const open = await fx.cluster.submitTask('alice', {
-    driver: 'process',
-    host: 'a',
-    command: waitingCommand(openMarker),
-  });
-  await until('both tasks running', async () => {
-    const phases = await Promise.all([phaseOf(closed.taskId), phaseOf(open.taskId)]);
+  const [closed, revoked, open] = await Promise.all(
+    [closedMarker, revokedMarker, openMarker].map((m) =>
+      fx.cluster.submitTask('alice', { driver: 'process', host: 'a', command: waitingCommand(m) }),
+    ),
+  );
+  await until('the tasks running', async () => {
+    const phases = await Promise.all([closed, revoked, open].map((t) => phaseOf(t.taskId)));
     return phases.every((p) => p === 'running') || undefined;
   });
   const vmsDir = path.join(fx.cluster.storeDir('a'), 'vms');
   const before = await fs.readdir(vmsDir);
-  expect(before).toHaveLength(2);
+  expect(before).toHaveLength(3);
 
   await fx.cluster.killHost('a');
-  await fx.temporal.workflow
-    .getHandle(closed.taskId)
-    .terminate('the test ends this run while its host is down');
+  for (const t of [closed, revoked])
+    await fx.temporal.workflow.getHandle(t.taskId).terminate('the test ends this run while its host is down');
+  // One run's capability no longer works (as when its owner is disabled): its logs cannot reach the owner.
+  await revokeCapabilityOf(revokedMarker);
   const sweepsBefore = await logCount('a', 'orphan sweep done');
   await fx.cluster.startHost('a');
   await until(
@@ -134,27 +142,35 @@ test('after a restart the reaper stops the VM of a closed run and keeps its logs
     async () => (await logCount('a', 'orphan sweep done')) > sweepsBefore || undefined,
   );
 
-  // The closed run's VM is gone, its process stopped; its logs went to its results with its capability,
-  // which the reaper then revoked (the workflow's own last step never ran).
+  // The closed runs' VMs are gone, their processes stopped, their logs kept.
   const after = await fs.readdir(vmsDir);
   expect(after).toHaveLength(1);
   expect(processRunning(closedMarker)).toBe(false);
-  const logsDir = `results/${closed.taskId}/logs/`;
-  const logs = (await fx.repo('alice').list('alice', logsDir)).map((f) => f.path.slice(logsDir.length));
-  expect(logs).toEqual(expect.arrayContaining(['reaped.txt', 'task.log']));
-  const keptLog = path.join(tmp, 'reaped-task.log');
-  await fx.repo('alice').download('alice', `${logsDir}task.log`, keptLog);
-  expect(await fs.readFile(keptLog, 'utf8')).toContain(`${closedMarker}-started`);
+  expect(processRunning(revokedMarker)).toBe(false);
+  // With a working capability (terminated, the run never released it): in the owner's results.
+  const uploaded = path.join(tmp, `${closedMarker}.log`);
+  await fx.repo('alice').download('alice', `${closed.resultsPath}/logs/task.log`, uploaded);
+  expect(await fs.readFile(uploaded, 'utf8')).toContain(`${closedMarker}-started`);
+  // ...and then revoked by the reaper, since the run's own last step never ran.
   const audit = await fs.readFile(path.join(fx.cluster.repoDir, 'audit.log'), 'utf8');
   expect(
     audit
       .split('\n')
       .filter(Boolean)
-      .map((l) => JSON.parse(l) as { action: string; task?: string; result: string }),
+      .map((l) => JSON.parse(l) as object),
   ).toContainEqual(
     expect.objectContaining({ action: 'capability-revoke', task: closed.taskId, result: 'ok' }),
   );
-  expect(await logCount('a', '"action":"remove"')).toBeGreaterThanOrEqual(1);
+  // Without: on the host for the operator, the capability left out of the kept record.
+  const orphansDir = path.join(fx.cluster.storeDir('a'), 'orphans');
+  const kept = await fs.readdir(orphansDir);
+  expect(kept).toHaveLength(1);
+  const keptLog = await fs.readFile(path.join(orphansDir, kept[0], 'task.log'), 'utf8');
+  expect(keptLog).toContain(`${revokedMarker}-started`);
+  const record = JSON.parse(await fs.readFile(path.join(orphansDir, kept[0], 'task.json'), 'utf8'));
+  expect(record).toMatchObject({ taskId: revoked.taskId, owner: 'alice' });
+  expect(record.capability).toBeUndefined();
+  expect(await logCount('a', '"action":"remove"')).toBeGreaterThanOrEqual(2);
 
   // The open run's VM stayed; its task finishes on the restarted worker.
   expect(processRunning(openMarker)).toBe(true);
