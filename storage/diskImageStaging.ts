@@ -152,6 +152,7 @@ export class DiskImageStaging implements HomeStaging {
       const taskLog = (await reader.copyFile(`/${VSP_DIR}/task.log`, taskLogFile, TASK_LOG_MAX_BYTES))
         ? taskLogFile
         : undefined;
+      if (taskLog) await markUnwrittenTail(taskLog);
       if (overflow) throw new UnusableOutputsError(overflow, 'OutputsTooLarge', taskLog);
 
       const outputsDir = path.join(vm.outboxDir, 'outputs');
@@ -176,6 +177,33 @@ export class DiskImageStaging implements HomeStaging {
   }
 }
 
+/**
+ * A VM that stopped without writing its last log lines leaves the log's size ahead of its data: the end
+ * reads as NUL bytes. Those bytes were never the task's; say so instead of handing them on.
+ */
+async function markUnwrittenTail(file: string): Promise<void> {
+  const fh = await fs.open(file, 'r+');
+  try {
+    const { size } = await fh.stat();
+    let end = size;
+    const buf = Buffer.alloc(64 * 1024);
+    while (end > 0) {
+      const from = Math.max(0, end - buf.length);
+      const { bytesRead } = await fh.read(buf, 0, end - from, from);
+      let i = bytesRead;
+      while (i > 0 && buf[i - 1] === 0) i--;
+      end = from + i;
+      if (i > 0) break;
+    }
+    if (end === size) return;
+    await fh.truncate(end);
+    const note = `${end > 0 ? '\n' : ''}[vsp] the last ${size - end} bytes of this log never reached the disk: the VM stopped before writing them\n`;
+    await fh.write(note, end);
+  } finally {
+    await fh.close();
+  }
+}
+
 /** Data disks half-built by earlier attempts (`data.img.<pid>.<nonce>.tmp`). */
 async function removeStaleBuilds(dataDisk: string): Promise<void> {
   const dir = path.dirname(dataDisk);
@@ -185,14 +213,13 @@ async function removeStaleBuilds(dataDisk: string): Promise<void> {
 }
 
 /**
- * Reads a file from a data disk without mounting it, as the guest left it (journal replayed, read as an
- * unprivileged account); undefined when absent.
+ * Reads a file from a data disk without mounting it (as an unprivileged account), as the disk is: a
+ * journal is not replayed here (the disk may still be in use); undefined when absent.
  */
 export async function readDataDiskFile(dataDisk: string, relPath: string): Promise<string | undefined> {
   const scratch = path.join(path.dirname(dataDisk), `.read-${randomBytes(4).toString('hex')}`);
   try {
     const reader = new GuestDiskReader(dataDisk, scratch, path.dirname(path.dirname(dataDisk)));
-    await reader.replayJournal();
     const local = path.join(scratch, 'file');
     return (await reader.copyFile(`/${relPath}`, local, 64 * MiB))
       ? await fs.readFile(local, 'utf8')

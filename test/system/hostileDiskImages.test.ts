@@ -125,6 +125,17 @@ rootOnly('stage-out from hostile data disks', () => {
     expect(r.stderr).toMatch(/Read-only file system|Permission denied/);
   });
 
+  test('a task log whose end never reached the disk (a hole) says so instead of ending in NUL bytes', async () => {
+    const vm = await hostileDisk('log-hole', ['write /etc/hostname /.vsp/task.log']);
+    const ino = await inodeOf(vm.dataDisk, '/.vsp', 'task.log');
+    const text = await fs.readFile('/etc/hostname', 'utf8');
+    await runCommand('debugfs', ['-w', '-R', `sif <${ino}> size ${text.length + 125}`, vm.dataDisk]);
+    const got = await staging.extract(vm, 'out');
+    expect(await fs.readFile(got.taskLog!, 'utf8')).toBe(
+      `${text}\n[vsp] the last 125 bytes of this log never reached the disk: the VM stopped before writing them\n`,
+    );
+  });
+
   test('folders 1000 deep are refused', async () => {
     const chain = Array.from({ length: 1000 }, (_, i) => `/out${'/d'.repeat(i + 1)}`);
     const vm = await hostileDisk(
