@@ -99,6 +99,22 @@ const HostSchema = z.object({
     .optional(),
   /** Service VMs get a tap on this network (an address that follows them across migrations). */
   vmNetwork: jsonObject(vmNetwork).optional(),
+  /** The unprivileged account QEMU runs as (drivers/qemu/qemuAccount.ts). */
+  qemuUser: z
+    .string()
+    .regex(/^[a-z_][a-z0-9_-]{0,31}$/, 'a user name like vsp-qemu')
+    .refine((u) => u !== 'root', 'QEMU must not run as root')
+    .default('vsp-qemu'),
+  /**
+   * How QEMU opens another host's disks: `nfs` (nfs:// through libnfs; the test hosts' ganesha) or
+   * `mounts` (the kernel NFS mounts under mountRoot, production: exports keep `secure`).
+   */
+  qemuRemoteDisks: z.enum(['nfs', 'mounts']).default('nfs'),
+  /** This host's migration credentials (deploy/migration-tls.sh): QEMU migrations then go over TLS only. */
+  migrationTlsDir: z
+    .string()
+    .refine((d) => path.isAbsolute(d), 'an absolute folder')
+    .optional(),
   migrationDowntimeMs: z.coerce.number().int().positive().optional(),
   migrationMaxBandwidth: z.coerce.number().int().positive().optional(),
   migrationTimeoutSec: z.coerce.number().int().positive().optional(),
@@ -133,6 +149,9 @@ export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig
       clusterStorage: 'VSP_CLUSTER_STORAGE',
       netns: 'VSP_NETNS',
       vmNetwork: 'VSP_VM_NETWORK',
+      qemuUser: 'VSP_QEMU_USER',
+      migrationTlsDir: 'VSP_MIGRATION_TLS_DIR',
+      qemuRemoteDisks: 'VSP_QEMU_REMOTE_DISKS',
       migrationDowntimeMs: 'VSP_MIGRATION_DOWNTIME_MS',
       migrationMaxBandwidth: 'VSP_MIGRATION_MAX_BANDWIDTH',
       migrationTimeoutSec: 'VSP_MIGRATION_TIMEOUT_SEC',

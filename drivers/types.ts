@@ -107,6 +107,11 @@ export interface IncomingVm {
   host: string;
   /** Where the source sends the memory, e.g. 'tcp:10.77.0.2:47123'. */
   uri: string;
+  /**
+   * Present when the target accepts only TLS from the source it was prepared for: the source must
+   * present its cluster certificate and check that the target's names `hostname`.
+   */
+  tls?: { hostname: string };
   /** The VM's handle once it runs on the target. */
   handle: VmHandle;
 }

@@ -338,7 +338,8 @@ export function createRequestHandler(
         throw new HttpError(405, `${method} is not allowed on uploads`, { Allow: 'POST' });
       const request = await readJson(req);
       const target = (request as { path?: unknown } | null)?.path;
-      allowWrite(typeof target === 'string' ? checkRepoPath(target) : '');
+      draft.path = typeof target === 'string' ? checkRepoPath(target) : undefined;
+      allowWrite(draft.path ?? '');
       const session = await deps.uploads.create(owner, request);
       draft.path = session.path;
       sendJson(res, 201, session, {

@@ -101,8 +101,7 @@ test('a killed host worker is down within its liveness period; placement avoids 
 
   const results = await Promise.all(
     [1, 2, 3].map(async (i) => {
-      const { taskId } = await fx.vsp.submit({
-        owner: 'alice',
+      const { taskId } = await fx.cluster.submitTask('alice', {
         driver: 'process',
         command: `echo placed-${i}`,
       });
@@ -120,14 +119,12 @@ test('after a restart the reaper stops the VM of a closed run and keeps its logs
   const stamp = Date.now();
   const closedMarker = `vsp-orphan-${stamp}`;
   const openMarker = `vsp-open-${stamp}`;
-  const closed = await fx.vsp.submit({
-    owner: 'alice',
+  const closed = await fx.cluster.submitTask('alice', {
     driver: 'process',
     host: 'a',
     command: waitingCommand(closedMarker),
   });
-  const open = await fx.vsp.submit({
-    owner: 'alice',
+  const open = await fx.cluster.submitTask('alice', {
     driver: 'process',
     host: 'a',
     command: waitingCommand(openMarker),
@@ -203,8 +200,7 @@ rootOnly(
       await fs.writeFile(big, Buffer.alloc(4 << 20, 7));
       await fx.repo('alice').upload('alice', 'big/input.bin', big);
       const started = Date.now();
-      const { taskId } = await fx.vsp.submit({
-        owner: 'alice',
+      const { taskId } = await fx.cluster.submitTask('alice', {
         driver: 'process',
         host: 'b',
         inputs: ['big/input.bin'],
