@@ -8,6 +8,7 @@ import {
 } from '@temporalio/client';
 import { TestWorkflowEnvironment } from '@temporalio/testing';
 import { bundleWorkflowCode, Runtime, Worker, type WorkflowBundle } from '@temporalio/worker';
+import { VspClient } from '../../client/vspClient';
 import { resolveTemporalCli } from '../../deploy/devcluster/tools';
 import { CONTROL_TASK_QUEUE, hostTaskQueue, SEARCH_ATTRIBUTES } from '../../config/names';
 import { taskInput, type TaskTuning } from '../../spec/taskInput';
@@ -204,6 +205,17 @@ test('completed: outputs staged out, VM destroyed after, capability released las
   await runningOn(h, 'a');
   const s = await h.query(statusQuery);
   expect(s).toMatchObject({ phase: 'running', host: 'a', storageHost: 'a', driver: 'process' });
+  // Progress is not in the workflow's state (no signal per change): the client reads awaitVm's heartbeats.
+  expect(s.progressMessage).toBeUndefined();
+  const vsp = new VspClient(env.client);
+  let live = await vsp.status(h.workflowId);
+  while (live.progressMessage === undefined) live = await vsp.status(h.workflowId);
+  expect(live).toMatchObject({
+    phase: 'running',
+    host: 'a',
+    progressMessage: expect.stringMatching(/^beat \d+$/),
+  });
+  expect(live.progress).toEqual(expect.any(Number));
   cluster.release(h.workflowId);
   const result = (await h.result()) as TaskResult;
   expect(result).toMatchObject({ exitCode: 0, host: 'a', resultsPath: `results/${h.workflowId}` });
