@@ -130,7 +130,8 @@ function handleRequests(t: TaskState): void {
       validator: (req) => {
         const r = CancelRequestSchema.optional().safeParse(req);
         if (!r.success) throw new Error(requestProblems('cancel', r.error));
-        if (isFinishing(t) || t.cancelReason !== undefined)
+        if (t.cancelReason !== undefined) throw new Error(`task ${t.ref.taskId} is already being cancelled`);
+        if (isFinishing(t))
           throw new Error(`task ${t.ref.taskId} is already ${t.status.phase}; nothing to cancel`);
       },
     },
