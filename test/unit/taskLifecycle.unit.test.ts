@@ -228,6 +228,19 @@ test('completed: outputs staged out, VM destroyed after, capability released las
   await record('completed', h);
 });
 
+test('a bare spec (the input before capabilities) fails at once saying how to start a task', async () => {
+  const h = await env.client.workflow.start('TaskLifecycle', {
+    taskQueue: CONTROL_TASK_QUEUE,
+    workflowId: `unit-bare-${Date.now()}`,
+    args: [{ owner: 'alice', command: 'true' }],
+  });
+  const f = await failureOf(h);
+  expect(f.type).toBe('InvalidTaskSpec');
+  expect(f.message).toMatch(/a bare task spec has no capability.*vsp task grant/);
+  expect(await h.query(statusQuery)).toMatchObject({ phase: 'failed' });
+  expect(cluster.calls.filter((c) => c.taskId === h.workflowId)).toEqual([]);
+});
+
 test('failed: a non-zero exit fails the task after its outputs are kept', async () => {
   const h = await start('failed');
   await runningOn(h, 'a');
