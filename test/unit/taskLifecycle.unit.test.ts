@@ -285,7 +285,7 @@ test('malformed requests are refused by validators; a malformed progress signal 
   const h = await start('validators');
   await runningOn(h, 'a');
   await expect(refusal(h.executeUpdate(migrateUpdate, { args: [{ host: 'Not A Host' }] }))).resolves.toMatch(
-    /invalid migrate request: host/,
+    /invalid migrate request: host: "Not A Host" is not a host name/,
   );
   await expect(
     refusal(h.executeUpdate(migrateUpdate, { args: [{ maxBandwidthMiBps: -1 } as never] })),
