@@ -56,14 +56,30 @@ function waitingCommand(marker: string): string {
   return `echo ${marker}-started; while [ ! -e release ]; do sleep 0.1; done; mkdir -p out; echo ${marker} > out/r.txt`;
 }
 
-/** Releases the waiting task whose log shows `marker`: the task sees only its own home, not the host's files. */
-async function release(host: string, marker: string): Promise<void> {
+/** The VM folder on `host` of the task whose log shows `marker`. */
+async function vmDirOf(host: string, marker: string): Promise<string> {
   const vms = path.join(fx.cluster.storeDir(host), 'vms');
   for (const vm of await fs.readdir(vms)) {
     const log = await fs.readFile(path.join(vms, vm, 'task.log'), 'utf8').catch(() => '');
-    if (log.includes(`${marker}-started`)) return fs.writeFile(path.join(vms, vm, 'home', 'release'), '');
+    if (log.includes(`${marker}-started`)) return path.join(vms, vm);
   }
   throw new Error(`no task on host ${host} logged ${marker}-started`);
+}
+
+/** Releases the waiting task whose log shows `marker`: the task sees only its own home, not the host's files. */
+async function release(host: string, marker: string): Promise<void> {
+  await fs.writeFile(path.join(await vmDirOf(host, marker), 'home', 'release'), '');
+}
+
+/** Revokes the capability of the task on host a whose log shows `marker`, as its run's last step would. */
+async function revokeCapabilityOf(marker: string): Promise<void> {
+  const record = path.join(await vmDirOf('a', marker), 'task.json');
+  const { capability } = JSON.parse(await fs.readFile(record, 'utf8')) as { capability: string };
+  const res = await fetch(`${fx.cluster.repositoryUrl}/v1/capabilities/self`, {
+    method: 'DELETE',
+    headers: { Authorization: `Bearer ${capability}` },
+  });
+  expect(res.status).toBe(204);
 }
 
 function processRunning(marker: string): boolean {
@@ -118,29 +134,26 @@ test('after a restart the reaper stops the VM of a closed run and keeps its logs
   await bothLive();
   const stamp = Date.now();
   const closedMarker = `vsp-orphan-${stamp}`;
+  const revokedMarker = `vsp-revoked-${stamp}`;
   const openMarker = `vsp-open-${stamp}`;
-  const closed = await fx.cluster.submitTask('alice', {
-    driver: 'process',
-    host: 'a',
-    command: waitingCommand(closedMarker),
-  });
-  const open = await fx.cluster.submitTask('alice', {
-    driver: 'process',
-    host: 'a',
-    command: waitingCommand(openMarker),
-  });
-  await until('both tasks running', async () => {
-    const phases = await Promise.all([phaseOf(closed.taskId), phaseOf(open.taskId)]);
+  const [closed, revoked, open] = await Promise.all(
+    [closedMarker, revokedMarker, openMarker].map((m) =>
+      fx.cluster.submitTask('alice', { driver: 'process', host: 'a', command: waitingCommand(m) }),
+    ),
+  );
+  await until('the tasks running', async () => {
+    const phases = await Promise.all([closed, revoked, open].map((t) => phaseOf(t.taskId)));
     return phases.every((p) => p === 'running') || undefined;
   });
   const vmsDir = path.join(fx.cluster.storeDir('a'), 'vms');
   const before = await fs.readdir(vmsDir);
-  expect(before).toHaveLength(2);
+  expect(before).toHaveLength(3);
 
   await fx.cluster.killHost('a');
-  await fx.temporal.workflow
-    .getHandle(closed.taskId)
-    .terminate('the test ends this run while its host is down');
+  for (const t of [closed, revoked])
+    await fx.temporal.workflow.getHandle(t.taskId).terminate('the test ends this run while its host is down');
+  // One run's capability no longer works (as when its owner is disabled): its logs cannot reach the owner.
+  await revokeCapabilityOf(revokedMarker);
   const sweepsBefore = await logCount('a', 'orphan sweep done');
   await fx.cluster.startHost('a');
   await until(
@@ -148,19 +161,25 @@ test('after a restart the reaper stops the VM of a closed run and keeps its logs
     async () => (await logCount('a', 'orphan sweep done')) > sweepsBefore || undefined,
   );
 
-  // The closed run's VM is gone, its process stopped, its logs kept for the operator (no capability).
+  // The closed runs' VMs are gone, their processes stopped, their logs kept.
   const after = await fs.readdir(vmsDir);
   expect(after).toHaveLength(1);
   expect(processRunning(closedMarker)).toBe(false);
+  expect(processRunning(revokedMarker)).toBe(false);
+  // With a working capability (terminated, the run never released it): in the owner's results.
+  const uploaded = path.join(tmp, `${closedMarker}.log`);
+  await fx.repo('alice').download('alice', `${closed.resultsPath}/logs/task.log`, uploaded);
+  expect(await fs.readFile(uploaded, 'utf8')).toContain(`${closedMarker}-started`);
+  // Without: on the host for the operator, the capability left out of the kept record.
   const orphansDir = path.join(fx.cluster.storeDir('a'), 'orphans');
-  const kept = (await fs.readdir(orphansDir)).filter((d) => !after.some((v) => d.startsWith(`${v}-`)));
+  const kept = await fs.readdir(orphansDir);
   expect(kept).toHaveLength(1);
   const keptLog = await fs.readFile(path.join(orphansDir, kept[0], 'task.log'), 'utf8');
-  expect(keptLog).toContain(`${closedMarker}-started`);
+  expect(keptLog).toContain(`${revokedMarker}-started`);
   const record = JSON.parse(await fs.readFile(path.join(orphansDir, kept[0], 'task.json'), 'utf8'));
-  expect(record).toMatchObject({ taskId: closed.taskId, owner: 'alice' });
+  expect(record).toMatchObject({ taskId: revoked.taskId, owner: 'alice' });
   expect(record.capability).toBeUndefined();
-  expect(await logCount('a', '"action":"remove"')).toBeGreaterThanOrEqual(1);
+  expect(await logCount('a', '"action":"remove"')).toBeGreaterThanOrEqual(2);
 
   // The open run's VM stayed; its task finishes on the restarted worker.
   expect(processRunning(openMarker)).toBe(true);
