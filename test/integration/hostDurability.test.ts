@@ -2,16 +2,12 @@ import { execFileSync } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { WorkflowFailedError } from '@temporalio/client';
-import { temporal } from '@temporalio/proto';
 import { createControlActivities } from '../../activities/control/createControlActivities';
-import { taskFailureMessage } from '../../client/vspClient';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
 
 /**
  * Host durability with the process driver against real Temporal and a real repository: liveness and
- * placement after a host worker is killed, the orphan reaper after a restart, and a full VM store as
- * one clear non-retryable error.
+ * placement after a host worker is killed, and the orphan reaper after a restart.
  */
 const LIVENESS_SEC = 4;
 const HEARTBEAT_SEC = 1;
@@ -158,81 +154,3 @@ test('after a restart the reaper stops the VM of a closed run and keeps its logs
   expect(result.host).toBe('a');
   expect(await fs.readdir(vmsDir)).toEqual([]);
 });
-
-const rootOnly = process.getuid?.() === 0 ? test : test.skip;
-
-rootOnly(
-  'a full VM store fails the task at once with StoreFull and its first cause, leaving nothing',
-  async () => {
-    await bothLive();
-    // Host b's worker gets a store on a 1 MiB tmpfs in a mount namespace of its own (gone with it).
-    await fx.cluster.killHost('b');
-    const store = fx.cluster.storeDir('b');
-    const tiny = await fx.cluster.startHost('b', (cmd, args) => ({
-      cmd: 'unshare',
-      args: [
-        '--mount',
-        '--propagation',
-        'private',
-        '--',
-        '/bin/sh',
-        '-c',
-        'mount -t tmpfs -o size=1m vsp-tiny-store "$0" && exec "$@"',
-        store,
-        cmd,
-        ...args,
-      ],
-    }));
-    try {
-      const big = path.join(tmp, 'big.bin');
-      await fs.writeFile(big, Buffer.alloc(4 << 20, 7));
-      await fx.repo('alice').upload('alice', 'big/input.bin', big);
-      const started = Date.now();
-      const { taskId } = await fx.vsp.submit({
-        owner: 'alice',
-        host: 'b',
-        inputs: ['big/input.bin'],
-        command: 'true',
-      });
-      const err = await fx.vsp.result(taskId).catch((e: unknown) => e);
-      const elapsedMs = Date.now() - started;
-      process.stderr.write(`\nFIGURE full store: task failed after ${elapsedMs} ms\n`);
-      expect(err).toBeInstanceOf(WorkflowFailedError);
-      expect(taskFailureMessage(err)).toContain('No space left on device');
-      let type: string | undefined;
-      for (let e: unknown = err; e instanceof Error; e = e.cause)
-        type = (e as { type?: string }).type ?? type;
-      expect(type).toBe('StoreFull');
-      // One attempt, failed as non-retryable: no retry buried the cause.
-      const events = (await fx.temporal.workflow.getHandle(taskId).fetchHistory()).events ?? [];
-      const scheduled = events.find(
-        (e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'stageIn',
-      );
-      const ofStageIn = (
-        e: (typeof events)[number],
-        attrs: { scheduledEventId?: unknown } | null | undefined,
-      ) =>
-        attrs !== undefined &&
-        attrs !== null &&
-        String(attrs.scheduledEventId) === String(scheduled?.eventId) &&
-        e;
-      const startedEvent = events.find((e) => ofStageIn(e, e.activityTaskStartedEventAttributes));
-      const failedEvent = events.find((e) => ofStageIn(e, e.activityTaskFailedEventAttributes));
-      expect(startedEvent?.activityTaskStartedEventAttributes?.attempt).toBe(1);
-      expect(failedEvent?.activityTaskFailedEventAttributes?.retryState).toBe(
-        temporal.api.enums.v1.RetryState.RETRY_STATE_NON_RETRYABLE_FAILURE,
-      );
-      const left = execFileSync(
-        'nsenter',
-        ['-t', String(tiny.pid), '-m', '--', 'ls', '-A', path.join(store, 'vms')],
-        {
-          encoding: 'utf8',
-        },
-      );
-      expect(left.trim()).toBe('');
-    } finally {
-      await fx.cluster.killHost('b');
-      await fx.cluster.startHost('b');
-    }
-  },
-);
