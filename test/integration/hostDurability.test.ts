@@ -81,7 +81,6 @@ test('a killed host worker is down within its liveness period; placement avoids 
   const detectMs = Date.now() - killedAt;
   process.stderr.write(`\nFIGURE dead host detected after ${detectMs} ms (liveness ${LIVENESS_SEC} s)\n`);
   expect(down.reason).toMatch(/host b is down: last heartbeat/);
-  expect(down.lastSeenMs).toBeLessThanOrEqual(killedAt);
   // Within one liveness period after the last beat, which is at most a heartbeat period before the kill.
   expect(detectMs).toBeLessThanOrEqual((2 * LIVENESS_SEC + HEARTBEAT_SEC) * 1000);
 
