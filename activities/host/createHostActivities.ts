@@ -120,6 +120,11 @@ export function createHostActivities(deps: HostDeps) {
     async stageIn(ref: TaskRef): Promise<StageInResult> {
       return longStep({ step: 'stage-in' }, async (hb) => {
         const driver = ref.spec.driver ?? deps.defaultDriver;
+        if (!driver)
+          throw ApplicationFailure.nonRetryable(
+            `host ${hostName} has no VM driver to default to: a task for it must name its driver ('process' is never a default)`,
+            'DriverUnavailable',
+          );
         const { staging } = binding(driver);
         const p = store.paths(ref.vmId);
         const done = await fs.readFile(stagedMarker(ref.vmId), 'utf8').catch(() => undefined);

@@ -3,9 +3,11 @@ import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { Client, Connection } from '@temporalio/client';
+import { z } from 'zod';
 import { createProgressDisplay } from '../../cli/progressDisplay';
 import { taskFailureMessage, VspClient } from '../../client/vspClient';
 import { RepositoryClient } from '../../repository/client';
+import { DRIVER_NAMES } from '../../spec/taskSpec';
 import { LocalCluster } from './localCluster';
 import { stopAll, stopAllOnSignals } from './processes';
 import { startTemporalDevServer } from './temporal';
@@ -33,7 +35,9 @@ async function main(): Promise<void> {
   await fs.rm(runDir, { recursive: true, force: true });
   await fs.mkdir(runDir, { recursive: true });
 
-  const driver = process.env.VSP_DEMO_DRIVER ?? (qemuAvailable() ? 'qemu' : 'process');
+  const driver = z
+    .enum(DRIVER_NAMES)
+    .parse(process.env.VSP_DEMO_DRIVER ?? (qemuAvailable() ? 'qemu' : 'process'));
   say(
     `VSP demo: driver '${driver}'${driver === 'process' ? ' (QEMU not installed: tasks run as host processes)' : ' (QEMU VMs)'}`,
   );
@@ -67,6 +71,8 @@ async function main(): Promise<void> {
   const vsp = new VspClient(new Client({ connection, namespace: 'default' }));
   const { taskId } = await vsp.submit({
     owner: 'alice',
+    // The process driver runs only tasks that name it.
+    driver,
     name: 'encode',
     inputs: ['videos/frames.raw'],
     command: [

@@ -9,6 +9,7 @@ import type { VmNetworkOptions } from '../../drivers/qemu/vmNetwork';
 import { HOST_BRIDGE, inNetns, type TestNetwork } from './netns';
 import { freePort } from './ports';
 import { spawnManaged, type ManagedProcess } from './processes';
+import { issueMigrationCerts } from './migrationCerts';
 import { repoRoot } from './tools';
 
 const log = createLogger('devcluster.local');
@@ -47,6 +48,8 @@ export class LocalCluster {
   repositoryUrl = '';
   private repository?: ManagedProcess;
   private control?: ManagedProcess;
+  /** Namespace mode: each host's migration credentials (VSP_MIGRATION_TLS_DIR). */
+  private migrationTlsDirs: Record<string, string> = {};
   private readonly serviceToken = `vsp_${randomBytes(32).toString('base64url')}`;
 
   constructor(readonly opts: LocalClusterOptions) {}
@@ -102,7 +105,15 @@ export class LocalCluster {
   }
 
   async start(): Promise<this> {
-    await fs.mkdir(this.logDir, { recursive: true });
+    // QEMU's unprivileged account reaches the host stores through the base folder, nothing else in it.
+    if (this.opts.drivers?.includes('qemu')) await fs.chmod(this.opts.baseDir, 0o711);
+    await fs.mkdir(this.logDir, { recursive: true, mode: 0o700 });
+    await fs.mkdir(this.repoDir, { recursive: true, mode: 0o700 });
+    if (this.opts.testHosts)
+      this.migrationTlsDirs = await issueMigrationCerts(
+        path.join(this.opts.baseDir, 'tls'),
+        Object.fromEntries(this.opts.hosts.map((h) => [h, this.testHost(h).address])),
+      );
     // Namespace hosts reach the root namespace only at the gateway address.
     const listen = this.opts.testHosts?.network.gateway ?? '127.0.0.1';
     const port = await freePort(listen);
@@ -176,6 +187,7 @@ export class LocalCluster {
           ? {
               VSP_CLUSTER_STORAGE: JSON.stringify(this.clusterStorage),
               VSP_VM_NETWORK: JSON.stringify(this.vmNetwork),
+              VSP_MIGRATION_TLS_DIR: this.migrationTlsDirs[host],
             }
           : {}),
         ...this.opts.hostEnv,

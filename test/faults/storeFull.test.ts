@@ -58,6 +58,7 @@ rootOnly(
       const started = Date.now();
       const { taskId } = await fx.vsp.submit({
         owner: 'alice',
+        driver: 'process',
         host: 'b',
         inputs: ['big/input.bin'],
         command: 'true',

@@ -46,6 +46,7 @@ test('upload, submit --watch, list and download through the vsp CLI', async () =
 
   const spec = {
     owner: 'carol',
+    driver: 'process',
     inputs: ['in/words.txt'],
     command: 'mkdir -p out && sort in/words.txt > out/sorted.txt',
   };

@@ -4,6 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { createControlActivities } from '../../activities/control/createControlActivities';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
+import { releaseTask, waitingCommand } from '../support/releasedTasks';
 
 /**
  * Host durability with the process driver against real Temporal and a real repository: liveness and
@@ -47,11 +48,6 @@ async function bothLive(): Promise<void> {
   await until('hosts a and b live', async () => (await live('a')) && (await live('b')));
 }
 
-/** A command that waits for `release` (a file the test creates) and leaves one output. */
-function waitingCommand(marker: string, release: string): string {
-  return `echo ${marker}-started; while [ ! -e ${release} ]; do sleep 0.1; done; mkdir -p out; echo ${marker} > out/r.txt`;
-}
-
 function processRunning(marker: string): boolean {
   const out = execFileSync('ps', ['-eo', 'args'], { encoding: 'utf8' });
   return out.split('\n').some((l) => l.includes(marker) && !l.includes('ps -eo'));
@@ -86,7 +82,11 @@ test('a killed host worker is down within its liveness period; placement avoids 
 
   const results = await Promise.all(
     [1, 2, 3].map(async (i) => {
-      const { taskId } = await fx.vsp.submit({ owner: 'alice', command: `echo placed-${i}` });
+      const { taskId } = await fx.vsp.submit({
+        owner: 'alice',
+        driver: 'process',
+        command: `echo placed-${i}`,
+      });
       return fx.vsp.result(taskId);
     }),
   );
@@ -101,16 +101,17 @@ test('after a restart the reaper stops the VM of a closed run and keeps its logs
   const stamp = Date.now();
   const closedMarker = `vsp-orphan-${stamp}`;
   const openMarker = `vsp-open-${stamp}`;
-  const releaseOpen = path.join(tmp, `release-open-${stamp}`);
   const closed = await fx.vsp.submit({
     owner: 'alice',
+    driver: 'process',
     host: 'a',
-    command: waitingCommand(closedMarker, path.join(tmp, `never-${stamp}`)),
+    command: waitingCommand(closedMarker),
   });
   const open = await fx.vsp.submit({
     owner: 'alice',
+    driver: 'process',
     host: 'a',
-    command: waitingCommand(openMarker, releaseOpen),
+    command: waitingCommand(openMarker),
   });
   await until('both tasks running', async () => {
     const phases = await Promise.all([phaseOf(closed.taskId), phaseOf(open.taskId)]);
@@ -147,7 +148,7 @@ test('after a restart the reaper stops the VM of a closed run and keeps its logs
 
   // The open run's VM stayed; its task finishes on the restarted worker.
   expect(processRunning(openMarker)).toBe(true);
-  await fs.writeFile(releaseOpen, '');
+  await releaseTask(fx.cluster.storeDir('a'), openMarker);
   const result = await fx.vsp.result(open.taskId);
   expect(result.exitCode).toBe(0);
   expect(result.host).toBe('a');

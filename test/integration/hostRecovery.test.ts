@@ -4,6 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { temporal } from '@temporalio/proto';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
+import { releaseTask, waitingCommand } from '../support/releasedTasks';
 
 /**
  * A host worker killed (SIGKILL) and restarted at once, in stage-in and while the task runs: the new
@@ -73,6 +74,7 @@ test('stage-in: timer heartbeats while the repository stalls; after a kill the r
   try {
     ({ taskId } = await fx.vsp.submit({
       owner: 'alice',
+      driver: 'process',
       inputs: ['in/big.bin'],
       command: 'mkdir -p out && sha256sum in/big.bin > out/sum.txt',
     }));
@@ -114,10 +116,11 @@ test('stage-in: timer heartbeats while the repository stalls; after a kill the r
 });
 
 test('running: the VM outlives a killed worker and the restarted worker re-attaches to it', async () => {
-  const release = path.join(tmp, 'release-running');
+  const marker = `vsp-running-${Date.now()}`;
   const { taskId } = await fx.vsp.submit({
     owner: 'alice',
-    command: `while [ ! -e ${release} ]; do sleep 0.1; done; echo VSP-PROGRESS 100 done`,
+    driver: 'process',
+    command: waitingCommand(marker, 'echo VSP-PROGRESS 100 done'),
   });
   await until('the task waiting for its release', async () => {
     const a = await pendingStep(taskId, 'awaitVm');
@@ -133,7 +136,7 @@ test('running: the VM outlives a killed worker and the restarted worker re-attac
   });
   process.stderr.write(`\nFIGURE recovery running: ${reattachedAt - killedAt} ms from kill to re-attach\n`);
   expect(reattachedAt - restartedAt).toBeLessThanOrEqual(15_000);
-  await fs.writeFile(release, '');
+  await releaseTask(fx.cluster.storeDir('a'), marker);
   const result = await fx.vsp.result(taskId);
   expect(result.exitCode).toBe(0);
   expect(await fs.readdir(path.join(fx.cluster.storeDir('a'), 'vms'))).toEqual([]);

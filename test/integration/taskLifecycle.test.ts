@@ -51,6 +51,7 @@ test('a task with two inputs runs end to end; outputs match; describe shows it c
   const { taskId } = await fx.vsp.submit(
     {
       owner: 'alice',
+      driver: 'process',
       name: 'concat',
       inputs: ['in/a.txt', 'in/b.txt'],
       command: 'mkdir -p out && cat in/a.txt in/b.txt > out/joined.txt && echo VSP-PROGRESS 100 done',
@@ -90,7 +91,7 @@ test('a task with two inputs runs end to end; outputs match; describe shows it c
 
 test('an invalid spec is refused by the client and fails fast in the workflow', async () => {
   await expect(
-    fx.vsp.submit({ owner: 'alice', command: '', inputs: ['../etc/passwd'] } as never),
+    fx.vsp.submit({ owner: 'alice', driver: 'process', command: '', inputs: ['../etc/passwd'] } as never),
   ).rejects.toThrow(TaskSpecError);
   const handle = await fx.temporal.workflow.start('TaskLifecycle', {
     taskQueue: 'vsp',
@@ -109,6 +110,7 @@ test('a missing input fails the task at stage-in, naming the file, leaving nothi
   await uploadText('alice', 'present.txt', 'x');
   const { taskId } = await fx.vsp.submit({
     owner: 'alice',
+    driver: 'process',
     inputs: ['present.txt', 'missing/nope.bin'],
     command: 'true',
   });
@@ -125,6 +127,7 @@ test("another owner's file cannot be staged in", async () => {
   await uploadText('bob', 'secret.txt', 'bob only');
   const { taskId } = await fx.vsp.submit({
     owner: 'alice',
+    driver: 'process',
     inputs: ['secret.txt'],
     command: 'cat secret.txt',
   });
@@ -136,6 +139,7 @@ test('the host worker killed mid-task and restarted: the task completes once, ou
   const marker = `vsp-once-${Date.now()}`;
   const { taskId } = await fx.vsp.submit({
     owner: 'alice',
+    driver: 'process',
     host: 'a',
     command: `mkdir -p out && echo run >> out/runs.txt && echo VSP-PROGRESS 50 ${marker} && sleep 6 && echo finished >> out/runs.txt`,
   });
@@ -153,6 +157,7 @@ test('cancelling a running task: process gone, host folder cleaned, logs kept', 
   const marker = `vspcancel${Date.now()}`;
   const { taskId } = await fx.vsp.submit({
     owner: 'alice',
+    driver: 'process',
     command: `echo started-${marker}; sh -c 'sleep 300; echo ${marker}'`,
   });
   await until('the task to run', async () => (await fx.vsp.status(taskId)).phase === 'running' || undefined);
@@ -175,6 +180,7 @@ test('cancelling a running task: process gone, host folder cleaned, logs kept', 
 test('a task past its time limit is stopped and fails, its outputs and logs kept', async () => {
   const { taskId } = await fx.vsp.submit({
     owner: 'alice',
+    driver: 'process',
     timeLimitSec: 2,
     command: 'mkdir -p out && echo partial > out/partial.txt && echo before-limit && sleep 60',
   });
@@ -191,7 +197,11 @@ test('a task past its time limit is stopped and fails, its outputs and logs kept
 
 test("Temporal's own cancel (temporal workflow cancel) ends a running task the same way", async () => {
   const marker = `vspnative${Date.now()}`;
-  const { taskId } = await fx.vsp.submit({ owner: 'alice', command: `sh -c 'sleep 300; echo ${marker}'` });
+  const { taskId } = await fx.vsp.submit({
+    owner: 'alice',
+    driver: 'process',
+    command: `sh -c 'sleep 300; echo ${marker}'`,
+  });
   await until('the command to start', async () => processRunning(`echo ${marker}`) || undefined);
   await fx.temporal.workflow.getHandle(taskId).cancel();
   await expect(fx.vsp.result(taskId)).rejects.toThrow();

@@ -55,7 +55,7 @@ function qemuPids(): number[] {
     .map((l) => Number(l.trim().split(/\s+/)[0]));
 }
 
-/** Running, not merely unreaped: a daemonized QEMU is reaped by init, which may take its time. */
+/** Running, not merely unreaped: a detached QEMU is reaped by its worker or init, which may take time. */
 async function alive(pid: number): Promise<boolean> {
   const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
   return stat !== '' && stat.slice(stat.lastIndexOf(')') + 2)[0] !== 'Z';
