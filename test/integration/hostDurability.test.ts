@@ -5,6 +5,8 @@ import path from 'node:path';
 import { createControlActivities } from '../../activities/control/createControlActivities';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
 import { releaseTask, waitingCommand } from '../support/releasedTasks';
+import { capabilityOf, submitTask } from '../support/taskApi';
+import { RepositoryClient } from '../../repository/client';
 
 /**
  * Host durability with the process driver against real Temporal and a real repository: liveness and
@@ -82,11 +84,7 @@ test('a killed host worker is down within its liveness period; placement avoids 
 
   const results = await Promise.all(
     [1, 2, 3].map(async (i) => {
-      const { taskId } = await fx.vsp.submit({
-        owner: 'alice',
-        driver: 'process',
-        command: `echo placed-${i}`,
-      });
+      const { taskId } = await submitTask(fx, 'alice', { driver: 'process', command: `echo placed-${i}` });
       return fx.vsp.result(taskId);
     }),
   );
@@ -96,35 +94,31 @@ test('a killed host worker is down within its liveness period; placement avoids 
   await until('host b live again', () => live('b'));
 });
 
-test('after a restart the reaper stops the VM of a closed run and keeps its logs; an open run re-attaches', async () => {
+test('after a restart the reaper stops the VMs of closed runs and keeps their logs; an open run re-attaches', async () => {
   await bothLive();
   const stamp = Date.now();
-  const closedMarker = `vsp-orphan-${stamp}`;
-  const openMarker = `vsp-open-${stamp}`;
-  const closed = await fx.vsp.submit({
-    owner: 'alice',
-    driver: 'process',
-    host: 'a',
-    command: waitingCommand(closedMarker),
-  });
-  const open = await fx.vsp.submit({
-    owner: 'alice',
-    driver: 'process',
-    host: 'a',
-    command: waitingCommand(openMarker),
-  });
-  await until('both tasks running', async () => {
-    const phases = await Promise.all([phaseOf(closed.taskId), phaseOf(open.taskId)]);
+  const markers = { kept: `vsp-kept-${stamp}`, revoked: `vsp-revoked-${stamp}`, open: `vsp-open-${stamp}` };
+  const submitWaiting = (marker: string) =>
+    submitTask(fx, 'alice', { driver: 'process', host: 'a', command: waitingCommand(marker) });
+  const kept = await submitWaiting(markers.kept);
+  const revoked = await submitWaiting(markers.revoked);
+  const open = await submitWaiting(markers.open);
+  await until('the three tasks running', async () => {
+    const phases = await Promise.all([kept, revoked, open].map((t) => phaseOf(t.taskId)));
     return phases.every((p) => p === 'running') || undefined;
   });
   const vmsDir = path.join(fx.cluster.storeDir('a'), 'vms');
-  const before = await fs.readdir(vmsDir);
-  expect(before).toHaveLength(2);
+  expect(await fs.readdir(vmsDir)).toHaveLength(3);
 
+  // Host a dies; two runs end meanwhile (as a HostDown failure would end them), one of them without
+  // a working capability any more.
   await fx.cluster.killHost('a');
-  await fx.temporal.workflow
-    .getHandle(closed.taskId)
-    .terminate('the test ends this run while its host is down');
+  for (const t of [kept, revoked])
+    await fx.temporal.workflow.getHandle(t.taskId).terminate('the test ends this run while its host is down');
+  const capability = await capabilityOf(fx, revoked.taskId);
+  expect(await new RepositoryClient({ url: fx.cluster.repositoryUrl, token: capability }).revokeSelf()).toBe(
+    true,
+  );
   const sweepsBefore = await logCount('a', 'orphan sweep done');
   await fx.cluster.startHost('a');
   await until(
@@ -132,23 +126,31 @@ test('after a restart the reaper stops the VM of a closed run and keeps its logs
     async () => (await logCount('a', 'orphan sweep done')) > sweepsBefore || undefined,
   );
 
-  // The closed run's VM is gone, its process stopped, its logs kept for the operator (no capability).
+  // The closed runs' VMs are gone and their processes stopped.
   const after = await fs.readdir(vmsDir);
   expect(after).toHaveLength(1);
-  expect(processRunning(closedMarker)).toBe(false);
+  expect(processRunning(markers.kept)).toBe(false);
+  expect(processRunning(markers.revoked)).toBe(false);
+  // Logs reach the owner's results while the task's capability works...
+  const repo = fx.repo('alice');
+  const keptLog = path.join(tmp, `kept-${stamp}.log`);
+  await repo.download('alice', `${kept.resultsPath}/logs/task.log`, keptLog);
+  expect(await fs.readFile(keptLog, 'utf8')).toContain(`${markers.kept}-started`);
+  expect(await repo.stat('alice', `${kept.resultsPath}/logs/reaped.txt`)).toBeDefined();
+  // ...and stay on the host for the operator once it does not.
   const orphansDir = path.join(fx.cluster.storeDir('a'), 'orphans');
-  const kept = (await fs.readdir(orphansDir)).filter((d) => !after.some((v) => d.startsWith(`${v}-`)));
-  expect(kept).toHaveLength(1);
-  const keptLog = await fs.readFile(path.join(orphansDir, kept[0], 'task.log'), 'utf8');
-  expect(keptLog).toContain(`${closedMarker}-started`);
-  const record = JSON.parse(await fs.readFile(path.join(orphansDir, kept[0], 'task.json'), 'utf8'));
-  expect(record).toMatchObject({ taskId: closed.taskId, owner: 'alice' });
+  const orphans = await fs.readdir(orphansDir);
+  expect(orphans).toHaveLength(1);
+  const orphanLog = await fs.readFile(path.join(orphansDir, orphans[0], 'task.log'), 'utf8');
+  expect(orphanLog).toContain(`${markers.revoked}-started`);
+  const record = JSON.parse(await fs.readFile(path.join(orphansDir, orphans[0], 'task.json'), 'utf8'));
+  expect(record).toMatchObject({ taskId: revoked.taskId, owner: 'alice' });
   expect(record.capability).toBeUndefined();
-  expect(await logCount('a', '"action":"remove"')).toBeGreaterThanOrEqual(1);
+  expect(await logCount('a', '"action":"remove"')).toBeGreaterThanOrEqual(2);
 
   // The open run's VM stayed; its task finishes on the restarted worker.
-  expect(processRunning(openMarker)).toBe(true);
-  await releaseTask(fx.cluster.storeDir('a'), openMarker);
+  expect(processRunning(markers.open)).toBe(true);
+  await releaseTask(fx.cluster.storeDir('a'), markers.open);
   const result = await fx.vsp.result(open.taskId);
   expect(result.exitCode).toBe(0);
   expect(result.host).toBe('a');

@@ -5,6 +5,7 @@ import path from 'node:path';
 import { temporal } from '@temporalio/proto';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
 import { releaseTask, waitingCommand } from '../support/releasedTasks';
+import { submitTask } from '../support/taskApi';
 
 /**
  * A host worker killed (SIGKILL) and restarted at once, in stage-in and while the task runs: the new
@@ -67,17 +68,19 @@ test('stage-in: timer heartbeats while the repository stalls; after a kill the r
   if (!repository) throw new Error('the cluster has no repository process');
   const removedBefore = await hostLogCount('partial downloads of an earlier attempt removed');
 
-  // The repository stops answering: the download waits on it and only the timer shows the step alive.
+  // Submitted while host a's worker is down (it stays placeable for its liveness period), so that the
+  // repository can stop answering before stage-in begins: the download then waits on it and only the
+  // timer shows the step alive.
+  await fx.cluster.killHost('a');
+  const { taskId } = await submitTask(fx, 'alice', {
+    driver: 'process',
+    inputs: ['in/big.bin'],
+    command: 'mkdir -p out && sha256sum in/big.bin > out/sum.txt',
+  });
   process.kill(repository.pid, 'SIGSTOP');
-  let taskId: string;
   let killedAt: number;
   try {
-    ({ taskId } = await fx.vsp.submit({
-      owner: 'alice',
-      driver: 'process',
-      inputs: ['in/big.bin'],
-      command: 'mkdir -p out && sha256sum in/big.bin > out/sum.txt',
-    }));
+    await fx.cluster.startHost('a');
     const first = await until('a stage-in heartbeat', async () => {
       const a = await pendingStep(taskId, 'stageIn');
       return a?.lastHeartbeatTime ? toMs(a.lastHeartbeatTime) : undefined;
@@ -117,8 +120,7 @@ test('stage-in: timer heartbeats while the repository stalls; after a kill the r
 
 test('running: the VM outlives a killed worker and the restarted worker re-attaches to it', async () => {
   const marker = `vsp-running-${Date.now()}`;
-  const { taskId } = await fx.vsp.submit({
-    owner: 'alice',
+  const { taskId } = await submitTask(fx, 'alice', {
     driver: 'process',
     command: waitingCommand(marker, 'echo VSP-PROGRESS 100 done'),
   });
