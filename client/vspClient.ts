@@ -1,4 +1,3 @@
-import { randomUUID } from 'node:crypto';
 import { Client, WorkflowFailedError, WorkflowNotFoundError } from '@temporalio/client';
 import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
 import { decodeFromPayloadsAtIndex } from '@temporalio/common/lib/internal-non-workflow';
@@ -40,21 +39,19 @@ export class VspClient {
 
   /**
    * Validates the spec (throws TaskSpecError naming the bad fields) and starts its workflow with the
-   * task's capability (minted by the repository for this task id, owner and results path).
+   * task's capability, minted by the repository (or `vsp task grant`) for this task id, owner and results
+   * path: nothing starts a task without one.
    */
   async submit(
     input: TaskSpecInput,
-    opts: { taskId?: string; capability?: string } = {},
+    { taskId, capability }: { taskId: string; capability: string },
   ): Promise<{ taskId: string; runId: string }> {
     const spec = parseTaskSpec(input);
-    const taskId =
-      opts.taskId ?? `${spec.owner}-${spec.name ? `${spec.name}-` : ''}${randomUUID().slice(0, 8)}`;
     const handle = await this.temporal.workflow.start('TaskLifecycle', {
       taskQueue: CONTROL_TASK_QUEUE,
       workflowId: taskId,
       // The raw spec: the workflow validates it again, deterministically, and fills the same defaults.
-      // Interim: without a capability the bare spec (the workflow still accepts it until callers move).
-      args: [opts.capability ? taskInput(input, opts.capability) : input],
+      args: [taskInput(input, capability)],
       staticSummary: `${spec.owner}: ${spec.name ?? spec.command.slice(0, 60)}`,
       // Listed under its owner from the start, before the workflow's first upsert.
       typedSearchAttributes: [{ key: OWNER_KEY, value: spec.owner }],

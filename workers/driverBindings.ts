@@ -6,6 +6,7 @@ import type { DriverBinding, ImageFetch } from '../activities/host/hostDeps';
 import type { HostConfig } from '../config/workerConfig';
 import { probeAccelerator } from '../drivers/qemu/accelerator';
 import { ensureAppliance, type Appliance } from '../drivers/qemu/appliance';
+import { resolveQemuAccount } from '../drivers/qemu/qemuAccount';
 import { QemuDriver } from '../drivers/qemu/qemuDriver';
 import { ProcessDriver } from '../drivers/process/processDriver';
 import { TaskAccounts } from '../drivers/process/taskAccounts';
@@ -70,6 +71,7 @@ export async function createDriverBindings(
           mountRoot: config.mountRoot,
           cluster: config.clusterStorage,
           vmNetwork: config.vmNetwork,
+          diskOwner: await resolveQemuAccount(config.qemuUser),
         }),
         staging: new DiskImageStaging(),
         resolveImage: vmImages.resolveImage,

@@ -2,7 +2,8 @@ import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { createLogger } from '../../logging/logger';
-import { addOwner } from '../../repository/admin';
+import { TaskClient, type OwnerTaskSpec, type SubmittedTask } from '../../client/taskClient';
+import { addOwner, createToken, listOwners } from '../../repository/admin';
 import type { ClusterStorage } from '../../storage/diskLocator';
 import { startNfsExport, type RunningNfsExport } from '../../storage/nfsExport';
 import type { VmNetworkOptions } from '../../drivers/qemu/vmNetwork';
@@ -130,8 +131,7 @@ export class LocalCluster {
       readyWhen: { port: { host: listen, port }, logLine: /repository listening/ },
     });
     this.repositoryUrl = `http://${listen}:${port}`;
-    for (const owner of this.opts.owners ?? [])
-      this.ownerTokens.set(owner, addOwner(this.repoDir, owner).token);
+    for (const owner of this.opts.owners ?? []) this.ownerToken(owner);
     if (this.opts.testHosts) await Promise.all(this.opts.hosts.map((h) => this.startExport(h)));
     await Promise.all([this.startControl(), ...this.opts.hosts.map((h) => this.startHost(h))]);
     log.info({ hosts: this.opts.hosts, repository: this.repositoryUrl }, 'local cluster ready');
@@ -200,6 +200,34 @@ export class LocalCluster {
     });
     this.hostProcs.set(host, proc);
     return proc;
+  }
+
+  /**
+   * An owner's token, through the admin path: the owner is created (or given one more token) the first
+   * time it is asked for.
+   */
+  ownerToken(owner: string): string {
+    let token = this.ownerTokens.get(owner);
+    if (token === undefined) {
+      token = listOwners(this.repoDir).some((o) => o.name === owner)
+        ? createToken(this.repoDir, owner, 'devcluster')
+        : addOwner(this.repoDir, owner).token;
+      this.ownerTokens.set(owner, token);
+    }
+    return token;
+  }
+
+  /** The owners' task API (the front door) as `owner`. */
+  tasks(owner: string): TaskClient {
+    return new TaskClient({ url: this.repositoryUrl, token: this.ownerToken(owner) });
+  }
+
+  /**
+   * Submits a task as `owner` through the repository's task API, as an owner would: the repository
+   * checks it and starts it with the task's capability.
+   */
+  submitTask(owner: string, spec: OwnerTaskSpec, opts: { taskId?: string } = {}): Promise<SubmittedTask> {
+    return this.tasks(owner).submit(spec, opts);
   }
 
   /** SIGKILL, as a crash would: VMs and task processes it started keep running. */

@@ -77,14 +77,21 @@ export async function giveToAccount(
 ): Promise<void> {
   await fs.mkdir(files.runDir, { recursive: true, mode: 0o700 });
   await (await fs.open(files.consoleLog, 'a', 0o600)).close();
+  await giveDisks(account, [...files.disks, files.consoleLog]);
   if (!account) return;
-  for (const [file, mode] of [
-    ...files.disks.map((d) => [d, 0o600] as const),
-    [files.consoleLog, 0o600] as const,
-    [files.runDir, 0o700] as const,
-  ]) {
+  await fs.chown(files.runDir, account.uid, account.gid);
+  await fs.chmod(files.runDir, 0o700);
+}
+
+/** Files that the account alone may read and write (mode 0600). */
+export async function giveDisks(
+  account: Pick<QemuAccount, 'uid' | 'gid'> | undefined,
+  files: string[],
+): Promise<void> {
+  if (!account) return;
+  for (const file of files) {
     await fs.chown(file, account.uid, account.gid);
-    await fs.chmod(file, mode);
+    await fs.chmod(file, 0o600);
   }
 }
 

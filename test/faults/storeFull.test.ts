@@ -6,7 +6,6 @@ import { WorkflowFailedError } from '@temporalio/client';
 import { temporal } from '@temporalio/proto';
 import { taskFailureMessage } from '../../client/vspClient';
 import { startClusterFixture, type ClusterFixture } from '../support/clusterFixture';
-import { submitTask } from '../support/taskApi';
 
 /**
  * Fault: the VM store is full. A host worker whose store is a 1 MiB tmpfs (in a mount namespace of its
@@ -57,7 +56,7 @@ rootOnly(
       await fs.writeFile(big, Buffer.alloc(4 << 20, 7));
       await fx.repo('alice').upload('alice', 'big/input.bin', big);
       const started = Date.now();
-      const { taskId } = await submitTask(fx, 'alice', {
+      const { taskId } = await fx.cluster.submitTask('alice', {
         driver: 'process',
         host: 'b',
         inputs: ['big/input.bin'],

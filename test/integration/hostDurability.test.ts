@@ -5,7 +5,7 @@ import path from 'node:path';
 import { createControlActivities } from '../../activities/control/createControlActivities';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
 import { releaseTask, waitingCommand } from '../support/releasedTasks';
-import { capabilityOf, submitTask } from '../support/taskApi';
+import { capabilityOf } from '../support/taskApi';
 import { RepositoryClient } from '../../repository/client';
 
 /**
@@ -84,7 +84,10 @@ test('a killed host worker is down within its liveness period; placement avoids 
 
   const results = await Promise.all(
     [1, 2, 3].map(async (i) => {
-      const { taskId } = await submitTask(fx, 'alice', { driver: 'process', command: `echo placed-${i}` });
+      const { taskId } = await fx.cluster.submitTask('alice', {
+        driver: 'process',
+        command: `echo placed-${i}`,
+      });
       return fx.vsp.result(taskId);
     }),
   );
@@ -99,7 +102,7 @@ test('after a restart the reaper stops the VMs of closed runs and keeps their lo
   const stamp = Date.now();
   const markers = { kept: `vsp-kept-${stamp}`, revoked: `vsp-revoked-${stamp}`, open: `vsp-open-${stamp}` };
   const submitWaiting = (marker: string) =>
-    submitTask(fx, 'alice', { driver: 'process', host: 'a', command: waitingCommand(marker) });
+    fx.cluster.submitTask('alice', { driver: 'process', host: 'a', command: waitingCommand(marker) });
   const kept = await submitWaiting(markers.kept);
   const revoked = await submitWaiting(markers.revoked);
   const open = await submitWaiting(markers.open);

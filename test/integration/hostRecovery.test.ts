@@ -5,7 +5,6 @@ import path from 'node:path';
 import { temporal } from '@temporalio/proto';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
 import { releaseTask, waitingCommand } from '../support/releasedTasks';
-import { submitTask } from '../support/taskApi';
 
 /**
  * A host worker killed (SIGKILL) and restarted at once, in stage-in and while the task runs: the new
@@ -72,7 +71,7 @@ test('stage-in: timer heartbeats while the repository stalls; after a kill the r
   // repository can stop answering before stage-in begins: the download then waits on it and only the
   // timer shows the step alive.
   await fx.cluster.killHost('a');
-  const { taskId } = await submitTask(fx, 'alice', {
+  const { taskId } = await fx.cluster.submitTask('alice', {
     driver: 'process',
     inputs: ['in/big.bin'],
     command: 'mkdir -p out && sha256sum in/big.bin > out/sum.txt',
@@ -120,7 +119,7 @@ test('stage-in: timer heartbeats while the repository stalls; after a kill the r
 
 test('running: the VM outlives a killed worker and the restarted worker re-attaches to it', async () => {
   const marker = `vsp-running-${Date.now()}`;
-  const { taskId } = await submitTask(fx, 'alice', {
+  const { taskId } = await fx.cluster.submitTask('alice', {
     driver: 'process',
     command: waitingCommand(marker, 'echo VSP-PROGRESS 100 done'),
   });

@@ -47,8 +47,7 @@ test("a process task cannot read the worker's token, environment and files, nor 
   await fs.writeFile(tokenFile, `VSP_REPOSITORY_TOKEN=${token}\n`, { mode: 0o600 });
 
   // Bob's task keeps its home busy until the test releases it (a file the test drops into that home).
-  const bob = await fx.vsp.submit({
-    owner: 'bob',
+  const bob = await fx.cluster.submitTask('bob', {
     driver: 'process',
     host: 'a',
     command: 'echo bob-secret > mine.txt && while [ ! -e release ]; do sleep 0.1; done',
@@ -74,7 +73,7 @@ test("a process task cannot read the worker's token, environment and files, nor 
         `if ${probe} > /dev/null 2>&1; then echo "${name} read"; else echo "${name} denied"; fi >> out/probes.txt`,
     ),
   ].join('\n');
-  const { taskId } = await fx.vsp.submit({ owner: 'alice', driver: 'process', host: 'a', command });
+  const { taskId } = await fx.cluster.submitTask('alice', { driver: 'process', host: 'a', command });
   const result = await fx.vsp.result(taskId);
   await fs.writeFile(path.join(bobHome, 'release'), '');
   await fx.vsp.result(bob.taskId);
@@ -99,8 +98,8 @@ test("a process task cannot read the worker's token, environment and files, nor 
 test('two tasks running at once have different accounts; each owns its home', async () => {
   const cmd = 'mkdir -p out && id -u > out/uid.txt && stat -c %u:%a "$HOME" > out/home.txt';
   const [x, y] = await Promise.all([
-    fx.vsp.submit({ owner: 'alice', driver: 'process', host: 'a', command: cmd }),
-    fx.vsp.submit({ owner: 'alice', driver: 'process', host: 'a', command: cmd }),
+    fx.cluster.submitTask('alice', { driver: 'process', host: 'a', command: cmd }),
+    fx.cluster.submitTask('alice', { driver: 'process', host: 'a', command: cmd }),
   ]);
   const read = async (taskId: string, name: string) => {
     const r = await fx.vsp.result(taskId);

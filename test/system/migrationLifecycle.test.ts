@@ -67,7 +67,7 @@ function submitCpuTask(rounds = ROUNDS): Promise<{ taskId: string }> {
       'done',
     ].join('\n'),
   };
-  return vsp.submit(spec);
+  return cluster.submitTask(OWNER, spec);
 }
 
 async function vmIdOf(taskId: string): Promise<string> {
@@ -233,7 +233,7 @@ test('a -> b -> c, and a -> (placement) -> a back home, both complete', async ()
 }, 300_000);
 
 test('bad migrate requests get clear errors and the task keeps running', async () => {
-  const { taskId } = await vsp.submit({
+  const { taskId } = await cluster.submitTask(OWNER, {
     owner: OWNER,
     driver: 'process',
     host: 'a',

@@ -119,5 +119,31 @@ describe('live migration over TLS (real QEMU, namespace hosts)', () => {
     expect(result.ramTransferredBytes).toBeGreaterThan(0);
     expect((await t.drivers.b.inspect(moved)).details.qmpStatus).toBe('running');
     console.log(`TLS migration a->b ${JSON.stringify(result)}`);
+
+    // Production's way to the disks: b opens them under the mounts of the other stores (here a link
+    // stands for a's kernel NFS mount), not through QEMU's own NFS client.
+    const home = await migrateWith(t.drivers.a, moved);
+    const mountRoot = path.join(t.workDir, 'cluster');
+    await fs.mkdir(mountRoot, { mode: 0o755 });
+    await fs.symlink(t.stores.a.root, path.join(mountRoot, 'a'));
+    const viaMounts = new QemuDriver({ ...t.driverOptions.b, remoteDisksUnder: mountRoot });
+    const again = await migrateWith(viaMounts, home);
+    const blocks = await qmpCommand<{ inserted?: { file: string } }[]>(
+      String(again.state.qmpSocket),
+      'query-block',
+    );
+    expect(blocks.find((b) => b.inserted)?.inserted?.file).toContain(`${mountRoot}/a/vms/vm-tls/root.qcow2`);
+    expect((await viaMounts.inspect(again)).details.qmpStatus).toBe('running');
   });
+
+  /** Migrates the VM from where it runs to `target`'s host, over TLS; returns its handle there. */
+  async function migrateWith(target: QemuDriver, vm: VmHandle): Promise<VmHandle> {
+    const t = hosts as NfsTestHosts<Host>;
+    const from = t.drivers[vm.host as Host];
+    const incoming = await target.prepareIncoming(await from.describeForMigration(vm));
+    await from.migrate(vm, incoming, { downtimeLimitMs: 300 });
+    const handle = await target.finishIncoming(incoming);
+    t.started.push({ host: handle.host as Host, handle });
+    return handle;
+  }
 });
