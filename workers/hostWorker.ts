@@ -63,18 +63,21 @@ async function main(): Promise<void> {
       (err: unknown) =>
         log.warn({ err: describeError(err) }, 'some NFS exports of the cluster do not answer'),
     );
+  const identity = `vsp-host-${config.host}@${process.pid}`;
   const worker = await Worker.create({
     connection,
     namespace,
     taskQueue: hostTaskQueue(config.host),
     activities: { ...activities, ...migration, ...liveness },
-    identity: `vsp-host-${config.host}@${process.pid}`,
+    identity,
     // Heartbeats (liveness, task progress) reach Temporal within one period, whatever the timeouts.
     maxHeartbeatThrottleInterval: config.heartbeatSec * 1000,
   });
   await startLiveness(client, config);
 
-  const reaper = new OrphanReaper({ hostName: config.host, store, client, drivers, repositoryFor });
+  const reaper = new OrphanReaper({ hostName: config.host, identity, store, client, drivers, repositoryFor });
+  await reaper.removeStaleTempFiles(true);
+  // VMs are swept while the worker already serves: open runs re-attach meanwhile, nothing waits.
   let sweeping: Promise<unknown> = Promise.resolve();
   const sweep = (startup: boolean) => {
     sweeping = sweeping
@@ -83,6 +86,11 @@ async function main(): Promise<void> {
   };
   sweep(true);
   const timer = setInterval(() => sweep(false), config.reaperIntervalSec * 1000);
+  await reaper
+    .releaseStaleAttempts(hostLivenessWorkflowId(config.host))
+    .catch((err: unknown) =>
+      log.warn({ err: describeError(err) }, "could not release the predecessor's liveness heartbeat"),
+    );
 
   log.info(
     {

@@ -4,10 +4,10 @@ import { Readable } from 'node:stream';
 import { setOwnerDisabled } from '../../repository/admin';
 import type { AuditEvent } from '../../repository/auditLog';
 import { decodeCapabilityClaims } from '../../spec/capability';
-import { parseTaskInput } from '../../spec/taskInput';
 import type { TaskResult } from '../../workflows/definitions';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
-import { releaseTask, waitingCommand } from '../support/waitingTask';
+import { releaseTask, waitingCommand } from '../support/releasedTasks';
+import { capabilityOf } from '../support/taskApi';
 
 /**
  * Tenancy end to end (issue 9) on a local cluster (real Temporal, repository, control and process-driver
@@ -39,12 +39,6 @@ async function api(
     body: json === undefined ? undefined : JSON.stringify(json),
   });
   return { status: res.status, body: (await res.json()) as Record<string, unknown> };
-}
-
-async function capabilityOf(taskId: string): Promise<string> {
-  const history = await fx.temporal.workflow.getHandle(taskId).fetchHistory();
-  const payload = history.events![0].workflowExecutionStartedEventAttributes!.input!.payloads![0];
-  return parseTaskInput(JSON.parse(Buffer.from(payload.data!).toString('utf8'))).capability;
 }
 
 async function readWith(capability: string, p: string): Promise<{ status: number; text: string }> {
@@ -84,7 +78,7 @@ test('a task runs with its own capability only, and the capability ends with the
   expect(done.resultsPath).toBe(`results/${taskId}`);
   expect(done.outputs.map((o) => o.path)).toEqual([`results/${taskId}/outputs/copy.txt`]);
 
-  const capability = await capabilityOf(taskId);
+  const capability = await capabilityOf(fx, taskId);
   const { id } = decodeCapabilityClaims(capability);
   const lines = await audit();
   // Every transfer of the task went with its capability: the input read, the outputs and logs written.
@@ -118,14 +112,14 @@ test("a disabled owner's running task loses repository access at once", async ()
       async () => (await api('GET', `/${encodeURIComponent(taskId)}`)).body.phase === 'running',
       120_000,
     );
-    const capability = await capabilityOf(taskId);
+    const capability = await capabilityOf(fx, taskId);
     expect((await readWith(capability, `results/${taskId}/none`)).status).toBe(404);
     setOwnerDisabled(fx.cluster.repoDir, 'alice', true);
     expect(await readWith(capability, `results/${taskId}/none`)).toEqual({
       status: 401,
       text: JSON.stringify({ error: 'owner alice is disabled' }),
     });
-    await until('the task released', () => releaseTask(fx.cluster, 'a', marker).then(() => true));
+    await until('the task released', () => releaseTask(fx.cluster.storeDir('a'), marker).then(() => true));
     // The host's stage-out is refused: the outputs do not reach the disabled owner's space.
     await until(
       'the stage-out refused',
