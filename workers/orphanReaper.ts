@@ -238,6 +238,15 @@ export class OrphanReaper {
           { action: 'keep-logs', vmId, run, to: `${record.resultsPath}/logs` },
           'orphan logs uploaded',
         );
+        // The run is over: its capability must not outlive it (the workflow's own revoke never ran).
+        await repository
+          .revokeSelf()
+          .catch((err: unknown) =>
+            log.warn(
+              { action: 'revoke-failed', vmId, run, err: describeError(err) },
+              'capability not revoked',
+            ),
+          );
         return 'repository';
       } catch (err) {
         log.warn(

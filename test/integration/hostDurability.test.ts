@@ -140,6 +140,14 @@ test('after a restart the reaper stops the VMs of closed runs and keeps their lo
   await repo.download('alice', `${kept.resultsPath}/logs/task.log`, keptLog);
   expect(await fs.readFile(keptLog, 'utf8')).toContain(`${markers.kept}-started`);
   expect(await repo.stat('alice', `${kept.resultsPath}/logs/reaped.txt`)).toBeDefined();
+  // ...which the reaper then revokes, since the run's own last step never ran.
+  const audit = await fs.readFile(path.join(fx.cluster.repoDir, 'audit.log'), 'utf8');
+  expect(
+    audit
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => JSON.parse(l) as object),
+  ).toContainEqual(expect.objectContaining({ action: 'capability-revoke', task: kept.taskId, result: 'ok' }));
   // ...and stay on the host for the operator once it does not.
   const orphansDir = path.join(fx.cluster.storeDir('a'), 'orphans');
   const orphans = await fs.readdir(orphansDir);
