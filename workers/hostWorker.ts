@@ -31,8 +31,8 @@ async function main(): Promise<void> {
   const repositoryFor = (capability: string) =>
     new RepositoryClient({ url: config.repositoryUrl, token: capability });
   const drivers = await createDriverBindings(config, store, repository);
-  const { connection, namespace } = await connectWorkerConnection();
-  const client = new Client({ connection, namespace });
+  const { connection, namespace, dataConverter } = await connectWorkerConnection();
+  const client = new Client({ connection, namespace, dataConverter });
 
   const activities = createHostActivities({
     hostName: config.host,
@@ -70,6 +70,7 @@ async function main(): Promise<void> {
   const worker = await Worker.create({
     connection,
     namespace,
+    dataConverter,
     taskQueue: hostTaskQueue(config.host),
     activities: { ...activities, ...migration, ...liveness },
     identity,
