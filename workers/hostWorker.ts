@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import { Client } from '@temporalio/client';
 import { Worker } from '@temporalio/worker';
 import { createHostActivities } from '../activities/host/createHostActivities';
@@ -63,7 +64,9 @@ async function main(): Promise<void> {
       (err: unknown) =>
         log.warn({ err: describeError(err) }, 'some NFS exports of the cluster do not answer'),
     );
-  const identity = `vsp-host-${config.host}@${process.pid}`;
+  // Unique per start even when a container gives every start the same pid: the orphan reaper tells its
+  // predecessor's attempts from its own by it.
+  const identity = `vsp-host-${config.host}@${process.pid}.${randomBytes(4).toString('hex')}`;
   const worker = await Worker.create({
     connection,
     namespace,

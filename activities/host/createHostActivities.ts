@@ -173,7 +173,7 @@ export function createHostActivities(deps: HostDeps) {
             throw err;
           }
           files++;
-          hb.update({ verified });
+          hb.update({ verified }, true);
         }
         hb.update({ step: 'build-home', kind: staging.kind });
         const built = await staging.build(p, ref.spec.outputRoomMiB * 1024 * 1024, { signal: hb.signal });
