@@ -71,8 +71,7 @@ function submitCpuTask(rounds = ROUNDS): Promise<{ taskId: string }> {
 }
 
 async function vmIdOf(taskId: string): Promise<string> {
-  const { resultsPath } = await until('the task status', async () => vsp.status(taskId));
-  return path.posix.basename(resultsPath ?? '');
+  return until('the task status', async () => (await vsp.status(taskId)).vmId);
 }
 
 const vmDir = (host: string, vmId: string) => ns.vmDir(host, vmId);

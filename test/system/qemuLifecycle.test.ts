@@ -95,10 +95,9 @@ function submit(spec: Omit<TaskSpecInput, 'owner'>) {
   return fx.cluster.submitTask(OWNER, { driver: 'qemu', host: HOST, timeLimitSec: 300, ...spec });
 }
 
-/** The VM folder name of a task: its default results folder is results/<vmId>. */
+/** The VM folder name of a task (its status says). */
 async function vmIdOf(taskId: string): Promise<string> {
-  const { resultsPath } = await until('the task status', async () => fx.vsp.status(taskId));
-  return path.posix.basename(resultsPath ?? '');
+  return until('the task status', async () => (await fx.vsp.status(taskId)).vmId);
 }
 
 /** Waits until the VM's console shows `line` (the guest's VSP- lines reach it as they are printed). */
