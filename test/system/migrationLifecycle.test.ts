@@ -70,9 +70,13 @@ function submitCpuTask(rounds = ROUNDS): Promise<{ taskId: string }> {
   return cluster.submitTask(OWNER, spec);
 }
 
+/** The VM folder of a task placed on host a (its storage host): `<task id>-<run>`, as vmIdFor names it. */
 async function vmIdOf(taskId: string): Promise<string> {
-  const { resultsPath } = await until('the task status', async () => vsp.status(taskId));
-  return path.posix.basename(resultsPath ?? '');
+  return until(`the VM folder of ${taskId}`, async () =>
+    (await fs.readdir(path.join(cluster.storeDir('a'), 'vms')).catch(() => [] as string[])).find((v) =>
+      v.startsWith(`${taskId}-`),
+    ),
+  );
 }
 
 const vmDir = (host: string, vmId: string) => ns.vmDir(host, vmId);
