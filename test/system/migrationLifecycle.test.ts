@@ -10,6 +10,7 @@ import type { TaskSpecInput } from '../../spec/taskSpec';
 import { type MigrateRequest, type TaskResult } from '../../workflows/definitions';
 import { until } from '../support/clusterFixture';
 import { startNamespaceCluster, type NamespaceCluster } from '../support/namespaceCluster';
+import { findVmId } from '../support/vmFolders';
 import { qemuHostsOf } from '../support/vmProcesses';
 
 /**
@@ -70,14 +71,11 @@ function submitCpuTask(rounds = ROUNDS): Promise<{ taskId: string }> {
   return cluster.submitTask(OWNER, spec);
 }
 
-/** The VM folder of a task placed on host a (its storage host): `<task id>-<run>`, as vmIdFor names it. */
-async function vmIdOf(taskId: string): Promise<string> {
-  return until(`the VM folder of ${taskId}`, async () =>
-    (await fs.readdir(path.join(cluster.storeDir('a'), 'vms')).catch(() => [] as string[])).find((v) =>
-      v.startsWith(`${taskId}-`),
-    ),
+const vmIdOf = (taskId: string) =>
+  findVmId(
+    HOSTS.map((h) => cluster.storeDir(h)),
+    taskId,
   );
-}
 
 const vmDir = (host: string, vmId: string) => ns.vmDir(host, vmId);
 
