@@ -1,0 +1,67 @@
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import { taskFailureMessage } from '../../client/vspClient';
+import { FaultCluster, failureTypes, poll, recordFigure, sha256 } from '../support/faultCluster';
+
+/**
+ * A host killed for good (issue 10, Acceptance): its task fails within two liveness periods with HostDown
+ * naming the host, no new task is placed on it, and when it comes back its orphan (the task's process and
+ * folder, whose workflow has ended) is reaped. A short liveness period keeps the test quick.
+ */
+const LIVENESS_SEC = 10;
+
+let fc: FaultCluster;
+
+beforeAll(async () => {
+  const liveness = { VSP_HOST_LIVENESS_SEC: String(LIVENESS_SEC) };
+  fc = await FaultCluster.start({ hosts: ['a', 'b'], controlEnv: liveness, hostEnv: liveness });
+}, 180_000);
+
+afterAll(async () => {
+  await fc?.stop();
+});
+
+test('a host killed for good: HostDown within two liveness periods, nothing placed there, orphan reaped on return', async () => {
+  const name = 'dead-host';
+  const taskId = await fc.submit('dead-host', { host: 'a', command: fc.taskCommand(name) });
+  await poll(`${name} to run`, 60_000, async () => fc.started(name) || undefined);
+  const { resultsPath } = await fc.status(taskId);
+  const vmId = path.posix.basename(resultsPath ?? '');
+  const marker = path.join(fc.releaseDir, name);
+
+  await fc.cluster.killHost('a');
+  const killed = Date.now();
+  // Submitted right after the kill, while the dead host's last poll is recent: none may go there.
+  const later = ['after-kill-0', 'after-kill-1', 'after-kill-2'];
+  await Promise.all(later.map((n) => fc.release(n)));
+  const laterIds = await Promise.all(later.map((n) => fc.submit(n, { command: fc.taskCommand(n) })));
+
+  const err = await fc.vsp.result(taskId).then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  const detectMs = Date.now() - killed;
+  recordFigure('time to detect a dead host (its task failed with HostDown)', detectMs / 1000, 's');
+  expect(failureTypes(err)).toContain('HostDown');
+  expect(taskFailureMessage(err)).toMatch(/\ba\b/);
+  expect((await fc.status(taskId)).phase).toBe('failed');
+  expect(detectMs).toBeLessThanOrEqual(2 * LIVENESS_SEC * 1000);
+
+  for (const [i, id] of laterIds.entries()) {
+    const r = await fc.vsp.result(id);
+    expect({ task: later[i], host: r.host }).toEqual({ task: later[i], host: 'b' });
+    expect(r.outputs.find((o) => o.path.endsWith('outputs/runs.txt'))?.sha256).toBe(sha256('run\n'));
+  }
+
+  // The task's process outlived its worker, as a VM would: it is the orphan the host finds on return.
+  expect(fc.processesWith(marker)).not.toEqual([]);
+  await fc.cluster.startHost('a');
+  const back = Date.now();
+  await poll('the orphan to be reaped', 120_000, async () =>
+    (await fc.storeLeftovers()).length === 0 && fc.processesWith(marker).length === 0 ? true : undefined,
+  );
+  recordFigure('orphan reaped after the dead host returned', (Date.now() - back) / 1000, 's');
+  const hostLog = readFileSync(path.join(fc.cluster.logDir, 'host-a.log'), 'utf8');
+  // Every reaper action is audited in the worker log, naming the VM.
+  expect(hostLog).toMatch(new RegExp(`"vmId":"${vmId}".*(reap|orphan)`, 'i'));
+}, 300_000);
