@@ -144,6 +144,11 @@ export class LocalCluster {
       logFile: path.join(this.logDir, 'repository.log'),
       readyWhen: { port: { host, port }, logLine: /repository listening/ },
     });
+    const proc = this.repository;
+    // A repository that dies on its own is down too: a test may start it again.
+    void proc.exited.then(() => {
+      if (this.repository === proc) this.repository = undefined;
+    });
     this.repositoryUrl = `http://${host}:${port}`;
   }
 
@@ -154,7 +159,7 @@ export class LocalCluster {
     this.repository = undefined;
   }
 
-  /** The repository's pid, while it runs. */
+  /** The repository's pid, while it runs (undefined once it stopped or died). */
   get repositoryPid(): number | undefined {
     return this.repository?.pid;
   }

@@ -3,6 +3,8 @@ import { appendFileSync, existsSync, mkdirSync, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { promisify } from 'node:util';
+import { execFile } from 'node:child_process';
 import { ApplicationFailure, Client, Connection } from '@temporalio/client';
 import { heldFile, holdFile, type HoldPoint } from '../../deploy/devcluster/faultHoldFiles';
 import { LocalCluster, type LocalClusterOptions } from '../../deploy/devcluster/localCluster';
@@ -50,8 +52,8 @@ export interface FaultClusterOptions {
   drivers?: string[];
   hostEnv?: NodeJS.ProcessEnv;
   controlEnv?: NodeJS.ProcessEnv;
-  /** Called with the cluster's folders before any process starts (e.g. to mount a small store). */
-  beforeStart?: (cluster: LocalCluster) => Promise<void>;
+  /** Hosts whose store is a tmpfs of that many MiB (root only), to fill it. */
+  smallStores?: Record<string, number>;
 }
 
 /** A hold on one activity of one task, made before the activity runs (faultHoldFiles.ts). */
@@ -68,6 +70,7 @@ export class FaultCluster {
   temporal!: Client;
   vsp!: VspClient;
   private temporalPort = 0;
+  private readonly mounted: string[] = [];
 
   private constructor(
     readonly dir: string,
@@ -97,7 +100,12 @@ export class FaultCluster {
       fc.temporal = new Client({ connection: fc.connection, namespace: 'default' });
       fc.vsp = new VspClient(fc.temporal);
       (fc.cluster.opts as { temporalAddress: string }).temporalAddress = fc.temporalServer.address;
-      await opts.beforeStart?.(fc.cluster);
+      for (const [host, mib] of Object.entries(opts.smallStores ?? {})) {
+        const store = fc.cluster.storeDir(host);
+        await fs.mkdir(store, { recursive: true });
+        await run('mount', ['-t', 'tmpfs', '-o', `size=${mib}m`, `vsp-faults-${host}`, store]);
+        fc.mounted.push(store);
+      }
       await fc.cluster.start();
       return fc;
     } catch (err) {
@@ -256,9 +264,12 @@ export class FaultCluster {
     await this.cluster.stop();
     await this.connection?.close();
     await this.temporalServer?.stop();
-    if (process.env.VSP_KEEP_TEST_DIRS !== '1') await fs.rm(this.dir, { recursive: true, force: true });
+    for (const store of this.mounted.splice(0)) await run('umount', [store]);
+    if (process.env.VSP_KEEP_TEST_DIRS !== '1') await fs.rm(this.dir, { recursive: true, force: true, maxRetries: 5 });
   }
 }
+
+const run = promisify(execFile);
 
 /** The types of the ApplicationFailures in an error's chain of causes, outermost first. */
 export function failureTypes(err: unknown): string[] {
