@@ -109,13 +109,34 @@ export const TaskSpecSchema = z
     resultsPath: repoPath('resultsPath').optional(),
     /** TCP ports of a long-running service; a task with ports runs until cancelled. */
     ports: z.array(z.number().int().min(1).max(65535)).max(32).default([]),
+    /**
+     * What happens when the task's host dies before its outputs are staged out: 'fail' (HostDown, the
+     * default) or 'restart' (placed again on another live host, from stage-in).
+     */
+    onHostFailure: z.enum(['fail', 'restart']).default('fail'),
     /** Host to run on; placement chooses when absent. */
     host: z
       .string()
       .regex(/^[a-z0-9][a-z0-9-]{0,62}$/, 'host must be a host name from the cluster configuration')
       .optional(),
   })
-  .strict();
+  .strict()
+  .superRefine((spec, ctx) => {
+    // A second copy of an input would only overwrite the first; a port twice is a mistake.
+    for (const field of ['inputs', 'ports'] as const) {
+      const seen = new Map<string | number, number>();
+      spec[field].forEach((v, i) => {
+        const first = seen.get(v);
+        if (first !== undefined)
+          ctx.addIssue({
+            code: 'custom',
+            path: [field, i],
+            message: `duplicate of ${field}[${first}] (${JSON.stringify(v)})`,
+          });
+        else seen.set(v, i);
+      });
+    }
+  });
 
 export type TaskSpecInput = z.input<typeof TaskSpecSchema>;
 export type TaskSpec = z.output<typeof TaskSpecSchema>;

@@ -1,5 +1,6 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
+import { UnusableOutputsError } from './diskImageStaging';
 import type { ExtractedOutputs, HomeStaging } from './homeStaging';
 import type { VmPaths } from './vmStore';
 
@@ -26,13 +27,28 @@ export class DirectoryStaging implements HomeStaging {
     await fs.rm(vm.outboxDir, { recursive: true, force: true });
     await fs.mkdir(outputsDir, { recursive: true });
     const src = path.join(vm.homeDir, outputDir);
+    // The home is the task's: a symlink on the way to outputDir would make root copy a folder of the host.
+    // Inside it, links are copied as links, which the upload refuses by name.
+    const parts = path.relative(vm.homeDir, src).split(path.sep);
+    for (let i = 1; i <= parts.length; i++) {
+      const st = await fs.lstat(path.join(vm.homeDir, ...parts.slice(0, i))).catch(() => undefined);
+      if (st?.isSymbolicLink())
+        throw new UnusableOutputsError(
+          `outputDir ${outputDir} is or lies under a symlink in the task's home`,
+          'BadOutputs',
+          (await exists(vm.taskLog)) ? vm.taskLog : undefined,
+        );
+    }
     if (await isDir(src)) await fs.cp(src, outputsDir, { recursive: true, verbatimSymlinks: true });
-    const hasLog = await fs.stat(vm.taskLog).then(
-      () => true,
-      () => false,
-    );
-    return { outputsDir, taskLog: hasLog ? vm.taskLog : undefined };
+    return { outputsDir, taskLog: (await exists(vm.taskLog)) ? vm.taskLog : undefined };
   }
+}
+
+async function exists(p: string): Promise<boolean> {
+  return fs.lstat(p).then(
+    () => true,
+    () => false,
+  );
 }
 
 async function isDir(p: string): Promise<boolean> {

@@ -1,12 +1,15 @@
+import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { ApplicationFailure } from '@temporalio/activity';
-import type { DriverBinding } from '../activities/host/hostDeps';
+import type { DriverBinding, ImageFetch } from '../activities/host/hostDeps';
 import type { HostConfig } from '../config/workerConfig';
 import { probeAccelerator } from '../drivers/qemu/accelerator';
 import { ensureAppliance, type Appliance } from '../drivers/qemu/appliance';
+import { resolveQemuAccount } from '../drivers/qemu/qemuAccount';
 import { QemuDriver } from '../drivers/qemu/qemuDriver';
 import { ProcessDriver } from '../drivers/process/processDriver';
+import { TaskAccounts } from '../drivers/process/taskAccounts';
 import { checkToolstack, xlRunner } from '../drivers/xen/xl';
 import { XenDriver } from '../drivers/xen/xenDriver';
 import { describeError } from '../logging/logger';
@@ -29,7 +32,11 @@ export async function createDriverBindings(
   for (const name of config.drivers) {
     if (name === 'process') {
       bindings.process = {
-        driver: new ProcessDriver({ store, hostName: config.host }),
+        driver: new ProcessDriver({
+          store,
+          hostName: config.host,
+          ...(config.processUids ? { accounts: new TaskAccounts(config.processUids) } : {}),
+        }),
         staging: new DirectoryStaging(),
       };
     } else if (name === 'qemu') {
@@ -45,6 +52,9 @@ export async function createDriverBindings(
           cluster: config.clusterStorage,
           netns: config.netns,
           vmNetwork: config.vmNetwork,
+          qemuUser: config.qemuUser,
+          migrationTlsDir: config.migrationTlsDir,
+          remoteDisksUnder: config.qemuRemoteDisks === 'mounts' ? config.mountRoot : undefined,
         }),
         staging: new DiskImageStaging(),
         resolveImage: vmImages.resolveImage,
@@ -61,6 +71,7 @@ export async function createDriverBindings(
           mountRoot: config.mountRoot,
           cluster: config.clusterStorage,
           vmNetwork: config.vmNetwork,
+          diskOwner: await resolveQemuAccount(config.qemuUser),
         }),
         staging: new DiskImageStaging(),
         resolveImage: vmImages.resolveImage,
@@ -85,10 +96,12 @@ async function vmImagesOf(
   const cache = new ImageCache({ dir: store.imagesDir, maxVirtualBytes: config.maxImageBytes });
   return {
     appliance,
-    resolveImage: async (owner, image) => {
+    resolveImage: async (owner, image, fetch) => {
       if (image === 'default')
         return (await cache.ensureFromFile(appliance.root.path, appliance.root.sha256)).path;
-      return customerImage(cache, store, repository, owner, image);
+      // The host's own credential reads the provider's base images only; an owner's image, the task's.
+      const from = image.startsWith(BASE_IMAGE_PREFIX) ? { ...fetch, repository } : fetch;
+      return customerImage(cache, store, from, owner, image);
     },
   };
 }
@@ -101,10 +114,11 @@ async function vmImagesOf(
 async function customerImage(
   cache: ImageCache,
   store: VmStore,
-  repository: RepositoryClient,
+  fetch: ImageFetch,
   owner: string,
   image: string,
 ): Promise<string> {
+  const { repository } = fetch;
   const repoPath = imageRepoPath(image);
   const where = image.startsWith(BASE_IMAGE_PREFIX)
     ? "the provider's base images"
@@ -125,10 +139,11 @@ async function customerImage(
   if (cached) return cached.path;
   const incoming = path.join(store.imagesDir, '.incoming');
   await fs.mkdir(incoming, { recursive: true });
-  const tmp = path.join(incoming, `${info.sha256}.${process.pid}`);
+  // One name per attempt: a retry never writes into a file an earlier attempt may still fill.
+  const tmp = path.join(incoming, `${info.sha256}.${process.pid}.${randomBytes(4).toString('hex')}`);
   try {
-    await repository.download(owner, repoPath, tmp);
-    return (await cache.ensureFromFile(tmp, info.sha256, `'${image}'`)).path;
+    await repository.download(owner, repoPath, tmp, { signal: fetch.signal, onProgress: fetch.onProgress });
+    return (await cache.ensureFromFile(tmp, info.sha256, `'${image}'`, fetch.signal)).path;
   } catch (err) {
     // Only a bad image is final; a failed download or a full disk may pass on a retry.
     if (err instanceof InvalidImageError)

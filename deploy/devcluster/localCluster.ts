@@ -2,7 +2,8 @@ import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { createLogger } from '../../logging/logger';
-import { addOwner } from '../../repository/admin';
+import { TaskClient, type OwnerTaskSpec, type SubmittedTask } from '../../client/taskClient';
+import { addOwner, createToken, listOwners } from '../../repository/admin';
 import type { ClusterStorage } from '../../storage/diskLocator';
 import { startNfsExport, type RunningNfsExport } from '../../storage/nfsExport';
 import type { VmNetworkOptions } from '../../drivers/qemu/vmNetwork';
@@ -10,6 +11,7 @@ import { HOST_BRIDGE, inNetns, type TestNetwork } from './netns';
 import { freePort } from './ports';
 import { FAULT_DIR_ENV } from './faultHoldFiles';
 import { spawnManaged, type ManagedProcess } from './processes';
+import { issueMigrationCerts } from './migrationCerts';
 import { repoRoot } from './tools';
 
 const log = createLogger('devcluster.local');
@@ -56,6 +58,8 @@ export class LocalCluster {
   private repository?: ManagedProcess;
   private repositoryListen?: { host: string; port: number };
   private control?: ManagedProcess;
+  /** Namespace mode: each host's migration credentials (VSP_MIGRATION_TLS_DIR). */
+  private migrationTlsDirs: Record<string, string> = {};
   private readonly serviceToken = `vsp_${randomBytes(32).toString('base64url')}`;
 
   constructor(readonly opts: LocalClusterOptions) {}
@@ -116,10 +120,17 @@ export class LocalCluster {
   }
 
   async start(): Promise<this> {
-    await fs.mkdir(this.logDir, { recursive: true });
+    // QEMU's unprivileged account reaches the host stores through the base folder, nothing else in it.
+    if (this.opts.drivers?.includes('qemu')) await fs.chmod(this.opts.baseDir, 0o711);
+    await fs.mkdir(this.logDir, { recursive: true, mode: 0o700 });
+    await fs.mkdir(this.repoDir, { recursive: true, mode: 0o700 });
+    if (this.opts.testHosts)
+      this.migrationTlsDirs = await issueMigrationCerts(
+        path.join(this.opts.baseDir, 'tls'),
+        Object.fromEntries(this.opts.hosts.map((h) => [h, this.testHost(h).address])),
+      );
     await this.startRepository();
-    for (const owner of this.opts.owners ?? [])
-      this.ownerTokens.set(owner, addOwner(this.repoDir, owner).token);
+    for (const owner of this.opts.owners ?? []) this.ownerToken(owner);
     if (this.opts.testHosts) await Promise.all(this.opts.hosts.map((h) => this.startExport(h)));
     await Promise.all([this.startControl(), ...this.opts.hosts.map((h) => this.startHost(h))]);
     log.info({ hosts: this.opts.hosts, repository: this.repositoryUrl }, 'local cluster ready');
@@ -197,10 +208,15 @@ export class LocalCluster {
     this.exports.set(host, exp);
   }
 
-  async startHost(host: string): Promise<ManagedProcess> {
-    const worker = this.opts.testHosts
+  /** `wrap` runs the worker under another command (e.g. in a mount namespace with a tiny store). */
+  async startHost(
+    host: string,
+    wrap?: (cmd: string, args: string[]) => { cmd: string; args: string[] },
+  ): Promise<ManagedProcess> {
+    const plain = this.opts.testHosts
       ? inNetns(this.testHost(host).netns, process.execPath, this.workerArgs('workers/hostWorker.js'))
       : { cmd: process.execPath, args: this.workerArgs('workers/hostWorker.js') };
+    const worker = wrap ? wrap(plain.cmd, plain.args) : plain;
     const proc = await spawnManaged(`host-${host}`, worker.cmd, worker.args, {
       env: {
         ...this.baseEnv(),
@@ -213,6 +229,7 @@ export class LocalCluster {
           ? {
               VSP_CLUSTER_STORAGE: JSON.stringify(this.clusterStorage),
               VSP_VM_NETWORK: JSON.stringify(this.vmNetwork),
+              VSP_MIGRATION_TLS_DIR: this.migrationTlsDirs[host],
             }
           : {}),
         ...this.faultEnv(),
@@ -226,6 +243,34 @@ export class LocalCluster {
     });
     this.hostProcs.set(host, proc);
     return proc;
+  }
+
+  /**
+   * An owner's token, through the admin path: the owner is created (or given one more token) the first
+   * time it is asked for.
+   */
+  ownerToken(owner: string): string {
+    let token = this.ownerTokens.get(owner);
+    if (token === undefined) {
+      token = listOwners(this.repoDir).some((o) => o.name === owner)
+        ? createToken(this.repoDir, owner, 'devcluster')
+        : addOwner(this.repoDir, owner).token;
+      this.ownerTokens.set(owner, token);
+    }
+    return token;
+  }
+
+  /** The owners' task API (the front door) as `owner`. */
+  tasks(owner: string): TaskClient {
+    return new TaskClient({ url: this.repositoryUrl, token: this.ownerToken(owner) });
+  }
+
+  /**
+   * Submits a task as `owner` through the repository's task API, as an owner would: the repository
+   * checks it and starts it with the task's capability.
+   */
+  submitTask(owner: string, spec: OwnerTaskSpec, opts: { taskId?: string } = {}): Promise<SubmittedTask> {
+    return this.tasks(owner).submit(spec, opts);
   }
 
   /** SIGKILL, as a crash would: VMs and task processes it started keep running. */

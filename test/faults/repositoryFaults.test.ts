@@ -47,14 +47,13 @@ function repoAddress(): { host: string; port: number } {
 
 test('repository down during stage-out: the task waits, every output arrives after it returns, completed', async () => {
   const name = 'repo-outage';
-  await fc.release(name);
   const files = Array.from({ length: 5 }, (_, i) => ({ name: `f${i}.bin`, data: randomBytes(256 << 10) }));
   const writes = files.map((f) => `head -c ${f.data.length} in/${f.name} > out/${f.name}`);
   await Promise.all(files.map((f) => fc.upload(`in/${f.name}`, f.data)));
   const taskId = await fc.submit('repo-outage', {
     host: 'a',
     inputs: files.map((f) => `in/${f.name}`),
-    command: [fc.taskCommand(name), ...writes].join(' && '),
+    command: [fc.taskCommand(name, false), ...writes].join(' && '),
   });
   const hold = await fc.hold(taskId, 'stageOut', 'before');
   await hold.held();

@@ -27,12 +27,12 @@ afterAll(async () => {
   await fc?.stop();
 });
 
-/** A task pinned to `host` that copies its input to its outputs and waits for the release `name`. */
-function submitTask(prefix: string, name: string, host?: string): Promise<string> {
+/** A task (pinned to `host` if given) that copies its input to its outputs; `wait`: until released. */
+function submitTask(prefix: string, name: string, host: string | undefined, wait: boolean): Promise<string> {
   return fc.submit(prefix, {
     host,
     inputs: ['in/data.bin'],
-    command: `${fc.taskCommand(name)} && cp in/data.bin out/data.bin`,
+    command: `${fc.taskCommand(name, wait)} && cp in/data.bin out/data.bin`,
   });
 }
 
@@ -59,7 +59,7 @@ async function expectCompletedOnce(taskId: string, name: string): Promise<void> 
 
 async function expectHostsClean(name: string): Promise<void> {
   expect(await fc.storeLeftovers()).toEqual([]);
-  expect(fc.processesWith(path.join(fc.releaseDir, name))).toEqual([]);
+  expect(fc.processesWith(`'${name}'`)).toEqual([]);
 }
 
 /** Each phase, and the activity the host worker is killed in: held after its work, its result unreported. */
@@ -77,14 +77,13 @@ describe('host worker SIGKILLed in each phase and restarted', () => {
     'in $phase: the task completes once, recovery ≤ 15 s after the restart',
     async ({ phase, activity, point }) => {
       const name = `kill-${phase}`;
-      if (activity) await fc.release(name);
-      const taskId = await submitTask(`kill-host-${phase}`, name, 'a');
+      const taskId = await submitTask(`kill-host-${phase}`, name, 'a', !activity);
       const hold = activity && point ? await fc.hold(taskId, activity, point) : undefined;
       if (hold) {
         const held = await hold.held();
         expect(held.pid).toBe(fc.cluster.hostProcs.get('a')?.pid);
       } else {
-        await poll(`${name} to run`, 60_000, async () => fc.started(name) || undefined);
+        await fc.untilStarted(taskId);
       }
       expect((await fc.status(taskId)).phase).toBe(phase);
 
@@ -92,7 +91,7 @@ describe('host worker SIGKILLed in each phase and restarted', () => {
       await hold?.release();
       await fc.cluster.startHost('a');
       const ready = Date.now();
-      if (!activity) await fc.release(name);
+      if (!activity) await fc.release(taskId);
       const after = await fc.untilStatus(taskId, `to leave ${phase}`, (s) => isPast(s.phase, phase), 300_000);
       const recoveryMs = Date.now() - ready;
       recordFigure(`recovery after a host worker SIGKILL in ${phase}`, recoveryMs / 1000, 's');
@@ -109,8 +108,7 @@ describe('host worker SIGKILLed in each phase and restarted', () => {
 describe('control worker SIGKILLed and restarted', () => {
   test('while placing a task: the task is placed once and completes once', async () => {
     const name = 'control-placing';
-    await fc.release(name);
-    const taskId = await submitTask('kill-control-placing', name);
+    const taskId = await submitTask('kill-control-placing', name, undefined, false);
     const hold = await fc.hold(taskId, 'placeTask', 'after');
     await hold.held();
     await fc.cluster.killControl();
@@ -125,11 +123,11 @@ describe('control worker SIGKILLed and restarted', () => {
 
   test('while a task runs and ends meanwhile: the task completes once', async () => {
     const name = 'control-running';
-    const taskId = await submitTask('kill-control-running', name);
-    await poll(`${name} to run`, 60_000, async () => fc.started(name) || undefined);
+    const taskId = await submitTask('kill-control-running', name, undefined, true);
+    await fc.untilStarted(taskId);
     await fc.cluster.killControl();
     // The task ends while no worker runs its workflow.
-    await fc.release(name);
+    await fc.release(taskId);
     await fc.cluster.startControl();
     const ready = Date.now();
     await fc.untilStatus(taskId, 'to complete', (s) => s.phase === 'completed');
@@ -145,10 +143,9 @@ describe('control worker SIGKILLed and restarted', () => {
 
 test('Temporal stopped and started on its SQLite file while a task runs and ends: it completes once', async () => {
   const name = 'temporal-restart';
-  const taskId = await submitTask('temporal-restart', name, 'b');
-  await poll(`${name} to run`, 60_000, async () => fc.started(name) || undefined);
-  const { resultsPath } = await fc.status(taskId);
-  const vmDir = path.join(fc.cluster.storeDir('b'), 'vms', path.posix.basename(resultsPath ?? ''));
+  const taskId = await submitTask('temporal-restart', name, 'b', true);
+  await fc.untilStarted(taskId);
+  const vmDir = (await fc.vmDir(taskId)) ?? '';
   const workers = [...fc.cluster.hostProcs.values()].map((p) => p.pid);
 
   await fc.stopTemporal();
@@ -175,13 +172,10 @@ test('50 concurrent tasks on two hosts, a host worker killed and restarted among
   const n = 50;
   const names = Array.from({ length: n }, (_, i) => `batch-${i}`);
   const started = Date.now();
-  const ids = await Promise.all(names.map((name) => submitTask('batch', name, undefined)));
-  // Kill once a good share of the tasks run: the others are placed, staging or starting.
-  await poll(
-    '20 tasks to run',
-    180_000,
-    async () => names.filter((nm) => fc.started(nm)).length >= 20 || undefined,
-  );
+  const ids = await Promise.all(names.map((name) => submitTask('batch', name, undefined, true)));
+  // Kill once a good share of the tasks run: the others are being placed, staged, created or started.
+  const running = async () => (await Promise.all(ids.map((id) => fc.started(id)))).filter(Boolean).length;
+  await poll('20 tasks to run', 180_000, async () => ((await running()) >= 20 ? true : undefined));
   const statuses = await Promise.all(ids.map((id) => fc.status(id)));
   const onA = statuses.filter((s) => s.host === 'a').length;
   const victim = onA >= n - onA ? 'a' : 'b';
@@ -191,11 +185,20 @@ test('50 concurrent tasks on two hosts, a host worker killed and restarted among
 
   await fc.cluster.killHost(victim);
   await fc.cluster.startHost(victim);
-  await Promise.all(names.map((name) => fc.release(name)));
+  // Each task is released once it runs.
+  const released = new Set<string>();
+  await poll('every task to be released', 300_000, async () => {
+    for (const id of ids)
+      if (!released.has(id) && (await fc.started(id))) {
+        await fc.release(id);
+        released.add(id);
+      }
+    return released.size === n ? true : undefined;
+  });
   for (const [i, id] of ids.entries()) await expectCompletedOnce(id, names[i]);
   recordFigure('50 tasks with a host worker killed: wall time', (Date.now() - started) / 1000, 's');
   const hosts = new Set((await Promise.all(ids.map((id) => fc.vsp.result(id)))).map((r) => r.host));
   expect([...hosts].sort()).toEqual(['a', 'b']);
   expect(await fc.storeLeftovers()).toEqual([]);
-  expect(fc.processesWith(path.join(fc.releaseDir, 'batch-'))).toEqual([]);
+  expect(fc.processesWith("'batch-")).toEqual([]);
 }, 600_000);

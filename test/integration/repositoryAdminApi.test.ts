@@ -143,7 +143,7 @@ describe('admin API routes', () => {
     const service = await call('POST', 'tokens', { json: { service: true, name: 'hosts-2' } });
     expect(service.status).toBe(201);
     const hosts = new RepositoryClient({ url: server.url, token: service.body.token as string });
-    expect(await hosts.list('alice')).toEqual([]);
+    expect(await hosts.stat('alice', 'base-images/none')).toBeUndefined();
     expect((await call('DELETE', `tokens/${made.body.id as number}`)).status).toBe(204);
     expect(await ci.list('alice').catch((e: unknown) => (e as RepositoryError).status)).toBe(401);
     expect((await call('DELETE', `tokens/${made.body.id as number}`)).status).toBe(404);

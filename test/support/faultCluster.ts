@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { appendFileSync, existsSync, mkdirSync, promises as fs } from 'node:fs';
+import { appendFileSync, mkdirSync, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -22,6 +22,8 @@ import { testLogDir } from './testRun';
  * holds preloaded (deploy/devcluster/faultHolds.ts), each of which a test can kill and start again.
  */
 export const OWNER = 'alice';
+/** What a task's command prints once it runs. */
+const STARTED = 'VSP-FAULT-STARTED';
 
 export const sha256 = (b: Buffer | string): string => createHash('sha256').update(b).digest('hex');
 
@@ -94,7 +96,6 @@ export class FaultCluster {
     const fc = new FaultCluster(dir, opts);
     try {
       await fs.mkdir(fc.faultDir, { recursive: true });
-      await fs.mkdir(fc.releaseDir, { recursive: true });
       await fc.startTemporal();
       fc.connection = await Connection.connect({ address: fc.temporalServer.address });
       fc.temporal = new Client({ connection: fc.connection, namespace: 'default' });
@@ -116,11 +117,6 @@ export class FaultCluster {
 
   get faultDir(): string {
     return path.join(this.dir, 'holds');
-  }
-
-  /** Files the tasks wait for (process driver: tasks run on this machine and see them). */
-  get releaseDir(): string {
-    return path.join(this.dir, 'release');
   }
 
   /** Starts the Temporal dev server, again on the same port and SQLite file after a stop. */
@@ -145,36 +141,62 @@ export class FaultCluster {
     });
   }
 
-  /** Submits a task of OWNER's under a fresh task id with that prefix. */
+  /**
+   * Submits a task of OWNER's through the repository's task API (the owners' front door), under a fresh
+   * task id with that prefix; the process driver unless the spec names another.
+   */
   async submit(prefix: string, spec: Omit<TaskSpecInput, 'owner'>): Promise<string> {
     const taskId = `${prefix}-${Date.now()}-${randomBytes(3).toString('hex')}`;
-    await this.vsp.submit({ owner: OWNER, ...spec }, { taskId });
+    await this.cluster.submitTask(OWNER, { driver: 'process', ...spec }, { taskId });
     return taskId;
   }
 
   /**
-   * A task command that records each run, says it started (`<release>/<name>.started`), waits for the
-   * test's release (`<release>/<releaseName>.release`) and then writes its name: every output present once proves
-   * it ran once.
+   * A task command that records each run, says it started (STARTED in its log), waits (unless `wait` is
+   * false) for the test's release (a file `release` in its home: an isolated task sees nothing else of the
+   * host) and then writes its name: every output present once proves it ran once.
    */
-  taskCommand(name: string, releaseName = name): string {
-    const started = path.join(this.releaseDir, `${name}.started`);
-    const release = path.join(this.releaseDir, `${releaseName}.release`);
+  taskCommand(name: string, wait = true): string {
     return [
       'mkdir -p out',
       'echo run >> out/runs.txt',
-      `touch '${started}'`,
-      `while [ ! -e '${release}' ]; do sleep 0.2; done`,
+      `echo ${STARTED}`,
+      ...(wait ? ['while [ ! -e release ]; do sleep 0.2; done'] : []),
       `echo '${name}' > out/id.txt`,
     ].join(' && ');
   }
 
-  async release(name: string): Promise<void> {
-    await fs.writeFile(path.join(this.releaseDir, `${name}.release`), '');
+  /** The task's VM folder, on whichever host holds it, or undefined when there is none (yet or any more). */
+  async vmDir(taskId: string): Promise<string | undefined> {
+    for (const h of this.opts.hosts) {
+      const vms = path.join(this.cluster.storeDir(h), 'vms');
+      const vm = (await fs.readdir(vms).catch(() => [] as string[])).find((d) => d.startsWith(`${taskId}-`));
+      if (vm) return path.join(vms, vm);
+    }
+    return undefined;
   }
 
-  started(name: string): boolean {
-    return existsSync(path.join(this.releaseDir, `${name}.started`));
+  /** True once the task's command has started (its log says so). */
+  async started(taskId: string): Promise<boolean> {
+    const dir = await this.vmDir(taskId);
+    const log = dir ? await fs.readFile(path.join(dir, 'task.log'), 'utf8').catch(() => '') : '';
+    return log.includes(STARTED);
+  }
+
+  /** Waits for the task's command to start. */
+  async untilStarted(taskId: string, timeoutMs = 120_000): Promise<void> {
+    await poll(
+      `${taskId} to start its command`,
+      timeoutMs,
+      async () => (await this.started(taskId)) || undefined,
+    );
+  }
+
+  /** Lets a started task's command go on past its wait. */
+  async release(taskId: string): Promise<void> {
+    const dir = await this.vmDir(taskId);
+    if (!dir) throw new Error(`task ${taskId} has no VM folder to release it in`);
+    await fs.writeFile(path.join(dir, 'home', 'release'), '');
   }
 
   /** Holds `activity` of task `taskId` at `point` on whichever worker runs it, until released. */
@@ -226,7 +248,7 @@ export class FaultCluster {
     return left.sort();
   }
 
-  /** Processes still running a command that mentions `marker` (task processes left behind). */
+  /** Processes still running a command that mentions `marker` (task processes left behind); quote names. */
   processesWith(marker: string): string[] {
     return listProcesses()
       .filter((p) => p.state !== 'Z' && p.cmdline.includes(marker) && p.pid !== process.pid)
@@ -265,7 +287,8 @@ export class FaultCluster {
     await this.connection?.close();
     await this.temporalServer?.stop();
     for (const store of this.mounted.splice(0)) await run('umount', [store]);
-    if (process.env.VSP_KEEP_TEST_DIRS !== '1') await fs.rm(this.dir, { recursive: true, force: true, maxRetries: 5 });
+    if (process.env.VSP_KEEP_TEST_DIRS !== '1')
+      await fs.rm(this.dir, { recursive: true, force: true, maxRetries: 5 });
   }
 }
 

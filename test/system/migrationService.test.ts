@@ -40,7 +40,7 @@ test('an HTTP service polled at >= 10 req/s (3 s timeout) loses no request acros
     ports: [PORT],
     command: `echo hello-service > index.html && exec busybox httpd -f -p ${PORT} -h .`,
   };
-  const { taskId } = await vsp.submit(spec);
+  const { taskId } = await cluster.submitTask(OWNER, spec);
   const running = await until(
     'the service task running with an address',
     async () => {

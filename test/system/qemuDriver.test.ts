@@ -1,3 +1,4 @@
+import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
@@ -25,6 +26,8 @@ describe('QemuDriver (real QEMU)', () => {
   beforeAll(async () => {
     appliance = await ensureAppliance();
     work = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-qemu-'));
+    // QEMU's unprivileged account must reach the store (mkdtemp makes it private).
+    await fs.chmod(work, 0o711);
     store = new VmStore(work);
     await store.init();
     const cache = new ImageCache({ dir: store.imagesDir, maxVirtualBytes: 1024 ** 3 });
@@ -192,6 +195,33 @@ describe('QemuDriver (real QEMU)', () => {
     expect(console).toContain('VSP-EXIT 143');
     expect(await readDataDiskFile(paths.dataDisk, '.vsp/exit-status')).toBe('143\n');
     expect(await readDataDiskFile(paths.dataDisk, '.vsp/task.log')).toContain('VSP-PROGRESS 1 up');
+  });
+
+  test('QEMU runs as the unprivileged account under seccomp and can write only its own VM files', async () => {
+    const { paths, driver, handle } = await prepare('sandbox-1', {}, 4, {
+      command: 'echo "VSP-PROGRESS 1 up"; sleep 600',
+    });
+    const started = await driver.start(handle);
+    await untilConsole(paths.consoleLog, 'VSP-PROGRESS 1 up', 120_000);
+    const uid = Number(execFileSync('id', ['-u', 'vsp-qemu'], { encoding: 'utf8' }));
+    const gid = Number(execFileSync('id', ['-g', 'vsp-qemu'], { encoding: 'utf8' }));
+    const status = await fs.readFile(`/proc/${Number(started.state.pid)}/status`, 'utf8');
+    const field = (name: string) => new RegExp(`^${name}:\\s*(.*)$`, 'm').exec(status)?.[1].split(/\s+/);
+    expect(field('Uid')).toEqual([uid, uid, uid, uid].map(String));
+    expect(field('Gid')).toEqual([gid, gid, gid, gid].map(String));
+    expect(uid).not.toBe(0);
+    expect(field('Seccomp')).toEqual(['2']);
+    expect(field('NoNewPrivs')).toEqual(['1']);
+    // What the account may write, tried as the account itself.
+    const writable = (file: string) =>
+      spawnSync('setpriv', [`--reuid=${uid}`, `--regid=${gid}`, '--clear-groups', 'test', '-w', file])
+        .status === 0;
+    for (const own of [paths.rootDisk, paths.dataDisk, paths.consoleLog, paths.runDir])
+      expect([own, writable(own)]).toEqual([own, true]);
+    for (const other of [paths.dir, paths.stateFile, store.root, store.imagesDir, store.vmsDir, baseImage])
+      expect([other, writable(other)]).toEqual([other, false]);
+    await driver.destroy(started);
+    await expectNoTrace('sandbox-1');
   });
 
   test('a service task keeps running and answers on its forwarded port until destroyed', async () => {
