@@ -42,7 +42,7 @@ test('QEMU SIGKILLed mid-task: a clear failure, the real task.log, the console t
     command: `echo ${marker}; echo VSP-PROGRESS 10 started; sleep 600`,
   });
   const { resultsPath } = await fc.untilStatus(taskId, 'to have a results path', (s) => !!s.resultsPath);
-  const vmDir = path.join(fc.cluster.storeDir(HOST), 'vms', path.posix.basename(resultsPath ?? ''));
+  const vmDir = await poll('the VM folder', 60_000, () => fc.vmDir(taskId));
   await poll(
     'the task to print its progress on the console',
     180_000,

@@ -34,9 +34,11 @@ afterAll(async () => {
   await fc?.stop();
 });
 
-// A test that fails while the repository is down must not take the next tests with it.
+// A test that fails while the repository is down (or felled it) must not take the next tests with it.
 afterEach(async () => {
-  if (fc && fc.cluster.repositoryPid === undefined) await fc.cluster.startRepository();
+  if (!fc || (fc.cluster.repositoryPid !== undefined && (await fc.repo().health()))) return;
+  if (fc.cluster.repositoryPid !== undefined) await fc.cluster.stopRepository('SIGKILL');
+  await fc.cluster.startRepository();
 });
 
 /** The repository's HTTP address, for raw sockets. */
@@ -50,11 +52,17 @@ test('repository down during stage-out: the task waits, every output arrives aft
   const files = Array.from({ length: 5 }, (_, i) => ({ name: `f${i}.bin`, data: randomBytes(256 << 10) }));
   const writes = files.map((f) => `head -c ${f.data.length} in/${f.name} > out/${f.name}`);
   await Promise.all(files.map((f) => fc.upload(`in/${f.name}`, f.data)));
-  const taskId = await fc.submit('repo-outage', {
-    host: 'a',
-    inputs: files.map((f) => `in/${f.name}`),
-    command: [fc.taskCommand(name, false), ...writes].join(' && '),
-  });
+  // Three tries of stage-out, then the wait in `awaiting-repository`, trying every 5 s (defaults: 20 tries,
+  // then every 60 s): the same path, in a time the suite can afford.
+  const taskId = await fc.submitTuned(
+    'repo-outage',
+    {
+      host: 'a',
+      inputs: files.map((f) => `in/${f.name}`),
+      command: [fc.taskCommand(name, false), ...writes].join(' && '),
+    },
+    { hostStepAttempts: 3, repositoryRetrySec: 5 },
+  );
   const hold = await fc.hold(taskId, 'stageOut', 'before');
   await hold.held();
   await fc.cluster.stopRepository('SIGKILL');

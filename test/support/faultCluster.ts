@@ -12,6 +12,9 @@ import { listProcesses } from '../../deploy/devcluster/procTable';
 import { startTemporalDevServer, type TemporalDevServer } from '../../deploy/devcluster/temporal';
 import { VspClient } from '../../client/vspClient';
 import { RepositoryClient } from '../../repository/client';
+import { CONTROL_TASK_QUEUE } from '../../config/names';
+import { grantTask } from '../../repository/taskAdmission';
+import type { TaskTuning } from '../../spec/taskInput';
 import type { TaskSpecInput } from '../../spec/taskSpec';
 import type { TaskPhase, TaskStatus } from '../../workflows/definitions';
 import { testLogDir } from './testRun';
@@ -95,6 +98,9 @@ export class FaultCluster {
     const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-faults-'));
     const fc = new FaultCluster(dir, opts);
     try {
+      await fs.mkdir(fc.cluster.opts.baseDir);
+      // QEMU's unprivileged account reaches the host stores through these folders, nothing else in them.
+      if (opts.drivers?.includes('qemu')) await fs.chmod(dir, 0o711);
       await fs.mkdir(fc.faultDir, { recursive: true });
       await fc.startTemporal();
       fc.connection = await Connection.connect({ address: fc.temporalServer.address });
@@ -149,6 +155,24 @@ export class FaultCluster {
     const taskId = `${prefix}-${Date.now()}-${randomBytes(3).toString('hex')}`;
     await this.cluster.submitTask(OWNER, { driver: 'process', ...spec }, { taskId });
     return taskId;
+  }
+
+  /**
+   * Submits a task as an operator would (`vsp task grant`, then the workflow started directly), which is
+   * the one way to give the workflow other durations than its defaults (`tuning`).
+   */
+  async submitTuned(prefix: string, spec: Omit<TaskSpecInput, 'owner'>, tuning: TaskTuning): Promise<string> {
+    const granted = grantTask(this.cluster.repoDir, {
+      owner: OWNER,
+      spec: { driver: 'process', ...spec },
+      taskId: `${prefix}-${Date.now()}-${randomBytes(3).toString('hex')}`,
+    });
+    await this.temporal.workflow.start('TaskLifecycle', {
+      taskQueue: CONTROL_TASK_QUEUE,
+      workflowId: granted.taskId,
+      args: [{ ...granted.input, tuning }],
+    });
+    return granted.taskId;
   }
 
   /**
