@@ -64,6 +64,11 @@ export class LocalCluster {
 
   constructor(readonly opts: LocalClusterOptions) {}
 
+  /** The repository's process (fault tests pause and resume it). */
+  get repositoryProcess(): ManagedProcess | undefined {
+    return this.repository;
+  }
+
   get logDir(): string {
     return path.join(this.opts.baseDir, 'logs');
   }

@@ -20,7 +20,8 @@ type HostBoundActivities = HostActivities & MigrationActivities;
 export const TUNING_DEFAULTS: Required<Omit<TaskTuning, 'historyEventLimit'>> = {
   repositoryRetentionSec: 7 * 24 * 3600,
   repositoryRetrySec: 60,
-  hostQueueTimeoutSec: 60,
+  // With the hosts' default liveness of 30 s (VSP_HOST_LIVENESS_SEC), a dead host fails its task within ~2 periods.
+  hostQueueTimeoutSec: 30,
   hostStepAttempts: 20,
   hostRetryInitialMs: 1000,
 };
@@ -81,8 +82,8 @@ function hostOptions(t: TaskState, host: string) {
     short: { ...base, startToCloseTimeout: '2m', scheduleToCloseTimeout: '15m' },
     // Creating and starting heartbeat: a worker killed mid-step is retried within seconds.
     vm: { ...base, startToCloseTimeout: '2m', heartbeatTimeout: '10s', scheduleToCloseTimeout: '15m' },
-    transfer: { ...base, startToCloseTimeout: '2h', heartbeatTimeout: '30s', scheduleToCloseTimeout: '6h' },
-    cleanup: { ...base, startToCloseTimeout: '10m', heartbeatTimeout: '30s', scheduleToCloseTimeout: '30m' },
+    transfer: { ...base, startToCloseTimeout: '2h', heartbeatTimeout: '20s', scheduleToCloseTimeout: '6h' },
+    cleanup: { ...base, startToCloseTimeout: '10m', heartbeatTimeout: '20s', scheduleToCloseTimeout: '30m' },
     // The task's own time limit bounds the run; the margin covers boot and worker restarts.
     run: {
       ...base,

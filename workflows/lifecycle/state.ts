@@ -24,6 +24,8 @@ export type WaitStop = 'migration' | 'continue-as-new';
  */
 export interface TaskState {
   spec: TaskSpec;
+  /** The task's capability, also in `ref` for the host steps. */
+  capability: string;
   specInput: TaskSpecInput;
   tuning: TaskTuning;
   ref: TaskRef;
@@ -72,12 +74,13 @@ export interface Carried {
 export function newTaskState(
   spec: TaskSpec,
   specInput: TaskSpecInput,
-  capability: string | undefined,
+  capability: string,
   tuning: TaskTuning,
 ): TaskState {
   const info = workflowInfo();
   return {
     spec,
+    capability,
     specInput,
     tuning,
     ref: {
