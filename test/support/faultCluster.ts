@@ -8,7 +8,7 @@ import { execFile } from 'node:child_process';
 import { ApplicationFailure, Client, Connection } from '@temporalio/client';
 import { heldFile, holdFile, type HoldPoint } from '../../deploy/devcluster/faultHoldFiles';
 import { LocalCluster, type LocalClusterOptions } from '../../deploy/devcluster/localCluster';
-import { listProcesses } from '../../deploy/devcluster/procTable';
+import { listProcesses, readEnvVar } from '../../deploy/devcluster/procTable';
 import { startTemporalDevServer, type TemporalDevServer } from '../../deploy/devcluster/temporal';
 import { VspClient } from '../../client/vspClient';
 import { RepositoryClient } from '../../repository/client';
@@ -279,6 +279,21 @@ export class FaultCluster {
       .map((p) => `${p.pid} ${p.cmdline}`);
   }
 
+  /**
+   * Task processes outlive their worker, as VMs do: a test that failed before their host reaped them
+   * leaves them running. Kills every process group of a task of this cluster (its wrapper's VSP_VM_DIR).
+   */
+  private killTaskProcesses(): void {
+    for (const p of listProcesses()) {
+      if (!readEnvVar(p.pid, 'VSP_VM_DIR')?.startsWith(`${this.dir}/`)) continue;
+      try {
+        process.kill(-p.pgid, 'SIGKILL');
+      } catch {
+        // Already gone.
+      }
+    }
+  }
+
   /** A file's bytes from the owner's repository space. */
   async download(repoPath: string, owner = OWNER): Promise<Buffer> {
     const dest = path.join(this.dir, `down-${randomBytes(6).toString('hex')}`);
@@ -308,6 +323,7 @@ export class FaultCluster {
 
   async stop(): Promise<void> {
     await this.cluster.stop();
+    this.killTaskProcesses();
     await this.connection?.close();
     await this.temporalServer?.stop();
     for (const store of this.mounted.splice(0)) await run('umount', [store]);
