@@ -18,6 +18,7 @@ import type { TaskTuning } from '../../spec/taskInput';
 import type { TaskSpecInput } from '../../spec/taskSpec';
 import type { TaskPhase, TaskStatus } from '../../workflows/definitions';
 import { testLogDir } from './testRun';
+import { vmFolderOf } from './vmFolders';
 
 /**
  * The fault suite's cluster (test/faults/): its own Temporal dev server on a SQLite file (so that it can be
@@ -192,12 +193,9 @@ export class FaultCluster {
 
   /** The task's VM folder, on whichever host holds it, or undefined when there is none (yet or any more). */
   async vmDir(taskId: string): Promise<string | undefined> {
-    for (const h of this.opts.hosts) {
-      const vms = path.join(this.cluster.storeDir(h), 'vms');
-      const vm = (await fs.readdir(vms).catch(() => [] as string[])).find((d) => d.startsWith(`${taskId}-`));
-      if (vm) return path.join(vms, vm);
-    }
-    return undefined;
+    const stores = this.opts.hosts.map((h) => this.cluster.storeDir(h));
+    const found = await vmFolderOf(stores, taskId);
+    return found && path.join(found.storeDir, 'vms', found.vmId);
   }
 
   /** True once the task's command has started (its log says so). */
