@@ -3,7 +3,7 @@ import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import type { AddressInfo, Server as NetServer, Socket } from 'node:net';
 import path from 'node:path';
-import { PassThrough, Readable, Writable } from 'node:stream';
+import { finished, PassThrough, Readable, Writable } from 'node:stream';
 import { createSecureContext, TLSSocket, type SecureContext } from 'node:tls';
 import { promisify } from 'node:util';
 import { FileSystem, FtpSrv, type FtpConnection } from 'ftp-srv';
@@ -35,6 +35,8 @@ export interface FtpsServerOptions {
   keyFile: string;
   /** Let clients log in without AUTH TLS (passwords then cross the network in clear). */
   allowPlain?: boolean;
+  /** A control or data connection that moves no bytes for this long is dropped (default 5 min). */
+  idleTimeoutMs?: number;
 }
 
 export interface FtpsServer {
@@ -45,7 +47,7 @@ export interface FtpsServer {
 
 export type FtpsDeps = FileProtocolDeps;
 
-const IDLE_TIMEOUT_MS = 5 * 60_000;
+export const DEFAULT_IDLE_TIMEOUT_MS = 5 * 60_000;
 const CERT_DAYS = 3650;
 const run = promisify(execFile);
 
@@ -129,8 +131,31 @@ class OwnerFileSystem extends FileSystem {
     private readonly session: OwnerSession,
     private readonly deps: FtpsDeps,
     private readonly remote: string | undefined,
+    private readonly idleTimeoutMs: number,
   ) {
     super(connection, { root: '/', cwd: '/' });
+  }
+
+  /**
+   * Watches a transfer's data connection. ftp-srv hears only its 'end' and 'error': one that just closes
+   * (destroyed, dropped) would leave the transfer, and an upload's temp file, pending for good. So a close
+   * before the end, or idleness past the limit, aborts `stream`. The control connection is silent during
+   * a transfer by design: its idle limit waits until the transfer is over.
+   */
+  private watchTransfer(stream: Readable | Writable): void {
+    const conn = this.connection as unknown as ConnectionInternals;
+    const data = conn.connector.socket;
+    if (!data) return;
+    const control = conn.commandSocket;
+    const controlIdle = control.timeout ?? 0;
+    control.setTimeout(0);
+    data.setTimeout(this.idleTimeoutMs, () =>
+      data.destroy(new Error(`the data connection was idle for ${this.idleTimeoutMs / 1000} s`)),
+    );
+    finished(data, (err) => {
+      if (!control.destroyed) control.setTimeout(controlIdle);
+      if (err && !stream.destroyed) stream.destroy(err);
+    });
   }
 
   override currentDirectory(): string {
@@ -217,6 +242,7 @@ class OwnerFileSystem extends FileSystem {
           done(err);
         },
       });
+      this.watchTransfer(stream);
       return { stream, clientPath: `/${p}` };
     });
   }
@@ -238,7 +264,9 @@ class OwnerFileSystem extends FileSystem {
         await file.close();
         return { stream: Readable.from([]), clientPath: `/${p}` };
       }
-      return { stream: file.createReadStream({ start, end: size - 1 }), clientPath: `/${p}` };
+      const stream = file.createReadStream({ start, end: size - 1 });
+      this.watchTransfer(stream);
+      return { stream, clientPath: `/${p}` };
     });
   }
 
@@ -332,6 +360,8 @@ class OwnerFileSystem extends FileSystem {
 /** The parts of ftp-srv's connection (not in its typings) that the TLS upgrade below replaces. */
 interface ConnectionInternals {
   commandSocket: Socket;
+  /** The passive connector; `socket` is the current data connection once the client has opened it. */
+  connector: { socket?: Socket };
   secure: boolean;
   commands: {
     parse(message: string): { directive: string; arg: string | null };
@@ -371,6 +401,7 @@ export async function startFtpsServer(deps: FtpsDeps, opts: FtpsServerOptions): 
   const { min, max } = opts.pasvPorts;
   if (!Number.isInteger(min) || !Number.isInteger(max) || min < 1024 || max > 65535 || min > max)
     throw new Error(`FTPS passive ports ${min}-${max} must be a range within 1024-65535`);
+  const idleTimeoutMs = opts.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
   const tls = await loadOrCreateTlsCert(opts.certFile, opts.keyFile);
   const tlsOptions = { cert: tls.cert, key: tls.key, minVersion: 'TLSv1.2' } as const;
   const secureContext = createSecureContext(tlsOptions);
@@ -414,13 +445,13 @@ export async function startFtpsServer(deps: FtpsDeps, opts: FtpsServerOptions): 
           result: 'ok',
           detail: session.credential.kind,
         });
-        resolve({ fs: new OwnerFileSystem(connection, session, deps, remote) });
+        resolve({ fs: new OwnerFileSystem(connection, session, deps, remote, idleTimeoutMs) });
       }, denied);
   });
   (ftp as NodeJS.EventEmitter).on('connect', ({ connection }: { connection: FtpConnection }) => {
     const socket = (connection as unknown as { commandSocket?: Socket }).commandSocket;
     // Set here rather than through ftp-srv's `timeout`, which also delays its close by as long.
-    socket?.setTimeout(IDLE_TIMEOUT_MS);
+    socket?.setTimeout(idleTimeoutMs);
     upgradeToTlsAtOnce(connection, secureContext);
   });
   ftp.on('client-error', ({ error }: { error: unknown }) =>
