@@ -17,6 +17,7 @@ import type { Readable } from 'node:stream';
 import { BASE_IMAGES_FOLDER } from '../spec/taskSpec';
 import { AccessDenied } from './auth';
 import { writeDurably } from '../lib/durableWrite';
+import { fsyncFile } from '../storage/durableFile';
 import type { BaseImageRow, FileRow, MetadataDb, OwnerRow, OwnerUsage } from './metadataDb';
 
 /**
@@ -211,7 +212,7 @@ export class FileStore {
           }
           const info: FileRow = { path: repoPath, size, sha256, mtime: new Date().toISOString() };
           const dest = this.commitChecked(upload, tmp, info);
-          await syncDir(path.dirname(dest));
+          await fsyncFile(path.dirname(dest)); // the rename is durable
           return info;
         },
       );
@@ -244,7 +245,7 @@ export class FileStore {
       const info: FileRow = { path: repoPath, ...sum, mtime: new Date().toISOString() };
       const dest = this.commitChecked(upload, file, info);
       committed = true;
-      await syncDir(path.dirname(dest));
+      await fsyncFile(path.dirname(dest)); // the rename is durable
       return info;
     } finally {
       if (!committed) await fs.rm(file, { force: true });
@@ -562,15 +563,5 @@ export class FileStore {
       }
     }
     return dir;
-  }
-}
-
-/** Makes a rename durable. */
-async function syncDir(dir: string): Promise<void> {
-  const handle = await fs.open(dir, fsc.O_RDONLY | fsc.O_DIRECTORY);
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
   }
 }
