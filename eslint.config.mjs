@@ -13,6 +13,11 @@ export default tseslint.config(
     },
   },
   {
+    // Jest's configs are CommonJS, as jest loads them.
+    files: ['jest*.config.js', 'test/tiers.js'],
+    rules: { '@typescript-eslint/no-require-imports': 'off' },
+  },
+  {
     // The repository's web page runs in the browser, as plain scripts (no build step).
     files: ['repository/web/**/*.js'],
     languageOptions: { globals: { ...globals.browser } },

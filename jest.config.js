@@ -1,10 +1,13 @@
-/** Real components (Temporal dev server, repository, QEMU): tests run serially and may take minutes. */
+/**
+ * Integration and system tiers, serially in one run that shares one Temporal dev server (the global
+ * setup starts it); `--selectProjects integration` or `system` runs one. The unit tier has its own
+ * config (jest.unit.config.js): it starts nothing.
+ */
+const tiers = require('./test/tiers');
+
 module.exports = {
-  testEnvironment: 'node',
-  roots: ['<rootDir>/test'],
-  testMatch: ['**/*.test.ts'],
-  transform: { '^.+\\.ts$': ['@swc/jest'] },
   testTimeout: 180000,
   globalSetup: '<rootDir>/test/support/globalSetup.ts',
   globalTeardown: '<rootDir>/test/support/globalTeardown.ts',
+  projects: [tiers.integration, tiers.system],
 };

@@ -17,6 +17,7 @@ import {
   withAdmin,
 } from '../repository/admin';
 import { addBaseImage, removeBaseImage } from '../repository/imageStore';
+import { grantTask } from '../repository/taskAdmission';
 
 /**
  * The repository's admin commands (`vsp owner|token|key|password ...`), run on the repository host
@@ -50,6 +51,12 @@ export function parseLimit(text: string, what: string, units: boolean): number |
 async function readSecret(file: string): Promise<string> {
   const text = file === '-' ? await readStdin() : await fs.readFile(file, 'utf8');
   return text.split(/\r?\n/)[0];
+}
+
+async function readAll(stream: NodeJS.ReadableStream): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const c of stream) chunks.push(c as Buffer);
+  return Buffer.concat(chunks).toString('utf8');
 }
 
 async function readStdin(): Promise<string> {
@@ -261,6 +268,33 @@ export function registerAdminCommands(program: Command): void {
     .action(async (name: string, opts: { dataDir: string }) => {
       await withAdmin(opts.dataDir, (_a, db) => removeBaseImage(opts.dataDir, db, name));
       print(`base image ${name} removed`, { name, removed: true });
+    });
+
+  const task = commandGroup(program, 'task', 'tasks');
+  task
+    .command('grant')
+    .description(
+      'admit a task for an owner (pre-flight, capability) and print the workflow input for ' +
+        '`temporal workflow start --input` (operators only; audited)',
+    )
+    .requiredOption('--owner <name>', 'the owner the task runs for')
+    .requiredOption('--spec <file>', "the task spec (JSON; '-' for standard input)")
+    .option('--task-id <id>', 'the workflow id to start it under (default: generated, printed on stderr)')
+    .addOption(dataDirOption())
+    .action(async (opts: { owner: string; spec: string; taskId?: string; dataDir: string }) => {
+      const text = opts.spec === '-' ? await readAll(process.stdin) : await fs.readFile(opts.spec, 'utf8');
+      let spec: unknown;
+      try {
+        spec = JSON.parse(text);
+      } catch (err) {
+        throw new Error(`--spec ${opts.spec} is not JSON: ${(err as Error).message}`, { cause: err });
+      }
+      const granted = grantTask(opts.dataDir, { owner: opts.owner, spec, taskId: opts.taskId });
+      process.stderr.write(
+        `task ${granted.taskId}: temporal workflow start --type TaskLifecycle --task-queue vsp ` +
+          `--workflow-id ${JSON.stringify(granted.taskId)} --input "$(cat <this output>)"\n`,
+      );
+      process.stdout.write(`${JSON.stringify(granted.input)}\n`);
     });
 
   const password = program.command('password').description("owners' passwords for SFTP (admin)");

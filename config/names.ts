@@ -7,6 +7,11 @@ export function hostTaskQueue(host: string): string {
 
 export const HOST_NAME = /^[a-z0-9][a-z0-9-]{0,62}$/;
 
+/** The per-host liveness workflow (workflows/hostLiveness.ts), one per host, started by its worker. */
+export function hostLivenessWorkflowId(host: string): string {
+  return `vsp-host-liveness-${host}`;
+}
+
 /** Custom search attributes, registered on the dev server by deploy/devcluster/temporal.ts. */
 export const SEARCH_ATTRIBUTES = {
   owner: 'VspOwner',

@@ -98,6 +98,10 @@ const HostSchema = z.object({
   migrationDowntimeMs: z.coerce.number().int().positive().optional(),
   migrationMaxBandwidth: z.coerce.number().int().positive().optional(),
   migrationTimeoutSec: z.coerce.number().int().positive().optional(),
+  /** How often the worker's liveness heartbeat reaches Temporal (workflows/hostLiveness.ts). */
+  heartbeatSec: z.coerce.number().int().min(1).max(60).default(5),
+  /** How often the orphan reaper compares the VM store with Temporal (it also runs at start). */
+  reaperIntervalSec: z.coerce.number().int().min(10).default(300),
 });
 
 export type HostConfig = Omit<z.output<typeof HostSchema>, 'storeDir' | 'defaultDriver'> & {
@@ -126,6 +130,8 @@ export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig
       migrationDowntimeMs: 'VSP_MIGRATION_DOWNTIME_MS',
       migrationMaxBandwidth: 'VSP_MIGRATION_MAX_BANDWIDTH',
       migrationTimeoutSec: 'VSP_MIGRATION_TIMEOUT_SEC',
+      heartbeatSec: 'VSP_HOST_HEARTBEAT_SEC',
+      reaperIntervalSec: 'VSP_REAPER_INTERVAL_SEC',
     },
     env,
   );
@@ -146,8 +152,8 @@ export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig
 
 const ControlSchema = z.object({
   hosts: nameList(hostName),
-  /** A host whose queue had no poller for this long counts as down. */
-  hostLivenessSec: z.coerce.number().int().positive().default(90),
+  /** A host whose worker has not heartbeated for this long counts as down (several heartbeat periods). */
+  hostLivenessSec: z.coerce.number().int().positive().default(30),
 });
 
 export type ControlConfig = z.output<typeof ControlSchema>;

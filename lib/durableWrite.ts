@@ -21,10 +21,10 @@ export interface Written {
 
 export interface StreamIntoOptions {
   /**
-   * Called with the running total (bytes already in the file from this stream, plus the chunk) before
-   * each chunk is written; a throw refuses the stream with that error.
+   * Called with the running total (this stream's bytes so far, the chunk included) before each chunk is
+   * written, to check limits or report progress; a throw refuses the stream with that error.
    */
-  check?: (total: number) => void;
+  onChunk?: (total: number) => void;
   /** Extended with exactly the bytes that reach the file (default: a fresh SHA-256). */
   hash?: Hash;
 }
@@ -37,7 +37,7 @@ export interface StreamIntoOptions {
 export async function streamInto(
   source: Readable,
   handle: FileHandle,
-  { check, hash = createHash('sha256') }: StreamIntoOptions = {},
+  { onChunk, hash = createHash('sha256') }: StreamIntoOptions = {},
 ): Promise<{ size: number; hash: Hash }> {
   let seen = 0;
   let size = 0;
@@ -46,7 +46,7 @@ export async function streamInto(
     transform(chunk: Buffer, _enc, done) {
       seen += chunk.length;
       try {
-        check?.(seen);
+        onChunk?.(seen);
       } catch (err) {
         done(err as Error);
         return;
@@ -58,9 +58,12 @@ export async function streamInto(
     hash.update(chunk);
     size += chunk.length;
   };
+  const sink = fileSink(handle, { onWritten });
   try {
-    await pipeline(source, meter, fileSink(handle, { onWritten }));
+    await pipeline(source, meter, sink);
   } catch (err) {
+    // A write may still be in flight: the count is final only once the sink has closed.
+    if (!sink.closed) await new Promise((resolve) => sink.once('close', resolve));
     throw Object.assign(err as Error, { written: size });
   }
   return { size, hash };
@@ -76,8 +79,8 @@ export interface DurableWriteOptions {
   /** Refuse a stream once it passes this many bytes (the error comes from `tooLarge`). */
   maxBytes?: number;
   tooLarge?: (maxBytes: number) => Error;
-  /** Any other check per chunk, with the running total (e.g. a quota). */
-  check?: (total: number) => void;
+  /** As for streamInto, after the size limit: e.g. a quota check, or progress. */
+  onChunk?: (total: number) => void;
   /** The published file's mode (default 0644). */
   mode?: number;
 }
@@ -94,11 +97,11 @@ export async function writeDurably<T>(
   opts: DurableWriteOptions,
   publish: (written: Written) => T | Promise<T>,
 ): Promise<T> {
-  const { maxBytes, tooLarge, check, mode = 0o644 } = opts;
+  const { maxBytes, tooLarge, onChunk, mode = 0o644 } = opts;
   const limit = (total: number): void => {
     if (maxBytes !== undefined && total > maxBytes)
       throw tooLarge?.(maxBytes) ?? new Error(`stream is larger than the limit of ${maxBytes} bytes`);
-    check?.(total);
+    onChunk?.(total);
   };
   let published = false;
   try {
@@ -111,7 +114,7 @@ export async function writeDurably<T>(
     }
     let written: Written;
     try {
-      const { size, hash } = await streamInto(source, handle, { check: limit });
+      const { size, hash } = await streamInto(source, handle, { onChunk: limit });
       await handle.sync();
       await handle.chmod(mode);
       written = { size, sha256: hash.digest('hex') };

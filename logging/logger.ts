@@ -4,8 +4,27 @@ import pino from 'pino';
  * Structured JSON logs on stderr (stdout stays free for a command's own output). LOG_LEVEL sets the
  * level; each component gets a child logger with its name.
  */
+
+/**
+ * Fields that may hold a secret (a request's headers, an API token, a task capability, a password):
+ * replaced wherever a log call passes them, top level or one object down, so a careless field never
+ * writes a credential to a log file.
+ */
+const SECRET_FIELDS = ['authorization', 'token', 'capability', 'password', 'repositoryToken'];
+export const REDACTED_PATHS = [
+  ...SECRET_FIELDS.flatMap((f) => [f, `*.${f}`]),
+  'headers.authorization',
+  '*.headers.authorization',
+  'req.headers.authorization',
+  '*.req.headers.authorization',
+];
+
 const root = pino(
-  { level: process.env.LOG_LEVEL ?? 'info', base: { pid: process.pid } },
+  {
+    level: process.env.LOG_LEVEL ?? 'info',
+    base: { pid: process.pid },
+    redact: { paths: REDACTED_PATHS, censor: '[redacted]' },
+  },
   pino.destination(2),
 );
 

@@ -91,7 +91,7 @@ export class AccountAdmin {
     return this.db.listOwners().map((o) => ({ ...o, usage: this.db.usage(o.name) }));
   }
 
-  /** A disabled owner's tokens stop working and service tokens may no longer reach its space. */
+  /** A disabled owner's tokens and its tasks' capabilities stop working at their next request. */
   setOwnerDisabled(owner: string, disabled: boolean): void {
     checkOwnerName(owner);
     if (!this.db.setOwnerDisabled(owner, disabled))
@@ -112,7 +112,7 @@ export class AccountAdmin {
     return { id: this.db.insertToken(owner, name, hashToken(token)), token };
   }
 
-  /** A token for host workers: it may read and write every owner's space. */
+  /** A token for host workers: it reads the provider's base images; owners' files need a task's capability. */
   createServiceToken(name: string): { id: number; token: string } {
     checkName(name, 'token');
     const token = generateToken();

@@ -7,14 +7,20 @@ import path from 'node:path';
  * client hears the answer.
  */
 
-export type AuditProtocol = 'http' | 'sftp' | 'ftps';
+/** `cli`: the admin commands on the repository host (`vsp task grant`). */
+export type AuditProtocol = 'http' | 'sftp' | 'ftps' | 'cli';
 
 export interface AuditEvent {
   protocol: AuditProtocol;
   /** Client address as ip:port. */
   remote?: string;
-  /** Who acted: an owner name, `service:<token id>`, or the name a failed login gave. */
+  /**
+   * Who acted: an owner name, `service:<token id>`, `capability:<id>` (a task's), `admin:<token id>`,
+   * or the name a failed login gave. Never a secret.
+   */
   user?: string;
+  /** The task a capability was minted for (as the capability states it, when it was refused). */
+  task?: string;
   /** Whose space was touched (differs from `user` for service tokens). */
   owner?: string;
   /** login, list, stat, download, upload, delete, mkdir, rmdir, rename, ... */

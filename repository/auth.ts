@@ -1,6 +1,9 @@
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import { hash as argon2Hash, verify as argon2Verify } from '@node-rs/argon2';
 import { OWNER_NAME } from '../spec/repoPath';
+import { CAPABILITY_PREFIX, type CapabilityClaims } from '../spec/capability';
+import { BASE_IMAGES_FOLDER } from '../spec/taskSpec';
+import { isUnder, verifyCapability, type CapabilityKeys } from './capabilities';
 import type { MetadataDb } from './metadataDb';
 
 /**
@@ -12,9 +15,25 @@ export const TOKEN_PREFIX = 'vsp_';
 /** Tokens supplied from outside (a service token in the environment) must carry some entropy. */
 export const MIN_SUPPLIED_TOKEN_LENGTH = 16;
 
-/** Who a valid token speaks for. */
+/**
+ * Who a valid credential speaks for: an owner (its API token), the hosts (a service token: the provider's
+ * base images only), or one task (its capability: that task's inputs, image and results only).
+ */
 export type Principal =
-  { kind: 'owner'; owner: string; tokenId: number } | { kind: 'service'; tokenId: number };
+  | { kind: 'owner'; owner: string; tokenId: number }
+  | { kind: 'service'; tokenId: number }
+  | { kind: 'capability'; owner: string; claims: CapabilityClaims };
+
+/** What a request does in an owner's space, for `authorise`. */
+export type Access =
+  /** Download or stat one file. */
+  | { op: 'read'; path: string }
+  /** Upload (whole or resumable) or delete one file. */
+  | { op: 'write'; path: string }
+  /** List files whose path starts with `prefix`. */
+  | { op: 'list'; prefix: string }
+  /** The owner's account-wide views and actions: tasks, images. */
+  | { op: 'account' };
 
 /** A refusal with the status a protocol should map it to (401: who are you; 403: not yours; 404). */
 export class AccessDenied extends Error {
@@ -36,9 +55,17 @@ export function hashToken(token: string): string {
   return createHash('sha256').update(token, 'utf8').digest('hex');
 }
 
-/** Resolves a presented token to its principal, or throws AccessDenied(401). */
-export function authenticate(db: MetadataDb, token: string | undefined): Principal {
+/**
+ * Resolves a presented token (an API token, or with `keys` a task capability) to its principal, or
+ * throws AccessDenied(401).
+ */
+export function authenticate(db: MetadataDb, token: string | undefined, keys?: CapabilityKeys): Principal {
   if (token === undefined || token.length === 0) throw new AccessDenied(401, 'missing access token');
+  if (token.startsWith(CAPABILITY_PREFIX)) {
+    if (!keys) throw new AccessDenied(401, 'a task capability is not accepted here');
+    const claims = verifyCapability(db, keys, token);
+    return { kind: 'capability', owner: claims.owner, claims };
+  }
   const hash = hashToken(token);
   const row = db.findTokenByHash(hash);
   // The lookup is by hash already; the constant-time re-check keeps the comparison itself timing-safe.
@@ -53,17 +80,59 @@ export function authenticate(db: MetadataDb, token: string | undefined): Princip
 }
 
 /**
- * May `principal` read and write `owner`'s space? Owner tokens reach only their own space (and learn
- * nothing about others, not even whether they exist); service tokens reach every enabled owner.
+ * May `principal` do `access` in `owner`'s space? Owner tokens reach only their own space (and learn
+ * nothing about others, not even whether they exist). A capability reaches its task's input paths and
+ * image (read) and its results folder (read, write, list), nothing else. Service tokens (the hosts')
+ * read the provider's base images only: a task's files need that task's capability.
  */
-export function authorise(db: MetadataDb, principal: Principal, owner: string): void {
+export function authorise(db: MetadataDb, principal: Principal, owner: string, access: Access): void {
   if (principal.kind === 'owner') {
     if (principal.owner !== owner) throw new AccessDenied(403, `this token may not access owner ${owner}`);
     return;
   }
+  if (principal.kind === 'capability') {
+    const c = principal.claims;
+    if (c.owner !== owner)
+      throw new AccessDenied(403, `task ${c.taskId}'s capability may not access owner ${owner}`);
+    if (!capabilityAllows(c, access))
+      throw new AccessDenied(403, `task ${c.taskId}'s capability does not allow ${describeAccess(access)}`);
+    return;
+  }
+  if (access.op !== 'read' || !isUnder(access.path, BASE_IMAGES_FOLDER) || access.path === BASE_IMAGES_FOLDER)
+    throw new AccessDenied(
+      403,
+      `a service token reads only ${BASE_IMAGES_FOLDER}/; ${describeAccess(access)} needs the task's capability`,
+    );
   const row = db.getOwner(owner);
   if (!row) throw new AccessDenied(404, `no such owner: ${owner}`);
   if (row.disabled) throw new AccessDenied(403, `owner ${owner} is disabled`);
+}
+
+function capabilityAllows(c: CapabilityClaims, access: Access): boolean {
+  switch (access.op) {
+    case 'read':
+      return isUnder(access.path, c.results) || c.read.includes(access.path) || c.image === access.path;
+    case 'write':
+      return isUnder(access.path, c.results) && access.path !== c.results;
+    case 'list':
+      // A plain string prefix: `results/t1` would also list `results/t10/`.
+      return access.prefix.startsWith(`${c.results}/`);
+    case 'account':
+      return false;
+  }
+}
+
+function describeAccess(access: Access): string {
+  switch (access.op) {
+    case 'read':
+      return `reading ${access.path}`;
+    case 'write':
+      return `writing ${access.path}`;
+    case 'list':
+      return `listing ${access.prefix === '' ? 'the whole space' : `${access.prefix}*`}`;
+    case 'account':
+      return "the owner's tasks and images";
+  }
 }
 
 export const MIN_PASSWORD_LENGTH = 10;
@@ -165,18 +234,47 @@ export interface AdminPrincipal {
   tokenId: number;
 }
 
+/** How a principal appears in the audit log's `user`: never a secret. */
+export function principalLabel(p: Principal | AdminPrincipal): string {
+  switch (p.kind) {
+    case 'owner':
+      return p.owner;
+    case 'service':
+      return `service:${p.tokenId}`;
+    case 'capability':
+      return `capability:${p.claims.id}`;
+    case 'admin':
+      return `admin:${p.tokenId}`;
+  }
+}
+
+function findAdmin(db: MetadataDb, token: string): AdminPrincipal | undefined {
+  const hash = hashToken(token);
+  const row = db.findAdminTokenByHash(hash);
+  if (!row || !timingSafeEqual(Buffer.from(row.hash, 'hex'), Buffer.from(hash, 'hex'))) return undefined;
+  if (row.revoked !== undefined) throw new AccessDenied(401, 'admin token has been revoked');
+  return { kind: 'admin', tokenId: row.id };
+}
+
+/** Any credential's principal (`GET /v1/whoami`); throws AccessDenied(401) for none. */
+export function identify(
+  db: MetadataDb,
+  token: string | undefined,
+  keys: CapabilityKeys,
+): Principal | AdminPrincipal {
+  return (
+    (token && !token.startsWith(CAPABILITY_PREFIX) && findAdmin(db, token)) || authenticate(db, token, keys)
+  );
+}
+
 /**
  * Resolves an admin API caller. Admin tokens live apart from owner and service tokens; a valid token
  * of those kinds is known but not allowed here (403), anything else is not known (401).
  */
 export function authenticateAdmin(db: MetadataDb, token: string | undefined): AdminPrincipal {
   if (token === undefined || token.length === 0) throw new AccessDenied(401, 'missing admin token');
-  const hash = hashToken(token);
-  const row = db.findAdminTokenByHash(hash);
-  if (row && timingSafeEqual(Buffer.from(row.hash, 'hex'), Buffer.from(hash, 'hex'))) {
-    if (row.revoked !== undefined) throw new AccessDenied(401, 'admin token has been revoked');
-    return { kind: 'admin', tokenId: row.id };
-  }
+  const admin = findAdmin(db, token);
+  if (admin) return admin;
   authenticate(db, token); // throws 401 for an unknown, revoked or disabled owner's token
   throw new AccessDenied(403, 'this token is not an admin token');
 }

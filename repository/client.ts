@@ -3,7 +3,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import http, { type IncomingMessage, type OutgoingHttpHeaders } from 'node:http';
 import https from 'node:https';
 import path from 'node:path';
-import { Readable } from 'node:stream';
+import { Readable, Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { normaliseRepoPath, OWNER_NAME } from '../spec/repoPath';
 import { writeDurably } from '../lib/durableWrite';
@@ -26,18 +26,34 @@ export interface FileInfo {
 }
 
 /**
+ * What a failed call means for whoever retries it:
+ * - `unavailable`: no usable reply (unreachable, connection broken, corrupt bytes) or a 5xx/408/429:
+ *   the same call may pass later;
+ * - `refused`: the repository answered no (401, 403, 404, 409, 413...): repeating it changes nothing;
+ * - `invalid`: the call was never sent (a bad owner name or path): the caller's mistake.
+ */
+export type RepositoryErrorKind = 'unavailable' | 'refused' | 'invalid';
+
+function kindOfStatus(status: number): RepositoryErrorKind {
+  return status === 0 || status >= 500 || status === 408 || status === 429 ? 'unavailable' : 'refused';
+}
+
+/**
  * A failed call. `status` is the HTTP status (404, 401, 403, 413, ...) with the server's message, or
  * 0 when there was no usable reply: the server was unreachable, the connection broke, or downloaded
- * bytes did not match their checksum.
+ * bytes did not match their checksum. `kind` says whether retrying can help.
  */
 export class RepositoryError extends Error {
+  readonly kind: RepositoryErrorKind;
+
   constructor(
     readonly status: number,
     message: string,
-    options?: { cause?: unknown },
+    options?: { cause?: unknown; kind?: RepositoryErrorKind },
   ) {
     super(message, options);
     this.name = 'RepositoryError';
+    this.kind = options?.kind ?? kindOfStatus(status);
   }
 }
 
@@ -47,7 +63,7 @@ export class ResumableUploadError extends RepositoryError {
     status: number,
     message: string,
     readonly uploadId: string | undefined,
-    options?: { cause?: unknown },
+    options?: { cause?: unknown; kind?: RepositoryErrorKind },
   ) {
     super(status, message, options);
     this.name = 'ResumableUploadError';
@@ -65,6 +81,12 @@ export interface ResumableUploadOptions {
   retries?: number;
   /** Stops the upload; the session stays on the server until it expires, ready to be resumed. */
   signal?: AbortSignal;
+}
+
+/** For a single transfer: stop it, and follow its bytes (`total` when known). */
+export interface TransferOptions {
+  signal?: AbortSignal;
+  onProgress?: (bytes: number, total: number | undefined) => void;
 }
 
 const DEFAULT_CHUNK_BYTES = 16 << 20;
@@ -86,14 +108,16 @@ function offsetOf(res: IncomingMessage): number | undefined {
 
 function checkOwner(owner: string): void {
   if (!OWNER_NAME.test(owner))
-    throw new RepositoryError(0, `owner name ${JSON.stringify(owner)} must match ${OWNER_NAME}`);
+    throw new RepositoryError(0, `owner name ${JSON.stringify(owner)} must match ${OWNER_NAME}`, {
+      kind: 'invalid',
+    });
 }
 
 function checkPath(repoPath: string): string {
   try {
     return normaliseRepoPath(repoPath);
   } catch (err) {
-    throw new RepositoryError(0, (err as Error).message, { cause: err });
+    throw new RepositoryError(0, (err as Error).message, { cause: err, kind: 'invalid' });
   }
 }
 
@@ -164,7 +188,7 @@ export class RepositoryClient {
     owner: string,
     repoPath: string,
     source: string | NodeJS.ReadableStream,
-    opts: { sha256?: string; size?: number } = {},
+    opts: { sha256?: string; size?: number } & TransferOptions = {},
   ): Promise<FileInfo> {
     checkOwner(owner);
     const p = checkPath(repoPath);
@@ -176,19 +200,41 @@ export class RepositoryClient {
     } else {
       body = source;
     }
+    if (opts.onProgress) {
+      const onProgress = opts.onProgress;
+      let sent = 0;
+      body = (body as Readable).pipe(
+        new Transform({
+          highWaterMark: 1 << 20,
+          transform(chunk: Buffer, _enc, done) {
+            sent += chunk.length;
+            onProgress(sent, size);
+            done(null, chunk);
+          },
+        }),
+      );
+    }
     const headers: OutgoingHttpHeaders = { 'Content-Type': 'application/octet-stream' };
     if (size !== undefined) headers['Content-Length'] = size;
     if (opts.sha256 !== undefined) headers['X-Content-SHA256'] = opts.sha256;
-    const res = await this.send('PUT', this.filePath(owner, p), headers, body);
+    const res = await this.send('PUT', this.filePath(owner, p), headers, body, true, opts.signal);
     if (res.statusCode !== 201) throw await failure(res, `upload of ${p}`);
     return JSON.parse(await readBody(res)) as FileInfo;
   }
 
-  /** Downloads to `destFile` atomically (temp file + rename), verifying the SHA-256 on the way. */
-  async download(owner: string, repoPath: string, destFile: string): Promise<FileInfo> {
+  /**
+   * Downloads to `destFile` atomically (a temp file of its own, renamed once complete), verifying the
+   * SHA-256 on the way.
+   */
+  async download(
+    owner: string,
+    repoPath: string,
+    destFile: string,
+    opts: TransferOptions = {},
+  ): Promise<FileInfo> {
     checkOwner(owner);
     const p = checkPath(repoPath);
-    const res = await this.send('GET', this.filePath(owner, p));
+    const res = await this.send('GET', this.filePath(owner, p), {}, undefined, true, opts.signal);
     if (res.statusCode !== 200) throw await failure(res, `download of ${p}`);
     const info = infoFromHeaders(p, res);
     const dest = path.resolve(destFile);
@@ -197,7 +243,8 @@ export class RepositoryClient {
       `.${path.basename(dest)}.${randomBytes(6).toString('hex')}.part`,
     );
     try {
-      return await writeDurably(res, tmp, {}, async ({ size, sha256 }) => {
+      const onChunk = opts.onProgress && ((received: number) => opts.onProgress?.(received, info.size));
+      return await writeDurably(res, tmp, { onChunk }, async ({ size, sha256 }) => {
         if (size !== info.size || sha256 !== info.sha256) {
           throw new RepositoryError(
             0,
@@ -209,6 +256,7 @@ export class RepositoryClient {
       });
     } catch (err) {
       if (err instanceof RepositoryError) throw err;
+      opts.signal?.throwIfAborted();
       throw new RepositoryError(0, `download of ${p} to ${dest} failed`, { cause: err });
     } finally {
       res.destroy();
@@ -230,7 +278,7 @@ export class RepositoryClient {
         range.start < 0 ||
         (range.end !== undefined && range.end < range.start)
       ) {
-        throw new RepositoryError(0, `invalid byte range ${JSON.stringify(range)}`);
+        throw new RepositoryError(0, `invalid byte range ${JSON.stringify(range)}`, { kind: 'invalid' });
       }
       headers.Range = `bytes=${range.start}-${range.end ?? ''}`;
     }
@@ -304,9 +352,13 @@ export class RepositoryClient {
     const chunkBytes = opts.chunkBytes ?? DEFAULT_CHUNK_BYTES;
     const retries = opts.retries ?? DEFAULT_RETRIES;
     if (!Number.isSafeInteger(chunkBytes) || chunkBytes <= 0)
-      throw new RepositoryError(0, `chunkBytes ${chunkBytes} is not a positive whole number`);
+      throw new RepositoryError(0, `chunkBytes ${chunkBytes} is not a positive whole number`, {
+        kind: 'invalid',
+      });
     if (!Number.isSafeInteger(retries) || retries < 0)
-      throw new RepositoryError(0, `retries ${retries} is not a non-negative whole number`);
+      throw new RepositoryError(0, `retries ${retries} is not a non-negative whole number`, {
+        kind: 'invalid',
+      });
     let uploadId = opts.uploadId;
     const wrap = (err: unknown): ResumableUploadError => {
       if (err instanceof ResumableUploadError) return err;
@@ -314,6 +366,7 @@ export class RepositoryClient {
       const message = err instanceof Error ? err.message : String(err);
       return new ResumableUploadError(status, `resumable upload of ${p}: ${message}`, uploadId, {
         cause: err,
+        kind: err instanceof RepositoryError ? err.kind : undefined,
       });
     };
     try {
@@ -394,7 +447,7 @@ export class RepositoryClient {
   /** The bytes a resumable upload session holds; it must be for a file of `size` bytes. */
   private async uploadOffset(owner: string, uploadId: string, size: number): Promise<number> {
     if (!/^[A-Za-z0-9_-]+$/.test(uploadId))
-      throw new RepositoryError(0, `upload id ${JSON.stringify(uploadId)} is malformed`);
+      throw new RepositoryError(0, `upload id ${JSON.stringify(uploadId)} is malformed`, { kind: 'invalid' });
     const res = await this.send('HEAD', `/v1/owners/${owner}/uploads/${uploadId}`);
     res.resume();
     if (res.statusCode !== 200) throw await failure(res, `status of upload ${uploadId}`);
@@ -407,6 +460,18 @@ export class RepositoryClient {
         `upload ${uploadId} is for ${length} bytes but the local file has ${size}`,
       );
     return offset;
+  }
+
+  /**
+   * Revokes the credential this client presents (a task's capability): true when revoked now, false
+   * when it no longer worked (revoked or expired before), which is the same end.
+   */
+  async revokeSelf(): Promise<boolean> {
+    const res = await this.send('DELETE', '/v1/capabilities/self');
+    if (res.statusCode !== 204 && res.statusCode !== 401)
+      throw await failure(res, 'revoke of the capability');
+    res.resume();
+    return res.statusCode === 204;
   }
 
   /** True if the server answers its health check. */
@@ -435,6 +500,7 @@ export class RepositoryClient {
     headers: OutgoingHttpHeaders = {},
     body?: NodeJS.ReadableStream,
     auth = true,
+    signal?: AbortSignal,
   ): Promise<IncomingMessage> {
     const url = new URL(this.base.pathname.replace(/\/+$/, '') + apiPath, this.base);
     const transport = url.protocol === 'https:' ? https : http;
@@ -443,7 +509,8 @@ export class RepositoryClient {
       : headers;
     return new Promise((resolve, reject) => {
       let answered = false;
-      const req = transport.request(url, { method, headers: allHeaders });
+      // Aborting destroys the request and its reply: a download or upload under way stops at once.
+      const req = transport.request(url, { method, headers: allHeaders, signal });
       req.on('response', (res) => {
         answered = true;
         // A refusal mid-upload: stop sending once the reply has been read.
@@ -451,8 +518,9 @@ export class RepositoryClient {
         resolve(res);
       });
       req.on('error', (err) => {
-        if (!answered)
-          reject(new RepositoryError(0, `${method} ${url.href} failed: ${err.message}`, { cause: err }));
+        if (answered) return;
+        if (signal?.aborted) reject(signal.reason);
+        else reject(new RepositoryError(0, `${method} ${url.href} failed: ${err.message}`, { cause: err }));
       });
       if (body === undefined) {
         req.end();

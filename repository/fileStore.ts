@@ -192,7 +192,7 @@ export class FileStore {
         {
           maxBytes: limits.maxBytes,
           tooLarge: (max) => new StoreError('too-large', `file is larger than the limit of ${max} bytes`),
-          check: (total) => {
+          onChunk: (total) => {
             upload.bytes = total;
             this.checkQuota(upload, total, false);
           },

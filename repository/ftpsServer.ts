@@ -1,6 +1,7 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
+import { createRequire } from 'node:module';
 import type { AddressInfo, Server as NetServer, Socket } from 'node:net';
 import path from 'node:path';
 import { finished, PassThrough, Readable, Writable } from 'node:stream';
@@ -137,10 +138,12 @@ class OwnerFileSystem extends FileSystem {
   }
 
   /**
-   * Watches a transfer's data connection. ftp-srv hears only its 'end' and 'error': one that just closes
-   * (destroyed, dropped) would leave the transfer, and an upload's temp file, pending for good. So a close
-   * before the end, or idleness past the limit, aborts `stream`. The control connection is silent during
-   * a transfer by design: its idle limit waits until the transfer is over.
+   * Watches a transfer's connections. ftp-srv hears only the data connection's 'end' and 'error': one
+   * that just closes (destroyed, dropped) would leave the transfer, and an upload's temp file, pending for
+   * good. So a data connection closed before its end, or idle past the limit, aborts `stream`; so does the
+   * control connection ending (the client gave up, and could not hear a 226 anyway), before ftp-srv's
+   * own ending of the data connection could read as the end of the file. The control connection is
+   * silent during a transfer by design: its idle limit waits until the transfer is over.
    */
   private watchTransfer(stream: Readable | Writable): void {
     const conn = this.connection as unknown as ConnectionInternals;
@@ -152,9 +155,21 @@ class OwnerFileSystem extends FileSystem {
     data.setTimeout(this.idleTimeoutMs, () =>
       data.destroy(new Error(`the data connection was idle for ${this.idleTimeoutMs / 1000} s`)),
     );
+    // ftp-srv listens for the stream's error only once it has the stream (some turns later) and only
+    // once: an abort before or after that must still find a listener. (Not through finished(): ftp-srv
+    // emits 'close' instead of ending an upload stream that has a 'close' listener.)
+    stream.on('error', () => undefined);
+    const abort = (err: Error): void => {
+      if (!stream.destroyed) stream.destroy(err);
+    };
+    const controlGone = (): void => abort(new Error('the control connection closed during the transfer'));
+    // It may have closed already, while ftp-srv was waiting for the data connection.
+    if (control.destroyed || control.readableEnded) controlGone();
+    control.once('end', controlGone).once('close', controlGone);
     finished(data, (err) => {
+      control.off('end', controlGone).off('close', controlGone);
       if (!control.destroyed) control.setTimeout(controlIdle);
-      if (err && !stream.destroyed) stream.destroy(err);
+      if (err) abort(err);
     });
   }
 
@@ -357,6 +372,43 @@ class OwnerFileSystem extends FileSystem {
   }
 }
 
+/** ftp-srv's passive connector (not in its typings): what the guard below needs of it. */
+interface PassiveConnector {
+  connection: { secure: boolean; commandSocket: Socket };
+  setupServer(): Promise<NetServer>;
+}
+let passiveGuarded = false;
+
+/**
+ * ftp-srv's passive data server checks a data connection's address against the control connection's
+ * with ip.isEqual, which throws on an undefined address: a socket already closed (reset by the client,
+ * or its control connection gone meanwhile). Thrown in an event handler, that would end the process,
+ * so such a connection is dropped before ftp-srv sees it. The guard wraps the server's connection
+ * listener once the data server exists, before the PASV reply can tell a client its port.
+ */
+function guardPassiveDataConnections(): void {
+  if (passiveGuarded) return;
+  passiveGuarded = true;
+  const proto = (
+    createRequire(__filename)('ftp-srv/src/connector/passive') as { prototype: PassiveConnector }
+  ).prototype;
+  const setupServer = proto.setupServer;
+  proto.setupServer = function (this: PassiveConnector) {
+    return setupServer.call(this).then((server) => {
+      const event = this.connection.secure ? 'secureConnection' : 'connection';
+      const [check, ...others] = server.listeners(event) as ((socket: Socket) => void)[];
+      server.removeAllListeners(event);
+      server.on(event, (socket: Socket) => {
+        if (socket.remoteAddress === undefined || this.connection.commandSocket.remoteAddress === undefined)
+          socket.destroy();
+        else check(socket);
+      });
+      for (const l of others) server.on(event, l);
+      return server;
+    });
+  };
+}
+
 /** The parts of ftp-srv's connection (not in its typings) that the TLS upgrade below replaces. */
 interface ConnectionInternals {
   commandSocket: Socket;
@@ -402,6 +454,7 @@ export async function startFtpsServer(deps: FtpsDeps, opts: FtpsServerOptions): 
   if (!Number.isInteger(min) || !Number.isInteger(max) || min < 1024 || max > 65535 || min > max)
     throw new Error(`FTPS passive ports ${min}-${max} must be a range within 1024-65535`);
   const idleTimeoutMs = opts.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
+  guardPassiveDataConnections();
   const tls = await loadOrCreateTlsCert(opts.certFile, opts.keyFile);
   const tlsOptions = { cert: tls.cert, key: tls.key, minVersion: 'TLSv1.2' } as const;
   const secureContext = createSecureContext(tlsOptions);

@@ -3,14 +3,24 @@ import { finished, PassThrough } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { MAX_PATH_BYTES, normaliseRepoPath, OWNER_NAME } from '../spec/repoPath';
 import { describeError, type Logger } from '../logging/logger';
-import { AccessDenied, authenticate, authorise, type Principal } from './auth';
+import {
+  AccessDenied,
+  authenticate,
+  authorise,
+  identify,
+  principalLabel,
+  type Access,
+  type Principal,
+} from './auth';
+import { claimedCapability, type CapabilityKeys } from './capabilities';
+import { CAPABILITY_PREFIX } from '../spec/capability';
 import { remoteOf, type AuditEvent, type AuditLog } from './auditLog';
 import { StoreError, type FileStore, type StoreErrorCode } from './fileStore';
 import type { MetadataDb } from './metadataDb';
 import { parseRange } from './byteRange';
 import { UploadError, type ResumableUploads } from './resumableUploads';
 import { LoginRateLimited, type LoginThrottle } from './loginThrottle';
-import { taskAction, TaskApiError, taskRequest, type TaskApi } from './taskApi';
+import { taskAction, TaskApiError, taskRequest, type TaskAction, type TaskApi } from './taskApi';
 import { serveWebAsset, type WebAssets } from './webAssets';
 import { adminRequest, AdminApiError } from './adminApi';
 import { imageRequest, ImageApiError } from './imageApi';
@@ -37,6 +47,8 @@ export interface HttpApiDeps {
   tasks?: TaskApi;
   /** Owners' images and the provider's base images (imageStore.ts). */
   images?: ImageStore;
+  /** Verify task capabilities presented as bearer tokens (capabilities.ts). */
+  keys: CapabilityKeys;
 }
 
 /** What a request did, filled in as it is understood, recorded in the audit log when it ends. */
@@ -90,8 +102,10 @@ type Route =
   | { kind: 'list'; owner: string; query: URLSearchParams }
   | { kind: 'file'; owner: string; rawPath: string }
   | { kind: 'uploads'; owner: string; id?: string }
-  | { kind: 'tasks'; owner: string; id?: string }
+  | { kind: 'tasks'; owner: string; id?: string; action?: TaskAction; query: URLSearchParams }
   | { kind: 'images'; owner: string }
+  | { kind: 'whoami' }
+  | { kind: 'capability-self' }
   | { kind: 'admin'; path: string; query: URLSearchParams };
 
 function route(target: string): Route | undefined {
@@ -99,15 +113,18 @@ function route(target: string): Route | undefined {
   const pathname = q < 0 ? target : target.slice(0, q);
   const query = new URLSearchParams(q < 0 ? '' : target.slice(q + 1));
   if (pathname === '/v1/health') return { kind: 'health' };
+  if (pathname === '/v1/whoami') return { kind: 'whoami' };
+  if (pathname === '/v1/capabilities/self') return { kind: 'capability-self' };
   const u = /^\/v1\/owners\/([^/]+)\/uploads(?:\/([A-Za-z0-9_-]+))?$/.exec(pathname);
   if (u) return { kind: 'uploads', owner: decodeComponent(u[1], 'owner name'), id: u[2] };
   if (pathname.startsWith('/v1/admin/')) return { kind: 'admin', path: pathname.slice(10), query };
   const img = /^\/v1\/owners\/([^/]+)\/images$/.exec(pathname);
   if (img) return { kind: 'images', owner: decodeComponent(img[1], 'owner name') };
-  const t = /^\/v1\/owners\/([^/]+)\/tasks(?:\/([^/]+))?$/.exec(pathname);
+  const t = /^\/v1\/owners\/([^/]+)\/tasks(?:\/([^/]+)(?:\/(cancel|migrate|result))?)?$/.exec(pathname);
   if (t) {
     const id = t[2] === undefined ? undefined : decodeComponent(t[2], 'task id');
-    return { kind: 'tasks', owner: decodeComponent(t[1], 'owner name'), id };
+    const action = t[3] as TaskAction | undefined;
+    return { kind: 'tasks', owner: decodeComponent(t[1], 'owner name'), id, action, query };
   }
   const m = /^\/v1\/owners\/([^/]+)\/files(\/.*)?$/.exec(pathname);
   if (!m) return undefined;
@@ -142,10 +159,13 @@ function checkOwnerName(owner: string): void {
 }
 
 function checkPath(raw: string): string {
+  return checkRepoPath(decodeComponent(raw, 'path'));
+}
+
+function checkRepoPath(p: string): string {
   try {
-    return normaliseRepoPath(decodeComponent(raw, 'path'));
+    return normaliseRepoPath(p);
   } catch (err) {
-    if (err instanceof HttpError) throw err;
     throw new HttpError(400, (err as Error).message);
   }
 }
@@ -240,6 +260,11 @@ function readJson(req: IncomingMessage): Promise<unknown> {
 
 function jsonTooLarge(): HttpError {
   return new HttpError(413, `request body is larger than ${MAX_JSON_BODY} bytes`);
+}
+
+function hasBody(req: IncomingMessage): boolean {
+  const length = req.headers['content-length'];
+  return length === undefined ? req.headers['transfer-encoding'] !== undefined : length !== '0';
 }
 
 /**
@@ -354,12 +379,16 @@ export function createRequestHandler(
     owner: string,
     id: string | undefined,
     draft: AuditDraft,
+    allowWrite: (repoPath: string) => void,
   ): Promise<void> {
     const method = req.method ?? 'GET';
     if (id === undefined) {
       if (method !== 'POST')
         throw new HttpError(405, `${method} is not allowed on uploads`, { Allow: 'POST' });
-      const session = await deps.uploads.create(owner, await readJson(req));
+      const request = await readJson(req);
+      const target = (request as { path?: unknown } | null)?.path;
+      allowWrite(typeof target === 'string' ? checkRepoPath(target) : '');
+      const session = await deps.uploads.create(owner, request);
       draft.path = session.path;
       sendJson(res, 201, session, {
         Location: `/v1/owners/${owner}/uploads/${session.id}`,
@@ -374,6 +403,7 @@ export function createRequestHandler(
       case 'GET': {
         const s = deps.uploads.get(owner, id);
         draft.path = s.path;
+        allowWrite(s.path);
         const headers = {
           'Upload-Offset': String(s.offset),
           'Upload-Length': String(s.size),
@@ -389,6 +419,7 @@ export function createRequestHandler(
           throw new HttpError(400, 'Upload-Offset header must be a whole number of bytes');
         const s = deps.uploads.get(owner, id);
         draft.path = s.path;
+        allowWrite(s.path);
         const result = await deps.uploads.append(
           owner,
           id,
@@ -411,6 +442,7 @@ export function createRequestHandler(
         return;
       }
       case 'DELETE':
+        allowWrite(deps.uploads.get(owner, id).path);
         await deps.uploads.abort(owner, id);
         res.writeHead(204).end();
         return;
@@ -449,6 +481,43 @@ export function createRequestHandler(
       else sendJson(res, out.status, out.body);
       return;
     }
+    const token = bearerToken(req);
+    const claimed = token?.startsWith(CAPABILITY_PREFIX) ? claimedCapability(token) : undefined;
+    // A refused capability is audited under the id and task it claims; an accepted one under its own.
+    if (claimed) [draft.user, draft.task] = [`capability:${claimed.id}`, claimed.taskId];
+    const guard = <T>(fn: () => T): Promise<T> =>
+      deps.loginThrottle.guard({ address: req.socket.remoteAddress }, fn);
+    if (r.kind === 'whoami') {
+      draft.action = 'whoami';
+      const p =
+        token === undefined
+          ? identify(db, token, deps.keys)
+          : await guard(() => identify(db, token, deps.keys));
+      draft.user = principalLabel(p);
+      sendJson(
+        res,
+        200,
+        p.kind === 'capability'
+          ? { kind: p.kind, owner: p.owner, taskId: p.claims.taskId }
+          : p.kind === 'owner'
+            ? { kind: p.kind, owner: p.owner }
+            : { kind: p.kind },
+      );
+      return;
+    }
+    if (r.kind === 'capability-self') {
+      draft.action = 'capability-revoke';
+      if (method !== 'DELETE') throw new HttpError(405, `${method} is not allowed here`, { Allow: 'DELETE' });
+      const p = authenticate(db, token, deps.keys);
+      draft.user = principalLabel(p);
+      if (p.kind !== 'capability')
+        throw new AccessDenied(403, 'only a task capability can revoke itself (bearer: the capability)');
+      [draft.owner, draft.task] = [p.owner, p.claims.taskId];
+      db.revokeCapability(p.claims.id);
+      log.info({ owner: p.owner, taskId: p.claims.taskId, capabilityId: p.claims.id }, 'capability revoked');
+      res.writeHead(204).end();
+      return;
+    }
     draft.owner = r.owner;
     draft.action =
       r.kind === 'list'
@@ -457,38 +526,47 @@ export function createRequestHandler(
           ? (UPLOAD_ACTIONS[method] ?? method)
           : (ACTIONS[method] ?? method);
     if (r.kind === 'file') draft.path = r.rawPath;
-    if (r.kind === 'tasks') [draft.action, draft.path] = [taskAction(method, r.id), r.id && `task:${r.id}`];
+    if (r.kind === 'tasks')
+      [draft.action, draft.path] = [taskAction(method, r.id, r.action), r.id && `task:${r.id}`];
     if (r.kind === 'images') draft.action = 'list-images';
-    const token = bearerToken(req);
     const principal: Principal =
-      token === undefined
-        ? authenticate(db, token)
-        : await deps.loginThrottle.guard({ address: req.socket.remoteAddress }, () =>
-            authenticate(db, token),
-          );
-    draft.user = principal.kind === 'owner' ? principal.owner : `service:${principal.tokenId}`;
+      token === undefined ? authenticate(db, token) : await guard(() => authenticate(db, token, deps.keys));
+    draft.user = principalLabel(principal);
+    if (principal.kind === 'capability') draft.task = principal.claims.taskId;
     checkOwnerName(r.owner);
-    authorise(db, principal, r.owner);
+    const allow = (access: Access) => authorise(db, principal, r.owner, access);
     if (r.kind === 'list') {
+      const prefix = checkPrefix(r.query.get('prefix'));
+      allow({ op: 'list', prefix });
       if (method !== 'GET')
         throw new HttpError(405, `${method} is not allowed on a file list`, { Allow: 'GET' });
-      sendJson(res, 200, { files: store.list(r.owner, checkPrefix(r.query.get('prefix'))) });
+      sendJson(res, 200, { files: store.list(r.owner, prefix) });
       return;
     }
-    if (r.kind === 'uploads') return resumable(req, res, r.owner, r.id, draft);
+    if (r.kind === 'uploads')
+      return resumable(req, res, r.owner, r.id, draft, (path) => allow({ op: 'write', path }));
+    if (r.kind === 'images' || r.kind === 'tasks') allow({ op: 'account' });
     if (r.kind === 'images') {
       const out = imageRequest(deps.images, method, r.owner);
       sendJson(res, out.status, out.body);
       return;
     }
     if (r.kind === 'tasks') {
-      const body = () => readJson(req);
-      const out = await taskRequest(deps.tasks, { method, owner: r.owner, taskId: r.id, body });
+      const out = await taskRequest(deps.tasks, {
+        method,
+        owner: r.owner,
+        taskId: r.id,
+        action: r.action,
+        query: r.query,
+        // cancel and migrate may come without a body
+        body: () => (hasBody(req) ? readJson(req) : Promise.resolve(undefined)),
+      });
       sendJson(res, out.status, out.body);
       return;
     }
     const repoPath = checkPath(r.rawPath);
     draft.path = repoPath;
+    allow({ op: method === 'GET' || method === 'HEAD' ? 'read' : 'write', path: repoPath });
     switch (method) {
       case 'PUT':
         draft.bytes = await upload(req, res, r.owner, repoPath);
@@ -522,6 +600,7 @@ export function createRequestHandler(
         result:
           err instanceof AccessDenied ||
           err instanceof LoginRateLimited ||
+          (err instanceof TaskApiError && err.denied) ||
           (err instanceof HttpError && err.status === 401)
             ? 'denied'
             : 'failed',

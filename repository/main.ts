@@ -22,6 +22,8 @@ import {
  * on first start), VSP_REPO_FTPS_ALLOW_PLAIN=1 (accept logins without AUTH TLS: only on purpose),
  * VSP_REPO_TEMPORAL=1 (connect to Temporal, with the TEMPORAL_* settings of config/temporal.ts, so the
  * web page can list, submit and follow the owner's tasks; without it the task endpoints answer 503).
+ * Task capabilities are signed with `<dir>/capability.key` (made on first start, mode 0600; rotation in
+ * deploy/production/README.md).
  */
 
 const log = createLogger('repository');

@@ -37,7 +37,7 @@ export interface OwnerUsage {
 
 export interface TokenRow {
   id: number;
-  /** Undefined for a service token, which may act for any owner. */
+  /** Undefined for a service token (the hosts': base images only). */
   owner?: string;
   name: string;
   created: string;
@@ -99,7 +99,22 @@ export interface AdminTokenRow {
   revoked?: string;
 }
 
-const SCHEMA_VERSION = 3;
+/** A task capability as minted (capabilities.ts): the signed token itself is never stored. */
+export interface CapabilityRow {
+  id: string;
+  owner: string;
+  taskId: string;
+  /** The results folder it may write. */
+  results: string;
+  /** Unix seconds, as in the claims. */
+  expires: number;
+  created: string;
+  /** Who minted it: `owner:<name>` through the task API, `admin:cli` through `vsp task grant`. */
+  mintedBy: string;
+  revoked?: string;
+}
+
+const SCHEMA_VERSION = 4;
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS owners (
@@ -175,11 +190,23 @@ CREATE TABLE IF NOT EXISTS upload_sessions (
   received INTEGER NOT NULL,
   expires_at INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS capabilities (
+  id TEXT PRIMARY KEY,
+  owner TEXT NOT NULL REFERENCES owners(name),
+  task_id TEXT NOT NULL,
+  results TEXT NOT NULL,
+  expires INTEGER NOT NULL,
+  created TEXT NOT NULL,
+  minted_by TEXT NOT NULL,
+  revoked TEXT
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS capabilities_by_task ON capabilities (task_id);
+CREATE INDEX IF NOT EXISTS capabilities_by_owner ON capabilities (owner, expires);
 `;
 
 /**
  * Schema 1 had owners without passwords or quotas; the new tables (SSH keys and folders in 2; admin
- * tokens, base images and image inspections in 3) come from SCHEMA itself.
+ * tokens, base images and image inspections in 3; task capabilities in 4) come from SCHEMA itself.
  */
 const MIGRATE_FROM_1 = `
 ALTER TABLE owners ADD COLUMN password_hash TEXT;
@@ -543,6 +570,44 @@ export class MetadataDb {
     );
   }
 
+  // --- task capabilities ---
+
+  insertCapability(c: Omit<CapabilityRow, 'created' | 'revoked'>): void {
+    this.db
+      .prepare(
+        `INSERT INTO capabilities (id, owner, task_id, results, expires, created, minted_by)
+         VALUES (?, ?, ?, ?, ?, ?, ?)`,
+      )
+      .run(c.id, c.owner, c.taskId, c.results, c.expires, new Date().toISOString(), c.mintedBy);
+  }
+
+  getCapability(id: string): CapabilityRow | undefined {
+    const r = this.db.prepare(`SELECT ${CAPABILITY_COLUMNS} FROM capabilities WHERE id = ?`).get(id) as
+      RawCapability | undefined;
+    return r && toCapabilityRow(r);
+  }
+
+  /** The owner's capabilities neither revoked nor expired at `nowSec`: tasks that may still write results. */
+  liveCapabilities(owner: string, nowSec: number): CapabilityRow[] {
+    return (
+      this.db
+        .prepare(
+          `SELECT ${CAPABILITY_COLUMNS} FROM capabilities
+           WHERE owner = ? AND expires > ? AND revoked IS NULL ORDER BY created`,
+        )
+        .all(owner, nowSec) as RawCapability[]
+    ).map(toCapabilityRow);
+  }
+
+  /** Returns false if there is no such unrevoked capability. */
+  revokeCapability(id: string): boolean {
+    return (
+      this.db
+        .prepare('UPDATE capabilities SET revoked = ? WHERE id = ? AND revoked IS NULL')
+        .run(new Date().toISOString(), id).changes === 1
+    );
+  }
+
   // --- the provider's base images ---
 
   getBaseImage(name: string): BaseImageRow | undefined {
@@ -659,5 +724,31 @@ function toImageInfoRow(r: RawImageInfo): ImageInfoRow {
     hasBackingFile: r.has_backing === null ? undefined : r.has_backing !== 0,
     error: r.error ?? undefined,
     inspected: r.inspected,
+  };
+}
+
+const CAPABILITY_COLUMNS = 'id, owner, task_id, results, expires, created, minted_by, revoked';
+
+interface RawCapability {
+  id: string;
+  owner: string;
+  task_id: string;
+  results: string;
+  expires: number;
+  created: string;
+  minted_by: string;
+  revoked: string | null;
+}
+
+function toCapabilityRow(r: RawCapability): CapabilityRow {
+  return {
+    id: r.id,
+    owner: r.owner,
+    taskId: r.task_id,
+    results: r.results,
+    expires: r.expires,
+    created: r.created,
+    mintedBy: r.minted_by,
+    revoked: r.revoked ?? undefined,
   };
 }

@@ -244,7 +244,7 @@ export class ResumableUploads {
         written = (
           await streamInto(body, handle, {
             hash,
-            check: (total) => {
+            onChunk: (total) => {
               if (total > room) throw tooMany();
             },
           })

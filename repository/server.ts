@@ -3,6 +3,7 @@ import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import { createLogger } from '../logging/logger';
 import { ensureServiceToken } from './auth';
+import { loadCapabilityKeys } from './capabilities';
 import { AuditLog, defaultAuditLogPath } from './auditLog';
 import { FileStore } from './fileStore';
 import {
@@ -110,6 +111,7 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
   let images: ImageStore | undefined;
   try {
     if (opts.serviceToken !== undefined) ensureServiceToken(db, opts.serviceToken, 'hosts');
+    const keys = loadCapabilityKeys(dataDir);
     const store = await FileStore.open(dataDir, db);
     // Before any protocol starts: it hears of every image stored, whichever protocol stores it.
     images = new ImageStore({ dataDir, db, store, log: log.child({ part: 'images' }) });
@@ -125,7 +127,7 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
     const loginThrottle = new LoginThrottle(opts.loginThrottle);
     const deps = { db, store, maxFileBytes, log, audit, uploads, loginThrottle };
     const web = await loadWebAssets();
-    const tasks = opts.tasks && new TaskApi(opts.tasks, log.child({ part: 'tasks' }));
+    const tasks = opts.tasks && new TaskApi(opts.tasks, log.child({ part: 'tasks' }), { db, keys });
     if (opts.sftp) {
       sftp = await startSftpServer(deps, {
         host: opts.sftp.host ?? host,
@@ -146,7 +148,7 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
       });
       log.info({ host: ftps.host, port: ftps.port }, 'FTPS listening');
     }
-    const handler = createRequestHandler({ ...deps, web, tasks, images });
+    const handler = createRequestHandler({ ...deps, web, tasks, images, keys });
     const inFlight = new Set<Promise<void>>();
     const server = createServer(
       // Checked this often, the headers timeout holds to within a few seconds.

@@ -1,10 +1,30 @@
-import { WorkflowNotFoundError } from '@temporalio/client';
+import {
+  WorkflowExecutionAlreadyStartedError,
+  WorkflowNotFoundError,
+  WorkflowUpdateFailedError,
+  type WorkflowExecutionDescription,
+} from '@temporalio/client';
 import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
+import { z } from 'zod';
 import { SEARCH_ATTRIBUTES } from '../config/names';
 import { taskFailureMessage, type TaskSummary, type VspClient } from '../client/vspClient';
 import { describeError, type Logger } from '../logging/logger';
-import { TaskSpecError, type TaskSpecInput } from '../spec/taskSpec';
-import type { TaskPhase, TaskResult } from '../workflows/definitions';
+import { TaskSpecError } from '../spec/taskSpec';
+import type { MigrationRecord, TaskPhase, TaskResult, TaskStatus } from '../workflows/definitions';
+import type { CapabilityKeys } from './capabilities';
+import type { MetadataDb } from './metadataDb';
+import { admitTask, checkTaskId, submissionOf, TaskApiError } from './taskAdmission';
+
+export { TaskApiError };
+
+/**
+ * The owners' task API (`/v1/owners/<owner>/tasks[/<id>[/cancel|migrate|result]]`): the one front door
+ * through which owners submit, list, follow, cancel and migrate their tasks (the web page, `vsp`).
+ * Routing and authentication stay in httpApi.ts, shared with the file API; this module answers for an
+ * owner already authorised there. Submission admits the task first (taskAdmission.ts: owner fixed,
+ * pre-flight, capability minted) and only then starts its workflow; a task whose VspOwner is another
+ * owner's is answered as one that does not exist (404), and the refusal audited as denied.
+ */
 
 /**
  * The repository's task endpoints (`/v1/owners/<owner>/tasks[/<id>]`), for the web page: list an owner's
@@ -12,18 +32,6 @@ import type { TaskPhase, TaskResult } from '../workflows/definitions';
  * authentication stay in httpApi.ts, shared with the file API; this module answers for an owner already
  * authorised there, and never shows a task whose VspOwner is another owner's.
  */
-
-/** A refusal with its HTTP status, mapped by httpApi.ts. */
-export class TaskApiError extends Error {
-  constructor(
-    readonly status: number,
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-    this.name = 'TaskApiError';
-  }
-}
 
 type FileRef = TaskResult['outputs'][number];
 
@@ -33,7 +41,12 @@ export interface TaskView {
   /** Temporal's execution status: RUNNING, COMPLETED, FAILED, CANCELED, TERMINATED, TIMED_OUT. */
   status: string;
   phase?: TaskPhase;
+  progress?: number;
+  progressMessage?: string;
   host?: string;
+  storageHost?: string;
+  address?: string;
+  migrations?: MigrationRecord[];
   startTime: string;
   closeTime?: string;
   exitCode?: number;
@@ -43,13 +56,24 @@ export interface TaskView {
   logs?: FileRef[];
 }
 
+/** What can be done to one task besides reading it. */
+export type TaskAction = 'cancel' | 'migrate' | 'result';
+
 export interface TaskRequest {
   method: string;
   owner: string;
   /** The task id (percent-decoded), for a request on one task. */
   taskId?: string;
-  /** Reads the request's JSON body (POST only). */
+  action?: TaskAction;
+  query: URLSearchParams;
+  /** Reads the request's JSON body (undefined when there is none). */
   body(): Promise<unknown>;
+}
+
+/** The admission's needs: the metadata DB (pre-flight, capability records) and the signing key. */
+export interface TaskAdmissionDeps {
+  db: MetadataDb;
+  keys: CapabilityKeys;
 }
 
 const OWNER_KEY = defineSearchAttributeKey(SEARCH_ATTRIBUTES.owner, SearchAttributeType.KEYWORD);
@@ -58,15 +82,44 @@ const HOST_KEY = defineSearchAttributeKey(SEARCH_ATTRIBUTES.host, SearchAttribut
 
 /** How many of an owner's tasks a listing returns, newest first. */
 export const TASK_LIST_LIMIT = 200;
-const MAX_TASK_ID_LENGTH = 1000;
 
 export const TEMPORAL_NOT_CONFIGURED =
   'tasks are not available: this repository has no Temporal connection (start it with VSP_REPO_TEMPORAL=1)';
 
 /** What an audit record calls a task request. */
-export function taskAction(method: string, taskId: string | undefined): string {
+export function taskAction(method: string, taskId: string | undefined, action?: TaskAction): string {
+  if (action !== undefined) return `task-${action}`;
   if (taskId !== undefined) return method === 'GET' ? 'task-status' : method;
   return method === 'POST' ? 'task-submit' : method === 'GET' ? 'task-list' : method;
+}
+
+const CancelRequest = z.object({ reason: z.string().max(1000).optional() }).strict();
+const MigrateRequestSchema = z
+  .object({
+    host: z
+      .string()
+      .regex(/^[a-z0-9][a-z0-9-]{0,62}$/)
+      .optional(),
+    maxBandwidthMiBps: z.number().positive().max(1_000_000).optional(),
+  })
+  .strict();
+
+function parseBody<T>(schema: z.ZodType<T>, body: unknown, what: string): T {
+  const r = schema.safeParse(body ?? {});
+  if (r.success) return r.data;
+  throw new TaskApiError(
+    400,
+    `${what}: ${r.error.issues.map((i) => `${i.path.join('.') || 'body'}: ${i.message}`).join('; ')}`,
+  );
+}
+
+function listLimit(query: URLSearchParams): number {
+  const raw = query.get('limit');
+  if (raw === null) return TASK_LIST_LIMIT;
+  const n = Number(raw);
+  if (!/^\d{1,4}$/.test(raw) || n < 1 || n > TASK_LIST_LIMIT)
+    throw new TaskApiError(400, `limit must be a whole number from 1 to ${TASK_LIST_LIMIT}`);
+  return n;
 }
 
 /** Answers one task request with its status and JSON body; throws TaskApiError. */
@@ -75,62 +128,99 @@ export async function taskRequest(
   req: TaskRequest,
 ): Promise<{ status: number; body: unknown }> {
   if (!api) throw new TaskApiError(503, TEMPORAL_NOT_CONFIGURED);
+  const { method, owner } = req;
+  const only = (allowed: string) => {
+    if (method !== allowed) throw new TaskApiError(405, `${method} is not allowed here (use ${allowed})`);
+  };
   if (req.taskId === undefined) {
-    if (req.method === 'GET') return { status: 200, body: { tasks: await api.list(req.owner) } };
-    if (req.method === 'POST') return { status: 201, body: await api.submit(req.owner, await req.body()) };
-    throw new TaskApiError(405, `${req.method} is not allowed on a task list (use GET or POST)`);
+    if (method === 'GET') {
+      const running = req.query.get('running') === '1';
+      return { status: 200, body: { tasks: await api.list(owner, running, listLimit(req.query)) } };
+    }
+    if (method === 'POST') return { status: 201, body: await api.submit(owner, await req.body()) };
+    throw new TaskApiError(405, `${method} is not allowed on a task list (use GET or POST)`);
   }
-  if (req.method !== 'GET') throw new TaskApiError(405, `${req.method} is not allowed on a task (use GET)`);
-  return { status: 200, body: await api.get(req.owner, checkTaskId(req.taskId)) };
-}
-
-function checkTaskId(taskId: string): string {
-  // eslint-disable-next-line no-control-regex
-  if (taskId === '' || taskId.length > MAX_TASK_ID_LENGTH || /[\x00-\x1f\x7f]/.test(taskId))
-    throw new TaskApiError(
-      400,
-      `task id must be 1-${MAX_TASK_ID_LENGTH} characters without control characters`,
-    );
-  return taskId;
+  const taskId = checkTaskId(req.taskId);
+  switch (req.action) {
+    case undefined:
+      only('GET');
+      return { status: 200, body: await api.get(owner, taskId) };
+    case 'cancel': {
+      only('POST');
+      const { reason } = parseBody(CancelRequest, await req.body(), 'cancel request');
+      return { status: 200, body: await api.cancel(owner, taskId, reason) };
+    }
+    case 'migrate': {
+      only('POST');
+      const request = parseBody(MigrateRequestSchema, await req.body(), 'migrate request');
+      return { status: 200, body: await api.migrate(owner, taskId, request) };
+    }
+    case 'result':
+      only('GET');
+      return { status: 200, body: await api.result(owner, taskId) };
+  }
 }
 
 export class TaskApi {
   constructor(
     private readonly vsp: VspClient,
     private readonly log: Logger,
+    private readonly admission: TaskAdmissionDeps,
   ) {}
 
-  async list(owner: string): Promise<TaskSummary[]> {
-    return this.temporal('list tasks', () => this.vsp.list({ owner, limit: TASK_LIST_LIMIT }));
+  async list(owner: string, running: boolean, limit: number): Promise<TaskSummary[]> {
+    return this.temporal('list tasks', () => this.vsp.list({ owner, running, limit }));
   }
 
-  /** Starts a task for `owner`: the spec's owner is the signed-in owner, whether given or not. */
-  async submit(owner: string, spec: unknown): Promise<{ taskId: string; runId: string }> {
-    if (typeof spec !== 'object' || spec === null || Array.isArray(spec))
-      throw new TaskApiError(400, 'the task spec must be a JSON object');
-    const given = (spec as { owner?: unknown }).owner;
-    if (given !== undefined && given !== owner)
-      throw new TaskApiError(403, `spec.owner ${JSON.stringify(given)} is not the signed-in owner ${owner}`);
+  /**
+   * Starts a task for `owner` (the authenticated owner; a spec naming another is refused): admitted
+   * first (pre-flight, capability), so nothing starts unless every check passed.
+   */
+  async submit(
+    owner: string,
+    body: unknown,
+  ): Promise<{ taskId: string; runId: string; resultsPath: string }> {
+    const { spec, taskId } = submissionOf(body);
+    const task = admitTask(this.admission, { owner, spec, taskId, mintedBy: `owner:${owner}` });
     try {
-      // The rest of the spec is VspClient's to check (TaskSpecError names every bad field).
-      const started = await this.vsp.submit({ ...spec, owner } as TaskSpecInput);
-      this.log.info({ owner, taskId: started.taskId }, 'task submitted from the web API');
-      return started;
+      const started = await this.vsp.submit(task.input, {
+        taskId: task.taskId,
+        capability: task.capability,
+      });
+      this.log.info({ owner, taskId: task.taskId, capabilityId: task.claims.id }, 'task submitted');
+      return { ...started, resultsPath: task.claims.results };
     } catch (err) {
-      if (err instanceof TaskSpecError) throw new TaskApiError(400, err.message);
+      // Never started: its capability must not outlive the refusal.
+      this.admission.db.revokeCapability(task.claims.id);
+      if (err instanceof TaskSpecError) throw new TaskApiError(400, err.message, { cause: err });
+      if (err instanceof WorkflowExecutionAlreadyStartedError)
+        throw new TaskApiError(409, `taskId: a task ${task.taskId} is already running`, { cause: err });
       throw this.unavailable('submit the task', err);
     }
   }
 
+  /**
+   * The task's description, if it is `owner`'s. Another owner's task is answered as one that does not
+   * exist (its existence is not theirs to learn), but audited as denied.
+   */
+  private async owned(owner: string, taskId: string): Promise<WorkflowExecutionDescription> {
+    const handle = this.vsp.temporal.workflow.getHandle(taskId);
+    const notFound = `no such task: ${taskId}`;
+    const desc = await handle.describe().catch((err: unknown) => {
+      throw err instanceof WorkflowNotFoundError
+        ? new TaskApiError(404, notFound)
+        : this.unavailable('describe the task', err);
+    });
+    // VspOwner is set when the workflow starts (VspClient.submit) from the admitted owner.
+    if (desc.type !== 'TaskLifecycle') throw new TaskApiError(404, notFound);
+    if (desc.typedSearchAttributes.get(OWNER_KEY) !== owner)
+      throw new TaskApiError(404, notFound, { denied: true });
+    return desc;
+  }
+
   /** The task, if it is `owner`'s (404 otherwise, as for a task that does not exist). */
   async get(owner: string, taskId: string): Promise<TaskView> {
-    const handle = this.vsp.temporal.workflow.getHandle(taskId);
-    const notFound = new TaskApiError(404, `no such task: ${taskId}`);
-    const desc = await handle.describe().catch((err: unknown) => {
-      throw err instanceof WorkflowNotFoundError ? notFound : this.unavailable('describe the task', err);
-    });
-    // Until the workflow has validated the spec its owner is unknown: shown to nobody yet.
-    if (desc.type !== 'TaskLifecycle' || desc.typedSearchAttributes.get(OWNER_KEY) !== owner) throw notFound;
+    const desc = await this.owned(owner, taskId);
     const view: TaskView = {
       taskId,
       status: desc.status.name,
@@ -145,7 +235,12 @@ export class TaskApi {
       const s = await this.vsp.status(taskId);
       Object.assign(view, {
         phase: s.phase,
+        progress: s.progress,
+        progressMessage: s.progressMessage,
         host: s.host ?? view.host,
+        storageHost: s.storageHost,
+        address: s.address,
+        migrations: s.migrations,
         exitCode: s.exitCode,
         error: s.error,
         resultsPath: s.resultsPath,
@@ -172,6 +267,61 @@ export class TaskApi {
       );
     }
     return view;
+  }
+
+  /** Cancels the owner's running task (409 once it has ended). */
+  async cancel(owner: string, taskId: string, reason: string | undefined): Promise<TaskStatus> {
+    await this.running(owner, taskId);
+    return this.update('cancel', 409, () => this.vsp.cancel(taskId, reason));
+  }
+
+  /** Live-migrates the owner's running task; 422 with the cause when it could not move. */
+  async migrate(
+    owner: string,
+    taskId: string,
+    request: { host?: string; maxBandwidthMiBps?: number },
+  ): Promise<TaskStatus> {
+    await this.running(owner, taskId);
+    return this.update('migrate', 422, () => this.vsp.migrate(taskId, request));
+  }
+
+  /** The result of the owner's task: 409 while it runs, 422 with the failure when it did not complete. */
+  async result(owner: string, taskId: string): Promise<TaskResult> {
+    const desc = await this.owned(owner, taskId);
+    if (desc.status.name === 'RUNNING') {
+      const phase = await this.vsp.status(taskId).then(
+        (s) => s.phase,
+        () => desc.typedSearchAttributes.get(PHASE_KEY) ?? 'running',
+      );
+      throw new TaskApiError(409, `still ${phase}`);
+    }
+    try {
+      return await this.vsp.result(taskId);
+    } catch (err) {
+      if (desc.status.name === 'COMPLETED') throw this.unavailable('read the task result', err);
+      throw new TaskApiError(422, taskFailureMessage(err), { cause: err });
+    }
+  }
+
+  private async running(owner: string, taskId: string): Promise<void> {
+    const desc = await this.owned(owner, taskId);
+    if (desc.status.name !== 'RUNNING')
+      throw new TaskApiError(409, `task ${taskId} has already ended (${desc.status.name})`);
+  }
+
+  /** An update on the task; its refusal or failure reaches the client with `status` and its cause. */
+  private async update<T>(what: string, status: number, fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (err) {
+      if (err instanceof WorkflowUpdateFailedError || err instanceof WorkflowNotFoundError)
+        throw new TaskApiError(
+          status,
+          `${what} refused: ${err.cause ? describeError(err.cause) : err.message}`,
+          { cause: err },
+        );
+      throw this.unavailable(what, err);
+    }
   }
 
   private async temporal<T>(what: string, fn: () => Promise<T>): Promise<T> {

@@ -115,7 +115,23 @@ export const TaskSpecSchema = z
       .regex(/^[a-z0-9][a-z0-9-]{0,62}$/, 'host must be a host name from the cluster configuration')
       .optional(),
   })
-  .strict();
+  .strict()
+  .superRefine((spec, ctx) => {
+    // A second copy of an input would only overwrite the first; a port twice is a mistake.
+    for (const field of ['inputs', 'ports'] as const) {
+      const seen = new Map<string | number, number>();
+      spec[field].forEach((v, i) => {
+        const first = seen.get(v);
+        if (first !== undefined)
+          ctx.addIssue({
+            code: 'custom',
+            path: [field, i],
+            message: `duplicate of ${field}[${first}] (${JSON.stringify(v)})`,
+          });
+        else seen.set(v, i);
+      });
+    }
+  });
 
 export type TaskSpecInput = z.input<typeof TaskSpecSchema>;
 export type TaskSpec = z.output<typeof TaskSpecSchema>;

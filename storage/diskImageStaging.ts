@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { fsyncFile, writeFileAtomic } from './durableFile';
@@ -50,7 +51,11 @@ export class DiskImageStaging implements HomeStaging {
   readonly kind = 'disk-image' as const;
   private readonly log = createLogger('disk-staging');
 
-  async build(vm: VmPaths, outputRoomBytes: number): Promise<{ bytes: number }> {
+  async build(
+    vm: VmPaths,
+    outputRoomBytes: number,
+    opts: { signal?: AbortSignal } = {},
+  ): Promise<{ bytes: number }> {
     if (!Number.isSafeInteger(outputRoomBytes) || outputRoomBytes < 0)
       throw new Error(`output room must be a non-negative byte count, got ${outputRoomBytes}`);
     const haveInputs = await exists(vm.inputsDir);
@@ -67,8 +72,9 @@ export class DiskImageStaging implements HomeStaging {
     const metadata = inodes * INODE_BYTES + Math.ceil(payload * 0.02) + RESERVED_BYTES + 4 * MiB;
     const journal = journalMiB(payload + metadata);
     const imageBytes = Math.ceil((payload + metadata + journal * MiB) / MiB) * MiB;
-    const tmp = `${vm.dataDisk}.${process.pid}.tmp`;
-    await fs.rm(tmp, { force: true });
+    // One name per attempt; an earlier attempt's leftovers go (its tools were stopped with it).
+    await removeStaleBuilds(vm.dataDisk);
+    const tmp = `${vm.dataDisk}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
     try {
       await runCommand(
         'mke2fs',
@@ -94,10 +100,11 @@ export class DiskImageStaging implements HomeStaging {
           tmp,
           `${imageBytes / 1024}k`,
         ],
-        { timeoutMs: TOOL_TIMEOUT_MS },
+        { timeoutMs: TOOL_TIMEOUT_MS, signal: opts.signal },
       );
       await runCommand('tune2fs', ['-r', String(RESERVED_BYTES / BLOCK), tmp], {
         timeoutMs: TOOL_TIMEOUT_MS,
+        signal: opts.signal,
       });
       await fsyncFile(tmp);
       await fs.rename(tmp, vm.dataDisk);
@@ -153,6 +160,14 @@ export class DiskImageStaging implements HomeStaging {
     this.log.info({ dataDisk: vm.dataDisk, outputsDir }, 'outputs extracted');
     return { outputsDir, ...(taskLog ? { taskLog } : {}) };
   }
+}
+
+/** Data disks half-built by earlier attempts (`data.img.<pid>.<nonce>.tmp`). */
+async function removeStaleBuilds(dataDisk: string): Promise<void> {
+  const dir = path.dirname(dataDisk);
+  const prefix = `${path.basename(dataDisk)}.`;
+  for (const name of await fs.readdir(dir))
+    if (name.startsWith(prefix) && name.endsWith('.tmp')) await fs.rm(path.join(dir, name), { force: true });
 }
 
 /** Reads a file from a data disk without mounting it (debugfs cat); undefined when absent. */

@@ -14,8 +14,11 @@ export interface ExtractedOutputs {
  */
 export interface HomeStaging {
   readonly kind: 'directory' | 'disk-image';
-  /** Builds the home from the inputs downloaded into `vm.inputsDir`, leaving `outputRoomBytes` free. */
-  build(vm: VmPaths, outputRoomBytes: number): Promise<{ bytes: number }>;
+  /**
+   * Builds the home from the inputs downloaded into `vm.inputsDir`, leaving `outputRoomBytes` free;
+   * `signal` stops the tools it runs (the activity was cancelled or its attempt timed out).
+   */
+  build(vm: VmPaths, outputRoomBytes: number, opts?: { signal?: AbortSignal }): Promise<{ bytes: number }>;
   /** Copies `outputDir` (relative to the home) and the task log into `vm.outboxDir`. */
   extract(vm: VmPaths, outputDir: string): Promise<ExtractedOutputs>;
 }

@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream, constants as fsConstants, promises as fs } from 'node:fs';
 import path from 'node:path';
 import { fsyncFile, writeFileAtomic } from './durableFile';
@@ -70,17 +70,25 @@ export class ImageCache {
    * the cached image. With `sha256`, a cache hit skips all work and a content mismatch is an error.
    * `name` is how errors call the image (default: `file`), e.g. the owner's repository path.
    */
-  async ensureFromFile(file: string, sha256?: string, name = file): Promise<CachedImage> {
+  async ensureFromFile(
+    file: string,
+    sha256?: string,
+    name = file,
+    signal?: AbortSignal,
+  ): Promise<CachedImage> {
     if (sha256 !== undefined) {
       const hit = await this.get(sha256);
       if (hit) return hit;
     }
     await fs.mkdir(this.opts.dir, { recursive: true });
-    const tmp = path.join(this.opts.dir, `.incoming.${process.pid}.${Date.now()}.${path.basename(file)}`);
+    const tmp = path.join(
+      this.opts.dir,
+      `.incoming.${process.pid}.${randomBytes(4).toString('hex')}.${path.basename(file)}`,
+    );
     try {
       await fs.copyFile(file, tmp, fsConstants.COPYFILE_FICLONE);
       // Validate and hash the copy, not the source: what was checked is what VMs will read.
-      const info = await this.validate(tmp, name);
+      const info = await this.validate(tmp, name, signal);
       const actual = await sha256File(tmp);
       if (sha256 !== undefined && actual !== sha256)
         throw new Error(`image ${name} has content hash ${actual}, expected ${sha256}`);
@@ -107,7 +115,7 @@ export class ImageCache {
   }
 
   /** Checks that `file` is an image VMs may boot from; throws an InvalidImageError saying what is wrong. */
-  async validate(file: string, name = file): Promise<ImageInfo> {
+  async validate(file: string, name = file, signal?: AbortSignal): Promise<ImageInfo> {
     const st = await fs.stat(file).catch((err: unknown) => {
       throw new InvalidImageError(`image ${name} cannot be read`, { cause: err });
     });
@@ -117,9 +125,11 @@ export class ImageCache {
     try {
       const { stdout } = await runCommand('qemu-img', ['info', '--output=json', file], {
         timeoutMs: QEMU_IMG_TIMEOUT_MS,
+        signal,
       });
       raw = JSON.parse(stdout) as QemuImgInfo;
     } catch (err) {
+      signal?.throwIfAborted();
       throw new InvalidImageError(`image ${name} is not a readable disk image`, { cause: err });
     }
     if (raw.format !== 'qcow2' && raw.format !== 'raw')
@@ -140,8 +150,12 @@ export class ImageCache {
       throw new InvalidImageError(`image ${name} keeps its data in an external file, which is not accepted`);
     const backingFile = raw['backing-filename'] ? await this.checkBacking(file, name, raw) : undefined;
     try {
-      await runCommand('qemu-img', ['check', '-q', '-f', 'qcow2', file], { timeoutMs: QEMU_IMG_TIMEOUT_MS });
+      await runCommand('qemu-img', ['check', '-q', '-f', 'qcow2', file], {
+        timeoutMs: QEMU_IMG_TIMEOUT_MS,
+        signal,
+      });
     } catch (err) {
+      signal?.throwIfAborted();
       throw new InvalidImageError(`image ${name} is damaged or truncated (qemu-img check failed)`, {
         cause: err,
       });

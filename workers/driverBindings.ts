@@ -1,7 +1,8 @@
+import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { ApplicationFailure } from '@temporalio/activity';
-import type { DriverBinding } from '../activities/host/hostDeps';
+import type { DriverBinding, ImageFetch } from '../activities/host/hostDeps';
 import type { HostConfig } from '../config/workerConfig';
 import { probeAccelerator } from '../drivers/qemu/accelerator';
 import { ensureAppliance, type Appliance } from '../drivers/qemu/appliance';
@@ -85,10 +86,12 @@ async function vmImagesOf(
   const cache = new ImageCache({ dir: store.imagesDir, maxVirtualBytes: config.maxImageBytes });
   return {
     appliance,
-    resolveImage: async (owner, image) => {
+    resolveImage: async (owner, image, fetch) => {
       if (image === 'default')
         return (await cache.ensureFromFile(appliance.root.path, appliance.root.sha256)).path;
-      return customerImage(cache, store, repository, owner, image);
+      // The host's own credential reads the provider's base images only; an owner's image, the task's.
+      const from = image.startsWith(BASE_IMAGE_PREFIX) ? { ...fetch, repository } : fetch;
+      return customerImage(cache, store, from, owner, image);
     },
   };
 }
@@ -101,10 +104,11 @@ async function vmImagesOf(
 async function customerImage(
   cache: ImageCache,
   store: VmStore,
-  repository: RepositoryClient,
+  fetch: ImageFetch,
   owner: string,
   image: string,
 ): Promise<string> {
+  const { repository } = fetch;
   const repoPath = imageRepoPath(image);
   const where = image.startsWith(BASE_IMAGE_PREFIX)
     ? "the provider's base images"
@@ -125,10 +129,11 @@ async function customerImage(
   if (cached) return cached.path;
   const incoming = path.join(store.imagesDir, '.incoming');
   await fs.mkdir(incoming, { recursive: true });
-  const tmp = path.join(incoming, `${info.sha256}.${process.pid}`);
+  // One name per attempt: a retry never writes into a file an earlier attempt may still fill.
+  const tmp = path.join(incoming, `${info.sha256}.${process.pid}.${randomBytes(4).toString('hex')}`);
   try {
-    await repository.download(owner, repoPath, tmp);
-    return (await cache.ensureFromFile(tmp, info.sha256, `'${image}'`)).path;
+    await repository.download(owner, repoPath, tmp, { signal: fetch.signal, onProgress: fetch.onProgress });
+    return (await cache.ensureFromFile(tmp, info.sha256, `'${image}'`, fetch.signal)).path;
   } catch (err) {
     // Only a bad image is final; a failed download or a full disk may pass on a retry.
     if (err instanceof InvalidImageError)

@@ -1,55 +1,59 @@
 import { Client } from '@temporalio/client';
 import { Worker } from '@temporalio/worker';
 import { createHostActivities } from '../activities/host/createHostActivities';
+import { createHostLivenessActivities } from '../activities/host/hostLiveness';
 import { createMigrationActivities } from '../activities/host/migrationActivities';
 import { connectWorkerConnection } from '../config/temporal';
-import { hostTaskQueue } from '../config/names';
-import { loadHostConfig } from '../config/workerConfig';
-import { progressSignal } from '../workflows/definitions';
+import { CONTROL_TASK_QUEUE, hostLivenessWorkflowId, hostTaskQueue } from '../config/names';
+import { loadHostConfig, type HostConfig } from '../config/workerConfig';
 import { createLogger, describeError } from '../logging/logger';
 import { RepositoryClient } from '../repository/client';
 import { checkClusterExports } from '../storage/nfsExport';
 import { VmStore } from '../storage/vmStore';
+import type { HostLivenessInput } from '../workflows/hostLiveness';
 import { createDriverBindings } from './driverBindings';
+import { OrphanReaper } from './orphanReaper';
 
 const log = createLogger('worker.host');
 
 /**
  * A host worker: polls its own task queue (vsp-host-<name>) and runs every activity that touches this
- * host's disk or VMs. VMs outlive it: on start it re-attaches to what its predecessor left running.
+ * host's disk or VMs. VMs outlive it: on start it re-attaches to what its predecessor left running, and
+ * its orphan reaper removes what no open workflow run owns any more. Its liveness heartbeat tells the
+ * control worker it is up.
  */
 async function main(): Promise<void> {
   const config = loadHostConfig();
   const store = new VmStore(config.storeDir);
   await store.init();
   const repository = new RepositoryClient({ url: config.repositoryUrl, token: config.repositoryToken });
+  const repositoryFor = (capability: string) =>
+    new RepositoryClient({ url: config.repositoryUrl, token: capability });
   const drivers = await createDriverBindings(config, store, repository);
   const { connection, namespace } = await connectWorkerConnection();
   const client = new Client({ connection, namespace });
-
-  for (const vmId of await store.list()) {
-    const state = await store.readState<{ handle?: { driver: string } }>(vmId).catch(() => undefined);
-    log.info({ vmId, state: state ? 'present' : 'none' }, 'VM found in the store; its task will re-attach');
-  }
 
   const activities = createHostActivities({
     hostName: config.host,
     store,
     repository,
+    repositoryFor,
     drivers,
     defaultDriver: config.defaultDriver,
-    reportProgress: async (workflowId, progress, message) => {
-      await client.workflow.getHandle(workflowId).signal(progressSignal, { progress, message });
-    },
   });
   const migration = createMigrationActivities({
     hostName: config.host,
+    store,
     drivers,
     migration: {
       downtimeLimitMs: config.migrationDowntimeMs,
       maxBandwidthBytesPerSec: config.migrationMaxBandwidth,
       timeoutMs: config.migrationTimeoutSec === undefined ? undefined : config.migrationTimeoutSec * 1000,
     },
+  });
+  const liveness = createHostLivenessActivities({
+    hostName: config.host,
+    heartbeatMs: config.heartbeatSec * 1000,
   });
   // Other hosts may come up later: an unreachable export is reported, not fatal (migrations check again).
   if (Object.keys(config.clusterStorage).length > 1)
@@ -63,9 +67,23 @@ async function main(): Promise<void> {
     connection,
     namespace,
     taskQueue: hostTaskQueue(config.host),
-    activities: { ...activities, ...migration },
+    activities: { ...activities, ...migration, ...liveness },
     identity: `vsp-host-${config.host}@${process.pid}`,
+    // Heartbeats (liveness, task progress) reach Temporal within one period, whatever the timeouts.
+    maxHeartbeatThrottleInterval: config.heartbeatSec * 1000,
   });
+  await startLiveness(client, config);
+
+  const reaper = new OrphanReaper({ hostName: config.host, store, client, drivers, repositoryFor });
+  let sweeping: Promise<unknown> = Promise.resolve();
+  const sweep = (startup: boolean) => {
+    sweeping = sweeping
+      .then(() => reaper.sweep({ startup }))
+      .catch((err: unknown) => log.error({ err: describeError(err) }, 'orphan sweep failed'));
+  };
+  sweep(true);
+  const timer = setInterval(() => sweep(false), config.reaperIntervalSec * 1000);
+
   log.info(
     {
       host: config.host,
@@ -75,11 +93,28 @@ async function main(): Promise<void> {
       exports: Object.keys(config.clusterStorage),
       netns: config.netns,
       vmNetwork: config.vmNetwork,
+      heartbeatSec: config.heartbeatSec,
     },
     'host worker ready',
   );
-  await worker.run();
-  await connection.close();
+  try {
+    await worker.run();
+  } finally {
+    clearInterval(timer);
+    await sweeping;
+    await connection.close();
+  }
+}
+
+/** Starts this host's liveness workflow unless it runs already (a restarted worker finds it). */
+async function startLiveness(client: Client, config: HostConfig): Promise<void> {
+  const input: HostLivenessInput = { host: config.host, heartbeatSec: config.heartbeatSec };
+  await client.workflow.start('HostLiveness', {
+    taskQueue: CONTROL_TASK_QUEUE,
+    workflowId: hostLivenessWorkflowId(config.host),
+    args: [input],
+    workflowIdConflictPolicy: 'USE_EXISTING',
+  });
 }
 
 main().catch((err: unknown) => {

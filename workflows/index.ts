@@ -1,1 +1,2 @@
 export { TaskLifecycle } from './taskLifecycle';
+export { HostLiveness } from './hostLiveness';

@@ -1,7 +1,7 @@
 import { ApplicationFailure } from '@temporalio/activity';
-import type { Client } from '@temporalio/client';
+import { WorkflowNotFoundError, type Client } from '@temporalio/client';
 import { temporal } from '@temporalio/proto';
-import { hostTaskQueue, SEARCH_ATTRIBUTES } from '../../config/names';
+import { hostLivenessWorkflowId, SEARCH_ATTRIBUTES } from '../../config/names';
 import { createLogger } from '../../logging/logger';
 import type { TaskSpec } from '../../spec/taskSpec';
 import type { Placement } from '../types';
@@ -11,30 +11,66 @@ const log = createLogger('activities.control');
 export interface ControlDeps {
   client: Client;
   hosts: string[];
-  /** A host whose queue saw no poll for this long counts as down. */
+  /** A host whose worker has not heartbeated for this long counts as down. */
   hostLivenessSec: number;
 }
 
+/** Whether a host's worker is alive now, from its heartbeat (workflows/hostLiveness.ts). */
+export interface HostStatus {
+  live: boolean;
+  /** Unix ms of the host worker's last heartbeat seen by Temporal (undefined: never seen). */
+  lastSeenMs?: number;
+  /** Why the host counts as down, or what shows it is up. */
+  reason: string;
+}
+
+const toMs = (t: { seconds?: unknown; nanos?: number | null } | null | undefined): number | undefined =>
+  t?.seconds == null ? undefined : Number(t.seconds) * 1000 + Math.floor((t.nanos ?? 0) / 1e6);
+
 /**
- * Placement: the live host with the fewest running tasks. Liveness comes from the pollers on the
- * host's own task queue; load from visibility (running workflows whose VspHost is the host), plus the
- * placements this worker made in the last seconds, which visibility may not show yet.
+ * Placement: the live host with the fewest running tasks. Liveness comes from each host worker's own
+ * heartbeat (a pending activity of its liveness workflow, read with one describe() call): precise to
+ * its period, unlike a task queue's pollers, which linger for minutes after a worker dies and go quiet
+ * while a busy worker has no free slot. Load comes from visibility (running workflows whose VspHost is
+ * the host), plus the placements this worker made in the last seconds, which visibility may not show yet.
  */
 export function createControlActivities(deps: ControlDeps) {
   const recent = new Map<string, number[]>();
   const RECENT_MS = 15_000;
 
+  async function hostStatus(host: string): Promise<HostStatus> {
+    let pending;
+    try {
+      const d = await deps.client.workflow.getHandle(hostLivenessWorkflowId(host)).describe();
+      if (d.status.name !== 'RUNNING')
+        return { live: false, reason: `host ${host}'s liveness record is ${d.status.name.toLowerCase()}` };
+      pending = d.raw.pendingActivities?.[0];
+    } catch (err) {
+      if (err instanceof WorkflowNotFoundError)
+        return { live: false, reason: `host ${host} has no liveness record: its worker never started` };
+      throw err;
+    }
+    const lastSeenMs = Math.max(
+      toMs(pending?.lastHeartbeatTime) ?? 0,
+      // A worker that has just picked the heartbeat up counts from then.
+      pending?.state === temporal.api.enums.v1.PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+        ? (toMs(pending.lastStartedTime) ?? 0)
+        : 0,
+    );
+    if (lastSeenMs === 0) return { live: false, reason: `host ${host}'s worker has not heartbeated yet` };
+    const ageSec = (Date.now() - lastSeenMs) / 1000;
+    const seen = `last heartbeat ${ageSec.toFixed(1)} s ago (${new Date(lastSeenMs).toISOString()})`;
+    return ageSec <= deps.hostLivenessSec
+      ? { live: true, lastSeenMs, reason: `host ${host} is live: ${seen}` }
+      : {
+          live: false,
+          lastSeenMs,
+          reason: `host ${host} is down: ${seen}, more than the liveness limit of ${deps.hostLivenessSec} s`,
+        };
+  }
+
   async function isLive(host: string): Promise<boolean> {
-    const res = await deps.client.workflowService.describeTaskQueue({
-      namespace: deps.client.options.namespace,
-      taskQueue: {
-        name: hostTaskQueue(host),
-        kind: temporal.api.enums.v1.TaskQueueKind.TASK_QUEUE_KIND_NORMAL,
-      },
-      taskQueueType: temporal.api.enums.v1.TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
-    });
-    const cutoff = Date.now() - deps.hostLivenessSec * 1000;
-    return (res.pollers ?? []).some((p) => Number(p.lastAccessTime?.seconds ?? 0) * 1000 >= cutoff);
+    return (await hostStatus(host)).live;
   }
 
   async function load(host: string): Promise<number> {
@@ -48,6 +84,9 @@ export function createControlActivities(deps: ControlDeps) {
   }
 
   return {
+    /** Whether `host` is live now (the workflow's HostDown decision, and placement). */
+    hostStatus,
+
     async placeTask(spec: TaskSpec): Promise<Placement> {
       if (spec.host && !deps.hosts.includes(spec.host))
         throw ApplicationFailure.nonRetryable(

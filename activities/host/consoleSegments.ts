@@ -1,10 +1,13 @@
+import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { departedConsoleOf } from '../../drivers/qemu/consoleLog';
 import { readTail } from '../../drivers/progress';
 import { createLogger } from '../../logging/logger';
-import { RepositoryError } from '../../repository/client';
+import { RepositoryError, type RepositoryClient } from '../../repository/client';
 import type { TaskRef, UploadedFile } from '../types';
+import { classified } from './failures';
+import { heartbeating, type Heartbeat } from './heartbeat';
 import type { HostDeps } from './hostDeps';
 
 const log = createLogger('activities.console');
@@ -37,15 +40,26 @@ export function segmentHeader(s: ConsoleSegment): string {
  * and the host may be gone by the end; the host it ends on uploads the last one and `logs/console.log`,
  * every segment in order under a header line (the one file a reader opens). Both are idempotent.
  */
-export function createConsoleActivities(deps: HostDeps) {
-  const { store, repository, hostName } = deps;
+export function createConsoleActivities(deps: HostDeps, repositoryOf: (ref: TaskRef) => RepositoryClient) {
+  const { store, hostName } = deps;
+  /** Scratch files are per attempt: a retry never shares one with an attempt that may still run. */
+  const scratchOf = (file: string, what: string) => `${file}.${randomBytes(4).toString('hex')}.${what}`;
 
-  async function uploadTail(owner: string, repoPath: string, file: string): Promise<UploadedFile> {
+  async function uploadTail(
+    repository: RepositoryClient,
+    owner: string,
+    repoPath: string,
+    file: string,
+    hb: Heartbeat,
+  ): Promise<UploadedFile> {
     const tail = await readTail(file, SEGMENT_BYTES);
-    const local = `${file}.upload`;
+    const local = scratchOf(file, 'upload');
     await fs.writeFile(local, tail);
     try {
-      const info = await repository.upload(owner, repoPath, local);
+      const info = await repository.upload(owner, repoPath, local, {
+        signal: hb.signal,
+        onProgress: hb.onBytes,
+      });
       return { path: info.path, size: info.size, sha256: info.sha256 };
     } finally {
       await fs.rm(local, { force: true });
@@ -53,9 +67,17 @@ export function createConsoleActivities(deps: HostDeps) {
   }
 
   /** The text of an earlier segment from the repository; a note in its place when it was never kept. */
-  async function earlierSegment(ref: TaskRef, s: ConsoleSegment, scratch: string): Promise<string> {
+  async function earlierSegment(
+    repository: RepositoryClient,
+    ref: TaskRef,
+    s: ConsoleSegment,
+    scratch: string,
+    hb: Heartbeat,
+  ): Promise<string> {
     try {
-      await repository.download(ref.spec.owner, segmentRepoPath(ref.resultsPath, s), scratch);
+      await repository.download(ref.spec.owner, segmentRepoPath(ref.resultsPath, s), scratch, {
+        signal: hb.signal,
+      });
       return await fs.readFile(scratch, 'utf8');
     } catch (err) {
       if (!(err instanceof RepositoryError && err.status === 404)) throw err;
@@ -71,12 +93,17 @@ export function createConsoleActivities(deps: HostDeps) {
      * left), then drops it. Nothing set aside (already kept, or a driver without console): undefined.
      */
     async keepConsoleSegment(ref: TaskRef, segment: ConsoleSegment): Promise<UploadedFile | undefined> {
-      const departed = departedConsoleOf(store.root, ref.vmId);
-      if (!(await fs.stat(departed).catch(() => undefined))) return undefined;
-      const kept = await uploadTail(ref.spec.owner, segmentRepoPath(ref.resultsPath, segment), departed);
-      await fs.rm(departed, { force: true });
-      log.info({ vmId: ref.vmId, segment: segment.n, bytes: kept.size }, 'console segment kept');
-      return kept;
+      return classified(hostName, () =>
+        heartbeating({ step: 'keep-console' }, async (hb) => {
+          const departed = departedConsoleOf(store.root, ref.vmId);
+          if (!(await fs.stat(departed).catch(() => undefined))) return undefined;
+          const repoPath = segmentRepoPath(ref.resultsPath, segment);
+          const kept = await uploadTail(repositoryOf(ref), ref.spec.owner, repoPath, departed, hb);
+          await fs.rm(departed, { force: true });
+          log.info({ vmId: ref.vmId, segment: segment.n, bytes: kept.size }, 'console segment kept');
+          return kept;
+        }),
+      );
     },
 
     /**
@@ -88,27 +115,40 @@ export function createConsoleActivities(deps: HostDeps) {
       const last = segments.at(-1);
       if (!last || last.host !== hostName)
         throw new Error(`the console's last segment is not on host ${hostName}: ${JSON.stringify(last)}`);
-      const p = store.paths(ref.vmId);
-      const owner = ref.spec.owner;
-      const wholePath = `${ref.resultsPath}/logs/console.log`;
-      const own = await readTail(p.consoleLog, SEGMENT_BYTES);
-      if (segments.length === 1) return own ? [await uploadTail(owner, wholePath, p.consoleLog)] : [];
-      await fs.mkdir(p.dir, { recursive: true });
-      const whole = path.join(p.dir, 'console-whole.log');
-      try {
-        const parts: string[] = [];
-        for (const s of segments.slice(0, -1))
-          parts.push(segmentHeader(s), await earlierSegment(ref, s, `${whole}.segment`));
-        parts.push(segmentHeader(last), own);
-        await fs.writeFile(whole, parts.map((t) => (t.endsWith('\n') ? t : `${t}\n`)).join(''));
-        const lastKept = await uploadTail(owner, segmentRepoPath(ref.resultsPath, last), p.consoleLog);
-        // Not cut to a tail: each segment in it already is.
-        const info = await repository.upload(owner, wholePath, whole);
-        log.info({ vmId: ref.vmId, segments: segments.length, bytes: info.size }, 'console collected');
-        return [lastKept, { path: info.path, size: info.size, sha256: info.sha256 }];
-      } finally {
-        await fs.rm(whole, { force: true });
-      }
+      return classified(hostName, () =>
+        heartbeating({ step: 'collect-console' }, async (hb) => {
+          const repository = repositoryOf(ref);
+          const p = store.paths(ref.vmId);
+          const owner = ref.spec.owner;
+          const wholePath = `${ref.resultsPath}/logs/console.log`;
+          const own = await readTail(p.consoleLog, SEGMENT_BYTES);
+          if (segments.length === 1)
+            return own ? [await uploadTail(repository, owner, wholePath, p.consoleLog, hb)] : [];
+          await fs.mkdir(p.dir, { recursive: true });
+          const whole = scratchOf(path.join(p.dir, 'console-whole'), 'log');
+          try {
+            const parts: string[] = [];
+            for (const s of segments.slice(0, -1))
+              parts.push(
+                segmentHeader(s),
+                await earlierSegment(repository, ref, s, scratchOf(whole, 'segment'), hb),
+              );
+            parts.push(segmentHeader(last), own);
+            await fs.writeFile(whole, parts.map((t) => (t.endsWith('\n') ? t : `${t}\n`)).join(''));
+            const lastPath = segmentRepoPath(ref.resultsPath, last);
+            const lastKept = await uploadTail(repository, owner, lastPath, p.consoleLog, hb);
+            // Not cut to a tail: each segment in it already is.
+            const info = await repository.upload(owner, wholePath, whole, {
+              signal: hb.signal,
+              onProgress: hb.onBytes,
+            });
+            log.info({ vmId: ref.vmId, segments: segments.length, bytes: info.size }, 'console collected');
+            return [lastKept, { path: info.path, size: info.size, sha256: info.sha256 }];
+          } finally {
+            await fs.rm(whole, { force: true });
+          }
+        }),
+      );
     },
   };
 }

@@ -1,29 +1,41 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { ApplicationFailure, Context } from '@temporalio/activity';
 import type { HypervisorDriver, VmConfig, VmHandle } from '../../drivers/types';
 import { VmMigratedError } from '../../drivers/qemu/qemuDriver';
 import { createLogger, describeError } from '../../logging/logger';
-import { RepositoryError } from '../../repository/client';
+import { RepositoryError, type RepositoryClient } from '../../repository/client';
 import { UnusableOutputsError } from '../../storage/diskImageStaging';
+import { sha256File } from '../../storage/imageCache';
 import type { AwaitResult, StageInResult, StageOutResult, TaskRef, UploadedFile } from '../types';
-import type { DriverBinding, HostDeps } from './hostDeps';
+import type { DriverBinding, HostDeps, ImageFetch } from './hostDeps';
 import { createConsoleActivities } from './consoleSegments';
+import { classified } from './failures';
+import { heartbeating, type Heartbeat } from './heartbeat';
 import { listOutputFiles } from './outputs';
+import { saveTaskRecord, taskRecordOf, taskRepository } from './taskAccess';
 
 const log = createLogger('activities.host');
 
-/** Heartbeat at least this often from long steps; the workflow's heartbeat timeout is larger. */
-const HEARTBEAT_MS = 2000;
-/** Progress reaches the workflow's status query at most this often (each report is a history event). */
-const PROGRESS_REPORT_MS = 5000;
+/** A driver error while the VM still runs (a QMP timeout, an `xl list` hiccup) is retried this long. */
+const TRANSIENT_DRIVER_ERROR_MS = 60_000;
+const TRANSIENT_RETRY_MS = 1000;
+
+/** What stage-in heartbeats, so that a retried attempt skips the inputs already verified. */
+interface StageInProgress {
+  /** Input path -> SHA-256 of the copy already in the inputs folder. */
+  verified?: Record<string, string>;
+}
 
 /**
  * Activities that touch one host's disk and VMs, run by that host's worker on its own task queue.
- * Each is idempotent: Temporal retries them after failures and worker restarts.
+ * Each is idempotent: Temporal retries them after failures and worker restarts. Long ones heartbeat
+ * from a timer and from byte progress, and stop their downloads and tools when cancelled. A task's
+ * transfers present its own capability; errors that cannot heal fail at once (failures.ts).
  */
 export function createHostActivities(deps: HostDeps) {
-  const { store, repository, hostName } = deps;
+  const { store, hostName } = deps;
 
   function binding(driver: string): DriverBinding {
     const b = deps.drivers[driver];
@@ -39,12 +51,18 @@ export function createHostActivities(deps: HostDeps) {
     return binding(handle.driver).driver;
   }
 
+  /** The repository as this task may use it (its capability, checked against this activity's workflow). */
+  function repositoryOf(ref: TaskRef): RepositoryClient {
+    const workflowId = Context.current().info.workflowExecution?.workflowId ?? ref.taskId;
+    return taskRepository(ref, workflowId, deps.repository, deps.repositoryFor);
+  }
+
   const stagedMarker = (vmId: string) => path.join(store.paths(vmId).dir, '.staged.json');
 
   /** The cached base image the driver boots (fetched and validated once per host), if it boots one. */
-  async function baseImageFor(ref: TaskRef, driver: string): Promise<string | undefined> {
+  async function baseImageFor(ref: TaskRef, driver: string, fetch: ImageFetch): Promise<string | undefined> {
     const b = binding(driver);
-    if (b.resolveImage) return b.resolveImage(ref.spec.owner, ref.spec.image);
+    if (b.resolveImage) return b.resolveImage(ref.spec.owner, ref.spec.image, fetch);
     if (ref.spec.image === 'default') return undefined;
     throw ApplicationFailure.nonRetryable(
       `the '${driver}' driver boots no images; image '${ref.spec.image}' cannot be used`,
@@ -52,191 +70,319 @@ export function createHostActivities(deps: HostDeps) {
     );
   }
 
-  async function upload(owner: string, repoPath: string, local: string): Promise<UploadedFile> {
-    const info = await repository.upload(owner, repoPath, local);
+  function imageFetch(ref: TaskRef, hb: Heartbeat): ImageFetch {
+    return { repository: repositoryOf(ref), signal: hb.signal, onProgress: hb.onBytes };
+  }
+
+  /**
+   * Stores one file with its SHA-256 (the repository checks it), unless the same bytes are already
+   * there: a retried stage-out does not send again what an earlier attempt stored.
+   */
+  async function storeFile(
+    repository: RepositoryClient,
+    owner: string,
+    repoPath: string,
+    local: string,
+    hb: Heartbeat,
+  ): Promise<UploadedFile> {
+    const sha256 = await sha256File(local);
+    const there = await repository.stat(owner, repoPath);
+    if (there?.sha256 === sha256) return { path: there.path, size: there.size, sha256 };
+    hb.update({ file: repoPath, bytes: 0 });
+    const info = await repository.upload(owner, repoPath, local, {
+      sha256,
+      signal: hb.signal,
+      onProgress: hb.onBytes,
+    });
     return { path: info.path, size: info.size, sha256: info.sha256 };
   }
 
+  /** The task's own log; the console comes from the host the VM ran on last (collectConsole). */
+  async function uploadLogs(
+    repository: RepositoryClient,
+    ref: TaskRef,
+    taskLog: string | undefined,
+    hb: Heartbeat,
+  ): Promise<UploadedFile[]> {
+    return taskLog
+      ? [await storeFile(repository, ref.spec.owner, `${ref.resultsPath}/logs/task.log`, taskLog, hb)]
+      : [];
+  }
+
+  /** Runs a long host step: timer heartbeats with `details`, errors classified. */
+  const longStep = <T>(details: Record<string, unknown>, work: (hb: Heartbeat) => Promise<T>) =>
+    classified(hostName, () => heartbeating(details, work));
+
   return {
-    ...createConsoleActivities(deps),
+    ...createConsoleActivities(deps, repositoryOf),
 
     /** Downloads the inputs from the repository and builds the task's home (a folder or a data disk). */
     async stageIn(ref: TaskRef): Promise<StageInResult> {
-      const driver = ref.spec.driver ?? deps.defaultDriver;
-      const { staging } = binding(driver);
-      const p = store.paths(ref.vmId);
-      const done = await fs.readFile(stagedMarker(ref.vmId), 'utf8').catch(() => undefined);
-      if (done) return JSON.parse(done) as StageInResult;
-      // A bad image fails the task before any input is fetched; a good one is cached for createVm.
-      if (ref.spec.image !== 'default') {
-        Context.current().heartbeat({ step: 'image', image: ref.spec.image });
-        await baseImageFor(ref, driver);
-      }
-
-      await store.init();
-      await fs.mkdir(p.inputsDir, { recursive: true });
-      const ctx = Context.current();
-      let files = 0;
-      for (const input of ref.spec.inputs) {
-        ctx.heartbeat({ step: 'download', file: input, done: files, of: ref.spec.inputs.length });
-        const dest = path.join(p.inputsDir, input);
-        try {
-          await fs.mkdir(path.dirname(dest), { recursive: true });
-          await repository.download(ref.spec.owner, input, dest);
-        } catch (err) {
-          if (err instanceof RepositoryError && err.status === 404) {
-            await store.remove(ref.vmId);
-            throw ApplicationFailure.nonRetryable(
-              `input file '${input}' is not in ${ref.spec.owner}'s repository space`,
-              'InputNotFound',
-            );
-          }
-          throw err;
+      return longStep({ step: 'stage-in' }, async (hb) => {
+        const driver = ref.spec.driver ?? deps.defaultDriver;
+        const { staging } = binding(driver);
+        const p = store.paths(ref.vmId);
+        const done = await fs.readFile(stagedMarker(ref.vmId), 'utf8').catch(() => undefined);
+        if (done) return JSON.parse(done) as StageInResult;
+        const repository = repositoryOf(ref);
+        const runId = Context.current().info.workflowExecution?.runId ?? '';
+        await store.init();
+        // First, so that the orphan reaper can tell whose folder this is from its first byte on.
+        await saveTaskRecord(store, ref.vmId, taskRecordOf(ref, runId, driver));
+        // A bad image fails the task before any input is fetched; a good one is cached for createVm.
+        if (ref.spec.image !== 'default') {
+          hb.update({ step: 'image', image: ref.spec.image });
+          await baseImageFor(ref, driver, imageFetch(ref, hb));
         }
-        files++;
-      }
-      ctx.heartbeat({ step: 'build-home', kind: staging.kind });
-      const built = await staging.build(p, ref.spec.outputRoomMiB * 1024 * 1024);
-      const result: StageInResult = { driver, files, bytes: built.bytes };
-      await fs.writeFile(stagedMarker(ref.vmId), JSON.stringify(result));
-      log.info({ vmId: ref.vmId, ...result }, 'stage-in done');
-      return result;
+
+        await fs.mkdir(p.inputsDir, { recursive: true });
+        await removePartialDownloads(p.inputsDir);
+        const verified = { ...hb.previous<StageInProgress>()?.verified };
+        let files = 0;
+        let skipped = 0;
+        for (const input of ref.spec.inputs) {
+          hb.update({ step: 'download', file: input, done: files, of: ref.spec.inputs.length, bytes: 0 });
+          const dest = path.join(p.inputsDir, input);
+          try {
+            const sha256 = await stagedCopy(repository, ref.spec.owner, input, dest, verified[input]);
+            if (sha256) {
+              skipped++;
+            } else {
+              await fs.mkdir(path.dirname(dest), { recursive: true });
+              const info = await repository.download(ref.spec.owner, input, dest, {
+                signal: hb.signal,
+                onProgress: hb.onBytes,
+              });
+              verified[input] = info.sha256;
+            }
+          } catch (err) {
+            if (err instanceof RepositoryError && err.status === 404) {
+              await store.remove(ref.vmId);
+              throw ApplicationFailure.nonRetryable(
+                `input file '${input}' is not in ${ref.spec.owner}'s repository space`,
+                'InputNotFound',
+              );
+            }
+            throw err;
+          }
+          files++;
+          hb.update({ verified });
+        }
+        hb.update({ step: 'build-home', kind: staging.kind });
+        const built = await staging.build(p, ref.spec.outputRoomMiB * 1024 * 1024, { signal: hb.signal });
+        const result: StageInResult = { driver, files, bytes: built.bytes };
+        await fs.writeFile(stagedMarker(ref.vmId), JSON.stringify(result));
+        log.info({ vmId: ref.vmId, ...result, skipped }, 'stage-in done');
+        return result;
+      });
     },
 
     /** Prepares the VM (root disk from the cached base image, configuration) without running it. */
     async createVm(ref: TaskRef, driver: string): Promise<VmHandle> {
-      const baseImage = await baseImageFor(ref, driver);
-      const config: VmConfig = {
-        vmId: ref.vmId,
-        owner: ref.spec.owner,
-        command: ref.spec.command,
-        vcpus: ref.spec.vcpus,
-        memoryMiB: ref.spec.memoryMiB,
-        baseImage,
-        ports: ref.spec.ports,
-        timeLimitSec: ref.spec.timeLimitSec,
-      };
-      return binding(driver).driver.create(config);
+      return longStep({ step: 'create' }, async (hb) => {
+        const baseImage = await baseImageFor(ref, driver, imageFetch(ref, hb));
+        const config: VmConfig = {
+          vmId: ref.vmId,
+          owner: ref.spec.owner,
+          command: ref.spec.command,
+          vcpus: ref.spec.vcpus,
+          memoryMiB: ref.spec.memoryMiB,
+          baseImage,
+          ports: ref.spec.ports,
+          timeLimitSec: ref.spec.timeLimitSec,
+        };
+        return binding(driver).driver.create(config);
+      });
     },
 
     async startVm(handle: VmHandle): Promise<VmHandle> {
-      return driverOf(handle).start(handle);
+      return longStep({ step: 'start' }, () => driverOf(handle).start(handle));
     },
 
     /**
-     * Waits for the task to end, heartbeating its progress. After a worker restart the retried
-     * activity re-attaches to the VM that kept running; it never starts it again.
+     * Waits for the task to end, heartbeating its progress as `{progress, message, phase}` (the status
+     * query reads it from there). After a worker restart the retried activity re-attaches to the VM
+     * that kept running; it never starts it again. A driver error while the VM still runs is retried
+     * for a while; only a VM that is gone, or errors that last, fail the task.
      */
     async awaitVm(handle: VmHandle): Promise<AwaitResult> {
       const driver = driverOf(handle);
       const ctx = Context.current();
-      const status = await driver.recover(handle);
-      if (status.phase === 'missing')
-        throw ApplicationFailure.nonRetryable(`VM ${handle.vmId} is gone from host ${hostName}`, 'VmLost');
-      let progress: number | undefined;
-      let lastBeat = 0;
-      let lastReport = { at: 0, progress: -1 };
-      const report = (p: number, message?: string) => {
-        const now = Date.now();
-        const workflowId = ctx.info.workflowExecution?.workflowId;
-        if (!deps.reportProgress || !workflowId) return;
-        if (p === lastReport.progress || now - lastReport.at < PROGRESS_REPORT_MS) return;
-        lastReport = { at: now, progress: p };
-        deps.reportProgress(workflowId, p, message).catch((err: unknown) => {
-          log.warn({ vmId: handle.vmId, err: describeError(err) }, 'progress report failed');
-        });
-      };
-      try {
-        const result = await driver.wait(handle, {
-          signal: ctx.cancellationSignal,
-          onProgress: (s) => {
-            progress = s.progress ?? progress;
-            if (s.progress !== undefined) report(s.progress, s.progressMessage);
-            const now = Date.now();
-            if (now - lastBeat >= HEARTBEAT_MS / 2) {
-              lastBeat = now;
-              ctx.heartbeat({ phase: s.phase, progress: s.progress, message: s.progressMessage });
-            }
-          },
-        });
-        return { ...result, progress };
-      } catch (err) {
-        if (ctx.cancellationSignal.aborted) throw err;
-        // The workflow cancels this wait before it migrates the VM; a late poll still tells what happened.
-        if (err instanceof VmMigratedError) throw ApplicationFailure.nonRetryable(err.message, 'VmMigrated');
-        throw ApplicationFailure.nonRetryable(describeError(err), 'VmFailed');
-      }
+      const previous = ctx.info.heartbeatDetails as Record<string, unknown> | undefined;
+      return heartbeating({ phase: 'running', ...previous }, async (hb) => {
+        let progress = typeof previous?.progress === 'number' ? previous.progress : undefined;
+        let failingSince: number | undefined;
+        for (;;) {
+          try {
+            const status = await driver.recover(handle);
+            if (status.phase === 'missing')
+              throw ApplicationFailure.nonRetryable(
+                `VM ${handle.vmId} is gone from host ${hostName}`,
+                'VmLost',
+              );
+            const result = await driver.wait(handle, {
+              signal: ctx.cancellationSignal,
+              onProgress: (s) => {
+                failingSince = undefined;
+                progress = s.progress ?? progress;
+                hb.update({ progress, message: s.progressMessage, phase: s.phase });
+              },
+            });
+            return { ...result, progress };
+          } catch (err) {
+            if (ctx.cancellationSignal.aborted || err instanceof ApplicationFailure) throw err;
+            // The workflow cancels this wait before it migrates the VM; a late poll still tells what happened.
+            if (err instanceof VmMigratedError)
+              throw ApplicationFailure.nonRetryable(err.message, 'VmMigrated');
+            failingSince ??= Date.now();
+            const now = await driver.inspect(handle).catch(() => undefined);
+            const ended = now?.phase === 'missing' || now?.phase === 'created';
+            if (ended || Date.now() - failingSince > TRANSIENT_DRIVER_ERROR_MS)
+              throw ApplicationFailure.nonRetryable(describeError(err), 'VmFailed');
+            log.warn(
+              { vmId: handle.vmId, phase: now?.phase, err: describeError(err) },
+              'driver error while the VM runs; retrying',
+            );
+            await sleep(TRANSIENT_RETRY_MS, undefined, { signal: ctx.cancellationSignal });
+          }
+        }
+      });
     },
 
     /** Extracts the outputs and the task log from the task's home and uploads them, file by file. */
     async stageOut(ref: TaskRef, handle: VmHandle): Promise<StageOutResult> {
-      const { staging } = binding(handle.driver);
-      const p = store.paths(ref.vmId);
-      const ctx = Context.current();
-      ctx.heartbeat({ step: 'extract' });
-      const extracted = await staging.extract(p, ref.spec.outputDir).catch((err: unknown) => {
-        if (err instanceof UnusableOutputsError)
-          throw ApplicationFailure.nonRetryable(err.message, err.reason);
-        throw err;
+      return longStep({ step: 'extract' }, async (hb) => {
+        const repository = repositoryOf(ref);
+        const { staging } = binding(handle.driver);
+        const p = store.paths(ref.vmId);
+        const extracted = await staging.extract(p, ref.spec.outputDir).catch((err: unknown) => {
+          if (err instanceof UnusableOutputsError)
+            throw ApplicationFailure.nonRetryable(err.message, err.reason);
+          throw err;
+        });
+        let files;
+        try {
+          files = await listOutputFiles(extracted.outputsDir);
+        } catch (err) {
+          throw ApplicationFailure.nonRetryable(describeError(err), 'BadOutputs');
+        }
+        const room = ref.spec.outputRoomMiB * 1024 * 1024;
+        const total = files.reduce((n, f) => n + f.size, 0);
+        if (total > room)
+          throw ApplicationFailure.nonRetryable(
+            `the task's outputs (${total} bytes) exceed its declared output room of ${ref.spec.outputRoomMiB} MiB`,
+            'OutputsTooLarge',
+          );
+        const outputs: UploadedFile[] = [];
+        for (const f of files) {
+          hb.update({ step: 'upload', done: outputs.length, of: files.length });
+          const repoPath = `${ref.resultsPath}/outputs/${f.rel}`;
+          outputs.push(await storeFile(repository, ref.spec.owner, repoPath, f.local, hb));
+        }
+        const logs = await uploadLogs(repository, ref, extracted.taskLog, hb);
+        log.info({ vmId: ref.vmId, outputs: outputs.length, bytes: total }, 'stage-out done');
+        return { outputs, logs };
       });
-      let files;
-      try {
-        files = await listOutputFiles(extracted.outputsDir);
-      } catch (err) {
-        throw ApplicationFailure.nonRetryable(describeError(err), 'BadOutputs');
-      }
-      const room = ref.spec.outputRoomMiB * 1024 * 1024;
-      const total = files.reduce((n, f) => n + f.size, 0);
-      if (total > room)
-        throw ApplicationFailure.nonRetryable(
-          `the task's outputs (${total} bytes) exceed its declared output room of ${ref.spec.outputRoomMiB} MiB`,
-          'OutputsTooLarge',
-        );
-      const outputs: UploadedFile[] = [];
-      for (const f of files) {
-        ctx.heartbeat({ step: 'upload', file: f.rel, done: outputs.length, of: files.length });
-        outputs.push(await upload(ref.spec.owner, `${ref.resultsPath}/outputs/${f.rel}`, f.local));
-      }
-      const logs = await uploadLogs(ref, extracted.taskLog);
-      log.info({ vmId: ref.vmId, outputs: outputs.length, bytes: total }, 'stage-out done');
-      return { outputs, logs };
     },
 
     /** On failure or cancellation: whatever logs the task left reach the owner's space. */
     async collectLogs(ref: TaskRef, driver: string | undefined, reason: string): Promise<UploadedFile[]> {
-      const p = store.paths(ref.vmId);
-      let taskLog: string | undefined;
-      const b = driver ? deps.drivers[driver] : undefined;
-      if (b) {
-        taskLog = await b.staging.extract(p, ref.spec.outputDir).then(
-          (x) => x.taskLog,
-          (err: unknown) => {
-            if (err instanceof UnusableOutputsError) return err.taskLog;
-            log.warn({ vmId: ref.vmId, err: describeError(err) }, 'no task log could be extracted');
-            return undefined;
-          },
-        );
-      }
-      const reasonFile = path.join(p.dir, 'failure.txt');
-      await fs.mkdir(p.dir, { recursive: true });
-      await fs.writeFile(reasonFile, `${reason}\n`);
-      const logs = await uploadLogs(ref, taskLog);
-      logs.push(await upload(ref.spec.owner, `${ref.resultsPath}/logs/failure.txt`, reasonFile));
-      return logs;
+      return longStep({ step: 'collect-logs' }, async (hb) => {
+        const repository = repositoryOf(ref);
+        const p = store.paths(ref.vmId);
+        const taskLog = driver ? await extractTaskLog(deps.drivers[driver], p, ref) : undefined;
+        await fs.mkdir(p.dir, { recursive: true });
+        const reasonFile = path.join(p.dir, `failure.${Context.current().info.attempt}.txt`);
+        await fs.writeFile(reasonFile, `${reason}\n`);
+        try {
+          const logs = await uploadLogs(repository, ref, taskLog, hb);
+          logs.push(
+            await storeFile(
+              repository,
+              ref.spec.owner,
+              `${ref.resultsPath}/logs/failure.txt`,
+              reasonFile,
+              hb,
+            ),
+          );
+          return logs;
+        } finally {
+          await fs.rm(reasonFile, { force: true });
+        }
+      });
     },
 
     /** Stops the VM and removes its folder; safe to call any number of times. */
     async destroyVm(ref: TaskRef, handle: VmHandle | undefined): Promise<void> {
-      if (handle) await driverOf(handle).destroy(handle);
-      await store.remove(ref.vmId);
-      log.info({ vmId: ref.vmId }, 'VM destroyed');
+      return longStep({ step: 'destroy' }, async () => {
+        if (handle) await driverOf(handle).destroy(handle);
+        await store.remove(ref.vmId);
+        log.info({ vmId: ref.vmId }, 'VM destroyed');
+      });
+    },
+
+    /**
+     * The task's last step: its capability stops working (DELETE /v1/capabilities/self), so neither a
+     * replay nor a reused workflow id can write into this run's results. Idempotent: a capability that
+     * no longer works counts as released.
+     */
+    async releaseCapability(ref: TaskRef): Promise<void> {
+      if (ref.capability === undefined) return;
+      const repository = repositoryOf(ref);
+      await classified(hostName, async () => {
+        const revoked = await repository.revokeSelf();
+        log.info({ taskId: ref.taskId, revokedNow: revoked }, 'task capability released');
+      });
     },
   };
+}
 
-  /** The task's own log; the console comes from the host the VM ran on last (collectConsole). */
-  async function uploadLogs(ref: TaskRef, taskLog: string | undefined): Promise<UploadedFile[]> {
-    return taskLog ? [await upload(ref.spec.owner, `${ref.resultsPath}/logs/task.log`, taskLog)] : [];
+/** The task log a task left, or undefined (a failure to read it is logged: the failure matters more). */
+async function extractTaskLog(
+  b: DriverBinding | undefined,
+  p: ReturnType<HostDeps['store']['paths']>,
+  ref: TaskRef,
+): Promise<string | undefined> {
+  if (!b) return undefined;
+  return b.staging.extract(p, ref.spec.outputDir).then(
+    (x) => x.taskLog,
+    (err: unknown) => {
+      if (err instanceof UnusableOutputsError) return err.taskLog;
+      log.warn({ vmId: ref.vmId, err: describeError(err) }, 'no task log could be extracted');
+      return undefined;
+    },
+  );
+}
+
+/**
+ * The SHA-256 of the copy of `input` already at `dest` when it is the repository's current content
+ * (size, then hash: the one a previous attempt verified, or computed), else undefined.
+ */
+async function stagedCopy(
+  repository: RepositoryClient,
+  owner: string,
+  input: string,
+  dest: string,
+  verifiedSha: string | undefined,
+): Promise<string | undefined> {
+  const have = await fs.stat(dest).catch(() => undefined);
+  if (!have?.isFile()) return undefined;
+  const remote = await repository.stat(owner, input);
+  if (!remote || remote.size !== have.size) return undefined;
+  const sha = verifiedSha ?? (await sha256File(dest));
+  return sha === remote.sha256 ? sha : undefined;
+}
+
+/** Downloads cut short by an earlier attempt (`.<name>.<nonce>.part`, see RepositoryClient.download). */
+export async function removePartialDownloads(dir: string): Promise<number> {
+  let removed = 0;
+  for (const e of await fs.readdir(dir, { withFileTypes: true, recursive: true }).catch(() => [])) {
+    if (e.isFile() && e.name.startsWith('.') && e.name.endsWith('.part')) {
+      await fs.rm(path.join(e.parentPath, e.name), { force: true });
+      removed++;
+    }
   }
+  return removed;
 }
 
 export type HostActivities = ReturnType<typeof createHostActivities>;

@@ -7,16 +7,27 @@ import type { VmStore } from '../../storage/vmStore';
 export interface DriverBinding {
   driver: HypervisorDriver;
   staging: HomeStaging;
-  /** Turns the task's image name into the base-image path the driver boots (undefined: no image). */
-  resolveImage?: (owner: string, image: string) => Promise<string | undefined>;
+  /**
+   * Turns the task's image name into the base-image path the driver boots (undefined: no image). An
+   * owner's image comes through `repository` (the task's capability); the provider's with the host's own.
+   */
+  resolveImage?: (owner: string, image: string, fetch: ImageFetch) => Promise<string | undefined>;
+}
+
+/** How one task's image is fetched: with its credential, stoppable, with byte progress. */
+export interface ImageFetch {
+  repository: RepositoryClient;
+  signal?: AbortSignal;
+  onProgress?: (bytes: number, total: number | undefined) => void;
 }
 
 export interface HostDeps {
   hostName: string;
   store: VmStore;
+  /** With the host's own credential: provider base images only. */
   repository: RepositoryClient;
+  /** A client presenting a task's capability, for that task's transfers. */
+  repositoryFor: (capability: string) => RepositoryClient;
   drivers: Record<string, DriverBinding>;
   defaultDriver: string;
-  /** Tells the task's workflow of its progress (coarse: the activity calls it at most every few seconds). */
-  reportProgress?: (workflowId: string, progress: number, message?: string) => Promise<void>;
 }

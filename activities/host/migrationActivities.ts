@@ -9,12 +9,16 @@ import {
   type VmHandle,
 } from '../../drivers/types';
 import { createLogger, describeError } from '../../logging/logger';
+import type { VmStore } from '../../storage/vmStore';
 import type { DriverBinding } from './hostDeps';
+import { readTaskRecord, saveTaskRecord, type TaskRecord } from './taskAccess';
 
 const log = createLogger('activities.migration');
 
 export interface MigrationDeps {
   hostName: string;
+  /** This host's store: the incoming VM's folder gets its task's record (the orphan reaper reads it). */
+  store: VmStore;
   drivers: Record<string, DriverBinding>;
   /** From the cluster configuration; progress callbacks are the activity's own. */
   migration?: Omit<MigrationOptions, 'onProgress' | 'signal'>;
@@ -74,15 +78,21 @@ export function createMigrationActivities(deps: MigrationDeps) {
 
   return {
     /** On the source host: what the target needs to prepare the VM. */
-    async describeMigrationSource(handle: VmHandle): Promise<MigrationSource> {
-      return run('describe', handle.vmId, () => driverFor(handle.driver).describeForMigration(handle));
+    async describeMigrationSource(handle: VmHandle): Promise<MigrationSource & { task?: TaskRecord }> {
+      return run('describe', handle.vmId, async () => {
+        const source = await driverFor(handle.driver).describeForMigration(handle);
+        const task = await readTaskRecord(deps.store, handle.vmId);
+        return task ? { ...source, task } : source;
+      });
     },
 
     /** On the target host: starts the VM waiting for its memory, its disks opened where they are. */
-    async prepareIncoming(source: MigrationSource): Promise<IncomingVm> {
-      return run('prepare incoming', source.config.vmId, () =>
-        driverFor(source.handle.driver).prepareIncoming(source),
-      );
+    async prepareIncoming(source: MigrationSource & { task?: TaskRecord }): Promise<IncomingVm> {
+      return run('prepare incoming', source.config.vmId, async () => {
+        const { task, ...rest } = source;
+        if (task) await saveTaskRecord(deps.store, source.config.vmId, task);
+        return driverFor(source.handle.driver).prepareIncoming(rest);
+      });
     },
 
     /** On the source host: sends the memory, heartbeating the bytes sent; the source VM ends on success. */

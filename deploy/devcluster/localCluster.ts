@@ -150,10 +150,15 @@ export class LocalCluster {
     this.exports.set(host, exp);
   }
 
-  async startHost(host: string): Promise<ManagedProcess> {
-    const worker = this.opts.testHosts
+  /** `wrap` runs the worker under another command (e.g. in a mount namespace with a tiny store). */
+  async startHost(
+    host: string,
+    wrap?: (cmd: string, args: string[]) => { cmd: string; args: string[] },
+  ): Promise<ManagedProcess> {
+    const plain = this.opts.testHosts
       ? inNetns(this.testHost(host).netns, process.execPath, [this.js('workers/hostWorker.js')])
       : { cmd: process.execPath, args: [this.js('workers/hostWorker.js')] };
+    const worker = wrap ? wrap(plain.cmd, plain.args) : plain;
     const proc = await spawnManaged(`host-${host}`, worker.cmd, worker.args, {
       env: {
         ...this.baseEnv(),

@@ -2,8 +2,8 @@ import { execFileSync } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { ensureAppliance, type Appliance } from '../drivers/qemu/appliance';
-import { ImageCache, sha256File } from '../storage/imageCache';
+import { ensureAppliance, type Appliance } from '../../drivers/qemu/appliance';
+import { ImageCache, sha256File } from '../../storage/imageCache';
 
 const MiB = 1024 * 1024;
 

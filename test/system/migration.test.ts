@@ -1,15 +1,15 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { type TestNetwork } from '../deploy/devcluster/netns';
-import { qmpCommand } from '../drivers/qemu/qmp';
-import { QemuDriver, VmMigratedError } from '../drivers/qemu/qemuDriver';
-import type { MigrationProgress, MigrationResult, VmConfig, VmHandle } from '../drivers/types';
-import type { ClusterStorage } from '../storage/diskLocator';
-import { DiskImageStaging, readDataDiskFile } from '../storage/diskImageStaging';
-import { checkNfsExport } from '../storage/nfsExport';
-import type { VmStore } from '../storage/vmStore';
-import { startNfsTestHosts, type NfsTestHosts } from '../deploy/devcluster/nfsTestHosts';
+import { type TestNetwork } from '../../deploy/devcluster/netns';
+import { qmpCommand } from '../../drivers/qemu/qmp';
+import { QemuDriver, VmMigratedError } from '../../drivers/qemu/qemuDriver';
+import type { MigrationProgress, MigrationResult, VmConfig, VmHandle } from '../../drivers/types';
+import type { ClusterStorage } from '../../storage/diskLocator';
+import { DiskImageStaging, readDataDiskFile } from '../../storage/diskImageStaging';
+import { checkNfsExport } from '../../storage/nfsExport';
+import type { VmStore } from '../../storage/vmStore';
+import { startNfsTestHosts, type NfsTestHosts } from '../../deploy/devcluster/nfsTestHosts';
 
 /**
  * Live migration between three test hosts (network namespaces, each with its own nfs-ganesha export of

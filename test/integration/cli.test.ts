@@ -3,9 +3,9 @@ import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { repoRoot } from '../deploy/devcluster/tools';
-import { startClusterFixture, type ClusterFixture } from './support/clusterFixture';
-import { temporalAddress } from './support/temporalEnv';
+import { repoRoot } from '../../deploy/devcluster/tools';
+import { startClusterFixture, type ClusterFixture } from '../support/clusterFixture';
+import { temporalAddress } from '../support/temporalEnv';
 
 let fx: ClusterFixture;
 let tmp: string;

@@ -3,9 +3,9 @@ import { promises as fs } from 'node:fs';
 import http, { type IncomingHttpHeaders } from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
-import { addOwner, setQuota } from '../repository/admin';
-import { RepositoryClient, ResumableUploadError } from '../repository/client';
-import { startRepositoryServer, type RepositoryServer } from '../repository/server';
+import { addOwner, setQuota } from '../../repository/admin';
+import { RepositoryClient, ResumableUploadError } from '../../repository/client';
+import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 

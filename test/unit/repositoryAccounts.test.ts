@@ -2,7 +2,7 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import Database from 'better-sqlite3';
-import { parseLimit } from '../cli/adminCommands';
+import { parseLimit } from '../../cli/adminCommands';
 import {
   addKey,
   addOwner,
@@ -11,11 +11,11 @@ import {
   removeKey,
   setPassword,
   setQuota,
-} from '../repository/admin';
-import { authenticate, authenticatePassword, hashToken } from '../repository/auth';
-import { MetadataDb, repositoryDbPath } from '../repository/metadataDb';
-import { fingerprintOf, generateEd25519KeyPair, parsePublicKeyLine } from '../repository/sshKeys';
-import { runAdminCli } from './support/adminCli';
+} from '../../repository/admin';
+import { authenticate, authenticatePassword, hashToken } from '../../repository/auth';
+import { MetadataDb, repositoryDbPath } from '../../repository/metadataDb';
+import { fingerprintOf, generateEd25519KeyPair, parsePublicKeyLine } from '../../repository/sshKeys';
+import { runAdminCli } from '../support/adminCli';
 
 let dataDir: string;
 

@@ -1,5 +1,5 @@
-import { loadHostConfig } from '../config/workerConfig';
-import { chooseVmNic, vmNicOf, type VmNetworkOptions } from '../drivers/qemu/vmNetwork';
+import { loadHostConfig } from '../../config/workerConfig';
+import { chooseVmNic, vmNicOf, type VmNetworkOptions } from '../../drivers/qemu/vmNetwork';
 
 /**
  * The VM network of a host worker's configuration (VSP_VM_NETWORK) and the choice of a VM's address:

@@ -2,16 +2,16 @@ import { execFile, execFileSync } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { loadHostConfig } from '../config/workerConfig';
-import type { Appliance } from '../drivers/qemu/appliance';
-import { TIMEOUT_EXIT_CODE, VmMigratedError } from '../drivers/vmOutcome';
-import { vmNicOf } from '../drivers/qemu/vmNetwork';
-import type { VmConfig, VmStatus } from '../drivers/types';
-import { renderDomainConfig } from '../drivers/xen/domainConfig';
-import { DEFAULT_SSH_COMMAND, XenDriver } from '../drivers/xen/xenDriver';
-import { xlRunner } from '../drivers/xen/xl';
-import { parseTaskSpec } from '../spec/taskSpec';
-import { VmStore } from '../storage/vmStore';
+import { loadHostConfig } from '../../config/workerConfig';
+import type { Appliance } from '../../drivers/qemu/appliance';
+import { TIMEOUT_EXIT_CODE, VmMigratedError } from '../../drivers/vmOutcome';
+import { vmNicOf } from '../../drivers/qemu/vmNetwork';
+import type { VmConfig, VmStatus } from '../../drivers/types';
+import { renderDomainConfig } from '../../drivers/xen/domainConfig';
+import { DEFAULT_SSH_COMMAND, XenDriver } from '../../drivers/xen/xenDriver';
+import { xlRunner } from '../../drivers/xen/xl';
+import { parseTaskSpec } from '../../spec/taskSpec';
+import { VmStore } from '../../storage/vmStore';
 
 /**
  * The Xen driver against a fake `xl`: this machine has no Xen hypervisor, so a small shell script placed
@@ -456,7 +456,7 @@ describe('Xen in the host worker configuration', () => {
 
   test('a host worker offering xen on a host without xl fails at start, saying xl is missing', async () => {
     // The built worker (npm run build), as deployed; this machine has no xl on PATH.
-    const worker = path.join(__dirname, '..', 'dist', 'workers', 'hostWorker.js');
+    const worker = path.join(__dirname, '..', '..', 'dist', 'workers', 'hostWorker.js');
     const env = {
       ...HOST_ENV,
       VSP_STORE_DIR: path.join(work, 'worker-store'),

@@ -2,15 +2,15 @@ import { createHash, randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { type Client, WorkflowUpdateFailedError } from '@temporalio/client';
-import type { LocalCluster } from '../deploy/devcluster/localCluster';
-import type { VspClient } from '../client/vspClient';
-import { qmpCommand } from '../drivers/qemu/qmp';
-import type { RepositoryClient } from '../repository/client';
-import type { TaskSpecInput } from '../spec/taskSpec';
-import { type MigrateRequest, type TaskResult } from '../workflows/definitions';
-import { until } from './support/clusterFixture';
-import { startNamespaceCluster, type NamespaceCluster } from './support/namespaceCluster';
-import { qemuHostsOf } from './support/vmProcesses';
+import type { LocalCluster } from '../../deploy/devcluster/localCluster';
+import type { VspClient } from '../../client/vspClient';
+import { qmpCommand } from '../../drivers/qemu/qmp';
+import type { RepositoryClient } from '../../repository/client';
+import type { TaskSpecInput } from '../../spec/taskSpec';
+import { type MigrateRequest, type TaskResult } from '../../workflows/definitions';
+import { until } from '../support/clusterFixture';
+import { startNamespaceCluster, type NamespaceCluster } from '../support/namespaceCluster';
+import { qemuHostsOf } from '../support/vmProcesses';
 
 /**
  * Live migration through the TaskLifecycle workflow: three namespace test hosts (a, b, c), each with its

@@ -12,11 +12,11 @@ import {
   listTokens,
   revokeToken,
   setOwnerDisabled,
-} from '../repository/admin';
-import { RepositoryClient, RepositoryError } from '../repository/client';
-import { configFromEnv, parseListen } from '../repository/main';
-import { MetadataDb } from '../repository/metadataDb';
-import { startRepositoryServer, type RepositoryServer } from '../repository/server';
+} from '../../repository/admin';
+import { RepositoryClient, RepositoryError } from '../../repository/client';
+import { configFromEnv, parseListen } from '../../repository/main';
+import { MetadataDb } from '../../repository/metadataDb';
+import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
 
 const MAX = 1024 * 1024;
 
@@ -292,18 +292,25 @@ describe('repository HTTP service', () => {
     expect(await fs.readFile(path.join(dataDir, 'files', 'bob', 'private.txt'))).toEqual(secret);
   });
 
-  test("a service token reads and writes any owner's space", async () => {
+  test("a service token reads only the provider's base images, never an owner's files", async () => {
     const data = Buffer.from('from a host worker');
-    const up = await hosts.upload('bob', 'outputs/result.txt', Readable.from([data]));
-    expect(up.sha256).toBe(sha(data));
-    const dest = path.join(scratch, 'result.txt');
-    await hosts.download('bob', 'outputs/result.txt', dest);
-    expect(sha(await fs.readFile(dest))).toBe(sha(data));
-    expect((await hosts.list('alice', 'inputs/')).map((f) => f.path)).toEqual(['inputs/data.bin']);
-    await expect(hosts.list('nobody')).rejects.toMatchObject({
-      status: 404,
-      message: expect.stringMatching(/no such owner/),
-    });
+    const refused = { status: 403, message: expect.stringMatching(/reads only base-images\//) };
+    await expect(hosts.upload('bob', 'outputs/result.txt', Readable.from([data]))).rejects.toMatchObject(
+      refused,
+    );
+    await expect(hosts.download('alice', 'inputs/data.bin', path.join(scratch, 'x'))).rejects.toMatchObject(
+      refused,
+    );
+    await expect(hosts.stat('alice', 'inputs/data.bin')).rejects.toMatchObject({ status: 403 });
+    await expect(hosts.list('alice', 'inputs/')).rejects.toMatchObject(refused);
+    await expect(hosts.delete('alice', 'inputs/data.bin')).rejects.toMatchObject(refused);
+    expect((await raw('GET', '/v1/owners/alice/images', { token: serviceToken })).status).toBe(403);
+    expect((await raw('GET', '/v1/owners/alice/tasks', { token: serviceToken })).status).toBe(403);
+    // Base images, in any existing owner's view, are what hosts may read by themselves.
+    expect(await hosts.stat('alice', 'base-images/none')).toBeUndefined();
+    const nobody = await raw('GET', '/v1/owners/nobody/files/base-images/none', { token: serviceToken });
+    expect([nobody.status, errorOf(nobody)]).toEqual([404, expect.stringMatching(/no such owner/)]);
+    expect(await fs.readFile(path.join(dataDir, 'files', 'alice', 'inputs', 'data.bin'))).toBeTruthy();
   });
 
   test('bad owner names and paths are refused with 400 naming the problem', async () => {
@@ -516,10 +523,8 @@ describe('repository accounts', () => {
         status: 401,
         message: expect.stringMatching(/disabled/),
       });
-      await expect(hosts.list('bob')).rejects.toMatchObject({
-        status: 403,
-        message: expect.stringMatching(/disabled/),
-      });
+      const r = await raw('GET', '/v1/owners/bob/files/base-images/none', { token: serviceToken });
+      expect([r.status, errorOf(r)]).toEqual([403, expect.stringMatching(/disabled/)]);
     } finally {
       setOwnerDisabled(dataDir, 'bob', false);
     }
@@ -536,9 +541,10 @@ describe('repository accounts', () => {
       for (let i = 0; i < 2; i++) {
         const s = await startRepositoryServer({ dataDir: dir, port: 0, serviceToken: token });
         try {
+          // Known (not 401): the hosts' token reads base images, and there is no owner nobody.
           expect(
             await new RepositoryClient({ url: s.url, token })
-              .list('nobody')
+              .download('nobody', 'base-images/x', path.join(dir, 'x'))
               .catch((e: RepositoryError) => e.status),
           ).toBe(404);
         } finally {

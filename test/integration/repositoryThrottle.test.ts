@@ -2,13 +2,13 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Client, FTPError } from 'basic-ftp';
-import { addKey, addOwner, setPassword } from '../repository/admin';
-import { AccessDenied } from '../repository/auth';
-import { RepositoryClient, RepositoryError } from '../repository/client';
-import { addressKey, LoginRateLimited, LoginThrottle } from '../repository/loginThrottle';
-import { startRepositoryServer, type RepositoryServer } from '../repository/server';
-import { generateEd25519KeyPair } from '../repository/sshKeys';
-import { SftpTestClient } from './support/sftpTestClient';
+import { addKey, addOwner, setPassword } from '../../repository/admin';
+import { AccessDenied } from '../../repository/auth';
+import { RepositoryClient, RepositoryError } from '../../repository/client';
+import { addressKey, LoginRateLimited, LoginThrottle } from '../../repository/loginThrottle';
+import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
+import { generateEd25519KeyPair } from '../../repository/sshKeys';
+import { SftpTestClient } from '../support/sftpTestClient';
 
 const PASSWORD = 'correct horse battery staple';
 /** Small limits, so a few failures lock out; lockouts long enough to outlast a test. */

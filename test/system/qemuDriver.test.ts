@@ -3,12 +3,12 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { gunzipSync } from 'node:zlib';
-import { ensureAppliance, type Appliance } from '../drivers/qemu/appliance';
-import { hostPortsOf, QemuDriver, TIMEOUT_EXIT_CODE } from '../drivers/qemu/qemuDriver';
-import type { VmConfig, VmHandle, VmStatus } from '../drivers/types';
-import { DiskImageStaging, readDataDiskFile } from '../storage/diskImageStaging';
-import { ImageCache } from '../storage/imageCache';
-import { VmStore } from '../storage/vmStore';
+import { ensureAppliance, type Appliance } from '../../drivers/qemu/appliance';
+import { hostPortsOf, QemuDriver, TIMEOUT_EXIT_CODE } from '../../drivers/qemu/qemuDriver';
+import type { VmConfig, VmHandle, VmStatus } from '../../drivers/types';
+import { DiskImageStaging, readDataDiskFile } from '../../storage/diskImageStaging';
+import { ImageCache } from '../../storage/imageCache';
+import { VmStore } from '../../storage/vmStore';
 
 /** Real QEMU under TCG (KVM hangs on these machines): each boot costs seconds, so the VMs are few. */
 describe('QemuDriver (real QEMU)', () => {

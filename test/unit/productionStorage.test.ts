@@ -7,8 +7,8 @@ import {
   checkCanActivate,
   storageCommand,
   type CommandRunner,
-} from '../deploy/production/applyStorage';
-import { replaceMarkedBlock } from '../deploy/production/markedBlock';
+} from '../../deploy/production/applyStorage';
+import { replaceMarkedBlock } from '../../deploy/production/markedBlock';
 import {
   EXPORTS_BEGIN,
   EXPORTS_END,
@@ -16,8 +16,8 @@ import {
   planHostStorage,
   systemdEscapePath,
   type ClusterStorageConfig,
-} from '../deploy/production/storagePlan';
-import { resolveForQemu, resolveUnderMounts } from '../storage/diskLocator';
+} from '../../deploy/production/storagePlan';
+import { resolveForQemu, resolveUnderMounts } from '../../storage/diskLocator';
 
 /**
  * The production storage deployment (kernel NFS): the plan each host derives from the cluster file, and

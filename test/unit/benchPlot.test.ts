@@ -1,7 +1,7 @@
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { plotLineChart, writeCsv, type LineChart } from '../bench/plot';
+import { plotLineChart, writeCsv, type LineChart } from '../../bench/plot';
 
 /** The benchmarks' figures: CSV written as given, PNG drawn by the real gnuplot. */
 describe('benchmark plots', () => {

@@ -5,12 +5,12 @@ import os from 'node:os';
 import path from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { ApplicationFailure, WorkflowFailedError } from '@temporalio/client';
-import { taskFailureMessage } from '../client/vspClient';
-import { ensureAppliance, type Appliance } from '../drivers/qemu/appliance';
-import { withAdmin } from '../repository/admin';
-import { addBaseImage } from '../repository/imageStore';
-import type { TaskSpecInput } from '../spec/taskSpec';
-import { startClusterFixture, until, type ClusterFixture } from './support/clusterFixture';
+import { taskFailureMessage } from '../../client/vspClient';
+import { ensureAppliance, type Appliance } from '../../drivers/qemu/appliance';
+import { withAdmin } from '../../repository/admin';
+import { addBaseImage } from '../../repository/imageStore';
+import type { TaskSpecInput } from '../../spec/taskSpec';
+import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
 
 /**
  * The task lifecycle with real QEMU VMs (TCG: KVM hangs on these machines) through the whole Temporal

@@ -4,11 +4,11 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { WorkflowFailedError } from '@temporalio/client';
-import { resolveTemporalCli } from '../deploy/devcluster/tools';
-import { taskFailureMessage } from '../client/vspClient';
-import { TaskSpecError } from '../spec/taskSpec';
-import { startClusterFixture, until, type ClusterFixture } from './support/clusterFixture';
-import { temporalAddress } from './support/temporalEnv';
+import { resolveTemporalCli } from '../../deploy/devcluster/tools';
+import { taskFailureMessage } from '../../client/vspClient';
+import { TaskSpecError } from '../../spec/taskSpec';
+import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
+import { temporalAddress } from '../support/temporalEnv';
 
 const sha256 = (b: Buffer | string) => createHash('sha256').update(b).digest('hex');
 

@@ -1,13 +1,13 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { WorkflowFailedError } from '@temporalio/client';
-import { HOST_BRIDGE } from '../deploy/devcluster/netns';
-import { vmNicOf } from '../drivers/qemu/vmNetwork';
-import type { TaskSpecInput } from '../spec/taskSpec';
-import { until } from './support/clusterFixture';
-import { awaitAnswer, get, startPolling, summarizePolls } from './support/httpPoller';
-import { startNamespaceCluster, type NamespaceCluster } from './support/namespaceCluster';
-import { linkExists, qemuHostsOf } from './support/vmProcesses';
+import { HOST_BRIDGE } from '../../deploy/devcluster/netns';
+import { vmNicOf } from '../../drivers/qemu/vmNetwork';
+import type { TaskSpecInput } from '../../spec/taskSpec';
+import { until } from '../support/clusterFixture';
+import { awaitAnswer, get, startPolling, summarizePolls } from '../support/httpPoller';
+import { startNamespaceCluster, type NamespaceCluster } from '../support/namespaceCluster';
+import { linkExists, qemuHostsOf } from '../support/vmProcesses';
 
 /**
  * A service task's VM keeps answering, at the same address, while the TaskLifecycle workflow migrates it

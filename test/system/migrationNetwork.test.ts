@@ -1,15 +1,15 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { HOST_BRIDGE, type TestNetwork } from '../deploy/devcluster/netns';
-import { buildQemuArgs } from '../drivers/qemu/commandLine';
-import { QemuDriver } from '../drivers/qemu/qemuDriver';
-import { vmNicOf, type VmNetworkOptions } from '../drivers/qemu/vmNetwork';
-import type { VmConfig, VmHandle } from '../drivers/types';
-import { DiskImageStaging } from '../storage/diskImageStaging';
-import type { VmStore } from '../storage/vmStore';
-import { startNfsTestHosts, type NfsTestHosts } from '../deploy/devcluster/nfsTestHosts';
-import { awaitAnswer, get, startPolling, summarizePolls } from './support/httpPoller';
-import { linkExists } from './support/vmProcesses';
+import { HOST_BRIDGE, type TestNetwork } from '../../deploy/devcluster/netns';
+import { buildQemuArgs } from '../../drivers/qemu/commandLine';
+import { QemuDriver } from '../../drivers/qemu/qemuDriver';
+import { vmNicOf, type VmNetworkOptions } from '../../drivers/qemu/vmNetwork';
+import type { VmConfig, VmHandle } from '../../drivers/types';
+import { DiskImageStaging } from '../../storage/diskImageStaging';
+import type { VmStore } from '../../storage/vmStore';
+import { startNfsTestHosts, type NfsTestHosts } from '../../deploy/devcluster/nfsTestHosts';
+import { awaitAnswer, get, startPolling, summarizePolls } from '../support/httpPoller';
+import { linkExists } from '../support/vmProcesses';
 
 /**
  * A VM's HTTP service on the cluster's VM network stays reachable, at the same address, while the VM

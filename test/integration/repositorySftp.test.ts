@@ -16,11 +16,11 @@ import {
   setOwnerDisabled,
   setPassword,
   setQuota,
-} from '../repository/admin';
-import { RepositoryClient } from '../repository/client';
-import { generateEd25519KeyPair } from '../repository/sshKeys';
-import { startRepositoryServer, type RepositoryServer } from '../repository/server';
-import { refusal, SftpTestClient } from './support/sftpTestClient';
+} from '../../repository/admin';
+import { RepositoryClient } from '../../repository/client';
+import { generateEd25519KeyPair } from '../../repository/sshKeys';
+import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
+import { refusal, SftpTestClient } from '../support/sftpTestClient';
 
 const run = promisify(execFile);
 const sha = (b: Buffer | string): string => createHash('sha256').update(b).digest('hex');

@@ -6,13 +6,13 @@ import path from 'node:path';
 import { Client, Connection } from '@temporalio/client';
 import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
 
-import { freePort } from '../deploy/devcluster/ports';
-import { liveGroupMembers, readProc } from '../deploy/devcluster/procTable';
-import { listManaged, spawnManaged, stopAll } from '../deploy/devcluster/processes';
-import { startTemporalDevServer, VSP_SEARCH_ATTRIBUTES } from '../deploy/devcluster/temporal';
-import { repoRoot, resolveTemporalCli } from '../deploy/devcluster/tools';
-import { temporalAddress } from './support/temporalEnv';
-import { testLogDir } from './support/testRun';
+import { freePort } from '../../deploy/devcluster/ports';
+import { liveGroupMembers, readProc } from '../../deploy/devcluster/procTable';
+import { listManaged, spawnManaged, stopAll } from '../../deploy/devcluster/processes';
+import { startTemporalDevServer, VSP_SEARCH_ATTRIBUTES } from '../../deploy/devcluster/temporal';
+import { repoRoot, resolveTemporalCli } from '../../deploy/devcluster/tools';
+import { temporalAddress } from '../support/temporalEnv';
+import { testLogDir } from '../support/testRun';
 
 const logFile = (name: string) => path.join(testLogDir(), 'devcluster', `${name}.log`);
 
@@ -47,7 +47,7 @@ describe('resolveTemporalCli', () => {
 
   test('finds the repository root from its own location', () => {
     expect(existsSync(path.join(repoRoot(), 'package.json'))).toBe(true);
-    expect(repoRoot()).toBe(path.resolve(__dirname, '..'));
+    expect(repoRoot()).toBe(path.resolve(__dirname, '..', '..'));
   });
 
   test('prefers $TEMPORAL_CLI and rejects one that is not executable', () => {

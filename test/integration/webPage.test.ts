@@ -4,13 +4,13 @@ import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import type { Browser, BrowserContext, Page } from 'playwright-core';
-import { addOwner } from '../repository/admin';
-import { startRepositoryServer } from '../repository/server';
-import { TEMPORAL_NOT_CONFIGURED } from '../repository/taskApi';
-import { CONTENT_SECURITY_POLICY } from '../repository/webAssets';
-import { startClusterFixture, until, type ClusterFixture } from './support/clusterFixture';
-import { launchChromium } from './support/headlessChromium';
-import { testLogDir } from './support/testRun';
+import { addOwner } from '../../repository/admin';
+import { startRepositoryServer } from '../../repository/server';
+import { TEMPORAL_NOT_CONFIGURED } from '../../repository/taskApi';
+import { CONTENT_SECURITY_POLICY } from '../../repository/webAssets';
+import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
+import { launchChromium } from '../support/headlessChromium';
+import { testLogDir } from '../support/testRun';
 
 /**
  * The repository's web page in headless Chromium against a real cluster (Temporal, repository, control

@@ -3,13 +3,13 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
-import { addOwner, createServiceToken } from '../repository/admin';
-import { RepositoryClient, RepositoryError } from '../repository/client';
-import { startRepositoryServer, type RepositoryServer } from '../repository/server';
-import { generateEd25519KeyPair } from '../repository/sshKeys';
-import { sha256File } from '../storage/imageCache';
-import { runAdminCli } from './support/adminCli';
-import { refusal, SftpTestClient } from './support/sftpTestClient';
+import { addOwner, createServiceToken } from '../../repository/admin';
+import { RepositoryClient, RepositoryError } from '../../repository/client';
+import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
+import { generateEd25519KeyPair } from '../../repository/sshKeys';
+import { sha256File } from '../../storage/imageCache';
+import { runAdminCli } from '../support/adminCli';
+import { refusal, SftpTestClient } from '../support/sftpTestClient';
 
 const PASSWORD = 'correct horse battery staple';
 
@@ -143,7 +143,7 @@ describe('admin API routes', () => {
     const service = await call('POST', 'tokens', { json: { service: true, name: 'hosts-2' } });
     expect(service.status).toBe(201);
     const hosts = new RepositoryClient({ url: server.url, token: service.body.token as string });
-    expect(await hosts.list('alice')).toEqual([]);
+    expect(await hosts.stat('alice', 'base-images/none')).toBeUndefined();
     expect((await call('DELETE', `tokens/${made.body.id as number}`)).status).toBe(204);
     expect(await ci.list('alice').catch((e: unknown) => (e as RepositoryError).status)).toBe(401);
     expect((await call('DELETE', `tokens/${made.body.id as number}`)).status).toBe(404);

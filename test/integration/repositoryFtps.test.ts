@@ -6,10 +6,10 @@ import path from 'node:path';
 import { PassThrough, Readable } from 'node:stream';
 import { promisify } from 'node:util';
 import { Client, FTPError } from 'basic-ftp';
-import { addOwner, setOwnerDisabled, setPassword, setQuota } from '../repository/admin';
-import { RepositoryClient } from '../repository/client';
-import { startRepositoryServer, type RepositoryServer } from '../repository/server';
-import { BASE_IMAGES_FOLDER } from '../spec/taskSpec';
+import { addOwner, setOwnerDisabled, setPassword, setQuota } from '../../repository/admin';
+import { RepositoryClient } from '../../repository/client';
+import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
+import { BASE_IMAGES_FOLDER } from '../../spec/taskSpec';
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 const PASSWORD = 'correct horse battery staple';

@@ -1,0 +1,237 @@
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { WorkflowNotFoundError, type Client } from '@temporalio/client';
+import type { DriverBinding } from '../activities/host/hostDeps';
+import { readTaskRecord, type TaskRecord } from '../activities/host/taskAccess';
+import { removePartialDownloads } from '../activities/host/createHostActivities';
+import type { VmHandle } from '../drivers/types';
+import { createLogger, describeError } from '../logging/logger';
+import type { RepositoryClient } from '../repository/client';
+import type { VmStore } from '../storage/vmStore';
+
+const log = createLogger('orphan-reaper');
+
+/** Graceful stop of an orphan before its logs are read. */
+const STOP_TIMEOUT_MS = 10_000;
+/** Temp files of image downloads older than this are stale on a periodic sweep (all are at start). */
+const STALE_TEMP_MS = 6 * 3600_000;
+
+export interface ReaperDeps {
+  hostName: string;
+  store: VmStore;
+  client: Client;
+  drivers: Record<string, DriverBinding>;
+  /** A client presenting a task's capability (its logs go to the owner's results with it). */
+  repositoryFor: (capability: string) => RepositoryClient;
+}
+
+/** What one sweep did, VM by VM (also logged, one structured line per action). */
+export interface SweepReport {
+  kept: string[];
+  reaped: { vmId: string; run: string; logs: 'repository' | 'orphans' | 'none' }[];
+  unidentified: string[];
+  staleTempFiles: number;
+}
+
+/** Where the run that owns a VM folder stands in Temporal. */
+type RunState = { open: true } | { open: false; why: string };
+
+/**
+ * Compares this host's VM store with Temporal, at worker start and then periodically. A VM whose
+ * workflow run is open is left (its task re-attaches); one whose run is closed or unknown to Temporal
+ * is stopped, its logs kept (in the owner's results if the task's saved capability still works, else
+ * under the store's `orphans/` for the operator), and its folder removed. Stale temp files go too.
+ */
+export class OrphanReaper {
+  constructor(private readonly deps: ReaperDeps) {}
+
+  get orphansDir(): string {
+    return path.join(this.deps.store.root, 'orphans');
+  }
+
+  async sweep(opts: { startup: boolean }): Promise<SweepReport> {
+    const report: SweepReport = { kept: [], reaped: [], unidentified: [], staleTempFiles: 0 };
+    for (const vmId of await this.deps.store.list()) {
+      try {
+        const record = await readTaskRecord(this.deps.store, vmId);
+        if (!record) {
+          // Nothing names its run (a folder from before task records): only the operator can tell.
+          report.unidentified.push(vmId);
+          log.warn(
+            { action: 'unidentified', vmId },
+            'VM folder without a task record: left for the operator',
+          );
+          continue;
+        }
+        const run = `${record.taskId}/${record.runId}`;
+        const state = await this.runState(record);
+        if (state.open) {
+          report.kept.push(vmId);
+          log.info({ action: 'keep', vmId, run }, 'VM of an open workflow run: its task re-attaches');
+          continue;
+        }
+        const logs = await this.reap(vmId, record, state.why);
+        report.reaped.push({ vmId, run, logs });
+      } catch (err) {
+        log.error({ action: 'error', vmId, err: describeError(err) }, 'could not check or reap a VM');
+      }
+    }
+    report.staleTempFiles = await this.removeStaleTempFiles(opts.startup);
+    log.info(
+      {
+        action: 'sweep',
+        startup: opts.startup,
+        kept: report.kept.length,
+        reaped: report.reaped.length,
+        unidentified: report.unidentified.length,
+        staleTempFiles: report.staleTempFiles,
+      },
+      'orphan sweep done',
+    );
+    return report;
+  }
+
+  /** Open when the run, or the run it continued as, still runs; a new run reusing the id does not count. */
+  private async runState(record: TaskRecord): Promise<RunState> {
+    const { client } = this.deps;
+    try {
+      const d = await client.workflow.getHandle(record.taskId, record.runId).describe();
+      if (d.status.name === 'RUNNING') return { open: true };
+      if (d.status.name !== 'CONTINUED_AS_NEW') return { open: false, why: d.status.name.toLowerCase() };
+      const chain = d.raw.workflowExecutionInfo?.firstRunId;
+      const latest = await client.workflow.getHandle(record.taskId).describe();
+      const same = chain && latest.raw.workflowExecutionInfo?.firstRunId === chain;
+      if (same && latest.status.name === 'RUNNING') return { open: true };
+      return { open: false, why: same ? latest.status.name.toLowerCase() : 'continued, then closed' };
+    } catch (err) {
+      if (err instanceof WorkflowNotFoundError) return { open: false, why: 'unknown to Temporal' };
+      throw err;
+    }
+  }
+
+  private async reap(
+    vmId: string,
+    record: TaskRecord,
+    why: string,
+  ): Promise<SweepReport['reaped'][0]['logs']> {
+    const { store, hostName } = this.deps;
+    const run = `${record.taskId}/${record.runId}`;
+    const saved = await store.readState<{ handle?: VmHandle }>(vmId).catch(() => undefined);
+    const driverName = saved?.handle?.driver ?? record.driver;
+    const binding = driverName ? this.deps.drivers[driverName] : undefined;
+    const handle: VmHandle = saved?.handle ?? {
+      driver: driverName ?? 'unknown',
+      vmId,
+      host: hostName,
+      storageHost: hostName,
+      state: {},
+    };
+    if (driverName && !binding) {
+      log.error(
+        { action: 'unreapable', vmId, run, driver: driverName },
+        'orphan VM of a driver this host does not run: left for the operator',
+      );
+      throw new Error(`no '${driverName}' driver on host ${hostName}`);
+    }
+    if (binding) {
+      await binding.driver.stop(handle, STOP_TIMEOUT_MS);
+      log.info({ action: 'stop', vmId, run, workflow: why }, 'orphan VM stopped');
+    }
+    const files = await this.logFiles(vmId, record, binding);
+    const kept = await this.keepLogs(vmId, record, files, why);
+    if (binding) await binding.driver.destroy(handle);
+    await store.remove(vmId);
+    log.info({ action: 'remove', vmId, run, logs: kept }, 'orphan VM folder removed');
+    return kept;
+  }
+
+  /** The task log (from its home) and the console, with their names under `logs/`. */
+  private async logFiles(
+    vmId: string,
+    record: TaskRecord,
+    binding: DriverBinding | undefined,
+  ): Promise<{ name: string; local: string }[]> {
+    const p = this.deps.store.paths(vmId);
+    const files: { name: string; local: string }[] = [];
+    if (binding) {
+      const taskLog = await binding.staging.extract(p, record.outputDir).then(
+        (x) => x.taskLog,
+        (err: unknown) => {
+          const kept = (err as { taskLog?: string }).taskLog;
+          if (!kept) log.warn({ vmId, err: describeError(err) }, 'no task log could be extracted');
+          return kept;
+        },
+      );
+      if (taskLog) files.push({ name: 'task.log', local: taskLog });
+    }
+    if (await fs.stat(p.consoleLog).catch(() => undefined))
+      files.push({ name: 'console.log', local: p.consoleLog });
+    return files;
+  }
+
+  /** Uploads the logs with the task's capability; when that fails, moves them under orphans/. */
+  private async keepLogs(
+    vmId: string,
+    record: TaskRecord,
+    files: { name: string; local: string }[],
+    why: string,
+  ): Promise<SweepReport['reaped'][0]['logs']> {
+    if (files.length === 0) return 'none';
+    const run = `${record.taskId}/${record.runId}`;
+    const note = `host ${this.deps.hostName} found this VM after its workflow run had ended (${why}); its logs were kept by the orphan reaper at ${new Date().toISOString()}\n`;
+    if (record.capability) {
+      const repository = this.deps.repositoryFor(record.capability);
+      try {
+        const noteFile = path.join(this.deps.store.paths(vmId).dir, 'reaped.txt');
+        await fs.writeFile(noteFile, note);
+        for (const f of [...files, { name: 'reaped.txt', local: noteFile }])
+          await repository.upload(record.owner, `${record.resultsPath}/logs/${f.name}`, f.local);
+        log.info(
+          { action: 'keep-logs', vmId, run, to: `${record.resultsPath}/logs` },
+          'orphan logs uploaded',
+        );
+        return 'repository';
+      } catch (err) {
+        log.warn(
+          { action: 'keep-logs-failed', vmId, run, err: describeError(err) },
+          "the task's capability no longer works: its logs stay on the host",
+        );
+      }
+    }
+    const dest = path.join(this.orphansDir, `${vmId}-${Date.now()}`);
+    await fs.mkdir(dest, { recursive: true });
+    for (const f of files) await fs.copyFile(f.local, path.join(dest, f.name));
+    const { capability: _secret, ...withoutSecret } = record;
+    await fs.writeFile(path.join(dest, 'task.json'), JSON.stringify(withoutSecret, null, 2));
+    await fs.writeFile(path.join(dest, 'reaped.txt'), note);
+    log.info({ action: 'keep-logs', vmId, run, to: dest }, 'orphan logs kept for the operator');
+    return 'orphans';
+  }
+
+  /** Image downloads and cache copies cut short (at start, every one: no step of this worker runs yet). */
+  private async removeStaleTempFiles(startup: boolean): Promise<number> {
+    const images = this.deps.store.imagesDir;
+    const incoming = path.join(images, '.incoming');
+    const candidates = [
+      ...(await fs.readdir(incoming).catch(() => [] as string[])).map((n) => path.join(incoming, n)),
+      ...(await fs.readdir(images).catch(() => [] as string[]))
+        .filter((n) => n.startsWith('.incoming.'))
+        .map((n) => path.join(images, n)),
+    ];
+    let removed = 0;
+    for (const file of candidates) {
+      const st = await fs.stat(file).catch(() => undefined);
+      if (!st?.isFile() || (!startup && Date.now() - st.mtimeMs < STALE_TEMP_MS)) continue;
+      await fs.rm(file, { force: true });
+      log.info({ action: 'remove-temp', file }, 'stale temp file removed');
+      removed++;
+    }
+    if (startup)
+      for (const vmId of await this.deps.store.list()) {
+        const n = await removePartialDownloads(this.deps.store.paths(vmId).inputsDir);
+        if (n > 0) log.info({ action: 'remove-temp', vmId, files: n }, 'partial downloads removed');
+        removed += n;
+      }
+    return removed;
+  }
+}
