@@ -9,6 +9,7 @@ import {
   round,
   runLifecycle,
   withBenchCluster,
+  type BenchCluster,
   type ClusterBenchEnv,
 } from './orchestration';
 import type { BenchReport } from './report';
@@ -60,17 +61,17 @@ interface Run {
   launchMs: number;
 }
 
-async function oneTask(env: { vsp: Parameters<typeof runLifecycle>[0]; vmsDir: string }): Promise<Run> {
+async function oneTask(env: { bench: BenchCluster; vmsDir: string }): Promise<Run> {
   const stop = new AbortController();
   const watching = watchConsole(env.vmsDir, stop.signal);
   let lifecycle;
   try {
-    lifecycle = await runLifecycle(env.vsp, TASK);
+    lifecycle = await runLifecycle(env.bench, TASK);
   } finally {
     stop.abort();
   }
   const seen = await watching;
-  const status = await env.vsp.status(lifecycle.result.taskId);
+  const status = await env.bench.vsp.status(lifecycle.result.taskId);
   const startVm = Date.parse(status.timestamps.starting ?? '');
   if (!Number.isFinite(startVm))
     throw new Error(`task ${lifecycle.result.taskId} has no 'starting' timestamp`);
@@ -94,8 +95,8 @@ export async function benchLifecycle(env: ClusterBenchEnv): Promise<BenchReport>
     env,
     'lifecycle',
     { hosts: [HOST], drivers: ['qemu'], hostEnv: { VSP_ACCEL: 'tcg' }, owners: ['bench'] },
-    async ({ cluster, vsp }) => {
-      const ctx = { vsp, vmsDir: path.join(cluster.storeDir(HOST), 'vms') };
+    async (bench) => {
+      const ctx = { bench, vmsDir: path.join(bench.cluster.storeDir(HOST), 'vms') };
       // The first task on a fresh host also fills the host's image cache with the appliance's root image.
       const cold = await oneTask(ctx);
       const warm: Run[] = [];

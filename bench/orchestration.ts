@@ -81,17 +81,23 @@ export async function withBenchCluster<T>(
 
 interface Lifecycle {
   result: TaskResult;
+  /** Client side: the owners' submission (repository pre-flight, capability, workflow start). */
+  submitMs: number;
   /** Client side: from submit() to result() resolving. */
   clientMs: number;
 }
 
-/** Submits one task and waits for its result; a failed task throws with the workflow's reason. */
-export async function runLifecycle(vsp: VspClient, spec: TaskSpecInput): Promise<Lifecycle> {
+/**
+ * Submits one task as its owner through the repository's task API (as owners do) and waits for its
+ * result through Temporal; a failed task throws with the workflow's reason.
+ */
+export async function runLifecycle({ cluster, vsp }: BenchCluster, spec: TaskSpecInput): Promise<Lifecycle> {
   const t0 = performance.now();
-  const { taskId } = await vsp.submit(spec);
+  const { taskId } = await cluster.submitTask(spec.owner, spec);
+  const submitMs = performance.now() - t0;
   try {
     const result = await vsp.result(taskId);
-    return { result, clientMs: performance.now() - t0 };
+    return { result, submitMs, clientMs: performance.now() - t0 };
   } catch (err) {
     throw new Error(`task ${taskId} failed: ${taskFailureMessage(err)}`, { cause: err });
   }
@@ -117,9 +123,9 @@ function row(measure: string, values: number[], extra: { perMinute?: number; spr
 }
 
 /** Per-phase times over sequential no-op lifecycles. */
-async function sequential(vsp: VspClient, count: number) {
+async function sequential(bench: BenchCluster, count: number) {
   const runs: Lifecycle[] = [];
-  for (let i = 0; i < count; i++) runs.push(await runLifecycle(vsp, NOOP));
+  for (let i = 0; i < count; i++) runs.push(await runLifecycle(bench, NOOP));
   const phase = (p: TaskPhase) => runs.map((r) => r.result.phaseMs[p] ?? 0);
   const total = runs.map((r) => LIFECYCLE_PHASES.reduce((sum, p) => sum + (r.result.phaseMs[p] ?? 0), 0));
   const overhead = runs.map((r, i) => total[i] - (r.result.phaseMs.running ?? 0));
@@ -129,6 +135,10 @@ async function sequential(vsp: VspClient, count: number) {
       ...LIFECYCLE_PHASES.map((p) => row(`phase: ${p}`, phase(p))),
       row('workflow total (sum of phases)', total),
       row('workflow total minus running', overhead),
+      row(
+        'client submit (task API: pre-flight, capability, workflow start)',
+        runs.map((r) => r.submitMs),
+      ),
       row('client submit to result', client),
     ],
     total: median(total),
@@ -138,7 +148,7 @@ async function sequential(vsp: VspClient, count: number) {
 }
 
 /** Closed loop: `concurrency` tasks always in flight until `total` have finished. */
-async function throughput(vsp: VspClient, concurrency: number, total: number) {
+async function throughput(bench: BenchCluster, concurrency: number, total: number) {
   let started = 0;
   const hosts = new Map<string, number>();
   const client: number[] = [];
@@ -149,7 +159,7 @@ async function throughput(vsp: VspClient, concurrency: number, total: number) {
       while (started < total) {
         started++;
         try {
-          const r = await runLifecycle(vsp, NOOP);
+          const r = await runLifecycle(bench, NOOP);
           hosts.set(r.result.host, (hosts.get(r.result.host) ?? 0) + 1);
           client.push(r.clientMs);
         } catch (err) {
@@ -186,11 +196,11 @@ export async function benchOrchestration(env: ClusterBenchEnv): Promise<BenchRep
     env,
     'orchestration',
     { hosts: HOSTS, drivers: ['process'], owners: ['bench'] },
-    async ({ vsp }) => {
-      for (let i = 0; i < WARMUP; i++) await runLifecycle(vsp, NOOP);
-      const seq = await sequential(vsp, sequentialCount);
+    async (bench) => {
+      for (let i = 0; i < WARMUP; i++) await runLifecycle(bench, NOOP);
+      const seq = await sequential(bench, sequentialCount);
       const rates = [];
-      for (const { c, total } of levels) rates.push(await throughput(vsp, c, total));
+      for (const { c, total } of levels) rates.push(await throughput(bench, c, total));
       return {
         name: 'orchestration',
         title: 'Orchestration overhead: TaskLifecycle with the process driver, two hosts',

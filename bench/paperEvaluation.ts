@@ -72,7 +72,8 @@ function guestSeconds(taskLog: string, what: string): number {
   return Number(m[2]) - Number(m[1]);
 }
 
-async function untilLine(consoleLog: string, pattern: RegExp, timeoutMs = 180_000): Promise<void> {
+/** Waits until the guest prints a line matching `pattern`; throws with the console tail if it ends first. */
+export async function untilLine(consoleLog: string, pattern: RegExp, timeoutMs = 180_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const text = await fs.readFile(consoleLog, 'utf8').catch(() => '');

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -12,6 +12,7 @@ import { startTemporalDevServer, type TemporalDevServer } from '../deploy/devclu
 import { createLogger, describeError } from '../logging/logger';
 import { writeFileAtomicSync } from '../storage/durableFile';
 import { benchLifecycle } from './lifecycle';
+import { benchMigrationTls } from './migrationTls';
 import { benchMigrationTraces } from './migrationTraces';
 import { benchOrchestration, type ClusterBenchEnv } from './orchestration';
 import { benchPaper } from './paperEvaluation';
@@ -19,6 +20,7 @@ import { benchRepository, benchRepositoryConcurrency } from './repository';
 import { benchRepositoryProtocols } from './repositoryProtocols';
 import { writeReport, type BenchReport } from './report';
 import { benchStaging } from './staging';
+import { benchSubmission } from './submission';
 import { benchVmCreation } from './vmCreation';
 
 const log = createLogger('bench.run');
@@ -41,6 +43,8 @@ async function clusterEnv(ctx: RunContext): Promise<ClusterBenchEnv> {
 /** Every benchmark, in the order a full run takes them; names are the reports' file names. */
 const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   orchestration: async (ctx) => benchOrchestration(await clusterEnv(ctx)),
+  submission: async (ctx) =>
+    benchSubmission({ temporalAddress: await ctx.temporalAddress(), quick: ctx.quick }),
   lifecycle: async (ctx) => benchLifecycle(await clusterEnv(ctx)),
   'vm-creation': () => benchVmCreation(),
   staging: () => benchStaging(),
@@ -50,6 +54,7 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   paper: (ctx) => benchPaper({ workDir: ctx.workDir, quick: ctx.quick }),
   'migration-traces': (ctx) =>
     benchMigrationTraces({ workDir: ctx.workDir, outDir: ctx.outDir, quick: ctx.quick }),
+  'migration-tls': (ctx) => benchMigrationTls({ workDir: ctx.workDir, quick: ctx.quick }),
 };
 
 /**
@@ -201,6 +206,8 @@ function parseArgs(): { names: string[]; quick: boolean; outDir: string; keepLog
 async function main(): Promise<number> {
   const { names, quick, outDir, keepLogs } = parseArgs();
   const workDir = mkdtempSync(path.join(os.tmpdir(), 'vsp-bench-'));
+  // QEMU runs as its own unprivileged account and must reach the VM stores made in here.
+  chmodSync(workDir, 0o711);
   // Every benchmark's temp folders (and its children's) land in workDir, which cleanUp removes, Ctrl-C too.
   process.env.TMPDIR = workDir;
   stopAllOnSignals(() => cleanUp(workDir));

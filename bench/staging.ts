@@ -57,6 +57,8 @@ const mbps = (bytes: number, ms: number) => Number((bytes / MiB / (ms / 1000)).t
  */
 export async function benchStaging(): Promise<BenchReport> {
   const work = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-bench-staging-'));
+  // QEMU's unprivileged account must reach the store (mkdtemp makes the folder private).
+  await fs.chmod(work, 0o711);
   const store = new VmStore(path.join(work, 'store'));
   await store.init();
   const staging = new DiskImageStaging();

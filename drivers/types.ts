@@ -8,8 +8,8 @@
 export interface DriverCapabilities {
   /** Memory-only live migration between hosts that share the VM's disks. */
   liveMigration: boolean;
-  /** 'none': the task runs as a host process (no isolation); 'vm': inside a guest. */
-  isolation: 'none' | 'vm';
+  /** 'process': a host process under its own uid and namespaces; 'vm': inside a guest. */
+  isolation: 'process' | 'vm';
   /** How the task's home reaches it: a host folder, or an ext4 data-disk image. */
   homeStaging: 'directory' | 'disk-image';
 }
@@ -107,6 +107,11 @@ export interface IncomingVm {
   host: string;
   /** Where the source sends the memory, e.g. 'tcp:10.77.0.2:47123'. */
   uri: string;
+  /**
+   * Present when the target accepts only TLS from the source it was prepared for: the source must
+   * present its cluster certificate and check that the target's names `hostname`.
+   */
+  tls?: { hostname: string };
   /** The VM's handle once it runs on the target. */
   handle: VmHandle;
 }

@@ -11,7 +11,7 @@ import pino from 'pino';
  * writes a credential to a log file.
  */
 const SECRET_FIELDS = ['authorization', 'token', 'capability', 'password', 'repositoryToken'];
-export const REDACTED_PATHS = [
+const REDACTED_PATHS = [
   ...SECRET_FIELDS.flatMap((f) => [f, `*.${f}`]),
   'headers.authorization',
   '*.headers.authorization',
@@ -19,14 +19,13 @@ export const REDACTED_PATHS = [
   '*.req.headers.authorization',
 ];
 
-const root = pino(
-  {
-    level: process.env.LOG_LEVEL ?? 'info',
-    base: { pid: process.pid },
-    redact: { paths: REDACTED_PATHS, censor: '[redacted]' },
-  },
-  pino.destination(2),
-);
+export const LOGGER_OPTIONS: pino.LoggerOptions = {
+  level: process.env.LOG_LEVEL ?? 'info',
+  base: { pid: process.pid },
+  redact: { paths: REDACTED_PATHS, censor: '[redacted]' },
+};
+
+const root = pino(LOGGER_OPTIONS, pino.destination(2));
 
 export type Logger = pino.Logger;
 

@@ -387,7 +387,8 @@ export function createRequestHandler(
         throw new HttpError(405, `${method} is not allowed on uploads`, { Allow: 'POST' });
       const request = await readJson(req);
       const target = (request as { path?: unknown } | null)?.path;
-      allowWrite(typeof target === 'string' ? checkRepoPath(target) : '');
+      draft.path = typeof target === 'string' ? checkRepoPath(target) : undefined;
+      allowWrite(draft.path ?? '');
       const session = await deps.uploads.create(owner, request);
       draft.path = session.path;
       sendJson(res, 201, session, {
@@ -485,14 +486,14 @@ export function createRequestHandler(
     const claimed = token?.startsWith(CAPABILITY_PREFIX) ? claimedCapability(token) : undefined;
     // A refused capability is audited under the id and task it claims; an accepted one under its own.
     if (claimed) [draft.user, draft.task] = [`capability:${claimed.id}`, claimed.taskId];
-    const guard = <T>(fn: () => T): Promise<T> =>
-      deps.loginThrottle.guard({ address: req.socket.remoteAddress }, fn);
+    // Failed logins are counted per address (a missing token is no guess).
+    const login = async <T>(fn: (token: string | undefined) => T): Promise<T> =>
+      token === undefined
+        ? fn(token)
+        : deps.loginThrottle.guard({ address: req.socket.remoteAddress }, () => fn(token));
     if (r.kind === 'whoami') {
       draft.action = 'whoami';
-      const p =
-        token === undefined
-          ? identify(db, token, deps.keys)
-          : await guard(() => identify(db, token, deps.keys));
+      const p = await login((t) => identify(db, t, deps.keys));
       draft.user = principalLabel(p);
       sendJson(
         res,
@@ -508,7 +509,7 @@ export function createRequestHandler(
     if (r.kind === 'capability-self') {
       draft.action = 'capability-revoke';
       if (method !== 'DELETE') throw new HttpError(405, `${method} is not allowed here`, { Allow: 'DELETE' });
-      const p = authenticate(db, token, deps.keys);
+      const p = await login((t) => authenticate(db, t, deps.keys));
       draft.user = principalLabel(p);
       if (p.kind !== 'capability')
         throw new AccessDenied(403, 'only a task capability can revoke itself (bearer: the capability)');
@@ -529,8 +530,7 @@ export function createRequestHandler(
     if (r.kind === 'tasks')
       [draft.action, draft.path] = [taskAction(method, r.id, r.action), r.id && `task:${r.id}`];
     if (r.kind === 'images') draft.action = 'list-images';
-    const principal: Principal =
-      token === undefined ? authenticate(db, token) : await guard(() => authenticate(db, token, deps.keys));
+    const principal: Principal = await login((t) => authenticate(db, t, deps.keys));
     draft.user = principalLabel(principal);
     if (principal.kind === 'capability') draft.task = principal.claims.taskId;
     checkOwnerName(r.owner);

@@ -109,6 +109,11 @@ export const TaskSpecSchema = z
     resultsPath: repoPath('resultsPath').optional(),
     /** TCP ports of a long-running service; a task with ports runs until cancelled. */
     ports: z.array(z.number().int().min(1).max(65535)).max(32).default([]),
+    /**
+     * What happens when the task's host dies before its outputs are staged out: 'fail' (HostDown, the
+     * default) or 'restart' (placed again on another live host, from stage-in).
+     */
+    onHostFailure: z.enum(['fail', 'restart']).default('fail'),
     /** Host to run on; placement chooses when absent. */
     host: z
       .string()

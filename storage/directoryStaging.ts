@@ -1,6 +1,8 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
+import { UnusableOutputsError } from './diskImageStaging';
 import type { ExtractedOutputs, HomeStaging } from './homeStaging';
+import { DEFAULT_MAX_DEPTH, DEFAULT_MAX_ENTRIES, judgeTree, listHostTree } from './outputTree';
 import type { VmPaths } from './vmStore';
 
 /** Staging for the process driver: the inputs folder becomes the task's home as it is. */
@@ -25,14 +27,35 @@ export class DirectoryStaging implements HomeStaging {
     const outputsDir = path.join(vm.outboxDir, 'outputs');
     await fs.rm(vm.outboxDir, { recursive: true, force: true });
     await fs.mkdir(outputsDir, { recursive: true });
+    const taskLog = (await exists(vm.taskLog)) ? vm.taskLog : undefined;
     const src = path.join(vm.homeDir, outputDir);
-    if (await isDir(src)) await fs.cp(src, outputsDir, { recursive: true, verbatimSymlinks: true });
-    const hasLog = await fs.stat(vm.taskLog).then(
-      () => true,
-      () => false,
-    );
-    return { outputsDir, taskLog: hasLog ? vm.taskLog : undefined };
+    // The home is the task's (its processes are gone by now): a symlink on the way to outputDir would make
+    // root copy a folder of the host, and a FIFO or device would block or fail the copy. Judge first.
+    const parts = path.relative(vm.homeDir, src).split(path.sep);
+    for (let i = 1; i <= parts.length; i++) {
+      const st = await fs.lstat(path.join(vm.homeDir, ...parts.slice(0, i))).catch(() => undefined);
+      if (st?.isSymbolicLink())
+        throw new UnusableOutputsError(
+          `outputDir ${outputDir} is or lies under a symlink in the task's home`,
+          'BadOutputs',
+          taskLog,
+        );
+    }
+    if (!(await isDir(src))) return { outputsDir, taskLog };
+    const bounds = { maxBytes: Infinity, maxEntries: DEFAULT_MAX_ENTRIES, maxDepth: DEFAULT_MAX_DEPTH };
+    // The declared room is checked at upload, as for every driver.
+    const verdict = judgeTree(await listHostTree(src, bounds.maxDepth), bounds);
+    if (verdict) throw new UnusableOutputsError(verdict.message, verdict.reason, taskLog);
+    await fs.cp(src, outputsDir, { recursive: true });
+    return { outputsDir, taskLog };
   }
+}
+
+async function exists(p: string): Promise<boolean> {
+  return fs.lstat(p).then(
+    () => true,
+    () => false,
+  );
 }
 
 async function isDir(p: string): Promise<boolean> {

@@ -99,8 +99,9 @@ EXPORT {
     Protocols = 3;
     Transports = TCP;
     Access_Type = RW;
-    # QEMU runs as root on every host and must write the disks it opens remotely.
-    Squash = No_Root_Squash;
+    # Root on a peer host is nobody here: QEMU opens remote disks as its own unprivileged account
+    # (the same uid on every host), which owns the VM's disks in this store.
+    Squash = Root_Squash;
     SecType = sys;
     FSAL { Name = VFS; }
 }

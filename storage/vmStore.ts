@@ -22,6 +22,8 @@ export interface VmPaths {
   /** Task stdout+stderr (process driver writes it directly; VMs have it on the data disk). */
   taskLog: string;
   consoleLog: string;
+  /** Private folder of the VM's QEMU (owned by its unprivileged account): where it makes its QMP socket. */
+  runDir: string;
   qmpSocket: string;
   exitFile: string;
   /** Outputs extracted at stage-out, before upload. */
@@ -53,7 +55,8 @@ export class VmStore {
       stateFile: path.join(dir, 'state.json'),
       taskLog: path.join(dir, 'task.log'),
       consoleLog: path.join(dir, 'console.log'),
-      qmpSocket: path.join(dir, 'qmp.sock'),
+      runDir: path.join(dir, 'run'),
+      qmpSocket: path.join(dir, 'run', 'qmp.sock'),
       exitFile: path.join(dir, 'exit-status'),
       outboxDir: path.join(dir, 'outbox'),
     };

@@ -6,8 +6,10 @@ import type { DriverBinding, ImageFetch } from '../activities/host/hostDeps';
 import type { HostConfig } from '../config/workerConfig';
 import { probeAccelerator } from '../drivers/qemu/accelerator';
 import { ensureAppliance, type Appliance } from '../drivers/qemu/appliance';
+import { resolveQemuAccount } from '../drivers/qemu/qemuAccount';
 import { QemuDriver } from '../drivers/qemu/qemuDriver';
 import { ProcessDriver } from '../drivers/process/processDriver';
+import { TaskAccounts } from '../drivers/process/taskAccounts';
 import { checkToolstack, xlRunner } from '../drivers/xen/xl';
 import { XenDriver } from '../drivers/xen/xenDriver';
 import { describeError } from '../logging/logger';
@@ -30,7 +32,11 @@ export async function createDriverBindings(
   for (const name of config.drivers) {
     if (name === 'process') {
       bindings.process = {
-        driver: new ProcessDriver({ store, hostName: config.host }),
+        driver: new ProcessDriver({
+          store,
+          hostName: config.host,
+          ...(config.processUids ? { accounts: new TaskAccounts(config.processUids) } : {}),
+        }),
         staging: new DirectoryStaging(),
       };
     } else if (name === 'qemu') {
@@ -46,6 +52,9 @@ export async function createDriverBindings(
           cluster: config.clusterStorage,
           netns: config.netns,
           vmNetwork: config.vmNetwork,
+          qemuUser: config.qemuUser,
+          migrationTlsDir: config.migrationTlsDir,
+          remoteDisksUnder: config.qemuRemoteDisks === 'mounts' ? config.mountRoot : undefined,
         }),
         staging: new DiskImageStaging(),
         resolveImage: vmImages.resolveImage,
@@ -62,6 +71,7 @@ export async function createDriverBindings(
           mountRoot: config.mountRoot,
           cluster: config.clusterStorage,
           vmNetwork: config.vmNetwork,
+          diskOwner: await resolveQemuAccount(config.qemuUser),
         }),
         staging: new DiskImageStaging(),
         resolveImage: vmImages.resolveImage,

@@ -1,4 +1,6 @@
 import { defineQuery, defineSignal, defineUpdate } from '@temporalio/workflow';
+import { z } from 'zod';
+import { HOST_NAME } from '../config/names';
 
 /** What a task's workflow exposes to clients; shared by the workflow, the client library and the CLI. */
 
@@ -10,6 +12,8 @@ export type TaskPhase =
   | 'starting'
   | 'running'
   | 'staging-out'
+  /** Outputs or logs wait on their host for the repository to come back (bounded by the retention). */
+  | 'awaiting-repository'
   | 'destroying'
   | 'completed'
   | 'failed'
@@ -32,6 +36,10 @@ export interface TaskStatus {
   progressMessage?: string;
   exitCode?: number;
   error?: string;
+  /** Since when (ISO) the outputs wait for the repository, and until when they are kept for it. */
+  awaitingRepository?: { since: string; until: string; error: string };
+  /** Hosts that died under the task and were left for another (spec `onHostFailure: 'restart'`). */
+  restartedFrom?: string[];
   /** Set when the VM could not be destroyed (its host gone): the task's data is safe, its host is not clean. */
   cleanupError?: string;
   resultsPath?: string;
@@ -73,21 +81,49 @@ export interface TaskResult {
   migrations?: MigrationRecord[];
 }
 
-export interface MigrateRequest {
-  /** Target host; placement chooses when absent. */
-  host?: string;
-  /** Caps this migration's transfer rate (MiB/s); default: the source host's configuration. */
-  maxBandwidthMiBps?: number;
+/** The update's arguments, checked in its validator: a malformed request never reaches the handler. */
+export const MigrateRequestSchema = z
+  .object({
+    /** Target host; placement chooses when absent. */
+    host: z
+      .string()
+      .refine((h) => HOST_NAME.test(h), { error: (iss) => `${JSON.stringify(iss.input)} is not a host name` })
+      .optional(),
+    /** Caps this migration's transfer rate (MiB/s); default: the source host's configuration. */
+    maxBandwidthMiBps: z
+      .number()
+      .positive('maxBandwidthMiBps must be a positive number of MiB/s')
+      .finite()
+      .optional(),
+  })
+  .strict();
+export type MigrateRequest = z.infer<typeof MigrateRequestSchema>;
+
+export const CancelRequestSchema = z.object({ reason: z.string().max(1000).optional() }).strict();
+export type CancelRequest = z.infer<typeof CancelRequestSchema>;
+
+export const ProgressReportSchema = z.object({
+  progress: z.number().min(0).max(100),
+  message: z.string().max(1000).optional(),
+});
+export type ProgressReport = z.infer<typeof ProgressReportSchema>;
+
+/** A request's issues in one message, each naming its field. */
+export function requestProblems(what: string, error: z.ZodError): string {
+  return `invalid ${what} request: ${error.issues.map((i) => `${i.path.join('.') || 'request'}: ${i.message}`).join('; ')}`;
 }
 
 export const statusQuery = defineQuery<TaskStatus>('status');
 /** Cancels the task: the VM is stopped, its logs kept, its host folder removed. */
-export const cancelUpdate = defineUpdate<TaskStatus, [{ reason?: string }]>('cancel');
+export const cancelUpdate = defineUpdate<TaskStatus, [CancelRequest]>('cancel');
 /**
  * Live-migrates a running task's VM (memory only; its disks stay on their storage host). Resolves with
  * the status once the VM runs on the target; fails with the reason when it could not move, the VM then
  * still running where it was.
  */
 export const migrateUpdate = defineUpdate<TaskStatus, [MigrateRequest]>('migrate');
-/** Host workers report the task's progress (coarse, rate-limited) so the status query shows it. */
-export const progressSignal = defineSignal<[{ progress: number; message?: string }]>('progress');
+/**
+ * Progress once travelled by this signal; it now travels in awaitVm's heartbeats (bounded history), and
+ * the handler stays so that histories with it replay. Malformed input is ignored (signals have no validator).
+ */
+export const progressSignal = defineSignal<[ProgressReport]>('progress');

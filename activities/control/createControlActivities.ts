@@ -144,6 +144,15 @@ export function createControlActivities(deps: ControlDeps) {
       log.info({ current, ...loads[0], candidates: loads }, 'migration target chosen');
       return loads[0];
     },
+
+    /**
+     * A task cancelled through its `cancel` update asks for its own workflow's cancellation here (a
+     * workflow cannot request it of itself), so it ends CANCELED as with `temporal workflow cancel`.
+     */
+    async requestCancellation(req: { taskId: string; runId: string }): Promise<void> {
+      await deps.client.workflow.getHandle(req.taskId, req.runId).cancel();
+      log.info(req, 'task cancellation requested through its cancel update');
+    },
   };
 }
 

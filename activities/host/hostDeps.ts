@@ -29,5 +29,6 @@ export interface HostDeps {
   /** A client presenting a task's capability, for that task's transfers. */
   repositoryFor: (capability: string) => RepositoryClient;
   drivers: Record<string, DriverBinding>;
-  defaultDriver: string;
+  /** The driver of tasks that name none: the host's first VM driver; none when it has only `process`. */
+  defaultDriver?: string;
 }

@@ -2,10 +2,11 @@ import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { Client, Connection } from '@temporalio/client';
 import { createProgressDisplay } from '../../cli/progressDisplay';
-import { taskFailureMessage, VspClient } from '../../client/vspClient';
+import { z } from 'zod';
+import { TaskClientError } from '../../client/taskClient';
 import { RepositoryClient } from '../../repository/client';
+import { DRIVER_NAMES } from '../../spec/taskSpec';
 import { LocalCluster } from './localCluster';
 import { stopAll, stopAllOnSignals } from './processes';
 import { startTemporalDevServer } from './temporal';
@@ -33,9 +34,11 @@ async function main(): Promise<void> {
   await fs.rm(runDir, { recursive: true, force: true });
   await fs.mkdir(runDir, { recursive: true });
 
-  const driver = process.env.VSP_DEMO_DRIVER ?? (qemuAvailable() ? 'qemu' : 'process');
+  const chosen = process.env.VSP_DEMO_DRIVER;
+  const driver = z.enum(DRIVER_NAMES).parse(chosen ?? (qemuAvailable() ? 'qemu' : 'process'));
+  const why = chosen ? 'VSP_DEMO_DRIVER' : driver === 'process' ? 'QEMU not installed' : 'QEMU installed';
   say(
-    `VSP demo: driver '${driver}'${driver === 'process' ? ' (QEMU not installed: tasks run as host processes)' : ' (QEMU VMs)'}`,
+    `VSP demo: driver '${driver}' (${why}): ${driver === 'process' ? 'tasks run as host processes' : 'tasks run in VMs'}`,
   );
 
   const temporal = await startTemporalDevServer({
@@ -53,20 +56,24 @@ async function main(): Promise<void> {
     hostEnv: { VSP_ACCEL: process.env.VSP_ACCEL ?? 'auto' },
     owners: ['alice'],
   }).start();
+  say(`repository at ${cluster.repositoryUrl}; host workers a and b; logs in ${cluster.logDir}`);
+  const token = cluster.ownerToken('alice');
   say(
-    `repository at ${cluster.repositoryUrl} (its web page: open it in a browser); host workers a and b; logs in ${cluster.logDir}`,
+    `owner alice's token (sign in to the web page at ${cluster.repositoryUrl} with owner alice and this token, ` +
+      `or use vsp):\n  export VSP_REPOSITORY_URL=${cluster.repositoryUrl}\n  export VSP_TOKEN=${token}`,
   );
 
-  const repo = new RepositoryClient({ url: cluster.repositoryUrl, token: cluster.ownerTokens.get('alice')! });
+  const repo = new RepositoryClient({ url: cluster.repositoryUrl, token });
   const input = path.join(runDir, 'frames.raw');
   await fs.writeFile(input, Buffer.concat([randomBytes(2 * 1024 * 1024), Buffer.alloc(6 * 1024 * 1024, 7)]));
   const uploaded = await repo.upload('alice', 'videos/frames.raw', input);
   say(`uploaded videos/frames.raw (${uploaded.size} bytes, sha256 ${uploaded.sha256.slice(0, 16)}...)`);
 
-  const connection = await Connection.connect({ address: temporal.address });
-  const vsp = new VspClient(new Client({ connection, namespace: 'default' }));
-  const { taskId } = await vsp.submit({
-    owner: 'alice',
+  // Submitted as owners do: through the repository's task API with alice's token.
+  const tasks = cluster.tasks('alice');
+  const { taskId } = await tasks.submit({
+    // The process driver runs only tasks that name it.
+    driver,
     name: 'encode',
     inputs: ['videos/frames.raw'],
     command: [
@@ -79,12 +86,13 @@ async function main(): Promise<void> {
       'echo VSP-PROGRESS 100 done',
     ].join(' && '),
   });
-  say(`task ${taskId} started: ${temporal.uiUrl}/namespaces/default/workflows/${taskId}`);
-  say(`  (temporal workflow describe -w ${taskId} --address ${temporal.address})`);
+  say(`task ${taskId} started (vsp status ${taskId}); operators see it in Temporal:`);
+  say(`  ${temporal.uiUrl}/namespaces/default/workflows/${taskId}`);
+  say(`  temporal workflow describe -w ${taskId} --address ${temporal.address}`);
 
   const display = createProgressDisplay(process.stdout);
   try {
-    const result = await vsp.watch(taskId, (s) => display.update(s));
+    const result = await tasks.watch(taskId, (s) => display.update(s));
     display.done();
     const phases = Object.entries(result.phaseMs)
       .map(([p, ms]) => `${p} ${ms} ms`)
@@ -103,9 +111,13 @@ async function main(): Promise<void> {
     say(`outputs downloaded to ${outDir}`);
   } catch (err) {
     display.done();
-    throw new Error(`task ${taskId} failed: ${taskFailureMessage(err)}`);
+    throw new Error(
+      `task ${taskId} failed: ${err instanceof TaskClientError ? err.reason : (err as Error).message}`,
+      {
+        cause: err,
+      },
+    );
   } finally {
-    await connection.close();
     if (process.env.VSP_DEMO_KEEP === '1') {
       say('VSP_DEMO_KEEP=1: everything keeps running; press Ctrl-C to stop.');
       await new Promise(() => undefined);

@@ -2,13 +2,15 @@ import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { createLogger } from '../../logging/logger';
-import { addOwner } from '../../repository/admin';
+import { TaskClient, type OwnerTaskSpec, type SubmittedTask } from '../../client/taskClient';
+import { addOwner, createToken, listOwners } from '../../repository/admin';
 import type { ClusterStorage } from '../../storage/diskLocator';
 import { startNfsExport, type RunningNfsExport } from '../../storage/nfsExport';
 import type { VmNetworkOptions } from '../../drivers/qemu/vmNetwork';
 import { HOST_BRIDGE, inNetns, type TestNetwork } from './netns';
 import { freePort } from './ports';
 import { spawnManaged, type ManagedProcess } from './processes';
+import { issueMigrationCerts } from './migrationCerts';
 import { repoRoot } from './tools';
 
 const log = createLogger('devcluster.local');
@@ -47,9 +49,16 @@ export class LocalCluster {
   repositoryUrl = '';
   private repository?: ManagedProcess;
   private control?: ManagedProcess;
+  /** Namespace mode: each host's migration credentials (VSP_MIGRATION_TLS_DIR). */
+  private migrationTlsDirs: Record<string, string> = {};
   private readonly serviceToken = `vsp_${randomBytes(32).toString('base64url')}`;
 
   constructor(readonly opts: LocalClusterOptions) {}
+
+  /** The repository's process (fault tests pause and resume it). */
+  get repositoryProcess(): ManagedProcess | undefined {
+    return this.repository;
+  }
 
   get logDir(): string {
     return path.join(this.opts.baseDir, 'logs');
@@ -97,7 +106,15 @@ export class LocalCluster {
   }
 
   async start(): Promise<this> {
-    await fs.mkdir(this.logDir, { recursive: true });
+    // QEMU's unprivileged account reaches the host stores through the base folder, nothing else in it.
+    if (this.opts.drivers?.includes('qemu')) await fs.chmod(this.opts.baseDir, 0o711);
+    await fs.mkdir(this.logDir, { recursive: true, mode: 0o700 });
+    await fs.mkdir(this.repoDir, { recursive: true, mode: 0o700 });
+    if (this.opts.testHosts)
+      this.migrationTlsDirs = await issueMigrationCerts(
+        path.join(this.opts.baseDir, 'tls'),
+        Object.fromEntries(this.opts.hosts.map((h) => [h, this.testHost(h).address])),
+      );
     // Namespace hosts reach the root namespace only at the gateway address.
     const listen = this.opts.testHosts?.network.gateway ?? '127.0.0.1';
     const port = await freePort(listen);
@@ -114,8 +131,7 @@ export class LocalCluster {
       readyWhen: { port: { host: listen, port }, logLine: /repository listening/ },
     });
     this.repositoryUrl = `http://${listen}:${port}`;
-    for (const owner of this.opts.owners ?? [])
-      this.ownerTokens.set(owner, addOwner(this.repoDir, owner).token);
+    for (const owner of this.opts.owners ?? []) this.ownerToken(owner);
     if (this.opts.testHosts) await Promise.all(this.opts.hosts.map((h) => this.startExport(h)));
     await Promise.all([this.startControl(), ...this.opts.hosts.map((h) => this.startHost(h))]);
     log.info({ hosts: this.opts.hosts, repository: this.repositoryUrl }, 'local cluster ready');
@@ -171,6 +187,7 @@ export class LocalCluster {
           ? {
               VSP_CLUSTER_STORAGE: JSON.stringify(this.clusterStorage),
               VSP_VM_NETWORK: JSON.stringify(this.vmNetwork),
+              VSP_MIGRATION_TLS_DIR: this.migrationTlsDirs[host],
             }
           : {}),
         ...this.opts.hostEnv,
@@ -183,6 +200,34 @@ export class LocalCluster {
     });
     this.hostProcs.set(host, proc);
     return proc;
+  }
+
+  /**
+   * An owner's token, through the admin path: the owner is created (or given one more token) the first
+   * time it is asked for.
+   */
+  ownerToken(owner: string): string {
+    let token = this.ownerTokens.get(owner);
+    if (token === undefined) {
+      token = listOwners(this.repoDir).some((o) => o.name === owner)
+        ? createToken(this.repoDir, owner, 'devcluster')
+        : addOwner(this.repoDir, owner).token;
+      this.ownerTokens.set(owner, token);
+    }
+    return token;
+  }
+
+  /** The owners' task API (the front door) as `owner`. */
+  tasks(owner: string): TaskClient {
+    return new TaskClient({ url: this.repositoryUrl, token: this.ownerToken(owner) });
+  }
+
+  /**
+   * Submits a task as `owner` through the repository's task API, as an owner would: the repository
+   * checks it and starts it with the task's capability.
+   */
+  submitTask(owner: string, spec: OwnerTaskSpec, opts: { taskId?: string } = {}): Promise<SubmittedTask> {
+    return this.tasks(owner).submit(spec, opts);
   }
 
   /** SIGKILL, as a crash would: VMs and task processes it started keep running. */

@@ -12,6 +12,7 @@ import {
   parseClusterStorageConfig,
   planHostStorage,
   SYSTEMD_UNIT_DIR,
+  type ClusterStorageConfig,
   type StoragePlan,
 } from './storagePlan';
 
@@ -88,6 +89,10 @@ export async function applyStoragePlan(o: ApplyStorageOptions): Promise<ApplySto
     await fs.rm(at(path.posix.join(SYSTEMD_UNIT_DIR, name)), { force: true });
   }
   for (const dir of o.plan.directories) await fs.mkdir(at(dir), { recursive: true });
+  const owner = o.plan.storeOwner;
+  // Ownership only on the real host: a review under --root may run unprivileged.
+  if (o.activate) await fs.chown(at(o.plan.storeDir), owner.uid, owner.gid);
+  await fs.chmod(at(o.plan.storeDir), owner.mode);
   await fs.mkdir(at(SYSTEMD_UNIT_DIR), { recursive: true });
   for (const c of changes) {
     if (c.action !== 'create' && c.action !== 'update') continue;
@@ -129,6 +134,28 @@ export async function checkCanActivate(
   ];
   for (const [tool, why] of need) if (!(await findExecutable(tool, dirs))) bad.push(why);
   if (bad.length > 0) throw new Error(`cannot set up the cluster storage: ${bad.join('; ')}`);
+}
+
+/** This host's QEMU account must have the cluster's uid and gid: NFS carries numbers, not names. */
+export async function checkQemuAccount(
+  account: ClusterStorageConfig['qemuAccount'],
+  id: (flag: string) => Promise<string> = async (flag) =>
+    (await runCommand('id', [flag, account.user], { timeoutMs: 5_000 })).stdout.trim(),
+): Promise<void> {
+  let uid: string;
+  let gid: string;
+  try {
+    [uid, gid] = [await id('-u'), await id('-g')];
+  } catch (err) {
+    throw new Error(
+      `QEMU's account ${account.user} does not exist here: run deploy/setup.sh with VSP_QEMU_UID=${account.uid} VSP_QEMU_GID=${account.gid}`,
+      { cause: err },
+    );
+  }
+  if (uid !== String(account.uid) || gid !== String(account.gid))
+    throw new Error(
+      `QEMU's account ${account.user} is ${uid}:${gid} here, but the cluster file says ${account.uid}:${account.gid}: every host needs the same numbers`,
+    );
 }
 
 async function findExecutable(name: string, dirs: string[]): Promise<boolean> {
@@ -220,13 +247,17 @@ export async function storageCommand(
   } catch (err) {
     throw new Error(`cannot read the cluster file ${o.config}: ${describeError(err)}`, { cause: err });
   }
-  const plan = planHostStorage(parseClusterStorageConfig(raw, `cluster file ${o.config}`), o.host);
+  const config = parseClusterStorageConfig(raw, `cluster file ${o.config}`);
+  const plan = planHostStorage(config, o.host);
   if (o.root) {
     const st = await fs.stat(o.root).catch(() => undefined);
     if (!st?.isDirectory()) throw new Error(`--root ${o.root} is not an existing folder`);
   }
   const activate = !o.root && !o.dryRun;
-  if (activate) await checkCanActivate();
+  if (activate) {
+    await checkCanActivate();
+    await checkQemuAccount(config.qemuAccount);
+  }
   const result = await applyStoragePlan({ plan, root: o.root, dryRun: o.dryRun, activate });
   out(`${describeResult(result, Boolean(o.dryRun))}\n`);
   for (const m of plan.mounts)

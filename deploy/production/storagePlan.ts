@@ -31,6 +31,35 @@ const safeDir = (what: string) =>
       message: `${what} must be normalised (no trailing /, // or ..)`,
     });
 
+const accountId = (what: string) =>
+  z
+    .number({ error: `${what} is the account's number, the same on every host` })
+    .int(`${what} is a whole number`)
+    .min(1, `${what} must not be root's (0)`)
+    .max(2 ** 31 - 2, `${what} is too large`);
+
+/**
+ * The unprivileged account QEMU runs as (VSP_QEMU_USER), with the same uid and gid on every host: NFS
+ * carries numbers, and the disks of a VM are that account's on its storage host (deploy/setup.sh creates
+ * it with VSP_QEMU_UID/VSP_QEMU_GID).
+ */
+const QemuAccountSchema = z.object(
+  {
+    user: z
+      .string()
+      .regex(/^[a-z_][a-z0-9_-]{0,31}$/, 'qemuAccount.user is a user name like vsp-qemu')
+      .default('vsp-qemu'),
+    uid: accountId('qemuAccount.uid'),
+    gid: accountId('qemuAccount.gid'),
+  },
+  {
+    error: (iss) =>
+      iss.code === 'invalid_type'
+        ? 'qemuAccount is required: {"user": "vsp-qemu", "uid": N, "gid": N}, the same on every host'
+        : undefined,
+  },
+);
+
 /**
  * The cluster file: `clusterStorage` is VSP_CLUSTER_STORAGE's format (config/workerConfig.ts), `storeDir`
  * the host worker's VSP_STORE_DIR; unknown keys are allowed, so one file can also be a worker's VSP_CONFIG.
@@ -40,6 +69,7 @@ export const ClusterStorageConfigSchema = z.object({
   storeDir: safeDir('storeDir').default(DEFAULT_STORE_DIR),
   /** NFS version of the mounts; the exports serve both (QEMU's libnfs speaks v3). */
   nfsVersion: z.enum(['3', '4.1', '4.2']).default('4.2'),
+  qemuAccount: QemuAccountSchema,
   clusterStorage: z.record(
     // Host names are checked after parsing: zod reports a bad record key without its own message.
     z.string(),
@@ -120,6 +150,11 @@ export interface StoragePlan {
   host: string;
   mountRoot: string;
   storeDir: string;
+  /**
+   * The store folder's owner and mode: root's, readable and searchable by QEMU's account (whose are the VM
+   * disks inside), so that account can neither replace the base-image cache nor touch other folders.
+   */
+  storeOwner: { uid: number; gid: number; mode: number };
   /** The /etc/exports block, markers included. */
   exportsBlock: string;
   units: PlannedUnit[];
@@ -141,12 +176,24 @@ export function nfsMountOptions(nfsVersion: ClusterStorageConfig['nfsVersion']):
 /**
  * Export options: rw; sync (the server commits a write before acknowledging it, so a guest's flush is
  * durable even if the storage host crashes); no_subtree_check (the store is a whole folder, and subtree
- * checks break file handles of files renamed while open, as atomic state writes do); no_root_squash
- * because Xen's qdisk backend and QEMU run as root on the peer hosts and must read and write root-owned
- * disks — and that is exactly why the export lists each other host's own address, never a subnet or `*`:
- * only the cluster's hypervisor hosts get root on the store.
+ * checks break file handles of files renamed while open, as atomic state writes do); secure (requests from
+ * reserved ports only, i.e. from the peers' kernels, not from their unprivileged processes); root_squash
+ * with anonuid/anongid of QEMU's account: root on a peer (Xen's qdisk backend, the worker) is never root
+ * here, only the account that owns the VM disks, and QEMU itself runs as that account. Each peer host is
+ * listed by its own address, never a subnet or `*`.
  */
-export const EXPORT_OPTIONS = 'rw,sync,no_subtree_check,no_root_squash,sec=sys';
+export function exportOptions(account: ClusterStorageConfig['qemuAccount']): string {
+  return [
+    'rw',
+    'sync',
+    'no_subtree_check',
+    'secure',
+    'root_squash',
+    `anonuid=${account.uid}`,
+    `anongid=${account.gid}`,
+    'sec=sys',
+  ].join(',');
+}
 
 export function planHostStorage(config: ClusterStorageConfig, host: string): StoragePlan {
   const self = config.clusterStorage[host];
@@ -214,7 +261,8 @@ export function planHostStorage(config: ClusterStorageConfig, host: string): Sto
     mounts.push({ where, what, type: 'nfs', storeOf: other });
   }
 
-  const clients = others.map(([, e]) => `${e.address}(${EXPORT_OPTIONS})`);
+  const options = exportOptions(config.qemuAccount);
+  const clients = others.map(([, e]) => `${e.address}(${options})`);
   const exportsBlock = [
     EXPORTS_BEGIN,
     // An exports line without clients would export to everyone: a one-host cluster exports nothing.
@@ -228,6 +276,7 @@ export function planHostStorage(config: ClusterStorageConfig, host: string): Sto
     host,
     mountRoot,
     storeDir,
+    storeOwner: { uid: 0, gid: config.qemuAccount.gid, mode: 0o750 },
     exportsBlock,
     units,
     mounts,

@@ -6,6 +6,8 @@ import { createLogger } from '../../logging/logger';
 import type { VmStore } from '../../storage/vmStore';
 import { lastProgress, readTail } from '../progress';
 import { isSameProcessAlive, processStartTime } from '../processLiveness';
+import { OWNER_NAME } from '../../spec/repoPath';
+import { TaskAccounts } from './taskAccounts';
 import type {
   DriverCapabilities,
   ExitResult,
@@ -19,25 +21,71 @@ import type {
 const log = createLogger('driver.process');
 
 /**
- * The `process` driver runs the task command as a plain child process of the host, in the VM folder,
- * with the staged-in inputs as its home. It gives NO isolation and NO migration: it is for hosts
- * without a hypervisor and for orchestration tests.
+ * The `process` driver runs the task command as a host process, for hosts without a hypervisor and for
+ * orchestration tests. It is never a host's default driver: a task must name it. The command runs
+ *  - as a uid of its own (TaskAccounts), never root, with no capabilities and no_new_privs (setpriv),
+ *    under resource limits (prlimit: processes, file size, address space, open files, no core dumps);
+ *  - in its own PID namespace (it sees only its own processes; when it ends, or is killed, every process it
+ *    left behind dies with it) and mount namespace, where its home is at /home/<owner> (as in a VM), /tmp
+ *    and /var/tmp are its own folder, and the host's VM store (other tasks, state files) is hidden;
+ *  - with a clean environment: nothing of the worker's (its token) reaches the task.
  *
- * The command runs under a small shell wrapper started in its own session, so it outlives the worker.
- * The wrapper claims the VM with `mkdir .started` before running anything: a retried start finds the
- * claim and does nothing, so a command never runs twice. It writes the exit status atomically when done.
+ * A small root wrapper, in its own session so that it outlives the worker, claims the VM with
+ * `mkdir .started` before running anything (a retried start finds the claim and does nothing, so a command
+ * never runs twice), keeps the task's stdout+stderr in task.log (a file the task cannot reach) and writes
+ * the exit status atomically when the task ends.
  */
 const WRAPPER = [
   'mkdir "$VSP_VM_DIR/.started" 2>/dev/null || exit 0',
   'echo $$ > "$VSP_VM_DIR/pid"',
-  'cd "$HOME" || exit 126',
-  '/bin/sh -c "$VSP_COMMAND" > "$VSP_VM_DIR/task.log" 2>&1 < /dev/null',
+  'umask 077',
+  // A stop's SIGTERM reaches the task; the wrapper waits for it to end and records its status.
+  'trap : TERM',
+  'unshare --mount --propagation private --pid --fork --mount-proc --kill-child /bin/sh -c "$VSP_JAIL" \\',
+  '  > "$VSP_VM_DIR/task.log" 2>&1 < /dev/null',
   'code=$?',
   'echo $code > "$VSP_VM_DIR/exit-status.tmp" && mv "$VSP_VM_DIR/exit-status.tmp" "$VSP_VM_DIR/exit-status"',
 ].join('\n');
 
+/** Root, PID 1 of the task's new namespaces: builds the task's view of the file system, then runs it. */
+const JAIL = [
+  'set -e',
+  'mount -t tmpfs -o mode=0755,size=64k,nosuid,nodev vsp-home /home',
+  'mkdir "/home/$VSP_OWNER"',
+  'mount --bind "$VSP_VM_DIR/home" "/home/$VSP_OWNER"',
+  // /tmp before /var/tmp: the store (and so the source) may itself lie under /tmp or /var/tmp.
+  'mount --bind "$VSP_VM_DIR/task-tmp" /tmp',
+  'mount --bind /tmp /var/tmp',
+  'mount -t tmpfs -o mode=1777,size=64m,nosuid,nodev vsp-shm /dev/shm',
+  'if [ -d "$VSP_STORE" ]; then mount -t tmpfs -o mode=0000,size=4k,ro vsp-hidden "$VSP_STORE"; fi',
+  'cd "/home/$VSP_OWNER"',
+  // The task is not PID 1 (which ignores a stop's SIGTERM): this shell stays PID 1 and, when the task
+  // ends, ends the namespace and with it whatever the task left running. `&` ignores SIGINT and SIGQUIT
+  // in the task; env restores them.
+  'prlimit $VSP_LIMITS -- setpriv --reuid "$VSP_UID" --regid "$VSP_UID" --clear-groups --no-new-privs \\',
+  '  --inh-caps=-all --bounding-set=-all -- env -i --default-signal=INT,QUIT HOME="/home/$VSP_OWNER" \\',
+  '  USER="$VSP_OWNER" LOGNAME="$VSP_OWNER" SHELL=/bin/sh PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 \\',
+  '  TMPDIR=/tmp VSP_TASK="$VSP_TASK" /bin/sh -c "$VSP_COMMAND" &',
+  'wait $!',
+].join('\n');
+
+/** Per-task limits; processes count per uid, and each task has its own uid. */
+export interface ProcessLimits {
+  processes: number;
+  fileBytes: number;
+  openFiles: number;
+}
+
+export const DEFAULT_PROCESS_LIMITS: ProcessLimits = {
+  processes: 512,
+  fileBytes: 16 * 1024 ** 3,
+  openFiles: 4096,
+};
+
 interface ProcessState {
   config: VmConfig;
+  /** The task's own account (uid = gid). */
+  uid: number;
   startedAt?: number;
   pid?: number;
   pidStartTime?: number;
@@ -47,11 +95,32 @@ export class ProcessDriver implements HypervisorDriver {
   readonly name = 'process';
   readonly capabilities: DriverCapabilities = {
     liveMigration: false,
-    isolation: 'none',
+    isolation: 'process',
     homeStaging: 'directory',
   };
 
-  constructor(private readonly opts: { store: VmStore; hostName: string; pollMs?: number }) {}
+  private readonly accounts: TaskAccounts;
+
+  constructor(
+    private readonly opts: {
+      store: VmStore;
+      hostName: string;
+      pollMs?: number;
+      accounts?: TaskAccounts;
+      limits?: ProcessLimits;
+    },
+  ) {
+    this.accounts = opts.accounts ?? new TaskAccounts();
+    // The task's home is mounted over /home in its namespace: a store there would hide the home itself.
+    const root = path.resolve(opts.store.root);
+    if (root === '/home' || root.startsWith('/home/'))
+      throw new Error(`the process driver cannot use a VM store under /home (${root})`);
+  }
+
+  /** Names the VM machine-wide, for the uid claim: several workers may share a machine. */
+  private vmKey(vmId: string): string {
+    return this.opts.store.paths(vmId).dir;
+  }
 
   private get pollMs(): number {
     return this.opts.pollMs ?? 500;
@@ -59,7 +128,12 @@ export class ProcessDriver implements HypervisorDriver {
 
   async create(config: VmConfig): Promise<VmHandle> {
     const existing = await this.opts.store.readState<ProcessState>(config.vmId);
-    if (!existing) await this.opts.store.writeState(config.vmId, { config } satisfies ProcessState);
+    if (!existing) {
+      if (!OWNER_NAME.test(config.owner))
+        throw new Error(`invalid owner name ${JSON.stringify(config.owner)}`);
+      const uid = await this.accounts.claim(this.vmKey(config.vmId));
+      await this.opts.store.writeState(config.vmId, { config, uid } satisfies ProcessState);
+    }
     return this.handle(config.vmId);
   }
 
@@ -78,17 +152,27 @@ export class ProcessDriver implements HypervisorDriver {
     const state = await this.state(handle.vmId);
     const claimed = await exists(path.join(p.dir, '.started'));
     if (!claimed) {
+      // Root never runs a task: the uid comes from a range that excludes it, and this checks it again.
+      if (!(state.uid >= 1000)) throw new Error(`refusing to run task ${handle.vmId} as uid ${state.uid}`);
+      if (process.getuid?.() !== 0)
+        throw new Error('the process driver must run as root to start each task under its own account');
+      await giveTo(p.homeDir, state.uid);
+      const tmp = path.join(p.dir, 'task-tmp');
+      await fs.mkdir(tmp, { recursive: true });
+      await giveTo(tmp, state.uid);
       const child = spawn('/bin/sh', ['-c', WRAPPER], {
         cwd: p.dir,
         detached: true,
         stdio: 'ignore',
         env: {
-          HOME: p.homeDir,
-          PATH: '/usr/local/bin:/usr/bin:/bin',
-          USER: state.config.owner,
-          LANG: 'C.UTF-8',
-          VSP_TASK: state.config.vmId,
+          PATH: '/usr/sbin:/usr/bin:/sbin:/bin',
           VSP_VM_DIR: p.dir,
+          VSP_STORE: path.resolve(this.opts.store.root),
+          VSP_JAIL: JAIL,
+          VSP_OWNER: state.config.owner,
+          VSP_UID: String(state.uid),
+          VSP_LIMITS: limitArgs(this.opts.limits ?? DEFAULT_PROCESS_LIMITS, state.config.memoryMiB),
+          VSP_TASK: state.config.vmId,
           VSP_COMMAND: state.config.command,
         },
       });
@@ -160,8 +244,25 @@ export class ProcessDriver implements HypervisorDriver {
 
   async destroy(handle: VmHandle): Promise<void> {
     await this.stop(handle, 5000);
+    const state = await this.opts.store.readState<ProcessState>(handle.vmId);
     await this.opts.store.remove(handle.vmId);
+    if (state?.uid !== undefined) await this.accounts.release(state.uid, this.vmKey(handle.vmId));
   }
+}
+
+/** prlimit's arguments: the address space is the task's memory (floor 256 MiB: runtimes reserve a lot). */
+function limitArgs(l: ProcessLimits, memoryMiB: number): string {
+  const as = Math.max(memoryMiB, 256) * 1024 * 1024;
+  return `--nproc=${l.processes} --fsize=${l.fileBytes} --as=${as} --nofile=${l.openFiles} --core=0`;
+}
+
+/** Hands a folder the task's account will own (its home, its /tmp): that account only, 0700. */
+async function giveTo(dir: string, uid: number): Promise<void> {
+  await fs.mkdir(dir, { recursive: true });
+  for (const e of await fs.readdir(dir, { withFileTypes: true, recursive: true }))
+    await fs.lchown(path.join(e.parentPath, e.name), uid, uid);
+  await fs.lchown(dir, uid, uid);
+  await fs.chmod(dir, 0o700);
 }
 
 function signalGroup(pid: number, signal: NodeJS.Signals): void {

@@ -3,6 +3,7 @@ import type { VmPaths } from '../../storage/vmStore';
 import type { VmConfig } from '../types';
 import type { Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
+import { QEMU_SANDBOX } from './qemuAccount';
 import type { VmNic } from './vmNetwork';
 
 export interface QemuLaunch {
@@ -16,7 +17,6 @@ export interface QemuLaunch {
   dataDisk: string;
   qmpSocket: string;
   consoleLog: string;
-  pidFile: string;
   owner: string;
   /** guest port -> host port on 127.0.0.1; empty: no network device. */
   portForwards: Record<number, number>;
@@ -24,9 +24,14 @@ export interface QemuLaunch {
   nic?: VmNic;
 }
 
-/** Where QEMU writes its pid, in the VM's folder. */
+/** Where the worker records QEMU's pid, in the VM's folder (root's: QEMU cannot rewrite it). */
 export function pidFileOf(paths: VmPaths): string {
   return path.join(paths.dir, 'qemu.pid');
+}
+
+/** QEMU's own output (start errors, warnings), kept in the VM's folder. */
+export function qemuLogOf(paths: VmPaths): string {
+  return path.join(paths.dir, 'qemu.log');
 }
 
 /**
@@ -55,7 +60,6 @@ export function vmLaunch(
     dataDisk: run.disks?.data ?? paths.dataDisk,
     qmpSocket: paths.qmpSocket,
     consoleLog: paths.consoleLog,
-    pidFile: pidFileOf(paths),
     owner: config.owner,
     portForwards: run.portForwards,
     nic: run.nic,
@@ -63,9 +67,12 @@ export function vmLaunch(
 }
 
 /** QEMU option values separate sub-options with commas; a literal comma is doubled. */
-const opt = (value: string) => value.replace(/,/g, ',,');
+export const opt = (value: string) => value.replace(/,/g, ',,');
 
-/** The QEMU command line of a VSP VM (pure, so it is testable and readable in one place). */
+/**
+ * The QEMU command line of a VSP VM (pure, so it is testable and readable in one place). QEMU stays in the
+ * foreground of its own session (vmProcess.ts startDetached): `-daemonize` forks, which the sandbox denies.
+ */
 export function buildQemuArgs(l: QemuLaunch): string[] {
   const forwards = Object.entries(l.portForwards);
   const append = ['console=ttyS0', 'quiet', 'panic=-1', `vsp.owner=${l.owner}`];
@@ -104,9 +111,8 @@ export function buildQemuArgs(l: QemuLaunch): string[] {
     `file=${opt(l.rootDisk)},format=qcow2,if=virtio,cache=writeback,discard=unmap`,
     '-drive',
     `file=${opt(l.dataDisk)},format=raw,if=virtio,cache=writeback`,
-    '-daemonize',
-    '-pidfile',
-    l.pidFile,
+    '-sandbox',
+    QEMU_SANDBOX,
   ];
   if (l.nic) {
     args.push(

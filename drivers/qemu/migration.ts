@@ -7,6 +7,9 @@ import {
   qemuFileName,
   qemuFileNode,
   resolveForQemu,
+  resolveUnderMounts,
+  type DiskLocator,
+  type QemuDiskSource,
   type ClusterStorage,
 } from '../../storage/diskLocator';
 import { checkNfsExport } from '../../storage/nfsExport';
@@ -21,21 +24,29 @@ import type {
 } from '../types';
 import type { Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
-import { buildQemuArgs, pidFileOf, vmLaunch } from './commandLine';
+import { buildQemuArgs, pidFileOf, qemuLogOf, vmLaunch } from './commandLine';
 import { ConsoleFollower, departedConsoleOf, setConsoleAside } from './consoleLog';
 import { QmpClient, qmpCommand } from './qmp';
 import { type QemuVmState } from './qemuDriver';
 import { MigrationRecords } from '../migrationRecords';
 import { diskRefsOf, startedMarkerOf } from '../savedVm';
-import { runCommand } from './runCommand';
+import {
+  checkMigrationTlsDir,
+  incomingTlsArgs,
+  incomingTlsParameters,
+  outgoingTlsParameters,
+} from './migrationTls';
+import { asAccount, checkReachable, giveToAccount, type QemuAccount } from './qemuAccount';
 import { addVmTap, nicFromState, removeVmTap, type VmNetworkOptions } from './vmNetwork';
-import { freeLocalPort, isVmProcess, readPidFile, sleep, waitForExit } from './vmProcess';
+import { freeLocalPort, isVmProcess, readPidFile, sleep, startDetached, waitForExit } from './vmProcess';
 
 /**
  * Memory-only live migration of QEMU VMs between hosts that reach each other's stores over NFS. The
  * target starts the same VM with `-incoming`, its disks opened by locator (a local file on the storage
  * host, nfs:// elsewhere); the source sends its RAM and device state with QMP `migrate`. Each host keeps
  * what it knows in its own store: `incoming.json` while a VM is being received, `state.json` once it runs.
+ * With the hosts' migration certificates (migrationTls.ts) the memory goes over TLS, and the target
+ * accepts it from the chosen source only.
  */
 
 export interface QemuMigrationContext {
@@ -49,6 +60,16 @@ export interface QemuMigrationContext {
   netns?: string;
   /** The cluster's VM network: a VM with a NIC gets its tap on this bridge here too. */
   vmNetwork?: VmNetworkOptions;
+  /** The unprivileged account QEMU runs as (qemuAccount.ts). */
+  account: () => Promise<QemuAccount | undefined>;
+  /**
+   * Where the other hosts' stores are mounted (kernel NFS, deploy/production/storagePlan.ts): QEMU then
+   * opens remote disks there instead of over nfs:// (libnfs, which an unprivileged QEMU can only use with
+   * exports that accept unreserved ports).
+   */
+  remoteDisksUnder?: string;
+  /** This host's migration credentials; undefined: plain TCP streams. */
+  migrationTlsDir?: string;
 }
 
 /** Defaults for options the caller leaves out. */
@@ -136,19 +157,41 @@ export class QemuMigration extends MigrationRecords {
     if (!self) throw new Error(`host ${this.ctx.hostName} has no address in the cluster configuration`);
     const paths = this.ctx.store.paths(vmId);
     const existing = await this.readIncoming(vmId);
-    if (existing && (await isVmProcess(await readPidFile(pidFileOf(paths)), paths.qmpSocket))) {
-      this.log.info({ vmId }, 'incoming VM already prepared');
-      return existing.incoming;
+    if (existing) {
+      if (
+        existing.incoming.uri &&
+        (await isVmProcess(await readPidFile(pidFileOf(paths)), paths.qmpSocket))
+      ) {
+        this.log.info({ vmId }, 'incoming VM already prepared');
+        return existing.incoming;
+      }
+      // A QEMU that never got to listen (a worker died in between): start over.
+      await this.abortIncoming(existing.incoming);
     }
-    if (from.storageHost !== this.ctx.hostName) {
+    const tlsDir = this.ctx.migrationTlsDir;
+    if (tlsDir) await checkMigrationTlsDir(tlsDir);
+    const remote = from.storageHost !== this.ctx.hostName;
+    const mountRoot = this.ctx.remoteDisksUnder;
+    if (remote && mountRoot) {
+      const where = path.posix.join(mountRoot, from.storageHost);
+      // Touching it mounts it (automount); a storage host that does not answer fails here, clearly.
+      await fs.stat(resolveUnderMounts(disks.root, mountRoot)).catch((err: unknown) => {
+        throw new Error(`the disks of VM ${vmId} are not reachable under ${where}`, { cause: err });
+      });
+    } else if (remote) {
       const endpoint = this.ctx.cluster[from.storageHost];
       if (!endpoint) throw new Error(`no NFS export configured for storage host ${from.storageHost}`);
       await checkNfsExport(from.storageHost, endpoint, this.ctx.netns);
     }
     const local = { host: this.ctx.hostName, storeRoot: this.ctx.store.root, cluster: this.ctx.cluster };
-    const root = resolveForQemu(disks.root, local);
-    const data = resolveForQemu(disks.data, local);
-    const base = disks.base && root.kind === 'nfs' ? resolveForQemu(disks.base, local) : undefined;
+    const open = (loc: DiskLocator): QemuDiskSource =>
+      remote && mountRoot
+        ? { kind: 'file', filename: resolveUnderMounts(loc, mountRoot) }
+        : resolveForQemu(loc, local);
+    const root = open(disks.root);
+    const data = open(disks.data);
+    // The overlay names its base by the storage host's own path: elsewhere it is opened where it is reached.
+    const base = disks.base && remote ? open(disks.base) : undefined;
 
     await fs.mkdir(paths.dir, { recursive: true });
     // The same NIC (tap, MAC, address) as on the source: the guest keeps its address.
@@ -172,51 +215,93 @@ export class QemuMigration extends MigrationRecords {
       overrideBacking(args, qemuFileName(root), { driver: format, file: qemuFileNode(base) });
     }
 
-    let lastError: unknown;
-    for (let attempt = 0; attempt < PORT_ATTEMPTS; attempt++) {
-      const port = INCOMING_PORTS.first + Math.floor(Math.random() * INCOMING_PORTS.count);
-      const incoming: IncomingVm = {
-        vmId,
+    const incoming: IncomingVm = {
+      vmId,
+      host: this.ctx.hostName,
+      // Set once the incoming QEMU listens: an empty one tells a retry that it never did.
+      uri: '',
+      ...(tlsDir ? { tls: { hostname: this.ctx.hostName } } : {}),
+      handle: {
+        ...from,
         host: this.ctx.hostName,
-        uri: `tcp:${self.address}:${port}`,
-        handle: {
-          ...from,
-          host: this.ctx.hostName,
-          state: {
-            ...withoutHostPorts(from.state),
-            ...Object.fromEntries(Object.entries(portForwards).map(([g, h]) => [`hostPort:${g}`, h])),
-            pidFile: pidFileOf(paths),
-            qmpSocket: paths.qmpSocket,
-            consoleLog: paths.consoleLog,
-            diskRoot: disks.root.path,
-            diskData: disks.data.path,
-            diskBase: disks.base?.path ?? '',
-            migratedFrom: from.host,
-          },
+        state: {
+          ...withoutHostPorts(from.state),
+          ...Object.fromEntries(Object.entries(portForwards).map(([g, h]) => [`hostPort:${g}`, h])),
+          pidFile: pidFileOf(paths),
+          qmpSocket: paths.qmpSocket,
+          consoleLog: paths.consoleLog,
+          diskRoot: disks.root.path,
+          diskData: disks.data.path,
+          diskBase: disks.base?.path ?? '',
+          migratedFrom: from.host,
         },
-      };
-      // Recorded before QEMU starts, so an abort after a crash here still finds what to clean.
+      },
+    };
+    // Recorded before QEMU starts, so an abort after a crash here still finds what to clean.
+    await this.writeIncoming(vmId, { source, incoming });
+    await fs.rm(paths.qmpSocket, { force: true });
+    await fs.rm(pidFileOf(paths), { force: true });
+    try {
+      const account = await this.ctx.account();
+      await checkReachable(account, paths.dir);
+      await giveToAccount(account, {
+        // Disks elsewhere are the storage host's to give; QEMU reaches them there as the same account.
+        disks: remote ? [] : [root, data].flatMap((d) => (d.kind === 'file' ? [d.filename] : [])),
+        consoleLog: paths.consoleLog,
+        runDir: paths.runDir,
+      });
+      if (nic && this.ctx.vmNetwork) await addVmTap(this.wrap, this.ctx.vmNetwork.bridge, nic.tap, account);
+      const tlsArgs = tlsDir ? incomingTlsArgs(tlsDir, from.host) : [];
+      const qemu = asAccount(account, this.ctx.qemuBinary, [...args, ...tlsArgs, '-incoming', 'defer']);
+      incoming.handle.state.pid = await startDetached(this.wrap(qemu.cmd, qemu.args), {
+        qmpSocket: paths.qmpSocket,
+        logFile: qemuLogOf(paths),
+        pidFile: pidFileOf(paths),
+        timeoutMs: LAUNCH_TIMEOUT_MS,
+      });
       await this.writeIncoming(vmId, { source, incoming });
-      await fs.rm(paths.qmpSocket, { force: true });
-      await fs.rm(pidFileOf(paths), { force: true });
-      try {
-        if (nic && this.ctx.vmNetwork) await addVmTap(this.wrap, this.ctx.vmNetwork.bridge, nic.tap);
-        const c = this.wrap(this.ctx.qemuBinary, [...args, '-incoming', incoming.uri]);
-        await runCommand(c.cmd, c.args, { timeoutMs: LAUNCH_TIMEOUT_MS });
-      } catch (err) {
-        lastError = err;
-        if (/Address already in use/i.test(describeError(err))) continue;
-        await this.abortIncoming(incoming);
-        throw new Error(`VM ${vmId}: cannot start the incoming QEMU on ${this.ctx.hostName}`, { cause: err });
-      }
-      const pid = await readPidFile(pidFileOf(paths));
-      if (!pid) throw new Error(`VM ${vmId}: incoming QEMU wrote no pid file`);
-      incoming.handle.state.pid = pid;
-      await this.writeIncoming(vmId, { source, incoming });
-      this.log.info({ vmId, uri: incoming.uri, pid, root: qemuFileName(root) }, 'incoming VM ready');
-      return incoming;
+      incoming.uri = await this.listen(paths.qmpSocket, self.address, Boolean(tlsDir));
+    } catch (err) {
+      await this.abortIncoming(incoming);
+      throw new Error(`VM ${vmId}: cannot start the incoming QEMU on ${this.ctx.hostName}`, { cause: err });
     }
-    throw new Error(`VM ${vmId}: no free migration port on ${self.address}`, { cause: lastError });
+    await this.writeIncoming(vmId, { source, incoming });
+    this.log.info(
+      {
+        vmId,
+        uri: incoming.uri,
+        tls: Boolean(tlsDir),
+        pid: incoming.handle.state.pid,
+        root: qemuFileName(root),
+      },
+      'incoming VM ready',
+    );
+    return incoming;
+  }
+
+  /**
+   * Makes the waiting QEMU listen for the memory on a free port of `address`, over TLS from the chosen
+   * source only when `tls`; returns the URI the source sends to.
+   */
+  private async listen(qmpSocket: string, address: string, tls: boolean): Promise<string> {
+    const qmp = await QmpClient.connect(qmpSocket, QMP_TIMEOUT_MS);
+    try {
+      if (tls) await qmp.execute('migrate-set-parameters', incomingTlsParameters(), QMP_TIMEOUT_MS);
+      let lastError: unknown;
+      for (let attempt = 0; attempt < PORT_ATTEMPTS; attempt++) {
+        const uri = `tcp:${address}:${INCOMING_PORTS.first + Math.floor(Math.random() * INCOMING_PORTS.count)}`;
+        try {
+          await qmp.execute('migrate-incoming', { uri }, QMP_TIMEOUT_MS);
+          return uri;
+        } catch (err) {
+          lastError = err;
+          if (!/Address already in use/i.test(describeError(err))) throw err;
+        }
+      }
+      throw new Error(`no free migration port on ${address}`, { cause: lastError });
+    } finally {
+      qmp.close();
+    }
   }
 
   /**
@@ -242,6 +327,15 @@ export class QemuMigration extends MigrationRecords {
     const pid = Number(current.state.pid);
     if (!(await isVmProcess(pid, paths.qmpSocket)))
       throw new Error(`VM ${vmId} is not running on ${this.ctx.hostName}: nothing to migrate`);
+    const tlsDir = this.ctx.migrationTlsDir;
+    if (target.tls && !tlsDir)
+      throw new Error(
+        `VM ${vmId}: ${target.host} accepts migrations over TLS only, and this host has no migration certificates (VSP_MIGRATION_TLS_DIR)`,
+      );
+    if (!target.tls && tlsDir)
+      throw new Error(
+        `VM ${vmId}: ${target.host} listens for plain TCP; this host sends VM memory over TLS only`,
+      );
     const timeoutMs = options.timeoutMs ?? MIGRATION_DEFAULTS.timeoutMs;
     const started = Date.now();
     const qmp = await QmpClient.connect(paths.qmpSocket, QMP_TIMEOUT_MS);
@@ -258,8 +352,12 @@ export class QemuMigration extends MigrationRecords {
           'downtime-limit': options.downtimeLimitMs ?? MIGRATION_DEFAULTS.downtimeLimitMs,
           'max-bandwidth': options.maxBandwidthBytesPerSec ?? MIGRATION_DEFAULTS.maxBandwidthBytesPerSec,
         };
-        await qmp.execute('migrate-set-parameters', params, QMP_TIMEOUT_MS);
-        this.log.info({ vmId, to: target.host, uri: target.uri, params }, 'migration started');
+        const tls = await outgoingTlsParameters(qmp, tlsDir, target.tls, QMP_TIMEOUT_MS);
+        await qmp.execute('migrate-set-parameters', { ...params, ...tls }, QMP_TIMEOUT_MS);
+        this.log.info(
+          { vmId, to: target.host, uri: target.uri, params, tls: Boolean(tls['tls-creds']) },
+          'migration started',
+        );
         await qmp.execute('migrate', { uri: target.uri }, QMP_TIMEOUT_MS);
       }
       info = await this.follow(qmp, vmId, started, timeoutMs, options);

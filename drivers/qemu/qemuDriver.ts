@@ -11,11 +11,18 @@ import { checkVmConfig } from '../vmConfigCheck';
 import { createRootOverlay, requireDataDisk, writeTaskCommand } from '../vmDisks';
 import { probeAccelerator, type Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
-import { buildQemuArgs, pidFileOf, vmLaunch } from './commandLine';
+import { buildQemuArgs, pidFileOf, qemuLogOf, vmLaunch } from './commandLine';
 import { ConsoleFollower } from './consoleLog';
 import { QemuMigration } from './migration';
+import {
+  asAccount,
+  checkReachable,
+  DEFAULT_QEMU_USER,
+  giveToAccount,
+  resolveQemuAccount,
+  type QemuAccount,
+} from './qemuAccount';
 import { qmpCommand } from './qmp';
-import { runCommand } from './runCommand';
 import {
   addVmTap,
   chooseVmNic,
@@ -25,7 +32,7 @@ import {
   validateVmNetwork,
   type VmNetworkOptions,
 } from './vmNetwork';
-import { freeLocalPort, isVmProcess, readPidFile, waitForExit } from './vmProcess';
+import { freeLocalPort, isVmProcess, readPidFile, startDetached, waitForExit } from './vmProcess';
 
 // Shared by every VM driver (drivers/vmOutcome.ts); still exported here for the callers that import them from here.
 export { TIMEOUT_EXIT_CODE, VmMigratedError } from '../vmOutcome';
@@ -47,6 +54,15 @@ export interface QemuDriverOptions {
    * instead of user-mode networking with host port forwards.
    */
   vmNetwork?: VmNetworkOptions;
+  /** Production: remote disks are opened under these kernel NFS mounts instead of over nfs://. */
+  remoteDisksUnder?: string;
+  /** The unprivileged account QEMU runs as (VSP_QEMU_USER); default `vsp-qemu`. */
+  qemuUser?: string;
+  /**
+   * This host's migration credentials (VSP_MIGRATION_TLS_DIR, deploy/migration-tls.sh): migrations to
+   * and from this host then go over TLS with the cluster's CA, and a plain stream is refused both ways.
+   */
+  migrationTlsDir?: string;
 }
 
 /** What the VM folder's state file holds. */
@@ -68,8 +84,10 @@ export function hostPortsOf(handle: VmHandle): Record<number, number> {
 
 /**
  * Runs each task in a QEMU VM booted from the appliance kernel + initramfs, with a CoW overlay of the
- * cached base image as root disk and the staged ext4 data disk as the owner's home. QEMU runs
- * daemonized, so VMs outlive the worker; every fact needed to re-attach is in the VM folder.
+ * cached base image as root disk and the staged ext4 data disk as the owner's home. QEMU runs detached
+ * in its own session, so VMs outlive the worker; every fact needed to re-attach is in the VM folder. It
+ * runs as an unprivileged account under its seccomp sandbox, and can write only the VM's own disks,
+ * console log and QMP folder.
  */
 export class QemuDriver extends StoredVmDriver implements MigratableDriver {
   readonly name = 'qemu';
@@ -77,6 +95,7 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver {
   private readonly qemuBinary: string;
   protected readonly pollMs: number;
   protected readonly migration: QemuMigration;
+  private accountOnce: Promise<QemuAccount | undefined> | undefined;
 
   constructor(private readonly opts: QemuDriverOptions) {
     super(opts);
@@ -84,6 +103,9 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver {
     this.pollMs = opts.pollMs ?? 1000;
     if (opts.vmNetwork) validateVmNetwork(opts.vmNetwork);
     this.migration = new QemuMigration({
+      account: () => this.account(),
+      migrationTlsDir: opts.migrationTlsDir,
+      remoteDisksUnder: opts.remoteDisksUnder,
       store: opts.store,
       hostName: opts.hostName,
       appliance: opts.appliance,
@@ -162,20 +184,34 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver {
     });
     await this.opts.store.writeState(config.vmId, { config, handle } satisfies QemuVmState);
     await fs.rm(paths.qmpSocket, { force: true });
+    const account = await this.account();
+    await checkReachable(account, paths.dir);
+    await giveToAccount(account, {
+      disks: [paths.rootDisk, paths.dataDisk],
+      consoleLog: paths.consoleLog,
+      runDir: paths.runDir,
+    });
     const args = buildQemuArgs(vmLaunch(config, this.opts.appliance, paths, { accel, portForwards, nic }));
-    const launch = this.wrap(this.qemuBinary, args);
-    if (nic && this.opts.vmNetwork) await addVmTap(this.wrap, this.opts.vmNetwork.bridge, nic.tap);
+    const qemu = asAccount(account, this.qemuBinary, args);
+    if (nic && this.opts.vmNetwork) await addVmTap(this.wrap, this.opts.vmNetwork.bridge, nic.tap, account);
+    let pid: number;
     try {
-      await runCommand(launch.cmd, launch.args, { timeoutMs: LAUNCH_TIMEOUT_MS });
+      pid = await startDetached(this.wrap(qemu.cmd, qemu.args), {
+        qmpSocket: paths.qmpSocket,
+        logFile: qemuLogOf(paths),
+        pidFile: pidFileOf(paths),
+        timeoutMs: LAUNCH_TIMEOUT_MS,
+      });
     } catch (err) {
       if (nic) await removeVmTap(this.wrap, nic.tap);
-      throw err;
+      throw new Error(`VM ${config.vmId}: cannot start QEMU`, { cause: err });
     }
-    const pid = await readPidFile(pidFileOf(paths));
-    if (!pid) throw new Error(`VM ${config.vmId}: QEMU started but wrote no pid file`);
     handle.state.pid = pid;
     await this.opts.store.writeState(config.vmId, { config, handle } satisfies QemuVmState);
-    this.log.info({ vmId: config.vmId, pid, accel, portForwards, address: nic?.address }, 'VM started');
+    this.log.info(
+      { vmId: config.vmId, pid, accel, portForwards, address: nic?.address, user: account?.user },
+      'VM started',
+    );
     return handle;
   }
 
@@ -278,6 +314,15 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver {
     if (nic && (saved?.handle ?? handle).host === this.opts.hostName) await removeVmTap(this.wrap, nic.tap);
     await this.opts.store.remove(handle.vmId);
     this.log.info({ vmId: handle.vmId }, 'VM destroyed');
+  }
+
+  /** QEMU's account, resolved once (a missing account fails each start with the same clear error). */
+  private account(): Promise<QemuAccount | undefined> {
+    this.accountOnce ??= resolveQemuAccount(this.opts.qemuUser ?? DEFAULT_QEMU_USER);
+    return this.accountOnce.catch((err: unknown) => {
+      this.accountOnce = undefined;
+      throw err;
+    });
   }
 
   /** Command words that run `cmd` in this host's network namespace (if any). */

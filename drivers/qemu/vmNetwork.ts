@@ -134,9 +134,18 @@ async function tapExists(wrap: Wrap, tap: string): Promise<boolean> {
   return links.split('\n').some((l) => l.split(': ')[1]?.split('@')[0] === tap);
 }
 
-/** Creates (idempotently) the VM's tap on the bridge, up, before QEMU opens it. */
-export async function addVmTap(wrap: Wrap, bridge: string, tap: string): Promise<void> {
-  if (!(await tapExists(wrap, tap))) await ip(wrap, ['tuntap', 'add', tap, 'mode', 'tap']);
+/**
+ * Creates (idempotently) the VM's tap on the bridge, up, before QEMU opens it; owned by QEMU's account
+ * (`owner`), which opens it unprivileged.
+ */
+export async function addVmTap(
+  wrap: Wrap,
+  bridge: string,
+  tap: string,
+  owner?: { uid: number; gid: number },
+): Promise<void> {
+  const ownedBy = owner ? ['user', String(owner.uid), 'group', String(owner.gid)] : [];
+  if (!(await tapExists(wrap, tap))) await ip(wrap, ['tuntap', 'add', tap, 'mode', 'tap', ...ownedBy]);
   await ip(wrap, ['link', 'set', tap, 'master', bridge, 'up']).catch((err: unknown) => {
     throw new Error(`cannot attach tap ${tap} to bridge ${bridge}`, { cause: err });
   });

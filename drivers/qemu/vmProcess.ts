@@ -1,5 +1,7 @@
+import { spawn } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import net from 'node:net';
+import { QmpClient } from './qmp';
 
 /**
  * Whether `pid` is still the QEMU of this VM: the pid must exist and its command line must name the
@@ -56,4 +58,60 @@ export function freeLocalPort(): Promise<number> {
       server.close(() => resolve(port));
     });
   });
+}
+
+const LOG_TAIL_BYTES = 4096;
+const QMP_PROBE_MS = 1_000;
+
+/**
+ * Starts QEMU in a session of its own, detached from the worker so the VM outlives it, with its output
+ * appended to `logFile`, and writes its pid to `pidFile`. Resolves with the pid once QMP answers (QEMU
+ * has set up the machine); rejects with what QEMU printed when it exits first or stays silent past
+ * `timeoutMs`. `cmd` must exec QEMU itself (ip netns exec and setpriv do), so the child's pid is QEMU's.
+ */
+export async function startDetached(
+  c: { cmd: string; args: string[] },
+  o: { qmpSocket: string; logFile: string; pidFile: string; timeoutMs: number },
+): Promise<number> {
+  const log = await fs.open(o.logFile, 'a', 0o600);
+  const from = (await log.stat()).size;
+  let exited: string | undefined;
+  let pid: number | undefined;
+  try {
+    const child = spawn(c.cmd, c.args, { detached: true, stdio: ['ignore', log.fd, log.fd] });
+    child.once('exit', (code, signal) => (exited = signal ? `killed by ${signal}` : `exit code ${code}`));
+    child.once('error', (err) => (exited = err.message));
+    child.unref();
+    pid = child.pid;
+  } finally {
+    await log.close();
+  }
+  const deadline = Date.now() + o.timeoutMs;
+  for (;;) {
+    if (exited !== undefined || pid === undefined) {
+      const tail = await readFrom(o.logFile, from);
+      throw new Error(`QEMU did not start (${exited ?? 'no process'}): ${tail || 'it printed nothing'}`);
+    }
+    const answered = await QmpClient.connect(o.qmpSocket, QMP_PROBE_MS).then(
+      (qmp) => (qmp.close(), true),
+      () => false,
+    );
+    if (answered && (await isVmProcess(pid, o.qmpSocket))) break;
+    if (Date.now() > deadline) {
+      process.kill(pid, 'SIGKILL');
+      throw new Error(`QEMU ${pid} did not answer on ${o.qmpSocket} within ${o.timeoutMs} ms`);
+    }
+    await sleep(100);
+  }
+  await fs.writeFile(o.pidFile, `${pid}\n`);
+  return pid;
+}
+
+/** What this launch printed (the log keeps earlier launches too), at most its last few KiB. */
+async function readFrom(file: string, offset: number): Promise<string> {
+  const text = await fs.readFile(file).catch(() => Buffer.alloc(0));
+  return text
+    .subarray(Math.max(offset, text.length - LOG_TAIL_BYTES))
+    .toString('utf8')
+    .trim();
 }

@@ -18,6 +18,7 @@ import { claimStart, startedMarkerOf, startingHandle, wasStarted, type SavedVm }
 import { StoredVmDriver } from '../storedVmDriver';
 import type { ExitResult, MigratableDriver, VmConfig, VmHandle, VmStatus, WaitOptions } from '../types';
 import { checkVmConfig } from '../vmConfigCheck';
+import { giveDisks } from '../qemu/qemuAccount';
 import { createRootOverlay, requireDataDisk, writeTaskCommand } from '../vmDisks';
 import { domainName, renderDomainConfig } from './domainConfig';
 import { XenMigration } from './xenMigration';
@@ -41,6 +42,12 @@ export interface XenDriverOptions {
   vmNetwork?: VmNetworkOptions;
   /** Poll period of `wait`. */
   pollMs?: number;
+  /**
+   * The account the stores' exports squash a peer's root to (the cluster file's qemuAccount): the VM's
+   * disks are given to it, so the qdisk backend of another host (root there, that account here) can
+   * still write them after a migration.
+   */
+  diskOwner?: { uid: number; gid: number };
 }
 
 /** What the VM folder's state file holds. */
@@ -109,6 +116,7 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
     const mountedBase = await this.mounted(base);
     await createRootOverlay(config.baseImage as string, paths.rootDisk, mountedBase);
     await writeTaskCommand(paths, config.command);
+    await giveDisks(this.opts.diskOwner, [paths.rootDisk, paths.dataDisk]);
     const handle: VmHandle = {
       driver: this.name,
       vmId: config.vmId,

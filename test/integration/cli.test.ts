@@ -1,17 +1,17 @@
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { repoRoot } from '../../deploy/devcluster/tools';
-import { startClusterFixture, type ClusterFixture } from '../support/clusterFixture';
+import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
 import { temporalAddress } from '../support/temporalEnv';
 
 let fx: ClusterFixture;
 let tmp: string;
 
 beforeAll(async () => {
-  fx = await startClusterFixture({ hosts: ['a'], owners: ['carol'] });
+  fx = await startClusterFixture({ hosts: ['a'], owners: ['carol', 'alice', 'bob'] });
   tmp = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-cli-'));
 }, 180_000);
 
@@ -20,21 +20,45 @@ afterAll(async () => {
   if (tmp) await fs.rm(tmp, { recursive: true, force: true });
 });
 
-function vsp(args: string[], opts: { input?: string; token?: string } = {}) {
-  const r = spawnSync(process.execPath, [path.join(repoRoot(), 'dist', 'cli', 'vsp.js'), ...args], {
+const VSP_JS = () => path.join(repoRoot(), 'dist', 'cli', 'vsp.js');
+
+/** The CLI's environment as an owner has it: the repository and a token, no VSP_OWNER. */
+function cliEnv(token: string | undefined): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {
+    ...process.env,
+    TEMPORAL_ADDRESS: temporalAddress(),
+    VSP_REPOSITORY_URL: fx.cluster.repositoryUrl,
+    VSP_TOKEN: token,
+  };
+  delete env.VSP_OWNER;
+  return env;
+}
+
+function vsp(args: string[], opts: { input?: string; token?: string; as?: string } = {}) {
+  const r = spawnSync(process.execPath, [VSP_JS(), ...args], {
     input: opts.input,
     encoding: 'utf8',
     cwd: tmp,
-    env: {
-      ...process.env,
-      TEMPORAL_ADDRESS: temporalAddress(),
-      VSP_REPOSITORY_URL: fx.cluster.repositoryUrl,
-      VSP_OWNER: 'carol',
-      VSP_TOKEN: opts.token ?? fx.cluster.ownerTokens.get('carol'),
-    },
+    env: cliEnv(opts.token ?? fx.cluster.ownerToken(opts.as ?? 'carol')),
     timeout: 120_000,
   });
   return { code: r.status, out: r.stdout, err: r.stderr };
+}
+
+/** The CLI running in the background (e.g. `watch`), for a test that acts while it runs. */
+function vspInBackground(
+  args: string[],
+  as: string,
+): Promise<{ code: number | null; out: string; err: string }> {
+  const child = spawn(process.execPath, [VSP_JS(), ...args], {
+    cwd: tmp,
+    env: cliEnv(fx.cluster.ownerToken(as)),
+  });
+  let out = '';
+  let err = '';
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+  return new Promise((resolve) => child.on('close', (code) => resolve({ code, out, err })));
 }
 
 test('upload, submit --watch, list and download through the vsp CLI', async () => {
@@ -45,7 +69,7 @@ test('upload, submit --watch, list and download through the vsp CLI', async () =
   expect(vsp(['ls', 'in/']).out).toContain('in/words.txt');
 
   const spec = {
-    owner: 'carol',
+    driver: 'process',
     inputs: ['in/words.txt'],
     command: 'mkdir -p out && sort in/words.txt > out/sorted.txt',
   };
@@ -60,6 +84,10 @@ test('upload, submit --watch, list and download through the vsp CLI', async () =
 
   const listed = JSON.parse(vsp(['--json', 'list', '--owner', 'carol']).out);
   expect(listed.map((t: { taskId: string }) => t.taskId)).toContain(result.taskId);
+  const table = vsp(['list']).out.split('\n');
+  expect(table[0]).toMatch(/^TASK +STATUS +PHASE +HOST +STARTED$/);
+  const row = table.find((l) => l.startsWith(`${result.taskId} `));
+  expect(row?.indexOf('COMPLETED')).toBe(table[0].indexOf('STATUS'));
 });
 
 test('the CLI refuses a bad spec naming the field, and a bad token', () => {
@@ -72,4 +100,84 @@ test('the CLI refuses a bad spec naming the field, and a bad token', () => {
   const denied = vsp(['ls'], { token: 'vsp_wrongwrongwrongwrongwrong' });
   expect(denied.code).toBe(1);
   expect(denied.err).toMatch(/401|token|auth/i);
+});
+
+test("alice's task through the CLI: submit, status, list, a failed migrate, watch while she cancels it; exit codes", async () => {
+  const marker = `cli-cancel-${Date.now()}`;
+  const submitted = vsp(['--json', 'submit', '-', '--task-id', marker], {
+    as: 'alice',
+    input: JSON.stringify({ driver: 'process', command: `echo started; sh -c 'sleep 300; echo ${marker}'` }),
+  });
+  expect(submitted.code).toBe(0);
+  expect(JSON.parse(submitted.out)).toMatchObject({ taskId: marker, resultsPath: `results/${marker}` });
+  await until(
+    'the task to run',
+    async () => vsp(['status', marker], { as: 'alice' }).out.startsWith('running on a') || undefined,
+  );
+  const listed = vsp(['--json', 'list', '--running'], { as: 'alice' });
+  expect(JSON.parse(listed.out)).toEqual([expect.objectContaining({ taskId: marker, status: 'RUNNING' })]);
+
+  // A migration that fails says why, on either path (not just that the update failed).
+  for (const via of [[], ['--temporal']]) {
+    const moved = vsp(['migrate', ...via, marker, '--to', 'zz'], { as: 'alice' });
+    expect(moved.code).toBe(1);
+    expect(moved.err).toMatch(/host 'zz' is not in the cluster \(hosts: a\)/);
+  }
+
+  const watching = vspInBackground(['watch', marker], 'alice');
+  const cancelled = vsp(['cancel', marker, '--reason', 'test'], { as: 'alice' });
+  expect(cancelled.code).toBe(0);
+  expect(cancelled.out).toContain(`cancelling ${marker}`);
+  const watched = await watching;
+  expect(watched.err).toContain(`task ${marker} cancelled`);
+  expect(watched.code).toBe(4);
+  const status = vsp(['status', marker], { as: 'alice' });
+  expect(status.out).toMatch(/^cancelled/);
+  expect(status.code).toBe(4);
+  // Ended: a second cancel is refused, with the repository's reason.
+  const again = vsp(['cancel', marker], { as: 'alice' });
+  expect(again.code).toBe(1);
+  expect(again.err).toMatch(/409/);
+});
+
+test('a failed task: submit --watch and status exit 3 with the error', () => {
+  const id = `cli-fail-${Date.now()}`;
+  const run = vsp(['submit', '-', '--watch', '--task-id', id], {
+    as: 'alice',
+    input: '{"driver":"process","command":"exit 3"}',
+  });
+  expect(run.code).toBe(3);
+  expect(run.err).toMatch(new RegExp(`task ${id} failed: .*exit`));
+  const status = vsp(['status', id], { as: 'alice' });
+  expect(status.code).toBe(3);
+  expect(status.out).toMatch(/^failed/);
+});
+
+test("alice's token cannot reach bob's tasks: list, status, cancel and a spec naming bob are refused", async () => {
+  const bobs = await fx.cluster.submitTask('bob', { driver: 'process', command: 'true', name: 'bobs' });
+  const list = vsp(['list', '--owner', 'bob'], { as: 'alice' });
+  expect(list.code).toBe(1);
+  expect(list.err).toMatch(/403/);
+  expect(list.out).not.toContain(bobs.taskId);
+  for (const args of [
+    ['status', bobs.taskId],
+    ['cancel', bobs.taskId],
+    ['watch', bobs.taskId],
+  ]) {
+    const r = vsp(args, { as: 'alice' });
+    expect(r.code).toBe(1);
+    expect(r.err).toMatch(/404/);
+  }
+  expect(vsp(['--json', 'list'], { as: 'alice' }).out).not.toContain(bobs.taskId);
+  const asBob = vsp(['submit', '-'], {
+    as: 'alice',
+    input: JSON.stringify({ owner: 'bob', driver: 'process', command: 'true' }),
+  });
+  expect(asBob.code).toBe(1);
+  expect(asBob.err).toMatch(/403.*bob/);
+  // Bob sees his own; an operator sees it through Temporal.
+  expect(vsp(['list'], { as: 'bob' }).out).toContain(bobs.taskId);
+  const operator = vsp(['--json', 'list', '--temporal', '--owner', 'bob'], { as: 'alice' });
+  expect(operator.code).toBe(0);
+  expect(JSON.parse(operator.out).map((t: { taskId: string }) => t.taskId)).toContain(bobs.taskId);
 });

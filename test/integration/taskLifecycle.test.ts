@@ -3,10 +3,11 @@ import { execFileSync } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { WorkflowFailedError } from '@temporalio/client';
+import { WorkflowFailedError, WorkflowNotFoundError } from '@temporalio/client';
 import { resolveTemporalCli } from '../../deploy/devcluster/tools';
 import { taskFailureMessage } from '../../client/vspClient';
-import { TaskSpecError } from '../../spec/taskSpec';
+import { TaskClientError } from '../../client/taskClient';
+import { taskInput } from '../../spec/taskInput';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
 import { temporalAddress } from '../support/temporalEnv';
 
@@ -48,17 +49,21 @@ function processRunning(marker: string): boolean {
 test('a task with two inputs runs end to end; outputs match; describe shows it completed', async () => {
   await uploadText('alice', 'in/a.txt', 'hello\n');
   await uploadText('alice', 'in/b.txt', 'world\n');
-  const { taskId } = await fx.vsp.submit(
+  const submitted = await fx.cluster.submitTask(
+    'alice',
     {
-      owner: 'alice',
+      driver: 'process',
       name: 'concat',
       inputs: ['in/a.txt', 'in/b.txt'],
       command: 'mkdir -p out && cat in/a.txt in/b.txt > out/joined.txt && echo VSP-PROGRESS 100 done',
     },
     { taskId: `e2e-concat-${Date.now()}` },
   );
+  const { taskId } = submitted;
+  expect(submitted.resultsPath).toBe(`results/${taskId}`);
   const result = await fx.vsp.result(taskId);
   expect(result.exitCode).toBe(0);
+  expect(result.resultsPath).toBe(submitted.resultsPath);
   expect(['a', 'b']).toContain(result.host);
   const joined = result.outputs.find((o) => o.path.endsWith('outputs/joined.txt'));
   expect(joined?.sha256).toBe(sha256('hello\nworld\n'));
@@ -88,14 +93,36 @@ test('a task with two inputs runs end to end; outputs match; describe shows it c
   expect(listed.host).toBe(result.host);
 });
 
-test('an invalid spec is refused by the client and fails fast in the workflow', async () => {
-  await expect(
-    fx.vsp.submit({ owner: 'alice', command: '', inputs: ['../etc/passwd'] } as never),
-  ).rejects.toThrow(TaskSpecError);
+/** Expects a submission refused by the repository with `status`, naming `what`, and no workflow started. */
+async function expectRefused(
+  submission: (taskId: string) => Promise<unknown>,
+  status: number[],
+  what: RegExp,
+): Promise<void> {
+  const taskId = `e2e-refused-${Date.now()}-${Math.random().toString(36).slice(2, 8)}`;
+  const err = await submission(taskId).catch((e: unknown) => e);
+  expect(err).toBeInstanceOf(TaskClientError);
+  expect(status).toContain((err as TaskClientError).status);
+  expect((err as TaskClientError).reason).toMatch(what);
+  await expect(fx.temporal.workflow.getHandle(taskId).describe()).rejects.toThrow(WorkflowNotFoundError);
+}
+
+test('an invalid spec is refused at submission, naming the fields; started directly it fails fast', async () => {
+  await expectRefused(
+    (taskId) =>
+      fx.cluster.submitTask(
+        'alice',
+        { driver: 'process', command: '', inputs: ['../etc/passwd'] },
+        { taskId },
+      ),
+    [400],
+    /inputs/,
+  );
+  // The operators' path: a workflow started without the repository checks its input too.
   const handle = await fx.temporal.workflow.start('TaskLifecycle', {
     taskQueue: 'vsp',
     workflowId: `e2e-invalid-${Date.now()}`,
-    args: [{ owner: 'Alice!', command: 'true', inputs: ['/etc/passwd'] }],
+    args: [taskInput({ owner: 'Alice!', command: 'true', inputs: ['/etc/passwd'] }, 'vspcap_e30.forged')],
   });
   const err = await handle.result().catch((e: unknown) => e);
   expect(err).toBeInstanceOf(WorkflowFailedError);
@@ -105,37 +132,49 @@ test('an invalid spec is refused by the client and fails fast in the workflow', 
   expect((cause as { type?: string }).type).toBe('InvalidTaskSpec');
 });
 
-test('a missing input fails the task at stage-in, naming the file, leaving nothing on the host', async () => {
+test('a missing input is refused at submission, naming the file; nothing starts on any host', async () => {
   await uploadText('alice', 'present.txt', 'x');
-  const { taskId } = await fx.vsp.submit({
-    owner: 'alice',
-    inputs: ['present.txt', 'missing/nope.bin'],
-    command: 'true',
-  });
-  const err = await fx.vsp.result(taskId).catch((e: unknown) => e);
-  expect(err).toBeInstanceOf(WorkflowFailedError);
-  expect(taskFailureMessage(err)).toContain('missing/nope.bin');
-  const status = await fx.vsp.status(taskId);
-  expect(status.phase).toBe('failed');
-  expect(status.error).toContain('missing/nope.bin');
+  await expectRefused(
+    (taskId) =>
+      fx.cluster.submitTask(
+        'alice',
+        { driver: 'process', inputs: ['present.txt', 'missing/nope.bin'], command: 'true' },
+        { taskId },
+      ),
+    [400, 404],
+    /missing\/nope\.bin/,
+  );
   expect(await vmFolders()).toEqual([]);
 });
 
-test("another owner's file cannot be staged in", async () => {
+test("another owner's file cannot be staged in: alice's spec naming bob's file, or naming bob", async () => {
   await uploadText('bob', 'secret.txt', 'bob only');
-  const { taskId } = await fx.vsp.submit({
-    owner: 'alice',
-    inputs: ['secret.txt'],
-    command: 'cat secret.txt',
-  });
-  await expect(fx.vsp.result(taskId)).rejects.toThrow();
-  expect((await fx.vsp.status(taskId)).error).toContain('secret.txt');
+  await expectRefused(
+    (taskId) =>
+      fx.cluster.submitTask(
+        'alice',
+        { driver: 'process', inputs: ['secret.txt'], command: 'cat secret.txt' },
+        { taskId },
+      ),
+    [400, 404],
+    /secret\.txt/,
+  );
+  await expectRefused(
+    (taskId) =>
+      fx.cluster.submitTask(
+        'alice',
+        { owner: 'bob', driver: 'process', inputs: ['secret.txt'], command: 'cat secret.txt' },
+        { taskId },
+      ),
+    [403],
+    /bob/,
+  );
 });
 
 test('the host worker killed mid-task and restarted: the task completes once, output intact', async () => {
   const marker = `vsp-once-${Date.now()}`;
-  const { taskId } = await fx.vsp.submit({
-    owner: 'alice',
+  const { taskId } = await fx.cluster.submitTask('alice', {
+    driver: 'process',
     host: 'a',
     command: `mkdir -p out && echo run >> out/runs.txt && echo VSP-PROGRESS 50 ${marker} && sleep 6 && echo finished >> out/runs.txt`,
   });
@@ -149,18 +188,22 @@ test('the host worker killed mid-task and restarted: the task completes once, ou
   expect(await vmFolders()).toEqual([]);
 }, 180_000);
 
-test('cancelling a running task: process gone, host folder cleaned, logs kept', async () => {
+test("cancelling a running task through the owner's API: process gone, host folder cleaned, logs kept", async () => {
   const marker = `vspcancel${Date.now()}`;
-  const { taskId } = await fx.vsp.submit({
-    owner: 'alice',
+  const alice = fx.cluster.tasks('alice');
+  const { taskId } = await alice.submit({
+    driver: 'process',
     command: `echo started-${marker}; sh -c 'sleep 300; echo ${marker}'`,
   });
-  await until('the task to run', async () => (await fx.vsp.status(taskId)).phase === 'running' || undefined);
+  await until('the task to run', async () => (await alice.status(taskId)).phase === 'running' || undefined);
   await until('the command to start', async () => processRunning(`echo ${marker}`) || undefined);
-  const s = await fx.vsp.cancel(taskId, 'test');
+  const s = await alice.cancel(taskId, 'test');
   expect(s.phase).toBe('running');
   await expect(fx.vsp.result(taskId)).rejects.toThrow();
-  expect((await fx.vsp.status(taskId)).phase).toBe('cancelled');
+  expect((await alice.status(taskId)).phase).toBe('cancelled');
+  // Ended: a second cancel is refused, and its result is the cancellation.
+  await expect(alice.cancel(taskId)).rejects.toMatchObject({ status: 409 });
+  await expect(alice.result(taskId)).rejects.toMatchObject({ status: 422 });
   expect(processRunning(`echo ${marker}`)).toBe(false);
   expect(await vmFolders()).toEqual([]);
   const status = await fx.vsp.status(taskId);
@@ -173,8 +216,8 @@ test('cancelling a running task: process gone, host folder cleaned, logs kept', 
 });
 
 test('a task past its time limit is stopped and fails, its outputs and logs kept', async () => {
-  const { taskId } = await fx.vsp.submit({
-    owner: 'alice',
+  const { taskId } = await fx.cluster.submitTask('alice', {
+    driver: 'process',
     timeLimitSec: 2,
     command: 'mkdir -p out && echo partial > out/partial.txt && echo before-limit && sleep 60',
   });
@@ -191,7 +234,10 @@ test('a task past its time limit is stopped and fails, its outputs and logs kept
 
 test("Temporal's own cancel (temporal workflow cancel) ends a running task the same way", async () => {
   const marker = `vspnative${Date.now()}`;
-  const { taskId } = await fx.vsp.submit({ owner: 'alice', command: `sh -c 'sleep 300; echo ${marker}'` });
+  const { taskId } = await fx.cluster.submitTask('alice', {
+    driver: 'process',
+    command: `sh -c 'sleep 300; echo ${marker}'`,
+  });
   await until('the command to start', async () => processRunning(`echo ${marker}`) || undefined);
   await fx.temporal.workflow.getHandle(taskId).cancel();
   await expect(fx.vsp.result(taskId)).rejects.toThrow();

@@ -6,6 +6,7 @@ import { Client, Connection, WorkflowNotFoundError } from '@temporalio/client';
 import { VspClient } from '../../client/vspClient';
 import { addOwner, createServiceToken, setOwnerDisabled, setQuota, withAdmin } from '../../repository/admin';
 import type { AuditEvent } from '../../repository/auditLog';
+import { authenticatePassword } from '../../repository/auth';
 import { loadCapabilityKeys, mintCapability } from '../../repository/capabilities';
 import { RepositoryClient } from '../../repository/client';
 import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
@@ -75,8 +76,9 @@ async function workflowExists(taskId: string): Promise<boolean> {
   }
 }
 
-/** Submits through the API as `owner`; records started tasks for cleanup. */
-async function submit(owner: keyof typeof tokens, spec: Record<string, unknown>, taskId?: string) {
+/** Submits through the API as `owner` (process driver unless named); records started tasks for cleanup. */
+async function submit(owner: keyof typeof tokens, given: Record<string, unknown>, taskId?: string) {
+  const spec = { driver: 'process', ...given };
   const r = await call('POST', `/v1/owners/${owner}/tasks`, {
     token: tokens[owner],
     json: taskId === undefined ? spec : { spec, taskId },
@@ -319,6 +321,12 @@ describe('a task capability reaches only its own task', () => {
     expect(await fs.readFile(path.join(dataDir, 'files', 'alice', 'in', 'a.txt'), 'utf8')).toBe(
       'alice input a',
     );
+  });
+
+  test('SFTP and FTPS do not take a capability for a login', async () => {
+    await expect(
+      withAdmin(dataDir, (_a, db) => authenticatePassword(db, 'alice', cap)),
+    ).rejects.toMatchObject({ status: 401 });
   });
 
   test("another task's capability cannot read this task's inputs", async () => {

@@ -89,7 +89,7 @@ test('the page is served with its security headers, and refuses a bad token with
 test('sign in, upload with progress, run a task, follow it and download its output', async () => {
   // Another owner's file and task, which Dora must not see.
   await fx.repo('erin').upload('erin', 'in/secret.txt', Readable.from([Buffer.from('erin only\n')]));
-  const erinTask = await fx.vsp.submit({ owner: 'erin', command: 'true', name: 'erins' });
+  const erinTask = await fx.cluster.submitTask('erin', { driver: 'process', command: 'true', name: 'erins' });
   // An image of Dora's own, which the images view lists from the image store.
   await fx.repo('dora').upload('dora', 'images/tiny.raw', Readable.from([Buffer.alloc(1 << 20)]));
 
@@ -150,6 +150,7 @@ test('sign in, upload with progress, run a task, follow it and download its outp
   // Run a task that sorts the uploaded file.
   const spec = {
     name: 'sort',
+    driver: 'process',
     inputs: ['in/words.txt'],
     command: 'mkdir -p out && LC_ALL=C sort in/words.txt > out/sorted.txt',
   };

@@ -14,7 +14,7 @@ export async function qemuHostsOf(vmId: string, storeDirs: Record<string, string
     const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
     const args = cmdline.split('\0');
     if (!args[0]?.includes('qemu-system') || args[args.indexOf('-name') + 1] !== `vsp-${vmId}`) continue;
-    const qmp = args.find((a) => a.startsWith('unix:') && a.includes(`/vms/${vmId}/qmp.sock`)) ?? '';
+    const qmp = args.find((a) => a.startsWith('unix:') && a.includes(`/vms/${vmId}/run/qmp.sock`)) ?? '';
     hosts.push(Object.keys(storeDirs).find((h) => qmp.startsWith(`unix:${storeDirs[h]}/`)) ?? `? ${qmp}`);
   }
   return hosts.sort();

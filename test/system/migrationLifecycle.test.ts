@@ -10,6 +10,7 @@ import type { TaskSpecInput } from '../../spec/taskSpec';
 import { type MigrateRequest, type TaskResult } from '../../workflows/definitions';
 import { until } from '../support/clusterFixture';
 import { startNamespaceCluster, type NamespaceCluster } from '../support/namespaceCluster';
+import { findVmId } from '../support/vmFolders';
 import { qemuHostsOf } from '../support/vmProcesses';
 
 /**
@@ -67,13 +68,14 @@ function submitCpuTask(rounds = ROUNDS): Promise<{ taskId: string }> {
       'done',
     ].join('\n'),
   };
-  return vsp.submit(spec);
+  return cluster.submitTask(OWNER, spec);
 }
 
-async function vmIdOf(taskId: string): Promise<string> {
-  const { resultsPath } = await until('the task status', async () => vsp.status(taskId));
-  return path.posix.basename(resultsPath ?? '');
-}
+const vmIdOf = (taskId: string) =>
+  findVmId(
+    HOSTS.map((h) => cluster.storeDir(h)),
+    taskId,
+  );
 
 const vmDir = (host: string, vmId: string) => ns.vmDir(host, vmId);
 
@@ -109,7 +111,7 @@ async function rejection(p: Promise<unknown>): Promise<string> {
 /** What QEMU on `host` opened as the VM's root disk. */
 async function rootDiskOn(host: string, vmId: string): Promise<string> {
   const blocks = await qmpCommand<{ inserted?: { file: string } }[]>(
-    path.join(vmDir(host, vmId), 'qmp.sock'),
+    path.join(vmDir(host, vmId), 'run', 'qmp.sock'),
     'query-block',
   );
   return blocks.find((b) => b.inserted)?.inserted?.file ?? '';
@@ -233,7 +235,7 @@ test('a -> b -> c, and a -> (placement) -> a back home, both complete', async ()
 }, 300_000);
 
 test('bad migrate requests get clear errors and the task keeps running', async () => {
-  const { taskId } = await vsp.submit({
+  const { taskId } = await cluster.submitTask(OWNER, {
     owner: OWNER,
     driver: 'process',
     host: 'a',
@@ -320,7 +322,7 @@ function watchCopies(vmId: string): { settle(): void; stop(): Promise<CopySample
       const states = await Promise.all(
         hosts.map((h) =>
           qmpCommand<{ status: string }>(
-            path.join(vmDir(h, vmId), 'qmp.sock'),
+            path.join(vmDir(h, vmId), 'run', 'qmp.sock'),
             'query-status',
             undefined,
             1000,
@@ -372,8 +374,8 @@ test('the source worker restarts during migration: it completes or rolls back, n
     `source worker restart mid-migration: ${outcome.ok ? 'completed' : 'rolled back'}; ${JSON.stringify(record)}; ` +
       `copies seen: ${[...new Set(samples.map((s) => `${s.hosts.join('+')}(running: ${s.running.join('+') || '-'})`))].join(', ')}\n`,
   );
-  // Never two running copies; at most the source and the incoming one (b's QEMU forks once as it
-  // daemonizes); exactly one once the migration settled.
+  // Never two running copies; at most the source and the incoming one; exactly one once the migration
+  // settled.
   for (const s of samples) {
     expect(s.running.length).toBeLessThanOrEqual(1);
     expect(s.hosts.filter((h) => h !== 'a' && h !== 'b')).toEqual([]);

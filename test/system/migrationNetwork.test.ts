@@ -9,6 +9,7 @@ import { DiskImageStaging } from '../../storage/diskImageStaging';
 import type { VmStore } from '../../storage/vmStore';
 import { startNfsTestHosts, type NfsTestHosts } from '../../deploy/devcluster/nfsTestHosts';
 import { awaitAnswer, get, startPolling, summarizePolls } from '../support/httpPoller';
+import { SAMPLE_LAUNCH } from '../support/qemuLaunch';
 import { linkExists } from '../support/vmProcesses';
 
 /**
@@ -22,21 +23,7 @@ const PORT = 8080;
 const VM_NETWORK: VmNetworkOptions = { bridge: HOST_BRIDGE, subnet: SUBNET };
 
 describe('VM network: buildQemuArgs and NIC identity (pure)', () => {
-  const launch = {
-    vmId: 'vm-1',
-    accel: 'tcg' as const,
-    memoryMiB: 128,
-    vcpus: 1,
-    vmlinuz: '/k',
-    initrd: '/i',
-    rootDisk: '/r.qcow2',
-    dataDisk: '/d.img',
-    qmpSocket: '/q.sock',
-    consoleLog: '/c.log',
-    pidFile: '/p.pid',
-    owner: 'alice',
-    portForwards: {},
-  };
+  const launch = SAMPLE_LAUNCH;
 
   test('a NIC gives a tap netdev with its MAC and vsp.ip, and no user-mode network', () => {
     const nic = vmNicOf('vm-1', VM_NETWORK);

@@ -1,3 +1,4 @@
+import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
@@ -7,8 +8,11 @@ import { ensureAppliance, type Appliance } from '../../drivers/qemu/appliance';
 import { hostPortsOf, QemuDriver, TIMEOUT_EXIT_CODE } from '../../drivers/qemu/qemuDriver';
 import type { VmConfig, VmHandle, VmStatus } from '../../drivers/types';
 import { DiskImageStaging, readDataDiskFile } from '../../storage/diskImageStaging';
+import { runCommand } from '../../drivers/qemu/runCommand';
 import { ImageCache } from '../../storage/imageCache';
 import { VmStore } from '../../storage/vmStore';
+
+const KNOWN_LINES = Array.from({ length: 5 }, (_, i) => `known line ${i + 1} of the task`);
 
 /** Real QEMU under TCG (KVM hangs on these machines): each boot costs seconds, so the VMs are few. */
 describe('QemuDriver (real QEMU)', () => {
@@ -25,6 +29,8 @@ describe('QemuDriver (real QEMU)', () => {
   beforeAll(async () => {
     appliance = await ensureAppliance();
     work = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-qemu-'));
+    // QEMU's unprivileged account must reach the store (mkdtemp makes it private).
+    await fs.chmod(work, 0o711);
     store = new VmStore(work);
     await store.init();
     const cache = new ImageCache({ dir: store.imagesDir, maxVirtualBytes: 1024 ** 3 });
@@ -158,6 +164,39 @@ describe('QemuDriver (real QEMU)', () => {
     expect((await driver.inspect(handle)).phase).toBe('missing');
   });
 
+  test('SIGKILL after the task printed its lines: stage-out replays the journal and gives the real task.log', async () => {
+    const { paths, driver, handle } = await prepare('killed-log', {}, 4, {
+      // The lines reach the disk (fdatasync of the log, as the guest's init does each second), then the
+      // task says so on the console and waits to be killed.
+      command: [
+        ...KNOWN_LINES.map((l) => `echo "${l}"`),
+        'mkdir -p out && echo partial > out/partial.txt && sync -d out/partial.txt',
+        'sync -d .vsp/task.log',
+        'echo "VSP-PROGRESS 50 synced"',
+        'sleep 600',
+      ].join('\n'),
+      timeLimitSec: 600,
+    });
+    const started = await driver.start(handle);
+    await untilConsole(paths.consoleLog, 'VSP-PROGRESS 50 synced', 120_000);
+    const waiting = driver.wait(handle, { onProgress: () => undefined, signal: noAbort() });
+    process.kill(Number(started.state.pid), 'SIGKILL');
+    await expect(waiting).rejects.toThrow(/QEMU exited before the task finished/);
+
+    // A reader that does not replay the journal sees the stale inode (before: empty, or NUL bytes).
+    const { stdout: superblock } = await runCommand('dumpe2fs', ['-h', paths.dataDisk]);
+    expect(superblock).toMatch(/needs_recovery/);
+    const stale = (await runCommand('debugfs', ['-R', 'cat /.vsp/task.log', paths.dataDisk])).stdout;
+    process.stderr.write(`\nFIGURE killed VM: task.log read without replay: ${JSON.stringify(stale)}\n`);
+
+    const out = await staging.extract(paths, 'out');
+    const log = await fs.readFile(out.taskLog!, 'utf8');
+    expect(log).not.toContain('\0');
+    for (const l of KNOWN_LINES) expect(log).toContain(`${l}\n`);
+    expect(await fs.readFile(path.join(out.outputsDir, 'partial.txt'), 'utf8')).toBe('partial\n');
+    expect((await runCommand('dumpe2fs', ['-h', paths.dataDisk])).stdout).not.toMatch(/needs_recovery/);
+  });
+
   test('outputs larger than the declared room give a clear error', async () => {
     const { paths, driver, handle } = await prepare('full-1', {}, 4, {
       command: 'mkdir -p out; dd if=/dev/zero of=out/big bs=1M count=64',
@@ -192,6 +231,33 @@ describe('QemuDriver (real QEMU)', () => {
     expect(console).toContain('VSP-EXIT 143');
     expect(await readDataDiskFile(paths.dataDisk, '.vsp/exit-status')).toBe('143\n');
     expect(await readDataDiskFile(paths.dataDisk, '.vsp/task.log')).toContain('VSP-PROGRESS 1 up');
+  });
+
+  test('QEMU runs as the unprivileged account under seccomp and can write only its own VM files', async () => {
+    const { paths, driver, handle } = await prepare('sandbox-1', {}, 4, {
+      command: 'echo "VSP-PROGRESS 1 up"; sleep 600',
+    });
+    const started = await driver.start(handle);
+    await untilConsole(paths.consoleLog, 'VSP-PROGRESS 1 up', 120_000);
+    const uid = Number(execFileSync('id', ['-u', 'vsp-qemu'], { encoding: 'utf8' }));
+    const gid = Number(execFileSync('id', ['-g', 'vsp-qemu'], { encoding: 'utf8' }));
+    const status = await fs.readFile(`/proc/${Number(started.state.pid)}/status`, 'utf8');
+    const field = (name: string) => new RegExp(`^${name}:\\s*(.*)$`, 'm').exec(status)?.[1].split(/\s+/);
+    expect(field('Uid')).toEqual([uid, uid, uid, uid].map(String));
+    expect(field('Gid')).toEqual([gid, gid, gid, gid].map(String));
+    expect(uid).not.toBe(0);
+    expect(field('Seccomp')).toEqual(['2']);
+    expect(field('NoNewPrivs')).toEqual(['1']);
+    // What the account may write, tried as the account itself.
+    const writable = (file: string) =>
+      spawnSync('setpriv', [`--reuid=${uid}`, `--regid=${gid}`, '--clear-groups', 'test', '-w', file])
+        .status === 0;
+    for (const own of [paths.rootDisk, paths.dataDisk, paths.consoleLog, paths.runDir])
+      expect([own, writable(own)]).toEqual([own, true]);
+    for (const other of [paths.dir, paths.stateFile, store.root, store.imagesDir, store.vmsDir, baseImage])
+      expect([other, writable(other)]).toEqual([other, false]);
+    await driver.destroy(started);
+    await expectNoTrace('sandbox-1');
   });
 
   test('a service task keeps running and answers on its forwarded port until destroyed', async () => {

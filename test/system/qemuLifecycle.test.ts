@@ -11,6 +11,7 @@ import { withAdmin } from '../../repository/admin';
 import { addBaseImage } from '../../repository/imageStore';
 import type { TaskSpecInput } from '../../spec/taskSpec';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
+import { findVmId } from '../support/vmFolders';
 
 /**
  * The task lifecycle with real QEMU VMs (TCG: KVM hangs on these machines) through the whole Temporal
@@ -55,7 +56,7 @@ function qemuPids(): number[] {
     .map((l) => Number(l.trim().split(/\s+/)[0]));
 }
 
-/** Running, not merely unreaped: a daemonized QEMU is reaped by init, which may take its time. */
+/** Running, not merely unreaped: a detached QEMU is reaped by its worker or init, which may take time. */
 async function alive(pid: number): Promise<boolean> {
   const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
   return stat !== '' && stat.slice(stat.lastIndexOf(')') + 2)[0] !== 'Z';
@@ -92,14 +93,10 @@ async function downloadBytes(repoPath: string): Promise<Buffer> {
 }
 
 function submit(spec: Omit<TaskSpecInput, 'owner'>) {
-  return fx.vsp.submit({ owner: OWNER, driver: 'qemu', host: HOST, timeLimitSec: 300, ...spec });
+  return fx.cluster.submitTask(OWNER, { driver: 'qemu', host: HOST, timeLimitSec: 300, ...spec });
 }
 
-/** The VM folder name of a task: its default results folder is results/<vmId>. */
-async function vmIdOf(taskId: string): Promise<string> {
-  const { resultsPath } = await until('the task status', async () => fx.vsp.status(taskId));
-  return path.posix.basename(resultsPath ?? '');
-}
+const vmIdOf = (taskId: string) => findVmId([storeDir()], taskId);
 
 /** Waits until the VM's console shows `line` (the guest's VSP- lines reach it as they are printed). */
 async function awaitConsole(vmId: string, line: string): Promise<void> {
@@ -224,7 +221,7 @@ test('QEMU killed mid-task: the task fails clearly, its logs reach the repositor
   expect(qemuPids()).toEqual([]);
 }, 180_000);
 
-test('bad images fail their tasks with clear non-retryable errors; the inputs stay in the repository', async () => {
+test('bad images are refused at submission or fail their tasks with clear non-retryable errors; inputs stay', async () => {
   await uploadFile('in/keep.txt', 'keep me\n');
   await uploadFile('images/not-an-image.img', 'this is a text file, not a disk image\n');
   const root = await fs.readFile(appliance.root.path);
@@ -247,19 +244,34 @@ test('bad images fail their tasks with clear non-retryable errors; the inputs st
       type: 'InvalidImage',
       problem: /has a backing file .*outside the image cache/,
     },
-    { image: 'images/nowhere.qcow2', type: 'ImageNotFound', problem: /is not in alice's repository space/ },
   ];
-  const tasks = await Promise.all(
-    cases.map(({ image }) => submit({ image, inputs: ['in/keep.txt'], command: 'true' })),
-  );
-  for (const [i, { taskId }] of tasks.entries()) {
-    const { message, app, status } = await failureOf(taskId);
-    expect(message).toMatch(new RegExp(`image '${cases[i].image}' (?:${cases[i].problem.source})`));
-    expect(app?.type).toBe(cases[i].type);
+  // The repository's own inspection decides whether submission refuses an image (pre-flight) or a host
+  // finds it bad when it boots it: wait for that verdict, then expect the matching refusal.
+  const inspected = await until('the images inspected', async () => {
+    const images = await fx.repo(OWNER).listImages(OWNER);
+    const mine = cases.map((c) => images.find((i) => i.name === c.image));
+    return mine.every((i) => i !== undefined && i.status !== 'inspecting') ? mine : undefined;
+  });
+  for (const [i, c] of cases.entries()) {
+    const submitted = submit({ image: c.image, inputs: ['in/keep.txt'], command: 'true' });
+    if (inspected[i]?.status === 'invalid') {
+      await expect(submitted).rejects.toMatchObject({
+        status: 400,
+        reason: expect.stringContaining(`image: ${c.image} is not a usable VM image`),
+      });
+      continue;
+    }
+    const { message, app, status } = await failureOf((await submitted).taskId);
+    expect(message).toMatch(new RegExp(`image '${c.image}' (?:${c.problem.source})`));
+    expect(app?.type).toBe(c.type);
     expect(app?.nonRetryable).toBe(true);
     expect(status.phase).toBe('failed');
   }
-  for (const p of ['in/keep.txt', ...cases.slice(0, 3).map((c) => c.image)])
+  await expect(submit({ image: 'images/nowhere.qcow2', command: 'true' })).rejects.toMatchObject({
+    status: 404,
+    reason: expect.stringMatching(/images\/nowhere\.qcow2 is not in alice's space/),
+  });
+  for (const p of ['in/keep.txt', ...cases.map((c) => c.image)])
     expect(await fx.repo(OWNER).stat(OWNER, p)).toBeDefined();
   expect(await vmFolders()).toEqual([]);
 }, 120_000);
@@ -304,12 +316,12 @@ test("a provider base image named 'base:<name>' boots the task; the owner sees i
   expect(await markerSeenBy('base:marked')).toBe(text);
 }, 300_000);
 
-test('a base image that does not exist fails the task at once, saying so', async () => {
-  const { taskId } = await submit({ image: 'base:missing', command: 'true' });
-  const err = await fx.vsp.result(taskId).catch((e: unknown) => e);
-  expect(err).toBeInstanceOf(WorkflowFailedError);
-  expect(taskFailureMessage(err)).toMatch(/image 'base:missing' is not in the provider's base images/);
-}, 120_000);
+test('a base image that does not exist is refused at submission, saying so', async () => {
+  await expect(submit({ image: 'base:missing', command: 'true' })).rejects.toMatchObject({
+    status: 404,
+    reason: 'image: the provider has no base image missing',
+  });
+});
 
 test('outputs larger than the declared room fail the task with a clear error, logs kept', async () => {
   const { taskId } = await submit({

@@ -5,6 +5,7 @@ import path from 'node:path';
 import {
   applyStoragePlan,
   checkCanActivate,
+  checkQemuAccount,
   storageCommand,
   type CommandRunner,
 } from '../../deploy/production/applyStorage';
@@ -33,8 +34,9 @@ const CLUSTER = {
     b: { address: '10.0.0.2', exportPath: '/vsp' },
     'host-c': { address: '10.0.0.3', exportPath: '/vspc' },
   },
+  qemuAccount: { user: 'vsp-qemu', uid: 64090, gid: 64091 },
 };
-const OPTS = 'rw,sync,no_subtree_check,no_root_squash,sec=sys';
+const OPTS = 'rw,sync,no_subtree_check,secure,root_squash,anonuid=64090,anongid=64091,sec=sys';
 
 let tmp: string;
 beforeEach(async () => {
@@ -63,6 +65,31 @@ describe('cluster storage plan', () => {
     expect(plan.exportsBlock).toBe(
       [EXPORTS_BEGIN, `/vsp 10.0.0.2(${OPTS}) 10.0.0.3(${OPTS})`, EXPORTS_END].join('\n'),
     );
+  });
+
+  test("root is squashed to QEMU's account, and only the cluster's own hosts are clients", () => {
+    const c = config();
+    for (const host of Object.keys(c.clusterStorage)) {
+      const lines = planHostStorage(c, host)
+        .exportsBlock.split('\n')
+        .filter((l) => l.startsWith('/'));
+      expect(lines).toHaveLength(1);
+      const clients = lines[0].split(/\s+/).slice(1);
+      const peers = Object.entries(c.clusterStorage).filter(([h]) => h !== host);
+      expect(clients.map((cl) => cl.split('(')[0]).sort()).toEqual(peers.map(([, e]) => e.address).sort());
+      for (const client of clients) {
+        // One address each: never a subnet, a wildcard or a name that DNS could redirect.
+        expect(client).toMatch(/^\d+\.\d+\.\d+\.\d+\(/);
+        const opts = /\((.*)\)$/.exec(client)?.[1].split(',') ?? [];
+        expect(opts).toEqual(
+          expect.arrayContaining(['root_squash', 'secure', 'anonuid=64090', 'anongid=64091']),
+        );
+        expect(opts).not.toEqual(expect.arrayContaining(['no_root_squash']));
+        expect(opts).not.toContain('insecure');
+      }
+    }
+    // The store is root's, open to QEMU's group only: the account owns the VM disks, not the folders.
+    expect(planHostStorage(c, 'a').storeOwner).toEqual({ uid: 0, gid: 64091, mode: 0o750 });
   });
 
   test('a one-host cluster exports nothing (an exports line without clients would export to everyone)', () => {
@@ -138,7 +165,8 @@ describe('cluster storage plan', () => {
   });
 
   test('bad configurations are named', () => {
-    const bad = (input: unknown) => () => parseClusterStorageConfig(input, 'cluster.json');
+    const bad = (input: object) => () =>
+      parseClusterStorageConfig({ qemuAccount: CLUSTER.qemuAccount, ...input }, 'cluster.json');
     expect(bad({ clusterStorage: { A: { address: '10.0.0.1', exportPath: '/vsp' } } })).toThrow(
       /cluster.json: clusterStorage.A: host names are lower-case/,
     );
@@ -149,6 +177,14 @@ describe('cluster storage plan', () => {
       /clusterStorage.a.exportPath/,
     );
     expect(bad({})).toThrow(/clusterStorage:/);
+    const { qemuAccount: _none, ...withoutAccount } = CLUSTER;
+    expect(() => parseClusterStorageConfig(withoutAccount)).toThrow(/qemuAccount: qemuAccount is required/);
+    expect(bad({ ...CLUSTER, qemuAccount: { uid: 0, gid: 5 } })).toThrow(
+      /qemuAccount.uid: qemuAccount.uid must not be root's/,
+    );
+    expect(bad({ ...CLUSTER, qemuAccount: { user: 'Root!', uid: 7, gid: 7 } })).toThrow(
+      /qemuAccount.user is a user name/,
+    );
     expect(bad({ ...CLUSTER, mountRoot: 'relative' })).toThrow(/mountRoot must be an absolute path/);
     expect(bad({ ...CLUSTER, mountRoot: '/a/../b' })).toThrow(/mountRoot must be normalised/);
     expect(bad({ ...CLUSTER, storeDir: '/var/lib/vsp/cluster/store' })).toThrow(
@@ -234,6 +270,8 @@ describe('storage command', () => {
       'var/lib/vsp/cluster/host-c',
     ])
       expect((await fs.stat(path.join(root, dir))).isDirectory()).toBe(true);
+    // The store: not writable by QEMU's account (owner and group are set only on the real host).
+    expect((await fs.stat(path.join(root, 'var/lib/vsp/store'))).mode & 0o777).toBe(0o750);
     // systemd itself accepts every unit, and its name matches its mount point (systemd refuses otherwise).
     for (const c of first.changes.filter((c) => c.file.startsWith('/etc/systemd/')))
       execFileSync('systemd-analyze', ['verify', '--man=no', path.join(root, c.file)], { stdio: 'pipe' });
@@ -334,12 +372,24 @@ describe('storage command', () => {
     );
     if (!hasExportfs)
       await expect(checkCanActivate(0, empty)).rejects.toThrow(/apt-get install nfs-kernel-server/);
+    // QEMU's account must carry the cluster's numbers on every host.
+    const ids = (uid: string, gid: string) => (flag: string) => Promise.resolve(flag === '-u' ? uid : gid);
+    await expect(checkQemuAccount(CLUSTER.qemuAccount, ids('64090', '64091'))).resolves.toBeUndefined();
+    await expect(checkQemuAccount(CLUSTER.qemuAccount, ids('999', '64091'))).rejects.toThrow(
+      "QEMU's account vsp-qemu is 999:64091 here, but the cluster file says 64090:64091",
+    );
+    await expect(
+      checkQemuAccount(CLUSTER.qemuAccount, () => Promise.reject(new Error('id: no such user'))),
+    ).rejects.toThrow(/does not exist here: run deploy\/setup.sh with VSP_QEMU_UID=64090 VSP_QEMU_GID=64091/);
 
     const run = (args: string[]) => storageCommand(['node', 'applyStorage', ...args], () => {});
     await expect(run(['--host', 'a', '--config', path.join(tmp, 'none.json'), '--dry-run'])).rejects.toThrow(
       /cannot read the cluster file .*none.json/,
     );
-    const file = await writeCluster({ clusterStorage: { a: { address: 'x', exportPath: '/vsp' } } });
+    const file = await writeCluster({
+      ...CLUSTER,
+      clusterStorage: { a: { address: 'x', exportPath: '/vsp' } },
+    });
     await expect(run(['--host', 'a', '--config', file, '--dry-run'])).rejects.toThrow(
       /invalid cluster file .*cluster.json: clusterStorage.a.address/,
     );

@@ -270,6 +270,17 @@ describe('XenDriver (fake xl on PATH)', () => {
     await expect(fs.access(path.join(fakeRoot, HOSTS.a, 'console', 'guest-vsp-t1.log'))).rejects.toThrow();
   });
 
+  test("the disks go to the account the exports squash root to (peers' qdisk writes them as it)", async () => {
+    const owner = { uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0 };
+    const driver = driverOn('a', { diskOwner: owner });
+    await driver.create(await stagedVm('owned-1'));
+    const paths = stores.a.paths('owned-1');
+    for (const disk of [paths.rootDisk, paths.dataDisk]) {
+      const st = await fs.stat(disk);
+      expect([disk, st.uid, st.gid, st.mode & 0o777]).toEqual([disk, owner.uid, owner.gid, 0o600]);
+    }
+  });
+
   test('stop asks the guest to shut down, then destroys a domain that ignores it', async () => {
     const driver = driverOn('a');
     const handle = await driver.create(await stagedVm('t2'));

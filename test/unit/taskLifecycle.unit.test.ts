@@ -1,0 +1,420 @@
+import { execFile } from 'node:child_process';
+import { promises as fs } from 'node:fs';
+import { promisify } from 'node:util';
+import path from 'node:path';
+import {
+  WorkflowFailedError,
+  type WorkflowHandleWithFirstExecutionRunId as WorkflowHandle,
+} from '@temporalio/client';
+import { TestWorkflowEnvironment } from '@temporalio/testing';
+import { bundleWorkflowCode, Runtime, Worker, type WorkflowBundle } from '@temporalio/worker';
+import { VspClient } from '../../client/vspClient';
+import { resolveTemporalCli } from '../../deploy/devcluster/tools';
+import { CONTROL_TASK_QUEUE, hostTaskQueue, SEARCH_ATTRIBUTES } from '../../config/names';
+import { taskInput, type TaskTuning } from '../../spec/taskInput';
+import type { TaskSpecInput } from '../../spec/taskSpec';
+import {
+  migrateUpdate,
+  cancelUpdate,
+  statusQuery,
+  type TaskResult,
+  type TaskStatus,
+} from '../../workflows/definitions';
+import { historyFromFixture } from './support/historyFixture';
+import { MockCluster } from './support/mockCluster';
+
+/**
+ * The TaskLifecycle workflow against stand-in activities (no repository, no VM) on a local Temporal dev
+ * server (the installed CLI; Temporal's time-skipping test server does not run workflow updates): every
+ * branch, each waiting on explicit releases, with the durations cut short through the input's tuning.
+ * `VSP_RECORD_HISTORIES=1` also writes each path's history to test/fixtures/histories/, which the last
+ * test replays against the current workflow code.
+ */
+const execFileAsync = promisify(execFile);
+const FIXTURES = path.join(__dirname, '..', 'fixtures', 'histories');
+const RECORD = process.env.VSP_RECORD_HISTORIES === '1';
+
+/** Short durations for tests; the defaults (workflows/lifecycle/activities.ts) are minutes and days. */
+const TUNING: TaskTuning = {
+  hostQueueTimeoutSec: 1,
+  hostStepAttempts: 2,
+  hostRetryInitialMs: 10,
+  repositoryRetrySec: 1,
+};
+
+let env: TestWorkflowEnvironment;
+let bundle: WorkflowBundle;
+const cluster = new MockCluster();
+const workers: Worker[] = [];
+let running: Promise<void>[] = [];
+
+beforeAll(async () => {
+  Runtime.install({
+    logger: new (class {
+      log() {}
+      trace() {}
+      debug() {}
+      info() {}
+      warn() {}
+      error() {}
+    })(),
+  });
+  [env, bundle] = await Promise.all([
+    TestWorkflowEnvironment.createLocal({
+      server: {
+        executable: { type: 'existing-path', path: resolveTemporalCli() },
+        extraArgs: Object.values(SEARCH_ATTRIBUTES).flatMap((n) => ['--search-attribute', `${n}=Keyword`]),
+      },
+    }),
+    bundleWorkflowCode({ workflowsPath: require.resolve('../../workflows'), logger: quietLogger() }),
+  ]);
+  const connection = env.nativeConnection;
+  cluster.client = env.client;
+  workers.push(
+    await Worker.create({
+      connection,
+      taskQueue: CONTROL_TASK_QUEUE,
+      workflowBundle: bundle,
+      activities: cluster.control(),
+    }),
+  );
+  // Hosts a and b have workers; host c never has one (a dead host).
+  for (const h of ['a', 'b'])
+    workers.push(
+      await Worker.create({ connection, taskQueue: hostTaskQueue(h), activities: cluster.host(h) }),
+    );
+  running = workers.map((w) => w.run());
+}, 60_000);
+
+afterAll(async () => {
+  for (const w of workers) w.shutdown();
+  await Promise.all(running);
+  await env?.teardown();
+});
+
+function quietLogger() {
+  const none = () => undefined;
+  return { log: none, trace: none, debug: none, info: none, warn: none, error: none };
+}
+
+const capability = `vspcap_${Buffer.from('{}').toString('base64url')}.c2ln`;
+let seq = 0;
+
+async function start(
+  name: string,
+  spec: Partial<TaskSpecInput> = {},
+  tuning: TaskTuning = {},
+): Promise<WorkflowHandle> {
+  const taskId = `unit-${name}-${Date.now()}-${seq++}`;
+  return env.client.workflow.start('TaskLifecycle', {
+    taskQueue: CONTROL_TASK_QUEUE,
+    workflowId: taskId,
+    args: [
+      taskInput(
+        { owner: 'alice', command: 'true', host: 'a', resultsPath: `results/${taskId}`, ...spec },
+        capability,
+        undefined,
+        { ...TUNING, ...tuning },
+      ),
+    ],
+  });
+}
+
+/** Polls the status query until `ok` holds (the workflow moves on its own; nothing here sleeps blind). */
+async function until(h: WorkflowHandle, ok: (s: TaskStatus) => boolean): Promise<TaskStatus> {
+  for (;;) {
+    const s = await h.query(statusQuery).catch(() => undefined);
+    if (s && ok(s)) return s;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+async function runningOn(h: WorkflowHandle, host: string): Promise<void> {
+  await until(h, (s) => s.phase === 'running' && s.host === host);
+  while (!cluster.isWaiting(host, h.workflowId)) await new Promise((r) => setTimeout(r, 20));
+}
+
+async function failureOf(h: WorkflowHandle): Promise<{ message: string; type?: string }> {
+  const err = await h.result().then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  expect(err).toBeInstanceOf(WorkflowFailedError);
+  let e: unknown = (err as WorkflowFailedError).cause;
+  const messages: string[] = [];
+  let type: string | undefined;
+  while (e instanceof Error) {
+    messages.push(e.message);
+    type ??= (e as { type?: string }).type;
+    e = e.cause;
+  }
+  return { message: messages.join(': '), type };
+}
+
+/** The message chain of an update's refusal or failure (the client's error says only "Workflow Update failed"). */
+async function refusal(update: Promise<unknown>): Promise<string> {
+  const err = await update.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  const messages: string[] = [];
+  for (let e: unknown = err; e instanceof Error; e = e.cause) messages.push(e.message);
+  return messages.join(': ') || 'accepted';
+}
+
+async function executionStatus(h: WorkflowHandle): Promise<string> {
+  return (await h.describe()).status.name;
+}
+
+/** Every run's id of a task, first to last (following continue-as-new). */
+async function runIds(h: WorkflowHandle): Promise<string[]> {
+  const out: string[] = [];
+  for (let runId: string | null | undefined = h.firstExecutionRunId; runId;) {
+    out.push(runId);
+    const history = await env.client.workflow.getHandle(h.workflowId, runId).fetchHistory();
+    runId = history.events?.at(-1)?.workflowExecutionContinuedAsNewEventAttributes?.newExecutionRunId;
+  }
+  return out;
+}
+
+/** Each run's history as the Temporal CLI shows it (`temporal workflow show -o json`), the replay fixture format. */
+async function record(name: string, h: WorkflowHandle): Promise<void> {
+  if (!RECORD) return;
+  await fs.mkdir(FIXTURES, { recursive: true });
+  const runs = await runIds(h);
+  for (const [i, runId] of runs.entries()) {
+    const file = path.join(FIXTURES, runs.length > 1 ? `${name}-run${i + 1}.json` : `${name}.json`);
+    const { stdout } = await execFileAsync(resolveTemporalCli(), [
+      'workflow',
+      'show',
+      '-w',
+      h.workflowId,
+      '-r',
+      runId,
+      '--address',
+      env.address,
+      '-o',
+      'json',
+    ]);
+    await fs.writeFile(file, stdout);
+  }
+}
+
+test('completed: outputs staged out, VM destroyed after, capability released last', async () => {
+  const h = await start('completed');
+  await runningOn(h, 'a');
+  const s = await h.query(statusQuery);
+  expect(s).toMatchObject({ phase: 'running', host: 'a', storageHost: 'a', driver: 'process' });
+  // Progress is not in the workflow's state (no signal per change): the client reads awaitVm's heartbeats.
+  expect(s.progressMessage).toBeUndefined();
+  const vsp = new VspClient(env.client);
+  let live = await vsp.status(h.workflowId);
+  while (live.progressMessage === undefined) live = await vsp.status(h.workflowId);
+  expect(live).toMatchObject({
+    phase: 'running',
+    host: 'a',
+    progressMessage: expect.stringMatching(/^beat \d+$/),
+  });
+  expect(live.progress).toEqual(expect.any(Number));
+  cluster.release(h.workflowId);
+  const result = (await h.result()) as TaskResult;
+  expect(result).toMatchObject({ exitCode: 0, host: 'a', resultsPath: `results/${h.workflowId}` });
+  expect(result.outputs.map((o) => o.path)).toEqual([`results/${h.workflowId}/outputs/o.txt`]);
+  const order = cluster.calls.filter((c) => c.taskId === h.workflowId).map((c) => c.name);
+  expect(order.indexOf('stageOut')).toBeLessThan(order.indexOf('destroyVm'));
+  expect(order.at(-1)).toBe('releaseCapability');
+  expect(cluster.called('collectLogs', h.workflowId)).toHaveLength(0);
+  expect(await executionStatus(h)).toBe('COMPLETED');
+  await record('completed', h);
+});
+
+test('a bare spec (the input before capabilities) fails at once saying how to start a task', async () => {
+  const h = await env.client.workflow.start('TaskLifecycle', {
+    taskQueue: CONTROL_TASK_QUEUE,
+    workflowId: `unit-bare-${Date.now()}`,
+    args: [{ owner: 'alice', command: 'true' }],
+  });
+  const f = await failureOf(h);
+  expect(f.type).toBe('InvalidTaskSpec');
+  expect(f.message).toMatch(/a bare task spec has no capability.*vsp task grant/);
+  expect(await h.query(statusQuery)).toMatchObject({ phase: 'failed' });
+  expect(cluster.calls.filter((c) => c.taskId === h.workflowId)).toEqual([]);
+});
+
+test('failed: a non-zero exit fails the task after its outputs are kept', async () => {
+  const h = await start('failed');
+  await runningOn(h, 'a');
+  cluster.release(h.workflowId, 3);
+  const f = await failureOf(h);
+  expect(f).toMatchObject({ type: 'TaskCommandFailed' });
+  expect(f.message).toContain('exited with status 3');
+  expect(cluster.called('stageOut', h.workflowId)).toHaveLength(1);
+  expect(cluster.called('destroyVm', h.workflowId)).toHaveLength(1);
+  await record('failed', h);
+});
+
+test('cancelled through the update: CANCELED, logs kept before the VM goes', async () => {
+  const h = await start('cancel-update');
+  await runningOn(h, 'a');
+  await expect(refusal(h.executeUpdate(cancelUpdate, { args: [{ reason: 7 } as never] }))).resolves.toMatch(
+    /invalid cancel request: reason/,
+  );
+  const s = await h.executeUpdate(cancelUpdate, { args: [{ reason: 'no longer needed' }] });
+  expect(s.error).toBe('cancelled: no longer needed');
+  await expect(h.result()).rejects.toThrow();
+  expect(await executionStatus(h)).toBe('CANCELLED');
+  const order = cluster.calls.filter((c) => c.taskId === h.workflowId).map((c) => c.name);
+  expect(order.indexOf('collectLogs')).toBeGreaterThan(-1);
+  expect(order.indexOf('collectLogs')).toBeLessThan(order.indexOf('destroyVm'));
+  expect((await h.query(statusQuery)).phase).toBe('cancelled');
+  await record('cancelled-update', h);
+});
+
+test('cancelled as a workflow (temporal workflow cancel): CANCELED, VM destroyed', async () => {
+  const h = await start('cancel-workflow');
+  await runningOn(h, 'a');
+  await h.cancel();
+  await expect(h.result()).rejects.toThrow();
+  expect(await executionStatus(h)).toBe('CANCELLED');
+  expect(cluster.called('collectLogs', h.workflowId)).toHaveLength(1);
+  expect(cluster.called('destroyVm', h.workflowId)).toHaveLength(1);
+  await record('cancelled-workflow', h);
+});
+
+test('malformed requests are refused by validators; a malformed progress signal changes nothing', async () => {
+  const h = await start('validators');
+  await runningOn(h, 'a');
+  await expect(refusal(h.executeUpdate(migrateUpdate, { args: [{ host: 'Not A Host' }] }))).resolves.toMatch(
+    /invalid migrate request: host: "Not A Host" is not a host name/,
+  );
+  await expect(
+    refusal(h.executeUpdate(migrateUpdate, { args: [{ maxBandwidthMiBps: -1 } as never] })),
+  ).resolves.toMatch(/maxBandwidthMiBps/);
+  await expect(refusal(h.executeUpdate(migrateUpdate, { args: ['b' as never] }))).resolves.toMatch(
+    /invalid migrate request/,
+  );
+  await h.signal('progress', { progress: 'lots' });
+  await h.signal('progress');
+  await h.signal('progress', { progress: 40, message: 'ok' });
+  await until(h, (s) => s.progress === 40);
+  cluster.release(h.workflowId);
+  expect(((await h.result()) as TaskResult).exitCode).toBe(0);
+});
+
+test('migrated: the VM moves to b, the wait follows it, the task completes there', async () => {
+  const h = await start('migrated');
+  await runningOn(h, 'a');
+  const s = await h.executeUpdate(migrateUpdate, { args: [{ host: 'b' }] });
+  expect(s).toMatchObject({ host: 'b', storageHost: 'a' });
+  await runningOn(h, 'b');
+  cluster.release(h.workflowId);
+  const result = (await h.result()) as TaskResult;
+  expect(result).toMatchObject({ host: 'b', storageHost: 'a' });
+  expect(result.migrations).toEqual([expect.objectContaining({ from: 'a', to: 'b', ok: true })]);
+  // Stage-out reads the disks on their own host.
+  expect(cluster.called('stageOut', h.workflowId).map((c) => c.host)).toEqual(['a']);
+  await record('migrated', h);
+});
+
+test('migration rolled back: the target is cleaned, the task runs on where it was', async () => {
+  const h = await start('rollback');
+  await runningOn(h, 'a');
+  cluster.failMigrateOut.add(h.workflowId);
+  await expect(refusal(h.executeUpdate(migrateUpdate, { args: [{ host: 'b' }] }))).resolves.toMatch(
+    /could not migrate/,
+  );
+  expect(cluster.called('abortIncoming')).toEqual(
+    expect.arrayContaining([expect.objectContaining({ host: 'b' })]),
+  );
+  await runningOn(h, 'a');
+  cluster.release(h.workflowId);
+  const result = (await h.result()) as TaskResult;
+  expect(result.host).toBe('a');
+  expect(result.migrations).toEqual([
+    expect.objectContaining({ ok: false, error: expect.stringContaining('refused') }),
+  ]);
+  await record('migration-rolled-back', h);
+});
+
+test('awaiting-repository: outputs wait on the host, then are stored; nothing destroyed before', async () => {
+  const h = await start('awaiting');
+  await runningOn(h, 'a');
+  cluster.repositoryDown.add(h.workflowId);
+  cluster.release(h.workflowId);
+  const s = await until(h, (x) => x.phase === 'awaiting-repository');
+  expect(s.awaitingRepository?.error).toContain('503');
+  expect(cluster.called('destroyVm', h.workflowId)).toHaveLength(0);
+  cluster.repositoryDown.delete(h.workflowId);
+  const result = (await h.result()) as TaskResult;
+  expect(result.outputs).toHaveLength(1);
+  const order = cluster.calls.filter((c) => c.taskId === h.workflowId).map((c) => c.name);
+  expect(order.lastIndexOf('stageOut')).toBeLessThan(order.indexOf('destroyVm'));
+  await record('awaiting-repository', h);
+});
+
+test('past the retention the task fails saying its outputs were not stored', async () => {
+  const h = await start('retention', {}, { repositoryRetentionSec: 1 });
+  await runningOn(h, 'a');
+  cluster.repositoryDown.add(h.workflowId);
+  cluster.release(h.workflowId);
+  const f = await failureOf(h);
+  expect(f.type).toBe('OutputsNotStored');
+  expect(f.message).toMatch(/the outputs were not stored: the repository was unavailable for 1 s/);
+});
+
+test('HostDown: a task on a host without a worker fails naming the host', async () => {
+  cluster.dead.add('c');
+  const h = await start('host-down', { host: 'c' });
+  const f = await failureOf(h);
+  expect(f.message).toMatch(/host c is down/);
+  expect((await h.query(statusQuery)).error).toMatch(/host c is down/);
+  await record('host-down', h);
+});
+
+test("HostDown with onHostFailure 'restart': placed again on a live host, completes there", async () => {
+  cluster.dead.add('c');
+  cluster.placeNext.push('c');
+  const h = await start('restart', { host: undefined, onHostFailure: 'restart' });
+  await runningOn(h, 'a');
+  cluster.release(h.workflowId);
+  const result = (await h.result()) as TaskResult;
+  expect(result.host).toBe('a');
+  expect((await h.query(statusQuery)).restartedFrom).toEqual(['c']);
+  await record('host-restart', h);
+});
+
+test('continue-as-new while running, then migrate: host, migrations and results carried', async () => {
+  const h = await start('continued', {}, { historyEventLimit: 40 });
+  await runningOn(h, 'a');
+  // Updates grow the history: keep asking until the task has moved to a new run.
+  await until(h, (s) => s.phase === 'running');
+  for (let i = 0; (await h.describe()).runId === h.firstExecutionRunId; i++)
+    await h.signal('progress', { progress: i % 100 });
+  await runningOn(h, 'a');
+  await h.executeUpdate(migrateUpdate, { args: [{ host: 'b' }] });
+  await runningOn(h, 'b');
+  cluster.release(h.workflowId);
+  const result = (await h.result()) as TaskResult;
+  expect(result).toMatchObject({ host: 'b', storageHost: 'a', resultsPath: `results/${h.workflowId}` });
+  expect(result.migrations).toEqual([expect.objectContaining({ from: 'a', to: 'b', ok: true })]);
+  // One VM for the whole task: created once, stopped on b and removed with its disks on a, once.
+  expect(cluster.called('createVm', h.workflowId)).toHaveLength(1);
+  expect(cluster.called('destroyVm', h.workflowId).map((c) => c.host)).toEqual(['b', 'a']);
+  expect((await runIds(h)).length).toBeGreaterThan(1);
+  await record('continued-as-new', h);
+});
+
+test('recorded histories replay against the current workflow', async () => {
+  const files = (await fs.readdir(FIXTURES)).filter((f) => f.endsWith('.json')).sort();
+  expect(files.length).toBeGreaterThanOrEqual(10);
+  const histories = await Promise.all(
+    files.map(async (f) => ({
+      workflowId: f,
+      history: historyFromFixture(JSON.parse(await fs.readFile(path.join(FIXTURES, f), 'utf8'))),
+    })),
+  );
+  const failures: string[] = [];
+  for await (const r of Worker.runReplayHistories({ workflowBundle: bundle }, histories))
+    if (r.error) failures.push(`${r.workflowId}: ${r.error.message}`);
+  expect(failures).toEqual([]);
+});

@@ -1,0 +1,102 @@
+import { CancellationScope, condition, log } from '@temporalio/workflow';
+import { hostSteps } from './activities';
+import { describe, ownFailureType } from './failures';
+import { untilStored } from './repositoryWait';
+import { setPhase, type TaskState } from './state';
+
+/**
+ * The last chapter, on every path (completed, failed, cancelled), even while the workflow itself is
+ * being cancelled: the logs and the console reach the repository, then the VM goes, then the task's
+ * capability ends (so a reused workflow id cannot write into this run's folder). A dead host is left to
+ * its reaper.
+ */
+export async function cleanUp(t: TaskState): Promise<void> {
+  await CancellationScope.nonCancellable(async () => {
+    // A migration under way ends first (its steps are bounded): then the VM is in one known place.
+    await condition(() => !t.migrating);
+    const dead = deadHost(t);
+    const live = (h: string | undefined): h is string => h !== undefined && h !== dead;
+    if (t.host && t.storageHost) {
+      setPhase(t, 'destroying');
+      if (live(t.storageHost) && t.failure && ownFailureType(t.failure) !== 'OutputsNotStored')
+        await keepLogs(t, t.storageHost);
+      if (live(t.host)) await keepConsole(t, t.host);
+      await destroy(t, live);
+    }
+    const releaser = [t.storageHost, t.host].find(live);
+    if (releaser)
+      await hostSteps(t, releaser)('release', 'releaseCapability', 'end the task capability', t.ref).catch(
+        (err: unknown) => log.warn('could not end the task capability', { error: describe(err) }),
+      );
+  });
+}
+
+/** The host a `HostDown` failure names, if the task failed with one. */
+function deadHost(t: TaskState): string | undefined {
+  if (ownFailureType(t.failure) !== 'HostDown') return undefined;
+  for (let e: unknown = t.failure; e instanceof Error; e = e.cause) {
+    const details = (e as { details?: unknown[] }).details;
+    const host = (details?.[0] as { host?: unknown } | undefined)?.host;
+    if (typeof host === 'string') return host;
+  }
+  return undefined;
+}
+
+/** Whatever the task left (its log, the reason it failed) reaches the owner's results before destroy. */
+async function keepLogs(t: TaskState, host: string): Promise<void> {
+  try {
+    await untilStored(t, 'the task logs', () =>
+      hostSteps(t, host)(
+        'cleanup',
+        'collectLogs',
+        `keep the logs in ${t.ref.resultsPath}/logs`,
+        t.ref,
+        t.driver,
+        t.status.error ?? 'failed',
+      ),
+    );
+  } catch (err) {
+    log.warn('could not collect the task logs', { error: describe(err) });
+  }
+}
+
+async function keepConsole(t: TaskState, host: string): Promise<void> {
+  if (t.consoleSegments.length === 0) return;
+  await Promise.all(t.keepingConsoles);
+  try {
+    t.consoleLogs = await untilStored(t, 'the console', () =>
+      hostSteps(t, host)(
+        'cleanup',
+        'collectConsole',
+        `keep the console in ${t.ref.resultsPath}/logs`,
+        t.ref,
+        t.consoleSegments,
+      ),
+    );
+  } catch (err) {
+    log.warn('could not collect the console', { error: describe(err) });
+  }
+}
+
+/** Stops the VM where it runs, then removes its folder where its disks live (they must not vanish under it). */
+async function destroy(t: TaskState, live: (h: string | undefined) => h is string): Promise<void> {
+  const { host, storageHost, ref, handle } = t;
+  const left = [host, storageHost].filter((h) => !live(h));
+  try {
+    if (live(host) && host !== storageHost)
+      await hostSteps(t, host)('cleanup', 'destroyVm', `stop VM ${ref.vmId}`, ref, handle);
+    if (live(storageHost))
+      await hostSteps(t, storageHost)('cleanup', 'destroyVm', `destroy VM ${ref.vmId}`, ref, handle);
+    if (left.length > 0)
+      t.status.cleanupError = `host ${left[0]} is down: its VM folder is left to its reaper`;
+  } catch (err) {
+    // What is left on an unreachable host is its operator's (or reaper's) to clear.
+    t.status.cleanupError = describe(err);
+    log.error('could not destroy the VM', {
+      vmId: ref.vmId,
+      host,
+      storageHost,
+      error: t.status.cleanupError,
+    });
+  }
+}
