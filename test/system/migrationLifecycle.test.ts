@@ -10,6 +10,7 @@ import type { TaskSpecInput } from '../../spec/taskSpec';
 import { type MigrateRequest, type TaskResult } from '../../workflows/definitions';
 import { until } from '../support/clusterFixture';
 import { startNamespaceCluster, type NamespaceCluster } from '../support/namespaceCluster';
+import { findVmId } from '../support/vmFolders';
 import { qemuHostsOf } from '../support/vmProcesses';
 
 /**
@@ -70,9 +71,11 @@ function submitCpuTask(rounds = ROUNDS): Promise<{ taskId: string }> {
   return cluster.submitTask(OWNER, spec);
 }
 
-async function vmIdOf(taskId: string): Promise<string> {
-  return until('the task status', async () => (await vsp.status(taskId)).vmId);
-}
+const vmIdOf = (taskId: string) =>
+  findVmId(
+    HOSTS.map((h) => cluster.storeDir(h)),
+    taskId,
+  );
 
 const vmDir = (host: string, vmId: string) => ns.vmDir(host, vmId);
 
