@@ -153,6 +153,7 @@ export function createHostActivities(deps: HostDeps) {
           try {
             const sha256 = await stagedCopy(repository, ref.spec.owner, input, dest, verified[input]);
             if (sha256) {
+              verified[input] = sha256;
               skipped++;
             } else {
               await fs.mkdir(path.dirname(dest), { recursive: true });
