@@ -4,7 +4,7 @@ import { existsSync, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { addOwner, createServiceToken } from '../repository/admin';
+import { addOwner } from '../repository/admin';
 import { describeError } from '../logging/logger';
 import { RepositoryClient } from '../repository/client';
 import type { BenchReport } from './report';
@@ -115,8 +115,8 @@ export async function benchRepository(opts: { sizeMiB?: number; runs?: number } 
     const dst = path.join(dir, 'copy.bin');
     const dataDir = path.join(dir, 'data');
     const sha256 = await writeRandomFile(src, sizeMiB * 1024 * 1024);
-    addOwner(dataDir, 'bench');
-    const token = createServiceToken(dataDir, 'bench');
+    // The owner's own token: a service token (the hosts') reads base images only.
+    const { token } = addOwner(dataDir, 'bench');
     const started = await startServerProcess(dataDir, randomBytes(32).toString('base64url'));
     child = started.child;
     const client = new RepositoryClient({ url: started.url, token });

@@ -18,6 +18,8 @@ import {
 } from '../repository/admin';
 import { addBaseImage, removeBaseImage } from '../repository/imageStore';
 import { grantTask } from '../repository/taskAdmission';
+import { parseListen } from '../repository/main';
+import { PAYLOAD_KEY_ENV, payloadCodecFromEnv, startCodecServer } from '../config/payloadCodec';
 
 /**
  * The repository's admin commands (`vsp owner|token|key|password ...`), run on the repository host
@@ -295,6 +297,24 @@ export function registerAdminCommands(program: Command): void {
           `--workflow-id ${JSON.stringify(granted.taskId)} --input "$(cat <this output>)"\n`,
       );
       process.stdout.write(`${JSON.stringify(granted.input)}\n`);
+    });
+
+  const codec = program
+    .command('codec')
+    .description(`the Temporal payload codec (${PAYLOAD_KEY_ENV}; operators)`);
+  codec
+    .command('serve')
+    .description("serve the web UI's codec endpoint (decrypts payloads: operators' network only)")
+    .option('--listen <host:port>', 'where to listen', '127.0.0.1:8081')
+    .requiredOption('--ui-origin <url>', "the Temporal web UI's origin, e.g. http://127.0.0.1:8233")
+    .action(async (opts: { listen: string; uiOrigin: string }) => {
+      const payloadCodec = payloadCodecFromEnv();
+      if (!payloadCodec) throw new Error(`${PAYLOAD_KEY_ENV} is not set: payloads are not encrypted`);
+      const served = await startCodecServer(payloadCodec, {
+        ...parseListen(opts.listen, '--listen'),
+        origin: opts.uiOrigin,
+      });
+      process.stderr.write(`codec endpoint ${served.url} (key ${payloadCodec.keyId}) for ${opts.uiOrigin}\n`);
     });
 
   const password = program.command('password').description("owners' passwords for SFTP (admin)");

@@ -1,6 +1,8 @@
 import { Client, Connection } from '@temporalio/client';
 import { loadClientConnectConfig } from '@temporalio/envconfig';
+import type { DataConverter } from '@temporalio/common';
 import { NativeConnection } from '@temporalio/worker';
+import { dataConverterFromEnv } from './payloadCodec';
 
 /**
  * Temporal connection settings follow Temporal's own conventions (TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE,
@@ -30,20 +32,23 @@ export async function connectClient(): Promise<Client> {
   const s = temporalSettings();
   try {
     const connection = await Connection.connect({ ...s.connect.connectionOptions, address: s.address });
-    return new Client({ connection, namespace: s.namespace });
+    return new Client({ connection, namespace: s.namespace, dataConverter: dataConverterFromEnv() });
   } catch (err) {
     throw new Error(`cannot reach Temporal at ${s.address}`, { cause: err });
   }
 }
 
+/** A worker's connection, and the data converter its Worker and Client must share (payloadCodec.ts). */
 export async function connectWorkerConnection(): Promise<{
   connection: NativeConnection;
   namespace: string;
+  dataConverter: DataConverter;
 }> {
   const s = temporalSettings();
+  const dataConverter = dataConverterFromEnv();
   try {
     const connection = await NativeConnection.connect({ ...s.connect.connectionOptions, address: s.address });
-    return { connection, namespace: s.namespace };
+    return { connection, namespace: s.namespace, dataConverter };
   } catch (err) {
     throw new Error(`cannot reach Temporal at ${s.address}`, { cause: err });
   }

@@ -1,4 +1,4 @@
-import { constants as fsc, createReadStream, promises as fs } from 'node:fs';
+import { createReadStream, promises as fs } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
 import http, { type IncomingMessage, type OutgoingHttpHeaders } from 'node:http';
 import https from 'node:https';
@@ -6,7 +6,7 @@ import path from 'node:path';
 import { Readable, Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { normaliseRepoPath, OWNER_NAME } from '../spec/repoPath';
-import { fileSink } from './fileSink';
+import { writeDurably } from '../lib/durableWrite';
 import type { ImageEntry } from './imageStore';
 
 export type { ImageEntry };
@@ -242,44 +242,24 @@ export class RepositoryClient {
       path.dirname(dest),
       `.${path.basename(dest)}.${randomBytes(6).toString('hex')}.part`,
     );
-    const hash = createHash('sha256');
-    let received = 0;
-    const onProgress = opts.onProgress;
-    const meter = new Transform({
-      highWaterMark: 1 << 20,
-      transform(chunk: Buffer, _enc, done) {
-        received += chunk.length;
-        hash.update(chunk);
-        onProgress?.(received, info.size);
-        done(null, chunk);
-      },
-    });
-    let renamed = false;
     try {
-      const handle = await fs.open(tmp, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL, 0o644);
-      try {
-        await pipeline(res, meter, fileSink(handle));
-        await handle.sync();
-      } finally {
-        await handle.close();
-      }
-      const sha256 = hash.digest('hex');
-      if (received !== info.size || sha256 !== info.sha256) {
-        throw new RepositoryError(
-          0,
-          `download of ${p} is corrupt: got ${received} bytes with SHA-256 ${sha256}, expected ${info.size} with ${info.sha256}`,
-        );
-      }
-      await fs.rename(tmp, dest);
-      renamed = true;
-      return info;
+      const onChunk = opts.onProgress && ((received: number) => opts.onProgress?.(received, info.size));
+      return await writeDurably(res, tmp, { onChunk }, async ({ size, sha256 }) => {
+        if (size !== info.size || sha256 !== info.sha256) {
+          throw new RepositoryError(
+            0,
+            `download of ${p} is corrupt: got ${size} bytes with SHA-256 ${sha256}, expected ${info.size} with ${info.sha256}`,
+          );
+        }
+        await fs.rename(tmp, dest);
+        return info;
+      });
     } catch (err) {
       if (err instanceof RepositoryError) throw err;
       opts.signal?.throwIfAborted();
       throw new RepositoryError(0, `download of ${p} to ${dest} failed`, { cause: err });
     } finally {
       res.destroy();
-      if (!renamed) await fs.rm(tmp, { force: true });
     }
   }
 

@@ -11,13 +11,13 @@ import {
 } from 'node:fs';
 import { promises as fs } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import path from 'node:path';
-import { Transform, type Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
+import type { Readable } from 'node:stream';
 import { BASE_IMAGES_FOLDER } from '../spec/taskSpec';
 import { AccessDenied } from './auth';
-import { fileSink } from './fileSink';
+import { writeDurably } from '../lib/durableWrite';
+import { fsyncFile } from '../storage/durableFile';
 import type { BaseImageRow, FileRow, MetadataDb, OwnerRow, OwnerUsage } from './metadataDb';
 
 /**
@@ -184,58 +184,40 @@ export class FileStore {
       throw err;
     }
     const tmp = path.join(this.tmpDir, `upload-${randomBytes(12).toString('hex')}`);
-    const handle = await fs.open(tmp, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600);
-    const hash = createHash('sha256');
     this.pending.add(upload);
-    const meter = new Transform({
-      highWaterMark: 1 << 20,
-      transform: (chunk: Buffer, _enc, done) => {
-        upload.bytes += chunk.length;
-        if (upload.bytes > limits.maxBytes) {
-          done(new StoreError('too-large', `file is larger than the limit of ${limits.maxBytes} bytes`));
-          return;
-        }
-        try {
-          this.checkQuota(upload, upload.bytes, false);
-        } catch (err) {
-          done(err as Error);
-          return;
-        }
-        hash.update(chunk);
-        done(null, chunk);
-      },
-    });
-    let committed = false;
     try {
-      try {
-        await pipeline(source, meter, fileSink(handle));
-        await handle.sync();
-        await handle.chmod(0o644);
-      } finally {
-        await handle.close();
-      }
-      const sha256 = hash.digest('hex');
-      const size = upload.bytes;
-      if (limits.expectedSize !== undefined && size !== limits.expectedSize) {
-        throw new StoreError(
-          'size-mismatch',
-          `received ${size} bytes but ${limits.expectedSize} were announced`,
-        );
-      }
-      if (limits.expectedSha256 !== undefined && sha256 !== limits.expectedSha256) {
-        throw new StoreError(
-          'checksum-mismatch',
-          `content SHA-256 is ${sha256} but ${limits.expectedSha256} was announced; nothing stored`,
-        );
-      }
-      const info: FileRow = { path: repoPath, size, sha256, mtime: new Date().toISOString() };
-      const dest = this.commitChecked(upload, tmp, info);
-      committed = true;
-      await syncDir(path.dirname(dest));
-      return info;
+      return await writeDurably(
+        source,
+        tmp,
+        {
+          maxBytes: limits.maxBytes,
+          tooLarge: (max) => new StoreError('too-large', `file is larger than the limit of ${max} bytes`),
+          onChunk: (total) => {
+            upload.bytes = total;
+            this.checkQuota(upload, total, false);
+          },
+        },
+        async ({ size, sha256 }) => {
+          if (limits.expectedSize !== undefined && size !== limits.expectedSize) {
+            throw new StoreError(
+              'size-mismatch',
+              `received ${size} bytes but ${limits.expectedSize} were announced`,
+            );
+          }
+          if (limits.expectedSha256 !== undefined && sha256 !== limits.expectedSha256) {
+            throw new StoreError(
+              'checksum-mismatch',
+              `content SHA-256 is ${sha256} but ${limits.expectedSha256} was announced; nothing stored`,
+            );
+          }
+          const info: FileRow = { path: repoPath, size, sha256, mtime: new Date().toISOString() };
+          const dest = this.commitChecked(upload, tmp, info);
+          await fsyncFile(path.dirname(dest)); // the rename is durable
+          return info;
+        },
+      );
     } finally {
       this.pending.delete(upload);
-      if (!committed) await fs.rm(tmp, { force: true });
     }
   }
 
@@ -263,7 +245,7 @@ export class FileStore {
       const info: FileRow = { path: repoPath, ...sum, mtime: new Date().toISOString() };
       const dest = this.commitChecked(upload, file, info);
       committed = true;
-      await syncDir(path.dirname(dest));
+      await fsyncFile(path.dirname(dest)); // the rename is durable
       return info;
     } finally {
       if (!committed) await fs.rm(file, { force: true });
@@ -581,15 +563,5 @@ export class FileStore {
       }
     }
     return dir;
-  }
-}
-
-/** Makes a rename durable. */
-async function syncDir(dir: string): Promise<void> {
-  const handle = await fs.open(dir, fsc.O_RDONLY | fsc.O_DIRECTORY);
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
   }
 }

@@ -1,9 +1,10 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
+import { createRequire } from 'node:module';
 import type { AddressInfo, Server as NetServer, Socket } from 'node:net';
 import path from 'node:path';
-import { PassThrough, Readable, Writable } from 'node:stream';
+import { finished, PassThrough, Readable, Writable } from 'node:stream';
 import { createSecureContext, TLSSocket, type SecureContext } from 'node:tls';
 import { promisify } from 'node:util';
 import { FileSystem, FtpSrv, type FtpConnection } from 'ftp-srv';
@@ -35,6 +36,8 @@ export interface FtpsServerOptions {
   keyFile: string;
   /** Let clients log in without AUTH TLS (passwords then cross the network in clear). */
   allowPlain?: boolean;
+  /** A control or data connection that moves no bytes for this long is dropped (default 5 min). */
+  idleTimeoutMs?: number;
 }
 
 export interface FtpsServer {
@@ -45,7 +48,7 @@ export interface FtpsServer {
 
 export type FtpsDeps = FileProtocolDeps;
 
-const IDLE_TIMEOUT_MS = 5 * 60_000;
+export const DEFAULT_IDLE_TIMEOUT_MS = 5 * 60_000;
 const CERT_DAYS = 3650;
 const run = promisify(execFile);
 
@@ -129,8 +132,45 @@ class OwnerFileSystem extends FileSystem {
     private readonly session: OwnerSession,
     private readonly deps: FtpsDeps,
     private readonly remote: string | undefined,
+    private readonly idleTimeoutMs: number,
   ) {
     super(connection, { root: '/', cwd: '/' });
+  }
+
+  /**
+   * Watches a transfer's connections. ftp-srv hears only the data connection's 'end' and 'error': one
+   * that just closes (destroyed, dropped) would leave the transfer, and an upload's temp file, pending for
+   * good. So a data connection closed before its end, or idle past the limit, aborts `stream`; so does the
+   * control connection ending (the client gave up, and could not hear a 226 anyway), before ftp-srv's
+   * own ending of the data connection could read as the end of the file. The control connection is
+   * silent during a transfer by design: its idle limit waits until the transfer is over.
+   */
+  private watchTransfer(stream: Readable | Writable): void {
+    const conn = this.connection as unknown as ConnectionInternals;
+    const data = conn.connector.socket;
+    if (!data) return;
+    const control = conn.commandSocket;
+    const controlIdle = control.timeout ?? 0;
+    control.setTimeout(0);
+    data.setTimeout(this.idleTimeoutMs, () =>
+      data.destroy(new Error(`the data connection was idle for ${this.idleTimeoutMs / 1000} s`)),
+    );
+    // ftp-srv listens for the stream's error only once it has the stream (some turns later) and only
+    // once: an abort before or after that must still find a listener. (Not through finished(): ftp-srv
+    // emits 'close' instead of ending an upload stream that has a 'close' listener.)
+    stream.on('error', () => undefined);
+    const abort = (err: Error): void => {
+      if (!stream.destroyed) stream.destroy(err);
+    };
+    const controlGone = (): void => abort(new Error('the control connection closed during the transfer'));
+    // It may have closed already, while ftp-srv was waiting for the data connection.
+    if (control.destroyed || control.readableEnded) controlGone();
+    control.once('end', controlGone).once('close', controlGone);
+    finished(data, (err) => {
+      control.off('end', controlGone).off('close', controlGone);
+      if (!control.destroyed) control.setTimeout(controlIdle);
+      if (err) abort(err);
+    });
   }
 
   override currentDirectory(): string {
@@ -217,6 +257,7 @@ class OwnerFileSystem extends FileSystem {
           done(err);
         },
       });
+      this.watchTransfer(stream);
       return { stream, clientPath: `/${p}` };
     });
   }
@@ -238,7 +279,9 @@ class OwnerFileSystem extends FileSystem {
         await file.close();
         return { stream: Readable.from([]), clientPath: `/${p}` };
       }
-      return { stream: file.createReadStream({ start, end: size - 1 }), clientPath: `/${p}` };
+      const stream = file.createReadStream({ start, end: size - 1 });
+      this.watchTransfer(stream);
+      return { stream, clientPath: `/${p}` };
     });
   }
 
@@ -329,9 +372,48 @@ class OwnerFileSystem extends FileSystem {
   }
 }
 
+/** ftp-srv's passive connector (not in its typings): what the guard below needs of it. */
+interface PassiveConnector {
+  connection: { secure: boolean; commandSocket: Socket };
+  setupServer(): Promise<NetServer>;
+}
+let passiveGuarded = false;
+
+/**
+ * ftp-srv's passive data server checks a data connection's address against the control connection's
+ * with ip.isEqual, which throws on an undefined address: a socket already closed (reset by the client,
+ * or its control connection gone meanwhile). Thrown in an event handler, that would end the process,
+ * so such a connection is dropped before ftp-srv sees it. The guard wraps the server's connection
+ * listener once the data server exists, before the PASV reply can tell a client its port.
+ */
+function guardPassiveDataConnections(): void {
+  if (passiveGuarded) return;
+  passiveGuarded = true;
+  const proto = (
+    createRequire(__filename)('ftp-srv/src/connector/passive') as { prototype: PassiveConnector }
+  ).prototype;
+  const setupServer = proto.setupServer;
+  proto.setupServer = function (this: PassiveConnector) {
+    return setupServer.call(this).then((server) => {
+      const event = this.connection.secure ? 'secureConnection' : 'connection';
+      const [check, ...others] = server.listeners(event) as ((socket: Socket) => void)[];
+      server.removeAllListeners(event);
+      server.on(event, (socket: Socket) => {
+        if (socket.remoteAddress === undefined || this.connection.commandSocket.remoteAddress === undefined)
+          socket.destroy();
+        else check(socket);
+      });
+      for (const l of others) server.on(event, l);
+      return server;
+    });
+  };
+}
+
 /** The parts of ftp-srv's connection (not in its typings) that the TLS upgrade below replaces. */
 interface ConnectionInternals {
   commandSocket: Socket;
+  /** The passive connector; `socket` is the current data connection once the client has opened it. */
+  connector: { socket?: Socket };
   secure: boolean;
   commands: {
     parse(message: string): { directive: string; arg: string | null };
@@ -371,6 +453,8 @@ export async function startFtpsServer(deps: FtpsDeps, opts: FtpsServerOptions): 
   const { min, max } = opts.pasvPorts;
   if (!Number.isInteger(min) || !Number.isInteger(max) || min < 1024 || max > 65535 || min > max)
     throw new Error(`FTPS passive ports ${min}-${max} must be a range within 1024-65535`);
+  const idleTimeoutMs = opts.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
+  guardPassiveDataConnections();
   const tls = await loadOrCreateTlsCert(opts.certFile, opts.keyFile);
   const tlsOptions = { cert: tls.cert, key: tls.key, minVersion: 'TLSv1.2' } as const;
   const secureContext = createSecureContext(tlsOptions);
@@ -414,13 +498,13 @@ export async function startFtpsServer(deps: FtpsDeps, opts: FtpsServerOptions): 
           result: 'ok',
           detail: session.credential.kind,
         });
-        resolve({ fs: new OwnerFileSystem(connection, session, deps, remote) });
+        resolve({ fs: new OwnerFileSystem(connection, session, deps, remote, idleTimeoutMs) });
       }, denied);
   });
   (ftp as NodeJS.EventEmitter).on('connect', ({ connection }: { connection: FtpConnection }) => {
     const socket = (connection as unknown as { commandSocket?: Socket }).commandSocket;
     // Set here rather than through ftp-srv's `timeout`, which also delays its close by as long.
-    socket?.setTimeout(IDLE_TIMEOUT_MS);
+    socket?.setTimeout(idleTimeoutMs);
     upgradeToTlsAtOnce(connection, secureContext);
   });
   ftp.on('client-error', ({ error }: { error: unknown }) =>

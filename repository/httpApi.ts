@@ -1,5 +1,5 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { PassThrough } from 'node:stream';
+import { finished, PassThrough } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { MAX_PATH_BYTES, normaliseRepoPath, OWNER_NAME } from '../spec/repoPath';
 import { describeError, type Logger } from '../logging/logger';
@@ -82,8 +82,13 @@ const DRAIN_MS = 2000;
 
 const SHA256_HEX = /^[0-9a-f]{64}$/;
 
-/** A resumable upload's creation request is a small JSON object. */
-const MAX_JSON_BODY = 64 * 1024;
+/**
+ * Requests other than PUT and PATCH (which stream files, bounded by the file size limit or the upload
+ * session) carry at most a small JSON object.
+ */
+export const MAX_JSON_BODY = 64 * 1024;
+/** How long a small JSON body may take to arrive (uploads are bounded by the idle timeout instead). */
+const JSON_BODY_TIMEOUT_MS = 30_000;
 
 const UPLOAD_ACTIONS: Record<string, string> = {
   POST: 'upload-start',
@@ -198,23 +203,63 @@ function sendJson(
 function discardUnreadBody(req: IncomingMessage, res: ServerResponse): void {
   if (req.complete) return;
   res.setHeader('Connection', 'close');
+  // A detached body may be holding the request paused by backpressure: let go of it first.
+  req.unpipe();
   req.resume();
   setTimeout(() => req.socket.destroy(), DRAIN_MS).unref();
 }
 
-async function readJson(req: IncomingMessage): Promise<unknown> {
-  const chunks: Buffer[] = [];
-  let size = 0;
-  for await (const chunk of req as AsyncIterable<Buffer>) {
-    size += chunk.length;
-    if (size > MAX_JSON_BODY) throw new HttpError(413, `request body is larger than ${MAX_JSON_BODY} bytes`);
-    chunks.push(chunk);
-  }
-  try {
-    return JSON.parse(Buffer.concat(chunks).toString('utf8')) as unknown;
-  } catch {
-    throw new HttpError(400, 'request body is not valid JSON');
-  }
+/** The request's Content-Length, if it announced one. */
+function declaredLength(req: IncomingMessage): number | undefined {
+  const raw = req.headers['content-length'];
+  return raw === undefined ? undefined : Number(raw);
+}
+
+/**
+ * Reads a small JSON body. Over the limit it answers 413 without reading further (and without
+ * destroying the request, so the reply still goes out); a body that does not arrive in time gets 408.
+ */
+function readJson(req: IncomingMessage): Promise<unknown> {
+  const declared = declaredLength(req);
+  if (declared !== undefined && declared > MAX_JSON_BODY) return Promise.reject(jsonTooLarge());
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    const cleanup = (): void => {
+      clearTimeout(timer);
+      req.off('data', onData).off('end', onEnd).off('close', onClose).off('error', onClose);
+    };
+    const fail = (err: Error): void => {
+      cleanup();
+      req.pause();
+      reject(err);
+    };
+    const onData = (chunk: Buffer): void => {
+      size += chunk.length;
+      if (size > MAX_JSON_BODY) fail(jsonTooLarge());
+      else chunks.push(chunk);
+    };
+    const onEnd = (): void => {
+      cleanup();
+      try {
+        resolve(JSON.parse(Buffer.concat(chunks).toString('utf8')) as unknown);
+      } catch {
+        reject(new HttpError(400, 'request body is not valid JSON'));
+      }
+    };
+    const onClose = (): void => {
+      if (!req.complete) fail(new Error('the client went away before sending its whole request body'));
+    };
+    const timer = setTimeout(
+      () => fail(new HttpError(408, `request body not received within ${JSON_BODY_TIMEOUT_MS / 1000} s`)),
+      JSON_BODY_TIMEOUT_MS,
+    );
+    req.on('data', onData).on('end', onEnd).on('close', onClose).on('error', onClose);
+  });
+}
+
+function jsonTooLarge(): HttpError {
+  return new HttpError(413, `request body is larger than ${MAX_JSON_BODY} bytes`);
 }
 
 function hasBody(req: IncomingMessage): boolean {
@@ -222,13 +267,20 @@ function hasBody(req: IncomingMessage): boolean {
   return length === undefined ? req.headers['transfer-encoding'] !== undefined : length !== '0';
 }
 
-/** The request body as a stream the store may destroy without killing the socket (the reply still goes out). */
+/**
+ * The request body as a stream its consumer may destroy (a refusal) without killing the socket, so the
+ * reply still goes out. The request's end or abort is watched with `finished`, which also keeps its
+ * errors handled; so are the body's, whenever they come (before the consumer attaches or after it is
+ * done): they reach the consumer's pipeline, never the process.
+ */
 function detachedBody(req: IncomingMessage): PassThrough {
   const body = new PassThrough({ highWaterMark: 1 << 20 });
-  req.pipe(body);
-  req.on('close', () => {
-    if (!req.complete) body.destroy(new Error('client disconnected during the upload'));
+  finished(body, () => undefined);
+  finished(req, (err) => {
+    if (err || !req.complete)
+      body.destroy(new Error('the client went away during the upload', { cause: err }));
   });
+  req.pipe(body);
   return body;
 }
 
@@ -253,8 +305,7 @@ export function createRequestHandler(
     owner: string,
     repoPath: string,
   ): Promise<number> {
-    const declared = req.headers['content-length'];
-    const expectedSize = declared === undefined ? undefined : Number(declared);
+    const expectedSize = declaredLength(req);
     if (expectedSize !== undefined && expectedSize > deps.maxFileBytes) {
       throw new HttpError(
         413,
@@ -268,9 +319,7 @@ export function createRequestHandler(
       if (!SHA256_HEX.test(expectedSha256))
         throw new HttpError(400, 'X-Content-SHA256 must be 64 hex digits');
     }
-    // The store destroys its source on failure; giving it a PassThrough keeps the socket alive for the reply.
-    const body = detachedBody(req);
-    const info = await store.write(owner, repoPath, body, {
+    const info = await store.write(owner, repoPath, detachedBody(req), {
       maxBytes: deps.maxFileBytes,
       expectedSha256,
       expectedSize,
@@ -372,7 +421,13 @@ export function createRequestHandler(
         const s = deps.uploads.get(owner, id);
         draft.path = s.path;
         allowWrite(s.path);
-        const result = await deps.uploads.append(owner, id, Number(raw.trim()), detachedBody(req));
+        const result = await deps.uploads.append(
+          owner,
+          id,
+          Number(raw.trim()),
+          detachedBody(req),
+          declaredLength(req),
+        );
         if (!result.done) {
           res
             .writeHead(204, { 'Upload-Offset': String(result.offset), 'Upload-Length': String(s.size) })
@@ -401,6 +456,8 @@ export function createRequestHandler(
 
   async function handle(req: IncomingMessage, res: ServerResponse, draft: AuditDraft): Promise<void> {
     const method = req.method ?? 'GET';
+    if (method !== 'PUT' && method !== 'PATCH' && (declaredLength(req) ?? 0) > MAX_JSON_BODY)
+      throw jsonTooLarge();
     if (deps.web && serveWebAsset(deps.web, req, res)) return;
     const r = route(req.url ?? '/');
     if (!r) throw new HttpError(404, `no such endpoint: ${method} ${(req.url ?? '').split('?')[0]}`);
@@ -429,14 +486,14 @@ export function createRequestHandler(
     const claimed = token?.startsWith(CAPABILITY_PREFIX) ? claimedCapability(token) : undefined;
     // A refused capability is audited under the id and task it claims; an accepted one under its own.
     if (claimed) [draft.user, draft.task] = [`capability:${claimed.id}`, claimed.taskId];
-    const guard = <T>(fn: () => T): Promise<T> =>
-      deps.loginThrottle.guard({ address: req.socket.remoteAddress }, fn);
+    // Failed logins are counted per address (a missing token is no guess).
+    const login = async <T>(fn: (token: string | undefined) => T): Promise<T> =>
+      token === undefined
+        ? fn(token)
+        : deps.loginThrottle.guard({ address: req.socket.remoteAddress }, () => fn(token));
     if (r.kind === 'whoami') {
       draft.action = 'whoami';
-      const p =
-        token === undefined
-          ? identify(db, token, deps.keys)
-          : await guard(() => identify(db, token, deps.keys));
+      const p = await login((t) => identify(db, t, deps.keys));
       draft.user = principalLabel(p);
       sendJson(
         res,
@@ -452,7 +509,7 @@ export function createRequestHandler(
     if (r.kind === 'capability-self') {
       draft.action = 'capability-revoke';
       if (method !== 'DELETE') throw new HttpError(405, `${method} is not allowed here`, { Allow: 'DELETE' });
-      const p = authenticate(db, token, deps.keys);
+      const p = await login((t) => authenticate(db, t, deps.keys));
       draft.user = principalLabel(p);
       if (p.kind !== 'capability')
         throw new AccessDenied(403, 'only a task capability can revoke itself (bearer: the capability)');
@@ -473,8 +530,7 @@ export function createRequestHandler(
     if (r.kind === 'tasks')
       [draft.action, draft.path] = [taskAction(method, r.id, r.action), r.id && `task:${r.id}`];
     if (r.kind === 'images') draft.action = 'list-images';
-    const principal: Principal =
-      token === undefined ? authenticate(db, token) : await guard(() => authenticate(db, token, deps.keys));
+    const principal: Principal = await login((t) => authenticate(db, t, deps.keys));
     draft.user = principalLabel(principal);
     if (principal.kind === 'capability') draft.task = principal.claims.taskId;
     checkOwnerName(r.owner);

@@ -1,14 +1,13 @@
-import { closeSync, constants as fsc, promises as fs, renameSync } from 'node:fs';
-import { createHash, randomBytes } from 'node:crypto';
+import { closeSync, promises as fs, renameSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
 import path from 'node:path';
-import { Transform, type Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
+import type { Readable } from 'node:stream';
 import { runCommand } from '../drivers/qemu/runCommand';
 import { describeError, type Logger } from '../logging/logger';
 import { BASE_IMAGE_NAME, BASE_IMAGE_PREFIX } from '../spec/taskSpec';
+import { writeDurably } from '../lib/durableWrite';
 import { fsyncFile } from '../storage/durableFile';
 import { ImageCache } from '../storage/imageCache';
-import { fileSink } from './fileSink';
 import { baseImageFile, baseImagesDir, StoreError, type FileStore } from './fileStore';
 import type { BaseImageRow, FileRow, ImageInfoRow, MetadataDb } from './metadataDb';
 import { RefusedRequest } from './refusedRequest';
@@ -168,46 +167,30 @@ export async function addBaseImage(
   await fs.mkdir(dir, { recursive: true, mode: 0o755 });
   // A dot name is never a base image name, so a temp file cannot be taken for one.
   const tmp = path.join(dir, `.incoming-${randomBytes(12).toString('hex')}`);
-  const hash = createHash('sha256');
-  let size = 0;
-  const meter = new Transform({
-    highWaterMark: 1 << 20,
-    transform(chunk: Buffer, _enc, done) {
-      size += chunk.length;
-      if (size > maxBytes) {
-        done(new StoreError('too-large', `base image is larger than the limit of ${maxBytes} bytes`));
-        return;
-      }
-      hash.update(chunk);
-      done(null, chunk);
+  return writeDurably(
+    source,
+    tmp,
+    {
+      maxBytes,
+      tooLarge: (max) => new StoreError('too-large', `base image is larger than the limit of ${max} bytes`),
+      mode: 0o444,
     },
-  });
-  try {
-    const handle = await fs.open(tmp, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600);
-    try {
-      await pipeline(source, meter, fileSink(handle));
-      await handle.sync();
-      await handle.chmod(0o444);
-    } finally {
-      await handle.close();
-    }
-    const sha256 = hash.digest('hex');
-    const info = await inspectImage(tmp, `${BASE_IMAGE_PREFIX}${name}`, sha256);
-    if (info.status !== 'ok')
-      throw new ImageStoreError('invalid', info.error ?? `base image ${name} is invalid`);
-    const row: BaseImageRow = { name, size, sha256, mtime: new Date().toISOString() };
-    // Synchronous from the name check to the row, so two adds of one name cannot both rename.
-    db.transaction(() => {
-      if (!db.insertBaseImage(row))
-        throw new ImageStoreError('conflict', `base image ${name} already exists`);
-      db.putImageInfo(info);
-      renameSync(tmp, path.join(dir, name)); // a throw here rolls the rows back
-    });
-    await fsyncFile(dir);
-    return baseEntry(db, row);
-  } finally {
-    await fs.rm(tmp, { force: true });
-  }
+    async ({ size, sha256 }) => {
+      const info = await inspectImage(tmp, `${BASE_IMAGE_PREFIX}${name}`, sha256);
+      if (info.status !== 'ok')
+        throw new ImageStoreError('invalid', info.error ?? `base image ${name} is invalid`);
+      const row: BaseImageRow = { name, size, sha256, mtime: new Date().toISOString() };
+      // Synchronous from the name check to the row, so two adds of one name cannot both rename.
+      db.transaction(() => {
+        if (!db.insertBaseImage(row))
+          throw new ImageStoreError('conflict', `base image ${name} already exists`);
+        db.putImageInfo(info);
+        renameSync(tmp, path.join(dir, name)); // a throw here rolls the rows back
+      });
+      await fsyncFile(dir);
+      return baseEntry(db, row);
+    },
+  );
 }
 
 /** Removes a base image; hosts keep their cached copy, so running tasks are unaffected. */

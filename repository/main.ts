@@ -14,6 +14,8 @@ import {
  * VSP_REPO_SFTP_LISTEN (host:port; SFTP is off unless set), VSP_REPO_SFTP_HOST_KEY (default
  * <dir>/ssh_host_ed25519_key, made on first start), VSP_REPO_AUDIT_LOG (default <dir>/audit.log),
  * VSP_REPO_UPLOAD_EXPIRY_SECONDS (unfinished resumable uploads are dropped after this idle time; 86400),
+ * VSP_REPO_IDLE_TIMEOUT_SECONDS (an HTTP, SSH or FTP connection that moves no bytes this long is dropped and
+ * its unfinished upload discarded; 300),
  * VSP_REPO_FTPS_LISTEN (host:port; FTPS is off unless set), VSP_REPO_FTPS_PASV_PORTS (min-max, default
  * 50000-50100), VSP_REPO_FTPS_PASV_ADDRESS (announced to non-local clients; default the listen host),
  * VSP_REPO_FTPS_CERT / VSP_REPO_FTPS_KEY (PEM; default <dir>/ftps_cert.pem and ftps_key.pem, self-signed
@@ -75,16 +77,8 @@ export function configFromEnv(env: NodeJS.ProcessEnv): RepositoryServerOptions {
       }
     : undefined;
   const auditLogFile = env.VSP_REPO_AUDIT_LOG || undefined;
-  let uploadExpiryMs: number | undefined;
-  const expiry = env.VSP_REPO_UPLOAD_EXPIRY_SECONDS;
-  if (expiry !== undefined && expiry !== '') {
-    if (!/^\d{1,9}$/.test(expiry) || Number(expiry) === 0) {
-      throw new Error(
-        `VSP_REPO_UPLOAD_EXPIRY_SECONDS=${JSON.stringify(expiry)} must be a positive whole number of seconds`,
-      );
-    }
-    uploadExpiryMs = Number(expiry) * 1000;
-  }
+  const uploadExpiryMs = secondsFromEnv(env, 'VSP_REPO_UPLOAD_EXPIRY_SECONDS');
+  const idleTimeoutMs = secondsFromEnv(env, 'VSP_REPO_IDLE_TIMEOUT_SECONDS');
   const ftps = env.VSP_REPO_FTPS_LISTEN
     ? {
         ...parseListen(env.VSP_REPO_FTPS_LISTEN, 'VSP_REPO_FTPS_LISTEN'),
@@ -95,7 +89,27 @@ export function configFromEnv(env: NodeJS.ProcessEnv): RepositoryServerOptions {
         allowPlain: parseFlag(env.VSP_REPO_FTPS_ALLOW_PLAIN, 'VSP_REPO_FTPS_ALLOW_PLAIN'),
       }
     : undefined;
-  return { dataDir, host, port, maxFileBytes, serviceToken, sftp, ftps, auditLogFile, uploadExpiryMs };
+  return {
+    dataDir,
+    host,
+    port,
+    maxFileBytes,
+    serviceToken,
+    sftp,
+    ftps,
+    auditLogFile,
+    uploadExpiryMs,
+    idleTimeoutMs,
+  };
+}
+
+/** A positive whole number of seconds from `env[name]`, in milliseconds; undefined when unset. */
+function secondsFromEnv(env: NodeJS.ProcessEnv, name: string): number | undefined {
+  const raw = env[name];
+  if (raw === undefined || raw === '') return undefined;
+  if (!/^\d{1,9}$/.test(raw) || Number(raw) === 0)
+    throw new Error(`${name}=${JSON.stringify(raw)} must be a positive whole number of seconds`);
+  return Number(raw) * 1000;
 }
 
 /** Whether the repository should connect to Temporal for its task endpoints. */

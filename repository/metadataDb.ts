@@ -76,6 +76,21 @@ export interface ImageInfoRow {
   inspected: string;
 }
 
+/**
+ * A resumable upload in progress. Its bytes are in a partial file named by `id`; `received` counts only
+ * bytes already fsynced there, so after a crash the file is cut back to it.
+ */
+export interface UploadSessionRow {
+  id: string;
+  owner: string;
+  path: string;
+  size: number;
+  sha256?: string;
+  received: number;
+  /** Milliseconds since the epoch. */
+  expiresAt: number;
+}
+
 /** A credential for the admin HTTP API; kept apart from owner and service tokens so neither can pass for it. */
 export interface AdminTokenRow {
   id: number;
@@ -165,6 +180,15 @@ CREATE TABLE IF NOT EXISTS image_info (
   has_backing INTEGER,
   error TEXT,
   inspected TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS upload_sessions (
+  id TEXT PRIMARY KEY,
+  owner TEXT NOT NULL REFERENCES owners(name),
+  path TEXT NOT NULL,
+  size INTEGER NOT NULL,
+  sha256 TEXT,
+  received INTEGER NOT NULL,
+  expires_at INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS capabilities (
   id TEXT PRIMARY KEY,
@@ -610,6 +634,41 @@ export class MetadataDb {
 
   deleteBaseImage(name: string): boolean {
     return this.db.prepare('DELETE FROM base_images WHERE name = ?').run(name).changes === 1;
+  }
+
+  // --- resumable upload sessions (a table added without a schema bump: SCHEMA creates it if missing) ---
+
+  insertUploadSession(r: UploadSessionRow): void {
+    this.db
+      .prepare(
+        `INSERT INTO upload_sessions (id, owner, path, size, sha256, received, expires_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?)`,
+      )
+      .run(r.id, r.owner, r.path, r.size, r.sha256 ?? null, r.received, r.expiresAt);
+  }
+
+  updateUploadSession(id: string, received: number, expiresAt: number): void {
+    this.db
+      .prepare('UPDATE upload_sessions SET received = ?, expires_at = ? WHERE id = ?')
+      .run(received, expiresAt, id);
+  }
+
+  deleteUploadSession(id: string): void {
+    this.db.prepare('DELETE FROM upload_sessions WHERE id = ?').run(id);
+  }
+
+  listUploadSessions(): UploadSessionRow[] {
+    const rows = this.db
+      .prepare('SELECT id, owner, path, size, sha256, received, expires_at FROM upload_sessions')
+      .all() as (Omit<UploadSessionRow, 'sha256' | 'expiresAt'> & {
+      sha256: string | null;
+      expires_at: number;
+    })[];
+    return rows.map(({ sha256, expires_at, ...r }) => ({
+      ...r,
+      ...(sha256 !== null && { sha256 }),
+      expiresAt: expires_at,
+    }));
   }
 
   // --- image inspections ---

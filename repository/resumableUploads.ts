@@ -1,22 +1,23 @@
-import { constants as fsc, promises as fs } from 'node:fs';
+import { constants as fsc, createReadStream, promises as fs } from 'node:fs';
 import { createHash, randomBytes, type Hash } from 'node:crypto';
 import path from 'node:path';
-import { Transform, type Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
+import type { Readable } from 'node:stream';
 import { z } from 'zod';
 import { normaliseRepoPath } from '../spec/repoPath';
 import { describeError, type Logger } from '../logging/logger';
-import { fileSink } from './fileSink';
+import { streamInto, writtenBefore } from '../lib/durableWrite';
+import { fsyncFile } from '../storage/durableFile';
 import { StoreError, type FileStore } from './fileStore';
-import type { FileRow } from './metadataDb';
+import type { FileRow, MetadataDb } from './metadataDb';
 
 /**
  * Resumable uploads by offset (HTTP: POST creates a session, PATCH appends at `Upload-Offset`, HEAD
  * tells the offset). The bytes gather in a private partial file outside the owner's space, hashed as
  * they are written; when the last one arrives the checksum is compared and FileStore.adopt checks the
  * quota and renames the partial file into place (no second copy), so a file is visible only once
- * complete. Sessions live in memory: a restart drops them with their partial files (the store's other
- * temp files go the same way), so the running hash never has to outlive the process.
+ * complete. Sessions outlive a restart: each is a row in the metadata database whose offset counts only
+ * bytes already fsynced in its partial file (so after a crash the file is cut back to it), and the running
+ * hash, which cannot be saved, is recomputed from the partial file when a session is next used.
  */
 
 export const DEFAULT_UPLOAD_EXPIRY_MS = 24 * 3600_000;
@@ -67,8 +68,8 @@ interface Session {
   offset: number;
   expiresAt: number;
   partial: string;
-  /** SHA-256 of the partial file's `offset` bytes, extended by each append. */
-  hash: Hash;
+  /** SHA-256 of the partial file's `offset` bytes, extended by each append; recomputed after a restart. */
+  hash?: Hash;
   /** An append or the commit is running: a second append waits its turn by being refused. */
   busy: boolean;
 }
@@ -77,6 +78,7 @@ export type AppendResult = { done: false; offset: number } | { done: true; info:
 
 export interface ResumableUploadsOptions {
   dataDir: string;
+  db: MetadataDb;
   store: FileStore;
   maxFileBytes: number;
   log: Logger;
@@ -89,6 +91,7 @@ export class ResumableUploads {
 
   private constructor(
     private readonly dir: string,
+    private readonly db: MetadataDb,
     private readonly store: FileStore,
     private readonly maxFileBytes: number,
     private readonly log: Logger,
@@ -98,15 +101,56 @@ export class ResumableUploads {
     this.sweeper.unref();
   }
 
-  /** Clears partial files a previous run left (their sessions died with it). */
+  /**
+   * Takes back the sessions a previous run left: each partial file is cut back to its recorded offset
+   * (bytes past it were never acknowledged); sessions whose file is gone or short, expired ones, and files
+   * without a session are dropped.
+   */
   static async open(opts: ResumableUploadsOptions): Promise<ResumableUploads> {
     const expiryMs = opts.expiryMs ?? DEFAULT_UPLOAD_EXPIRY_MS;
     if (!Number.isSafeInteger(expiryMs) || expiryMs <= 0)
       throw new Error(`upload expiry ${expiryMs} ms is not a positive whole number`);
     const dir = path.join(opts.dataDir, 'partial-uploads');
-    await fs.rm(dir, { recursive: true, force: true });
     await fs.mkdir(dir, { recursive: true, mode: 0o700 });
-    return new ResumableUploads(dir, opts.store, opts.maxFileBytes, opts.log, expiryMs);
+    const uploads = new ResumableUploads(dir, opts.db, opts.store, opts.maxFileBytes, opts.log, expiryMs);
+    const kept = new Set<string>();
+    for (const row of opts.db.listUploadSessions()) {
+      const s: Session = { ...row, offset: row.received, partial: path.join(dir, row.id), busy: false };
+      if (await uploads.reopen(s)) kept.add(row.id);
+    }
+    for (const name of await fs.readdir(dir))
+      if (!kept.has(name)) await fs.rm(path.join(dir, name), { recursive: true, force: true });
+    return uploads;
+  }
+
+  /** Restores one recorded session; false (and the record dropped) if it cannot continue. */
+  private async reopen(s: Session): Promise<boolean> {
+    let why: string | undefined;
+    if (s.expiresAt <= Date.now()) why = 'expired';
+    else {
+      try {
+        const handle = await fs.open(s.partial, fsc.O_WRONLY | fsc.O_NOFOLLOW);
+        try {
+          const { size } = await handle.stat();
+          if (size < s.offset) why = `its partial file holds ${size} of ${s.offset} recorded bytes`;
+          else if (size > s.offset) {
+            await handle.truncate(s.offset);
+            await handle.sync();
+          }
+        } finally {
+          await handle.close();
+        }
+      } catch (err) {
+        why = `its partial file cannot be opened: ${describeError(err)}`;
+      }
+    }
+    if (why !== undefined) {
+      this.db.deleteUploadSession(s.id);
+      this.log.warn({ owner: s.owner, path: s.path, id: s.id, why }, 'resumable upload dropped at start');
+      return false;
+    }
+    this.sessions.set(s.id, s);
+    return true;
   }
 
   /** Starts a session for `req.path` in `owner`'s space, refusing early what could never be stored. */
@@ -152,6 +196,9 @@ export class ResumableUploads {
       hash: createHash('sha256'),
       busy: false,
     };
+    // The new name is durable before it is recorded, so a recorded session never lacks its file.
+    await fsyncFile(this.dir);
+    this.db.insertUploadSession({ ...describe(s), owner, received: 0, expiresAt: s.expiresAt });
     this.sessions.set(id, s);
     this.log.info({ owner, path: repoPath, size: req.size, id }, 'resumable upload started');
     return describe(s);
@@ -163,9 +210,17 @@ export class ResumableUploads {
 
   /**
    * Appends `body` at `offset`, which must be the session's current offset (else 409 with the right
-   * one). Whatever arrives before a disconnect is kept. On the last byte the file is committed.
+   * one). Whatever arrives before a disconnect is kept, durably: the partial file is fsynced before the
+   * new offset is recorded. A refused request (a wrong offset, more bytes than announced, whether by
+   * `length` before reading or by counting) changes nothing. On the last byte the file is committed.
    */
-  async append(owner: string, id: string, offset: number, body: Readable): Promise<AppendResult> {
+  async append(
+    owner: string,
+    id: string,
+    offset: number,
+    body: Readable,
+    length?: number,
+  ): Promise<AppendResult> {
     const s = this.find(owner, id);
     if (s.busy) throw new UploadError(409, 'another request is appending to this upload', offsetHeader(s));
     if (offset !== s.offset)
@@ -174,42 +229,45 @@ export class ResumableUploads {
         `Upload-Offset ${offset} does not match the ${s.offset} bytes received`,
         offsetHeader(s),
       );
+    const tooMany = (): UploadError =>
+      new UploadError(400, `more bytes than the ${s.size} announced for this upload`, offsetHeader(s));
+    if (length !== undefined && s.offset + length > s.size) throw tooMany();
     s.busy = true;
     try {
+      const hash = s.hash ?? (await hashPrefix(s.partial, s.offset));
+      const before = hash.copy();
       const room = s.size - s.offset;
-      let received = 0;
-      const meter = new Transform({
-        highWaterMark: 1 << 20,
-        transform: (chunk: Buffer, _enc, done) => {
-          received += chunk.length;
-          if (received > room)
-            done(
-              new UploadError(
-                400,
-                `more bytes than the ${s.size} announced for this upload`,
-                offsetHeader(s),
-              ),
-            );
-          else done(null, chunk);
-        },
-      });
       const handle = await fs.open(s.partial, fsc.O_WRONLY | fsc.O_APPEND | fsc.O_NOFOLLOW);
-      let written = s.offset;
-      const onWritten = (chunk: Buffer): void => {
-        s.hash.update(chunk);
-        written += chunk.length;
-      };
+      let written = 0;
+      let failure: unknown;
       try {
-        await pipeline(body, meter, fileSink(handle, { onWritten }));
+        written = (
+          await streamInto(body, handle, {
+            hash,
+            onChunk: (total) => {
+              if (total > room) throw tooMany();
+            },
+          })
+        ).size;
+        s.hash = hash;
+      } catch (err) {
+        failure = err;
+        // A refusal keeps nothing of the request; a disconnect keeps what arrived, so a resume continues.
+        const refused = err instanceof UploadError;
+        written = refused ? 0 : writtenBefore(err);
+        s.hash = refused ? before : hash;
       } finally {
-        // Keep what did arrive, durably, so a resume continues from there. A write that failed partway
-        // may have left part of a chunk that was never hashed: it goes, so file and hash stay in step.
-        if ((await handle.stat()).size !== written) await handle.truncate(written);
+        // A write that failed partway may have left part of a chunk that was never hashed: it goes too.
+        if ((await handle.stat()).size !== s.offset + written) await handle.truncate(s.offset + written);
         await handle.sync();
-        s.offset = written;
-        s.expiresAt = Date.now() + this.expiryMs;
         await handle.close();
       }
+      if (written > 0) {
+        s.offset += written;
+        s.expiresAt = Date.now() + this.expiryMs;
+        this.db.updateUploadSession(s.id, s.offset, s.expiresAt);
+      }
+      if (failure !== undefined) throw failure;
       if (s.offset < s.size) return { done: false, offset: s.offset };
       return { done: true, info: await this.commit(s) };
     } finally {
@@ -225,9 +283,9 @@ export class ResumableUploads {
     await this.drop(s);
   }
 
-  async close(): Promise<void> {
+  /** Stops the sweeper; sessions stay on disk for the next start. */
+  close(): void {
     clearInterval(this.sweeper);
-    await Promise.all([...this.sessions.values()].map((s) => this.drop(s)));
   }
 
   /** Sessions of other owners are as invisible as unknown ones. */
@@ -240,7 +298,7 @@ export class ResumableUploads {
 
   private async commit(s: Session): Promise<FileRow> {
     try {
-      const sha256 = s.hash.digest('hex');
+      const sha256 = (s.hash ?? (await hashPrefix(s.partial, s.offset))).digest('hex');
       if (s.sha256 !== undefined && sha256 !== s.sha256) {
         throw new StoreError(
           'checksum-mismatch',
@@ -258,6 +316,7 @@ export class ResumableUploads {
 
   private async drop(s: Session): Promise<void> {
     this.sessions.delete(s.id);
+    this.db.deleteUploadSession(s.id);
     await fs.rm(s.partial, { force: true });
   }
 
@@ -284,6 +343,15 @@ function describe(s: Session): UploadSessionInfo {
     offset: s.offset,
     expires: new Date(s.expiresAt).toISOString(),
   };
+}
+
+/** SHA-256 of the first `bytes` bytes of `file` (a session's running hash, after a restart). */
+async function hashPrefix(file: string, bytes: number): Promise<Hash> {
+  const hash = createHash('sha256');
+  if (bytes === 0) return hash;
+  const stream = createReadStream(file, { start: 0, end: bytes - 1, highWaterMark: 1 << 20 });
+  for await (const chunk of stream) hash.update(chunk as Buffer);
+  return hash;
 }
 
 function offsetHeader(s: Session): Record<string, string> {

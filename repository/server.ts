@@ -6,7 +6,12 @@ import { ensureServiceToken } from './auth';
 import { loadCapabilityKeys } from './capabilities';
 import { AuditLog, defaultAuditLogPath } from './auditLog';
 import { FileStore } from './fileStore';
-import { defaultFtpsCertPaths, startFtpsServer, type FtpsServer } from './ftpsServer';
+import {
+  DEFAULT_IDLE_TIMEOUT_MS,
+  defaultFtpsCertPaths,
+  startFtpsServer,
+  type FtpsServer,
+} from './ftpsServer';
 import { createRequestHandler } from './httpApi';
 import { MetadataDb } from './metadataDb';
 import { ResumableUploads } from './resumableUploads';
@@ -41,6 +46,11 @@ export interface RepositoryServerOptions {
     /** Allow logins without AUTH TLS. */
     allowPlain?: boolean;
   };
+  /**
+   * A connection (HTTP, SSH, FTPS control or data) that moves no bytes for this long is dropped and its
+   * unfinished upload discarded (default 5 min).
+   */
+  idleTimeoutMs?: number;
   /** How long an unfinished resumable upload lives after its last append (default 24 h). */
   uploadExpiryMs?: number;
   /** Login rate limiting shared by all protocols (defaults in loginThrottle.ts). */
@@ -63,8 +73,8 @@ export interface RepositoryServer {
 
 export const DEFAULT_PORT = 8420;
 export const DEFAULT_MAX_FILE_BYTES = 64 * 1024 ** 3;
-/** A connection that moves no bytes for this long is dropped (and its unfinished upload discarded). */
-const IDLE_TIMEOUT_MS = 5 * 60_000;
+/** A client gets this long to send its request headers (slow-header clients hold no connection longer). */
+const HEADERS_TIMEOUT_MS = 30_000;
 /** On close, requests still running after this long are cut off. */
 const CLOSE_GRACE_MS = 10_000;
 
@@ -91,6 +101,7 @@ function validate(
 /** Starts the repository's HTTP service over the store in `dataDir`. */
 export async function startRepositoryServer(opts: RepositoryServerOptions): Promise<RepositoryServer> {
   const { dataDir, host, port, maxFileBytes } = validate(opts);
+  const idleTimeoutMs = opts.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
   const log = createLogger('repository');
   const db = MetadataDb.open(dataDir);
   let audit: AuditLog | undefined;
@@ -107,6 +118,7 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
     audit = AuditLog.open(opts.auditLogFile ?? defaultAuditLogPath(dataDir));
     uploads = await ResumableUploads.open({
       dataDir,
+      db,
       store,
       maxFileBytes,
       log,
@@ -121,6 +133,7 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
         host: opts.sftp.host ?? host,
         port: opts.sftp.port,
         hostKeyFile: opts.sftp.hostKeyFile ?? defaultHostKeyPath(dataDir),
+        idleTimeoutMs,
       });
       log.info({ host: sftp.host, port: sftp.port }, 'SFTP listening');
     }
@@ -131,18 +144,25 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
         host: opts.ftps.host ?? host,
         certFile: opts.ftps.certFile ?? defaults.certFile,
         keyFile: opts.ftps.keyFile ?? defaults.keyFile,
+        idleTimeoutMs,
       });
       log.info({ host: ftps.host, port: ftps.port }, 'FTPS listening');
     }
     const handler = createRequestHandler({ ...deps, web, tasks, images, keys });
     const inFlight = new Set<Promise<void>>();
-    const server = createServer((req: IncomingMessage, res: ServerResponse) => {
-      const p = handler(req, res).finally(() => inFlight.delete(p));
-      inFlight.add(p);
-    });
-    // Large uploads legitimately take long; only idleness ends a connection.
+    const server = createServer(
+      // Checked this often, the headers timeout holds to within a few seconds.
+      { connectionsCheckingInterval: 5_000 },
+      (req: IncomingMessage, res: ServerResponse) => {
+        const p = handler(req, res).finally(() => inFlight.delete(p));
+        inFlight.add(p);
+      },
+    );
+    // Large uploads legitimately take long: no limit on a whole request, but on its headers and on
+    // idleness (small JSON bodies have their own deadline in httpApi.ts).
     server.requestTimeout = 0;
-    server.setTimeout(IDLE_TIMEOUT_MS);
+    server.headersTimeout = Math.min(HEADERS_TIMEOUT_MS, idleTimeoutMs);
+    server.setTimeout(idleTimeoutMs);
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
       server.listen(port, host, () => {

@@ -1,5 +1,5 @@
 import { promises as fs } from 'node:fs';
-import type { AddressInfo } from 'node:net';
+import { createServer, type AddressInfo } from 'node:net';
 import path from 'node:path';
 import { Server, utils, type AuthContext, type Connection } from 'ssh2';
 import { describeError } from '../logging/logger';
@@ -20,6 +20,8 @@ export interface SftpServerOptions {
   port: number;
   /** OpenSSH-format private key; an ed25519 key is generated there on first start. */
   hostKeyFile: string;
+  /** A connection that moves no bytes for this long is dropped, its open uploads discarded. */
+  idleTimeoutMs: number;
 }
 
 export interface SftpServer {
@@ -140,17 +142,22 @@ export async function startSftpServer(deps: SftpSessionDeps, opts: SftpServerOpt
     client.on('close', () => connections.delete(client));
   });
 
+  // SSH has no idle limit of its own: our listener gives each connection one before ssh2 takes it.
+  const tcp = createServer((socket) => {
+    socket.setTimeout(opts.idleTimeoutMs, () => socket.destroy());
+    server.injectSocket(socket);
+  });
   await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(opts.port, opts.host, () => {
-      server.off('error', reject);
+    tcp.once('error', reject);
+    tcp.listen(opts.port, opts.host, () => {
+      tcp.off('error', reject);
       resolve();
     });
   });
-  const addr = server.address() as AddressInfo;
+  const addr = tcp.address() as AddressInfo;
   let closing: Promise<void> | undefined;
   const close = async (): Promise<void> => {
-    const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+    const closed = new Promise<void>((resolve) => tcp.close(() => resolve()));
     // SFTP sessions are long-lived: ending them is the normal way to stop; open uploads are discarded.
     for (const c of connections) c.end();
     let timer: NodeJS.Timeout | undefined;

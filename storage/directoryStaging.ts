@@ -2,6 +2,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { UnusableOutputsError } from './diskImageStaging';
 import type { ExtractedOutputs, HomeStaging } from './homeStaging';
+import { DEFAULT_MAX_DEPTH, DEFAULT_MAX_ENTRIES, judgeTree, listHostTree } from './outputTree';
 import type { VmPaths } from './vmStore';
 
 /** Staging for the process driver: the inputs folder becomes the task's home as it is. */
@@ -26,9 +27,10 @@ export class DirectoryStaging implements HomeStaging {
     const outputsDir = path.join(vm.outboxDir, 'outputs');
     await fs.rm(vm.outboxDir, { recursive: true, force: true });
     await fs.mkdir(outputsDir, { recursive: true });
+    const taskLog = (await exists(vm.taskLog)) ? vm.taskLog : undefined;
     const src = path.join(vm.homeDir, outputDir);
-    // The home is the task's: a symlink on the way to outputDir would make root copy a folder of the host.
-    // Inside it, links are copied as links, which the upload refuses by name.
+    // The home is the task's (its processes are gone by now): a symlink on the way to outputDir would make
+    // root copy a folder of the host, and a FIFO or device would block or fail the copy. Judge first.
     const parts = path.relative(vm.homeDir, src).split(path.sep);
     for (let i = 1; i <= parts.length; i++) {
       const st = await fs.lstat(path.join(vm.homeDir, ...parts.slice(0, i))).catch(() => undefined);
@@ -36,11 +38,16 @@ export class DirectoryStaging implements HomeStaging {
         throw new UnusableOutputsError(
           `outputDir ${outputDir} is or lies under a symlink in the task's home`,
           'BadOutputs',
-          (await exists(vm.taskLog)) ? vm.taskLog : undefined,
+          taskLog,
         );
     }
-    if (await isDir(src)) await fs.cp(src, outputsDir, { recursive: true, verbatimSymlinks: true });
-    return { outputsDir, taskLog: (await exists(vm.taskLog)) ? vm.taskLog : undefined };
+    if (!(await isDir(src))) return { outputsDir, taskLog };
+    const bounds = { maxBytes: Infinity, maxEntries: DEFAULT_MAX_ENTRIES, maxDepth: DEFAULT_MAX_DEPTH };
+    // The declared room is checked at upload, as for every driver.
+    const verdict = judgeTree(await listHostTree(src, bounds.maxDepth), bounds);
+    if (verdict) throw new UnusableOutputsError(verdict.message, verdict.reason, taskLog);
+    await fs.cp(src, outputsDir, { recursive: true });
+    return { outputsDir, taskLog };
   }
 }
 

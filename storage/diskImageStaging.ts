@@ -5,7 +5,10 @@ import { fsyncFile, writeFileAtomic } from './durableFile';
 import { runCommand } from '../drivers/qemu/runCommand';
 import { createLogger } from '../logging/logger';
 import { normaliseRepoPath } from '../spec/repoPath';
+import { GuestDiskReader, RefusedTree } from './guestDiskReader';
+import { GuestDiskTools } from './guestDiskTools';
 import type { ExtractedOutputs, HomeStaging } from './homeStaging';
+import { DEFAULT_MAX_DEPTH, DEFAULT_MAX_ENTRIES } from './outputTree';
 import type { VmPaths } from './vmStore';
 
 const MiB = 1024 * 1024;
@@ -18,6 +21,8 @@ const journalMiB = (bytes: number) => (bytes < 256 * MiB ? 4 : 16);
 /** Below this much free room (beyond the reserve) after the task, the outputs filled the disk. */
 const FULL_SLACK_BYTES = 256 * 1024;
 const TOOL_TIMEOUT_MS = 30 * 60_000;
+/** The task log as the owner gets it: its first 64 MiB. */
+const TASK_LOG_MAX_BYTES = 64 * MiB;
 /** Folder on the data disk for VSP's own files (command, task.log, exit-status). */
 export const VSP_DIR = '.vsp';
 
@@ -50,6 +55,8 @@ interface StagingRecord {
 export class DiskImageStaging implements HomeStaging {
   readonly kind = 'disk-image' as const;
   private readonly log = createLogger('disk-staging');
+
+  constructor(private readonly tools = new GuestDiskTools()) {}
 
   async build(
     vm: VmPaths,
@@ -119,6 +126,10 @@ export class DiskImageStaging implements HomeStaging {
     return { bytes: imageBytes };
   }
 
+  /**
+   * Takes the outputs and the task log off the data disk, which the guest wrote and so may be crafted:
+   * GuestDiskReader reads it as an unprivileged account under limits, and refuses what it cannot take.
+   */
   async extract(vm: VmPaths, outputDir: string): Promise<ExtractedOutputs> {
     const rel = normaliseRepoPath(outputDir, 'outputDir');
     if (rel.includes('"')) throw new Error(`outputDir ${JSON.stringify(rel)} contains a double quote`);
@@ -126,39 +137,70 @@ export class DiskImageStaging implements HomeStaging {
       throw new Error(`outputDir may not be inside ${VSP_DIR}/`);
     if (!(await exists(vm.dataDisk))) throw new Error(`no data disk ${vm.dataDisk} to extract outputs from`);
     const record = await readStagingRecord(vm);
-    await replayJournalIfNeeded(vm.dataDisk);
-    const overflow = await roomOverflow(vm.dataDisk, record);
 
     await fs.rm(vm.outboxDir, { recursive: true, force: true });
-    await fs.mkdir(vm.outboxDir, { recursive: true });
-    // The task log first: it explains a failure, and unusable outputs are one.
-    const taskLogFile = path.join(vm.outboxDir, 'task.log');
-    await debugfs(vm.dataDisk, `dump "/${VSP_DIR}/task.log" "${taskLogFile}"`);
-    const taskLog = (await exists(taskLogFile)) ? taskLogFile : undefined;
-    if (overflow) throw new UnusableOutputsError(overflow, 'OutputsTooLarge', taskLog);
+    await fs.mkdir(vm.outboxDir, { recursive: true, mode: 0o700 });
+    const scratch = path.join(vm.outboxDir, '.scratch');
+    const reader = new GuestDiskReader(vm.dataDisk, scratch, path.dirname(vm.dir), this.tools);
+    try {
+      if (await reader.replayJournal())
+        this.log.info({ dataDisk: vm.dataDisk }, 'journal replayed: the VM ended without unmounting');
+      const overflow = roomOverflow(await reader.superblock(), vm.dataDisk, record);
 
-    const dumpDir = path.join(vm.outboxDir, '.dump');
-    await fs.mkdir(dumpDir);
-    const outputsDir = path.join(vm.outboxDir, 'outputs');
-    const dumped = path.join(dumpDir, path.posix.basename(rel));
-    const r = await debugfs(vm.dataDisk, `rdump "/${rel}" "${dumpDir}"`);
-    const st = await fs.lstat(dumped).catch(() => undefined);
-    if (!st) {
-      if (!/not found/i.test(r.stderr))
-        throw new Error(`cannot extract /${rel} from ${vm.dataDisk}: ${r.stderr.trim()}`);
-      await fs.mkdir(outputsDir);
-    } else if (!st.isDirectory()) {
-      throw new UnusableOutputsError(
-        `outputDir ${rel} is not a folder on the data disk`,
-        'BadOutputs',
-        taskLog,
-      );
-    } else {
-      await fs.rename(dumped, outputsDir);
+      // The task log first: it explains a failure, and unusable outputs are one.
+      const taskLogFile = path.join(vm.outboxDir, 'task.log');
+      const taskLog = (await reader.copyFile(`/${VSP_DIR}/task.log`, taskLogFile, TASK_LOG_MAX_BYTES))
+        ? taskLogFile
+        : undefined;
+      if (taskLog) await markUnwrittenTail(taskLog);
+      if (overflow) throw new UnusableOutputsError(overflow, 'OutputsTooLarge', taskLog);
+
+      const outputsDir = path.join(vm.outboxDir, 'outputs');
+      const bounds = {
+        maxBytes: record?.outputRoomBytes ?? (await fs.stat(vm.dataDisk)).size,
+        maxEntries: DEFAULT_MAX_ENTRIES,
+        maxDepth: DEFAULT_MAX_DEPTH,
+      };
+      const found = await reader.extractFolder(rel, outputsDir, bounds).catch((err: unknown) => {
+        if (err instanceof RefusedTree)
+          throw new UnusableOutputsError(err.message, err.verdict.reason, taskLog);
+        if (/is not a folder on the data disk/.test((err as Error).message))
+          throw new UnusableOutputsError((err as Error).message, 'BadOutputs', taskLog);
+        throw err;
+      });
+      if (!found) await fs.mkdir(outputsDir);
+      this.log.info({ dataDisk: vm.dataDisk, outputsDir }, 'outputs extracted');
+      return { outputsDir, ...(taskLog ? { taskLog } : {}) };
+    } finally {
+      await fs.rm(scratch, { recursive: true, force: true });
     }
-    await fs.rm(dumpDir, { recursive: true, force: true });
-    this.log.info({ dataDisk: vm.dataDisk, outputsDir }, 'outputs extracted');
-    return { outputsDir, ...(taskLog ? { taskLog } : {}) };
+  }
+}
+
+/**
+ * A VM that stopped without writing its last log lines leaves the log's size ahead of its data: the end
+ * reads as NUL bytes. Those bytes were never the task's; say so instead of handing them on.
+ */
+async function markUnwrittenTail(file: string): Promise<void> {
+  const fh = await fs.open(file, 'r+');
+  try {
+    const { size } = await fh.stat();
+    let end = size;
+    const buf = Buffer.alloc(64 * 1024);
+    while (end > 0) {
+      const from = Math.max(0, end - buf.length);
+      const { bytesRead } = await fh.read(buf, 0, end - from, from);
+      let i = bytesRead;
+      while (i > 0 && buf[i - 1] === 0) i--;
+      end = from + i;
+      if (i > 0) break;
+    }
+    if (end === size) return;
+    await fh.truncate(end);
+    const note = `${end > 0 ? '\n' : ''}[vsp] the last ${size - end} bytes of this log never reached the disk: the VM stopped before writing them\n`;
+    await fh.write(note, end);
+  } finally {
+    await fh.close();
   }
 }
 
@@ -170,10 +212,21 @@ async function removeStaleBuilds(dataDisk: string): Promise<void> {
     if (name.startsWith(prefix) && name.endsWith('.tmp')) await fs.rm(path.join(dir, name), { force: true });
 }
 
-/** Reads a file from a data disk without mounting it (debugfs cat); undefined when absent. */
+/**
+ * Reads a file from a data disk without mounting it (as an unprivileged account), as the disk is: a
+ * journal is not replayed here (the disk may still be in use); undefined when absent.
+ */
 export async function readDataDiskFile(dataDisk: string, relPath: string): Promise<string | undefined> {
-  const r = await debugfs(dataDisk, `cat "/${relPath}"`);
-  return /not found/i.test(r.stderr) ? undefined : r.stdout;
+  const scratch = path.join(path.dirname(dataDisk), `.read-${randomBytes(4).toString('hex')}`);
+  try {
+    const reader = new GuestDiskReader(dataDisk, scratch, path.dirname(path.dirname(dataDisk)));
+    const local = path.join(scratch, 'file');
+    return (await reader.copyFile(`/${relPath}`, local, 64 * MiB))
+      ? await fs.readFile(local, 'utf8')
+      : undefined;
+  } finally {
+    await fs.rm(scratch, { recursive: true, force: true });
+  }
 }
 
 /**
@@ -214,21 +267,8 @@ function debugfs(image: string, request: string) {
   return runCommand('debugfs', ['-R', request, image], { timeoutMs: TOOL_TIMEOUT_MS, maxBuffer: 256 * MiB });
 }
 
-/** A VM killed mid-task leaves a journal to replay; debugfs reads the disk as is, so replay it first. */
-async function replayJournalIfNeeded(image: string): Promise<void> {
-  const { stdout } = await runCommand('dumpe2fs', ['-h', image], { timeoutMs: TOOL_TIMEOUT_MS });
-  if (!/^Filesystem features:.*\bneeds_recovery\b/m.test(stdout)) return;
-  await runCommand('e2fsck', ['-y', '-E', 'journal_only', image], { timeoutMs: TOOL_TIMEOUT_MS }).catch(
-    (err: unknown) => {
-      // e2fsck exits 1 when it changed the file system, which is the point here.
-      if (((err as Error).cause as { code?: unknown } | undefined)?.code !== 1) throw err;
-    },
-  );
-}
-
 /** Why the task's outputs overflowed its declared room, or undefined when they did not. */
-async function roomOverflow(image: string, record: StagingRecord | undefined): Promise<string | undefined> {
-  const { stdout } = await runCommand('dumpe2fs', ['-h', image], { timeoutMs: TOOL_TIMEOUT_MS });
+function roomOverflow(stdout: string, image: string, record: StagingRecord | undefined): string | undefined {
   const field = (name: string) => Number(new RegExp(`^${name}:\\s+(\\d+)`, 'm').exec(stdout)?.[1]);
   const free = field('Free blocks');
   const reserved = field('Reserved block count');

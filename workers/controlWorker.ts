@@ -13,11 +13,12 @@ const log = createLogger('worker.control');
 /** The control worker: runs the TaskLifecycle workflows and placement on the `vsp` queue. */
 async function main(): Promise<void> {
   const config = loadControlConfig();
-  const { connection, namespace } = await connectWorkerConnection();
-  const client = new Client({ connection, namespace });
+  const { connection, namespace, dataConverter } = await connectWorkerConnection();
+  const client = new Client({ connection, namespace, dataConverter });
   const worker = await Worker.create({
     connection,
     namespace,
+    dataConverter,
     taskQueue: CONTROL_TASK_QUEUE,
     ...(existsSync(WORKFLOW_BUNDLE)
       ? { workflowBundle: { codePath: WORKFLOW_BUNDLE } }

@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import { Client } from '@temporalio/client';
 import { Worker } from '@temporalio/worker';
 import { createHostActivities } from '../activities/host/createHostActivities';
@@ -30,8 +31,8 @@ async function main(): Promise<void> {
   const repositoryFor = (capability: string) =>
     new RepositoryClient({ url: config.repositoryUrl, token: capability });
   const drivers = await createDriverBindings(config, store, repository);
-  const { connection, namespace } = await connectWorkerConnection();
-  const client = new Client({ connection, namespace });
+  const { connection, namespace, dataConverter } = await connectWorkerConnection();
+  const client = new Client({ connection, namespace, dataConverter });
 
   const activities = createHostActivities({
     hostName: config.host,
@@ -63,18 +64,24 @@ async function main(): Promise<void> {
       (err: unknown) =>
         log.warn({ err: describeError(err) }, 'some NFS exports of the cluster do not answer'),
     );
+  // Unique per start even when a container gives every start the same pid: the orphan reaper tells its
+  // predecessor's attempts from its own by it.
+  const identity = `vsp-host-${config.host}@${process.pid}.${randomBytes(4).toString('hex')}`;
   const worker = await Worker.create({
     connection,
     namespace,
+    dataConverter,
     taskQueue: hostTaskQueue(config.host),
     activities: { ...activities, ...migration, ...liveness },
-    identity: `vsp-host-${config.host}@${process.pid}`,
+    identity,
     // Heartbeats (liveness, task progress) reach Temporal within one period, whatever the timeouts.
     maxHeartbeatThrottleInterval: config.heartbeatSec * 1000,
   });
   await startLiveness(client, config);
 
-  const reaper = new OrphanReaper({ hostName: config.host, store, client, drivers, repositoryFor });
+  const reaper = new OrphanReaper({ hostName: config.host, identity, store, client, drivers, repositoryFor });
+  await reaper.removeStaleTempFiles(true);
+  // VMs are swept while the worker already serves: open runs re-attach meanwhile, nothing waits.
   let sweeping: Promise<unknown> = Promise.resolve();
   const sweep = (startup: boolean) => {
     sweeping = sweeping
@@ -83,6 +90,11 @@ async function main(): Promise<void> {
   };
   sweep(true);
   const timer = setInterval(() => sweep(false), config.reaperIntervalSec * 1000);
+  await reaper
+    .releaseStaleAttempts(hostLivenessWorkflowId(config.host))
+    .catch((err: unknown) =>
+      log.warn({ err: describeError(err) }, "could not release the predecessor's liveness heartbeat"),
+    );
 
   log.info(
     {

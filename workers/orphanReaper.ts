@@ -1,15 +1,17 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { WorkflowNotFoundError, type Client } from '@temporalio/client';
+import { temporal } from '@temporalio/proto';
 import type { DriverBinding } from '../activities/host/hostDeps';
 import { readTaskRecord, type TaskRecord } from '../activities/host/taskAccess';
-import { removePartialDownloads } from '../activities/host/createHostActivities';
 import type { VmHandle } from '../drivers/types';
 import { createLogger, describeError } from '../logging/logger';
 import type { RepositoryClient } from '../repository/client';
 import type { VmStore } from '../storage/vmStore';
 
 const log = createLogger('orphan-reaper');
+
+const STARTED = temporal.api.enums.v1.PendingActivityState.PENDING_ACTIVITY_STATE_STARTED;
 
 /** Graceful stop of an orphan before its logs are read. */
 const STOP_TIMEOUT_MS = 10_000;
@@ -18,6 +20,8 @@ const STALE_TEMP_MS = 6 * 3600_000;
 
 export interface ReaperDeps {
   hostName: string;
+  /** This worker's identity; attempts started by another identity of this host are its dead predecessor's. */
+  identity: string;
   store: VmStore;
   client: Client;
   drivers: Record<string, DriverBinding>;
@@ -34,7 +38,7 @@ export interface SweepReport {
 }
 
 /** Where the run that owns a VM folder stands in Temporal. */
-type RunState = { open: true } | { open: false; why: string };
+type RunState = { open: true; runId: string } | { open: false; why: string };
 
 /**
  * Compares this host's VM store with Temporal, at worker start and then periodically. A VM whose
@@ -49,6 +53,10 @@ export class OrphanReaper {
     return path.join(this.deps.store.root, 'orphans');
   }
 
+  /**
+   * VMs and old temp files; at start, `removeStaleTempFiles(true)` runs first, before any step can, and
+   * the sweep also releases the steps the killed predecessor left started (`releaseStaleAttempts`).
+   */
   async sweep(opts: { startup: boolean }): Promise<SweepReport> {
     const report: SweepReport = { kept: [], reaped: [], unidentified: [], staleTempFiles: 0 };
     for (const vmId of await this.deps.store.list()) {
@@ -68,6 +76,7 @@ export class OrphanReaper {
         if (state.open) {
           report.kept.push(vmId);
           log.info({ action: 'keep', vmId, run }, 'VM of an open workflow run: its task re-attaches');
+          if (opts.startup) await this.releaseStaleAttempts(record.taskId, state.runId);
           continue;
         }
         const logs = await this.reap(vmId, record, state.why);
@@ -76,11 +85,10 @@ export class OrphanReaper {
         log.error({ action: 'error', vmId, err: describeError(err) }, 'could not check or reap a VM');
       }
     }
-    report.staleTempFiles = await this.removeStaleTempFiles(opts.startup);
+    report.staleTempFiles = await this.removeStaleTempFiles(false);
     log.info(
       {
         action: 'sweep',
-        startup: opts.startup,
         kept: report.kept.length,
         reaped: report.reaped.length,
         unidentified: report.unidentified.length,
@@ -96,16 +104,56 @@ export class OrphanReaper {
     const { client } = this.deps;
     try {
       const d = await client.workflow.getHandle(record.taskId, record.runId).describe();
-      if (d.status.name === 'RUNNING') return { open: true };
+      if (d.status.name === 'RUNNING') return { open: true, runId: record.runId };
       if (d.status.name !== 'CONTINUED_AS_NEW') return { open: false, why: d.status.name.toLowerCase() };
       const chain = d.raw.workflowExecutionInfo?.firstRunId;
       const latest = await client.workflow.getHandle(record.taskId).describe();
       const same = chain && latest.raw.workflowExecutionInfo?.firstRunId === chain;
-      if (same && latest.status.name === 'RUNNING') return { open: true };
+      if (same && latest.status.name === 'RUNNING') return { open: true, runId: latest.runId };
       return { open: false, why: same ? latest.status.name.toLowerCase() : 'continued, then closed' };
     } catch (err) {
       if (err instanceof WorkflowNotFoundError) return { open: false, why: 'unknown to Temporal' };
       throw err;
+    }
+  }
+
+  /**
+   * Steps of an open run that a dead predecessor of this worker had started would wait for their
+   * heartbeat or start-to-close timeout before Temporal retries them (up to minutes). Failing those
+   * attempts now (retryable) has them retried at once, here: a restart costs seconds, not timeouts.
+   */
+  async releaseStaleAttempts(workflowId: string, runId?: string): Promise<void> {
+    const d = await this.deps.client.workflow.getHandle(workflowId, runId).describe();
+    const ours = `vsp-host-${this.deps.hostName}@`;
+    for (const a of d.raw.pendingActivities ?? []) {
+      const by = a.lastWorkerIdentity ?? '';
+      if (a.state !== STARTED || !a.activityId || !by.startsWith(ours) || by === this.deps.identity) continue;
+      await this.deps.client.activity
+        .fail(
+          { workflowId, runId, activityId: a.activityId },
+          new Error(
+            `host ${this.deps.hostName}'s worker ${by} died during this step; ${this.deps.identity} retries it`,
+          ),
+        )
+        .then(
+          () =>
+            log.info(
+              {
+                action: 'release-attempt',
+                workflowId,
+                activity: a.activityType?.name,
+                attempt: a.attempt,
+                by,
+              },
+              "a dead worker's attempt released for retry",
+            ),
+          // It may have ended meanwhile (timed out, or the run moved on): nothing to release then.
+          (err: unknown) =>
+            log.debug(
+              { workflowId, activityId: a.activityId, err: describeError(err) },
+              'attempt not released',
+            ),
+        );
     }
   }
 
@@ -190,6 +238,15 @@ export class OrphanReaper {
           { action: 'keep-logs', vmId, run, to: `${record.resultsPath}/logs` },
           'orphan logs uploaded',
         );
+        // The run is over: its capability must not outlive it (the workflow's own revoke never ran).
+        await repository
+          .revokeSelf()
+          .catch((err: unknown) =>
+            log.warn(
+              { action: 'revoke-failed', vmId, run, err: describeError(err) },
+              'capability not revoked',
+            ),
+          );
         return 'repository';
       } catch (err) {
         log.warn(
@@ -208,8 +265,12 @@ export class OrphanReaper {
     return 'orphans';
   }
 
-  /** Image downloads and cache copies cut short (at start, every one: no step of this worker runs yet). */
-  private async removeStaleTempFiles(startup: boolean): Promise<number> {
+  /**
+   * Image downloads and cache copies cut short. At start (before the worker polls, so no step of its
+   * own can be writing one) every one; later, those older than a few hours. A task's partial input
+   * downloads are its stage-in's to remove (it does, on a retry), or go with its folder.
+   */
+  async removeStaleTempFiles(startup: boolean): Promise<number> {
     const images = this.deps.store.imagesDir;
     const incoming = path.join(images, '.incoming');
     const candidates = [
@@ -226,12 +287,6 @@ export class OrphanReaper {
       log.info({ action: 'remove-temp', file }, 'stale temp file removed');
       removed++;
     }
-    if (startup)
-      for (const vmId of await this.deps.store.list()) {
-        const n = await removePartialDownloads(this.deps.store.paths(vmId).inputsDir);
-        if (n > 0) log.info({ action: 'remove-temp', vmId, files: n }, 'partial downloads removed');
-        removed += n;
-      }
     return removed;
   }
 }

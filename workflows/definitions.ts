@@ -22,6 +22,8 @@ export type TaskPhase =
 export interface TaskStatus {
   taskId: string;
   owner?: string;
+  /** The VM's folder name in its host's store (operators, tests). */
+  vmId?: string;
   phase: TaskPhase;
   /** Host running the VM. */
   host?: string;
@@ -85,7 +87,10 @@ export interface TaskResult {
 export const MigrateRequestSchema = z
   .object({
     /** Target host; placement chooses when absent. */
-    host: z.string().regex(HOST_NAME, 'host must be a host name').optional(),
+    host: z
+      .string()
+      .refine((h) => HOST_NAME.test(h), { error: (iss) => `${JSON.stringify(iss.input)} is not a host name` })
+      .optional(),
     /** Caps this migration's transfer rate (MiB/s); default: the source host's configuration. */
     maxBandwidthMiBps: z
       .number()

@@ -1,4 +1,4 @@
-import { continueAsNew, proxyActivities, workflowInfo } from '@temporalio/workflow';
+import { proxyActivities } from '@temporalio/workflow';
 import type { HostLivenessActivities } from '../activities/host/hostLiveness';
 import { hostTaskQueue } from '../config/names';
 
@@ -13,20 +13,16 @@ export interface HostLivenessInput {
  * activity pending on the host's own queue. While the worker lives, the activity's last heartbeat time
  * (shown by describe(), no history event per beat) is at most one period old; when the worker dies,
  * it stops, and the retry waits for the next worker of that host. The control worker's hostStatus
- * reads it. Each attempt ends after an hour (three events), so the history stays short; it continues
- * as new when Temporal suggests it.
+ * reads it. The activity never completes (an attempt ends by its timeout, then the next one starts), so
+ * neither beats nor attempts add history events.
  */
 export async function HostLiveness(input: HostLivenessInput): Promise<void> {
   const { hostHeartbeat } = proxyActivities<HostLivenessActivities>({
     taskQueue: hostTaskQueue(input.host),
-    startToCloseTimeout: '2h',
+    startToCloseTimeout: '24h',
     heartbeatTimeout: `${input.heartbeatSec * 3}s`,
     // Unlimited attempts: a host may be down for days and still come back.
     retry: { initialInterval: '1s', maximumInterval: `${input.heartbeatSec}s`, backoffCoefficient: 2 },
   });
-  for (;;) {
-    await hostHeartbeat(input.host);
-    if (workflowInfo().continueAsNewSuggested || workflowInfo().historyLength > 1000)
-      await continueAsNew<typeof HostLiveness>(input);
-  }
+  await hostHeartbeat(input.host);
 }

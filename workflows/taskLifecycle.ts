@@ -13,7 +13,6 @@ import {
 } from '@temporalio/workflow';
 import type { AwaitResult, VmHandle } from '../activities/types';
 import { parseTaskInput, taskInput } from '../spec/taskInput';
-import { parseTaskSpec, type TaskSpecInput } from '../spec/taskSpec';
 import {
   cancelUpdate,
   CancelRequestSchema,
@@ -67,9 +66,7 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
   }
   // Outside the try: continueAsNew ends this run by throwing.
   if (t.continuing && !t.failure)
-    await continueAsNew<typeof TaskLifecycle>(
-      taskInput(t.specInput, t.ref.capability as string, carriedOf(t), t.tuning),
-    );
+    await continueAsNew<typeof TaskLifecycle>(taskInput(t.specInput, t.capability, carriedOf(t), t.tuning));
   await cleanUp(t);
   // A cancel through the update asked for the workflow's own cancellation: it ends CANCELED once that lands.
   if (t.cancelReason !== undefined && !workflowCancelled)
@@ -77,11 +74,14 @@ export async function TaskLifecycle(input: unknown): Promise<TaskResult> {
   return finish(t);
 }
 
-/** The input is read once, here: a malformed one (or a bare spec, from before capabilities) fails at once. */
+/**
+ * The input is read once, here: a malformed one fails at once, and so does a bare spec (from before
+ * capabilities), with a message that says how to start a task now.
+ */
 function validate(input: unknown): TaskState {
   let parsed;
   try {
-    parsed = interimBareSpec(input) ?? parseTaskInput<Carried>(input);
+    parsed = parseTaskInput<Carried>(input);
   } catch (err) {
     const status = { ...invalidTaskStatus(), phase: 'failed' as const, error: (err as Error).message };
     setHandler(statusQuery, () => status);
@@ -94,17 +94,6 @@ function validate(input: unknown): TaskState {
   recordOwner(t);
   t.status.resultsPath = t.ref.resultsPath;
   return t;
-}
-
-/**
- * Interim, until every caller submits through the repository (helper `frontdoor`): a bare spec runs
- * without a capability. Removed with that move; parseTaskInput then refuses it with a clear message.
- */
-function interimBareSpec(
-  input: unknown,
-): (Omit<ReturnType<typeof parseTaskInput<Carried>>, 'capability'> & { capability?: string }) | undefined {
-  if (typeof input !== 'object' || input === null || 'v' in input) return undefined;
-  return { spec: parseTaskSpec(input), specInput: input as TaskSpecInput, capability: undefined, tuning: {} };
 }
 
 /** The status query, the cancel and migrate updates (shapes checked in their validators), and the old progress signal. */
@@ -130,7 +119,8 @@ function handleRequests(t: TaskState): void {
       validator: (req) => {
         const r = CancelRequestSchema.optional().safeParse(req);
         if (!r.success) throw new Error(requestProblems('cancel', r.error));
-        if (isFinishing(t) || t.cancelReason !== undefined)
+        if (t.cancelReason !== undefined) throw new Error(`task ${t.ref.taskId} is already being cancelled`);
+        if (isFinishing(t))
           throw new Error(`task ${t.ref.taskId} is already ${t.status.phase}; nothing to cancel`);
       },
     },
@@ -175,7 +165,8 @@ async function live(t: TaskState): Promise<void> {
 /** Place, stage in, create, start. */
 async function bringUp(t: TaskState): Promise<void> {
   setPhase(t, 'placing');
-  const { host } = await control.placeTask(t.spec);
+  // After a host died under it, the task goes wherever a live host is, even if it named the dead one.
+  const { host } = await control.placeTask(t.status.restartedFrom ? { ...t.spec, host: undefined } : t.spec);
   t.host = t.storageHost = host;
   recordWhere(t);
   const call = onHost(t, host);
@@ -237,8 +228,6 @@ async function run(t: TaskState): Promise<AwaitResult | 'continue-as-new'> {
 }
 
 function historyIsLong(t: TaskState): boolean {
-  // Interim: a task started from a bare spec has no input to continue with (see interimBareSpec).
-  if (t.ref.capability === undefined) return false;
   const info = workflowInfo();
   const limit = t.tuning.historyEventLimit;
   return info.continueAsNewSuggested || (limit !== undefined && info.historyLength >= limit);
@@ -283,7 +272,7 @@ function restartElsewhere(t: TaskState, err: unknown): void {
   log.warn('the task host is down: the task starts again elsewhere', { host: dead, error: describe(err) });
   t.status.restartedFrom = [...(t.status.restartedFrom ?? []), dead];
   const info = workflowInfo();
-  t.ref.vmId = `${vmIdFor(info.workflowId, info.runId)}-r${t.status.restartedFrom.length}`;
+  t.ref.vmId = t.status.vmId = `${vmIdFor(info.workflowId, info.runId)}-r${t.status.restartedFrom.length}`;
   Object.assign(t, { host: undefined, storageHost: undefined, handle: undefined, driver: undefined });
   t.consoleSegments = [];
   t.keepingConsoles = [];

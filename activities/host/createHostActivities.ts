@@ -141,7 +141,9 @@ export function createHostActivities(deps: HostDeps) {
         }
 
         await fs.mkdir(p.inputsDir, { recursive: true });
-        await removePartialDownloads(p.inputsDir);
+        const partial = await removePartialDownloads(p.inputsDir);
+        if (partial > 0)
+          log.info({ vmId: ref.vmId, files: partial }, 'partial downloads of an earlier attempt removed');
         const verified = { ...hb.previous<StageInProgress>()?.verified };
         let files = 0;
         let skipped = 0;
@@ -151,6 +153,7 @@ export function createHostActivities(deps: HostDeps) {
           try {
             const sha256 = await stagedCopy(repository, ref.spec.owner, input, dest, verified[input]);
             if (sha256) {
+              verified[input] = sha256;
               skipped++;
             } else {
               await fs.mkdir(path.dirname(dest), { recursive: true });
@@ -171,7 +174,7 @@ export function createHostActivities(deps: HostDeps) {
             throw err;
           }
           files++;
-          hb.update({ verified });
+          hb.update({ verified }, true);
         }
         hb.update({ step: 'build-home', kind: staging.kind });
         const built = await staging.build(p, ref.spec.outputRoomMiB * 1024 * 1024, { signal: hb.signal });

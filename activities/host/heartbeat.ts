@@ -31,10 +31,13 @@ export class Heartbeat {
     return this.ctx.cancellationSignal;
   }
 
-  /** Replaces some details; heartbeats now unless one went out a moment ago. */
-  update(details: Record<string, unknown>): void {
+  /**
+   * Replaces some details; heartbeats now unless one went out a moment ago. A milestone (what a retry
+   * resumes from) always goes out at once.
+   */
+  update(details: Record<string, unknown>, milestone = false): void {
     this.details = { ...this.details, ...details };
-    if (Date.now() - this.last >= PROGRESS_BEAT_MS) this.beat();
+    if (milestone || Date.now() - this.last >= PROGRESS_BEAT_MS) this.beat();
   }
 
   /** Byte progress of a transfer, as details `{bytes, total}`. */

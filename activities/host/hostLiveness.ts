@@ -1,9 +1,6 @@
 import { ApplicationFailure, Context } from '@temporalio/activity';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-/** One attempt of the host heartbeat ends after this long (bounded attempts; the workflow loops). */
-const ATTEMPT_MS = 60 * 60_000;
-
 export interface HostLivenessDeps {
   hostName: string;
   /** How often the heartbeat reaches Temporal (the worker's heartbeat throttle is set to the same). */
@@ -25,8 +22,9 @@ export function createHostLivenessActivities(deps: HostLivenessDeps) {
           'WrongHost',
         );
       const ctx = Context.current();
-      const until = Date.now() + ATTEMPT_MS;
-      while (Date.now() < until) {
+      // Until the worker dies or the attempt times out: never a completion, so never a moment without a
+      // pending heartbeat (the last heartbeat time survives into the next attempt).
+      for (;;) {
         ctx.heartbeat({ host, pid: process.pid, workerStartedAt: startedAt });
         await sleep(deps.heartbeatMs, undefined, { signal: ctx.cancellationSignal });
       }

@@ -34,11 +34,11 @@ async function main(): Promise<void> {
   await fs.rm(runDir, { recursive: true, force: true });
   await fs.mkdir(runDir, { recursive: true });
 
-  const driver = z
-    .enum(DRIVER_NAMES)
-    .parse(process.env.VSP_DEMO_DRIVER ?? (qemuAvailable() ? 'qemu' : 'process'));
+  const chosen = process.env.VSP_DEMO_DRIVER;
+  const driver = z.enum(DRIVER_NAMES).parse(chosen ?? (qemuAvailable() ? 'qemu' : 'process'));
+  const why = chosen ? 'VSP_DEMO_DRIVER' : driver === 'process' ? 'QEMU not installed' : 'QEMU installed';
   say(
-    `VSP demo: driver '${driver}'${driver === 'process' ? ' (QEMU not installed: tasks run as host processes)' : ' (QEMU VMs)'}`,
+    `VSP demo: driver '${driver}' (${why}): ${driver === 'process' ? 'tasks run as host processes' : 'tasks run in VMs'}`,
   );
 
   const temporal = await startTemporalDevServer({

@@ -9,6 +9,7 @@ import { startNfsExport, type RunningNfsExport } from '../../storage/nfsExport';
 import type { VmNetworkOptions } from '../../drivers/qemu/vmNetwork';
 import { HOST_BRIDGE, inNetns, type TestNetwork } from './netns';
 import { freePort } from './ports';
+import { FAULT_DIR_ENV } from './faultHoldFiles';
 import { spawnManaged, type ManagedProcess } from './processes';
 import { issueMigrationCerts } from './migrationCerts';
 import { repoRoot } from './tools';
@@ -26,8 +27,15 @@ export interface LocalClusterOptions {
   drivers?: string[];
   /** Extra environment for the host workers. */
   hostEnv?: NodeJS.ProcessEnv;
+  /** Extra environment for the control worker. */
+  controlEnv?: NodeJS.ProcessEnv;
   /** Owners to create, with a token each. */
   owners?: string[];
+  /**
+   * Fault suite: the workers preload the activity holds (faultHolds.ts), which watch this folder for the
+   * holds a test asks for.
+   */
+  faultDir?: string;
   /**
    * Namespace mode (needs root): each host worker runs inside its test host (a network namespace of
    * `network`, one per host name) next to an NFS export of its store, and every host worker gets the
@@ -48,12 +56,18 @@ export class LocalCluster {
   readonly exports = new Map<string, RunningNfsExport>();
   repositoryUrl = '';
   private repository?: ManagedProcess;
+  private repositoryListen?: { host: string; port: number };
   private control?: ManagedProcess;
   /** Namespace mode: each host's migration credentials (VSP_MIGRATION_TLS_DIR). */
   private migrationTlsDirs: Record<string, string> = {};
   private readonly serviceToken = `vsp_${randomBytes(32).toString('base64url')}`;
 
   constructor(readonly opts: LocalClusterOptions) {}
+
+  /** The repository's process (fault tests pause and resume it). */
+  get repositoryProcess(): ManagedProcess | undefined {
+    return this.repository;
+  }
 
   get logDir(): string {
     return path.join(this.opts.baseDir, 'logs');
@@ -73,6 +87,16 @@ export class LocalCluster {
 
   private baseEnv(): NodeJS.ProcessEnv {
     return { ...process.env, TEMPORAL_ADDRESS: this.opts.temporalAddress, TEMPORAL_NAMESPACE: 'default' };
+  }
+
+  /** node's arguments for a worker entry point, with the fault holds preloaded when asked. */
+  private workerArgs(rel: string): string[] {
+    const preload = this.opts.faultDir ? ['--require', this.js('deploy/devcluster/faultHolds.js')] : [];
+    return [...preload, this.js(rel)];
+  }
+
+  private faultEnv(): NodeJS.ProcessEnv {
+    return this.opts.faultDir ? { [FAULT_DIR_ENV]: this.opts.faultDir } : {};
   }
 
   /** Namespace mode: every host's export, as host workers receive it (VSP_CLUSTER_STORAGE). */
@@ -110,22 +134,7 @@ export class LocalCluster {
         path.join(this.opts.baseDir, 'tls'),
         Object.fromEntries(this.opts.hosts.map((h) => [h, this.testHost(h).address])),
       );
-    // Namespace hosts reach the root namespace only at the gateway address.
-    const listen = this.opts.testHosts?.network.gateway ?? '127.0.0.1';
-    const port = await freePort(listen);
-    this.repository = await spawnManaged('repository', process.execPath, [this.js('repository/main.js')], {
-      env: {
-        ...this.baseEnv(),
-        VSP_REPO_DIR: this.repoDir,
-        VSP_REPO_LISTEN: `${listen}:${port}`,
-        VSP_REPO_SERVICE_TOKEN: this.serviceToken,
-        // The web page's task endpoints (TEMPORAL_ADDRESS comes from the base environment).
-        VSP_REPO_TEMPORAL: '1',
-      },
-      logFile: path.join(this.logDir, 'repository.log'),
-      readyWhen: { port: { host: listen, port }, logLine: /repository listening/ },
-    });
-    this.repositoryUrl = `http://${listen}:${port}`;
+    await this.startRepository();
     for (const owner of this.opts.owners ?? []) this.ownerToken(owner);
     if (this.opts.testHosts) await Promise.all(this.opts.hosts.map((h) => this.startExport(h)));
     await Promise.all([this.startControl(), ...this.opts.hosts.map((h) => this.startHost(h))]);
@@ -133,13 +142,56 @@ export class LocalCluster {
     return this;
   }
 
+  /** Starts the repository, or starts it again after a stop on the same address and data. */
+  async startRepository(): Promise<void> {
+    // Namespace hosts reach the root namespace only at the gateway address.
+    const host = this.opts.testHosts?.network.gateway ?? '127.0.0.1';
+    this.repositoryListen ??= { host, port: await freePort(host) };
+    const { port } = this.repositoryListen;
+    this.repository = await spawnManaged('repository', process.execPath, [this.js('repository/main.js')], {
+      env: {
+        ...this.baseEnv(),
+        VSP_REPO_DIR: this.repoDir,
+        VSP_REPO_LISTEN: `${host}:${port}`,
+        VSP_REPO_SERVICE_TOKEN: this.serviceToken,
+        // The web page's task endpoints (TEMPORAL_ADDRESS comes from the base environment).
+        VSP_REPO_TEMPORAL: '1',
+      },
+      logFile: path.join(this.logDir, 'repository.log'),
+      readyWhen: { port: { host, port }, logLine: /repository listening/ },
+    });
+    const proc = this.repository;
+    // A repository that dies on its own is down too: a test may start it again.
+    void proc.exited.then(() => {
+      if (this.repository === proc) this.repository = undefined;
+    });
+    this.repositoryUrl = `http://${host}:${port}`;
+  }
+
+  /** Stops the repository (SIGKILL by default, as a crash would); its data stays for `startRepository`. */
+  async stopRepository(signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
+    if (!this.repository) throw new Error('the repository is not running');
+    await this.repository.stop(signal, 10_000);
+    this.repository = undefined;
+  }
+
+  /** The repository's pid, while it runs (undefined once it stopped or died). */
+  get repositoryPid(): number | undefined {
+    return this.repository?.pid;
+  }
+
   async startControl(): Promise<void> {
     this.control = await spawnManaged(
       'control-worker',
       process.execPath,
-      [this.js('workers/controlWorker.js')],
+      this.workerArgs('workers/controlWorker.js'),
       {
-        env: { ...this.baseEnv(), VSP_HOSTS: this.opts.hosts.join(',') },
+        env: {
+          ...this.baseEnv(),
+          VSP_HOSTS: this.opts.hosts.join(','),
+          ...this.faultEnv(),
+          ...this.opts.controlEnv,
+        },
         logFile: path.join(this.logDir, 'control-worker.log'),
         readyWhen: { logLine: /control worker ready/ },
         readyTimeoutMs: 120_000,
@@ -167,8 +219,8 @@ export class LocalCluster {
     wrap?: (cmd: string, args: string[]) => { cmd: string; args: string[] },
   ): Promise<ManagedProcess> {
     const plain = this.opts.testHosts
-      ? inNetns(this.testHost(host).netns, process.execPath, [this.js('workers/hostWorker.js')])
-      : { cmd: process.execPath, args: [this.js('workers/hostWorker.js')] };
+      ? inNetns(this.testHost(host).netns, process.execPath, this.workerArgs('workers/hostWorker.js'))
+      : { cmd: process.execPath, args: this.workerArgs('workers/hostWorker.js') };
     const worker = wrap ? wrap(plain.cmd, plain.args) : plain;
     const proc = await spawnManaged(`host-${host}`, worker.cmd, worker.args, {
       env: {
@@ -185,6 +237,7 @@ export class LocalCluster {
               VSP_MIGRATION_TLS_DIR: this.migrationTlsDirs[host],
             }
           : {}),
+        ...this.faultEnv(),
         ...this.opts.hostEnv,
       },
       logFile: path.join(this.logDir, `host-${host}.log`),
@@ -233,6 +286,13 @@ export class LocalCluster {
     process.kill(proc.pid, 'SIGKILL');
     await proc.exited;
     this.hostProcs.delete(host);
+  }
+
+  /** SIGKILL the control worker, as a crash would. */
+  async killControl(): Promise<void> {
+    if (!this.control) throw new Error('the control worker is not running');
+    await this.control.stop('SIGKILL', 0);
+    this.control = undefined;
   }
 
   async stop(): Promise<void> {

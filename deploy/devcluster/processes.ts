@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { closeSync, mkdirSync, openSync, readFileSync } from 'node:fs';
+import { closeSync, fstatSync, mkdirSync, openSync, readFileSync, readSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -65,6 +65,8 @@ export async function spawnManaged(
 ): Promise<ManagedProcess> {
   mkdirSync(path.dirname(opts.logFile), { recursive: true });
   const fd = openSync(opts.logFile, 'a');
+  // A restarted process appends to its predecessor's log: only lines after this offset are its own.
+  const logStart = fstatSync(fd).size;
   let child;
   try {
     child = spawn(cmd, args, { env: opts.env, cwd: opts.cwd, detached: true, stdio: ['ignore', fd, fd] });
@@ -111,7 +113,7 @@ export async function spawnManaged(
   if (opts.readyWhen) {
     const timeoutMs = opts.readyTimeoutMs ?? 30_000;
     try {
-      await waitReady(opts.readyWhen, timeoutMs, () => exitCode !== undefined, opts.logFile);
+      await waitReady(opts.readyWhen, timeoutMs, () => exitCode !== undefined, opts.logFile, logStart);
     } catch (err) {
       const why =
         exitCode !== undefined
@@ -131,12 +133,13 @@ async function waitReady(
   timeoutMs: number,
   hasExited: () => boolean,
   logFile: string,
+  logStart: number,
 ): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   let lastError: unknown;
   while (!hasExited()) {
     try {
-      if (await isReady(cond, logFile)) return;
+      if (await isReady(cond, logFile, logStart)) return;
     } catch (err) {
       lastError = err;
     }
@@ -146,11 +149,24 @@ async function waitReady(
   throw new Error('process exited', { cause: lastError });
 }
 
-async function isReady(cond: ReadyCondition, logFile: string): Promise<boolean> {
-  if (cond.logLine && !cond.logLine.test(tailLog(logFile, 10_000))) return false;
+async function isReady(cond: ReadyCondition, logFile: string, logStart: number): Promise<boolean> {
+  if (cond.logLine && !cond.logLine.test(readLogFrom(logFile, logStart))) return false;
   if (cond.port && !(await acceptsConnections(cond.port.host, cond.port.port))) return false;
   if (cond.probe && !(await cond.probe())) return false;
   return true;
+}
+
+/** What a log file holds from byte `offset` on. */
+function readLogFrom(logFile: string, offset: number): string {
+  const fd = openSync(logFile, 'r');
+  try {
+    const size = fstatSync(fd).size;
+    const buf = Buffer.alloc(Math.max(0, size - offset));
+    const n = buf.length > 0 ? readSync(fd, buf, 0, buf.length, offset) : 0;
+    return buf.subarray(0, n).toString('utf8');
+  } finally {
+    closeSync(fd);
+  }
 }
 
 function acceptsConnections(host: string, port: number): Promise<boolean> {

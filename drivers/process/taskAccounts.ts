@@ -30,7 +30,8 @@ export function parseUidRange(text: string): UidRange {
 /**
  * One uid per task from a range, so that no two tasks, on any host worker of this machine, share an
  * account: each task's home, temp folder and processes are its own. A claim is a file named by the uid
- * whose content names the VM (store + id), created with O_EXCL; released when the VM is destroyed.
+ * whose content names the VM (its folder, or `<file>#...`), created with O_EXCL; released when the VM is
+ * destroyed, and taken back when what it names is gone (a worker that crashed, a folder removed by hand).
  */
 export class TaskAccounts {
   constructor(
@@ -52,7 +53,12 @@ export class TaskAccounts {
         return uid;
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-        if ((await fs.readFile(file, 'utf8').catch(() => '')) === vmKey) return uid;
+        const held = await fs.readFile(file, 'utf8').catch(() => '');
+        if (held === vmKey) return uid;
+        if (await isStale(file, held)) {
+          await fs.rm(file, { force: true });
+          i--; // the same uid again
+        }
       }
     }
     throw new Error(
@@ -66,4 +72,17 @@ export class TaskAccounts {
     if ((await fs.readFile(file, 'utf8').catch(() => undefined)) === vmKey)
       await fs.rm(file, { force: true });
   }
+}
+
+/** Claims outlive no crash: one whose folder or file is gone (and not just being made) is free again. */
+const STALE_AFTER_MS = 60_000;
+
+async function isStale(file: string, held: string): Promise<boolean> {
+  const owner = held.split('#')[0];
+  if (!owner || (await fs.stat(owner).catch(() => undefined))) return false;
+  const st = await fs.stat(file).catch(() => undefined);
+  // Re-read: another claimer may have taken the uid meanwhile.
+  return (
+    st !== undefined && Date.now() - st.mtimeMs > STALE_AFTER_MS && (await fs.readFile(file, 'utf8')) === held
+  );
 }

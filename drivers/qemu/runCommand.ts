@@ -12,7 +12,7 @@ export interface RunResult {
 export function runCommand(
   file: string,
   args: string[],
-  opts: { timeoutMs?: number; maxBuffer?: number; signal?: AbortSignal } = {},
+  opts: { timeoutMs?: number; maxBuffer?: number; signal?: AbortSignal; env?: NodeJS.ProcessEnv } = {},
 ): Promise<RunResult> {
   const timeoutMs = opts.timeoutMs ?? 120_000;
   return new Promise((resolve, reject) => {
@@ -25,6 +25,7 @@ export function runCommand(
         maxBuffer: opts.maxBuffer ?? 16 * 1024 * 1024,
         // A cancelled activity kills its tool rather than leave it writing beside the next attempt.
         signal: opts.signal,
+        ...(opts.env ? { env: opts.env } : {}),
       },
       (err, stdout, stderr) => {
         if (err) {

@@ -102,7 +102,7 @@ test('the CLI refuses a bad spec naming the field, and a bad token', () => {
   expect(denied.err).toMatch(/401|token|auth/i);
 });
 
-test("alice's task through the CLI: submit, status, list, watch while she cancels it; exit codes say how it ended", async () => {
+test("alice's task through the CLI: submit, status, list, a failed migrate, watch while she cancels it; exit codes", async () => {
   const marker = `cli-cancel-${Date.now()}`;
   const submitted = vsp(['--json', 'submit', '-', '--task-id', marker], {
     as: 'alice',
@@ -116,6 +116,13 @@ test("alice's task through the CLI: submit, status, list, watch while she cancel
   );
   const listed = vsp(['--json', 'list', '--running'], { as: 'alice' });
   expect(JSON.parse(listed.out)).toEqual([expect.objectContaining({ taskId: marker, status: 'RUNNING' })]);
+
+  // A migration that fails says why, on either path (not just that the update failed).
+  for (const via of [[], ['--temporal']]) {
+    const moved = vsp(['migrate', ...via, marker, '--to', 'zz'], { as: 'alice' });
+    expect(moved.code).toBe(1);
+    expect(moved.err).toMatch(/host 'zz' is not in the cluster \(hosts: a\)/);
+  }
 
   const watching = vspInBackground(['watch', marker], 'alice');
   const cancelled = vsp(['cancel', marker, '--reason', 'test'], { as: 'alice' });

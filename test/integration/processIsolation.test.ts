@@ -1,6 +1,7 @@
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { taskFailureMessage } from '../../client/vspClient';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
 
 /**
@@ -108,4 +109,21 @@ test('two tasks running at once have different accounts; each owns its home', as
   const [ux, uy] = [(await read(x.taskId, 'uid.txt')).trim(), (await read(y.taskId, 'uid.txt')).trim()];
   expect(ux).not.toBe(uy);
   expect((await read(x.taskId, 'home.txt')).trim()).toBe(`${ux}:700`);
+});
+
+test('outputs a process task leaves that root must not copy (a FIFO, a symlink to /etc/shadow) are refused by name', async () => {
+  const { taskId } = await fx.cluster.submitTask('alice', {
+    driver: 'process',
+    host: 'a',
+    command: 'mkdir -p out && echo fine > out/ok.txt && mkfifo out/pipe && ln -s /etc/shadow out/shadow',
+  });
+  const err = await fx.vsp.result(taskId).catch((e: unknown) => e);
+  const message = taskFailureMessage(err);
+  expect(message).toContain('outputs that cannot be stored');
+  expect(message).toContain('pipe (not a regular file or folder)');
+  expect(message).toContain('shadow (a symlink)');
+  // The log still reached the owner.
+  const status = await fx.vsp.status(taskId);
+  const logs = await fx.repo('alice').list('alice', `${status.resultsPath}/logs/`);
+  expect(logs.map((f) => f.path)).toContain(`${status.resultsPath}/logs/failure.txt`);
 });

@@ -328,12 +328,14 @@ describe("the provider's base images", () => {
   });
 });
 
-test('a database of schema 2 is upgraded in place, keeping its data', async () => {
+test('a database of schema 2 is upgraded in place to the current schema, keeping its data', async () => {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-images-db-'));
   try {
     addOwner(dir, 'carol');
     const raw = new Database(repositoryDbPath(dir));
-    raw.exec('DROP TABLE admin_tokens; DROP TABLE base_images; DROP TABLE image_info;');
+    raw.exec(
+      'DROP TABLE admin_tokens; DROP TABLE base_images; DROP TABLE image_info; DROP TABLE capabilities;',
+    );
     raw.pragma('user_version = 2');
     raw.close();
     const db = MetadataDb.open(dir);
@@ -342,11 +344,12 @@ test('a database of schema 2 is upgraded in place, keeping its data', async () =
       expect(db.listBaseImages()).toEqual([]);
       expect(db.listAdminTokens()).toEqual([]);
       expect(db.getImageInfo('a'.repeat(64))).toBeUndefined();
+      expect(db.liveCapabilities('carol', 0)).toEqual([]);
     } finally {
       db.close();
     }
     const again = new Database(repositoryDbPath(dir));
-    expect(again.pragma('user_version', { simple: true })).toBe(3);
+    expect(again.pragma('user_version', { simple: true })).toBe(4);
     again.close();
   } finally {
     await fs.rm(dir, { recursive: true, force: true });

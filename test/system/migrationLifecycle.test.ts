@@ -10,6 +10,7 @@ import type { TaskSpecInput } from '../../spec/taskSpec';
 import { type MigrateRequest, type TaskResult } from '../../workflows/definitions';
 import { until } from '../support/clusterFixture';
 import { startNamespaceCluster, type NamespaceCluster } from '../support/namespaceCluster';
+import { findVmId } from '../support/vmFolders';
 import { qemuHostsOf } from '../support/vmProcesses';
 
 /**
@@ -70,13 +71,11 @@ function submitCpuTask(rounds = ROUNDS): Promise<{ taskId: string }> {
   return cluster.submitTask(OWNER, spec);
 }
 
-async function vmIdOf(taskId: string): Promise<string> {
-  return until('the VM folder', async () =>
-    (await fs.readdir(path.join(cluster.storeDir('a'), 'vms')).catch(() => [] as string[])).find((n) =>
-      n.startsWith(`${taskId}-`),
-    ),
+const vmIdOf = (taskId: string) =>
+  findVmId(
+    HOSTS.map((h) => cluster.storeDir(h)),
+    taskId,
   );
-}
 
 const vmDir = (host: string, vmId: string) => ns.vmDir(host, vmId);
 

@@ -7,6 +7,7 @@ import type { TaskSpecInput } from '../../spec/taskSpec';
 import { until } from '../support/clusterFixture';
 import { awaitAnswer, get, startPolling, summarizePolls } from '../support/httpPoller';
 import { startNamespaceCluster, type NamespaceCluster } from '../support/namespaceCluster';
+import { findVmId } from '../support/vmFolders';
 import { linkExists, qemuHostsOf } from '../support/vmProcesses';
 
 /**
@@ -49,7 +50,10 @@ test('an HTTP service polled at >= 10 req/s (3 s timeout) loses no request acros
     },
     180_000,
   );
-  const vmId = running.resultsPath?.split('/').pop() ?? '';
+  const vmId = await findVmId(
+    HOSTS.map((h) => cluster.storeDir(h)),
+    taskId,
+  );
   const nic = vmNicOf(vmId, { bridge: HOST_BRIDGE, subnet: SUBNET });
   // The hashed address (nothing else holds one on this fresh segment), on the VM network's /24.
   expect(running).toMatchObject({ host: 'a', address: nic.address.split('/')[0] });

@@ -8,8 +8,11 @@ import { ensureAppliance, type Appliance } from '../../drivers/qemu/appliance';
 import { hostPortsOf, QemuDriver, TIMEOUT_EXIT_CODE } from '../../drivers/qemu/qemuDriver';
 import type { VmConfig, VmHandle, VmStatus } from '../../drivers/types';
 import { DiskImageStaging, readDataDiskFile } from '../../storage/diskImageStaging';
+import { runCommand } from '../../drivers/qemu/runCommand';
 import { ImageCache } from '../../storage/imageCache';
 import { VmStore } from '../../storage/vmStore';
+
+const KNOWN_LINES = Array.from({ length: 5 }, (_, i) => `known line ${i + 1} of the task`);
 
 /** Real QEMU under TCG (KVM hangs on these machines): each boot costs seconds, so the VMs are few. */
 describe('QemuDriver (real QEMU)', () => {
@@ -159,6 +162,39 @@ describe('QemuDriver (real QEMU)', () => {
       /QEMU exited before the task finished[\s\S]*console tail:[\s\S]*VSP-PROGRESS 5/,
     );
     expect((await driver.inspect(handle)).phase).toBe('missing');
+  });
+
+  test('SIGKILL after the task printed its lines: stage-out replays the journal and gives the real task.log', async () => {
+    const { paths, driver, handle } = await prepare('killed-log', {}, 4, {
+      // The lines reach the disk (fdatasync of the log, as the guest's init does each second), then the
+      // task says so on the console and waits to be killed.
+      command: [
+        ...KNOWN_LINES.map((l) => `echo "${l}"`),
+        'mkdir -p out && echo partial > out/partial.txt && sync -d out/partial.txt',
+        'sync -d .vsp/task.log',
+        'echo "VSP-PROGRESS 50 synced"',
+        'sleep 600',
+      ].join('\n'),
+      timeLimitSec: 600,
+    });
+    const started = await driver.start(handle);
+    await untilConsole(paths.consoleLog, 'VSP-PROGRESS 50 synced', 120_000);
+    const waiting = driver.wait(handle, { onProgress: () => undefined, signal: noAbort() });
+    process.kill(Number(started.state.pid), 'SIGKILL');
+    await expect(waiting).rejects.toThrow(/QEMU exited before the task finished/);
+
+    // A reader that does not replay the journal sees the stale inode (before: empty, or NUL bytes).
+    const { stdout: superblock } = await runCommand('dumpe2fs', ['-h', paths.dataDisk]);
+    expect(superblock).toMatch(/needs_recovery/);
+    const stale = (await runCommand('debugfs', ['-R', 'cat /.vsp/task.log', paths.dataDisk])).stdout;
+    process.stderr.write(`\nFIGURE killed VM: task.log read without replay: ${JSON.stringify(stale)}\n`);
+
+    const out = await staging.extract(paths, 'out');
+    const log = await fs.readFile(out.taskLog!, 'utf8');
+    expect(log).not.toContain('\0');
+    for (const l of KNOWN_LINES) expect(log).toContain(`${l}\n`);
+    expect(await fs.readFile(path.join(out.outputsDir, 'partial.txt'), 'utf8')).toBe('partial\n');
+    expect((await runCommand('dumpe2fs', ['-h', paths.dataDisk])).stdout).not.toMatch(/needs_recovery/);
   });
 
   test('outputs larger than the declared room give a clear error', async () => {

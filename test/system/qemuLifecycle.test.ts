@@ -11,6 +11,7 @@ import { withAdmin } from '../../repository/admin';
 import { addBaseImage } from '../../repository/imageStore';
 import type { TaskSpecInput } from '../../spec/taskSpec';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
+import { findVmId } from '../support/vmFolders';
 
 /**
  * The task lifecycle with real QEMU VMs (TCG: KVM hangs on these machines) through the whole Temporal
@@ -95,11 +96,7 @@ function submit(spec: Omit<TaskSpecInput, 'owner'>) {
   return fx.cluster.submitTask(OWNER, { driver: 'qemu', host: HOST, timeLimitSec: 300, ...spec });
 }
 
-/** The VM folder name of a task: its default results folder is results/<vmId>. */
-async function vmIdOf(taskId: string): Promise<string> {
-  const { resultsPath } = await until('the task status', async () => fx.vsp.status(taskId));
-  return path.posix.basename(resultsPath ?? '');
-}
+const vmIdOf = (taskId: string) => findVmId([storeDir()], taskId);
 
 /** Waits until the VM's console shows `line` (the guest's VSP- lines reach it as they are printed). */
 async function awaitConsole(vmId: string, line: string): Promise<void> {

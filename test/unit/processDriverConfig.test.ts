@@ -61,4 +61,23 @@ describe('task accounts', () => {
       await fs.rm(dir, { recursive: true, force: true });
     }
   });
+
+  test('a claim whose VM is gone is taken back once it is old; a fresh one is not', async () => {
+    const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-uids-'));
+    try {
+      const accounts = new TaskAccounts({ first: 200_000, last: 200_000 }, dir);
+      const vmDir = path.join(dir, 'vm-a');
+      await fs.mkdir(vmDir);
+      expect(await accounts.claim(vmDir)).toBe(200_000);
+      await fs.rm(vmDir, { recursive: true });
+      // Gone, but claimed a moment ago (its VM folder may be on its way): kept.
+      await expect(accounts.claim(path.join(dir, 'vm-b'))).rejects.toThrow(/no free task uid/);
+      const old = new Date(Date.now() - 120_000);
+      await fs.utimes(path.join(dir, '200000'), old, old);
+      expect(await accounts.claim(path.join(dir, 'vm-b'))).toBe(200_000);
+      expect(await fs.readFile(path.join(dir, '200000'), 'utf8')).toBe(path.join(dir, 'vm-b'));
+    } finally {
+      await fs.rm(dir, { recursive: true, force: true });
+    }
+  });
 });

@@ -8,6 +8,7 @@ import {
 } from '@temporalio/client';
 import { TestWorkflowEnvironment } from '@temporalio/testing';
 import { bundleWorkflowCode, Runtime, Worker, type WorkflowBundle } from '@temporalio/worker';
+import { VspClient } from '../../client/vspClient';
 import { resolveTemporalCli } from '../../deploy/devcluster/tools';
 import { CONTROL_TASK_QUEUE, hostTaskQueue, SEARCH_ATTRIBUTES } from '../../config/names';
 import { taskInput, type TaskTuning } from '../../spec/taskInput';
@@ -204,6 +205,17 @@ test('completed: outputs staged out, VM destroyed after, capability released las
   await runningOn(h, 'a');
   const s = await h.query(statusQuery);
   expect(s).toMatchObject({ phase: 'running', host: 'a', storageHost: 'a', driver: 'process' });
+  // Progress is not in the workflow's state (no signal per change): the client reads awaitVm's heartbeats.
+  expect(s.progressMessage).toBeUndefined();
+  const vsp = new VspClient(env.client);
+  let live = await vsp.status(h.workflowId);
+  while (live.progressMessage === undefined) live = await vsp.status(h.workflowId);
+  expect(live).toMatchObject({
+    phase: 'running',
+    host: 'a',
+    progressMessage: expect.stringMatching(/^beat \d+$/),
+  });
+  expect(live.progress).toEqual(expect.any(Number));
   cluster.release(h.workflowId);
   const result = (await h.result()) as TaskResult;
   expect(result).toMatchObject({ exitCode: 0, host: 'a', resultsPath: `results/${h.workflowId}` });
@@ -214,6 +226,19 @@ test('completed: outputs staged out, VM destroyed after, capability released las
   expect(cluster.called('collectLogs', h.workflowId)).toHaveLength(0);
   expect(await executionStatus(h)).toBe('COMPLETED');
   await record('completed', h);
+});
+
+test('a bare spec (the input before capabilities) fails at once saying how to start a task', async () => {
+  const h = await env.client.workflow.start('TaskLifecycle', {
+    taskQueue: CONTROL_TASK_QUEUE,
+    workflowId: `unit-bare-${Date.now()}`,
+    args: [{ owner: 'alice', command: 'true' }],
+  });
+  const f = await failureOf(h);
+  expect(f.type).toBe('InvalidTaskSpec');
+  expect(f.message).toMatch(/a bare task spec has no capability.*vsp task grant/);
+  expect(await h.query(statusQuery)).toMatchObject({ phase: 'failed' });
+  expect(cluster.calls.filter((c) => c.taskId === h.workflowId)).toEqual([]);
 });
 
 test('failed: a non-zero exit fails the task after its outputs are kept', async () => {
@@ -260,7 +285,7 @@ test('malformed requests are refused by validators; a malformed progress signal 
   const h = await start('validators');
   await runningOn(h, 'a');
   await expect(refusal(h.executeUpdate(migrateUpdate, { args: [{ host: 'Not A Host' }] }))).resolves.toMatch(
-    /invalid migrate request: host/,
+    /invalid migrate request: host: "Not A Host" is not a host name/,
   );
   await expect(
     refusal(h.executeUpdate(migrateUpdate, { args: [{ maxBandwidthMiBps: -1 } as never] })),

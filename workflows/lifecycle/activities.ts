@@ -20,7 +20,9 @@ type HostBoundActivities = HostActivities & MigrationActivities;
 export const TUNING_DEFAULTS: Required<Omit<TaskTuning, 'historyEventLimit'>> = {
   repositoryRetentionSec: 7 * 24 * 3600,
   repositoryRetrySec: 60,
-  hostQueueTimeoutSec: 60,
+  // With 20 s heartbeat timeouts and the hosts' default liveness of 30 s (VSP_HOST_LIVENESS_SEC), a dead
+  // host fails its task within about two liveness periods; a live but busy one is asked again.
+  hostQueueTimeoutSec: 10,
   hostStepAttempts: 20,
   hostRetryInitialMs: 1000,
 };
@@ -81,8 +83,8 @@ function hostOptions(t: TaskState, host: string) {
     short: { ...base, startToCloseTimeout: '2m', scheduleToCloseTimeout: '15m' },
     // Creating and starting heartbeat: a worker killed mid-step is retried within seconds.
     vm: { ...base, startToCloseTimeout: '2m', heartbeatTimeout: '10s', scheduleToCloseTimeout: '15m' },
-    transfer: { ...base, startToCloseTimeout: '2h', heartbeatTimeout: '30s', scheduleToCloseTimeout: '6h' },
-    cleanup: { ...base, startToCloseTimeout: '10m', heartbeatTimeout: '30s', scheduleToCloseTimeout: '30m' },
+    transfer: { ...base, startToCloseTimeout: '2h', heartbeatTimeout: '20s', scheduleToCloseTimeout: '6h' },
+    cleanup: { ...base, startToCloseTimeout: '10m', heartbeatTimeout: '20s', scheduleToCloseTimeout: '30m' },
     // The task's own time limit bounds the run; the margin covers boot and worker restarts.
     run: {
       ...base,
@@ -145,8 +147,8 @@ export function hostSteps(t: TaskState, host: string): HostCall {
     ).executeWithOptions({ ...options[kind], summary: `${summary} on ${host}` }, args);
 }
 
-/** A live host whose step keeps timing out is slow, not dead: after this many rounds its error stands. */
-const LIVE_HOST_ROUNDS = 5;
+/** A live host whose step keeps timing out is busy, not dead: after this many rounds its error stands. */
+const LIVE_HOST_ROUNDS = 60;
 
 /**
  * Like hostSteps, and a step that times out (nobody picked it up, or its heartbeats stopped) asks the

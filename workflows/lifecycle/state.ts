@@ -24,6 +24,8 @@ export type WaitStop = 'migration' | 'continue-as-new';
  */
 export interface TaskState {
   spec: TaskSpec;
+  /** The task's capability, also in `ref` for the host steps. */
+  capability: string;
   specInput: TaskSpecInput;
   tuning: TaskTuning;
   ref: TaskRef;
@@ -72,23 +74,25 @@ export interface Carried {
 export function newTaskState(
   spec: TaskSpec,
   specInput: TaskSpecInput,
-  capability: string | undefined,
+  capability: string,
   tuning: TaskTuning,
 ): TaskState {
   const info = workflowInfo();
+  const vmId = vmIdFor(info.workflowId, info.runId);
   return {
     spec,
+    capability,
     specInput,
     tuning,
     ref: {
       taskId: info.workflowId,
-      vmId: vmIdFor(info.workflowId, info.runId),
+      vmId,
       spec,
       // Fixed at submission by whoever minted the capability; this default only for operators' own specs.
       resultsPath: spec.resultsPath ?? `results/${info.workflowId}`,
       capability,
     },
-    status: { taskId: info.workflowId, owner: spec.owner, phase: 'validating', timestamps: {} },
+    status: { taskId: info.workflowId, owner: spec.owner, vmId, phase: 'validating', timestamps: {} },
     phaseMs: {},
     phaseStart: Date.now(),
     consoleLogs: [],
@@ -132,7 +136,11 @@ export function carriedOf(t: TaskState): Carried {
     handle: t.handle as VmHandle,
     consoleSegments: t.consoleSegments,
     migrations: t.migrations,
-    phaseMs: t.phaseMs,
+    // The current phase's time so far; the next run counts on from its own start.
+    phaseMs: {
+      ...t.phaseMs,
+      [t.status.phase]: (t.phaseMs[t.status.phase] ?? 0) + (Date.now() - t.phaseStart),
+    },
     status: t.status,
   };
 }

@@ -27,13 +27,29 @@ export function fileSink(
     }
     if (onWritten) for (const chunk of chunks) onWritten(chunk);
   }
+  // A destroy (the source failed) waits for the write in flight, so that once the sink has closed the
+  // file no longer changes and every byte written has been reported.
+  let inFlight: Promise<void> = Promise.resolve();
+  const start = (chunks: Buffer[], done: (err?: Error | null) => void): void => {
+    inFlight = writeAll(chunks);
+    inFlight.then(() => done(), done);
+  };
   return new Writable({
     highWaterMark,
     write(chunk: Buffer, _enc, done) {
-      writeAll([chunk]).then(() => done(), done);
+      start([chunk], done);
     },
     writev(entries, done) {
-      writeAll(entries.map((e) => e.chunk as Buffer)).then(() => done(), done);
+      start(
+        entries.map((e) => e.chunk as Buffer),
+        done,
+      );
+    },
+    destroy(err, done) {
+      inFlight.then(
+        () => done(err),
+        () => done(err),
+      );
     },
   });
 }

@@ -1,0 +1,130 @@
+import { constants as fsc, promises as fs } from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
+import { createHash, type Hash } from 'node:crypto';
+import { Transform, type Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { fileSink } from './fileSink';
+
+/**
+ * The one writer behind every stored byte stream (the repository's uploads on every protocol, resumable
+ * uploads, base images, and the repository client's downloads): source → size and SHA-256 → an fsynced
+ * file → rename. The source is consumed through a single pipeline, so its errors (a client reset, a
+ * half-close, a refusal) reject the returned promise, destroy the source and are never left unhandled;
+ * a file that is not published is removed.
+ */
+
+/** What reached the file: its size and SHA-256. */
+export interface Written {
+  size: number;
+  sha256: string;
+}
+
+export interface StreamIntoOptions {
+  /**
+   * Called with the running total (this stream's bytes so far, the chunk included) before each chunk is
+   * written, to check limits or report progress; a throw refuses the stream with that error.
+   */
+  onChunk?: (total: number) => void;
+  /** Extended with exactly the bytes that reach the file (default: a fresh SHA-256). */
+  hash?: Hash;
+}
+
+/**
+ * Streams `source` to the open `handle` (at its position: opened with O_APPEND, its end), hashing
+ * exactly what was written: after a failed write the file may hold a prefix of a chunk that was never
+ * hashed, so the resolved or thrown count (`written` on the error) is what the caller truncates back to.
+ */
+export async function streamInto(
+  source: Readable,
+  handle: FileHandle,
+  { onChunk, hash = createHash('sha256') }: StreamIntoOptions = {},
+): Promise<{ size: number; hash: Hash }> {
+  let seen = 0;
+  let size = 0;
+  const meter = new Transform({
+    highWaterMark: 1 << 20,
+    transform(chunk: Buffer, _enc, done) {
+      seen += chunk.length;
+      try {
+        onChunk?.(seen);
+      } catch (err) {
+        done(err as Error);
+        return;
+      }
+      done(null, chunk);
+    },
+  });
+  const onWritten = (chunk: Buffer): void => {
+    hash.update(chunk);
+    size += chunk.length;
+  };
+  const sink = fileSink(handle, { onWritten });
+  try {
+    await pipeline(source, meter, sink);
+  } catch (err) {
+    // A write may still be in flight: the count is final only once the sink has closed.
+    if (!sink.closed) await new Promise((resolve) => sink.once('close', resolve));
+    throw Object.assign(err as Error, { written: size });
+  }
+  return { size, hash };
+}
+
+/** The bytes a failed streamInto had written in full (what to truncate the file back to). */
+export function writtenBefore(err: unknown): number {
+  const n = (err as { written?: unknown } | undefined)?.written;
+  return typeof n === 'number' ? n : 0;
+}
+
+export interface DurableWriteOptions {
+  /** Refuse a stream once it passes this many bytes (the error comes from `tooLarge`). */
+  maxBytes?: number;
+  tooLarge?: (maxBytes: number) => Error;
+  /** As for streamInto, after the size limit: e.g. a quota check, or progress. */
+  onChunk?: (total: number) => void;
+  /** The published file's mode (default 0644). */
+  mode?: number;
+}
+
+/**
+ * Writes `source` to a new file `tmp` (created exclusively, never through a symlink), fsyncs it, and
+ * hands its size and SHA-256 to `publish`, which checks them and renames `tmp` into place (and records
+ * it). If anything fails before `publish` returns, including `publish` itself, `tmp` is removed and the
+ * error is thrown; `source` is destroyed whenever it was not read to its end.
+ */
+export async function writeDurably<T>(
+  source: Readable,
+  tmp: string,
+  opts: DurableWriteOptions,
+  publish: (written: Written) => T | Promise<T>,
+): Promise<T> {
+  const { maxBytes, tooLarge, onChunk, mode = 0o644 } = opts;
+  const limit = (total: number): void => {
+    if (maxBytes !== undefined && total > maxBytes)
+      throw tooLarge?.(maxBytes) ?? new Error(`stream is larger than the limit of ${maxBytes} bytes`);
+    onChunk?.(total);
+  };
+  let published = false;
+  try {
+    let handle: FileHandle;
+    try {
+      handle = await fs.open(tmp, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600);
+    } catch (err) {
+      source.destroy();
+      throw err;
+    }
+    let written: Written;
+    try {
+      const { size, hash } = await streamInto(source, handle, { onChunk: limit });
+      await handle.sync();
+      await handle.chmod(mode);
+      written = { size, sha256: hash.digest('hex') };
+    } finally {
+      await handle.close();
+    }
+    const out = await publish(written);
+    published = true;
+    return out;
+  } finally {
+    if (!published) await fs.rm(tmp, { force: true });
+  }
+}

@@ -1,0 +1,59 @@
+import os from 'node:os';
+import { MockActivityEnvironment } from '@temporalio/testing';
+import { createHostActivities } from '../../activities/host/createHostActivities';
+import type { HostDeps } from '../../activities/host/hostDeps';
+import type { HypervisorDriver, VmHandle, VmStatus, WaitOptions } from '../../drivers/types';
+import { RepositoryClient } from '../../repository/client';
+import { DirectoryStaging } from '../../storage/directoryStaging';
+import { VmStore } from '../../storage/vmStore';
+
+const handle: VmHandle = { driver: 'fake', vmId: 'vm-1', host: 'a', storageHost: 'a', state: {} };
+
+/** A driver whose `wait` fails as scripted (a QMP timeout...) and whose `inspect` says what the VM does. */
+function fakeDriver(script: { waitErrors: number; phaseAfterError: VmStatus['phase'] }): HypervisorDriver {
+  let waits = 0;
+  return {
+    name: 'fake',
+    capabilities: { liveMigration: false, isolation: 'vm', homeStaging: 'directory' },
+    recover: async () => ({ phase: 'running', details: {} }),
+    inspect: async () => ({ phase: script.phaseAfterError, details: {} }),
+    wait: async (_h: VmHandle, opts: WaitOptions) => {
+      opts.onProgress({ phase: 'running', progress: 40 + waits, progressMessage: 'encoding', details: {} });
+      if (waits++ < script.waitErrors) throw new Error('QMP query-status: no reply within 5000 ms');
+      return { exitCode: 0, timedOut: false };
+    },
+  } as unknown as HypervisorDriver;
+}
+
+function activitiesWith(driver: HypervisorDriver) {
+  const repository = new RepositoryClient({ url: 'http://127.0.0.1:9', token: 'unused' });
+  const deps: HostDeps = {
+    hostName: 'a',
+    store: new VmStore(os.tmpdir()),
+    repository,
+    repositoryFor: () => repository,
+    drivers: { fake: { driver, staging: new DirectoryStaging() } },
+  };
+  return createHostActivities(deps);
+}
+
+test('awaitVm rides out a transient driver error while the VM runs; progress goes out as heartbeat details', async () => {
+  const env = new MockActivityEnvironment();
+  const beats: unknown[] = [];
+  env.on('heartbeat', (d: unknown) => beats.push(d));
+  const { awaitVm } = activitiesWith(fakeDriver({ waitErrors: 2, phaseAfterError: 'running' }));
+  const result = await env.run(awaitVm, handle);
+  expect(result).toEqual({ exitCode: 0, timedOut: false, progress: 42 });
+  // Exactly the three fields the status query merges.
+  expect(beats).toContainEqual({ phase: 'running', progress: expect.any(Number), message: 'encoding' });
+});
+
+test('awaitVm fails as VmFailed, with the driver error, once the VM is gone', async () => {
+  const env = new MockActivityEnvironment();
+  const { awaitVm } = activitiesWith(fakeDriver({ waitErrors: 1, phaseAfterError: 'missing' }));
+  await expect(env.run(awaitVm, handle)).rejects.toMatchObject({
+    type: 'VmFailed',
+    nonRetryable: true,
+    message: expect.stringContaining('QMP query-status: no reply'),
+  });
+});
