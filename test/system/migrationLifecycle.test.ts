@@ -10,6 +10,7 @@ import type { TaskSpecInput } from '../../spec/taskSpec';
 import { type MigrateRequest, type TaskResult } from '../../workflows/definitions';
 import { until } from '../support/clusterFixture';
 import { startNamespaceCluster, type NamespaceCluster } from '../support/namespaceCluster';
+import { releaseTask, waitingCommand } from '../support/releasedTasks';
 import { findVmId } from '../support/vmFolders';
 import { qemuHostsOf } from '../support/vmProcesses';
 
@@ -261,7 +262,7 @@ test('bad migrate requests get clear errors and the task keeps running', async (
     owner: OWNER,
     driver: 'process',
     host: 'a',
-    command: 'sleep 6; mkdir -p out; echo done > out/done.txt',
+    command: waitingCommand('bad-migrate'),
   });
   // Still being placed or staged: not running yet.
   expect(await rejection(migrate(taskId, { host: 'b' }))).toMatch(/is not running \(it is [a-z-]+\)/);
@@ -280,6 +281,7 @@ test('bad migrate requests get clear errors and the task keeps running', async (
   const status = await vsp.status(taskId);
   expect(status).toMatchObject({ phase: 'running', host: 'a' });
   expect(status.migrations?.map((m) => m.ok)).toEqual([false, false]);
+  await releaseTask(cluster.storeDir('a'), 'bad-migrate');
   const result = await vsp.result(taskId);
   expect(result).toMatchObject({ exitCode: 0, host: 'a' });
 }, 120_000);
