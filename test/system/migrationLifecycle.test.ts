@@ -281,7 +281,12 @@ test('bad migrate requests get clear errors and the task keeps running', async (
   const status = await vsp.status(taskId);
   expect(status).toMatchObject({ phase: 'running', host: 'a' });
   expect(status.migrations?.map((m) => m.ok)).toEqual([false, false]);
-  await releaseTask(cluster.storeDir('a'), 'bad-migrate');
+  await until('the task released', () =>
+    releaseTask(cluster.storeDir('a'), 'bad-migrate').then(
+      () => true,
+      () => undefined,
+    ),
+  );
   const result = await vsp.result(taskId);
   expect(result).toMatchObject({ exitCode: 0, host: 'a' });
 }, 120_000);
