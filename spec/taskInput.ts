@@ -29,7 +29,7 @@ export const TaskTuningSchema = z
       .optional(),
     /** Between stage-out tries while the repository is unavailable (default 60). */
     repositoryRetrySec: z.number().int().min(1).max(86400).optional(),
-    /** A host step nobody picks up for this long asks the control queue whether the host lives (default 30). */
+    /** A host step nobody picks up for this long asks the control queue whether the host lives (default 10). */
     hostQueueTimeoutSec: z.number().int().min(1).max(3600).optional(),
     /** Tries of a host step before the workflow handles its failure (default 20). */
     hostStepAttempts: z.number().int().min(1).max(1000).optional(),

@@ -16,6 +16,7 @@ import { describeError } from '../logging/logger';
 import { RepositoryError, type RepositoryClient } from '../repository/client';
 import { DirectoryStaging } from '../storage/directoryStaging';
 import { DiskImageStaging } from '../storage/diskImageStaging';
+import { GuestDiskTools } from '../storage/guestDiskTools';
 import { BASE_IMAGE_PREFIX, imageRepoPath } from '../spec/taskSpec';
 import { ImageCache, InvalidImageError } from '../storage/imageCache';
 import type { VmStore } from '../storage/vmStore';
@@ -29,13 +30,15 @@ export async function createDriverBindings(
   const bindings: Record<string, DriverBinding> = {};
   // Shared by the VM drivers: one appliance and one image cache per host.
   let vmImages: VmImages | undefined;
+  // One uid range for process tasks and for the tools that read guest-written disks.
+  const accounts = new TaskAccounts(config.processUids);
   for (const name of config.drivers) {
     if (name === 'process') {
       bindings.process = {
         driver: new ProcessDriver({
           store,
           hostName: config.host,
-          ...(config.processUids ? { accounts: new TaskAccounts(config.processUids) } : {}),
+          accounts,
         }),
         staging: new DirectoryStaging(),
       };
@@ -56,7 +59,7 @@ export async function createDriverBindings(
           migrationTlsDir: config.migrationTlsDir,
           remoteDisksUnder: config.qemuRemoteDisks === 'mounts' ? config.mountRoot : undefined,
         }),
-        staging: new DiskImageStaging(),
+        staging: new DiskImageStaging(new GuestDiskTools(accounts)),
         resolveImage: vmImages.resolveImage,
       };
     } else {
@@ -73,7 +76,7 @@ export async function createDriverBindings(
           vmNetwork: config.vmNetwork,
           diskOwner: await resolveQemuAccount(config.qemuUser),
         }),
-        staging: new DiskImageStaging(),
+        staging: new DiskImageStaging(new GuestDiskTools(accounts)),
         resolveImage: vmImages.resolveImage,
       };
     }

@@ -22,6 +22,8 @@ export type TaskPhase =
 export interface TaskStatus {
   taskId: string;
   owner?: string;
+  /** The VM's folder name in its host's store (operators, tests). */
+  vmId?: string;
   phase: TaskPhase;
   /** Host running the VM. */
   host?: string;

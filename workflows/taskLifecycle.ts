@@ -165,7 +165,8 @@ async function live(t: TaskState): Promise<void> {
 /** Place, stage in, create, start. */
 async function bringUp(t: TaskState): Promise<void> {
   setPhase(t, 'placing');
-  const { host } = await control.placeTask(t.spec);
+  // After a host died under it, the task goes wherever a live host is, even if it named the dead one.
+  const { host } = await control.placeTask(t.status.restartedFrom ? { ...t.spec, host: undefined } : t.spec);
   t.host = t.storageHost = host;
   recordWhere(t);
   const call = onHost(t, host);
@@ -271,7 +272,7 @@ function restartElsewhere(t: TaskState, err: unknown): void {
   log.warn('the task host is down: the task starts again elsewhere', { host: dead, error: describe(err) });
   t.status.restartedFrom = [...(t.status.restartedFrom ?? []), dead];
   const info = workflowInfo();
-  t.ref.vmId = `${vmIdFor(info.workflowId, info.runId)}-r${t.status.restartedFrom.length}`;
+  t.ref.vmId = t.status.vmId = `${vmIdFor(info.workflowId, info.runId)}-r${t.status.restartedFrom.length}`;
   Object.assign(t, { host: undefined, storageHost: undefined, handle: undefined, driver: undefined });
   t.consoleSegments = [];
   t.keepingConsoles = [];

@@ -20,8 +20,9 @@ type HostBoundActivities = HostActivities & MigrationActivities;
 export const TUNING_DEFAULTS: Required<Omit<TaskTuning, 'historyEventLimit'>> = {
   repositoryRetentionSec: 7 * 24 * 3600,
   repositoryRetrySec: 60,
-  // With the hosts' default liveness of 30 s (VSP_HOST_LIVENESS_SEC), a dead host fails its task within ~2 periods.
-  hostQueueTimeoutSec: 30,
+  // With 20 s heartbeat timeouts and the hosts' default liveness of 30 s (VSP_HOST_LIVENESS_SEC), a dead
+  // host fails its task within about two liveness periods; a live but busy one is asked again.
+  hostQueueTimeoutSec: 10,
   hostStepAttempts: 20,
   hostRetryInitialMs: 1000,
 };
@@ -146,8 +147,8 @@ export function hostSteps(t: TaskState, host: string): HostCall {
     ).executeWithOptions({ ...options[kind], summary: `${summary} on ${host}` }, args);
 }
 
-/** A live host whose step keeps timing out is slow, not dead: after this many rounds its error stands. */
-const LIVE_HOST_ROUNDS = 5;
+/** A live host whose step keeps timing out is busy, not dead: after this many rounds its error stands. */
+const LIVE_HOST_ROUNDS = 60;
 
 /**
  * Like hostSteps, and a step that times out (nobody picked it up, or its heartbeats stopped) asks the

@@ -78,6 +78,7 @@ export function newTaskState(
   tuning: TaskTuning,
 ): TaskState {
   const info = workflowInfo();
+  const vmId = vmIdFor(info.workflowId, info.runId);
   return {
     spec,
     capability,
@@ -85,13 +86,13 @@ export function newTaskState(
     tuning,
     ref: {
       taskId: info.workflowId,
-      vmId: vmIdFor(info.workflowId, info.runId),
+      vmId,
       spec,
       // Fixed at submission by whoever minted the capability; this default only for operators' own specs.
       resultsPath: spec.resultsPath ?? `results/${info.workflowId}`,
       capability,
     },
-    status: { taskId: info.workflowId, owner: spec.owner, phase: 'validating', timestamps: {} },
+    status: { taskId: info.workflowId, owner: spec.owner, vmId, phase: 'validating', timestamps: {} },
     phaseMs: {},
     phaseStart: Date.now(),
     consoleLogs: [],
@@ -135,7 +136,11 @@ export function carriedOf(t: TaskState): Carried {
     handle: t.handle as VmHandle,
     consoleSegments: t.consoleSegments,
     migrations: t.migrations,
-    phaseMs: t.phaseMs,
+    // The current phase's time so far; the next run counts on from its own start.
+    phaseMs: {
+      ...t.phaseMs,
+      [t.status.phase]: (t.phaseMs[t.status.phase] ?? 0) + (Date.now() - t.phaseStart),
+    },
     status: t.status,
   };
 }
