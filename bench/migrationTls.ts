@@ -42,7 +42,7 @@ export async function benchMigrationTls(o: { workDir: string; quick: boolean }):
     hosts = await startNfsTestHosts({
       hosts: HOSTS,
       prefix: 'vspbtls-',
-      subnet: '10.77.14',
+      subnet: '10.77.51',
       parentDir: o.workDir,
     });
     const t = hosts;

@@ -103,7 +103,13 @@ export async function runLifecycle({ cluster, vsp }: BenchCluster, spec: TaskSpe
   }
 }
 
-const NOOP: TaskSpecInput = { owner: 'bench', name: 'noop', command: 'true', timeLimitSec: 300 };
+const NOOP: TaskSpecInput = {
+  owner: 'bench',
+  driver: 'process',
+  name: 'noop',
+  command: 'true',
+  timeLimitSec: 300,
+};
 const HOSTS = ['h1', 'h2'];
 const WARMUP = 2;
 
@@ -210,7 +216,7 @@ export async function benchOrchestration(env: ClusterBenchEnv): Promise<BenchRep
           `${WARMUP} warm-up lifecycles are not counted. Sequential part: ${sequentialCount} lifecycles one ` +
           `after another; phase times are the workflow's own phaseMs (workflow clock: the start of the ` +
           `workflow task that entered the phase, so a phase includes Temporal's dispatch of its activity); ` +
-          `"client submit to result" is measured in the benchmark process around VspClient.submit + result. ` +
+          `"client submit to result" is measured in the benchmark process from the owner's submission through the repository's task API (pre-flight, capability, workflow start: "client submit") to VspClient.result. ` +
           `"running" of a no-op task is the awaitVm round trip: the process driver finds the exit status at its first check (it polls every 500 ms after that). ` +
           `Throughput part: a closed loop keeping 1, 10 or 50 tasks in flight until the count is done; ` +
           `lifecycles/min = completed / elapsed; "tasks per host" is where the control worker placed them ` +
