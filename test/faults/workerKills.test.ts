@@ -27,13 +27,21 @@ afterAll(async () => {
   await fc?.stop();
 });
 
+/** Tasks that wait for their release: a test that fails before it releases them must not hold the next. */
+const waiting: string[] = [];
+afterEach(async () => {
+  for (const id of waiting.splice(0)) await fc.release(id).catch(() => undefined);
+});
+
 /** A task (pinned to `host` if given) that copies its input to its outputs; `wait`: until released. */
-function submitTask(prefix: string, name: string, host: string | undefined, wait: boolean): Promise<string> {
-  return fc.submit(prefix, {
+async function submitTask(prefix: string, name: string, host: string | undefined, wait: boolean) {
+  const taskId = await fc.submit(prefix, {
     host,
     inputs: ['in/data.bin'],
     command: `${fc.taskCommand(name, wait)} && cp in/data.bin out/data.bin`,
   });
+  if (wait) waiting.push(taskId);
+  return taskId;
 }
 
 /** The task completed, its command ran once, every output is stored once with the right SHA-256. */
@@ -57,9 +65,20 @@ async function expectCompletedOnce(taskId: string, name: string): Promise<void> 
   for (const l of logs) expect(l).toMatch(/^logs\/(task|console)\.log$/);
 }
 
-async function expectHostsClean(name: string): Promise<void> {
-  expect(await fc.storeLeftovers()).toEqual([]);
+/**
+ * Nothing of the task is left on the hosts: no VM folder, no temp file, no process. (Another test's
+ * leftovers are that test's failure: the last test checks the stores whole.)
+ */
+async function expectHostsClean(taskId: string, name: string): Promise<void> {
+  const ours = (await fc.storeLeftovers()).filter((f) => f.includes(taskId) || !/^[^/]+\/vms\//.test(f));
+  expect(ours).toEqual([]);
   expect(fc.processesWith(`'${name}'`)).toEqual([]);
+}
+
+/** Waits until the task's command runs and the workflow knows it (phase `running`). */
+async function untilRunning(taskId: string): Promise<void> {
+  await fc.untilStarted(taskId);
+  await fc.untilStatus(taskId, 'to be running', (s) => s.phase === 'running');
 }
 
 /** Each phase, and the activity the host worker is killed in: held after its work, its result unreported. */
@@ -83,7 +102,7 @@ describe('host worker SIGKILLed in each phase and restarted', () => {
         const held = await hold.held();
         expect(held.pid).toBe(fc.cluster.hostProcs.get('a')?.pid);
       } else {
-        await fc.untilStarted(taskId);
+        await untilRunning(taskId);
       }
       expect((await fc.status(taskId)).phase).toBe(phase);
 
@@ -98,7 +117,7 @@ describe('host worker SIGKILLed in each phase and restarted', () => {
 
       expect(after.phase).not.toMatch(/failed|cancelled/);
       await expectCompletedOnce(taskId, name);
-      await expectHostsClean(name);
+      await expectHostsClean(taskId, name);
       expect(recoveryMs).toBeLessThanOrEqual(RECOVERY_LIMIT_MS);
     },
     360_000,
@@ -118,13 +137,13 @@ describe('control worker SIGKILLed and restarted', () => {
     await fc.untilStatus(taskId, 'to be placed', (s) => isPast(s.phase, 'placing'));
     recordFigure('recovery after a control worker SIGKILL in placing', (Date.now() - ready) / 1000, 's');
     await expectCompletedOnce(taskId, name);
-    await expectHostsClean(name);
+    await expectHostsClean(taskId, name);
   }, 300_000);
 
   test('while a task runs and ends meanwhile: the task completes once', async () => {
     const name = 'control-running';
     const taskId = await submitTask('kill-control-running', name, undefined, true);
-    await fc.untilStarted(taskId);
+    await untilRunning(taskId);
     await fc.cluster.killControl();
     // The task ends while no worker runs its workflow.
     await fc.release(taskId);
@@ -137,14 +156,14 @@ describe('control worker SIGKILLed and restarted', () => {
       's',
     );
     await expectCompletedOnce(taskId, name);
-    await expectHostsClean(name);
+    await expectHostsClean(taskId, name);
   }, 300_000);
 });
 
 test('Temporal stopped and started on its SQLite file while a task runs and ends: it completes once', async () => {
   const name = 'temporal-restart';
   const taskId = await submitTask('temporal-restart', name, 'b', true);
-  await fc.untilStarted(taskId);
+  await untilRunning(taskId);
   const vmDir = (await fc.vmDir(taskId)) ?? '';
   const workers = [...fc.cluster.hostProcs.values()].map((p) => p.pid);
 
@@ -162,7 +181,7 @@ test('Temporal stopped and started on its SQLite file while a task runs and ends
   await fc.untilStatus(taskId, 'to complete', (s) => s.phase === 'completed', 300_000);
   recordFigure('completion after the Temporal server restart', (Date.now() - ready) / 1000, 's');
   await expectCompletedOnce(taskId, name);
-  await expectHostsClean(name);
+  await expectHostsClean(taskId, name);
   // The workers rode out the outage: the same processes still serve.
   for (const pid of workers) expect(readProc(pid)?.state).not.toMatch(/^(Z|undefined)$/);
   expect([...fc.cluster.hostProcs.values()].map((p) => p.pid)).toEqual(workers);

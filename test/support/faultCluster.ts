@@ -3,8 +3,6 @@ import { appendFileSync, mkdirSync, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { promisify } from 'node:util';
-import { execFile } from 'node:child_process';
 import { ApplicationFailure, Client, Connection } from '@temporalio/client';
 import { heldFile, holdFile, type HoldPoint } from '../../deploy/devcluster/faultHoldFiles';
 import { LocalCluster, type LocalClusterOptions } from '../../deploy/devcluster/localCluster';
@@ -58,8 +56,6 @@ export interface FaultClusterOptions {
   drivers?: string[];
   hostEnv?: NodeJS.ProcessEnv;
   controlEnv?: NodeJS.ProcessEnv;
-  /** Hosts whose store is a tmpfs of that many MiB (root only), to fill it. */
-  smallStores?: Record<string, number>;
 }
 
 /** A hold on one activity of one task, made before the activity runs (faultHoldFiles.ts). */
@@ -76,7 +72,6 @@ export class FaultCluster {
   temporal!: Client;
   vsp!: VspClient;
   private temporalPort = 0;
-  private readonly mounted: string[] = [];
 
   private constructor(
     readonly dir: string,
@@ -108,12 +103,6 @@ export class FaultCluster {
       fc.temporal = new Client({ connection: fc.connection, namespace: 'default' });
       fc.vsp = new VspClient(fc.temporal);
       (fc.cluster.opts as { temporalAddress: string }).temporalAddress = fc.temporalServer.address;
-      for (const [host, mib] of Object.entries(opts.smallStores ?? {})) {
-        const store = fc.cluster.storeDir(host);
-        await fs.mkdir(store, { recursive: true });
-        await run('mount', ['-t', 'tmpfs', '-o', `size=${mib}m`, `vsp-faults-${host}`, store]);
-        fc.mounted.push(store);
-      }
       await fc.cluster.start();
       return fc;
     } catch (err) {
@@ -261,8 +250,8 @@ export class FaultCluster {
       const entries = await fs.readdir(root, { recursive: true, withFileTypes: true }).catch(() => []);
       for (const e of entries) {
         const rel = path.relative(root, path.join(e.parentPath, e.name));
-        // The store's own skeleton, the image cache (kept on purpose) and a small tmpfs's lost+found.
-        if (e.isDirectory() && ['vms', 'images', 'lost+found'].includes(rel)) continue;
+        // The store's own skeleton and the image cache (kept on purpose).
+        if (e.isDirectory() && ['vms', 'images'].includes(rel)) continue;
         if (rel.startsWith(`images${path.sep}`)) continue;
         left.push(`${h}/${rel}`);
       }
@@ -324,13 +313,10 @@ export class FaultCluster {
     this.killTaskProcesses();
     await this.connection?.close();
     await this.temporalServer?.stop();
-    for (const store of this.mounted.splice(0)) await run('umount', [store]);
     if (process.env.VSP_KEEP_TEST_DIRS !== '1')
       await fs.rm(this.dir, { recursive: true, force: true, maxRetries: 5 });
   }
 }
-
-const run = promisify(execFile);
 
 /** The types of the ApplicationFailures in an error's chain of causes, outermost first. */
 export function failureTypes(err: unknown): string[] {

@@ -4,15 +4,13 @@ import net from 'node:net';
 import path from 'node:path';
 import { ResumableUploadError } from '../../repository/client';
 import { withAdmin } from '../../repository/admin';
-import { taskFailureMessage } from '../../client/vspClient';
 import { FaultCluster, OWNER, poll, recordFigure, sha256 } from '../support/faultCluster';
 
 /**
  * The repository under faults (issue 10, Acceptance): down during a task's stage-out, restarted during a
- * resumable upload, hit by aborted uploads and oversized bodies while another client keeps working; and a
- * host whose store is full. Host 'a' is an ordinary host; host 'tiny' has its store on a 16 MiB tmpfs.
+ * resumable upload, hit by aborted uploads and oversized bodies while another client keeps working. (The
+ * full store is storeFull.test.ts.)
  */
-const TINY_STORE_MIB = 16;
 /**
  * How long the repository stays down during stage-out. The issue asks for 5 minutes; the suite's time
  * budget takes 30 s by default, which the workflow cannot tell from 5 minutes: it waits in its visible
@@ -20,14 +18,11 @@ const TINY_STORE_MIB = 16;
  * full figure).
  */
 const OUTAGE_MS = Number(process.env.VSP_FAULT_REPO_OUTAGE_SEC ?? 30) * 1000;
-const isRoot = process.getuid?.() === 0;
 
 let fc: FaultCluster;
 
 beforeAll(async () => {
-  fc = await FaultCluster.start(
-    isRoot ? { hosts: ['a', 'tiny'], smallStores: { tiny: TINY_STORE_MIB } } : { hosts: ['a'] },
-  );
+  fc = await FaultCluster.start({ hosts: ['a'] });
 }, 180_000);
 
 afterAll(async () => {
@@ -110,9 +105,7 @@ test('repository down during stage-out: the task waits, every output arrives aft
   expect(await fc.storeLeftovers()).toEqual([]);
 }, 600_000);
 
-// Skipped until repo-robust's work (resumable sessions kept on disk across restarts) is in main: on main a
-// resume after a restart answers 404.
-test.skip('repository SIGKILLed during a resumable upload and restarted: the resume completes with the right checksum', async () => {
+test('repository SIGKILLed during a resumable upload and restarted: the resume completes with the right checksum', async () => {
   const data = randomBytes(8 << 20);
   const file = path.join(fc.dir, 'resumable.bin');
   await fs.writeFile(file, data);
@@ -207,9 +200,7 @@ function bigJson(method: string, apiPath: string, token: string, bytes: number):
   });
 }
 
-// Skipped until repo-robust's work (aborted uploads handled, body limits with 413) is in main: on main a
-// PUT reset or half-closed mid-body kills the repository process.
-test.skip('aborted uploads and oversized bodies: the repository answers at once and keeps serving another client', async () => {
+test('aborted uploads and oversized bodies: the repository answers at once and keeps serving another client', async () => {
   const token = fc.cluster.ownerTokens.get(OWNER) ?? '';
   const admin = withAdmin(fc.cluster.repoDir, (a) => a.createAdminToken('faults')).token;
   const pid = fc.cluster.repositoryPid;
@@ -287,49 +278,3 @@ test.skip('aborted uploads and oversized bodies: the repository answers at once 
   // Nothing of an aborted upload is visible.
   expect(await fc.repo().list(OWNER, 'aborted/')).toEqual([]);
 }, 120_000);
-
-(isRoot ? test : test.skip)(
-  'store full: one clear non-retryable error within seconds, nothing left on the host',
-  async () => {
-    await fc.upload('in/too-big.bin', randomBytes((TINY_STORE_MIB + 8) << 20));
-    const taskId = await fc.submit('store-full', {
-      host: 'tiny',
-      inputs: ['in/too-big.bin'],
-      command: 'true',
-    });
-    const staging = await fc.untilStatus(
-      taskId,
-      'to stage in',
-      (s) => s.phase !== 'placing' && s.phase !== 'validating',
-    );
-    const since = Date.now();
-    const err = await fc.vsp.result(taskId).catch((e: unknown) => e);
-    const failedAfterMs = Date.now() - since;
-    recordFigure('store full: failure after stage-in began', failedAfterMs / 1000, 's');
-    expect(staging.phase).not.toBe('completed');
-    const message = taskFailureMessage(err);
-    expect(message).toMatch(/No space left on device|ENOSPC/);
-    expect(failedAfterMs).toBeLessThan(15_000);
-
-    // One attempt: the error was final at once, not retried.
-    const history = await fc.temporal.workflow.getHandle(taskId).fetchHistory();
-    const stageIn = history.events?.find(
-      (e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'stageIn',
-    );
-    const attempts = history.events
-      ?.filter(
-        (e) =>
-          e.activityTaskStartedEventAttributes?.scheduledEventId?.toString() === stageIn?.eventId?.toString(),
-      )
-      .map((e) => e.activityTaskStartedEventAttributes?.attempt);
-    expect(attempts).toEqual([1]);
-    const failed = history.events?.find(
-      (e) => e.activityTaskFailedEventAttributes,
-    )?.activityTaskFailedEventAttributes;
-    expect(failed?.failure?.applicationFailureInfo?.type).toBe('StoreFull');
-    expect(failed?.failure?.applicationFailureInfo?.nonRetryable).toBe(true);
-    expect((await fc.status(taskId)).phase).toBe('failed');
-    expect(await fc.storeLeftovers()).toEqual([]);
-  },
-  120_000,
-);
