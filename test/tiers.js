@@ -19,5 +19,6 @@ module.exports = {
     ...base,
     displayName: 'system',
     testMatch: ['<rootDir>/test/system/**/*.test.ts', '<rootDir>/test/faults/**/*.test.ts'],
+    setupFilesAfterEnv: ['<rootDir>/test/support/rootOnly.ts'],
   },
 };
