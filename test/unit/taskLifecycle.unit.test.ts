@@ -25,8 +25,10 @@ import { MockCluster } from './support/mockCluster';
 
 /**
  * The TaskLifecycle workflow against stand-in activities (no repository, no VM) on a local Temporal dev
- * server (the installed CLI; Temporal's time-skipping test server does not run workflow updates): every
- * branch, each waiting on explicit releases, with the durations cut short through the input's tuning.
+ * server started from the installed CLI (deploy/devcluster/tools.ts). Not the time-skipping test server:
+ * the SDK downloads it at first use, which this project's machines cannot, and it does not skip time
+ * while a client waits on an update (cancel, migrate). Every branch waits on explicit releases, and the
+ * workflow's durations are cut short through the input's tuning instead.
  * `VSP_RECORD_HISTORIES=1` also writes each path's history to test/fixtures/histories/, which the last
  * test replays against the current workflow code.
  */

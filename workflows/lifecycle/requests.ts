@@ -1,0 +1,62 @@
+import { CancellationScope, log, setHandler, workflowInfo } from '@temporalio/workflow';
+import {
+  cancelUpdate,
+  CancelRequestSchema,
+  migrateUpdate,
+  MigrateRequestSchema,
+  ProgressReportSchema,
+  progressSignal,
+  requestProblems,
+  statusQuery,
+} from '../definitions';
+import { cancellation } from './activities';
+import { describe } from './failures';
+import { migrate, migrationRefusal } from './migration';
+import { isFinishing, type TaskState } from './state';
+
+/** The status query, the cancel and migrate updates (shapes checked in their validators), and the old progress signal. */
+export function handleRequests(t: TaskState): void {
+  setHandler(statusQuery, () => t.status);
+  setHandler(
+    cancelUpdate,
+    (req) => {
+      t.cancelReason = req?.reason ?? '';
+      t.status.error = `cancelled${req?.reason ? `: ${req.reason}` : ''}`;
+      // Stops the work at once; the workflow's own cancellation (requested by the control worker, since a
+      // workflow cannot request it of itself) then ends it CANCELED, as `temporal workflow cancel` does.
+      t.main.cancel();
+      const { workflowId, runId } = workflowInfo();
+      void CancellationScope.nonCancellable(() =>
+        cancellation.requestCancellation({ taskId: workflowId, runId }),
+      ).catch((err: unknown) =>
+        log.warn('could not request the workflow cancellation', { error: describe(err) }),
+      );
+      return t.status;
+    },
+    {
+      validator: (req) => {
+        const r = CancelRequestSchema.optional().safeParse(req);
+        if (!r.success) throw new Error(requestProblems('cancel', r.error));
+        if (t.cancelReason !== undefined) throw new Error(`task ${t.ref.taskId} is already being cancelled`);
+        if (isFinishing(t))
+          throw new Error(`task ${t.ref.taskId} is already ${t.status.phase}; nothing to cancel`);
+      },
+    },
+  );
+  setHandler(migrateUpdate, (req) => migrate(t, req), {
+    validator: (req) => {
+      const r = MigrateRequestSchema.safeParse(req);
+      if (!r.success) throw new Error(requestProblems('migrate', r.error));
+      const refusal = t.continuing
+        ? `task ${t.ref.taskId} is moving to its next run: try again in a moment`
+        : migrationRefusal(t, r.data);
+      if (refusal) throw new Error(refusal);
+    },
+  });
+  setHandler(progressSignal, (report) => {
+    const r = ProgressReportSchema.safeParse(report);
+    if (!r.success) return;
+    t.status.progress = r.data.progress;
+    t.status.progressMessage = r.data.message;
+  });
+}
