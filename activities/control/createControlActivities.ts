@@ -22,6 +22,11 @@ export interface HostStatus {
   lastSeenMs?: number;
   /** Why the host counts as down, or what shows it is up. */
   reason: string;
+  /**
+   * Set when a live host missed heartbeats (its last is older than a third of the liveness period, which a
+   * healthy worker's heartbeat period stays well within): the moment it counts as down unless seen again.
+   */
+  downAtMs?: number;
 }
 
 const toMs = (t: { seconds?: unknown; nanos?: number | null } | null | undefined): number | undefined =>
@@ -60,8 +65,14 @@ export function createControlActivities(deps: ControlDeps) {
     if (lastSeenMs === 0) return { live: false, reason: `host ${host}'s worker has not heartbeated yet` };
     const ageSec = (Date.now() - lastSeenMs) / 1000;
     const seen = `last heartbeat ${ageSec.toFixed(1)} s ago (${new Date(lastSeenMs).toISOString()})`;
+    const suspect = ageSec > deps.hostLivenessSec / 3;
     return ageSec <= deps.hostLivenessSec
-      ? { live: true, lastSeenMs, reason: `host ${host} is live: ${seen}` }
+      ? {
+          live: true,
+          lastSeenMs,
+          reason: `host ${host} is live: ${seen}`,
+          ...(suspect ? { downAtMs: lastSeenMs + deps.hostLivenessSec * 1000 } : {}),
+        }
       : {
           live: false,
           lastSeenMs,

@@ -373,6 +373,23 @@ test('HostDown: a task on a host without a worker fails naming the host', async 
   await record('host-down', h);
 });
 
+test('HostDown: a host still within its liveness period is asked again when it would count as down', async () => {
+  cluster.dead.add('c');
+  cluster.dying.add('c');
+  const h = await start('host-dying', { host: 'c' });
+  const f = await failureOf(h);
+  expect(f.message).toMatch(/host c is down/);
+  // Once live-but-silent, then down: the task failed on the second answer, without trying the step again.
+  const events = (await h.fetchHistory()).events ?? [];
+  const scheduled = events.filter((e) => e.activityTaskScheduledEventAttributes?.activityType?.name);
+  expect(scheduled.map((e) => e.activityTaskScheduledEventAttributes?.activityType?.name)).toEqual([
+    'placeTask',
+    'stageIn',
+    'hostStatus',
+    'hostStatus',
+  ]);
+});
+
 test("HostDown with onHostFailure 'restart': placed again on a live host, completes there", async () => {
   cluster.dead.add('c');
   cluster.placeNext.push('c');

@@ -3,6 +3,7 @@ import {
   isCancellation,
   log,
   proxyActivities,
+  sleep,
   type ActivityFunctionWithOptions,
   type ActivityOptions,
 } from '@temporalio/workflow';
@@ -20,9 +21,10 @@ type HostBoundActivities = HostActivities & MigrationActivities;
 export const TUNING_DEFAULTS: Required<Omit<TaskTuning, 'historyEventLimit'>> = {
   repositoryRetentionSec: 7 * 24 * 3600,
   repositoryRetrySec: 60,
-  // With 20 s heartbeat timeouts and the hosts' default liveness of 30 s (VSP_HOST_LIVENESS_SEC), a dead
-  // host fails its task within about two liveness periods; a live but busy one is asked again.
-  hostQueueTimeoutSec: 10,
+  // With the run's 10 s heartbeat timeout and a retry that nobody picks up within this, a dead host shows
+  // in 15 s; the task then fails once the host's liveness period (VSP_HOST_LIVENESS_SEC) confirms it, well
+  // within two periods. A live but busy host is asked again.
+  hostQueueTimeoutSec: 5,
   hostStepAttempts: 20,
   hostRetryInitialMs: 1000,
 };
@@ -90,7 +92,8 @@ function hostOptions(t: TaskState, host: string) {
       ...base,
       startToCloseTimeout: `${limit + 600}s`,
       scheduleToCloseTimeout: `${limit + 1800}s`,
-      heartbeatTimeout: '20s',
+      // Twice the hosts' longest heartbeat throttle (VSP_HOST_HEARTBEAT_SEC, 5 s): a dead host shows soon.
+      heartbeatTimeout: '10s',
     },
     // Migration steps are bounded tightly: the VM keeps running at the source while they wait.
     migrate: {
@@ -171,6 +174,13 @@ export function onHost(t: TaskState, host: string): HostCall {
         const seen = await hostStatus(host);
         if (!seen || round >= LIVE_HOST_ROUNDS) throw err;
         if (!seen.live) throw hostDown(host, seen, summary, err);
+        // A host that missed its heartbeats may be dying: ask again when it would count as down, rather
+        // than spend another step's timeouts on it.
+        if (seen.downAtMs !== undefined && seen.downAtMs > Date.now()) {
+          await sleep(seen.downAtMs - Date.now() + 1000);
+          const again = await hostStatus(host);
+          if (again && !again.live) throw hostDown(host, again, summary, err);
+        }
         log.warn('a step on a live host timed out: trying again', { host, step: name, error: describe(err) });
       }
     }

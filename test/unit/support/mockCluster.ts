@@ -26,6 +26,11 @@ export class MockCluster {
   readonly placeNext: string[] = [];
   /** Hosts that have no worker: their steps are never picked up, and hostStatus says they are down. */
   readonly dead = new Set<string>();
+  /**
+   * Dead hosts whose liveness record has not run out yet: the first hostStatus says live but missing its
+   * heartbeats (downAtMs soon), later ones say down.
+   */
+  readonly dying = new Set<string>();
   /** Tasks whose stage-out finds the repository unavailable, while this holds. */
   readonly repositoryDown = new Set<string>();
   /** Tasks whose migrateOut fails (before the memory is sent). */
@@ -63,6 +68,8 @@ export class MockCluster {
       },
       hostStatus: async (host: string) => {
         this.calls.push({ host: 'control', name: 'hostStatus' });
+        if (this.dying.delete(host))
+          return { live: true, lastSeenMs: Date.now() - 5_000, downAtMs: Date.now() + 2_000 };
         return this.dead.has(host) ? { live: false, lastSeenMs: Date.now() - 600_000 } : { live: true };
       },
     };
