@@ -134,10 +134,13 @@ describe('live migration over per-host NFS (real QEMU, namespace hosts)', () => 
       'already runs on a',
     );
 
-    const waitingOnA = drivers.a.wait(handle, { onProgress: () => undefined, signal: noAbort() });
+    // The expectation is attached now: the wait may end (the VM left) before the migration call returns.
+    const waitingOnA = expect(
+      drivers.a.wait(handle, { onProgress: () => undefined, signal: noAbort() }),
+    ).rejects.toThrow(new VmMigratedError('vm-home', 'a', 'b'));
     const seen: MigrationProgress[] = [];
     const toB = await migrate(handle, 'b', (p) => seen.push(p));
-    await expect(waitingOnA).rejects.toThrow(new VmMigratedError('vm-home', 'a', 'b'));
+    await waitingOnA;
     expectMemoryOnly(toB.result);
     expect(seen.some((p) => p.transferredBytes > 0)).toBe(true);
     expect(toB.handle).toMatchObject({ host: 'b', storageHost: 'a' });
