@@ -10,6 +10,7 @@ import { DiskImageStaging, readDataDiskFile } from '../../storage/diskImageStagi
 import { checkNfsExport } from '../../storage/nfsExport';
 import type { VmStore } from '../../storage/vmStore';
 import { startNfsTestHosts, type NfsTestHosts } from '../../deploy/devcluster/nfsTestHosts';
+import { untilConsoleLine } from '../support/guestConsole';
 
 /**
  * Live migration between three test hosts (network namespaces, each with its own nfs-ganesha export of
@@ -61,7 +62,7 @@ describe('live migration over per-host NFS (real QEMU, namespace hosts)', () => 
     };
     const handle = await drivers.a.start(await drivers.a.create(config));
     started.push({ host: 'a', handle });
-    await untilProgress(stores.a.paths(vmId).consoleLog, 1);
+    await untilConsoleLine(stores.a.paths(vmId).consoleLog, 'VSP-PROGRESS 1');
     return { handle, blobMd5: createHash('md5').update(blob).digest('hex') };
   }
 
@@ -193,14 +194,3 @@ describe('live migration over per-host NFS (real QEMU, namespace hosts)', () => 
     await finishAndCheck(toC.handle, 'vm-roam', blobMd5);
   });
 });
-
-async function untilProgress(consoleLog: string, n: number, timeoutMs = 90_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const text = await fs.readFile(consoleLog, 'utf8').catch(() => '');
-    if (new RegExp(`^VSP-PROGRESS ${n}\\b`, 'm').test(text)) return;
-    if (/VSP-(EXIT|ERROR)/.test(text) || Date.now() > deadline)
-      throw new Error(`guest never reported progress ${n}; console:\n${text.slice(-3000)}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}

@@ -9,6 +9,7 @@ import { isVmProcess } from '../../drivers/qemu/vmProcess';
 import type { IncomingVm, VmConfig, VmHandle } from '../../drivers/types';
 import { describeError } from '../../logging/logger';
 import { DiskImageStaging } from '../../storage/diskImageStaging';
+import { untilConsoleLine } from '../support/guestConsole';
 
 /**
  * Live migration over TLS between two namespace test hosts whose certificates come from their own CA
@@ -48,6 +49,8 @@ describe('live migration over TLS (real QEMU, namespace hosts)', () => {
     };
     const handle = await t.drivers.a.start(await t.drivers.a.create(config));
     t.started.push({ host: 'a', handle });
+    // Migrated once its task runs, not mid-boot: a TCG guest moved while booting can fail to load.
+    await untilConsoleLine(paths.consoleLog, 'VSP-PROGRESS 1 up');
     return handle;
   }
 

@@ -11,6 +11,7 @@ import { DiskImageStaging, readDataDiskFile } from '../../storage/diskImageStagi
 import { runCommand } from '../../drivers/qemu/runCommand';
 import { ImageCache } from '../../storage/imageCache';
 import { VmStore } from '../../storage/vmStore';
+import { untilConsoleLine } from '../support/guestConsole';
 
 const KNOWN_LINES = Array.from({ length: 5 }, (_, i) => `known line ${i + 1} of the task`);
 
@@ -77,16 +78,6 @@ describe('QemuDriver (real QEMU)', () => {
   }
 
   const noAbort = () => new AbortController().signal;
-
-  async function untilConsole(file: string, text: string, timeoutMs = 60_000) {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const content = await fs.readFile(file, 'utf8').catch(() => '');
-      if (content.includes(text)) return;
-      if (Date.now() > deadline) throw new Error(`console never showed ${text}:\n${content}`);
-      await new Promise((r) => setTimeout(r, 200));
-    }
-  }
 
   async function expectNoTrace(vmId: string) {
     const paths = store.paths(vmId);
@@ -155,7 +146,7 @@ describe('QemuDriver (real QEMU)', () => {
       command: 'echo VSP-PROGRESS 5 working; sleep 600',
     });
     const started = await driver.start(handle);
-    await untilConsole(paths.consoleLog, 'VSP-PROGRESS 5');
+    await untilConsoleLine(paths.consoleLog, 'VSP-PROGRESS 5');
     const waiting = driver.wait(handle, { onProgress: () => undefined, signal: noAbort() });
     process.kill(Number(started.state.pid), 'SIGKILL');
     await expect(waiting).rejects.toThrow(
@@ -178,7 +169,7 @@ describe('QemuDriver (real QEMU)', () => {
       timeLimitSec: 600,
     });
     const started = await driver.start(handle);
-    await untilConsole(paths.consoleLog, 'VSP-PROGRESS 50 synced', 120_000);
+    await untilConsoleLine(paths.consoleLog, 'VSP-PROGRESS 50 synced', 120_000);
     const waiting = driver.wait(handle, { onProgress: () => undefined, signal: noAbort() });
     process.kill(Number(started.state.pid), 'SIGKILL');
     await expect(waiting).rejects.toThrow(/QEMU exited before the task finished/);
@@ -222,7 +213,7 @@ describe('QemuDriver (real QEMU)', () => {
       command: 'echo "VSP-PROGRESS 1 up"; sleep 600',
     });
     await driver.start(handle);
-    await untilConsole(paths.consoleLog, 'VSP-PROGRESS 1 up', 120_000);
+    await untilConsoleLine(paths.consoleLog, 'VSP-PROGRESS 1 up', 120_000);
     await driver.stop(handle, 30_000);
     expect((await driver.inspect(handle)).phase).not.toBe('running');
     // The ACPI power button reached the guest's init, which ended the task (TERM) and powered off itself.
@@ -238,7 +229,7 @@ describe('QemuDriver (real QEMU)', () => {
       command: 'echo "VSP-PROGRESS 1 up"; sleep 600',
     });
     const started = await driver.start(handle);
-    await untilConsole(paths.consoleLog, 'VSP-PROGRESS 1 up', 120_000);
+    await untilConsoleLine(paths.consoleLog, 'VSP-PROGRESS 1 up', 120_000);
     const uid = Number(execFileSync('id', ['-u', 'vsp-qemu'], { encoding: 'utf8' }));
     const gid = Number(execFileSync('id', ['-g', 'vsp-qemu'], { encoding: 'utf8' }));
     const status = await fs.readFile(`/proc/${Number(started.state.pid)}/status`, 'utf8');
