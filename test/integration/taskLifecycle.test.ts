@@ -9,6 +9,7 @@ import { taskFailureMessage } from '../../client/vspClient';
 import { TaskClientError } from '../../client/taskClient';
 import { taskInput } from '../../spec/taskInput';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
+import { releaseTask, waitingCommand, waitingTaskDir } from '../support/releasedTasks';
 import { temporalAddress } from '../support/temporalEnv';
 
 const sha256 = (b: Buffer | string) => createHash('sha256').update(b).digest('hex');
@@ -176,12 +177,13 @@ test('the host worker killed mid-task and restarted: the task completes once, ou
   const { taskId } = await fx.cluster.submitTask('alice', {
     driver: 'process',
     host: 'a',
-    command: `mkdir -p out && echo run >> out/runs.txt && echo VSP-PROGRESS 50 ${marker} && sleep 6 && echo finished >> out/runs.txt`,
+    // Runs until released after the restart: the kill always hits it mid-task.
+    command: `mkdir -p out && echo run >> out/runs.txt && ${waitingCommand(marker, 'echo finished >> out/runs.txt')}`,
   });
-  await until('the task to run', async () => (await fx.vsp.status(taskId)).phase === 'running' || undefined);
+  await until('the task to wait for its release', () => waitingTaskDir(fx.cluster.storeDir('a'), marker));
   await fx.cluster.killHost('a');
-  await new Promise((r) => setTimeout(r, 2000));
   await fx.cluster.startHost('a');
+  await releaseTask(fx.cluster.storeDir('a'), marker);
   const result = await fx.vsp.result(taskId);
   const runs = result.outputs.find((o) => o.path.endsWith('outputs/runs.txt'));
   expect(runs?.sha256).toBe(sha256('run\nfinished\n'));
