@@ -40,9 +40,24 @@ export interface PollingOptions {
   expectBody?: string;
 }
 
-/** Polls `url` until stopped; `stop` resolves with every request's outcome, in order of completion. */
-export function startPolling(url: string, o: PollingOptions): { stop: () => Promise<Reply[]> } {
+export interface Poller {
+  /** Resolves once `n` more requests have completed (answered or failed): a window counted in requests. */
+  answers: (n: number) => Promise<void>;
+  /** Stops polling; resolves with every request's outcome, in order of completion. */
+  stop: () => Promise<Reply[]>;
+}
+
+/** Polls `url` until stopped. */
+export function startPolling(url: string, o: PollingOptions): Poller {
   const replies: Reply[] = [];
+  const waiters: { count: number; resolve: () => void }[] = [];
+  const record = (r: Reply) => {
+    replies.push(r);
+    for (const w of waiters.filter((w) => replies.length >= w.count)) {
+      waiters.splice(waiters.indexOf(w), 1);
+      w.resolve();
+    }
+  };
   const clients = o.clients ?? 1;
   let running = true;
   const loop = async (offsetMs: number) => {
@@ -53,15 +68,16 @@ export function startPolling(url: string, o: PollingOptions): { stop: () => Prom
         const got = await httpGet(url, o.timeoutMs);
         if (o.expectBody !== undefined && got !== o.expectBody)
           throw new Error(`unexpected reply ${JSON.stringify(got.slice(0, 80))}`);
-        replies.push({ sentAt, doneAt: Date.now(), ok: true });
+        record({ sentAt, doneAt: Date.now(), ok: true });
       } catch (err) {
-        replies.push({ sentAt, doneAt: Date.now(), ok: false, error: String(err) });
+        record({ sentAt, doneAt: Date.now(), ok: false, error: String(err) });
       }
       await new Promise((r) => setTimeout(r, Math.max(0, o.intervalMs - (Date.now() - sentAt))));
     }
   };
   const loops = Array.from({ length: clients }, (_, i) => loop((i * o.intervalMs) / clients));
   return {
+    answers: (n) => new Promise((resolve) => waiters.push({ count: replies.length + n, resolve })),
     stop: async () => {
       running = false;
       await Promise.all(loops);

@@ -1,4 +1,9 @@
-import { httpGet, startPolling as startHttpPolling, type Reply } from '../../deploy/devcluster/httpPolling';
+import {
+  httpGet,
+  startPolling as startHttpPolling,
+  type Poller,
+  type Reply,
+} from '../../deploy/devcluster/httpPolling';
 
 /**
  * The service-uptime probe of the migration tests: one GET at a time on a fresh connection, a new one
@@ -23,7 +28,7 @@ export async function awaitAnswer(url: string, timeoutMs: number): Promise<strin
 }
 
 /** Polls `url` every POLL_INTERVAL_MS (one request at a time) until stopped. */
-export const startPolling = (url: string): { stop: () => Promise<Reply[]> } =>
+export const startPolling = (url: string): Poller =>
   startHttpPolling(url, { intervalMs: POLL_INTERVAL_MS, timeoutMs: REQUEST_TIMEOUT_MS });
 
 /** Rate, failures and the longest gap between answers of a polling run, for the test's log line. */
