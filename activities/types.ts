@@ -11,11 +11,8 @@ export interface TaskRef {
   spec: TaskSpec;
   /** Repository folder (owner's space) for outputs and logs. */
   resultsPath: string;
-  /**
-   * The task's capability (spec/capability.ts): hosts present it as the bearer for this task's
-   * transfers. Optional only until every workflow passes one.
-   */
-  capability?: string;
+  /** The task's capability (spec/capability.ts): hosts present it as the bearer for this task's transfers. */
+  capability: string;
 }
 
 export interface StageInResult {

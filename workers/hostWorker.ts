@@ -37,7 +37,6 @@ async function main(): Promise<void> {
   const activities = createHostActivities({
     hostName: config.host,
     store,
-    repository,
     repositoryFor,
     drivers,
     defaultDriver: config.defaultDriver,

@@ -54,7 +54,7 @@ export function createHostActivities(deps: HostDeps) {
   /** The repository as this task may use it (its capability, checked against this activity's workflow). */
   function repositoryOf(ref: TaskRef): RepositoryClient {
     const workflowId = Context.current().info.workflowExecution?.workflowId ?? ref.taskId;
-    return taskRepository(ref, workflowId, deps.repository, deps.repositoryFor);
+    return taskRepository(ref, workflowId, deps.repositoryFor);
   }
 
   const stagedMarker = (vmId: string) => path.join(store.paths(vmId).dir, '.staged.json');

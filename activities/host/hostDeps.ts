@@ -24,8 +24,6 @@ export interface ImageFetch {
 export interface HostDeps {
   hostName: string;
   store: VmStore;
-  /** With the host's own credential: provider base images only. */
-  repository: RepositoryClient;
   /** A client presenting a task's capability, for that task's transfers. */
   repositoryFor: (capability: string) => RepositoryClient;
   drivers: Record<string, DriverBinding>;

@@ -14,11 +14,8 @@ import type { TaskRef } from '../types';
 export function taskRepository(
   ref: TaskRef,
   workflowId: string,
-  hostRepository: RepositoryClient,
   repositoryFor: (capability: string) => RepositoryClient,
 ): RepositoryClient {
-  // Interim, until every workflow passes one: such tasks still use the host's credential.
-  if (ref.capability === undefined) return hostRepository;
   const mismatch = (why: string) => ApplicationFailure.nonRetryable(why, 'CapabilityMismatch');
   let claims;
   try {
@@ -62,7 +59,7 @@ export function taskRecordOf(ref: TaskRef, runId: string, driver?: string): Task
     resultsPath: ref.resultsPath,
     outputDir: ref.spec.outputDir,
     ...(driver ? { driver } : {}),
-    ...(ref.capability ? { capability: ref.capability } : {}),
+    capability: ref.capability,
   };
 }
 

@@ -66,11 +66,9 @@ function taskOf(taskId: string, inputs: string[]): TaskRef {
 const store = () => new VmStore(storeDir);
 
 function activities() {
-  const host = new RepositoryClient({ url: server.url, token: 'the-hosts-own-token' });
   return createHostActivities({
     hostName: 'a',
     store: store(),
-    repository: host,
     repositoryFor: (capability) => new RepositoryClient({ url: server.url, token: capability }),
     // Stage-in and stage-out only use the staging; the driver is never called.
     drivers: { process: { driver: {} as HypervisorDriver, staging: new DirectoryStaging() } },

@@ -30,7 +30,6 @@ function activitiesWith(driver: HypervisorDriver) {
   const deps: HostDeps = {
     hostName: 'a',
     store: new VmStore(os.tmpdir()),
-    repository,
     repositoryFor: () => repository,
     drivers: { fake: { driver, staging: new DirectoryStaging() } },
   };
