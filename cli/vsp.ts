@@ -8,6 +8,7 @@ import { RepositoryClient } from '../repository/client';
 import { TaskSpecError } from '../spec/taskSpec';
 import type { MigrateRequest, TaskResult, TaskStatus } from '../workflows/definitions';
 import { commandGroup, IMAGE_GROUP_DESCRIPTION, registerAdminCommands } from './adminCommands';
+import { registerClusterCommands } from './clusterCommands';
 import { createProgressDisplay, type DisplayedStatus } from './progressDisplay';
 
 /**
@@ -62,6 +63,7 @@ async function ownerOf(opts: { repository?: string; owner?: string }): Promise<s
 }
 
 registerAdminCommands(program);
+registerClusterCommands(program);
 
 program
   .command('upload <local> [remote]')
