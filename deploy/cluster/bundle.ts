@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { createReadStream, promises as fs } from 'node:fs';
+import { createReadStream, existsSync, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { runCommand } from '../../drivers/qemu/runCommand';
@@ -45,37 +45,50 @@ export function currentPlatformTriple(arch = process.arch, platform = process.pl
   return platform === 'linux' ? `${cpu}-unknown-linux-gnu` : `${cpu}-${platform}`;
 }
 
+interface LockEntry {
+  dev?: boolean;
+  devOptional?: boolean;
+  optional?: boolean;
+}
+
 /**
- * The top-level folders of the production packages, relative to the project (`node_modules/zod`, ...):
- * `npm ls --omit=dev` lists the installed tree; nested packages come with their parent's folder.
+ * The top-level folders of the production packages (`node_modules/zod`, ...), from package-lock.json:
+ * every installed package not flagged dev; nested packages come with their parent's folder. Optional
+ * packages that are not installed (other platforms' binaries) are skipped; a missing required one is an
+ * error, since the hosts cannot fetch it.
  */
-export function productionPackagePaths(npmLsParseable: string, projectDir: string): string[] {
-  const rel = npmLsParseable
-    .split('\n')
-    .map((l) => l.trim())
-    .filter(Boolean)
-    .map((p) => path.relative(projectDir, p))
-    .filter((p) => p.startsWith('node_modules' + path.sep));
-  const sorted = [...new Set(rel)].sort();
-  return sorted.filter((p) => !sorted.some((q) => q !== p && p.startsWith(q + path.sep)));
+export function productionPackagePaths(
+  lock: { packages?: Record<string, LockEntry> },
+  installed: (dir: string) => boolean,
+): string[] {
+  const missing: string[] = [];
+  const paths: string[] = [];
+  for (const [dir, entry] of Object.entries(lock.packages ?? {})) {
+    if (!dir.startsWith('node_modules/') || entry.dev || entry.devOptional) continue;
+    if (installed(dir)) paths.push(dir);
+    else if (!entry.optional) missing.push(dir);
+  }
+  if (missing.length > 0)
+    throw new Error(
+      `production packages are not installed (${missing.slice(0, 5).join(', ')}): run 'npm ci'`,
+    );
+  const sorted = paths.sort();
+  return sorted.filter((p) => !sorted.some((q) => q !== p && p.startsWith(`${q}/`)));
 }
 
 export async function buildBundle(projectDir: string): Promise<Bundle> {
   const entry = path.join(projectDir, 'dist', 'workers', 'hostWorker.js');
   if (!(await fs.stat(entry).catch(() => undefined)))
     throw new Error(`${entry} is missing: run 'npm ci && npm run build' in ${projectDir} first`);
-  let listing: string;
+  let lock: { packages?: Record<string, LockEntry> };
   try {
-    listing = (
-      await runCommand('npm', ['--prefix', projectDir, 'ls', '--omit=dev', '--all', '--parseable'], {
-        timeoutMs: 60_000,
-      })
-    ).stdout;
+    lock = JSON.parse(await fs.readFile(path.join(projectDir, 'package-lock.json'), 'utf8'));
   } catch (err) {
-    throw new Error(`cannot list the production packages of ${projectDir}: run 'npm ci' there`, {
-      cause: err,
-    });
+    throw new Error(`cannot read ${projectDir}/package-lock.json`, { cause: err });
   }
+  const packages = productionPackagePaths(lock, (dir) =>
+    existsSync(path.join(projectDir, dir, 'package.json')),
+  );
   const releases = path.join(projectDir, 'node_modules', '@temporalio', 'core-bridge', 'releases');
   const platform = currentPlatformTriple();
   const others = (await fs.readdir(releases).catch(() => [])).filter((p) => p !== platform);
@@ -84,10 +97,7 @@ export async function buildBundle(projectDir: string): Promise<Bundle> {
   const list = path.join(dir, 'files');
   const exclude = path.join(dir, 'exclude');
   try {
-    await fs.writeFile(
-      list,
-      [...PROJECT_PATHS, ...productionPackagePaths(listing, projectDir)].join('\n') + '\n',
-    );
+    await fs.writeFile(list, [...PROJECT_PATHS, ...packages].join('\n') + '\n');
     await fs.writeFile(exclude, excludePatterns(others).join('\n') + '\n');
     await runCommand(
       'bash',

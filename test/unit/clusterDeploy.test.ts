@@ -390,14 +390,24 @@ describe('host facts', () => {
 });
 
 describe('release bundle', () => {
-  it("takes each production package's top folder once", () => {
-    const listing = [
-      '/p',
-      '/p/node_modules/zod',
-      '/p/node_modules/@t/w',
-      '/p/node_modules/@t/w/node_modules/x',
-    ].join('\n');
-    expect(productionPackagePaths(listing, '/p')).toEqual(['node_modules/@t/w', 'node_modules/zod']);
+  it("takes each installed production package's top folder once, from the lockfile", () => {
+    const lock = {
+      packages: {
+        '': {},
+        'node_modules/zod': {},
+        'node_modules/@t/w': {},
+        'node_modules/@t/w/node_modules/x': {},
+        'node_modules/jest': { dev: true },
+        'node_modules/fsevents': { dev: true, optional: true },
+        'node_modules/both': { devOptional: true },
+        'node_modules/argon2-darwin': { optional: true },
+      },
+    };
+    const installed = (dir: string) => dir !== 'node_modules/argon2-darwin';
+    expect(productionPackagePaths(lock, installed)).toEqual(['node_modules/@t/w', 'node_modules/zod']);
+    expect(() => productionPackagePaths(lock, (dir) => dir !== 'node_modules/zod')).toThrow(
+      "production packages are not installed (node_modules/zod): run 'npm ci'",
+    );
   });
 
   it("drops other platforms' binaries", () => {
