@@ -34,8 +34,10 @@ export function excludePatterns(otherPlatforms: string[]): string[] {
     'node_modules/better-sqlite3/src',
     'node_modules/better-sqlite3/build/Release/obj',
     'node_modules/better-sqlite3/build/Release/obj.target',
+    // Node never loads these: source maps, TypeScript sources and declarations, documentation.
     '*.map',
-    '*.d.ts',
+    'node_modules/*.ts',
+    'node_modules/*.md',
   ];
 }
 
