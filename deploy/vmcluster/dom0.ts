@@ -31,7 +31,7 @@ const QEMU_START_TIMEOUT_MS = 60_000;
 const PROGRESS_EVERY_MS = 30_000;
 const POLL_MS = 500;
 const READY_LINE = 'VSP-DOM0-READY';
-const BOOT_FAILURE = /Kernel panic|\(XEN\) Panic|vsp-dom0-setup: ERROR[^\r\n]*/;
+const BOOT_FAILURE = /Kernel panic|\(XEN\) Panic|vsp-dom0-setup: ERROR[^\r\n]*|VSP-DOM0-FAILED[^\r\n]*/;
 /** Warm snapshots unused this long are removed. */
 const UNUSED_SNAPSHOT_MS = 3 * 24 * 3600_000;
 

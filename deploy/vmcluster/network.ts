@@ -83,6 +83,10 @@ export async function networkDown(c: ClusterConfig): Promise<void> {
   }
   // Deleting the netns deletes the veth pair with its inner end; a half-made run may have left only ours.
   const hadVeth = await linkExists(c.hostVeth);
-  if (hadVeth) await ip(['link', 'del', c.hostVeth]);
+  if (hadVeth)
+    await ip(['link', 'del', c.hostVeth]).catch((err: unknown) => {
+      // The netns deletion just above may remove the pair a moment later.
+      if (!/Cannot find device/.test(describeError(err))) throw err;
+    });
   if (hadNetns || hadVeth) log.info({ netns: c.netns, hostVeth: c.hostVeth }, 'network removed');
 }
