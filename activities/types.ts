@@ -1,5 +1,6 @@
 import type { ExitResult, VmHandle } from '../drivers/types';
 import type { TaskSpec } from '../spec/taskSpec';
+import type { QueuePosition } from '../workflows/scheduling/definitions';
 
 /** Messages between the workflow and its activities (plain JSON). */
 
@@ -36,10 +37,7 @@ export interface StageOutResult {
   logs: UploadedFile[];
 }
 
-export interface Placement {
-  host: string;
-  /** Running tasks the host had when chosen. */
-  load: number;
-}
+/** Where the scheduler put a task, or its place in the queue (it then waits for the grant signal). */
+export type Placement = { host: string } | { queued: QueuePosition };
 
 export type { VmHandle };

@@ -8,6 +8,7 @@ import { RepositoryClient } from '../repository/client';
 import { TaskSpecError } from '../spec/taskSpec';
 import type { MigrateRequest, TaskResult, TaskStatus } from '../workflows/definitions';
 import { commandGroup, IMAGE_GROUP_DESCRIPTION, registerAdminCommands } from './adminCommands';
+import { registerHostCommands } from './hostCommands';
 import { createProgressDisplay, type DisplayedStatus } from './progressDisplay';
 
 /**
@@ -62,6 +63,7 @@ async function ownerOf(opts: { repository?: string; owner?: string }): Promise<s
 }
 
 registerAdminCommands(program);
+registerHostCommands(program, table);
 
 program
   .command('upload <local> [remote]')
@@ -138,7 +140,13 @@ class CliExit extends Error {
 
 /** What the task commands need, from either path. */
 interface TaskAccess {
-  status(taskId: string): Promise<{ phase?: string; host?: string; address?: string; error?: string }>;
+  status(taskId: string): Promise<{
+    phase?: string;
+    host?: string;
+    address?: string;
+    error?: string;
+    queue?: TaskStatus['queue'];
+  }>;
   watch(taskId: string, onStatus: (s: DisplayedStatus) => void): Promise<TaskResult>;
   cancel(taskId: string, reason?: string): Promise<TaskStatus>;
   migrate(taskId: string, request: MigrateRequest): Promise<TaskStatus>;
@@ -218,8 +226,9 @@ taskCommand(
   "show a task's phase, host, address and error (exit 0 running or completed, 3 failed, 4 cancelled)",
 ).action(async (taskId: string, opts: TaskCommandOptions) => {
   const s = await (await tasks(opts)).status(taskId);
+  const q = s.queue;
   print(
-    `${s.phase ?? 'unknown'}${s.host ? ` on ${s.host}` : ''}${s.address ? ` at ${s.address}` : ''}${s.error ? `: ${s.error}` : ''}`,
+    `${s.phase ?? 'unknown'}${q ? ` (${q.position} of ${q.of} in the queue${q.why ? `: ${q.why}` : ''})` : ''}${s.host ? ` on ${s.host}` : ''}${s.address ? ` at ${s.address}` : ''}${s.error ? `: ${s.error}` : ''}`,
     s,
   );
   const code = endedExitCode(s.phase);

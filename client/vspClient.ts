@@ -3,7 +3,10 @@ import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/commo
 import { decodeFromPayloadsAtIndex } from '@temporalio/common/lib/internal-non-workflow';
 import { CONTROL_TASK_QUEUE, SEARCH_ATTRIBUTES } from '../config/names';
 import { connectClient } from '../config/temporal';
-import { parseTaskSpec, type TaskSpecInput } from '../spec/taskSpec';
+import { placementRequest } from '../scheduler/request';
+import { neverFits } from '../scheduler/placement';
+import { parseTaskSpec, TaskSpecError, type TaskSpec, type TaskSpecInput } from '../spec/taskSpec';
+import { SchedulerClient } from './schedulerClient';
 import { taskInput } from '../spec/taskInput';
 import {
   cancelUpdate,
@@ -47,6 +50,7 @@ export class VspClient {
     { taskId, capability }: { taskId: string; capability: string },
   ): Promise<{ taskId: string; runId: string }> {
     const spec = parseTaskSpec(input);
+    await this.refuseUnschedulable(taskId, spec);
     const handle = await this.temporal.workflow.start('TaskLifecycle', {
       taskQueue: CONTROL_TASK_QUEUE,
       workflowId: taskId,
@@ -60,6 +64,28 @@ export class VspClient {
   }
 
   /**
+   * A task no host of the cluster could run even when empty is refused before it starts, saying what
+   * each host is missing (TaskSpecError). Without a scheduler yet, the task's placement decides.
+   */
+  private async refuseUnschedulable(taskId: string, spec: TaskSpec): Promise<void> {
+    const scheduler = new SchedulerClient(this.temporal);
+    let state = await scheduler.state().catch((err: unknown) => {
+      if (err instanceof WorkflowNotFoundError) return undefined;
+      throw err;
+    });
+    if (!state) return;
+    // Hosts not surveyed yet (a scheduler that has placed nothing): it looks at them first.
+    if (state.hosts.every((h) => !h.inventory)) state = await scheduler.state({ fresh: true });
+    const request = placementRequest(taskId, spec, state.config, []);
+    const why = neverFits(
+      request,
+      state.config,
+      state.hosts.flatMap((h) => h.inventory ?? []),
+    );
+    if (why) throw new TaskSpecError([`resources: ${why}`]);
+  }
+
+  /**
    * The workflow's status, with the task's live progress: that travels in the heartbeats of the
    * pending `awaitVm` (no history event per change), read here from the workflow's description.
    */
@@ -69,6 +95,7 @@ export class VspClient {
       handle.query(statusQuery),
       handle.describe().catch(() => undefined),
     ]);
+    if (status.phase === 'queued') return { ...status, ...(await this.queuePosition(taskId, status)) };
     const waiting = description?.raw.pendingActivities?.find((a) => a.activityType?.name === 'awaitVm');
     if (!waiting?.heartbeatDetails?.payloads?.length || status.phase !== 'running') return status;
     const beat = await decodeFromPayloadsAtIndex<unknown>(
@@ -77,6 +104,12 @@ export class VspClient {
       waiting.heartbeatDetails.payloads,
     ).catch(() => undefined);
     return { ...status, ...progressOf(beat) };
+  }
+
+  /** A queued task's place now, from the scheduler (the task's own record is from when it was queued). */
+  private async queuePosition(taskId: string, status: TaskStatus): Promise<Pick<TaskStatus, 'queue'>> {
+    const now = await new SchedulerClient(this.temporal).position(taskId).catch(() => undefined);
+    return now ? { queue: now } : { queue: status.queue };
   }
 
   /** Calls `onStatus` on every change until the task ends; resolves with its result or throws its failure. */

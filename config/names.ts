@@ -12,6 +12,9 @@ export function hostLivenessWorkflowId(host: string): string {
   return `vsp-host-liveness-${host}`;
 }
 
+/** The cluster's scheduler (workflows/scheduler.ts): one per Temporal namespace. */
+export const SCHEDULER_WORKFLOW_ID = 'vsp-scheduler';
+
 /** Custom search attributes, registered on the dev server by deploy/devcluster/temporal.ts. */
 export const SEARCH_ATTRIBUTES = {
   owner: 'VspOwner',

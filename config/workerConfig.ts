@@ -5,6 +5,7 @@ import { DRIVER_NAMES } from '../spec/taskSpec';
 import { validateMountRoot } from '../storage/diskLocator';
 import { HOST_NAME } from './names';
 import { parseUidRange } from '../drivers/process/taskAccounts';
+import { DEFAULT_SCHEDULER_CONFIG, type SchedulerConfig } from '../scheduler/model';
 
 const hostName = z.string().regex(HOST_NAME, 'host names are lower-case letters, digits and -');
 
@@ -124,6 +125,19 @@ const HostSchema = z.object({
   heartbeatSec: z.coerce.number().int().min(1).max(60).default(5),
   /** How often the orphan reaper compares the VM store with Temporal (it also runs at start). */
   reaperIntervalSec: z.coerce.number().int().min(10).default(300),
+  /** The vCPUs and memory this host offers to tasks (default: the machine's), before overcommit. */
+  vcpus: z.coerce.number().int().min(1).max(4096).optional(),
+  memoryMiB: z.coerce.number().int().min(64).optional(),
+  /** Labels a task spec's `labels` selects hosts by: {"zone":"a","gpu":"no"}. */
+  labels: jsonObject(
+    z.record(
+      z.string().regex(/^[a-z0-9][a-z0-9_.-]{0,62}$/, 'label names are lower-case letters, digits, _ . -'),
+      z.string().max(253),
+      'a JSON object of label -> value',
+    ),
+  )
+    .optional()
+    .default({}),
 });
 
 export type HostConfig = Omit<z.output<typeof HostSchema>, 'storeDir' | 'defaultDriver'> & {
@@ -160,6 +174,9 @@ export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig
       migrationTimeoutSec: 'VSP_MIGRATION_TIMEOUT_SEC',
       heartbeatSec: 'VSP_HOST_HEARTBEAT_SEC',
       reaperIntervalSec: 'VSP_REAPER_INTERVAL_SEC',
+      vcpus: 'VSP_HOST_VCPUS',
+      memoryMiB: 'VSP_HOST_MEMORY_MIB',
+      labels: 'VSP_HOST_LABELS',
     },
     env,
   );
@@ -182,15 +199,46 @@ export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig
   };
 }
 
+const ratio = z.coerce
+  .number()
+  .min(0.1, 'overcommit ratios lie within 0.1..64')
+  .max(64, 'overcommit ratios lie within 0.1..64');
+
 const ControlSchema = z.object({
   hosts: nameList(hostName),
   /** A host whose worker has not heartbeated for this long counts as down (several heartbeat periods). */
   hostLivenessSec: z.coerce.number().int().positive().default(30),
+  /** The scheduler (scheduler/model.ts): placement policy, locality, overcommit, per-task disk. */
+  policy: z.enum(['spread', 'pack']).default(DEFAULT_SCHEDULER_CONFIG.policy),
+  locality: z.stringbool().default(DEFAULT_SCHEDULER_CONFIG.locality),
+  cpuOvercommit: ratio.default(DEFAULT_SCHEDULER_CONFIG.cpuOvercommit),
+  memoryOvercommit: ratio.default(DEFAULT_SCHEDULER_CONFIG.memoryOvercommit),
+  diskOvercommit: ratio.default(DEFAULT_SCHEDULER_CONFIG.diskOvercommit),
+  taskDiskMiB: z.coerce.number().int().min(0).default(DEFAULT_SCHEDULER_CONFIG.taskDiskMiB),
 });
 
 export type ControlConfig = z.output<typeof ControlSchema>;
 
-/** Configuration of the control worker: VSP_HOSTS lists the cluster's hosts. */
+/** Configuration of the control worker: VSP_HOSTS lists the cluster's hosts; VSP_SCHED_* its scheduler. */
 export function loadControlConfig(env: NodeJS.ProcessEnv = process.env): ControlConfig {
-  return loadConfig(ControlSchema, { hosts: 'VSP_HOSTS', hostLivenessSec: 'VSP_HOST_LIVENESS_SEC' }, env);
+  return loadConfig(
+    ControlSchema,
+    {
+      hosts: 'VSP_HOSTS',
+      hostLivenessSec: 'VSP_HOST_LIVENESS_SEC',
+      policy: 'VSP_SCHED_POLICY',
+      locality: 'VSP_SCHED_LOCALITY',
+      cpuOvercommit: 'VSP_SCHED_CPU_OVERCOMMIT',
+      memoryOvercommit: 'VSP_SCHED_MEMORY_OVERCOMMIT',
+      diskOvercommit: 'VSP_SCHED_DISK_OVERCOMMIT',
+      taskDiskMiB: 'VSP_SCHED_TASK_DISK_MIB',
+    },
+    env,
+  );
+}
+
+/** The scheduler's configuration from a control worker's. */
+export function schedulerConfigOf(c: ControlConfig): SchedulerConfig {
+  const { hosts, policy, locality, cpuOvercommit, memoryOvercommit, diskOvercommit, taskDiskMiB } = c;
+  return { hosts, policy, locality, cpuOvercommit, memoryOvercommit, diskOvercommit, taskDiskMiB };
 }

@@ -41,6 +41,8 @@ export interface TaskView {
   /** Temporal's execution status: RUNNING, COMPLETED, FAILED, CANCELED, TERMINATED, TIMED_OUT. */
   status: string;
   phase?: TaskPhase;
+  /** While queued: its place in the scheduler's queue. */
+  queue?: TaskStatus['queue'];
   progress?: number;
   progressMessage?: string;
   host?: string;
@@ -235,6 +237,7 @@ export class TaskApi {
       const s = await this.vsp.status(taskId);
       Object.assign(view, {
         phase: s.phase,
+        queue: s.queue,
         progress: s.progress,
         progressMessage: s.progressMessage,
         host: s.host ?? view.host,

@@ -119,6 +119,16 @@ export const TaskSpecSchema = z
       .string()
       .regex(/^[a-z0-9][a-z0-9-]{0,62}$/, 'host must be a host name from the cluster configuration')
       .optional(),
+    /** Only hosts whose configured labels include all of these (VSP_HOST_LABELS). */
+    labels: z
+      .record(
+        z.string().regex(/^[a-z0-9][a-z0-9_.-]{0,62}$/, 'label names are lower-case letters, digits, _ . -'),
+        z.string().max(253),
+      )
+      .refine((l) => Object.keys(l).length <= 32, 'at most 32 labels')
+      .default({}),
+    /** Queue order when the cluster is full: higher first, first come first served within one. */
+    priority: z.number().int().min(-100).max(100).default(0),
   })
   .strict()
   .superRefine((spec, ctx) => {

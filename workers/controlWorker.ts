@@ -4,13 +4,19 @@ import { Worker } from '@temporalio/worker';
 import { createControlActivities } from '../activities/control/createControlActivities';
 import { CONTROL_TASK_QUEUE } from '../config/names';
 import { connectWorkerConnection } from '../config/temporal';
-import { loadControlConfig } from '../config/workerConfig';
+import { SchedulerClient } from '../client/schedulerClient';
+import { loadControlConfig, schedulerConfigOf } from '../config/workerConfig';
+import { configureUpdate } from '../workflows/scheduling/definitions';
 import { createLogger, describeError } from '../logging/logger';
 import { WORKFLOW_BUNDLE } from './bundleWorkflows';
 
 const log = createLogger('worker.control');
 
-/** The control worker: runs the TaskLifecycle workflows and placement on the `vsp` queue. */
+/**
+ * The control worker: runs the TaskLifecycle workflows, the cluster's scheduler workflow and their
+ * activities on the `vsp` queue. At start it gives the scheduler its configuration (starting it if none
+ * runs): the last control worker started sets the policy and ratios.
+ */
 async function main(): Promise<void> {
   const config = loadControlConfig();
   const { connection, namespace, dataConverter } = await connectWorkerConnection();
@@ -27,11 +33,18 @@ async function main(): Promise<void> {
       client,
       hosts: config.hosts,
       hostLivenessSec: config.hostLivenessSec,
+      scheduler: schedulerConfigOf(config),
     }),
     identity: `vsp-control@${process.pid}`,
   });
-  log.info({ taskQueue: CONTROL_TASK_QUEUE, hosts: config.hosts }, 'control worker ready');
-  await worker.run();
+  const running = worker.run();
+  // The scheduler's workflow runs on this queue: the worker polls before the configuration goes to it.
+  const scheduler = await new SchedulerClient(client, schedulerConfigOf(config)).update(
+    configureUpdate,
+    schedulerConfigOf(config),
+  );
+  log.info({ taskQueue: CONTROL_TASK_QUEUE, hosts: config.hosts, scheduler }, 'control worker ready');
+  await running;
   await connection.close();
 }
 

@@ -13,14 +13,17 @@ import { TaskAccounts } from '../drivers/process/taskAccounts';
 import { checkToolstack, xlRunner } from '../drivers/xen/xl';
 import { DEFAULT_CONSOLE_LOG_DIR } from '../drivers/xen/xenConsole';
 import { XenDriver } from '../drivers/xen/xenDriver';
-import { describeError } from '../logging/logger';
+import { createLogger, describeError } from '../logging/logger';
 import { RepositoryError, type RepositoryClient } from '../repository/client';
 import { DirectoryStaging } from '../storage/directoryStaging';
 import { DiskImageStaging } from '../storage/diskImageStaging';
 import { GuestDiskTools } from '../storage/guestDiskTools';
 import { BASE_IMAGE_PREFIX, imageRepoPath } from '../spec/taskSpec';
 import { ImageCache, InvalidImageError } from '../storage/imageCache';
+import { ImageNames } from '../storage/imageNames';
 import type { VmStore } from '../storage/vmStore';
+
+const log = createLogger('worker.drivers');
 
 /** The drivers a host offers, from its configuration (VSP_DRIVERS). */
 export async function createDriverBindings(
@@ -86,6 +89,14 @@ export async function createDriverBindings(
   return bindings;
 }
 
+/** The accelerator this host's VMs get (its inventory reports it); probed once per process. */
+export async function acceleratorOf(config: HostConfig): Promise<string | undefined> {
+  if (config.drivers.includes('xen')) return 'xen';
+  if (!config.drivers.includes('qemu')) return undefined;
+  if (config.accel !== 'auto') return config.accel;
+  return probeAccelerator((await ensureAppliance(config.applianceDir)).vmlinuz);
+}
+
 interface VmImages {
   appliance: Appliance;
   resolveImage: NonNullable<DriverBinding['resolveImage']>;
@@ -99,14 +110,25 @@ async function vmImagesOf(
 ): Promise<VmImages> {
   const appliance = await ensureAppliance(config.applianceDir);
   const cache = new ImageCache({ dir: store.imagesDir, maxVirtualBytes: config.maxImageBytes });
+  const names = new ImageNames(store.imagesDir);
+  // Placement prefers hosts that have a task's image: the provider's images are known by name.
+  const named = (image: string, cached: string) => {
+    names
+      .record(image, path.basename(cached).split('.')[0])
+      .catch((err: unknown) =>
+        log.warn({ image, err: describeError(err) }, 'could not record the name of a cached image'),
+      );
+    return cached;
+  };
   return {
     appliance,
     resolveImage: async (owner, image, fetch) => {
       if (image === 'default')
-        return (await cache.ensureFromFile(appliance.root.path, appliance.root.sha256)).path;
+        return named(image, (await cache.ensureFromFile(appliance.root.path, appliance.root.sha256)).path);
       // The host's own credential reads the provider's base images only; an owner's image, the task's.
-      const from = image.startsWith(BASE_IMAGE_PREFIX) ? { ...fetch, repository } : fetch;
-      return customerImage(cache, store, from, owner, image);
+      if (image.startsWith(BASE_IMAGE_PREFIX))
+        return named(image, await customerImage(cache, store, { ...fetch, repository }, owner, image));
+      return customerImage(cache, store, fetch, owner, image);
     },
   };
 }

@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { Client } from '@temporalio/client';
 import { Worker } from '@temporalio/worker';
 import { createHostActivities } from '../activities/host/createHostActivities';
+import { createInventory } from '../activities/host/hostInventory';
 import { createHostLivenessActivities } from '../activities/host/hostLiveness';
 import { createMigrationActivities } from '../activities/host/migrationActivities';
 import { connectWorkerConnection } from '../config/temporal';
@@ -10,9 +11,10 @@ import { loadHostConfig, type HostConfig } from '../config/workerConfig';
 import { createLogger, describeError } from '../logging/logger';
 import { RepositoryClient } from '../repository/client';
 import { checkClusterExports } from '../storage/nfsExport';
+import { ImageNames } from '../storage/imageNames';
 import { VmStore } from '../storage/vmStore';
 import type { HostLivenessInput } from '../workflows/hostLiveness';
-import { createDriverBindings } from './driverBindings';
+import { acceleratorOf, createDriverBindings } from './driverBindings';
 import { OrphanReaper } from './orphanReaper';
 
 const log = createLogger('worker.host');
@@ -21,7 +23,7 @@ const log = createLogger('worker.host');
  * A host worker: polls its own task queue (vsp-host-<name>) and runs every activity that touches this
  * host's disk or VMs. VMs outlive it: on start it re-attaches to what its predecessor left running, and
  * its orphan reaper removes what no open workflow run owns any more. Its liveness heartbeat tells the
- * control worker it is up.
+ * control worker it is up, and what it offers (its inventory, for the scheduler).
  */
 async function main(): Promise<void> {
   const config = loadHostConfig();
@@ -54,6 +56,17 @@ async function main(): Promise<void> {
   const liveness = createHostLivenessActivities({
     hostName: config.host,
     heartbeatMs: config.heartbeatSec * 1000,
+    inventory: createInventory({
+      host: config.host,
+      storeDir: config.storeDir,
+      drivers: Object.keys(drivers),
+      defaultDriver: config.defaultDriver,
+      accelerator: await acceleratorOf(config),
+      vcpus: config.vcpus,
+      memoryMiB: config.memoryMiB,
+      labels: config.labels,
+      images: new ImageNames(store.imagesDir),
+    }),
   });
   // Other hosts may come up later: an unreachable export is reported, not fatal (migrations check again).
   if (Object.keys(config.clusterStorage).length > 1)

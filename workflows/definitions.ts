@@ -1,12 +1,15 @@
 import { defineQuery, defineSignal, defineUpdate } from '@temporalio/workflow';
 import { z } from 'zod';
 import { HOST_NAME } from '../config/names';
+import type { QueuePosition } from './scheduling/definitions';
 
 /** What a task's workflow exposes to clients; shared by the workflow, the client library and the CLI. */
 
 export type TaskPhase =
   | 'validating'
   | 'placing'
+  /** No host has room now: the task waits in the scheduler's queue (TaskStatus.queue says where). */
+  | 'queued'
   | 'staging-in'
   | 'creating'
   | 'starting'
@@ -40,6 +43,8 @@ export interface TaskStatus {
   error?: string;
   /** Since when (ISO) the outputs wait for the repository, and until when they are kept for it. */
   awaitingRepository?: { since: string; until: string; error: string };
+  /** While queued: the task's place in the scheduler's queue (read from the scheduler by clients). */
+  queue?: QueuePosition;
   /** Hosts that died under the task and were left for another (spec `onHostFailure: 'restart'`). */
   restartedFrom?: string[];
   /** Set when the VM could not be destroyed (its host gone): the task's data is safe, its host is not clean. */

@@ -106,9 +106,7 @@ async function live(t: TaskState): Promise<void> {
 
 /** Place, stage in, create, start. */
 async function bringUp(t: TaskState): Promise<void> {
-  setPhase(t, 'placing');
-  // After a host died under it, the task goes wherever a live host is, even if it named the dead one.
-  const { host } = await control.placeTask(t.status.restartedFrom ? { ...t.spec, host: undefined } : t.spec);
+  const host = await place(t);
   t.host = t.storageHost = host;
   recordWhere(t);
   const call = onHost(t, host);
@@ -134,6 +132,27 @@ async function bringUp(t: TaskState): Promise<void> {
   t.consoleSegments.push({ n: 1, host, since: new Date().toISOString() });
   t.handle = await call('vm', 'startVm', `start VM ${t.ref.vmId}`, t.handle);
   recordAddress(t);
+}
+
+/**
+ * The scheduler grants the task's resources on a host now, or queues it: the task then waits, in phase
+ * `queued`, for the scheduler's grant signal.
+ */
+async function place(t: TaskState): Promise<string> {
+  setPhase(t, 'placing');
+  t.placementAsked = true;
+  const restartedFrom = t.status.restartedFrom;
+  // After a host died under it, the task goes wherever a live host is, even if it named the dead one.
+  const placed = await control.placeTask(
+    restartedFrom ? { ...t.spec, host: undefined } : t.spec,
+    restartedFrom ? { exclude: restartedFrom } : {},
+  );
+  if ('host' in placed) return placed.host;
+  setPhase(t, 'queued');
+  t.status.queue = placed.queued;
+  await condition(() => t.granted !== undefined);
+  t.status.queue = undefined;
+  return t.granted as string;
 }
 
 /**
@@ -203,7 +222,7 @@ function mayRestart(t: TaskState, err: unknown): boolean {
     ownFailureType(err) === 'HostDown' &&
     t.spec.onHostFailure === 'restart' &&
     !t.main.consideredCancelled &&
-    ['placing', 'staging-in', 'creating', 'starting', 'running'].includes(t.status.phase) &&
+    ['placing', 'queued', 'staging-in', 'creating', 'starting', 'running'].includes(t.status.phase) &&
     (t.status.restartedFrom?.length ?? 0) < MAX_RESTARTS
   );
 }
@@ -215,7 +234,13 @@ function restartElsewhere(t: TaskState, err: unknown): void {
   t.status.restartedFrom = [...(t.status.restartedFrom ?? []), dead];
   const info = workflowInfo();
   t.ref.vmId = t.status.vmId = `${vmIdFor(info.workflowId, info.runId)}-r${t.status.restartedFrom.length}`;
-  Object.assign(t, { host: undefined, storageHost: undefined, handle: undefined, driver: undefined });
+  Object.assign(t, {
+    host: undefined,
+    storageHost: undefined,
+    handle: undefined,
+    driver: undefined,
+    granted: undefined,
+  });
   t.consoleSegments = [];
   t.keepingConsoles = [];
   t.status.progress = t.status.progressMessage = undefined;

@@ -1,9 +1,20 @@
-import { ApplicationFailure } from '@temporalio/activity';
+import { ApplicationFailure, Context } from '@temporalio/activity';
 import { WorkflowNotFoundError, type Client } from '@temporalio/client';
+import { decodeFromPayloadsAtIndex } from '@temporalio/common/lib/internal-non-workflow';
 import { temporal } from '@temporalio/proto';
-import { hostLivenessWorkflowId, SEARCH_ATTRIBUTES } from '../../config/names';
+import { SchedulerClient } from '../../client/schedulerClient';
+import { hostLivenessWorkflowId } from '../../config/names';
 import { createLogger } from '../../logging/logger';
+import { DEFAULT_SCHEDULER_CONFIG, type HostView, type SchedulerConfig } from '../../scheduler/model';
+import { placementRequest, resourcesOf } from '../../scheduler/request';
 import type { TaskSpec } from '../../spec/taskSpec';
+import {
+  placeUpdate,
+  releaseUpdate,
+  reserveMoveUpdate,
+  settleMoveUpdate,
+} from '../../workflows/scheduling/definitions';
+import type { LivenessBeat } from '../host/hostLiveness';
 import type { Placement } from '../types';
 
 const log = createLogger('activities.control');
@@ -13,6 +24,8 @@ export interface ControlDeps {
   hosts: string[];
   /** A host whose worker has not heartbeated for this long counts as down. */
   hostLivenessSec: number;
+  /** The scheduler's configuration, which starts it if it does not run yet (default: the defaults). */
+  scheduler?: SchedulerConfig;
 }
 
 /** Whether a host's worker is alive now, from its heartbeat (workflows/hostLiveness.ts). */
@@ -33,28 +46,40 @@ const toMs = (t: { seconds?: unknown; nanos?: number | null } | null | undefined
   t?.seconds == null ? undefined : Number(t.seconds) * 1000 + Math.floor((t.nanos ?? 0) / 1e6);
 
 /**
- * Placement: the live host with the fewest running tasks. Liveness comes from each host worker's own
- * heartbeat (a pending activity of its liveness workflow, read with one describe() call): precise to
- * its period, unlike a task queue's pollers, which linger for minutes after a worker dies and go quiet
- * while a busy worker has no free slot. Load comes from visibility (running workflows whose VspHost is
- * the host), plus the placements this worker made in the last seconds, which visibility may not show yet.
+ * The control queue's activities. Liveness comes from each host worker's own heartbeat (a pending
+ * activity of its liveness workflow, read with one describe() call): precise to its period, unlike a
+ * task queue's pollers, which linger for minutes after a worker dies. The heartbeat also carries the
+ * host's inventory. Placement is the scheduler workflow's (workflows/scheduler.ts): these activities
+ * carry a task's requests to it, so that every control worker asks the one place that grants capacity.
  */
 export function createControlActivities(deps: ControlDeps) {
-  const recent = new Map<string, number[]>();
-  const RECENT_MS = 15_000;
+  const schedulerConfig = deps.scheduler ?? { ...DEFAULT_SCHEDULER_CONFIG, hosts: deps.hosts };
+  const scheduler = new SchedulerClient(deps.client, schedulerConfig);
 
-  async function hostStatus(host: string): Promise<HostStatus> {
+  async function readHost(host: string): Promise<{ status: HostStatus; beat?: LivenessBeat }> {
     let pending;
     try {
       const d = await deps.client.workflow.getHandle(hostLivenessWorkflowId(host)).describe();
       if (d.status.name !== 'RUNNING')
-        return { live: false, reason: `host ${host}'s liveness record is ${d.status.name.toLowerCase()}` };
+        return {
+          status: { live: false, reason: `host ${host}'s liveness record is ${d.status.name.toLowerCase()}` },
+        };
       pending = d.raw.pendingActivities?.[0];
     } catch (err) {
       if (err instanceof WorkflowNotFoundError)
-        return { live: false, reason: `host ${host} has no liveness record: its worker never started` };
+        return {
+          status: { live: false, reason: `host ${host} has no liveness record: its worker never started` },
+        };
       throw err;
     }
+    const payloads = pending?.heartbeatDetails?.payloads;
+    const beat = payloads?.length
+      ? await decodeFromPayloadsAtIndex<LivenessBeat>(
+          deps.client.options.loadedDataConverter,
+          0,
+          payloads,
+        ).catch(() => undefined)
+      : undefined;
     const lastSeenMs = Math.max(
       toMs(pending?.lastHeartbeatTime) ?? 0,
       // A worker that has just picked the heartbeat up counts from then.
@@ -62,98 +87,101 @@ export function createControlActivities(deps: ControlDeps) {
         ? (toMs(pending.lastStartedTime) ?? 0)
         : 0,
     );
-    if (lastSeenMs === 0) return { live: false, reason: `host ${host}'s worker has not heartbeated yet` };
+    if (lastSeenMs === 0)
+      return { status: { live: false, reason: `host ${host}'s worker has not heartbeated yet` }, beat };
     const ageSec = (Date.now() - lastSeenMs) / 1000;
     const seen = `last heartbeat ${ageSec.toFixed(1)} s ago (${new Date(lastSeenMs).toISOString()})`;
     const suspect = ageSec > deps.hostLivenessSec / 3;
-    return ageSec <= deps.hostLivenessSec
-      ? {
-          live: true,
-          lastSeenMs,
-          reason: `host ${host} is live: ${seen}`,
-          ...(suspect ? { downAtMs: lastSeenMs + deps.hostLivenessSec * 1000 } : {}),
-        }
-      : {
-          live: false,
-          lastSeenMs,
-          reason: `host ${host} is down: ${seen}, more than the liveness limit of ${deps.hostLivenessSec} s`,
-        };
+    const status: HostStatus =
+      ageSec <= deps.hostLivenessSec
+        ? {
+            live: true,
+            lastSeenMs,
+            reason: `host ${host} is live: ${seen}`,
+            ...(suspect ? { downAtMs: lastSeenMs + deps.hostLivenessSec * 1000 } : {}),
+          }
+        : {
+            live: false,
+            lastSeenMs,
+            reason: `host ${host} is down: ${seen}, more than the liveness limit of ${deps.hostLivenessSec} s`,
+          };
+    return { status, beat };
   }
 
-  async function isLive(host: string): Promise<boolean> {
-    return (await hostStatus(host)).live;
-  }
-
-  async function load(host: string): Promise<number> {
-    const { count } = await deps.client.workflow.count(
-      `${SEARCH_ATTRIBUTES.host}="${host}" AND ExecutionStatus="Running"`,
-    );
-    const now = Date.now();
-    const pending = (recent.get(host) ?? []).filter((t) => now - t < RECENT_MS);
-    recent.set(host, pending);
-    return count + pending.length;
-  }
+  /** The task's workflow id: a task asks for itself only. */
+  const callerTask = () => {
+    const id = Context.current().info.workflowExecution?.workflowId;
+    if (!id) throw ApplicationFailure.nonRetryable('only a task workflow asks for its placement', 'NoTask');
+    return id;
+  };
 
   return {
-    /** Whether `host` is live now (the workflow's HostDown decision, and placement). */
-    hostStatus,
+    /** Whether `host` is live now (the workflow's HostDown decision). */
+    async hostStatus(host: string): Promise<HostStatus> {
+      return (await readHost(host)).status;
+    },
 
-    async placeTask(spec: TaskSpec): Promise<Placement> {
-      if (spec.host && !deps.hosts.includes(spec.host))
-        throw ApplicationFailure.nonRetryable(
-          `host '${spec.host}' is not in the cluster (hosts: ${deps.hosts.join(', ')})`,
-          'UnknownHost',
-        );
-      const candidates = spec.host ? [spec.host] : deps.hosts;
-      const live = (
-        await Promise.all(candidates.map(async (h) => ((await isLive(h)) ? h : undefined)))
-      ).filter((h): h is string => h !== undefined);
-      // Retryable: a host may come back; the workflow bounds the wait with the activity's timeout.
-      if (live.length === 0)
-        throw new Error(`no live host among ${candidates.join(', ')}: is a host worker running?`);
-      const loads = await Promise.all(live.map(async (host) => ({ host, load: await load(host) })));
-      loads.sort((a, b) => a.load - b.load || a.host.localeCompare(b.host));
-      const chosen = loads[0];
-      recent.set(chosen.host, [...(recent.get(chosen.host) ?? []), Date.now()]);
-      log.info({ owner: spec.owner, ...chosen, candidates: loads }, 'task placed');
-      return chosen;
+    /** Every host's liveness and inventory, for the scheduler. */
+    async surveyHosts(hosts: string[]): Promise<HostView[]> {
+      return Promise.all(
+        hosts.map(async (host) => {
+          const { status, beat } = await readHost(host);
+          return {
+            host,
+            live: status.live,
+            reason: status.reason,
+            ...(beat?.inventory ? { inventory: beat.inventory } : {}),
+          };
+        }),
+      );
     },
 
     /**
-     * The host a running task's VM moves to: the one asked for, checked (in the cluster, not the current
-     * host, live), or else the least-loaded live host other than the current one. Every refusal is
-     * non-retryable and says why: the task keeps running where it is.
+     * Asks the scheduler for the task's resources: a host now, or a place in the queue (the scheduler
+     * then signals the grant). A task that no host could ever run fails at once, saying what is missing.
      */
-    async chooseMigrationTarget(req: { current: string; requested?: string }): Promise<Placement> {
-      const { current, requested } = req;
-      if (requested !== undefined) {
-        if (!deps.hosts.includes(requested))
-          throw ApplicationFailure.nonRetryable(
-            `host '${requested}' is not in the cluster (hosts: ${deps.hosts.join(', ')})`,
-            'UnknownHost',
-          );
-        if (requested === current)
-          throw ApplicationFailure.nonRetryable(`the task already runs on host '${requested}'`, 'SameHost');
-        if (!(await isLive(requested)))
-          throw ApplicationFailure.nonRetryable(
-            `host '${requested}' has no live worker: it cannot receive the VM`,
-            'HostDown',
-          );
-        return { host: requested, load: await load(requested) };
-      }
-      const others = deps.hosts.filter((h) => h !== current);
-      const live = (await Promise.all(others.map(async (h) => ((await isLive(h)) ? h : undefined)))).filter(
-        (h): h is string => h !== undefined,
-      );
-      if (live.length === 0)
-        throw ApplicationFailure.nonRetryable(
-          `no live host other than '${current}' to migrate to (cluster: ${deps.hosts.join(', ')})`,
-          'NoMigrationTarget',
-        );
-      const loads = await Promise.all(live.map(async (host) => ({ host, load: await load(host) })));
-      loads.sort((a, b) => a.load - b.load || a.host.localeCompare(b.host));
-      log.info({ current, ...loads[0], candidates: loads }, 'migration target chosen');
-      return loads[0];
+    async placeTask(spec: TaskSpec, opts: { exclude?: string[] } = {}): Promise<Placement> {
+      const request = placementRequest(callerTask(), spec, schedulerConfig, opts.exclude ?? []);
+      const result = await scheduler.update(placeUpdate, request);
+      if ('refused' in result) throw ApplicationFailure.nonRetryable(result.refused, 'Unschedulable');
+      log.info({ taskId: request.taskId, owner: spec.owner, ...result }, 'task placed');
+      return result;
+    },
+
+    /** The task gives its resources back (its VM is gone), or leaves the queue. */
+    async releasePlacement(): Promise<void> {
+      await scheduler.update(releaseUpdate, { taskId: callerTask() });
+    },
+
+    /**
+     * The host a running task's VM moves to, with its resources reserved there until the move settles:
+     * the one asked for, checked (in the cluster, not the current host, live, with room), or the
+     * scheduler's choice. Every refusal is non-retryable and says why: the task keeps running where it is.
+     */
+    async chooseMigrationTarget(req: {
+      current: string;
+      requested?: string;
+      spec?: TaskSpec;
+      driver?: string;
+    }): Promise<{ host: string }> {
+      const taskId = callerTask();
+      const spec = req.spec;
+      const result = await scheduler.update(reserveMoveUpdate, {
+        taskId,
+        owner: spec?.owner ?? '',
+        current: req.current,
+        resources: spec ? resourcesOf(spec, schedulerConfig) : { vcpus: 0, memoryMiB: 0, diskMiB: 0 },
+        driver: req.driver ?? spec?.driver ?? 'qemu',
+        ...(req.requested ? { requested: req.requested } : {}),
+      });
+      if ('refused' in result) throw ApplicationFailure.nonRetryable(result.refused, 'NoMigrationTarget');
+      log.info({ taskId, current: req.current, ...result }, 'migration target chosen');
+      return result;
+    },
+
+    /** The migration ended: the task's resources stay on `host` only. */
+    async settleMove(req: { host: string }): Promise<void> {
+      await scheduler.update(settleMoveUpdate, { taskId: callerTask(), host: req.host });
     },
 
     /**

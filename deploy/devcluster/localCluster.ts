@@ -57,7 +57,8 @@ export class LocalCluster {
   repositoryUrl = '';
   private repository?: ManagedProcess;
   private repositoryListen?: { host: string; port: number };
-  private control?: ManagedProcess;
+  /** Control workers, oldest first (a cluster may run several: they share the scheduler). */
+  private controls: ManagedProcess[] = [];
   /** Namespace mode: each host's migration credentials (VSP_MIGRATION_TLS_DIR). */
   private migrationTlsDirs: Record<string, string> = {};
   private readonly serviceToken = `vsp_${randomBytes(32).toString('base64url')}`;
@@ -180,9 +181,11 @@ export class LocalCluster {
     return this.repository?.pid;
   }
 
+  /** Starts a control worker (one more, when some run already). */
   async startControl(): Promise<void> {
-    this.control = await spawnManaged(
-      'control-worker',
+    const n = this.controls.length;
+    const proc = await spawnManaged(
+      n === 0 ? 'control-worker' : `control-worker-${n + 1}`,
       process.execPath,
       this.workerArgs('workers/controlWorker.js'),
       {
@@ -192,11 +195,12 @@ export class LocalCluster {
           ...this.faultEnv(),
           ...this.opts.controlEnv,
         },
-        logFile: path.join(this.logDir, 'control-worker.log'),
+        logFile: path.join(this.logDir, n === 0 ? 'control-worker.log' : `control-worker-${n + 1}.log`),
         readyWhen: { logLine: /control worker ready/ },
         readyTimeoutMs: 120_000,
       },
     );
+    this.controls.push(proc);
   }
 
   /** Namespace mode: the host's store exported over NFS from inside its namespace. */
@@ -288,19 +292,20 @@ export class LocalCluster {
     this.hostProcs.delete(host);
   }
 
-  /** SIGKILL the control worker, as a crash would. */
+  /** SIGKILL a control worker (the oldest), as a crash would. */
   async killControl(): Promise<void> {
-    if (!this.control) throw new Error('the control worker is not running');
-    await this.control.stop('SIGKILL', 0);
-    this.control = undefined;
+    const control = this.controls.shift();
+    if (!control) throw new Error('the control worker is not running');
+    await control.stop('SIGKILL', 0);
   }
 
   async stop(): Promise<void> {
-    const procs = [...this.hostProcs.values(), this.control, this.repository].filter(
+    const procs = [...this.hostProcs.values(), ...this.controls, this.repository].filter(
       (p): p is ManagedProcess => p !== undefined,
     );
     await Promise.all(procs.map((p) => p.stop('SIGTERM', 10_000)));
     this.hostProcs.clear();
+    this.controls = [];
     await Promise.all([...this.exports.values()].map((e) => e.stop()));
     this.exports.clear();
   }

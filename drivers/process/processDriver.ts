@@ -199,9 +199,28 @@ export class ProcessDriver implements HypervisorDriver {
     const exitCode = await readExitCode(p.exitFile);
     if (exitCode !== undefined)
       return { ...base, phase: 'exited', exitCode, details: { pid: state.pid ?? 0 } };
-    if (state.pid === undefined) return { ...base, phase: 'created', details: {} };
-    const alive = await isSameProcessAlive(state.pid, state.pidStartTime ?? -1);
-    return { ...base, phase: alive ? 'running' : 'missing', details: { pid: state.pid } };
+    const proc = await this.taskProcess(handle.vmId, state);
+    if (!proc) return { ...base, phase: 'created', details: {} };
+    const alive = await isSameProcessAlive(proc.pid, proc.pidStartTime);
+    return { ...base, phase: alive ? 'running' : 'missing', details: { pid: proc.pid } };
+  }
+
+  /**
+   * The task's wrapper: from the state, or, when a worker died between the wrapper's start and the state
+   * write, from the pid file the wrapper wrote, if that pid is still this VM's wrapper (its environment
+   * names this folder; a reused pid does not).
+   */
+  private async taskProcess(
+    vmId: string,
+    state: ProcessState,
+  ): Promise<{ pid: number; pidStartTime: number } | undefined> {
+    if (state.pid !== undefined) return { pid: state.pid, pidStartTime: state.pidStartTime ?? -1 };
+    const dir = this.opts.store.paths(vmId).dir;
+    const pid = Number((await fs.readFile(path.join(dir, 'pid'), 'utf8').catch(() => '')).trim());
+    if (!(pid > 0)) return undefined;
+    const environ = await fs.readFile(`/proc/${pid}/environ`, 'utf8').catch(() => '');
+    if (!environ.split('\0').includes(`VSP_VM_DIR=${dir}`)) return { pid, pidStartTime: -1 };
+    return { pid, pidStartTime: (await processStartTime(pid)) ?? -1 };
   }
 
   recover(handle: VmHandle): Promise<VmStatus> {
@@ -231,15 +250,16 @@ export class ProcessDriver implements HypervisorDriver {
 
   async stop(handle: VmHandle, timeoutMs: number): Promise<void> {
     const state = await this.opts.store.readState<ProcessState>(handle.vmId);
-    if (!state?.pid || !(await isSameProcessAlive(state.pid, state.pidStartTime ?? -1))) return;
-    signalGroup(state.pid, 'SIGTERM');
+    const proc = state && (await this.taskProcess(handle.vmId, state));
+    if (!proc || !(await isSameProcessAlive(proc.pid, proc.pidStartTime))) return;
+    signalGroup(proc.pid, 'SIGTERM');
     const until = Date.now() + timeoutMs;
     while (Date.now() < until) {
-      if (!(await isSameProcessAlive(state.pid, state.pidStartTime ?? -1))) return;
+      if (!(await isSameProcessAlive(proc.pid, proc.pidStartTime))) return;
       await sleep(100);
     }
-    signalGroup(state.pid, 'SIGKILL');
-    log.warn({ vmId: handle.vmId, pid: state.pid }, 'task process killed after stop timeout');
+    signalGroup(proc.pid, 'SIGKILL');
+    log.warn({ vmId: handle.vmId, pid: proc.pid }, 'task process killed after stop timeout');
   }
 
   async destroy(handle: VmHandle): Promise<void> {

@@ -26,7 +26,7 @@ import type { Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
 import { buildQemuArgs, pidFileOf, qemuLogOf, vmLaunch } from './commandLine';
 import { ConsoleFollower, departedConsoleOf, setConsoleAside } from './consoleLog';
-import { QmpClient, qmpCommand } from './qmp';
+import { QMP_TIMEOUT_MS, QmpClient, qmpCommand } from './qmp';
 import { type QemuVmState } from './qemuDriver';
 import { MigrationRecords } from '../migrationRecords';
 import { diskRefsOf, startedMarkerOf } from '../savedVm';
@@ -83,7 +83,6 @@ const BASE_NODE = 'vsp-base';
 const INCOMING_PORTS = { first: 47000, count: 2000 };
 const PORT_ATTEMPTS = 5;
 const POLL_MS = 200;
-const QMP_TIMEOUT_MS = 5_000;
 const LAUNCH_TIMEOUT_MS = 60_000;
 /** How long the target may take to resume the guest after the source reported completion. */
 const RESUME_TIMEOUT_MS = 30_000;
@@ -533,11 +532,19 @@ export class QemuMigration extends MigrationRecords {
         if ((await new ConsoleFollower(paths.consoleLog).poll()).exitCode !== undefined) break;
         throw new Error(`VM ${vmId}: the incoming QEMU on ${this.ctx.hostName} is gone`);
       }
-      const { status } = await qmpCommand<{ status: string }>(
+      // A busy QEMU may miss one exchange while it activates the disks: only the deadline is final.
+      const status = await qmpCommand<{ status: string }>(
         paths.qmpSocket,
         'query-status',
         undefined,
         QMP_TIMEOUT_MS,
+      ).then(
+        (s) => s.status,
+        (err: unknown) => {
+          if (Date.now() > deadline) throw err;
+          this.log.warn({ vmId, err: describeError(err) }, 'incoming QEMU did not answer: asking again');
+          return 'inmigrate';
+        },
       );
       if (status === 'running') break;
       if (status !== 'inmigrate' && status !== 'paused' && status !== 'prelaunch')

@@ -22,7 +22,7 @@ import {
   resolveQemuAccount,
   type QemuAccount,
 } from './qemuAccount';
-import { qmpCommand } from './qmp';
+import { QMP_TIMEOUT_MS, qmpCommand } from './qmp';
 import {
   addVmTap,
   chooseVmNic,
@@ -71,7 +71,6 @@ export type QemuVmState = SavedVm;
 const HOST_PORT_KEY = 'hostPort:';
 const LAUNCH_TIMEOUT_MS = 60_000;
 const DESTROY_STOP_TIMEOUT_MS = 10_000;
-const QMP_TIMEOUT_MS = 3_000;
 
 /** Host ports forwarded to a service VM's guest ports (guest port -> 127.0.0.1 port). */
 export function hostPortsOf(handle: VmHandle): Record<number, number> {

@@ -1,5 +1,11 @@
 import net from 'node:net';
 
+/**
+ * How long one QMP exchange may take. QEMU answers from its main loop, which a loaded 2-core host running
+ * TCG guests (or an incoming VM activating its NFS disks) can stall for seconds: generous, yet bounded.
+ */
+export const QMP_TIMEOUT_MS = 15_000;
+
 type QmpReply = { return?: unknown; error?: { class: string; desc: string }; event?: string; id?: number };
 
 /**
@@ -25,7 +31,7 @@ export class QmpClient {
   }
 
   /** Connects, reads the greeting and negotiates capabilities. */
-  static async connect(socketPath: string, timeoutMs = 5000): Promise<QmpClient> {
+  static async connect(socketPath: string, timeoutMs = QMP_TIMEOUT_MS): Promise<QmpClient> {
     const socket = await new Promise<net.Socket>((resolve, reject) => {
       const s = net.createConnection(socketPath);
       const timer = setTimeout(() => {
@@ -88,7 +94,11 @@ export class QmpClient {
   }
 
   /** Runs one command; rejects with QEMU's error description. */
-  execute<T = unknown>(command: string, args?: Record<string, unknown>, timeoutMs = 5000): Promise<T> {
+  execute<T = unknown>(
+    command: string,
+    args?: Record<string, unknown>,
+    timeoutMs = QMP_TIMEOUT_MS,
+  ): Promise<T> {
     if (this.failure) return Promise.reject(this.failure);
     const id = this.nextId++;
     return new Promise<T>((resolve, reject) => {
@@ -117,7 +127,7 @@ export async function qmpCommand<T = unknown>(
   socketPath: string,
   command: string,
   args?: Record<string, unknown>,
-  timeoutMs = 5000,
+  timeoutMs = QMP_TIMEOUT_MS,
 ): Promise<T> {
   const client = await QmpClient.connect(socketPath, timeoutMs);
   try {

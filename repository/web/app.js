@@ -536,7 +536,9 @@ async function pollTask(taskId, attempt, seen) {
   detail.dataset.status = task.status;
   detail.dataset.phase = task.phase ?? '';
   byId('task-detail-status').textContent = task.status;
-  byId('task-detail-phase').textContent = task.phase ?? '';
+  const q = task.queue;
+  byId('task-detail-phase').textContent =
+    (task.phase ?? '') + (q ? ` (${q.position} of ${q.of} in the queue${q.why ? `: ${q.why}` : ''})` : '');
   byId('task-detail-host').textContent = task.host ?? '';
   byId('task-detail-exit').textContent = task.exitCode === undefined ? '' : String(task.exitCode);
   const results = byId('task-detail-results');

@@ -34,6 +34,9 @@ export async function startNamespaceCluster(opts: {
   prefix: string;
   subnet: string;
   owners: string[];
+  /** Extra environment for the host workers and the control worker. */
+  hostEnv?: NodeJS.ProcessEnv;
+  controlEnv?: NodeJS.ProcessEnv;
 }): Promise<NamespaceCluster> {
   requireRoot('the migration tests (network namespaces, NFS exports)');
   await ensureAppliance();
@@ -66,7 +69,8 @@ export async function startNamespaceCluster(opts: {
       hosts: opts.hosts,
       baseDir,
       drivers: ['qemu', 'process'],
-      hostEnv: { VSP_ACCEL: 'tcg' },
+      hostEnv: { VSP_ACCEL: 'tcg', ...opts.hostEnv },
+      controlEnv: opts.controlEnv,
       owners: opts.owners,
       testHosts: { network },
     }).start();

@@ -387,6 +387,8 @@ test('HostDown: a host still within its liveness period is asked again when it w
     'stageIn',
     'hostStatus',
     'hostStatus',
+    // The dead host is left to its reaper; the task's resources go back to the scheduler.
+    'releasePlacement',
   ]);
 });
 

@@ -41,6 +41,20 @@ export const control = proxyActivities<ControlActivities>({
   retry: { initialInterval: '1s', maximumInterval: '15s' },
 });
 
+/**
+ * Histories from before the scheduler (workflows/scheduler.ts) neither released their placement nor
+ * settled their migrations: those steps run where this patch is in effect (every new run).
+ */
+export const SCHEDULER_PATCH = 'vsp-scheduler-reservations';
+
+/** A task's reservation goes back to the scheduler; bounded, and a failure only logged (see cleanUp). */
+export const reservations = proxyActivities<ControlActivities>({
+  taskQueue: CONTROL_TASK_QUEUE,
+  startToCloseTimeout: '30s',
+  scheduleToCloseTimeout: '10m',
+  retry: { initialInterval: '1s', maximumInterval: '15s' },
+});
+
 /** A migration target is chosen now or not at all: the task keeps running meanwhile. */
 export const migrationControl = proxyActivities<ControlActivities>({
   taskQueue: CONTROL_TASK_QUEUE,

@@ -1,5 +1,5 @@
-import { CancellationScope, condition, log } from '@temporalio/workflow';
-import { hostSteps } from './activities';
+import { CancellationScope, condition, log, patched } from '@temporalio/workflow';
+import { hostSteps, reservations, SCHEDULER_PATCH } from './activities';
 import { describe, ownFailureType } from './failures';
 import { untilStored } from './repositoryWait';
 import { setPhase, type TaskState } from './state';
@@ -7,8 +7,8 @@ import { setPhase, type TaskState } from './state';
 /**
  * The last chapter, on every path (completed, failed, cancelled), even while the workflow itself is
  * being cancelled: the logs and the console reach the repository, then the VM goes, then the task's
- * capability ends (so a reused workflow id cannot write into this run's folder). A dead host is left to
- * its reaper.
+ * capability ends (so a reused workflow id cannot write into this run's folder), then its resources go
+ * back to the scheduler. A dead host is left to its reaper.
  */
 export async function cleanUp(t: TaskState): Promise<void> {
   await CancellationScope.nonCancellable(async () => {
@@ -28,6 +28,11 @@ export async function cleanUp(t: TaskState): Promise<void> {
       await hostSteps(t, releaser)('release', 'releaseCapability', 'end the task capability', t.ref).catch(
         (err: unknown) => log.warn('could not end the task capability', { error: describe(err) }),
       );
+    // The VM is gone (or its host is): its resources go back to the scheduler, or the task leaves its queue.
+    if (t.placementAsked && patched(SCHEDULER_PATCH))
+      await reservations
+        .releasePlacement()
+        .catch((err: unknown) => log.error('could not release the task placement', { error: describe(err) }));
   });
 }
 

@@ -1,8 +1,8 @@
-import { ApplicationFailure, log } from '@temporalio/workflow';
+import { ApplicationFailure, log, patched } from '@temporalio/workflow';
 import type { VmHandle } from '../../activities/types';
 import type { IncomingVm } from '../../drivers/types';
 import type { MigrateRequest, MigrationRecord, MigrationStep, TaskStatus } from '../definitions';
-import { hostSteps, migrationControl } from './activities';
+import { hostSteps, migrationControl, reservations, SCHEDULER_PATCH } from './activities';
 import { describe, failureType } from './failures';
 import { recordWhere, type TaskState } from './state';
 
@@ -40,9 +40,19 @@ export async function migrate(t: TaskState, req: MigrateRequest): Promise<TaskSt
   const step = (s: MigrationStep) => (t.status.migrating = { to: record.to, step: s });
   let incoming: IncomingVm | undefined;
   let left = false;
+  /** The scheduler holds the task's resources on the target too, until the move settles. */
+  let reserved = false;
   try {
     step('choosing-target');
-    record.to = (await migrationControl.chooseMigrationTarget({ current: from, requested: req.host })).host;
+    record.to = (
+      await migrationControl.chooseMigrationTarget({
+        current: from,
+        requested: req.host,
+        spec: t.spec,
+        driver: t.driver,
+      })
+    ).host;
+    reserved = true;
     const to = record.to;
     const src = hostSteps(t, from);
     const dst = hostSteps(t, to);
@@ -101,6 +111,13 @@ export async function migrate(t: TaskState, req: MigrateRequest): Promise<TaskSt
       { ...record },
     );
   } finally {
+    // Where the VM runs now keeps the task's resources; the other host's share is released.
+    if (reserved && patched(SCHEDULER_PATCH))
+      await reservations
+        .settleMove({ host: t.host as string })
+        .catch((err: unknown) =>
+          log.error('could not settle the move with the scheduler', { error: describe(err) }),
+        );
     t.migrations.push(record);
     t.status.migrations = t.migrations;
     t.status.migrating = undefined;

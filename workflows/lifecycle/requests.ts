@@ -1,4 +1,5 @@
 import { CancellationScope, log, setHandler, workflowInfo } from '@temporalio/workflow';
+import { placementGrantedSignal } from '../scheduling/definitions';
 import {
   cancelUpdate,
   CancelRequestSchema,
@@ -14,7 +15,10 @@ import { describe } from './failures';
 import { migrate, migrationRefusal } from './migration';
 import { isFinishing, type TaskState } from './state';
 
-/** The status query, the cancel and migrate updates (shapes checked in their validators), and the old progress signal. */
+/**
+ * The status query, the cancel and migrate updates (shapes checked in their validators), the scheduler's
+ * grant, and the old progress signal.
+ */
 export function handleRequests(t: TaskState): void {
   setHandler(statusQuery, () => t.status);
   setHandler(
@@ -52,6 +56,11 @@ export function handleRequests(t: TaskState): void {
         : migrationRefusal(t, r.data);
       if (refusal) throw new Error(refusal);
     },
+  });
+  // Only a task without a host takes a grant (it may come before the placement's answer that queued the
+  // task); a late duplicate changes nothing.
+  setHandler(placementGrantedSignal, ({ host }) => {
+    if (t.host === undefined) t.granted ??= host;
   });
   setHandler(progressSignal, (report) => {
     const r = ProgressReportSchema.safeParse(report);

@@ -55,6 +55,10 @@ export interface TaskState {
   continuing: boolean;
   /** Set by the cancel update (the reason, maybe empty). */
   cancelReason?: string;
+  /** Set once the task asked the scheduler for a place: cleanup gives it back. */
+  placementAsked?: boolean;
+  /** The host the scheduler granted while the task was queued (its grant signal). */
+  granted?: string;
 }
 
 /** What a run hands to the next when it continues as new: the running task, where it is, its past. */
@@ -124,6 +128,8 @@ export function resumeFrom(t: TaskState, c: Carried): void {
     status: c.status,
   });
   t.status.migrating = undefined;
+  // A running task holds its placement: this run gives it back at the end.
+  t.placementAsked = true;
 }
 
 export function carriedOf(t: TaskState): Carried {

@@ -53,14 +53,20 @@ export class MockCluster {
       placeTask: async (spec: { host?: string }) => {
         this.calls.push({ host: 'control', name: 'placeTask' });
         const next = this.placeNext.shift();
-        if (next) return { host: next, load: 0 };
-        if (spec.host) return { host: spec.host, load: 0 };
+        if (next) return { host: next };
+        if (spec.host) return { host: spec.host };
         // The first host not known dead, so a restarted task lands elsewhere.
-        return { host: ['a', 'b'].find((h) => !this.dead.has(h)) as string, load: 0 };
+        return { host: ['a', 'b'].find((h) => !this.dead.has(h)) as string };
       },
       chooseMigrationTarget: async (req: { current: string; requested?: string }) => {
         this.calls.push({ host: 'control', name: 'chooseMigrationTarget' });
-        return { host: req.requested ?? (req.current === 'a' ? 'b' : 'a'), load: 0 };
+        return { host: req.requested ?? (req.current === 'a' ? 'b' : 'a') };
+      },
+      releasePlacement: async () => {
+        this.calls.push({ host: 'control', name: 'releasePlacement' });
+      },
+      settleMove: async () => {
+        this.calls.push({ host: 'control', name: 'settleMove' });
       },
       requestCancellation: async (req: { taskId: string; runId: string }) => {
         this.calls.push({ host: 'control', name: 'requestCancellation', taskId: req.taskId });

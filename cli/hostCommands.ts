@@ -1,0 +1,124 @@
+import type { Command } from 'commander';
+import { SchedulerClient } from '../client/schedulerClient';
+import { connectClient } from '../config/temporal';
+import { MiB, type HostSummary, type Resources } from '../scheduler/model';
+import { drainUpdate, undrainUpdate } from '../workflows/scheduling/definitions';
+import { commandGroup } from './adminCommands';
+
+/**
+ * Operators' host commands, through Temporal (TEMPORAL_ADDRESS, ...): the scheduler's view of every host
+ * (capacity, what it granted, what is free, state, tasks) and host maintenance (drain, undrain).
+ */
+export function registerHostCommands(
+  program: Command,
+  table: (header: string[], rows: string[][]) => string,
+): void {
+  const print = (human: string, data: unknown): void => {
+    process.stdout.write(program.opts().json ? `${JSON.stringify(data)}\n` : `${human}\n`);
+  };
+  const scheduler = async () => new SchedulerClient(await connectClient());
+  const host = commandGroup(
+    program,
+    'host',
+    "the cluster's hosts as the scheduler sees them (operators, Temporal)",
+  );
+
+  host
+    .command('list')
+    .description('every host: state, capacity / allocated / free (vCPUs, memory MiB, disk MiB), tasks')
+    .action(async () => {
+      const state = await (await scheduler()).state({ fresh: true });
+      const rows = state.hosts.map((h) => [
+        h.host,
+        h.state,
+        triple(h.capacity),
+        triple(h.allocated),
+        triple(h.free),
+        String(h.tasks.length),
+      ]);
+      print(
+        `${table(['HOST', 'STATE', 'CAPACITY cpu/mem/disk', 'ALLOCATED', 'FREE', 'TASKS'], rows)}\n` +
+          `${state.queue.length} task(s) queued; policy ${state.config.policy}, overcommit cpu ${state.config.cpuOvercommit} ` +
+          `memory ${state.config.memoryOvercommit}`,
+        state,
+      );
+    });
+
+  host
+    .command('show <host>')
+    .description('one host: its inventory, what the scheduler granted there, and its tasks')
+    .action(async (name: string) => {
+      const state = await (await scheduler()).state({ fresh: true });
+      const h = state.hosts.find((x) => x.host === name);
+      if (!h)
+        throw new Error(
+          `host ${name} is not in the cluster (hosts: ${state.hosts.map((x) => x.host).join(', ')})`,
+        );
+      print(describeHost(h), h);
+    });
+
+  host
+    .command('drain <host>')
+    .description('no new placements on the host')
+    .option('--deadline <duration>', 'cancel the tasks that could not leave after this long (e.g. 30m, 2h)')
+    .option('--max-parallel <n>', 'migrations at once', (v) => Number(v), 2)
+    .action(async (name: string, opts: { deadline?: string; maxParallel: number }) => {
+      if (!Number.isInteger(opts.maxParallel) || opts.maxParallel < 1)
+        throw new Error('--max-parallel must be a whole number of at least 1');
+      const order = await (
+        await scheduler()
+      ).update(drainUpdate, {
+        host: name,
+        maxParallel: opts.maxParallel,
+        ...(opts.deadline ? { deadlineSec: parseDuration(opts.deadline) } : {}),
+      });
+      print(`host ${name} is draining${order.deadline ? ` (deadline ${order.deadline})` : ''}`, order);
+    });
+
+  host
+    .command('undrain <host>')
+    .description('the host takes new placements again')
+    .action(async (name: string) => {
+      await (await scheduler()).update(undrainUpdate, { host: name });
+      print(`host ${name} takes new placements`, { host: name });
+    });
+}
+
+function triple(r: Resources | undefined): string {
+  return r ? `${r.vcpus}/${r.memoryMiB}/${r.diskMiB}` : '-';
+}
+
+function describeHost(h: HostSummary): string {
+  const inv = h.inventory;
+  const lines = [
+    `host ${h.host}: ${h.state} (${h.reason})`,
+    `  capacity   ${triple(h.capacity)}  (vCPUs/memory MiB/disk MiB, after overcommit)`,
+    `  allocated  ${triple(h.allocated)}`,
+    `  free       ${triple(h.free)}`,
+  ];
+  if (inv)
+    lines.push(
+      `  physical   ${inv.vcpus} vCPUs, ${inv.memoryMiB} MiB; store ${Math.floor(inv.storeFreeBytes / MiB)} of ${Math.floor(inv.storeTotalBytes / MiB)} MiB free`,
+      `  drivers    ${inv.drivers.join(', ')}${inv.accelerator ? ` (${inv.accelerator})` : ''}; default ${inv.defaultDriver ?? 'none'}`,
+      `  labels     ${
+        Object.entries(inv.labels)
+          .map(([k, v]) => `${k}=${v}`)
+          .join(', ') || '-'
+      }`,
+      `  images     ${inv.cachedImages.map((i) => `${i.sha256.slice(0, 12)}${i.names.length ? ` (${i.names.join(', ')})` : ''}`).join(', ') || '-'}`,
+      `  reported   ${inv.reportedAt}; worker up since ${inv.workerStartedAt}`,
+    );
+  if (h.drain)
+    lines.push(
+      `  drain      since ${h.drain.since}, max ${h.drain.maxParallel} at once${h.drain.deadline ? `, deadline ${h.drain.deadline}` : ''}`,
+    );
+  lines.push(`  tasks      ${h.tasks.join(', ') || '-'}`);
+  return lines.join('\n');
+}
+
+/** "90s", "30m", "2h" or plain seconds. */
+export function parseDuration(text: string): number {
+  const m = /^(\d+)([smh]?)$/.exec(text.trim());
+  if (!m) throw new Error(`invalid duration '${text}': use e.g. 90s, 30m, 2h`);
+  return Number(m[1]) * ({ '': 1, s: 1, m: 60, h: 3600 } as Record<string, number>)[m[2]];
+}

@@ -1,0 +1,294 @@
+import {
+  allHandlersFinished,
+  condition,
+  continueAsNew,
+  getExternalWorkflowHandle,
+  log,
+  proxyActivities,
+  setHandler,
+  workflowInfo,
+} from '@temporalio/workflow';
+import type { ControlActivities } from '../activities/control/createControlActivities';
+import { CONTROL_TASK_QUEUE } from '../config/names';
+import type { PlacementRequest, QueueEntry, Reservation, SchedulerState } from '../scheduler/model';
+import {
+  allocations,
+  choose,
+  eligibleHosts,
+  fitProblem,
+  grantsFromQueue,
+  insertionIndex,
+  neverFits,
+  reportedHosts,
+  summarise,
+} from '../scheduler/placement';
+import {
+  configureUpdate,
+  drainUpdate,
+  placementGrantedSignal,
+  placeUpdate,
+  queuePositionQuery,
+  refreshUpdate,
+  releaseUpdate,
+  reserveMoveUpdate,
+  schedulerStateQuery,
+  settleMoveUpdate,
+  undrainUpdate,
+  type SchedulerInput,
+} from './scheduling/definitions';
+
+const { surveyHosts } = proxyActivities<Pick<ControlActivities, 'surveyHosts'>>({
+  taskQueue: CONTROL_TASK_QUEUE,
+  startToCloseTimeout: '30s',
+  retry: { initialInterval: '1s', maximumInterval: '10s' },
+});
+
+const HISTORY_EVENT_LIMIT = 10_000;
+
+/**
+ * The cluster's one scheduler (id `vsp-scheduler`): the only place that grants capacity, so any number
+ * of control workers never double-book a host. Each task reserves its vCPUs, memory and disk on a host
+ * through the `place` update, or waits in the queue until capacity frees; `release` gives it back when
+ * the VM is destroyed; `reserveMove`/`settleMove` carry it along a migration. Hosts' liveness and
+ * inventory come from their heartbeats (surveyHosts). The decisions are pure functions
+ * (scheduler/placement.ts); this workflow applies them, one update at a time, and continues as new
+ * with its state when its history grows long.
+ */
+export async function Scheduler(input: SchedulerInput): Promise<void> {
+  const s: SchedulerState = input.state ?? {
+    config: input.config,
+    views: {},
+    surveyedAtMs: 0,
+    drains: {},
+    reservations: {},
+    queue: [],
+    seq: 0,
+    decisions: 0,
+  };
+  let surveying: Promise<void> | undefined;
+  let kicked = false;
+
+  /** The hosts' views, fresh (joins a survey under way rather than starting another). */
+  const refresh = (): Promise<void> =>
+    (surveying ??= surveyHosts(s.config.hosts)
+      .then((views) => {
+        for (const v of views) s.views[v.host] = v;
+        s.surveyedAtMs = Date.now();
+      })
+      .finally(() => (surveying = undefined)));
+
+  const now = () => new Date().toISOString();
+
+  function reserve(req: PlacementRequest, host: string): void {
+    s.reservations[req.taskId] = {
+      taskId: req.taskId,
+      owner: req.owner,
+      host,
+      resources: req.resources,
+      since: now(),
+    };
+  }
+
+  function position(taskId: string) {
+    const i = s.queue.findIndex((e) => e.request.taskId === taskId);
+    if (i < 0) return undefined;
+    const e = s.queue[i];
+    return { position: i + 1, of: s.queue.length, since: e.since, why: e.why };
+  }
+
+  /** Starts the queued tasks that fit now; `self` is answered by its own update instead of a signal. */
+  function grantQueued(self?: string): void {
+    if (s.queue.length === 0) return;
+    const grants = grantsFromQueue(s);
+    if (grants.length === 0) return;
+    const granted = new Map(grants.map((g) => [g.taskId, g.host]));
+    const left: QueueEntry[] = [];
+    for (const e of s.queue) {
+      const host = granted.get(e.request.taskId);
+      if (host === undefined) left.push(e);
+      else {
+        reserve(e.request, host);
+        s.decisions++;
+        if (e.request.taskId !== self) notify(e.request.taskId, host);
+      }
+    }
+    s.queue = left;
+    log.info('queued tasks granted', { grants: grants.length, queued: s.queue.length });
+  }
+
+  /** Tells a queued task where it goes; a task that has gone meanwhile gives its grant back. */
+  function notify(taskId: string, host: string): void {
+    getExternalWorkflowHandle(taskId)
+      .signal(placementGrantedSignal, { host })
+      .catch((err: unknown) => {
+        log.warn('a granted task is gone: its grant is released', { taskId, error: String(err) });
+        if (s.reservations[taskId]?.host === host) delete s.reservations[taskId];
+        kicked = true;
+      });
+  }
+
+  setHandler(placeUpdate, async (req) => {
+    const held = s.reservations[req.taskId];
+    if (held && !req.exclude.includes(held.host)) return { host: held.host };
+    // The host it held died under it: it is placed again, elsewhere.
+    if (held) delete s.reservations[req.taskId];
+    const waiting = position(req.taskId);
+    if (waiting) return { queued: waiting };
+    await refresh();
+    // Asked again while the survey ran (a retried activity): the first answer stands.
+    const again = s.reservations[req.taskId] ?? position(req.taskId);
+    if (again) return 'host' in again ? { host: again.host } : { queued: again };
+    s.decisions++;
+    const never = neverFits(req, s.config, reportedHosts(s));
+    if (never) return { refused: never };
+    const entry: QueueEntry = { request: req, seq: s.seq++, since: now(), why: '' };
+    // Behind those already waiting at its priority or higher: it starts now only if they can too.
+    s.queue.splice(insertionIndex(s.queue, entry), 0, entry);
+    grantQueued(req.taskId);
+    const granted = s.reservations[req.taskId];
+    if (granted) return { host: granted.host };
+    const choice = choose(req, eligibleHosts(s), s.config);
+    entry.why = 'none' in choice ? choice.none : 'tasks ahead of it in the queue';
+    return { queued: position(req.taskId) as NonNullable<ReturnType<typeof position>> };
+  });
+
+  setHandler(releaseUpdate, ({ taskId }) => {
+    delete s.reservations[taskId];
+    s.queue = s.queue.filter((e) => e.request.taskId !== taskId);
+    grantQueued();
+  });
+
+  setHandler(reserveMoveUpdate, async (req) => {
+    await refresh();
+    const r: Reservation = s.reservations[req.taskId] ?? {
+      taskId: req.taskId,
+      owner: req.owner,
+      host: req.current,
+      resources: req.resources,
+      since: now(),
+    };
+    if (r.movingTo) return { refused: `task ${req.taskId} is already moving to ${r.movingTo}` };
+    s.decisions++;
+    const request: PlacementRequest = {
+      taskId: req.taskId,
+      owner: req.owner,
+      resources: r.resources,
+      driver: req.driver,
+      labels: {},
+      priority: 0,
+      image: '',
+      exclude: [req.current],
+      ...(req.requested ? { host: req.requested } : {}),
+    };
+    const hosts = eligibleHosts(s);
+    if (req.requested !== undefined) {
+      if (!s.config.hosts.includes(req.requested))
+        return {
+          refused: `host '${req.requested}' is not in the cluster (hosts: ${s.config.hosts.join(', ')})`,
+        };
+      if (req.requested === req.current) return { refused: `the task already runs on host '${req.current}'` };
+      const target = hosts.find((h) => h.host === req.requested);
+      if (!target) {
+        const view = s.views[req.requested];
+        return {
+          refused: s.drains[req.requested]
+            ? `host '${req.requested}' is drained: it takes no tasks`
+            : `host '${req.requested}' has no live worker: it cannot receive the VM (${view?.reason ?? 'never seen'})`,
+        };
+      }
+      const problem = fitProblem(request, target, s.config);
+      if (problem) return { refused: `host '${req.requested}' cannot take the task: ${problem}` };
+    } else {
+      const choice = choose(request, hosts, s.config);
+      if ('none' in choice)
+        return { refused: `no host other than '${req.current}' can take the task: ${choice.none}` };
+      request.host = choice.host;
+    }
+    s.reservations[req.taskId] = { ...r, movingTo: request.host as string };
+    return { host: request.host as string };
+  });
+
+  setHandler(settleMoveUpdate, ({ taskId, host }) => {
+    const r = s.reservations[taskId];
+    if (!r) return;
+    s.reservations[taskId] = { ...r, host, movingTo: undefined };
+    delete s.reservations[taskId].movingTo;
+    grantQueued();
+  });
+
+  setHandler(
+    drainUpdate,
+    (req) => {
+      const order = {
+        since: now(),
+        maxParallel: req.maxParallel ?? 2,
+        ...(req.deadlineSec !== undefined
+          ? { deadline: new Date(Date.now() + req.deadlineSec * 1000).toISOString() }
+          : {}),
+      };
+      s.drains[req.host] = order;
+      log.info('host draining', { host: req.host, ...order });
+      return order;
+    },
+    { validator: (req) => knownHost(req.host) },
+  );
+
+  setHandler(
+    undrainUpdate,
+    ({ host }) => {
+      delete s.drains[host];
+      grantQueued();
+    },
+    { validator: (req) => knownHost(req.host) },
+  );
+
+  setHandler(configureUpdate, (config) => {
+    s.config = config;
+    kicked = true;
+    return s.config;
+  });
+
+  const snapshot = () => ({
+    config: s.config,
+    hosts: summarise(s),
+    queue: s.queue,
+    ...(s.surveyedAtMs ? { surveyedAt: new Date(s.surveyedAtMs).toISOString() } : {}),
+    decisions: s.decisions,
+  });
+  setHandler(schedulerStateQuery, snapshot);
+  setHandler(refreshUpdate, async () => {
+    await refresh();
+    grantQueued();
+    return snapshot();
+  });
+  setHandler(queuePositionQuery, (taskId) => position(taskId));
+
+  function knownHost(host: unknown): void {
+    if (typeof host !== 'string' || !s.config.hosts.includes(host))
+      throw new Error(
+        `host ${JSON.stringify(host)} is not in the cluster (hosts: ${s.config.hosts.join(', ')})`,
+      );
+  }
+
+  const limit = input.historyEventLimit ?? HISTORY_EVENT_LIMIT;
+  const longHistory = () => workflowInfo().continueAsNewSuggested || workflowInfo().historyLength >= limit;
+  while (!longHistory()) {
+    // While tasks wait, hosts are looked at again now and then: one may have come up or grown.
+    await condition(() => kicked || longHistory(), s.queue.length ? '15s' : '1h');
+    kicked = false;
+    if (s.queue.length === 0) continue;
+    await refresh();
+    grantQueued();
+  }
+  await condition(allHandlersFinished);
+  log.info('continuing as new', { historyLength: workflowInfo().historyLength, ...counts(s) });
+  await continueAsNew<typeof Scheduler>({ ...input, config: s.config, state: s });
+}
+
+function counts(s: SchedulerState) {
+  return {
+    reservations: Object.keys(s.reservations).length,
+    queued: s.queue.length,
+    hosts: allocations(s.reservations).size,
+  };
+}
