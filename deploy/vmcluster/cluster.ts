@@ -9,7 +9,7 @@ import { dom0Paths, dom0RssMiB, readPid, startDom0, stopDom0, type Dom0Boot } fr
 import { ensureImage, ensureKeys, type ClusterKeys } from './image';
 import { withLock } from './lock';
 import { networkDown, networkUp } from './network';
-import { sshExec, type SshTarget } from './ssh';
+import { sshAnswers, sshTargets, type InventoryFile } from './ssh';
 
 /**
  * The virtual test cluster: `up` builds (or finds) the dom0 image, creates the network and brings every
@@ -21,13 +21,8 @@ import { sshExec, type SshTarget } from './ssh';
 const log = createLogger('vmcluster');
 const LOCK_TIMEOUT_MS = 30 * 60_000;
 
-/** The inventory contract (PLAN.md; deploy/cluster/inventory.ts owns the full schema). */
-export interface Inventory {
-  version: 1;
-  ssh: { user: string; identityFile: string };
-  hosts: { name: string; address: string; hostKey: string; labels: Record<string, string> }[];
-  cluster?: { temporalAddress: string; repositoryUrl: string; driver: string };
-}
+/** The inventory contract (PLAN.md): deploy/cluster/inventory.ts owns the format; `cluster` is added later. */
+export type Inventory = InventoryFile;
 
 interface ClusterState {
   version: 1;
@@ -66,7 +61,8 @@ async function writeJsonAtomic(file: string, value: unknown): Promise<void> {
   await fs.rename(tmp, file);
 }
 
-function inventoryOf(c: ClusterConfig, keys: ClusterKeys): Inventory {
+/** The inventory of cluster `c`: each host's address and pinned host key, root's key. */
+export function inventoryOf(c: ClusterConfig, keys: ClusterKeys): Inventory {
   return {
     version: 1,
     ssh: { user: 'root', identityFile: keys.identityFile },
@@ -79,17 +75,6 @@ function inventoryOf(c: ClusterConfig, keys: ClusterKeys): Inventory {
   };
 }
 
-/** ssh targets of an inventory's hosts (what the test harness and `up`'s readiness check use). */
-export async function sshTargets(inv: Inventory): Promise<Record<string, SshTarget>> {
-  const privateKey = await fs.readFile(inv.ssh.identityFile);
-  return Object.fromEntries(
-    inv.hosts.map((h) => [
-      h.name,
-      { address: h.address, user: inv.ssh.user, privateKey, hostKey: h.hostKey },
-    ]),
-  );
-}
-
 /** Whether the recorded cluster still runs as configured, on this image: every QEMU alive, ssh answering. */
 async function runningAsConfigured(c: ClusterConfig, inv: Inventory, imageHash: string): Promise<boolean> {
   const state = await readJson<ClusterState>(stateFile(c));
@@ -100,14 +85,7 @@ async function runningAsConfigured(c: ClusterConfig, inv: Inventory, imageHash: 
     if (!(await isVmProcess(pid, dom0Paths(h).qmpSocket))) return false;
   }
   const targets = await sshTargets(inv);
-  const answers = await Promise.all(
-    Object.values(targets).map((t) =>
-      sshExec(t, 'true', { timeoutMs: 10_000 }).then(
-        (r) => r.code === 0,
-        () => false,
-      ),
-    ),
-  );
+  const answers = await Promise.all(Object.values(targets).map(sshAnswers));
   return answers.every(Boolean);
 }
 
@@ -213,10 +191,7 @@ export async function clusterStatus(o: VmClusterOptions = {}): Promise<ClusterSt
       ...(running ? { rssMiB: await dom0RssMiB(s.pid) } : {}),
       ...(running && target
         ? {
-            ssh: await sshExec(target, 'true', { timeoutMs: 10_000 }).then(
-              (r) => r.code === 0,
-              () => false,
-            ),
+            ssh: await sshAnswers(target),
           }
         : {}),
     });

@@ -10,7 +10,7 @@ import { createLogger, describeError } from '../../logging/logger';
 import type { ClusterConfig, HostConfig } from './config';
 import { exists, pruneUnused, touch } from './files';
 import type { Dom0Image } from './image';
-import { sshExec, type SshTarget } from './ssh';
+import { sshOnce, type SshTarget } from './ssh';
 
 /**
  * One dom0 = one QEMU (TCG, `-cpu qemu64,+npt` so Xen reports HAP and PVH guests run) booting Xen as a
@@ -189,7 +189,7 @@ async function waitSsh(h: HostConfig, pid: number, target: SshTarget): Promise<v
   const p = dom0Paths(h);
   const deadline = Date.now() + SSH_READY_TIMEOUT_MS;
   for (;;) {
-    const err = await sshExec(target, 'true', { timeoutMs: 10_000 }).then(
+    const err = await sshOnce(target, 'true', { timeoutMs: 10_000 }).then(
       (r) => (r.code === 0 ? undefined : new Error(`exit ${r.code}: ${r.stderr}`)),
       (e: unknown) => e,
     );
@@ -284,7 +284,7 @@ async function restoreWarm(c: ClusterConfig, h: HostConfig, image: Dom0Image, di
 
 /** A restored dom0's clock is the snapshot's: set it (Linux passes it on to Xen's wallclock for guests). */
 async function fixClock(h: HostConfig, target: SshTarget): Promise<void> {
-  const r = await sshExec(target, `date -u -s @${(Date.now() / 1000).toFixed(3)} >/dev/null`, {
+  const r = await sshOnce(target, `date -u -s @${(Date.now() / 1000).toFixed(3)} >/dev/null`, {
     timeoutMs: 30_000,
   });
   if (r.code !== 0) throw new Error(`dom0 ${h.name}: could not set the clock: ${r.stderr.trim()}`);

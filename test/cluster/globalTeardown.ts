@@ -7,6 +7,7 @@ export default async function clusterGlobalTeardown(): Promise<void> {
     ClusterSuiteHandle | undefined;
   if (!handle) return;
   try {
+    await handle.temporalForward.close();
     await handle.temporal.stop();
   } finally {
     if (handle.ownsCluster) await clusterDown();

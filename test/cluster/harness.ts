@@ -5,17 +5,20 @@
  * leave the rest to teardown).
  *
  * API (keep it small):
- *   clusterInventory()            the inventory (PLAN.md's contract, as `vsp cluster deploy --inventory`
- *                                 reads it), with `cluster` filled in: Temporal at 10.77.30.254:7233
- *                                 (started by the global setup, reachable from every dom0), the
- *                                 repository URL the tests serve at 10.77.30.254:8420, driver 'xen'
+ *   clusterInventory()            the inventory (PLAN.md's contract, validated by deploy/cluster/inventory.ts
+ *                                 as `vsp cluster deploy --inventory` reads it), with `cluster` filled in:
+ *                                 Temporal at 10.77.30.254:7233 (started by the global setup, reachable
+ *                                 from every dom0), the repository URL the tests serve at
+ *                                 http://10.77.30.254:8420 and its service token file, driver 'xen'
+ *   repositoryToken()             that service token (serve the tests' repository with it)
  *   inventoryFile()               the path of that inventory file
- *   onHost(host, command, opts?)  runs a shell command as root on dom0 `host` ('a', 'b', ...) over ssh2 (key
- *                                 auth, host key checked against the inventory; one connection per host and
- *                                 test file, closed after the file): { code, stdout, stderr }; opts:
- *                                 timeoutMs (default 120 s), input (stdin)
- *   onHostOk(host, command, opts?) the same; a non-zero exit throws with the command's stderr; stdout
- *   hostTarget(host)              address, user, key and host key, for a test's own ssh2 connection
+ *   onHost(host, command, opts?)  runs a shell command as root on dom0 `host` ('a', 'b', ...) over ssh2
+ *                                 (deploy/cluster/sshSession.ts: key auth, host key pinned by the
+ *                                 inventory; one connection per host and test file, closed after the file,
+ *                                 reopened after a failure): { code, signal, stdout, stderr }; opts:
+ *                                 timeoutMs (default 120 s), stdin
+ *   onHostOk(host, command, opts?) the same; a non-zero exit throws (RemoteCommandError); its stdout
+ *   hostTarget(host)              the SshTarget, for a test's own SshSession
  *   GATEWAY                       this machine's address on the cluster network
  *
  * Without the global setup (e.g. a developer's `npm run vm-cluster -- up` then
@@ -23,15 +26,19 @@
  */
 import { promises as fs } from 'node:fs';
 
-import { sshTargets, type Inventory } from '../../deploy/vmcluster/cluster';
+import { loadInventory, type Inventory } from '../../deploy/cluster/inventory';
+import {
+  RemoteCommandError,
+  SshSession,
+  type ExecOptions,
+  type ExecResult,
+  type SshTarget,
+} from '../../deploy/cluster/sshSession';
 import { clusterConfig, inventoryFile as vmInventoryFile } from '../../deploy/vmcluster/config';
-import type { Client } from 'ssh2';
-
+import { sshTargets } from '../../deploy/vmcluster/ssh';
 import { CLUSTER_INVENTORY_ENV, GATEWAY } from './suiteEnv';
-import { okOutput, sshConnect, sshRun, type SshResult, type SshTarget } from '../../deploy/vmcluster/ssh';
 
-export type { Inventory, SshResult, SshTarget };
-
+export type { ExecResult, Inventory, SshTarget };
 export { GATEWAY };
 
 export function inventoryFile(): string {
@@ -43,18 +50,23 @@ let cached: { file: string; inventory: Inventory; targets: Record<string, SshTar
 async function load(): Promise<NonNullable<typeof cached>> {
   const file = inventoryFile();
   if (cached?.file === file) return cached;
-  const text = await fs.readFile(file, 'utf8').catch((err: unknown) => {
-    throw new Error(`no cluster inventory at ${file}: is the cluster up (npm run test:cluster)?`, {
+  const inventory = await loadInventory(file).catch((err: unknown) => {
+    throw new Error(`no usable cluster inventory at ${file}: is the cluster up (npm run test:cluster)?`, {
       cause: err,
     });
   });
-  const inventory = JSON.parse(text) as Inventory;
   cached = { file, inventory, targets: await sshTargets(inventory) };
   return cached;
 }
 
 export async function clusterInventory(): Promise<Inventory> {
   return (await load()).inventory;
+}
+
+export async function repositoryToken(): Promise<string> {
+  const tokenFile = (await clusterInventory()).cluster?.repositoryTokenFile;
+  if (!tokenFile) throw new Error(`the inventory ${inventoryFile()} has no cluster.repositoryTokenFile`);
+  return (await fs.readFile(tokenFile, 'utf8')).split('\n')[0].trim();
 }
 
 export async function hostTarget(host: string): Promise<SshTarget> {
@@ -67,42 +79,42 @@ export async function hostTarget(host: string): Promise<SshTarget> {
   return t;
 }
 
-/** One ssh connection per host, opened on first use (a TCG dom0 takes seconds per key exchange). */
-const connections = new Map<string, Promise<Client>>();
+/** One ssh session per host, opened on first use (a TCG dom0 takes seconds per key exchange). */
+const sessions = new Map<string, Promise<SshSession>>();
 
-function connection(host: string): Promise<Client> {
-  let conn = connections.get(host);
-  if (!conn) {
-    conn = hostTarget(host).then((t) => sshConnect(t));
-    connections.set(host, conn);
-    // A closed connection (its host was powered off, say) is replaced on next use.
-    conn.then(
-      (c) => c.once('close', () => connections.delete(host)),
-      () => connections.delete(host),
-    );
+function session(host: string): Promise<SshSession> {
+  let s = sessions.get(host);
+  if (!s) {
+    s = hostTarget(host).then((t) => SshSession.connect(t));
+    sessions.set(host, s);
+    s.catch(() => sessions.delete(host));
   }
-  return conn;
+  return s;
 }
 
-export async function onHost(
-  host: string,
-  command: string,
-  opts: { timeoutMs?: number; input?: string | Buffer } = {},
-): Promise<SshResult> {
-  return sshRun(await connection(host), command, opts);
+export async function onHost(host: string, command: string, opts: ExecOptions = {}): Promise<ExecResult> {
+  const s = await session(host);
+  try {
+    return await s.exec(command, opts);
+  } catch (err) {
+    // The command could not start or outlived its timeout: the connection may be dead (its host powered
+    // off, say); the next call opens a new one.
+    sessions.delete(host);
+    s.close();
+    throw err;
+  }
 }
 
-export async function onHostOk(
-  host: string,
-  command: string,
-  opts: { timeoutMs?: number; input?: string | Buffer } = {},
-): Promise<string> {
-  return okOutput(`dom0 ${host}`, command, await onHost(host, command, opts));
+export async function onHostOk(host: string, command: string, opts: ExecOptions = {}): Promise<string> {
+  const s = await session(host);
+  const r = await onHost(host, command, opts);
+  if (r.code !== 0) throw new RemoteCommandError(s.target.name, command, r);
+  return r.stdout;
 }
 
-// Each test file gets its own module instance: its connections end with it.
+// Each test file gets its own module instance: its sessions end with it.
 afterAll(async () => {
-  const open = [...connections.values()];
-  connections.clear();
-  for (const c of await Promise.allSettled(open)) if (c.status === 'fulfilled') c.value.end();
+  const open = [...sessions.values()];
+  sessions.clear();
+  for (const s of await Promise.allSettled(open)) if (s.status === 'fulfilled') s.value.close();
 });

@@ -1,8 +1,10 @@
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 
-import { sshExec } from '../../deploy/vmcluster/ssh';
-import { clusterInventory, GATEWAY, hostTarget, onHost, onHostOk } from './harness';
+import { Connection } from '@temporalio/client';
+
+import { HostKeyMismatchError, SshSession } from '../../deploy/cluster/sshSession';
+import { clusterInventory, GATEWAY, hostTarget, onHost, onHostOk, repositoryToken } from './harness';
 
 /**
  * The virtual cluster is what the other cluster tests take for granted: real Xen on every dom0 (with HAP,
@@ -22,12 +24,15 @@ describe('virtual Xen cluster', () => {
     expect(new Set(inv.hosts.map((h) => h.hostKey)).size).toBe(inv.hosts.length);
     expect((await fs.stat(inv.ssh.identityFile)).mode & 0o077).toBe(0);
     expect(inv.cluster?.temporalAddress).toBe(`${GATEWAY}:7233`);
+    expect((await repositoryToken()).length).toBeGreaterThanOrEqual(16);
   });
 
   test('a host presenting another host key is refused', async () => {
     const a = await hostTarget('a');
     const b = await hostTarget('b');
-    await expect(sshExec({ ...a, hostKey: b.hostKey }, 'true')).rejects.toThrow(/verification failed/i);
+    await expect(SshSession.connect({ ...a, hostKey: b.hostKey })).rejects.toBeInstanceOf(
+      HostKeyMismatchError,
+    );
   });
 
   test.each(['a', 'b'])(
@@ -42,6 +47,18 @@ describe('virtual Xen cluster', () => {
       expect((await onHostOk(host, 'hostname')).trim()).toBe(host);
     },
   );
+
+  test("Temporal answers at the inventory's address on the cluster network", async () => {
+    const connection = await Connection.connect({
+      address: (await clusterInventory()).cluster!.temporalAddress,
+    });
+    try {
+      const ns = await connection.workflowService.describeNamespace({ namespace: 'default' });
+      expect(ns.namespaceInfo?.name).toBe('default');
+    } finally {
+      await connection.close();
+    }
+  });
 
   test.each([
     ['a', 'b'],
