@@ -1,5 +1,4 @@
 import { spawn } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -42,24 +41,6 @@ function deployedLines(stdout: string): Record<string, { seconds: number; change
   return out;
 }
 
-/**
- * The inventory to deploy with: the harness's, whose `cluster` section an operator would complete; when
- * it names no repository token file, a copy that does (a fresh token: these tests serve no repository).
- */
-async function deployableInventory(dir: string): Promise<string> {
-  const file = inventoryFile();
-  const inv = JSON.parse(await fs.readFile(file, 'utf8'));
-  if (inv.cluster?.repositoryTokenFile) return file;
-  const tokenFile = path.join(dir, 'repository-token');
-  await fs.writeFile(tokenFile, `${randomBytes(24).toString('hex')}\n`, { mode: 0o600 });
-  const copy = path.join(dir, 'inventory.json');
-  await fs.writeFile(
-    copy,
-    JSON.stringify({ ...inv, cluster: { ...inv.cluster, repositoryTokenFile: tokenFile } }),
-  );
-  return copy;
-}
-
 const mainPid = async (host: string) =>
   Number((await onHostOk(host, 'systemctl show -p MainPID --value vsp-host-worker.service')).trim());
 
@@ -71,7 +52,7 @@ describe('vsp cluster deploy on the Xen hosts', () => {
   beforeAll(async () => {
     hosts = (await clusterInventory()).hosts.map((h) => h.name);
     dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-deploy-'));
-    inventory = await deployableInventory(dir);
+    inventory = inventoryFile();
   });
 
   afterAll(() => (dir ? fs.rm(dir, { recursive: true, force: true }) : undefined));
