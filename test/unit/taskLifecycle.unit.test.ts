@@ -1,6 +1,4 @@
-import { execFile } from 'node:child_process';
 import { promises as fs } from 'node:fs';
-import { promisify } from 'node:util';
 import path from 'node:path';
 import {
   WorkflowFailedError,
@@ -20,8 +18,9 @@ import {
   type TaskResult,
   type TaskStatus,
 } from '../../workflows/definitions';
-import { historyFromFixture } from './support/historyFixture';
-import { MockCluster } from './support/mockCluster';
+import { historyFromFixture, recordHistory, runIds } from './support/historyFixture';
+import { MockCluster, QUEUED_TASK } from './support/mockCluster';
+import { placementGrantedSignal } from '../../workflows/scheduling/definitions';
 
 /**
  * The TaskLifecycle workflow against stand-in activities (no repository, no VM) on a local Temporal dev
@@ -32,9 +31,7 @@ import { MockCluster } from './support/mockCluster';
  * `VSP_RECORD_HISTORIES=1` also writes each path's history to test/fixtures/histories/, which the last
  * test replays against the current workflow code.
  */
-const execFileAsync = promisify(execFile);
 const FIXTURES = path.join(__dirname, '..', 'fixtures', 'histories');
-const RECORD = process.env.VSP_RECORD_HISTORIES === '1';
 
 /** Short durations for tests; the defaults (workflows/lifecycle/activities.ts) are minutes and days. */
 const TUNING: TaskTuning = {
@@ -168,39 +165,7 @@ async function executionStatus(h: WorkflowHandle): Promise<string> {
   return (await h.describe()).status.name;
 }
 
-/** Every run's id of a task, first to last (following continue-as-new). */
-async function runIds(h: WorkflowHandle): Promise<string[]> {
-  const out: string[] = [];
-  for (let runId: string | null | undefined = h.firstExecutionRunId; runId;) {
-    out.push(runId);
-    const history = await env.client.workflow.getHandle(h.workflowId, runId).fetchHistory();
-    runId = history.events?.at(-1)?.workflowExecutionContinuedAsNewEventAttributes?.newExecutionRunId;
-  }
-  return out;
-}
-
-/** Each run's history as the Temporal CLI shows it (`temporal workflow show -o json`), the replay fixture format. */
-async function record(name: string, h: WorkflowHandle): Promise<void> {
-  if (!RECORD) return;
-  await fs.mkdir(FIXTURES, { recursive: true });
-  const runs = await runIds(h);
-  for (const [i, runId] of runs.entries()) {
-    const file = path.join(FIXTURES, runs.length > 1 ? `${name}-run${i + 1}.json` : `${name}.json`);
-    const { stdout } = await execFileAsync(resolveTemporalCli(), [
-      'workflow',
-      'show',
-      '-w',
-      h.workflowId,
-      '-r',
-      runId,
-      '--address',
-      env.address,
-      '-o',
-      'json',
-    ]);
-    await fs.writeFile(file, stdout);
-  }
-}
+const record = (name: string, h: WorkflowHandle) => recordHistory(env, FIXTURES, name, h);
 
 test('completed: outputs staged out, VM destroyed after, capability released last', async () => {
   const h = await start('completed');
@@ -421,13 +386,33 @@ test('continue-as-new while running, then migrate: host, migrations and results 
   // One VM for the whole task: created once, stopped on b and removed with its disks on a, once.
   expect(cluster.called('createVm', h.workflowId)).toHaveLength(1);
   expect(cluster.called('destroyVm', h.workflowId).map((c) => c.host)).toEqual(['b', 'a']);
-  expect((await runIds(h)).length).toBeGreaterThan(1);
+  expect((await runIds(env.client, h)).length).toBeGreaterThan(1);
   await record('continued-as-new', h);
 });
 
+test('queued: no room now, the task waits in phase queued until the scheduler grants a host', async () => {
+  const h = await start('queued', { name: QUEUED_TASK, host: undefined });
+  const s = await until(h, (x) => x.phase === 'queued');
+  expect(s.queue).toMatchObject({ position: 3, of: 5, why: 'a: full' });
+  expect(cluster.called('stageIn', h.workflowId)).toEqual([]);
+  await h.signal(placementGrantedSignal, { host: 'b' });
+  await runningOn(h, 'b');
+  expect((await h.query(statusQuery)).queue).toBeUndefined();
+  // A second grant (a duplicate) changes nothing.
+  await h.signal(placementGrantedSignal, { host: 'a' });
+  cluster.release(h.workflowId);
+  expect(((await h.result()) as TaskResult).host).toBe('b');
+  expect(cluster.called('releasePlacement')).not.toHaveLength(0);
+  await record('queued', h);
+});
+
 test('recorded histories replay against the current workflow', async () => {
-  const files = (await fs.readdir(FIXTURES)).filter((f) => f.endsWith('.json')).sort();
-  expect(files.length).toBeGreaterThanOrEqual(10);
+  // Every generation of the workflow (pre-scheduler/: before reservations were released); the scheduler's
+  // own histories replay in its test.
+  const files = (await fs.readdir(FIXTURES, { recursive: true }))
+    .filter((f) => f.endsWith('.json') && !f.startsWith(`scheduler${path.sep}`))
+    .sort();
+  expect(files.length).toBeGreaterThanOrEqual(20);
   const histories = await Promise.all(
     files.map(async (f) => ({
       workflowId: f,
