@@ -1,7 +1,6 @@
 import { WithStartWorkflowOperation, type Client } from '@temporalio/client';
 import type { UpdateDefinition } from '@temporalio/common';
 import { CONTROL_TASK_QUEUE, SCHEDULER_WORKFLOW_ID } from '../config/names';
-import type { SchedulerConfig } from '../scheduler/model';
 import {
   queuePositionQuery,
   refreshUpdate,
@@ -13,13 +12,13 @@ import {
 
 /**
  * The cluster's scheduler workflow (workflows/scheduler.ts) from outside: its updates, its state. A
- * control worker passes its configuration, and the scheduler is started with it if it does not run yet;
+ * control worker passes its input (configuration), and the scheduler is started with it if it does not run yet;
  * other callers (the CLI, the repository) address the running one.
  */
 export class SchedulerClient {
   constructor(
     readonly temporal: Client,
-    private readonly startWith?: SchedulerConfig,
+    private readonly startWith?: SchedulerInput,
   ) {}
 
   private get handle() {
@@ -29,13 +28,12 @@ export class SchedulerClient {
   async update<Ret, Arg>(def: UpdateDefinition<Ret, [Arg]>, arg: Arg): Promise<Ret> {
     const args: [Arg] = [arg];
     if (!this.startWith) return this.handle.executeUpdate(def, { args });
-    const input: SchedulerInput = { config: this.startWith };
     return this.temporal.workflow.executeUpdateWithStart(def, {
       args,
       startWorkflowOperation: new WithStartWorkflowOperation('Scheduler', {
         workflowId: SCHEDULER_WORKFLOW_ID,
         taskQueue: CONTROL_TASK_QUEUE,
-        args: [input],
+        args: [this.startWith],
         workflowIdConflictPolicy: 'USE_EXISTING',
         staticSummary: 'the cluster scheduler: capacity, placements, queue',
       }),
