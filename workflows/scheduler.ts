@@ -160,7 +160,8 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
       }
     }
     s.queue = left;
-    log.info('queued tasks granted', { grants: grants.length, queued: s.queue.length });
+    const others = grants.filter((g) => g.taskId !== self).length;
+    if (others > 0) log.info('queued tasks granted', { grants: others, queued: s.queue.length });
   }
 
   /** Tells a queued task where it goes; a task that has gone meanwhile gives its grant back. */
