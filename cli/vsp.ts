@@ -8,6 +8,7 @@ import { RepositoryClient } from '../repository/client';
 import { TaskSpecError } from '../spec/taskSpec';
 import type { MigrateRequest, TaskResult, TaskStatus } from '../workflows/definitions';
 import { commandGroup, IMAGE_GROUP_DESCRIPTION, registerAdminCommands } from './adminCommands';
+import { registerClusterCommands } from './clusterCommands';
 import { registerHostCommands } from './hostCommands';
 import { createProgressDisplay, type DisplayedStatus } from './progressDisplay';
 
@@ -63,6 +64,7 @@ async function ownerOf(opts: { repository?: string; owner?: string }): Promise<s
 }
 
 registerAdminCommands(program);
+registerClusterCommands(program);
 registerHostCommands(program, table);
 
 program

@@ -111,6 +111,8 @@ const HostSchema = z.object({
    * `mounts` (the kernel NFS mounts under mountRoot, production: exports keep `secure`).
    */
   qemuRemoteDisks: z.enum(['nfs', 'mounts']).default('nfs'),
+  /** Xen guests: `pvh` (live-migratable) or `pv` (no live migration; hosts without HAP). */
+  xenGuestType: z.enum(['pvh', 'pv']).default('pvh'),
   /** This host's migration credentials (deploy/migration-tls.sh): QEMU migrations then go over TLS only. */
   migrationTlsDir: z
     .string()
@@ -166,6 +168,7 @@ export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig
       qemuUser: 'VSP_QEMU_USER',
       migrationTlsDir: 'VSP_MIGRATION_TLS_DIR',
       qemuRemoteDisks: 'VSP_QEMU_REMOTE_DISKS',
+      xenGuestType: 'VSP_XEN_GUEST_TYPE',
       migrationDowntimeMs: 'VSP_MIGRATION_DOWNTIME_MS',
       migrationMaxBandwidth: 'VSP_MIGRATION_MAX_BANDWIDTH',
       migrationTimeoutSec: 'VSP_MIGRATION_TIMEOUT_SEC',

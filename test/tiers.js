@@ -1,7 +1,9 @@
 /**
- * The suite's three tiers (README "Development"): `unit` needs no servers and no root; `integration` runs
+ * The suite's tiers (README "Development"): `unit` needs no servers and no root; `integration` runs
  * against a real Temporal dev server (started once by the global setup), repository and process-driver
- * hosts; `system` adds QEMU, network namespaces and NFS (root), and the fault-injection suite.
+ * hosts; `system` adds QEMU, network namespaces and NFS (root), and the fault-injection suite; `cluster`
+ * runs on the virtual cluster of real Xen hosts (deploy/vmcluster/), which its own global setup brings up
+ * once per run, only when the tier runs (a project's global setup runs only for a selected project).
  */
 const base = {
   testEnvironment: 'node',
@@ -20,5 +22,13 @@ module.exports = {
     displayName: 'system',
     testMatch: ['<rootDir>/test/system/**/*.test.ts', '<rootDir>/test/faults/**/*.test.ts'],
     setupFilesAfterEnv: ['<rootDir>/test/support/rootOnly.ts'],
+  },
+  cluster: {
+    ...base,
+    displayName: 'cluster',
+    testMatch: ['<rootDir>/test/cluster/**/*.test.ts'],
+    setupFilesAfterEnv: ['<rootDir>/test/support/rootOnly.ts'],
+    globalSetup: '<rootDir>/test/cluster/globalSetup.ts',
+    globalTeardown: '<rootDir>/test/cluster/globalTeardown.ts',
   },
 };

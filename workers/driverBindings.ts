@@ -11,6 +11,7 @@ import { QemuDriver } from '../drivers/qemu/qemuDriver';
 import { ProcessDriver } from '../drivers/process/processDriver';
 import { TaskAccounts } from '../drivers/process/taskAccounts';
 import { checkToolstack, xlRunner } from '../drivers/xen/xl';
+import { DEFAULT_CONSOLE_LOG_DIR } from '../drivers/xen/xenConsole';
 import { XenDriver } from '../drivers/xen/xenDriver';
 import { createLogger, describeError } from '../logging/logger';
 import { RepositoryError, type RepositoryClient } from '../repository/client';
@@ -67,7 +68,7 @@ export async function createDriverBindings(
       };
     } else {
       // Before the appliance (which may have to be built): a host without a working xl fails at once.
-      await checkToolstack(xlRunner(), config.host);
+      await checkToolstack(xlRunner(), config.host, DEFAULT_CONSOLE_LOG_DIR);
       vmImages ??= await vmImagesOf(config, store, repository);
       bindings.xen = {
         driver: new XenDriver({
@@ -77,6 +78,7 @@ export async function createDriverBindings(
           mountRoot: config.mountRoot,
           cluster: config.clusterStorage,
           vmNetwork: config.vmNetwork,
+          guestType: config.xenGuestType,
           diskOwner: await resolveQemuAccount(config.qemuUser),
         }),
         staging: new DiskImageStaging(new GuestDiskTools(accounts)),

@@ -1,7 +1,9 @@
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { createLogger } from '../../logging/logger';
+import { Client, Connection, WorkflowNotFoundError } from '@temporalio/client';
+import { SCHEDULER_WORKFLOW_ID, hostLivenessWorkflowId } from '../../config/names';
+import { createLogger, describeError } from '../../logging/logger';
 import { TaskClient, type OwnerTaskSpec, type SubmittedTask } from '../../client/taskClient';
 import { addOwner, createToken, listOwners } from '../../repository/admin';
 import type { ClusterStorage } from '../../storage/diskLocator';
@@ -138,6 +140,7 @@ export class LocalCluster {
     await this.startRepository();
     for (const owner of this.opts.owners ?? []) this.ownerToken(owner);
     if (this.opts.testHosts) await Promise.all(this.opts.hosts.map((h) => this.startExport(h)));
+    await this.endClusterWorkflows('a new test cluster starts with a scheduler and host records of its own');
     await Promise.all([this.startControl(), ...this.opts.hosts.map((h) => this.startHost(h))]);
     log.info({ hosts: this.opts.hosts, repository: this.repositoryUrl }, 'local cluster ready');
     return this;
@@ -308,5 +311,30 @@ export class LocalCluster {
     this.controls = [];
     await Promise.all([...this.exports.values()].map((e) => e.stop()));
     this.exports.clear();
+    await this.endClusterWorkflows('its test cluster stopped').catch((err: unknown) =>
+      log.warn({ err: describeError(err) }, "could not end the test cluster's scheduler and host records"),
+    );
+  }
+
+  /**
+   * Test clusters share one Temporal server, one after another, while a cluster's scheduler and its
+   * hosts' liveness records are long-lived workflows with fixed ids: each test cluster gets fresh ones,
+   * not the reservations, hosts and payload key of the cluster before it (a history encrypted with
+   * another key cannot be replayed).
+   */
+  private async endClusterWorkflows(why: string): Promise<void> {
+    const connection = await Connection.connect({ address: this.opts.temporalAddress });
+    const client = new Client({ connection });
+    try {
+      for (const id of [SCHEDULER_WORKFLOW_ID, ...this.opts.hosts.map(hostLivenessWorkflowId)])
+        await client.workflow
+          .getHandle(id)
+          .terminate(why)
+          .catch((err: unknown) => {
+            if (!(err instanceof WorkflowNotFoundError)) throw err;
+          });
+    } finally {
+      await connection.close();
+    }
   }
 }

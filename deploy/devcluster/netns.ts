@@ -164,6 +164,19 @@ async function addTap(host: TestHost, tap: string): Promise<string> {
   return tap;
 }
 
+/** SIGKILLs whatever still runs in `netns` (only a crashed run leaves anything there). */
+export async function killProcessesIn(netns: string): Promise<void> {
+  const pids = (await ip(['netns', 'pids', netns]).catch(() => '')).split(/\s+/).filter(Boolean).map(Number);
+  for (const pid of pids) {
+    try {
+      process.kill(pid, 'SIGKILL');
+      log.warn({ netns, pid }, 'killed a process left in a namespace');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
+    }
+  }
+}
+
 /**
  * Removes every namespace and root-namespace link whose name starts with `prefix`: kills what still
  * runs in those namespaces (only a crashed run leaves anything), then deletes them. Idempotent.
@@ -176,18 +189,7 @@ export async function cleanupTestHosts(prefix = DEFAULT_NETNS_PREFIX): Promise<v
     .map((l) => l.split(' ')[0])
     .filter((n) => n.startsWith(prefix));
   for (const netns of namespaces) {
-    const pids = (await ip(['netns', 'pids', netns]).catch(() => ''))
-      .split(/\s+/)
-      .filter(Boolean)
-      .map(Number);
-    for (const pid of pids) {
-      try {
-        process.kill(pid, 'SIGKILL');
-        log.warn({ netns, pid }, 'killed a process left in a test host namespace');
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
-      }
-    }
+    await killProcessesIn(netns);
     await ip(['netns', 'del', netns]);
   }
   const links = (await ip(['-o', 'link', 'show']))

@@ -23,7 +23,8 @@ import {
  * automounts of the other hosts. Running it twice changes nothing the second time.
  */
 
-export type CommandRunner = (cmd: string, args: string[]) => Promise<unknown>;
+/** Runs a command; what it printed, where a caller reads it (a runner that returns nothing tells nothing). */
+export type CommandRunner = (cmd: string, args: string[]) => Promise<{ stdout: string } | void>;
 
 export interface ApplyStorageOptions {
   plan: StoragePlan;
@@ -78,7 +79,15 @@ export async function applyStoragePlan(o: ApplyStorageOptions): Promise<ApplySto
   const commands: string[][] = [];
   const run = async (cmd: string, ...args: string[]) => {
     commands.push([cmd, ...args]);
-    await (o.run ?? defaultRunner)(cmd, args);
+    return (await (o.run ?? defaultRunner)(cmd, args)) ?? undefined;
+  };
+  // Each systemctl that reloads the manager costs seconds on a busy host: units already enabled and
+  // running are left alone, so a run that changes nothing reloads nothing.
+  const enableNow = async (units: string[]) => {
+    if (units.length === 0) return;
+    const shown = await run('systemctl', 'show', '--property=UnitFileState,ActiveState', ...units);
+    if (!shown || !allEnabledAndActive(shown.stdout, units.length))
+      await run('systemctl', 'enable', '--now', ...units);
   };
   // Automounts first: their mounts cannot stop while the automount stands on the mount point.
   const staleOrdered = [...stale].sort(
@@ -100,20 +109,31 @@ export async function applyStoragePlan(o: ApplyStorageOptions): Promise<ApplySto
   }
   if (!o.activate) return { changes, commands };
 
-  await run('systemctl', 'daemon-reload');
+  if (stale.length > 0 || changes.some((c) => c.action !== 'unchanged' && c.file !== EXPORTS_FILE))
+    await run('systemctl', 'daemon-reload');
   const unitsAt = (stage: 0 | 1) =>
     o.plan.units.filter((u) => u.stage === stage && u.enable).map((u) => u.name);
-  await run('systemctl', 'enable', '--now', ...unitsAt(0));
+  await enableNow(unitsAt(0));
   // A changed mount is remounted (a changed address must take effect); drain the host's VMs first.
   const updatedMounts = changes
     .filter((c) => c.action === 'update' && c.file.endsWith('.mount'))
     .map((c) => path.posix.basename(c.file));
   if (updatedMounts.length > 0) await run('systemctl', 'try-restart', ...updatedMounts);
-  await run('systemctl', 'enable', '--now', 'nfs-server.service');
+  await enableNow(['nfs-server.service']);
   await run('exportfs', '-ra');
-  const remote = unitsAt(1);
-  if (remote.length > 0) await run('systemctl', 'enable', '--now', ...remote);
+  await enableNow(unitsAt(1));
   return { changes, commands };
+}
+
+/** `systemctl show` of `count` units says each is enabled and active (an automount: armed). */
+export function allEnabledAndActive(shown: string, count: number): boolean {
+  const values = shown
+    .split('\n')
+    .filter((l) => l.startsWith('UnitFileState=') || l.startsWith('ActiveState='));
+  return (
+    values.length === 2 * count &&
+    values.every((l) => l === 'UnitFileState=enabled' || l === 'ActiveState=active')
+  );
 }
 
 /** What activation needs, checked before anything is written, so a failed run changes nothing. */

@@ -1,12 +1,20 @@
 import type { VmNic } from '../qemu/vmNetwork';
 
+/**
+ * PVH (the default) live-migrates; PV needs no hardware virtualisation but cannot live-migrate with a Xen
+ * built without shadow paging (Debian's: no PV log-dirty mode), so PV hosts offer no live migration.
+ */
+export type XenGuestType = 'pvh' | 'pv';
+export const XEN_GUEST_TYPES: readonly XenGuestType[] = ['pvh', 'pv'];
+
 /** The launch inputs of a Xen domain: the same facts the QEMU command line is built from. */
 export interface XenDomainLaunch {
   /** Domain name, `vsp-<vmId>`. */
   name: string;
+  type: XenGuestType;
   memoryMiB: number;
   vcpus: number;
-  /** The guest appliance, booted directly (PVH): no bootloader, no device model. */
+  /** The guest appliance, booted directly: no bootloader, no emulated devices. */
   kernel: string;
   ramdisk: string;
   owner: string;
@@ -27,8 +35,9 @@ export function domainName(vmId: string): string {
 }
 
 /**
- * An xl domain config (xl.cfg(5)) for a VSP VM. PVH boots the appliance kernel directly; both disks use
- * the qdisk backend (QEMU in dom0), which reads qcow2 overlays with their backing chain. The guest finds
+ * An xl domain config (xl.cfg(5)) for a VSP VM. PVH (or PV) boots the appliance kernel directly; both disks
+ * use the qdisk backend (QEMU in dom0, package qemu-system-xen), which reads qcow2 overlays with their
+ * backing chain (the kernel's blkback reads only raw files, through loop devices). The guest finds
  * its disks as /dev/xvda (root) and /dev/xvdb (data), its console on hvc0. Power-off, reboot and crash all
  * end the domain, as `-no-reboot` does for QEMU: the driver reads the outcome from the console log.
  */
@@ -46,6 +55,7 @@ export function renderDomainConfig(l: XenDomainLaunch): string {
   if (!Number.isInteger(l.memoryMiB) || l.memoryMiB < 64)
     throw new Error(`Xen domain config: memory ${l.memoryMiB} MiB`);
   if (!Number.isInteger(l.vcpus) || l.vcpus < 1) throw new Error(`Xen domain config: vcpus ${l.vcpus}`);
+  if (!XEN_GUEST_TYPES.includes(l.type)) throw new Error(`Xen domain config: type ${JSON.stringify(l.type)}`);
   const cmdline = [
     'console=hvc0',
     'quiet',
@@ -63,7 +73,7 @@ export function renderDomainConfig(l: XenDomainLaunch): string {
   const lines = [
     '# Written by VSP (drivers/xen): one task VM.',
     `name = "${l.name}"`,
-    'type = "pvh"',
+    `type = "${l.type}"`,
     `kernel = "${l.kernel}"`,
     `ramdisk = "${l.ramdisk}"`,
     `cmdline = "${cmdline}"`,

@@ -16,11 +16,20 @@ import { nicState, validateVmNetwork, vmNicOf, type VmNetworkOptions } from '../
 import { sleep } from '../qemu/vmProcess';
 import { claimStart, startedMarkerOf, startingHandle, wasStarted, type SavedVm } from '../savedVm';
 import { StoredVmDriver } from '../storedVmDriver';
-import type { ExitResult, MigratableDriver, VmConfig, VmHandle, VmStatus, WaitOptions } from '../types';
+import type {
+  DriverCapabilities,
+  ExitResult,
+  MigratableDriver,
+  VmConfig,
+  VmHandle,
+  VmStatus,
+  WaitOptions,
+} from '../types';
 import { checkVmConfig } from '../vmConfigCheck';
 import { giveDisks } from '../qemu/qemuAccount';
 import { createRootOverlay, requireDataDisk, writeTaskCommand } from '../vmDisks';
-import { domainName, renderDomainConfig } from './domainConfig';
+import { domainName, renderDomainConfig, type XenGuestType } from './domainConfig';
+import { XenConsole } from './xenConsole';
 import { XenMigration } from './xenMigration';
 import { checkToolstack, domainState, xlRunner, type XlRunner } from './xl';
 
@@ -34,8 +43,10 @@ export interface XenDriverOptions {
   cluster?: ClusterStorage;
   /** Runs xl; default `xl` from PATH. */
   xl?: XlRunner;
-  /** xenconsoled's guest log folder (XENCONSOLED_TRACE=guest): `guest-<domain>.log` in it. */
+  /** xenconsoled's guest log folder (`xenconsoled --log=guest --log-dir=...`): `guest-<domain>.log` in it. */
   consoleLogDir?: string;
+  /** 'pvh' (default, live-migratable) or 'pv' (no live migration, see domainConfig.ts). */
+  guestType?: XenGuestType;
   /** `xl migrate -s`: how to reach the target's xl (a shell command xl runs as `<cmd> <host> xl migrate-receive`). */
   sshCommand?: string;
   /** VMs with ports get a vif on this bridge with the VM's stable MAC and address. */
@@ -53,9 +64,10 @@ export interface XenDriverOptions {
 /** What the VM folder's state file holds. */
 export type XenVmState = SavedVm;
 
-export const DEFAULT_CONSOLE_LOG_DIR = '/var/log/xen/console';
 export const DEFAULT_SSH_COMMAND = 'ssh -o BatchMode=yes -o ConnectTimeout=10';
 const XL_TIMEOUT_MS = 60_000;
+/** Building a domain takes 3-60 s under TCG on a loaded machine (decompressing the kernel, the backends). */
+const XL_CREATE_TIMEOUT_MS = 5 * 60_000;
 const DESTROY_STOP_TIMEOUT_MS = 2_000;
 
 /**
@@ -63,13 +75,16 @@ const DESTROY_STOP_TIMEOUT_MS = 2_000;
  * overlay of the cached base image and the staged ext4 data disk) opened by the qdisk backend through the
  * per-host NFS mounts, so the same domain config is valid on every host and `xl migrate` moves only
  * memory. Domains outlive the worker (xl runs them in the hypervisor); the VM folder holds what is needed
- * to re-attach. The guest's console is read from xenconsoled's log.
+ * to re-attach. xenconsoled writes the guest's console into the VM folder's console log (xenConsole.ts),
+ * where the guest's progress and exit status are read, as under QEMU.
  */
 export class XenDriver extends StoredVmDriver implements MigratableDriver {
   readonly name = 'xen';
+  override readonly capabilities: DriverCapabilities;
   protected readonly log = createLogger('xen-driver');
   private readonly xl: XlRunner;
-  private readonly consoleLogDir: string;
+  private readonly console: XenConsole;
+  private readonly guestType: XenGuestType;
   protected readonly pollMs: number;
   protected readonly migration: XenMigration;
 
@@ -78,7 +93,13 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
     validateMountRoot(opts.mountRoot);
     if (opts.vmNetwork) validateVmNetwork(opts.vmNetwork);
     this.xl = opts.xl ?? xlRunner();
-    this.consoleLogDir = opts.consoleLogDir ?? DEFAULT_CONSOLE_LOG_DIR;
+    this.console = new XenConsole(opts.store, opts.consoleLogDir);
+    this.guestType = opts.guestType ?? 'pvh';
+    this.capabilities = {
+      liveMigration: this.guestType === 'pvh',
+      isolation: 'vm',
+      homeStaging: 'disk-image',
+    };
     this.pollMs = opts.pollMs ?? 1000;
     this.migration = new XenMigration({
       store: opts.store,
@@ -87,13 +108,13 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
       cluster: opts.cluster ?? {},
       xl: this.xl,
       sshCommand: opts.sshCommand ?? DEFAULT_SSH_COMMAND,
-      consoleLogOf: (vmId) => this.consoleLogOf(vmId),
+      console: this.console,
     });
   }
 
   /** Fails with a clear error when xl is missing or this is not a Xen dom0 (call at worker start). */
   checkToolstack(): Promise<void> {
-    return checkToolstack(this.xl, this.opts.hostName);
+    return checkToolstack(this.xl, this.opts.hostName, this.console.logDir);
   }
 
   async create(config: VmConfig): Promise<VmHandle> {
@@ -124,7 +145,8 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
       storageHost: self,
       state: {
         domain: domainName(config.vmId),
-        consoleLog: this.consoleLogOf(config.vmId),
+        guestType: this.guestType,
+        consoleLog: paths.consoleLog,
         memoryMiB: config.memoryMiB,
         vcpus: config.vcpus,
         baseImage: config.baseImage as string,
@@ -157,6 +179,7 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
           : undefined;
       const cfg = renderDomainConfig({
         name,
+        type: this.guestType,
         memoryMiB: config.memoryMiB,
         vcpus: config.vcpus,
         kernel: this.opts.appliance.vmlinuz,
@@ -175,12 +198,24 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
       });
       const cfgFile = path.join(paths.dir, 'domain.cfg');
       await writeFileAtomic(cfgFile, cfg);
-      // xenconsoled appends to a domain's log: start from an empty one so an old VSP-EXIT never counts.
-      await fs.rm(this.consoleLogOf(handle.vmId), { force: true });
+      // A fresh console, so an old VSP-EXIT never counts.
+      await fs.rm(paths.consoleLog, { force: true });
+      await this.console.attach(handle.vmId, 'create');
       // Recorded before the domain exists, so a worker that dies right after still knows its time limit.
       const started = startingHandle(current, this.opts.hostName, config, nic ? nicState(nic) : {});
       await this.opts.store.writeState(config.vmId, { config, handle: started } satisfies XenVmState);
-      await this.xl(['create', cfgFile], { timeoutMs: XL_TIMEOUT_MS });
+      try {
+        await this.xl(['create', cfgFile], { timeoutMs: XL_CREATE_TIMEOUT_MS });
+      } catch (err) {
+        const ran = await this.ranAnyway(name, paths.consoleLog);
+        // The claim stays unless the guest surely never ran: a task must never run twice.
+        created = ran !== 'no';
+        if (ran !== 'yes') throw err;
+        this.log.warn(
+          { vmId: config.vmId, err: String(err) },
+          'xl create failed after the guest ran: keeping it',
+        );
+      }
       created = true;
       const domid = (await this.xl(['domid', name], { timeoutMs: XL_TIMEOUT_MS })).stdout.trim();
       started.state.domid = Number(domid);
@@ -195,18 +230,43 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
     }
   }
 
+  /**
+   * After `xl create` failed (or was killed at its time limit): whether the guest ran anyway. xl builds the
+   * domain paused and unpauses it last, so a paused domain never ran its guest: it is destroyed ('no'). A
+   * domain that runs or has ended ran ('yes'); a gone domain whose console shows the task started, or a
+   * domain whose state cannot be read, may have ('unknown').
+   */
+  private async ranAnyway(name: string, consoleLog: string): Promise<'yes' | 'no' | 'unknown'> {
+    let state: Awaited<ReturnType<typeof domainState>>;
+    try {
+      state = await domainState(this.xl, name);
+    } catch (err) {
+      this.log.error({ domain: name, err: String(err) }, 'cannot tell whether the failed xl create ran');
+      return 'unknown';
+    }
+    if (state !== undefined && state !== 'paused') return 'yes';
+    if ((await new ConsoleFollower(consoleLog).poll()).started) return 'unknown';
+    if (state === 'paused') await this.xl(['destroy', name], { timeoutMs: XL_TIMEOUT_MS });
+    return 'no';
+  }
+
   async wait(handle: VmHandle, options: WaitOptions): Promise<ExitResult> {
     const { handle: current } = await this.readState(handle.vmId);
     const name = domainName(handle.vmId);
     return this.waitForGuest(
       current,
       {
-        consoleLog: this.consoleLogOf(handle.vmId),
+        consoleLog: this.opts.store.paths(handle.vmId).consoleLog,
         probe: async () => {
           const state = await domainState(this.xl, name);
+          // xl removes the domain here once the target runs it, a moment before `migrate` records where it
+          // went: while a migration is under way, a missing domain has not ended.
+          const saved = state ? undefined : await this.opts.store.readState<XenVmState>(handle.vmId);
+          const leaving =
+            saved?.handle.host === this.opts.hostName && saved.handle.state.migratingTo !== undefined;
           return {
             exists: state !== undefined,
-            running: state === 'running' || state === 'paused',
+            running: state === 'running' || state === 'paused' || leaving,
             endedWhy: `its domain is ${state ?? 'gone'} before the task finished`,
             details: { domain: name, ...(state ? { domainState: state } : {}) },
           };
@@ -236,7 +296,7 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
     };
     if (!(await wasStarted(paths.dir))) return { phase: 'created', details };
     const state = await domainState(this.xl, name);
-    const cons = await new ConsoleFollower(this.consoleLogOf(handle.vmId)).poll();
+    const cons = await new ConsoleFollower(paths.consoleLog).poll();
     if (state) details.domainState = state;
     if (state === 'running' || state === 'paused')
       return { phase: 'running', progress: cons.progress, progressMessage: cons.progressMessage, details };
@@ -270,13 +330,9 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
 
   async destroy(handle: VmHandle): Promise<void> {
     await this.stop(handle, DESTROY_STOP_TIMEOUT_MS);
-    await fs.rm(this.consoleLogOf(handle.vmId), { force: true });
+    await this.console.detach(handle.vmId);
     await this.opts.store.remove(handle.vmId);
     this.log.info({ vmId: handle.vmId }, 'VM destroyed');
-  }
-
-  private consoleLogOf(vmId: string): string {
-    return path.join(this.consoleLogDir, `guest-${domainName(vmId)}.log`);
   }
 
   /** A disk's path under the mounts; throws when that host's store is not mounted here. */

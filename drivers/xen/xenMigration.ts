@@ -3,13 +3,17 @@ import { createLogger, describeError } from '../../logging/logger';
 import { resolveUnderMounts, type ClusterStorage } from '../../storage/diskLocator';
 import type { VmStore } from '../../storage/vmStore';
 import { MigrationRecords } from '../migrationRecords';
+import { processStartTime } from '../processLiveness';
 import { runCommand } from '../qemu/runCommand';
 import { sleep } from '../qemu/vmProcess';
+import { ConsoleFollower } from '../qemu/consoleLog';
 import { diskRefsOf, startedMarkerOf } from '../savedVm';
 import type { IncomingVm, MigrationOptions, MigrationResult, MigrationSource, VmHandle } from '../types';
 import { domainName } from './domainConfig';
+import type { XenConsole } from './xenConsole';
 import type { XenVmState } from './xenDriver';
-import { domainState, type XlRunner } from './xl';
+import { MigrateOutput } from './migrateOutput';
+import { bytesWrittenByChildren, domainState, xlMigrationOf, type XlRunner } from './xl';
 
 /**
  * Live migration of Xen domains with `xl migrate`, mapped onto VSP's protocol. xl drives the whole
@@ -28,11 +32,13 @@ export interface XenMigrationContext {
   cluster: ClusterStorage;
   xl: XlRunner;
   sshCommand: string;
-  consoleLogOf: (vmId: string) => string;
+  console: XenConsole;
 }
 
 const DEFAULT_TIMEOUT_MS = 10 * 60_000;
-const PROGRESS_MS = 1_000;
+const PROGRESS_MS = 500;
+/** The process that writes the memory stream (comm is cut to 15 characters). */
+const SAVE_HELPER = 'libxl-save-help';
 const XL_TIMEOUT_MS = 60_000;
 const RESUME_TIMEOUT_MS = 30_000;
 const POLL_MS = 200;
@@ -89,11 +95,13 @@ export class XenMigration extends MigrationRecords {
       handle: {
         ...from,
         host: self,
-        state: { ...from.state, consoleLog: this.ctx.consoleLogOf(vmId), migratedFrom: from.host },
+        state: { ...from.state, consoleLog: this.ctx.store.paths(vmId).consoleLog, migratedFrom: from.host },
       },
     };
     const paths = this.ctx.store.paths(vmId);
     await fs.mkdir(paths.dir, { recursive: true });
+    // The received domain's console lands in this host's VM folder, as a new segment of the task's console.
+    await this.ctx.console.attach(vmId, 'incoming');
     await this.writeIncoming(vmId, { source, incoming });
     this.log.info({ vmId, uri: incoming.uri }, 'ready to receive the VM');
     return incoming;
@@ -101,9 +109,9 @@ export class XenMigration extends MigrationRecords {
 
   /**
    * On the source: `xl migrate` to the target. xl keeps the domain here until the target runs it, and
-   * resumes it here when the transfer fails. xl has no downtime or bandwidth settings, and reports no byte
-   * counts: progress carries the elapsed time, and the RAM figure is the domain's memory (pre-copy sends
-   * every page at least once, so it is a lower bound).
+   * resumes it here when the transfer fails. xl has no downtime or bandwidth settings; its verbose output
+   * (migrateOutput.ts) gives the figures: the memory sent, and the downtime, from the moment the guest was
+   * suspended here to the moment the target reported it running.
    */
   async migrate(handle: VmHandle, target: IncomingVm, options: MigrationOptions): Promise<MigrationResult> {
     const vmId = handle.vmId;
@@ -116,46 +124,48 @@ export class XenMigration extends MigrationRecords {
     if (!address)
       throw new Error(`VM ${vmId}: target URI ${JSON.stringify(target.uri)} is not ssh:<IPv4 address>`);
     const name = domainName(vmId);
-    const started = Date.now();
-    const totalBytes = config.memoryMiB * 1024 * 1024;
+    const output = new MigrateOutput(config.memoryMiB * 1024 * 1024);
     const result = (): MigrationResult => ({
       vmId,
       from: self,
       to: target.host,
-      totalTimeMs: Date.now() - started,
-      downtimeMs: 0,
-      ramTransferredBytes: totalBytes,
+      ...output.figures(),
       diskTransferredBytes: 0,
     });
-    if (!(await domainState(this.ctx.xl, name))) {
-      // xl removes the source domain only once the target runs it: a retry after our restart finds it done.
-      if (current.state.migratingTo === target.uri) {
+    if (current.state.migratingTo === target.uri) {
+      // A retry after our restart: the xl that sends the VM outlives the worker; wait for it to end.
+      const pid = await xlMigrationOf(name);
+      if (pid !== undefined) await this.waitForExit(pid, vmId, options.timeoutMs ?? DEFAULT_TIMEOUT_MS);
+      // xl removes the source domain only once the target runs it.
+      if (!(await domainState(this.ctx.xl, name))) {
         await this.leave(config, current, target.host);
         return result();
       }
-      throw new Error(`VM ${vmId} is not running on ${self}: nothing to migrate`);
+      await this.keepRunningHere(name, vmId);
     }
+    if (!(await domainState(this.ctx.xl, name)))
+      throw new Error(`VM ${vmId} is not running on ${self}: nothing to migrate`);
     if (options.downtimeLimitMs !== undefined || options.maxBandwidthBytesPerSec !== undefined)
       this.log.info({ vmId }, 'xl migrate has no downtime or bandwidth limit: using its defaults');
     await this.ctx.store.writeState(vmId, {
       config,
       handle: { ...current, state: { ...current.state, migratingTo: target.uri } },
     } satisfies XenVmState);
-    const report = (status: string) =>
-      options.onProgress?.({
-        status,
-        transferredBytes: status === 'completed' ? totalBytes : 0,
-        remainingBytes: status === 'completed' ? 0 : totalBytes,
-        totalBytes,
-        elapsedMs: Date.now() - started,
-      });
-    report('active');
-    const ticker = setInterval(() => report('active'), PROGRESS_MS);
+    let xlPid: number | undefined;
+    const report = async () => {
+      if (xlPid !== undefined) output.sent(await bytesWrittenByChildren(xlPid, SAVE_HELPER).catch(() => 0));
+      options.onProgress?.(output.progress());
+    };
+    await report();
+    const ticker = setInterval(() => void report(), PROGRESS_MS);
     this.log.info({ vmId, to: target.host, address }, 'migration started');
     try {
-      await this.ctx.xl(['migrate', '-s', this.ctx.sshCommand, name, address], {
+      // -vvv: libxl's debug lines say when the guest is suspended (the start of the downtime).
+      await this.ctx.xl(['-vvv', 'migrate', '-s', this.ctx.sshCommand, name, address], {
         timeoutMs: options.timeoutMs ?? DEFAULT_TIMEOUT_MS,
         signal: options.signal,
+        onStderrLine: (line) => output.add(line),
+        onSpawn: (pid) => (xlPid = pid),
       });
     } catch (err) {
       await this.keepRunningHere(name, vmId);
@@ -166,11 +176,22 @@ export class XenMigration extends MigrationRecords {
     } finally {
       clearInterval(ticker);
     }
-    report('completed');
+    output.completed();
+    options.onProgress?.(output.progress());
     await this.leave(config, current, target.host);
     const r = result();
     this.log.info({ ...r }, 'migration completed');
     return r;
+  }
+
+  private async waitForExit(pid: number, vmId: string, timeoutMs: number): Promise<void> {
+    this.log.info({ vmId, pid }, 'an xl migrate of this VM still runs: waiting for it');
+    const deadline = Date.now() + timeoutMs;
+    while ((await processStartTime(pid)) !== undefined) {
+      if (Date.now() > deadline)
+        throw new Error(`VM ${vmId}: xl migrate (pid ${pid}) still runs after ${timeoutMs} ms`);
+      await sleep(POLL_MS);
+    }
   }
 
   /** After the VM left: the storage host keeps its folder (marked moved), any other host drops it. */
@@ -179,10 +200,10 @@ export class XenMigration extends MigrationRecords {
     if (current.storageHost === this.ctx.hostName) {
       const moved: VmHandle = { ...current, host: to, state: { ...current.state, migratedTo: to } };
       await this.ctx.store.writeState(vmId, { config, handle: moved } satisfies XenVmState);
-    } else {
-      await this.ctx.store.remove(vmId);
     }
-    await fs.rm(this.ctx.consoleLogOf(vmId), { force: true });
+    // What the guest printed here waits for the task's logs (activities/host/consoleSegments.ts).
+    await this.ctx.console.setAside(vmId);
+    if (current.storageHost !== this.ctx.hostName) await this.ctx.store.remove(vmId);
   }
 
   /** After a failed migration: a domain left paused here is resumed. */
@@ -211,10 +232,17 @@ export class XenMigration extends MigrationRecords {
         return saved.handle;
       throw new Error(`VM ${vmId}: no incoming migration on ${this.ctx.hostName}`);
     }
+    const paths = this.ctx.store.paths(vmId);
     const deadline = Date.now() + RESUME_TIMEOUT_MS;
+    let domid: number | undefined;
     for (;;) {
       const state = await domainState(this.ctx.xl, name);
-      if (state === 'running') break;
+      if (state === 'running') {
+        domid = Number((await this.ctx.xl(['domid', name], { timeoutMs: XL_TIMEOUT_MS })).stdout.trim());
+        break;
+      }
+      // The guest may have run its task to the end here before anyone took it over: a normal end.
+      if (!state && (await new ConsoleFollower(paths.consoleLog).poll()).exitCode !== undefined) break;
       if (state && state !== 'paused') throw new Error(`VM ${vmId}: the received domain is ${state}`);
       if (Date.now() > deadline)
         throw new Error(
@@ -222,13 +250,12 @@ export class XenMigration extends MigrationRecords {
         );
       await sleep(POLL_MS);
     }
-    const domid = (await this.ctx.xl(['domid', name], { timeoutMs: XL_TIMEOUT_MS })).stdout.trim();
     const handle: VmHandle = {
       ...record.incoming.handle,
-      state: { ...record.incoming.handle.state, domid: Number(domid) },
+      state: { ...record.incoming.handle.state, ...(domid !== undefined ? { domid } : {}) },
     };
     await this.ctx.store.writeState(vmId, { config: record.source.config, handle } satisfies XenVmState);
-    await fs.writeFile(startedMarkerOf(this.ctx.store.paths(vmId).dir), '');
+    await fs.writeFile(startedMarkerOf(paths.dir), '');
     await fs.rm(this.incomingFile(vmId), { force: true });
     this.log.info({ vmId, host: this.ctx.hostName, domid }, 'VM runs here after migration');
     return handle;
@@ -248,6 +275,7 @@ export class XenMigration extends MigrationRecords {
       if (await domainState(this.ctx.xl, partial))
         await this.ctx.xl(['destroy', partial], { timeoutMs: XL_TIMEOUT_MS });
     }
+    await this.ctx.console.detach(vmId);
     if (record.source.handle.storageHost === this.ctx.hostName)
       await fs.rm(this.incomingFile(vmId), { force: true });
     else await this.ctx.store.remove(vmId);

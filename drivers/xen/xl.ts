@@ -1,4 +1,6 @@
 import { execFile } from 'node:child_process';
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
 
 /**
  * How the Xen driver talks to the toolstack: `xl` subcommands run as a child process, never through a
@@ -13,6 +15,10 @@ export interface XlResult {
 export interface XlRunOptions {
   timeoutMs: number;
   signal?: AbortSignal;
+  /** Called with each whole line xl writes to stderr, as it comes (xl migrate reports its steps there). */
+  onStderrLine?: (line: string) => void;
+  /** Called with xl's pid once it runs. */
+  onSpawn?: (pid: number) => void;
 }
 
 /** Runs `xl <args>`; rejects with xl's own stderr in the message. */
@@ -30,14 +36,14 @@ export function xlRunner(command: string[] = ['xl'], env?: NodeJS.ProcessEnv): X
   const [file, ...prefix] = command;
   return (args, opts) =>
     new Promise((resolve, reject) => {
-      execFile(
+      const child = execFile(
         file,
         [...prefix, ...args],
         {
           timeout: opts.timeoutMs,
           killSignal: 'SIGKILL',
           signal: opts.signal,
-          maxBuffer: 4 * 1024 * 1024,
+          maxBuffer: 32 * 1024 * 1024,
           env,
         },
         (err, stdout, stderr) => {
@@ -54,6 +60,17 @@ export function xlRunner(command: string[] = ['xl'], env?: NodeJS.ProcessEnv): X
           reject(new Error(`xl ${args.join(' ')}: ${why}`, { cause: err }));
         },
       );
+      if (child.pid !== undefined) opts.onSpawn?.(child.pid);
+      const onLine = opts.onStderrLine;
+      if (onLine && child.stderr) {
+        let partial = '';
+        child.stderr.setEncoding('utf8');
+        child.stderr.on('data', (chunk: string) => {
+          const lines = (partial + chunk).split('\n');
+          partial = lines.pop() ?? '';
+          for (const line of lines) onLine(line);
+        });
+      }
     });
 }
 
@@ -84,11 +101,108 @@ export async function domainState(run: XlRunner, name: string): Promise<DomainSt
   return 'running';
 }
 
-/** Whether xl works here: the toolstack is installed and this is dom0 of a running Xen. */
-export async function checkToolstack(run: XlRunner, host: string): Promise<void> {
+/**
+ * Whether xl works here (the toolstack is installed and this is dom0 of a running Xen) and, given
+ * `consoleLogDir`, whether xenconsoled logs guest consoles there (the driver reads them there).
+ */
+export async function checkToolstack(run: XlRunner, host: string, consoleLogDir?: string): Promise<void> {
   try {
     await run(['info'], { timeoutMs: 15_000 });
   } catch (err) {
     throw new Error(`the Xen driver cannot run on host ${host}: xl does not work here`, { cause: err });
   }
+  if (consoleLogDir === undefined) return;
+  const daemons = await processesNamed('xenconsoled');
+  const problem =
+    daemons.length === 0
+      ? 'xenconsoled is not running'
+      : daemons.map((argv) => consoleLoggingProblem(argv, consoleLogDir)).find((p) => p !== undefined);
+  if (problem)
+    throw new Error(
+      `the Xen driver cannot run on host ${host}: ${problem} (set XENCONSOLED_ARGS="--log=guest --log-dir=${consoleLogDir}" in /etc/default/xen and restart xen)`,
+    );
+}
+
+const XENCONSOLED_LOG_DIR = '/var/log/xen/console';
+
+/** What is wrong with xenconsoled's command line for the driver, or undefined when it logs guests to `logDir`. */
+export function consoleLoggingProblem(argv: string[], logDir: string): string | undefined {
+  const option = (name: string): string | undefined => {
+    let value: string | undefined;
+    argv.forEach((a, i) => {
+      if (a.startsWith(`${name}=`)) value = a.slice(name.length + 1);
+      else if (a === name) value = argv[i + 1];
+    });
+    return value;
+  };
+  const log = option('--log') ?? 'none';
+  if (log !== 'guest' && log !== 'all') return `xenconsoled does not log guest consoles (--log=${log})`;
+  const dir = path.resolve(option('--log-dir') ?? XENCONSOLED_LOG_DIR);
+  return dir === path.resolve(logDir)
+    ? undefined
+    : `xenconsoled logs guest consoles to ${dir}, not ${logDir}`;
+}
+
+async function processesNamed(name: string, procDir = '/proc'): Promise<string[][]> {
+  const found: string[][] = [];
+  for (const argv of (await processes(procDir)).values())
+    if (argv.length > 0 && path.basename(argv[0]) === name) found.push(argv);
+  return found;
+}
+
+/** Every process's argv by pid (processes that ended while read are skipped). */
+async function processes(procDir: string): Promise<Map<number, string[]>> {
+  const out = new Map<number, string[]>();
+  for (const entry of await fs.readdir(procDir)) {
+    if (!/^\d+$/.test(entry)) continue;
+    const argv = await fs
+      .readFile(path.join(procDir, entry, 'cmdline'), 'utf8')
+      .then((t) => t.split('\0').filter(Boolean))
+      .catch(() => [] as string[]);
+    if (argv.length > 0) out.set(Number(entry), argv);
+  }
+  return out;
+}
+
+/**
+ * The pid of an `xl migrate` of domain `name` running on this host, if any. xl outlives a worker that
+ * restarts (the host worker's unit stops only its main process), so a retried migration finds it still
+ * sending the VM and waits for it instead of starting a second one.
+ */
+export async function xlMigrationOf(name: string, procDir = '/proc'): Promise<number | undefined> {
+  for (const [pid, argv] of await processes(procDir)) if (isXlMigrateOf(argv, name)) return pid;
+  return undefined;
+}
+
+/** Whether `argv` is `xl [-v...] migrate [options] <name> <host>`. */
+export function isXlMigrateOf(argv: string[], name: string): boolean {
+  if (argv.length < 4 || path.basename(argv[0]) !== 'xl') return false;
+  const i = argv.indexOf('migrate');
+  return i > 0 && argv.slice(1, i).every((a) => a.startsWith('-')) && argv.at(-2) === name;
+}
+
+/**
+ * Bytes written so far by the children of `parent` whose command name starts with `comm` (from
+ * /proc/<pid>/io, root only): `xl migrate` hands the memory stream to its libxl-save-helper, which writes
+ * it to the ssh pipe, so its writes are the stream's bytes. 0 when there is no such child (yet, or any more).
+ */
+export async function bytesWrittenByChildren(
+  parent: number,
+  comm: string,
+  procDir = '/proc',
+): Promise<number> {
+  let total = 0;
+  for (const entry of await fs.readdir(procDir)) {
+    if (!/^\d+$/.test(entry)) continue;
+    const dir = path.join(procDir, entry);
+    const stat = await fs.readFile(path.join(dir, 'stat'), 'utf8').catch(() => '');
+    const close = stat.lastIndexOf(')');
+    if (close < 0) continue;
+    const name = stat.slice(stat.indexOf('(') + 1, close);
+    const ppid = Number(stat.slice(close + 2).split(' ')[1]);
+    if (ppid !== parent || !name.startsWith(comm)) continue;
+    const io = await fs.readFile(path.join(dir, 'io'), 'utf8').catch(() => '');
+    total += Number(/^wchar: (\d+)$/m.exec(io)?.[1] ?? 0);
+  }
+  return total;
 }

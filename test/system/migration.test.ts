@@ -1,7 +1,9 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import path from 'node:path';
-import { type TestNetwork } from '../../deploy/devcluster/netns';
+import { HOST_BRIDGE, type TestNetwork } from '../../deploy/devcluster/netns';
 import { qmpCommand } from '../../drivers/qemu/qmp';
 import { QemuDriver, VmMigratedError } from '../../drivers/qemu/qemuDriver';
 import type { MigrationProgress, MigrationResult, VmConfig, VmHandle } from '../../drivers/types';
@@ -20,8 +22,33 @@ const HOSTS = ['a', 'b', 'c'] as const;
 type Host = (typeof HOSTS)[number];
 const MEMORY_MIB = 128;
 const BLOB_BYTES = 4 * 1024 * 1024;
-/** The guest counts this many seconds, then reads its input: by then every migration is done. */
-const GUEST_SECONDS = 24;
+const SUBNET = '10.77.9';
+
+/**
+ * Releases guests (no timing assumption): a guest asks `GET /release/<vmId>` on the segment's gateway
+ * once a second and reads its input only when the answer is 200, after the test's last migration.
+ */
+class ReleaseServer {
+  private readonly released = new Set<string>();
+  private readonly server = http.createServer((req, res) => {
+    const vmId = /^\/release\/([\w-]+)$/.exec(req.url ?? '')?.[1];
+    res.writeHead(vmId && this.released.has(vmId) ? 200 : 404).end();
+  });
+
+  /** Listens on `address`; returns `<address> <port>` (nc's arguments). */
+  async listen(address: string): Promise<string> {
+    await new Promise<void>((resolve) => this.server.listen(0, address, resolve));
+    return `${address} ${(this.server.address() as AddressInfo).port}`;
+  }
+
+  release(vmId: string): void {
+    this.released.add(vmId);
+  }
+
+  close(): Promise<void> {
+    return new Promise((resolve) => this.server.close(() => resolve()));
+  }
+}
 
 describe('live migration over per-host NFS (real QEMU, namespace hosts)', () => {
   let hosts: NfsTestHosts<Host> | undefined;
@@ -31,19 +58,29 @@ describe('live migration over per-host NFS (real QEMU, namespace hosts)', () => 
   let cluster: ClusterStorage;
   let baseImage: string;
   let started: { host: Host; handle: VmHandle }[];
+  let releaseAddress: string;
+  const releases = new ReleaseServer();
   const staging = new DiskImageStaging();
   const noAbort = () => new AbortController().signal;
 
   beforeAll(async () => {
-    hosts = await startNfsTestHosts({ hosts: HOSTS, prefix: 'vspmig-', subnet: '10.77.9' });
+    hosts = await startNfsTestHosts({
+      hosts: HOSTS,
+      prefix: 'vspmig-',
+      subnet: SUBNET,
+      // The guests' NIC reaches the release server on the segment's gateway.
+      vmNetwork: { bridge: HOST_BRIDGE, subnet: SUBNET },
+    });
     ({ network, stores, drivers, cluster, baseImage, started } = hosts);
+    releaseAddress = await releases.listen(network.gateway);
   });
 
   afterAll(async () => {
     await hosts?.stop();
+    await releases.close();
   });
 
-  /** A VM on host a whose task counts GUEST_SECONDS, then hashes its 4 MiB input into md5.txt. */
+  /** A VM on host a whose task waits for its release, then hashes its 4 MiB input into md5.txt. */
   async function startVmOnA(vmId: string): Promise<{ handle: VmHandle; blobMd5: string }> {
     const paths = stores.a.paths(vmId);
     const blob = randomBytes(BLOB_BYTES);
@@ -53,11 +90,17 @@ describe('live migration over per-host NFS (real QEMU, namespace hosts)', () => 
     const config: VmConfig = {
       vmId,
       owner: 'alice',
-      command: `for i in $(seq 1 ${GUEST_SECONDS}); do echo "VSP-PROGRESS $i"; sleep 1; done; md5sum blob.bin > md5.txt`,
+      command:
+        `echo "VSP-PROGRESS 1 waiting"; ` +
+        // nc, not wget: the static busybox's wget crashes in the guest (its resolver wants glibc's NSS).
+        `until printf 'GET /release/${vmId} HTTP/1.0\\r\\n\\r\\n' | nc -w 5 ${releaseAddress} | grep -q '^HTTP/1.[01] 200'; ` +
+        `do sleep 1; done; ` +
+        `md5sum blob.bin > md5.txt; echo "VSP-PROGRESS 100 released"`,
       vcpus: 1,
       memoryMiB: MEMORY_MIB,
       baseImage,
-      ports: [],
+      // A port makes it a service VM, the kind that gets a NIC on the VM network (to ask for its release).
+      ports: [8080],
       timeLimitSec: 600,
     };
     const handle = await drivers.a.start(await drivers.a.create(config));
@@ -107,14 +150,15 @@ describe('live migration over per-host NFS (real QEMU, namespace hosts)', () => 
   }
 
   async function finishAndCheck(handle: VmHandle, vmId: string, blobMd5: string) {
+    releases.release(vmId);
     const exit = await drivers[handle.host as Host].wait(handle, {
       onProgress: () => undefined,
       signal: noAbort(),
     });
     expect(exit).toEqual({ exitCode: 0, timedOut: false });
-    // It finished counting where it ended, so it read its input there (over NFS unless back home).
+    // Released where it ended, so it read its input there (over NFS unless back home).
     const consoleLog = await fs.readFile(String(handle.state.consoleLog), 'utf8');
-    expect(consoleLog).toMatch(new RegExp(`^VSP-PROGRESS ${GUEST_SECONDS}\\b`, 'm'));
+    expect(consoleLog).toMatch(/^VSP-PROGRESS 100 released/m);
     // The guest's last write went to the data disk in a's store, wherever the guest ran.
     const md5 = await readDataDiskFile(stores.a.paths(vmId).dataDisk, 'md5.txt');
     expect(md5?.split(' ')[0]).toBe(blobMd5);

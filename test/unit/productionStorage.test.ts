@@ -333,12 +333,30 @@ describe('storage command', () => {
     };
     const plan = planHostStorage(config(), 'a');
     await applyStoragePlan({ plan, root, activate: true, run });
+    const show = 'systemctl show --property=UnitFileState,ActiveState';
     expect(issued).toEqual([
       'systemctl daemon-reload',
+      `${show} vsp.mount var-lib-vsp-cluster-a.mount`,
       'systemctl enable --now vsp.mount var-lib-vsp-cluster-a.mount',
+      `${show} nfs-server.service`,
       'systemctl enable --now nfs-server.service',
       'exportfs -ra',
+      `${show} var-lib-vsp-cluster-b.automount var-lib-vsp-cluster-host\\x2dc.automount`,
       'systemctl enable --now var-lib-vsp-cluster-b.automount var-lib-vsp-cluster-host\\x2dc.automount',
+    ]);
+    // Again, on a host where every unit runs: nothing reloads, nothing is enabled again.
+    issued.length = 0;
+    const running: CommandRunner = (cmd, args) => {
+      issued.push([cmd, ...args].join(' '));
+      const units = args.filter((a) => /\.(mount|automount|service)$/.test(a)).length;
+      return Promise.resolve({ stdout: 'ActiveState=active\nUnitFileState=enabled\n\n'.repeat(units) });
+    };
+    await applyStoragePlan({ plan, root, activate: true, run: running });
+    expect(issued).toEqual([
+      `${show} vsp.mount var-lib-vsp-cluster-a.mount`,
+      `${show} nfs-server.service`,
+      'exportfs -ra',
+      `${show} var-lib-vsp-cluster-b.automount var-lib-vsp-cluster-host\\x2dc.automount`,
     ]);
     issued.length = 0;
     const moved = config({
@@ -353,10 +371,13 @@ describe('storage command', () => {
       'systemctl disable --now var-lib-vsp-cluster-host\\x2dc.automount',
       'systemctl disable --now var-lib-vsp-cluster-host\\x2dc.mount',
       'systemctl daemon-reload',
+      `${show} vsp.mount var-lib-vsp-cluster-a.mount`,
       'systemctl enable --now vsp.mount var-lib-vsp-cluster-a.mount',
       'systemctl try-restart var-lib-vsp-cluster-b.mount',
+      `${show} nfs-server.service`,
       'systemctl enable --now nfs-server.service',
       'exportfs -ra',
+      `${show} var-lib-vsp-cluster-b.automount`,
       'systemctl enable --now var-lib-vsp-cluster-b.automount',
     ]);
   });

@@ -4,9 +4,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { loadHostConfig } from '../../config/workerConfig';
 import type { Appliance } from '../../drivers/qemu/appliance';
+import { departedConsoleOf } from '../../drivers/qemu/consoleLog';
 import { TIMEOUT_EXIT_CODE, VmMigratedError } from '../../drivers/vmOutcome';
 import { vmNicOf } from '../../drivers/qemu/vmNetwork';
-import type { VmConfig, VmStatus } from '../../drivers/types';
+import { isMigratable, type VmConfig, type VmStatus } from '../../drivers/types';
 import { renderDomainConfig } from '../../drivers/xen/domainConfig';
 import { DEFAULT_SSH_COMMAND, XenDriver } from '../../drivers/xen/xenDriver';
 import { xlRunner } from '../../drivers/xen/xl';
@@ -29,34 +30,48 @@ mkdir -p "$dir/domains" "$dir/console"
 printf '%s %s\\n' "$self" "$*" >> "$root/calls.log"
 knob() { cat "$root/knob-$1" 2>/dev/null || echo "$2"; }
 nosuch() { echo "$1 is an invalid domain identifier (rc=-6)" >&2; exit 1; }
+while [ "\${1:-}" != "\${1#-v}" ]; do shift; done
 cmd="$1"; shift
+# A domain: "<polls left> <state> <console log name>"; xenconsoled names the log when the domain appears.
 case "$cmd" in
   info) echo "xen_version : 4.17-fake" ;;
   create)
     name=$(sed -n 's/^name = "\\(.*\\)"$/\\1/p' "$1")
     [ -e "$dir/domains/$name" ] && { echo "domain $name exists" >&2; exit 3; }
-    echo "$(knob polls 3) running" > "$dir/domains/$name"
+    case "$(knob create ok)" in
+      # xl builds the domain paused and unpauses it last: failing before that, the guest never ran.
+      paused) echo "forever paused guest-$name.log" > "$dir/domains/$name"; echo "killed" >&2; exit 1 ;;
+      late) echo "forever running guest-$name.log" > "$dir/domains/$name"; echo "VSP-START" >> "$dir/console/guest-$name.log"; exit 1 ;;
+    esac
+    echo "$(knob polls 3) running guest-$name.log" > "$dir/domains/$name"
     printf 'VSP-START\\nVSP-PROGRESS 40 working\\n' >> "$dir/console/guest-$name.log" ;;
   list)
     f="$dir/domains/$1"; [ -e "$f" ] || nosuch "$1"
-    read -r left state < "$f"
+    read -r left state log < "$f"
     if [ "$left" != forever ]; then
       if [ "$left" -le 0 ]; then
-        printf 'VSP-EXIT %s\\n' "$(knob exit 0)" >> "$dir/console/guest-$1.log"; rm -f "$f"; nosuch "$1"
+        printf 'VSP-EXIT %s\\n' "$(knob exit 0)" >> "$dir/console/$log"; rm -f "$f"; nosuch "$1"
       fi
-      echo "$((left - 1)) $state" > "$f"
+      echo "$((left - 1)) $state $log" > "$f"
     fi
     flags=-b----; [ "$state" = paused ] && flags=--p---
     printf 'Name                 ID   Mem VCPUs\\tState\\tTime(s)\\n%s 7 256 1 %s 0.4\\n' "$1" "$flags" ;;
   domid) [ -e "$dir/domains/$1" ] && echo 7 || { echo "Can't get domid of domain name '$1', maybe this domain does not exist." >&2; exit 1; } ;;
   shutdown) [ -e "$dir/domains/$1" ] || nosuch "$1"; [ "$(knob shutdown ok)" = ok ] && rm -f "$dir/domains/$1"; true ;;
   destroy) [ -e "$dir/domains/$1" ] || nosuch "$1"; rm -f "$dir/domains/$1" ;;
-  unpause) echo "forever running" > "$dir/domains/$1" ;;
+  unpause) read -r left state log < "$dir/domains/$1"; echo "forever running $log" > "$dir/domains/$1" ;;
   migrate)
     [ "$1" = -s ] || { echo "usage: migrate -s SSH DOMAIN HOST" >&2; exit 2; }
     name="$3"; target="$4"; [ -e "$dir/domains/$name" ] || nosuch "$name"
+    echo "migration target: Ready to receive domain." >&2
     if [ "$(knob migrate ok)" != ok ]; then echo "migration sender: Target reported failure" >&2; exit 1; fi
-    mkdir -p "$root/$target/domains"; mv "$dir/domains/$name" "$root/$target/domains/$name" ;;
+    echo "libxl: debug: libxl_dom_suspend.c:358:suspend_common_wait_guest_check: Domain 7:guest has suspended" >&2
+    read -r left state log < "$dir/domains/$name"
+    mkdir -p "$root/$target/domains" "$root/$target/console"; rm -f "$dir/domains/$name"
+    echo "$left $state guest-$name--incoming.log" > "$root/$target/domains/$name"
+    printf 'VSP-PROGRESS 60 moved\\n' >> "$root/$target/console/guest-$name--incoming.log"
+    echo "migration target: Domain started successsfully." >&2
+    echo "Migration successful." >&2 ;;
   *) echo "fake xl: unknown command $cmd" >&2; exit 2 ;;
 esac
 `;
@@ -163,6 +178,7 @@ describe('xl domain config', () => {
     const nic = vmNicOf('t1', { bridge: 'vspbr0', subnet: '10.77.0' });
     const text = renderDomainConfig({
       name: 'vsp-t1',
+      type: 'pvh',
       memoryMiB: 512,
       vcpus: 2,
       kernel: '/k/vmlinuz',
@@ -199,6 +215,7 @@ describe('xl domain config', () => {
   test('refuses values that would break the config', () => {
     const base = {
       name: 'vsp-t1',
+      type: 'pvh' as const,
       memoryMiB: 256,
       vcpus: 1,
       kernel: '/k',
@@ -210,6 +227,8 @@ describe('xl domain config', () => {
     };
     expect(() => renderDomainConfig({ ...base, rootDisk: '/r",x' })).toThrow(/rootDisk .* unsafe characters/);
     expect(() => renderDomainConfig({ ...base, memoryMiB: 10 })).toThrow(/memory 10 MiB/);
+    expect(() => renderDomainConfig({ ...base, type: 'hvm' as 'pv' })).toThrow(/type "hvm"/);
+    expect(renderDomainConfig({ ...base, type: 'pv' })).toContain('type = "pv"\n');
   });
 });
 
@@ -330,6 +349,32 @@ describe('XenDriver (fake xl on PATH)', () => {
     await driver.destroy(started);
   });
 
+  test("PV guests (no live migration with Debian's Xen) are a host setting", async () => {
+    const driver = driverOn('a', { guestType: 'pv' });
+    expect(driver.capabilities.liveMigration).toBe(false);
+    expect(isMigratable(driver)).toBe(false);
+    expect(driverOn('a').capabilities.liveMigration).toBe(true);
+    const started = await driver.start(await driver.create(await stagedVm('pv1')));
+    const cfg = await fs.readFile(path.join(stores.a.paths('pv1').dir, 'domain.cfg'), 'utf8');
+    expect(cfg).toContain('type = "pv"\n');
+    await driver.destroy(started);
+  });
+
+  test('a failed xl create: a domain left paused never ran (destroyed, a retry may start it); a running one did', async () => {
+    const driver = driverOn('a');
+    const handle = await driver.create(await stagedVm('c1'));
+    await knob('create', 'paused');
+    await calls();
+    await expect(driver.start(handle)).rejects.toThrow(/cannot start its Xen domain/);
+    expect(await calls()).toContain('10.0.0.1 destroy vsp-c1');
+    await expect(fs.access(path.join(stores.a.paths('c1').dir, 'started'))).rejects.toThrow();
+    await knob('create', 'late');
+    const started = await driver.start(handle);
+    expect(started.state).toMatchObject({ domain: 'vsp-c1', domid: 7 });
+    expect((await driver.inspect(started)).phase).toBe('running');
+    await driver.destroy(started);
+  });
+
   test('a missing mount is named before any domain is made', async () => {
     const driver = driverOn('a', { mountRoot: path.join(work, 'no-mounts') });
     await expect(driver.create(await stagedVm('t5'))).rejects.toThrow(
@@ -384,18 +429,29 @@ describe('XenDriver live migration (xl migrate over ssh, fake xl)', () => {
       diskTransferredBytes: 0,
       ramTransferredBytes: 256 * 1024 ** 2,
     });
-    expect(progress[0]).toBe('active');
+    expect(progress[0]).toBe('setup');
     expect(progress.at(-1)).toBe('completed');
+    expect(r.downtimeMs).toBeGreaterThanOrEqual(0);
+    // Each host's part of the console: a's set aside for the task's logs, b's in b's VM folder.
+    const departedA = await fs.readFile(departedConsoleOf(stores.a.root, 'm1'), 'utf8');
+    expect(departedA).toContain('VSP-START');
+    expect(departedA).not.toContain('moved');
+    await expect(fs.lstat(path.join(fakeRoot, HOSTS.a, 'console', 'guest-vsp-m1.log'))).rejects.toThrow();
     const moved = await b.finishIncoming(incoming);
     expect(moved).toMatchObject({ host: 'b', storageHost: 'a', state: { domid: 7, migratedFrom: 'a' } });
     expect(await calls()).toEqual([
       '10.0.0.2 list vsp-m1',
       '10.0.0.1 list vsp-m1',
-      `10.0.0.1 migrate -s ${DEFAULT_SSH_COMMAND} vsp-m1 10.0.0.2`,
+      `10.0.0.1 -vvv migrate -s ${DEFAULT_SSH_COMMAND} vsp-m1 10.0.0.2`,
       '10.0.0.2 list vsp-m1',
       '10.0.0.2 domid vsp-m1',
     ]);
-    expect((await b.inspect(moved)).phase).toBe('running');
+    expect(await fs.readFile(stores.b.paths('m1').consoleLog, 'utf8')).toBe('VSP-PROGRESS 60 moved\n');
+    expect(await b.inspect(moved)).toMatchObject({
+      phase: 'running',
+      progress: 60,
+      progressMessage: 'moved',
+    });
     await expect(
       a.wait(started, { onProgress: () => {}, signal: new AbortController().signal }),
     ).rejects.toThrow(VmMigratedError);
