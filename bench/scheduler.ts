@@ -5,6 +5,7 @@ import { SchedulerClient } from '../client/schedulerClient';
 import { CONTROL_TASK_QUEUE, SCHEDULER_WORKFLOW_ID } from '../config/names';
 import {
   DEFAULT_SCHEDULER_CONFIG,
+  emptySchedulerState,
   MiB,
   type HostView,
   type PlacementRequest,
@@ -80,14 +81,8 @@ async function inPool(n: number, width: number, fn: (i: number) => Promise<unkno
 /** The pure decisions: a full cluster with `queued` waiting, `hosts` hosts. */
 function pure(hosts: number, queued: number, rounds: number) {
   const s: SchedulerState = {
-    config: { ...DEFAULT_SCHEDULER_CONFIG, hosts: Object.keys(views(hosts)) },
+    ...emptySchedulerState({ ...DEFAULT_SCHEDULER_CONFIG, hosts: Object.keys(views(hosts)) }),
     views: views(hosts),
-    surveyedAtMs: 0,
-    drains: {},
-    reservations: {},
-    queue: [],
-    seq: 0,
-    decisions: 0,
   };
   let i = 0;
   for (const h of s.config.hosts)

@@ -144,6 +144,20 @@ export interface QueuePosition {
   why?: string;
 }
 
+/** A scheduler that has seen no host and granted nothing yet. */
+export function emptySchedulerState(config: SchedulerConfig): SchedulerState {
+  return {
+    config,
+    views: {},
+    surveyedAtMs: 0,
+    drains: {},
+    reservations: {},
+    queue: [],
+    seq: 0,
+    decisions: 0,
+  };
+}
+
 export type PlaceResult = { host: string } | { queued: QueuePosition } | { refused: string };
 
 /** One host's line in `vsp host list` and the scheduler's state query. */

@@ -11,7 +11,13 @@ import {
 import type { ControlActivities } from '../activities/control/createControlActivities';
 import { CONTROL_TASK_QUEUE } from '../config/names';
 import { drainActions } from '../scheduler/drain';
-import type { PlacementRequest, QueueEntry, Reservation, SchedulerState } from '../scheduler/model';
+import {
+  emptySchedulerState,
+  type PlacementRequest,
+  type QueueEntry,
+  type Reservation,
+  type SchedulerState,
+} from '../scheduler/model';
 import {
   allocations,
   choose,
@@ -64,16 +70,7 @@ const HISTORY_EVENT_LIMIT = 10_000;
  * with its state when its history grows long.
  */
 export async function Scheduler(input: SchedulerInput): Promise<void> {
-  const s: SchedulerState = input.state ?? {
-    config: input.config,
-    views: {},
-    surveyedAtMs: 0,
-    drains: {},
-    reservations: {},
-    queue: [],
-    seq: 0,
-    decisions: 0,
-  };
+  const s: SchedulerState = input.state ?? emptySchedulerState(input.config);
   let surveying: Promise<void> | undefined;
   let kicked = false;
 

@@ -2,10 +2,9 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import type { WorkflowHandleWithFirstExecutionRunId as WorkflowHandle } from '@temporalio/client';
 import { TestWorkflowEnvironment } from '@temporalio/testing';
-import { bundleWorkflowCode, Runtime, Worker, type WorkflowBundle } from '@temporalio/worker';
+import { Worker, type WorkflowBundle } from '@temporalio/worker';
 import { SchedulerClient } from '../../client/schedulerClient';
 import { CONTROL_TASK_QUEUE, SCHEDULER_WORKFLOW_ID } from '../../config/names';
-import { resolveTemporalCli } from '../../deploy/devcluster/tools';
 import {
   DEFAULT_SCHEDULER_CONFIG,
   MiB,
@@ -21,7 +20,8 @@ import {
   settleMoveUpdate,
   undrainUpdate,
 } from '../../workflows/scheduling/definitions';
-import { historyFromFixture, recordHistory, runIds } from './support/historyFixture';
+import { replayFailures, recordHistory, runIds } from './support/historyFixture';
+import { startWorkflowTestEnv } from './support/workflowEnv';
 
 /**
  * The scheduler workflow (workflows/scheduler.ts) on a local Temporal dev server, with stand-in
@@ -60,26 +60,7 @@ function setHost(host: string, memoryMiB: number, live = true): void {
 }
 
 beforeAll(async () => {
-  Runtime.install({
-    logger: new (class {
-      log() {}
-      trace() {}
-      debug() {}
-      info() {}
-      warn() {}
-      error() {}
-    })(),
-  });
-  const none = () => undefined;
-  [env, bundle] = await Promise.all([
-    TestWorkflowEnvironment.createLocal({
-      server: { executable: { type: 'existing-path', path: resolveTemporalCli() } },
-    }),
-    bundleWorkflowCode({
-      workflowsPath: require.resolve('./support/schedulerTestWorkflows'),
-      logger: { log: none, trace: none, debug: none, info: none, warn: none, error: none },
-    }),
-  ]);
+  ({ env, bundle } = await startWorkflowTestEnv(require.resolve('./support/schedulerTestWorkflows')));
   const scheduler = new SchedulerClient(env.client);
   worker = await Worker.create({
     connection: env.nativeConnection,
@@ -243,14 +224,6 @@ test('continue-as-new: reservations and the queue are carried to the next run', 
 test('recorded scheduler histories replay against the current workflow', async () => {
   const files = (await fs.readdir(FIXTURES)).filter((f) => f.endsWith('.json')).sort();
   expect(files.length).toBeGreaterThanOrEqual(3);
-  const histories = await Promise.all(
-    files.map(async (f) => ({
-      workflowId: f,
-      history: historyFromFixture(JSON.parse(await fs.readFile(path.join(FIXTURES, f), 'utf8'))),
-    })),
-  );
-  const failures: string[] = [];
-  for await (const r of Worker.runReplayHistories({ workflowBundle: bundle }, histories))
-    if (r.error) failures.push(`${r.workflowId}: ${r.error.message}`);
+  const failures = await replayFailures(FIXTURES, files, bundle);
   expect(failures).toEqual([]);
 });

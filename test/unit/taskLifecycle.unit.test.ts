@@ -5,9 +5,8 @@ import {
   type WorkflowHandleWithFirstExecutionRunId as WorkflowHandle,
 } from '@temporalio/client';
 import { TestWorkflowEnvironment } from '@temporalio/testing';
-import { bundleWorkflowCode, Runtime, Worker, type WorkflowBundle } from '@temporalio/worker';
+import { Worker, type WorkflowBundle } from '@temporalio/worker';
 import { VspClient } from '../../client/vspClient';
-import { resolveTemporalCli } from '../../deploy/devcluster/tools';
 import { CONTROL_TASK_QUEUE, hostTaskQueue, SEARCH_ATTRIBUTES } from '../../config/names';
 import { taskInput, type TaskTuning } from '../../spec/taskInput';
 import type { TaskSpecInput } from '../../spec/taskSpec';
@@ -18,7 +17,8 @@ import {
   type TaskResult,
   type TaskStatus,
 } from '../../workflows/definitions';
-import { historyFromFixture, recordHistory, runIds } from './support/historyFixture';
+import { replayFailures, recordHistory, runIds } from './support/historyFixture';
+import { startWorkflowTestEnv } from './support/workflowEnv';
 import { MockCluster, QUEUED_TASK } from './support/mockCluster';
 import { placementGrantedSignal } from '../../workflows/scheduling/definitions';
 
@@ -48,25 +48,10 @@ const workers: Worker[] = [];
 let running: Promise<void>[] = [];
 
 beforeAll(async () => {
-  Runtime.install({
-    logger: new (class {
-      log() {}
-      trace() {}
-      debug() {}
-      info() {}
-      warn() {}
-      error() {}
-    })(),
-  });
-  [env, bundle] = await Promise.all([
-    TestWorkflowEnvironment.createLocal({
-      server: {
-        executable: { type: 'existing-path', path: resolveTemporalCli() },
-        extraArgs: Object.values(SEARCH_ATTRIBUTES).flatMap((n) => ['--search-attribute', `${n}=Keyword`]),
-      },
-    }),
-    bundleWorkflowCode({ workflowsPath: require.resolve('../../workflows'), logger: quietLogger() }),
-  ]);
+  ({ env, bundle } = await startWorkflowTestEnv(
+    require.resolve('../../workflows'),
+    Object.values(SEARCH_ATTRIBUTES).flatMap((n) => ['--search-attribute', `${n}=Keyword`]),
+  ));
   const connection = env.nativeConnection;
   cluster.client = env.client;
   workers.push(
@@ -90,11 +75,6 @@ afterAll(async () => {
   await Promise.all(running);
   await env?.teardown();
 });
-
-function quietLogger() {
-  const none = () => undefined;
-  return { log: none, trace: none, debug: none, info: none, warn: none, error: none };
-}
 
 const capability = `vspcap_${Buffer.from('{}').toString('base64url')}.c2ln`;
 let seq = 0;
@@ -413,14 +393,6 @@ test('recorded histories replay against the current workflow', async () => {
     .filter((f) => f.endsWith('.json') && !f.startsWith(`scheduler${path.sep}`))
     .sort();
   expect(files.length).toBeGreaterThanOrEqual(20);
-  const histories = await Promise.all(
-    files.map(async (f) => ({
-      workflowId: f,
-      history: historyFromFixture(JSON.parse(await fs.readFile(path.join(FIXTURES, f), 'utf8'))),
-    })),
-  );
-  const failures: string[] = [];
-  for await (const r of Worker.runReplayHistories({ workflowBundle: bundle }, histories))
-    if (r.error) failures.push(`${r.workflowId}: ${r.error.message}`);
+  const failures = await replayFailures(FIXTURES, files, bundle);
   expect(failures).toEqual([]);
 });

@@ -4,6 +4,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import type { Client, WorkflowHandleWithFirstExecutionRunId } from '@temporalio/client';
 import type { TestWorkflowEnvironment } from '@temporalio/testing';
+import { Worker, type WorkflowBundle } from '@temporalio/worker';
 import * as proto from '@temporalio/proto';
 import { patchProtobufRoot } from '@temporalio/proto/lib/patch-protobuf-root';
 import { resolveTemporalCli } from '../../../deploy/devcluster/tools';
@@ -75,4 +76,22 @@ export async function recordHistory(
     ]);
     await fs.writeFile(file, stdout);
   }
+}
+
+/** Replays every history in `files` (under `dir`) against `bundle`: the failures, one line each. */
+export async function replayFailures(
+  dir: string,
+  files: string[],
+  bundle: WorkflowBundle,
+): Promise<string[]> {
+  const histories = await Promise.all(
+    files.map(async (f) => ({
+      workflowId: f,
+      history: historyFromFixture(JSON.parse(await fs.readFile(path.join(dir, f), 'utf8'))),
+    })),
+  );
+  const failures: string[] = [];
+  for await (const r of Worker.runReplayHistories({ workflowBundle: bundle }, histories))
+    if (r.error) failures.push(`${r.workflowId}: ${r.error.message}`);
+  return failures;
 }
