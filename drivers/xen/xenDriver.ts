@@ -68,6 +68,10 @@ export const DEFAULT_SSH_COMMAND = 'ssh -o BatchMode=yes -o ConnectTimeout=10';
 const XL_TIMEOUT_MS = 60_000;
 /** Building a domain takes 3-60 s under TCG on a loaded machine (decompressing the kernel, the backends). */
 const XL_CREATE_TIMEOUT_MS = 5 * 60_000;
+const CREATE_ATTEMPTS = 3;
+/** xl's errors when a backend of the domain did not come up in time. */
+const BACKEND_TIMEOUT =
+  /device model did not start|Post DM startup configs failed|because of timeout|unable to add disk devices/;
 const DESTROY_STOP_TIMEOUT_MS = 2_000;
 
 /**
@@ -204,17 +208,30 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
       // Recorded before the domain exists, so a worker that dies right after still knows its time limit.
       const started = startingHandle(current, this.opts.hostName, config, nic ? nicState(nic) : {});
       await this.opts.store.writeState(config.vmId, { config, handle: started } satisfies XenVmState);
-      try {
-        await this.xl(['create', cfgFile], { timeoutMs: XL_CREATE_TIMEOUT_MS });
-      } catch (err) {
-        const ran = await this.ranAnyway(name, paths.consoleLog);
-        // The claim stays unless the guest surely never ran: a task must never run twice.
-        created = ran !== 'no';
-        if (ran !== 'yes') throw err;
-        this.log.warn(
-          { vmId: config.vmId, err: String(err) },
-          'xl create failed after the guest ran: keeping it',
-        );
+      for (let attempt = 1; ; attempt++) {
+        try {
+          await this.xl(['create', cfgFile], { timeoutMs: XL_CREATE_TIMEOUT_MS });
+          break;
+        } catch (err) {
+          const ran = await this.ranAnyway(name, paths.consoleLog);
+          // The claim stays unless the guest surely never ran: a task must never run twice.
+          created = ran !== 'no';
+          if (ran === 'yes') {
+            this.log.warn(
+              { vmId: config.vmId, err: String(err) },
+              'xl create failed after the guest ran: keeping it',
+            );
+            break;
+          }
+          // libxl gives a domain's backends fixed time limits (its qdisk QEMU 10 s to answer, hotplug
+          // scripts 10 s), which a busy dom0 misses: nothing ran, so building it again is safe.
+          if (ran === 'unknown' || attempt >= CREATE_ATTEMPTS || !BACKEND_TIMEOUT.test(String(err)))
+            throw err;
+          this.log.warn(
+            { vmId: config.vmId, attempt, err: String(err) },
+            'xl create failed before the guest ran: again',
+          );
+        }
       }
       created = true;
       const domid = (await this.xl(['domid', name], { timeoutMs: XL_TIMEOUT_MS })).stdout.trim();

@@ -41,6 +41,7 @@ case "$cmd" in
     case "$(knob create ok)" in
       # xl builds the domain paused and unpauses it last: failing before that, the guest never ran.
       paused) echo "forever paused guest-$name.log" > "$dir/domains/$name"; echo "killed" >&2; exit 1 ;;
+      dm-once) rm "$root/knob-create"; echo "libxl: error: libxl_create.c:1896:domcreate_devmodel_started: Domain 9:device model did not start: -9" >&2; exit 3 ;;
       late) echo "forever running guest-$name.log" > "$dir/domains/$name"; echo "VSP-START" >> "$dir/console/guest-$name.log"; exit 1 ;;
     esac
     echo "$(knob polls 3) running guest-$name.log" > "$dir/domains/$name"
@@ -368,6 +369,11 @@ describe('XenDriver (fake xl on PATH)', () => {
     await expect(driver.start(handle)).rejects.toThrow(/cannot start its Xen domain/);
     expect(await calls()).toContain('10.0.0.1 destroy vsp-c1');
     await expect(fs.access(path.join(stores.a.paths('c1').dir, 'started'))).rejects.toThrow();
+    // A backend that missed libxl's time limit (a busy dom0): nothing ran, so the domain is built again.
+    await knob('create', 'dm-once');
+    const second = await driver.start(await driver.create(await stagedVm('c2')));
+    expect((await calls()).filter((c) => c.includes(' create '))).toHaveLength(2);
+    await driver.destroy(second);
     await knob('create', 'late');
     const started = await driver.start(handle);
     expect(started.state).toMatchObject({ domain: 'vsp-c1', domid: 7 });
