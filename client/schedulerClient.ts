@@ -1,4 +1,4 @@
-import { WithStartWorkflowOperation, type Client } from '@temporalio/client';
+import { WithStartWorkflowOperation, WorkflowNotFoundError, type Client } from '@temporalio/client';
 import type { UpdateDefinition } from '@temporalio/common';
 import { CONTROL_TASK_QUEUE, SCHEDULER_WORKFLOW_ID } from '../config/names';
 import type { SchedulerConfig } from '../scheduler/model';
@@ -40,6 +40,15 @@ export class SchedulerClient {
         staticSummary: 'the cluster scheduler: capacity, placements, queue',
       }),
     });
+  }
+
+  /** Whether the cluster's scheduler runs (a closed one, e.g. terminated, answers queries only with a worker). */
+  async running(): Promise<boolean> {
+    const d = await this.handle.describe().catch((err: unknown) => {
+      if (err instanceof WorkflowNotFoundError) return undefined;
+      throw err;
+    });
+    return d?.status.name === 'RUNNING';
   }
 
   /** The scheduler's state as it is, or (`fresh`) after it looked at every host again. */
