@@ -298,6 +298,7 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
   const snapshot = () => ({
     config: s.config,
     hosts: summarise(s),
+    reservations: Object.values(s.reservations),
     queue: s.queue,
     ...(s.surveyedAtMs ? { surveyedAt: new Date(s.surveyedAtMs).toISOString() } : {}),
     decisions: s.decisions,

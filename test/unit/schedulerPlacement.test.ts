@@ -1,3 +1,4 @@
+import { planBalance } from '../../scheduler/balance';
 import { drainActions, DRAIN_ATTEMPTS } from '../../scheduler/drain';
 import {
   DEFAULT_SCHEDULER_CONFIG,
@@ -227,4 +228,38 @@ test('drain: VM tasks move at most maxParallel at once, each a bounded number of
     migrate: [vms[2]],
     cancel: [vms[1], proc.taskId],
   });
+});
+
+test('balance (spread): from a host with 3 VMs to an empty one, then stable; pack empties the least used host', () => {
+  const s = state([inventory('a'), inventory('b')]);
+  const vms = [req(), req(), req()];
+  for (const r of vms) {
+    place(s, { ...r, host: 'a' });
+    s.reservations[r.taskId].driver = 'qemu';
+  }
+  const plan = planBalance(s, { threshold: 0.01, maxMoves: 10 });
+  expect(plan).toEqual([{ taskId: vms[0].taskId, from: 'a', to: 'b', gain: expect.any(Number) }]);
+  expect(plan[0].gain).toBeGreaterThan(0.01);
+  // Applied, the plan is empty: stable from any midpoint.
+  s.reservations[vms[0].taskId].host = 'b';
+  expect(planBalance(s, { threshold: 0.01, maxMoves: 10 })).toEqual([]);
+  // Process tasks never move.
+  s.reservations[vms[0].taskId].host = 'a';
+  for (const r of vms) s.reservations[r.taskId].driver = 'process';
+  expect(planBalance(s, { threshold: 0.01, maxMoves: 10 })).toEqual([]);
+
+  const p = state([inventory('a'), inventory('b')], { policy: 'pack' });
+  const [x, y, z] = [req(), req(), req()];
+  for (const [r, h] of [
+    [x, 'a'],
+    [y, 'b'],
+    [z, 'b'],
+  ] as const) {
+    place(p, { ...r, host: h });
+    p.reservations[r.taskId].driver = 'qemu';
+  }
+  expect(planBalance(p, { threshold: 0, maxMoves: 10 })).toEqual([
+    { taskId: x.taskId, from: 'a', to: 'b', gain: 1 },
+  ]);
+  expect(planBalance(p, { threshold: 0, maxMoves: 0 })).toEqual([]);
 });
