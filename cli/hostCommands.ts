@@ -59,7 +59,9 @@ export function registerHostCommands(
 
   host
     .command('drain <host>')
-    .description('no new placements on the host')
+    .description(
+      'no new placements on the host; its VM tasks live-migrate away, process tasks run to their end (or the deadline)',
+    )
     .option('--deadline <duration>', 'cancel the tasks that could not leave after this long (e.g. 30m, 2h)')
     .option('--max-parallel <n>', 'migrations at once', (v) => Number(v), 2)
     .action(async (name: string, opts: { deadline?: string; maxParallel: number }) => {

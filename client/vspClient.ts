@@ -69,11 +69,8 @@ export class VspClient {
    */
   private async refuseUnschedulable(taskId: string, spec: TaskSpec): Promise<void> {
     const scheduler = new SchedulerClient(this.temporal);
-    let state = await scheduler.state().catch((err: unknown) => {
-      if (err instanceof WorkflowNotFoundError) return undefined;
-      throw err;
-    });
-    if (!state) return;
+    if (!(await scheduler.running())) return;
+    let state = await scheduler.state();
     // Hosts not surveyed yet (a scheduler that has placed nothing): it looks at them first.
     if (state.hosts.every((h) => !h.inventory)) state = await scheduler.state({ fresh: true });
     const request = placementRequest(taskId, spec, state.config, []);

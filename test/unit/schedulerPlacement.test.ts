@@ -1,3 +1,4 @@
+import { drainActions, DRAIN_ATTEMPTS } from '../../scheduler/drain';
 import {
   DEFAULT_SCHEDULER_CONFIG,
   MiB,
@@ -206,4 +207,24 @@ test('a migrating task holds its resources on both hosts', () => {
   expect(alloc.get('a')?.memoryMiB).toBe(256);
   expect(alloc.get('b')?.memoryMiB).toBe(256);
   expect(summarise(s).find((h) => h.host === 'b')?.tasks).toEqual([r.taskId]);
+});
+
+test('drain: VM tasks move at most maxParallel at once, each a bounded number of times; past the deadline the rest are cancelled', () => {
+  const s = state([inventory('a'), inventory('b')]);
+  const vms = [req(), req(), req()].map((r) => (place(s, { ...r, host: 'a' }), r.taskId));
+  const proc = req({ host: 'a' });
+  place(s, proc);
+  for (const id of vms) s.reservations[id].driver = 'qemu';
+  s.reservations[proc.taskId].driver = 'process';
+  s.drains.a = { since: '', maxParallel: 2, deadline: new Date(1000).toISOString() };
+  expect(drainActions(s, new Map(), 0)).toEqual({ migrate: vms.slice(0, 2), cancel: [] });
+  // One under way: one more may start.
+  expect(drainActions(s, new Map([[vms[0], 'a']]), 0)).toEqual({ migrate: [vms[1]], cancel: [] });
+  s.drainAttempts = { [vms[1]]: DRAIN_ATTEMPTS };
+  expect(drainActions(s, new Map(), 0).migrate).toEqual([vms[0], vms[2]]);
+  // Past the deadline: the process task and the VM that could not move are cancelled.
+  expect(drainActions(s, new Map([[vms[0], 'a']]), 2000)).toEqual({
+    migrate: [vms[2]],
+    cancel: [vms[1], proc.taskId],
+  });
 });
