@@ -19,6 +19,7 @@ import { benchPaper } from './paperEvaluation';
 import { benchRepository, benchRepositoryConcurrency } from './repository';
 import { benchRepositoryProtocols } from './repositoryProtocols';
 import { writeReport, type BenchReport } from './report';
+import { benchScheduler } from './scheduler';
 import { benchStaging } from './staging';
 import { benchSubmission } from './submission';
 import { benchVmCreation } from './vmCreation';
@@ -46,6 +47,8 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   submission: async (ctx) =>
     benchSubmission({ temporalAddress: await ctx.temporalAddress(), quick: ctx.quick }),
   lifecycle: async (ctx) => benchLifecycle(await clusterEnv(ctx)),
+  scheduler: async (ctx) =>
+    benchScheduler({ temporalAddress: await ctx.temporalAddress(), quick: ctx.quick }),
   'vm-creation': () => benchVmCreation(),
   staging: () => benchStaging(),
   repository: (ctx) => benchRepository(ctx.quick ? { sizeMiB: 64, runs: 1 } : {}),

@@ -1,13 +1,22 @@
 import type { Command } from 'commander';
 import { SchedulerClient } from '../client/schedulerClient';
 import { connectClient } from '../config/temporal';
-import { MiB, type HostSummary, type Resources } from '../scheduler/model';
-import { drainUpdate, undrainUpdate } from '../workflows/scheduling/definitions';
+import { VspClient } from '../client/vspClient';
+import { planBalance, type BalanceMove } from '../scheduler/balance';
+import {
+  emptySchedulerState,
+  MiB,
+  type HostSummary,
+  type Resources,
+  type SchedulerState,
+} from '../scheduler/model';
+import { drainUpdate, undrainUpdate, type SchedulerSnapshot } from '../workflows/scheduling/definitions';
 import { commandGroup } from './adminCommands';
 
 /**
  * Operators' host commands, through Temporal (TEMPORAL_ADDRESS, ...): the scheduler's view of every host
- * (capacity, what it granted, what is free, state, tasks) and host maintenance (drain, undrain).
+ * (capacity, what it granted, what is free, state, tasks), host maintenance (drain, undrain) and
+ * rebalancing by live migration (`vsp cluster balance`).
  */
 export function registerHostCommands(
   program: Command,
@@ -59,7 +68,9 @@ export function registerHostCommands(
 
   host
     .command('drain <host>')
-    .description('no new placements on the host')
+    .description(
+      'no new placements on the host; its VM tasks live-migrate away, process tasks run to their end (or the deadline)',
+    )
     .option('--deadline <duration>', 'cancel the tasks that could not leave after this long (e.g. 30m, 2h)')
     .option('--max-parallel <n>', 'migrations at once', (v) => Number(v), 2)
     .action(async (name: string, opts: { deadline?: string; maxParallel: number }) => {
@@ -75,6 +86,41 @@ export function registerHostCommands(
       print(`host ${name} is draining${order.deadline ? ` (deadline ${order.deadline})` : ''}`, order);
     });
 
+  commandGroup(program, 'cluster', 'the cluster as a whole (operators)')
+    .command('balance')
+    .description(
+      "live-migrate VM tasks, one at a time, while a move improves the cluster's score (spread: evenness; pack: hosts in use)",
+    )
+    .option('--dry-run', 'only print the planned moves and their expected gain')
+    .option('--threshold <gain>', 'smallest score gain worth a move (spread)', Number, 0.05)
+    .option('--max-moves <n>', 'at most this many moves', Number, 10)
+    .action(async (opts: { dryRun?: boolean; threshold: number; maxMoves: number }) => {
+      if (!(opts.threshold >= 0)) throw new Error('--threshold must be a number of at least 0');
+      if (!Number.isInteger(opts.maxMoves) || opts.maxMoves < 0)
+        throw new Error('--max-moves must be a whole number of at least 0');
+      const client = await scheduler();
+      const plan = () => client.state({ fresh: true }).then((snap) => planBalance(stateOf(snap), opts));
+      const show = (m: BalanceMove) => `${m.taskId}: ${m.from} -> ${m.to} (gain ${m.gain})`;
+      if (opts.dryRun) {
+        const moves = await plan();
+        return print(moves.map(show).join('\n') || 'balanced: no move improves the score', moves);
+      }
+      // One move at a time, planned again after each on the cluster as it then is.
+      const vsp = new VspClient(client.temporal);
+      const done: BalanceMove[] = [];
+      while (done.length < opts.maxMoves) {
+        const [next] = await plan();
+        if (!next) break;
+        await vsp.migrate(next.taskId, { host: next.to });
+        done.push(next);
+        if (!program.opts().json) process.stdout.write(`moved ${show(next)}\n`);
+      }
+      print(
+        `${done.length} move(s); ${done.length < opts.maxMoves ? 'balanced' : 'stopped at --max-moves'}`,
+        done,
+      );
+    });
+
   host
     .command('undrain <host>')
     .description('the host takes new placements again')
@@ -82,6 +128,26 @@ export function registerHostCommands(
       await (await scheduler()).update(undrainUpdate, { host: name });
       print(`host ${name} takes new placements`, { host: name });
     });
+}
+
+/** The scheduler's state as the pure decisions take it, from its snapshot. */
+function stateOf(snap: SchedulerSnapshot): SchedulerState {
+  return {
+    ...emptySchedulerState(snap.config),
+    views: Object.fromEntries(
+      snap.hosts.map((h) => [
+        h.host,
+        {
+          host: h.host,
+          live: h.state !== 'down',
+          reason: h.reason,
+          ...(h.inventory ? { inventory: h.inventory } : {}),
+        },
+      ]),
+    ),
+    drains: Object.fromEntries(snap.hosts.flatMap((h) => (h.drain ? [[h.host, h.drain]] : []))),
+    reservations: Object.fromEntries(snap.reservations.map((r) => [r.taskId, r])),
+  };
 }
 
 function triple(r: Resources | undefined): string {

@@ -16,6 +16,7 @@ import {
   type TaskResult,
   type TaskStatus,
 } from '../workflows/definitions';
+import type { SchedulerSnapshot } from '../workflows/scheduling/definitions';
 
 export interface TaskSummary {
   taskId: string;
@@ -65,14 +66,22 @@ export class VspClient {
 
   /**
    * A task no host of the cluster could run even when empty is refused before it starts, saying what
-   * each host is missing (TaskSpecError). Without a scheduler yet, the task's placement decides.
+   * each host is missing (TaskSpecError). A pre-flight only: without a running scheduler, before it has
+   * surveyed the hosts, or when it does not answer at once (a burst of submissions), the task starts and
+   * its placement decides (the scheduler refuses it there with the same reason).
    */
   private async refuseUnschedulable(taskId: string, spec: TaskSpec): Promise<void> {
     const scheduler = new SchedulerClient(this.temporal);
-    if (!(await scheduler.running())) return;
-    let state = await scheduler.state();
-    // Hosts not surveyed yet (a scheduler that has placed nothing): it looks at them first.
-    if (state.hosts.every((h) => !h.inventory)) state = await scheduler.state({ fresh: true });
+    const surveyed = (s: SchedulerSnapshot | undefined) =>
+      s?.hosts.some((h) => h.inventory) ? s : undefined;
+    const state = await scheduler
+      .running()
+      .then((running) => (running ? scheduler.state() : undefined))
+      // Hosts not surveyed yet (a scheduler that has placed nothing): it looks at them first.
+      .then(async (s) => (!s || surveyed(s) ? s : scheduler.state({ fresh: true })))
+      .then(surveyed)
+      .catch(() => undefined);
+    if (!state) return;
     const request = placementRequest(taskId, spec, state.config, []);
     const why = neverFits(
       request,

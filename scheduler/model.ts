@@ -93,6 +93,8 @@ export interface Reservation {
   owner: string;
   host: string;
   resources: Resources;
+  /** The driver its VM runs under (a drain migrates VMs; process tasks run to their end). */
+  driver?: string;
   since: string;
   /** A migration under way: the target's share is held until the move settles. */
   movingTo?: string;
@@ -124,6 +126,8 @@ export interface SchedulerState {
   surveyedAtMs: number;
   drains: Record<string, DrainOrder>;
   reservations: Record<string, Reservation>;
+  /** Failed drain migrations per task: one that keeps failing stays until the drain's deadline. */
+  drainAttempts?: Record<string, number>;
   queue: QueueEntry[];
   seq: number;
   /** Placement decisions made (grants, refusals, queueings), for the bench and operators. */
@@ -138,6 +142,20 @@ export interface QueuePosition {
   since: string;
   /** Why it waits: what each host is missing, or the tasks ahead of it. */
   why?: string;
+}
+
+/** A scheduler that has seen no host and granted nothing yet. */
+export function emptySchedulerState(config: SchedulerConfig): SchedulerState {
+  return {
+    config,
+    views: {},
+    surveyedAtMs: 0,
+    drains: {},
+    reservations: {},
+    queue: [],
+    seq: 0,
+    decisions: 0,
+  };
 }
 
 export type PlaceResult = { host: string } | { queued: QueuePosition } | { refused: string };

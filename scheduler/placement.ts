@@ -210,7 +210,15 @@ export function grantsFromQueue(state: SchedulerState, strict = false): Grant[] 
   const hosts = eligibleHosts(state);
   const grants: Grant[] = [];
   if (hosts.length === 0) return grants;
+  // The most any one host has free, per resource: a task that needs more fits nowhere, found without
+  // trying every host (a long queue behind a full cluster is passed over in one step per task).
+  let roomiest = mostFree(hosts);
   for (const entry of state.queue) {
+    const need = entry.request.resources;
+    if (KINDS.some((k) => need[k] > roomiest[k])) {
+      if (strict) break;
+      continue;
+    }
     const choice = choose(entry.request, hosts, state.config);
     if ('none' in choice) {
       if (strict) break;
@@ -219,8 +227,15 @@ export function grantsFromQueue(state: SchedulerState, strict = false): Grant[] 
     grants.push({ taskId: entry.request.taskId, host: choice.host });
     const h = hosts.find((x) => x.host === choice.host) as HostFit;
     h.allocated = add(h.allocated, entry.request.resources);
+    roomiest = mostFree(hosts);
   }
   return grants;
+}
+
+function mostFree(hosts: HostFit[]): Resources {
+  const out = { ...ZERO };
+  for (const h of hosts) for (const k of KINDS) out[k] = Math.max(out[k], h.capacity[k] - h.allocated[k]);
+  return out;
 }
 
 /** Every host's line: state, capacity, what is granted and free, its tasks. */

@@ -39,7 +39,7 @@ async function main(): Promise<void> {
   });
   const running = worker.run();
   // The scheduler's workflow runs on this queue: the worker polls before the configuration goes to it.
-  const scheduler = await new SchedulerClient(client, schedulerConfigOf(config)).update(
+  const scheduler = await new SchedulerClient(client, { config: schedulerConfigOf(config) }).update(
     configureUpdate,
     schedulerConfigOf(config),
   );

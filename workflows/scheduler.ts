@@ -10,7 +10,14 @@ import {
 } from '@temporalio/workflow';
 import type { ControlActivities } from '../activities/control/createControlActivities';
 import { CONTROL_TASK_QUEUE } from '../config/names';
-import type { PlacementRequest, QueueEntry, Reservation, SchedulerState } from '../scheduler/model';
+import { drainActions } from '../scheduler/drain';
+import {
+  emptySchedulerState,
+  type PlacementRequest,
+  type QueueEntry,
+  type Reservation,
+  type SchedulerState,
+} from '../scheduler/model';
 import {
   allocations,
   choose,
@@ -43,6 +50,14 @@ const { surveyHosts } = proxyActivities<Pick<ControlActivities, 'surveyHosts'>>(
   retry: { initialInterval: '1s', maximumInterval: '10s' },
 });
 
+/** A drain's moves: one attempt each (the drain decides about another), bounded like a migration. */
+const { migrateTask, cancelTask } = proxyActivities<Pick<ControlActivities, 'migrateTask' | 'cancelTask'>>({
+  taskQueue: CONTROL_TASK_QUEUE,
+  startToCloseTimeout: '25m',
+  heartbeatTimeout: '30s',
+  retry: { maximumAttempts: 1 },
+});
+
 const HISTORY_EVENT_LIMIT = 10_000;
 
 /**
@@ -55,16 +70,7 @@ const HISTORY_EVENT_LIMIT = 10_000;
  * with its state when its history grows long.
  */
 export async function Scheduler(input: SchedulerInput): Promise<void> {
-  const s: SchedulerState = input.state ?? {
-    config: input.config,
-    views: {},
-    surveyedAtMs: 0,
-    drains: {},
-    reservations: {},
-    queue: [],
-    seq: 0,
-    decisions: 0,
-  };
+  const s: SchedulerState = input.state ?? emptySchedulerState(input.config);
   let surveying: Promise<void> | undefined;
   let kicked = false;
 
@@ -80,13 +86,51 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
   const now = () => new Date().toISOString();
 
   function reserve(req: PlacementRequest, host: string): void {
+    const driver = req.driver ?? s.views[host]?.inventory?.defaultDriver;
     s.reservations[req.taskId] = {
       taskId: req.taskId,
       owner: req.owner,
       host,
       resources: req.resources,
+      ...(driver ? { driver } : {}),
       since: now(),
     };
+  }
+
+  /** Drain migrations under way: task -> the host it leaves. */
+  const moving = new Map<string, string>();
+  const cancelling = new Set<string>();
+
+  /** Starts what the drains need now (drainActions); each move's end wakes the loop for the next. */
+  function drainStep(): void {
+    const actions = drainActions(s, moving, Date.now());
+    for (const taskId of actions.migrate) {
+      const from = s.reservations[taskId].host;
+      moving.set(taskId, from);
+      migrateTask({ taskId })
+        .then(
+          (outcome) => {
+            log.info('drain: task asked to move', { taskId, from, outcome });
+            // A task not running yet is asked again at the loop's next round, not at once.
+            if (outcome === 'moved') kicked = true;
+          },
+          (err: unknown) => {
+            s.drainAttempts = { ...s.drainAttempts, [taskId]: (s.drainAttempts?.[taskId] ?? 0) + 1 };
+            log.warn('drain: task could not move', { taskId, from, error: String(err) });
+            kicked = true;
+          },
+        )
+        .finally(() => moving.delete(taskId));
+    }
+    for (const taskId of actions.cancel) {
+      if (cancelling.has(taskId)) continue;
+      cancelling.add(taskId);
+      const host = s.reservations[taskId].host;
+      cancelTask({ taskId, reason: `host ${host} was drained and its deadline passed` }).catch(
+        (err: unknown) =>
+          log.warn('drain: could not cancel a task past the deadline', { taskId, error: String(err) }),
+      );
+    }
   }
 
   function position(taskId: string) {
@@ -113,7 +157,8 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
       }
     }
     s.queue = left;
-    log.info('queued tasks granted', { grants: grants.length, queued: s.queue.length });
+    const others = grants.filter((g) => g.taskId !== self).length;
+    if (others > 0) log.info('queued tasks granted', { grants: others, queued: s.queue.length });
   }
 
   /** Tells a queued task where it goes; a task that has gone meanwhile gives its grant back. */
@@ -165,6 +210,7 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
       owner: req.owner,
       host: req.current,
       resources: req.resources,
+      driver: req.driver,
       since: now(),
     };
     if (r.movingTo) return { refused: `task ${req.taskId} is already moving to ${r.movingTo}` };
@@ -227,6 +273,7 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
           : {}),
       };
       s.drains[req.host] = order;
+      kicked = true;
       log.info('host draining', { host: req.host, ...order });
       return order;
     },
@@ -251,6 +298,7 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
   const snapshot = () => ({
     config: s.config,
     hosts: summarise(s),
+    reservations: Object.values(s.reservations),
     queue: s.queue,
     ...(s.surveyedAtMs ? { surveyedAt: new Date(s.surveyedAtMs).toISOString() } : {}),
     decisions: s.decisions,
@@ -273,14 +321,18 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
   const limit = input.historyEventLimit ?? HISTORY_EVENT_LIMIT;
   const longHistory = () => workflowInfo().continueAsNewSuggested || workflowInfo().historyLength >= limit;
   while (!longHistory()) {
-    // While tasks wait, hosts are looked at again now and then: one may have come up or grown.
-    await condition(() => kicked || longHistory(), s.queue.length ? '15s' : '1h');
+    // While tasks wait or hosts drain, hosts are looked at again now and then: one may have come up or
+    // grown, a drain's deadline may have passed.
+    const draining = Object.keys(s.drains).length > 0;
+    await condition(() => kicked || longHistory(), s.queue.length || draining ? '15s' : '1h');
     kicked = false;
-    if (s.queue.length === 0) continue;
+    if (s.queue.length === 0 && Object.keys(s.drains).length === 0) continue;
     await refresh();
     grantQueued();
+    drainStep();
   }
-  await condition(allHandlersFinished);
+  // The drain's moves are this run's activities: they finish before the next run takes over.
+  await condition(() => moving.size === 0 && allHandlersFinished());
   log.info('continuing as new', { historyLength: workflowInfo().historyLength, ...counts(s) });
   await continueAsNew<typeof Scheduler>({ ...input, config: s.config, state: s });
 }

@@ -14,6 +14,7 @@ import {
   reserveMoveUpdate,
   settleMoveUpdate,
 } from '../../workflows/scheduling/definitions';
+import { cancelUpdate, migrateUpdate, statusQuery } from '../../workflows/definitions';
 import type { LivenessBeat } from '../host/hostLiveness';
 import type { Placement } from '../types';
 
@@ -54,7 +55,7 @@ const toMs = (t: { seconds?: unknown; nanos?: number | null } | null | undefined
  */
 export function createControlActivities(deps: ControlDeps) {
   const schedulerConfig = deps.scheduler ?? { ...DEFAULT_SCHEDULER_CONFIG, hosts: deps.hosts };
-  const scheduler = new SchedulerClient(deps.client, schedulerConfig);
+  const scheduler = new SchedulerClient(deps.client, { config: schedulerConfig });
 
   async function readHost(host: string): Promise<{ status: HostStatus; beat?: LivenessBeat }> {
     let pending;
@@ -182,6 +183,32 @@ export function createControlActivities(deps: ControlDeps) {
     /** The migration ended: the task's resources stay on `host` only. */
     async settleMove(req: { host: string }): Promise<void> {
       await scheduler.update(settleMoveUpdate, { taskId: callerTask(), host: req.host });
+    },
+
+    /**
+     * A drain's move: the task's own migrate update (the scheduler chooses the target, away from the
+     * draining host). Heartbeats while the migration runs; a refusal or failure is final for this attempt.
+     */
+    async migrateTask(req: { taskId: string; to?: string }): Promise<'moved' | 'not-running'> {
+      const handle = deps.client.workflow.getHandle(req.taskId);
+      // A task still starting (or ending) is not refused a move: it is asked again later.
+      if ((await handle.query(statusQuery)).phase !== 'running') return 'not-running';
+      const ctx = Context.current();
+      const beat = setInterval(() => ctx.heartbeat(), 5_000);
+      try {
+        await handle.executeUpdate(migrateUpdate, { args: [req.to ? { host: req.to } : {}] });
+        return 'moved';
+      } finally {
+        clearInterval(beat);
+      }
+    },
+
+    /** Cancels a task through its cancel update (a drain's deadline passed). */
+    async cancelTask(req: { taskId: string; reason: string }): Promise<void> {
+      await deps.client.workflow
+        .getHandle(req.taskId)
+        .executeUpdate(cancelUpdate, { args: [{ reason: req.reason }] });
+      log.info(req, 'task cancelled by the scheduler');
     },
 
     /**

@@ -165,6 +165,7 @@ export interface HostStatus {
 }
 
 export interface ClusterStatus {
+  netns: string;
   up: boolean;
   inventoryFile: string;
   inventory?: Inventory;
@@ -197,7 +198,7 @@ export async function clusterStatus(o: VmClusterOptions = {}): Promise<ClusterSt
     });
   }
   const up = !!inventory && hosts.length > 0 && hosts.every((h) => h.running && h.ssh);
-  return { up, inventoryFile: inventoryFile(c), ...(inventory ? { inventory } : {}), hosts };
+  return { netns: c.netns, up, inventoryFile: inventoryFile(c), ...(inventory ? { inventory } : {}), hosts };
 }
 
 /**

@@ -13,9 +13,9 @@ export type HostName = (typeof HOST_NAMES)[number];
 export interface VmClusterOptions {
   /** Number of dom0s, 1 to 3 (default 2). */
   hosts?: number;
-  /** Default 'vspxen'. */
+  /** Default $VSP_VMCLUSTER_PREFIX or 'vspxen'. */
   prefix?: string;
-  /** First three octets of the /24 (default '10.77.30'); this machine is <subnet>.254. */
+  /** First three octets of the /24 (default $VSP_VMCLUSTER_SUBNET or '10.77.30'); this machine is .254. */
   subnet?: string;
   /** Images and warm snapshots (default $VSP_VMCLUSTER_CACHE or /var/cache/vsp/vmcluster). */
   cacheDir?: string;
@@ -65,8 +65,8 @@ const MAC_BASE = '52:54:00:4d';
 
 export function clusterConfig(o: VmClusterOptions = {}): ClusterConfig {
   const count = o.hosts ?? 2;
-  const prefix = o.prefix ?? 'vspxen';
-  const subnet = o.subnet ?? '10.77.30';
+  const prefix = o.prefix ?? process.env.VSP_VMCLUSTER_PREFIX ?? 'vspxen';
+  const subnet = o.subnet ?? process.env.VSP_VMCLUSTER_SUBNET ?? '10.77.30';
   const memMiB = o.memMiB ?? 2048;
   const dom0MemMiB = o.dom0MemMiB ?? 1024;
   const smp = o.smp ?? 2;

@@ -22,8 +22,8 @@ function intOption(value: string): number {
 
 function common(cmd: Command): Command {
   return cmd
-    .option('--prefix <name>', 'names the netns, bridge, taps and veth', 'vspxen')
-    .option('--subnet <a.b.c>', 'first three octets of the cluster /24 (this machine is .254)', '10.77.30');
+    .option('--prefix <name>', 'names the netns, bridge, taps and veth ($VSP_VMCLUSTER_PREFIX, or vspxen)')
+    .option('--subnet <a.b.c>', 'the cluster /24, this machine at .254 ($VSP_VMCLUSTER_SUBNET, or 10.77.30)');
 }
 
 async function main(): Promise<void> {
@@ -31,24 +31,24 @@ async function main(): Promise<void> {
   common(program.command('up'))
     .option('--hosts <n>', 'number of dom0s (1-3)', intOption, 2)
     .option('--cold', 'boot cold, and keep no warm snapshot')
-    .action(async (o: { prefix: string; subnet: string; hosts: number; cold?: boolean }) => {
+    .action(async (o: { prefix?: string; subnet?: string; hosts: number; cold?: boolean }) => {
       const opts: VmClusterOptions = { prefix: o.prefix, subnet: o.subnet, hosts: o.hosts, warm: !o.cold };
       const up = await clusterUp(opts);
       process.stdout.write(`${up.inventoryFile}\n`);
     });
-  common(program.command('down')).action(async (o: { prefix: string; subnet: string }) => {
+  common(program.command('down')).action(async (o: { prefix?: string; subnet?: string }) => {
     await clusterDown({ prefix: o.prefix, subnet: o.subnet });
   });
   common(program.command('status'))
     .option('--json', 'print the inventory (exit code 1 when the cluster is not up)')
-    .action(async (o: { prefix: string; subnet: string; json?: boolean }) => {
+    .action(async (o: { prefix?: string; subnet?: string; json?: boolean }) => {
       const s = await clusterStatus({ prefix: o.prefix, subnet: o.subnet });
       if (o.json) {
         if (s.up && s.inventory) process.stdout.write(`${JSON.stringify(s.inventory, null, 2)}\n`);
         else process.exitCode = 1;
         return;
       }
-      process.stdout.write(`cluster ${o.prefix}: ${s.up ? 'up' : 'down'}; inventory ${s.inventoryFile}\n`);
+      process.stdout.write(`cluster ${s.netns}: ${s.up ? 'up' : 'down'}; inventory ${s.inventoryFile}\n`);
       for (const h of s.hosts) {
         const parts = [h.running ? `running pid ${h.pid} (${h.mode})` : 'not running'];
         if (h.rssMiB !== undefined) parts.push(`rss ${h.rssMiB} MiB`);

@@ -16,9 +16,10 @@ describe('virtual Xen cluster', () => {
     const inv = await clusterInventory();
     expect(inv.version).toBe(1);
     expect(inv.ssh.user).toBe('root');
+    const subnet = GATEWAY.replace(/\.254$/, '');
     expect(inv.hosts.map((h) => [h.name, h.address])).toEqual([
-      ['a', '10.77.30.1'],
-      ['b', '10.77.30.2'],
+      ['a', `${subnet}.1`],
+      ['b', `${subnet}.2`],
     ]);
     for (const h of inv.hosts) expect(h.hostKey).toMatch(/^ssh-ed25519 [A-Za-z0-9+/=]+$/);
     expect(new Set(inv.hosts.map((h) => h.hostKey)).size).toBe(inv.hosts.length);
@@ -45,6 +46,9 @@ describe('virtual Xen cluster', () => {
       expect(Number(field('free_memory'))).toBeGreaterThan(512);
       expect(await onHostOk(host, 'xl list')).toMatch(/^Domain-0\s+0\s/m);
       expect((await onHostOk(host, 'hostname')).trim()).toBe(host);
+      // A warm snapshot's clock is hours old until `up` sets it; a minute covers ssh under load.
+      const skew = Number(await onHostOk(host, 'date +%s')) - Date.now() / 1000;
+      expect(Math.abs(skew)).toBeLessThan(60);
     },
   );
 
@@ -81,10 +85,11 @@ describe('virtual Xen cluster', () => {
     const token = randomBytes(8).toString('hex');
     const inv = await clusterInventory();
     const a = inv.hosts.find((h) => h.name === 'a')!;
+    const b = inv.hosts.find((h) => h.name === 'b')!;
     try {
       await onHostOk(
         'a',
-        `mkdir -p ${dir} && echo ${token} > ${dir}/from-a && exportfs -o rw,sync,no_root_squash,no_subtree_check 10.77.30.0/24:${dir}`,
+        `mkdir -p ${dir} && echo ${token} > ${dir}/from-a && exportfs -o rw,sync,no_root_squash,no_subtree_check ${b.address}:${dir}`,
       );
       await onHostOk('b', `mkdir -p ${dir} && mount -t nfs -o vers=4.2 ${a.address}:${dir} ${dir}`);
       expect((await onHostOk('b', `cat ${dir}/from-a`)).trim()).toBe(token);
@@ -95,7 +100,7 @@ describe('virtual Xen cluster', () => {
       expect((await onHostOk('a', `cat ${dir}/from-b`)).trim()).toBe(`${token}-b`);
     } finally {
       await onHost('b', `umount ${dir}; rmdir ${dir}`);
-      await onHost('a', `exportfs -u 10.77.30.0/24:${dir}; rm -rf ${dir}`);
+      await onHost('a', `exportfs -u ${b.address}:${dir}; rm -rf ${dir}`);
     }
   });
 });

@@ -1,3 +1,5 @@
+import { planBalance } from '../../scheduler/balance';
+import { drainActions, DRAIN_ATTEMPTS } from '../../scheduler/drain';
 import {
   DEFAULT_SCHEDULER_CONFIG,
   MiB,
@@ -206,4 +208,58 @@ test('a migrating task holds its resources on both hosts', () => {
   expect(alloc.get('a')?.memoryMiB).toBe(256);
   expect(alloc.get('b')?.memoryMiB).toBe(256);
   expect(summarise(s).find((h) => h.host === 'b')?.tasks).toEqual([r.taskId]);
+});
+
+test('drain: VM tasks move at most maxParallel at once, each a bounded number of times; past the deadline the rest are cancelled', () => {
+  const s = state([inventory('a'), inventory('b')]);
+  const vms = [req(), req(), req()].map((r) => (place(s, { ...r, host: 'a' }), r.taskId));
+  const proc = req({ host: 'a' });
+  place(s, proc);
+  for (const id of vms) s.reservations[id].driver = 'qemu';
+  s.reservations[proc.taskId].driver = 'process';
+  s.drains.a = { since: '', maxParallel: 2, deadline: new Date(1000).toISOString() };
+  expect(drainActions(s, new Map(), 0)).toEqual({ migrate: vms.slice(0, 2), cancel: [] });
+  // One under way: one more may start.
+  expect(drainActions(s, new Map([[vms[0], 'a']]), 0)).toEqual({ migrate: [vms[1]], cancel: [] });
+  s.drainAttempts = { [vms[1]]: DRAIN_ATTEMPTS };
+  expect(drainActions(s, new Map(), 0).migrate).toEqual([vms[0], vms[2]]);
+  // Past the deadline: the process task and the VM that could not move are cancelled.
+  expect(drainActions(s, new Map([[vms[0], 'a']]), 2000)).toEqual({
+    migrate: [vms[2]],
+    cancel: [vms[1], proc.taskId],
+  });
+});
+
+test('balance (spread): from a host with 3 VMs to an empty one, then stable; pack empties the least used host', () => {
+  const s = state([inventory('a'), inventory('b')]);
+  const vms = [req(), req(), req()];
+  for (const r of vms) {
+    place(s, { ...r, host: 'a' });
+    s.reservations[r.taskId].driver = 'qemu';
+  }
+  const plan = planBalance(s, { threshold: 0.01, maxMoves: 10 });
+  expect(plan).toEqual([{ taskId: vms[0].taskId, from: 'a', to: 'b', gain: expect.any(Number) }]);
+  expect(plan[0].gain).toBeGreaterThan(0.01);
+  // Applied, the plan is empty: stable from any midpoint.
+  s.reservations[vms[0].taskId].host = 'b';
+  expect(planBalance(s, { threshold: 0.01, maxMoves: 10 })).toEqual([]);
+  // Process tasks never move.
+  s.reservations[vms[0].taskId].host = 'a';
+  for (const r of vms) s.reservations[r.taskId].driver = 'process';
+  expect(planBalance(s, { threshold: 0.01, maxMoves: 10 })).toEqual([]);
+
+  const p = state([inventory('a'), inventory('b')], { policy: 'pack' });
+  const [x, y, z] = [req(), req(), req()];
+  for (const [r, h] of [
+    [x, 'a'],
+    [y, 'b'],
+    [z, 'b'],
+  ] as const) {
+    place(p, { ...r, host: h });
+    p.reservations[r.taskId].driver = 'qemu';
+  }
+  expect(planBalance(p, { threshold: 0, maxMoves: 10 })).toEqual([
+    { taskId: x.taskId, from: 'a', to: 'b', gain: 1 },
+  ]);
+  expect(planBalance(p, { threshold: 0, maxMoves: 0 })).toEqual([]);
 });

@@ -1,15 +1,12 @@
-import { execFile } from 'node:child_process';
 import { promises as fs } from 'node:fs';
-import { promisify } from 'node:util';
 import path from 'node:path';
 import {
   WorkflowFailedError,
   type WorkflowHandleWithFirstExecutionRunId as WorkflowHandle,
 } from '@temporalio/client';
 import { TestWorkflowEnvironment } from '@temporalio/testing';
-import { bundleWorkflowCode, Runtime, Worker, type WorkflowBundle } from '@temporalio/worker';
+import { Worker, type WorkflowBundle } from '@temporalio/worker';
 import { VspClient } from '../../client/vspClient';
-import { resolveTemporalCli } from '../../deploy/devcluster/tools';
 import { CONTROL_TASK_QUEUE, hostTaskQueue, SEARCH_ATTRIBUTES } from '../../config/names';
 import { taskInput, type TaskTuning } from '../../spec/taskInput';
 import type { TaskSpecInput } from '../../spec/taskSpec';
@@ -20,8 +17,10 @@ import {
   type TaskResult,
   type TaskStatus,
 } from '../../workflows/definitions';
-import { historyFromFixture } from './support/historyFixture';
-import { MockCluster } from './support/mockCluster';
+import { replayFailures, recordHistory, runIds } from './support/historyFixture';
+import { startWorkflowTestEnv } from './support/workflowEnv';
+import { MockCluster, QUEUED_TASK } from './support/mockCluster';
+import { placementGrantedSignal } from '../../workflows/scheduling/definitions';
 
 /**
  * The TaskLifecycle workflow against stand-in activities (no repository, no VM) on a local Temporal dev
@@ -32,9 +31,7 @@ import { MockCluster } from './support/mockCluster';
  * `VSP_RECORD_HISTORIES=1` also writes each path's history to test/fixtures/histories/, which the last
  * test replays against the current workflow code.
  */
-const execFileAsync = promisify(execFile);
 const FIXTURES = path.join(__dirname, '..', 'fixtures', 'histories');
-const RECORD = process.env.VSP_RECORD_HISTORIES === '1';
 
 /** Short durations for tests; the defaults (workflows/lifecycle/activities.ts) are minutes and days. */
 const TUNING: TaskTuning = {
@@ -51,25 +48,10 @@ const workers: Worker[] = [];
 let running: Promise<void>[] = [];
 
 beforeAll(async () => {
-  Runtime.install({
-    logger: new (class {
-      log() {}
-      trace() {}
-      debug() {}
-      info() {}
-      warn() {}
-      error() {}
-    })(),
-  });
-  [env, bundle] = await Promise.all([
-    TestWorkflowEnvironment.createLocal({
-      server: {
-        executable: { type: 'existing-path', path: resolveTemporalCli() },
-        extraArgs: Object.values(SEARCH_ATTRIBUTES).flatMap((n) => ['--search-attribute', `${n}=Keyword`]),
-      },
-    }),
-    bundleWorkflowCode({ workflowsPath: require.resolve('../../workflows'), logger: quietLogger() }),
-  ]);
+  ({ env, bundle } = await startWorkflowTestEnv(
+    require.resolve('../../workflows'),
+    Object.values(SEARCH_ATTRIBUTES).flatMap((n) => ['--search-attribute', `${n}=Keyword`]),
+  ));
   const connection = env.nativeConnection;
   cluster.client = env.client;
   workers.push(
@@ -93,11 +75,6 @@ afterAll(async () => {
   await Promise.all(running);
   await env?.teardown();
 });
-
-function quietLogger() {
-  const none = () => undefined;
-  return { log: none, trace: none, debug: none, info: none, warn: none, error: none };
-}
 
 const capability = `vspcap_${Buffer.from('{}').toString('base64url')}.c2ln`;
 let seq = 0;
@@ -168,39 +145,7 @@ async function executionStatus(h: WorkflowHandle): Promise<string> {
   return (await h.describe()).status.name;
 }
 
-/** Every run's id of a task, first to last (following continue-as-new). */
-async function runIds(h: WorkflowHandle): Promise<string[]> {
-  const out: string[] = [];
-  for (let runId: string | null | undefined = h.firstExecutionRunId; runId;) {
-    out.push(runId);
-    const history = await env.client.workflow.getHandle(h.workflowId, runId).fetchHistory();
-    runId = history.events?.at(-1)?.workflowExecutionContinuedAsNewEventAttributes?.newExecutionRunId;
-  }
-  return out;
-}
-
-/** Each run's history as the Temporal CLI shows it (`temporal workflow show -o json`), the replay fixture format. */
-async function record(name: string, h: WorkflowHandle): Promise<void> {
-  if (!RECORD) return;
-  await fs.mkdir(FIXTURES, { recursive: true });
-  const runs = await runIds(h);
-  for (const [i, runId] of runs.entries()) {
-    const file = path.join(FIXTURES, runs.length > 1 ? `${name}-run${i + 1}.json` : `${name}.json`);
-    const { stdout } = await execFileAsync(resolveTemporalCli(), [
-      'workflow',
-      'show',
-      '-w',
-      h.workflowId,
-      '-r',
-      runId,
-      '--address',
-      env.address,
-      '-o',
-      'json',
-    ]);
-    await fs.writeFile(file, stdout);
-  }
-}
+const record = (name: string, h: WorkflowHandle) => recordHistory(env, FIXTURES, name, h);
 
 test('completed: outputs staged out, VM destroyed after, capability released last', async () => {
   const h = await start('completed');
@@ -421,21 +366,33 @@ test('continue-as-new while running, then migrate: host, migrations and results 
   // One VM for the whole task: created once, stopped on b and removed with its disks on a, once.
   expect(cluster.called('createVm', h.workflowId)).toHaveLength(1);
   expect(cluster.called('destroyVm', h.workflowId).map((c) => c.host)).toEqual(['b', 'a']);
-  expect((await runIds(h)).length).toBeGreaterThan(1);
+  expect((await runIds(env.client, h)).length).toBeGreaterThan(1);
   await record('continued-as-new', h);
 });
 
+test('queued: no room now, the task waits in phase queued until the scheduler grants a host', async () => {
+  const h = await start('queued', { name: QUEUED_TASK, host: undefined });
+  const s = await until(h, (x) => x.phase === 'queued');
+  expect(s.queue).toMatchObject({ position: 3, of: 5, why: 'a: full' });
+  expect(cluster.called('stageIn', h.workflowId)).toEqual([]);
+  await h.signal(placementGrantedSignal, { host: 'b' });
+  await runningOn(h, 'b');
+  expect((await h.query(statusQuery)).queue).toBeUndefined();
+  // A second grant (a duplicate) changes nothing.
+  await h.signal(placementGrantedSignal, { host: 'a' });
+  cluster.release(h.workflowId);
+  expect(((await h.result()) as TaskResult).host).toBe('b');
+  expect(cluster.called('releasePlacement')).not.toHaveLength(0);
+  await record('queued', h);
+});
+
 test('recorded histories replay against the current workflow', async () => {
-  const files = (await fs.readdir(FIXTURES)).filter((f) => f.endsWith('.json')).sort();
-  expect(files.length).toBeGreaterThanOrEqual(10);
-  const histories = await Promise.all(
-    files.map(async (f) => ({
-      workflowId: f,
-      history: historyFromFixture(JSON.parse(await fs.readFile(path.join(FIXTURES, f), 'utf8'))),
-    })),
-  );
-  const failures: string[] = [];
-  for await (const r of Worker.runReplayHistories({ workflowBundle: bundle }, histories))
-    if (r.error) failures.push(`${r.workflowId}: ${r.error.message}`);
+  // Every generation of the workflow (pre-scheduler/: before reservations were released); the scheduler's
+  // own histories replay in its test.
+  const files = (await fs.readdir(FIXTURES, { recursive: true }))
+    .filter((f) => f.endsWith('.json') && !f.startsWith(`scheduler${path.sep}`))
+    .sort();
+  expect(files.length).toBeGreaterThanOrEqual(20);
+  const failures = await replayFailures(FIXTURES, files, bundle);
   expect(failures).toEqual([]);
 });

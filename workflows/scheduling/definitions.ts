@@ -6,6 +6,7 @@ import type {
   PlaceResult,
   QueueEntry,
   QueuePosition,
+  Reservation,
   Resources,
   SchedulerConfig,
   SchedulerState,
@@ -52,6 +53,8 @@ export interface DrainRequest {
 export interface SchedulerSnapshot {
   config: SchedulerConfig;
   hosts: HostSummary[];
+  /** Every task's grant (its host, resources, driver). */
+  reservations: Reservation[];
   queue: QueueEntry[];
   surveyedAt?: string;
   decisions: number;

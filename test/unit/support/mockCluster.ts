@@ -14,6 +14,9 @@ export interface Call {
   taskId?: string;
 }
 
+/** A task with this name is queued by placement (the test grants it with the scheduler's signal). */
+export const QUEUED_TASK = 'queue-me';
+
 export class MockCluster {
   /** The control worker's Temporal client (the real requestCancellation uses one too). */
   client?: Client;
@@ -50,8 +53,11 @@ export class MockCluster {
 
   control() {
     return {
-      placeTask: async (spec: { host?: string }) => {
+      placeTask: async (spec: { host?: string; name?: string }) => {
         this.calls.push({ host: 'control', name: 'placeTask' });
+        // The scheduler's answer when no host has room: the test then sends the grant.
+        if (spec.name === QUEUED_TASK)
+          return { queued: { position: 3, of: 5, since: new Date().toISOString(), why: 'a: full' } };
         const next = this.placeNext.shift();
         if (next) return { host: next };
         if (spec.host) return { host: spec.host };

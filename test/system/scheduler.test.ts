@@ -1,6 +1,11 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { TaskClientError } from '../../client/taskClient';
+import type { TaskSpecInput } from '../../spec/taskSpec';
+import { drainUpdate, undrainUpdate } from '../../workflows/scheduling/definitions';
+import { awaitAnswer, startPolling, summarizePolls } from '../support/httpPoller';
+import { qemuHostsOf } from '../support/vmProcesses';
+import { findVmId } from '../support/vmFolders';
 import { SchedulerClient } from '../../client/schedulerClient';
 import { until } from '../support/clusterFixture';
 import { startNamespaceCluster, type NamespaceCluster } from '../support/namespaceCluster';
@@ -11,7 +16,8 @@ import { releaseTask, waitingCommand, waitingTaskDir } from '../support/released
  * once on two hosts sized for 6 tasks each (1536 MiB, tasks of 256 MiB, memory not overcommitted): never
  * more than capacity in use (the hosts' VM stores, sampled every 200 ms), 12 running and 28 queued, each
  * queued task starting in queue order as one ends; a spec too big for any host refused at submission;
- * the scheduler's reservations intact across a control-worker kill. Process-driver tasks; needs root.
+ * the scheduler's reservations intact across a control-worker kill (process-driver tasks). Then a host
+ * drained under two QEMU VMs, one an HTTP service polled throughout: both move, no request lost. Needs root.
  */
 const HOSTS = ['a', 'b'];
 const OWNER = 'alice';
@@ -154,4 +160,76 @@ test('40 tasks on 2 hosts for 6 each: 12 run, 28 queue, start in queue order, ne
     HOSTS.map((h) => [h, 0, []]),
   );
   expect(end.queue).toEqual([]);
+}, 900_000);
+
+test('drain: both VM tasks on a live-migrate to b, the service loses no request; undrain makes a eligible again', async () => {
+  const { cluster, vsp } = ns;
+  const scheduler = new SchedulerClient(ns.client);
+  const vm = (over: Partial<TaskSpecInput>): TaskSpecInput => ({
+    owner: OWNER,
+    driver: 'qemu',
+    host: 'a',
+    memoryMiB: 128,
+    command: 'echo idle-started; while [ ! -e release ]; do sleep 1; done',
+    ...over,
+  });
+  const service = await cluster.submitTask(OWNER, {
+    ...vm({
+      ports: [8080],
+      command: 'echo hello-service > index.html && exec busybox httpd -f -p 8080 -h .',
+    }),
+  });
+  const idle = await cluster.submitTask(OWNER, vm({}));
+  const ids = [service.taskId, idle.taskId];
+  const running = await until(
+    'both VM tasks running on a',
+    async () => {
+      const s = await Promise.all(ids.map((id) => vsp.status(id)));
+      return s.every((x) => x.phase === 'running' && x.host === 'a') && s[0].address ? s : undefined;
+    },
+    300_000,
+  );
+  const url = `http://${running[0].address}:8080/index.html`;
+  expect(await awaitAnswer(url, 180_000)).toBe('hello-service\n');
+  const poller = startPolling(url);
+  await poller.answers(40);
+
+  const order = await scheduler.update(drainUpdate, { host: 'a', maxParallel: 1 });
+  expect(order.maxParallel).toBe(1);
+  const drained = await until(
+    'host a drained',
+    async () => {
+      const s = await scheduler.state({ fresh: true });
+      return s.hosts.find((h) => h.host === 'a')?.state === 'drained' ? s : undefined;
+    },
+    300_000,
+  );
+  await poller.answers(40);
+  const { requests, failed, perSecond } = summarizePolls(await poller.stop());
+  process.stderr.write(
+    `drain with a polled service: requests=${requests} failed=${failed.length} rate=${perSecond.toFixed(1)}/s\n`,
+  );
+  expect(failed).toEqual([]);
+  expect(perSecond).toBeGreaterThanOrEqual(10);
+  expect(drained.hosts.find((h) => h.host === 'b')?.tasks.sort()).toEqual([...ids].sort());
+  for (const id of ids) {
+    const s = await vsp.status(id);
+    expect(s).toMatchObject({ phase: 'running', host: 'b', storageHost: 'a' });
+    expect(s.migrations?.at(-1)).toMatchObject({ from: 'a', to: 'b', ok: true });
+    const vmId = await findVmId(
+      HOSTS.map((h) => cluster.storeDir(h)),
+      id,
+    );
+    // No VM runs on a any more (its disks stay there: storage evacuation is not built).
+    expect(await qemuHostsOf(vmId, Object.fromEntries(HOSTS.map((h) => [h, cluster.storeDir(h)])))).toEqual([
+      'b',
+    ]);
+  }
+  // Undrained, a takes tasks again.
+  await scheduler.update(undrainUpdate, { host: 'a' });
+  expect((await scheduler.state()).hosts.find((h) => h.host === 'a')?.state).toBe('ready');
+  for (const id of ids) await vsp.cancel(id, 'test done');
+  await Promise.all(ids.map((id) => vsp.result(id).catch(() => undefined)));
+  const end = await scheduler.state();
+  expect(end.hosts.map((h) => h.tasks)).toEqual([[], []]);
 }, 900_000);
