@@ -93,6 +93,18 @@ function validate(opts: TestNetworkOptions): { prefix: string; subnet: string } 
 }
 
 /**
+ * A bridge's own MAC, fixed. Without one, Linux gives a bridge the lowest MAC of its ports, so a VM's tap
+ * joining it could change the host's MAC under its address, and peers holding the old one in their ARP
+ * cache lose the host (NFS to it hangs) until that entry expires. Locally administered, from the address.
+ */
+function bridgeMac(subnet: string, hostPart: number): string {
+  const hex = (n: number) => n.toString(16).padStart(2, '0');
+  return ['02', ...subnet.split('.').map(Number), 0, hostPart]
+    .map((b) => (typeof b === 'string' ? b : hex(b)))
+    .join(':');
+}
+
+/**
  * Brings up the hosts, after removing leftovers with the same prefix. On failure, removes what it made.
  */
 export async function createTestNetwork(opts: TestNetworkOptions): Promise<TestNetwork> {
@@ -111,7 +123,8 @@ export async function createTestNetwork(opts: TestNetworkOptions): Promise<TestN
     teardown: () => cleanupTestHosts(prefix),
   };
   try {
-    await ip(['link', 'add', rootBridge, 'type', 'bridge', 'stp_state', '0', 'forward_delay', '0']);
+    const bridge = ['type', 'bridge', 'stp_state', '0', 'forward_delay', '0'];
+    await ip(['link', 'add', rootBridge, 'address', bridgeMac(subnet, 254), ...bridge]);
     await ip(['addr', 'add', `${gateway}/24`, 'dev', rootBridge]);
     await ip(['link', 'set', rootBridge, 'up']);
     for (const [i, name] of opts.hosts.entries()) {
@@ -123,17 +136,7 @@ export async function createTestNetwork(opts: TestNetworkOptions): Promise<TestN
       await ip(['link', 'add', netns, 'type', 'veth', 'peer', 'name', HOST_UPLINK, 'netns', netns]);
       await ip(['link', 'set', netns, 'master', rootBridge, 'up']);
       await ipIn(netns, ['link', 'set', 'lo', 'up']);
-      await ipIn(netns, [
-        'link',
-        'add',
-        HOST_BRIDGE,
-        'type',
-        'bridge',
-        'stp_state',
-        '0',
-        'forward_delay',
-        '0',
-      ]);
+      await ipIn(netns, ['link', 'add', HOST_BRIDGE, 'address', bridgeMac(subnet, i + 1), ...bridge]);
       await ipIn(netns, ['link', 'set', HOST_UPLINK, 'master', HOST_BRIDGE, 'up']);
       await ipIn(netns, ['addr', 'add', `${address}/24`, 'dev', HOST_BRIDGE]);
       await ipIn(netns, ['link', 'set', HOST_BRIDGE, 'up']);
