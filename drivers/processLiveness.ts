@@ -19,3 +19,13 @@ export async function processStartTime(pid: number): Promise<number | undefined>
 export async function isSameProcessAlive(pid: number, startTime: number): Promise<boolean> {
   return (await processStartTime(pid)) === startTime;
 }
+
+/** The pid a pid file names, if it names one. */
+export async function readPidFile(file: string): Promise<number | undefined> {
+  try {
+    const pid = Number((await fs.readFile(file, 'utf8')).trim());
+    return Number.isInteger(pid) && pid > 1 ? pid : undefined;
+  } catch {
+    return undefined;
+  }
+}

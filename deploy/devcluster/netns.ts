@@ -98,9 +98,8 @@ function validate(opts: TestNetworkOptions): { prefix: string; subnet: string } 
  * cache lose the host (NFS to it hangs) until that entry expires. Locally administered, from the address.
  */
 function bridgeMac(subnet: string, hostPart: number): string {
-  const hex = (n: number) => n.toString(16).padStart(2, '0');
-  return ['02', ...subnet.split('.').map(Number), 0, hostPart]
-    .map((b) => (typeof b === 'string' ? b : hex(b)))
+  return [2, ...subnet.split('.').map(Number), 0, hostPart]
+    .map((b) => b.toString(16).padStart(2, '0'))
     .join(':');
 }
 

@@ -5,7 +5,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { createLogger } from '../../logging/logger';
 import type { VmStore } from '../../storage/vmStore';
 import { lastProgress, readTail } from '../progress';
-import { isSameProcessAlive, processStartTime } from '../processLiveness';
+import { isSameProcessAlive, processStartTime, readPidFile } from '../processLiveness';
 import { OWNER_NAME } from '../../spec/repoPath';
 import { TaskAccounts } from './taskAccounts';
 import type {
@@ -216,8 +216,8 @@ export class ProcessDriver implements HypervisorDriver {
   ): Promise<{ pid: number; pidStartTime: number } | undefined> {
     if (state.pid !== undefined) return { pid: state.pid, pidStartTime: state.pidStartTime ?? -1 };
     const dir = this.opts.store.paths(vmId).dir;
-    const pid = Number((await fs.readFile(path.join(dir, 'pid'), 'utf8').catch(() => '')).trim());
-    if (!(pid > 0)) return undefined;
+    const pid = await readPidFile(path.join(dir, 'pid'));
+    if (!pid) return undefined;
     const environ = await fs.readFile(`/proc/${pid}/environ`, 'utf8').catch(() => '');
     if (!environ.split('\0').includes(`VSP_VM_DIR=${dir}`)) return { pid, pidStartTime: -1 };
     return { pid, pidStartTime: (await processStartTime(pid)) ?? -1 };
@@ -312,12 +312,8 @@ async function readExitCode(file: string): Promise<number | undefined> {
 async function waitForPid(file: string, timeoutMs: number): Promise<number> {
   const until = Date.now() + timeoutMs;
   for (;;) {
-    try {
-      const pid = Number((await fs.readFile(file, 'utf8')).trim());
-      if (pid > 0) return pid;
-    } catch {
-      // not written yet
-    }
+    const pid = await readPidFile(file); // not written yet: undefined
+    if (pid) return pid;
     if (Date.now() > until)
       throw new Error(`the task wrapper did not start within ${timeoutMs} ms (${file})`);
     await sleep(50);

@@ -38,7 +38,8 @@ import {
 } from './migrationTls';
 import { asAccount, checkReachable, giveToAccount, type QemuAccount } from './qemuAccount';
 import { addVmTap, nicFromState, removeVmTap, type VmNetworkOptions } from './vmNetwork';
-import { freeLocalPort, isVmProcess, readPidFile, sleep, startDetached, waitForExit } from './vmProcess';
+import { readPidFile } from '../processLiveness';
+import { freeLocalPort, isVmProcess, sleep, startDetached, waitForExit } from './vmProcess';
 
 /**
  * Memory-only live migration of QEMU VMs between hosts that reach each other's stores over NFS. The

@@ -32,7 +32,8 @@ import {
   validateVmNetwork,
   type VmNetworkOptions,
 } from './vmNetwork';
-import { freeLocalPort, isVmProcess, readPidFile, startDetached, waitForExit } from './vmProcess';
+import { readPidFile } from '../processLiveness';
+import { freeLocalPort, isVmProcess, startDetached, waitForExit } from './vmProcess';
 
 // Shared by every VM driver (drivers/vmOutcome.ts); still exported here for the callers that import them from here.
 export { TIMEOUT_EXIT_CODE, VmMigratedError } from '../vmOutcome';

@@ -17,15 +17,6 @@ export async function isVmProcess(pid: number | undefined, qmpSocket: string): P
   }
 }
 
-export async function readPidFile(file: string): Promise<number | undefined> {
-  try {
-    const pid = Number((await fs.readFile(file, 'utf8')).trim());
-    return Number.isInteger(pid) && pid > 1 ? pid : undefined;
-  } catch {
-    return undefined;
-  }
-}
-
 /** Resolves true once the process is gone, false after `timeoutMs`. */
 export async function waitForExit(pid: number, qmpSocket: string, timeoutMs: number): Promise<boolean> {
   const deadline = Date.now() + timeoutMs;
