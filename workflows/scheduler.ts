@@ -4,6 +4,7 @@ import {
   continueAsNew,
   getExternalWorkflowHandle,
   log,
+  patched,
   proxyActivities,
   setHandler,
   workflowInfo,
@@ -62,6 +63,9 @@ const { migrateTask, localizeTask, cancelTask } = proxyActivities<
 });
 
 const HISTORY_EVENT_LIMIT = 10_000;
+
+/** A drain also moves the disks the host stores for VMs that run elsewhere (storage evacuation). */
+export const EVACUATION_PATCH = 'vsp-drain-evacuates-storage';
 
 /**
  * The cluster's one scheduler (id `vsp-scheduler`): the only place that grants capacity, so any number
@@ -128,8 +132,10 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
     const actions = drainActions(s, moving, Date.now());
     for (const taskId of actions.migrate)
       drainMove(taskId, s.reservations[taskId].host, 'VM', migrateTask({ taskId }));
-    for (const taskId of actions.localize)
-      drainMove(taskId, storageHostOf(s.reservations[taskId]), 'disks', localizeTask({ taskId }));
+    // Histories from before storage evacuation issued no disk moves.
+    if (actions.localize.length > 0 && patched(EVACUATION_PATCH))
+      for (const taskId of actions.localize)
+        drainMove(taskId, storageHostOf(s.reservations[taskId]), 'disks', localizeTask({ taskId }));
     for (const taskId of actions.cancel) {
       if (cancelling.has(taskId)) continue;
       cancelling.add(taskId);

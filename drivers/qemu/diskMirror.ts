@@ -126,7 +126,9 @@ export class QemuDiskMirror {
     return DISKS.map((want) => {
       const found = blocks.filter((b) => b.inserted?.image.format === want.format);
       if (found.length !== 1)
-        throw new Error(`VM ${vmId}: expected one ${want.format} drive (${want.name}), QEMU has ${found.length}`);
+        throw new Error(
+          `VM ${vmId}: expected one ${want.format} drive (${want.name}), QEMU has ${found.length}`,
+        );
       const b = found[0];
       const target = want.target(paths);
       return {
@@ -155,7 +157,14 @@ export class QemuDiskMirror {
     await giveDisks(await this.ctx.account(), [d.target]);
     await qmp.execute(
       'drive-mirror',
-      { 'job-id': d.jobId, device: d.device, target: d.target, format: d.format, mode: 'existing', sync: 'full' },
+      {
+        'job-id': d.jobId,
+        device: d.device,
+        target: d.target,
+        format: d.format,
+        mode: 'existing',
+        sync: 'full',
+      },
       QMP_TIMEOUT_MS,
     );
     this.log.info({ disk: d.name, device: d.device, target: d.target, bytes: d.size }, 'mirror started');
@@ -204,7 +213,8 @@ export class QemuDiskMirror {
     for (;;) {
       const blocks = await qmp.execute<BlockInfo[]>('query-block', undefined, QMP_TIMEOUT_MS);
       const jobs = await qmp.execute<BlockJob[]>('query-block-jobs', undefined, QMP_TIMEOUT_MS);
-      for (const d of disks) d.switched = blocks.some((b) => b.device === d.device && b.inserted?.file === d.target);
+      for (const d of disks)
+        d.switched = blocks.some((b) => b.device === d.device && b.inserted?.file === d.target);
       const pending = disks.filter((d) => !d.switched);
       if (pending.length === 0) return;
       // A job gone without its drive on the copy failed at the switch.
@@ -221,13 +231,16 @@ export class QemuDiskMirror {
   private async giveUp(qmp: QmpClient, disks: Disk[]): Promise<void> {
     for (const d of disks) {
       if (d.switched) continue;
-      await qmp.execute('block-job-cancel', { device: d.jobId, force: true }, QMP_TIMEOUT_MS).catch(() => undefined);
+      await qmp
+        .execute('block-job-cancel', { device: d.jobId, force: true }, QMP_TIMEOUT_MS)
+        .catch(() => undefined);
     }
     const blocks = await qmp
       .execute<BlockInfo[]>('query-block', undefined, QMP_TIMEOUT_MS)
       .catch(() => undefined);
     for (const d of disks)
-      if (blocks && !blocks.some((b) => b.inserted?.file === d.target)) await fs.rm(d.target, { force: true });
+      if (blocks && !blocks.some((b) => b.inserted?.file === d.target))
+        await fs.rm(d.target, { force: true });
   }
 
   /** On the former storage host: the VM's folder goes, unless the VM runs or is stored here. */

@@ -51,18 +51,14 @@ export function handleRequests(t: TaskState): void {
       },
     },
   );
-  setHandler(
-    localizeDisksUpdate,
-    () => moveDisksHere(t),
-    {
-      validator: () => {
-        const refusal = t.continuing
-          ? `task ${t.ref.taskId} is moving to its next run: try again in a moment`
-          : diskMoveRefusal(t);
-        if (refusal) throw new Error(refusal);
-      },
+  setHandler(localizeDisksUpdate, () => moveDisksHere(t), {
+    validator: () => {
+      const refusal = t.continuing
+        ? `task ${t.ref.taskId} is moving to its next run: try again in a moment`
+        : diskMoveRefusal(t);
+      if (refusal) throw new Error(refusal);
     },
-  );
+  });
   setHandler(migrateUpdate, (req) => migrateThenLocalize(t, req), {
     validator: (req) => {
       const r = MigrateRequestSchema.safeParse(req);
