@@ -6,17 +6,8 @@ import type { VmPaths, VmStore } from '../../storage/vmStore';
 import { endedGuestStatus } from '../guestWait';
 import { claimStart, startedMarkerOf, startingHandle, wasStarted, type SavedVm } from '../savedVm';
 import { StoredVmDriver } from '../storedVmDriver';
-import type {
-  DiskLocalizingDriver,
-  DiskMoveOptions,
-  DiskMoveResult,
-  ExitResult,
-  MigratableDriver,
-  VmConfig,
-  VmHandle,
-  VmStatus,
-  WaitOptions,
-} from '../types';
+import type { ExitResult, MigratableDriver, VmConfig, VmHandle, VmStatus, WaitOptions } from '../types';
+import type { DiskLocalizingDriver } from '../types';
 import { checkVmConfig } from '../vmConfigCheck';
 import { createRootOverlay, requireDataDisk, writeTaskCommand } from '../vmDisks';
 import { probeAccelerator, type Accelerator } from './accelerator';
@@ -133,13 +124,11 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
     });
   }
 
-  localizeDisks(handle: VmHandle, options: DiskMoveOptions): Promise<DiskMoveResult> {
-    return this.mirror.localizeDisks(handle, options);
-  }
+  readonly localizeDisks: DiskLocalizingDriver['localizeDisks'] = (handle, options) =>
+    this.mirror.localizeDisks(handle, options);
 
-  dropMovedDisks(handle: VmHandle): Promise<void> {
-    return this.mirror.dropMovedDisks(handle);
-  }
+  readonly dropMovedDisks: DiskLocalizingDriver['dropMovedDisks'] = (handle) =>
+    this.mirror.dropMovedDisks(handle);
 
   async create(config: VmConfig): Promise<VmHandle> {
     checkVmConfig(config);
