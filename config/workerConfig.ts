@@ -215,6 +215,8 @@ const ControlSchema = z.object({
   memoryOvercommit: ratio.default(DEFAULT_SCHEDULER_CONFIG.memoryOvercommit),
   diskOvercommit: ratio.default(DEFAULT_SCHEDULER_CONFIG.diskOvercommit),
   taskDiskMiB: z.coerce.number().int().min(0).default(DEFAULT_SCHEDULER_CONFIG.taskDiskMiB),
+  /** After any live migration, the VM's disks follow it (a task's spec may say otherwise). */
+  localizeDisksAfterMigration: z.stringbool().default(false),
 });
 
 export type ControlConfig = z.output<typeof ControlSchema>;
@@ -232,6 +234,7 @@ export function loadControlConfig(env: NodeJS.ProcessEnv = process.env): Control
       memoryOvercommit: 'VSP_SCHED_MEMORY_OVERCOMMIT',
       diskOvercommit: 'VSP_SCHED_DISK_OVERCOMMIT',
       taskDiskMiB: 'VSP_SCHED_TASK_DISK_MIB',
+      localizeDisksAfterMigration: 'VSP_LOCALIZE_DISKS_AFTER_MIGRATION',
     },
     env,
   );

@@ -98,6 +98,8 @@ export interface Reservation {
   since: string;
   /** A migration under way: the target's share is held until the move settles. */
   movingTo?: string;
+  /** Where its disks are when not on `host` (it migrated, memory only): a drain of that host moves them. */
+  storageHost?: string;
 }
 
 export interface QueueEntry {
@@ -171,4 +173,6 @@ export interface HostSummary {
   inventory?: HostInventory;
   drain?: DrainOrder;
   tasks: string[];
+  /** Tasks running elsewhere whose disks this host's store holds. */
+  storedTasks?: string[];
 }
