@@ -21,6 +21,7 @@ import { benchRepositoryProtocols } from './repositoryProtocols';
 import { writeReport, type BenchReport } from './report';
 import { benchScheduler } from './scheduler';
 import { benchStaging } from './staging';
+import { benchStorageEvacuation } from './storageEvacuation';
 import { benchSubmission } from './submission';
 import { benchVmCreation } from './vmCreation';
 
@@ -58,6 +59,7 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   'migration-traces': (ctx) =>
     benchMigrationTraces({ workDir: ctx.workDir, outDir: ctx.outDir, quick: ctx.quick }),
   'migration-tls': (ctx) => benchMigrationTls({ workDir: ctx.workDir, quick: ctx.quick }),
+  'storage-evacuation': (ctx) => benchStorageEvacuation({ workDir: ctx.workDir, quick: ctx.quick }),
 };
 
 /**

@@ -28,7 +28,8 @@ export interface DiskMirrorContext {
 
 /** Defaults for options the caller leaves out. */
 export const DISK_MOVE_DEFAULTS = { timeoutMs: 60 * 60_000 };
-const POLL_MS = 500;
+/** Short: a small disk is in step within a few polls, and the figure would count the wait. */
+const POLL_MS = 100;
 /** How long the switch of a ready mirror may take before the move counts as failed. */
 const SWITCH_TIMEOUT_MS = 60_000;
 
