@@ -11,6 +11,7 @@ import { stopAll, stopAllOnSignals } from '../deploy/devcluster/processes';
 import { startTemporalDevServer, type TemporalDevServer } from '../deploy/devcluster/temporal';
 import { createLogger, describeError } from '../logging/logger';
 import { writeFileAtomicSync } from '../storage/durableFile';
+import { benchDrain } from './drain';
 import { benchLifecycle } from './lifecycle';
 import { benchMigrationTls } from './migrationTls';
 import { benchMigrationTraces } from './migrationTraces';
@@ -60,6 +61,7 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
     benchMigrationTraces({ workDir: ctx.workDir, outDir: ctx.outDir, quick: ctx.quick }),
   'migration-tls': (ctx) => benchMigrationTls({ workDir: ctx.workDir, quick: ctx.quick }),
   'storage-evacuation': (ctx) => benchStorageEvacuation({ workDir: ctx.workDir, quick: ctx.quick }),
+  drain: (ctx) => benchDrain({ workDir: ctx.workDir, quick: ctx.quick }),
 };
 
 /**
