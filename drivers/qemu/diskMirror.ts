@@ -212,8 +212,9 @@ export class QemuDiskMirror {
       if (!d.switched) await qmp.execute('block-job-complete', { device: d.jobId }, QMP_TIMEOUT_MS);
     const deadline = Date.now() + SWITCH_TIMEOUT_MS;
     for (;;) {
-      const blocks = await qmp.execute<BlockInfo[]>('query-block', undefined, QMP_TIMEOUT_MS);
+      // Jobs first: a job gone by then has made its switch, which the drives then show.
       const jobs = await qmp.execute<BlockJob[]>('query-block-jobs', undefined, QMP_TIMEOUT_MS);
+      const blocks = await qmp.execute<BlockInfo[]>('query-block', undefined, QMP_TIMEOUT_MS);
       for (const d of disks)
         d.switched = blocks.some((b) => b.device === d.device && b.inserted?.file === d.target);
       const pending = disks.filter((d) => !d.switched);
