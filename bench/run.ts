@@ -11,6 +11,7 @@ import { stopAll, stopAllOnSignals } from '../deploy/devcluster/processes';
 import { startTemporalDevServer, type TemporalDevServer } from '../deploy/devcluster/temporal';
 import { createLogger, describeError } from '../logging/logger';
 import { writeFileAtomicSync } from '../storage/durableFile';
+import { benchCpuShare } from './cpuShare';
 import { benchLifecycle } from './lifecycle';
 import { benchMigrationTls } from './migrationTls';
 import { benchMigrationTraces } from './migrationTraces';
@@ -58,6 +59,7 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   'migration-traces': (ctx) =>
     benchMigrationTraces({ workDir: ctx.workDir, outDir: ctx.outDir, quick: ctx.quick }),
   'migration-tls': (ctx) => benchMigrationTls({ workDir: ctx.workDir, quick: ctx.quick }),
+  'cpu-share': (ctx) => benchCpuShare({ workDir: ctx.workDir, quick: ctx.quick }),
 };
 
 /**

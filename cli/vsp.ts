@@ -163,8 +163,8 @@ interface TaskCommandOptions {
 }
 
 /** The repository options every task command takes, and --temporal where operators may use it. */
-function taskCommand(name: string, description: string, operators = true): Command {
-  const cmd = program.command(name).description(description).addOption(repoOption()).addOption(ownerOption());
+function taskCommand(name: string, description: string, operators = true, parent = program): Command {
+  const cmd = parent.command(name).description(description).addOption(repoOption()).addOption(ownerOption());
   return operators
     ? cmd.option('--temporal', 'operators: use Temporal directly (TEMPORAL_ADDRESS, ...), not the repository')
     : cmd;
@@ -262,27 +262,29 @@ taskCommand('migrate <task-id>', "live-migrate a running task's VM; its disks st
     );
   });
 
-taskCommand('resize <task-id>', "change a running task's CPU share on its host")
-  .option(
-    '--cpu-cap <percent>',
-    'at most this percent of one CPU (150 = one and a half; 0 lifts the cap)',
-    wholeNumber('--cpu-cap'),
-  )
-  .option(
-    '--cpu-weight <n>',
-    'weight against other tasks when CPUs are contended (default 100)',
-    wholeNumber('--cpu-weight'),
-  )
-  .action(async (taskId: string, opts: TaskCommandOptions & { cpuCap?: number; cpuWeight?: number }) => {
-    if (opts.cpuCap === undefined && opts.cpuWeight === undefined)
-      throw new Error('give --cpu-cap, --cpu-weight or both');
-    const s = await (await tasks(opts)).resize(taskId, { capPercent: opts.cpuCap, weight: opts.cpuWeight });
-    const share = s.cpuShare ?? {};
-    print(
-      `${taskId} on ${s.host}: CPU cap ${share.capPercent ? `${share.capPercent}%` : 'none'}, weight ${share.weight ?? 100}`,
-      s,
-    );
-  });
+// `vsp resize`, like the other task commands, and `vsp task resize`, in the task group.
+for (const parent of [program, commandGroup(program, 'task', 'tasks')])
+  taskCommand('resize <task-id>', "change a running task's CPU share on its host", true, parent)
+    .option(
+      '--cpu-cap <percent>',
+      'at most this percent of one CPU (150 = one and a half; 0 lifts the cap)',
+      wholeNumber('--cpu-cap'),
+    )
+    .option(
+      '--cpu-weight <n>',
+      'weight against other tasks when CPUs are contended (default 100)',
+      wholeNumber('--cpu-weight'),
+    )
+    .action(async (taskId: string, opts: TaskCommandOptions & { cpuCap?: number; cpuWeight?: number }) => {
+      if (opts.cpuCap === undefined && opts.cpuWeight === undefined)
+        throw new Error('give --cpu-cap, --cpu-weight or both');
+      const s = await (await tasks(opts)).resize(taskId, { capPercent: opts.cpuCap, weight: opts.cpuWeight });
+      const share = s.cpuShare ?? {};
+      print(
+        `${taskId} on ${s.host}: CPU cap ${share.capPercent ? `${share.capPercent}%` : 'none'}, weight ${share.weight ?? 100}`,
+        s,
+      );
+    });
 
 /** A whole-number option's parser: the error names the option (the update checks the range). */
 function wholeNumber(option: string): (v: string) => number {

@@ -1,5 +1,6 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { CpuShare } from './types';
 
 /**
@@ -160,6 +161,28 @@ export async function processCpuSeconds(pid: number): Promise<number | undefined
 
 /** USER_HZ: 100 on every Linux architecture VSP runs on. */
 const CLOCK_TICKS = 100;
+
+/**
+ * CPU a set of processes uses per second of wall time (1.0 = one core busy) over `windowMs` (the tests'
+ * and the bench's measure of a share): their user + system seconds at both ends. `pids` is asked at both
+ * ends (a tree may change); a process gone by the end leaves what it used out of both.
+ */
+export async function measureCpuRate(pids: () => Promise<number[]>, windowMs: number): Promise<number> {
+  const used = async () => {
+    const out = new Map<number, number>();
+    for (const pid of await pids()) out.set(pid, (await processCpuSeconds(pid)) ?? 0);
+    return out;
+  };
+  const t0 = performance.now();
+  const before = await used();
+  // The window is the measurement, not a wait for something to happen.
+  await sleep(windowMs);
+  const after = await used();
+  const seconds = (performance.now() - t0) / 1000;
+  let delta = 0;
+  for (const [pid, end] of after) delta += end - (before.get(pid) ?? 0);
+  return delta / seconds;
+}
 
 /**
  * `xl sched-credit` arguments that give domain `domain` the share: cap in percent of one physical CPU

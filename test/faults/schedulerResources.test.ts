@@ -2,10 +2,9 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { TaskClient, TaskClientError } from '../../client/taskClient';
 import { SchedulerClient } from '../../client/schedulerClient';
-import { hostCgroupCpu, processTree, readCpuShare } from '../../drivers/cpuShare';
+import { hostCgroupCpu, measureCpuRate, processTree, readCpuShare } from '../../drivers/cpuShare';
 import { readPidFile } from '../../drivers/processLiveness';
 import { FaultCluster, OWNER, poll, recordFigure } from '../support/faultCluster';
-import { measureCpuRate } from '../support/cpuRate';
 
 /**
  * The scheduler's durability and per-task CPU control on process-driver hosts (issue 12, items 2 and 7):
