@@ -7,15 +7,8 @@ import { endedGuestStatus } from '../guestWait';
 import { claimStart, startedMarkerOf, startingHandle, wasStarted, type SavedVm } from '../savedVm';
 import { StoredVmDriver } from '../storedVmDriver';
 import { applyCpuShare, hostCgroupCpu, removeCpuGroup } from '../cpuShare';
-import type {
-  CpuShare,
-  ExitResult,
-  MigratableDriver,
-  VmConfig,
-  VmHandle,
-  VmStatus,
-  WaitOptions,
-} from '../types';
+import type { ExitResult, MigratableDriver, VmConfig, VmHandle, VmStatus, WaitOptions } from '../types';
+import type { CpuShare } from '../types';
 import { checkVmConfig } from '../vmConfigCheck';
 import { createRootOverlay, requireDataDisk, writeTaskCommand } from '../vmDisks';
 import { probeAccelerator, type Accelerator } from './accelerator';

@@ -24,11 +24,6 @@ afterAll(async () => {
   await fc?.stop();
 });
 
-const waiting: string[] = [];
-afterEach(async () => {
-  for (const id of waiting.splice(0)) await fc.release(id).catch(() => undefined);
-});
-
 /** A task that spins on the CPU until released, then writes its name. */
 const busyCommand = (name: string) => `${fc.taskCommand(name, false)} && while [ ! -e release ]; do :; done`;
 
@@ -46,7 +41,6 @@ test('the scheduler keeps its reservations across a Temporal restart on the same
   const ids = await Promise.all(
     ['r0', 'r1', 'r2'].map((n) => fc.submit(`sched-restart-${n}`, { command: fc.taskCommand(n) })),
   );
-  waiting.push(...ids);
   for (const id of ids) await fc.untilStarted(id);
   const scheduler = new SchedulerClient(fc.temporal);
   const held = async () =>
@@ -66,13 +60,11 @@ test('the scheduler keeps its reservations across a Temporal restart on the same
   // And it still grants and gives back: the tasks complete, their reservations end.
   for (const id of ids) await fc.release(id);
   for (const id of ids) expect((await fc.vsp.result(id)).exitCode).toBe(0);
-  waiting.splice(0);
   expect((await scheduler.state()).reservations).toEqual([]);
 }, 360_000);
 
 test('resize caps the measured CPU rate of a busy task; lifting the cap gives it back', async () => {
   const taskId = await fc.submit('resize', { command: busyCommand('resize') });
-  waiting.push(taskId);
   await fc.untilStarted(taskId);
   const rate = () => measureCpuRate(() => taskPids(taskId), 3000);
   const uncapped = await rate();
@@ -103,7 +95,6 @@ test('resize caps the measured CPU rate of a busy task; lifting the cap gives it
 
   await fc.release(taskId);
   expect((await fc.vsp.result(taskId)).exitCode).toBe(0);
-  waiting.splice(0);
   // The task's group went with its VM.
   expect(await readCpuShare(await hostCgroupCpu(), vmId)).toBeUndefined();
 }, 300_000);
@@ -120,7 +111,6 @@ test('a task behind its deadline gets a raised CPU share, and the asked-for shar
       'while [ ! -e release2 ]; do sleep 0.2; done',
     ].join(' && '),
   });
-  waiting.push(taskId);
   await fc.untilStarted(taskId);
   const vmId = (await fc.status(taskId)).vmId as string;
   const cg = await hostCgroupCpu();
@@ -139,5 +129,4 @@ test('a task behind its deadline gets a raised CPU share, and the asked-for shar
   const dir = (await fc.vmDir(taskId)) as string;
   await fs.writeFile(path.join(dir, 'home', 'release2'), '');
   expect((await fc.vsp.result(taskId)).exitCode).toBe(0);
-  waiting.splice(0);
 }, 300_000);
