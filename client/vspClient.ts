@@ -10,6 +10,7 @@ import { SchedulerClient } from './schedulerClient';
 import { taskInput } from '../spec/taskInput';
 import {
   cancelUpdate,
+  localizeDisksUpdate,
   migrateUpdate,
   statusQuery,
   type MigrateRequest,
@@ -163,6 +164,14 @@ export class VspClient {
   /** Changes a running task's CPU share on its host; resolves once it is in force. */
   async resize(taskId: string, request: ResizeRequest): Promise<TaskStatus> {
     return this.temporal.workflow.getHandle(taskId).executeUpdate(resizeUpdate, { args: [request] });
+  }
+
+  /**
+   * Moves a running task's disks to the host where its VM runs, while it runs (storage evacuation);
+   * resolves once the new storage host is recorded. A failure leaves the disks where they were.
+   */
+  async localizeDisks(taskId: string): Promise<TaskStatus> {
+    return this.temporal.workflow.getHandle(taskId).executeUpdate(localizeDisksUpdate, { args: [] });
   }
 
   async list(opts: { owner?: string; running?: boolean; limit?: number } = {}): Promise<TaskSummary[]> {

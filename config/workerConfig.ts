@@ -220,6 +220,8 @@ const ControlSchema = z.object({
   rebalanceEverySec: z.coerce.number().int().min(0).max(86_400).default(0),
   rebalanceThreshold: z.coerce.number().min(0).max(2).default(0.05),
   rebalanceMaxInFlight: z.coerce.number().int().min(1).max(16).default(1),
+  /** After any live migration, the VM's disks follow it (a task's spec may say otherwise). */
+  localizeDisksAfterMigration: z.stringbool().default(false),
 });
 
 export type ControlConfig = z.output<typeof ControlSchema>;
@@ -241,6 +243,7 @@ export function loadControlConfig(env: NodeJS.ProcessEnv = process.env): Control
       rebalanceEverySec: 'VSP_SCHED_REBALANCE_EVERY_SEC',
       rebalanceThreshold: 'VSP_SCHED_REBALANCE_THRESHOLD',
       rebalanceMaxInFlight: 'VSP_SCHED_REBALANCE_MAX_IN_FLIGHT',
+      localizeDisksAfterMigration: 'VSP_LOCALIZE_DISKS_AFTER_MIGRATION',
     },
     env,
   );

@@ -135,6 +135,8 @@ export interface Reservation {
   pinned?: boolean;
   labels?: Record<string, string>;
   service?: boolean;
+  /** Where its disks are when not on `host` (it migrated, memory only): a drain of that host moves them. */
+  storageHost?: string;
 }
 
 export interface QueueEntry {
@@ -209,4 +211,6 @@ export interface HostSummary {
   inventory?: HostInventory;
   drain?: DrainOrder;
   tasks: string[];
+  /** Tasks running elsewhere whose disks this host's store holds. */
+  storedTasks?: string[];
 }

@@ -270,20 +270,25 @@ function mostFree(hosts: HostFit[]): Resources {
 export function summarise(state: SchedulerState): HostSummary[] {
   const allocated = allocations(state.reservations);
   const tasks = new Map<string, string[]>();
-  for (const r of Object.values(state.reservations))
+  const stored = new Map<string, string[]>();
+  for (const r of Object.values(state.reservations)) {
     for (const h of r.movingTo ? [r.host, r.movingTo] : [r.host])
       tasks.set(h, [...(tasks.get(h) ?? []), r.taskId]);
+    if (r.storageHost && r.storageHost !== r.host)
+      stored.set(r.storageHost, [...(stored.get(r.storageHost) ?? []), r.taskId]);
+  }
   return state.config.hosts.map((host) => {
     const view = state.views[host];
     const inv = view?.inventory;
     const capacity = inv && capacityOf(inv, state.config);
     const alloc = allocated.get(host) ?? ZERO;
     const held = tasks.get(host) ?? [];
+    const keeps = stored.get(host) ?? [];
     const drain = state.drains[host];
     const hostState: HostState = !view?.live
       ? 'down'
       : drain
-        ? held.length
+        ? held.length || keeps.length
           ? 'draining'
           : 'drained'
         : 'ready';
@@ -296,6 +301,7 @@ export function summarise(state: SchedulerState): HostSummary[] {
       ...(inv ? { inventory: inv } : {}),
       ...(drain ? { drain } : {}),
       tasks: held,
+      ...(keeps.length ? { storedTasks: keeps } : {}),
     };
   });
 }

@@ -114,6 +114,12 @@ export const TaskSpecSchema = z
      * default) or 'restart' (placed again on another live host, from stage-in).
      */
     onHostFailure: z.enum(['fail', 'restart']).default('fail'),
+    /**
+     * After a live migration, the VM's disks move to its new host too, while it runs (storage
+     * evacuation), ending its dependence on the host it left; unset: the cluster's default
+     * (VSP_LOCALIZE_DISKS_AFTER_MIGRATION on the control worker).
+     */
+    localizeDisksAfterMigration: z.boolean().optional(),
     /** Host to run on; placement chooses when absent. */
     host: z
       .string()

@@ -35,6 +35,7 @@ async function main(): Promise<void> {
       hosts: config.hosts,
       hostLivenessSec: config.hostLivenessSec,
       scheduler: schedulerConfigOf(config),
+      localizeDisksAfterMigration: config.localizeDisksAfterMigration,
     }),
     identity: `vsp-control@${process.pid}`,
   });

@@ -57,6 +57,25 @@ export interface TaskStatus {
   migrations?: MigrationRecord[];
   /** The CPU share asked for with the resize update (absent: the host's default, uncapped). */
   cpuShare?: CpuShare;
+  /** The disk move under way, if any: from the storage host to the host where the VM runs. */
+  movingDisks?: { from: string; to: string };
+  /** Every disk move tried (storage evacuation), in order. */
+  storageMoves?: StorageMoveRecord[];
+}
+
+/** A running VM's disks mirrored from their storage host to the host where it runs (storage evacuation). */
+export interface StorageMoveRecord {
+  from: string;
+  to: string;
+  startedAt: string;
+  ok: boolean;
+  /** Bytes mirrored (the disks' virtual sizes) and the time to the switch. */
+  bytes?: number;
+  mirrorMs?: number;
+  /** Why it failed; the disks then stay where they were. */
+  error?: string;
+  /** Set when the former storage host could not drop its copy (its reaper or operator will). */
+  dropError?: string;
 }
 
 export type MigrationStep = 'choosing-target' | 'preparing' | 'transferring' | 'finishing' | 'rolling-back';
@@ -156,6 +175,12 @@ export const cancelUpdate = defineUpdate<TaskStatus, [CancelRequest]>('cancel');
 export const migrateUpdate = defineUpdate<TaskStatus, [MigrateRequest]>('migrate');
 /** Changes a running task's CPU share on its host; resolves with the status once it is in force. */
 export const resizeUpdate = defineUpdate<TaskStatus, [ResizeRequest]>('resize');
+/**
+ * Moves a running task's disks from their storage host to the host where its VM runs, while it runs
+ * (storage evacuation); the former storage host then drops its copy. Resolves with the status once the
+ * new storage host is recorded; fails with the reason when the disks could not move (they stay).
+ */
+export const localizeDisksUpdate = defineUpdate<TaskStatus, []>('localizeDisks');
 /**
  * Progress once travelled by this signal; it now travels in awaitVm's heartbeats (bounded history), and
  * the handler stays so that histories with it replay. Malformed input is ignored (signals have no validator).

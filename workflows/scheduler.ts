@@ -4,6 +4,7 @@ import {
   continueAsNew,
   getExternalWorkflowHandle,
   log,
+  patched,
   proxyActivities,
   setHandler,
   workflowInfo,
@@ -11,7 +12,7 @@ import {
 import type { ControlActivities } from '../activities/control/createControlActivities';
 import { CONTROL_TASK_QUEUE, SCHEDULER_WORKFLOW_ID } from '../config/names';
 import { nextBalanceMoves } from '../scheduler/balance';
-import { drainActions } from '../scheduler/drain';
+import { drainActions, storageHostOf } from '../scheduler/drain';
 import {
   emptySchedulerState,
   type PlacementRequest,
@@ -42,6 +43,7 @@ import {
   reserveMoveUpdate,
   schedulerStateQuery,
   settleMoveUpdate,
+  settleStorageUpdate,
   undrainUpdate,
   type SchedulerInput,
 } from './scheduling/definitions';
@@ -53,7 +55,9 @@ const { surveyHosts } = proxyActivities<Pick<ControlActivities, 'surveyHosts'>>(
 });
 
 /** A drain's moves: one attempt each (the drain decides about another), bounded like a migration. */
-const { migrateTask, cancelTask } = proxyActivities<Pick<ControlActivities, 'migrateTask' | 'cancelTask'>>({
+const { migrateTask, localizeTask, cancelTask } = proxyActivities<
+  Pick<ControlActivities, 'migrateTask' | 'localizeTask' | 'cancelTask'>
+>({
   taskQueue: CONTROL_TASK_QUEUE,
   startToCloseTimeout: '25m',
   heartbeatTimeout: '30s',
@@ -61,6 +65,9 @@ const { migrateTask, cancelTask } = proxyActivities<Pick<ControlActivities, 'mig
 });
 
 const HISTORY_EVENT_LIMIT = 10_000;
+
+/** A drain also moves the disks the host stores for VMs that run elsewhere (storage evacuation). */
+export const EVACUATION_PATCH = 'vsp-drain-evacuates-storage';
 
 /**
  * The cluster's one scheduler (id `vsp-scheduler`): the only place that grants capacity, so any number
@@ -136,31 +143,38 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
     }
   }
 
-  /** Drain migrations under way: task -> the host it leaves. */
+  /** Drain moves under way (migrations, disk moves): task -> the draining host it leaves. */
   const moving = new Map<string, string>();
   const cancelling = new Set<string>();
 
-  /** Starts what the drains need now (drainActions); each move's end wakes the loop for the next. */
+  /** One drain move; its end wakes the loop for the next. */
+  function drainMove(taskId: string, from: string, what: 'VM' | 'disks', move: Promise<string>): void {
+    moving.set(taskId, from);
+    move
+      .then(
+        (outcome) => {
+          log.info(`drain: task's ${what} asked to move`, { taskId, from, outcome });
+          // A task not running yet is asked again at the loop's next round, not at once.
+          if (outcome === 'moved') kicked = true;
+        },
+        (err: unknown) => {
+          s.drainAttempts = { ...s.drainAttempts, [taskId]: (s.drainAttempts?.[taskId] ?? 0) + 1 };
+          log.warn(`drain: task's ${what} could not move`, { taskId, from, error: String(err) });
+          kicked = true;
+        },
+      )
+      .finally(() => moving.delete(taskId));
+  }
+
+  /** Starts what the drains need now (drainActions). */
   function drainStep(): void {
     const actions = drainActions(s, moving, Date.now());
-    for (const taskId of actions.migrate) {
-      const from = s.reservations[taskId].host;
-      moving.set(taskId, from);
-      migrateTask({ taskId })
-        .then(
-          (outcome) => {
-            log.info('drain: task asked to move', { taskId, from, outcome });
-            // A task not running yet is asked again at the loop's next round, not at once.
-            if (outcome === 'moved') kicked = true;
-          },
-          (err: unknown) => {
-            s.drainAttempts = { ...s.drainAttempts, [taskId]: (s.drainAttempts?.[taskId] ?? 0) + 1 };
-            log.warn('drain: task could not move', { taskId, from, error: String(err) });
-            kicked = true;
-          },
-        )
-        .finally(() => moving.delete(taskId));
-    }
+    for (const taskId of actions.migrate)
+      drainMove(taskId, s.reservations[taskId].host, 'VM', migrateTask({ taskId }));
+    // Histories from before storage evacuation issued no disk moves.
+    if (actions.localize.length > 0 && patched(EVACUATION_PATCH))
+      for (const taskId of actions.localize)
+        drainMove(taskId, storageHostOf(s.reservations[taskId]), 'disks', localizeTask({ taskId }));
     for (const taskId of actions.cancel) {
       if (cancelling.has(taskId)) continue;
       cancelling.add(taskId);
@@ -296,9 +310,19 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
   setHandler(settleMoveUpdate, ({ taskId, host }) => {
     const r = s.reservations[taskId];
     if (!r) return;
-    s.reservations[taskId] = { ...r, host, movingTo: undefined };
-    delete s.reservations[taskId].movingTo;
+    // A migration moves the memory only: the disks stay where they were.
+    const { movingTo: _settled, storageHost: _was, ...rest } = r;
+    const storageHost = storageHostOf(r);
+    s.reservations[taskId] = { ...rest, host, ...(storageHost !== host ? { storageHost } : {}) };
     grantQueued();
+  });
+
+  setHandler(settleStorageUpdate, ({ taskId, storageHost }) => {
+    const r = s.reservations[taskId];
+    if (!r) return;
+    const { storageHost: _was, ...rest } = r;
+    s.reservations[taskId] = { ...rest, ...(storageHost !== r.host ? { storageHost } : {}) };
+    kicked = true;
   });
 
   setHandler(

@@ -8,13 +8,14 @@ import { claimStart, startedMarkerOf, startingHandle, wasStarted, type SavedVm }
 import { StoredVmDriver } from '../storedVmDriver';
 import { applyCpuShare, hostCgroupCpu, removeCpuGroup } from '../cpuShare';
 import type { ExitResult, MigratableDriver, VmConfig, VmHandle, VmStatus, WaitOptions } from '../types';
-import type { CpuShare } from '../types';
+import type { CpuShare, DiskLocalizingDriver } from '../types';
 import { checkVmConfig } from '../vmConfigCheck';
 import { createRootOverlay, requireDataDisk, writeTaskCommand } from '../vmDisks';
 import { probeAccelerator, type Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
 import { buildQemuArgs, pidFileOf, qemuLogOf, vmLaunch } from './commandLine';
 import { ConsoleFollower } from './consoleLog';
+import { QemuDiskMirror } from './diskMirror';
 import { QemuMigration } from './migration';
 import {
   asAccount,
@@ -91,12 +92,13 @@ export function hostPortsOf(handle: VmHandle): Record<number, number> {
  * runs as an unprivileged account under its seccomp sandbox, and can write only the VM's own disks,
  * console log and QMP folder.
  */
-export class QemuDriver extends StoredVmDriver implements MigratableDriver {
+export class QemuDriver extends StoredVmDriver implements MigratableDriver, DiskLocalizingDriver {
   readonly name = 'qemu';
   protected readonly log = createLogger('qemu-driver');
   private readonly qemuBinary: string;
   protected readonly pollMs: number;
   protected readonly migration: QemuMigration;
+  private readonly mirror: QemuDiskMirror;
   private accountOnce: Promise<QemuAccount | undefined> | undefined;
 
   constructor(private readonly opts: QemuDriverOptions) {
@@ -116,7 +118,18 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver {
       netns: opts.netns,
       vmNetwork: opts.vmNetwork,
     });
+    this.mirror = new QemuDiskMirror({
+      store: opts.store,
+      hostName: opts.hostName,
+      account: () => this.account(),
+    });
   }
+
+  readonly localizeDisks: DiskLocalizingDriver['localizeDisks'] = (handle, options) =>
+    this.mirror.localizeDisks(handle, options);
+
+  readonly dropMovedDisks: DiskLocalizingDriver['dropMovedDisks'] = (handle) =>
+    this.mirror.dropMovedDisks(handle);
 
   async create(config: VmConfig): Promise<VmHandle> {
     checkVmConfig(config);

@@ -218,16 +218,45 @@ test('drain: VM tasks move at most maxParallel at once, each a bounded number of
   for (const id of vms) s.reservations[id].driver = 'qemu';
   s.reservations[proc.taskId].driver = 'process';
   s.drains.a = { since: '', maxParallel: 2, deadline: new Date(1000).toISOString() };
-  expect(drainActions(s, new Map(), 0)).toEqual({ migrate: vms.slice(0, 2), cancel: [] });
+  expect(drainActions(s, new Map(), 0)).toEqual({ migrate: vms.slice(0, 2), localize: [], cancel: [] });
   // One under way: one more may start.
-  expect(drainActions(s, new Map([[vms[0], 'a']]), 0)).toEqual({ migrate: [vms[1]], cancel: [] });
+  expect(drainActions(s, new Map([[vms[0], 'a']]), 0)).toEqual({
+    migrate: [vms[1]],
+    localize: [],
+    cancel: [],
+  });
   s.drainAttempts = { [vms[1]]: DRAIN_ATTEMPTS };
   expect(drainActions(s, new Map(), 0).migrate).toEqual([vms[0], vms[2]]);
   // Past the deadline: the process task and the VM that could not move are cancelled.
   expect(drainActions(s, new Map([[vms[0], 'a']]), 2000)).toEqual({
     migrate: [vms[2]],
+    localize: [],
     cancel: [vms[1], proc.taskId],
   });
+});
+
+test('drain with storage evacuation: VMs that run elsewhere on disks of the draining host move them; drained once nothing is left', () => {
+  const s = state([inventory('a'), inventory('b')]);
+  const [here, away, other] = [req(), req(), req()].map((r) => (place(s, { ...r, host: 'a' }), r.taskId));
+  for (const id of [here, away, other]) s.reservations[id].driver = 'qemu';
+  // `away` migrated to b, memory only: its disks stay on a; `other` runs on b with its disks on b.
+  Object.assign(s.reservations[away], { host: 'b', storageHost: 'a' });
+  Object.assign(s.reservations[other], { host: 'b' });
+  s.drains.a = { since: '', maxParallel: 2 };
+  expect(drainActions(s, new Map(), 0)).toEqual({ migrate: [here], localize: [away], cancel: [] });
+  // The disk move counts against maxParallel like a migration.
+  expect(drainActions(s, new Map([[here, 'a']]), 0).localize).toEqual([away]);
+  s.drains.a.maxParallel = 1;
+  expect(drainActions(s, new Map([[here, 'a']]), 0).localize).toEqual([]);
+  Object.assign(s.reservations[here], { host: 'b', storageHost: 'a' });
+  expect(summarise(s).find((h) => h.host === 'a')).toMatchObject({
+    state: 'draining',
+    tasks: [],
+    storedTasks: [here, away],
+  });
+  for (const id of [here, away]) delete s.reservations[id].storageHost;
+  expect(summarise(s).find((h) => h.host === 'a')).toMatchObject({ state: 'drained', tasks: [] });
+  expect(drainActions(s, new Map(), 0)).toEqual({ migrate: [], localize: [], cancel: [] });
 });
 
 test('balance (spread): from a host with 3 VMs to an empty one, then stable; pack empties the least used host', () => {

@@ -19,6 +19,7 @@ import {
   releaseUpdate,
   reserveMoveUpdate,
   settleMoveUpdate,
+  settleStorageUpdate,
   undrainUpdate,
   configureUpdate,
   type SchedulerSnapshot,
@@ -89,6 +90,13 @@ beforeAll(async () => {
         });
         if ('refused' in target) throw new Error(target.refused);
         await scheduler.update(settleMoveUpdate, { taskId, host: target.host });
+        return 'moved';
+      },
+      // A task's disk move as the lifecycle does it: settled where its VM runs.
+      localizeTask: async ({ taskId }: { taskId: string }) => {
+        calls.push(`localizeTask ${taskId}`);
+        const r = (await scheduler.state()).reservations.find((x) => x.taskId === taskId);
+        await scheduler.update(settleStorageUpdate, { taskId, storageHost: r?.host as string });
         return 'moved';
       },
       cancelTask: async ({ taskId }: { taskId: string }) => void calls.push(`cancelTask ${taskId}`),
@@ -191,9 +199,11 @@ test('drain: VM tasks move off the host, process tasks stay; drained, then ready
   expect(order.maxParallel).toBe(1);
   // Drained: no new task goes there.
   expect(await s.update(placeUpdate, req())).toEqual({ host: 'b' });
+  // Moved, and their disks too (storage evacuation): a holds only the process task.
   const moved = async () => {
     const st = await s.state();
-    return st.hosts.find((h) => h.host === 'a')?.tasks.length === 1 ? st : undefined;
+    const a = st.hosts.find((h) => h.host === 'a');
+    return a?.tasks.length === 1 && !a.storedTasks ? st : undefined;
   };
   let state;
   while (!(state = await moved())) await new Promise((r) => setTimeout(r, 50));
@@ -202,6 +212,9 @@ test('drain: VM tasks move off the host, process tasks stay; drained, then ready
     ['b', 'ready', 3],
   ]);
   expect(calls.filter((c) => c.startsWith('migrateTask'))).toEqual(vms.map((v) => `migrateTask ${v.taskId}`));
+  expect(calls.filter((c) => c.startsWith('localizeTask')).sort()).toEqual(
+    vms.map((v) => `localizeTask ${v.taskId}`).sort(),
+  );
   await s.update(releaseUpdate, { taskId: proc.taskId });
   expect((await s.state()).hosts[0]).toMatchObject({ host: 'a', state: 'drained', tasks: [] });
   await s.update(undrainUpdate, { host: 'a' });

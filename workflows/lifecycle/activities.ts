@@ -125,6 +125,15 @@ function hostOptions(t: TaskState, host: string) {
       scheduleToCloseTimeout: '20m',
       retry: { ...base.retry, maximumAttempts: 3 },
     },
+    // A disk move copies whole disks while the VM runs: long, heartbeating, bounded.
+    storage: {
+      ...base,
+      scheduleToStartTimeout: '1m',
+      startToCloseTimeout: '1h',
+      heartbeatTimeout: '30s',
+      scheduleToCloseTimeout: '2h',
+      retry: { ...base.retry, maximumAttempts: 3 },
+    },
     // The end of the capability: the repository refuses it anyway once it expires.
     release: {
       ...base,

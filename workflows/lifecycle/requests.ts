@@ -1,8 +1,9 @@
-import { CancellationScope, log, setHandler, workflowInfo } from '@temporalio/workflow';
+import { CancellationScope, log, patched, setHandler, workflowInfo } from '@temporalio/workflow';
 import { placementGrantedSignal } from '../scheduling/definitions';
 import {
   cancelUpdate,
   CancelRequestSchema,
+  localizeDisksUpdate,
   migrateUpdate,
   MigrateRequestSchema,
   ProgressReportSchema,
@@ -11,11 +12,14 @@ import {
   resizeUpdate,
   ResizeRequestSchema,
   statusQuery,
+  type MigrateRequest,
+  type TaskStatus,
 } from '../definitions';
 import type { VmHandle } from '../../activities/types';
 import { cancellation, onHost } from './activities';
 import { describe } from './failures';
 import { migrate, migrationRefusal } from './migration';
+import { diskMoveRefusal, LOCALIZE_PATCH, moveDisksHere } from './storage';
 import { isFinishing, type TaskState } from './state';
 
 /**
@@ -50,7 +54,15 @@ export function handleRequests(t: TaskState): void {
       },
     },
   );
-  setHandler(migrateUpdate, (req) => migrate(t, req), {
+  setHandler(localizeDisksUpdate, () => moveDisksHere(t), {
+    validator: () => {
+      const refusal = t.continuing
+        ? `task ${t.ref.taskId} is moving to its next run: try again in a moment`
+        : diskMoveRefusal(t);
+      if (refusal) throw new Error(refusal);
+    },
+  });
+  setHandler(migrateUpdate, (req) => migrateThenLocalize(t, req), {
     validator: (req) => {
       const r = MigrateRequestSchema.safeParse(req);
       if (!r.success) throw new Error(requestProblems('migrate', r.error));
@@ -100,4 +112,17 @@ export function handleRequests(t: TaskState): void {
     t.status.progress = r.data.progress;
     t.status.progressMessage = r.data.message;
   });
+}
+
+/**
+ * A migration, then (spec or cluster `localizeDisksAfterMigration`) the disks' move to the new host. A
+ * failed disk move is recorded in the status and leaves the migrated VM running on its NFS disks.
+ */
+async function migrateThenLocalize(t: TaskState, req: MigrateRequest): Promise<TaskStatus> {
+  const status = await migrate(t, req);
+  if (t.localizeAfterMigration && t.storageHost !== t.host && patched(LOCALIZE_PATCH))
+    await moveDisksHere(t).catch((err: unknown) =>
+      log.warn('the disks stay on their storage host after the migration', { error: describe(err) }),
+    );
+  return status;
 }

@@ -43,6 +43,12 @@ export interface SettleMoveRequest {
   host: string;
 }
 
+export interface SettleStorageRequest {
+  taskId: string;
+  /** The host whose store holds the task's disks now. */
+  storageHost: string;
+}
+
 export interface DrainRequest {
   host: string;
   /** Seconds from now after which process tasks still there are cancelled (default: none). */
@@ -69,6 +75,7 @@ export const reserveMoveUpdate = defineUpdate<{ host: string } | { refused: stri
   'reserveMove',
 );
 export const settleMoveUpdate = defineUpdate<void, [SettleMoveRequest]>('settleMove');
+export const settleStorageUpdate = defineUpdate<void, [SettleStorageRequest]>('settleStorage');
 export const drainUpdate = defineUpdate<DrainOrder, [DrainRequest]>('drain');
 export const undrainUpdate = defineUpdate<void, [{ host: string }]>('undrain');
 export const configureUpdate = defineUpdate<SchedulerConfig, [SchedulerConfig]>('configure');
