@@ -77,18 +77,18 @@ test('resize caps the measured CPU rate of a busy task; lifting the cap gives it
   expect((bad as TaskClientError).status).toBe(400);
   expect((bad as Error).message).toMatch(/capPercent: capPercent must be at least 0/);
 
-  const status = await owner().resize(taskId, { capPercent: 10 });
-  expect(status.cpuShare).toEqual({ capPercent: 10 });
+  const status = await owner().resize(taskId, { capPercent: 5 });
+  expect(status.cpuShare).toEqual({ capPercent: 5 });
   const vmId = status.vmId as string;
-  expect(await readCpuShare(await hostCgroupCpu(), vmId)).toEqual({ capPercent: 10, weight: 100 });
+  expect(await readCpuShare(await hostCgroupCpu(), vmId)).toEqual({ capPercent: 5, weight: 100 });
   const capped = await rate();
   await owner().resize(taskId, { capPercent: 0 });
   const lifted = await rate();
   recordFigure('busy task CPU rate uncapped', Number(uncapped.toFixed(3)), 'CPU');
-  recordFigure('busy task CPU rate with --cpu-cap 10', Number(capped.toFixed(3)), 'CPU');
+  recordFigure('busy task CPU rate with --cpu-cap 5', Number(capped.toFixed(3)), 'CPU');
   recordFigure('busy task CPU rate with the cap lifted', Number(lifted.toFixed(3)), 'CPU');
-  // CFS bandwidth holds the group to 10 ms per 100 ms period: within a margin for the window's edges.
-  expect(capped).toBeLessThan(0.15);
+  // CFS bandwidth holds the group to 5 ms per 100 ms period: within a margin for the window's edges.
+  expect(capped).toBeLessThan(0.08);
   expect(uncapped).toBeGreaterThan(capped * 2);
   expect(lifted).toBeGreaterThan(capped * 2);
   expect((await fc.status(taskId)).cpuShare).toEqual({});
