@@ -12,6 +12,7 @@ import { startTemporalDevServer, type TemporalDevServer } from '../deploy/devclu
 import { createLogger, describeError } from '../logging/logger';
 import { writeFileAtomicSync } from '../storage/durableFile';
 import { benchCpuShare } from './cpuShare';
+import { benchDrain } from './drain';
 import { benchLifecycle } from './lifecycle';
 import { benchMigrationTls } from './migrationTls';
 import { benchMigrationTraces } from './migrationTraces';
@@ -22,6 +23,7 @@ import { benchRepositoryProtocols } from './repositoryProtocols';
 import { writeReport, type BenchReport } from './report';
 import { benchScheduler } from './scheduler';
 import { benchStaging } from './staging';
+import { benchStorageEvacuation } from './storageEvacuation';
 import { benchSubmission } from './submission';
 import { benchVmCreation } from './vmCreation';
 
@@ -60,6 +62,8 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
     benchMigrationTraces({ workDir: ctx.workDir, outDir: ctx.outDir, quick: ctx.quick }),
   'migration-tls': (ctx) => benchMigrationTls({ workDir: ctx.workDir, quick: ctx.quick }),
   'cpu-share': (ctx) => benchCpuShare({ workDir: ctx.workDir, quick: ctx.quick }),
+  'storage-evacuation': (ctx) => benchStorageEvacuation({ workDir: ctx.workDir, quick: ctx.quick }),
+  drain: (ctx) => benchDrain({ workDir: ctx.workDir, quick: ctx.quick }),
 };
 
 /**

@@ -28,7 +28,8 @@ export interface DiskMirrorContext {
 
 /** Defaults for options the caller leaves out. */
 export const DISK_MOVE_DEFAULTS = { timeoutMs: 60 * 60_000 };
-const POLL_MS = 500;
+/** Short: a small disk is in step within a few polls, and the figure would count the wait. */
+const POLL_MS = 100;
 /** How long the switch of a ready mirror may take before the move counts as failed. */
 const SWITCH_TIMEOUT_MS = 60_000;
 
@@ -211,8 +212,9 @@ export class QemuDiskMirror {
       if (!d.switched) await qmp.execute('block-job-complete', { device: d.jobId }, QMP_TIMEOUT_MS);
     const deadline = Date.now() + SWITCH_TIMEOUT_MS;
     for (;;) {
-      const blocks = await qmp.execute<BlockInfo[]>('query-block', undefined, QMP_TIMEOUT_MS);
+      // Jobs first: a job gone by then has made its switch, which the drives then show.
       const jobs = await qmp.execute<BlockJob[]>('query-block-jobs', undefined, QMP_TIMEOUT_MS);
+      const blocks = await qmp.execute<BlockInfo[]>('query-block', undefined, QMP_TIMEOUT_MS);
       for (const d of disks)
         d.switched = blocks.some((b) => b.device === d.device && b.inserted?.file === d.target);
       const pending = disks.filter((d) => !d.switched);
