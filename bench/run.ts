@@ -11,6 +11,7 @@ import { stopAll, stopAllOnSignals } from '../deploy/devcluster/processes';
 import { startTemporalDevServer, type TemporalDevServer } from '../deploy/devcluster/temporal';
 import { createLogger, describeError } from '../logging/logger';
 import { writeFileAtomicSync } from '../storage/durableFile';
+import { benchCpuShare } from './cpuShare';
 import { benchDrain } from './drain';
 import { benchLifecycle } from './lifecycle';
 import { benchMigrationTls } from './migrationTls';
@@ -61,6 +62,7 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   'migration-traces': (ctx) =>
     benchMigrationTraces({ workDir: ctx.workDir, outDir: ctx.outDir, quick: ctx.quick }),
   'migration-tls': (ctx) => benchMigrationTls({ workDir: ctx.workDir, quick: ctx.quick }),
+  'cpu-share': (ctx) => benchCpuShare({ workDir: ctx.workDir, quick: ctx.quick }),
   'storage-evacuation': (ctx) => benchStorageEvacuation({ workDir: ctx.workDir, quick: ctx.quick }),
   drain: (ctx) => benchDrain({ workDir: ctx.workDir, quick: ctx.quick }),
   xen: (ctx) => benchXen({ workDir: ctx.workDir, quick: ctx.quick }),
