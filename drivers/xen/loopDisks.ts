@@ -72,7 +72,7 @@ export class LoopDisks {
     return path.join(this.dir, 'block');
   }
 
-  /** Writes the hotplug script (at worker start; /run is empty after a reboot, as are the domains). */
+  /** Writes the hotplug script if it is missing or old (/run is empty after a reboot). */
   async install(): Promise<void> {
     await fs.mkdir(this.dir, { recursive: true, mode: 0o755 });
     const current = await fs.readFile(this.script, 'utf8').catch(() => undefined);
@@ -88,6 +88,7 @@ export class LoopDisks {
 
   /** Attaches the VM's disk files (kept when already attached to them); returns the links. */
   async attach(vmId: string, files: DiskFiles): Promise<DiskFiles> {
+    await this.install();
     await fs.mkdir(path.join(this.dir, vmId), { recursive: true, mode: 0o700 });
     const links = {} as DiskFiles;
     for (const kind of ['root', 'data'] as const) {

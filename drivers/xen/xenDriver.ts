@@ -127,13 +127,9 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
     });
   }
 
-  /**
-   * Fails with a clear error when xl is missing or this is not a Xen dom0 (call at worker start); then
-   * writes the disks' hotplug script.
-   */
-  async checkToolstack(): Promise<void> {
-    await checkToolstack(this.xl, this.opts.hostName, this.console.logDir);
-    await this.disks.install();
+  /** Fails with a clear error when xl is missing or this is not a Xen dom0 (call at worker start). */
+  checkToolstack(): Promise<void> {
+    return checkToolstack(this.xl, this.opts.hostName, this.console.logDir);
   }
 
   async create(config: VmConfig): Promise<VmHandle> {
