@@ -12,7 +12,7 @@ import { clusterDown, clusterUp } from '../deploy/vmcluster/cluster';
 import { startClusterServices, type ClusterServices } from '../deploy/vmcluster/services';
 import { sshTargets } from '../deploy/vmcluster/ssh';
 import { renderDomainConfig } from '../drivers/xen/domainConfig';
-import { DEFAULT_LOOP_DISK_DIR } from '../drivers/xen/loopDisks';
+import { LoopDisks } from '../drivers/xen/loopDisks';
 import type { MigrationResult, VmHandle } from '../drivers/types';
 import { createLogger } from '../logging/logger';
 import { DiskImageStaging } from '../storage/diskImageStaging';
@@ -105,7 +105,7 @@ async function rawGuest(
     owner: OWNER,
     rootDisk: `${links}/root`,
     dataDisk: `${links}/data`,
-    hotplugScript: `${DEFAULT_LOOP_DISK_DIR}/block`,
+    hotplugScript: new LoopDisks().script,
   });
 }
 

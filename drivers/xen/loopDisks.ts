@@ -8,9 +8,9 @@ import { runCommand } from '../qemu/runCommand';
  * migration's target too. So the driver attaches each raw disk file to a loop device itself, with no time
  * limit, before the domain is built (on the source at start, on the target in prepareIncoming), and names
  * it by a link that is the same on every host (`<dir>/<vmId>/root|data`): the domain config, which travels
- * with the migrated domain, names the links. The hotplug script (`<dir>/block`, written at worker start)
- * then only tells blkback which device the link names. The loop devices use direct I/O: no dom0 page
- * cache holds a disk's blocks, so the host a VM left has nothing of it to write back later.
+ * with the migrated domain, names the links. The hotplug script (`/etc/xen/scripts/vsp-block`, written by
+ * the driver) then only tells blkback which device the link names. The loop devices use direct I/O: no
+ * dom0 page cache holds a disk's blocks, so the host a VM left has nothing of it to write back later.
  */
 
 export type DiskKind = 'root' | 'data';
@@ -60,23 +60,26 @@ exit 1
 `;
 
 export const DEFAULT_LOOP_DISK_DIR = '/run/vsp/xen';
+/** Where xl's hotplug scripts live (/run is mounted noexec). */
+export const XEN_SCRIPT_DIR = '/etc/xen/scripts';
 
 export class LoopDisks {
   constructor(
     readonly dir = DEFAULT_LOOP_DISK_DIR,
     private readonly loop: LoopControl = losetup,
+    private readonly scriptDir = XEN_SCRIPT_DIR,
   ) {}
 
   /** The hotplug script the domain configs name. */
   get script(): string {
-    return path.join(this.dir, 'block');
+    return path.join(this.scriptDir, 'vsp-block');
   }
 
   /** Writes the hotplug script if it is missing or old (/run is empty after a reboot). */
   async install(): Promise<void> {
-    await fs.mkdir(this.dir, { recursive: true, mode: 0o755 });
     const current = await fs.readFile(this.script, 'utf8').catch(() => undefined);
     if (current === HOTPLUG_SCRIPT) return;
+    await fs.mkdir(this.scriptDir, { recursive: true });
     const tmp = `${this.script}.${process.pid}.tmp`;
     await fs.writeFile(tmp, HOTPLUG_SCRIPT, { mode: 0o755 });
     await fs.rename(tmp, this.script);

@@ -116,7 +116,10 @@ const loops = (host: string) => {
       return attached.get(device);
     },
   };
-  return { attached, disks: new LoopDisks(path.join(work, `run-${host}`), control) };
+  return {
+    attached,
+    disks: new LoopDisks(path.join(work, `run-${host}`), control, path.join(work, `scripts-${host}`)),
+  };
 };
 let hostLoops: Record<'a' | 'b', ReturnType<typeof loops>>;
 
@@ -295,8 +298,10 @@ describe('XenDriver (fake xl on PATH)', () => {
     const cfg = await fs.readFile(cfgFile, 'utf8');
     // The disks are loop devices attached before xl runs, named by links; the script only hands them over.
     const run = hostLoops.a.disks.dir;
-    expect(cfg).toContain(`backendtype=phy,script=${run}/block,target=${run}/t1/root"`);
-    expect(cfg).toContain(`script=${run}/block,target=${run}/t1/data"`);
+    const script = path.join(work, 'scripts-a', 'vsp-block');
+    expect(cfg).toContain(`backendtype=phy,script=${script},target=${run}/t1/root"`);
+    expect(cfg).toContain(`script=${script},target=${run}/t1/data"`);
+    expect((await fs.stat(script)).mode & 0o111).toBe(0o111);
     const device = await fs.readlink(path.join(run, 't1', 'root'));
     expect(hostLoops.a.attached.get(device)).toBe(`${mountRoot}/a/vms/t1/root.img`);
     expect(cfg).toContain('vif = [ ]');
