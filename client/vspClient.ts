@@ -14,6 +14,8 @@ import {
   migrateUpdate,
   statusQuery,
   type MigrateRequest,
+  resizeUpdate,
+  type ResizeRequest,
   type TaskResult,
   type TaskStatus,
 } from '../workflows/definitions';
@@ -157,6 +159,11 @@ export class VspClient {
    */
   async migrate(taskId: string, request: MigrateRequest = {}): Promise<TaskStatus> {
     return this.temporal.workflow.getHandle(taskId).executeUpdate(migrateUpdate, { args: [request] });
+  }
+
+  /** Changes a running task's CPU share on its host; resolves once it is in force. */
+  async resize(taskId: string, request: ResizeRequest): Promise<TaskStatus> {
+    return this.temporal.workflow.getHandle(taskId).executeUpdate(resizeUpdate, { args: [request] });
   }
 
   /**

@@ -80,6 +80,19 @@ export interface HypervisorDriver {
   stop(handle: VmHandle, timeoutMs: number): Promise<void>;
   /** Stops if needed and removes every trace of the VM on this host. */
   destroy(handle: VmHandle): Promise<void>;
+  /**
+   * Changes the running VM's CPU share (QEMU and process tasks: a cgroup; Xen: the credit scheduler).
+   * Absent: the driver cannot, and a resize is refused on its hosts.
+   */
+  setCpuShare?(handle: VmHandle, share: CpuShare): Promise<void>;
+}
+
+/** A task's CPU share: what `vsp task resize` sets and a deadline raises. */
+export interface CpuShare {
+  /** At most this percent of one physical CPU (150 = one and a half); absent or 0: no cap. */
+  capPercent?: number;
+  /** Relative weight against other tasks when CPUs are contended; 100 is the default. */
+  weight?: number;
 }
 
 /* ---- Live migration (issue 4): memory only; the disks stay in the storage host's store. ---- */

@@ -135,6 +135,13 @@ export const TaskSpecSchema = z
       .default({}),
     /** Queue order when the cluster is full: higher first, first come first served within one. */
     priority: z.number().int().min(-100).max(100).default(0),
+    /**
+     * When the task should be done (ISO 8601 time with its offset): while its progress (VSP-PROGRESS)
+     * lags the share of the time spent, its CPU share is raised.
+     */
+    deadline: z.iso
+      .datetime({ offset: true, error: 'deadline must be an ISO 8601 time, e.g. 2026-12-01T18:00:00Z' })
+      .optional(),
   })
   .strict()
   .superRefine((spec, ctx) => {

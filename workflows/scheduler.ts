@@ -10,7 +10,8 @@ import {
   workflowInfo,
 } from '@temporalio/workflow';
 import type { ControlActivities } from '../activities/control/createControlActivities';
-import { CONTROL_TASK_QUEUE } from '../config/names';
+import { CONTROL_TASK_QUEUE, SCHEDULER_WORKFLOW_ID } from '../config/names';
+import { nextBalanceMoves } from '../scheduler/balance';
 import { drainActions, storageHostOf } from '../scheduler/drain';
 import {
   emptySchedulerState,
@@ -36,6 +37,7 @@ import {
   placementGrantedSignal,
   placeUpdate,
   queuePositionQuery,
+  rebalanceSignal,
   refreshUpdate,
   releaseUpdate,
   reserveMoveUpdate,
@@ -79,7 +81,8 @@ export const EVACUATION_PATCH = 'vsp-drain-evacuates-storage';
 export async function Scheduler(input: SchedulerInput): Promise<void> {
   const s: SchedulerState = input.state ?? emptySchedulerState(input.config);
   let surveying: Promise<void> | undefined;
-  let kicked = false;
+  // A rebalancing round the previous run left under way goes on at once.
+  let kicked = s.balance?.active === true;
 
   /** The hosts' views, fresh (joins a survey under way rather than starting another). */
   const refresh = (): Promise<void> =>
@@ -101,7 +104,43 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
       resources: req.resources,
       ...(driver ? { driver } : {}),
       since: now(),
+      ...(req.host !== undefined ? { pinned: true } : {}),
+      ...(Object.keys(req.labels).length ? { labels: req.labels } : {}),
+      ...(req.service ? { service: true } : {}),
     };
+  }
+
+  /**
+   * Starts the next rebalancing moves, one decision at a time on the cluster as the moves under way will
+   * leave it, until `maxInFlight` are under way or no move gains enough (scheduler/balance.ts); each
+   * move's end asks for the next. Moves are the tasks' own migrate updates (migrateTask), so each is in
+   * the task's migration history, and a scheduler restarted midway plans again from its reservations.
+   */
+  function balanceStep(): void {
+    const cfg = s.config.rebalance;
+    const b = s.balance;
+    if (!cfg || cfg.everySec <= 0 || !b) return;
+    const moves = nextBalanceMoves(s, cfg);
+    b.balanced = moves.length === 0 && Object.keys(b.inFlight).length === 0;
+    for (const m of moves) {
+      b.inFlight[m.taskId] = m.to;
+      log.info('rebalancing: moving a task', { ...m });
+      migrateTask({ taskId: m.taskId, to: m.to })
+        .then(
+          (outcome) => {
+            if (outcome === 'moved') b.moved++;
+          },
+          (err: unknown) => {
+            b.failed++;
+            b.failures[m.taskId] = (b.failures[m.taskId] ?? 0) + 1;
+            log.warn('rebalancing: a move failed', { ...m, error: String(err) });
+          },
+        )
+        .finally(() => {
+          delete b.inFlight[m.taskId];
+          b.active = kicked = true;
+        });
+    }
   }
 
   /** Drain moves under way (migrations, disk moves): task -> the draining host it leaves. */
@@ -313,6 +352,24 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
     { validator: (req) => knownHost(req.host) },
   );
 
+  setHandler(rebalanceSignal, () => {
+    if (!s.config.rebalance?.everySec) return;
+    s.balance ??= {
+      rounds: 0,
+      balanced: false,
+      active: false,
+      moved: 0,
+      failed: 0,
+      failures: {},
+      inFlight: {},
+    };
+    s.balance.rounds++;
+    s.balance.lastRoundAt = now();
+    // Not known to be balanced until this round has looked.
+    s.balance.balanced = false;
+    s.balance.active = kicked = true;
+  });
+
   setHandler(configureUpdate, (config) => {
     s.config = config;
     kicked = true;
@@ -326,6 +383,7 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
     queue: s.queue,
     ...(s.surveyedAtMs ? { surveyedAt: new Date(s.surveyedAtMs).toISOString() } : {}),
     decisions: s.decisions,
+    ...(s.balance ? { balance: s.balance } : {}),
   });
   setHandler(schedulerStateQuery, snapshot);
   setHandler(refreshUpdate, async () => {
@@ -350,13 +408,18 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
     const draining = Object.keys(s.drains).length > 0;
     await condition(() => kicked || longHistory(), s.queue.length || draining ? '15s' : '1h');
     kicked = false;
-    if (s.queue.length === 0 && Object.keys(s.drains).length === 0) continue;
+    const rebalancing = s.balance?.active === true;
+    if (s.balance) s.balance.active = false;
+    if (s.queue.length === 0 && Object.keys(s.drains).length === 0 && !rebalancing) continue;
     await refresh();
     grantQueued();
     drainStep();
+    if (rebalancing) balanceStep();
   }
-  // The drain's moves are this run's activities: they finish before the next run takes over.
-  await condition(() => moving.size === 0 && allHandlersFinished());
+  // The drain's and rebalancing's moves are this run's activities: they finish before the next run takes over.
+  await condition(
+    () => moving.size === 0 && Object.keys(s.balance?.inFlight ?? {}).length === 0 && allHandlersFinished(),
+  );
   log.info('continuing as new', { historyLength: workflowInfo().historyLength, ...counts(s) });
   await continueAsNew<typeof Scheduler>({ ...input, config: s.config, state: s });
 }
@@ -367,4 +430,13 @@ function counts(s: SchedulerState) {
     queued: s.queue.length,
     hosts: allocations(s.reservations).size,
   };
+}
+
+/**
+ * One tick of the rebalancing Schedule (`vsp-rebalance`, created by the control worker when
+ * VSP_SCHED_REBALANCE_EVERY_SEC is set): asks the scheduler for a round. The scheduler decides and moves;
+ * a tick that finds no scheduler fails, and the next one tries again.
+ */
+export async function RebalanceTick(): Promise<void> {
+  await getExternalWorkflowHandle(SCHEDULER_WORKFLOW_ID).signal(rebalanceSignal);
 }

@@ -6,8 +6,9 @@ import type { VmPaths, VmStore } from '../../storage/vmStore';
 import { endedGuestStatus } from '../guestWait';
 import { claimStart, startedMarkerOf, startingHandle, wasStarted, type SavedVm } from '../savedVm';
 import { StoredVmDriver } from '../storedVmDriver';
+import { applyCpuShare, hostCgroupCpu, removeCpuGroup } from '../cpuShare';
 import type { ExitResult, MigratableDriver, VmConfig, VmHandle, VmStatus, WaitOptions } from '../types';
-import type { DiskLocalizingDriver } from '../types';
+import type { CpuShare, DiskLocalizingDriver } from '../types';
 import { checkVmConfig } from '../vmConfigCheck';
 import { createRootOverlay, requireDataDisk, writeTaskCommand } from '../vmDisks';
 import { probeAccelerator, type Accelerator } from './accelerator';
@@ -327,7 +328,20 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
     // A VM that migrated away has its tap on the other host; a same-named tap here is then not ours.
     if (nic && (saved?.handle ?? handle).host === this.opts.hostName) await removeVmTap(this.wrap, nic.tap);
     await this.opts.store.remove(handle.vmId);
+    await removeCpuGroup(await hostCgroupCpu(), handle.vmId).catch(() => undefined);
     this.log.info({ vmId: handle.vmId }, 'VM destroyed');
+  }
+
+  /** The QEMU process (every vCPU thread with it) goes into the VM's cgroup with the share. */
+  async setCpuShare(handle: VmHandle, share: CpuShare): Promise<void> {
+    const paths = this.opts.store.paths(handle.vmId);
+    const pid = await this.pidOf(handle, paths);
+    if (!pid || !(await isVmProcess(pid, paths.qmpSocket)))
+      throw new Error(
+        `VM ${handle.vmId} does not run on host ${this.opts.hostName}: its CPU share cannot change`,
+      );
+    await applyCpuShare(await hostCgroupCpu(), handle.vmId, [pid], share);
+    this.log.info({ vmId: handle.vmId, pid, ...share }, 'CPU share set');
   }
 
   /** QEMU's account, resolved once (a missing account fails each start with the same clear error). */

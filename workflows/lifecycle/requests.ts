@@ -9,18 +9,21 @@ import {
   ProgressReportSchema,
   progressSignal,
   requestProblems,
+  resizeUpdate,
+  ResizeRequestSchema,
   statusQuery,
   type MigrateRequest,
   type TaskStatus,
 } from '../definitions';
-import { cancellation } from './activities';
+import type { VmHandle } from '../../activities/types';
+import { cancellation, onHost } from './activities';
 import { describe } from './failures';
 import { migrate, migrationRefusal } from './migration';
 import { diskMoveRefusal, LOCALIZE_PATCH, moveDisksHere } from './storage';
 import { isFinishing, type TaskState } from './state';
 
 /**
- * The status query, the cancel and migrate updates (shapes checked in their validators), the scheduler's
+ * The status query, the cancel, migrate and resize updates (shapes checked in their validators), the scheduler's
  * grant, and the old progress signal.
  */
 export function handleRequests(t: TaskState): void {
@@ -69,6 +72,35 @@ export function handleRequests(t: TaskState): void {
       if (refusal) throw new Error(refusal);
     },
   });
+  setHandler(
+    resizeUpdate,
+    async (req) => {
+      const share = { ...t.status.cpuShare, ...req };
+      if (share.capPercent === 0) delete share.capPercent;
+      await onHost(t, t.host as string)(
+        'short',
+        'setCpuShare',
+        `set the CPU share of VM ${t.ref.vmId}`,
+        t.handle as VmHandle,
+        share,
+      );
+      // Kept only once in force: the next host after a migration gets it too (awaitVm).
+      t.status.cpuShare = share;
+      return t.status;
+    },
+    {
+      validator: (req) => {
+        const r = ResizeRequestSchema.safeParse(req);
+        if (!r.success) throw new Error(requestProblems('resize', r.error));
+        const id = t.ref.taskId;
+        if (t.status.phase !== 'running' || !t.handle || !t.host)
+          throw new Error(
+            `task ${id} is not running (it is ${t.status.phase}): only a running task can be resized`,
+          );
+        if (t.migrating) throw new Error(`task ${id} is migrating: resize it once it runs on its new host`);
+      },
+    },
+  );
   // Only a task without a host takes a grant (it may come before the placement's answer that queued the
   // task); a late duplicate changes nothing.
   setHandler(placementGrantedSignal, ({ host }) => {

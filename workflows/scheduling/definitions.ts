@@ -1,5 +1,6 @@
 import { defineQuery, defineSignal, defineUpdate } from '@temporalio/workflow';
 import type {
+  BalanceRecord,
   DrainOrder,
   HostSummary,
   PlacementRequest,
@@ -64,6 +65,8 @@ export interface SchedulerSnapshot {
   queue: QueueEntry[];
   surveyedAt?: string;
   decisions: number;
+  /** Rebalancing's rounds and moves (absent before its first round). */
+  balance?: BalanceRecord;
 }
 
 export const placeUpdate = defineUpdate<PlaceResult, [PlacementRequest]>('place');
@@ -80,6 +83,9 @@ export const schedulerStateQuery = defineQuery<SchedulerSnapshot>('state');
 /** The state after a fresh look at every host (liveness, inventory): what `vsp host list` shows. */
 export const refreshUpdate = defineUpdate<SchedulerSnapshot, []>('refresh');
 export const queuePositionQuery = defineQuery<QueuePosition | undefined, [string]>('position');
+
+/** A rebalancing round (the Temporal Schedule's tick, workflows/scheduler.ts RebalanceTick). */
+export const rebalanceSignal = defineSignal('rebalance');
 
 /** The scheduler to a queued task: capacity is granted on `host`. */
 export const placementGrantedSignal = defineSignal<[{ host: string }]>('placementGranted');
