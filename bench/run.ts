@@ -26,6 +26,7 @@ import { benchStaging } from './staging';
 import { benchStorageEvacuation } from './storageEvacuation';
 import { benchSubmission } from './submission';
 import { benchVmCreation } from './vmCreation';
+import { benchXen } from './xen';
 
 const log = createLogger('bench.run');
 
@@ -64,6 +65,7 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   'cpu-share': (ctx) => benchCpuShare({ workDir: ctx.workDir, quick: ctx.quick }),
   'storage-evacuation': (ctx) => benchStorageEvacuation({ workDir: ctx.workDir, quick: ctx.quick }),
   drain: (ctx) => benchDrain({ workDir: ctx.workDir, quick: ctx.quick }),
+  xen: (ctx) => benchXen({ workDir: ctx.workDir, quick: ctx.quick }),
 };
 
 /**

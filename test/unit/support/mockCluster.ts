@@ -38,6 +38,8 @@ export class MockCluster {
   readonly repositoryDown = new Set<string>();
   /** Tasks whose migrateOut fails (before the memory is sent). */
   readonly failMigrateOut = new Set<string>();
+  /** Tasks whose disk move fails before the switch (the disks stay where they were). */
+  readonly failLocalize = new Set<string>();
 
   isWaiting(host: string, taskId: string): boolean {
     return (this.waits.get(`${host}/${taskId}`) ?? 0) > 0;
@@ -192,6 +194,8 @@ export class MockCluster {
       },
       localizeDisks: async (handle: VmHandle) => {
         record('localizeDisks');
+        if (this.failLocalize.has(Context.current().info.workflowExecution?.workflowId ?? ''))
+          throw ApplicationFailure.nonRetryable('the mirror of the data disk stopped', 'MirrorFailed');
         return {
           handle: { ...handle, storageHost: host },
           from: handle.storageHost,
