@@ -156,9 +156,11 @@ async function finish(name: string, firstRun: string): Promise<void> {
   await recordHistory(env, FIXTURES, name, chain);
 }
 
-test('capacity, queue and grant: the third task waits, then starts where the first ended', async () => {
-  setHost('a', 512);
-  const s = schedulerFor(['a']);
+/**
+ * Host a (512 MiB) filled by two tasks of 256 MiB; a third (a GrantReceiver) asks next. Returns them, the
+ * third's answer and the scheduler's first run.
+ */
+async function fullHostAndOneMore(s: SchedulerClient) {
   const [t1, t2, t3] = [req(), req(), req()];
   const receiver = await env.client.workflow.start('GrantReceiver', {
     taskQueue: CONTROL_TASK_QUEUE,
@@ -167,7 +169,14 @@ test('capacity, queue and grant: the third task waits, then starts where the fir
   expect(await s.update(placeUpdate, t1)).toEqual({ host: 'a' });
   const first = await currentRun();
   expect(await s.update(placeUpdate, t2)).toEqual({ host: 'a' });
-  expect(await s.update(placeUpdate, t3)).toEqual({
+  return { t1, t2, t3, receiver, first, third: await s.update(placeUpdate, t3) };
+}
+
+test('capacity, queue and grant: the third task waits, then starts where the first ended', async () => {
+  setHost('a', 512);
+  const s = schedulerFor(['a']);
+  const { t1, t2, t3, receiver, first, third } = await fullHostAndOneMore(s);
+  expect(third).toEqual({
     queued: expect.objectContaining({
       position: 1,
       of: 1,
@@ -301,15 +310,8 @@ test('rebalancing: Schedule ticks move VMs one at a time until balanced, across 
 test('sweep: what a task whose workflow ended without releasing holds is given back, and the queue moves on', async () => {
   setHost('a', 512);
   const s = schedulerFor(['a'], undefined, {}, 1);
-  const [t1, t2, t3] = [req(), req(), req()];
-  const receiver = await env.client.workflow.start('GrantReceiver', {
-    taskQueue: CONTROL_TASK_QUEUE,
-    workflowId: t3.taskId,
-  });
-  expect(await s.update(placeUpdate, t1)).toEqual({ host: 'a' });
-  const first = await currentRun();
-  expect(await s.update(placeUpdate, t2)).toEqual({ host: 'a' });
-  expect(await s.update(placeUpdate, t3)).toMatchObject({ queued: { position: 1 } });
+  const { t1, t2, t3, receiver, first, third } = await fullHostAndOneMore(s);
+  expect(third).toMatchObject({ queued: { position: 1 } });
   // t1's workflow ends without its release (an operator terminated it): the next sweep frees its place.
   gone.add(t1.taskId);
   expect(await receiver.result()).toBe('a');
