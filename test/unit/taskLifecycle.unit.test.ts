@@ -299,6 +299,33 @@ test('the localizeDisks update: refused while the disks are local, moves them af
   await record('localized-by-update', h);
 });
 
+test("the cluster's localizeDisksAfterMigration applies unless the spec says otherwise", async () => {
+  cluster.localizeAfterMigration = true;
+  try {
+    const [byCluster, optedOut] = await Promise.all([
+      start('localize-cluster'),
+      start('localize-opted-out', { localizeDisksAfterMigration: false }),
+    ]);
+    for (const h of [byCluster, optedOut]) await runningOn(h, 'a');
+    expect(await byCluster.executeUpdate(migrateUpdate, { args: [{ host: 'b' }] })).toMatchObject({
+      host: 'b',
+      storageHost: 'b',
+    });
+    expect(await optedOut.executeUpdate(migrateUpdate, { args: [{ host: 'b' }] })).toMatchObject({
+      host: 'b',
+      storageHost: 'a',
+    });
+    expect(cluster.called('localizeDisks', optedOut.workflowId)).toEqual([]);
+    for (const h of [byCluster, optedOut]) {
+      await runningOn(h, 'b');
+      cluster.release(h.workflowId);
+      await h.result();
+    }
+  } finally {
+    cluster.localizeAfterMigration = false;
+  }
+});
+
 test('a failed disk move leaves the disks on their storage host: nothing dropped, stage-out reads them there', async () => {
   const h = await start('localize-failed');
   await runningOn(h, 'a');

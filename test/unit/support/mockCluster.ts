@@ -38,6 +38,8 @@ export class MockCluster {
   readonly repositoryDown = new Set<string>();
   /** Tasks whose migrateOut fails (before the memory is sent). */
   readonly failMigrateOut = new Set<string>();
+  /** The cluster's default for moving the disks after a migration (the control worker's configuration). */
+  localizeAfterMigration = false;
   /** Tasks whose disk move fails before the switch (the disks stay where they were). */
   readonly failLocalize = new Set<string>();
 
@@ -68,7 +70,10 @@ export class MockCluster {
       },
       chooseMigrationTarget: async (req: { current: string; requested?: string }) => {
         this.calls.push({ host: 'control', name: 'chooseMigrationTarget' });
-        return { host: req.requested ?? (req.current === 'a' ? 'b' : 'a') };
+        return {
+          host: req.requested ?? (req.current === 'a' ? 'b' : 'a'),
+          localizeDisks: this.localizeAfterMigration,
+        };
       },
       releasePlacement: async () => {
         this.calls.push({ host: 'control', name: 'releasePlacement' });
