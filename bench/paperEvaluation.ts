@@ -52,7 +52,7 @@ interface Sizes {
  * The task: "ready", a pause, then (if big.bin is there) copy it + sync, then the CPU rounds; every phase
  * timed by the guest's /proc/uptime and printed as VSP-PROGRESS lines (kept in .vsp/task.log).
  */
-function guestCommand(s: Sizes): string {
+export function guestCommand(s: Sizes): string {
   return [
     't() { cut -d" " -f1 /proc/uptime; }',
     'echo "VSP-PROGRESS 1 ready"',
@@ -66,7 +66,7 @@ function guestCommand(s: Sizes): string {
 }
 
 /** Seconds between the two uptime stamps of a guest line `VSP-PROGRESS n <what> <start> <end>`. */
-function guestSeconds(taskLog: string, what: string): number {
+export function guestSeconds(taskLog: string, what: string): number {
   const m = new RegExp(`^VSP-PROGRESS \\d+ ${what} ([\\d.]+) ([\\d.]+)$`, 'm').exec(taskLog);
   if (!m) throw new Error(`the guest reported no '${what}' timing; task log:\n${taskLog.slice(-2000)}`);
   return Number(m[2]) - Number(m[1]);

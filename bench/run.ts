@@ -23,6 +23,7 @@ import { benchScheduler } from './scheduler';
 import { benchStaging } from './staging';
 import { benchSubmission } from './submission';
 import { benchVmCreation } from './vmCreation';
+import { benchXen } from './xen';
 
 const log = createLogger('bench.run');
 
@@ -58,6 +59,7 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   'migration-traces': (ctx) =>
     benchMigrationTraces({ workDir: ctx.workDir, outDir: ctx.outDir, quick: ctx.quick }),
   'migration-tls': (ctx) => benchMigrationTls({ workDir: ctx.workDir, quick: ctx.quick }),
+  xen: (ctx) => benchXen({ workDir: ctx.workDir, quick: ctx.quick }),
 };
 
 /**

@@ -7,27 +7,43 @@ import { runCommand } from './qemu/runCommand';
 
 const QEMU_IMG_TIMEOUT_MS = 30_000;
 
-/**
- * The VM's root disk: a qcow2 overlay of the cached base image, which records its backing file as
- * `backingName` (default: `base` itself; the Xen driver names it by its mounted path). Kept if present.
- */
-export async function createRootOverlay(base: string, rootDisk: string, backingName = base): Promise<void> {
-  if (
-    await fs.access(rootDisk).then(
-      () => true,
-      () => false,
-    )
-  )
-    return;
-  const info = await runCommand('qemu-img', ['info', '--output=json', base], {
-    timeoutMs: QEMU_IMG_TIMEOUT_MS,
-  });
-  const format = (JSON.parse(info.stdout) as { format: string }).format;
+const exists = (file: string) =>
+  fs.access(file).then(
+    () => true,
+    () => false,
+  );
+
+/** Builds `rootDisk` with `make(tmp)` into a temporary file renamed into place; kept if present. */
+async function buildRootDisk(rootDisk: string, make: (tmp: string) => Promise<unknown>): Promise<void> {
+  if (await exists(rootDisk)) return;
   const tmp = `${rootDisk}.${process.pid}.tmp`;
-  await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', backingName, '-F', format, tmp], {
-    timeoutMs: QEMU_IMG_TIMEOUT_MS,
-  });
+  await make(tmp);
   await fs.rename(tmp, rootDisk);
+}
+
+/** The VM's root disk under QEMU: a qcow2 overlay of the cached base image. */
+export function createRootOverlay(base: string, rootDisk: string): Promise<void> {
+  return buildRootDisk(rootDisk, async (tmp) => {
+    const info = await runCommand('qemu-img', ['info', '--output=json', base], {
+      timeoutMs: QEMU_IMG_TIMEOUT_MS,
+    });
+    const format = (JSON.parse(info.stdout) as { format: string }).format;
+    await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', format, tmp], {
+      timeoutMs: QEMU_IMG_TIMEOUT_MS,
+    });
+  });
+}
+
+/**
+ * The VM's root disk under Xen: a sparse raw copy of the base image (the appliance root is a few MB in a
+ * 256 MiB image), for the kernel's blkback, which reads raw files only, and with no backing file to reach
+ * from the other hosts.
+ */
+export function createRawRoot(base: string, rootDisk: string): Promise<void> {
+  // qemu-img writes zeroes as holes: the copy takes the base's used blocks only.
+  return buildRootDisk(rootDisk, (tmp) =>
+    runCommand('qemu-img', ['convert', '-q', '-O', 'raw', base, tmp], { timeoutMs: QEMU_IMG_TIMEOUT_MS }),
+  );
 }
 
 /** Puts the task's command on the data disk, where the guest init runs it from. */

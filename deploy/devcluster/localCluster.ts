@@ -45,6 +45,25 @@ export interface LocalClusterOptions {
    * (`temporalAddress`) must be reachable from the namespaces too, e.g. a dev server bound to the gateway.
    */
   testHosts?: { network: TestNetwork; exportPath?: string };
+  /**
+   * The hosts' workers run elsewhere (installed on real hosts by `vsp cluster deploy`): `start()` runs the
+   * repository and the control worker only.
+   */
+  remoteHosts?: boolean;
+  /** Where the repository listens (default: a free port on loopback or the test network's gateway). */
+  repositoryListen?: { host: string; port: number };
+  /** The repository's service token (default: a random one), e.g. the one deployed host workers got. */
+  serviceToken?: string;
+}
+
+/**
+ * A new token of `owner` in the repository at `repoDir`, through the admin path: the owner is created the
+ * first time.
+ */
+export function ownerTokenIn(repoDir: string, owner: string): string {
+  return listOwners(repoDir).some((o) => o.name === owner)
+    ? createToken(repoDir, owner, 'devcluster')
+    : addOwner(repoDir, owner).token;
 }
 
 /**
@@ -63,9 +82,12 @@ export class LocalCluster {
   private controls: ManagedProcess[] = [];
   /** Namespace mode: each host's migration credentials (VSP_MIGRATION_TLS_DIR). */
   private migrationTlsDirs: Record<string, string> = {};
-  private readonly serviceToken = `vsp_${randomBytes(32).toString('base64url')}`;
+  private readonly serviceToken: string;
 
-  constructor(readonly opts: LocalClusterOptions) {}
+  constructor(readonly opts: LocalClusterOptions) {
+    this.serviceToken = opts.serviceToken ?? `vsp_${randomBytes(32).toString('base64url')}`;
+    this.repositoryListen = opts.repositoryListen;
+  }
 
   /** The repository's process (fault tests pause and resume it). */
   get repositoryProcess(): ManagedProcess | undefined {
@@ -141,7 +163,8 @@ export class LocalCluster {
     for (const owner of this.opts.owners ?? []) this.ownerToken(owner);
     if (this.opts.testHosts) await Promise.all(this.opts.hosts.map((h) => this.startExport(h)));
     await this.endClusterWorkflows('a new test cluster starts with a scheduler and host records of its own');
-    await Promise.all([this.startControl(), ...this.opts.hosts.map((h) => this.startHost(h))]);
+    const hostWorkers = this.opts.remoteHosts ? [] : this.opts.hosts.map((h) => this.startHost(h));
+    await Promise.all([this.startControl(), ...hostWorkers]);
     log.info({ hosts: this.opts.hosts, repository: this.repositoryUrl }, 'local cluster ready');
     return this;
   }
@@ -149,9 +172,11 @@ export class LocalCluster {
   /** Starts the repository, or starts it again after a stop on the same address and data. */
   async startRepository(): Promise<void> {
     // Namespace hosts reach the root namespace only at the gateway address.
-    const host = this.opts.testHosts?.network.gateway ?? '127.0.0.1';
-    this.repositoryListen ??= { host, port: await freePort(host) };
-    const { port } = this.repositoryListen;
+    if (!this.repositoryListen) {
+      const gateway = this.opts.testHosts?.network.gateway ?? '127.0.0.1';
+      this.repositoryListen = { host: gateway, port: await freePort(gateway) };
+    }
+    const { host, port } = this.repositoryListen;
     this.repository = await spawnManaged('repository', process.execPath, [this.js('repository/main.js')], {
       env: {
         ...this.baseEnv(),
@@ -264,9 +289,7 @@ export class LocalCluster {
   ownerToken(owner: string): string {
     let token = this.ownerTokens.get(owner);
     if (token === undefined) {
-      token = listOwners(this.repoDir).some((o) => o.name === owner)
-        ? createToken(this.repoDir, owner, 'devcluster')
-        : addOwner(this.repoDir, owner).token;
+      token = ownerTokenIn(this.repoDir, owner);
       this.ownerTokens.set(owner, token);
     }
     return token;

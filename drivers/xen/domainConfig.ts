@@ -18,11 +18,9 @@ export interface XenDomainLaunch {
   kernel: string;
   ramdisk: string;
   owner: string;
-  /** Disk paths under the per-host mounts (the same on every host, see storage/diskLocator.ts). */
+  /** Raw disk paths under the per-host mounts (the same on every host, see storage/diskLocator.ts). */
   rootDisk: string;
   dataDisk: string;
-  /** Format of the root disk (the data disk is raw ext4). */
-  rootFormat: 'qcow2' | 'raw';
   /** On the cluster's VM network: a vif on this bridge with the VM's stable MAC and address. */
   nic?: VmNic & { bridge: string };
 }
@@ -36,8 +34,8 @@ export function domainName(vmId: string): string {
 
 /**
  * An xl domain config (xl.cfg(5)) for a VSP VM. PVH (or PV) boots the appliance kernel directly; both disks
- * use the qdisk backend (QEMU in dom0, package qemu-system-xen), which reads qcow2 overlays with their
- * backing chain (the kernel's blkback reads only raw files, through loop devices). The guest finds
+ * are raw files on the `phy` backend (a loop device and the kernel's blkback): no per-domain QEMU (qdisk),
+ * whose start libxl bounds to 10 s, which a busy dom0 misses at a live migration's target. The guest finds
  * its disks as /dev/xvda (root) and /dev/xvdb (data), its console on hvc0. Power-off, reboot and crash all
  * end the domain, as `-no-reboot` does for QEMU: the driver reads the outcome from the console log.
  */
@@ -67,8 +65,8 @@ export function renderDomainConfig(l: XenDomainLaunch): string {
   ].join(' ');
   // `target=` comes last in a disk spec: xl takes the rest of the string as the path.
   const disks = [
-    `format=${l.rootFormat},vdev=xvda,access=rw,backendtype=qdisk,target=${l.rootDisk}`,
-    `format=raw,vdev=xvdb,access=rw,backendtype=qdisk,target=${l.dataDisk}`,
+    `format=raw,vdev=xvda,access=rw,backendtype=phy,target=${l.rootDisk}`,
+    `format=raw,vdev=xvdb,access=rw,backendtype=phy,target=${l.dataDisk}`,
   ];
   const lines = [
     '# Written by VSP (drivers/xen): one task VM.',

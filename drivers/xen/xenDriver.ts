@@ -27,7 +27,7 @@ import type {
 } from '../types';
 import { checkVmConfig } from '../vmConfigCheck';
 import { giveDisks } from '../qemu/qemuAccount';
-import { createRootOverlay, requireDataDisk, writeTaskCommand } from '../vmDisks';
+import { createRawRoot, requireDataDisk, writeTaskCommand } from '../vmDisks';
 import { domainName, renderDomainConfig, type XenGuestType } from './domainConfig';
 import { XenConsole } from './xenConsole';
 import { XenMigration } from './xenMigration';
@@ -55,7 +55,7 @@ export interface XenDriverOptions {
   pollMs?: number;
   /**
    * The account the stores' exports squash a peer's root to (the cluster file's qemuAccount): the VM's
-   * disks are given to it, so the qdisk backend of another host (root there, that account here) can
+   * disks are given to it, so the loop devices of another host (root there, that account here) can
    * still write them after a migration.
    */
   diskOwner?: { uid: number; gid: number };
@@ -63,6 +63,9 @@ export interface XenDriverOptions {
 
 /** What the VM folder's state file holds. */
 export type XenVmState = SavedVm;
+
+/** The VM's root disk: raw (see createRawRoot), beside the data disk. */
+export const rawRootOf = (vmDir: string): string => path.join(vmDir, 'root.img');
 
 export const DEFAULT_SSH_COMMAND = 'ssh -o BatchMode=yes -o ConnectTimeout=10';
 const XL_TIMEOUT_MS = 60_000;
@@ -75,8 +78,8 @@ const BACKEND_TIMEOUT =
 const DESTROY_STOP_TIMEOUT_MS = 2_000;
 
 /**
- * Runs each task in a Xen PVH domain booted from the appliance kernel + initramfs, its disks (a qcow2
- * overlay of the cached base image and the staged ext4 data disk) opened by the qdisk backend through the
+ * Runs each task in a Xen PVH domain booted from the appliance kernel + initramfs, its disks (a sparse raw
+ * copy of the cached base image and the staged ext4 data disk) opened by the kernel's blkback through the
  * per-host NFS mounts, so the same domain config is valid on every host and `xl migrate` moves only
  * memory. Domains outlive the worker (xl runs them in the hypervisor); the VM folder holds what is needed
  * to re-attach. xenconsoled writes the guest's console into the VM folder's console log (xenConsole.ts),
@@ -134,14 +137,16 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
     const self = this.opts.hostName;
     const storeRoot = this.opts.store.root;
     await requireDataDisk(config.vmId, paths.dataDisk);
-    const base = locatorOf(self, storeRoot, config.baseImage as string);
-    const rootRef = locatorOf(self, storeRoot, paths.rootDisk);
-    const dataRef = locatorOf(self, storeRoot, paths.dataDisk);
-    // The overlay names its base by the mounted path, valid on every host the VM may move to.
-    const mountedBase = await this.mounted(base);
-    await createRootOverlay(config.baseImage as string, paths.rootDisk, mountedBase);
+    // Both disks raw, on the kernel's blkback (xl's `phy` backend, a loop device per disk): no device model
+    // per domain, whose start libxl bounds to 10 s, which a busy dom0 misses at a migration's target.
+    const rootDisk = rawRootOf(paths.dir);
+    await createRawRoot(config.baseImage as string, rootDisk);
     await writeTaskCommand(paths, config.command);
-    await giveDisks(this.opts.diskOwner, [paths.rootDisk, paths.dataDisk]);
+    await giveDisks(this.opts.diskOwner, [rootDisk, paths.dataDisk]);
+    const rootRef = locatorOf(self, storeRoot, rootDisk);
+    const dataRef = locatorOf(self, storeRoot, paths.dataDisk);
+    // The domain opens its disks through the mounts, as on every host the VM may move to.
+    await this.mounted(rootRef);
     const handle: VmHandle = {
       driver: this.name,
       vmId: config.vmId,
@@ -156,11 +161,10 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
         baseImage: config.baseImage as string,
         diskRoot: rootRef.path,
         diskData: dataRef.path,
-        diskBase: base.path,
       },
     };
     await this.opts.store.writeState(config.vmId, { config, handle } satisfies XenVmState);
-    this.log.info({ vmId: config.vmId, base: mountedBase }, 'VM created');
+    this.log.info({ vmId: config.vmId, rootDisk }, 'VM created');
     return handle;
   }
 
@@ -197,7 +201,6 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
           storageHost: current.storageHost,
           path: String(current.state.diskData),
         }),
-        rootFormat: 'qcow2',
         nic: nic && this.opts.vmNetwork ? { ...nic, bridge: this.opts.vmNetwork.bridge } : undefined,
       });
       const cfgFile = path.join(paths.dir, 'domain.cfg');
@@ -223,8 +226,8 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
             );
             break;
           }
-          // libxl gives a domain's backends fixed time limits (its qdisk QEMU 10 s to answer, hotplug
-          // scripts 10 s), which a busy dom0 misses: nothing ran, so building it again is safe.
+          // libxl gives a domain's backends fixed time limits (hotplug scripts such as the loop
+          // device's `block` 10 s), which a busy dom0 misses: nothing ran, so building it again is safe.
           if (ran === 'unknown' || attempt >= CREATE_ATTEMPTS || !BACKEND_TIMEOUT.test(String(err)))
             throw err;
           this.log.warn(

@@ -1,10 +1,8 @@
-import { spawn } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { utils } from 'ssh2';
-import { repoRoot } from '../../deploy/devcluster/tools';
-import { clusterInventory, inventoryFile, onHostOk } from './harness';
+import { clusterInventory, inventoryFile, markDeployed, onHostOk, vspCli } from './harness';
 
 /**
  * `vsp cluster deploy` on the real Xen dom0s, typed as deploy/production/README.md section 0 types it:
@@ -12,26 +10,8 @@ import { clusterInventory, inventoryFile, onHostOk } from './harness';
  * presents another host key than the inventory's is refused while the others deploy.
  */
 
-const VSP = () => path.join(repoRoot(), 'dist', 'cli', 'vsp.js');
 const DEPLOY_TIMEOUT_MS = 25 * 60_000;
-
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-function vsp(args: string[]): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [VSP(), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    child.once('error', reject);
-    child.once('close', (code) => resolve({ code, stdout, stderr }));
-  });
-}
+const vsp = vspCli;
 
 /** `a: deployed in 132.5 s, nothing changed` lines of the report, by host. */
 function deployedLines(stdout: string): Record<string, { seconds: number; changes: string }> {
@@ -70,6 +50,7 @@ describe('vsp cluster deploy on the Xen hosts', () => {
     async () => {
       const first = await vsp(['cluster', 'deploy', '--inventory', inventory]);
       expect({ code: first.code, stdout: first.stdout }).toMatchObject({ code: 0 });
+      await markDeployed();
       const firstLines = deployedLines(first.stdout);
       expect(Object.keys(firstLines).sort()).toEqual([...hosts].sort());
       for (const h of hosts) {

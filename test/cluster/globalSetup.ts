@@ -1,31 +1,26 @@
-import { randomBytes } from 'node:crypto';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync } from 'node:fs';
 import path from 'node:path';
 
-import { startTemporalDevServer, type TemporalDevServer } from '../../deploy/devcluster/temporal';
 import { repoRoot } from '../../deploy/devcluster/tools';
-import { clusterKillSync, clusterUp, type Inventory } from '../../deploy/vmcluster/cluster';
-import { CLUSTER_INVENTORY_ENV, GATEWAY } from './suiteEnv';
-import { forwardTcp, type TcpForward } from './tcpForward';
+import { clusterKillSync, clusterUp } from '../../deploy/vmcluster/cluster';
+import { startClusterServices, type ClusterServices } from '../../deploy/vmcluster/services';
+import { CLUSTER_INVENTORY_ENV, CLUSTER_RUN_DIR_ENV, CLUSTER_VSP_DIR_ENV } from './suiteEnv';
 
 /** What the cluster tier's teardown needs (setup and teardown run in the same jest parent process). */
 export interface ClusterSuiteHandle {
-  temporal: TemporalDevServer;
-  temporalForward: TcpForward;
+  services: ClusterServices;
   /** False when the cluster was already up before the run (a developer's): teardown leaves it up. */
   ownsCluster: boolean;
 }
 export const CLUSTER_HANDLE_KEY = '__vspClusterSuiteHandle';
 
-const TEMPORAL_PORT = 7233;
-const REPOSITORY_PORT = 8420;
-
 /**
  * The cluster tier's global setup (jest project `cluster`; it runs only when that project runs): brings
  * the virtual Xen cluster up once for the whole run (warm snapshots make that seconds after the first run
- * on a machine), starts a Temporal dev server for the dom0s' workers (on loopback, forwarded from the
- * cluster network), makes the repository's service token, and leaves the inventory, with its `cluster`
- * section, where the harness finds it: deployable as is with `vsp cluster deploy --inventory`.
+ * on a machine), then the services the dom0s' host workers use (deploy/vmcluster/services.ts: Temporal
+ * reachable from the cluster network, the repository with a fresh service token, the control worker),
+ * and leaves the inventory, with its `cluster` section, where the harness finds it: deployable as is with
+ * `vsp cluster deploy --inventory`, which installs the host workers on the dom0s.
  */
 export default async function clusterGlobalSetup(): Promise<void> {
   if (process.getuid?.() !== 0) {
@@ -38,7 +33,9 @@ export default async function clusterGlobalSetup(): Promise<void> {
     process.once(signal, () => {
       if (!keepOnSignal) clusterKillSync();
     });
+  const t0 = Date.now();
   const up = await clusterUp();
+  const tUp = Date.now();
   keepOnSignal = up.reused;
   const ownsCluster = !up.reused;
   const runDir = path.join(
@@ -48,35 +45,18 @@ export default async function clusterGlobalSetup(): Promise<void> {
     `${new Date().toISOString().replace(/[:.]/g, '-')}-${process.pid}-cluster`,
   );
   mkdirSync(runDir, { recursive: true });
-  const temporal = await startTemporalDevServer({
-    headless: true,
-    logFile: path.join(runDir, 'temporal.log'),
-  });
-  const [loopback, port] = temporal.address.split(':');
-  const temporalForward = await forwardTcp(
-    { host: GATEWAY, port: TEMPORAL_PORT },
-    { host: loopback, port: Number(port) },
-  );
-  // The repository the tests serve uses this service token; `vsp cluster deploy` gives it to the workers.
-  const tokenFile = path.join(runDir, 'repository-token');
-  writeFileSync(tokenFile, `${randomBytes(24).toString('base64url')}\n`, { mode: 0o600 });
-  const inventory: Inventory = {
-    ...up.inventory,
-    cluster: {
-      temporalAddress: temporalForward.address,
-      repositoryUrl: `http://${GATEWAY}:${REPOSITORY_PORT}`,
-      repositoryTokenFile: tokenFile,
-      driver: 'xen',
-    },
-  };
-  const file = path.join(runDir, 'inventory.json');
-  writeFileSync(file, `${JSON.stringify(inventory, null, 2)}\n`);
-  process.env[CLUSTER_INVENTORY_ENV] = file;
-  const handle: ClusterSuiteHandle = { temporal, temporalForward, ownsCluster };
+  const services = await startClusterServices(up.inventory, runDir);
+  process.env[CLUSTER_INVENTORY_ENV] = services.inventoryFile;
+  process.env[CLUSTER_RUN_DIR_ENV] = runDir;
+  process.env[CLUSTER_VSP_DIR_ENV] = services.vsp.opts.baseDir;
+  const handle: ClusterSuiteHandle = { services, ownsCluster };
   (globalThis as Record<string, unknown>)[CLUSTER_HANDLE_KEY] = handle;
+  const seconds = (from: number, to: number) => `${((to - from) / 1000).toFixed(1)} s`;
   const boots = up.boots.map((b) => `${b.name} ${b.mode} ${b.sshReadySeconds}s`).join(', ');
   const how = up.reused ? 'already up, kept' : `up in ${up.seconds}s (${boots})`;
+  const c = services.inventory.cluster!;
   process.stderr.write(
-    `\ncluster tier: dom0s ${how}, Temporal at ${temporalForward.address}, inventory ${file}\n`,
+    `\ncluster tier: dom0s ${how}, Temporal at ${c.temporalAddress}, repository ${c.repositoryUrl}, inventory ${services.inventoryFile}\n` +
+      `cluster tier phases: dom0s ${seconds(t0, tUp)}, Temporal + repository + control worker ${seconds(tUp, Date.now())}\n`,
   );
 }

@@ -20,11 +20,27 @@
  *   onHostOk(host, command, opts?) the same; a non-zero exit throws (RemoteCommandError); its stdout
  *   hostTarget(host)              the SshTarget, for a test's own SshSession
  *   GATEWAY                       this machine's address on the cluster network
+ *   ensureDeployed()              `vsp cluster deploy --inventory` once per run (host workers on the dom0s);
+ *                                 markDeployed() records a deploy a test made itself
+ *   ownerToken(owner)             a token of `owner` in the tier's repository (created on first use)
+ *   submitTask(owner, spec)       submits a task as `owner` through the repository's task API
+ *   repo(owner)                   a RepositoryClient as `owner` (upload inputs, download results)
+ *   vspClient()                   a VspClient on the tier's Temporal (status, migrate, result), closed
+ *                                 after the file
+ *
+ * The global setup also runs the repository (on GATEWAY:8420, with the inventory's service token) and the
+ * control worker on this machine; their logs and Temporal's are in the run folder (VSP_CLUSTER_RUN_DIR).
  *
  * Without the global setup (e.g. a developer's `npm run vm-cluster -- up` then
  * `npx jest --selectProjects cluster`), the inventory of the running `vspxen` cluster is used.
  */
-import { promises as fs } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { existsSync, promises as fs } from 'node:fs';
+import path from 'node:path';
+import { Client, Connection } from '@temporalio/client';
+
+import { TaskClient, type OwnerTaskSpec, type SubmittedTask } from '../../client/taskClient';
+import { VspClient } from '../../client/vspClient';
 
 import { loadInventory, type Inventory } from '../../deploy/cluster/inventory';
 import {
@@ -34,9 +50,12 @@ import {
   type ExecResult,
   type SshTarget,
 } from '../../deploy/cluster/sshSession';
+import { ownerTokenIn } from '../../deploy/devcluster/localCluster';
+import { repoRoot } from '../../deploy/devcluster/tools';
 import { clusterConfig, inventoryFile as vmInventoryFile } from '../../deploy/vmcluster/config';
+import { RepositoryClient } from '../../repository/client';
 import { sshTargets } from '../../deploy/vmcluster/ssh';
-import { CLUSTER_INVENTORY_ENV, GATEWAY } from './suiteEnv';
+import { CLUSTER_INVENTORY_ENV, CLUSTER_RUN_DIR_ENV, CLUSTER_VSP_DIR_ENV, GATEWAY } from './suiteEnv';
 
 export type { ExecResult, Inventory, SshTarget };
 export { GATEWAY };
@@ -112,8 +131,94 @@ export async function onHostOk(host: string, command: string, opts: ExecOptions 
   return r.stdout;
 }
 
+function runEnv(name: string): string {
+  const v = process.env[name];
+  if (!v)
+    throw new Error(
+      `${name} is not set: run the cluster tier (npm run test:cluster), whose global setup sets it`,
+    );
+  return v;
+}
+
+/** `node dist/cli/vsp.js <args>`: exit code and output. */
+export function vspCli(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [path.join(repoRoot(), 'dist', 'cli', 'vsp.js'), ...args], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.once('error', reject);
+    child.once('close', (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+const deployedMarker = () => path.join(runEnv(CLUSTER_RUN_DIR_ENV), 'deployed');
+
+/** Records that this run's inventory was deployed (by a test that ran `vsp cluster deploy` itself). */
+export function markDeployed(): Promise<void> {
+  return fs.writeFile(deployedMarker(), `${new Date().toISOString()}\n`);
+}
+
+/**
+ * Deploys the run's inventory once per run (`vsp cluster deploy --inventory`, idempotent), so the dom0s run
+ * host workers of this build, configured for this run's Temporal and repository. Returns the seconds it took
+ * (0 when this run deployed already).
+ */
+export async function ensureDeployed(): Promise<number> {
+  if (existsSync(deployedMarker())) return 0;
+  const t0 = Date.now();
+  const r = await vspCli(['cluster', 'deploy', '--inventory', inventoryFile()]);
+  if (r.code !== 0)
+    throw new Error(`vsp cluster deploy failed (exit ${r.code}):\n${r.stdout}\n${r.stderr.slice(-4000)}`);
+  await markDeployed();
+  return (Date.now() - t0) / 1000;
+}
+
+export function ownerToken(owner: string): string {
+  return ownerTokenIn(path.join(runEnv(CLUSTER_VSP_DIR_ENV), 'repository'), owner);
+}
+
+const tokens = new Map<string, string>();
+const tokenOf = (owner: string) => {
+  let t = tokens.get(owner);
+  if (t === undefined) tokens.set(owner, (t = ownerToken(owner)));
+  return t;
+};
+
+export async function submitTask(
+  owner: string,
+  spec: OwnerTaskSpec,
+  opts: { taskId?: string } = {},
+): Promise<SubmittedTask> {
+  const url = (await clusterInventory()).cluster!.repositoryUrl;
+  return new TaskClient({ url, token: tokenOf(owner) }).submit(spec, opts);
+}
+
+export async function repo(owner: string): Promise<RepositoryClient> {
+  return new RepositoryClient({
+    url: (await clusterInventory()).cluster!.repositoryUrl,
+    token: tokenOf(owner),
+  });
+}
+
+let temporal: Promise<{ connection: Connection; vsp: VspClient }> | undefined;
+
+export async function vspClient(): Promise<VspClient> {
+  temporal ??= clusterInventory().then(async (inv) => {
+    const connection = await Connection.connect({ address: inv.cluster!.temporalAddress });
+    return { connection, vsp: new VspClient(new Client({ connection, namespace: 'default' })) };
+  });
+  return (await temporal).vsp;
+}
+
 // Each test file gets its own module instance: its sessions end with it.
 afterAll(async () => {
+  const t = temporal;
+  temporal = undefined;
+  if (t) await (await t).connection.close();
   const open = [...sessions.values()];
   sessions.clear();
   for (const s of await Promise.allSettled(open)) if (s.status === 'fulfilled') s.value.close();

@@ -9,7 +9,7 @@ import { TIMEOUT_EXIT_CODE, VmMigratedError } from '../../drivers/vmOutcome';
 import { vmNicOf } from '../../drivers/qemu/vmNetwork';
 import { isMigratable, type VmConfig, type VmStatus } from '../../drivers/types';
 import { renderDomainConfig } from '../../drivers/xen/domainConfig';
-import { DEFAULT_SSH_COMMAND, XenDriver } from '../../drivers/xen/xenDriver';
+import { DEFAULT_SSH_COMMAND, rawRootOf, XenDriver } from '../../drivers/xen/xenDriver';
 import { xlRunner } from '../../drivers/xen/xl';
 import { parseTaskSpec } from '../../spec/taskSpec';
 import { VmStore } from '../../storage/vmStore';
@@ -185,9 +185,8 @@ describe('xl domain config', () => {
       kernel: '/k/vmlinuz',
       ramdisk: '/k/initrd',
       owner: 'alice',
-      rootDisk: '/var/lib/vsp/cluster/a/vms/t1/root.qcow2',
+      rootDisk: '/var/lib/vsp/cluster/a/vms/t1/root.img',
       dataDisk: '/var/lib/vsp/cluster/a/vms/t1/data.img',
-      rootFormat: 'qcow2',
       nic: { ...nic, bridge: 'vspbr0' },
     });
     expect(text).toBe(
@@ -204,8 +203,8 @@ describe('xl domain config', () => {
         'on_poweroff = "destroy"',
         'on_reboot = "destroy"',
         'on_crash = "destroy"',
-        'disk = [ "format=qcow2,vdev=xvda,access=rw,backendtype=qdisk,target=/var/lib/vsp/cluster/a/vms/t1/root.qcow2", ' +
-          '"format=raw,vdev=xvdb,access=rw,backendtype=qdisk,target=/var/lib/vsp/cluster/a/vms/t1/data.img" ]',
+        'disk = [ "format=raw,vdev=xvda,access=rw,backendtype=phy,target=/var/lib/vsp/cluster/a/vms/t1/root.img", ' +
+          '"format=raw,vdev=xvdb,access=rw,backendtype=phy,target=/var/lib/vsp/cluster/a/vms/t1/data.img" ]',
         `vif = [ "mac=${nic.mac},bridge=vspbr0,vifname=${nic.tap}" ]`,
         '',
       ].join('\n'),
@@ -224,7 +223,6 @@ describe('xl domain config', () => {
       owner: 'alice',
       rootDisk: '/r',
       dataDisk: '/d',
-      rootFormat: 'raw' as const,
     };
     expect(() => renderDomainConfig({ ...base, rootDisk: '/r",x' })).toThrow(/rootDisk .* unsafe characters/);
     expect(() => renderDomainConfig({ ...base, memoryMiB: 10 })).toThrow(/memory 10 MiB/);
@@ -239,13 +237,12 @@ describe('XenDriver (fake xl on PATH)', () => {
     const config = await stagedVm('t1');
     const handle = await driver.create(config);
     const paths = stores.a.paths('t1');
-    // The overlay's base is named by its mounted path, valid on every host.
+    // The root disk is a raw copy of the base (blkback reads raw files only), with no backing file.
     const info = JSON.parse(
-      execFileSync('qemu-img', ['info', '--output=json', paths.rootDisk], { encoding: 'utf8' }),
-    ) as {
-      'backing-filename': string;
-    };
-    expect(info['backing-filename']).toBe(path.join(mountRoot, 'a', 'images', 'base.qcow2'));
+      execFileSync('qemu-img', ['info', '--output=json', rawRootOf(paths.dir)], { encoding: 'utf8' }),
+    ) as { format: string; 'virtual-size': number; 'backing-filename'?: string };
+    expect(info).toMatchObject({ format: 'raw', 'virtual-size': 64 * 1024 * 1024 });
+    expect(info['backing-filename']).toBeUndefined();
     expect(
       execFileSync('debugfs', ['-R', 'cat /.vsp/command', paths.dataDisk], {
         encoding: 'utf8',
@@ -267,10 +264,10 @@ describe('XenDriver (fake xl on PATH)', () => {
       '10.0.0.1 domid vsp-t1',
     ]);
     const cfg = await fs.readFile(cfgFile, 'utf8');
-    expect(cfg).toContain(`target=${mountRoot}/a/vms/t1/root.qcow2"`);
+    expect(cfg).toContain(`backendtype=phy,target=${mountRoot}/a/vms/t1/root.img"`);
     expect(cfg).toContain(`target=${mountRoot}/a/vms/t1/data.img"`);
     expect(cfg).toContain('vif = [ ]');
-    expect(started.state).toMatchObject({ domain: 'vsp-t1', domid: 7, diskRoot: 'vms/t1/root.qcow2' });
+    expect(started.state).toMatchObject({ domain: 'vsp-t1', domid: 7, diskRoot: 'vms/t1/root.img' });
 
     const seen: VmStatus[] = [];
     const result = await driver.wait(started, {
@@ -290,12 +287,12 @@ describe('XenDriver (fake xl on PATH)', () => {
     await expect(fs.access(path.join(fakeRoot, HOSTS.a, 'console', 'guest-vsp-t1.log'))).rejects.toThrow();
   });
 
-  test("the disks go to the account the exports squash root to (peers' qdisk writes them as it)", async () => {
+  test("the disks go to the account the exports squash root to (peers' loop devices write them as it)", async () => {
     const owner = { uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0 };
     const driver = driverOn('a', { diskOwner: owner });
     await driver.create(await stagedVm('owned-1'));
     const paths = stores.a.paths('owned-1');
-    for (const disk of [paths.rootDisk, paths.dataDisk]) {
+    for (const disk of [rawRootOf(paths.dir), paths.dataDisk]) {
       const st = await fs.stat(disk);
       expect([disk, st.uid, st.gid, st.mode & 0o777]).toEqual([disk, owner.uid, owner.gid, 0o600]);
     }
@@ -384,7 +381,7 @@ describe('XenDriver (fake xl on PATH)', () => {
   test('a missing mount is named before any domain is made', async () => {
     const driver = driverOn('a', { mountRoot: path.join(work, 'no-mounts') });
     await expect(driver.create(await stagedVm('t5'))).rejects.toThrow(
-      /images\/base.qcow2 is not reachable on a: is the store of a mounted at .*no-mounts\/a\?/,
+      /vms\/t5\/root.img is not reachable on a: is the store of a mounted at .*no-mounts\/a\?/,
     );
     expect(await calls()).toEqual([]);
     await stores.a.remove('t5');
@@ -418,9 +415,8 @@ describe('XenDriver live migration (xl migrate over ssh, fake xl)', () => {
     const started = await a.start(await a.create(await stagedVm('m1')));
     const source = await a.describeForMigration(started);
     expect(source.disks).toEqual({
-      root: { storageHost: 'a', path: 'vms/m1/root.qcow2' },
+      root: { storageHost: 'a', path: 'vms/m1/root.img' },
       data: { storageHost: 'a', path: 'vms/m1/data.img' },
-      base: { storageHost: 'a', path: 'images/base.qcow2' },
     });
     await calls();
     const incoming = await b.prepareIncoming(source);
@@ -498,7 +494,7 @@ describe('XenDriver live migration (xl migrate over ssh, fake xl)', () => {
     const source = await a.describeForMigration(started);
     const blind = driverOn('b', { mountRoot: path.join(work, 'no-mounts') });
     await expect(blind.prepareIncoming(source)).rejects.toThrow(
-      /no-mounts\/a\/vms\/m3\/root.qcow2 is not reachable on b: the NFS export of a is not mounted/,
+      /no-mounts\/a\/vms\/m3\/root.img is not reachable on b: the NFS export of a is not mounted/,
     );
     await expect(a.prepareIncoming(source)).rejects.toThrow(/already runs on a/);
     await a.destroy(started);

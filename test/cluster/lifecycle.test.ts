@@ -1,0 +1,181 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+import type { TaskResult } from '../../workflows/definitions';
+import { until } from '../support/clusterFixture';
+import { ensureDeployed, onHost, onHostOk, repo, submitTask, vspClient } from './harness';
+
+/**
+ * The whole task lifecycle on real Xen hosts through Temporal: the repository and the control worker on
+ * this machine, the host workers that `vsp cluster deploy` installed on the dom0s. A task with an input
+ * runs in a PVH guest on a, live-migrates a -> b -> a with its disks staying on a's kernel-NFS export (only
+ * memory moves), and its outputs and whole console (one segment per host) arrive in the repository.
+ * One task and one tour, to keep the tier's migrations (about a minute each under TCG) to two.
+ */
+
+const OWNER = 'xenlife';
+/** Small: a PVH live migration sends the guest's memory over ssh at a few MB/s under TCG. */
+const MEMORY_MIB = 192;
+const STORE = '/var/lib/vsp/store';
+const DATA = randomBytes(1024 * 1024);
+const DATA_SHA = createHash('sha256').update(DATA).digest('hex');
+const STEP_MS = 10 * 60_000;
+
+let work: string;
+const phases: [string, number][] = [];
+
+/** Runs `fn`, recording how long it took as the phase `name` (printed after the test). */
+async function phase<T>(name: string, fn: () => Promise<T>): Promise<T> {
+  const t0 = Date.now();
+  try {
+    return await fn();
+  } finally {
+    phases.push([name, (Date.now() - t0) / 1000]);
+  }
+}
+
+beforeAll(async () => {
+  work = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-xenlife-'));
+  const deploySeconds = await ensureDeployed();
+  phases.push(['deploy (0: this run deployed already)', deploySeconds]);
+  const f = path.join(work, 'data.bin');
+  await fs.writeFile(f, DATA);
+  await (await repo(OWNER)).upload(OWNER, 'in/data.bin', f);
+}, 40 * 60_000);
+
+afterAll(async () => {
+  process.stderr.write(
+    `xen lifecycle phases: ${phases.map(([n, s]) => `${n} ${s.toFixed(1)} s`).join(', ')}\n`,
+  );
+  if (work) await fs.rm(work, { recursive: true, force: true });
+});
+
+/** The VM id of the task's domain on `host` (`vsp-<task id>-<run>`), once xl lists it. */
+async function vmIdOn(host: string, taskId: string): Promise<string> {
+  return until(
+    `the domain of ${taskId} on ${host}`,
+    async () => {
+      const names = await onHostOk(host, "xl list | awk 'NR > 1 { print $1 }'");
+      return names
+        .split('\n')
+        .find((n) => n.startsWith(`vsp-${taskId}-`))
+        ?.slice('vsp-'.length);
+    },
+    STEP_MS,
+  );
+}
+
+/** Waits until the guest printed round `n` or later in `host`'s console (each host's starts at arrival). */
+function awaitRound(host: string, vmId: string, n: number): Promise<number> {
+  return until(
+    `round ${n} of ${vmId} on ${host}`,
+    async () => {
+      const r = await onHost(host, `cat ${STORE}/vms/${vmId}/console.log`);
+      const seen = [...r.stdout.matchAll(/^VSP-PROGRESS \d+ round (\d+)/gm)].map((m) => Number(m[1]));
+      const last = seen.at(-1);
+      return last !== undefined && last >= n ? last : undefined;
+    },
+    STEP_MS,
+  );
+}
+
+/** The files behind `host`'s loop devices (the phy backend's view of the guest's disks). */
+async function loopFiles(host: string): Promise<string[]> {
+  return (await onHostOk(host, 'losetup --list --noheadings --output BACK-FILE'))
+    .split('\n')
+    .map((l) => l.trim());
+}
+
+async function download(resultsPath: string, rel: string): Promise<string> {
+  const f = path.join(work, `dl-${randomBytes(4).toString('hex')}`);
+  await (await repo(OWNER)).download(OWNER, `${resultsPath}/${rel}`, f);
+  return fs.readFile(f, 'utf8');
+}
+
+test(
+  'a task with an input runs on a, migrates a -> b -> a (disks stay on a), outputs and console reach the repository',
+  async () => {
+    const vsp = await vspClient();
+    // Hashes its input round after round, one progress line per round, until the guest is shut down (the
+    // appliance's stop script sends TERM, which the task takes as "finish the round and exit 0").
+    const { taskId } = await phase('submit', () =>
+      submitTask(OWNER, {
+        owner: OWNER,
+        driver: 'xen',
+        host: 'a',
+        memoryMiB: MEMORY_MIB,
+        timeLimitSec: 3600,
+        inputs: ['in/data.bin'],
+        command: [
+          'set -e',
+          'mkdir -p out',
+          'i=0',
+          'stop=',
+          "trap 'stop=1' TERM",
+          'while [ -z "$stop" ]; do',
+          '  sha256sum in/data.bin > /tmp/sum || true',
+          '  [ -n "$stop" ] && break',
+          '  i=$((i+1))',
+          '  cat /tmp/sum >> out/rounds.txt',
+          '  echo "VSP-PROGRESS $((i < 99 ? i : 99)) round $i"',
+          '  sleep 1 || true',
+          'done',
+          'exit 0',
+        ].join('\n'),
+      }),
+    );
+    const vmId = await phase('submit -> domain on a', () => vmIdOn('a', taskId));
+    await phase('domain -> first round on a', () => awaitRound('a', vmId, 1));
+    const disk = `/var/lib/vsp/cluster/a/vms/${vmId}`;
+
+    const toB = await phase('migrate a -> b', () => vsp.migrate(taskId, { host: 'b' }));
+    expect(toB).toMatchObject({ host: 'b', storageHost: 'a', phase: 'running' });
+    // On b the guest's disks are a's files, behind b's loop devices, through b's NFS mount of a's store.
+    expect(await loopFiles('b')).toEqual(expect.arrayContaining([`${disk}/root.img`, `${disk}/data.img`]));
+    expect(await onHostOk('b', `findmnt -n -o FSTYPE,SOURCE --target ${disk}`)).toMatch(/^nfs4\s+\S+:\/vsp/);
+    await awaitRound('b', vmId, 1);
+
+    const toA = await phase('migrate b -> a', () => vsp.migrate(taskId, { host: 'a' }));
+    expect(toA).toMatchObject({ host: 'a', storageHost: 'a', phase: 'running' });
+    expect(await loopFiles('b')).not.toEqual(expect.arrayContaining([`${disk}/root.img`]));
+    await awaitRound('a', vmId, 1);
+
+    const result: TaskResult = await phase('shutdown -> result', async () => {
+      await onHostOk('a', `xl shutdown vsp-${vmId}`);
+      return vsp.result(taskId);
+    });
+    expect(result).toMatchObject({ exitCode: 0, host: 'a', storageHost: 'a' });
+    expect(result.migrations?.map((m) => `${m.from}->${m.to}`)).toEqual(['a->b', 'b->a']);
+    for (const m of result.migrations!) {
+      expect(m).toMatchObject({ ok: true, diskTransferredBytes: 0 });
+      expect(m.ramTransferredBytes).toBeGreaterThan(0);
+      expect(m.downtimeMs).toBeGreaterThan(0);
+    }
+
+    // Every round hashed the input right, wherever it ran.
+    const rounds = (await download(result.resultsPath, 'outputs/rounds.txt')).trim().split('\n');
+    expect(rounds.length).toBeGreaterThanOrEqual(3);
+    expect(new Set(rounds)).toEqual(new Set([`${DATA_SHA}  in/data.bin`]));
+    // The console: one segment per host, in order, with the rounds each once and in order across them.
+    const console = await download(result.resultsPath, 'logs/console.log');
+    expect([...console.matchAll(/^=== host ([a-z]), \S+ \.\. \S+ ===$/gm)].map((h) => h[1])).toEqual([
+      'a',
+      'b',
+      'a',
+    ]);
+    const seen = [...console.matchAll(/^VSP-PROGRESS \d+ round (\d+)\r?$/gm)].map((m) => Number(m[1]));
+    expect(seen).toEqual(Array.from({ length: rounds.length }, (_, i) => i + 1));
+    // Nothing left: no domain, no loop device on the VM's disks, no VM folder on b.
+    for (const h of ['a', 'b']) {
+      expect(await onHostOk(h, 'xl list')).not.toContain(vmId);
+      expect((await loopFiles(h)).filter((f) => f.includes(vmId))).toEqual([]);
+    }
+    expect((await onHost('b', `test -e ${STORE}/vms/${vmId}`)).code).not.toBe(0);
+    process.stderr.write(
+      `xen migrations: ${JSON.stringify(result.migrations)}; task phases ${JSON.stringify(result.phaseMs)}\n`,
+    );
+  },
+  45 * 60_000,
+);
