@@ -11,6 +11,8 @@ import { stopAll, stopAllOnSignals } from '../deploy/devcluster/processes';
 import { startTemporalDevServer, type TemporalDevServer } from '../deploy/devcluster/temporal';
 import { createLogger, describeError } from '../logging/logger';
 import { writeFileAtomicSync } from '../storage/durableFile';
+import { benchCpuShare } from './cpuShare';
+import { benchDrain } from './drain';
 import { benchLifecycle } from './lifecycle';
 import { benchMigrationTls } from './migrationTls';
 import { benchMigrationTraces } from './migrationTraces';
@@ -21,6 +23,7 @@ import { benchRepositoryProtocols } from './repositoryProtocols';
 import { writeReport, type BenchReport } from './report';
 import { benchScheduler } from './scheduler';
 import { benchStaging } from './staging';
+import { benchStorageEvacuation } from './storageEvacuation';
 import { benchSubmission } from './submission';
 import { benchVmCreation } from './vmCreation';
 import { benchXen } from './xen';
@@ -59,6 +62,9 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   'migration-traces': (ctx) =>
     benchMigrationTraces({ workDir: ctx.workDir, outDir: ctx.outDir, quick: ctx.quick }),
   'migration-tls': (ctx) => benchMigrationTls({ workDir: ctx.workDir, quick: ctx.quick }),
+  'cpu-share': (ctx) => benchCpuShare({ workDir: ctx.workDir, quick: ctx.quick }),
+  'storage-evacuation': (ctx) => benchStorageEvacuation({ workDir: ctx.workDir, quick: ctx.quick }),
+  drain: (ctx) => benchDrain({ workDir: ctx.workDir, quick: ctx.quick }),
   xen: (ctx) => benchXen({ workDir: ctx.workDir, quick: ctx.quick }),
 };
 

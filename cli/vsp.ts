@@ -6,7 +6,7 @@ import { TaskClient, TaskClientError, type OwnerTaskSpec, type TaskSummary } fro
 import { taskFailureMessage, VspClient } from '../client/vspClient';
 import { RepositoryClient } from '../repository/client';
 import { TaskSpecError } from '../spec/taskSpec';
-import type { MigrateRequest, TaskResult, TaskStatus } from '../workflows/definitions';
+import type { MigrateRequest, ResizeRequest, TaskResult, TaskStatus } from '../workflows/definitions';
 import { commandGroup, IMAGE_GROUP_DESCRIPTION, registerAdminCommands } from './adminCommands';
 import { registerClusterCommands } from './clusterCommands';
 import { registerHostCommands } from './hostCommands';
@@ -152,6 +152,7 @@ interface TaskAccess {
   watch(taskId: string, onStatus: (s: DisplayedStatus) => void): Promise<TaskResult>;
   cancel(taskId: string, reason?: string): Promise<TaskStatus>;
   migrate(taskId: string, request: MigrateRequest): Promise<TaskStatus>;
+  resize(taskId: string, request: ResizeRequest): Promise<TaskStatus>;
   list(opts: { running?: boolean }): Promise<TaskSummary[]>;
 }
 
@@ -162,8 +163,8 @@ interface TaskCommandOptions {
 }
 
 /** The repository options every task command takes, and --temporal where operators may use it. */
-function taskCommand(name: string, description: string, operators = true): Command {
-  const cmd = program.command(name).description(description).addOption(repoOption()).addOption(ownerOption());
+function taskCommand(name: string, description: string, operators = true, parent = program): Command {
+  const cmd = parent.command(name).description(description).addOption(repoOption()).addOption(ownerOption());
   return operators
     ? cmd.option('--temporal', 'operators: use Temporal directly (TEMPORAL_ADDRESS, ...), not the repository')
     : cmd;
@@ -182,6 +183,7 @@ async function tasks(opts: TaskCommandOptions): Promise<TaskAccess> {
     watch: (id, onStatus) => vsp.watch(id, onStatus),
     cancel: (id, reason) => vsp.cancel(id, reason),
     migrate: (id, request) => vsp.migrate(id, request),
+    resize: (id, request) => vsp.resize(id, request),
     list: (o) => vsp.list({ ...o, owner: opts.owner }),
   };
 }
@@ -259,6 +261,38 @@ taskCommand('migrate <task-id>', "live-migrate a running task's VM; its disks st
       s,
     );
   });
+
+// `vsp resize`, like the other task commands, and `vsp task resize`, in the task group.
+for (const parent of [program, commandGroup(program, 'task', 'tasks')])
+  taskCommand('resize <task-id>', "change a running task's CPU share on its host", true, parent)
+    .option(
+      '--cpu-cap <percent>',
+      'at most this percent of one CPU (150 = one and a half; 0 lifts the cap)',
+      wholeNumber('--cpu-cap'),
+    )
+    .option(
+      '--cpu-weight <n>',
+      'weight against other tasks when CPUs are contended (default 100)',
+      wholeNumber('--cpu-weight'),
+    )
+    .action(async (taskId: string, opts: TaskCommandOptions & { cpuCap?: number; cpuWeight?: number }) => {
+      if (opts.cpuCap === undefined && opts.cpuWeight === undefined)
+        throw new Error('give --cpu-cap, --cpu-weight or both');
+      const s = await (await tasks(opts)).resize(taskId, { capPercent: opts.cpuCap, weight: opts.cpuWeight });
+      const share = s.cpuShare ?? {};
+      print(
+        `${taskId} on ${s.host}: CPU cap ${share.capPercent ? `${share.capPercent}%` : 'none'}, weight ${share.weight ?? 100}`,
+        s,
+      );
+    });
+
+/** A whole-number option's parser: the error names the option (the update checks the range). */
+function wholeNumber(option: string): (v: string) => number {
+  return (v) => {
+    if (!/^\d+$/.test(v.trim())) throw new Error(`${option} must be a whole number, got '${v}'`);
+    return Number(v);
+  };
+}
 
 taskCommand('list', 'list your tasks, newest first')
   .option('--running', 'only running tasks')

@@ -1,6 +1,6 @@
 import type { TaskSpecInput } from '../spec/taskSpec';
 import type { TaskView } from '../repository/taskApi';
-import type { MigrateRequest, TaskResult, TaskStatus } from '../workflows/definitions';
+import type { MigrateRequest, ResizeRequest, TaskResult, TaskStatus } from '../workflows/definitions';
 import type { TaskSummary } from './vspClient';
 
 export type { TaskSummary, TaskView };
@@ -177,6 +177,16 @@ export class TaskClient {
       'POST',
       `${await this.taskPath(taskId)}/migrate`,
       `migrate task ${taskId}`,
+      request,
+    );
+  }
+
+  /** Changes a running task's CPU share (422 with the cause when it could not). */
+  async resize(taskId: string, request: ResizeRequest): Promise<TaskStatus> {
+    return this.call<TaskStatus>(
+      'POST',
+      `${await this.taskPath(taskId)}/resize`,
+      `resize task ${taskId}`,
       request,
     );
   }

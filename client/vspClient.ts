@@ -10,9 +10,12 @@ import { SchedulerClient } from './schedulerClient';
 import { taskInput } from '../spec/taskInput';
 import {
   cancelUpdate,
+  localizeDisksUpdate,
   migrateUpdate,
   statusQuery,
   type MigrateRequest,
+  resizeUpdate,
+  type ResizeRequest,
   type TaskResult,
   type TaskStatus,
 } from '../workflows/definitions';
@@ -156,6 +159,19 @@ export class VspClient {
    */
   async migrate(taskId: string, request: MigrateRequest = {}): Promise<TaskStatus> {
     return this.temporal.workflow.getHandle(taskId).executeUpdate(migrateUpdate, { args: [request] });
+  }
+
+  /** Changes a running task's CPU share on its host; resolves once it is in force. */
+  async resize(taskId: string, request: ResizeRequest): Promise<TaskStatus> {
+    return this.temporal.workflow.getHandle(taskId).executeUpdate(resizeUpdate, { args: [request] });
+  }
+
+  /**
+   * Moves a running task's disks to the host where its VM runs, while it runs (storage evacuation);
+   * resolves once the new storage host is recorded. A failure leaves the disks where they were.
+   */
+  async localizeDisks(taskId: string): Promise<TaskStatus> {
+    return this.temporal.workflow.getHandle(taskId).executeUpdate(localizeDisksUpdate, { args: [] });
   }
 
   async list(opts: { owner?: string; running?: boolean; limit?: number } = {}): Promise<TaskSummary[]> {

@@ -215,6 +215,13 @@ const ControlSchema = z.object({
   memoryOvercommit: ratio.default(DEFAULT_SCHEDULER_CONFIG.memoryOvercommit),
   diskOvercommit: ratio.default(DEFAULT_SCHEDULER_CONFIG.diskOvercommit),
   taskDiskMiB: z.coerce.number().int().min(0).default(DEFAULT_SCHEDULER_CONFIG.taskDiskMiB),
+  antiAffinity: z.stringbool().default(false),
+  /** Rebalancing's Schedule period; 0 (the default) leaves it off. */
+  rebalanceEverySec: z.coerce.number().int().min(0).max(86_400).default(0),
+  rebalanceThreshold: z.coerce.number().min(0).max(2).default(0.05),
+  rebalanceMaxInFlight: z.coerce.number().int().min(1).max(16).default(1),
+  /** After any live migration, the VM's disks follow it (a task's spec may say otherwise). */
+  localizeDisksAfterMigration: z.stringbool().default(false),
 });
 
 export type ControlConfig = z.output<typeof ControlSchema>;
@@ -232,6 +239,11 @@ export function loadControlConfig(env: NodeJS.ProcessEnv = process.env): Control
       memoryOvercommit: 'VSP_SCHED_MEMORY_OVERCOMMIT',
       diskOvercommit: 'VSP_SCHED_DISK_OVERCOMMIT',
       taskDiskMiB: 'VSP_SCHED_TASK_DISK_MIB',
+      antiAffinity: 'VSP_SCHED_ANTI_AFFINITY',
+      rebalanceEverySec: 'VSP_SCHED_REBALANCE_EVERY_SEC',
+      rebalanceThreshold: 'VSP_SCHED_REBALANCE_THRESHOLD',
+      rebalanceMaxInFlight: 'VSP_SCHED_REBALANCE_MAX_IN_FLIGHT',
+      localizeDisksAfterMigration: 'VSP_LOCALIZE_DISKS_AFTER_MIGRATION',
     },
     env,
   );
@@ -240,5 +252,23 @@ export function loadControlConfig(env: NodeJS.ProcessEnv = process.env): Control
 /** The scheduler's configuration from a control worker's. */
 export function schedulerConfigOf(c: ControlConfig): SchedulerConfig {
   const { hosts, policy, locality, cpuOvercommit, memoryOvercommit, diskOvercommit, taskDiskMiB } = c;
-  return { hosts, policy, locality, cpuOvercommit, memoryOvercommit, diskOvercommit, taskDiskMiB };
+  return {
+    hosts,
+    policy,
+    locality,
+    cpuOvercommit,
+    memoryOvercommit,
+    diskOvercommit,
+    taskDiskMiB,
+    ...(c.antiAffinity ? { antiAffinity: true } : {}),
+    ...(c.rebalanceEverySec > 0
+      ? {
+          rebalance: {
+            everySec: c.rebalanceEverySec,
+            threshold: c.rebalanceThreshold,
+            maxInFlight: c.rebalanceMaxInFlight,
+          },
+        }
+      : {}),
+  };
 }

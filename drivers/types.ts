@@ -80,6 +80,19 @@ export interface HypervisorDriver {
   stop(handle: VmHandle, timeoutMs: number): Promise<void>;
   /** Stops if needed and removes every trace of the VM on this host. */
   destroy(handle: VmHandle): Promise<void>;
+  /**
+   * Changes the running VM's CPU share (QEMU and process tasks: a cgroup; Xen: the credit scheduler).
+   * Absent: the driver cannot, and a resize is refused on its hosts.
+   */
+  setCpuShare?(handle: VmHandle, share: CpuShare): Promise<void>;
+}
+
+/** A task's CPU share: what `vsp task resize` sets and a deadline raises. */
+export interface CpuShare {
+  /** At most this percent of one physical CPU (150 = one and a half); absent or 0: no cap. */
+  capPercent?: number;
+  /** Relative weight against other tasks when CPUs are contended; 100 is the default. */
+  weight?: number;
 }
 
 /* ---- Live migration (issue 4): memory only; the disks stay in the storage host's store. ---- */
@@ -165,4 +178,48 @@ export interface MigratableDriver extends HypervisorDriver {
 
 export function isMigratable(driver: HypervisorDriver): driver is MigratableDriver {
   return driver.capabilities.liveMigration && 'prepareIncoming' in driver && 'migrate' in driver;
+}
+
+/* ---- Storage evacuation (issue 12): a running VM's disks follow it to the host where it runs. ---- */
+
+export interface DiskMoveProgress {
+  /** Bytes mirrored so far and in all, over every disk. */
+  doneBytes: number;
+  totalBytes: number;
+  elapsedMs: number;
+  /** Every disk is mirrored and kept in step: the switch comes next. */
+  ready: boolean;
+}
+
+export interface DiskMoveOptions {
+  onProgress?: (progress: DiskMoveProgress) => void;
+  signal?: AbortSignal;
+  /** Give up (and keep the disks where they are) after this long. */
+  timeoutMs?: number;
+}
+
+export interface DiskMoveResult {
+  /** The VM's handle with this host as its storage host. */
+  handle: VmHandle;
+  /** The storage host the disks left (the same as handle.storageHost when they were local already). */
+  from: string;
+  /** Bytes mirrored (virtual sizes of the disks), and how long the mirror took to the switch. */
+  bytes: number;
+  elapsedMs: number;
+}
+
+/**
+ * A driver that moves a running VM's disks from their storage host into the store of the host where
+ * the VM runs, while it runs, then switches the VM over to them. Protocol: `localizeDisks` on the host
+ * where the VM runs (the new storage host is recorded there and returned), then, once the caller has
+ * recorded it too, `dropMovedDisks` on the former storage host. Both idempotent.
+ */
+export interface DiskLocalizingDriver extends HypervisorDriver {
+  localizeDisks(handle: VmHandle, options: DiskMoveOptions): Promise<DiskMoveResult>;
+  /** Removes the VM's folder from this former storage host; refuses while the VM runs or is stored here. */
+  dropMovedDisks(handle: VmHandle): Promise<void>;
+}
+
+export function canLocalizeDisks(driver: HypervisorDriver): driver is DiskLocalizingDriver {
+  return 'localizeDisks' in driver && 'dropMovedDisks' in driver;
 }

@@ -120,7 +120,9 @@ function route(target: string): Route | undefined {
   if (pathname.startsWith('/v1/admin/')) return { kind: 'admin', path: pathname.slice(10), query };
   const img = /^\/v1\/owners\/([^/]+)\/images$/.exec(pathname);
   if (img) return { kind: 'images', owner: decodeComponent(img[1], 'owner name') };
-  const t = /^\/v1\/owners\/([^/]+)\/tasks(?:\/([^/]+)(?:\/(cancel|migrate|result))?)?$/.exec(pathname);
+  const t = /^\/v1\/owners\/([^/]+)\/tasks(?:\/([^/]+)(?:\/(cancel|migrate|resize|result))?)?$/.exec(
+    pathname,
+  );
   if (t) {
     const id = t[2] === undefined ? undefined : decodeComponent(t[2], 'task id');
     const action = t[3] as TaskAction | undefined;

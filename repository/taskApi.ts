@@ -10,7 +10,14 @@ import { SEARCH_ATTRIBUTES } from '../config/names';
 import { taskFailureMessage, type TaskSummary, type VspClient } from '../client/vspClient';
 import { describeError, type Logger } from '../logging/logger';
 import { TaskSpecError } from '../spec/taskSpec';
-import type { MigrationRecord, TaskPhase, TaskResult, TaskStatus } from '../workflows/definitions';
+import {
+  ResizeRequestSchema,
+  type MigrationRecord,
+  type ResizeRequest,
+  type TaskPhase,
+  type TaskResult,
+  type TaskStatus,
+} from '../workflows/definitions';
 import type { CapabilityKeys } from './capabilities';
 import type { MetadataDb } from './metadataDb';
 import { admitTask, checkTaskId, submissionOf, TaskApiError } from './taskAdmission';
@@ -18,7 +25,7 @@ import { admitTask, checkTaskId, submissionOf, TaskApiError } from './taskAdmiss
 export { TaskApiError };
 
 /**
- * The owners' task API (`/v1/owners/<owner>/tasks[/<id>[/cancel|migrate|result]]`): the one front door
+ * The owners' task API (`/v1/owners/<owner>/tasks[/<id>[/cancel|migrate|resize|result]]`): the one front door
  * through which owners submit, list, follow, cancel and migrate their tasks (the web page, `vsp`).
  * Routing and authentication stay in httpApi.ts, shared with the file API; this module answers for an
  * owner already authorised there. Submission admits the task first (taskAdmission.ts: owner fixed,
@@ -59,7 +66,7 @@ export interface TaskView {
 }
 
 /** What can be done to one task besides reading it. */
-export type TaskAction = 'cancel' | 'migrate' | 'result';
+export type TaskAction = 'cancel' | 'migrate' | 'resize' | 'result';
 
 export interface TaskRequest {
   method: string;
@@ -156,6 +163,11 @@ export async function taskRequest(
       only('POST');
       const request = parseBody(MigrateRequestSchema, await req.body(), 'migrate request');
       return { status: 200, body: await api.migrate(owner, taskId, request) };
+    }
+    case 'resize': {
+      only('POST');
+      const request = parseBody(ResizeRequestSchema, await req.body(), 'resize request');
+      return { status: 200, body: await api.resize(owner, taskId, request) };
     }
     case 'result':
       only('GET');
@@ -286,6 +298,12 @@ export class TaskApi {
   ): Promise<TaskStatus> {
     await this.running(owner, taskId);
     return this.update('migrate', 422, () => this.vsp.migrate(taskId, request));
+  }
+
+  /** Changes the CPU share of the owner's running task; 422 with the cause when it could not. */
+  async resize(owner: string, taskId: string, request: ResizeRequest): Promise<TaskStatus> {
+    await this.running(owner, taskId);
+    return this.update('resize', 422, () => this.vsp.resize(taskId, request));
   }
 
   /** The result of the owner's task: 409 while it runs, 422 with the failure when it did not complete. */

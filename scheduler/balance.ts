@@ -1,5 +1,5 @@
-import type { Reservation, SchedulerState } from './model';
-import { add, allocations, eligibleHosts, fitProblem, type HostFit } from './placement';
+import type { RebalanceConfig, Reservation, SchedulerState } from './model';
+import { add, allocations, eligibleHosts, fitProblem, sharesService, type HostFit } from './placement';
 
 export interface BalanceMove {
   taskId: string;
@@ -24,7 +24,9 @@ export function spreadScore(hosts: HostFit[]): number {
   return total;
 }
 
-const movable = (r: Reservation) => !r.movingTo && r.driver !== undefined && r.driver !== 'process';
+/** A VM task not moving already and free to go anywhere (a task that asked for its host stays there). */
+const movable = (r: Reservation) =>
+  !r.movingTo && !r.pinned && r.driver !== undefined && r.driver !== 'process';
 
 /**
  * The live migrations that make the cluster's score better, one at a time, each computed on the cluster
@@ -45,17 +47,22 @@ export function planBalance(
     const from = byHost.get(r.host) as HostFit;
     from.allocated = add(from.allocated, r.resources, -1);
     to.allocated = add(to.allocated, r.resources);
+    if (r.service) {
+      from.serviceOwners = without(from.serviceOwners, r.owner);
+      to.serviceOwners = [...to.serviceOwners, r.owner];
+    }
     r.host = to.host;
   };
   const fits = (r: Reservation, to: HostFit) =>
     to.host !== r.host &&
+    !sharesService(r, to, state.config) &&
     !fitProblem(
       {
         taskId: r.taskId,
         owner: r.owner,
         resources: r.resources,
         driver: r.driver,
-        labels: {},
+        labels: r.labels ?? {},
         priority: 0,
         image: '',
         exclude: [],
@@ -106,4 +113,41 @@ export function planBalance(
     apply(best.r, best.to);
   }
   return moves;
+}
+
+/** A task whose rebalancing move failed this many times stays where it is. */
+export const REBALANCE_ATTEMPTS = 3;
+
+/**
+ * The moves a rebalancing round starts now: up to `maxInFlight` less those under way, each the first of
+ * the plan (planBalance) on the cluster as the moves before it, and those under way, will leave it. A
+ * task under way or that failed REBALANCE_ATTEMPTS times is not moved.
+ */
+export function nextBalanceMoves(state: SchedulerState, cfg: RebalanceConfig): BalanceMove[] {
+  const inFlight = state.balance?.inFlight ?? {};
+  const failures = state.balance?.failures ?? {};
+  const room = cfg.maxInFlight - Object.keys(inFlight).length;
+  const reservations: Record<string, Reservation> = {};
+  for (const r of Object.values(state.reservations)) {
+    const to = inFlight[r.taskId];
+    reservations[r.taskId] = to
+      ? { ...r, host: to, movingTo: undefined, pinned: true }
+      : (failures[r.taskId] ?? 0) >= REBALANCE_ATTEMPTS
+        ? { ...r, pinned: true }
+        : r;
+  }
+  const moves: BalanceMove[] = [];
+  while (moves.length < room) {
+    const [next] = planBalance({ ...state, reservations }, { threshold: cfg.threshold, maxMoves: 100 });
+    if (!next) break;
+    moves.push(next);
+    reservations[next.taskId] = { ...reservations[next.taskId], host: next.to, pinned: true };
+  }
+  return moves;
+}
+
+/** The list without one occurrence of `item`. */
+function without(list: string[], item: string): string[] {
+  const i = list.indexOf(item);
+  return i < 0 ? list : [...list.slice(0, i), ...list.slice(i + 1)];
 }

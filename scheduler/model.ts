@@ -58,6 +58,37 @@ export interface SchedulerConfig {
   diskOvercommit: number;
   /** Store space a task reserves beyond its output room (overlay, logs, staged inputs). */
   taskDiskMiB: number;
+  /** Keep an owner's service tasks (tasks with ports) on different hosts where one has room (placement and rebalancing). */
+  antiAffinity?: boolean;
+  /** Rebalancing by live migration on a Temporal Schedule; absent or everySec 0: off. */
+  rebalance?: RebalanceConfig;
+}
+
+export interface RebalanceConfig {
+  /** The Schedule's period: a round looks for moves this often. */
+  everySec: number;
+  /** Smallest gain of the cluster score worth a move (spread). */
+  threshold: number;
+  /** Live migrations of a round under way at once. */
+  maxInFlight: number;
+}
+
+/** What rebalancing has done (the state query; tests and operators watch its rounds). */
+export interface BalanceRecord {
+  /** Rounds started (Schedule ticks that found the scheduler). */
+  rounds: number;
+  lastRoundAt?: string;
+  /** Whether the last plan found no move worth making. */
+  balanced: boolean;
+  /** A round is wanted or under way: the next run (continue-as-new) takes it up. */
+  active: boolean;
+  /** Moves done and failed, all time. */
+  moved: number;
+  failed: number;
+  /** Failed moves per task: one that failed REBALANCE_ATTEMPTS times is not tried again. */
+  failures: Record<string, number>;
+  /** Moves under way: task -> its target. */
+  inFlight: Record<string, string>;
 }
 
 export const DEFAULT_SCHEDULER_CONFIG: Omit<SchedulerConfig, 'hosts'> = {
@@ -85,6 +116,8 @@ export interface PlacementRequest {
   image: string;
   /** Hosts the task must not go to (they died under it). */
   exclude: string[];
+  /** A service task (it has ports): anti-affinity keeps an owner's apart. */
+  service?: boolean;
 }
 
 /** A task's grant: its resources on a host, and on a second one while it migrates there. */
@@ -98,6 +131,12 @@ export interface Reservation {
   since: string;
   /** A migration under way: the target's share is held until the move settles. */
   movingTo?: string;
+  /** The spec's constraints, which a rebalancing move keeps to: the host it asked for, labels. */
+  pinned?: boolean;
+  labels?: Record<string, string>;
+  service?: boolean;
+  /** Where its disks are when not on `host` (it migrated, memory only): a drain of that host moves them. */
+  storageHost?: string;
 }
 
 export interface QueueEntry {
@@ -132,6 +171,7 @@ export interface SchedulerState {
   seq: number;
   /** Placement decisions made (grants, refusals, queueings), for the bench and operators. */
   decisions: number;
+  balance?: BalanceRecord;
 }
 
 /** A queued task's place. */
@@ -171,4 +211,6 @@ export interface HostSummary {
   inventory?: HostInventory;
   drain?: DrainOrder;
   tasks: string[];
+  /** Tasks running elsewhere whose disks this host's store holds. */
+  storedTasks?: string[];
 }

@@ -84,11 +84,24 @@ export interface HostFit {
   capacity: Resources;
   allocated: Resources;
   inventory: HostInventory;
+  /** The owners of the service tasks it holds, once per task (anti-affinity). */
+  serviceOwners: string[];
+}
+
+/** Each host's service tasks' owners (a migrating one counts on both hosts). */
+function serviceOwnersByHost(reservations: Record<string, Reservation>): Map<string, string[]> {
+  const out = new Map<string, string[]>();
+  for (const r of Object.values(reservations))
+    if (r.service)
+      for (const h of r.movingTo ? [r.host, r.movingTo] : [r.host])
+        out.set(h, [...(out.get(h) ?? []), r.owner]);
+  return out;
 }
 
 /** The hosts that may take new tasks now (live, reported, not draining), with what they hold. */
 export function eligibleHosts(state: SchedulerState, allocated = allocations(state.reservations)): HostFit[] {
   const out: HostFit[] = [];
+  const services = serviceOwnersByHost(state.reservations);
   for (const host of state.config.hosts) {
     const view = state.views[host];
     if (!view?.live || !view.inventory || state.drains[host]) continue;
@@ -97,6 +110,7 @@ export function eligibleHosts(state: SchedulerState, allocated = allocations(sta
       capacity: capacityOf(view.inventory, state.config),
       allocated: allocated.get(host) ?? ZERO,
       inventory: view.inventory,
+      serviceOwners: services.get(host) ?? [],
     });
   }
   return out;
@@ -119,17 +133,31 @@ export function hasImage(inv: HostInventory, image: string): boolean {
   return inv.cachedImages.some((i) => i.names.includes(image));
 }
 
+/** Whether anti-affinity keeps the task off the host: it holds another service task of the same owner. */
+export function sharesService(
+  req: Pick<PlacementRequest, 'owner' | 'service'>,
+  h: HostFit,
+  config: SchedulerConfig,
+): boolean {
+  return config.antiAffinity === true && req.service === true && h.serviceOwners.includes(req.owner);
+}
+
 /**
  * Higher is better. Spread: the most room left after the task (the mean free share of vCPUs and
  * memory); pack: the least. Locality adds one whole point, so a host with the image wins unless it is
- * the only difference in a tie of two equally full hosts.
+ * the only difference in a tie of two equally full hosts. Anti-affinity takes two: a host holding
+ * another service task of the owner is chosen only when no other has room.
  */
 export function score(req: PlacementRequest, h: HostFit, config: SchedulerConfig): number {
   const after = add(h.allocated, req.resources);
   const share = (k: 'vcpus' | 'memoryMiB') => (h.capacity[k] > 0 ? 1 - after[k] / h.capacity[k] : 0);
   const free = (share('vcpus') + share('memoryMiB')) / 2;
   const base = config.policy === 'pack' ? 1 - free : free;
-  return base + (config.locality && hasImage(h.inventory, req.image) ? 1 : 0);
+  return (
+    base +
+    (config.locality && hasImage(h.inventory, req.image) ? 1 : 0) -
+    (sharesService(req, h, config) ? 2 : 0)
+  );
 }
 
 export type Choice = { host: string } | { none: string };
@@ -242,20 +270,25 @@ function mostFree(hosts: HostFit[]): Resources {
 export function summarise(state: SchedulerState): HostSummary[] {
   const allocated = allocations(state.reservations);
   const tasks = new Map<string, string[]>();
-  for (const r of Object.values(state.reservations))
+  const stored = new Map<string, string[]>();
+  for (const r of Object.values(state.reservations)) {
     for (const h of r.movingTo ? [r.host, r.movingTo] : [r.host])
       tasks.set(h, [...(tasks.get(h) ?? []), r.taskId]);
+    if (r.storageHost && r.storageHost !== r.host)
+      stored.set(r.storageHost, [...(stored.get(r.storageHost) ?? []), r.taskId]);
+  }
   return state.config.hosts.map((host) => {
     const view = state.views[host];
     const inv = view?.inventory;
     const capacity = inv && capacityOf(inv, state.config);
     const alloc = allocated.get(host) ?? ZERO;
     const held = tasks.get(host) ?? [];
+    const keeps = stored.get(host) ?? [];
     const drain = state.drains[host];
     const hostState: HostState = !view?.live
       ? 'down'
       : drain
-        ? held.length
+        ? held.length || keeps.length
           ? 'draining'
           : 'drained'
         : 'ready';
@@ -268,6 +301,7 @@ export function summarise(state: SchedulerState): HostSummary[] {
       ...(inv ? { inventory: inv } : {}),
       ...(drain ? { drain } : {}),
       tasks: held,
+      ...(keeps.length ? { storedTasks: keeps } : {}),
     };
   });
 }

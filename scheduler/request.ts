@@ -23,5 +23,6 @@ export function placementRequest(
     priority: spec.priority,
     image: spec.image,
     exclude,
+    ...(spec.ports.length > 0 ? { service: true } : {}),
   };
 }

@@ -114,6 +114,12 @@ export const TaskSpecSchema = z
      * default) or 'restart' (placed again on another live host, from stage-in).
      */
     onHostFailure: z.enum(['fail', 'restart']).default('fail'),
+    /**
+     * After a live migration, the VM's disks move to its new host too, while it runs (storage
+     * evacuation), ending its dependence on the host it left; unset: the cluster's default
+     * (VSP_LOCALIZE_DISKS_AFTER_MIGRATION on the control worker).
+     */
+    localizeDisksAfterMigration: z.boolean().optional(),
     /** Host to run on; placement chooses when absent. */
     host: z
       .string()
@@ -129,6 +135,13 @@ export const TaskSpecSchema = z
       .default({}),
     /** Queue order when the cluster is full: higher first, first come first served within one. */
     priority: z.number().int().min(-100).max(100).default(0),
+    /**
+     * When the task should be done (ISO 8601 time with its offset): while its progress (VSP-PROGRESS)
+     * lags the share of the time spent, its CPU share is raised.
+     */
+    deadline: z.iso
+      .datetime({ offset: true, error: 'deadline must be an ISO 8601 time, e.g. 2026-12-01T18:00:00Z' })
+      .optional(),
   })
   .strict()
   .superRefine((spec, ctx) => {

@@ -4,6 +4,7 @@ import { Worker } from '@temporalio/worker';
 import { createControlActivities } from '../activities/control/createControlActivities';
 import { CONTROL_TASK_QUEUE } from '../config/names';
 import { connectWorkerConnection } from '../config/temporal';
+import { syncRebalanceSchedule } from '../client/rebalanceSchedule';
 import { SchedulerClient } from '../client/schedulerClient';
 import { loadControlConfig, schedulerConfigOf } from '../config/workerConfig';
 import { configureUpdate } from '../workflows/scheduling/definitions';
@@ -15,7 +16,7 @@ const log = createLogger('worker.control');
 /**
  * The control worker: runs the TaskLifecycle workflows, the cluster's scheduler workflow and their
  * activities on the `vsp` queue. At start it gives the scheduler its configuration (starting it if none
- * runs): the last control worker started sets the policy and ratios.
+ * runs): the last control worker started sets the policy and ratios, and the rebalancing Schedule.
  */
 async function main(): Promise<void> {
   const config = loadControlConfig();
@@ -34,6 +35,7 @@ async function main(): Promise<void> {
       hosts: config.hosts,
       hostLivenessSec: config.hostLivenessSec,
       scheduler: schedulerConfigOf(config),
+      localizeDisksAfterMigration: config.localizeDisksAfterMigration,
     }),
     identity: `vsp-control@${process.pid}`,
   });
@@ -43,6 +45,7 @@ async function main(): Promise<void> {
     configureUpdate,
     schedulerConfigOf(config),
   );
+  await syncRebalanceSchedule(client, scheduler.rebalance);
   log.info({ taskQueue: CONTROL_TASK_QUEUE, hosts: config.hosts, scheduler }, 'control worker ready');
   await running;
   await connection.close();

@@ -1,6 +1,7 @@
 import { defineQuery, defineSignal, defineUpdate } from '@temporalio/workflow';
 import { z } from 'zod';
 import { HOST_NAME } from '../config/names';
+import type { CpuShare } from '../drivers/types';
 import type { QueuePosition } from './scheduling/definitions';
 
 /** What a task's workflow exposes to clients; shared by the workflow, the client library and the CLI. */
@@ -54,6 +55,27 @@ export interface TaskStatus {
   migrating?: { to: string; step: MigrationStep };
   /** Every migration tried, in order, with its figures or its error. */
   migrations?: MigrationRecord[];
+  /** The CPU share asked for with the resize update (absent: the host's default, uncapped). */
+  cpuShare?: CpuShare;
+  /** The disk move under way, if any: from the storage host to the host where the VM runs. */
+  movingDisks?: { from: string; to: string };
+  /** Every disk move tried (storage evacuation), in order. */
+  storageMoves?: StorageMoveRecord[];
+}
+
+/** A running VM's disks mirrored from their storage host to the host where it runs (storage evacuation). */
+export interface StorageMoveRecord {
+  from: string;
+  to: string;
+  startedAt: string;
+  ok: boolean;
+  /** Bytes mirrored (the disks' virtual sizes) and the time to the switch. */
+  bytes?: number;
+  mirrorMs?: number;
+  /** Why it failed; the disks then stay where they were. */
+  error?: string;
+  /** Set when the former storage host could not drop its copy (its reaper or operator will). */
+  dropError?: string;
 }
 
 export type MigrationStep = 'choosing-target' | 'preparing' | 'transferring' | 'finishing' | 'rolling-back';
@@ -106,6 +128,28 @@ export const MigrateRequestSchema = z
   .strict();
 export type MigrateRequest = z.infer<typeof MigrateRequestSchema>;
 
+/** A running task's new CPU share (`vsp task resize`); fields absent keep their current value. */
+export const ResizeRequestSchema = z
+  .object({
+    /** Percent of one physical CPU (150 = one and a half); 0 lifts the cap. */
+    capPercent: z
+      .number()
+      .int('capPercent must be a whole number of percent')
+      .min(0, 'capPercent must be at least 0 (0 lifts the cap)')
+      .max(6400, 'capPercent must be at most 6400 (64 CPUs)')
+      .optional(),
+    /** Weight against other tasks under contention; 100 is the default. */
+    weight: z
+      .number()
+      .int('weight must be a whole number')
+      .min(1, 'weight must be at least 1')
+      .max(10000, 'weight must be at most 10000')
+      .optional(),
+  })
+  .strict()
+  .refine((r) => r.capPercent !== undefined || r.weight !== undefined, 'give capPercent, weight or both');
+export type ResizeRequest = z.infer<typeof ResizeRequestSchema>;
+
 export const CancelRequestSchema = z.object({ reason: z.string().max(1000).optional() }).strict();
 export type CancelRequest = z.infer<typeof CancelRequestSchema>;
 
@@ -129,6 +173,14 @@ export const cancelUpdate = defineUpdate<TaskStatus, [CancelRequest]>('cancel');
  * still running where it was.
  */
 export const migrateUpdate = defineUpdate<TaskStatus, [MigrateRequest]>('migrate');
+/** Changes a running task's CPU share on its host; resolves with the status once it is in force. */
+export const resizeUpdate = defineUpdate<TaskStatus, [ResizeRequest]>('resize');
+/**
+ * Moves a running task's disks from their storage host to the host where its VM runs, while it runs
+ * (storage evacuation); the former storage host then drops its copy. Resolves with the status once the
+ * new storage host is recorded; fails with the reason when the disks could not move (they stay).
+ */
+export const localizeDisksUpdate = defineUpdate<TaskStatus, []>('localizeDisks');
 /**
  * Progress once travelled by this signal; it now travels in awaitVm's heartbeats (bounded history), and
  * the handler stays so that histories with it replay. Malformed input is ignored (signals have no validator).

@@ -1,3 +1,3 @@
 export { TaskLifecycle } from './taskLifecycle';
 export { HostLiveness } from './hostLiveness';
-export { Scheduler } from './scheduler';
+export { RebalanceTick, Scheduler } from './scheduler';

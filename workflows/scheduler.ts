@@ -4,13 +4,15 @@ import {
   continueAsNew,
   getExternalWorkflowHandle,
   log,
+  patched,
   proxyActivities,
   setHandler,
   workflowInfo,
 } from '@temporalio/workflow';
 import type { ControlActivities } from '../activities/control/createControlActivities';
-import { CONTROL_TASK_QUEUE } from '../config/names';
-import { drainActions } from '../scheduler/drain';
+import { CONTROL_TASK_QUEUE, SCHEDULER_WORKFLOW_ID } from '../config/names';
+import { nextBalanceMoves } from '../scheduler/balance';
+import { drainActions, storageHostOf } from '../scheduler/drain';
 import {
   emptySchedulerState,
   type PlacementRequest,
@@ -35,11 +37,13 @@ import {
   placementGrantedSignal,
   placeUpdate,
   queuePositionQuery,
+  rebalanceSignal,
   refreshUpdate,
   releaseUpdate,
   reserveMoveUpdate,
   schedulerStateQuery,
   settleMoveUpdate,
+  settleStorageUpdate,
   undrainUpdate,
   type SchedulerInput,
 } from './scheduling/definitions';
@@ -51,7 +55,9 @@ const { surveyHosts } = proxyActivities<Pick<ControlActivities, 'surveyHosts'>>(
 });
 
 /** A drain's moves: one attempt each (the drain decides about another), bounded like a migration. */
-const { migrateTask, cancelTask } = proxyActivities<Pick<ControlActivities, 'migrateTask' | 'cancelTask'>>({
+const { migrateTask, localizeTask, cancelTask } = proxyActivities<
+  Pick<ControlActivities, 'migrateTask' | 'localizeTask' | 'cancelTask'>
+>({
   taskQueue: CONTROL_TASK_QUEUE,
   startToCloseTimeout: '25m',
   heartbeatTimeout: '30s',
@@ -59,6 +65,9 @@ const { migrateTask, cancelTask } = proxyActivities<Pick<ControlActivities, 'mig
 });
 
 const HISTORY_EVENT_LIMIT = 10_000;
+
+/** A drain also moves the disks the host stores for VMs that run elsewhere (storage evacuation). */
+export const EVACUATION_PATCH = 'vsp-drain-evacuates-storage';
 
 /**
  * The cluster's one scheduler (id `vsp-scheduler`): the only place that grants capacity, so any number
@@ -72,7 +81,8 @@ const HISTORY_EVENT_LIMIT = 10_000;
 export async function Scheduler(input: SchedulerInput): Promise<void> {
   const s: SchedulerState = input.state ?? emptySchedulerState(input.config);
   let surveying: Promise<void> | undefined;
-  let kicked = false;
+  // A rebalancing round the previous run left under way goes on at once.
+  let kicked = s.balance?.active === true;
 
   /** The hosts' views, fresh (joins a survey under way rather than starting another). */
   const refresh = (): Promise<void> =>
@@ -94,34 +104,77 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
       resources: req.resources,
       ...(driver ? { driver } : {}),
       since: now(),
+      ...(req.host !== undefined ? { pinned: true } : {}),
+      ...(Object.keys(req.labels).length ? { labels: req.labels } : {}),
+      ...(req.service ? { service: true } : {}),
     };
   }
 
-  /** Drain migrations under way: task -> the host it leaves. */
+  /**
+   * Starts the next rebalancing moves, one decision at a time on the cluster as the moves under way will
+   * leave it, until `maxInFlight` are under way or no move gains enough (scheduler/balance.ts); each
+   * move's end asks for the next. Moves are the tasks' own migrate updates (migrateTask), so each is in
+   * the task's migration history, and a scheduler restarted midway plans again from its reservations.
+   */
+  function balanceStep(): void {
+    const cfg = s.config.rebalance;
+    const b = s.balance;
+    if (!cfg || cfg.everySec <= 0 || !b) return;
+    const moves = nextBalanceMoves(s, cfg);
+    b.balanced = moves.length === 0 && Object.keys(b.inFlight).length === 0;
+    for (const m of moves) {
+      b.inFlight[m.taskId] = m.to;
+      log.info('rebalancing: moving a task', { ...m });
+      migrateTask({ taskId: m.taskId, to: m.to })
+        .then(
+          (outcome) => {
+            if (outcome === 'moved') b.moved++;
+          },
+          (err: unknown) => {
+            b.failed++;
+            b.failures[m.taskId] = (b.failures[m.taskId] ?? 0) + 1;
+            log.warn('rebalancing: a move failed', { ...m, error: String(err) });
+          },
+        )
+        .finally(() => {
+          delete b.inFlight[m.taskId];
+          b.active = kicked = true;
+        });
+    }
+  }
+
+  /** Drain moves under way (migrations, disk moves): task -> the draining host it leaves. */
   const moving = new Map<string, string>();
   const cancelling = new Set<string>();
 
-  /** Starts what the drains need now (drainActions); each move's end wakes the loop for the next. */
+  /** One drain move; its end wakes the loop for the next. */
+  function drainMove(taskId: string, from: string, what: 'VM' | 'disks', move: Promise<string>): void {
+    moving.set(taskId, from);
+    move
+      .then(
+        (outcome) => {
+          log.info(`drain: task's ${what} asked to move`, { taskId, from, outcome });
+          // A task not running yet is asked again at the loop's next round, not at once.
+          if (outcome === 'moved') kicked = true;
+        },
+        (err: unknown) => {
+          s.drainAttempts = { ...s.drainAttempts, [taskId]: (s.drainAttempts?.[taskId] ?? 0) + 1 };
+          log.warn(`drain: task's ${what} could not move`, { taskId, from, error: String(err) });
+          kicked = true;
+        },
+      )
+      .finally(() => moving.delete(taskId));
+  }
+
+  /** Starts what the drains need now (drainActions). */
   function drainStep(): void {
     const actions = drainActions(s, moving, Date.now());
-    for (const taskId of actions.migrate) {
-      const from = s.reservations[taskId].host;
-      moving.set(taskId, from);
-      migrateTask({ taskId })
-        .then(
-          (outcome) => {
-            log.info('drain: task asked to move', { taskId, from, outcome });
-            // A task not running yet is asked again at the loop's next round, not at once.
-            if (outcome === 'moved') kicked = true;
-          },
-          (err: unknown) => {
-            s.drainAttempts = { ...s.drainAttempts, [taskId]: (s.drainAttempts?.[taskId] ?? 0) + 1 };
-            log.warn('drain: task could not move', { taskId, from, error: String(err) });
-            kicked = true;
-          },
-        )
-        .finally(() => moving.delete(taskId));
-    }
+    for (const taskId of actions.migrate)
+      drainMove(taskId, s.reservations[taskId].host, 'VM', migrateTask({ taskId }));
+    // Histories from before storage evacuation issued no disk moves.
+    if (actions.localize.length > 0 && patched(EVACUATION_PATCH))
+      for (const taskId of actions.localize)
+        drainMove(taskId, storageHostOf(s.reservations[taskId]), 'disks', localizeTask({ taskId }));
     for (const taskId of actions.cancel) {
       if (cancelling.has(taskId)) continue;
       cancelling.add(taskId);
@@ -257,9 +310,19 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
   setHandler(settleMoveUpdate, ({ taskId, host }) => {
     const r = s.reservations[taskId];
     if (!r) return;
-    s.reservations[taskId] = { ...r, host, movingTo: undefined };
-    delete s.reservations[taskId].movingTo;
+    // A migration moves the memory only: the disks stay where they were.
+    const { movingTo: _settled, storageHost: _was, ...rest } = r;
+    const storageHost = storageHostOf(r);
+    s.reservations[taskId] = { ...rest, host, ...(storageHost !== host ? { storageHost } : {}) };
     grantQueued();
+  });
+
+  setHandler(settleStorageUpdate, ({ taskId, storageHost }) => {
+    const r = s.reservations[taskId];
+    if (!r) return;
+    const { storageHost: _was, ...rest } = r;
+    s.reservations[taskId] = { ...rest, ...(storageHost !== r.host ? { storageHost } : {}) };
+    kicked = true;
   });
 
   setHandler(
@@ -289,6 +352,24 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
     { validator: (req) => knownHost(req.host) },
   );
 
+  setHandler(rebalanceSignal, () => {
+    if (!s.config.rebalance?.everySec) return;
+    s.balance ??= {
+      rounds: 0,
+      balanced: false,
+      active: false,
+      moved: 0,
+      failed: 0,
+      failures: {},
+      inFlight: {},
+    };
+    s.balance.rounds++;
+    s.balance.lastRoundAt = now();
+    // Not known to be balanced until this round has looked.
+    s.balance.balanced = false;
+    s.balance.active = kicked = true;
+  });
+
   setHandler(configureUpdate, (config) => {
     s.config = config;
     kicked = true;
@@ -302,6 +383,7 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
     queue: s.queue,
     ...(s.surveyedAtMs ? { surveyedAt: new Date(s.surveyedAtMs).toISOString() } : {}),
     decisions: s.decisions,
+    ...(s.balance ? { balance: s.balance } : {}),
   });
   setHandler(schedulerStateQuery, snapshot);
   setHandler(refreshUpdate, async () => {
@@ -326,13 +408,18 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
     const draining = Object.keys(s.drains).length > 0;
     await condition(() => kicked || longHistory(), s.queue.length || draining ? '15s' : '1h');
     kicked = false;
-    if (s.queue.length === 0 && Object.keys(s.drains).length === 0) continue;
+    const rebalancing = s.balance?.active === true;
+    if (s.balance) s.balance.active = false;
+    if (s.queue.length === 0 && Object.keys(s.drains).length === 0 && !rebalancing) continue;
     await refresh();
     grantQueued();
     drainStep();
+    if (rebalancing) balanceStep();
   }
-  // The drain's moves are this run's activities: they finish before the next run takes over.
-  await condition(() => moving.size === 0 && allHandlersFinished());
+  // The drain's and rebalancing's moves are this run's activities: they finish before the next run takes over.
+  await condition(
+    () => moving.size === 0 && Object.keys(s.balance?.inFlight ?? {}).length === 0 && allHandlersFinished(),
+  );
   log.info('continuing as new', { historyLength: workflowInfo().historyLength, ...counts(s) });
   await continueAsNew<typeof Scheduler>({ ...input, config: s.config, state: s });
 }
@@ -343,4 +430,13 @@ function counts(s: SchedulerState) {
     queued: s.queue.length,
     hosts: allocations(s.reservations).size,
   };
+}
+
+/**
+ * One tick of the rebalancing Schedule (`vsp-rebalance`, created by the control worker when
+ * VSP_SCHED_REBALANCE_EVERY_SEC is set): asks the scheduler for a round. The scheduler decides and moves;
+ * a tick that finds no scheduler fails, and the next one tries again.
+ */
+export async function RebalanceTick(): Promise<void> {
+  await getExternalWorkflowHandle(SCHEDULER_WORKFLOW_ID).signal(rebalanceSignal);
 }

@@ -169,7 +169,11 @@ async function run(t: TaskState): Promise<AwaitResult | 'continue-as-new'> {
     try {
       const ended = await scope.run(() =>
         Promise.race([
-          onHost(t, host)('run', 'awaitVm', `run the task in VM ${t.ref.vmId}`, vm),
+          onHost(t, host)('run', 'awaitVm', `run the task in VM ${t.ref.vmId}`, vm, {
+            share: t.status.cpuShare,
+            deadline: t.spec.deadline,
+            runningSince: t.status.timestamps.running,
+          }),
           condition(() => !t.migrating && historyIsLong(t)).then(() => 'continue-as-new' as const),
         ]),
       );

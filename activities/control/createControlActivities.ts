@@ -13,8 +13,15 @@ import {
   releaseUpdate,
   reserveMoveUpdate,
   settleMoveUpdate,
+  settleStorageUpdate,
 } from '../../workflows/scheduling/definitions';
-import { cancelUpdate, migrateUpdate, statusQuery } from '../../workflows/definitions';
+import {
+  cancelUpdate,
+  localizeDisksUpdate,
+  migrateUpdate,
+  statusQuery,
+  type TaskStatus,
+} from '../../workflows/definitions';
 import type { LivenessBeat } from '../host/hostLiveness';
 import type { Placement } from '../types';
 
@@ -27,6 +34,8 @@ export interface ControlDeps {
   hostLivenessSec: number;
   /** The scheduler's configuration, which starts it if it does not run yet (default: the defaults). */
   scheduler?: SchedulerConfig;
+  /** The cluster's default for moving a VM's disks after it migrates (spec `localizeDisksAfterMigration`). */
+  localizeDisksAfterMigration?: boolean;
 }
 
 /** Whether a host's worker is alive now, from its heartbeat (workflows/hostLiveness.ts). */
@@ -116,6 +125,23 @@ export function createControlActivities(deps: ControlDeps) {
     return id;
   };
 
+  /** Runs a task's update, heartbeating meanwhile; a task still starting (or ending) is asked again later. */
+  async function whileRunning(
+    taskId: string,
+    update: (handle: ReturnType<Client['workflow']['getHandle']>) => Promise<TaskStatus>,
+  ): Promise<'moved' | 'not-running'> {
+    const handle = deps.client.workflow.getHandle(taskId);
+    if ((await handle.query(statusQuery)).phase !== 'running') return 'not-running';
+    const ctx = Context.current();
+    const beat = setInterval(() => ctx.heartbeat(), 5_000);
+    try {
+      await update(handle);
+      return 'moved';
+    } finally {
+      clearInterval(beat);
+    }
+  }
+
   return {
     /** Whether `host` is live now (the workflow's HostDown decision). */
     async hostStatus(host: string): Promise<HostStatus> {
@@ -164,7 +190,7 @@ export function createControlActivities(deps: ControlDeps) {
       requested?: string;
       spec?: TaskSpec;
       driver?: string;
-    }): Promise<{ host: string }> {
+    }): Promise<{ host: string; localizeDisks: boolean }> {
       const taskId = callerTask();
       const spec = req.spec;
       const result = await scheduler.update(reserveMoveUpdate, {
@@ -177,7 +203,7 @@ export function createControlActivities(deps: ControlDeps) {
       });
       if ('refused' in result) throw ApplicationFailure.nonRetryable(result.refused, 'NoMigrationTarget');
       log.info({ taskId, current: req.current, ...result }, 'migration target chosen');
-      return result;
+      return { ...result, localizeDisks: deps.localizeDisksAfterMigration ?? false };
     },
 
     /** The migration ended: the task's resources stay on `host` only. */
@@ -185,22 +211,24 @@ export function createControlActivities(deps: ControlDeps) {
       await scheduler.update(settleMoveUpdate, { taskId: callerTask(), host: req.host });
     },
 
+    /** The task's disks moved: they count on `host` from now on (a drain waits for that). */
+    async settleStorage(req: { host: string }): Promise<void> {
+      await scheduler.update(settleStorageUpdate, { taskId: callerTask(), storageHost: req.host });
+    },
+
     /**
      * A drain's move: the task's own migrate update (the scheduler chooses the target, away from the
      * draining host). Heartbeats while the migration runs; a refusal or failure is final for this attempt.
      */
     async migrateTask(req: { taskId: string; to?: string }): Promise<'moved' | 'not-running'> {
-      const handle = deps.client.workflow.getHandle(req.taskId);
-      // A task still starting (or ending) is not refused a move: it is asked again later.
-      if ((await handle.query(statusQuery)).phase !== 'running') return 'not-running';
-      const ctx = Context.current();
-      const beat = setInterval(() => ctx.heartbeat(), 5_000);
-      try {
-        await handle.executeUpdate(migrateUpdate, { args: [req.to ? { host: req.to } : {}] });
-        return 'moved';
-      } finally {
-        clearInterval(beat);
-      }
+      return whileRunning(req.taskId, (handle) =>
+        handle.executeUpdate(migrateUpdate, { args: [req.to ? { host: req.to } : {}] }),
+      );
+    },
+
+    /** A drain's storage evacuation: the task's disks move to the host where its VM runs. */
+    async localizeTask(req: { taskId: string }): Promise<'moved' | 'not-running'> {
+      return whileRunning(req.taskId, (handle) => handle.executeUpdate(localizeDisksUpdate, { args: [] }));
     },
 
     /** Cancels a task through its cancel update (a drain's deadline passed). */

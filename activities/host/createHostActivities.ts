@@ -2,7 +2,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ApplicationFailure, Context } from '@temporalio/activity';
-import type { HypervisorDriver, VmConfig, VmHandle } from '../../drivers/types';
+import type { CpuShare, HypervisorDriver, VmConfig, VmHandle } from '../../drivers/types';
 import { VmMigratedError } from '../../drivers/qemu/qemuDriver';
 import { createLogger, describeError } from '../../logging/logger';
 import { RepositoryError, type RepositoryClient } from '../../repository/client';
@@ -11,6 +11,7 @@ import { sha256File } from '../../storage/imageCache';
 import type { AwaitResult, StageInResult, StageOutResult, TaskRef, UploadedFile } from '../types';
 import type { DriverBinding, HostDeps, ImageFetch } from './hostDeps';
 import { createConsoleActivities } from './consoleSegments';
+import { CpuSteering, type CpuPlan } from './cpuSteering';
 import { classified } from './failures';
 import { heartbeating, type Heartbeat } from './heartbeat';
 import { listOutputFiles } from './outputs';
@@ -56,6 +57,9 @@ export function createHostActivities(deps: HostDeps) {
     const workflowId = Context.current().info.workflowExecution?.workflowId ?? ref.taskId;
     return taskRepository(ref, workflowId, deps.repositoryFor);
   }
+
+  /** Shares set by resize while a VM runs here (awaitVm keeps them in its heartbeats across restarts). */
+  const resized = new Map<string, CpuShare>();
 
   const stagedMarker = (vmId: string) => path.join(store.paths(vmId).dir, '.staged.json');
 
@@ -213,10 +217,14 @@ export function createHostActivities(deps: HostDeps) {
      * that kept running; it never starts it again. A driver error while the VM still runs is retried
      * for a while; only a VM that is gone, or errors that last, fail the task.
      */
-    async awaitVm(handle: VmHandle): Promise<AwaitResult> {
+    async awaitVm(handle: VmHandle, cpu: CpuPlan = {}): Promise<AwaitResult> {
       const driver = driverOf(handle);
       const ctx = Context.current();
       const previous = ctx.info.heartbeatDetails as Record<string, unknown> | undefined;
+      // A resize since the wait began outlives a worker restart in the heartbeat details.
+      const carried = previous?.cpuShare as CpuShare | undefined;
+      if (carried && !resized.has(handle.vmId)) resized.set(handle.vmId, carried);
+      const steering = new CpuSteering(driver, handle, cpu, () => resized.get(handle.vmId));
       return heartbeating({ phase: 'running', ...previous }, async (hb) => {
         let progress = typeof previous?.progress === 'number' ? previous.progress : undefined;
         let failingSince: number | undefined;
@@ -233,7 +241,14 @@ export function createHostActivities(deps: HostDeps) {
               onProgress: (s) => {
                 failingSince = undefined;
                 progress = s.progress ?? progress;
-                hb.update({ progress, message: s.progressMessage, phase: s.phase });
+                steering.observe(progress);
+                hb.update({
+                  progress,
+                  message: s.progressMessage,
+                  phase: s.phase,
+                  cpuShare: steering.current(),
+                  ...(steering.behind ? { behindDeadline: true } : {}),
+                });
               },
             });
             return { ...result, progress };
@@ -255,6 +270,19 @@ export function createHostActivities(deps: HostDeps) {
           }
         }
       });
+    },
+
+    /** Sets the running VM's CPU share (the resize update); awaitVm keeps it while it waits. */
+    async setCpuShare(handle: VmHandle, share: CpuShare): Promise<void> {
+      const driver = driverOf(handle);
+      if (!driver.setCpuShare)
+        throw ApplicationFailure.nonRetryable(
+          `the ${handle.driver} driver on host ${hostName} cannot change a task's CPU share`,
+          'Unsupported',
+        );
+      const set = driver.setCpuShare.bind(driver);
+      await classified(hostName, () => set(handle, share));
+      resized.set(handle.vmId, share);
     },
 
     /** Extracts the outputs and the task log from the task's home and uploads them, file by file. */
@@ -322,6 +350,7 @@ export function createHostActivities(deps: HostDeps) {
 
     /** Stops the VM and removes its folder; safe to call any number of times. */
     async destroyVm(ref: TaskRef, handle: VmHandle | undefined): Promise<void> {
+      resized.delete(ref.vmId);
       return longStep({ step: 'destroy' }, async () => {
         if (handle) await driverOf(handle).destroy(handle);
         await store.remove(ref.vmId);

@@ -1,6 +1,9 @@
 import { ApplicationFailure, Context } from '@temporalio/activity';
 import {
+  canLocalizeDisks,
   isMigratable,
+  type DiskLocalizingDriver,
+  type DiskMoveResult,
   type IncomingVm,
   type MigratableDriver,
   type MigrationOptions,
@@ -54,6 +57,16 @@ export function createMigrationActivities(deps: MigrationDeps) {
         'DriverCannotMigrate',
       );
     return binding.driver;
+  }
+
+  function localizerFor(driverName: string): DiskLocalizingDriver {
+    const driver = deps.drivers[driverName]?.driver;
+    if (!driver || !canLocalizeDisks(driver))
+      throw ApplicationFailure.nonRetryable(
+        `driver '${driverName}' on ${hostName} cannot move a running VM's disks`,
+        'DriverCannotMoveDisks',
+      );
+    return driver;
   }
 
   /** Errors of a bad request (not worth a retry) become non-retryable failures. */
@@ -129,6 +142,27 @@ export function createMigrationActivities(deps: MigrationDeps) {
       return run('abort incoming', incoming.vmId, () =>
         driverFor(incoming.handle.driver).abortIncoming(incoming),
       );
+    },
+
+    /**
+     * On the host where the VM runs: mirrors its disks from their storage host into this host's store
+     * while it runs, heartbeating the bytes copied, then switches the VM to them and records this host
+     * as their storage host. On failure the VM keeps its disks where they were.
+     */
+    async localizeDisks(handle: VmHandle): Promise<DiskMoveResult> {
+      const ctx = Context.current();
+      const driver = localizerFor(handle.driver);
+      return run('disk move', handle.vmId, () =>
+        driver.localizeDisks(handle, {
+          onProgress: (p) => ctx.heartbeat({ step: 'mirror', ...p }),
+          signal: ctx.cancellationSignal,
+        }),
+      );
+    },
+
+    /** On the former storage host, once the new one is recorded: the VM's old folder and disks go. */
+    async dropMovedDisks(handle: VmHandle): Promise<void> {
+      return run('drop moved disks', handle.vmId, () => localizerFor(handle.driver).dropMovedDisks(handle));
     },
   };
 }

@@ -3,6 +3,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { Client, Connection, WorkflowNotFoundError } from '@temporalio/client';
 import { SCHEDULER_WORKFLOW_ID, hostLivenessWorkflowId } from '../../config/names';
+import { syncRebalanceSchedule } from '../../client/rebalanceSchedule';
 import { createLogger, describeError } from '../../logging/logger';
 import { TaskClient, type OwnerTaskSpec, type SubmittedTask } from '../../client/taskClient';
 import { addOwner, createToken, listOwners } from '../../repository/admin';
@@ -340,8 +341,8 @@ export class LocalCluster {
   }
 
   /**
-   * Test clusters share one Temporal server, one after another, while a cluster's scheduler and its
-   * hosts' liveness records are long-lived workflows with fixed ids: each test cluster gets fresh ones,
+   * Test clusters share one Temporal server, one after another, while a cluster's scheduler, its
+   * rebalancing Schedule and its hosts' liveness records are long-lived, with fixed ids: each test cluster gets fresh ones,
    * not the reservations, hosts and payload key of the cluster before it (a history encrypted with
    * another key cannot be replayed).
    */
@@ -349,6 +350,7 @@ export class LocalCluster {
     const connection = await Connection.connect({ address: this.opts.temporalAddress });
     const client = new Client({ connection });
     try {
+      await syncRebalanceSchedule(client, undefined);
       for (const id of [SCHEDULER_WORKFLOW_ID, ...this.opts.hosts.map(hostLivenessWorkflowId)])
         await client.workflow
           .getHandle(id)

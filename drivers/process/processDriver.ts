@@ -4,11 +4,13 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { createLogger } from '../../logging/logger';
 import type { VmStore } from '../../storage/vmStore';
+import { applyCpuShare, hostCgroupCpu, processTree, removeCpuGroup } from '../cpuShare';
 import { lastProgress, readTail } from '../progress';
 import { isSameProcessAlive, processStartTime, readPidFile } from '../processLiveness';
 import { OWNER_NAME } from '../../spec/repoPath';
 import { TaskAccounts } from './taskAccounts';
 import type {
+  CpuShare,
   DriverCapabilities,
   ExitResult,
   HypervisorDriver,
@@ -266,7 +268,18 @@ export class ProcessDriver implements HypervisorDriver {
     await this.stop(handle, 5000);
     const state = await this.opts.store.readState<ProcessState>(handle.vmId);
     await this.opts.store.remove(handle.vmId);
+    await removeCpuGroup(await hostCgroupCpu(), handle.vmId).catch(() => undefined);
     if (state?.uid !== undefined) await this.accounts.release(state.uid, this.vmKey(handle.vmId));
+  }
+
+  /** The task's whole process tree goes into its cgroup; what it starts later is born there. */
+  async setCpuShare(handle: VmHandle, share: CpuShare): Promise<void> {
+    const state = await this.opts.store.readState<ProcessState>(handle.vmId);
+    const proc = state && (await this.taskProcess(handle.vmId, state));
+    if (!proc || !(await isSameProcessAlive(proc.pid, proc.pidStartTime)))
+      throw new Error(`task ${handle.vmId} does not run on this host: its CPU share cannot change`);
+    await applyCpuShare(await hostCgroupCpu(), handle.vmId, await processTree(proc.pid), share);
+    log.info({ vmId: handle.vmId, pid: proc.pid, ...share }, 'CPU share set');
   }
 }
 

@@ -6,13 +6,16 @@ import type { VmPaths, VmStore } from '../../storage/vmStore';
 import { endedGuestStatus } from '../guestWait';
 import { claimStart, startedMarkerOf, startingHandle, wasStarted, type SavedVm } from '../savedVm';
 import { StoredVmDriver } from '../storedVmDriver';
+import { applyCpuShare, hostCgroupCpu, removeCpuGroup } from '../cpuShare';
 import type { ExitResult, MigratableDriver, VmConfig, VmHandle, VmStatus, WaitOptions } from '../types';
+import type { CpuShare, DiskLocalizingDriver } from '../types';
 import { checkVmConfig } from '../vmConfigCheck';
 import { createRootOverlay, requireDataDisk, writeTaskCommand } from '../vmDisks';
 import { probeAccelerator, type Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
 import { buildQemuArgs, pidFileOf, qemuLogOf, vmLaunch } from './commandLine';
 import { ConsoleFollower } from './consoleLog';
+import { QemuDiskMirror } from './diskMirror';
 import { QemuMigration } from './migration';
 import {
   asAccount,
@@ -89,12 +92,13 @@ export function hostPortsOf(handle: VmHandle): Record<number, number> {
  * runs as an unprivileged account under its seccomp sandbox, and can write only the VM's own disks,
  * console log and QMP folder.
  */
-export class QemuDriver extends StoredVmDriver implements MigratableDriver {
+export class QemuDriver extends StoredVmDriver implements MigratableDriver, DiskLocalizingDriver {
   readonly name = 'qemu';
   protected readonly log = createLogger('qemu-driver');
   private readonly qemuBinary: string;
   protected readonly pollMs: number;
   protected readonly migration: QemuMigration;
+  private readonly mirror: QemuDiskMirror;
   private accountOnce: Promise<QemuAccount | undefined> | undefined;
 
   constructor(private readonly opts: QemuDriverOptions) {
@@ -114,7 +118,18 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver {
       netns: opts.netns,
       vmNetwork: opts.vmNetwork,
     });
+    this.mirror = new QemuDiskMirror({
+      store: opts.store,
+      hostName: opts.hostName,
+      account: () => this.account(),
+    });
   }
+
+  readonly localizeDisks: DiskLocalizingDriver['localizeDisks'] = (handle, options) =>
+    this.mirror.localizeDisks(handle, options);
+
+  readonly dropMovedDisks: DiskLocalizingDriver['dropMovedDisks'] = (handle) =>
+    this.mirror.dropMovedDisks(handle);
 
   async create(config: VmConfig): Promise<VmHandle> {
     checkVmConfig(config);
@@ -313,7 +328,20 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver {
     // A VM that migrated away has its tap on the other host; a same-named tap here is then not ours.
     if (nic && (saved?.handle ?? handle).host === this.opts.hostName) await removeVmTap(this.wrap, nic.tap);
     await this.opts.store.remove(handle.vmId);
+    await removeCpuGroup(await hostCgroupCpu(), handle.vmId).catch(() => undefined);
     this.log.info({ vmId: handle.vmId }, 'VM destroyed');
+  }
+
+  /** The QEMU process (every vCPU thread with it) goes into the VM's cgroup with the share. */
+  async setCpuShare(handle: VmHandle, share: CpuShare): Promise<void> {
+    const paths = this.opts.store.paths(handle.vmId);
+    const pid = await this.pidOf(handle, paths);
+    if (!pid || !(await isVmProcess(pid, paths.qmpSocket)))
+      throw new Error(
+        `VM ${handle.vmId} does not run on host ${this.opts.hostName}: its CPU share cannot change`,
+      );
+    await applyCpuShare(await hostCgroupCpu(), handle.vmId, [pid], share);
+    this.log.info({ vmId: handle.vmId, pid, ...share }, 'CPU share set');
   }
 
   /** QEMU's account, resolved once (a missing account fails each start with the same clear error). */

@@ -17,6 +17,7 @@ import { sleep } from '../qemu/vmProcess';
 import { claimStart, startedMarkerOf, startingHandle, wasStarted, type SavedVm } from '../savedVm';
 import { StoredVmDriver } from '../storedVmDriver';
 import type {
+  CpuShare,
   DriverCapabilities,
   ExitResult,
   MigratableDriver,
@@ -25,6 +26,7 @@ import type {
   VmStatus,
   WaitOptions,
 } from '../types';
+import { xlSchedCreditArgs } from '../cpuShare';
 import { checkVmConfig } from '../vmConfigCheck';
 import { giveDisks } from '../qemu/qemuAccount';
 import { createRawRoot, requireDataDisk, writeTaskCommand } from '../vmDisks';
@@ -336,6 +338,17 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
       're-attached to VM',
     );
     return status;
+  }
+
+  /** The credit scheduler's cap and weight for the VM's domain (`xl sched-credit -c/-w`). */
+  async setCpuShare(handle: VmHandle, share: CpuShare): Promise<void> {
+    const name = domainName(handle.vmId);
+    if (!(await domainState(this.xl, name)))
+      throw new Error(
+        `VM ${handle.vmId} does not run on host ${this.opts.hostName}: its CPU share cannot change`,
+      );
+    await this.xl(xlSchedCreditArgs(name, share), { timeoutMs: XL_TIMEOUT_MS });
+    this.log.info({ vmId: handle.vmId, domain: name, ...share }, 'CPU share set');
   }
 
   async stop(handle: VmHandle, timeoutMs: number): Promise<void> {

@@ -20,8 +20,9 @@
  *   onHostOk(host, command, opts?) the same; a non-zero exit throws (RemoteCommandError); its stdout
  *   hostTarget(host)              the SshTarget, for a test's own SshSession
  *   GATEWAY                       this machine's address on the cluster network
- *   ensureDeployed()              `vsp cluster deploy --inventory` once per run (host workers on the dom0s);
- *                                 markDeployed() records a deploy a test made itself
+ *   ensureDeployed()              `vsp cluster deploy --inventory` once per run (host workers on the dom0s),
+ *                                 then waits until the scheduler takes tasks on every host; markDeployed()
+ *                                 records a deploy a test made itself
  *   ownerToken(owner)             a token of `owner` in the tier's repository (created on first use)
  *   submitTask(owner, spec)       submits a task as `owner` through the repository's task API
  *   repo(owner)                   a RepositoryClient as `owner` (upload inputs, download results)
@@ -40,6 +41,7 @@ import path from 'node:path';
 import { Client, Connection } from '@temporalio/client';
 
 import { TaskClient, type OwnerTaskSpec, type SubmittedTask } from '../../client/taskClient';
+import { SchedulerClient } from '../../client/schedulerClient';
 import { VspClient } from '../../client/vspClient';
 
 import { loadInventory, type Inventory } from '../../deploy/cluster/inventory';
@@ -54,6 +56,7 @@ import { ownerTokenIn } from '../../deploy/devcluster/localCluster';
 import { repoRoot } from '../../deploy/devcluster/tools';
 import { clusterConfig, inventoryFile as vmInventoryFile } from '../../deploy/vmcluster/config';
 import { RepositoryClient } from '../../repository/client';
+import { until } from '../support/clusterFixture';
 import { sshTargets } from '../../deploy/vmcluster/ssh';
 import { CLUSTER_INVENTORY_ENV, CLUSTER_RUN_DIR_ENV, CLUSTER_VSP_DIR_ENV, GATEWAY } from './suiteEnv';
 
@@ -164,17 +167,34 @@ export function markDeployed(): Promise<void> {
 
 /**
  * Deploys the run's inventory once per run (`vsp cluster deploy --inventory`, idempotent), so the dom0s run
- * host workers of this build, configured for this run's Temporal and repository. Returns the seconds it took
- * (0 when this run deployed already).
+ * host workers of this build, configured for this run's Temporal and repository, then waits until the
+ * scheduler has every host's inventory and takes tasks there (a worker reports it with its first liveness
+ * heartbeat, a moment after the deploy's check saw it poll). Returns the seconds the deploy took (0 when
+ * this run deployed already).
  */
 export async function ensureDeployed(): Promise<number> {
-  if (existsSync(deployedMarker())) return 0;
-  const t0 = Date.now();
-  const r = await vspCli(['cluster', 'deploy', '--inventory', inventoryFile()]);
-  if (r.code !== 0)
-    throw new Error(`vsp cluster deploy failed (exit ${r.code}):\n${r.stdout}\n${r.stderr.slice(-4000)}`);
-  await markDeployed();
-  return (Date.now() - t0) / 1000;
+  let seconds = 0;
+  if (!existsSync(deployedMarker())) {
+    const t0 = Date.now();
+    const r = await vspCli(['cluster', 'deploy', '--inventory', inventoryFile()]);
+    if (r.code !== 0)
+      throw new Error(`vsp cluster deploy failed (exit ${r.code}):\n${r.stdout}\n${r.stderr.slice(-4000)}`);
+    await markDeployed();
+    seconds = (Date.now() - t0) / 1000;
+  }
+  const hosts = (await clusterInventory()).hosts.map((h) => h.name);
+  const scheduler = new SchedulerClient((await temporalClient()).client);
+  await until(
+    `the scheduler to take tasks on ${hosts.join(', ')}`,
+    async () => {
+      const ready = (await scheduler.state({ fresh: true })).hosts.filter(
+        (h) => h.state === 'ready' && h.inventory !== undefined,
+      );
+      return hosts.every((h) => ready.some((r) => r.host === h)) || undefined;
+    },
+    5 * 60_000,
+  );
+  return seconds;
 }
 
 export function ownerToken(owner: string): string {
@@ -204,14 +224,18 @@ export async function repo(owner: string): Promise<RepositoryClient> {
   });
 }
 
-let temporal: Promise<{ connection: Connection; vsp: VspClient }> | undefined;
+let temporal: Promise<{ connection: Connection; client: Client }> | undefined;
 
-export async function vspClient(): Promise<VspClient> {
+function temporalClient(): Promise<{ connection: Connection; client: Client }> {
   temporal ??= clusterInventory().then(async (inv) => {
     const connection = await Connection.connect({ address: inv.cluster!.temporalAddress });
-    return { connection, vsp: new VspClient(new Client({ connection, namespace: 'default' })) };
+    return { connection, client: new Client({ connection, namespace: 'default' }) };
   });
-  return (await temporal).vsp;
+  return temporal;
+}
+
+export async function vspClient(): Promise<VspClient> {
+  return new VspClient((await temporalClient()).client);
 }
 
 // Each test file gets its own module instance: its sessions end with it.

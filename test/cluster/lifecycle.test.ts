@@ -5,6 +5,7 @@ import path from 'node:path';
 
 import type { TaskResult } from '../../workflows/definitions';
 import { until } from '../support/clusterFixture';
+import { hashRoundsCommand } from '../support/releasedTasks';
 import { ensureDeployed, onHost, onHostOk, repo, submitTask, vspClient } from './harness';
 
 /**
@@ -98,8 +99,6 @@ test(
   'a task with an input runs on a, migrates a -> b -> a (disks stay on a), outputs and console reach the repository',
   async () => {
     const vsp = await vspClient();
-    // Hashes its input round after round, one progress line per round, until the guest is shut down (the
-    // appliance's stop script sends TERM, which the task takes as "finish the round and exit 0").
     const { taskId } = await phase('submit', () =>
       submitTask(OWNER, {
         owner: OWNER,
@@ -108,22 +107,7 @@ test(
         memoryMiB: MEMORY_MIB,
         timeLimitSec: 3600,
         inputs: ['in/data.bin'],
-        command: [
-          'set -e',
-          'mkdir -p out',
-          'i=0',
-          'stop=',
-          "trap 'stop=1' TERM",
-          'while [ -z "$stop" ]; do',
-          '  sha256sum in/data.bin > /tmp/sum || true',
-          '  [ -n "$stop" ] && break',
-          '  i=$((i+1))',
-          '  cat /tmp/sum >> out/rounds.txt',
-          '  echo "VSP-PROGRESS $((i < 99 ? i : 99)) round $i"',
-          '  sleep 1 || true',
-          'done',
-          'exit 0',
-        ].join('\n'),
+        command: hashRoundsCommand('in/data.bin', { hashes: 1, pauseSec: 1 }),
       }),
     );
     const vmId = await phase('submit -> domain on a', () => vmIdOn('a', taskId));

@@ -1,94 +1,14 @@
-import { promises as fs } from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
-import { Client, Connection } from '@temporalio/client';
-import { LocalCluster } from '../../deploy/devcluster/localCluster';
-import { createTestNetwork, requireRoot, type TestNetwork } from '../../deploy/devcluster/netns';
-import { startTemporalDevServer, type TemporalDevServer } from '../../deploy/devcluster/temporal';
-import { VspClient } from '../../client/vspClient';
-import { ensureAppliance } from '../../drivers/qemu/appliance';
-import { RepositoryClient } from '../../repository/client';
+import {
+  startNamespaceCluster as startInLogDir,
+  type NamespaceCluster,
+} from '../../deploy/devcluster/namespaceCluster';
 import { testLogDir } from './testRun';
 
-/**
- * A dev cluster on namespace test hosts, for the workflow-level migration tests: each host worker runs in
- * its namespace next to an nfs-ganesha export of its store, with the VM network on the hosts' bridges;
- * real QEMU under TCG; a Temporal dev server and the repository reached at the namespaces' gateway.
- * Needs root.
- */
-export interface NamespaceCluster {
-  network: TestNetwork;
-  cluster: LocalCluster;
-  client: Client;
-  vsp: VspClient;
-  baseDir: string;
-  repo(owner: string): RepositoryClient;
-  /** The VM folder of `vmId` in `host`'s store. */
-  vmDir(host: string, vmId: string): string;
-  stop(): Promise<void>;
-}
+export type { NamespaceCluster };
 
-export async function startNamespaceCluster(opts: {
-  hosts: string[];
-  /** Namespace and link prefix, and the segment's /24: distinct per test file. */
-  prefix: string;
-  subnet: string;
-  owners: string[];
-  /** Extra environment for the host workers and the control worker. */
-  hostEnv?: NodeJS.ProcessEnv;
-  controlEnv?: NodeJS.ProcessEnv;
-}): Promise<NamespaceCluster> {
-  requireRoot('the migration tests (network namespaces, NFS exports)');
-  await ensureAppliance();
-  const baseDir = await fs.mkdtemp(path.join(os.tmpdir(), `${opts.prefix}e2e-`));
-  let network: TestNetwork | undefined;
-  let temporal: TemporalDevServer | undefined;
-  let cluster: LocalCluster | undefined;
-  let connection: Connection | undefined;
-  const stop = async () => {
-    await connection?.close();
-    await cluster?.stop();
-    await temporal?.stop();
-    // Kills whatever a failed test left in the namespaces (QEMU), then removes them.
-    await network?.teardown();
-    if (process.env.VSP_KEEP_TEST_DIRS === '1') process.stderr.write(`kept ${baseDir}\n`);
-    else await fs.rm(baseDir, { recursive: true, force: true });
-  };
-  try {
-    network = await createTestNetwork({ hosts: opts.hosts, prefix: opts.prefix, subnet: opts.subnet });
-    // The suite's Temporal listens on loopback, which the namespaces cannot reach. This one listens on
-    // every address (its services also dial each other on loopback) and is reached at the gateway.
-    temporal = await startTemporalDevServer({
-      ip: '0.0.0.0',
-      headless: true,
-      logFile: path.join(testLogDir(), `${opts.prefix}temporal.log`),
-    });
-    const temporalAddress = `${network.gateway}:${temporal.address.split(':').pop()}`;
-    cluster = await new LocalCluster({
-      temporalAddress,
-      hosts: opts.hosts,
-      baseDir,
-      drivers: ['qemu', 'process'],
-      hostEnv: { VSP_ACCEL: 'tcg', ...opts.hostEnv },
-      controlEnv: opts.controlEnv,
-      owners: opts.owners,
-      testHosts: { network },
-    }).start();
-    connection = await Connection.connect({ address: temporalAddress });
-    const client = new Client({ connection, namespace: 'default' });
-    const c = cluster;
-    return {
-      network,
-      cluster,
-      client,
-      vsp: new VspClient(client),
-      baseDir,
-      repo: (owner) => new RepositoryClient({ url: c.repositoryUrl, token: c.ownerTokens.get(owner) ?? '' }),
-      vmDir: (host, vmId) => path.join(c.storeDir(host), 'vms', vmId),
-      stop,
-    };
-  } catch (err) {
-    await stop();
-    throw err;
-  }
+/** A namespace dev cluster (deploy/devcluster/namespaceCluster.ts) logging into the test run's folder. */
+export function startNamespaceCluster(
+  opts: Omit<Parameters<typeof startInLogDir>[0], 'logDir'>,
+): Promise<NamespaceCluster> {
+  return startInLogDir({ ...opts, logDir: testLogDir() });
 }

@@ -25,3 +25,30 @@ export async function releaseTask(storeDir: string, marker: string): Promise<voi
   if (!dir) throw new Error(`no task in ${storeDir} logged ${marker}-started`);
   await fs.writeFile(path.join(dir, 'home', 'release'), '');
 }
+
+/**
+ * A guest task that hashes `input` round after round (`hashes` times a round, then an optional pause),
+ * appends each round's hash to out/rounds.txt and prints `VSP-PROGRESS <n> round <i>`, until its VM is
+ * shut down: the guest's stop script sends TERM, which the task takes as "finish the round and exit 0".
+ * No round count is a guess at how long a migration takes.
+ */
+export function hashRoundsCommand(input: string, o: { hashes: number; pauseSec?: number }): string {
+  const js = Array.from({ length: o.hashes }, (_, i) => i + 1).join(' ');
+  return [
+    'set -e',
+    'mkdir -p out',
+    'i=0',
+    'stop=',
+    "trap 'stop=1' TERM",
+    'while [ -z "$stop" ]; do',
+    // The stop script's TERM reaches sha256sum too: a cut hash is never counted (the loop breaks first).
+    `  for j in ${js}; do [ -z "$stop" ] && { sha256sum ${input} > /tmp/sum || true; }; done`,
+    '  [ -n "$stop" ] && break',
+    '  i=$((i+1))',
+    '  cat /tmp/sum >> out/rounds.txt',
+    '  echo "VSP-PROGRESS $((i < 99 ? i : 99)) round $i"',
+    ...(o.pauseSec ? [`  sleep ${o.pauseSec} || true`] : []),
+    'done',
+    'exit 0',
+  ].join('\n');
+}

@@ -10,7 +10,7 @@ import type { TaskSpecInput } from '../../spec/taskSpec';
 import { type MigrateRequest, type TaskResult } from '../../workflows/definitions';
 import { until } from '../support/clusterFixture';
 import { startNamespaceCluster, type NamespaceCluster } from '../support/namespaceCluster';
-import { releaseTask, waitingCommand } from '../support/releasedTasks';
+import { hashRoundsCommand, releaseTask, waitingCommand } from '../support/releasedTasks';
 import { findVmId } from '../support/vmFolders';
 import { qemuHostsOf } from '../support/vmProcesses';
 
@@ -60,22 +60,7 @@ function submitCpuTask(): Promise<{ taskId: string }> {
     memoryMiB: MEMORY_MIB,
     timeLimitSec: 600,
     inputs: ['in/data.bin'],
-    command: [
-      'set -e',
-      'mkdir -p out',
-      'i=0',
-      'stop=',
-      "trap 'stop=1' TERM",
-      'while [ -z "$stop" ]; do',
-      // The stop script's TERM reaches sha256sum too: a cut hash is never counted (the loop breaks first).
-      '  for j in 1 2 3; do [ -z "$stop" ] && { sha256sum in/data.bin > /tmp/sum || true; }; done',
-      '  [ -n "$stop" ] && break',
-      '  i=$((i+1))',
-      '  cat /tmp/sum >> out/rounds.txt',
-      '  echo "VSP-PROGRESS $((i < 99 ? i : 99)) round $i"',
-      'done',
-      'exit 0',
-    ].join('\n'),
+    command: hashRoundsCommand('in/data.bin', { hashes: 3 }),
   };
   return cluster.submitTask(OWNER, spec);
 }

@@ -17,7 +17,8 @@ import { releaseTask, waitingCommand, waitingTaskDir } from '../support/released
  * more than capacity in use (the hosts' VM stores, sampled every 200 ms), 12 running and 28 queued, each
  * queued task starting in queue order as one ends; a spec too big for any host refused at submission;
  * the scheduler's reservations intact across a control-worker kill (process-driver tasks). Then a host
- * drained under two QEMU VMs, one an HTTP service polled throughout: both move, no request lost. Needs root.
+ * drained under two QEMU VMs, one an HTTP service polled throughout: both move, then their disks (storage
+ * evacuation), no request lost, the host left with no VM and no disk. Needs root.
  */
 const HOSTS = ['a', 'b'];
 const OWNER = 'alice';
@@ -162,7 +163,7 @@ test('40 tasks on 2 hosts for 6 each: 12 run, 28 queue, start in queue order, ne
   expect(end.queue).toEqual([]);
 }, 900_000);
 
-test('drain: both VM tasks on a live-migrate to b, the service loses no request; undrain makes a eligible again', async () => {
+test('drain: both VM tasks on a live-migrate to b, then their disks; no request lost; a holds no VM and no disk; undrain makes a eligible again', async () => {
   const { cluster, vsp } = ns;
   const scheduler = new SchedulerClient(ns.client);
   const vm = (over: Partial<TaskSpecInput>): TaskSpecInput => ({
@@ -194,6 +195,7 @@ test('drain: both VM tasks on a live-migrate to b, the service loses no request;
   const poller = startPolling(url);
   await poller.answers(40);
 
+  const drainStart = Date.now();
   const order = await scheduler.update(drainUpdate, { host: 'a', maxParallel: 1 });
   expect(order.maxParallel).toBe(1);
   const drained = await until(
@@ -207,24 +209,29 @@ test('drain: both VM tasks on a live-migrate to b, the service loses no request;
   await poller.answers(40);
   const { requests, failed, perSecond } = summarizePolls(await poller.stop());
   process.stderr.write(
-    `drain with a polled service: requests=${requests} failed=${failed.length} rate=${perSecond.toFixed(1)}/s\n`,
+    `drain with a polled service (VMs and disks): ${Date.now() - drainStart} ms, requests=${requests} ` +
+      `failed=${failed.length} rate=${perSecond.toFixed(1)}/s\n`,
   );
   expect(failed).toEqual([]);
   expect(perSecond).toBeGreaterThanOrEqual(10);
   expect(drained.hosts.find((h) => h.host === 'b')?.tasks.sort()).toEqual([...ids].sort());
   for (const id of ids) {
     const s = await vsp.status(id);
-    expect(s).toMatchObject({ phase: 'running', host: 'b', storageHost: 'a' });
+    // The drain also moved the disks (storage evacuation): a holds no VM and no disk.
+    expect(s).toMatchObject({ phase: 'running', host: 'b', storageHost: 'b' });
     expect(s.migrations?.at(-1)).toMatchObject({ from: 'a', to: 'b', ok: true });
+    expect(s.storageMoves?.at(-1)).toMatchObject({ from: 'a', to: 'b', ok: true });
     const vmId = await findVmId(
       HOSTS.map((h) => cluster.storeDir(h)),
       id,
     );
-    // No VM runs on a any more (its disks stay there: storage evacuation is not built).
+    // No VM runs on a any more.
     expect(await qemuHostsOf(vmId, Object.fromEntries(HOSTS.map((h) => [h, cluster.storeDir(h)])))).toEqual([
       'b',
     ]);
   }
+  expect(drained.hosts.find((h) => h.host === 'a')?.storedTasks).toBeUndefined();
+  expect(await fs.readdir(path.join(cluster.storeDir('a'), 'vms'))).toEqual([]);
   // Undrained, a takes tasks again.
   await scheduler.update(undrainUpdate, { host: 'a' });
   expect((await scheduler.state()).hosts.find((h) => h.host === 'a')?.state).toBe('ready');

@@ -1,4 +1,4 @@
-import { planBalance } from '../../scheduler/balance';
+import { nextBalanceMoves, planBalance, REBALANCE_ATTEMPTS } from '../../scheduler/balance';
 import { drainActions, DRAIN_ATTEMPTS } from '../../scheduler/drain';
 import {
   DEFAULT_SCHEDULER_CONFIG,
@@ -218,16 +218,45 @@ test('drain: VM tasks move at most maxParallel at once, each a bounded number of
   for (const id of vms) s.reservations[id].driver = 'qemu';
   s.reservations[proc.taskId].driver = 'process';
   s.drains.a = { since: '', maxParallel: 2, deadline: new Date(1000).toISOString() };
-  expect(drainActions(s, new Map(), 0)).toEqual({ migrate: vms.slice(0, 2), cancel: [] });
+  expect(drainActions(s, new Map(), 0)).toEqual({ migrate: vms.slice(0, 2), localize: [], cancel: [] });
   // One under way: one more may start.
-  expect(drainActions(s, new Map([[vms[0], 'a']]), 0)).toEqual({ migrate: [vms[1]], cancel: [] });
+  expect(drainActions(s, new Map([[vms[0], 'a']]), 0)).toEqual({
+    migrate: [vms[1]],
+    localize: [],
+    cancel: [],
+  });
   s.drainAttempts = { [vms[1]]: DRAIN_ATTEMPTS };
   expect(drainActions(s, new Map(), 0).migrate).toEqual([vms[0], vms[2]]);
   // Past the deadline: the process task and the VM that could not move are cancelled.
   expect(drainActions(s, new Map([[vms[0], 'a']]), 2000)).toEqual({
     migrate: [vms[2]],
+    localize: [],
     cancel: [vms[1], proc.taskId],
   });
+});
+
+test('drain with storage evacuation: VMs that run elsewhere on disks of the draining host move them; drained once nothing is left', () => {
+  const s = state([inventory('a'), inventory('b')]);
+  const [here, away, other] = [req(), req(), req()].map((r) => (place(s, { ...r, host: 'a' }), r.taskId));
+  for (const id of [here, away, other]) s.reservations[id].driver = 'qemu';
+  // `away` migrated to b, memory only: its disks stay on a; `other` runs on b with its disks on b.
+  Object.assign(s.reservations[away], { host: 'b', storageHost: 'a' });
+  Object.assign(s.reservations[other], { host: 'b' });
+  s.drains.a = { since: '', maxParallel: 2 };
+  expect(drainActions(s, new Map(), 0)).toEqual({ migrate: [here], localize: [away], cancel: [] });
+  // The disk move counts against maxParallel like a migration.
+  expect(drainActions(s, new Map([[here, 'a']]), 0).localize).toEqual([away]);
+  s.drains.a.maxParallel = 1;
+  expect(drainActions(s, new Map([[here, 'a']]), 0).localize).toEqual([]);
+  Object.assign(s.reservations[here], { host: 'b', storageHost: 'a' });
+  expect(summarise(s).find((h) => h.host === 'a')).toMatchObject({
+    state: 'draining',
+    tasks: [],
+    storedTasks: [here, away],
+  });
+  for (const id of [here, away]) delete s.reservations[id].storageHost;
+  expect(summarise(s).find((h) => h.host === 'a')).toMatchObject({ state: 'drained', tasks: [] });
+  expect(drainActions(s, new Map(), 0)).toEqual({ migrate: [], localize: [], cancel: [] });
 });
 
 test('balance (spread): from a host with 3 VMs to an empty one, then stable; pack empties the least used host', () => {
@@ -262,4 +291,81 @@ test('balance (spread): from a host with 3 VMs to an empty one, then stable; pac
     { taskId: x.taskId, from: 'a', to: 'b', gain: 1 },
   ]);
   expect(planBalance(p, { threshold: 0, maxMoves: 0 })).toEqual([]);
+});
+
+test('rebalancing rounds: at most maxInFlight under way, planned as the moves under way leave the cluster; pinned and failing tasks stay', () => {
+  const s = state([inventory('a'), inventory('b'), inventory('c')]);
+  const vms = [req(), req(), req(), req(), req(), req()];
+  for (const r of vms) {
+    place(s, { ...r, host: 'a' });
+    s.reservations[r.taskId].driver = 'qemu';
+  }
+  const cfg = { everySec: 60, threshold: 0.01, maxInFlight: 2 };
+  const first = nextBalanceMoves(s, cfg);
+  expect(first.map((m) => [m.from, m.to])).toEqual([
+    ['a', 'b'],
+    ['a', 'c'],
+  ]);
+  // Both under way: nothing more starts; one done, the next is planned as if the other had landed.
+  s.balance = {
+    rounds: 1,
+    balanced: false,
+    active: true,
+    moved: 0,
+    failed: 0,
+    failures: {},
+    inFlight: Object.fromEntries(first.map((m) => [m.taskId, m.to])),
+  };
+  expect(nextBalanceMoves(s, cfg)).toEqual([]);
+  s.reservations[first[0].taskId].host = 'b';
+  delete s.balance.inFlight[first[0].taskId];
+  const next = nextBalanceMoves(s, cfg);
+  expect(next).toHaveLength(1);
+  expect(next[0].from).toBe('a');
+  // A task asked for its host stays; one that failed too often is left alone.
+  for (const r of vms) if (r.taskId !== first[0].taskId) s.reservations[r.taskId].pinned = true;
+  s.balance.inFlight = {};
+  s.reservations[first[1].taskId].host = 'c';
+  expect(nextBalanceMoves(s, cfg)).toEqual([]);
+  s.reservations[vms[2].taskId].pinned = false;
+  expect(nextBalanceMoves(s, cfg).map((m) => m.taskId)).toEqual([vms[2].taskId]);
+  s.balance.failures[vms[2].taskId] = REBALANCE_ATTEMPTS;
+  expect(nextBalanceMoves(s, cfg)).toEqual([]);
+});
+
+test("anti-affinity: an owner's service tasks go to different hosts while one has room, and rebalancing keeps them apart", () => {
+  const s = state([inventory('a'), inventory('b')], { antiAffinity: true, policy: 'pack' });
+  const svc = (owner: string) => req({ owner, service: true, driver: 'qemu' });
+  const reserve = (r: PlacementRequest) => {
+    const host = place(s, r) as string;
+    Object.assign(s.reservations[r.taskId], { service: r.service, driver: 'qemu' });
+    return host;
+  };
+  // Pack would put all on a; the second service of alice goes to b, bob's first to a again.
+  expect(reserve(svc('alice'))).toBe('a');
+  expect(reserve(svc('alice'))).toBe('b');
+  expect(reserve(svc('bob'))).toBe('a');
+  // Non-service tasks are not held apart.
+  expect(reserve(req({ owner: 'alice', driver: 'qemu' }))).toBe('a');
+  // A third service of alice: both hosts hold one, so anti-affinity cannot help; it still gets a place.
+  expect(reserve(svc('alice'))).toBeDefined();
+  // Pack would empty b into a, but that would put two of alice's services together.
+  const t = state([inventory('a'), inventory('b')], { antiAffinity: true, policy: 'pack' });
+  for (const [r, h] of [
+    [svc('alice'), 'a'],
+    [svc('alice'), 'b'],
+  ] as const) {
+    t.reservations[r.taskId] = {
+      taskId: r.taskId,
+      owner: r.owner,
+      host: h,
+      resources: r.resources,
+      driver: 'qemu',
+      service: true,
+      since: '',
+    };
+  }
+  expect(planBalance(t, { threshold: 0, maxMoves: 10 })).toEqual([]);
+  t.config.antiAffinity = false;
+  expect(planBalance(t, { threshold: 0, maxMoves: 10 })).toHaveLength(1);
 });

@@ -11,6 +11,7 @@ import {
   type HostInventory,
   type HostView,
   type PlacementRequest,
+  type SchedulerConfig,
 } from '../../scheduler/model';
 import {
   drainUpdate,
@@ -18,7 +19,10 @@ import {
   releaseUpdate,
   reserveMoveUpdate,
   settleMoveUpdate,
+  settleStorageUpdate,
   undrainUpdate,
+  configureUpdate,
+  type SchedulerSnapshot,
 } from '../../workflows/scheduling/definitions';
 import { replayFailures, recordHistory, runIds } from './support/historyFixture';
 import { startWorkflowTestEnv } from './support/workflowEnv';
@@ -72,7 +76,7 @@ beforeAll(async () => {
         return hosts.flatMap((h) => views.get(h) ?? []);
       },
       // A task's migration as the lifecycle does it: a target from the scheduler, then the settled move.
-      migrateTask: async ({ taskId }: { taskId: string }) => {
+      migrateTask: async ({ taskId, to }: { taskId: string; to?: string }) => {
         calls.push(`migrateTask ${taskId}`);
         const state = await scheduler.state();
         const from = state.hosts.find((h) => h.tasks.includes(taskId))?.host as string;
@@ -82,9 +86,17 @@ beforeAll(async () => {
           current: from,
           resources: { vcpus: 1, memoryMiB: 256, diskMiB: 1 },
           driver: 'qemu',
+          ...(to ? { requested: to } : {}),
         });
         if ('refused' in target) throw new Error(target.refused);
         await scheduler.update(settleMoveUpdate, { taskId, host: target.host });
+        return 'moved';
+      },
+      // A task's disk move as the lifecycle does it: settled where its VM runs.
+      localizeTask: async ({ taskId }: { taskId: string }) => {
+        calls.push(`localizeTask ${taskId}`);
+        const r = (await scheduler.state()).reservations.find((x) => x.taskId === taskId);
+        await scheduler.update(settleStorageUpdate, { taskId, storageHost: r?.host as string });
         return 'moved';
       },
       cancelTask: async ({ taskId }: { taskId: string }) => void calls.push(`cancelTask ${taskId}`),
@@ -114,9 +126,13 @@ function req(over: Partial<PlacementRequest> = {}): PlacementRequest {
 }
 
 /** A fresh scheduler for `hosts`, started by its first update as a control worker starts it. */
-function schedulerFor(hosts: string[], historyEventLimit?: number): SchedulerClient {
+function schedulerFor(
+  hosts: string[],
+  historyEventLimit?: number,
+  over: Partial<SchedulerConfig> = {},
+): SchedulerClient {
   return new SchedulerClient(env.client, {
-    config: { ...DEFAULT_SCHEDULER_CONFIG, hosts },
+    config: { ...DEFAULT_SCHEDULER_CONFIG, hosts, ...over },
     ...(historyEventLimit !== undefined ? { historyEventLimit } : {}),
   });
 }
@@ -183,9 +199,11 @@ test('drain: VM tasks move off the host, process tasks stay; drained, then ready
   expect(order.maxParallel).toBe(1);
   // Drained: no new task goes there.
   expect(await s.update(placeUpdate, req())).toEqual({ host: 'b' });
+  // Moved, and their disks too (storage evacuation): a holds only the process task.
   const moved = async () => {
     const st = await s.state();
-    return st.hosts.find((h) => h.host === 'a')?.tasks.length === 1 ? st : undefined;
+    const a = st.hosts.find((h) => h.host === 'a');
+    return a?.tasks.length === 1 && !a.storedTasks ? st : undefined;
   };
   let state;
   while (!(state = await moved())) await new Promise((r) => setTimeout(r, 50));
@@ -194,6 +212,9 @@ test('drain: VM tasks move off the host, process tasks stay; drained, then ready
     ['b', 'ready', 3],
   ]);
   expect(calls.filter((c) => c.startsWith('migrateTask'))).toEqual(vms.map((v) => `migrateTask ${v.taskId}`));
+  expect(calls.filter((c) => c.startsWith('localizeTask')).sort()).toEqual(
+    vms.map((v) => `localizeTask ${v.taskId}`).sort(),
+  );
   await s.update(releaseUpdate, { taskId: proc.taskId });
   expect((await s.state()).hosts[0]).toMatchObject({ host: 'a', state: 'drained', tasks: [] });
   await s.update(undrainUpdate, { host: 'a' });
@@ -219,6 +240,57 @@ test('continue-as-new: reservations and the queue are carried to the next run', 
   const chain = Object.assign(handle(), { firstExecutionRunId: first }) as unknown as WorkflowHandle;
   expect((await runIds(env.client, chain)).length).toBeGreaterThan(1);
   await finish('scheduler-continued', first);
+});
+
+test('rebalancing: Schedule ticks move VMs one at a time until balanced, across runs; pack empties a host', async () => {
+  setHost('a', 1024);
+  setHost('b', 1024, false);
+  const rebalance = { everySec: 60, threshold: 0.01, maxInFlight: 1 };
+  const s = schedulerFor(['a', 'b'], 60, { rebalance });
+  // b is down: all three go to a.
+  const vms = [req(), req(), req()];
+  for (const r of vms) expect(await s.update(placeUpdate, r)).toEqual({ host: 'a' });
+  const first = await currentRun();
+  setHost('b', 1024);
+  const tick = () =>
+    env.client.workflow.execute('RebalanceTick', {
+      taskQueue: CONTROL_TASK_QUEUE,
+      workflowId: `tick-${seq++}`,
+    });
+  /** The state once the scheduler has finished round `n` (its moves ended, nothing more to gain). */
+  const afterRound = async (n: number): Promise<SchedulerSnapshot> => {
+    for (;;) {
+      const st = await s.state();
+      if (st.balance && st.balance.rounds >= n && st.balance.balanced) return st;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  };
+  const movesBefore = calls.filter((c) => c.startsWith('migrateTask')).length;
+  await tick();
+  let st = await afterRound(1);
+  expect(st.hosts.map((h) => [h.host, h.tasks.length])).toEqual([
+    ['a', 2],
+    ['b', 1],
+  ]);
+  expect(st.balance).toMatchObject({ rounds: 1, moved: 1, failed: 0, inFlight: {} });
+  // Balanced: the next round moves nothing (2/1 and 1/2 are equally even).
+  await tick();
+  st = await afterRound(2);
+  expect(st.balance).toMatchObject({ rounds: 2, moved: 1 });
+  // Pack: the least used host (b) is emptied into a.
+  await s.update(configureUpdate, { ...st.config, policy: 'pack' });
+  await tick();
+  st = await afterRound(3);
+  expect(st.hosts.map((h) => [h.host, h.tasks.length])).toEqual([
+    ['a', 3],
+    ['b', 0],
+  ]);
+  expect(st.balance).toMatchObject({ rounds: 3, moved: 2, failed: 0 });
+  expect(calls.filter((c) => c.startsWith('migrateTask')).length - movesBefore).toBe(2);
+  // Its history past 60 events, the scheduler continued as new meanwhile and planned on from its state.
+  const chain = Object.assign(handle(), { firstExecutionRunId: first }) as unknown as WorkflowHandle;
+  expect((await runIds(env.client, chain)).length).toBeGreaterThan(1);
+  await finish('scheduler-rebalance', first);
 });
 
 test('recorded scheduler histories replay against the current workflow', async () => {

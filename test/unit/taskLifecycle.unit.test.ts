@@ -11,6 +11,7 @@ import { CONTROL_TASK_QUEUE, hostTaskQueue, SEARCH_ATTRIBUTES } from '../../conf
 import { taskInput, type TaskTuning } from '../../spec/taskInput';
 import type { TaskSpecInput } from '../../spec/taskSpec';
 import {
+  localizeDisksUpdate,
   migrateUpdate,
   cancelUpdate,
   statusQuery,
@@ -261,6 +262,41 @@ test('migrated: the VM moves to b, the wait follows it, the task completes there
   // Stage-out reads the disks on their own host.
   expect(cluster.called('stageOut', h.workflowId).map((c) => c.host)).toEqual(['a']);
   await record('migrated', h);
+});
+
+test('disks localized after a migration (spec localizeDisksAfterMigration): b stores them, a drops its copy', async () => {
+  const h = await start('localized', { localizeDisksAfterMigration: true });
+  await runningOn(h, 'a');
+  const s = await h.executeUpdate(migrateUpdate, { args: [{ host: 'b' }] });
+  expect(s).toMatchObject({ host: 'b', storageHost: 'b' });
+  expect(s.storageMoves).toEqual([expect.objectContaining({ from: 'a', to: 'b', ok: true, bytes: 4096 })]);
+  // Switched on b, recorded with the scheduler, and only then dropped on a.
+  const order = cluster.calls
+    .filter((c) => ['localizeDisks', 'settleStorage', 'dropMovedDisks'].includes(c.name))
+    .filter((c) => c.taskId === h.workflowId || c.host === 'control')
+    .map((c) => `${c.name}@${c.host}`);
+  expect(order.slice(-3)).toEqual(['localizeDisks@b', 'settleStorage@control', 'dropMovedDisks@a']);
+  await runningOn(h, 'b');
+  cluster.release(h.workflowId);
+  const result = (await h.result()) as TaskResult;
+  expect(result).toMatchObject({ host: 'b', storageHost: 'b' });
+  expect(cluster.called('stageOut', h.workflowId).map((c) => c.host)).toEqual(['b']);
+  expect(cluster.called('destroyVm', h.workflowId).map((c) => c.host)).toEqual(['b']);
+  await record('localized-after-migration', h);
+});
+
+test('the localizeDisks update: refused while the disks are local, moves them after a migration', async () => {
+  const h = await start('localize-update');
+  await runningOn(h, 'a');
+  await expect(refusal(h.executeUpdate(localizeDisksUpdate))).resolves.toMatch(/already on a/);
+  expect(await h.executeUpdate(migrateUpdate, { args: [{ host: 'b' }] })).toMatchObject({ storageHost: 'a' });
+  const s = await h.executeUpdate(localizeDisksUpdate);
+  expect(s).toMatchObject({ host: 'b', storageHost: 'b' });
+  expect(s.movingDisks).toBeUndefined();
+  await runningOn(h, 'b');
+  cluster.release(h.workflowId);
+  expect(((await h.result()) as TaskResult).storageHost).toBe('b');
+  await record('localized-by-update', h);
 });
 
 test('migration rolled back: the target is cleaned, the task runs on where it was', async () => {

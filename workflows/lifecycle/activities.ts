@@ -1,4 +1,5 @@
 import {
+  ActivityCancellationType,
   ApplicationFailure,
   isCancellation,
   log,
@@ -123,6 +124,17 @@ function hostOptions(t: TaskState, host: string) {
       startToCloseTimeout: '15m',
       heartbeatTimeout: '30s',
       scheduleToCloseTimeout: '20m',
+      retry: { ...base.retry, maximumAttempts: 3 },
+    },
+    // A disk move copies whole disks while the VM runs: long, heartbeating, bounded. A cancelled one is
+    // waited for: it may have switched the drives already, and then its result says where the disks are.
+    storage: {
+      ...base,
+      cancellationType: ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+      scheduleToStartTimeout: '1m',
+      startToCloseTimeout: '1h',
+      heartbeatTimeout: '30s',
+      scheduleToCloseTimeout: '2h',
       retry: { ...base.retry, maximumAttempts: 3 },
     },
     // The end of the capability: the repository refuses it anyway once it expires.

@@ -44,14 +44,14 @@ export async function migrate(t: TaskState, req: MigrateRequest): Promise<TaskSt
   let reserved = false;
   try {
     step('choosing-target');
-    record.to = (
-      await migrationControl.chooseMigrationTarget({
-        current: from,
-        requested: req.host,
-        spec: t.spec,
-        driver: t.driver,
-      })
-    ).host;
+    const target = await migrationControl.chooseMigrationTarget({
+      current: from,
+      requested: req.host,
+      spec: t.spec,
+      driver: t.driver,
+    });
+    record.to = target.host;
+    t.localizeAfterMigration = t.spec.localizeDisksAfterMigration ?? target.localizeDisks;
     reserved = true;
     const to = record.to;
     const src = hostSteps(t, from);

@@ -1,22 +1,29 @@
-import { CancellationScope, log, setHandler, workflowInfo } from '@temporalio/workflow';
+import { CancellationScope, log, patched, setHandler, workflowInfo } from '@temporalio/workflow';
 import { placementGrantedSignal } from '../scheduling/definitions';
 import {
   cancelUpdate,
   CancelRequestSchema,
+  localizeDisksUpdate,
   migrateUpdate,
   MigrateRequestSchema,
   ProgressReportSchema,
   progressSignal,
   requestProblems,
+  resizeUpdate,
+  ResizeRequestSchema,
   statusQuery,
+  type MigrateRequest,
+  type TaskStatus,
 } from '../definitions';
-import { cancellation } from './activities';
+import type { VmHandle } from '../../activities/types';
+import { cancellation, onHost } from './activities';
 import { describe } from './failures';
 import { migrate, migrationRefusal } from './migration';
+import { diskMoveRefusal, LOCALIZE_PATCH, moveDisksHere } from './storage';
 import { isFinishing, type TaskState } from './state';
 
 /**
- * The status query, the cancel and migrate updates (shapes checked in their validators), the scheduler's
+ * The status query, the cancel, migrate and resize updates (shapes checked in their validators), the scheduler's
  * grant, and the old progress signal.
  */
 export function handleRequests(t: TaskState): void {
@@ -47,7 +54,15 @@ export function handleRequests(t: TaskState): void {
       },
     },
   );
-  setHandler(migrateUpdate, (req) => migrate(t, req), {
+  setHandler(localizeDisksUpdate, () => moveDisksHere(t), {
+    validator: () => {
+      const refusal = t.continuing
+        ? `task ${t.ref.taskId} is moving to its next run: try again in a moment`
+        : diskMoveRefusal(t);
+      if (refusal) throw new Error(refusal);
+    },
+  });
+  setHandler(migrateUpdate, (req) => migrateThenLocalize(t, req), {
     validator: (req) => {
       const r = MigrateRequestSchema.safeParse(req);
       if (!r.success) throw new Error(requestProblems('migrate', r.error));
@@ -57,6 +72,35 @@ export function handleRequests(t: TaskState): void {
       if (refusal) throw new Error(refusal);
     },
   });
+  setHandler(
+    resizeUpdate,
+    async (req) => {
+      const share = { ...t.status.cpuShare, ...req };
+      if (share.capPercent === 0) delete share.capPercent;
+      await onHost(t, t.host as string)(
+        'short',
+        'setCpuShare',
+        `set the CPU share of VM ${t.ref.vmId}`,
+        t.handle as VmHandle,
+        share,
+      );
+      // Kept only once in force: the next host after a migration gets it too (awaitVm).
+      t.status.cpuShare = share;
+      return t.status;
+    },
+    {
+      validator: (req) => {
+        const r = ResizeRequestSchema.safeParse(req);
+        if (!r.success) throw new Error(requestProblems('resize', r.error));
+        const id = t.ref.taskId;
+        if (t.status.phase !== 'running' || !t.handle || !t.host)
+          throw new Error(
+            `task ${id} is not running (it is ${t.status.phase}): only a running task can be resized`,
+          );
+        if (t.migrating) throw new Error(`task ${id} is migrating: resize it once it runs on its new host`);
+      },
+    },
+  );
   // Only a task without a host takes a grant (it may come before the placement's answer that queued the
   // task); a late duplicate changes nothing.
   setHandler(placementGrantedSignal, ({ host }) => {
@@ -68,4 +112,17 @@ export function handleRequests(t: TaskState): void {
     t.status.progress = r.data.progress;
     t.status.progressMessage = r.data.message;
   });
+}
+
+/**
+ * A migration, then (spec or cluster `localizeDisksAfterMigration`) the disks' move to the new host. A
+ * failed disk move is recorded in the status and leaves the migrated VM running on its NFS disks.
+ */
+async function migrateThenLocalize(t: TaskState, req: MigrateRequest): Promise<TaskStatus> {
+  const status = await migrate(t, req);
+  if (t.localizeAfterMigration && t.storageHost !== t.host && patched(LOCALIZE_PATCH))
+    await moveDisksHere(t).catch((err: unknown) =>
+      log.warn('the disks stay on their storage host after the migration', { error: describe(err) }),
+    );
+  return status;
 }

@@ -59,6 +59,8 @@ export interface TaskState {
   placementAsked?: boolean;
   /** The host the scheduler granted while the task was queued (its grant signal). */
   granted?: string;
+  /** The disks follow the VM after its migration (spec, else the cluster's default). */
+  localizeAfterMigration?: boolean;
 }
 
 /** What a run hands to the next when it continues as new: the running task, where it is, its past. */

@@ -1,5 +1,6 @@
 import { defineQuery, defineSignal, defineUpdate } from '@temporalio/workflow';
 import type {
+  BalanceRecord,
   DrainOrder,
   HostSummary,
   PlacementRequest,
@@ -42,6 +43,12 @@ export interface SettleMoveRequest {
   host: string;
 }
 
+export interface SettleStorageRequest {
+  taskId: string;
+  /** The host whose store holds the task's disks now. */
+  storageHost: string;
+}
+
 export interface DrainRequest {
   host: string;
   /** Seconds from now after which process tasks still there are cancelled (default: none). */
@@ -58,6 +65,8 @@ export interface SchedulerSnapshot {
   queue: QueueEntry[];
   surveyedAt?: string;
   decisions: number;
+  /** Rebalancing's rounds and moves (absent before its first round). */
+  balance?: BalanceRecord;
 }
 
 export const placeUpdate = defineUpdate<PlaceResult, [PlacementRequest]>('place');
@@ -66,6 +75,7 @@ export const reserveMoveUpdate = defineUpdate<{ host: string } | { refused: stri
   'reserveMove',
 );
 export const settleMoveUpdate = defineUpdate<void, [SettleMoveRequest]>('settleMove');
+export const settleStorageUpdate = defineUpdate<void, [SettleStorageRequest]>('settleStorage');
 export const drainUpdate = defineUpdate<DrainOrder, [DrainRequest]>('drain');
 export const undrainUpdate = defineUpdate<void, [{ host: string }]>('undrain');
 export const configureUpdate = defineUpdate<SchedulerConfig, [SchedulerConfig]>('configure');
@@ -73,6 +83,9 @@ export const schedulerStateQuery = defineQuery<SchedulerSnapshot>('state');
 /** The state after a fresh look at every host (liveness, inventory): what `vsp host list` shows. */
 export const refreshUpdate = defineUpdate<SchedulerSnapshot, []>('refresh');
 export const queuePositionQuery = defineQuery<QueuePosition | undefined, [string]>('position');
+
+/** A rebalancing round (the Temporal Schedule's tick, workflows/scheduler.ts RebalanceTick). */
+export const rebalanceSignal = defineSignal('rebalance');
 
 /** The scheduler to a queued task: capacity is granted on `host`. */
 export const placementGrantedSignal = defineSignal<[{ host: string }]>('placementGranted');

@@ -74,6 +74,9 @@ export class MockCluster {
       settleMove: async () => {
         this.calls.push({ host: 'control', name: 'settleMove' });
       },
+      settleStorage: async () => {
+        this.calls.push({ host: 'control', name: 'settleStorage' });
+      },
       requestCancellation: async (req: { taskId: string; runId: string }) => {
         this.calls.push({ host: 'control', name: 'requestCancellation', taskId: req.taskId });
         await this.client?.workflow.getHandle(req.taskId, req.runId).cancel();
@@ -186,6 +189,18 @@ export class MockCluster {
       },
       abortIncoming: async () => {
         record('abortIncoming');
+      },
+      localizeDisks: async (handle: VmHandle) => {
+        record('localizeDisks');
+        return {
+          handle: { ...handle, storageHost: host },
+          from: handle.storageHost,
+          bytes: 4096,
+          elapsedMs: 5,
+        };
+      },
+      dropMovedDisks: async () => {
+        record('dropMovedDisks');
       },
     };
   }

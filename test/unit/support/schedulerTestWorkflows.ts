@@ -1,7 +1,7 @@
 import { condition, setHandler } from '@temporalio/workflow';
 import { placementGrantedSignal } from '../../../workflows/scheduling/definitions';
 
-export { Scheduler } from '../../../workflows/scheduler';
+export { RebalanceTick, Scheduler } from '../../../workflows/scheduler';
 
 /** Stands for a queued task in the scheduler's tests: ends with the host the scheduler granted. */
 export async function GrantReceiver(): Promise<string> {
