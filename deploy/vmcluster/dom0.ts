@@ -219,6 +219,25 @@ export async function stopDom0(h: HostConfig, pid: number | undefined): Promise<
   }
 }
 
+/** Starts QEMU on the dom0's current disk and waits for its readiness line and ssh; stops it on failure. */
+async function bootCold(
+  c: ClusterConfig,
+  h: HostConfig,
+  image: Dom0Image,
+  target: SshTarget,
+  started: number,
+): Promise<number> {
+  const pid = await startQemu(c, h, qemuArgs(c, h, image));
+  try {
+    await waitReadyLine(h, pid, started);
+    await waitSsh(h, pid, target);
+  } catch (err) {
+    await stopDom0(h, pid);
+    throw err;
+  }
+  return pid;
+}
+
 /**
  * Cuts a dom0's power: QEMU quits at once (QMP `quit`), so Xen, dom0 and every guest stop mid-step, with
  * no shutdown, as on a host whose power fails. What dom0 had not yet written out is lost; its disk overlay
@@ -256,14 +275,7 @@ export async function powerOnDom0(
   if (!(await exists(p.disk)))
     throw new Error(`dom0 ${h.name} has no disk at ${p.disk}: bring the cluster up`);
   log.info({ host: h.name }, 'dom0 powering on (cold boot from its own disk)');
-  const pid = await startQemu(c, h, qemuArgs(c, h, image));
-  try {
-    await waitReadyLine(h, pid, started);
-    await waitSsh(h, pid, target);
-  } catch (err) {
-    await stopDom0(h, pid);
-    throw err;
-  }
+  const pid = await bootCold(c, h, image, target, started);
   const boot: Dom0Boot = { name: h.name, pid, mode: 'cold', sshReadySeconds: seconds(started) };
   log.info(boot, 'dom0 powered on');
   return boot;
@@ -380,14 +392,7 @@ export async function startDom0(
   const started = Date.now();
   await freshRunDir(h, image.disk);
   log.info({ host: h.name, address: h.address }, 'dom0 booting cold (30-120 s under TCG)');
-  const coldPid = await startQemu(c, h, qemuArgs(c, h, image));
-  try {
-    await waitReadyLine(h, coldPid, started);
-    await waitSsh(h, coldPid, target);
-  } catch (err) {
-    await stopDom0(h, coldPid);
-    throw err;
-  }
+  const coldPid = await bootCold(c, h, image, target, started);
   const sshReadySeconds = seconds(started);
   log.info({ host: h.name, sshReadySeconds }, 'dom0 booted cold');
   if (!c.warm) return { name: h.name, pid: coldPid, mode: 'cold', sshReadySeconds };
