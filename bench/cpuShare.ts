@@ -75,7 +75,8 @@ export async function benchCpuShare(opts: CpuShareBenchOptions): Promise<BenchRe
       summary: {
         'uncapped rate (cores)': of('uncapped'),
         'with --cpu-cap 25 (cores)': of('cap 25 %'),
-        'reduction at cap 25': `${(of('uncapped') / Math.max(of('cap 25 %'), 0.001)).toFixed(1)}x`,
+        'with --cpu-cap 10 (cores)': of('cap 10 %'),
+        'reduction at cap 10': `${(of('uncapped') / Math.max(of('cap 10 %'), 0.001)).toFixed(1)}x`,
       },
     };
   } finally {

@@ -48,7 +48,7 @@ export function registerHostCommands(
       print(
         `${table(['HOST', 'STATE', 'CAPACITY cpu/mem/disk', 'ALLOCATED', 'FREE', 'TASKS'], rows)}\n` +
           `${state.queue.length} task(s) queued; policy ${state.config.policy}, overcommit cpu ${state.config.cpuOvercommit} ` +
-          `memory ${state.config.memoryOvercommit}`,
+          `memory ${state.config.memoryOvercommit}${rebalancing(state)}`,
         state,
       );
     });
@@ -148,6 +148,17 @@ function stateOf(snap: SchedulerSnapshot): SchedulerState {
     drains: Object.fromEntries(snap.hosts.flatMap((h) => (h.drain ? [[h.host, h.drain]] : []))),
     reservations: Object.fromEntries(snap.reservations.map((r) => [r.taskId, r])),
   };
+}
+
+/** The rebalancing line's tail: its period and what its rounds did, or that it is off. */
+function rebalancing(s: SchedulerSnapshot): string {
+  const cfg = s.config.rebalance;
+  if (!cfg?.everySec) return '; rebalancing off';
+  const b = s.balance;
+  const done = b
+    ? `${b.rounds} round(s), ${b.moved} move(s), ${b.failed} failed, ${Object.keys(b.inFlight).length} under way${b.balanced ? ', balanced' : ''}`
+    : 'no round yet';
+  return `\nrebalancing every ${cfg.everySec} s (threshold ${cfg.threshold}, ${cfg.maxInFlight} at once): ${done}`;
 }
 
 function triple(r: Resources | undefined): string {

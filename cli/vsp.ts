@@ -246,6 +246,20 @@ taskCommand('cancel <task-id>', 'cancel a running task: its VM is stopped, its l
     print(`cancelling ${taskId} (was ${s.phase})`, s);
   });
 
+program
+  .command('localize-disks <task-id>')
+  .description(
+    "operators: move a running task's disks to the host where its VM runs, while it runs (storage evacuation)",
+  )
+  .action(async (taskId: string) => {
+    const s = await (await VspClient.connect()).localizeDisks(taskId);
+    const last = s.storageMoves?.at(-1);
+    print(
+      `${taskId}: its disks are on ${s.storageHost} now (${last?.bytes} bytes in ${last?.mirrorMs} ms)`,
+      s,
+    );
+  });
+
 taskCommand('migrate <task-id>', "live-migrate a running task's VM; its disks stay on their host")
   .option('--to <host>', 'target host (default: placement chooses)')
   .option('--max-bandwidth <MiBps>', 'cap the transfer rate', (v) => Number(v))

@@ -199,13 +199,19 @@ export class VspClient {
   }
 }
 
-/** The progress in an awaitVm heartbeat (`{progress, message, phase}`); whatever else it holds is ignored. */
-function progressOf(beat: unknown): Pick<TaskStatus, 'progress' | 'progressMessage'> {
+type LiveProgress = Pick<TaskStatus, 'progress' | 'progressMessage' | 'behindDeadline'>;
+
+/**
+ * The progress in an awaitVm heartbeat (`{progress, message, phase, behindDeadline}`); whatever else it
+ * holds is ignored.
+ */
+function progressOf(beat: unknown): LiveProgress {
   if (typeof beat !== 'object' || beat === null) return {};
-  const { progress, message } = beat as { progress?: unknown; message?: unknown };
-  const out: Pick<TaskStatus, 'progress' | 'progressMessage'> = {};
+  const { progress, message, behindDeadline } = beat as Record<string, unknown>;
+  const out: LiveProgress = {};
   if (typeof progress === 'number' && progress >= 0 && progress <= 100) out.progress = progress;
   if (typeof message === 'string') out.progressMessage = message;
+  if (behindDeadline === true) out.behindDeadline = true;
   return out;
 }
 

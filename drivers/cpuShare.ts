@@ -23,9 +23,9 @@ export interface CgroupCpu {
 
 let hostCgroup: Promise<CgroupCpu> | undefined;
 
-/** This host's cpu controller, looked up once. */
+/** This host's cpu controller (under VSP_CGROUP_ROOT, default /sys/fs/cgroup), looked up once. */
 export function hostCgroupCpu(): Promise<CgroupCpu> {
-  hostCgroup ??= findCgroupCpu();
+  hostCgroup ??= findCgroupCpu(process.env.VSP_CGROUP_ROOT || undefined);
   return hostCgroup;
 }
 
@@ -87,11 +87,21 @@ export async function applyCpuShare(
   // In order: v1 checks a quota against the period already written.
   for (const [file, value] of Object.entries(cpuControlFiles(cg.version, share)))
     await fs.writeFile(path.join(dir, file), value);
+  let moved = 0;
   for (const pid of pids)
-    await fs.writeFile(path.join(dir, 'cgroup.procs'), String(pid)).catch((err: NodeJS.ErrnoException) => {
-      // A process that ended meanwhile has nothing left to limit.
-      if (err.code !== 'ESRCH') throw err;
-    });
+    await fs.writeFile(path.join(dir, 'cgroup.procs'), String(pid)).then(
+      () => moved++,
+      (err: NodeJS.ErrnoException) => {
+        // A process that ended meanwhile has nothing left to limit.
+        if (err.code !== 'ESRCH') throw err;
+      },
+    );
+  // Every process gone (the VM stopped while this ran, maybe after its destroy removed the group): the
+  // group made again here would outlive it.
+  if (pids.length > 0 && moved === 0) {
+    await removeCpuGroup(cg, name, 0);
+    throw new Error(`no process of ${name} runs any more: its CPU share was not set`);
+  }
 }
 
 /** The share a group has now (its files read back), or undefined when there is no such group. */
@@ -121,11 +131,37 @@ export async function readCpuShare(cg: CgroupCpu, name: string): Promise<CpuShar
   }
 }
 
-/** Removes the VM's group once its processes are gone (a group still holding one stays: EBUSY). */
-export async function removeCpuGroup(cg: CgroupCpu, name: string): Promise<void> {
-  await fs.rmdir(groupDir(cg, name)).catch((err: NodeJS.ErrnoException) => {
-    if (err.code !== 'ENOENT' && err.code !== 'EBUSY') throw err;
-  });
+/**
+ * Removes the VM's group once its processes are gone. A process that has just exited keeps the group
+ * busy until its parent reaps it: that is waited for (`waitMs`); a group a live process still uses (the
+ * same VM arrived on another host sharing this hierarchy) is left.
+ */
+export async function removeCpuGroup(cg: CgroupCpu, name: string, waitMs = 5000): Promise<void> {
+  const dir = groupDir(cg, name);
+  const until = Date.now() + waitMs;
+  for (;;) {
+    try {
+      await fs.rmdir(dir);
+      return;
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT') return;
+      if (code !== 'EBUSY') throw err;
+    }
+    if (Date.now() > until || (await liveMembers(dir)) > 0) return;
+    await sleep(100);
+  }
+}
+
+/** Processes in the group that are not zombies. */
+async function liveMembers(dir: string): Promise<number> {
+  const procs = await fs.readFile(path.join(dir, 'cgroup.procs'), 'utf8').catch(() => '');
+  let live = 0;
+  for (const pid of procs.split('\n').filter(Boolean)) {
+    const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+    if (stat && !/^[ZX]/.test(stat.slice(stat.lastIndexOf(')') + 2))) live++;
+  }
+  return live;
 }
 
 /** `pid` and every process descended from it now (a process task's tree), from /proc. */

@@ -57,6 +57,8 @@ export interface TaskStatus {
   migrations?: MigrationRecord[];
   /** The CPU share asked for with the resize update (absent: the host's default, uncapped). */
   cpuShare?: CpuShare;
+  /** Set while the task's progress lags its `deadline`: its CPU share is raised meanwhile. */
+  behindDeadline?: boolean;
   /** The disk move under way, if any: from the storage host to the host where the VM runs. */
   movingDisks?: { from: string; to: string };
   /** Every disk move tried (storage evacuation), in order. */

@@ -66,6 +66,17 @@ const { migrateTask, localizeTask, cancelTask } = proxyActivities<
 
 const HISTORY_EVENT_LIMIT = 10_000;
 
+/** Reservations and queue entries of task workflows that ended without releasing them are swept. */
+export const SWEEP_PATCH = 'vsp-scheduler-sweep';
+const SWEEP_EVERY_SEC = 600;
+
+const { goneTasks } = proxyActivities<Pick<ControlActivities, 'goneTasks'>>({
+  taskQueue: CONTROL_TASK_QUEUE,
+  startToCloseTimeout: '2m',
+  heartbeatTimeout: '30s',
+  retry: { initialInterval: '1s', maximumInterval: '10s', maximumAttempts: 3 },
+});
+
 /** A drain also moves the disks the host stores for VMs that run elsewhere (storage evacuation). */
 export const EVACUATION_PATCH = 'vsp-drain-evacuates-storage';
 
@@ -400,14 +411,44 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
       );
   }
 
+  const sweepEveryMs = (input.sweepEverySec ?? SWEEP_EVERY_SEC) * 1000;
+  let sweptAtMs = Date.now();
+
+  /**
+   * Gives back what tasks hold whose workflows ended without releasing it (terminated, or lost): their
+   * capacity would otherwise stay granted for good. A task that is moving is left for its move to settle.
+   */
+  async function sweep(): Promise<void> {
+    sweptAtMs = Date.now();
+    const held = [
+      ...Object.values(s.reservations)
+        .filter((r) => !r.movingTo)
+        .map((r) => r.taskId),
+      ...s.queue.map((e) => e.request.taskId),
+    ];
+    if (held.length === 0) return;
+    const gone = await goneTasks(held).catch((err: unknown) => {
+      log.warn('sweep: could not look at the tasks', { error: String(err) });
+      return [];
+    });
+    if (gone.length === 0) return;
+    const drop = new Set(gone);
+    for (const id of gone) delete s.reservations[id];
+    s.queue = s.queue.filter((e) => !drop.has(e.request.taskId));
+    log.warn('sweep: released what ended tasks still held', { tasks: gone });
+    grantQueued();
+  }
+
   const limit = input.historyEventLimit ?? HISTORY_EVENT_LIMIT;
   const longHistory = () => workflowInfo().continueAsNewSuggested || workflowInfo().historyLength >= limit;
   while (!longHistory()) {
     // While tasks wait or hosts drain, hosts are looked at again now and then: one may have come up or
     // grown, a drain's deadline may have passed.
     const draining = Object.keys(s.drains).length > 0;
-    await condition(() => kicked || longHistory(), s.queue.length || draining ? '15s' : '1h');
+    const idleMs = Math.min(3_600_000, sweepEveryMs);
+    await condition(() => kicked || longHistory(), s.queue.length || draining ? '15s' : idleMs);
     kicked = false;
+    if (Date.now() - sweptAtMs >= sweepEveryMs && patched(SWEEP_PATCH)) await sweep();
     const rebalancing = s.balance?.active === true;
     if (s.balance) s.balance.active = false;
     if (s.queue.length === 0 && Object.keys(s.drains).length === 0 && !rebalancing) continue;

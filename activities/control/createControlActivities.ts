@@ -231,6 +231,29 @@ export function createControlActivities(deps: ControlDeps) {
       return whileRunning(req.taskId, (handle) => handle.executeUpdate(localizeDisksUpdate, { args: [] }));
     },
 
+    /**
+     * Of these tasks, those whose workflow no longer runs (ended without giving its reservation back, e.g.
+     * terminated by an operator, or never found): the scheduler's sweep releases what they hold.
+     */
+    async goneTasks(taskIds: string[]): Promise<string[]> {
+      const gone: string[] = [];
+      for (const taskId of taskIds) {
+        const status = await deps.client.workflow
+          .getHandle(taskId)
+          .describe()
+          .then(
+            (d) => d.status.name,
+            (err: unknown) => {
+              if (err instanceof WorkflowNotFoundError) return 'NOT_FOUND';
+              throw err;
+            },
+          );
+        if (status !== 'RUNNING') gone.push(taskId);
+        Context.current().heartbeat();
+      }
+      return gone;
+    },
+
     /** Cancels a task through its cancel update (a drain's deadline passed). */
     async cancelTask(req: { taskId: string; reason: string }): Promise<void> {
       await deps.client.workflow

@@ -34,6 +34,8 @@ export class CpuSteering {
     private readonly plan: CpuPlan,
     /** The share asked for now (a resize on this host since the wait began), if any. */
     private readonly requested: () => CpuShare | undefined,
+    /** The wait's end (cancelled, e.g. before the VM is destroyed): no share is written after it. */
+    private readonly signal: AbortSignal,
   ) {}
 
   /** The share asked for: the latest resize here, else the workflow's. */
@@ -44,7 +46,12 @@ export class CpuSteering {
   /** Called with each progress report; applies a changed share in the background. */
   observe(progress: number | undefined): void {
     const now = Date.now();
-    if (this.busy || (this.appliedKey !== undefined && now - this.checkedAt < CHECK_MS)) return;
+    if (
+      this.signal.aborted ||
+      this.busy ||
+      (this.appliedKey !== undefined && now - this.checkedAt < CHECK_MS)
+    )
+      return;
     this.checkedAt = now;
     const asked = this.current();
     let share = asked;

@@ -224,7 +224,13 @@ export function createHostActivities(deps: HostDeps) {
       // A resize since the wait began outlives a worker restart in the heartbeat details.
       const carried = previous?.cpuShare as CpuShare | undefined;
       if (carried && !resized.has(handle.vmId)) resized.set(handle.vmId, carried);
-      const steering = new CpuSteering(driver, handle, cpu, () => resized.get(handle.vmId));
+      const steering = new CpuSteering(
+        driver,
+        handle,
+        cpu,
+        () => resized.get(handle.vmId),
+        ctx.cancellationSignal,
+      );
       return heartbeating({ phase: 'running', ...previous }, async (hb) => {
         let progress = typeof previous?.progress === 'number' ? previous.progress : undefined;
         let failingSince: number | undefined;
@@ -281,6 +287,13 @@ export function createHostActivities(deps: HostDeps) {
           'Unsupported',
         );
       const set = driver.setCpuShare.bind(driver);
+      // A VM that ended or left meanwhile will not run here again: no retry helps.
+      const phase = (await driver.inspect(handle).catch(() => undefined))?.phase;
+      if (phase !== undefined && phase !== 'running')
+        throw ApplicationFailure.nonRetryable(
+          `VM ${handle.vmId} is ${phase} on host ${hostName}: its CPU share cannot change`,
+          'VmNotRunning',
+        );
       await classified(hostName, () => set(handle, share));
       resized.set(handle.vmId, share);
     },

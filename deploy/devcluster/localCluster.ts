@@ -268,6 +268,9 @@ export class LocalCluster {
               VSP_CLUSTER_STORAGE: JSON.stringify(this.clusterStorage),
               VSP_VM_NETWORK: JSON.stringify(this.vmNetwork),
               VSP_MIGRATION_TLS_DIR: this.migrationTlsDirs[host],
+              // `ip netns exec` mounts a fresh /sys without the cgroup hierarchies: the test hosts reach
+              // the machine's through this process's root (CPU shares, drivers/cpuShare.ts).
+              VSP_CGROUP_ROOT: `/proc/${process.pid}/root/sys/fs/cgroup`,
             }
           : {}),
         ...this.faultEnv(),

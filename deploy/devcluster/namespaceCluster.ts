@@ -21,6 +21,8 @@ export interface NamespaceCluster {
   cluster: LocalCluster;
   client: Client;
   vsp: VspClient;
+  /** Where the namespaces' Temporal is reached (TEMPORAL_ADDRESS for the CLI). */
+  temporalAddress: string;
   baseDir: string;
   repo(owner: string): RepositoryClient;
   /** The VM folder of `vmId` in `host`'s store. */
@@ -84,6 +86,7 @@ export async function startNamespaceCluster(opts: {
       cluster,
       client,
       vsp: new VspClient(client),
+      temporalAddress,
       baseDir,
       repo: (owner) => new RepositoryClient({ url: c.repositoryUrl, token: c.ownerTokens.get(owner) ?? '' }),
       vmDir: (host, vmId) => path.join(c.storeDir(host), 'vms', vmId),

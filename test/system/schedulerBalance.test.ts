@@ -1,4 +1,7 @@
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
 import { SchedulerClient } from '../../client/schedulerClient';
+import { hostCgroupCpu, readCpuShare } from '../../drivers/cpuShare';
 import type { TaskSpecInput } from '../../spec/taskSpec';
 import {
   configureUpdate,
@@ -15,7 +18,8 @@ import { qemuHostsOf } from '../support/vmProcesses';
  * Temporal Schedule ticks every 3 s; with b drained, three VM tasks start on a; b back, a round moves one
  * of them to b by live migration (recorded in its migration history) and later rounds move nothing (2/1
  * is balanced); under `pack`, a round empties the less used host. Hosts of 2 vCPUs and 1 GiB, so that
- * three 128 MiB VMs make an uneven cluster. Needs root.
+ * three 128 MiB VMs make an uneven cluster. Each VM is resized to half a CPU first (its QEMU's cgroup),
+ * and the share follows the VM that moves. Needs root.
  */
 const HOSTS = ['a', 'b'];
 const OWNER = 'alice';
@@ -64,6 +68,26 @@ test('rebalancing moves a VM from the host with 3 to the empty one and stops whe
     },
     600_000,
   );
+  // Each VM capped at half a CPU: the share is its QEMU's cgroup, and it follows the VM when it moves.
+  const cg = await hostCgroupCpu();
+  const vmIds = new Map<string, string>();
+  for (const id of ids) {
+    const s = await vsp.resize(id, { capPercent: 50 });
+    expect(s.cpuShare).toEqual({ capPercent: 50 });
+    vmIds.set(id, s.vmId as string);
+    expect(await readCpuShare(cg, s.vmId as string)).toEqual({ capPercent: 50, weight: 100 });
+  }
+  /** The VM's QEMU processes in its cgroup now. */
+  const qemusInGroup = async (vmId: string) => {
+    const procs = await fs.readFile(path.join(cg.root, 'vsp', vmId, 'cgroup.procs'), 'utf8').catch(() => '');
+    const out: string[] = [];
+    for (const pid of procs.split('\n').filter(Boolean)) {
+      const cmd = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+      if (cmd.includes('qemu-system') && cmd.includes(vmId)) out.push(pid);
+    }
+    return out;
+  };
+  for (const vmId of vmIds.values()) expect(await qemusInGroup(vmId)).toHaveLength(1);
   const tasksOn = (s: SchedulerSnapshot) => Object.fromEntries(s.hosts.map((h) => [h.host, h.tasks.length]));
   /** The state once a round later than `round` has found nothing more to gain. */
   const balancedAfter = (round: number, timeoutMs = 600_000) =>
@@ -89,6 +113,12 @@ test('rebalancing moves a VM from the host with 3 to the empty one and stops whe
   expect(moved).toMatchObject({ phase: 'running', host: 'b', storageHost: 'a' });
   expect(moved.migrations).toEqual([expect.objectContaining({ from: 'a', to: 'b', ok: true })]);
   expect(await qemuHostsOf(moved.vmId as string, stores)).toEqual(['b']);
+  // The QEMU on b took the task's share: the cap is in force there too.
+  await until('the moved VM to be in its cgroup on b', async () =>
+    (await qemusInGroup(moved.vmId as string)).length === 1 ? true : undefined,
+  );
+  expect(moved.cpuShare).toEqual({ capPercent: 50 });
+  expect(await readCpuShare(cg, moved.vmId as string)).toEqual({ capPercent: 50, weight: 100 });
   // Balanced: two more rounds move nothing.
   state = await balancedAfter((state.balance?.rounds ?? 0) + 1, 60_000);
   expect(tasksOn(state)).toEqual({ a: 2, b: 1 });
@@ -114,4 +144,6 @@ test('rebalancing moves a VM from the host with 3 to the empty one and stops whe
   await Promise.all(ids.map((id) => vsp.result(id).catch(() => undefined)));
   const end = await scheduler.state();
   expect(end.hosts.map((h) => h.tasks)).toEqual([[], []]);
+  // The VMs' groups went with them.
+  for (const vmId of vmIds.values()) expect(await readCpuShare(cg, vmId)).toBeUndefined();
 }, 1_500_000);

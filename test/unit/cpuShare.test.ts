@@ -9,7 +9,12 @@ import {
   removeCpuGroup,
   xlSchedCreditArgs,
 } from '../../drivers/cpuShare';
+import type { Appliance } from '../../drivers/qemu/appliance';
+import type { VmHandle } from '../../drivers/types';
+import { XenDriver } from '../../drivers/xen/xenDriver';
+import type { XlRunner } from '../../drivers/xen/xl';
 import { deadlineShare } from '../../scheduler/deadline';
+import { VmStore } from '../../storage/vmStore';
 import { ResizeRequestSchema } from '../../workflows/definitions';
 
 /**
@@ -98,6 +103,34 @@ test('Xen: xl sched-credit with the domain, the weight on Xen scale (256 = 100) 
     '-c',
     '0',
   ]);
+});
+
+test('Xen driver: setCpuShare runs xl sched-credit on the running domain; a VM not here is refused', async () => {
+  const calls: string[][] = [];
+  let running = true;
+  const xl: XlRunner = async (args) => {
+    calls.push(args);
+    if (args[0] !== 'list') return { stdout: '', stderr: '' };
+    if (!running) throw new Error(`${args[1]} is an invalid domain identifier (rc=-6)`);
+    return { stdout: `Name ID Mem VCPUs\tState\tTime(s)\n${args[1]} 7 256 1 -b---- 0.4\n`, stderr: '' };
+  };
+  const driver = new XenDriver({
+    store: new VmStore(dir),
+    hostName: 'a',
+    appliance: {} as Appliance,
+    mountRoot: '/var/lib/vsp/cluster',
+    xl,
+  });
+  const handle: VmHandle = { driver: 'xen', vmId: 't1', host: 'a', storageHost: 'a', state: {} };
+  await driver.setCpuShare(handle, { capPercent: 50, weight: 200 });
+  expect(calls).toEqual([
+    ['list', 'vsp-t1'],
+    ['sched-credit', '-d', 'vsp-t1', '-w', '512', '-c', '50'],
+  ]);
+  running = false;
+  await expect(driver.setCpuShare(handle, { capPercent: 10 })).rejects.toThrow(
+    /VM t1 does not run on host a: its CPU share cannot change/,
+  );
 });
 
 test('resize requests: whole numbers in range, at least one field, nothing else', () => {

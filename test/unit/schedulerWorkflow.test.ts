@@ -42,6 +42,8 @@ let worker: Worker;
 let running: Promise<void>;
 const views = new Map<string, HostView>();
 const calls: string[] = [];
+/** Tasks whose workflows the stand-in goneTasks reports as ended. */
+const gone = new Set<string>();
 
 function inventory(host: string, memoryMiB: number, drivers = ['qemu', 'process']): HostInventory {
   return {
@@ -100,6 +102,7 @@ beforeAll(async () => {
         return 'moved';
       },
       cancelTask: async ({ taskId }: { taskId: string }) => void calls.push(`cancelTask ${taskId}`),
+      goneTasks: async (ids: string[]) => ids.filter((id) => gone.has(id)),
     },
   });
   running = worker.run();
@@ -130,9 +133,11 @@ function schedulerFor(
   hosts: string[],
   historyEventLimit?: number,
   over: Partial<SchedulerConfig> = {},
+  sweepEverySec?: number,
 ): SchedulerClient {
   return new SchedulerClient(env.client, {
     config: { ...DEFAULT_SCHEDULER_CONFIG, hosts, ...over },
+    ...(sweepEverySec !== undefined ? { sweepEverySec } : {}),
     ...(historyEventLimit !== undefined ? { historyEventLimit } : {}),
   });
 }
@@ -151,9 +156,11 @@ async function finish(name: string, firstRun: string): Promise<void> {
   await recordHistory(env, FIXTURES, name, chain);
 }
 
-test('capacity, queue and grant: the third task waits, then starts where the first ended', async () => {
-  setHost('a', 512);
-  const s = schedulerFor(['a']);
+/**
+ * Host a (512 MiB) filled by two tasks of 256 MiB; a third (a GrantReceiver) asks next. Returns them, the
+ * third's answer and the scheduler's first run.
+ */
+async function fullHostAndOneMore(s: SchedulerClient) {
   const [t1, t2, t3] = [req(), req(), req()];
   const receiver = await env.client.workflow.start('GrantReceiver', {
     taskQueue: CONTROL_TASK_QUEUE,
@@ -162,7 +169,14 @@ test('capacity, queue and grant: the third task waits, then starts where the fir
   expect(await s.update(placeUpdate, t1)).toEqual({ host: 'a' });
   const first = await currentRun();
   expect(await s.update(placeUpdate, t2)).toEqual({ host: 'a' });
-  expect(await s.update(placeUpdate, t3)).toEqual({
+  return { t1, t2, t3, receiver, first, third: await s.update(placeUpdate, t3) };
+}
+
+test('capacity, queue and grant: the third task waits, then starts where the first ended', async () => {
+  setHost('a', 512);
+  const s = schedulerFor(['a']);
+  const { t1, t2, t3, receiver, first, third } = await fullHostAndOneMore(s);
+  expect(third).toEqual({
     queued: expect.objectContaining({
       position: 1,
       of: 1,
@@ -291,6 +305,20 @@ test('rebalancing: Schedule ticks move VMs one at a time until balanced, across 
   const chain = Object.assign(handle(), { firstExecutionRunId: first }) as unknown as WorkflowHandle;
   expect((await runIds(env.client, chain)).length).toBeGreaterThan(1);
   await finish('scheduler-rebalance', first);
+});
+
+test('sweep: what a task whose workflow ended without releasing holds is given back, and the queue moves on', async () => {
+  setHost('a', 512);
+  const s = schedulerFor(['a'], undefined, {}, 1);
+  const { t1, t2, t3, receiver, first, third } = await fullHostAndOneMore(s);
+  expect(third).toMatchObject({ queued: { position: 1 } });
+  // t1's workflow ends without its release (an operator terminated it): the next sweep frees its place.
+  gone.add(t1.taskId);
+  expect(await receiver.result()).toBe('a');
+  const state = await s.state();
+  expect(state.reservations.map((r) => r.taskId).sort()).toEqual([t2.taskId, t3.taskId].sort());
+  expect(state.queue).toEqual([]);
+  await finish('scheduler-sweep', first);
 });
 
 test('recorded scheduler histories replay against the current workflow', async () => {

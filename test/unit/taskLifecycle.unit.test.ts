@@ -299,6 +299,51 @@ test('the localizeDisks update: refused while the disks are local, moves them af
   await record('localized-by-update', h);
 });
 
+test("the cluster's localizeDisksAfterMigration applies unless the spec says otherwise", async () => {
+  cluster.localizeAfterMigration = true;
+  try {
+    const [byCluster, optedOut] = await Promise.all([
+      start('localize-cluster'),
+      start('localize-opted-out', { localizeDisksAfterMigration: false }),
+    ]);
+    for (const h of [byCluster, optedOut]) await runningOn(h, 'a');
+    expect(await byCluster.executeUpdate(migrateUpdate, { args: [{ host: 'b' }] })).toMatchObject({
+      host: 'b',
+      storageHost: 'b',
+    });
+    expect(await optedOut.executeUpdate(migrateUpdate, { args: [{ host: 'b' }] })).toMatchObject({
+      host: 'b',
+      storageHost: 'a',
+    });
+    expect(cluster.called('localizeDisks', optedOut.workflowId)).toEqual([]);
+    for (const h of [byCluster, optedOut]) {
+      await runningOn(h, 'b');
+      cluster.release(h.workflowId);
+      await h.result();
+    }
+  } finally {
+    cluster.localizeAfterMigration = false;
+  }
+});
+
+test('a failed disk move leaves the disks on their storage host: nothing dropped, stage-out reads them there', async () => {
+  const h = await start('localize-failed');
+  await runningOn(h, 'a');
+  await h.executeUpdate(migrateUpdate, { args: [{ host: 'b' }] });
+  cluster.failLocalize.add(h.workflowId);
+  await expect(refusal(h.executeUpdate(localizeDisksUpdate))).resolves.toMatch(
+    /could not move the disks .* from a to b: .*mirror of the data disk stopped.*; they stay on a/,
+  );
+  const s = await h.query(statusQuery);
+  expect(s).toMatchObject({ host: 'b', storageHost: 'a' });
+  expect(s.storageMoves).toEqual([expect.objectContaining({ from: 'a', to: 'b', ok: false })]);
+  expect(cluster.called('dropMovedDisks', h.workflowId)).toEqual([]);
+  await runningOn(h, 'b');
+  cluster.release(h.workflowId);
+  expect(((await h.result()) as TaskResult).storageHost).toBe('a');
+  expect(cluster.called('stageOut', h.workflowId).map((c) => c.host)).toEqual(['a']);
+});
+
 test('migration rolled back: the target is cleaned, the task runs on where it was', async () => {
   const h = await start('rollback');
   await runningOn(h, 'a');

@@ -14,6 +14,8 @@ export function migrationRefusal(t: TaskState, req: MigrateRequest): string | un
   const id = t.ref.taskId;
   if (t.status.phase !== 'running' || !t.handle || !t.host)
     return `task ${id} is not running (it is ${t.status.phase}): only a running task can migrate`;
+  if (t.status.movingDisks)
+    return `the disks of task ${id} are moving to ${t.status.movingDisks.to}: try again once they have moved`;
   if (t.migrating) return `task ${id} is already migrating to ${t.status.migrating?.to}`;
   if (req.host === t.host) return `task ${id} already runs on host ${t.host}`;
   return undefined;

@@ -23,6 +23,8 @@ export interface SchedulerInput {
   state?: SchedulerState;
   /** Continue as new past this many history events (default 10 000, or Temporal's suggestion). */
   historyEventLimit?: number;
+  /** Reservations of tasks whose workflow is gone are looked for this often (default 600 s). */
+  sweepEverySec?: number;
 }
 
 export interface MoveRequest {

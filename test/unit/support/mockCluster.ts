@@ -38,6 +38,10 @@ export class MockCluster {
   readonly repositoryDown = new Set<string>();
   /** Tasks whose migrateOut fails (before the memory is sent). */
   readonly failMigrateOut = new Set<string>();
+  /** The cluster's default for moving the disks after a migration (the control worker's configuration). */
+  localizeAfterMigration = false;
+  /** Tasks whose disk move fails before the switch (the disks stay where they were). */
+  readonly failLocalize = new Set<string>();
 
   isWaiting(host: string, taskId: string): boolean {
     return (this.waits.get(`${host}/${taskId}`) ?? 0) > 0;
@@ -66,7 +70,10 @@ export class MockCluster {
       },
       chooseMigrationTarget: async (req: { current: string; requested?: string }) => {
         this.calls.push({ host: 'control', name: 'chooseMigrationTarget' });
-        return { host: req.requested ?? (req.current === 'a' ? 'b' : 'a') };
+        return {
+          host: req.requested ?? (req.current === 'a' ? 'b' : 'a'),
+          localizeDisks: this.localizeAfterMigration,
+        };
       },
       releasePlacement: async () => {
         this.calls.push({ host: 'control', name: 'releasePlacement' });
@@ -192,6 +199,8 @@ export class MockCluster {
       },
       localizeDisks: async (handle: VmHandle) => {
         record('localizeDisks');
+        if (this.failLocalize.has(Context.current().info.workflowExecution?.workflowId ?? ''))
+          throw ApplicationFailure.nonRetryable('the mirror of the data disk stopped', 'MirrorFailed');
         return {
           handle: { ...handle, storageHost: host },
           from: handle.storageHost,
