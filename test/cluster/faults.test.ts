@@ -213,7 +213,9 @@ describe('faults on real Xen hosts', () => {
     TASK_TIMEOUT_MS,
   );
 
-  test(
+  // Not yet run to completion on the cluster (session 5 ran out of time before it; the power-off / power-on
+  // primitives of deploy/vmcluster are unexercised): enable once it has passed on an idle machine.
+  test.skip(
     "host b powered off under a running task and as a migration's target: the task restarts on a and completes, the migration fails clearly and its task completes on a; b's leftovers go when it is back",
     async () => {
       const vsp = await vspClient();
