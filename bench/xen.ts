@@ -12,6 +12,7 @@ import { clusterDown, clusterUp } from '../deploy/vmcluster/cluster';
 import { startClusterServices, type ClusterServices } from '../deploy/vmcluster/services';
 import { sshTargets } from '../deploy/vmcluster/ssh';
 import { renderDomainConfig } from '../drivers/xen/domainConfig';
+import { LoopDisks } from '../drivers/xen/loopDisks';
 import type { MigrationResult, VmHandle } from '../drivers/types';
 import { createLogger } from '../logging/logger';
 import { DiskImageStaging } from '../storage/diskImageStaging';
@@ -59,28 +60,40 @@ function vspCli(args: string[]): Promise<{ code: number | null; out: string }> {
   });
 }
 
-/** The raw guest of the recipe: the appliance's kernel and disks, a domain config, `xl create` by hand. */
+/**
+ * The raw guest of the recipe: the appliance's kernel and disks in a's store, a domain config, `xl create`
+ * by hand. The disks are prepared on a (a raw root, a data disk with the command and an optional input)
+ * and attached to loop devices on `host` through its mount of a's store (local on a, kernel NFS on b),
+ * before any timing: the domain config names them by links and the VSP worker's hotplug script.
+ */
 async function rawGuest(
   ssh: Ssh,
-  o: { host: string; name: string; dir: string; command: string; dataMiB: number; bigFileMiB?: number },
+  o: { host: string; name: string; command: string; dataMiB: number; bigFileMiB?: number },
 ): Promise<string> {
-  const appliance = (await ssh(o.host, 'ls -d /var/lib/vsp/appliance/*/ | head -1')).trim();
-  if (!appliance) throw new Error(`no appliance on ${o.host}: was the cluster deployed?`);
-  const tree = `${o.dir}/tree`;
+  const appliance = (await ssh('a', 'ls -d /var/lib/vsp/appliance/*/ | head -1')).trim();
+  if (!appliance) throw new Error('no appliance on a: was the cluster deployed?');
+  const dir = `${STORE}/bench/${o.name}`;
+  const tree = `${dir}/tree`;
   await ssh(
-    o.host,
+    'a',
     [
       'set -e',
-      `rm -rf ${o.dir} && mkdir -p ${tree}/.vsp`,
+      `rm -rf ${dir} && mkdir -p ${tree}/.vsp`,
       // The command goes onto the data disk where the VSP driver puts it.
       `cat > ${tree}/.vsp/command <<'EOF'\n${o.command}\nEOF`,
-      `qemu-img convert -q -O raw ${appliance}root.qcow2 ${o.dir}/root.img`,
+      `qemu-img convert -q -O raw ${appliance}root.qcow2 ${dir}/root.img`,
       ...(o.bigFileMiB ? [`head -c ${o.bigFileMiB}M /dev/urandom > ${tree}/big.bin`] : []),
-      `mke2fs -q -t ext4 -d ${tree} ${o.dir}/data.img ${o.dataMiB}M`,
+      `mke2fs -q -t ext4 -d ${tree} ${dir}/data.img ${o.dataMiB}M`,
       `rm -rf ${tree}`,
-      // A peer's root is squashed to this account on the export: its loop devices write as it.
-      `chown vsp-qemu:vsp-qemu ${o.dir}/root.img ${o.dir}/data.img`,
+      // A peer's root is squashed to this account on the export: its loop devices open the files as it.
+      `chown vsp-qemu:vsp-qemu ${dir}/root.img ${dir}/data.img`,
     ].join('\n'),
+  );
+  const links = `/run/vsp/bench/${o.name}`;
+  await ssh(
+    o.host,
+    `set -e; mkdir -p ${links}; for d in root data; do ` +
+      `ln -sfn $(losetup --find --show --direct-io=on ${MOUNTS}/a/bench/${o.name}/$d.img) ${links}/$d; done`,
   );
   return renderDomainConfig({
     name: o.name,
@@ -90,9 +103,17 @@ async function rawGuest(
     kernel: `${appliance}vmlinuz`,
     ramdisk: `${appliance}initrd.gz`,
     owner: OWNER,
-    rootDisk: `${o.dir}/root.img`,
-    dataDisk: `${o.dir}/data.img`,
+    rootDisk: `${links}/root`,
+    dataDisk: `${links}/data`,
+    hotplugScript: new LoopDisks().script,
   });
+}
+
+/** Detaches the raw guest's loop devices on `host` and removes its disks from a's store. */
+async function dropRawGuest(ssh: Ssh, host: string, name: string): Promise<void> {
+  const links = `/run/vsp/bench/${name}`;
+  await ssh(host, `for d in root data; do losetup -d $(readlink ${links}/$d) || true; done; rm -rf ${links}`);
+  await ssh('a', `rm -rf ${STORE}/bench/${name}`);
 }
 
 /** Runs `cfg` on `host` with `xl create`; returns ms from the command to `line` in the guest's console. */
@@ -204,13 +225,12 @@ export async function benchXen(opts: XenBenchOptions): Promise<BenchReport> {
       const cfg = await rawGuest(ssh, {
         host: 'a',
         name,
-        dir: `${STORE}/bench/${name}`,
         command: firstCommand,
         dataMiB: 16,
       });
       raw.push(await xlCreateUntil(ssh, 'a', name, cfg, FIRST));
       await awaitEnd(ssh, 'a', name);
-      await ssh('a', `rm -rf ${STORE}/bench/${name}`);
+      await dropRawGuest(ssh, 'a', name);
 
       const start = Date.now();
       const { taskId } = await tasks.submit({
@@ -266,21 +286,18 @@ export async function benchXen(opts: XenBenchOptions): Promise<BenchReport> {
     for (let i = 0; i < (opts.quick ? 1 : 2); i++)
       for (const host of ['a', 'b'] as const) {
         const name = `vsp-bench-t2-${host}-${i}`;
-        const cfg = (
-          await rawGuest(ssh, {
-            host: 'a',
-            name,
-            dir: `${STORE}/bench/${name}`,
-            command: guestCommand(sizes),
-            dataMiB: 2 * copyMiB + 64,
-            bigFileMiB: copyMiB,
-          })
-        ).replaceAll(`${STORE}/bench/`, `${MOUNTS}/a/bench/`);
+        const cfg = await rawGuest(ssh, {
+          host,
+          name,
+          command: guestCommand(sizes),
+          dataMiB: 2 * copyMiB + 64,
+          bigFileMiB: copyMiB,
+        });
         await xlCreateUntil(ssh, host, name, cfg, 'VSP-PROGRESS 1 ready');
         const console = await awaitEnd(ssh, host, name);
         t2[host].copy.push(guestSeconds(console, 'copy'));
         t2[host].cpu.push(guestSeconds(console, 'cpu'));
-        await ssh('a', `rm -rf ${STORE}/bench/${name}`);
+        await dropRawGuest(ssh, host, name);
       }
 
     const rows: BenchReport['rows'] = [

@@ -18,9 +18,11 @@ export interface XenDomainLaunch {
   kernel: string;
   ramdisk: string;
   owner: string;
-  /** Raw disk paths under the per-host mounts (the same on every host, see storage/diskLocator.ts). */
+  /** The disks' block devices, by links named the same on every host (loopDisks.ts). */
   rootDisk: string;
   dataDisk: string;
+  /** The hotplug script that hands those devices to blkback. */
+  hotplugScript: string;
   /** On the cluster's VM network: a vif on this bridge with the VM's stable MAC and address. */
   nic?: VmNic & { bridge: string };
 }
@@ -34,8 +36,9 @@ export function domainName(vmId: string): string {
 
 /**
  * An xl domain config (xl.cfg(5)) for a VSP VM. PVH (or PV) boots the appliance kernel directly; both disks
- * are raw files on the `phy` backend (a loop device and the kernel's blkback): no per-domain QEMU (qdisk),
- * whose start libxl bounds to 10 s, which a busy dom0 misses at a live migration's target. The guest finds
+ * are raw files behind loop devices on the `phy` backend (the kernel's blkback): no per-domain QEMU (qdisk),
+ * whose start libxl bounds to 10 s, which a busy dom0 misses at a live migration's target; the loop
+ * devices are attached beforehand and named by links (loopDisks.ts), so the hotplug script is quick too. The guest finds
  * its disks as /dev/xvda (root) and /dev/xvdb (data), its console on hvc0. Power-off, reboot and crash all
  * end the domain, as `-no-reboot` does for QEMU: the driver reads the outcome from the console log.
  */
@@ -46,6 +49,7 @@ export function renderDomainConfig(l: XenDomainLaunch): string {
     ['ramdisk', l.ramdisk],
     ['rootDisk', l.rootDisk],
     ['dataDisk', l.dataDisk],
+    ['hotplugScript', l.hotplugScript],
   ];
   for (const [what, v] of strings)
     if (!v || UNSAFE.test(v))
@@ -65,8 +69,8 @@ export function renderDomainConfig(l: XenDomainLaunch): string {
   ].join(' ');
   // `target=` comes last in a disk spec: xl takes the rest of the string as the path.
   const disks = [
-    `format=raw,vdev=xvda,access=rw,backendtype=phy,target=${l.rootDisk}`,
-    `format=raw,vdev=xvdb,access=rw,backendtype=phy,target=${l.dataDisk}`,
+    `format=raw,vdev=xvda,access=rw,backendtype=phy,script=${l.hotplugScript},target=${l.rootDisk}`,
+    `format=raw,vdev=xvdb,access=rw,backendtype=phy,script=${l.hotplugScript},target=${l.dataDisk}`,
   ];
   const lines = [
     '# Written by VSP (drivers/xen): one task VM.',

@@ -32,6 +32,7 @@ import { giveDisks } from '../qemu/qemuAccount';
 import { createRawRoot, requireDataDisk, writeTaskCommand } from '../vmDisks';
 import { domainName, renderDomainConfig, type XenGuestType } from './domainConfig';
 import { XenConsole } from './xenConsole';
+import { LoopDisks } from './loopDisks';
 import { XenMigration } from './xenMigration';
 import { checkToolstack, domainState, xlRunner, type XlRunner } from './xl';
 
@@ -55,6 +56,8 @@ export interface XenDriverOptions {
   vmNetwork?: VmNetworkOptions;
   /** Poll period of `wait`. */
   pollMs?: number;
+  /** The domains' loop devices and hotplug script (default: under /run/vsp/xen, real losetup). */
+  loopDisks?: LoopDisks;
   /**
    * The account the stores' exports squash a peer's root to (the cluster file's qemuAccount): the VM's
    * disks are given to it, so the loop devices of another host (root there, that account here) can
@@ -102,6 +105,7 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
   private readonly guestType: XenGuestType;
   protected readonly pollMs: number;
   protected readonly migration: XenMigration;
+  private readonly disks: LoopDisks;
 
   constructor(private readonly opts: XenDriverOptions) {
     super(opts);
@@ -116,7 +120,9 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
       homeStaging: 'disk-image',
     };
     this.pollMs = opts.pollMs ?? 1000;
+    this.disks = opts.loopDisks ?? new LoopDisks();
     this.migration = new XenMigration({
+      disks: this.disks,
       store: opts.store,
       hostName: opts.hostName,
       mountRoot: opts.mountRoot,
@@ -193,6 +199,10 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
         config.ports.length > 0 && this.opts.vmNetwork
           ? vmNicOf(config.vmId, this.opts.vmNetwork)
           : undefined;
+      const links = await this.disks.attach(handle.vmId, {
+        root: await this.mounted({ storageHost: current.storageHost, path: String(current.state.diskRoot) }),
+        data: await this.mounted({ storageHost: current.storageHost, path: String(current.state.diskData) }),
+      });
       const cfg = renderDomainConfig({
         name,
         type: this.guestType,
@@ -201,14 +211,9 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
         kernel: this.opts.appliance.vmlinuz,
         ramdisk: this.opts.appliance.initrd,
         owner: config.owner,
-        rootDisk: await this.mounted({
-          storageHost: current.storageHost,
-          path: String(current.state.diskRoot),
-        }),
-        dataDisk: await this.mounted({
-          storageHost: current.storageHost,
-          path: String(current.state.diskData),
-        }),
+        rootDisk: links.root,
+        dataDisk: links.data,
+        hotplugScript: this.disks.script,
         nic: nic && this.opts.vmNetwork ? { ...nic, bridge: this.opts.vmNetwork.bridge } : undefined,
       });
       const cfgFile = path.join(paths.dir, 'domain.cfg');
@@ -253,7 +258,10 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
     } catch (err) {
       // xl reports creation errors before the guest runs: nothing ran, so a retry may start it. Once the
       // domain exists the claim stays, whatever failed after: the task must never run twice.
-      if (!created) await fs.rm(startedMarkerOf(paths.dir), { force: true });
+      if (!created) {
+        await this.disks.detach(handle.vmId);
+        await fs.rm(startedMarkerOf(paths.dir), { force: true });
+      }
       throw new Error(`VM ${handle.vmId}: cannot start its Xen domain`, { cause: err });
     }
   }
@@ -369,6 +377,7 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
 
   async destroy(handle: VmHandle): Promise<void> {
     await this.stop(handle, DESTROY_STOP_TIMEOUT_MS);
+    await this.disks.detach(handle.vmId);
     await this.console.detach(handle.vmId);
     await this.opts.store.remove(handle.vmId);
     this.log.info({ vmId: handle.vmId }, 'VM destroyed');

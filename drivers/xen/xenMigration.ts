@@ -10,6 +10,7 @@ import { ConsoleFollower } from '../qemu/consoleLog';
 import { diskRefsOf, startedMarkerOf } from '../savedVm';
 import type { IncomingVm, MigrationOptions, MigrationResult, MigrationSource, VmHandle } from '../types';
 import { domainName } from './domainConfig';
+import type { LoopDisks } from './loopDisks';
 import type { XenConsole } from './xenConsole';
 import type { XenVmState } from './xenDriver';
 import { MigrateOutput } from './migrateOutput';
@@ -33,6 +34,7 @@ export interface XenMigrationContext {
   xl: XlRunner;
   sshCommand: string;
   console: XenConsole;
+  disks: LoopDisks;
 }
 
 const DEFAULT_TIMEOUT_MS = 10 * 60_000;
@@ -75,6 +77,8 @@ export class XenMigration extends MigrationRecords {
     if (existing) return existing.incoming;
     if (await domainState(this.ctx.xl, domainName(vmId)))
       throw new Error(`VM ${vmId} already runs on ${self} (a domain ${domainName(vmId)} exists)`);
+    const files = { root: resolveUnderMounts(disks.root, this.ctx.mountRoot), data: '' };
+    files.data = resolveUnderMounts(disks.data, this.ctx.mountRoot);
     for (const disk of [disks.root, disks.data, ...(disks.base ? [disks.base] : [])]) {
       const file = resolveUnderMounts(disk, this.ctx.mountRoot);
       // In a child process with a time bound: on a hard NFS mount of a host that is down, a stat here would
@@ -98,6 +102,8 @@ export class XenMigration extends MigrationRecords {
         state: { ...from.state, consoleLog: this.ctx.store.paths(vmId).consoleLog, migratedFrom: from.host },
       },
     };
+    // The domain xl receives names its disks by links, the same on both hosts: attach them here first.
+    await this.ctx.disks.attach(vmId, files);
     const paths = this.ctx.store.paths(vmId);
     await fs.mkdir(paths.dir, { recursive: true });
     // The received domain's console lands in this host's VM folder, as a new segment of the task's console.
@@ -201,6 +207,7 @@ export class XenMigration extends MigrationRecords {
       const moved: VmHandle = { ...current, host: to, state: { ...current.state, migratedTo: to } };
       await this.ctx.store.writeState(vmId, { config, handle: moved } satisfies XenVmState);
     }
+    await this.ctx.disks.detach(vmId);
     // What the guest printed here waits for the task's logs (activities/host/consoleSegments.ts).
     await this.ctx.console.setAside(vmId);
     if (current.storageHost !== this.ctx.hostName) await this.ctx.store.remove(vmId);
@@ -275,6 +282,7 @@ export class XenMigration extends MigrationRecords {
       if (await domainState(this.ctx.xl, partial))
         await this.ctx.xl(['destroy', partial], { timeoutMs: XL_TIMEOUT_MS });
     }
+    await this.ctx.disks.detach(vmId);
     await this.ctx.console.detach(vmId);
     if (record.source.handle.storageHost === this.ctx.hostName)
       await fs.rm(this.incomingFile(vmId), { force: true });

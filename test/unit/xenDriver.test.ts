@@ -9,6 +9,7 @@ import { TIMEOUT_EXIT_CODE, VmMigratedError } from '../../drivers/vmOutcome';
 import { vmNicOf } from '../../drivers/qemu/vmNetwork';
 import { isMigratable, type VmConfig, type VmStatus } from '../../drivers/types';
 import { renderDomainConfig } from '../../drivers/xen/domainConfig';
+import { LoopDisks, type LoopControl } from '../../drivers/xen/loopDisks';
 import { DEFAULT_SSH_COMMAND, rawRootOf, XenDriver } from '../../drivers/xen/xenDriver';
 import { xlRunner } from '../../drivers/xen/xl';
 import { parseTaskSpec } from '../../spec/taskSpec';
@@ -95,8 +96,36 @@ const appliance: Appliance = {
   root: { path: '/opt/vsp/appliance/root.qcow2', sha256: '0'.repeat(64), format: 'qcow2' },
 };
 
+/**
+ * Stand-in loop devices: a "device" is a symlink to the file in the host's folder (losetup needs root and
+ * the loop module); the links the domain configs name are the real LoopDisks logic.
+ */
+const loops = (host: string) => {
+  const attached = new Map<string, string>();
+  let next = 0;
+  const control: LoopControl = {
+    async attach(file) {
+      const device = path.join(work, `loop-${host}-${next++}`);
+      attached.set(device, file);
+      return device;
+    },
+    async detach(device) {
+      attached.delete(device);
+    },
+    async backingFile(device) {
+      return attached.get(device);
+    },
+  };
+  return {
+    attached,
+    disks: new LoopDisks(path.join(work, `run-${host}`), control, path.join(work, `scripts-${host}`)),
+  };
+};
+let hostLoops: Record<'a' | 'b', ReturnType<typeof loops>>;
+
 function driverOn(host: keyof typeof HOSTS, extra: Partial<ConstructorParameters<typeof XenDriver>[0]> = {}) {
   return new XenDriver({
+    loopDisks: hostLoops[host].disks,
     store: stores[host],
     hostName: host,
     appliance,
@@ -142,6 +171,7 @@ async function stagedVm(vmId: string, over: Partial<VmConfig> = {}): Promise<VmC
 
 beforeAll(async () => {
   work = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-xen-'));
+  hostLoops = { a: loops('a'), b: loops('b') };
   const bin = path.join(work, 'bin');
   fakeRoot = path.join(work, 'xl-state');
   mountRoot = path.join(work, 'cluster');
@@ -187,6 +217,7 @@ describe('xl domain config', () => {
       owner: 'alice',
       rootDisk: '/var/lib/vsp/cluster/a/vms/t1/root.img',
       dataDisk: '/var/lib/vsp/cluster/a/vms/t1/data.img',
+      hotplugScript: '/run/vsp/xen/block',
       nic: { ...nic, bridge: 'vspbr0' },
     });
     expect(text).toBe(
@@ -203,8 +234,8 @@ describe('xl domain config', () => {
         'on_poweroff = "destroy"',
         'on_reboot = "destroy"',
         'on_crash = "destroy"',
-        'disk = [ "format=raw,vdev=xvda,access=rw,backendtype=phy,target=/var/lib/vsp/cluster/a/vms/t1/root.img", ' +
-          '"format=raw,vdev=xvdb,access=rw,backendtype=phy,target=/var/lib/vsp/cluster/a/vms/t1/data.img" ]',
+        'disk = [ "format=raw,vdev=xvda,access=rw,backendtype=phy,script=/run/vsp/xen/block,target=/var/lib/vsp/cluster/a/vms/t1/root.img", ' +
+          '"format=raw,vdev=xvdb,access=rw,backendtype=phy,script=/run/vsp/xen/block,target=/var/lib/vsp/cluster/a/vms/t1/data.img" ]',
         `vif = [ "mac=${nic.mac},bridge=vspbr0,vifname=${nic.tap}" ]`,
         '',
       ].join('\n'),
@@ -223,6 +254,7 @@ describe('xl domain config', () => {
       owner: 'alice',
       rootDisk: '/r',
       dataDisk: '/d',
+      hotplugScript: '/s',
     };
     expect(() => renderDomainConfig({ ...base, rootDisk: '/r",x' })).toThrow(/rootDisk .* unsafe characters/);
     expect(() => renderDomainConfig({ ...base, memoryMiB: 10 })).toThrow(/memory 10 MiB/);
@@ -264,8 +296,14 @@ describe('XenDriver (fake xl on PATH)', () => {
       '10.0.0.1 domid vsp-t1',
     ]);
     const cfg = await fs.readFile(cfgFile, 'utf8');
-    expect(cfg).toContain(`backendtype=phy,target=${mountRoot}/a/vms/t1/root.img"`);
-    expect(cfg).toContain(`target=${mountRoot}/a/vms/t1/data.img"`);
+    // The disks are loop devices attached before xl runs, named by links; the script only hands them over.
+    const run = hostLoops.a.disks.dir;
+    const script = path.join(work, 'scripts-a', 'vsp-block');
+    expect(cfg).toContain(`backendtype=phy,script=${script},target=${run}/t1/root"`);
+    expect(cfg).toContain(`script=${script},target=${run}/t1/data"`);
+    expect((await fs.stat(script)).mode & 0o111).toBe(0o111);
+    const device = await fs.readlink(path.join(run, 't1', 'root'));
+    expect(hostLoops.a.attached.get(device)).toBe(`${mountRoot}/a/vms/t1/root.img`);
     expect(cfg).toContain('vif = [ ]');
     expect(started.state).toMatchObject({ domain: 'vsp-t1', domid: 7, diskRoot: 'vms/t1/root.img' });
 
@@ -283,6 +321,8 @@ describe('XenDriver (fake xl on PATH)', () => {
     await calls();
     await driver.destroy(started);
     expect(await calls()).toEqual(['10.0.0.1 list vsp-t1']);
+    expect(hostLoops.a.attached.has(device)).toBe(false);
+    await expect(fs.access(path.join(run, 't1'))).rejects.toThrow();
     await expect(fs.access(paths.dir)).rejects.toThrow();
     await expect(fs.access(path.join(fakeRoot, HOSTS.a, 'console', 'guest-vsp-t1.log'))).rejects.toThrow();
   });
@@ -421,6 +461,12 @@ describe('XenDriver live migration (xl migrate over ssh, fake xl)', () => {
     await calls();
     const incoming = await b.prepareIncoming(source);
     expect(incoming).toMatchObject({ vmId: 'm1', host: 'b', uri: 'ssh:10.0.0.2' });
+    // b attached a's disk files to its own loop devices under the same link names before xl sends the VM.
+    const linkB = path.join(hostLoops.b.disks.dir, 'm1', 'root');
+    expect(hostLoops.b.attached.get(await fs.readlink(linkB))).toBe(`${mountRoot}/a/vms/m1/root.img`);
+    expect(path.relative(hostLoops.b.disks.dir, linkB)).toBe(
+      path.relative(hostLoops.a.disks.dir, path.join(hostLoops.a.disks.dir, 'm1', 'root')),
+    );
     expect(await b.prepareIncoming(source)).toEqual(incoming);
     const progress: string[] = [];
     const r = await a.migrate(started, incoming, { onProgress: (p) => progress.push(p.status) });
@@ -439,6 +485,8 @@ describe('XenDriver live migration (xl migrate over ssh, fake xl)', () => {
     expect(departedA).toContain('VSP-START');
     expect(departedA).not.toContain('moved');
     await expect(fs.lstat(path.join(fakeRoot, HOSTS.a, 'console', 'guest-vsp-m1.log'))).rejects.toThrow();
+    // The domain left a: a's loop devices are detached.
+    expect([...hostLoops.a.attached.values()].filter((f) => f.includes('/m1/'))).toEqual([]);
     const moved = await b.finishIncoming(incoming);
     expect(moved).toMatchObject({ host: 'b', storageHost: 'a', state: { domid: 7, migratedFrom: 'a' } });
     expect(await calls()).toEqual([
