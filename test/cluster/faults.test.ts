@@ -215,15 +215,16 @@ describe('faults on real Xen hosts', () => {
     TASK_TIMEOUT_MS,
   );
 
-  // Not yet run to completion on the cluster (session 5 ran out of time before it; the power-off / power-on
-  // primitives of deploy/vmcluster are unexercised): enable once it has passed on an idle machine.
+  // Not yet run to completion: in its one run placement put the restartable task on a (beside the migrating
+  // one), not on b, so b was never cut; it needs a way to land that task on b without pinning it (e.g.
+  // host labels), and the power-off / power-on primitives of deploy/vmcluster are still unexercised.
   test.skip(
     "host b powered off under a running task and as a migration's target: the task restarts on a and completes, the migration fails clearly and its task completes on a; b's leftovers go when it is back",
     async () => {
       const vsp = await vspClient();
       const migrating = await submitTicker('power-off-target', 'a');
       const { vmId: migratingVm } = await untilTicking(migrating, 'a', 2);
-      // Placement spreads: with a busy, the restartable task goes to b (checked below).
+      // Expected on b (see the skip note above: placement chose a in the one run).
       const stranded = await submitTicker('power-off-running', undefined, { onHostFailure: 'restart' });
       const { vmId: strandedVm, host: strandedHost } = await untilTicking(stranded, 'b', 2);
       expect(strandedHost).toBe('b');
