@@ -1,8 +1,8 @@
 /**
  * Integration, system and cluster tiers, serially in one run that shares one Temporal dev server (the
  * global setup starts it); `--selectProjects integration` (or `system`, `cluster`) runs one. `npm test`
- * runs integration and system; the cluster tier runs on its own (`npm run test:cluster`), never beside the
- * QEMU tests, and joins `npm test` once its Xen lifecycle tests exist. The unit tier has its own config (jest.unit.config.js): it starts nothing.
+ * (test/all-tiers.sh) runs integration and system in one jest run, then the cluster tier in another, never
+ * beside the QEMU tests. The unit tier has its own config (jest.unit.config.js): it starts nothing.
  */
 const tiers = require('./test/tiers');
 

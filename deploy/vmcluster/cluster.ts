@@ -4,9 +4,24 @@ import path from 'node:path';
 
 import { isVmProcess } from '../../drivers/qemu/vmProcess';
 import { createLogger, describeError } from '../../logging/logger';
-import { clusterConfig, inventoryFile, type ClusterConfig, type VmClusterOptions } from './config';
-import { dom0Paths, dom0RssMiB, readPid, startDom0, stopDom0, type Dom0Boot } from './dom0';
-import { ensureImage, ensureKeys, type ClusterKeys } from './image';
+import {
+  clusterConfig,
+  inventoryFile,
+  type ClusterConfig,
+  type HostConfig,
+  type VmClusterOptions,
+} from './config';
+import {
+  dom0Paths,
+  dom0RssMiB,
+  powerOffDom0,
+  powerOnDom0,
+  readPid,
+  startDom0,
+  stopDom0,
+  type Dom0Boot,
+} from './dom0';
+import { builtImage, ensureImage, ensureKeys, type ClusterKeys } from './image';
 import { withLock } from './lock';
 import { networkDown, networkUp } from './network';
 import { sshAnswers, sshTargets, type InventoryFile } from './ssh';
@@ -90,6 +105,15 @@ async function runningAsConfigured(c: ClusterConfig, inv: Inventory, imageHash: 
 }
 
 /**
+ * Builds the dom0 image when the cache has none (the slow, network-bound part of a first `up`), so a CI
+ * run can make it while other tiers run; returns its folder.
+ */
+export async function clusterImage(o: VmClusterOptions = {}): Promise<string> {
+  const c = clusterConfig(o);
+  return (await ensureImage(c, await ensureKeys(c))).dir;
+}
+
+/**
  * Brings the cluster up (idempotent: a cluster already running as configured is kept) and returns its
  * inventory. Whatever fails on the way is torn down again, and the error says which host and why.
  */
@@ -152,6 +176,53 @@ export async function clusterDown(o: VmClusterOptions = {}): Promise<void> {
   const c = clusterConfig({ ...o, hosts: 3 });
   await withLock(lockFile(c), 'vm-cluster', log, LOCK_TIMEOUT_MS, () => teardown(c));
   log.info({ netns: c.netns }, 'cluster down');
+}
+
+/** The running cluster's state and host `name`'s config; throws when the cluster is not up or has no such host. */
+async function upHost(c: ClusterConfig, name: string): Promise<{ state: ClusterState; host: HostConfig }> {
+  const state = await readJson<ClusterState>(stateFile(c));
+  if (!state) throw new Error(`cluster ${c.prefix} is not up (no ${stateFile(c)})`);
+  const host = c.hosts.find((h) => h.name === name && state.hosts.some((s) => s.name === name));
+  if (!host)
+    throw new Error(
+      `cluster ${c.prefix} has no host ${JSON.stringify(name)} (hosts: ${state.hosts.map((s) => s.name).join(', ')})`,
+    );
+  return { state, host };
+}
+
+/**
+ * Fault injection: cuts host `name`'s power (its QEMU quits: Xen, dom0 and its guests stop at once). The
+ * cluster stays "up" for `down`, which removes it as usual; `powerOn` brings the host back.
+ */
+export async function powerOff(name: string, o: VmClusterOptions = {}): Promise<void> {
+  const c = clusterConfig({ ...o, hosts: 3 });
+  await withLock(lockFile(c), 'vm-cluster', log, LOCK_TIMEOUT_MS, async () => {
+    const { host } = await upHost(c, name);
+    const pid = await readPid(host);
+    if (pid === undefined) throw new Error(`host ${name} of cluster ${c.prefix} has no running QEMU`);
+    await powerOffDom0(host, pid);
+  });
+  log.info({ host: name, netns: c.netns }, 'host powered off');
+}
+
+/**
+ * Brings host `name` back after `powerOff`: a cold boot from its own disk, so what was deployed on it
+ * starts again as after a real power cut. Returns how it came up (seconds to ssh).
+ */
+export async function powerOn(name: string, o: VmClusterOptions = {}): Promise<Dom0Boot> {
+  const c = clusterConfig({ ...o, hosts: 3 });
+  return withLock(lockFile(c), 'vm-cluster', log, LOCK_TIMEOUT_MS, async () => {
+    const { state, host } = await upHost(c, name);
+    if (await isVmProcess(await readPid(host), dom0Paths(host).qmpSocket))
+      throw new Error(`host ${name} of cluster ${c.prefix} is running: power it off first`);
+    const inventory = await readJson<Inventory>(inventoryFile(c));
+    if (!inventory) throw new Error(`cluster ${c.prefix} has no inventory at ${inventoryFile(c)}`);
+    const target = (await sshTargets(inventory))[name];
+    const boot = await powerOnDom0(c, host, await builtImage(c, state.imageHash), target);
+    const hosts = state.hosts.map((s) => (s.name === name ? { ...s, ...boot } : s));
+    await writeJsonAtomic(stateFile(c), { ...state, hosts });
+    return boot;
+  });
 }
 
 export interface HostStatus {

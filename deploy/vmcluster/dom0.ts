@@ -121,12 +121,18 @@ export async function warmDir(c: ClusterConfig, h: HostConfig, image: Dom0Image)
   return path.join(c.cacheDir, 'warm', `${h.name}-${key}`);
 }
 
-async function freshRunDir(h: HostConfig, backing: string): Promise<Dom0Paths> {
+/** Clears the previous start's sockets and pid; its console stays (`serial.log.prev`) for diagnosis. */
+async function clearRunFiles(h: HostConfig): Promise<Dom0Paths> {
   const p = dom0Paths(h);
   await fs.mkdir(h.runDir, { recursive: true, mode: 0o700 });
-  for (const f of [p.disk, p.qmpSocket, p.serialSocket, p.pidFile]) await fs.rm(f, { force: true });
-  // The console of the previous start (e.g. the cold boot before a snapshot) stays for diagnosis.
+  for (const f of [p.qmpSocket, p.serialSocket, p.pidFile]) await fs.rm(f, { force: true });
   await fs.rename(p.serialLog, `${p.serialLog}.prev`).catch(() => undefined);
+  return p;
+}
+
+async function freshRunDir(h: HostConfig, backing: string): Promise<Dom0Paths> {
+  const p = await clearRunFiles(h);
+  await fs.rm(p.disk, { force: true });
   await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', backing, p.disk]);
   return p;
 }
@@ -211,6 +217,68 @@ export async function stopDom0(h: HostConfig, pid: number | undefined): Promise<
     process.kill(pid, 'SIGKILL');
     await waitForExit(pid, p.qmpSocket, 10_000);
   }
+}
+
+/** Starts QEMU on the dom0's current disk and waits for its readiness line and ssh; stops it on failure. */
+async function bootCold(
+  c: ClusterConfig,
+  h: HostConfig,
+  image: Dom0Image,
+  target: SshTarget,
+  started: number,
+): Promise<number> {
+  const pid = await startQemu(c, h, qemuArgs(c, h, image));
+  try {
+    await waitReadyLine(h, pid, started);
+    await waitSsh(h, pid, target);
+  } catch (err) {
+    await stopDom0(h, pid);
+    throw err;
+  }
+  return pid;
+}
+
+/**
+ * Cuts a dom0's power: QEMU quits at once (QMP `quit`), so Xen, dom0 and every guest stop mid-step, with
+ * no shutdown, as on a host whose power fails. What dom0 had not yet written out is lost; its disk overlay
+ * (with what it had written) stays for `powerOnDom0`. Resolves once QEMU is gone.
+ */
+export async function powerOffDom0(h: HostConfig, pid: number): Promise<void> {
+  const p = dom0Paths(h);
+  if (!(await isVmProcess(pid, p.qmpSocket))) throw new Error(`dom0 ${h.name} is not running (pid ${pid})`);
+  const qmp = await QmpClient.connect(p.qmpSocket);
+  try {
+    // QEMU may close the socket before it answers `quit`.
+    await qmp.execute('quit').catch(() => undefined);
+  } finally {
+    qmp.close();
+  }
+  if (!(await waitForExit(pid, p.qmpSocket, 30_000))) {
+    process.kill(pid, 'SIGKILL');
+    await waitForExit(pid, p.qmpSocket, 10_000);
+  }
+}
+
+/**
+ * Powers a dom0 on again after `powerOffDom0`: a cold boot from its own disk overlay, so what was deployed
+ * on it (release, configuration, units) is there, as on a real host, and its services start as at any boot.
+ * Resolves once the readiness line is printed and ssh answers.
+ */
+export async function powerOnDom0(
+  c: ClusterConfig,
+  h: HostConfig,
+  image: Dom0Image,
+  target: SshTarget,
+): Promise<Dom0Boot> {
+  const started = Date.now();
+  const p = await clearRunFiles(h);
+  if (!(await exists(p.disk)))
+    throw new Error(`dom0 ${h.name} has no disk at ${p.disk}: bring the cluster up`);
+  log.info({ host: h.name }, 'dom0 powering on (cold boot from its own disk)');
+  const pid = await bootCold(c, h, image, target, started);
+  const boot: Dom0Boot = { name: h.name, pid, mode: 'cold', sshReadySeconds: seconds(started) };
+  log.info(boot, 'dom0 powered on');
+  return boot;
 }
 
 /**
@@ -324,14 +392,7 @@ export async function startDom0(
   const started = Date.now();
   await freshRunDir(h, image.disk);
   log.info({ host: h.name, address: h.address }, 'dom0 booting cold (30-120 s under TCG)');
-  const coldPid = await startQemu(c, h, qemuArgs(c, h, image));
-  try {
-    await waitReadyLine(h, coldPid, started);
-    await waitSsh(h, coldPid, target);
-  } catch (err) {
-    await stopDom0(h, coldPid);
-    throw err;
-  }
+  const coldPid = await bootCold(c, h, image, target, started);
   const sshReadySeconds = seconds(started);
   log.info({ host: h.name, sshReadySeconds }, 'dom0 booted cold');
   if (!c.warm) return { name: h.name, pid: coldPid, mode: 'cold', sshReadySeconds };

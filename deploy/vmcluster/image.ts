@@ -107,6 +107,14 @@ function imageAt(hash: string, dir: string): Dom0Image {
   };
 }
 
+/** The cached image a running cluster was booted from (its state records the hash). */
+export async function builtImage(c: ClusterConfig, hash: string): Promise<Dom0Image> {
+  const image = imageAt(hash, path.join(c.cacheDir, 'images', hash));
+  if (!(await exists(path.join(image.dir, 'complete'))))
+    throw new Error(`the cluster's dom0 image ${hash} is no longer in ${path.dirname(image.dir)}`);
+  return image;
+}
+
 /**
  * The dom0 image for these keys and this machine's node, built when the cache has none (needs root and the
  * Debian mirror). Builds go to a scratch folder renamed into place when complete, under a lock, so a

@@ -1,7 +1,7 @@
 import { Command, InvalidArgumentError } from 'commander';
 
 import { createLogger, describeError } from '../../logging/logger';
-import { clusterDown, clusterStatus, clusterUp } from './cluster';
+import { clusterDown, clusterImage, clusterStatus, clusterUp, powerOff, powerOn } from './cluster';
 import type { VmClusterOptions } from './config';
 
 const log = createLogger('vmcluster.cli');
@@ -10,8 +10,11 @@ const log = createLogger('vmcluster.cli');
  * The virtual Xen cluster by hand (root; `npm run vm-cluster -- <command>`):
  *   up [--hosts 2|3] [--cold]   builds the dom0 image once, boots the dom0s (warm snapshots after the
  *                               first run), writes the inventory and prints its path
+ *   image                       builds the dom0 image once (cached), prints its folder
  *   status [--json]             per host: QEMU, memory, ssh; --json prints the inventory (exit 1 if down)
  *   down                        removes QEMUs, netns, taps, veth and overlays (also after a crash)
+ *   power-off <host>            fault injection: the host's QEMU quits at once, as in a power cut
+ *   power-on <host>             boots that host cold again from its own disk (what was deployed stays)
  * Logs are JSON lines on stderr; stdout carries only the command's answer.
  */
 function intOption(value: string): number {
@@ -36,9 +39,28 @@ async function main(): Promise<void> {
       const up = await clusterUp(opts);
       process.stdout.write(`${up.inventoryFile}\n`);
     });
+  program
+    .command('image')
+    .description(
+      'builds the dom0 image if the cache has none (what a first up does first), prints its folder',
+    )
+    .action(async () => {
+      process.stdout.write(`${await clusterImage()}\n`);
+    });
   common(program.command('down')).action(async (o: { prefix?: string; subnet?: string }) => {
     await clusterDown({ prefix: o.prefix, subnet: o.subnet });
   });
+  common(program.command('power-off <host>'))
+    .description("cuts a host's power: its QEMU quits at once (Xen, dom0 and guests stop mid-step)")
+    .action(async (host: string, o: { prefix?: string; subnet?: string }) => {
+      await powerOff(host, { prefix: o.prefix, subnet: o.subnet });
+    });
+  common(program.command('power-on <host>'))
+    .description('boots a powered-off host again from its own disk (what was deployed on it stays)')
+    .action(async (host: string, o: { prefix?: string; subnet?: string }) => {
+      const boot = await powerOn(host, { prefix: o.prefix, subnet: o.subnet });
+      process.stdout.write(`${boot.name}: ssh ready in ${boot.sshReadySeconds} s\n`);
+    });
   common(program.command('status'))
     .option('--json', 'print the inventory (exit code 1 when the cluster is not up)')
     .action(async (o: { prefix?: string; subnet?: string; json?: boolean }) => {

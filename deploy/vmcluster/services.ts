@@ -26,6 +26,8 @@ export interface ClusterServices {
 
 export const TEMPORAL_PORT = 7233;
 export const REPOSITORY_PORT = 8420;
+/** Longer than a host worker's restart on a busy TCG dom0 (about 60 s). */
+export const HOST_LIVENESS_SEC = 120;
 
 /** Starts the services for the cluster of `vmInventory` (from clusterUp), with state and logs in `dir`. */
 export async function startClusterServices(vmInventory: Inventory, dir: string): Promise<ClusterServices> {
@@ -69,6 +71,9 @@ export async function startClusterServices(vmInventory: Inventory, dir: string):
       remoteHosts: true,
       repositoryListen,
       serviceToken,
+      // A host worker takes about a minute to start on a TCG dom0 (30 s is the default on real hosts): a
+      // `systemctl restart` of it must not count its host down.
+      controlEnv: { VSP_HOST_LIVENESS_SEC: String(HOST_LIVENESS_SEC) },
     }).start();
     return { inventory, inventoryFile, vsp, temporal, stop };
   } catch (err) {

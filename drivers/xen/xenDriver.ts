@@ -72,7 +72,13 @@ export type XenVmState = SavedVm;
 /** The VM's root disk: raw (see createRawRoot), beside the data disk. */
 export const rawRootOf = (vmDir: string): string => path.join(vmDir, 'root.img');
 
-export const DEFAULT_SSH_COMMAND = 'ssh -o BatchMode=yes -o ConnectTimeout=10';
+/**
+ * How `xl migrate` reaches the target. Keepalives end the transfer within 30 s of the target vanishing (a
+ * power cut sends no FIN or RST: without them the sender waits out TCP's retransmissions, about 15 min,
+ * possibly with the guest suspended), so the VM resumes at the source and the failure is reported.
+ */
+export const DEFAULT_SSH_COMMAND =
+  'ssh -o BatchMode=yes -o ConnectTimeout=10 -o ServerAliveInterval=5 -o ServerAliveCountMax=6';
 const XL_TIMEOUT_MS = 60_000;
 /** Building a domain takes 3-60 s under TCG on a loaded machine (decompressing the kernel, the backends). */
 const XL_CREATE_TIMEOUT_MS = 5 * 60_000;

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# `npm test` (and so `.ci/run`): checks, build, then every test tier, the cluster tier (real Xen dom0s) last.
+# The cluster tier's dom0 image (mmdebstrap: mostly downloading and unpacking packages, little CPU) builds
+# in the background while the unit, integration and system tiers run, so a fresh machine does not wait for
+# it afterwards; the dom0s themselves boot only in the cluster tier, never beside the QEMU tests.
+# Each phase's duration goes to stderr as `all-tiers: <phase> <seconds> s`.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+phase_start=$SECONDS
+phase() {
+  echo "all-tiers: $1 $((SECONDS - phase_start)) s" >&2
+  phase_start=$SECONDS
+}
+
+npm run lint
+npm run typecheck
+npm run build
+phase checks+build
+
+image_pid=""
+image_log=".vsp/test-logs/dom0-image-$$.log"
+stop_image() {
+  # The build runs in a process group of its own (job control below): end all of it, mmdebstrap included.
+  if [ -n "$image_pid" ] && kill -0 "$image_pid" 2>/dev/null; then kill -- "-$image_pid" 2>/dev/null || true; fi
+}
+trap stop_image EXIT
+if [ "$(id -u)" = 0 ]; then
+  mkdir -p .vsp/test-logs
+  set -m
+  node dist/deploy/vmcluster/main.js image >"$image_log" 2>&1 &
+  image_pid=$!
+  set +m
+fi
+
+npx jest -c jest.unit.config.js
+phase unit
+npx jest --runInBand --forceExit --selectProjects integration system
+phase integration+system
+
+if [ -n "$image_pid" ]; then
+  if ! wait "$image_pid"; then
+    image_pid=""
+    echo "all-tiers: building the dom0 image failed (log: $image_log):" >&2
+    tail -n 40 "$image_log" >&2
+    exit 1
+  fi
+  image_pid=""
+  phase "waiting for the dom0 image"
+fi
+npx jest --runInBand --forceExit --selectProjects cluster
+phase cluster

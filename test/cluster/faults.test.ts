@@ -1,0 +1,273 @@
+import { text } from 'node:stream/consumers';
+
+import type { OwnerTaskSpec } from '../../client/taskClient';
+import type { TaskStatus } from '../../workflows/definitions';
+import { powerOff, powerOn } from '../../deploy/vmcluster/cluster';
+import { until } from '../support/clusterFixture';
+import { ensureDeployed, onHost, onHostOk, repo, submitTask, vspClient } from './harness';
+
+/**
+ * Faults on real Xen hosts (issue 11, item 5), each ending as the reliability rules say: no data lost, a
+ * clear error, nothing left behind. The task ticks once a second into out/ticks.txt until it is released
+ * (`xl shutdown`: the guest's poweroff command TERMs it, and it exits 0), so every output proves by its
+ * contiguous ticks that nothing was lost, and no test guesses how long anything takes.
+ *
+ * One power cut serves two faults: host b loses its power (its QEMU quits: deploy/vmcluster `powerOff`) while
+ * it runs a task and while it receives a migration, and is powered on again (a cold boot from its own disk:
+ * what was deployed on it starts again), so later tests get a healthy cluster.
+ */
+
+const OWNER = 'faults';
+const STORE = '/var/lib/vsp/store';
+const MOUNT_ROOT = '/var/lib/vsp/cluster';
+const TASK_TIMEOUT_MS = 20 * 60_000;
+const STEP_MS = 10 * 60_000;
+
+const TICKER = [
+  'mkdir -p out',
+  'i=0',
+  'stop=',
+  "trap 'stop=1' TERM",
+  'while [ -z "$stop" ]; do',
+  '  i=$((i+1))',
+  '  echo $i >> out/ticks.txt',
+  '  echo "VSP-PROGRESS $((i < 99 ? i : 99)) tick $i"',
+  '  sleep 1',
+  'done',
+  'exit 0',
+].join('\n');
+
+const seconds = (since: number) => Math.round((Date.now() - since) / 1000);
+
+function figure(name: string, value: number | string, unit = ''): void {
+  process.stderr.write(`cluster faults figure: ${name}: ${value}${unit ? ` ${unit}` : ''}\n`);
+}
+
+async function submitTicker(
+  name: string,
+  host: string | undefined,
+  extra: Partial<OwnerTaskSpec> = {},
+): Promise<string> {
+  const { taskId } = await submitTask(OWNER, {
+    name,
+    driver: 'xen',
+    ...(host ? { host } : {}),
+    memoryMiB: 192,
+    timeLimitSec: 1800,
+    command: TICKER,
+    outputDir: 'out',
+    ...extra,
+  });
+  return taskId;
+}
+
+const ENDED = ['completed', 'failed', 'cancelled'];
+
+/** Waits until the task runs on `host` and its guest has reported tick `n` or later; fails if it ends first. */
+async function untilTicking(taskId: string, host: string, n: number): Promise<TaskStatus> {
+  const vsp = await vspClient();
+  const s = await until(
+    `${taskId} to tick ${n} on ${host}`,
+    async () => {
+      const st = await vsp.status(taskId);
+      const ticking = st.phase === 'running' && st.host === host && (st.progress ?? 0) >= n;
+      return ticking || ENDED.includes(st.phase) ? st : undefined;
+    },
+    STEP_MS,
+  );
+  if (ENDED.includes(s.phase))
+    throw new Error(`task ${taskId} ended (${s.phase}) before it ticked: ${s.error ?? ''}`);
+  return s;
+}
+
+const domain = (vmId: string) => `vsp-${vmId}`;
+
+async function domid(host: string, vmId: string): Promise<number | undefined> {
+  const r = await onHost(host, `xl domid ${domain(vmId)}`);
+  return r.code === 0 ? Number(r.stdout.trim()) : undefined;
+}
+
+/** Releases the task where its VM runs now (xl shutdown: the guest TERMs the task), returns its result. */
+async function release(taskId: string) {
+  const vsp = await vspClient();
+  const { host, vmId } = await vsp.status(taskId);
+  await onHostOk(host!, `xl shutdown ${domain(vmId!)}`);
+  return vsp.result(taskId);
+}
+
+/** The task's ticks as stored in the repository: 1..n without a gap (nothing lost), n. */
+async function storedTicks(resultsPath: string): Promise<number> {
+  const stored = await text(
+    await (await repo(OWNER)).downloadStream(OWNER, `${resultsPath}/outputs/ticks.txt`),
+  );
+  const ticks = stored.trim().split('\n').map(Number);
+  expect(ticks).toEqual(ticks.map((_, i) => i + 1));
+  return ticks.length;
+}
+
+/** Nothing of VM `vmId` left on `host`: no domain, no VM folder, no loop device on its files. */
+async function expectNothingLeft(host: string, vmId: string): Promise<void> {
+  await until(
+    `VM ${vmId} to leave no trace on ${host}`,
+    async () => {
+      const r = await onHost(
+        host,
+        `xl domid ${domain(vmId)} >/dev/null 2>&1 && echo domain; xl domid ${domain(vmId)}--incoming >/dev/null 2>&1 && echo incoming; ` +
+          `test -e ${STORE}/vms/${vmId} && echo folder; losetup -a | grep -q ${vmId} && echo loop; true`,
+      );
+      return r.stdout.trim() === '' ? true : undefined;
+    },
+    STEP_MS,
+  );
+}
+
+/**
+ * Releases the task, checks it completed with exit 0 where `expected` says, its ticks whole in the
+ * repository and nothing of its VM left on the host it ended on; returns the number of ticks.
+ */
+async function finish(
+  taskId: string,
+  vmId: string,
+  expected: { host: string; storageHost?: string },
+): Promise<number> {
+  const result = await release(taskId);
+  expect(result).toMatchObject({ ...expected, exitCode: 0 });
+  const ticks = await storedTicks(result.resultsPath);
+  await expectNothingLeft(expected.host, vmId);
+  return ticks;
+}
+
+/** Powers `host` on again and waits until its host worker runs (what later tests need). */
+async function bringBack(host: string): Promise<void> {
+  const t0 = Date.now();
+  const boot = await powerOn(host);
+  await until(
+    `the host worker on ${host} to run`,
+    async () =>
+      (await onHost(host, 'systemctl is-active vsp-host-worker.service')).stdout.trim() === 'active' ||
+      undefined,
+    STEP_MS,
+  );
+  figure(`dom0 ${host} power-on to ssh`, boot.sshReadySeconds, 's');
+  figure(`dom0 ${host} power-on to host worker active`, Math.round((Date.now() - t0) / 100) / 10, 's');
+}
+
+beforeAll(async () => {
+  const s = await ensureDeployed();
+  if (s > 0) figure('deploy (first use in this run)', Math.round(s), 's');
+}, 40 * 60_000);
+
+describe('faults on real Xen hosts', () => {
+  test(
+    'systemctl restart of the host worker under a running task: the VM outlives it and is re-attached',
+    async () => {
+      const vsp = await vspClient();
+      const taskId = await submitTicker('worker-restart', 'a');
+      const running = await untilTicking(taskId, 'a', 2);
+      const vmId = running.vmId!;
+      const before = await domid('a', vmId);
+      expect(before).toBeGreaterThan(0);
+      const oldPid = (await onHostOk('a', 'systemctl show -p MainPID --value vsp-host-worker')).trim();
+
+      await onHostOk('a', 'systemctl restart vsp-host-worker.service');
+      const newPid = (await onHostOk('a', 'systemctl show -p MainPID --value vsp-host-worker')).trim();
+      expect(newPid).not.toBe(oldPid);
+      // The same domain still runs: the worker's restart did not touch it.
+      expect(await domid('a', vmId)).toBe(before);
+      // The new worker re-attached: the progress it reads from the guest's console goes on.
+      const ticked = (await vsp.status(taskId)).progress ?? 0;
+      await untilTicking(taskId, 'a', ticked + 2);
+
+      expect(await finish(taskId, vmId, { host: 'a' })).toBeGreaterThan(ticked);
+    },
+    TASK_TIMEOUT_MS,
+  );
+
+  // Not yet verified: its one run on a loaded machine (load 12-15) lost the guest at boot (libxl's hotplug
+  // limit, being fixed in the Xen driver) before the fault; enable once it has passed.
+  test.skip(
+    'the NFS mount under a migrated guest unmounted: refused while busy; lazily detached, the guest runs on and its data is whole',
+    async () => {
+      const vsp = await vspClient();
+      const taskId = await submitTicker('nfs-unmount', 'a');
+      const { vmId } = await untilTicking(taskId, 'a', 2);
+      await vsp.migrate(taskId, { host: 'b' });
+      const moved = await untilTicking(taskId, 'b', 1);
+      expect(moved).toMatchObject({ host: 'b', storageHost: 'a' });
+      const mount = `${MOUNT_ROOT}/a`;
+      const fsType = () => onHostOk('b', `ls ${mount}/ >/dev/null && findmnt -n -o FSTYPE -T ${mount}/vms`);
+      expect(await fsType()).toBe('nfs4\n');
+
+      // The guest's disk is open through the mount: the kernel refuses to unmount it, and says why.
+      const refused = await onHost('b', `umount ${mount}`);
+      expect(refused.code).not.toBe(0);
+      expect(refused.stderr).toMatch(/target is busy/);
+      // Detached from the file tree anyway (umount -l): the open disk stays reachable, the guest goes on.
+      await onHostOk('b', `umount -l ${mount}`);
+      const ticked = (await vsp.status(taskId)).progress ?? 0;
+      await untilTicking(taskId, 'b', ticked + 2);
+
+      expect(await finish(taskId, vmId!, { host: 'b', storageHost: 'a' })).toBeGreaterThan(ticked);
+      await expectNothingLeft('a', vmId!);
+      // The next use mounts the store again (automount): b is fit for the next migration.
+      expect(await fsType()).toBe('nfs4\n');
+    },
+    TASK_TIMEOUT_MS,
+  );
+
+  // Not yet run to completion: in its one run placement put the restartable task on a (beside the migrating
+  // one), not on b, so b was never cut; it needs a way to land that task on b without pinning it (e.g.
+  // host labels), and the power-off / power-on primitives of deploy/vmcluster are still unexercised.
+  test.skip(
+    "host b powered off under a running task and as a migration's target: the task restarts on a and completes, the migration fails clearly and its task completes on a; b's leftovers go when it is back",
+    async () => {
+      const vsp = await vspClient();
+      const migrating = await submitTicker('power-off-target', 'a');
+      const { vmId: migratingVm } = await untilTicking(migrating, 'a', 2);
+      // Expected on b (see the skip note above: placement chose a in the one run).
+      const stranded = await submitTicker('power-off-running', undefined, { onHostFailure: 'restart' });
+      const { vmId: strandedVm, host: strandedHost } = await untilTicking(stranded, 'b', 2);
+      expect(strandedHost).toBe('b');
+
+      const migration = vsp.migrate(migrating, { host: 'b' }).then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+      // The target's xl has created the incoming domain: the transfer runs.
+      await until(
+        `the incoming domain of ${migratingVm} on b`,
+        async () => (await domid('b', `${migratingVm}--incoming`)) !== undefined || undefined,
+        STEP_MS,
+      );
+      const cut = Date.now();
+      await powerOff('b');
+      try {
+        const err = await migration;
+        figure('power cut of the target to the failed migration', seconds(cut), 's');
+        expect(err).toBeInstanceOf(Error);
+        const status = await vsp.status(migrating);
+        expect(status).toMatchObject({ host: 'a', storageHost: 'a', phase: 'running' });
+        const last = status.migrations?.at(-1);
+        figure('failed migration error', JSON.stringify(last?.error));
+        expect(last).toMatchObject({ from: 'a', to: 'b', ok: false, error: expect.stringMatching(/./) });
+        // The guest never stopped for good: it ticks on a.
+        await untilTicking(migrating, 'a', (status.progress ?? 0) + 2);
+
+        const restarted = await untilTicking(stranded, 'a', 1);
+        figure('power cut to the stranded task running again on a', seconds(cut), 's');
+        expect(restarted.restartedFrom).toEqual(['b']);
+        expect(restarted.vmId).not.toBe(strandedVm);
+
+        await finish(migrating, migratingVm!, { host: 'a' });
+        await finish(stranded, restarted.vmId!, { host: 'a' });
+        expect((await onHost('a', 'pgrep -f "xl .*migrate"')).stdout).toBe('');
+      } finally {
+        await bringBack('b');
+      }
+      // What b held when its power went (the stranded VM's folder) is its reaper's: nothing of it stays.
+      await expectNothingLeft('b', strandedVm!);
+      await expectNothingLeft('b', migratingVm!);
+    },
+    TASK_TIMEOUT_MS,
+  );
+});
