@@ -158,12 +158,22 @@ export class XenMigration extends MigrationRecords {
       handle: { ...current, state: { ...current.state, migratingTo: target.uri } },
     } satisfies XenVmState);
     let xlPid: number | undefined;
-    const report = async () => {
-      if (xlPid !== undefined) output.sent(await bytesWrittenByChildren(xlPid, SAVE_HELPER).catch(() => 0));
+    let scanning = false;
+    // The heartbeat goes out on every tick with the last count: a /proc scan on a dom0 that the migration
+    // itself keeps busy can take longer than a tick, and scans piling up behind one another starved it.
+    const report = () => {
       options.onProgress?.(output.progress());
+      if (xlPid === undefined || scanning) return;
+      scanning = true;
+      void bytesWrittenByChildren(xlPid, SAVE_HELPER)
+        .then(
+          (bytes) => output.sent(bytes),
+          () => undefined,
+        )
+        .finally(() => (scanning = false));
     };
-    await report();
-    const ticker = setInterval(() => void report(), PROGRESS_MS);
+    report();
+    const ticker = setInterval(report, PROGRESS_MS);
     this.log.info({ vmId, to: target.host, address }, 'migration started');
     try {
       // -vvv: libxl's debug lines say when the guest is suspended (the start of the downtime).

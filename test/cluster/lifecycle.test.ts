@@ -95,10 +95,12 @@ async function download(resultsPath: string, rel: string): Promise<string> {
   return fs.readFile(f, 'utf8');
 }
 
-// Skipped (12:52 run, loaded machine): deploy, submit, staging, xl create on a (32 s) and the guest's rounds
-// pass; the a -> b migrateOut activity then hit its 30 s heartbeat timeout while `xl migrate` ran, so the
-// activity's abort killed xl (TIMED_OUT) and the retry failed. To fix: find why the host worker's heartbeats
-// stop during xl migrate on a TCG dom0 (or raise migrateOut's heartbeatTimeout), then unskip.
+// Skipped until it passes twice in a row. 13:13 run (quiet machine): deploy 275 s, domain on a 4.9 s, first
+// round 16.7 s, xl migrate a -> b 84.6 s with its disks behind b's loop devices on a's NFS export (the step
+// that had outlived its heartbeat timeout before the migrate heartbeat stopped waiting for /proc scans); then
+// this test's mount check failed (fixed since: autofs stacks under the nfs4 mount). 13:19 run: the guest on a
+// ended during boot before its task started (console: kernel lines only; the task failed with its console
+// in failure.txt); the cause, likely its disks' hotplug on the dom0, is not found yet.
 test.skip(
   'a task with an input runs on a, migrates a -> b -> a (disks stay on a), outputs and console reach the repository',
   async () => {
@@ -122,7 +124,7 @@ test.skip(
     expect(toB).toMatchObject({ host: 'b', storageHost: 'a', phase: 'running' });
     // On b the guest's disks are a's files, behind b's loop devices, through b's NFS mount of a's store.
     expect(await loopFiles('b')).toEqual(expect.arrayContaining([`${disk}/root.img`, `${disk}/data.img`]));
-    expect(await onHostOk('b', `findmnt -n -o FSTYPE,SOURCE --target ${disk}`)).toMatch(/^nfs4\s+\S+:\/vsp/);
+    expect(await onHostOk('b', `findmnt -n -o FSTYPE,SOURCE --target ${disk}`)).toMatch(/^nfs4\s+\S+:\/vsp/m);
     await awaitRound('b', vmId, 1);
 
     const toA = await phase('migrate b -> a', () => vsp.migrate(taskId, { host: 'a' }));
