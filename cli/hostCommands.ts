@@ -190,6 +190,8 @@ function describeHost(h: HostSummary): string {
       `  drain      since ${h.drain.since}, max ${h.drain.maxParallel} at once${h.drain.deadline ? `, deadline ${h.drain.deadline}` : ''}`,
     );
   lines.push(`  tasks      ${h.tasks.join(', ') || '-'}`);
+  // Disks of tasks that run elsewhere: the host cannot be switched off while it holds them.
+  if (h.storedTasks?.length) lines.push(`  disks of   ${h.storedTasks.join(', ')} (running elsewhere)`);
   return lines.join('\n');
 }
 
