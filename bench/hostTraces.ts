@@ -1,5 +1,6 @@
 import { promises as fs } from 'node:fs';
 import { runCommand } from '../drivers/qemu/runCommand';
+import { readProcStat } from '../drivers/processLiveness';
 
 /**
  * Per-second host traces for the benchmarks' figures: CPU of each test host's processes (the VM's QEMU
@@ -31,16 +32,10 @@ interface ProcTicks {
 
 /** utime + stime (all threads) and the command name from /proc/<pid>/stat; undefined once it is gone. */
 async function readTicks(pid: number): Promise<ProcTicks | undefined> {
-  let stat: string;
-  try {
-    stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
-  } catch {
-    return undefined;
-  }
-  const close = stat.lastIndexOf(')');
-  // Fields after the name start at field 3 (state); utime and stime are fields 14 and 15.
-  const fields = stat.slice(close + 2).split(' ');
-  return { comm: stat.slice(stat.indexOf('(') + 1, close), ticks: Number(fields[11]) + Number(fields[12]) };
+  const stat = await readProcStat(pid);
+  if (!stat) return undefined;
+  // utime and stime are fields 14 and 15.
+  return { comm: stat.comm, ticks: Number(stat.fields[11]) + Number(stat.fields[12]) };
 }
 
 async function readCounter(file: string): Promise<number> {

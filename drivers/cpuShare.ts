@@ -1,6 +1,7 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { readProcStat } from './processLiveness';
 import type { CpuShare } from './types';
 
 /**
@@ -158,8 +159,8 @@ async function liveMembers(dir: string): Promise<number> {
   const procs = await fs.readFile(path.join(dir, 'cgroup.procs'), 'utf8').catch(() => '');
   let live = 0;
   for (const pid of procs.split('\n').filter(Boolean)) {
-    const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
-    if (stat && !/^[ZX]/.test(stat.slice(stat.lastIndexOf(')') + 2))) live++;
+    const stat = await readProcStat(pid);
+    if (stat && stat.fields[0] !== 'Z' && stat.fields[0] !== 'X') live++;
   }
   return live;
 }
@@ -169,10 +170,9 @@ export async function processTree(pid: number): Promise<number[]> {
   const parent = new Map<number, number>();
   for (const entry of await fs.readdir('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
-    const stat = await fs.readFile(`/proc/${entry}/stat`, 'utf8').catch(() => '');
-    if (!stat) continue;
-    // Field 4 (ppid), after the command name, which may hold spaces and parentheses.
-    parent.set(Number(entry), Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]));
+    const stat = await readProcStat(entry);
+    // Field 4: the parent's pid.
+    if (stat) parent.set(Number(entry), Number(stat.fields[1]));
   }
   const tree = new Set([pid]);
   for (let grew = true; grew;) {
@@ -188,9 +188,8 @@ export async function processTree(pid: number): Promise<number[]> {
 
 /** Seconds of CPU a process has used (user + system, from /proc/<pid>/stat), or undefined when it is gone. */
 export async function processCpuSeconds(pid: number): Promise<number | undefined> {
-  const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8').catch(() => undefined);
-  if (!stat) return undefined;
-  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  const f = (await readProcStat(pid))?.fields;
+  if (!f) return undefined;
   // utime, stime, cutime, cstime: fields 14-17 (reaped children count in c*).
   return (Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14])) / CLOCK_TICKS;
 }

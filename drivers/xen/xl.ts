@@ -1,6 +1,7 @@
 import { execFile } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
+import { readProcStat } from '../processLiveness';
 
 /**
  * How the Xen driver talks to the toolstack: `xl` subcommands run as a child process, never through a
@@ -194,14 +195,9 @@ export async function bytesWrittenByChildren(
   let total = 0;
   for (const entry of await fs.readdir(procDir)) {
     if (!/^\d+$/.test(entry)) continue;
-    const dir = path.join(procDir, entry);
-    const stat = await fs.readFile(path.join(dir, 'stat'), 'utf8').catch(() => '');
-    const close = stat.lastIndexOf(')');
-    if (close < 0) continue;
-    const name = stat.slice(stat.indexOf('(') + 1, close);
-    const ppid = Number(stat.slice(close + 2).split(' ')[1]);
-    if (ppid !== parent || !name.startsWith(comm)) continue;
-    const io = await fs.readFile(path.join(dir, 'io'), 'utf8').catch(() => '');
+    const stat = await readProcStat(entry, procDir);
+    if (!stat || Number(stat.fields[1]) !== parent || !stat.comm.startsWith(comm)) continue;
+    const io = await fs.readFile(path.join(procDir, entry, 'io'), 'utf8').catch(() => '');
     total += Number(/^wchar: (\d+)$/m.exec(io)?.[1] ?? 0);
   }
   return total;
