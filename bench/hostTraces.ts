@@ -1,5 +1,5 @@
 import { promises as fs } from 'node:fs';
-import { runCommand } from '../drivers/qemu/runCommand';
+import { runCommand } from '../lib/runCommand';
 import { readProcStat } from '../drivers/processLiveness';
 
 /**

@@ -4,7 +4,7 @@ import path from 'node:path';
 import { inNetns, type TestNetwork } from '../deploy/devcluster/netns';
 import { startNfsTestHosts, type NfsTestHosts } from '../deploy/devcluster/nfsTestHosts';
 import type { QemuDriver } from '../drivers/qemu/qemuDriver';
-import { runCommand } from '../drivers/qemu/runCommand';
+import { runCommand } from '../lib/runCommand';
 import type { MigrationResult, VmConfig, VmHandle } from '../drivers/types';
 import { createLogger, describeError } from '../logging/logger';
 import type { ClusterStorage } from '../storage/diskLocator';

@@ -1,6 +1,6 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { runCommand } from '../drivers/qemu/runCommand';
+import { runCommand } from '../lib/runCommand';
 import { fsyncFile, writeFileAtomic } from '../storage/durableFile';
 
 /**

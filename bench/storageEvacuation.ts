@@ -3,7 +3,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { inNetns } from '../deploy/devcluster/netns';
 import { startNfsTestHosts, type NfsTestHosts } from '../deploy/devcluster/nfsTestHosts';
-import { runCommand } from '../drivers/qemu/runCommand';
+import { runCommand } from '../lib/runCommand';
 import type { VmHandle } from '../drivers/types';
 import { createLogger } from '../logging/logger';
 import { DiskImageStaging } from '../storage/diskImageStaging';

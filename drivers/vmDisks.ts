@@ -1,7 +1,7 @@
 import { promises as fs } from 'node:fs';
 import { VSP_DIR, writeDataDiskFile } from '../storage/diskImageStaging';
 import type { VmPaths } from '../storage/vmStore';
-import { runCommand } from './qemu/runCommand';
+import { runCommand } from '../lib/runCommand';
 
 /** The disks every VM driver boots a task from: a root overlay of the base image and the data disk. */
 

@@ -2,7 +2,7 @@ import { closeSync, promises as fs, renameSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
-import { runCommand } from '../drivers/qemu/runCommand';
+import { runCommand } from '../lib/runCommand';
 import { describeError, type Logger } from '../logging/logger';
 import { BASE_IMAGE_NAME, BASE_IMAGE_PREFIX } from '../spec/taskSpec';
 import { writeDurably } from '../lib/durableWrite';

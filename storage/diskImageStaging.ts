@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { fsyncFile, writeFileAtomic } from './durableFile';
-import { runCommand } from '../drivers/qemu/runCommand';
+import { runCommand } from '../lib/runCommand';
 import { createLogger } from '../logging/logger';
 import { normaliseRepoPath } from '../spec/repoPath';
 import { GuestDiskReader, RefusedTree } from './guestDiskReader';

@@ -1,6 +1,6 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { runCommand, type RunResult } from '../drivers/qemu/runCommand';
+import { runCommand, type RunResult } from '../lib/runCommand';
 import { TaskAccounts } from '../drivers/process/taskAccounts';
 
 const MiB = 1024 * 1024;

@@ -2,7 +2,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream, constants as fsConstants, promises as fs } from 'node:fs';
 import path from 'node:path';
 import { fsyncFile, writeFileAtomic } from './durableFile';
-import { runCommand } from '../drivers/qemu/runCommand';
+import { runCommand } from '../lib/runCommand';
 import { createLogger } from '../logging/logger';
 
 export type ImageFormat = 'qcow2' | 'raw';

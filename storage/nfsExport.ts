@@ -4,7 +4,7 @@ import { inNetns } from '../deploy/devcluster/netns';
 import { spawnManaged, type ManagedProcess } from '../deploy/devcluster/processes';
 import { repoRoot } from '../deploy/devcluster/tools';
 import { writeFileAtomic } from './durableFile';
-import { runCommand } from '../drivers/qemu/runCommand';
+import { runCommand } from '../lib/runCommand';
 import { createLogger, describeError } from '../logging/logger';
 
 /**

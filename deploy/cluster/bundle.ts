@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import { createReadStream, existsSync, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { runCommand } from '../../drivers/qemu/runCommand';
+import { runCommand } from '../../lib/runCommand';
 
 /**
  * The release a deploy copies to every host: the compiled project (dist/), its package files, the

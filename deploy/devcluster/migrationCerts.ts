@@ -1,5 +1,5 @@
 import path from 'node:path';
-import { runCommand } from '../../drivers/qemu/runCommand';
+import { runCommand } from '../../lib/runCommand';
 import { repoRoot } from './tools';
 
 const CERT_TIMEOUT_MS = 60_000;

@@ -1,4 +1,4 @@
-import { runCommand } from '../../drivers/qemu/runCommand';
+import { runCommand } from '../../lib/runCommand';
 import { createLogger, describeError } from '../../logging/logger';
 
 /**

@@ -1,7 +1,7 @@
 import { constants as fsc, promises as fs } from 'node:fs';
 import path from 'node:path';
 import { Command } from 'commander';
-import { runCommand } from '../../drivers/qemu/runCommand';
+import { runCommand } from '../../lib/runCommand';
 import { createLogger, describeError } from '../../logging/logger';
 import { writeFileAtomic } from '../../storage/durableFile';
 import { replaceMarkedBlock } from './markedBlock';

@@ -4,7 +4,7 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { QmpClient } from '../../drivers/qemu/qmp';
-import { runCommand } from '../../drivers/qemu/runCommand';
+import { runCommand } from '../../lib/runCommand';
 import { isVmProcess, startDetached, waitForExit } from '../../drivers/qemu/vmProcess';
 import { createLogger, describeError } from '../../logging/logger';
 import type { ClusterConfig, HostConfig } from './config';

@@ -4,7 +4,7 @@ import { createReadStream, promises as fs } from 'node:fs';
 import path from 'node:path';
 import readline from 'node:readline';
 
-import { runCommand } from '../../drivers/qemu/runCommand';
+import { runCommand } from '../../lib/runCommand';
 import { createLogger } from '../../logging/logger';
 import { repoRoot } from '../devcluster/tools';
 import { HOST_NAMES, type ClusterConfig } from './config';

@@ -1,6 +1,6 @@
 import { existsSync, promises as fs } from 'node:fs';
 import path from 'node:path';
-import { runCommand } from './runCommand';
+import { runCommand } from '../../lib/runCommand';
 
 /** The guest appliance built by deploy/guest/build-appliance.sh: kernel, initramfs, busybox root disk. */
 export interface Appliance {

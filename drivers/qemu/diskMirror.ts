@@ -8,7 +8,7 @@ import { pidFileOf } from './commandLine';
 import { giveDisks, type QemuAccount } from './qemuAccount';
 import { QMP_TIMEOUT_MS, QmpClient } from './qmp';
 import type { QemuVmState } from './qemuDriver';
-import { runCommand } from './runCommand';
+import { runCommand } from '../../lib/runCommand';
 import { readPidFile } from '../processLiveness';
 import { isVmProcess, sleep } from './vmProcess';
 

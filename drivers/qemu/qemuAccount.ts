@@ -1,6 +1,6 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { runCommand } from './runCommand';
+import { runCommand } from '../../lib/runCommand';
 
 /**
  * The unprivileged account QEMU runs as (VSP_QEMU_USER, created by deploy/setup.sh). QEMU is started as

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { createLogger, describeError } from '../../logging/logger';
-import { runCommand } from './runCommand';
+import { runCommand } from '../../lib/runCommand';
 
 /**
  * The cluster's VM network: one L2 segment that every host's bridge joins. A VM's NIC is a tap on the

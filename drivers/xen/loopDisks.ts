@@ -1,6 +1,6 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { runCommand } from '../qemu/runCommand';
+import { runCommand } from '../../lib/runCommand';
 
 /**
  * The block devices of a Xen domain's disks. libxl gives a disk's hotplug script 10 s, which Xen's stock

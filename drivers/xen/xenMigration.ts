@@ -4,7 +4,7 @@ import { resolveUnderMounts, type ClusterStorage } from '../../storage/diskLocat
 import type { VmStore } from '../../storage/vmStore';
 import { MigrationRecords } from '../migrationRecords';
 import { processStartTime } from '../processLiveness';
-import { runCommand } from '../qemu/runCommand';
+import { runCommand } from '../../lib/runCommand';
 import { sleep } from '../qemu/vmProcess';
 import { ConsoleFollower } from '../qemu/consoleLog';
 import { diskRefsOf, startedMarkerOf } from '../savedVm';

@@ -1,5 +1,5 @@
 import { promises as fs } from 'node:fs';
-import { runCommand } from '../../drivers/qemu/runCommand';
+import { runCommand } from '../../lib/runCommand';
 
 /**
  * What runs for a VM, read from the machine itself (not from what VSP believes): QEMU processes in the

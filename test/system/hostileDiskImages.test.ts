@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { runCommand } from '../../drivers/qemu/runCommand';
+import { runCommand } from '../../lib/runCommand';
 import { DiskImageStaging, UnusableOutputsError } from '../../storage/diskImageStaging';
 import { GuestDiskTools } from '../../storage/guestDiskTools';
 import { VmStore } from '../../storage/vmStore';

@@ -8,7 +8,7 @@ import { ensureAppliance, type Appliance } from '../../drivers/qemu/appliance';
 import { hostPortsOf, QemuDriver, TIMEOUT_EXIT_CODE } from '../../drivers/qemu/qemuDriver';
 import type { VmConfig, VmHandle, VmStatus } from '../../drivers/types';
 import { DiskImageStaging, readDataDiskFile } from '../../storage/diskImageStaging';
-import { runCommand } from '../../drivers/qemu/runCommand';
+import { runCommand } from '../../lib/runCommand';
 import { ImageCache } from '../../storage/imageCache';
 import { VmStore } from '../../storage/vmStore';
 import { untilConsoleLine } from '../support/guestConsole';
