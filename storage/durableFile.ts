@@ -10,10 +10,13 @@ export async function fsyncFile(file: string): Promise<void> {
   }
 }
 
-/** Writes `data` so readers see the old content or the new, never a part (temp file, fsync, rename). */
-export async function writeFileAtomic(file: string, data: string): Promise<void> {
+/**
+ * Writes `data` so readers see the old content or the new, never a part (temp file, fsync, rename);
+ * `mode` for a new file (default 0666 less the umask).
+ */
+export async function writeFileAtomic(file: string, data: string, mode?: number): Promise<void> {
   const tmp = `${file}.${process.pid}.tmp`;
-  await fs.writeFile(tmp, data);
+  await fs.writeFile(tmp, data, mode === undefined ? undefined : { mode });
   await fsyncFile(tmp);
   await fs.rename(tmp, file);
 }

@@ -1,6 +1,7 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { runCommand } from '../../lib/runCommand';
+import { writeFileAtomic } from '../../storage/durableFile';
 
 /**
  * The block devices of a Xen domain's disks. libxl gives a disk's hotplug script 10 s, which Xen's stock
@@ -80,9 +81,7 @@ export class LoopDisks {
     const current = await fs.readFile(this.script, 'utf8').catch(() => undefined);
     if (current === HOTPLUG_SCRIPT) return;
     await fs.mkdir(this.scriptDir, { recursive: true });
-    const tmp = `${this.script}.${process.pid}.tmp`;
-    await fs.writeFile(tmp, HOTPLUG_SCRIPT, { mode: 0o755 });
-    await fs.rename(tmp, this.script);
+    await writeFileAtomic(this.script, HOTPLUG_SCRIPT, 0o755);
   }
 
   private link(vmId: string, kind: DiskKind): string {
