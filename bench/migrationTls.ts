@@ -4,6 +4,7 @@ import { QemuDriver } from '../drivers/qemu/qemuDriver';
 import type { MigrationResult, VmHandle } from '../drivers/types';
 import { createLogger } from '../logging/logger';
 import { DiskImageStaging } from '../storage/diskImageStaging';
+import { median } from './orchestration';
 import { untilLine } from './paperEvaluation';
 import type { BenchReport } from './report';
 
@@ -21,11 +22,6 @@ interface Run {
   result: MigrationResult;
   /** Around the driver's migrate(): credentials, parameters, the stream and the source's exit. */
   wallMs: number;
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((x, y) => x - y);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 }
 
 /**
