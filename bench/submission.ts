@@ -8,6 +8,7 @@ import { loadCapabilityKeys } from '../repository/capabilities';
 import { MetadataDb } from '../repository/metadataDb';
 import { startRepositoryServer } from '../repository/server';
 import { admitTask } from '../repository/taskAdmission';
+import { taskApiOver } from '../repository/taskApi';
 import type { BenchReport } from './report';
 
 /**
@@ -53,7 +54,7 @@ export async function benchSubmission(env: {
         db.upsertFile('alice', { path: `data/f${i}.bin`, size: 1024, sha256: '0'.repeat(64), mtime });
     });
     const keys = loadCapabilityKeys(dataDir);
-    const server = await startRepositoryServer({ dataDir, port: 0, tasks: vsp });
+    const server = await startRepositoryServer({ dataDir, port: 0, tasks: taskApiOver(vsp) });
     const spec = (i: string) => ({
       name: 'bench',
       command: 'true',

@@ -1,4 +1,3 @@
-import { VspClient } from '../client/vspClient';
 import { createLogger, describeError } from '../logging/logger';
 import {
   DEFAULT_MAX_FILE_BYTES,
@@ -119,8 +118,12 @@ export function temporalFromEnv(env: NodeJS.ProcessEnv): boolean {
 
 async function main(): Promise<void> {
   const config = configFromEnv(process.env);
-  const tasks = temporalFromEnv(process.env) ? await VspClient.connect() : undefined;
-  const server = await startRepositoryServer({ ...config, tasks }).catch(async (err: unknown) => {
+  // Loaded only when asked for: the Temporal client weighs ~50 MiB of the server's resident memory.
+  const tasks = temporalFromEnv(process.env)
+    ? await (await import('../client/vspClient.js')).VspClient.connect()
+    : undefined;
+  const taskApi = tasks && (await import('./taskApi.js')).taskApiOver(tasks);
+  const server = await startRepositoryServer({ ...config, tasks: taskApi }).catch(async (err: unknown) => {
     await tasks?.temporal.connection.close();
     throw err;
   });

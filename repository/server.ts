@@ -18,9 +18,9 @@ import { ResumableUploads } from './resumableUploads';
 import { LoginThrottle, type LoginThrottleOptions } from './loginThrottle';
 import { ImageStore } from './imageStore';
 import { defaultHostKeyPath, startSftpServer, type SftpServer } from './sftpServer';
-import { TaskApi } from './taskApi';
+import type { TaskApi, TaskAdmissionDeps } from './taskApi';
 import { loadWebAssets } from './webAssets';
-import type { VspClient } from '../client/vspClient';
+import type { Logger } from '../logging/logger';
 
 export interface RepositoryServerOptions {
   dataDir: string;
@@ -57,9 +57,10 @@ export interface RepositoryServerOptions {
   loginThrottle?: Partial<LoginThrottleOptions>;
   /**
    * Temporal, for the task endpoints the web page uses (list, submit, status). Without it they answer
-   * 503. The caller keeps the connection and closes it after the server.
+   * 503. The caller keeps the connection and closes it after the server. A factory (taskApi.ts's
+   * taskApiOver), so that a server without Temporal never loads its client.
    */
-  tasks?: VspClient;
+  tasks?: (log: Logger, admission: TaskAdmissionDeps) => TaskApi;
 }
 
 export interface RepositoryServer {
@@ -127,7 +128,7 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
     const loginThrottle = new LoginThrottle(opts.loginThrottle);
     const deps = { db, store, maxFileBytes, log, audit, uploads, loginThrottle };
     const web = await loadWebAssets();
-    const tasks = opts.tasks && new TaskApi(opts.tasks, log.child({ part: 'tasks' }), { db, keys });
+    const tasks = opts.tasks?.(log.child({ part: 'tasks' }), { db, keys });
     if (opts.sftp) {
       sftp = await startSftpServer(deps, {
         host: opts.sftp.host ?? host,

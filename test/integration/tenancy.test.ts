@@ -10,6 +10,7 @@ import { authenticatePassword } from '../../repository/auth';
 import { loadCapabilityKeys, mintCapability } from '../../repository/capabilities';
 import { RepositoryClient } from '../../repository/client';
 import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
+import { taskApiOver } from '../../repository/taskApi';
 import { decodeCapabilityClaims, type CapabilityClaims } from '../../spec/capability';
 import { parseTaskInput } from '../../spec/taskInput';
 import { runAdminCli } from '../support/adminCli';
@@ -116,7 +117,7 @@ beforeAll(async () => {
   server = await startRepositoryServer({
     dataDir,
     port: 0,
-    tasks: new VspClient(temporal),
+    tasks: taskApiOver(new VspClient(temporal)),
     // Many refusals on purpose, all from loopback: not a guesser to lock out.
     loginThrottle: { maxFailuresPerAddress: 1000 },
   });

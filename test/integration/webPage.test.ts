@@ -6,7 +6,7 @@ import { Readable } from 'node:stream';
 import type { Browser, BrowserContext, Page } from 'playwright-core';
 import { addOwner } from '../../repository/admin';
 import { startRepositoryServer } from '../../repository/server';
-import { TEMPORAL_NOT_CONFIGURED } from '../../repository/taskApi';
+import { TEMPORAL_NOT_CONFIGURED } from '../../repository/taskRequests';
 import { CONTENT_SECURITY_POLICY } from '../../repository/webAssets';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
 import { launchChromium } from '../support/headlessChromium';
