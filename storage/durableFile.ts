@@ -1,6 +1,10 @@
 import { closeSync, fsyncSync, openSync, promises as fs, renameSync, writeSync } from 'node:fs';
+import path from 'node:path';
 
-/** Flushes a file's data to disk, so a rename that publishes it cannot expose an empty file after a crash. */
+/**
+ * Flushes a file's data (or a folder's entries) to disk, so a rename that publishes it cannot expose an
+ * empty file after a crash.
+ */
 export async function fsyncFile(file: string): Promise<void> {
   const fh = await fs.open(file, 'r');
   try {
@@ -19,6 +23,8 @@ export async function writeFileAtomic(file: string, data: string, mode?: number)
   await fs.writeFile(tmp, data, mode === undefined ? undefined : { mode });
   await fsyncFile(tmp);
   await fs.rename(tmp, file);
+  // The rename itself survives a power cut only once its folder is flushed too.
+  await fsyncFile(path.dirname(file));
 }
 
 /** The same for the few synchronous callers (command-line entry points writing a small file). */
@@ -32,4 +38,10 @@ export function writeFileAtomicSync(file: string, data: string): void {
     closeSync(fd);
   }
   renameSync(tmp, file);
+  const dir = openSync(path.dirname(file), 'r');
+  try {
+    fsyncSync(dir);
+  } finally {
+    closeSync(dir);
+  }
 }

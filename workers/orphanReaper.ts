@@ -61,13 +61,17 @@ export class OrphanReaper {
     const report: SweepReport = { kept: [], reaped: [], unidentified: [], staleTempFiles: 0 };
     for (const vmId of await this.deps.store.list()) {
       try {
-        const record = await readTaskRecord(this.deps.store, vmId);
-        if (!record) {
-          // Nothing names its run (a folder from before task records): only the operator can tell.
+        // A record that does not parse (cut by a crash before records were written durably) names no run
+        // either: only the operator can tell, as for a folder from before task records.
+        const record = await readTaskRecord(this.deps.store, vmId).catch((err: unknown) => {
+          if (err instanceof SyntaxError) return err;
+          throw err;
+        });
+        if (!record || record instanceof SyntaxError) {
           report.unidentified.push(vmId);
           log.warn(
-            { action: 'unidentified', vmId },
-            'VM folder without a task record: left for the operator',
+            { action: 'unidentified', vmId, ...(record ? { err: `task.json: ${record.message}` } : {}) },
+            `VM folder without a ${record ? 'readable ' : ''}task record: left for the operator`,
           );
           continue;
         }

@@ -3,6 +3,7 @@ import path from 'node:path';
 import { ApplicationFailure } from '@temporalio/activity';
 import type { RepositoryClient } from '../../repository/client';
 import { decodeCapabilityClaims } from '../../spec/capability';
+import { writeFileAtomic } from '../../storage/durableFile';
 import type { VmStore } from '../../storage/vmStore';
 import type { TaskRef } from '../types';
 
@@ -67,10 +68,9 @@ export function taskRecordOf(ref: TaskRef, runId: string, driver?: string): Task
 export async function saveTaskRecord(store: VmStore, vmId: string, record: TaskRecord): Promise<void> {
   const dir = store.paths(vmId).dir;
   await fs.mkdir(dir, { recursive: true });
-  const file = path.join(dir, RECORD_FILE);
-  const tmp = `${file}.${process.pid}.${Date.now()}.tmp`;
-  await fs.writeFile(tmp, JSON.stringify(record), { mode: 0o600 });
-  await fs.rename(tmp, file);
+  // Durable: a host that loses power right after must not come back with an empty record (seen on a Xen
+  // dom0 cut mid-migration), which would leave its VM folder unidentifiable.
+  await writeFileAtomic(path.join(dir, RECORD_FILE), JSON.stringify(record), 0o600);
 }
 
 export async function readTaskRecord(store: VmStore, vmId: string): Promise<TaskRecord | undefined> {

@@ -83,8 +83,10 @@ export function renderDomainConfig(l: XenDomainLaunch): string {
     `maxmem = ${l.memoryMiB}`,
     `vcpus = ${l.vcpus}`,
     'on_poweroff = "destroy"',
-    'on_reboot = "destroy"',
-    'on_crash = "destroy"',
+    // A guest that did not power off (a kernel panic reboots it: panic=-1) stays until the driver has its
+    // console and destroys it: destroyed at once, its last lines (the panic) never left the console ring.
+    'on_reboot = "preserve"',
+    'on_crash = "preserve"',
     `disk = [ ${disks.map((d) => `"${d}"`).join(', ')} ]`,
   ];
   if (l.nic) {

@@ -1,5 +1,7 @@
 import type { MigrationProgress, MigrationResult } from '../types';
 
+const MAX_PROBLEMS = 8;
+
 /**
  * What `xl -vvv migrate` tells about a live migration as it runs, read from its stderr line by line (the
  * target's lines come through ssh), plus the bytes of the memory stream (xl prints no byte counts; the
@@ -15,6 +17,8 @@ export class MigrateOutput {
   private resumedAt?: number;
   private ended?: number;
   private phase: 'setup' | 'active' | 'device' | 'completed' = 'setup';
+  /** The lines that say what went wrong, without libxl's debug chatter (xl -vvv prints hundreds). */
+  private readonly problems: string[] = [];
 
   constructor(
     private readonly memoryBytes: number,
@@ -25,6 +29,14 @@ export class MigrateOutput {
 
   add(line: string): void {
     const at = this.now();
+    const said = line.trim();
+    if (
+      !/\bdebug: /.test(said) &&
+      /error|fail|timeout|not responding|refused|denied|no route|closed/i.test(said) &&
+      !this.problems.includes(said) &&
+      this.problems.length < MAX_PROBLEMS
+    )
+      this.problems.push(said);
     if (/issuing .*suspend request|guest has suspended/.test(line)) {
       this.suspendedAt ??= at;
       this.phase = 'device';
@@ -33,6 +45,11 @@ export class MigrateOutput {
     } else if (/^migration target: Ready to receive domain/.test(line) && this.phase === 'setup') {
       this.phase = 'active';
     }
+  }
+
+  /** Why a failed migration failed, in xl's own words (its error lines, in order): one line, if it said. */
+  failure(): string | undefined {
+    return this.problems.length > 0 ? this.problems.join('; ') : undefined;
   }
 
   /** The bytes of the migration stream written so far (it only grows). */

@@ -34,7 +34,14 @@ import { domainName, renderDomainConfig, type XenGuestType } from './domainConfi
 import { XenConsole } from './xenConsole';
 import { LoopDisks } from './loopDisks';
 import { XenMigration } from './xenMigration';
-import { checkToolstack, domainState, xlRunner, type XlRunner } from './xl';
+import {
+  checkToolstack,
+  DEFAULT_XL_LOG_DIR,
+  domainState,
+  shutdownReason,
+  xlRunner,
+  type XlRunner,
+} from './xl';
 
 export interface XenDriverOptions {
   store: VmStore;
@@ -48,6 +55,8 @@ export interface XenDriverOptions {
   xl?: XlRunner;
   /** xenconsoled's guest log folder (`xenconsoled --log=guest --log-dir=...`): `guest-<domain>.log` in it. */
   consoleLogDir?: string;
+  /** Where xl logs each domain it creates (`xl-<domain>.log`: why it shut down); default /var/log/xen. */
+  xlLogDir?: string;
   /** 'pvh' (default, live-migratable) or 'pv' (no live migration, see domainConfig.ts). */
   guestType?: XenGuestType;
   /** `xl migrate -s`: how to reach the target's xl (a shell command xl runs as `<cmd> <host> xl migrate-receive`). */
@@ -87,6 +96,8 @@ const CREATE_ATTEMPTS = 3;
 const BACKEND_TIMEOUT =
   /device model did not start|Post DM startup configs failed|because of timeout|unable to add disk devices/;
 const DESTROY_STOP_TIMEOUT_MS = 2_000;
+/** How long a shut-down domain's console may take to reach its log (xenconsoled reads the ring behind). */
+const CONSOLE_SETTLE_MS = 5_000;
 
 /**
  * Runs each task in a Xen PVH domain booted from the appliance kernel + initramfs, its disks (a sparse raw
@@ -300,10 +311,13 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
           const saved = state ? undefined : await this.opts.store.readState<XenVmState>(handle.vmId);
           const leaving =
             saved?.handle.host === this.opts.hostName && saved.handle.state.migratingTo !== undefined;
+          const running = state === 'running' || state === 'paused' || leaving;
+          // A guest that rebooted or crashed is kept (domainConfig.ts): its last lines still reach the log.
+          const reason = state && !running ? await this.afterShutdown(name, handle.vmId) : undefined;
           return {
             exists: state !== undefined,
-            running: state === 'running' || state === 'paused' || leaving,
-            endedWhy: `its domain is ${state ?? 'gone'} before the task finished`,
+            running,
+            endedWhy: `its domain is ${state ?? 'gone'}${reason ? `: ${reason}` : ''} before the task finished`,
             details: { domain: name, ...(state ? { domainState: state } : {}) },
           };
         },
@@ -361,8 +375,15 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
 
   async stop(handle: VmHandle, timeoutMs: number): Promise<void> {
     const name = domainName(handle.vmId);
-    if (!(await domainState(this.xl, name))) return;
-    // Graceful: the PV shutdown request (the guest powers off), then destroy.
+    const state = await domainState(this.xl, name);
+    if (!state) return;
+    // Graceful: the PV shutdown request (the guest powers off), then destroy; a domain that has shut down
+    // already (kept after a reboot or crash) is destroyed at once.
+    if (state === 'shutdown' || state === 'crashed') {
+      await this.xl(['destroy', name], { timeoutMs: XL_TIMEOUT_MS });
+      if (await this.waitGone(name, 10_000)) return;
+      throw new Error(`VM ${handle.vmId}: domain ${name} survived xl destroy`);
+    }
     try {
       await this.xl(['shutdown', name], { timeoutMs: XL_TIMEOUT_MS });
     } catch (err) {
@@ -393,6 +414,28 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
       );
     });
     return file;
+  }
+
+  /**
+   * Why a kept domain shut down (xl's log of it), once xenconsoled has written the rest of its console:
+   * the log stops growing, or CONSOLE_SETTLE_MS passes.
+   */
+  private async afterShutdown(name: string, vmId: string): Promise<string | undefined> {
+    const consoleLog = this.opts.store.paths(vmId).consoleLog;
+    const size = () =>
+      fs.stat(consoleLog).then(
+        (st) => st.size,
+        () => 0,
+      );
+    const deadline = Date.now() + CONSOLE_SETTLE_MS;
+    let last = -1;
+    let now = await size();
+    while (now !== last && Date.now() < deadline) {
+      await sleep(500);
+      last = now;
+      now = await size();
+    }
+    return shutdownReason(this.opts.xlLogDir ?? DEFAULT_XL_LOG_DIR, name);
   }
 
   private async waitGone(name: string, timeoutMs: number): Promise<boolean> {

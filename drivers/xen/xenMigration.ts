@@ -184,11 +184,13 @@ export class XenMigration extends MigrationRecords {
         onSpawn: (pid) => (xlPid = pid),
       });
     } catch (err) {
+      // xl -vvv's whole output goes to this worker's log; the error keeps xl's error lines (or, when xl said
+      // none, why it ended: killed at its time limit, aborted).
+      const why = output.failure() ?? (err as Error).message;
+      this.log.error({ vmId, to: target.host, err: String(err) }, 'xl migrate failed');
       await this.keepRunningHere(name, vmId);
       await this.ctx.store.writeState(vmId, { config, handle: current } satisfies XenVmState);
-      throw new Error(`VM ${vmId}: migration ${self} -> ${target.host} failed; it runs on here`, {
-        cause: err,
-      });
+      throw new Error(`VM ${vmId}: migration ${self} -> ${target.host} failed; it runs on here: ${why}`);
     } finally {
       clearInterval(ticker);
     }

@@ -79,6 +79,26 @@ export function xlRunner(command: string[] = ['xl'], env?: NodeJS.ProcessEnv): X
 const NO_SUCH_DOMAIN = /invalid domain identifier|does not exist|can't get domid/i;
 
 /** The domain's state, or undefined when there is no such domain. */
+export const DEFAULT_XL_LOG_DIR = '/var/log/xen';
+
+/** Xen's SHUTDOWN_* codes, as xl's per-domain log names them ("has shut down, reason code N"). */
+const SHUTDOWN_REASONS = [
+  'powered off',
+  'rebooted (a kernel panic reboots the guest: panic=-1)',
+  'suspended',
+  'crashed',
+  'stopped by its watchdog',
+  'soft-reset',
+];
+
+/** Why the domain shut down, from xl's log of it (`<logDir>/xl-<name>.log`), if it says. */
+export async function shutdownReason(logDir: string, name: string): Promise<string | undefined> {
+  const text = await fs.readFile(path.join(logDir, `xl-${name}.log`), 'utf8').catch(() => '');
+  const codes = [...text.matchAll(/has shut down, reason code (\d+)/g)];
+  const code = codes.at(-1)?.[1];
+  return code === undefined ? undefined : (SHUTDOWN_REASONS[Number(code)] ?? `reason code ${code}`);
+}
+
 export async function domainState(run: XlRunner, name: string): Promise<DomainState | undefined> {
   let out: XlResult;
   try {

@@ -28,6 +28,9 @@
  *   repo(owner)                   a RepositoryClient as `owner` (upload inputs, download results)
  *   vspClient()                   a VspClient on the tier's Temporal (status, migrate, result), closed
  *                                 after the file
+ *   whileTaskRuns(task, what, check, timeoutMs)
+ *                                 polls `check` until it yields; fails at once with the task's error if
+ *                                 the task ends first (a test never waits out its timeout for a dead task)
  *
  * The global setup also runs the repository (on GATEWAY:8420, with the inventory's service token) and the
  * control worker on this machine; their logs and Temporal's are in the run folder (VSP_CLUSTER_RUN_DIR).
@@ -43,6 +46,7 @@ import { Client, Connection } from '@temporalio/client';
 import { TaskClient, type OwnerTaskSpec, type SubmittedTask } from '../../client/taskClient';
 import { SchedulerClient } from '../../client/schedulerClient';
 import { VspClient } from '../../client/vspClient';
+import type { TaskStatus } from '../../workflows/definitions';
 
 import { loadInventory, type Inventory } from '../../deploy/cluster/inventory';
 import {
@@ -181,6 +185,8 @@ export async function ensureDeployed(): Promise<number> {
       throw new Error(`vsp cluster deploy failed (exit ${r.code}):\n${r.stdout}\n${r.stderr.slice(-4000)}`);
     await markDeployed();
     seconds = (Date.now() - t0) / 1000;
+    // The deploy's report (each host's steps and their times) belongs in the run's output.
+    process.stderr.write(`vsp cluster deploy:\n${r.stdout}`);
   }
   const hosts = (await clusterInventory()).hosts.map((h) => h.name);
   const scheduler = new SchedulerClient((await temporalClient()).client);
@@ -236,6 +242,32 @@ function temporalClient(): Promise<{ connection: Connection; client: Client }> {
 
 export async function vspClient(): Promise<VspClient> {
   return new VspClient((await temporalClient()).client);
+}
+
+const ENDED = new Set(['completed', 'failed', 'cancelled']);
+
+export async function whileTaskRuns<T>(
+  taskId: string,
+  what: string,
+  check: () => Promise<T | undefined>,
+  timeoutMs: number,
+): Promise<T> {
+  const vsp = await vspClient();
+  const r = await until(
+    what,
+    async (): Promise<{ value: T } | { ended: TaskStatus } | undefined> => {
+      const value = await check().catch(() => undefined);
+      if (value !== undefined && value !== false) return { value };
+      const st = await vsp.status(taskId);
+      return ENDED.has(st.phase) ? { ended: st } : undefined;
+    },
+    timeoutMs,
+  );
+  if ('ended' in r)
+    throw new Error(
+      `task ${taskId} ended (${r.ended.phase}) while waiting for ${what}: ${r.ended.error ?? 'no error recorded'}`,
+    );
+  return r.value;
 }
 
 // Each test file gets its own module instance: its sessions end with it.

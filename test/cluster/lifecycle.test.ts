@@ -4,9 +4,8 @@ import os from 'node:os';
 import path from 'node:path';
 
 import type { TaskResult } from '../../workflows/definitions';
-import { until } from '../support/clusterFixture';
 import { hashRoundsCommand } from '../support/releasedTasks';
-import { ensureDeployed, onHost, onHostOk, repo, submitTask, vspClient } from './harness';
+import { ensureDeployed, onHost, onHostOk, repo, submitTask, vspClient, whileTaskRuns } from './harness';
 
 /**
  * The whole task lifecycle on real Xen hosts through Temporal: the repository and the control worker on
@@ -55,7 +54,8 @@ afterAll(async () => {
 
 /** The VM id of the task's domain on `host` (`vsp-<task id>-<run>`), once xl lists it. */
 async function vmIdOn(host: string, taskId: string): Promise<string> {
-  return until(
+  return whileTaskRuns(
+    taskId,
     `the domain of ${taskId} on ${host}`,
     async () => {
       const names = await onHostOk(host, "xl list | awk 'NR > 1 { print $1 }'");
@@ -69,8 +69,9 @@ async function vmIdOn(host: string, taskId: string): Promise<string> {
 }
 
 /** Waits until the guest printed round `n` or later in `host`'s console (each host's starts at arrival). */
-function awaitRound(host: string, vmId: string, n: number): Promise<number> {
-  return until(
+function awaitRound(taskId: string, host: string, vmId: string, n: number): Promise<number> {
+  return whileTaskRuns(
+    taskId,
     `round ${n} of ${vmId} on ${host}`,
     async () => {
       const r = await onHost(host, `cat ${STORE}/vms/${vmId}/console.log`);
@@ -95,13 +96,7 @@ async function download(resultsPath: string, rel: string): Promise<string> {
   return fs.readFile(f, 'utf8');
 }
 
-// Skipped until it passes twice in a row. 13:13 run (quiet machine): deploy 275 s, domain on a 4.9 s, first
-// round 16.7 s, xl migrate a -> b 84.6 s with its disks behind b's loop devices on a's NFS export (the step
-// that had outlived its heartbeat timeout before the migrate heartbeat stopped waiting for /proc scans); then
-// this test's mount check failed (fixed since: autofs stacks under the nfs4 mount). 13:19 run: the guest on a
-// ended during boot before its task started (console: kernel lines only; the task failed with its console
-// in failure.txt); the cause, likely its disks' hotplug on the dom0, is not found yet.
-test.skip(
+test(
   'a task with an input runs on a, migrates a -> b -> a (disks stay on a), outputs and console reach the repository',
   async () => {
     const vsp = await vspClient();
@@ -117,7 +112,7 @@ test.skip(
       }),
     );
     const vmId = await phase('submit -> domain on a', () => vmIdOn('a', taskId));
-    await phase('domain -> first round on a', () => awaitRound('a', vmId, 1));
+    await phase('domain -> first round on a', () => awaitRound(taskId, 'a', vmId, 1));
     const disk = `/var/lib/vsp/cluster/a/vms/${vmId}`;
 
     const toB = await phase('migrate a -> b', () => vsp.migrate(taskId, { host: 'b' }));
@@ -125,12 +120,12 @@ test.skip(
     // On b the guest's disks are a's files, behind b's loop devices, through b's NFS mount of a's store.
     expect(await loopFiles('b')).toEqual(expect.arrayContaining([`${disk}/root.img`, `${disk}/data.img`]));
     expect(await onHostOk('b', `findmnt -n -o FSTYPE,SOURCE --target ${disk}`)).toMatch(/^nfs4\s+\S+:\/vsp/m);
-    await awaitRound('b', vmId, 1);
+    await awaitRound(taskId, 'b', vmId, 1);
 
     const toA = await phase('migrate b -> a', () => vsp.migrate(taskId, { host: 'a' }));
     expect(toA).toMatchObject({ host: 'a', storageHost: 'a', phase: 'running' });
     expect(await loopFiles('b')).not.toEqual(expect.arrayContaining([`${disk}/root.img`]));
-    await awaitRound('a', vmId, 1);
+    await awaitRound(taskId, 'a', vmId, 1);
 
     const result: TaskResult = await phase('shutdown -> result', async () => {
       await onHostOk('a', `xl shutdown vsp-${vmId}`);

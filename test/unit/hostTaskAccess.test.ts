@@ -1,6 +1,12 @@
 import { ApplicationFailure, CancelledFailure } from '@temporalio/activity';
 import { classifyHostError } from '../../activities/host/failures';
-import { taskRepository } from '../../activities/host/taskAccess';
+import { promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import type { Client } from '@temporalio/client';
+import { readTaskRecord, saveTaskRecord, taskRepository } from '../../activities/host/taskAccess';
+import { VmStore } from '../../storage/vmStore';
+import { OrphanReaper } from '../../workers/orphanReaper';
 import type { TaskRef } from '../../activities/types';
 import { RepositoryClient, RepositoryError } from '../../repository/client';
 import { parseTaskSpec } from '../../spec/taskSpec';
@@ -113,5 +119,50 @@ describe('host errors', () => {
     expect(classifyHostError(cancelled, 'a')).toBe(cancelled);
     expect(classifyHostError(app, 'a')).toBe(app);
     expect(classifyHostError(other, 'a')).toBe(other);
+  });
+});
+
+describe("a VM folder's task record", () => {
+  let root: string;
+  beforeEach(async () => {
+    root = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-record-'));
+  });
+  afterEach(() => fs.rm(root, { recursive: true, force: true }));
+
+  test('is written whole, readable by the worker only, and read back', async () => {
+    const store = new VmStore(root);
+    const record = {
+      v: 1 as const,
+      taskId: 't1',
+      runId: 'r1',
+      owner: 'alice',
+      resultsPath: 'results/t1',
+      outputDir: 'out',
+      capability: 'secret',
+    };
+    await saveTaskRecord(store, 'vm1', record);
+    expect(await readTaskRecord(store, 'vm1')).toEqual(record);
+    expect((await fs.stat(path.join(root, 'vms', 'vm1', 'task.json'))).mode & 0o777).toBe(0o600);
+    expect(await fs.readdir(path.join(root, 'vms', 'vm1'))).toEqual(['task.json']);
+  });
+
+  test('cut to nothing (a crash before records were durable) leaves its folder to the operator, named', async () => {
+    const store = new VmStore(root);
+    await fs.mkdir(store.paths('cut').dir, { recursive: true });
+    await fs.writeFile(path.join(store.paths('cut').dir, 'task.json'), '');
+    const reaper = new OrphanReaper({
+      hostName: 'a',
+      identity: 'vsp-host-a@1',
+      store,
+      // Never asked: nothing names a run to ask about.
+      client: {} as Client,
+      drivers: {},
+      repositoryFor: () => {
+        throw new Error('no upload for an unidentified folder');
+      },
+    });
+    const report = await reaper.sweep({ startup: false });
+    expect(report).toMatchObject({ kept: [], reaped: [], unidentified: ['cut'] });
+    expect(await fs.readdir(store.paths('cut').dir)).toEqual(['task.json']);
   });
 });

@@ -51,12 +51,17 @@ case "$cmd" in
     f="$dir/domains/$1"; [ -e "$f" ] || nosuch "$1"
     read -r left state log < "$f"
     if [ "$left" != forever ]; then
-      if [ "$left" -le 0 ]; then
+      if [ "$left" -le 0 ] && [ "$(knob end exit)" = panic ]; then
+        # A kernel panic reboots the guest (panic=-1); on_reboot=preserve keeps the domain, shut down.
+        printf 'Kernel panic - not syncing: fake\\n' >> "$dir/console/$log"
+        echo "Domain 7 has shut down, reason code 1 0x1" >> "$dir/xl-$1.log"
+        left=forever; state=shutdown; echo "$left $state $log" > "$f"
+      elif [ "$left" -le 0 ]; then
         printf 'VSP-EXIT %s\\n' "$(knob exit 0)" >> "$dir/console/$log"; rm -f "$f"; nosuch "$1"
       fi
-      echo "$((left - 1)) $state $log" > "$f"
+      [ "$left" = forever ] || echo "$((left - 1)) $state $log" > "$f"
     fi
-    flags=-b----; [ "$state" = paused ] && flags=--p---
+    flags=-b----; [ "$state" = paused ] && flags=--p---; [ "$state" = shutdown ] && flags=---s--
     printf 'Name                 ID   Mem VCPUs\\tState\\tTime(s)\\n%s 7 256 1 %s 0.4\\n' "$1" "$flags" ;;
   domid) [ -e "$dir/domains/$1" ] && echo 7 || { echo "Can't get domid of domain name '$1', maybe this domain does not exist." >&2; exit 1; } ;;
   shutdown) [ -e "$dir/domains/$1" ] || nosuch "$1"; [ "$(knob shutdown ok)" = ok ] && rm -f "$dir/domains/$1"; true ;;
@@ -139,6 +144,7 @@ function driverOn(host: keyof typeof HOSTS, extra: Partial<ConstructorParameters
       FAKE_XL_SELF: HOSTS[host],
     }),
     consoleLogDir: path.join(fakeRoot, HOSTS[host], 'console'),
+    xlLogDir: path.join(fakeRoot, HOSTS[host]),
     pollMs: 50,
     ...extra,
   });
@@ -232,8 +238,8 @@ describe('xl domain config', () => {
         'maxmem = 512',
         'vcpus = 2',
         'on_poweroff = "destroy"',
-        'on_reboot = "destroy"',
-        'on_crash = "destroy"',
+        'on_reboot = "preserve"',
+        'on_crash = "preserve"',
         'disk = [ "format=raw,vdev=xvda,access=rw,backendtype=phy,script=/run/vsp/xen/block,target=/var/lib/vsp/cluster/a/vms/t1/root.img", ' +
           '"format=raw,vdev=xvdb,access=rw,backendtype=phy,script=/run/vsp/xen/block,target=/var/lib/vsp/cluster/a/vms/t1/data.img" ]',
         `vif = [ "mac=${nic.mac},bridge=vspbr0,vifname=${nic.tap}" ]`,
@@ -359,6 +365,20 @@ describe('XenDriver (fake xl on PATH)', () => {
     ]);
     expect((await driver.inspect(started)).phase).toBe('missing');
     await driver.destroy(started);
+  });
+
+  test('a guest whose kernel panics: kept until its console is in, the error says it rebooted, then destroyed at once', async () => {
+    const driver = driverOn('a');
+    const started = await driver.start(await driver.create(await stagedVm('t9')));
+    await knob('end', 'panic');
+    const waited = driver.wait(started, { onProgress: () => {}, signal: new AbortController().signal });
+    await expect(waited).rejects.toThrow(
+      /its domain is shutdown: rebooted \(a kernel panic reboots the guest: panic=-1\) before the task finished; console tail:\n(.*\n)*Kernel panic - not syncing: fake/,
+    );
+    await calls();
+    await driver.destroy(started);
+    // No shutdown request to a domain that has shut down already: destroyed at once.
+    expect((await calls()).filter((c) => !c.includes(' list '))).toEqual(['10.0.0.1 destroy vsp-t9']);
   });
 
   test('the time limit ends the VM with the timeout exit code', async () => {

@@ -64,6 +64,26 @@ describe('xl migrate output', () => {
   });
 });
 
+test("a failed migration's error keeps xl's error lines, not its debug chatter", () => {
+  const out = new MigrateOutput(64 * 1024 ** 2);
+  for (const line of [
+    'libxl: debug: libxl_domain.c:512:libxl_domain_suspend: Domain 3:ao 0x5: create: how=(nil)',
+    'xc: info: Restoring domain',
+    'Timeout, server 10.77.30.2 not responding.\r',
+    'libxl: error: libxl_utils.c:505:libxl_read_exactly: file/stream truncated reading ipc msg header',
+    'migration sender: libxl_domain_suspend failed (rc=-3)',
+    'migration sender: libxl_domain_suspend failed (rc=-3)',
+    'Migration failed, resuming at sender.',
+  ])
+    out.add(line);
+  expect(out.failure()).toBe(
+    'Timeout, server 10.77.30.2 not responding.; ' +
+      'libxl: error: libxl_utils.c:505:libxl_read_exactly: file/stream truncated reading ipc msg header; ' +
+      'migration sender: libxl_domain_suspend failed (rc=-3); Migration failed, resuming at sender.',
+  );
+  expect(new MigrateOutput(1).failure()).toBeUndefined();
+});
+
 describe('xenconsoled command line', () => {
   const dir = '/var/log/xen/console';
   test.each([
