@@ -163,14 +163,35 @@ export async function startNfsExport(o: NfsExportOptions): Promise<RunningNfsExp
   };
 }
 
-/** Checks every other host's export; the error lists each unreachable one. */
+/**
+ * Checks that another host's store answers where this host opens it: through its kernel NFS mount under
+ * `mountRoot` (listed by a child process, so a hung mount costs a killed `ls`, not a stuck worker).
+ */
+export async function checkMountedStore(hostName: string, mountRoot: string): Promise<void> {
+  const dir = path.join(mountRoot, hostName);
+  try {
+    await runCommand('ls', [`${dir}/`], { timeoutMs: CHECK_TIMEOUT_MS });
+  } catch (err) {
+    throw new Error(`the store of host ${hostName}, mounted at ${dir}, is unreachable`, { cause: err });
+  }
+}
+
+/**
+ * Checks every other host's store the ways this host reaches them: libnfs (`nfs-ls`, as QEMU opens
+ * `nfs://` disks) and/or the kernel mounts under `mountRoot` (Xen's disks, QEMU with `mounts`); the error
+ * lists each unreachable one.
+ */
 export async function checkClusterExports(
   self: string,
   endpoints: Record<string, NfsEndpoint>,
-  netns?: string,
+  via: { libnfs: boolean; mountRoot?: string; netns?: string },
 ): Promise<void> {
   const others = Object.entries(endpoints).filter(([h]) => h !== self);
-  const results = await Promise.allSettled(others.map(([h, e]) => checkNfsExport(h, e, netns)));
+  const { mountRoot, netns } = via;
+  const results = await Promise.allSettled([
+    ...(via.libnfs ? others.map(([h, e]) => checkNfsExport(h, e, netns)) : []),
+    ...(mountRoot ? others.map(([h]) => checkMountedStore(h, mountRoot)) : []),
+  ]);
   const failed = results.filter((r): r is PromiseRejectedResult => r.status === 'rejected');
   if (failed.length > 0)
     throw new Error(`host ${self} cannot reach: ${failed.map((f) => describeError(f.reason)).join('; ')}`);

@@ -70,7 +70,11 @@ async function main(): Promise<void> {
   });
   // Other hosts may come up later: an unreachable export is reported, not fatal (migrations check again).
   if (Object.keys(config.clusterStorage).length > 1)
-    checkClusterExports(config.host, config.clusterStorage, config.netns).then(
+    checkClusterExports(config.host, config.clusterStorage, {
+      libnfs: 'qemu' in drivers && config.qemuRemoteDisks === 'nfs',
+      mountRoot: 'xen' in drivers || config.qemuRemoteDisks === 'mounts' ? config.mountRoot : undefined,
+      netns: config.netns,
+    }).then(
       () =>
         log.info({ hosts: Object.keys(config.clusterStorage) }, 'every NFS export of the cluster answers'),
       (err: unknown) =>

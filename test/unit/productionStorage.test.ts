@@ -19,6 +19,7 @@ import {
   type ClusterStorageConfig,
 } from '../../deploy/production/storagePlan';
 import { resolveForQemu, resolveUnderMounts } from '../../storage/diskLocator';
+import { checkClusterExports } from '../../storage/nfsExport';
 
 /**
  * The production storage deployment (kernel NFS): the plan each host derives from the cluster file, and
@@ -426,5 +427,27 @@ describe('storage command', () => {
     expect(await fs.readFile(path.join(root, 'etc/exports'), 'utf8')).toBe(
       `${EXPORTS_BEGIN}\n/vsp 10.0.0.2(rw)\n`,
     );
+  });
+});
+
+describe("a host's check of the other hosts' stores", () => {
+  test('through the kernel mounts: a mounted store answers; a missing one is named with its mount', async () => {
+    const root = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-mounts-'));
+    try {
+      await fs.mkdir(path.join(root, 'b'));
+      const endpoints = {
+        a: { address: '10.0.0.1', exportPath: '/vsp' },
+        b: { address: '10.0.0.2', exportPath: '/vsp' },
+        c: { address: '10.0.0.3', exportPath: '/vsp' },
+      };
+      await expect(
+        checkClusterExports('a', { a: endpoints.a, b: endpoints.b }, { libnfs: false, mountRoot: root }),
+      ).resolves.toBeUndefined();
+      await expect(checkClusterExports('a', endpoints, { libnfs: false, mountRoot: root })).rejects.toThrow(
+        `host a cannot reach: the store of host c, mounted at ${root}/c, is unreachable`,
+      );
+    } finally {
+      await fs.rm(root, { recursive: true, force: true });
+    }
   });
 });
