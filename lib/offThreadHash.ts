@@ -6,34 +6,30 @@ import { Worker } from 'node:worker_threads';
  * every upload, on its clients for every download. One worker per process, started on first use; it
  * keeps the process alive only while a hash is unfinished. Each stream has its own hash there.
  *
- * Bytes are copied into a ring of shared memory of the stream's own (RING_BYTES), which the worker
- * hashes from in place and hands back by acknowledging: the caller's chunks may be reused at once, and
- * memory stays flat (no buffer per chunk for a garbage collector to find later). `update` waits while the
- * ring is full, so a slow worker slows the stream instead of growing memory.
+ * Bytes are copied into a fresh buffer and transferred, never shared: the caller's chunks may be reused.
+ * At most MAX_IN_FLIGHT bytes of a stream wait for the worker; `update` resolves once the backlog is
+ * below that, so a slow worker slows the stream instead of growing memory.
  */
 
-const RING_BYTES = 4 << 20;
-/** Copied in pieces of at most this much, so the worker starts on a batch before all of it is copied. */
-const PIECE_BYTES = RING_BYTES / 4;
+const MAX_IN_FLIGHT = 8 << 20;
 
-/** The worker: one Hash and ring per stream id; acknowledges each piece so its room can be reused. */
+/** The worker: one Hash per stream id; acknowledges each batch so the sender can bound its backlog. */
 const WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads');
 const { createHash } = require('node:crypto');
-const streams = new Map();
-parentPort.on('message', ({ id, op, ring, start, length }) => {
-  if (op === 'open') {
-    streams.set(id, { ring, hash: createHash('sha256') });
-  } else if (op === 'update') {
-    const s = streams.get(id);
-    s.hash.update(new Uint8Array(s.ring, start, length));
-    parentPort.postMessage({ id, op: 'ack', length });
+const hashes = new Map();
+parentPort.on('message', ({ id, op, data }) => {
+  if (op === 'update') {
+    let h = hashes.get(id);
+    if (!h) hashes.set(id, (h = createHash('sha256')));
+    h.update(data);
+    parentPort.postMessage({ id, op: 'ack', bytes: data.length });
   } else if (op === 'digest') {
-    const s = streams.get(id);
-    streams.delete(id);
-    parentPort.postMessage({ id, op: 'digest', hex: s.hash.digest('hex') });
+    const h = hashes.get(id) ?? createHash('sha256');
+    hashes.delete(id);
+    parentPort.postMessage({ id, op: 'digest', hex: h.digest('hex') });
   } else if (op === 'drop') {
-    streams.delete(id);
+    hashes.delete(id);
   }
 });
 `;
@@ -41,15 +37,14 @@ parentPort.on('message', ({ id, op, ring, start, length }) => {
 interface Reply {
   id: number;
   op: 'ack' | 'digest';
-  length?: number;
+  bytes?: number;
   hex?: string;
 }
 
 interface StreamState {
-  /** Bytes copied into the ring and not yet acknowledged by the worker. */
   inFlight: number;
-  /** Resolved when the worker acknowledges a piece (a waiting `update`). */
-  acked?: () => void;
+  /** Resolved when the backlog drops below the bound (a waiting `update`). */
+  drained?: () => void;
   digested?: { resolve: (hex: string) => void; reject: (err: Error) => void };
   failed?: Error;
 }
@@ -68,7 +63,7 @@ function fail(err: Error): void {
   worker = undefined;
   for (const s of streams.values()) {
     s.failed = err;
-    s.acked?.();
+    s.drained?.();
     s.digested?.reject(err);
   }
   streams.clear();
@@ -77,12 +72,12 @@ function fail(err: Error): void {
 function theWorker(): Worker {
   if (worker) return worker;
   const w = new Worker(WORKER_SOURCE, { eval: true });
-  w.on('message', ({ id, op, length, hex }: Reply) => {
+  w.on('message', ({ id, op, bytes, hex }: Reply) => {
     const s = streams.get(id);
     if (!s) return;
     if (op === 'ack') {
-      s.inFlight -= length ?? 0;
-      s.acked?.();
+      s.inFlight -= bytes ?? 0;
+      if (s.inFlight <= MAX_IN_FLIGHT) s.drained?.();
     } else {
       forget(id);
       s.digested?.resolve(hex ?? '');
@@ -100,37 +95,30 @@ export class OffThreadSha256 {
   private readonly id = nextId++;
   private readonly state: StreamState = { inFlight: 0 };
   private readonly worker = theWorker();
-  private readonly ring = new SharedArrayBuffer(RING_BYTES);
-  /** Where the next byte goes in the ring. */
-  private head = 0;
   private done = false;
 
   constructor() {
     streams.set(this.id, this.state);
     this.worker.ref();
-    this.worker.postMessage({ id: this.id, op: 'open', ring: this.ring });
   }
 
-  /** Hashes `chunks` next, in order; waits while the ring has no room. */
+  /** Hashes `chunks` next, in order; waits while too many bytes are still queued for the worker. */
   async update(chunks: readonly Buffer[]): Promise<void> {
-    for (const chunk of chunks) {
-      for (let at = 0; at < chunk.length;) {
-        this.check();
-        // A piece never wraps around the ring's end, and never exceeds what the worker has freed.
-        const room = RING_BYTES - this.state.inFlight;
-        const length = Math.min(chunk.length - at, PIECE_BYTES, RING_BYTES - this.head, room);
-        if (length === 0) {
-          await new Promise<void>((resolve) => (this.state.acked = resolve));
-          this.state.acked = undefined;
-          continue;
-        }
-        new Uint8Array(this.ring, this.head, length).set(chunk.subarray(at, at + length));
-        this.worker.postMessage({ id: this.id, op: 'update', start: this.head, length });
-        this.state.inFlight += length;
-        this.head = (this.head + length) % RING_BYTES;
-        at += length;
-      }
+    this.check();
+    const total = chunks.reduce((n, c) => n + c.length, 0);
+    if (total === 0) return;
+    // A fresh ArrayBuffer of our own, so transferring it detaches nothing the caller holds.
+    const data = new Uint8Array(total);
+    let at = 0;
+    for (const c of chunks) {
+      data.set(c, at);
+      at += c.length;
     }
+    this.state.inFlight += total;
+    this.worker.postMessage({ id: this.id, op: 'update', data }, [data.buffer]);
+    while (this.state.inFlight > MAX_IN_FLIGHT && !this.state.failed)
+      await new Promise<void>((resolve) => (this.state.drained = resolve));
+    this.state.drained = undefined;
     this.check();
   }
 
