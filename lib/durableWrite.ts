@@ -4,7 +4,6 @@ import { createHash, type Hash } from 'node:crypto';
 import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { fileSink } from './fileSink';
-import { OffThreadSha256 } from './offThreadHash';
 
 /**
  * The one writer behind every stored byte stream (the repository's uploads on every protocol, resumable
@@ -31,17 +30,15 @@ export interface StreamIntoOptions {
 }
 
 /**
- * Streams `source` to the open `handle` (at its position: opened with O_APPEND, its end), handing each
- * batch to `onWritten` once it is in the file; resolves with the bytes written. After a failed write the
- * file may hold a prefix of a batch never handed on, so the thrown count (`written` on the error) is
- * what the caller truncates back to.
+ * Streams `source` to the open `handle` (at its position: opened with O_APPEND, its end), hashing
+ * exactly what was written: after a failed write the file may hold a prefix of a chunk that was never
+ * hashed, so the resolved or thrown count (`written` on the error) is what the caller truncates back to.
  */
-async function pump(
+export async function streamInto(
   source: Readable,
   handle: FileHandle,
-  onChunk: ((total: number) => void) | undefined,
-  onWritten: (chunks: Buffer[]) => void | Promise<void>,
-): Promise<number> {
+  { onChunk, hash = createHash('sha256') }: StreamIntoOptions = {},
+): Promise<{ size: number; hash: Hash }> {
   let seen = 0;
   let size = 0;
   const meter = new Transform({
@@ -57,12 +54,11 @@ async function pump(
       done(null, chunk);
     },
   });
-  const sink = fileSink(handle, {
-    onWritten: (chunks) => {
-      for (const c of chunks) size += c.length;
-      return onWritten(chunks);
-    },
-  });
+  const onWritten = (chunk: Buffer): void => {
+    hash.update(chunk);
+    size += chunk.length;
+  };
+  const sink = fileSink(handle, { onWritten });
   try {
     await pipeline(source, meter, sink);
   } catch (err) {
@@ -70,21 +66,6 @@ async function pump(
     if (!sink.closed) await new Promise((resolve) => sink.once('close', resolve));
     throw Object.assign(err as Error, { written: size });
   }
-  return size;
-}
-
-/**
- * Streams `source` to the open `handle` as `pump` does, extending `hash` (default: a fresh SHA-256)
- * with exactly what was written; for appends that continue an earlier hash (resumable uploads).
- */
-export async function streamInto(
-  source: Readable,
-  handle: FileHandle,
-  { onChunk, hash = createHash('sha256') }: StreamIntoOptions = {},
-): Promise<{ size: number; hash: Hash }> {
-  const size = await pump(source, handle, onChunk, (chunks) => {
-    for (const c of chunks) hash.update(c);
-  });
   return { size, hash };
 }
 
@@ -132,15 +113,12 @@ export async function writeDurably<T>(
       throw err;
     }
     let written: Written;
-    // Hashed on a worker thread while this one moves the bytes; the digest and the fsync overlap too.
-    const hash = new OffThreadSha256();
     try {
-      const size = await pump(source, handle, limit, (chunks) => hash.update(chunks));
-      const [sha256] = await Promise.all([hash.digest(), handle.sync()]);
+      const { size, hash } = await streamInto(source, handle, { onChunk: limit });
+      await handle.sync();
       await handle.chmod(mode);
-      written = { size, sha256 };
+      written = { size, sha256: hash.digest('hex') };
     } finally {
-      hash.dispose();
       await handle.close();
     }
     const out = await publish(written);

@@ -4,11 +4,10 @@ import { Writable } from 'node:stream';
 export interface FileSinkOptions {
   highWaterMark?: number;
   /**
-   * Called with each batch of chunks once all of it is in the file, in file order (e.g. to hash exactly
-   * what was written: after a failed write the file may hold a prefix of a chunk never passed here). The
-   * next write waits for a returned promise.
+   * Called with each chunk once all of it is in the file, in file order (e.g. to hash exactly what
+   * was written: after a failed write the file may hold a prefix of a chunk never passed here).
    */
-  onWritten?: (chunks: Buffer[]) => void | Promise<void>;
+  onWritten?: (chunk: Buffer) => void;
 }
 
 /**
@@ -26,7 +25,7 @@ export function fileSink(
       const { bytesWritten } = await handle.writev(pending);
       pending = dropBytes(pending, bytesWritten);
     }
-    await onWritten?.(chunks);
+    if (onWritten) for (const chunk of chunks) onWritten(chunk);
   }
   // A destroy (the source failed) waits for the write in flight, so that once the sink has closed the
   // file no longer changes and every byte written has been reported.
