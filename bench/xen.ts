@@ -259,7 +259,10 @@ export async function benchXen(opts: XenBenchOptions): Promise<BenchReport> {
       host: 'a',
       memoryMiB: MEMORY_MIB,
       timeLimitSec: 3600,
-      command: 'i=0; while true; do i=$((i+1)); echo "VSP-PROGRESS 1 round $i"; sleep 1 || true; done',
+      // Released by `xl shutdown` (the guest TERMs the task): it ends with status 0.
+      command:
+        'i=0; stop=; trap "stop=1" TERM; ' +
+        'while [ -z "$stop" ]; do i=$((i+1)); echo "VSP-PROGRESS 1 round $i"; sleep 1; done; exit 0',
     });
     await ssh(
       'a',

@@ -40,6 +40,7 @@ import {
   domainState,
   shutdownReason,
   xlRunner,
+  type DomainState,
   type XlRunner,
 } from './xl';
 
@@ -96,6 +97,11 @@ const CREATE_ATTEMPTS = 3;
 const BACKEND_TIMEOUT =
   /device model did not start|Post DM startup configs failed|because of timeout|unable to add disk devices/;
 const DESTROY_STOP_TIMEOUT_MS = 2_000;
+/**
+ * Boots of a guest that keeps dying before its task starts (nested TCG: an early triple fault or panic,
+ * which Xen reports as a reboot, in about one boot in seven in the virtual cluster).
+ */
+const MAX_BOOTS = 3;
 /** How long a shut-down domain's console may take to reach its log (xenconsoled reads the ring behind). */
 const CONSOLE_SETTLE_MS = 5_000;
 
@@ -306,6 +312,8 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
         consoleLog: this.opts.store.paths(handle.vmId).consoleLog,
         probe: async () => {
           const state = await domainState(this.xl, name);
+          if (await this.bootAgainIfNeverStarted(handle.vmId, state))
+            return { exists: true, running: true, endedWhy: '', details: { domain: name } };
           // xl removes the domain here once the target runs it, a moment before `migrate` records where it
           // went: while a migration is under way, a missing domain has not ended.
           const saved = state ? undefined : await this.opts.store.readState<XenVmState>(handle.vmId);
@@ -345,7 +353,8 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
       ),
     };
     if (!(await wasStarted(paths.dir))) return { phase: 'created', details };
-    const state = await domainState(this.xl, name);
+    let state = await domainState(this.xl, name);
+    if (await this.bootAgainIfNeverStarted(handle.vmId, state)) state = 'running';
     const cons = await new ConsoleFollower(paths.consoleLog).poll();
     if (state) details.domainState = state;
     if (state === 'running' || state === 'paused')
@@ -414,6 +423,36 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
       );
     });
     return file;
+  }
+
+  /**
+   * A guest kept after dying (domainConfig.ts: rebooted or crashed) before its task started ran no task
+   * code: it is booted again from the same domain config, with the same disks and console (the failed
+   * boot's lines stay above), up to MAX_BOOTS boots in all. True when it was.
+   */
+  private async bootAgainIfNeverStarted(vmId: string, state: DomainState | undefined): Promise<boolean> {
+    if (state !== 'shutdown' && state !== 'crashed') return false;
+    const paths = this.opts.store.paths(vmId);
+    if ((await new ConsoleFollower(paths.consoleLog).poll()).started) return false;
+    const saved = await this.opts.store.readState<XenVmState>(vmId);
+    const boots = Number(saved?.handle.state.boots ?? 1);
+    if (!saved || boots >= MAX_BOOTS) return false;
+    const name = domainName(vmId);
+    const reason = await this.afterShutdown(name, vmId);
+    this.log.warn({ vmId, boots, reason }, 'guest died before its task started: booting it again');
+    await fs.appendFile(
+      paths.consoleLog,
+      `\nVSP-HOST boot ${boots} ended before the task started (${reason ?? state}): booting again\n`,
+    );
+    await this.xl(['destroy', name], { timeoutMs: XL_TIMEOUT_MS });
+    if (!(await this.waitGone(name, 10_000)))
+      throw new Error(`VM ${vmId}: domain ${name} survived xl destroy`);
+    const again: VmHandle = { ...saved.handle, state: { ...saved.handle.state, boots: boots + 1 } };
+    await this.opts.store.writeState(vmId, { config: saved.config, handle: again } satisfies XenVmState);
+    await this.xl(['create', path.join(paths.dir, 'domain.cfg')], { timeoutMs: XL_CREATE_TIMEOUT_MS });
+    again.state.domid = Number((await this.xl(['domid', name], { timeoutMs: XL_TIMEOUT_MS })).stdout.trim());
+    await this.opts.store.writeState(vmId, { config: saved.config, handle: again } satisfies XenVmState);
+    return true;
   }
 
   /**

@@ -44,6 +44,8 @@ case "$cmd" in
       paused) echo "forever paused guest-$name.log" > "$dir/domains/$name"; echo "killed" >&2; exit 1 ;;
       dm-once) rm "$root/knob-create"; echo "libxl: error: libxl_create.c:1896:domcreate_devmodel_started: Domain 9:device model did not start: -9" >&2; exit 3 ;;
       late) echo "forever running guest-$name.log" > "$dir/domains/$name"; echo "VSP-START" >> "$dir/console/guest-$name.log"; exit 1 ;;
+      # The guest dies early in its boot (Xen reports a reboot) before printing anything: once.
+      boot-crash-once) rm "$root/knob-create"; echo "0 bootcrash guest-$name.log" > "$dir/domains/$name"; exit 0 ;;
     esac
     echo "$(knob polls 3) running guest-$name.log" > "$dir/domains/$name"
     printf 'VSP-START\\nVSP-PROGRESS 40 working\\n' >> "$dir/console/guest-$name.log" ;;
@@ -51,7 +53,7 @@ case "$cmd" in
     f="$dir/domains/$1"; [ -e "$f" ] || nosuch "$1"
     read -r left state log < "$f"
     if [ "$left" != forever ]; then
-      if [ "$left" -le 0 ] && [ "$(knob end exit)" = panic ]; then
+      if [ "$left" -le 0 ] && { [ "$(knob end exit)" = panic ] || [ "$state" = bootcrash ]; }; then
         # A kernel panic reboots the guest (panic=-1); on_reboot=preserve keeps the domain, shut down.
         printf 'Kernel panic - not syncing: fake\\n' >> "$dir/console/$log"
         echo "Domain 7 has shut down, reason code 1 0x1" >> "$dir/xl-$1.log"
@@ -379,6 +381,27 @@ describe('XenDriver (fake xl on PATH)', () => {
     await driver.destroy(started);
     // No shutdown request to a domain that has shut down already: destroyed at once.
     expect((await calls()).filter((c) => !c.includes(' list '))).toEqual(['10.0.0.1 destroy vsp-t9']);
+  });
+
+  test('a guest that dies before its task starts is booted again (no task code ran), its first boot kept in the console', async () => {
+    const driver = driverOn('a');
+    const handle = await driver.create(await stagedVm('t10'));
+    await knob('create', 'boot-crash-once');
+    const started = await driver.start(handle);
+    await calls();
+    const r = await driver.wait(started, { onProgress: () => {}, signal: new AbortController().signal });
+    expect(r).toEqual({ exitCode: 0, timedOut: false });
+    const issued = (await calls()).filter((c) => !c.includes(' list '));
+    expect(issued.slice(0, 3)).toEqual([
+      '10.0.0.1 destroy vsp-t10',
+      expect.stringMatching(/^10\.0\.0\.1 create .*\/t10\/domain\.cfg$/),
+      '10.0.0.1 domid vsp-t10',
+    ]);
+    const console = await fs.readFile(stores.a.paths('t10').consoleLog, 'utf8');
+    expect(console).toMatch(
+      /^VSP-HOST boot 1 ended before the task started \(rebooted \(a kernel panic reboots the guest: panic=-1\)\): booting again\n(.*\n)*VSP-START\n/m,
+    );
+    await driver.destroy(started);
   });
 
   test('the time limit ends the VM with the timeout exit code', async () => {
