@@ -154,6 +154,16 @@ export async function removeCpuGroup(cg: CgroupCpu, name: string, waitMs = 5000)
   }
 }
 
+/**
+ * Removes the parent of the VMs' groups once it is empty (a host or test suite that ran its last VM);
+ * left as it is while any VM's group remains.
+ */
+export async function removeCpuParent(cg: CgroupCpu): Promise<void> {
+  await fs.rmdir(path.join(cg.root, GROUP_PARENT)).catch((err: NodeJS.ErrnoException) => {
+    if (!['ENOENT', 'EBUSY', 'ENOTEMPTY'].includes(err.code ?? '')) throw err;
+  });
+}
+
 /** Processes in the group that are not zombies. */
 async function liveMembers(dir: string): Promise<number> {
   const procs = await fs.readFile(path.join(dir, 'cgroup.procs'), 'utf8').catch(() => '');

@@ -1,6 +1,7 @@
 import { rmSync } from 'node:fs';
 
 import { stopAll } from '../../deploy/devcluster/processes';
+import { hostCgroupCpu, removeCpuParent } from '../../drivers/cpuShare';
 import { SUITE_HANDLE_KEY, type SuiteHandle } from './globalSetup';
 import { awaitNoLeftovers } from './leakCheck';
 import { TEST_RUN_ID_ENV } from './testRun';
@@ -13,6 +14,8 @@ export default async function globalTeardown(): Promise<void> {
     rmSync(handle.addressFile, { force: true });
   }
   await stopAll();
+  // The CPU-share tests' VMs each removed their own group; the parent of those groups goes too.
+  if (process.getuid?.() === 0) await hostCgroupCpu().then(removeCpuParent).catch(() => undefined);
 
   const left = await awaitNoLeftovers({
     rootPid: process.pid,
