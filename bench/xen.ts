@@ -134,7 +134,7 @@ async function xlCreateUntil(
   for (let boot = 1; ; boot++) {
     const out = await ssh(
       host,
-      `rm -f ${consoleLog}; s=$(date +%s%N); xl create ${file} >/dev/null; i=0; ` +
+      `rm -f ${consoleLog}; s=$(date +%s%N); xl create ${file} >/dev/null || exit 1; i=0; ` +
         `until grep -qs '${line}' ${consoleLog}; do sleep 0.05; i=$((i+1)); ` +
         // Once a second (xl list costs the dom0 CPU the boot needs): has the guest died on the way?
         `if [ $((i % 20)) = 0 ] && xl list ${name} | awk 'NR == 2 { print $5 }' | grep -q s; then echo died; exit 0; fi; ` +
@@ -233,17 +233,7 @@ export async function benchXen(opts: XenBenchOptions): Promise<BenchReport> {
     const vspPhases: TaskResult['phaseMs'][] = [];
     const firstCommand = `echo "${FIRST}"`;
     for (let i = 0; i < reps; i++) {
-      const name = `vsp-bench-raw-${i}`;
-      const cfg = await rawGuest(ssh, {
-        host: 'a',
-        name,
-        command: firstCommand,
-        dataMiB: 16,
-      });
-      raw.push(await xlCreateUntil(ssh, 'a', name, cfg, FIRST));
-      await awaitEnd(ssh, 'a', name);
-      await dropRawGuest(ssh, 'a', name);
-
+      // VSP first: its host worker installs the hotplug script (drivers/xen/loopDisks.ts) the raw guest names.
       const start = Date.now();
       const { taskId } = await tasks.submit({
         owner: OWNER,
@@ -262,6 +252,16 @@ export async function benchXen(opts: XenBenchOptions): Promise<BenchReport> {
       const result = await vsp.result(taskId);
       if (result.exitCode !== 0) throw new Error(`task ${taskId} exited ${result.exitCode}`);
       vspPhases.push(result.phaseMs);
+      const name = `vsp-bench-raw-${i}`;
+      const cfg = await rawGuest(ssh, {
+        host: 'a',
+        name,
+        command: firstCommand,
+        dataMiB: 16,
+      });
+      raw.push(await xlCreateUntil(ssh, 'a', name, cfg, FIRST));
+      await awaitEnd(ssh, 'a', name);
+      await dropRawGuest(ssh, 'a', name);
     }
 
     // 2. xl migrate a -> b -> a of a running task, through Temporal.
