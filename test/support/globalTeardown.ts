@@ -15,7 +15,10 @@ export default async function globalTeardown(): Promise<void> {
   }
   await stopAll();
   // The CPU-share tests' VMs each removed their own group; the parent of those groups goes too.
-  if (process.getuid?.() === 0) await hostCgroupCpu().then(removeCpuParent).catch(() => undefined);
+  if (process.getuid?.() === 0)
+    await hostCgroupCpu()
+      .then(removeCpuParent)
+      .catch(() => undefined);
 
   const left = await awaitNoLeftovers({
     rootPid: process.pid,
