@@ -15,6 +15,11 @@ import { ensureDeployed, onHost, onHostOk, repo, submitTask, vspClient, whileTas
  * One task and one tour, to keep the tier's migrations (about a minute each under TCG) to two.
  */
 
+// Xen in QEMU/TCG with PVH guests on emulated NPT: about one guest boot in seven panics (Xen reports a
+// reboot). Before its task starts, the driver boots it again; after, the task fails, as it must. Such a
+// run is tried once more, its errors logged, so a nested-virtualisation fault does not fail the tier alone.
+jest.retryTimes(1, { logErrorsBeforeRetry: true });
+
 const OWNER = 'xenlife';
 /** Small: a PVH live migration sends the guest's memory over ssh at a few MB/s under TCG. */
 const MEMORY_MIB = 192;
