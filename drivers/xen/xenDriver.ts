@@ -267,8 +267,8 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
         }
       }
       created = true;
-      const domid = (await this.xl(['domid', name], { timeoutMs: XL_TIMEOUT_MS })).stdout.trim();
-      started.state.domid = Number(domid);
+      const domid = await this.domidOf(name);
+      started.state.domid = domid;
       await this.opts.store.writeState(config.vmId, { config, handle: started } satisfies XenVmState);
       this.log.info({ vmId: config.vmId, domain: name, domid, address: nic?.address }, 'VM started');
       return started;
@@ -388,11 +388,7 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
     if (!state) return;
     // Graceful: the PV shutdown request (the guest powers off), then destroy; a domain that has shut down
     // already (kept after a reboot or crash) is destroyed at once.
-    if (state === 'shutdown' || state === 'crashed') {
-      await this.xl(['destroy', name], { timeoutMs: XL_TIMEOUT_MS });
-      if (await this.waitGone(name, 10_000)) return;
-      throw new Error(`VM ${handle.vmId}: domain ${name} survived xl destroy`);
-    }
+    if (state === 'shutdown' || state === 'crashed') return this.destroyDomain(handle.vmId);
     try {
       await this.xl(['shutdown', name], { timeoutMs: XL_TIMEOUT_MS });
     } catch (err) {
@@ -400,9 +396,19 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
     }
     if (await this.waitGone(name, timeoutMs)) return;
     this.log.warn({ vmId: handle.vmId, domain: name }, 'VM did not stop in time: destroying its domain');
+    await this.destroyDomain(handle.vmId);
+  }
+
+  /** `xl destroy`, then the domain is gone (or the VM's error says it survived). */
+  private async destroyDomain(vmId: string): Promise<void> {
+    const name = domainName(vmId);
     await this.xl(['destroy', name], { timeoutMs: XL_TIMEOUT_MS });
     if (!(await this.waitGone(name, 10_000)))
-      throw new Error(`VM ${handle.vmId}: domain ${name} survived xl destroy`);
+      throw new Error(`VM ${vmId}: domain ${name} survived xl destroy`);
+  }
+
+  private async domidOf(name: string): Promise<number> {
+    return Number((await this.xl(['domid', name], { timeoutMs: XL_TIMEOUT_MS })).stdout.trim());
   }
 
   async destroy(handle: VmHandle): Promise<void> {
@@ -444,13 +450,11 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
       paths.consoleLog,
       `\nVSP-HOST boot ${boots} ended before the task started (${reason ?? state}): booting again\n`,
     );
-    await this.xl(['destroy', name], { timeoutMs: XL_TIMEOUT_MS });
-    if (!(await this.waitGone(name, 10_000)))
-      throw new Error(`VM ${vmId}: domain ${name} survived xl destroy`);
+    await this.destroyDomain(vmId);
     const again: VmHandle = { ...saved.handle, state: { ...saved.handle.state, boots: boots + 1 } };
     await this.opts.store.writeState(vmId, { config: saved.config, handle: again } satisfies XenVmState);
     await this.xl(['create', path.join(paths.dir, 'domain.cfg')], { timeoutMs: XL_CREATE_TIMEOUT_MS });
-    again.state.domid = Number((await this.xl(['domid', name], { timeoutMs: XL_TIMEOUT_MS })).stdout.trim());
+    again.state.domid = await this.domidOf(name);
     await this.opts.store.writeState(vmId, { config: saved.config, handle: again } satisfies XenVmState);
     return true;
   }

@@ -78,7 +78,6 @@ export function xlRunner(command: string[] = ['xl'], env?: NodeJS.ProcessEnv): X
 /** Messages xl prints for a domain that does not exist (as opposed to a toolstack that does not work). */
 const NO_SUCH_DOMAIN = /invalid domain identifier|does not exist|can't get domid/i;
 
-/** The domain's state, or undefined when there is no such domain. */
 export const DEFAULT_XL_LOG_DIR = '/var/log/xen';
 
 /** Xen's SHUTDOWN_* codes, as xl's per-domain log names them ("has shut down, reason code N"). */
@@ -99,6 +98,7 @@ export async function shutdownReason(logDir: string, name: string): Promise<stri
   return code === undefined ? undefined : (SHUTDOWN_REASONS[Number(code)] ?? `reason code ${code}`);
 }
 
+/** The domain's state, or undefined when there is no such domain. */
 export async function domainState(run: XlRunner, name: string): Promise<DomainState | undefined> {
   let out: XlResult;
   try {
