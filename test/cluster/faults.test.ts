@@ -67,10 +67,7 @@ function untilTicking(taskId: string, host: string, n: number): Promise<TaskStat
   return whileTaskRuns(
     taskId,
     `${taskId} to tick ${n} on ${host}`,
-    async () => {
-      const st = await (await vspClient()).status(taskId);
-      return st.phase === 'running' && st.host === host && (st.progress ?? 0) >= n ? st : undefined;
-    },
+    async (st) => (st.phase === 'running' && st.host === host && (st.progress ?? 0) >= n ? st : undefined),
     STEP_MS,
   );
 }

@@ -29,8 +29,8 @@
  *   vspClient()                   a VspClient on the tier's Temporal (status, migrate, result), closed
  *                                 after the file
  *   whileTaskRuns(task, what, check, timeoutMs)
- *                                 polls `check` until it yields; fails at once with the task's error if
- *                                 the task ends first (a test never waits out its timeout for a dead task)
+ *                                 polls `check(the task's status)` until it yields; fails at once with the
+ *                                 task's error if the task ends first (a test never waits out its timeout for a dead task)
  *
  * The global setup also runs the repository (on GATEWAY:8420, with the inventory's service token) and the
  * control worker on this machine; their logs and Temporal's are in the run folder (VSP_CLUSTER_RUN_DIR).
@@ -249,16 +249,16 @@ const ENDED = new Set(['completed', 'failed', 'cancelled']);
 export async function whileTaskRuns<T>(
   taskId: string,
   what: string,
-  check: () => Promise<T | undefined>,
+  check: (status: TaskStatus) => Promise<T | undefined>,
   timeoutMs: number,
 ): Promise<T> {
   const vsp = await vspClient();
   const r = await until(
     what,
     async (): Promise<{ value: T } | { ended: TaskStatus } | undefined> => {
-      const value = await check().catch(() => undefined);
-      if (value !== undefined && value !== false) return { value };
       const st = await vsp.status(taskId);
+      const value = await check(st).catch(() => undefined);
+      if (value !== undefined && value !== false) return { value };
       return ENDED.has(st.phase) ? { ended: st } : undefined;
     },
     timeoutMs,
