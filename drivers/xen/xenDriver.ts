@@ -145,6 +145,7 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
       mountRoot: opts.mountRoot,
       cluster: opts.cluster ?? {},
       xl: this.xl,
+      xlLogDir: opts.xlLogDir ?? DEFAULT_XL_LOG_DIR,
       sshCommand: opts.sshCommand ?? DEFAULT_SSH_COMMAND,
       console: this.console,
     });
@@ -478,7 +479,7 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
       last = now;
       now = await size();
     }
-    return shutdownReason(this.opts.xlLogDir ?? DEFAULT_XL_LOG_DIR, name);
+    return shutdownReason(this.xl, this.opts.xlLogDir ?? DEFAULT_XL_LOG_DIR, name);
   }
 
   private async waitGone(name: string, timeoutMs: number): Promise<boolean> {

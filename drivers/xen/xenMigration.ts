@@ -14,7 +14,7 @@ import type { LoopDisks } from './loopDisks';
 import type { XenConsole } from './xenConsole';
 import type { XenVmState } from './xenDriver';
 import { MigrateOutput } from './migrateOutput';
-import { bytesWrittenByChildren, domainState, xlMigrationOf, type XlRunner } from './xl';
+import { bytesWrittenByChildren, domainState, shutdownReason, xlMigrationOf, type XlRunner } from './xl';
 
 /**
  * Live migration of Xen domains with `xl migrate`, mapped onto VSP's protocol. xl drives the whole
@@ -32,6 +32,8 @@ export interface XenMigrationContext {
   mountRoot: string;
   cluster: ClusterStorage;
   xl: XlRunner;
+  /** Where xl logs each domain (xl-<name>.log): why a guest that died during a migration did. */
+  xlLogDir: string;
   sshCommand: string;
   console: XenConsole;
   disks: LoopDisks;
@@ -188,9 +190,11 @@ export class XenMigration extends MigrationRecords {
       // none, why it ended: killed at its time limit, aborted).
       const why = output.failure() ?? (err as Error).message;
       this.log.error({ vmId, to: target.host, err: String(err) }, 'xl migrate failed');
-      await this.keepRunningHere(name, vmId);
+      const died = await this.keepRunningHere(name, vmId);
       await this.ctx.store.writeState(vmId, { config, handle: current } satisfies XenVmState);
-      throw new Error(`VM ${vmId}: migration ${self} -> ${target.host} failed; it runs on here: ${why}`);
+      // xl reports a guest that died mid-migration as one that would not suspend: say which it was.
+      const where = died ? `the guest died during it (${died})` : 'it runs on here';
+      throw new Error(`VM ${vmId}: migration ${self} -> ${target.host} failed; ${where}: ${why}`);
     } finally {
       clearInterval(ticker);
     }
@@ -226,7 +230,8 @@ export class XenMigration extends MigrationRecords {
   }
 
   /** After a failed migration: a domain left paused here is resumed. */
-  private async keepRunningHere(name: string, vmId: string): Promise<void> {
+  /** Resumes a domain left paused; returns why it is not running when it died, else undefined. */
+  private async keepRunningHere(name: string, vmId: string): Promise<string | undefined> {
     try {
       const state = await domainState(this.ctx.xl, name);
       if (state === 'paused') {
@@ -234,10 +239,15 @@ export class XenMigration extends MigrationRecords {
         await this.ctx.xl(['unpause', name], { timeoutMs: XL_TIMEOUT_MS });
       } else if (!state) {
         this.log.error({ vmId }, 'the domain is gone from the source after a failed migration');
+      } else if (state === 'shutdown' || state === 'crashed') {
+        const reason = (await shutdownReason(this.ctx.xl, this.ctx.xlLogDir, name)) ?? state;
+        this.log.error({ vmId, reason }, 'the guest died during the failed migration');
+        return reason;
       }
     } catch (err) {
       this.log.error({ vmId, err: describeError(err) }, 'cannot check the domain after a failed migration');
     }
+    return undefined;
   }
 
   /** On the target: waits until xl has renamed the received domain and it runs; records it here. */

@@ -90,12 +90,32 @@ const SHUTDOWN_REASONS = [
   'soft-reset',
 ];
 
-/** Why the domain shut down, from xl's log of it (`<logDir>/xl-<name>.log`), if it says. */
-export async function shutdownReason(logDir: string, name: string): Promise<string | undefined> {
+/**
+ * Why the domain shut down, from xl's log of it (`<logDir>/xl-<name>.log`), if it says. A reboot may be
+ * Xen's doing rather than the guest's: an HVM/PVH guest that triple-faults is rebooted without a word on
+ * its console, and only Xen's own log (`xl dmesg`) tells.
+ */
+export async function shutdownReason(
+  run: XlRunner,
+  logDir: string,
+  name: string,
+): Promise<string | undefined> {
   const text = await fs.readFile(path.join(logDir, `xl-${name}.log`), 'utf8').catch(() => '');
-  const codes = [...text.matchAll(/has shut down, reason code (\d+)/g)];
-  const code = codes.at(-1)?.[1];
-  return code === undefined ? undefined : (SHUTDOWN_REASONS[Number(code)] ?? `reason code ${code}`);
+  const codes = [...text.matchAll(/Domain (\d+) has shut down, reason code (\d+)/g)];
+  const last = codes.at(-1);
+  if (!last) return undefined;
+  const [, domid, code] = last;
+  if (code === '1') {
+    const xen = await run(['dmesg'], { timeoutMs: 15_000 }).then(
+      (r) => r.stdout,
+      () => '',
+    );
+    const fault = [...xen.matchAll(new RegExp(`^\\(XEN\\) (d${domid}v\\d+ Triple fault\\b.*)$`, 'gm'))].at(
+      -1,
+    );
+    if (fault) return `triple-faulted (Xen: ${fault[1].trim()})`;
+  }
+  return SHUTDOWN_REASONS[Number(code)] ?? `reason code ${code}`;
 }
 
 /** The domain's state, or undefined when there is no such domain. */

@@ -36,6 +36,7 @@ cmd="$1"; shift
 # A domain: "<polls left> <state> <console log name>"; xenconsoled names the log when the domain appears.
 case "$cmd" in
   info) echo "xen_version : 4.17-fake" ;;
+  dmesg) echo "(XEN) d3v0 Triple fault - invoking HVM shutdown action 1"; cat "$dir/xen-dmesg" 2>/dev/null; true ;;
   create)
     name=$(sed -n 's/^name = "\\(.*\\)"$/\\1/p' "$1")
     [ -e "$dir/domains/$name" ] && { echo "domain $name exists" >&2; exit 3; }
@@ -53,7 +54,12 @@ case "$cmd" in
     f="$dir/domains/$1"; [ -e "$f" ] || nosuch "$1"
     read -r left state log < "$f"
     if [ "$left" != forever ]; then
-      if [ "$left" -le 0 ] && { [ "$(knob end exit)" = panic ] || [ "$state" = bootcrash ]; }; then
+      if [ "$left" -le 0 ] && [ "$(knob end exit)" = triplefault ]; then
+        # Xen reboots an HVM/PVH guest that triple-faults; the guest's console says nothing.
+        echo "(XEN) d7v0 Triple fault - invoking HVM shutdown action 1" >> "$dir/xen-dmesg"
+        echo "Domain 7 has shut down, reason code 1 0x1" >> "$dir/xl-$1.log"
+        left=forever; state=shutdown; echo "$left $state $log" > "$f"
+      elif [ "$left" -le 0 ] && { [ "$(knob end exit)" = panic ] || [ "$state" = bootcrash ]; }; then
         # A kernel panic reboots the guest (panic=-1); on_reboot=preserve keeps the domain, shut down.
         printf 'Kernel panic - not syncing: fake\\n' >> "$dir/console/$log"
         echo "Domain 7 has shut down, reason code 1 0x1" >> "$dir/xl-$1.log"
@@ -73,6 +79,14 @@ case "$cmd" in
     [ "$1" = -s ] || { echo "usage: migrate -s SSH DOMAIN HOST" >&2; exit 2; }
     name="$3"; target="$4"; [ -e "$dir/domains/$name" ] || nosuch "$name"
     echo "migration target: Ready to receive domain." >&2
+    if [ "$(knob migrate ok)" = guest-dies ]; then
+      # The guest triple-faults as it is asked to suspend: xl waits for an answer that never comes.
+      read -r left state log < "$dir/domains/$name"; echo "forever shutdown $log" > "$dir/domains/$name"
+      echo "(XEN) d7v0 Triple fault - invoking HVM shutdown action 1" >> "$dir/xen-dmesg"
+      echo "Domain 7 has shut down, reason code 1 0x1" >> "$dir/xl-$name.log"
+      echo "libxl: error: libxl_dom_suspend.c:269:domain_suspend_common_pvcontrol_suspending: Domain 7:guest didn't acknowledge suspend, cancelling request" >&2
+      echo "migration sender: libxl_domain_suspend failed (rc=-8)" >&2; exit 1
+    fi
     if [ "$(knob migrate ok)" != ok ]; then echo "migration sender: Target reported failure" >&2; exit 1; fi
     echo "libxl: debug: libxl_dom_suspend.c:358:suspend_common_wait_guest_check: Domain 7:guest has suspended" >&2
     read -r left state log < "$dir/domains/$name"
@@ -210,6 +224,9 @@ afterAll(async () => {
 beforeEach(async () => {
   for (const f of await fs.readdir(fakeRoot).catch(() => [] as string[]))
     if (f.startsWith('knob-') || f === 'calls.log') await fs.rm(path.join(fakeRoot, f));
+  // Every fake domain is domid 7: Xen's log starts afresh, as a real one never names a domid twice.
+  for (const host of Object.values(HOSTS))
+    await fs.rm(path.join(fakeRoot, host, 'xen-dmesg'), { force: true });
 });
 
 describe('xl domain config', () => {
@@ -383,6 +400,18 @@ describe('XenDriver (fake xl on PATH)', () => {
     expect((await calls()).filter((c) => !c.includes(' list '))).toEqual(['10.0.0.1 destroy vsp-t9']);
   });
 
+  test("a guest that triple-faults: the error quotes Xen's own log, since its console says nothing", async () => {
+    const driver = driverOn('a');
+    const started = await driver.start(await driver.create(await stagedVm('t11')));
+    await knob('end', 'triplefault');
+    const waited = driver.wait(started, { onProgress: () => {}, signal: new AbortController().signal });
+    // d3's fault in the same log is another domain's.
+    await expect(waited).rejects.toThrow(
+      /its domain is shutdown: triple-faulted \(Xen: d7v0 Triple fault - invoking HVM shutdown action 1\) before the task finished/,
+    );
+    await driver.destroy(started);
+  });
+
   test('a guest that dies before its task starts is booted again (no task code ran), its first boot kept in the console', async () => {
     const driver = driverOn('a');
     const handle = await driver.create(await stagedVm('t10'));
@@ -391,7 +420,8 @@ describe('XenDriver (fake xl on PATH)', () => {
     await calls();
     const r = await driver.wait(started, { onProgress: () => {}, signal: new AbortController().signal });
     expect(r).toEqual({ exitCode: 0, timedOut: false });
-    const issued = (await calls()).filter((c) => !c.includes(' list '));
+    // Between its `list` polls, the driver read Xen's log for why the first boot ended.
+    const issued = (await calls()).filter((c) => !c.includes(' list ') && !c.endsWith(' dmesg'));
     expect(issued.slice(0, 3)).toEqual([
       '10.0.0.1 destroy vsp-t10',
       expect.stringMatching(/^10\.0\.0\.1 create .*\/t10\/domain\.cfg$/),
@@ -575,6 +605,20 @@ describe('XenDriver live migration (xl migrate over ssh, fake xl)', () => {
     expect(await stores.b.readState('m2')).toBeUndefined();
     await expect(fs.access(stores.b.paths('m2').dir)).rejects.toThrow();
     await expect(a.migrate(started, { ...incoming, host: 'a' }, {})).rejects.toThrow(/to its own host/);
+    await a.destroy(started);
+  });
+
+  test('a guest that dies during its migration: the error says so, and why, instead of "it runs on here"', async () => {
+    const a = driverOn('a');
+    const b = driverOn('b');
+    await knob('polls', 'forever');
+    const started = await a.start(await a.create(await stagedVm('m4')));
+    const incoming = await b.prepareIncoming(await a.describeForMigration(started));
+    await knob('migrate', 'guest-dies');
+    await expect(a.migrate(started, incoming, {})).rejects.toThrow(
+      /migration a -> b failed; the guest died during it \(triple-faulted \(Xen: d7v0 Triple fault - invoking HVM shutdown action 1\)\): .*guest didn't acknowledge suspend/,
+    );
+    await b.abortIncoming(incoming);
     await a.destroy(started);
   });
 
