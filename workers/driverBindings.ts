@@ -79,6 +79,7 @@ export async function createDriverBindings(
           cluster: config.clusterStorage,
           vmNetwork: config.vmNetwork,
           guestType: config.xenGuestType,
+          guestCpus: config.xenGuestCpus,
           diskOwner: await resolveQemuAccount(config.qemuUser),
         }),
         staging: new DiskImageStaging(new GuestDiskTools(accounts)),

@@ -83,6 +83,9 @@ export function planHost(
     ['VSP_QEMU_USER', c.qemuAccount.user],
     // QEMU hosts open other hosts' disks through the kernel NFS mounts (README section 2).
     ...(c.driver === 'qemu' ? ([['VSP_QEMU_REMOTE_DISKS', 'mounts']] as [string, string][]) : []),
+    ...(c.driver === 'xen' && c.xenGuestCpus
+      ? ([['VSP_XEN_GUEST_CPUS', c.xenGuestCpus]] as [string, string][])
+      : []),
     ['TEMPORAL_ADDRESS', c.temporalAddress],
     ['TEMPORAL_NAMESPACE', c.temporalNamespace],
     ['LOG_LEVEL', c.logLevel],

@@ -7,6 +7,9 @@ import type { VmNic } from '../qemu/vmNetwork';
 export type XenGuestType = 'pvh' | 'pv';
 export const XEN_GUEST_TYPES: readonly XenGuestType[] = ['pvh', 'pv'];
 
+/** A physical CPU list as xl.cfg's `cpus` takes it: `2`, `1-3`, `1,3-5`. */
+export const XEN_CPU_LIST = /^\d{1,4}(-\d{1,4})?(,\d{1,4}(-\d{1,4})?)*$/;
+
 /** The launch inputs of a Xen domain: the same facts the QEMU command line is built from. */
 export interface XenDomainLaunch {
   /** Domain name, `vsp-<vmId>`. */
@@ -14,6 +17,11 @@ export interface XenDomainLaunch {
   type: XenGuestType;
   memoryMiB: number;
   vcpus: number;
+  /**
+   * The physical CPUs the guest's vCPUs may run on (xl.cfg `cpus`), e.g. all but those dom0 is pinned to
+   * (`dom0_max_vcpus=1 dom0_vcpus_pin`): guests then never share a CPU with dom0's work. Default: any.
+   */
+  cpus?: string;
   /** The guest appliance, booted directly: no bootloader, no emulated devices. */
   kernel: string;
   ramdisk: string;
@@ -58,6 +66,8 @@ export function renderDomainConfig(l: XenDomainLaunch): string {
     throw new Error(`Xen domain config: memory ${l.memoryMiB} MiB`);
   if (!Number.isInteger(l.vcpus) || l.vcpus < 1) throw new Error(`Xen domain config: vcpus ${l.vcpus}`);
   if (!XEN_GUEST_TYPES.includes(l.type)) throw new Error(`Xen domain config: type ${JSON.stringify(l.type)}`);
+  if (l.cpus !== undefined && !XEN_CPU_LIST.test(l.cpus))
+    throw new Error(`Xen domain config: cpus ${JSON.stringify(l.cpus)} is not a CPU list like 1-3 or 1,3`);
   const cmdline = [
     'console=hvc0',
     'quiet',
@@ -82,6 +92,7 @@ export function renderDomainConfig(l: XenDomainLaunch): string {
     `memory = ${l.memoryMiB}`,
     `maxmem = ${l.memoryMiB}`,
     `vcpus = ${l.vcpus}`,
+    ...(l.cpus !== undefined ? [`cpus = "${l.cpus}"`] : []),
     'on_poweroff = "destroy"',
     // A guest that did not power off (a kernel panic reboots it: panic=-1) stays until the driver has its
     // console and destroys it: destroyed at once, its last lines (the panic) never left the console ring.

@@ -60,6 +60,8 @@ export interface XenDriverOptions {
   xlLogDir?: string;
   /** 'pvh' (default, live-migratable) or 'pv' (no live migration, see domainConfig.ts). */
   guestType?: XenGuestType;
+  /** The physical CPUs guests may run on (domainConfig.ts `cpus`); default any. */
+  guestCpus?: string;
   /** `xl migrate -s`: how to reach the target's xl (a shell command xl runs as `<cmd> <host> xl migrate-receive`). */
   sshCommand?: string;
   /** VMs with ports get a vif on this bridge with the VM's stable MAC and address. */
@@ -226,6 +228,7 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
         type: this.guestType,
         memoryMiB: config.memoryMiB,
         vcpus: config.vcpus,
+        cpus: this.opts.guestCpus,
         kernel: this.opts.appliance.vmlinuz,
         ramdisk: this.opts.appliance.initrd,
         owner: config.owner,

@@ -93,6 +93,7 @@ describe('inventory', () => {
             repositoryUrl: 'ftp://x',
             repositoryTokenFile: '/t',
             driver: 'process',
+            xenGuestCpus: '1;reboot',
           },
         }),
       ),
@@ -107,6 +108,7 @@ describe('inventory', () => {
       'cluster.temporalAddress: an address host:port',
       'cluster.repositoryUrl:',
       'cluster.driver:',
+      'cluster.xenGuestCpus: a CPU list like 1-3 or 1,3',
     ])
       expect(msg).toContain(field);
   });
@@ -245,6 +247,18 @@ describe('plan', () => {
     const cluster = JSON.parse(file('/etc/vsp/cluster.json')?.content ?? '');
     expect(cluster).toEqual(clusterStorageOf(inv, inv.hosts[0]));
     expect(file('/etc/systemd/system/vsp-host-worker.service')?.content).toBe('[Unit]\n');
+  });
+
+  it("gives Xen hosts the guests' CPU list when the inventory has one", () => {
+    const cpus = (o: Record<string, unknown>) => {
+      const i = deployable({ cluster: { ...(inventory().cluster as object), ...o } });
+      return planHost(i, i.hosts[0], 'service-token-0123456789', '')
+        .files[1].content.split('\n')
+        .filter((l) => l.startsWith('VSP_XEN_GUEST_CPUS'));
+    };
+    expect(cpus({ xenGuestCpus: '1-3' })).toEqual(['VSP_XEN_GUEST_CPUS=1-3']);
+    expect(cpus({})).toEqual([]);
+    expect(cpus({ xenGuestCpus: '1', driver: 'qemu' })).toEqual([]);
   });
 
   it('quotes environment values systemd would otherwise interpret', () => {

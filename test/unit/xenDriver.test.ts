@@ -285,6 +285,8 @@ describe('xl domain config', () => {
     expect(() => renderDomainConfig({ ...base, memoryMiB: 10 })).toThrow(/memory 10 MiB/);
     expect(() => renderDomainConfig({ ...base, type: 'hvm' as 'pv' })).toThrow(/type "hvm"/);
     expect(renderDomainConfig({ ...base, type: 'pv' })).toContain('type = "pv"\n');
+    expect(renderDomainConfig({ ...base, cpus: '1-3,5' })).toContain('vcpus = 1\ncpus = "1-3,5"\n');
+    expect(() => renderDomainConfig({ ...base, cpus: '1"' })).toThrow(/cpus "1\\"" is not a CPU list/);
   });
 });
 
@@ -654,6 +656,10 @@ describe('Xen in the host worker configuration', () => {
         /VSP_MOUNT_ROOT \(mountRoot\): mount root .* must be a normalised absolute folder/,
       );
     expect(() => loadHostConfig({ ...HOST_ENV, VSP_DRIVERS: 'xen,kvm' })).toThrow(/VSP_DRIVERS/);
+    expect(loadHostConfig({ ...HOST_ENV, VSP_XEN_GUEST_CPUS: '1-3' }).xenGuestCpus).toBe('1-3');
+    expect(() => loadHostConfig({ ...HOST_ENV, VSP_XEN_GUEST_CPUS: 'all' })).toThrow(
+      /VSP_XEN_GUEST_CPUS \(xenGuestCpus\): a CPU list like 1-3 or 1,3/,
+    );
     expect(parseTaskSpec({ owner: 'alice', command: 'true', driver: 'xen' }).driver).toBe('xen');
     expect(() => parseTaskSpec({ owner: 'alice', command: 'true', driver: 'lxc' })).toThrow(/driver/);
   });
