@@ -3,6 +3,7 @@ import { Client } from '@temporalio/client';
 import { Worker } from '@temporalio/worker';
 import { createHostActivities } from '../activities/host/createHostActivities';
 import { createInventory } from '../activities/host/hostInventory';
+import { cpuListSize } from '../drivers/xen/domainConfig';
 import { createHostLivenessActivities } from '../activities/host/hostLiveness';
 import { createMigrationActivities } from '../activities/host/migrationActivities';
 import { connectWorkerConnection } from '../config/temporal';
@@ -62,7 +63,8 @@ async function main(): Promise<void> {
       drivers: Object.keys(drivers),
       defaultDriver: config.defaultDriver,
       accelerator: await acceleratorOf(config),
-      vcpus: config.vcpus,
+      // dom0 sees only its own vCPUs: a Xen host that keeps guests to a CPU list offers that many.
+      vcpus: config.vcpus ?? (config.xenGuestCpus ? cpuListSize(config.xenGuestCpus) : undefined),
       memoryMiB: config.memoryMiB,
       labels: config.labels,
       images: new ImageNames(store.imagesDir),

@@ -10,6 +10,16 @@ export const XEN_GUEST_TYPES: readonly XenGuestType[] = ['pvh', 'pv'];
 /** A physical CPU list as xl.cfg's `cpus` takes it: `2`, `1-3`, `1,3-5`. */
 export const XEN_CPU_LIST = /^\d{1,4}(-\d{1,4})?(,\d{1,4}(-\d{1,4})?)*$/;
 
+/** How many CPUs a CPU list names (`1-3,5`: 4). */
+export function cpuListSize(list: string): number {
+  const cpus = new Set<number>();
+  for (const part of list.split(',')) {
+    const [from, to = from] = part.split('-').map(Number);
+    for (let c = from; c <= to; c++) cpus.add(c);
+  }
+  return cpus.size;
+}
+
 /** The launch inputs of a Xen domain: the same facts the QEMU command line is built from. */
 export interface XenDomainLaunch {
   /** Domain name, `vsp-<vmId>`. */

@@ -8,7 +8,7 @@ import { departedConsoleOf } from '../../drivers/qemu/consoleLog';
 import { TIMEOUT_EXIT_CODE, VmMigratedError } from '../../drivers/vmOutcome';
 import { vmNicOf } from '../../drivers/qemu/vmNetwork';
 import { isMigratable, type VmConfig, type VmStatus } from '../../drivers/types';
-import { renderDomainConfig } from '../../drivers/xen/domainConfig';
+import { cpuListSize, renderDomainConfig } from '../../drivers/xen/domainConfig';
 import { LoopDisks, type LoopControl } from '../../drivers/xen/loopDisks';
 import { DEFAULT_SSH_COMMAND, rawRootOf, XenDriver } from '../../drivers/xen/xenDriver';
 import { xlRunner } from '../../drivers/xen/xl';
@@ -286,6 +286,7 @@ describe('xl domain config', () => {
     expect(() => renderDomainConfig({ ...base, type: 'hvm' as 'pv' })).toThrow(/type "hvm"/);
     expect(renderDomainConfig({ ...base, type: 'pv' })).toContain('type = "pv"\n');
     expect(renderDomainConfig({ ...base, cpus: '1-3,5' })).toContain('vcpus = 1\ncpus = "1-3,5"\n');
+    expect([cpuListSize('1'), cpuListSize('1-3,5'), cpuListSize('0-3,2-5')]).toEqual([1, 4, 6]);
     expect(() => renderDomainConfig({ ...base, cpus: '1"' })).toThrow(/cpus "1\\"" is not a CPU list/);
   });
 });
