@@ -56,6 +56,10 @@ const ownerOption = () =>
     "whose space or tasks (default: the token's owner; only your own is allowed)",
   ).env('VSP_OWNER');
 
+/** Where the owners' commands' credential comes from (never an option: it would show in `ps`). */
+const TOKEN_HELP =
+  "\nNeeds VSP_TOKEN: an owner token (vsp token create <owner> <name>); the owner is the token's.";
+
 function repository(opts: { repository?: string }): RepositoryClient {
   if (!opts.repository) throw new Error('the repository URL is missing: --repository or VSP_REPOSITORY_URL');
   return new RepositoryClient({ url: opts.repository, token: need('VSP_TOKEN') });
@@ -75,6 +79,7 @@ program
   .description("upload a file to the owner's space (remote defaults to the file name)")
   .addOption(repoOption())
   .addOption(ownerOption())
+  .addHelpText('after', TOKEN_HELP)
   .action(async (local: string, remote: string | undefined, opts) => {
     const info = await repository(opts).upload(await ownerOf(opts), remote ?? path.basename(local), local);
     print(`${info.path}  ${info.size} bytes  sha256 ${info.sha256}`, info);
@@ -89,6 +94,7 @@ program
   .argument('[local]', "where to write it (default: its base name, here); '-' for standard output")
   .addOption(repoOption())
   .addOption(ownerOption())
+  .addHelpText('after', TOKEN_HELP)
   .action(async (remote: string, local: string | undefined, opts) => {
     const client = repository(opts);
     const owner = await ownerOf(opts);
@@ -102,10 +108,12 @@ program
   .description("list the owner's files")
   .addOption(repoOption())
   .addOption(ownerOption())
+  .addHelpText('after', TOKEN_HELP)
   .action(async (prefix: string | undefined, opts) => {
     const files = await repository(opts).list(await ownerOf(opts), prefix);
     print(
-      files.map((f) => `${String(f.size).padStart(12)}  ${f.sha256.slice(0, 12)}  ${f.path}`).join('\n'),
+      files.map((f) => `${String(f.size).padStart(12)}  ${f.sha256.slice(0, 12)}  ${f.path}`).join('\n') ||
+        'no files',
       files,
     );
   });
@@ -117,6 +125,7 @@ commandGroup(program, 'image', IMAGE_GROUP_DESCRIPTION)
   )
   .addOption(repoOption())
   .addOption(ownerOption())
+  .addHelpText('after', TOKEN_HELP)
   .action(async (opts) => {
     const images = await repository(opts).listImages(await ownerOf(opts));
     const size = (n?: number) => (n === undefined ? '-' : String(n)).padStart(12);
@@ -176,9 +185,19 @@ interface TaskCommandOptions {
 
 /** The repository options every task command takes, and --temporal where operators may use it. */
 function taskCommand(name: string, description: string, operators = true, parent = program): Command {
-  const cmd = parent.command(name).description(description).addOption(repoOption()).addOption(ownerOption());
+  const cmd = parent
+    .command(name)
+    .description(description)
+    .addOption(repoOption())
+    .addOption(ownerOption())
+    .addHelpText('after', TOKEN_HELP);
   return operators
-    ? cmd.option('--temporal', 'operators: use Temporal directly (TEMPORAL_ADDRESS, ...), not the repository')
+    ? cmd
+        .option('--temporal', 'operators: use Temporal directly (TEMPORAL_ADDRESS, ...), not the repository')
+        .addHelpText(
+          'after',
+          'With --temporal: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, TEMPORAL_TLS_* instead.',
+        )
     : cmd;
 }
 

@@ -113,6 +113,9 @@ test("download '-' writes the file's bytes to standard output, and nothing else 
     expect(Buffer.compare(r.stdout, blob)).toBe(0);
   }
   expect(await fs.readdir(tmp)).not.toContain('-');
+  // Empty listings say so, rather than printing nothing.
+  expect(vsp(['ls', 'nothing/']).out).toBe('no files\n');
+  expect(vsp(['image', 'ls']).out).toBe('no images\n');
   const missing = raw(['download', 'in/none.bin', '-']);
   expect(missing.status).toBe(1);
   expect(missing.stdout.length).toBe(0);

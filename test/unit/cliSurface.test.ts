@@ -98,7 +98,7 @@ describe('vsp help', () => {
       .filter((cmd) => !cmd.helpInformation().includes('--json'))
       .map(named);
     expect(withoutJson).toEqual([]);
-    const top = program.helpInformation() + helpAfter();
+    const top = fullHelp(program);
     for (const v of ['VSP_REPOSITORY_URL', 'VSP_TOKEN', 'VSP_OWNER', 'TEMPORAL_ADDRESS'])
       expect(top).toContain(v);
     expect(top).toMatch(/Exit codes: 0 done, 1 error, 2 invalid spec, 3 task failed, 4 task cancelled/);
@@ -113,15 +113,22 @@ describe('vsp help', () => {
       expect(list).toContain(o);
   });
 
-  /** The text added after the top-level help (environment, exit codes). */
-  function helpAfter(): string {
+  test("the owners' commands say where their token comes from", () => {
+    const owners = ['upload', 'download', 'ls', 'submit', 'watch', 'wait', 'status', 'cancel', 'list'];
+    const cmd = (name: string) => program.commands.find((c) => c.name() === name)!;
+    expect(owners.filter((name) => !fullHelp(cmd(name)).includes('Needs VSP_TOKEN'))).toEqual([]);
+    expect(fullHelp(cmd('status'))).toMatch(/With --temporal: TEMPORAL_ADDRESS/);
+  });
+
+  /** A command's help as `--help` prints it: with the text added after (environment, exit codes). */
+  function fullHelp(cmd: Command): string {
     let text = '';
     const write = jest.spyOn(process.stdout, 'write').mockImplementation((chunk) => {
       text += String(chunk);
       return true;
     });
     try {
-      program.outputHelp();
+      cmd.outputHelp();
     } finally {
       write.mockRestore();
     }
