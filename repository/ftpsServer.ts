@@ -442,7 +442,14 @@ function patchPassiveDataConnections(): void {
         let socket: Socket = raw;
         if (secure) {
           let secureContext = dataContexts.get(tlsOptions);
-          if (!secureContext) dataContexts.set(tlsOptions, (secureContext = createSecureContext(tlsOptions)));
+          // TLS 1.2 on data connections: under 1.3 the server sends session tickets after the handshake,
+          // which an uploading client never reads; its close then resets the connection (RST) and the
+          // kernel drops the upload's last bytes (seen with lftp).
+          if (!secureContext)
+            dataContexts.set(
+              tlsOptions,
+              (secureContext = createSecureContext({ ...tlsOptions, maxVersion: 'TLSv1.2' })),
+            );
           socket = new TLSSocket(raw, { isServer: true, secureContext });
           // ftp-srv's 'connected' flag, which its secure path set only after the handshake.
           (socket as Socket & { connected?: boolean }).connected = true;
@@ -458,7 +465,9 @@ function patchPassiveDataConnections(): void {
 interface ConnectionInternals {
   commandSocket: Socket;
   /** The passive connector; `socket` is the current data connection once the client has opened it. */
-  connector: { socket?: Socket };
+  connector: { socket?: Socket; end?(): void };
+  /** Set once logged in. */
+  fs?: FileSystem;
   secure: boolean;
   reply(code: number, message?: string): Promise<unknown>;
   commands: {
@@ -529,10 +538,21 @@ function frameCommands(connection: FtpConnection, log: Logger): void {
       return run(() => conn.reply(501, 'the command is not valid UTF-8: names must be UTF-8'));
     }
     if (text.trim() === '') return;
-    run(() => {
+    run(async () => {
       const c = conn.commands.parse(text);
-      if ((c.directive === 'LIST' || c.directive === 'NLST') && c.arg !== null)
-        c.arg = c.arg.replace(/^(\s*-[A-Za-z]+)+\s*/, '') || null;
+      if (c.directive === 'LIST' || c.directive === 'NLST') {
+        if (c.arg !== null) c.arg = c.arg.replace(/^(\s*-[A-Za-z]+)+\s*/, '') || null;
+        // ftp-srv answers a missing folder with 451 (a local error, worth retrying); clients such as
+        // rclone take only 550 as "not there".
+        const missing = await conn.fs?.get(c.arg ?? '.').then(
+          () => undefined,
+          (err: unknown) => (err instanceof StoreError && err.code === 'not-found' ? err : undefined),
+        );
+        if (missing) {
+          conn.connector.end?.();
+          return conn.reply(550, missing.message);
+        }
+      }
       return conn.commands.handle(c);
     });
   };
