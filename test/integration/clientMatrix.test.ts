@@ -8,7 +8,8 @@ import { promisify } from 'node:util';
 import { addKey, addOwner, setPassword } from '../../repository/admin';
 import { RepositoryClient } from '../../repository/client';
 import { generateEd25519KeyPair } from '../../repository/sshKeys';
-import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
+import type { RepositoryServer } from '../../repository/server';
+import { startAllProtocols } from '../support/repositoryServer';
 
 /**
  * Issue 14 item 8: the repository driven by real, widely used clients from Debian's packages (deploy/
@@ -209,93 +210,76 @@ import ftplib, os, ssl, sys
 client, action, *args = sys.argv[1:]
 env = os.environ
 
-def ftp():
-    ctx = ssl.create_default_context(cafile=env['VSP_CERT'])
-    ctx.check_hostname = False  # the self-signed certificate names the service; it is pinned as the CA
-    f = ftplib.FTP_TLS(context=ctx, timeout=30)
-    f.connect('127.0.0.1', int(env['VSP_PORT']))
-    f.login('alice', env['VSP_PASSWORD'])
-    f.prot_p()
-    return f
-
-def sftp():
-    import paramiko
-    c = paramiko.SSHClient()
-    c.load_host_keys(env['VSP_KNOWN_HOSTS'])
-    c.set_missing_host_key_policy(paramiko.RejectPolicy())
-    c.connect('127.0.0.1', port=int(env['VSP_PORT']), username='alice', key_filename=env['VSP_KEY'],
-              allow_agent=False, look_for_keys=False, timeout=30)
-    return c.open_sftp()
-
-if client == 'ftplib':
-    f = ftp()
-    if action == 'put':
-        local, remote = args
-        try:
-            f.mkd(os.path.dirname(remote))
-        except ftplib.error_perm:
-            pass
+class Ftp:
+    error = ftplib.error_perm
+    def __init__(self):
+        ctx = ssl.create_default_context(cafile=env['VSP_CERT'])
+        ctx.check_hostname = False  # the self-signed certificate names the service; it is pinned as the CA
+        self.f = ftplib.FTP_TLS(context=ctx, timeout=30)
+        self.f.connect('127.0.0.1', int(env['VSP_PORT']))
+        self.f.login('alice', env['VSP_PASSWORD'])
+        self.f.prot_p()
+    def mkdir(self, d): self.f.mkd(d)
+    def put(self, local, remote):
         with open(local, 'rb') as src:
-            f.storbinary('STOR ' + remote, src)
-    elif action in ('get', 'resume'):
-        remote, local = args
-        rest = os.path.getsize(local) if action == 'resume' else None
-        with open(local, 'ab' if rest else 'wb') as dst:
-            f.retrbinary('RETR ' + remote, dst.write, rest=rest)
-    elif action == 'ls':
-        print('\n'.join(os.path.basename(n) for n in f.nlst(args[0])))
-    elif action == 'mv':
-        f.rename(*args)
-    elif action == 'rm':
-        f.delete(args[0])
-    elif action == 'try':
-        try:
-            op, remote = args
-            if op == 'put':
-                f.storbinary('STOR ' + remote, open(os.devnull, 'rb'))
-            elif op == 'get':
-                f.retrbinary('RETR ' + remote, lambda b: None)
-            else:
-                f.delete(remote)
-            print('ok')
-        except ftplib.error_perm as e:
-            print('refused', e)
-    f.quit()
-else:
-    s = sftp()
-    if action == 'put':
-        local, remote = args
-        try:
-            s.mkdir(os.path.dirname(remote))
-        except OSError:
-            pass
-        s.put(local, remote)
-    elif action == 'get':
-        s.get(*args)
-    elif action == 'resume':
-        remote, local = args
-        with s.open(remote, 'rb') as src, open(local, 'ab') as dst:
-            src.seek(os.path.getsize(local))
+            self.f.storbinary('STOR ' + remote, src)
+    def get(self, remote, local, offset=0):
+        with open(local, 'ab' if offset else 'wb') as dst:
+            self.f.retrbinary('RETR ' + remote, dst.write, rest=offset or None)
+    def ls(self, d): return [os.path.basename(n) for n in self.f.nlst(d)]
+    def mv(self, a, b): self.f.rename(a, b)
+    def rm(self, p): self.f.delete(p)
+    def close(self): self.f.quit()
+
+class Sftp:
+    error = OSError
+    def __init__(self):
+        import paramiko
+        c = paramiko.SSHClient()
+        c.load_host_keys(env['VSP_KNOWN_HOSTS'])
+        c.set_missing_host_key_policy(paramiko.RejectPolicy())
+        c.connect('127.0.0.1', port=int(env['VSP_PORT']), username='alice', key_filename=env['VSP_KEY'],
+                  allow_agent=False, look_for_keys=False, timeout=30)
+        self.s = c.open_sftp()
+    def mkdir(self, d): self.s.mkdir(d)
+    def put(self, local, remote): self.s.put(local, remote)
+    def get(self, remote, local, offset=0):
+        if not offset:
+            return self.s.get(remote, local)
+        with self.s.open(remote, 'rb') as src, open(local, 'ab') as dst:
+            src.seek(offset)
             dst.write(src.read())
-    elif action == 'ls':
-        print('\n'.join(s.listdir(args[0])))
-    elif action == 'mv':
-        s.rename(*args)
-    elif action == 'rm':
-        s.remove(args[0])
-    elif action == 'try':
-        try:
-            op, remote = args
-            if op == 'put':
-                s.open(remote, 'wb').close()
-            elif op == 'get':
-                s.open(remote, 'rb').close()
-            else:
-                s.remove(remote)
-            print('ok')
-        except OSError as e:
-            print('refused', e)
-    s.close()
+    def ls(self, d): return self.s.listdir(d)
+    def mv(self, a, b): self.s.rename(a, b)
+    def rm(self, p): self.s.remove(p)
+    def close(self): self.s.close()
+
+c = Ftp() if client == 'ftplib' else Sftp()
+if action == 'put':
+    try:
+        c.mkdir(os.path.dirname(args[1]))
+    except c.error:
+        pass
+    c.put(*args)
+elif action == 'get':
+    c.get(*args)
+elif action == 'resume':
+    c.get(args[0], args[1], os.path.getsize(args[1]))
+elif action == 'ls':
+    print('\n'.join(c.ls(args[0])))
+elif action == 'mv':
+    c.mv(*args)
+elif action == 'rm':
+    c.rm(*args)
+elif action == 'try':  # one operation that may be refused: prints 'ok' or 'refused <why>'
+    op, remote = args
+    try:
+        {'put': lambda: c.put(os.devnull, remote), 'get': lambda: c.get(remote, os.path.join(env['HOME'], 'try.bin')),
+         'rm': lambda: c.rm(remote)}[op]()
+        print('ok')
+    except c.error as e:
+        print('refused', e)
+c.close()
 `;
 
 beforeAll(async () => {
@@ -306,13 +290,7 @@ beforeAll(async () => {
   const key = generateEd25519KeyPair('alice@clients');
   await fs.writeFile(path.join(scratch, 'id_ed25519'), key.private, { mode: 0o600 });
   addKey(dataDir, 'alice', key.public);
-  const min = randomInt(30_000, 60_000);
-  server = await startRepositoryServer({
-    dataDir,
-    port: 0,
-    sftp: { port: 0 },
-    ftps: { port: 0, pasvPorts: { min, max: min + 40 } },
-  });
+  server = await startAllProtocols(dataDir);
   ports = {
     http: Number(new URL(server.url).port),
     sftp: server.sftp?.port ?? 0,
