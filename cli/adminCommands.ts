@@ -202,6 +202,7 @@ export function registerAdminCommands(program: Command): void {
     });
   key
     .command('list [owner]')
+    .description("SSH public keys (every owner's, or one owner's)")
     .addOption(dataDirOption())
     .action((who: string | undefined, opts: { dataDir: string }) => {
       const keys = listKeys(opts.dataDir, who);
