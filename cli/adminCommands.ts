@@ -315,7 +315,17 @@ export function registerAdminCommands(program: Command): void {
         ...parseListen(opts.listen, '--listen'),
         origin: opts.uiOrigin,
       });
-      process.stderr.write(`codec endpoint ${served.url} (key ${payloadCodec.keyId}) for ${opts.uiOrigin}\n`);
+      print(`codec endpoint ${served.url} (key ${payloadCodec.keyId}) for ${opts.uiOrigin}`, {
+        url: served.url,
+        keyId: payloadCodec.keyId,
+        uiOrigin: opts.uiOrigin,
+      });
+      // A server: it serves until SIGINT or SIGTERM (vsp exits once a command's action returns).
+      await new Promise<void>((resolve) => {
+        process.once('SIGINT', resolve);
+        process.once('SIGTERM', resolve);
+      });
+      await served.close();
     });
 
   const password = program.command('password').description("owners' passwords for SFTP (admin)");

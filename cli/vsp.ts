@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { Command, Option } from 'commander';
+import { Command, CommanderError, Option } from 'commander';
 import { TaskClient, TaskClientError, type OwnerTaskSpec, type TaskSummary } from '../client/taskClient';
 import { checkHost, checkPhase, parseSince, TASK_PHASES, type TaskListFilter } from '../client/taskFilter';
 import { taskFailureMessage, VspClient } from '../client/vspClient';
@@ -35,7 +35,11 @@ Environment:
 
 Exit codes: 0 done, 1 error, 2 invalid spec, 3 task failed, 4 task cancelled.`,
   )
-  .showHelpAfterError();
+  .showHelpAfterError()
+  // Usage errors come back to run() (as CommanderError), which reports them as JSON under --json; the
+  // error and the help after it are then not written (standard error holds JSON alone).
+  .exitOverride()
+  .configureOutput({ writeErr: (text) => void (json() || process.stderr.write(text)) });
 
 const json = () => Boolean(program.opts().json);
 
@@ -425,6 +429,17 @@ export async function run(argv = process.argv): Promise<number> {
     await program.parseAsync(argv);
     return 0;
   } catch (err) {
+    if (err instanceof CommanderError) {
+      // --help and --version end here too (exit code 0); a usage error was printed unless --json.
+      if (json() && err.exitCode !== 0) {
+        const error =
+          err.code === 'commander.help'
+            ? 'no command given (vsp --help lists them)'
+            : err.message.replace(/^error: /, '');
+        process.stderr.write(`${JSON.stringify({ error, exitCode: err.exitCode })}\n`);
+      }
+      return err.exitCode;
+    }
     const exitCode =
       err instanceof CliExit ? err.exitCode : err instanceof TaskSpecError ? EXIT.invalidSpec : EXIT.error;
     const msg = fullMessage(err);

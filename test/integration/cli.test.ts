@@ -1,5 +1,5 @@
 import { spawn, spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -189,6 +189,35 @@ test('wait blocks until the task ends and prints its result without a progress d
   const bad = vsp(['list', '--since', 'last week']);
   expect(bad).toMatchObject({ code: 1, out: '' });
   expect(bad.err).toMatch(/since 'last week' is neither an ISO 8601 time .* nor a duration/);
+});
+
+test('vsp codec serve keeps serving until SIGTERM, then exits 0', async () => {
+  const keyFile = path.join(tmp, 'payload.key');
+  await fs.writeFile(keyFile, randomBytes(32).toString('base64url'), { mode: 0o600 });
+  const child = spawn(
+    process.execPath,
+    [VSP_JS(), '--json', 'codec', 'serve', '--listen', '127.0.0.1:0', '--ui-origin', 'http://127.0.0.1:8233'],
+    { env: { ...process.env, VSP_PAYLOAD_KEY_FILE: keyFile }, stdio: ['ignore', 'pipe', 'inherit'] },
+  );
+  const exited = new Promise<number | null>((resolve) => child.on('close', resolve));
+  try {
+    const ready = await new Promise<{ url: string }>((resolve, reject) => {
+      let out = '';
+      child.stdout.on('data', (d: Buffer) => {
+        out += d.toString();
+        if (out.includes('\n')) resolve(JSON.parse(out) as { url: string });
+      });
+      void exited.then((code) => reject(new Error(`vsp codec serve exited (${code}) before it was ready`)));
+    });
+    // Asked after the ready line: a command that had returned would no longer answer.
+    const res = await fetch(`${ready.url}/encode`, { method: 'OPTIONS' });
+    expect(res.status).toBe(204);
+    expect(res.headers.get('access-control-allow-origin')).toBe('http://127.0.0.1:8233');
+    child.kill('SIGTERM');
+    expect(await exited).toBe(0);
+  } finally {
+    child.kill('SIGKILL');
+  }
 });
 
 test('the CLI refuses a bad spec naming the field, and a bad token', () => {

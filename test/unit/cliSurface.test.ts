@@ -137,19 +137,25 @@ describe('vsp help', () => {
 });
 
 describe('vsp refuses bad arguments before contacting anything', () => {
-  async function vsp(...args: string[]): Promise<{ code: number; err: string }> {
+  async function vsp(...args: string[]): Promise<{ code: number; err: string; out: string }> {
     let err = '';
+    let out = '';
     const write = jest.spyOn(process.stderr, 'write').mockImplementation((chunk) => {
       err += String(chunk);
+      return true;
+    });
+    const writeOut = jest.spyOn(process.stdout, 'write').mockImplementation((chunk) => {
+      out += String(chunk);
       return true;
     });
     try {
       // Nothing listens there: an error naming the repository would mean it was contacted.
       const env = { VSP_REPOSITORY_URL: 'http://127.0.0.1:9', VSP_TOKEN: 'vsp_x' };
       Object.assign(process.env, env);
-      return { code: await run(['node', 'vsp', ...args]), err };
+      return { code: await run(['node', 'vsp', ...args]), err, out };
     } finally {
       write.mockRestore();
+      writeOut.mockRestore();
       delete process.env.VSP_REPOSITORY_URL;
       delete process.env.VSP_TOKEN;
     }
@@ -159,6 +165,7 @@ describe('vsp refuses bad arguments before contacting anything', () => {
     expect(await vsp('list', '--since', 'yesterday')).toEqual({
       code: 1,
       err: expect.stringMatching(/^vsp: since 'yesterday' is neither an ISO 8601 time .* nor a duration/),
+      out: '',
     });
     expect((await vsp('list', '--phase', 'done')).err).toMatch(/^vsp: phase 'done' is not a task phase/);
     expect((await vsp('list', '--host', 'Host_A')).err).toMatch(/^vsp: host 'Host_A' is not a host name/);
@@ -172,5 +179,26 @@ describe('vsp refuses bad arguments before contacting anything', () => {
       error: expect.stringMatching(/^since '2026-12-01T17:00' is not an ISO 8601 time with its zone/),
       exitCode: 1,
     });
+  });
+
+  test('usage errors: the message and the help, or with --json one JSON line alone', async () => {
+    const human = await vsp('list', '--bogus');
+    expect(human.code).toBe(1);
+    expect(human.err).toMatch(/^error: unknown option '--bogus'\n\nUsage: vsp list \[options\]/);
+    for (const args of [
+      ['--json', 'list', '--bogus'],
+      ['list', '--bogus', '--json'],
+    ])
+      expect(await vsp(...args)).toEqual({
+        code: 1,
+        err: '{"error":"unknown option \'--bogus\'","exitCode":1}\n',
+        out: '',
+      });
+    expect((await vsp('--json', 'status')).err).toBe(
+      '{"error":"missing required argument \'task-id\'","exitCode":1}\n',
+    );
+    const help = await vsp('wait', '--help');
+    expect(help).toMatchObject({ code: 0, err: '' });
+    expect(help.out).toMatch(/^Usage: vsp wait \[options\] <task-id>/);
   });
 });
