@@ -506,6 +506,7 @@ function upgradeToTlsAtOnce(connection: FtpConnection, secureContext: SecureCont
 /** Longer command lines are refused unread: paths are at most MAX_PATH_BYTES, commands a few more. */
 export const MAX_COMMAND_BYTES = 4096;
 const LF = 0x0a;
+const MAX_QUEUED_COMMANDS = 32;
 
 /**
  * Reads the control connection's commands in place of ftp-srv, which took each TCP read as whole
@@ -514,7 +515,7 @@ const LF = 0x0a;
  * and ran the commands of different reads concurrently (replies out of step). Here bytes are buffered
  * up to each LF (CRLF, or a bare LF as many servers accept), one command runs at a time in order, a
  * line over MAX_COMMAND_BYTES gets one 500 and is skipped to its end, and a line that is not UTF-8
- * gets a 501 without running. LIST and NLST options (`LIST -la`) are ignored, as other servers do.
+ * gets a 501 without running; at most MAX_QUEUED_COMMANDS wait. LIST and NLST options (`LIST -la`) are ignored, as other servers do.
  */
 function frameCommands(connection: FtpConnection, log: Logger): void {
   const conn = connection as unknown as ConnectionInternals;
@@ -524,10 +525,16 @@ function frameCommands(connection: FtpConnection, log: Logger): void {
   let pending = Buffer.alloc(0);
   let skipping = false;
   let queue: Promise<unknown> = Promise.resolve();
+  // A client that sends commands faster than they run is read no further until the queue is short.
+  let waiting = 0;
   const run = (step: () => Promise<unknown>): void => {
+    if (++waiting > MAX_QUEUED_COMMANDS) conn.commandSocket.pause();
     queue = queue
       .then(step)
-      .catch((err: unknown) => log.debug({ err: describeError(err) }, 'FTP command failed'));
+      .catch((err: unknown) => log.debug({ err: describeError(err) }, 'FTP command failed'))
+      .finally(() => {
+        if (--waiting === MAX_QUEUED_COMMANDS) conn.commandSocket.resume();
+      });
   };
   const command = (line: Buffer): void => {
     if (line.length > MAX_COMMAND_BYTES) return tooLong();

@@ -62,6 +62,8 @@ interface ClientDriver {
   rename?(from: string, to: string): Promise<unknown>;
   remove(remote: string): Promise<unknown>;
   resume?(remote: string, local: string): Promise<unknown>;
+  /** Why a client without `resume` has none. */
+  noResume?: string;
 }
 
 const names = (text: string): string[] =>
@@ -143,6 +145,7 @@ const rcloneDriver = (remote: 'sftp' | 'ftp'): ClientDriver => ({
   list: async (dir) => names(await rclone(remote, 'lsf', `vsp:${dir}`)),
   rename: (from, to) => rclone(remote, 'moveto', `vsp:${from}`, `vsp:${to}`),
   remove: (p) => rclone(remote, 'deletefile', `vsp:${p}`),
+  noResume: 'rclone copies a file whole; it has no resume of a partial local file',
 });
 
 const pythonDriver = (client: 'ftplib' | 'paramiko'): ClientDriver => ({
@@ -369,7 +372,8 @@ describe.each(CLIENTS.map((c) => [c.name, c] as const))('%s', (_name, client) =>
     expect((await http.list('alice', `${folder}/`)).map((f) => f.path)).toEqual([`${folder}/other.txt`]);
   });
 
-  (client.resume ? test : test.skip)('resumes a download', async () => {
+  const resumes = client.resume ? 'resumes a download' : `resume skipped: ${client.noResume}`;
+  (client.resume ? test : test.skip)(resumes, async () => {
     const data = randomBytes(500_000);
     await http.upload('alice', `${folder}/resume.bin`, Readable.from([data]), { size: data.length });
     // A download cut off part way. The part held locally is zeros here, so the result shows that the

@@ -268,6 +268,29 @@ describe('FTPS service', () => {
     );
   });
 
+  test('an upload whose data connection is reset stores nothing and is not reported as stored', async () => {
+    const s = await rawSession('alice', PASSWORD);
+    try {
+      await s.send('PBSZ 0\r\nPROT P\r\nTYPE I\r\nPASV\r\n');
+      for (let i = 0; i < 3; i++) expect(await s.reply()).toMatch(/^200 /);
+      const pasv = /\((\d+),(\d+),(\d+),(\d+),(\d+),(\d+)\)/.exec(await s.reply());
+      const port = Number(pasv?.[5]) * 256 + Number(pasv?.[6]);
+      const raw = connectTcp(port, '127.0.0.1');
+      await new Promise((r) => raw.once('connect', r));
+      await s.send('STOR reset.bin\r\n');
+      expect(await s.reply()).toMatch(/^150 /);
+      const data = connectTls({ socket: raw, ca: cert, checkServerIdentity: () => undefined });
+      await new Promise((r) => data.once('secureConnect', r));
+      await new Promise<void>((r) => data.write(randomBytes(200_000), () => r()));
+      // Cut off by a reset, as when a client crashes or a middlebox drops the connection.
+      raw.resetAndDestroy();
+      expect(await s.reply()).not.toMatch(/^226 /);
+    } finally {
+      s.close();
+    }
+    expect(await aliceHttp.stat('alice', 'reset.bin')).toBeUndefined();
+  });
+
   test('commands split across reads, over-long lines and bytes that are not UTF-8 keep replies in step', async () => {
     await aliceHttp.upload('alice', 'frame/a.txt', Readable.from([Buffer.from('abc')]), { size: 3 });
     const s = await rawSession('alice', PASSWORD);
@@ -297,8 +320,12 @@ describe('FTPS service', () => {
       // A name that is not UTF-8 is refused, never stored under U+FFFD.
       await s.send(Buffer.concat([Buffer.from('MKD bad'), Buffer.from([0xff, 0xfe]), Buffer.from('\r\n')]));
       expect(await s.reply()).toMatch(/^501 .*not valid UTF-8/);
-      await s.send('NOOP\r\n');
-      expect(await s.reply()).toMatch(/^200 /);
+      // Many commands at once (more than are queued before reading stops) are all answered, in order.
+      await s.send('NOOP\r\nPWD\r\n'.repeat(100));
+      for (let i = 0; i < 100; i++) {
+        expect(await s.reply()).toMatch(/^200 /);
+        expect(await s.reply()).toMatch(/^257 /);
+      }
       expect(s.pending()).toBe('');
     } finally {
       s.close();
