@@ -202,6 +202,7 @@ export function registerAdminCommands(program: Command): void {
     });
   key
     .command('list [owner]')
+    .description("SSH public keys (every owner's, or one owner's)")
     .addOption(dataDirOption())
     .action((who: string | undefined, opts: { dataDir: string }) => {
       const keys = listKeys(opts.dataDir, who);
@@ -314,7 +315,17 @@ export function registerAdminCommands(program: Command): void {
         ...parseListen(opts.listen, '--listen'),
         origin: opts.uiOrigin,
       });
-      process.stderr.write(`codec endpoint ${served.url} (key ${payloadCodec.keyId}) for ${opts.uiOrigin}\n`);
+      print(`codec endpoint ${served.url} (key ${payloadCodec.keyId}) for ${opts.uiOrigin}`, {
+        url: served.url,
+        keyId: payloadCodec.keyId,
+        uiOrigin: opts.uiOrigin,
+      });
+      // A server: it serves until SIGINT or SIGTERM (vsp exits once a command's action returns).
+      await new Promise<void>((resolve) => {
+        process.once('SIGINT', resolve);
+        process.once('SIGTERM', resolve);
+      });
+      await served.close();
     });
 
   const password = program.command('password').description("owners' passwords for SFTP (admin)");

@@ -11,6 +11,7 @@ import {
   type SchedulerState,
 } from '../scheduler/model';
 import { drainUpdate, undrainUpdate, type SchedulerSnapshot } from '../workflows/scheduling/definitions';
+import { parseDuration } from '../client/taskFilter';
 import { commandGroup } from './adminCommands';
 
 /**
@@ -193,11 +194,4 @@ function describeHost(h: HostSummary): string {
   // Disks of tasks that run elsewhere: the host cannot be switched off while it holds them.
   if (h.storedTasks?.length) lines.push(`  disks of   ${h.storedTasks.join(', ')} (running elsewhere)`);
   return lines.join('\n');
-}
-
-/** "90s", "30m", "2h" or plain seconds. */
-export function parseDuration(text: string): number {
-  const m = /^(\d+)([smh]?)$/.exec(text.trim());
-  if (!m) throw new Error(`invalid duration '${text}': use e.g. 90s, 30m, 2h`);
-  return Number(m[1]) * ({ '': 1, s: 1, m: 60, h: 3600 } as Record<string, number>)[m[2]];
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { Command, Option } from 'commander';
+import { Command, CommanderError, Option } from 'commander';
 import { TaskClient, TaskClientError, type OwnerTaskSpec, type TaskSummary } from '../client/taskClient';
+import { checkHost, checkPhase, parseSince, TASK_PHASES, type TaskListFilter } from '../client/taskFilter';
 import { taskFailureMessage, VspClient } from '../client/vspClient';
 import { RepositoryClient } from '../repository/client';
 import { TaskSpecError } from '../spec/taskSpec';
@@ -19,7 +20,9 @@ import { createProgressDisplay, type DisplayedStatus } from './progressDisplay';
  */
 const program = new Command('vsp')
   .description('VSP: tasks in VMs with their data, on Temporal')
-  .option('--json', 'machine-readable output')
+  .option('--json', 'machine-readable output: results on stdout, errors on stderr, one JSON value a line')
+  // Every command's help lists --json, which is accepted before or after the command's name.
+  .configureHelp({ showGlobalOptions: true })
   .addHelpText(
     'after',
     `
@@ -32,7 +35,11 @@ Environment:
 
 Exit codes: 0 done, 1 error, 2 invalid spec, 3 task failed, 4 task cancelled.`,
   )
-  .showHelpAfterError();
+  .showHelpAfterError()
+  // Usage errors come back to run() (as CommanderError), which reports them as JSON under --json; the
+  // error and the help after it are then not written (standard error holds JSON alone).
+  .exitOverride()
+  .configureOutput({ writeErr: (text) => void (json() || process.stderr.write(text)) });
 
 const json = () => Boolean(program.opts().json);
 
@@ -53,6 +60,10 @@ const ownerOption = () =>
     "whose space or tasks (default: the token's owner; only your own is allowed)",
   ).env('VSP_OWNER');
 
+/** Where the owners' commands' credential comes from (never an option: it would show in `ps`). */
+const TOKEN_HELP =
+  "\nNeeds VSP_TOKEN: an owner token (vsp token create <owner> <name>); the owner is the token's.";
+
 function repository(opts: { repository?: string }): RepositoryClient {
   if (!opts.repository) throw new Error('the repository URL is missing: --repository or VSP_REPOSITORY_URL');
   return new RepositoryClient({ url: opts.repository, token: need('VSP_TOKEN') });
@@ -72,17 +83,34 @@ program
   .description("upload a file to the owner's space (remote defaults to the file name)")
   .addOption(repoOption())
   .addOption(ownerOption())
+  .addHelpText('after', TOKEN_HELP)
   .action(async (local: string, remote: string | undefined, opts) => {
     const info = await repository(opts).upload(await ownerOf(opts), remote ?? path.basename(local), local);
     print(`${info.path}  ${info.size} bytes  sha256 ${info.sha256}`, info);
   });
 program
-  .command('download <remote> [local]')
-  .description('download a file (atomic, checksum verified)')
+  .command('download')
+  .description(
+    "download a file (atomic, checksum verified); with '-', to standard output (checked at the end: exit 1 " +
+      'if the bytes did not match)',
+  )
+  .argument('<remote>', "its path in the owner's space")
+  .argument('[local]', "where to write it (default: its base name, here); '-' for standard output")
   .addOption(repoOption())
   .addOption(ownerOption())
+  .addHelpText('after', TOKEN_HELP)
   .action(async (remote: string, local: string | undefined, opts) => {
-    const info = await repository(opts).download(await ownerOf(opts), remote, local ?? path.basename(remote));
+    const client = repository(opts);
+    const owner = await ownerOf(opts);
+    // Standard output carries the bytes alone: no summary line after them.
+    if (local === '-')
+      return void (await client.downloadTo(owner, remote, process.stdout).catch((err: unknown) => {
+        // The reader stopped early (`| head`): as for any writer in a pipe, nothing to say; not 0, though.
+        if ((err as { cause?: { code?: string } }).cause?.code === 'EPIPE')
+          throw new CliExit(EXIT.error, '', { cause: err });
+        throw err;
+      }));
+    const info = await client.download(owner, remote, local ?? path.basename(remote));
     print(`${local ?? path.basename(remote)}  ${info.size} bytes  sha256 ${info.sha256}`, info);
   });
 program
@@ -90,10 +118,12 @@ program
   .description("list the owner's files")
   .addOption(repoOption())
   .addOption(ownerOption())
+  .addHelpText('after', TOKEN_HELP)
   .action(async (prefix: string | undefined, opts) => {
     const files = await repository(opts).list(await ownerOf(opts), prefix);
     print(
-      files.map((f) => `${String(f.size).padStart(12)}  ${f.sha256.slice(0, 12)}  ${f.path}`).join('\n'),
+      files.map((f) => `${String(f.size).padStart(12)}  ${f.sha256.slice(0, 12)}  ${f.path}`).join('\n') ||
+        'no files',
       files,
     );
   });
@@ -105,6 +135,7 @@ commandGroup(program, 'image', IMAGE_GROUP_DESCRIPTION)
   )
   .addOption(repoOption())
   .addOption(ownerOption())
+  .addHelpText('after', TOKEN_HELP)
   .action(async (opts) => {
     const images = await repository(opts).listImages(await ownerOf(opts));
     const size = (n?: number) => (n === undefined ? '-' : String(n)).padStart(12);
@@ -115,7 +146,7 @@ commandGroup(program, 'image', IMAGE_GROUP_DESCRIPTION)
             `${i.status.padEnd(10)} ${(i.format ?? '-').padEnd(6)} ${size(i.virtualBytes)} ${size(i.bytes)}` +
             `  ${i.sha256.slice(0, 12)}  ${i.name}${i.error ? `  (${i.error})` : ''}`,
         )
-        .join('\n'),
+        .join('\n') || 'no images',
       images,
     );
   });
@@ -153,7 +184,7 @@ interface TaskAccess {
   cancel(taskId: string, reason?: string): Promise<TaskStatus>;
   migrate(taskId: string, request: MigrateRequest): Promise<TaskStatus>;
   resize(taskId: string, request: ResizeRequest): Promise<TaskStatus>;
-  list(opts: { running?: boolean }): Promise<TaskSummary[]>;
+  list(filter: TaskListFilter): Promise<TaskSummary[]>;
 }
 
 interface TaskCommandOptions {
@@ -164,9 +195,19 @@ interface TaskCommandOptions {
 
 /** The repository options every task command takes, and --temporal where operators may use it. */
 function taskCommand(name: string, description: string, operators = true, parent = program): Command {
-  const cmd = parent.command(name).description(description).addOption(repoOption()).addOption(ownerOption());
+  const cmd = parent
+    .command(name)
+    .description(description)
+    .addOption(repoOption())
+    .addOption(ownerOption())
+    .addHelpText('after', TOKEN_HELP);
   return operators
-    ? cmd.option('--temporal', 'operators: use Temporal directly (TEMPORAL_ADDRESS, ...), not the repository')
+    ? cmd
+        .option('--temporal', 'operators: use Temporal directly (TEMPORAL_ADDRESS, ...), not the repository')
+        .addHelpText(
+          'after',
+          'With --temporal: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, TEMPORAL_TLS_* instead.',
+        )
     : cmd;
 }
 
@@ -224,6 +265,13 @@ taskCommand(
   'watch <task-id>',
   'follow a task with a progress display until it ends (exit 0, 3 failed, 4 cancelled)',
 ).action(async (taskId: string, opts: TaskCommandOptions) => watch(await tasks(opts), taskId));
+
+taskCommand(
+  'wait <task-id>',
+  'wait, silently, until a task ends; print its result (exit 0, 3 failed, 4 cancelled)',
+).action(async (taskId: string, opts: TaskCommandOptions) =>
+  watch(await tasks(opts), taskId, { display: false }),
+);
 
 taskCommand(
   'status <task-id>',
@@ -310,8 +358,17 @@ function wholeNumber(option: string): (v: string) => number {
 
 taskCommand('list', 'list your tasks, newest first')
   .option('--running', 'only running tasks')
-  .action(async (opts: TaskCommandOptions & { running?: boolean }) => {
-    const list = await (await tasks(opts)).list({ running: opts.running });
+  .option('--phase <phase>', `only tasks in this phase (${TASK_PHASES.join(', ')})`, checkPhase)
+  .option('--host <host>', 'only tasks whose VM runs (or last ran) on this host', checkHost)
+  .option(
+    '--since <time>',
+    'only tasks started since this ISO 8601 time (2026-12-01T17:00:00Z) or this long ago (90s, 30m, 1h, 7d)',
+    (v) => parseSince(v),
+  )
+  .option('--limit <n>', "at most this many (the repository's most is 200)", wholeNumber('--limit'))
+  .action(async (opts: TaskCommandOptions & TaskListFilter) => {
+    const { running, phase, host, since, limit } = opts;
+    const list = await (await tasks(opts)).list({ running, phase, host, since, limit });
     const rows = list.map((t) => [t.taskId, t.status, t.phase ?? '-', t.host ?? '-', t.startTime]);
     print(rows.length ? table(['TASK', 'STATUS', 'PHASE', 'HOST', 'STARTED'], rows) : 'no tasks', list);
   });
@@ -333,8 +390,9 @@ function endedExitCode(phase: string | undefined): number {
   return phase === 'failed' ? EXIT.taskFailed : phase === 'cancelled' ? EXIT.taskCancelled : 0;
 }
 
-async function watch(client: TaskAccess, taskId: string): Promise<void> {
-  const display = json() ? undefined : createProgressDisplay();
+/** Follows the task until it ends, with the progress display unless `display` is false or --json. */
+async function watch(client: TaskAccess, taskId: string, { display: shown = true } = {}): Promise<void> {
+  const display = json() || !shown ? undefined : createProgressDisplay();
   let phase: string | undefined;
   try {
     const result = await client.watch(taskId, (s) => {
@@ -371,13 +429,32 @@ async function readStdin(): Promise<string> {
   return Buffer.concat(chunks).toString('utf8');
 }
 
-program.parseAsync().then(
-  () => process.exit(0),
-  (err: unknown) => {
+/** Runs `vsp` with `argv` (node's, script included); resolves with the exit code. */
+export async function run(argv = process.argv): Promise<number> {
+  try {
+    await program.parseAsync(argv);
+    return 0;
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      // --help and --version end here too (exit code 0); a usage error was printed unless --json.
+      if (json() && err.exitCode !== 0) {
+        const error =
+          err.code === 'commander.help'
+            ? 'no command given (vsp --help lists them)'
+            : err.message.replace(/^error: /, '');
+        process.stderr.write(`${JSON.stringify({ error, exitCode: err.exitCode })}\n`);
+      }
+      return err.exitCode;
+    }
+    const exitCode =
+      err instanceof CliExit ? err.exitCode : err instanceof TaskSpecError ? EXIT.invalidSpec : EXIT.error;
     const msg = fullMessage(err);
-    if (msg) process.stderr.write(`vsp: ${msg}\n`);
-    process.exit(
-      err instanceof CliExit ? err.exitCode : err instanceof TaskSpecError ? EXIT.invalidSpec : EXIT.error,
-    );
-  },
-);
+    // With --json, scripts read the error as JSON too (standard output may hold a result already).
+    if (msg) process.stderr.write(json() ? `${JSON.stringify({ error: msg, exitCode })}\n` : `vsp: ${msg}\n`);
+    return exitCode;
+  }
+}
+
+export { program };
+
+if (require.main === module) void run().then((code) => process.exit(code));

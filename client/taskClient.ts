@@ -1,6 +1,7 @@
 import type { TaskSpecInput } from '../spec/taskSpec';
 import type { TaskView } from '../repository/taskApi';
 import type { MigrateRequest, ResizeRequest, TaskResult, TaskStatus } from '../workflows/definitions';
+import { filterToQuery, type TaskListFilter } from './taskFilter';
 import type { TaskSummary } from './vspClient';
 
 export type { TaskSummary, TaskView };
@@ -111,11 +112,9 @@ export class TaskClient {
     return this.call<SubmittedTask>('POST', await this.tasksPath(), 'submit the task', body);
   }
 
-  /** The owner's tasks, newest first. */
-  async list(opts: { running?: boolean; limit?: number } = {}): Promise<TaskSummary[]> {
-    const query = new URLSearchParams();
-    if (opts.running) query.set('running', '1');
-    if (opts.limit !== undefined) query.set('limit', String(opts.limit));
+  /** The owner's tasks that pass the filter, newest first. */
+  async list(filter: TaskListFilter = {}): Promise<TaskSummary[]> {
+    const query = filterToQuery(filter);
     const q = query.size ? `?${query.toString()}` : '';
     return (await this.call<{ tasks: TaskSummary[] }>('GET', `${await this.tasksPath()}${q}`, 'list tasks'))
       .tasks;

@@ -7,6 +7,7 @@ import { placementRequest } from '../scheduler/request';
 import { neverFits } from '../scheduler/placement';
 import { parseTaskSpec, TaskSpecError, type TaskSpec, type TaskSpecInput } from '../spec/taskSpec';
 import { SchedulerClient } from './schedulerClient';
+import { visibilityQuery, type TaskListFilter } from './taskFilter';
 import { taskInput } from '../spec/taskInput';
 import {
   cancelUpdate,
@@ -174,12 +175,10 @@ export class VspClient {
     return this.temporal.workflow.getHandle(taskId).executeUpdate(localizeDisksUpdate, { args: [] });
   }
 
-  async list(opts: { owner?: string; running?: boolean; limit?: number } = {}): Promise<TaskSummary[]> {
-    const clauses = [`WorkflowType="TaskLifecycle"`];
-    if (opts.owner) clauses.push(`${SEARCH_ATTRIBUTES.owner}="${opts.owner.replace(/"/g, '')}"`);
-    if (opts.running) clauses.push(`ExecutionStatus="Running"`);
+  /** Tasks that pass the filter (every owner's unless `owner` is given), newest first. */
+  async list(opts: TaskListFilter & { owner?: string } = {}): Promise<TaskSummary[]> {
     const out: TaskSummary[] = [];
-    for await (const wf of this.temporal.workflow.list({ query: clauses.join(' AND ') })) {
+    for await (const wf of this.temporal.workflow.list({ query: visibilityQuery(opts) })) {
       const sa = wf.typedSearchAttributes;
       const get = (name: string) => {
         const pair = sa.getAll().find((p) => p.key.name === name);

@@ -1,7 +1,5 @@
 import { Client, Connection } from '@temporalio/client';
 import { loadClientConnectConfig } from '@temporalio/envconfig';
-import type { DataConverter } from '@temporalio/common';
-import { NativeConnection } from '@temporalio/worker';
 import { dataConverterFromEnv } from './payloadCodec';
 
 /**
@@ -33,22 +31,6 @@ export async function connectClient(): Promise<Client> {
   try {
     const connection = await Connection.connect({ ...s.connect.connectionOptions, address: s.address });
     return new Client({ connection, namespace: s.namespace, dataConverter: dataConverterFromEnv() });
-  } catch (err) {
-    throw new Error(`cannot reach Temporal at ${s.address}`, { cause: err });
-  }
-}
-
-/** A worker's connection, and the data converter its Worker and Client must share (payloadCodec.ts). */
-export async function connectWorkerConnection(): Promise<{
-  connection: NativeConnection;
-  namespace: string;
-  dataConverter: DataConverter;
-}> {
-  const s = temporalSettings();
-  const dataConverter = dataConverterFromEnv();
-  try {
-    const connection = await NativeConnection.connect({ ...s.connect.connectionOptions, address: s.address });
-    return { connection, namespace: s.namespace, dataConverter };
   } catch (err) {
     throw new Error(`cannot reach Temporal at ${s.address}`, { cause: err });
   }

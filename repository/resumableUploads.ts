@@ -3,7 +3,7 @@ import { createHash, randomBytes, type Hash } from 'node:crypto';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { z } from 'zod';
-import { normaliseRepoPath } from '../spec/repoPath';
+import { normaliseFilePath } from '../spec/repoPath';
 import { describeError, type Logger } from '../logging/logger';
 import { streamInto, writtenBefore } from '../lib/durableWrite';
 import { fsyncFile } from '../storage/durableFile';
@@ -163,7 +163,7 @@ export class ResumableUploads {
     const req = parsed.data;
     let repoPath: string;
     try {
-      repoPath = normaliseRepoPath(req.path);
+      repoPath = normaliseFilePath(req.path);
     } catch (err) {
       throw new UploadError(400, (err as Error).message);
     }

@@ -1,10 +1,10 @@
 import { PassThrough } from 'node:stream';
 import { utils, type Attributes, type FileEntry, type SFTPWrapper } from 'ssh2';
-import { normaliseRepoPath } from '../spec/repoPath';
+import { normaliseRepoPath, refuseFolderSpelling } from '../spec/repoPath';
 import { describeError } from '../logging/logger';
 import { AccessDenied, checkSession, type OwnerSession } from './auth';
 import type { AuditEvent } from './auditLog';
-import { StoreError, type DirEntry, type Entry, type OpenFile } from './fileStore';
+import { StoreError, type DirEntry, type Entry, type FileStore, type OpenFile } from './fileStore';
 import type { FileProtocolDeps } from './protocolDeps';
 import type { FileRow } from './metadataDb';
 
@@ -57,7 +57,7 @@ async function failureOf(h: { result: Promise<FileRow> }): Promise<Error> {
 }
 
 /** A refusal of a client path, reported as permission denied. */
-class PathRefused extends Error {}
+export class PathRefused extends Error {}
 
 /** REALPATH: lexical, with '..' stopping at the owner's root, as in a chroot. */
 export function resolveSftpPath(input: string): string {
@@ -79,6 +79,29 @@ export function toRepoPath(input: string): string {
   } catch (err) {
     throw new PathRefused((err as Error).message);
   }
+}
+
+/** A client path that must name a file, as a repository path: a trailing '/' is refused. */
+export function toFilePath(input: string): string {
+  try {
+    refuseFolderSpelling(input);
+  } catch (err) {
+    throw new PathRefused((err as Error).message);
+  }
+  return toRepoPath(input);
+}
+
+/** `a/` names a folder: a file there is not found, as stat("file/") is ENOTDIR on POSIX. */
+export function entryAsSpelled(store: FileStore, owner: string, input: string): Entry | undefined {
+  const e = store.entry(owner, toRepoPath(input));
+  return e?.kind === 'file' && input.endsWith('/') ? undefined : e;
+}
+
+/** A rename's paths may end with '/' only when it moves a folder. */
+export function renamePaths(store: FileStore, owner: string, from: string, to: string): [string, string] {
+  const src = toRepoPath(from);
+  if (store.entry(owner, src)?.kind !== 'folder') [from, to].forEach(toFilePath);
+  return [src, toRepoPath(to)];
 }
 
 function attrsOf(e: Entry): Attributes {
@@ -206,7 +229,7 @@ export function serveSftp(
 
   const statHandler = (reqId: number, p: string): void =>
     serve(reqId, undefined, undefined, () => {
-      const e = store.entry(owner, toRepoPath(p));
+      const e = entryAsSpelled(store, owner, p);
       if (!e) throw new StoreError('not-found', `no such file or folder: ${p}`);
       sftp.attrs(reqId, attrsOf(e));
     });
@@ -216,7 +239,7 @@ export function serveSftp(
   sftp.on('OPEN', (reqId, filename, flags) => {
     const action = flags & OPEN_MODE.WRITE ? 'upload' : 'download';
     serve(reqId, action, filename, async () => {
-      const repoPath = toRepoPath(filename);
+      const repoPath = toFilePath(filename);
       if (repoPath === '') throw new StoreError('conflict', 'the root is a folder');
       if (action === 'upload') return openForWrite(reqId, repoPath, flags);
       if (store.entry(owner, repoPath)?.kind === 'folder')
@@ -386,14 +409,14 @@ export function serveSftp(
   sftp.on('RMDIR', (reqId, p) => mutation('rmdir', p, (rp) => store.removeFolder(owner, rp))(reqId));
   sftp.on('REMOVE', (reqId, p) =>
     mutation('delete', p, (rp) => {
+      toFilePath(p);
       if (store.entry(owner, rp)?.kind === 'folder') throw new StoreError('conflict', `${rp} is a folder`);
       if (!store.delete(owner, rp)) throw new StoreError('not-found', `no such file: ${rp}`);
     })(reqId),
   );
   sftp.on('RENAME', (reqId, from, to) =>
     serve(reqId, 'rename', from, () => {
-      const src = toRepoPath(from);
-      const dst = toRepoPath(to);
+      const [src, dst] = renamePaths(store, owner, from, to);
       if (src === '' || dst === '') throw new PathRefused('cannot rename the root folder');
       store.rename(owner, src, dst);
       record({ action: 'rename', path: src, to: dst, result: 'ok' });

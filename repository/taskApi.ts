@@ -6,6 +6,7 @@ import {
 } from '@temporalio/client';
 import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
 import { SEARCH_ATTRIBUTES } from '../config/names';
+import type { TaskListFilter } from '../client/taskFilter';
 import { taskFailureMessage, type TaskSummary, type VspClient } from '../client/vspClient';
 import { describeError, type Logger } from '../logging/logger';
 import { TaskSpecError } from '../spec/taskSpec';
@@ -83,8 +84,8 @@ export class TaskApi {
     private readonly admission: TaskAdmissionDeps,
   ) {}
 
-  async list(owner: string, running: boolean, limit: number): Promise<TaskSummary[]> {
-    return this.temporal('list tasks', () => this.vsp.list({ owner, running, limit }));
+  async list(owner: string, filter: TaskListFilter): Promise<TaskSummary[]> {
+    return this.temporal('list tasks', () => this.vsp.list({ ...filter, owner }));
   }
 
   /**

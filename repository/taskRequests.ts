@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { filterFromQuery, type TaskListFilter } from '../client/taskFilter';
 import { ResizeRequestSchema } from '../workflows/definitions';
 import type { TaskApi } from './taskApi';
 import { checkTaskId, TaskApiError } from './taskAdmission';
@@ -65,6 +66,16 @@ function listLimit(query: URLSearchParams): number {
   return n;
 }
 
+/** A listing's filter and limit from its query (`running=1`, `phase`, `host`, `since`, `limit`). */
+function listFilter(query: URLSearchParams): TaskListFilter {
+  try {
+    return { ...filterFromQuery(query), limit: listLimit(query) };
+  } catch (err) {
+    if (err instanceof TaskApiError) throw err;
+    throw new TaskApiError(400, (err as Error).message, { cause: err });
+  }
+}
+
 /** Answers one task request with its status and JSON body; throws TaskApiError. */
 export async function taskRequest(
   api: TaskApi | undefined,
@@ -76,10 +87,8 @@ export async function taskRequest(
     if (method !== allowed) throw new TaskApiError(405, `${method} is not allowed here (use ${allowed})`);
   };
   if (req.taskId === undefined) {
-    if (method === 'GET') {
-      const running = req.query.get('running') === '1';
-      return { status: 200, body: { tasks: await api.list(owner, running, listLimit(req.query)) } };
-    }
+    if (method === 'GET')
+      return { status: 200, body: { tasks: await api.list(owner, listFilter(req.query)) } };
     if (method === 'POST') return { status: 201, body: await api.submit(owner, await req.body()) };
     throw new TaskApiError(405, `${method} is not allowed on a task list (use GET or POST)`);
   }

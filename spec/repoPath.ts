@@ -33,6 +33,21 @@ export function normaliseRepoPath(input: string, what = 'path'): string {
   return out;
 }
 
+/**
+ * A path that must name a file. A trailing '/' spells a folder: it is refused, never dropped, so that
+ * `PUT a/` cannot write the file `a` (on every protocol alike).
+ */
+export function normaliseFilePath(input: string, what = 'path'): string {
+  refuseFolderSpelling(input, what);
+  return normaliseRepoPath(input, what);
+}
+
+/** Throws if `input` ends with '/' (see normaliseFilePath); for protocols that resolve paths themselves. */
+export function refuseFolderSpelling(input: string, what = 'path'): void {
+  if (typeof input === 'string' && input.endsWith('/'))
+    throw new Error(`${what} ${JSON.stringify(input)} ends with '/', which names a folder, not a file`);
+}
+
 export function isValidRepoPath(input: string): boolean {
   try {
     normaliseRepoPath(input);

@@ -3,7 +3,7 @@ import { Client } from '@temporalio/client';
 import { Worker } from '@temporalio/worker';
 import { createControlActivities } from '../activities/control/createControlActivities';
 import { CONTROL_TASK_QUEUE } from '../config/names';
-import { connectWorkerConnection } from '../config/temporal';
+import { connectWorkerConnection } from '../config/workerConnection';
 import { syncRebalanceSchedule } from '../client/rebalanceSchedule';
 import { SchedulerClient } from '../client/schedulerClient';
 import { loadControlConfig, schedulerConfigOf } from '../config/workerConfig';

@@ -6,7 +6,7 @@ import { createInventory } from '../activities/host/hostInventory';
 import { cpuListSize } from '../drivers/xen/domainConfig';
 import { createHostLivenessActivities } from '../activities/host/hostLiveness';
 import { createMigrationActivities } from '../activities/host/migrationActivities';
-import { connectWorkerConnection } from '../config/temporal';
+import { connectWorkerConnection } from '../config/workerConnection';
 import { CONTROL_TASK_QUEUE, hostLivenessWorkflowId, hostTaskQueue } from '../config/names';
 import { loadHostConfig, type HostConfig } from '../config/workerConfig';
 import { createLogger, describeError } from '../logging/logger';

@@ -1,10 +1,11 @@
 import { spawn, spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { repoRoot } from '../../deploy/devcluster/tools';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
+import { releaseTask, waitingCommand, waitingTaskDir } from '../support/releasedTasks';
 import { temporalAddress } from '../support/temporalEnv';
 
 let fx: ClusterFixture;
@@ -49,10 +50,11 @@ function vsp(args: string[], opts: { input?: string; token?: string; as?: string
 function vspInBackground(
   args: string[],
   as: string,
+  env: NodeJS.ProcessEnv = {},
 ): Promise<{ code: number | null; out: string; err: string }> {
   const child = spawn(process.execPath, [VSP_JS(), ...args], {
     cwd: tmp,
-    env: cliEnv(fx.cluster.ownerToken(as)),
+    env: { ...cliEnv(fx.cluster.ownerToken(as)), ...env },
   });
   let out = '';
   let err = '';
@@ -88,6 +90,144 @@ test('upload, submit --watch, list and download through the vsp CLI', async () =
   expect(table[0]).toMatch(/^TASK +STATUS +PHASE +HOST +STARTED$/);
   const row = table.find((l) => l.startsWith(`${result.taskId} `));
   expect(row?.indexOf('COMPLETED')).toBe(table[0].indexOf('STATUS'));
+});
+
+test("download '-' writes the file's bytes to standard output, and nothing else (no file named '-')", async () => {
+  const bytes = Buffer.concat([Buffer.from('line\n\x00\xff'), createHash('sha512').update('x').digest()]);
+  const blob = Buffer.concat(Array.from({ length: 3000 }, () => bytes));
+  await fs.writeFile(path.join(tmp, 'blob.bin'), blob);
+  expect(vsp(['upload', 'blob.bin', 'in/blob.bin']).code).toBe(0);
+  await fs.rm(path.join(tmp, 'blob.bin'));
+  const raw = (args: string[]) =>
+    spawnSync(process.execPath, [VSP_JS(), ...args], {
+      cwd: tmp,
+      env: cliEnv(fx.cluster.ownerToken('carol')),
+    });
+  for (const args of [
+    ['download', 'in/blob.bin', '-'],
+    ['--json', 'download', 'in/blob.bin', '-'],
+  ]) {
+    const r = raw(args);
+    expect(r.stderr.toString()).toBe('');
+    expect(r.status).toBe(0);
+    expect(Buffer.compare(r.stdout, blob)).toBe(0);
+  }
+  expect(await fs.readdir(tmp)).not.toContain('-');
+  // A reader that stops early (`| head`) ends it quietly, exit 1: the bytes were not all delivered.
+  const early = spawn(process.execPath, [VSP_JS(), 'download', 'in/blob.bin', '-'], {
+    cwd: tmp,
+    env: cliEnv(fx.cluster.ownerToken('carol')),
+  });
+  let earlyErr = '';
+  early.stderr.on('data', (d: Buffer) => (earlyErr += d.toString()));
+  early.stdout.once('data', () => early.stdout.destroy());
+  expect(await new Promise((resolve) => early.on('close', resolve))).toBe(1);
+  expect(earlyErr).toBe('');
+  // Empty listings say so, rather than printing nothing.
+  expect(vsp(['ls', 'nothing/']).out).toBe('no files\n');
+  expect(vsp(['image', 'ls']).out).toBe('no images\n');
+  const missing = raw(['download', 'in/none.bin', '-']);
+  expect(missing.status).toBe(1);
+  expect(missing.stdout.length).toBe(0);
+  expect(missing.stderr.toString()).toMatch(/404/);
+});
+
+test('wait blocks until the task ends and prints its result without a progress display; list filters by phase, host and since', async () => {
+  const marker = `cli-wait-${Date.now()}`;
+  const submitted = vsp(['--json', 'submit', '-', '--task-id', marker], {
+    input: JSON.stringify({ driver: 'process', command: waitingCommand(marker) }),
+  });
+  expect(submitted.code).toBe(0);
+  await until('the task to wait for its release', () => waitingTaskDir(fx.cluster.storeDir('a'), marker));
+  const running = JSON.parse(
+    vsp(['--json', 'list', '--phase', 'running', '--host', 'a', '--since', '10m']).out,
+  );
+  expect(running.map((t: { taskId: string }) => t.taskId)).toContain(marker);
+
+  // Each `vsp wait` notes its status requests (a preloaded hook on fetch), so the task is released only
+  // once both have seen it running: a wait that returned then could not have printed its result.
+  const hook = path.join(tmp, 'note-polls.js');
+  await fs.writeFile(
+    hook,
+    `const f = globalThis.fetch; globalThis.fetch = (url, ...rest) => {
+      if (/\\/tasks\\/[^/]+$/.test(new URL(url).pathname)) require('fs').appendFileSync(process.env.POLLS, 'x');
+      return f(url, ...rest);
+    };`,
+  );
+  const polls = (name: string) => ({ NODE_OPTIONS: `--require ${hook}`, POLLS: path.join(tmp, name) });
+  let ended = 0;
+  const waiting = vspInBackground(['--json', 'wait', marker], 'carol', polls('polls-json')).finally(
+    () => ended++,
+  );
+  const waitingHuman = vspInBackground(['wait', marker], 'carol', polls('polls-human')).finally(
+    () => ended++,
+  );
+  await until('both waits to poll', async () =>
+    Promise.all(['polls-json', 'polls-human'].map((f) => fs.stat(path.join(tmp, f)))).then(() => true),
+  );
+  expect(ended).toBe(0);
+  await releaseTask(fx.cluster.storeDir('a'), marker);
+  const [json, human] = await Promise.all([waiting, waitingHuman]);
+  expect(json).toMatchObject({ code: 0, err: '' });
+  const result = JSON.parse(json.out);
+  expect(result.outputs.map((o: { path: string }) => o.path)).toContain(`results/${marker}/outputs/r.txt`);
+  expect(human).toEqual({
+    code: 0,
+    out: `task ${marker} completed on a: ${result.outputs.length} output file(s) in results/${marker}\n`,
+    err: '',
+  });
+
+  const failed = `cli-wait-fail-${Date.now()}`;
+  vsp(['submit', '-', '--task-id', failed], { input: '{"driver":"process","command":"exit 3"}' });
+  const waitedFail = vsp(['wait', failed]);
+  expect(waitedFail.code).toBe(3);
+  expect(waitedFail.out).toBe('');
+  expect(waitedFail.err).toMatch(new RegExp(`^vsp: task ${failed} failed: .*exit.*\n$`));
+
+  const ids = (args: string[]) =>
+    (JSON.parse(vsp(['--json', 'list', ...args]).out) as { taskId: string }[]).map((t) => t.taskId);
+  // Visibility follows the workflows' last upserts shortly after they end.
+  await until('the listing to show both ends', async () => {
+    const done = ids(['--phase', 'completed', '--since', '1h']);
+    return done.includes(marker) && !done.includes(failed) && ids(['--phase', 'failed']).includes(failed);
+  });
+  expect(ids(['--host', 'a'])).toEqual(expect.arrayContaining([marker, failed]));
+  expect(ids(['--host', 'b'])).toEqual([]);
+  expect(ids(['--since', new Date(Date.now() + 60_000).toISOString()])).toEqual([]);
+  const operator = vsp(['--json', 'list', '--temporal', '--owner', 'carol', '--phase', 'failed']);
+  expect(JSON.parse(operator.out).map((t: { taskId: string }) => t.taskId)).toEqual([failed]);
+  const bad = vsp(['list', '--since', 'last week']);
+  expect(bad).toMatchObject({ code: 1, out: '' });
+  expect(bad.err).toMatch(/since 'last week' is neither an ISO 8601 time .* nor a duration/);
+});
+
+test('vsp codec serve keeps serving until SIGTERM, then exits 0', async () => {
+  const keyFile = path.join(tmp, 'payload.key');
+  await fs.writeFile(keyFile, randomBytes(32).toString('base64url'), { mode: 0o600 });
+  const child = spawn(
+    process.execPath,
+    [VSP_JS(), '--json', 'codec', 'serve', '--listen', '127.0.0.1:0', '--ui-origin', 'http://127.0.0.1:8233'],
+    { env: { ...process.env, VSP_PAYLOAD_KEY_FILE: keyFile }, stdio: ['ignore', 'pipe', 'inherit'] },
+  );
+  const exited = new Promise<number | null>((resolve) => child.on('close', resolve));
+  try {
+    const ready = await new Promise<{ url: string }>((resolve, reject) => {
+      let out = '';
+      child.stdout.on('data', (d: Buffer) => {
+        out += d.toString();
+        if (out.includes('\n')) resolve(JSON.parse(out) as { url: string });
+      });
+      void exited.then((code) => reject(new Error(`vsp codec serve exited (${code}) before it was ready`)));
+    });
+    // Asked after the ready line: a command that had returned would no longer answer.
+    const res = await fetch(`${ready.url}/encode`, { method: 'OPTIONS' });
+    expect(res.status).toBe(204);
+    expect(res.headers.get('access-control-allow-origin')).toBe('http://127.0.0.1:8233');
+    child.kill('SIGTERM');
+    expect(await exited).toBe(0);
+  } finally {
+    child.kill('SIGKILL');
+  }
 });
 
 test('the CLI refuses a bad spec naming the field, and a bad token', () => {

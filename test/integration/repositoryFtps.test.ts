@@ -2,8 +2,10 @@ import { execFile } from 'node:child_process';
 import { createHash, randomBytes, randomInt } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
+import { connect as connectTcp } from 'node:net';
 import path from 'node:path';
 import { PassThrough, Readable } from 'node:stream';
+import { connect as connectTls, type TLSSocket } from 'node:tls';
 import { promisify } from 'node:util';
 import { Client, FTPError } from 'basic-ftp';
 import { addOwner, setOwnerDisabled, setPassword, setQuota } from '../../repository/admin';
@@ -60,6 +62,48 @@ async function refusal(p: Promise<unknown>): Promise<{ code: number; message: st
   );
   if (!(err instanceof FTPError)) throw new Error(`expected an FTP refusal, got ${String(err)}`);
   return { code: err.code, message: err.message };
+}
+
+/**
+ * A control connection driven byte by byte, for what FTP client libraries never send: commands split
+ * across reads, over-long lines, bytes that are not UTF-8. `reply` returns the next final reply line.
+ */
+async function rawSession(user: string, password: string) {
+  const tcp = connectTcp(ftpsPort, '127.0.0.1');
+  let text = '';
+  let wake: (() => void) | undefined;
+  const listen = (s: NodeJS.ReadableStream): void => {
+    s.on('data', (b: Buffer) => {
+      text += b.toString('utf8');
+      wake?.();
+    });
+  };
+  listen(tcp);
+  const reply = async (): Promise<string> => {
+    for (;;) {
+      const m = /^(\d{3}) [^\r\n]*\r\n/m.exec(text);
+      if (m) {
+        text = text.slice(m.index + m[0].length);
+        return m[0].trim();
+      }
+      await new Promise<void>((r) => (wake = r));
+    }
+  };
+  expect(await reply()).toMatch(/^220 /);
+  tcp.write('AUTH TLS\r\n');
+  expect(await reply()).toMatch(/^234 /);
+  tcp.removeAllListeners('data');
+  const tls: TLSSocket = connectTls({ socket: tcp, ca: cert, checkServerIdentity: () => undefined });
+  await new Promise((r) => tls.once('secureConnect', r));
+  listen(tls);
+  const send = async (bytes: string | Buffer): Promise<void> => {
+    await new Promise<void>((r, j) => tls.write(bytes, (err) => (err ? j(err) : r())));
+  };
+  await send(`USER ${user}\r\n`);
+  expect(await reply()).toMatch(/^331 /);
+  await send(`PASS ${password}\r\n`);
+  expect(await reply()).toMatch(/^230 /);
+  return { send, reply, close: () => tls.destroy(), pending: () => text };
 }
 
 async function auditLines(): Promise<Record<string, unknown>[]> {
@@ -211,6 +255,125 @@ describe('FTPS service', () => {
     }
     expect(await bobHttp.stat('bob', 'big.bin')).toBeUndefined();
     expect(await fs.readdir(path.join(dataDir, 'tmp'))).toEqual([]);
+    // Audited as over HTTP and SFTP.
+    expect(await auditLines()).toContainEqual(
+      expect.objectContaining({
+        protocol: 'ftps',
+        user: 'bob',
+        action: 'upload',
+        path: 'big.bin',
+        result: 'failed',
+        detail: expect.stringMatching(/quota/),
+      }),
+    );
+  });
+
+  test('an upload whose data connection is reset stores nothing and is not reported as stored', async () => {
+    const s = await rawSession('alice', PASSWORD);
+    try {
+      await s.send('PBSZ 0\r\nPROT P\r\nTYPE I\r\nPASV\r\n');
+      for (let i = 0; i < 3; i++) expect(await s.reply()).toMatch(/^200 /);
+      const pasv = /\((\d+),(\d+),(\d+),(\d+),(\d+),(\d+)\)/.exec(await s.reply());
+      const port = Number(pasv?.[5]) * 256 + Number(pasv?.[6]);
+      const raw = connectTcp(port, '127.0.0.1');
+      await new Promise((r) => raw.once('connect', r));
+      await s.send('STOR reset.bin\r\n');
+      expect(await s.reply()).toMatch(/^150 /);
+      const data = connectTls({ socket: raw, ca: cert, checkServerIdentity: () => undefined });
+      await new Promise((r) => data.once('secureConnect', r));
+      await new Promise<void>((r) => data.write(randomBytes(200_000), () => r()));
+      // Cut off by a reset, as when a client crashes or a middlebox drops the connection.
+      raw.resetAndDestroy();
+      expect(await s.reply()).not.toMatch(/^226 /);
+    } finally {
+      s.close();
+    }
+    expect(await aliceHttp.stat('alice', 'reset.bin')).toBeUndefined();
+  });
+
+  test('commands split across reads, over-long lines and bytes that are not UTF-8 keep replies in step', async () => {
+    await aliceHttp.upload('alice', 'frame/a.txt', Readable.from([Buffer.from('abc')]), { size: 3 });
+    const s = await rawSession('alice', PASSWORD);
+    try {
+      // One command over three writes (each awaited, so three TCP segments): it must run once, whole.
+      await s.send('SIZE fra');
+      await s.send('me/a.');
+      await s.send('txt\r\n');
+      expect(await s.reply()).toBe('213 3');
+      // Two commands in one write, then a bare LF as many clients send.
+      await s.send('PWD\r\nNOOP\r\nSIZE frame/a.txt\n');
+      expect(await s.reply()).toMatch(/^257 /);
+      expect(await s.reply()).toMatch(/^200 /);
+      expect(await s.reply()).toBe('213 3');
+      // 20 KB in one line: one 500 without the line echoed back, then the next command's own reply.
+      const long = `SIZE ${'x'.repeat(20_000)}`;
+      await s.send(`${long}\r\nSIZE frame/a.txt\r\n`);
+      const refused = await s.reply();
+      expect(refused).toMatch(/^500 .*longer than 4096 bytes/);
+      expect(refused.length).toBeLessThan(200);
+      expect(await s.reply()).toBe('213 3');
+      // 100 KB spread over many writes: still one refusal, and the replies stay in step.
+      for (let i = 0; i < 10; i++) await s.send(`${i === 0 ? 'STOR ' : ''}${'y'.repeat(10_000)}`);
+      await s.send('\r\nSIZE frame/a.txt\r\n');
+      expect(await s.reply()).toMatch(/^500 /);
+      expect(await s.reply()).toBe('213 3');
+      // A name that is not UTF-8 is refused, never stored under U+FFFD.
+      await s.send(Buffer.concat([Buffer.from('MKD bad'), Buffer.from([0xff, 0xfe]), Buffer.from('\r\n')]));
+      expect(await s.reply()).toMatch(/^501 .*not valid UTF-8/);
+      // Many commands at once (more than are queued before reading stops) are all answered, in order.
+      await s.send('NOOP\r\nPWD\r\n'.repeat(100));
+      for (let i = 0; i < 100; i++) {
+        expect(await s.reply()).toMatch(/^200 /);
+        expect(await s.reply()).toMatch(/^257 /);
+      }
+      expect(s.pending()).toBe('');
+    } finally {
+      s.close();
+    }
+    expect((await aliceHttp.list('alice', 'bad')).length).toBe(0);
+    expect((await aliceHttp.list('alice', '')).map((f) => f.path)).not.toContainEqual(
+      expect.stringContaining('\ufffd'),
+    );
+  });
+
+  test('LIST options, "." and "..", and a trailing "/" get the replies other servers give', async () => {
+    const c = await login('alice', PASSWORD);
+    try {
+      await c.uploadFrom(Readable.from([Buffer.from('hello')]), 'dots/f.txt');
+      await c.cd('dots');
+      // LIST -la: the options are ignored; the listing is the current folder's.
+      expect((await c.send('TYPE I')).code).toBe(200);
+      expect((await c.list('-la')).map((e) => e.name)).toEqual(['f.txt']);
+      expect((await c.list('-la /dots')).map((e) => e.name)).toEqual(['f.txt']);
+      // MKD of a folder that exists says so by name.
+      expect((await refusal(c.send('MKD .'))).message).toMatch(/^550 "\." exists already \(as \/dots\)/);
+      expect((await refusal(c.send('MKD /dots'))).message).toMatch(/exists already/);
+      expect((await refusal(c.send('RMD .'))).message).toMatch(/folder you are in/);
+      // '.' or '..' inside a path is refused as over HTTP and SFTP; CWD .. climbs.
+      expect((await refusal(fetch(c, 'f.txt/.'))).message).toMatch(/contains '\.'/);
+      expect((await refusal(c.uploadFrom(Readable.from([Buffer.from('x')]), 'g/.'))).message).toMatch(
+        /contains '\.'/,
+      );
+      expect((await refusal(c.remove('./f.txt'))).message).toMatch(/contains '\.'/);
+      // A trailing '/' names a folder: no file is written, read or removed through it.
+      expect((await refusal(c.uploadFrom(Readable.from([Buffer.from('x')]), 'new/'))).message).toMatch(
+        /ends with '\/'/,
+      );
+      expect((await refusal(fetch(c, 'f.txt/'))).message).toMatch(/ends with '\/'/);
+      expect((await refusal(c.remove('f.txt/'))).message).toMatch(/ends with '\/'/);
+      expect((await refusal(c.size('f.txt/'))).message).toMatch(/no such file/);
+      expect((await refusal(c.rename('f.txt', 'g.txt/'))).message).toMatch(/ends with '\/'/);
+      await c.send('MKD sub/');
+      await c.rename('sub/', 'sub2/');
+      await c.cd('..');
+      expect(await c.pwd()).toBe('/');
+      expect((await c.list('dots/')).map((e) => e.name).sort()).toEqual(['f.txt', 'sub2']);
+    } finally {
+      c.close();
+    }
+    expect(await aliceHttp.stat('alice', 'dots/new')).toBeUndefined();
+    expect(await aliceHttp.stat('alice', 'dots/g')).toBeUndefined();
+    expect((await aliceHttp.stat('alice', 'dots/f.txt'))?.size).toBe(5);
   });
 
   test('parallel curl sessions all log in over TLS and move the right bytes', async () => {

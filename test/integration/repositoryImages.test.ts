@@ -1,6 +1,5 @@
 import { execFile, execFileSync } from 'node:child_process';
 import { createReadStream, promises as fs } from 'node:fs';
-import { randomInt } from 'node:crypto';
 import os from 'node:os';
 import path from 'node:path';
 import { PassThrough, Readable } from 'node:stream';
@@ -11,9 +10,10 @@ import { addOwner, createServiceToken, setPassword, withAdmin } from '../../repo
 import { RepositoryClient, RepositoryError, type ImageEntry } from '../../repository/client';
 import { addBaseImage } from '../../repository/imageStore';
 import { MetadataDb, repositoryDbPath } from '../../repository/metadataDb';
-import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
+import type { RepositoryServer } from '../../repository/server';
 import { parseTaskSpec, imageRepoPath } from '../../spec/taskSpec';
 import { sha256File } from '../../storage/imageCache';
+import { startAllProtocols } from '../support/repositoryServer';
 import { refusal, SftpTestClient } from '../support/sftpTestClient';
 
 const PASSWORD = 'correct horse battery staple';
@@ -94,13 +94,7 @@ beforeAll(async () => {
   base = path.join(work, 'base.raw');
   execFileSync('mke2fs', ['-q', '-t', 'ext4', base, '8M'], { stdio: 'pipe' });
   baseSha = await sha256File(base);
-  const min = randomInt(30_000, 60_000);
-  server = await startRepositoryServer({
-    dataDir,
-    port: 0,
-    sftp: { port: 0 },
-    ftps: { port: 0, pasvPorts: { min, max: min + 40 } },
-  });
+  server = await startAllProtocols(dataDir);
   cert = await fs.readFile(path.join(dataDir, 'ftps_cert.pem'));
   alice = new RepositoryClient({ url: server.url, token: aliceToken });
   bob = new RepositoryClient({ url: server.url, token: bobToken });
