@@ -46,12 +46,6 @@ export interface ClusterConfig {
   memMiB: number;
   dom0MemMiB: number;
   smp: number;
-  /**
-   * With more than one CPU, dom0 is pinned to CPU 0 and guests run on the others (the inventory's
-   * xenGuestCpus). Under nested TCG, a guest sharing a CPU with dom0's work (a migration's save helper and
-   * ssh) crashed in about half of the migrations (its kernel GS base lost on an interrupt from user mode).
-   */
-  guestCpus?: string;
   warm: boolean;
 }
 
@@ -116,7 +110,6 @@ export function clusterConfig(o: VmClusterOptions = {}): ClusterConfig {
     memMiB,
     dom0MemMiB,
     smp,
-    ...(smp > 1 ? { guestCpus: smp === 2 ? '1' : `1-${smp - 1}` } : {}),
     warm: o.warm ?? true,
   };
 }

@@ -31,7 +31,7 @@ export const HOST_LIVENESS_SEC = 120;
 
 /** Starts the services for the cluster of `vmInventory` (from clusterUp), with state and logs in `dir`. */
 export async function startClusterServices(vmInventory: Inventory, dir: string): Promise<ClusterServices> {
-  const { gateway, guestCpus } = clusterConfig();
+  const { gateway } = clusterConfig();
   await fs.mkdir(dir, { recursive: true });
   let temporal: TemporalDevServer | undefined;
   let forward: TcpForward | undefined;
@@ -60,7 +60,6 @@ export async function startClusterServices(vmInventory: Inventory, dir: string):
         repositoryUrl: `http://${gateway}:${REPOSITORY_PORT}`,
         repositoryTokenFile: tokenFile,
         driver: 'xen',
-        ...(guestCpus ? { xenGuestCpus: guestCpus } : {}),
       },
     };
     const inventoryFile = path.join(dir, 'inventory.json');

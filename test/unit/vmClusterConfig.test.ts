@@ -66,18 +66,4 @@ describe('virtual cluster configuration', () => {
     );
     expect(modules[1]).toBe(image.initrd);
   });
-
-  test('dom0 is pinned to CPU 0 and guests get the others; one CPU is shared', () => {
-    const xenArgs = (smp: number) => {
-      const c = clusterConfig({ smp });
-      const args = qemuArgs(c, c.hosts[0], image);
-      return { guestCpus: c.guestCpus, xen: args[args.indexOf('-append') + 1] };
-    };
-    expect(xenArgs(2)).toEqual({
-      guestCpus: '1',
-      xen: expect.stringContaining(' dom0_max_vcpus=1 dom0_vcpus_pin '),
-    });
-    expect(xenArgs(4).guestCpus).toBe('1-3');
-    expect(xenArgs(1)).toEqual({ guestCpus: undefined, xen: expect.not.stringContaining('dom0_vcpus_pin') });
-  });
 });
