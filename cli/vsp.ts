@@ -103,7 +103,13 @@ program
     const client = repository(opts);
     const owner = await ownerOf(opts);
     // Standard output carries the bytes alone: no summary line after them.
-    if (local === '-') return void (await client.downloadTo(owner, remote, process.stdout));
+    if (local === '-')
+      return void (await client.downloadTo(owner, remote, process.stdout).catch((err: unknown) => {
+        // The reader stopped early (`| head`): as for any writer in a pipe, nothing to say; not 0, though.
+        if ((err as { cause?: { code?: string } }).cause?.code === 'EPIPE')
+          throw new CliExit(EXIT.error, '', { cause: err });
+        throw err;
+      }));
     const info = await client.download(owner, remote, local ?? path.basename(remote));
     print(`${local ?? path.basename(remote)}  ${info.size} bytes  sha256 ${info.sha256}`, info);
   });

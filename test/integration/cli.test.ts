@@ -113,6 +113,16 @@ test("download '-' writes the file's bytes to standard output, and nothing else 
     expect(Buffer.compare(r.stdout, blob)).toBe(0);
   }
   expect(await fs.readdir(tmp)).not.toContain('-');
+  // A reader that stops early (`| head`) ends it quietly, exit 1: the bytes were not all delivered.
+  const early = spawn(process.execPath, [VSP_JS(), 'download', 'in/blob.bin', '-'], {
+    cwd: tmp,
+    env: cliEnv(fx.cluster.ownerToken('carol')),
+  });
+  let earlyErr = '';
+  early.stderr.on('data', (d: Buffer) => (earlyErr += d.toString()));
+  early.stdout.once('data', () => early.stdout.destroy());
+  expect(await new Promise((resolve) => early.on('close', resolve))).toBe(1);
+  expect(earlyErr).toBe('');
   // Empty listings say so, rather than printing nothing.
   expect(vsp(['ls', 'nothing/']).out).toBe('no files\n');
   expect(vsp(['image', 'ls']).out).toBe('no images\n');
