@@ -141,7 +141,7 @@ function decodeComponent(raw: string, what: string): string {
   try {
     return decodeURIComponent(raw);
   } catch {
-    throw new HttpError(400, `${what} is not valid percent-encoding`);
+    throw new HttpError(400, `${what} is not valid percent-encoding of UTF-8`);
   }
 }
 

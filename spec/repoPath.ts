@@ -14,6 +14,10 @@ function utf8Length(s: string): number {
 export function normaliseRepoPath(input: string, what = 'path'): string {
   if (typeof input !== 'string' || input.length === 0) throw new Error(`${what} is empty`);
   if (input.includes('\0')) throw new Error(`${what} contains a NUL byte`);
+  // What lenient decoders (SSH libraries, browsers) put for bytes that are not UTF-8: refused so that
+  // different invalid names can never meet in one file.
+  if (input.includes('\uFFFD'))
+    throw new Error(`${what} contains U+FFFD, the mark of bytes that were not UTF-8: names must be UTF-8`);
   // eslint-disable-next-line no-control-regex
   if (/[\x01-\x1f\x7f]/.test(input)) throw new Error(`${what} contains a control character`);
   if (input.startsWith('/'))

@@ -276,6 +276,13 @@ elif action == 'rm':
     c.rm(*args)
 elif action == 'try':  # one operation that may be refused: prints 'ok' or 'refused <why>'
     op, remote = args
+    if remote.startswith('bytes:'):  # a name with bytes that are not UTF-8, as '\xff' escapes
+        raw = remote[6:].encode().decode('unicode_escape').encode('latin-1')
+        if client == 'ftplib':
+            c.f.encoding = 'latin-1'  # sends each character below 256 as that byte
+            remote = raw.decode('latin-1')
+        else:
+            remote = raw
     try:
         {'put': lambda: c.put(os.devnull, remote), 'get': lambda: c.get(remote, os.path.join(env['HOME'], 'try.bin')),
          'rm': lambda: c.rm(remote)}[op]()
@@ -408,8 +415,8 @@ const attempts: [string, (op: 'put' | 'get' | 'rm', p: string) => Promise<string
   ['FTPS (ftplib)', async (op, p) => (await python('ftplib', 'try', op, p)).trim()],
 ];
 
-describe.each(attempts)("a trailing '/' names a folder over %s", (protocol, attempt) => {
-  test('a file is never written, read or removed through it', async () => {
+describe.each(attempts)('path rules over %s', (protocol, attempt) => {
+  test("a trailing '/', a '.' segment or bytes that are not UTF-8 never write, read or remove a file", async () => {
     const dir = `trailing/${slug(protocol)}`;
     await http.upload('alice', `${dir}/x.txt`, Readable.from([Buffer.from('x')]), { size: 1 });
     // `PUT a/` once wrote the file `a`.
@@ -422,6 +429,9 @@ describe.each(attempts)("a trailing '/' names a folder over %s", (protocol, atte
     expect(await attempt('put', `${dir}/b/.`)).toMatch(/^refused/);
     expect(await attempt('get', `${dir}/x.txt/.`)).toMatch(/^refused/);
     expect((await http.list('alice', `${dir}/`)).map((f) => f.path)).toEqual([`${dir}/x.txt`]);
+    // A name that is not UTF-8 is refused, never stored with U+FFFD in place of its bytes.
+    const notUtf8 = protocol === 'HTTP' ? `${dir}/bad%FF.txt` : `bytes:${dir}/bad\\xff.txt`;
+    expect(await attempt('put', notUtf8)).toMatch(/^refused[\s\S]*UTF-8/);
     // The same operations on the file's own name work.
     expect(await attempt('get', `${dir}/x.txt`)).toBe('ok');
     expect(await attempt('rm', `${dir}/x.txt`)).toBe('ok');
