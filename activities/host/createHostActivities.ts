@@ -237,11 +237,14 @@ export function createHostActivities(deps: HostDeps) {
         for (;;) {
           try {
             const status = await driver.recover(handle);
-            if (status.phase === 'missing')
+            if (status.phase === 'missing') {
+              // The driver's reason (a guest that crashed, a domain that is gone) is the task's error.
+              const why = status.details.reason;
               throw ApplicationFailure.nonRetryable(
-                `VM ${handle.vmId} is gone from host ${hostName}`,
+                `VM ${handle.vmId} is gone from host ${hostName}${why ? `: ${String(why)}` : ''}`,
                 'VmLost',
               );
+            }
             const result = await driver.wait(handle, {
               signal: ctx.cancellationSignal,
               onProgress: (s) => {

@@ -329,7 +329,7 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
           return {
             exists: state !== undefined,
             running,
-            endedWhy: `its domain is ${state ?? 'gone'}${reason ? `: ${reason}` : ''} before the task finished`,
+            endedWhy: `its domain is ${stateAndWhy(state, reason)} before the task finished`,
             details: { domain: name, ...(state ? { domainState: state } : {}) },
           };
         },
@@ -363,7 +363,13 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
     if (state) details.domainState = state;
     if (state === 'running' || state === 'paused')
       return { phase: 'running', progress: cons.progress, progressMessage: cons.progressMessage, details };
-    return endedGuestStatus(cons, details, `the domain is ${state ?? 'gone'} and the task reported no exit`);
+    // A guest that rebooted or crashed is kept (domainConfig.ts): say why it stopped.
+    const why = state ? await this.afterShutdown(name, handle.vmId) : undefined;
+    return endedGuestStatus(
+      cons,
+      details,
+      `the domain is ${stateAndWhy(state, why)} and the task reported no exit`,
+    );
   }
 
   async recover(handle: VmHandle): Promise<VmStatus> {
@@ -493,4 +499,9 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
       await sleep(Math.min(200, this.pollMs));
     }
   }
+}
+
+/** "shutdown: crashed", "crashed" (not "crashed: crashed"), "gone". */
+function stateAndWhy(state: DomainState | undefined, why: string | undefined): string {
+  return `${state ?? 'gone'}${why && why !== state ? `: ${why}` : ''}`;
 }

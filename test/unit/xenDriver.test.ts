@@ -412,6 +412,11 @@ describe('XenDriver (fake xl on PATH)', () => {
     await expect(waited).rejects.toThrow(
       /its domain is shutdown: triple-faulted \(Xen: d7v0 Triple fault - invoking HVM shutdown action 1\) before the task finished/,
     );
+    // A worker that re-attaches (recover) learns the same.
+    expect(await driver.recover(started)).toMatchObject({
+      phase: 'missing',
+      details: { reason: expect.stringMatching(/^the domain is shutdown: triple-faulted \(Xen: d7v0 /) },
+    });
     await driver.destroy(started);
   });
 
