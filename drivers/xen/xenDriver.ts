@@ -452,7 +452,8 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
     if ((await new ConsoleFollower(paths.consoleLog).poll()).started) return false;
     const saved = await this.opts.store.readState<XenVmState>(vmId);
     const boots = Number(saved?.handle.state.boots ?? 1);
-    if (!saved || boots >= MAX_BOOTS) return false;
+    // A VM that arrived by migration ran before: its console here starts at its arrival, without VSP-START.
+    if (!saved || boots >= MAX_BOOTS || saved.handle.state.migratedFrom !== undefined) return false;
     const name = domainName(vmId);
     const reason = await this.afterShutdown(name, vmId);
     this.log.warn({ vmId, boots, reason }, 'guest died before its task started: booting it again');

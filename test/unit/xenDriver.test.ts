@@ -630,6 +630,23 @@ describe('XenDriver live migration (xl migrate over ssh, fake xl)', () => {
     await a.destroy(started);
   });
 
+  test('a guest that dies after arriving by migration is never booted again (its task ran on the source)', async () => {
+    const a = driverOn('a');
+    const b = driverOn('b');
+    await knob('polls', '2');
+    const started = await a.start(await a.create(await stagedVm('m5')));
+    const incoming = await b.prepareIncoming(await a.describeForMigration(started));
+    await a.migrate(started, incoming, {});
+    const moved = await b.finishIncoming(incoming);
+    await knob('end', 'panic');
+    await expect(
+      b.wait(moved, { onProgress: () => {}, signal: new AbortController().signal }),
+    ).rejects.toThrow(/its domain is shutdown: rebooted/);
+    expect((await calls()).filter((c) => c.startsWith('10.0.0.2 create'))).toEqual([]);
+    await b.destroy(moved);
+    await a.destroy(started);
+  });
+
   test('a target that cannot reach the disks refuses before anything moves', async () => {
     const a = driverOn('a');
     await knob('polls', 'forever');
