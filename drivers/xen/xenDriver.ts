@@ -122,6 +122,7 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
   private readonly xl: XlRunner;
   private readonly console: XenConsole;
   private readonly guestType: XenGuestType;
+  private readonly xlLogDir: string;
   protected readonly pollMs: number;
   protected readonly migration: XenMigration;
   private readonly disks: LoopDisks;
@@ -133,6 +134,7 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
     this.xl = opts.xl ?? xlRunner();
     this.console = new XenConsole(opts.store, opts.consoleLogDir);
     this.guestType = opts.guestType ?? 'pvh';
+    this.xlLogDir = opts.xlLogDir ?? DEFAULT_XL_LOG_DIR;
     this.capabilities = {
       liveMigration: this.guestType === 'pvh',
       isolation: 'vm',
@@ -147,7 +149,7 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
       mountRoot: opts.mountRoot,
       cluster: opts.cluster ?? {},
       xl: this.xl,
-      xlLogDir: opts.xlLogDir ?? DEFAULT_XL_LOG_DIR,
+      xlLogDir: this.xlLogDir,
       sshCommand: opts.sshCommand ?? DEFAULT_SSH_COMMAND,
       console: this.console,
     });
@@ -489,7 +491,7 @@ export class XenDriver extends StoredVmDriver implements MigratableDriver {
       last = now;
       now = await size();
     }
-    return shutdownReason(this.xl, this.opts.xlLogDir ?? DEFAULT_XL_LOG_DIR, name);
+    return shutdownReason(this.xl, this.xlLogDir, name);
   }
 
   private async waitGone(name: string, timeoutMs: number): Promise<boolean> {
