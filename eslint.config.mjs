@@ -19,7 +19,7 @@ export default tseslint.config(
   },
   {
     // The repository's web page runs in the browser, as plain scripts (no build step).
-    files: ['repository/web/**/*.js'],
+    files: ['repository/http/web/**/*.js'],
     languageOptions: { globals: { ...globals.browser } },
   },
   {

@@ -4,7 +4,7 @@ import { existsSync, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { addOwner } from '../repository/admin';
+import { addOwner } from '../repository/accounts/admin';
 import { describeError } from '../logging/logger';
 import { RepositoryClient } from '../repository/client';
 import type { BenchReport } from './report';

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { descendantsOf, listProcesses } from '../deploy/devcluster/procTable';
-import { addKey, addOwner, setPassword } from '../repository/admin';
+import { addKey, addOwner, setPassword } from '../repository/accounts/admin';
 import { describeError } from '../logging/logger';
 import { RepositoryClient } from '../repository/client';
 import type { BenchReport } from './report';

@@ -3,12 +3,12 @@ import os from 'node:os';
 import path from 'node:path';
 import { Client, Connection } from '@temporalio/client';
 import { VspClient } from '../client/vspClient';
-import { addOwner } from '../repository/admin';
-import { loadCapabilityKeys } from '../repository/capabilities';
-import { MetadataDb } from '../repository/metadataDb';
+import { addOwner } from '../repository/accounts/admin';
+import { loadCapabilityKeys } from '../repository/accounts/capabilities';
+import { MetadataDb } from '../repository/store/metadataDb';
 import { startRepositoryServer } from '../repository/server';
-import { admitTask } from '../repository/taskAdmission';
-import { taskApiOver } from '../repository/taskApi';
+import { admitTask } from '../repository/tasks/taskAdmission';
+import { taskApiOver } from '../repository/http/taskApi';
 import type { BenchReport } from './report';
 
 /**

@@ -15,9 +15,9 @@ import {
   setPassword,
   setQuota,
   withAdmin,
-} from '../repository/admin';
-import { addBaseImage, removeBaseImage } from '../repository/imageStore';
-import { grantTask } from '../repository/taskAdmission';
+} from '../repository/accounts/admin';
+import { addBaseImage, removeBaseImage } from '../repository/store/imageStore';
+import { grantTask } from '../repository/tasks/taskAdmission';
 import { parseListen } from '../repository/main';
 import { PAYLOAD_KEY_ENV, payloadCodecFromEnv, startCodecServer } from '../config/payloadCodec';
 

@@ -1,5 +1,5 @@
 import type { TaskSpecInput } from '../spec/taskSpec';
-import type { TaskView } from '../repository/taskApi';
+import type { TaskView } from '../repository/http/taskApi';
 import type { MigrateRequest, ResizeRequest, TaskResult, TaskStatus } from '../workflows/definitions';
 import { filterToQuery, type TaskListFilter } from './taskFilter';
 import type { TaskSummary } from './vspClient';

@@ -7,7 +7,7 @@ import { Readable, Transform, type Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { normaliseRepoPath, OWNER_NAME } from '../spec/repoPath';
 import { writeDurably } from '../lib/durableWrite';
-import type { ImageEntry } from './imageStore';
+import type { ImageEntry } from './store/imageStore';
 
 export type { ImageEntry };
 

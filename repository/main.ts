@@ -122,7 +122,7 @@ async function main(): Promise<void> {
   const tasks = temporalFromEnv(process.env)
     ? await (await import('../client/vspClient.js')).VspClient.connect()
     : undefined;
-  const taskApi = tasks && (await import('./taskApi.js')).taskApiOver(tasks);
+  const taskApi = tasks && (await import('./http/taskApi.js')).taskApiOver(tasks);
   const server = await startRepositoryServer({ ...config, tasks: taskApi }).catch(async (err: unknown) => {
     await tasks?.temporal.connection.close();
     throw err;

@@ -1,8 +1,8 @@
 import type { Logger } from '../logging/logger';
-import type { AuditLog } from './auditLog';
-import type { FileStore } from './fileStore';
-import type { LoginThrottle } from './loginThrottle';
-import type { MetadataDb } from './metadataDb';
+import type { AuditLog } from './accounts/auditLog';
+import type { FileStore } from './store/fileStore';
+import type { LoginThrottle } from './accounts/loginThrottle';
+import type { MetadataDb } from './store/metadataDb';
 
 /** What a file-transfer protocol server (SFTP, FTPS) shares with the others: one store, accounts, rules. */
 export interface FileProtocolDeps {

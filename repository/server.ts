@@ -2,24 +2,24 @@ import { createServer, type IncomingMessage, type ServerResponse } from 'node:ht
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import { createLogger } from '../logging/logger';
-import { ensureServiceToken } from './auth';
-import { loadCapabilityKeys } from './capabilities';
-import { AuditLog, defaultAuditLogPath } from './auditLog';
-import { FileStore } from './fileStore';
+import { ensureServiceToken } from './accounts/auth';
+import { loadCapabilityKeys } from './accounts/capabilities';
+import { AuditLog, defaultAuditLogPath } from './accounts/auditLog';
+import { FileStore } from './store/fileStore';
 import {
   DEFAULT_IDLE_TIMEOUT_MS,
   defaultFtpsCertPaths,
   startFtpsServer,
   type FtpsServer,
-} from './ftpsServer';
-import { createRequestHandler } from './httpApi';
-import { MetadataDb } from './metadataDb';
-import { ResumableUploads } from './resumableUploads';
-import { LoginThrottle, type LoginThrottleOptions } from './loginThrottle';
-import { ImageStore } from './imageStore';
-import { defaultHostKeyPath, startSftpServer, type SftpServer } from './sftpServer';
-import type { TaskApi, TaskAdmissionDeps } from './taskApi';
-import { loadWebAssets } from './webAssets';
+} from './ftps/ftpsServer';
+import { createRequestHandler } from './http/httpApi';
+import { MetadataDb } from './store/metadataDb';
+import { ResumableUploads } from './store/resumableUploads';
+import { LoginThrottle, type LoginThrottleOptions } from './accounts/loginThrottle';
+import { ImageStore } from './store/imageStore';
+import { defaultHostKeyPath, startSftpServer, type SftpServer } from './sftp/sftpServer';
+import type { TaskApi, TaskAdmissionDeps } from './http/taskApi';
+import { loadWebAssets } from './http/webAssets';
 import type { Logger } from '../logging/logger';
 
 export interface RepositoryServerOptions {

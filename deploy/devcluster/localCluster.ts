@@ -6,7 +6,7 @@ import { SCHEDULER_WORKFLOW_ID, hostLivenessWorkflowId } from '../../config/name
 import { syncRebalanceSchedule } from '../../client/rebalanceSchedule';
 import { createLogger, describeError } from '../../logging/logger';
 import { TaskClient, type OwnerTaskSpec, type SubmittedTask } from '../../client/taskClient';
-import { addOwner, createToken, listOwners } from '../../repository/admin';
+import { addOwner, createToken, listOwners } from '../../repository/accounts/admin';
 import type { ClusterStorage } from '../../storage/diskLocator';
 import { startNfsExport, type RunningNfsExport } from '../../storage/nfsExport';
 import type { VmNetworkOptions } from '../../drivers/qemu/vmNetwork';

@@ -3,7 +3,7 @@ import { promises as fs } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { ResumableUploadError } from '../../repository/client';
-import { withAdmin } from '../../repository/admin';
+import { withAdmin } from '../../repository/accounts/admin';
 import { FaultCluster, OWNER, poll, recordFigure, sha256 } from '../support/faultCluster';
 
 /**

@@ -5,9 +5,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import { promisify } from 'node:util';
-import { addKey, addOwner, setPassword } from '../../repository/admin';
+import { addKey, addOwner, setPassword } from '../../repository/accounts/admin';
 import { RepositoryClient } from '../../repository/client';
-import { generateEd25519KeyPair } from '../../repository/sshKeys';
+import { generateEd25519KeyPair } from '../../repository/accounts/sshKeys';
 import type { RepositoryServer } from '../../repository/server';
 import { startAllProtocols } from '../support/repositoryServer';
 

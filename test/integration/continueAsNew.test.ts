@@ -1,7 +1,7 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { CONTROL_TASK_QUEUE } from '../../config/names';
-import { grantTask } from '../../repository/taskAdmission';
+import { grantTask } from '../../repository/tasks/taskAdmission';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
 import { vmFolderOf } from '../support/vmFolders';
 

@@ -12,10 +12,10 @@ import {
   listTokens,
   revokeToken,
   setOwnerDisabled,
-} from '../../repository/admin';
+} from '../../repository/accounts/admin';
 import { RepositoryClient, RepositoryError } from '../../repository/client';
 import { configFromEnv, parseListen } from '../../repository/main';
-import { MetadataDb } from '../../repository/metadataDb';
+import { MetadataDb } from '../../repository/store/metadataDb';
 import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
 
 const MAX = 1024 * 1024;

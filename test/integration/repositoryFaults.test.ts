@@ -8,7 +8,7 @@ import { Client as FtpClient } from 'basic-ftp';
 import { freePort } from '../../deploy/devcluster/ports';
 import { spawnManaged, tailLog, type ManagedProcess } from '../../deploy/devcluster/processes';
 import { repoRoot } from '../../deploy/devcluster/tools';
-import { addOwner, withAdmin } from '../../repository/admin';
+import { addOwner, withAdmin } from '../../repository/accounts/admin';
 import { RepositoryClient } from '../../repository/client';
 import { SftpTestClient } from '../support/sftpTestClient';
 import { temporalAddress } from '../support/temporalEnv';

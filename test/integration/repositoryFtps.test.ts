@@ -8,7 +8,7 @@ import { PassThrough, Readable } from 'node:stream';
 import { connect as connectTls, type TLSSocket } from 'node:tls';
 import { promisify } from 'node:util';
 import { Client, FTPError } from 'basic-ftp';
-import { addOwner, setOwnerDisabled, setPassword, setQuota } from '../../repository/admin';
+import { addOwner, setOwnerDisabled, setPassword, setQuota } from '../../repository/accounts/admin';
 import { RepositoryClient } from '../../repository/client';
 import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
 import { BASE_IMAGES_FOLDER } from '../../spec/taskSpec';

@@ -3,7 +3,7 @@ import { promises as fs } from 'node:fs';
 import http, { type IncomingHttpHeaders } from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
-import { addOwner, setQuota } from '../../repository/admin';
+import { addOwner, setQuota } from '../../repository/accounts/admin';
 import { RepositoryClient, ResumableUploadError } from '../../repository/client';
 import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
 

@@ -16,9 +16,9 @@ import {
   setOwnerDisabled,
   setPassword,
   setQuota,
-} from '../../repository/admin';
+} from '../../repository/accounts/admin';
 import { RepositoryClient } from '../../repository/client';
-import { generateEd25519KeyPair } from '../../repository/sshKeys';
+import { generateEd25519KeyPair } from '../../repository/accounts/sshKeys';
 import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
 import { refusal, SftpTestClient } from '../support/sftpTestClient';
 

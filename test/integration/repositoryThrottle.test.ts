@@ -2,12 +2,12 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Client, FTPError } from 'basic-ftp';
-import { addKey, addOwner, setPassword } from '../../repository/admin';
-import { AccessDenied } from '../../repository/auth';
+import { addKey, addOwner, setPassword } from '../../repository/accounts/admin';
+import { AccessDenied } from '../../repository/accounts/auth';
 import { RepositoryClient, RepositoryError } from '../../repository/client';
-import { addressKey, LoginRateLimited, LoginThrottle } from '../../repository/loginThrottle';
+import { addressKey, LoginRateLimited, LoginThrottle } from '../../repository/accounts/loginThrottle';
 import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
-import { generateEd25519KeyPair } from '../../repository/sshKeys';
+import { generateEd25519KeyPair } from '../../repository/accounts/sshKeys';
 import { SftpTestClient } from '../support/sftpTestClient';
 
 const PASSWORD = 'correct horse battery staple';

@@ -4,13 +4,19 @@ import path from 'node:path';
 import { Readable } from 'node:stream';
 import { Client, Connection, WorkflowNotFoundError } from '@temporalio/client';
 import { VspClient } from '../../client/vspClient';
-import { addOwner, createServiceToken, setOwnerDisabled, setQuota, withAdmin } from '../../repository/admin';
-import type { AuditEvent } from '../../repository/auditLog';
-import { authenticatePassword } from '../../repository/auth';
-import { loadCapabilityKeys, mintCapability } from '../../repository/capabilities';
+import {
+  addOwner,
+  createServiceToken,
+  setOwnerDisabled,
+  setQuota,
+  withAdmin,
+} from '../../repository/accounts/admin';
+import type { AuditEvent } from '../../repository/accounts/auditLog';
+import { authenticatePassword } from '../../repository/accounts/auth';
+import { loadCapabilityKeys, mintCapability } from '../../repository/accounts/capabilities';
 import { RepositoryClient } from '../../repository/client';
 import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
-import { taskApiOver } from '../../repository/taskApi';
+import { taskApiOver } from '../../repository/http/taskApi';
 import { decodeCapabilityClaims, type CapabilityClaims } from '../../spec/capability';
 import { parseTaskInput } from '../../spec/taskInput';
 import { runAdminCli } from '../support/adminCli';

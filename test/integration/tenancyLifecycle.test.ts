@@ -1,8 +1,8 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { Readable } from 'node:stream';
-import { setOwnerDisabled } from '../../repository/admin';
-import type { AuditEvent } from '../../repository/auditLog';
+import { setOwnerDisabled } from '../../repository/accounts/admin';
+import type { AuditEvent } from '../../repository/accounts/auditLog';
 import { decodeCapabilityClaims } from '../../spec/capability';
 import type { TaskResult } from '../../workflows/definitions';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';

@@ -11,7 +11,7 @@ import { startTemporalDevServer, type TemporalDevServer } from '../../deploy/dev
 import { VspClient } from '../../client/vspClient';
 import { RepositoryClient } from '../../repository/client';
 import { CONTROL_TASK_QUEUE } from '../../config/names';
-import { grantTask } from '../../repository/taskAdmission';
+import { grantTask } from '../../repository/tasks/taskAdmission';
 import type { TaskTuning } from '../../spec/taskInput';
 import type { TaskSpecInput } from '../../spec/taskSpec';
 import type { TaskPhase, TaskStatus } from '../../workflows/definitions';

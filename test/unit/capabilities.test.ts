@@ -1,14 +1,14 @@
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { addOwner, withAdmin } from '../../repository/admin';
+import { addOwner, withAdmin } from '../../repository/accounts/admin';
 import {
   CAPABILITY_KEY_FILE,
   loadCapabilityKeys,
   mintCapability,
   PREVIOUS_CAPABILITY_KEY_FILE,
   verifyCapability,
-} from '../../repository/capabilities';
+} from '../../repository/accounts/capabilities';
 
 /** The capability key's life: made once, private, rotated without cutting off capabilities already minted. */
 let dataDir: string;

@@ -11,10 +11,10 @@ import {
   removeKey,
   setPassword,
   setQuota,
-} from '../../repository/admin';
-import { authenticate, authenticatePassword, hashToken } from '../../repository/auth';
-import { MetadataDb, repositoryDbPath } from '../../repository/metadataDb';
-import { fingerprintOf, generateEd25519KeyPair, parsePublicKeyLine } from '../../repository/sshKeys';
+} from '../../repository/accounts/admin';
+import { authenticate, authenticatePassword, hashToken } from '../../repository/accounts/auth';
+import { MetadataDb, repositoryDbPath } from '../../repository/store/metadataDb';
+import { fingerprintOf, generateEd25519KeyPair, parsePublicKeyLine } from '../../repository/accounts/sshKeys';
 import { runAdminCli } from '../support/adminCli';
 
 let dataDir: string;

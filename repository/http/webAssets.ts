@@ -4,7 +4,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import path from 'node:path';
 
 /**
- * The web page's static files (repository/web/: one HTML page, one JS module, one CSS file; no build
+ * The web page's static files (repository/http/web/: one HTML page, one JS module, one CSS file; no build
  * step). They stay plain files so they are linted, formatted and edited as what they are; tsc does not
  * copy them to dist/, so the folder is found beside this module in the sources or from dist/repository
  * back in the package. They are read once at start and served from memory.
@@ -40,9 +40,12 @@ export const CONTENT_SECURITY_POLICY = [
   "frame-ancestors 'none'",
 ].join('; ');
 
-/** Where the page's files are, from the sources (repository/) or the build (dist/repository/). */
+/** Where the page's files are, from the sources (repository/http/) or the build (dist/repository/http/). */
 export function webDir(): string {
-  const candidates = [path.join(__dirname, 'web'), path.join(__dirname, '..', '..', 'repository', 'web')];
+  const candidates = [
+    path.join(__dirname, 'web'),
+    path.join(__dirname, '..', '..', '..', 'repository', 'http', 'web'),
+  ];
   const found = candidates.find((dir) => existsSync(path.join(dir, 'index.html')));
   if (!found)
     throw new Error(`the web page's files are missing: none of ${candidates.join(', ')} has index.html`);

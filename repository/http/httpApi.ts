@@ -1,8 +1,8 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { finished, PassThrough } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { MAX_PATH_BYTES, normaliseFilePath, OWNER_NAME } from '../spec/repoPath';
-import { describeError, type Logger } from '../logging/logger';
+import { MAX_PATH_BYTES, normaliseFilePath, OWNER_NAME } from '../../spec/repoPath';
+import { describeError, type Logger } from '../../logging/logger';
 import {
   AccessDenied,
   authenticate,
@@ -11,22 +11,22 @@ import {
   principalLabel,
   type Access,
   type Principal,
-} from './auth';
-import { claimedCapability, type CapabilityKeys } from './capabilities';
-import { CAPABILITY_PREFIX } from '../spec/capability';
-import { remoteOf, type AuditEvent, type AuditLog } from './auditLog';
-import { StoreError, type FileStore, type StoreErrorCode } from './fileStore';
-import type { MetadataDb } from './metadataDb';
+} from '../accounts/auth';
+import { claimedCapability, type CapabilityKeys } from '../accounts/capabilities';
+import { CAPABILITY_PREFIX } from '../../spec/capability';
+import { remoteOf, type AuditEvent, type AuditLog } from '../accounts/auditLog';
+import { StoreError, type FileStore, type StoreErrorCode } from '../store/fileStore';
+import type { MetadataDb } from '../store/metadataDb';
 import { parseRange } from './byteRange';
-import { UploadError, type ResumableUploads } from './resumableUploads';
-import { LoginRateLimited, type LoginThrottle } from './loginThrottle';
+import { UploadError, type ResumableUploads } from '../store/resumableUploads';
+import { LoginRateLimited, type LoginThrottle } from '../accounts/loginThrottle';
 import type { TaskApi } from './taskApi';
-import { TaskApiError } from './taskAdmission';
-import { taskAction, taskRequest, type TaskAction } from './taskRequests';
+import { TaskApiError } from '../tasks/taskAdmission';
+import { taskAction, taskRequest, type TaskAction } from '../tasks/taskRequests';
 import { serveWebAsset, type WebAssets } from './webAssets';
 import { adminRequest, AdminApiError } from './adminApi';
 import { imageRequest, ImageApiError } from './imageApi';
-import type { ImageStore } from './imageStore';
+import type { ImageStore } from '../store/imageStore';
 
 /**
  * The repository's HTTP API (v1): routing, auth, validation and streaming. Paths are taken from the

@@ -1,8 +1,8 @@
 import { randomUUID } from 'node:crypto';
 import os from 'node:os';
-import { OWNER_NAME } from '../spec/repoPath';
-import type { CapabilityClaims } from '../spec/capability';
-import { taskInput, type TaskInput } from '../spec/taskInput';
+import { OWNER_NAME } from '../../spec/repoPath';
+import type { CapabilityClaims } from '../../spec/capability';
+import { taskInput, type TaskInput } from '../../spec/taskInput';
 import {
   BASE_IMAGE_PREFIX,
   BASE_IMAGES_FOLDER,
@@ -11,16 +11,16 @@ import {
   TaskSpecError,
   type TaskSpec,
   type TaskSpecInput,
-} from '../spec/taskSpec';
-import { AuditLog, defaultAuditLogPath } from './auditLog';
+} from '../../spec/taskSpec';
+import { AuditLog, defaultAuditLogPath } from '../accounts/auditLog';
 import {
   CAPABILITY_MARGIN_SEC,
   isUnder,
   loadCapabilityKeys,
   mintCapability,
   type CapabilityKeys,
-} from './capabilities';
-import { MetadataDb } from './metadataDb';
+} from '../accounts/capabilities';
+import { MetadataDb } from '../store/metadataDb';
 
 /**
  * Admitting a task, before anything starts on any host: the spec's owner and results path are fixed

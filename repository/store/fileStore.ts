@@ -14,10 +14,10 @@ import type { FileHandle } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
-import { BASE_IMAGES_FOLDER } from '../spec/taskSpec';
-import { AccessDenied } from './auth';
-import { writeDurably } from '../lib/durableWrite';
-import { fsyncFile } from '../storage/durableFile';
+import { BASE_IMAGES_FOLDER } from '../../spec/taskSpec';
+import { AccessDenied } from '../accounts/auth';
+import { writeDurably } from '../../lib/durableWrite';
+import { fsyncFile } from '../../storage/durableFile';
 import type { BaseImageRow, FileRow, MetadataDb, OwnerRow, OwnerUsage } from './metadataDb';
 
 /**

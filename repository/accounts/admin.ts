@@ -1,5 +1,5 @@
-import { RefusedRequest } from './refusedRequest';
-import { OWNER_NAME } from '../spec/repoPath';
+import { RefusedRequest } from '../refusedRequest';
+import { OWNER_NAME } from '../../spec/repoPath';
 import { generateToken, hashPassword, hashToken } from './auth';
 import {
   MetadataDb,
@@ -8,7 +8,7 @@ import {
   type OwnerUsage,
   type SshKeyRow,
   type TokenRow,
-} from './metadataDb';
+} from '../store/metadataDb';
 import { parsePublicKeyLine } from './sshKeys';
 
 /**

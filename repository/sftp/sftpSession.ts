@@ -1,12 +1,12 @@
 import { PassThrough } from 'node:stream';
 import { utils, type Attributes, type FileEntry, type SFTPWrapper } from 'ssh2';
-import { normaliseRepoPath, refuseFolderSpelling } from '../spec/repoPath';
-import { describeError } from '../logging/logger';
-import { AccessDenied, checkSession, type OwnerSession } from './auth';
-import type { AuditEvent } from './auditLog';
-import { StoreError, type DirEntry, type Entry, type FileStore, type OpenFile } from './fileStore';
-import type { FileProtocolDeps } from './protocolDeps';
-import type { FileRow } from './metadataDb';
+import { normaliseRepoPath, refuseFolderSpelling } from '../../spec/repoPath';
+import { describeError } from '../../logging/logger';
+import { AccessDenied, checkSession, type OwnerSession } from '../accounts/auth';
+import type { AuditEvent } from '../accounts/auditLog';
+import { StoreError, type DirEntry, type Entry, type FileStore, type OpenFile } from '../store/fileStore';
+import type { FileProtocolDeps } from '../protocolDeps';
+import type { FileRow } from '../store/metadataDb';
 
 /**
  * One SFTP session of one owner. The owner's space is the session's whole world: every client path

@@ -1,10 +1,10 @@
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import { hash as argon2Hash, verify as argon2Verify } from '@node-rs/argon2';
-import { OWNER_NAME } from '../spec/repoPath';
-import { CAPABILITY_PREFIX, type CapabilityClaims } from '../spec/capability';
-import { BASE_IMAGES_FOLDER } from '../spec/taskSpec';
+import { OWNER_NAME } from '../../spec/repoPath';
+import { CAPABILITY_PREFIX, type CapabilityClaims } from '../../spec/capability';
+import { BASE_IMAGES_FOLDER } from '../../spec/taskSpec';
 import { isUnder, verifyCapability, type CapabilityKeys } from './capabilities';
-import type { MetadataDb } from './metadataDb';
+import type { MetadataDb } from '../store/metadataDb';
 
 /**
  * Access tokens and who may touch which owner's space. Protocol-neutral: HTTP passes a bearer

@@ -3,10 +3,10 @@ import { createHash, randomBytes, type Hash } from 'node:crypto';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { z } from 'zod';
-import { normaliseFilePath } from '../spec/repoPath';
-import { describeError, type Logger } from '../logging/logger';
-import { streamInto, writtenBefore } from '../lib/durableWrite';
-import { fsyncFile } from '../storage/durableFile';
+import { normaliseFilePath } from '../../spec/repoPath';
+import { describeError, type Logger } from '../../logging/logger';
+import { streamInto, writtenBefore } from '../../lib/durableWrite';
+import { fsyncFile } from '../../storage/durableFile';
 import { StoreError, type FileStore } from './fileStore';
 import type { FileRow, MetadataDb } from './metadataDb';
 

@@ -2,11 +2,11 @@ import { promises as fs } from 'node:fs';
 import { createServer, type AddressInfo } from 'node:net';
 import path from 'node:path';
 import { Server, utils, type AuthContext, type Connection } from 'ssh2';
-import { describeError } from '../logging/logger';
-import { AccessDenied, authenticateKey, authenticatePassword, type OwnerSession } from './auth';
-import { remoteOf } from './auditLog';
+import { describeError } from '../../logging/logger';
+import { AccessDenied, authenticateKey, authenticatePassword, type OwnerSession } from '../accounts/auth';
+import { remoteOf } from '../accounts/auditLog';
 import { serveSftp, type SftpSessionDeps } from './sftpSession';
-import { generateEd25519KeyPair } from './sshKeys';
+import { generateEd25519KeyPair } from '../accounts/sshKeys';
 
 /**
  * The repository's SFTP service (ssh2's Server): owners log in with their password, an API token as

@@ -6,9 +6,9 @@ import {
   CAPABILITY_VERSION,
   decodeCapabilityClaims,
   type CapabilityClaims,
-} from '../spec/capability';
+} from '../../spec/capability';
 import { AccessDenied } from './auth';
-import type { MetadataDb } from './metadataDb';
+import type { MetadataDb } from '../store/metadataDb';
 
 /**
  * Task capabilities (the wire form and claims are spec/capability.ts's): minted here for one task at

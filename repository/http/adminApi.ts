@@ -1,10 +1,10 @@
 import type { Readable } from 'node:stream';
 import { z } from 'zod';
-import { AccountAdmin } from './admin';
-import { RefusedRequest } from './refusedRequest';
-import { authenticateAdmin } from './auth';
-import { listBaseImages, type ImageStore } from './imageStore';
-import type { MetadataDb } from './metadataDb';
+import { AccountAdmin } from '../accounts/admin';
+import { RefusedRequest } from '../refusedRequest';
+import { authenticateAdmin } from '../accounts/auth';
+import { listBaseImages, type ImageStore } from '../store/imageStore';
+import type { MetadataDb } from '../store/metadataDb';
 
 /**
  * The admin HTTP API (`/v1/admin/...`): the `vsp owner|token|key|password` commands and the provider's

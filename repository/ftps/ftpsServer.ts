@@ -8,11 +8,11 @@ import { finished, PassThrough, Readable, Writable } from 'node:stream';
 import { createSecureContext, TLSSocket, type SecureContext } from 'node:tls';
 import { promisify } from 'node:util';
 import { FileSystem, FtpSrv, type FtpConnection } from 'ftp-srv';
-import { describeError, type Logger } from '../logging/logger';
-import { AccessDenied, authenticatePassword, checkSession, type OwnerSession } from './auth';
-import { remoteOf, type AuditEvent } from './auditLog';
-import { StoreError, type Entry } from './fileStore';
-import type { FileProtocolDeps } from './protocolDeps';
+import { describeError, type Logger } from '../../logging/logger';
+import { AccessDenied, authenticatePassword, checkSession, type OwnerSession } from '../accounts/auth';
+import { remoteOf, type AuditEvent } from '../accounts/auditLog';
+import { StoreError, type Entry } from '../store/fileStore';
+import type { FileProtocolDeps } from '../protocolDeps';
 import {
   entryAsSpelled,
   PathRefused,
@@ -20,7 +20,7 @@ import {
   resolveSftpPath,
   toFilePath,
   toRepoPath,
-} from './sftpSession';
+} from '../sftp/sftpSession';
 
 /**
  * The repository's FTP service with explicit TLS (AUTH TLS), through ftp-srv: owners log in with their

@@ -2,15 +2,15 @@ import { closeSync, promises as fs, renameSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
-import { runCommand } from '../lib/runCommand';
-import { describeError, type Logger } from '../logging/logger';
-import { BASE_IMAGE_NAME, BASE_IMAGE_PREFIX } from '../spec/taskSpec';
-import { writeDurably } from '../lib/durableWrite';
-import { fsyncFile } from '../storage/durableFile';
-import { ImageCache } from '../storage/imageCache';
+import { runCommand } from '../../lib/runCommand';
+import { describeError, type Logger } from '../../logging/logger';
+import { BASE_IMAGE_NAME, BASE_IMAGE_PREFIX } from '../../spec/taskSpec';
+import { writeDurably } from '../../lib/durableWrite';
+import { fsyncFile } from '../../storage/durableFile';
+import { ImageCache } from '../../storage/imageCache';
 import { baseImageFile, baseImagesDir, StoreError, type FileStore } from './fileStore';
 import type { BaseImageRow, FileRow, ImageInfoRow, MetadataDb } from './metadataDb';
-import { RefusedRequest } from './refusedRequest';
+import { RefusedRequest } from '../refusedRequest';
 
 /**
  * The VM image store: owners' images (files under IMAGES_FOLDER of their space, uploaded by any

@@ -1,4 +1,4 @@
-import type { ImageEntry, ImageStore } from './imageStore';
+import type { ImageEntry, ImageStore } from '../store/imageStore';
 
 /**
  * The image listing (`GET /v1/owners/<owner>/images`): the owner's images (files under `images/`) and

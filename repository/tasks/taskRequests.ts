@@ -1,7 +1,7 @@
 import { z } from 'zod';
-import { filterFromQuery, type TaskListFilter } from '../client/taskFilter';
-import { ResizeRequestSchema } from '../workflows/definitions';
-import type { TaskApi } from './taskApi';
+import { filterFromQuery, type TaskListFilter } from '../../client/taskFilter';
+import { ResizeRequestSchema } from '../../workflows/definitions';
+import type { TaskApi } from '../http/taskApi';
 import { checkTaskId, TaskApiError } from './taskAdmission';
 
 /**

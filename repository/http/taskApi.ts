@@ -5,21 +5,21 @@ import {
   type WorkflowExecutionDescription,
 } from '@temporalio/client';
 import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
-import { SEARCH_ATTRIBUTES } from '../config/names';
-import type { TaskListFilter } from '../client/taskFilter';
-import { taskFailureMessage, type TaskSummary, type VspClient } from '../client/vspClient';
-import { describeError, type Logger } from '../logging/logger';
-import { TaskSpecError } from '../spec/taskSpec';
+import { SEARCH_ATTRIBUTES } from '../../config/names';
+import type { TaskListFilter } from '../../client/taskFilter';
+import { taskFailureMessage, type TaskSummary, type VspClient } from '../../client/vspClient';
+import { describeError, type Logger } from '../../logging/logger';
+import { TaskSpecError } from '../../spec/taskSpec';
 import {
   type MigrationRecord,
   type ResizeRequest,
   type TaskPhase,
   type TaskResult,
   type TaskStatus,
-} from '../workflows/definitions';
-import type { CapabilityKeys } from './capabilities';
-import type { MetadataDb } from './metadataDb';
-import { admitTask, submissionOf, TaskApiError } from './taskAdmission';
+} from '../../workflows/definitions';
+import type { CapabilityKeys } from '../accounts/capabilities';
+import type { MetadataDb } from '../store/metadataDb';
+import { admitTask, submissionOf, TaskApiError } from '../tasks/taskAdmission';
 
 /**
  * The owners' task API (`/v1/owners/<owner>/tasks[/<id>[/cancel|migrate|resize|result]]`): the one front door
