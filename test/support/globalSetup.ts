@@ -4,7 +4,7 @@ import path from 'node:path';
 import { startTemporalDevServer, type TemporalDevServer } from '../../deploy/devcluster/temporal';
 import { repoRoot } from '../../deploy/devcluster/tools';
 import { findLeftoverProcesses } from './leakCheck';
-import { TEST_LOG_DIR_ENV, TEST_RUN_ID_ENV, temporalAddressFile } from './testRun';
+import { TEST_LOG_DIR_ENV, TEST_RUN_ID_ENV, temporalAddressFile, temporalUiFile } from './testRun';
 
 /** Runs of logs kept under .vsp/test-logs/ (older ones are removed). */
 const KEPT_LOG_RUNS = 5;
@@ -61,13 +61,12 @@ export default async function globalSetup(): Promise<void> {
   process.env[TEST_LOG_DIR_ENV] = logDir;
 
   killSuiteProcessesOnSignals(runId);
-  const temporal = await startTemporalDevServer({
-    headless: true,
-    logFile: path.join(logDir, 'temporal.log'),
-  });
+  // With its web UI: the browser test takes screenshots of it.
+  const temporal = await startTemporalDevServer({ logFile: path.join(logDir, 'temporal.log') });
   process.env.TEMPORAL_ADDRESS = temporal.address;
   const addressFile = temporalAddressFile(process.pid);
   writeFileSync(addressFile, `${temporal.address}\n`);
+  writeFileSync(temporalUiFile(process.pid), `${temporal.uiUrl}\n`);
   const handle: SuiteHandle = { temporal, addressFile, runId };
   (globalThis as Record<string, unknown>)[SUITE_HANDLE_KEY] = handle;
   process.stderr.write(
