@@ -59,6 +59,8 @@ export default async function globalSetup(): Promise<void> {
   // Every process the suite starts inherits the marker, so teardown finds leftovers even when orphaned.
   process.env[TEST_RUN_ID_ENV] = runId;
   process.env[TEST_LOG_DIR_ENV] = logDir;
+  // vsp in tests reads no settings file of this machine's user (a running demo writes one).
+  process.env.VSP_ENV_FILE = '';
 
   killSuiteProcessesOnSignals(runId);
   // With its web UI: the browser test takes screenshots of it.
