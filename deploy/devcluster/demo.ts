@@ -4,11 +4,11 @@ import { promises as fs } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { createProgressDisplay } from '../../cli/progressDisplay';
-import { formatSettings, settingsFilePath } from '../../cli/settingsFile';
 import { z } from 'zod';
 import { TaskClientError } from '../../client/taskClient';
 import { RepositoryClient } from '../../repository/client';
 import { DRIVER_NAMES } from '../../spec/taskSpec';
+import { writeDemoSettings } from './demoSettings';
 import { LocalCluster } from './localCluster';
 import { stopAll, stopAllOnSignals } from './processes';
 import { startTemporalDevServer } from './temporal';
@@ -49,35 +49,6 @@ async function requireFreePort(port: number, variable: string): Promise<void> {
     );
     server.listen({ host: LOOPBACK, port }, () => server.close(() => resolve()));
   });
-}
-
-/** Says `vsp` is reached through the settings file; the file is the demo's to remove only if unchanged. */
-const SETTINGS_COMMENT = 'written by the VSP demo (npm start) for vsp; removed when the demo stops';
-
-/**
- * Writes the settings file `vsp` reads by default, unless one that the demo did not write is there: that
- * one is left alone and the demo's goes to `fallback` (VSP_ENV_FILE then names it). Returns the file and
- * how to remove it.
- */
-async function writeSettings(
-  values: Parameters<typeof formatSettings>[0],
-  fallback: string,
-): Promise<{ file: string; byDefault: boolean; remove: () => Promise<void> }> {
-  const text = formatSettings(values, SETTINGS_COMMENT);
-  const standard = settingsFilePath();
-  const existing = standard ? await fs.readFile(standard, 'utf8').catch(() => undefined) : undefined;
-  const byDefault = standard !== undefined && (existing === undefined || existing.includes(SETTINGS_COMMENT));
-  const file = byDefault ? standard : fallback;
-  await fs.mkdir(path.dirname(file), { recursive: true });
-  await fs.writeFile(file, text, { mode: 0o600 });
-  await fs.chmod(file, 0o600);
-  return {
-    file,
-    byDefault,
-    remove: async () => {
-      if ((await fs.readFile(file, 'utf8').catch(() => '')) === text) await fs.rm(file, { force: true });
-    },
-  };
 }
 
 function qemuAvailable(): boolean {
@@ -134,7 +105,7 @@ async function main(): Promise<void> {
     repositoryListen: { host: LOOPBACK, port: ports.repository },
   }).start();
   const token = cluster.ownerToken('alice');
-  const settings = await writeSettings(
+  const settings = await writeDemoSettings(
     { VSP_REPOSITORY_URL: cluster.repositoryUrl, VSP_TOKEN: token, TEMPORAL_ADDRESS: temporal.address },
     path.join(runDir, 'vsp.env'),
   );
