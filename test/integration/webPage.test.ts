@@ -296,7 +296,7 @@ test('a running task shows progress and phase times and can be cancelled; cancel
 
   page.once('dialog', (d) => void d.accept());
   await page.getByRole('button', { name: 'Cancel task', exact: true }).click();
-  await present('#task-detail[data-phase="cancelled"]:not([data-status="RUNNING"])', { timeout: 120_000 });
+  await present('#task-detail[data-phase="cancelled"][data-status="CANCELED"]', { timeout: 120_000 });
   expect(await page.locator('#task-cancel').isHidden()).toBe(true);
   // Cancelled: no result, but its logs are in its results folder, and failure.txt is shown.
   await present(`#task-logs li[data-path="results/${taskId}/logs/failure.txt"]`);
