@@ -296,7 +296,10 @@ test('a running task shows progress and phase times and can be cancelled; cancel
 
   page.once('dialog', (d) => void d.accept());
   await page.getByRole('button', { name: 'Cancel task', exact: true }).click();
-  await present('#task-detail[data-phase="cancelled"][data-status="CANCELED"]', { timeout: 120_000 });
+  // Temporal's name for the state: CANCELLED, which `vsp status` reports as exit code 4.
+  await present('#task-detail[data-phase="cancelled"][data-status="CANCELLED"]', { timeout: 120_000 });
+  // The last progress it reported stays in view.
+  expect(await page.locator('#task-progress-text').textContent()).toBe('40% halfway (cancelled)');
   expect(await page.locator('#task-cancel').isHidden()).toBe(true);
   // Cancelled: no result, but its logs are in its results folder, and failure.txt is shown.
   await present(`#task-logs li[data-path="results/${taskId}/logs/failure.txt"]`);

@@ -563,13 +563,16 @@ function renderPhases(task) {
     .replaceChildren(...rows);
 }
 
+/** The bar and its words; a task that ended without completing keeps the last progress it reported. */
 function renderProgress(task) {
   const bar = /** @type {HTMLProgressElement} */ (byId('task-progress'));
   const done = task.status === 'COMPLETED';
-  const pct = done ? 100 : typeof task.progress === 'number' ? Math.round(task.progress) : 0;
+  const reported = typeof task.progress === 'number';
+  const pct = done ? 100 : reported ? Math.round(task.progress) : Number(bar.dataset.progress ?? 0);
+  const words = done ? 'done' : reported ? (task.progressMessage ?? '') : (bar.dataset.message ?? '');
   bar.value = pct;
   bar.dataset.progress = String(pct);
-  const words = done ? 'done' : (task.progressMessage ?? '');
+  bar.dataset.message = words;
   byId('task-progress-text').textContent =
     `${pct}%${words ? ` ${words}` : ''}` +
     (OPEN_STATUSES.has(task.status) ? '' : ` (${task.status.toLowerCase()})`);
@@ -703,6 +706,10 @@ async function selectTask(taskId, runId) {
   for (const id of ['status', 'phase', 'run', 'host', 'exit', 'results', 'error'])
     byId(`task-detail-${id}`).textContent = '';
   for (const id of ['task-progress-text', 'task-cancel-status']) byId(id).textContent = '';
+  const bar = /** @type {HTMLProgressElement} */ (byId('task-progress'));
+  bar.value = 0;
+  delete bar.dataset.progress;
+  delete bar.dataset.message;
   byId('task-failure').hidden = true;
   byId('task-cancel').hidden = true;
   fileList('task-outputs', []);
