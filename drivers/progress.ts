@@ -11,11 +11,17 @@ export interface Progress {
   message?: string;
 }
 
+/** The report a `VSP-PROGRESS` line makes (undefined: not such a line); above 100 counts as 100. */
+export function progressLine(line: string): Progress | undefined {
+  const m = PROGRESS_LINE.exec(line.trim());
+  return m ? { progress: Math.min(100, Number(m[1])), message: m[2]?.slice(0, 200) } : undefined;
+}
+
 export function lastProgress(text: string): Progress | undefined {
   const lines = text.split('\n');
   for (let i = lines.length - 1; i >= 0; i--) {
-    const m = PROGRESS_LINE.exec(lines[i].trim());
-    if (m) return { progress: Math.min(100, Number(m[1])), message: m[2]?.slice(0, 200) };
+    const p = progressLine(lines[i]);
+    if (p) return p;
   }
   return undefined;
 }

@@ -56,6 +56,9 @@ export interface ExitResult {
   exitCode: number;
   /** True when the driver ended the VM because the time limit ran out. */
   timedOut: boolean;
+  /** The task's last progress report, read once it ended: a line printed just before the end counts too. */
+  progress?: number;
+  progressMessage?: string;
 }
 
 export interface WaitOptions {

@@ -202,7 +202,10 @@ function historyIsLong(t: TaskState): boolean {
 async function stageOut(t: TaskState, exit: AwaitResult): Promise<void> {
   t.exit = exit;
   t.status.exitCode = exit.exitCode;
-  if (exit.progress !== undefined) t.status.progress = exit.progress;
+  if (exit.progress !== undefined) {
+    t.status.progress = exit.progress;
+    t.status.progressMessage = exit.progressMessage;
+  }
   // A migration that began as the task ended settles before stage-out reads the disks.
   await condition(() => !t.migrating);
   setPhase(t, 'staging-out');

@@ -262,6 +262,7 @@ export function createHostActivities(deps: HostDeps) {
       const stopShipping = await shipLiveLog(deps, handle.vmId, workflowId, driver.capabilities.isolation);
       return heartbeating({ phase: 'running', ...previous }, async (hb) => {
         let progress = typeof previous?.progress === 'number' ? previous.progress : undefined;
+        let message = typeof previous?.message === 'string' ? previous.message : undefined;
         let failingSince: number | undefined;
         for (;;) {
           try {
@@ -278,18 +279,23 @@ export function createHostActivities(deps: HostDeps) {
               signal: ctx.cancellationSignal,
               onProgress: (s) => {
                 failingSince = undefined;
-                progress = s.progress ?? progress;
+                if (s.progress !== undefined) [progress, message] = [s.progress, s.progressMessage];
                 steering.observe(progress);
                 hb.update({
                   progress,
-                  message: s.progressMessage,
+                  message,
                   phase: s.phase,
                   cpuShare: steering.current(),
                   ...(steering.behind ? { behindDeadline: true } : {}),
                 });
               },
             });
-            return { ...result, progress };
+            // The report read after the end is the last one: printed just before, it reached no poll.
+            return {
+              ...result,
+              progress: result.progress ?? progress,
+              progressMessage: result.progress !== undefined ? result.progressMessage : message,
+            };
           } catch (err) {
             if (ctx.cancellationSignal.aborted || err instanceof ApplicationFailure) throw err;
             // The workflow cancels this wait before it migrates the VM; a late poll still tells what happened.

@@ -235,7 +235,8 @@ export class ProcessDriver implements HypervisorDriver {
     for (;;) {
       const status = await this.inspect(handle);
       options.onProgress(status);
-      if (status.phase === 'exited') return { exitCode: status.exitCode ?? -1, timedOut: false };
+      const reported = { progress: status.progress, progressMessage: status.progressMessage };
+      if (status.phase === 'exited') return { exitCode: status.exitCode ?? -1, timedOut: false, ...reported };
       if (status.phase === 'missing') {
         const tail = await readTail(this.opts.store.paths(handle.vmId).taskLog, 2048);
         throw new Error(`task process of ${handle.vmId} vanished without an exit status; log tail:\n${tail}`);
@@ -243,7 +244,7 @@ export class ProcessDriver implements HypervisorDriver {
       if (status.phase === 'created') throw new Error(`VM ${handle.vmId} was never started`);
       if (Date.now() > deadline) {
         await this.stop(handle, 5000);
-        return { exitCode: -1, timedOut: true };
+        return { exitCode: -1, timedOut: true, ...reported };
       }
       if (options.signal.aborted) throw options.signal.reason ?? new Error('wait aborted');
       await sleep(this.pollMs);

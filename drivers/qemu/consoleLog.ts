@@ -1,5 +1,6 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
+import { progressLine } from '../progress';
 
 /** What the guest told the host on its serial console (see deploy/guest/init). */
 export interface ConsoleState {
@@ -57,13 +58,11 @@ export class ConsoleFollower {
   }
 
   private parseLine(line: string): void {
-    const progress = /^VSP-PROGRESS (\d{1,3})(?: (.*))?$/.exec(line);
+    // The same reading as the process driver's task log: the guest forwards the task's lines unchanged.
+    const progress = progressLine(line);
     if (progress) {
-      const n = Number(progress[1]);
-      if (n <= 100) {
-        this.state.progress = n;
-        this.state.progressMessage = progress[2]?.slice(0, 200);
-      }
+      this.state.progress = progress.progress;
+      this.state.progressMessage = progress.message;
       return;
     }
     const exit = /^VSP-EXIT (\d+)$/.exec(line);

@@ -49,6 +49,8 @@ export interface TaskView {
   queue?: TaskStatus['queue'];
   progress?: number;
   progressMessage?: string;
+  /** ISO time each phase began (the page shows how long each took). */
+  timestamps?: TaskStatus['timestamps'];
   host?: string;
   storageHost?: string;
   address?: string;
@@ -161,6 +163,7 @@ export class TaskApi {
         queue: s.queue,
         progress: s.progress,
         progressMessage: s.progressMessage,
+        timestamps: s.timestamps,
         host: s.host ?? view.host,
         storageHost: s.storageHost,
         address: s.address,

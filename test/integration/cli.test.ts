@@ -3,6 +3,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { LIFECYCLE_PHASES } from '../../bench/orchestration';
 import { repoRoot } from '../../deploy/devcluster/tools';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
 import { TaskClient } from '../../client/taskClient';
@@ -91,6 +92,52 @@ test('upload, submit --watch, list and download through the vsp CLI', async () =
   expect(table[0]).toMatch(/^TASK +STATUS +PHASE +HOST +STARTED$/);
   const row = table.find((l) => l.startsWith(`${result.taskId} `));
   expect(row?.indexOf('COMPLETED')).toBe(table[0].indexOf('STATUS'));
+});
+
+/** `tmux` on a socket of this test's own, so that it never meets a user's server. */
+function tmux(socket: string, args: string[]): string {
+  const r = spawnSync('tmux', ['-S', socket, ...args], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`tmux ${args[0]} failed: ${r.stderr}`);
+  return r.stdout;
+}
+
+test('submit --watch on a terminal shows every phase, 100 % and the final state (read off the screen)', async () => {
+  const id = `cli-screen-${Date.now()}`;
+  // Ends before the first poll: the phases and the last report reach the screen after the task ended.
+  const spec = {
+    driver: 'process',
+    command: 'echo VSP-PROGRESS 10 starting; echo VSP-PROGRESS 60 halfway; echo VSP-PROGRESS 99 last-words',
+  };
+  await fs.writeFile(path.join(tmp, 'screen.json'), JSON.stringify(spec));
+  const socket = path.join(tmp, 'tmux.sock');
+  const env = cliEnv(fx.cluster.ownerToken('carol'));
+  const vars = ['TEMPORAL_ADDRESS', 'VSP_REPOSITORY_URL', 'VSP_TOKEN', 'PATH'].flatMap((k) => [
+    '-e',
+    `${k}=${env[k] ?? ''}`,
+  ]);
+  // The pane waits on `read` after the CLI ended, so its last screen stays to be read.
+  const command = `cd ${tmp} && ${process.execPath} ${VSP_JS()} submit screen.json --watch --task-id ${id}; echo vsp-exit=$?; read x`;
+  tmux(socket, ['new-session', '-d', '-x', '160', '-y', '40', ...vars, 'sh', '-c', command]);
+  try {
+    const screen = await until('the CLI to end on the screen', async () => {
+      const text = tmux(socket, ['capture-pane', '-p', '-S', '-100']);
+      return text.includes('vsp-exit=') ? text : undefined;
+    });
+    expect(screen).toContain('vsp-exit=0');
+    const lines = screen.split('\n');
+    const order = [...LIFECYCLE_PHASES, 'completed'];
+    const at = order.map((phase) => lines.findIndex((l) => new RegExp(`^ *[0-9.]+s  ${phase}\\b`).test(l)));
+    // Every phase on a line of its own, in the order the task went through them.
+    expect(at.every((i) => i >= 0)).toBe(true);
+    expect([...at].sort((a, b) => a - b)).toEqual(at);
+    expect(lines[at.at(-1)!]).toMatch(/completed +on \S+ \[#{20}\] 100% last-words/);
+    expect(screen).toMatch(new RegExp(`task ${id} completed on \\S+: \\d+ output file\\(s\\)`));
+  } finally {
+    tmux(socket, ['kill-server']);
+  }
+  // The report printed just before the end is the one recorded.
+  const status = JSON.parse(vsp(['--json', 'status', id]).out);
+  expect(status).toMatchObject({ phase: 'completed', progress: 99, progressMessage: 'last-words' });
 });
 
 test("download '-' writes the file's bytes to standard output, and nothing else (no file named '-')", async () => {

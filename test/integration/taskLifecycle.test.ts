@@ -202,7 +202,9 @@ test("cancelling a running task through the owner's API: process gone, host fold
   const s = await alice.cancel(taskId, 'test');
   expect(s.phase).toBe('running');
   await expect(fx.vsp.result(taskId)).rejects.toThrow();
-  expect((await alice.status(taskId)).phase).toBe('cancelled');
+  // As `temporal workflow cancel` ends it (the next test): CANCELED in Temporal too, not FAILED.
+  expect(await alice.status(taskId)).toMatchObject({ phase: 'cancelled', status: 'CANCELLED' });
+  expect((await fx.temporal.workflow.getHandle(taskId).describe()).status.name).toBe('CANCELLED');
   // Ended: a second cancel is refused, and its result is the cancellation.
   await expect(alice.cancel(taskId)).rejects.toMatchObject({ status: 409 });
   await expect(alice.result(taskId)).rejects.toMatchObject({ status: 422 });

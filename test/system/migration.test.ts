@@ -155,7 +155,7 @@ describe('live migration over per-host NFS (real QEMU, namespace hosts)', () => 
       onProgress: () => undefined,
       signal: noAbort(),
     });
-    expect(exit).toEqual({ exitCode: 0, timedOut: false });
+    expect(exit).toMatchObject({ exitCode: 0, timedOut: false });
     // Released where it ended, so it read its input there (over NFS unless back home).
     const consoleLog = await fs.readFile(String(handle.state.consoleLog), 'utf8');
     expect(consoleLog).toMatch(/^VSP-PROGRESS 100 released/m);

@@ -42,9 +42,21 @@ test('awaitVm rides out a transient driver error while the VM runs; progress goe
   env.on('heartbeat', (d: unknown) => beats.push(d));
   const { awaitVm } = activitiesWith(fakeDriver({ waitErrors: 2, phaseAfterError: 'running' }));
   const result = await env.run(awaitVm, handle);
-  expect(result).toEqual({ exitCode: 0, timedOut: false, progress: 42 });
+  expect(result).toEqual({ exitCode: 0, timedOut: false, progress: 42, progressMessage: 'encoding' });
   // Exactly the three fields the status query merges.
   expect(beats).toContainEqual({ phase: 'running', progress: expect.any(Number), message: 'encoding' });
+});
+
+test('awaitVm returns the report the driver read after the end, which no poll saw', async () => {
+  const driver = {
+    ...fakeDriver({ waitErrors: 0, phaseAfterError: 'running' }),
+    wait: async (_h: VmHandle, opts: WaitOptions) => {
+      opts.onProgress({ phase: 'running', progress: 96, progressMessage: 'pass 8', details: {} });
+      return { exitCode: 0, timedOut: false, progress: 100, progressMessage: 'done' };
+    },
+  };
+  const result = await new MockActivityEnvironment().run(activitiesWith(driver).awaitVm, handle);
+  expect(result).toMatchObject({ progress: 100, progressMessage: 'done' });
 });
 
 test('awaitVm fails as VmFailed, with the driver error, once the VM is gone', async () => {

@@ -340,7 +340,8 @@ describe('XenDriver (fake xl on PATH)', () => {
       onProgress: (s) => seen.push(s),
       signal: new AbortController().signal,
     });
-    expect(result).toEqual({ exitCode: 3, timedOut: false });
+    // The guest's last report comes with its exit, as under QEMU and the process driver.
+    expect(result).toEqual({ exitCode: 3, timedOut: false, progress: 40, progressMessage: 'working' });
     expect(seen.length).toBeGreaterThan(0);
     expect(seen[0]).toMatchObject({ phase: 'running', progress: 40, progressMessage: 'working' });
     expect((await driver.inspect(started)).phase).toBe('exited');
@@ -427,7 +428,7 @@ describe('XenDriver (fake xl on PATH)', () => {
     const started = await driver.start(handle);
     await calls();
     const r = await driver.wait(started, { onProgress: () => {}, signal: new AbortController().signal });
-    expect(r).toEqual({ exitCode: 0, timedOut: false });
+    expect(r).toEqual({ exitCode: 0, timedOut: false, progress: 40, progressMessage: 'working' });
     // Between its `list` polls, the driver read Xen's log for why the first boot ended.
     const issued = (await calls()).filter((c) => !c.includes(' list ') && !c.endsWith(' dmesg'));
     expect(issued.slice(0, 3)).toEqual([
@@ -448,7 +449,12 @@ describe('XenDriver (fake xl on PATH)', () => {
     await knob('polls', 'forever');
     const started = await driver.start(handle);
     const r = await driver.wait(started, { onProgress: () => {}, signal: new AbortController().signal });
-    expect(r).toEqual({ exitCode: TIMEOUT_EXIT_CODE, timedOut: true });
+    expect(r).toEqual({
+      exitCode: TIMEOUT_EXIT_CODE,
+      timedOut: true,
+      progress: 40,
+      progressMessage: 'working',
+    });
     expect(await calls()).toContain('10.0.0.1 shutdown vsp-t3');
     await driver.destroy(started);
   });
