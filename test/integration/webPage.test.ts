@@ -272,7 +272,7 @@ test('sign in, upload with progress, run a task, follow it and download its outp
   expect(await page.locator('#workspace').isHidden()).toBe(true);
 });
 
-test('a running task shows progress and phase times and can be cancelled; cancelled and failed runs show their logs; one row per run', async () => {
+test('a running task shows progress, phase times and its live output, and can be cancelled; cancelled and failed runs show their logs and failure.txt; one row per run', async () => {
   await page.goto(fx.cluster.repositoryUrl);
   await signIn('dora', token('dora'));
   await page.locator('#workspace').waitFor({ state: 'visible' });
@@ -290,6 +290,9 @@ test('a running task shows progress and phase times and can be cancelled; cancel
   await present('#task-progress[data-progress="40"]', { timeout: 120_000 });
   expect(await page.locator('#task-progress-text').textContent()).toBe('40% halfway');
   await present('#task-phases tr[data-phase="running"]', { hasText: 'so far' });
+  // The log viewer follows the task's output while it runs.
+  await present('#task-log', { hasText: 'web-live-started' });
+  expect(await page.locator('#task-log-state').textContent()).toBe('live');
   const taskId = (await page.locator('#task-detail-id').textContent()) as string;
   await screenshot('web-page-running');
   await temporalUiShot('temporal-ui-running', taskId, /Running/i);
@@ -329,9 +332,12 @@ test('a running task shows progress and phase times and can be cancelled; cancel
     await present(`#task-detail[data-run-id="${run}"][data-status="${status}"]`);
     expect(await page.locator('#task-detail-run').textContent()).toBe(run);
   }
-  // The failed run: its log is listed although it has no result, and why it failed is said.
+  // The failed run: its logs are listed although it has no result; its output and failure.txt are shown.
   await present('#task-logs li[data-path="results/dora-twice-2/logs/task.log"]');
+  await present('#task-logs li[data-path="results/dora-twice-2/logs/failure.txt"]');
   expect(await page.locator('#task-detail-error').textContent()).toMatch(/\b3\b/);
+  expect(await page.locator('#task-failure').textContent()).toMatch(/\b3\b/);
+  await present('#task-log', { hasText: 'second run' });
 });
 
 test('without Temporal the task endpoints answer 503 with the reason; the page files still serve', async () => {
