@@ -14,6 +14,7 @@ import { createConsoleActivities } from './consoleSegments';
 import { CpuSteering, type CpuPlan } from './cpuSteering';
 import { classified } from './failures';
 import { heartbeating, type Heartbeat } from './heartbeat';
+import { progressSteps } from './progressSteps';
 import { listOutputFiles } from './outputs';
 import { saveTaskRecord, taskRecordOf, taskRepository } from './taskAccess';
 
@@ -234,6 +235,7 @@ export function createHostActivities(deps: HostDeps) {
       return heartbeating({ phase: 'running', ...previous }, async (hb) => {
         let progress = typeof previous?.progress === 'number' ? previous.progress : undefined;
         let message = typeof previous?.message === 'string' ? previous.message : undefined;
+        const step = progressSteps(ctx.info.workflowExecution?.workflowId, deps.reportProgress, progress);
         let failingSince: number | undefined;
         for (;;) {
           try {
@@ -251,6 +253,7 @@ export function createHostActivities(deps: HostDeps) {
               onProgress: (s) => {
                 failingSince = undefined;
                 if (s.progress !== undefined) [progress, message] = [s.progress, s.progressMessage];
+                step(progress, message);
                 steering.observe(progress);
                 hb.update({
                   progress,
