@@ -185,6 +185,8 @@ interface TaskAccess {
   migrate(taskId: string, request: MigrateRequest): Promise<TaskStatus>;
   resize(taskId: string, request: ResizeRequest): Promise<TaskStatus>;
   list(filter: TaskListFilter): Promise<TaskSummary[]>;
+  /** The task's log so far (owners' path only). */
+  logText?(taskId: string): Promise<string>;
 }
 
 interface TaskCommandOptions {
@@ -272,6 +274,17 @@ taskCommand(
 ).action(async (taskId: string, opts: TaskCommandOptions) =>
   watch(await tasks(opts), taskId, { display: false }),
 );
+
+taskCommand(
+  'logs <task-id>',
+  "print a task's output and its VM's console: live while it runs, the stored log after it ends",
+  false,
+)
+  .option('-f, --follow', 'keep printing new output until the task ends')
+  .action(async (taskId: string, opts: TaskCommandOptions & { follow?: boolean }) => {
+    for await (const chunk of await ownerTasks(opts).logs(taskId, { follow: opts.follow }))
+      if (!process.stdout.write(chunk)) await new Promise((r) => process.stdout.once('drain', r));
+  });
 
 taskCommand(
   'status <task-id>',
@@ -428,12 +441,26 @@ async function watch(client: TaskAccess, taskId: string, { display: shown = true
     );
   } catch (err) {
     display?.done();
+    if (phase === 'failed' && !json()) await showLogTail(client, taskId);
     const reason =
       err instanceof TaskClientError && err.status === 422 ? err.reason : taskFailureMessage(err);
     throw new CliExit(endedExitCode(phase) || EXIT.error, `task ${taskId} ${phase ?? 'failed'}: ${reason}`, {
       cause: err,
     });
   }
+}
+
+/** Lines of a failed task's log the CLI shows with its failure. */
+const FAILURE_TAIL_LINES = 20;
+
+/** The end of a failed task's log on standard error, so its cause is seen without downloading task.log. */
+async function showLogTail(client: TaskAccess, taskId: string): Promise<void> {
+  const text = await client.logText?.(taskId).catch(() => undefined);
+  if (!text) return;
+  const lines = text.replace(/\n$/, '').split('\n').slice(-FAILURE_TAIL_LINES);
+  process.stderr.write(
+    `--- the last ${lines.length} line(s) of the task's log (vsp logs ${taskId}) ---\n${lines.join('\n')}\n---\n`,
+  );
 }
 
 /** The error's message with the causes it does not already say (a failed update's reason, ...). */

@@ -190,6 +190,58 @@ export class TaskClient {
     );
   }
 
+  /**
+   * The task's log (its output and its VM's console, as its host sent them while it ran; a task that
+   * never sent one shows its stored task.log): the bytes from `offset` on, as they arrive. With `follow`
+   * the stream stays open and carries new bytes until the task ends. 404 for an unknown task; `signal`
+   * stops it.
+   */
+  async logs(
+    taskId: string,
+    opts: { follow?: boolean; offset?: number; signal?: AbortSignal } = {},
+  ): Promise<AsyncIterable<Uint8Array>> {
+    const query = new URLSearchParams();
+    if (opts.follow) query.set('follow', '1');
+    if (opts.offset !== undefined) {
+      if (!Number.isSafeInteger(opts.offset) || opts.offset < 0)
+        throw new TaskClientError(
+          0,
+          `it must be a whole number of bytes, not ${opts.offset}`,
+          'the log offset',
+        );
+      query.set('offset', String(opts.offset));
+    }
+    const q = query.size ? `?${query.toString()}` : '';
+    const what = `log of task ${taskId}`;
+    const res = await this.request('GET', `${await this.taskPath(taskId)}/logs${q}`, what, undefined, {
+      accept: 'text/plain',
+      signal: opts.signal,
+    });
+    if (!res.ok) throw await this.refusal(res, what);
+    const body = res.body;
+    return (async function* () {
+      if (!body) return;
+      const reader = body.getReader();
+      try {
+        for (;;) {
+          const { done, value } = await reader.read();
+          if (done) return;
+          yield value;
+        }
+      } finally {
+        reader.releaseLock();
+        await body.cancel().catch(() => undefined);
+      }
+    })();
+  }
+
+  /** The task's log so far, as text (from `offset` on). */
+  async logText(taskId: string, opts: { offset?: number } = {}): Promise<string> {
+    const chunks: Uint8Array[] = [];
+    for await (const c of await this.logs(taskId, opts)) chunks.push(c);
+    return Buffer.concat(chunks).toString('utf8');
+  }
+
   private async tasksPath(): Promise<string> {
     return `/v1/owners/${encodeURIComponent(await this.ownerName())}/tasks`;
   }
@@ -200,36 +252,53 @@ export class TaskClient {
     return `${await this.tasksPath()}/${encodeURIComponent(taskId)}`;
   }
 
-  private async call<T>(method: string, apiPath: string, what: string, body?: unknown): Promise<T> {
+  private async request(
+    method: string,
+    apiPath: string,
+    what: string,
+    body?: unknown,
+    opts: { accept?: string; signal?: AbortSignal } = {},
+  ): Promise<Response> {
     const url = new URL(this.base.pathname.replace(/\/+$/, '') + apiPath, this.base);
-    let res: Response;
     try {
-      res = await fetch(url, {
+      return await fetch(url, {
         method,
         headers: {
           Authorization: `Bearer ${this.token}`,
-          Accept: 'application/json',
+          Accept: opts.accept ?? 'application/json',
           ...(body === undefined ? {} : { 'Content-Type': 'application/json' }),
         },
         body: body === undefined ? undefined : JSON.stringify(body),
+        signal: opts.signal,
       });
     } catch (err) {
+      if (opts.signal?.aborted) throw err;
       const cause = (err as { cause?: { message?: string } }).cause?.message ?? (err as Error).message;
       const reason = `the repository at ${this.base.origin} did not answer: ${cause}`;
       throw new TaskClientError(0, reason, what, { cause: err });
     }
-    const text = await res.text();
-    let parsed: unknown;
+  }
+
+  /** A refused call's error, with the server's message. */
+  private async refusal(res: Response, what: string): Promise<TaskClientError> {
+    const text = await res.text().catch(() => '');
+    let message: unknown;
     try {
-      parsed = text === '' ? undefined : JSON.parse(text);
+      message = (JSON.parse(text) as { error?: unknown } | undefined)?.error;
+    } catch {
+      // not JSON: the status text says it
+    }
+    return new TaskClientError(res.status, typeof message === 'string' ? message : res.statusText, what);
+  }
+
+  private async call<T>(method: string, apiPath: string, what: string, body?: unknown): Promise<T> {
+    const res = await this.request(method, apiPath, what, body);
+    if (!res.ok) throw await this.refusal(res, what);
+    const text = await res.text();
+    try {
+      return (text === '' ? undefined : JSON.parse(text)) as T;
     } catch (err) {
-      if (res.ok)
-        throw new TaskClientError(res.status, "the repository's answer is not JSON", what, { cause: err });
+      throw new TaskClientError(res.status, "the repository's answer is not JSON", what, { cause: err });
     }
-    if (!res.ok) {
-      const message = (parsed as { error?: unknown } | undefined)?.error;
-      throw new TaskClientError(res.status, typeof message === 'string' ? message : res.statusText, what);
-    }
-    return parsed as T;
   }
 }

@@ -517,6 +517,32 @@ export class RepositoryClient {
     return res.statusCode === 204;
   }
 
+  /**
+   * Appends to a running task's live log (the client presents that task's capability): `bytes` are the
+   * log's from `offset` on (the end when undefined). Resolves with the log's size after it and whether
+   * it is full; a gap (409) or refusal throws.
+   */
+  async appendTaskLog(
+    owner: string,
+    taskId: string,
+    offset: number | undefined,
+    bytes: Buffer,
+    signal?: AbortSignal,
+  ): Promise<{ size: number; full: boolean }> {
+    checkOwner(owner);
+    const q = offset === undefined ? '' : `?offset=${offset}`;
+    const res = await this.send(
+      'POST',
+      `/v1/owners/${owner}/tasks/${encodeURIComponent(taskId)}/logs${q}`,
+      { 'Content-Type': 'application/octet-stream', 'Content-Length': bytes.length },
+      Readable.from([bytes]),
+      true,
+      signal,
+    );
+    if (res.statusCode !== 200) throw await failure(res, `append to the log of task ${taskId}`);
+    return JSON.parse(await readBody(res)) as { size: number; full: boolean };
+  }
+
   /** True if the server answers its health check. */
   async health(): Promise<boolean> {
     try {

@@ -19,6 +19,7 @@ import { LoginThrottle, type LoginThrottleOptions } from './accounts/loginThrott
 import { ImageStore } from './store/imageStore';
 import { defaultHostKeyPath, startSftpServer, type SftpServer } from './sftp/sftpServer';
 import type { TaskApi, TaskAdmissionDeps } from './http/taskApi';
+import { LiveLogs } from './tasks/liveLogs';
 import { loadWebAssets } from './http/webAssets';
 import type { Logger } from '../logging/logger';
 
@@ -149,7 +150,8 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
       });
       log.info({ host: ftps.host, port: ftps.port }, 'FTPS listening');
     }
-    const handler = createRequestHandler({ ...deps, web, tasks, images, keys });
+    const liveLogs = await LiveLogs.open(dataDir);
+    const handler = createRequestHandler({ ...deps, web, tasks, images, keys, liveLogs });
     const inFlight = new Set<Promise<void>>();
     const server = createServer(
       // Checked this often, the headers timeout holds to within a few seconds.

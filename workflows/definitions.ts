@@ -112,6 +112,19 @@ export interface TaskResult {
   migrations?: MigrationRecord[];
 }
 
+/**
+ * Why a task whose command ran did not succeed (a time limit, a status other than 0), or undefined: the
+ * workflow's failure and the task's `logs/failure.txt` say the same.
+ */
+export function commandFailure(
+  exit: { exitCode: number; timedOut: boolean },
+  timeLimitSec: number,
+): string | undefined {
+  if (exit.timedOut) return `the task ran past its time limit of ${timeLimitSec} s`;
+  if (exit.exitCode !== 0) return `the task command exited with status ${exit.exitCode}`;
+  return undefined;
+}
+
 /** The update's arguments, checked in its validator: a malformed request never reaches the handler. */
 export const MigrateRequestSchema = z
   .object({

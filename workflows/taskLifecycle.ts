@@ -13,7 +13,7 @@ import {
 } from '@temporalio/workflow';
 import type { AwaitResult, VmHandle } from '../activities/types';
 import { parseTaskInput, taskInput } from '../spec/taskInput';
-import { statusQuery, type TaskResult } from './definitions';
+import { commandFailure, statusQuery, type TaskResult } from './definitions';
 import { control, onHost } from './lifecycle/activities';
 import { cleanUp } from './lifecycle/cleanup';
 import { describe, ownFailureType } from './lifecycle/failures';
@@ -219,6 +219,8 @@ async function stageOut(t: TaskState, exit: AwaitResult): Promise<void> {
       `stage-out to ${t.ref.resultsPath}`,
       t.ref,
       t.handle as VmHandle,
+      // A command that failed leaves its reason in logs/failure.txt (an argument only: replay-safe).
+      exit,
     ),
   );
 }
@@ -278,10 +280,9 @@ function finish(t: TaskState): TaskResult {
     setPhase(t, 'failed');
     throw failure;
   }
-  if (exit?.timedOut || exit?.exitCode !== 0) {
-    t.status.error = exit?.timedOut
-      ? `the task ran past its time limit of ${spec.timeLimitSec} s`
-      : `the task command exited with status ${exit?.exitCode}`;
+  const commandError = exit ? commandFailure(exit, spec.timeLimitSec) : 'the task command never ended';
+  if (!exit || commandError !== undefined) {
+    t.status.error = commandError;
     setPhase(t, 'failed');
     throw ApplicationFailure.nonRetryable(
       t.status.error,

@@ -2,10 +2,11 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ApplicationFailure, Context } from '@temporalio/activity';
-import type { CpuShare, HypervisorDriver, VmConfig, VmHandle } from '../../drivers/types';
+import type { CpuShare, ExitResult, HypervisorDriver, VmConfig, VmHandle } from '../../drivers/types';
 import { VmMigratedError } from '../../drivers/qemu/qemuDriver';
 import { createLogger, describeError } from '../../logging/logger';
 import { RepositoryError, type RepositoryClient } from '../../repository/client';
+import { commandFailure } from '../../workflows/definitions';
 import { UnusableOutputsError } from '../../storage/diskImageStaging';
 import { sha256File } from '../../storage/imageCache';
 import type { AwaitResult, StageInResult, StageOutResult, TaskRef, UploadedFile } from '../types';
@@ -14,6 +15,7 @@ import { createConsoleActivities } from './consoleSegments';
 import { CpuSteering, type CpuPlan } from './cpuSteering';
 import { classified } from './failures';
 import { heartbeating, type Heartbeat } from './heartbeat';
+import { shipLiveLog } from './liveLog';
 import { progressSteps } from './progressSteps';
 import { listOutputFiles } from './outputs';
 import { saveTaskRecord, taskRecordOf, taskRepository } from './taskAccess';
@@ -112,6 +114,30 @@ export function createHostActivities(deps: HostDeps) {
     return taskLog
       ? [await storeFile(repository, ref.spec.owner, `${ref.resultsPath}/logs/task.log`, taskLog, hb)]
       : [];
+  }
+
+  /** Why the task failed, as `logs/failure.txt` in its results. */
+  async function storeFailure(
+    repository: RepositoryClient,
+    ref: TaskRef,
+    reason: string,
+    hb: Heartbeat,
+  ): Promise<UploadedFile> {
+    const dir = store.paths(ref.vmId).dir;
+    await fs.mkdir(dir, { recursive: true });
+    const reasonFile = path.join(dir, `failure.${Context.current().info.attempt}.txt`);
+    await fs.writeFile(reasonFile, `${reason}\n`);
+    try {
+      return await storeFile(
+        repository,
+        ref.spec.owner,
+        `${ref.resultsPath}/logs/failure.txt`,
+        reasonFile,
+        hb,
+      );
+    } finally {
+      await fs.rm(reasonFile, { force: true });
+    }
   }
 
   /** Runs a long host step: timer heartbeats with `details`, errors classified. */
@@ -232,10 +258,13 @@ export function createHostActivities(deps: HostDeps) {
         () => resized.get(handle.vmId),
         ctx.cancellationSignal,
       );
+      // What the task prints reaches its live log in the repository while it runs (vsp logs -f).
+      const workflowId = ctx.info.workflowExecution?.workflowId ?? '';
+      const stopShipping = await shipLiveLog(deps, handle.vmId, workflowId, driver.capabilities.isolation);
       return heartbeating({ phase: 'running', ...previous }, async (hb) => {
         let progress = typeof previous?.progress === 'number' ? previous.progress : undefined;
         let message = typeof previous?.message === 'string' ? previous.message : undefined;
-        const step = progressSteps(ctx.info.workflowExecution?.workflowId, deps.reportProgress, progress);
+        const step = progressSteps(workflowId, deps.reportProgress, progress);
         let failingSince: number | undefined;
         for (;;) {
           try {
@@ -287,7 +316,7 @@ export function createHostActivities(deps: HostDeps) {
             await sleep(TRANSIENT_RETRY_MS, undefined, { signal: ctx.cancellationSignal });
           }
         }
-      });
+      }).finally(stopShipping);
     },
 
     /** Sets the running VM's CPU share (the resize update); awaitVm keeps it while it waits. */
@@ -310,8 +339,11 @@ export function createHostActivities(deps: HostDeps) {
       resized.set(handle.vmId, share);
     },
 
-    /** Extracts the outputs and the task log from the task's home and uploads them, file by file. */
-    async stageOut(ref: TaskRef, handle: VmHandle): Promise<StageOutResult> {
+    /**
+     * Extracts the outputs and the task log from the task's home and uploads them, file by file; with
+     * an `exit` that failed (status not 0, time limit), its reason as `logs/failure.txt` too.
+     */
+    async stageOut(ref: TaskRef, handle: VmHandle, exit?: ExitResult): Promise<StageOutResult> {
       return longStep({ step: 'extract' }, async (hb) => {
         const repository = repositoryOf(ref);
         const { staging } = binding(handle.driver);
@@ -341,6 +373,8 @@ export function createHostActivities(deps: HostDeps) {
           outputs.push(await storeFile(repository, ref.spec.owner, repoPath, f.local, hb));
         }
         const logs = await uploadLogs(repository, ref, extracted.taskLog, hb);
+        const failed = exit && commandFailure(exit, ref.spec.timeLimitSec);
+        if (failed) logs.push(await storeFailure(repository, ref, failed, hb));
         log.info({ vmId: ref.vmId, outputs: outputs.length, bytes: total }, 'stage-out done');
         return { outputs, logs };
       });
@@ -352,24 +386,9 @@ export function createHostActivities(deps: HostDeps) {
         const repository = repositoryOf(ref);
         const p = store.paths(ref.vmId);
         const taskLog = driver ? await extractTaskLog(deps.drivers[driver], p, ref) : undefined;
-        await fs.mkdir(p.dir, { recursive: true });
-        const reasonFile = path.join(p.dir, `failure.${Context.current().info.attempt}.txt`);
-        await fs.writeFile(reasonFile, `${reason}\n`);
-        try {
-          const logs = await uploadLogs(repository, ref, taskLog, hb);
-          logs.push(
-            await storeFile(
-              repository,
-              ref.spec.owner,
-              `${ref.resultsPath}/logs/failure.txt`,
-              reasonFile,
-              hb,
-            ),
-          );
-          return logs;
-        } finally {
-          await fs.rm(reasonFile, { force: true });
-        }
+        const logs = await uploadLogs(repository, ref, taskLog, hb);
+        logs.push(await storeFailure(repository, ref, reason, hb));
+        return logs;
       });
     },
 

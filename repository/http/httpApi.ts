@@ -27,6 +27,9 @@ import { serveWebAsset, type WebAssets } from './webAssets';
 import { adminRequest, AdminApiError } from './adminApi';
 import { imageRequest, ImageApiError } from './imageApi';
 import type { ImageStore } from '../store/imageStore';
+import type { LiveLogs } from '../tasks/liveLogs';
+import { LiveLogError } from '../tasks/liveLogs';
+import { appendTaskLog, serveTaskLog } from './logsApi';
 
 /**
  * The repository's HTTP API (v1): routing, auth, validation and streaming. Paths are taken from the
@@ -51,6 +54,8 @@ export interface HttpApiDeps {
   images?: ImageStore;
   /** Verify task capabilities presented as bearer tokens (capabilities.ts). */
   keys: CapabilityKeys;
+  /** Tasks' live logs (liveLogs.ts), sent by their hosts, read by owners at `tasks/<id>/logs`. */
+  liveLogs?: LiveLogs;
 }
 
 /** What a request did, filled in as it is understood, recorded in the audit log when it ends. */
@@ -92,6 +97,9 @@ export const MAX_JSON_BODY = 64 * 1024;
 /** How long a small JSON body may take to arrive (uploads are bounded by the idle timeout instead). */
 const JSON_BODY_TIMEOUT_MS = 30_000;
 
+/** What the audit log calls a host's append to a task's live log (recorded only when refused). */
+const LOG_APPEND = 'task-log-append';
+
 const UPLOAD_ACTIONS: Record<string, string> = {
   POST: 'upload-start',
   PATCH: 'upload-append',
@@ -105,6 +113,7 @@ type Route =
   | { kind: 'file'; owner: string; rawPath: string }
   | { kind: 'uploads'; owner: string; id?: string }
   | { kind: 'tasks'; owner: string; id?: string; action?: TaskAction; query: URLSearchParams }
+  | { kind: 'task-logs'; owner: string; id: string; query: URLSearchParams }
   | { kind: 'images'; owner: string }
   | { kind: 'whoami' }
   | { kind: 'capability-self' }
@@ -122,9 +131,16 @@ function route(target: string): Route | undefined {
   if (pathname.startsWith('/v1/admin/')) return { kind: 'admin', path: pathname.slice(10), query };
   const img = /^\/v1\/owners\/([^/]+)\/images$/.exec(pathname);
   if (img) return { kind: 'images', owner: decodeComponent(img[1], 'owner name') };
-  const t = /^\/v1\/owners\/([^/]+)\/tasks(?:\/([^/]+)(?:\/(cancel|migrate|resize|result))?)?$/.exec(
+  const t = /^\/v1\/owners\/([^/]+)\/tasks(?:\/([^/]+)(?:\/(cancel|migrate|resize|result|logs))?)?$/.exec(
     pathname,
   );
+  if (t?.[3] === 'logs')
+    return {
+      kind: 'task-logs',
+      owner: decodeComponent(t[1], 'owner name'),
+      id: decodeComponent(t[2], 'task id'),
+      query,
+    };
   if (t) {
     const id = t[2] === undefined ? undefined : decodeComponent(t[2], 'task id');
     const action = t[3] as TaskAction | undefined;
@@ -535,6 +551,8 @@ export function createRequestHandler(
     if (r.kind === 'tasks')
       [draft.action, draft.path] = [taskAction(method, r.id, r.action), r.id && `task:${r.id}`];
     if (r.kind === 'images') draft.action = 'list-images';
+    if (r.kind === 'task-logs')
+      [draft.action, draft.path] = [method === 'POST' ? LOG_APPEND : 'task-logs', `task:${r.id}`];
     const principal: Principal = await login((t) => authenticate(db, t, deps.keys));
     draft.user = principalLabel(principal);
     if (principal.kind === 'capability') draft.task = principal.claims.taskId;
@@ -547,6 +565,15 @@ export function createRequestHandler(
         throw new HttpError(405, `${method} is not allowed on a file list`, { Allow: 'GET' });
       sendJson(res, 200, { files: store.list(r.owner, prefix) });
       return;
+    }
+    if (r.kind === 'task-logs') {
+      if (!deps.liveLogs) throw new HttpError(503, 'this repository keeps no live logs');
+      const logs = { ...deps, liveLogs: deps.liveLogs };
+      if (method === 'POST') return appendTaskLog(logs, req, res, principal, r.owner, r.id, r.query);
+      if (method !== 'GET')
+        throw new HttpError(405, `${method} is not allowed on a task log`, { Allow: 'GET, POST' });
+      allow({ op: 'account' });
+      return serveTaskLog(logs, req, res, r.owner, r.id, r.query);
     }
     if (r.kind === 'uploads')
       return resumable(req, res, r.owner, r.id, draft, (path) => allow({ op: 'write', path }));
@@ -596,7 +623,8 @@ export function createRequestHandler(
     };
     try {
       await handle(req, res, draft);
-      if (draft.owner !== undefined || draft.user !== undefined)
+      // A running task's host appends to its log every half second: only refusals are worth a record.
+      if (draft.action !== LOG_APPEND && (draft.owner !== undefined || draft.user !== undefined))
         audit.record({ protocol: 'http', ...draft, result: 'ok' });
     } catch (err) {
       audit.record({
@@ -626,6 +654,7 @@ export function createRequestHandler(
       else if (err instanceof UploadError)
         [status, message, headers] = [err.status, err.message, err.headers];
       else if (err instanceof AccessDenied) [status, message] = [err.status, err.message];
+      else if (err instanceof LiveLogError) [status, message] = [err.status, err.message];
       else if (err instanceof LoginRateLimited)
         [status, message, headers] = [429, err.message, { 'Retry-After': String(err.retryAfterSeconds) }];
       else if (err instanceof StoreError) [status, message] = [STORE_STATUS[err.code], err.message];

@@ -64,6 +64,13 @@ export interface TaskView {
   logs?: FileRef[];
 }
 
+/** Where a task's log is: its latest run's capability (none for a task started without one). */
+export interface LogSource {
+  capabilityId?: string;
+  resultsPath?: string;
+  running: boolean;
+}
+
 /** The admission's needs: the metadata DB (pre-flight, capability records) and the signing key. */
 export interface TaskAdmissionDeps {
   db: MetadataDb;
@@ -227,6 +234,20 @@ export class TaskApi {
       if (desc.status.name === 'COMPLETED') throw this.unavailable('read the task result', err);
       throw new TaskApiError(422, taskFailureMessage(err), { cause: err });
     }
+  }
+
+  /**
+   * Where the owner's task keeps its live log (its latest run's capability, see liveLogs.ts) and
+   * whether that run is still going; 404 as for the other routes when it is not the owner's.
+   */
+  async logSource(owner: string, taskId: string): Promise<LogSource> {
+    const desc = await this.owned(owner, taskId);
+    const cap = this.admission.db.latestCapability(owner, taskId);
+    return {
+      capabilityId: cap?.id,
+      resultsPath: cap?.results,
+      running: desc.status.name === 'RUNNING',
+    };
   }
 
   private async running(owner: string, taskId: string): Promise<void> {

@@ -599,6 +599,17 @@ export class MetadataDb {
     ).map(toCapabilityRow);
   }
 
+  /** The newest capability minted for the owner's task id: its latest run's. */
+  latestCapability(owner: string, taskId: string): CapabilityRow | undefined {
+    const r = this.db
+      .prepare(
+        `SELECT ${CAPABILITY_COLUMNS} FROM capabilities
+         WHERE task_id = ? AND owner = ? ORDER BY created DESC LIMIT 1`,
+      )
+      .get(taskId, owner) as RawCapability | undefined;
+    return r && toCapabilityRow(r);
+  }
+
   /** Returns false if there is no such unrevoked capability. */
   revokeCapability(id: string): boolean {
     return (

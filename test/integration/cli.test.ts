@@ -6,6 +6,7 @@ import path from 'node:path';
 import { LIFECYCLE_PHASES } from '../../bench/orchestration';
 import { repoRoot } from '../../deploy/devcluster/tools';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
+import { TaskClient } from '../../client/taskClient';
 import { releaseTask, waitingCommand, waitingTaskDir } from '../support/releasedTasks';
 import { temporalAddress } from '../support/temporalEnv';
 
@@ -340,17 +341,68 @@ test("alice's task through the CLI: submit, status, list, a failed migrate, watc
   expect(again.err).toMatch(/409/);
 });
 
-test('a failed task: submit --watch and status exit 3 with the error', () => {
+test('a failed task: submit --watch and status exit 3 with the error and the log tail; failure.txt kept', () => {
   const id = `cli-fail-${Date.now()}`;
   const run = vsp(['submit', '-', '--watch', '--task-id', id], {
     as: 'alice',
-    input: '{"driver":"process","command":"exit 3"}',
+    input: `{"driver":"process","command":"echo boom-${id} >&2; exit 3"}`,
   });
   expect(run.code).toBe(3);
   expect(run.err).toMatch(new RegExp(`task ${id} failed: .*exit`));
+  expect(run.err).toContain(`the task's log (vsp logs ${id}) ---\nboom-${id}\n---`);
   const status = vsp(['status', id], { as: 'alice' });
   expect(status.code).toBe(3);
   expect(status.out).toMatch(/^failed/);
+  const failure = vsp(['download', `results/${id}/logs/failure.txt`, '-'], { as: 'alice' });
+  expect(failure).toMatchObject({ code: 0, out: 'the task command exited with status 3\n' });
+});
+
+test("vsp logs -f shows a running task's output within 2 s of it being printed, and ends with the task", async () => {
+  const marker = `cli-logs-${Date.now()}`;
+  const submitted = vsp(['--json', 'submit', '-', '--task-id', marker], {
+    input: JSON.stringify({ driver: 'process', command: waitingCommand(marker, `echo ${marker}-done`) }),
+  });
+  expect(submitted.code).toBe(0);
+  const client = new TaskClient({ url: fx.cluster.repositoryUrl, token: fx.cluster.ownerToken('carol') });
+  let followed = '';
+  const following = (async () => {
+    for await (const chunk of await client.logs(marker, { follow: true }))
+      followed += Buffer.from(chunk).toString();
+  })();
+  const cli = vspInBackground(['logs', '-f', marker], 'carol');
+  // From the moment the host's log has the line to the moment the follower has it.
+  const dir = await until('the task to print', () => waitingTaskDir(fx.cluster.storeDir('a'), marker));
+  const printed = Date.now();
+  await until(
+    'the follower to see the line',
+    async () => followed.includes(`${marker}-started\n`) || undefined,
+  );
+  const latencyMs = Date.now() - printed;
+  console.log(`live log latency (process driver): ${latencyMs} ms`);
+  expect(latencyMs).toBeLessThan(2000);
+  expect(dir).toBeDefined();
+
+  // Refused: the log of a task that does not exist, an owner's token appending, another owner reading.
+  const missing = vsp(['logs', `no-such-${marker}`]);
+  expect(missing.code).toBe(1);
+  expect(missing.err).toMatch(/404/);
+  const url = `${fx.cluster.repositoryUrl}/v1/owners/carol/tasks/${marker}/logs`;
+  const forged = await fetch(url, {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${fx.cluster.ownerToken('carol')}` },
+    body: 'forged\n',
+  });
+  expect(forged.status).toBe(403);
+  expect(vsp(['logs', marker, '--owner', 'carol'], { as: 'alice' }).code).toBe(1);
+
+  await releaseTask(fx.cluster.storeDir('a'), marker);
+  await following;
+  const whole = `${marker}-started\n${marker}-done\n`;
+  expect(followed).toBe(whole);
+  expect(await cli).toEqual({ code: 0, out: whole, err: '' });
+  // After the end: the same log, from any offset.
+  expect(vsp(['logs', marker]).out).toBe(whole);
+  expect(await client.logText(marker, { offset: 4 })).toBe(whole.slice(4));
 });
 
 test("alice's token cannot reach bob's tasks: list, status, cancel and a spec naming bob are refused", async () => {

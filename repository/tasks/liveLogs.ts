@@ -1,0 +1,156 @@
+import { EventEmitter } from 'node:events';
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+
+/**
+ * Tasks' live logs (issue 14): what a running task printed (its output; a VM's console), sent by its
+ * host while it runs and kept here, one append-only file per run (named by the run's capability, which
+ * a re-run of the same task id never shares). Owners read them through the task API's `logs` route,
+ * following new bytes as they land; the file stays after the task ends (bounded: `maxBytes` a run).
+ */
+
+/** Bytes one append request may carry (the host sends what it has every half second). */
+export const MAX_APPEND_BYTES = 1 << 20;
+/** What a run's live log may hold; its stored `task.log` keeps the whole output. */
+export const DEFAULT_LIVE_LOG_BYTES = 16 << 20;
+
+const CAPABILITY_ID = /^[A-Za-z0-9_-]{8,64}$/;
+
+export class LiveLogError extends Error {
+  constructor(
+    readonly status: number,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'LiveLogError';
+  }
+}
+
+export interface AppendResult {
+  /** The log's size after the append: where the next one starts. */
+  size: number;
+  /** The log reached its limit: later bytes are dropped (the sender may stop). */
+  full: boolean;
+}
+
+export class LiveLogs {
+  private readonly grew = new EventEmitter();
+  /** Appends to one file run one at a time (the offset check and the write must not interleave). */
+  private readonly queues = new Map<string, Promise<unknown>>();
+
+  constructor(
+    private readonly dir: string,
+    private readonly maxBytes = DEFAULT_LIVE_LOG_BYTES,
+  ) {
+    // Every follower of a log listens; there may be many.
+    this.grew.setMaxListeners(0);
+  }
+
+  static async open(dataDir: string, maxBytes?: number): Promise<LiveLogs> {
+    const dir = path.join(dataDir, 'live-logs');
+    await fs.mkdir(dir, { recursive: true, mode: 0o700 });
+    return new LiveLogs(dir, maxBytes);
+  }
+
+  private file(owner: string, capabilityId: string): string {
+    if (!CAPABILITY_ID.test(capabilityId))
+      throw new LiveLogError(400, `capability id ${JSON.stringify(capabilityId)} cannot name a log`);
+    return path.join(this.dir, owner, `${capabilityId}.log`);
+  }
+
+  /** The log's size in bytes (0 when nothing was sent yet). */
+  async size(owner: string, capabilityId: string): Promise<number> {
+    const st = await fs.stat(this.file(owner, capabilityId)).catch((err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT') return undefined;
+      throw err;
+    });
+    return st?.size ?? 0;
+  }
+
+  /**
+   * Appends `bytes` sent as the log's bytes from `offset` on (the end when undefined). A retried append
+   * (offset before the end) adds only what the log does not have yet; one past the end is refused with
+   * 409, naming the size to continue from. Bytes beyond the limit are dropped, once marked as such.
+   */
+  async append(
+    owner: string,
+    capabilityId: string,
+    offset: number | undefined,
+    bytes: Buffer,
+  ): Promise<AppendResult> {
+    const file = this.file(owner, capabilityId);
+    const prior = this.queues.get(file) ?? Promise.resolve();
+    const run = prior.catch(() => undefined).then(() => this.appendNow(file, offset, bytes));
+    this.queues.set(file, run);
+    void run
+      .finally(() => {
+        if (this.queues.get(file) === run) this.queues.delete(file);
+      })
+      .catch(() => undefined);
+    return run;
+  }
+
+  private async appendNow(file: string, offset: number | undefined, bytes: Buffer): Promise<AppendResult> {
+    if (bytes.length > MAX_APPEND_BYTES)
+      throw new LiveLogError(413, `an append carries at most ${MAX_APPEND_BYTES} bytes, not ${bytes.length}`);
+    await fs.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
+    const fh = await fs.open(file, 'a', 0o600);
+    try {
+      const size = (await fh.stat()).size;
+      const at = offset ?? size;
+      if (at > size)
+        throw new LiveLogError(409, `the log has ${size} bytes: an append at ${at} would leave a gap`);
+      const note = Buffer.from(
+        `\n[vsp: the live log stops at ${this.maxBytes} bytes; task.log keeps the whole output]\n`,
+      );
+      const room = this.maxBytes - note.length - size;
+      if (room < 0) return { size, full: true };
+      let fresh = bytes.subarray(size - at);
+      const full = fresh.length > room;
+      if (full) fresh = Buffer.concat([fresh.subarray(0, room), note]);
+      if (fresh.length > 0) {
+        await fh.write(fresh);
+        this.grew.emit(file);
+      }
+      return { size: size + fresh.length, full };
+    } finally {
+      await fh.close();
+    }
+  }
+
+  /** Up to `max` of the log's bytes from `offset` on (empty when there are none yet). */
+  async read(owner: string, capabilityId: string, offset: number, max = MAX_APPEND_BYTES): Promise<Buffer> {
+    let fh: fs.FileHandle;
+    try {
+      fh = await fs.open(this.file(owner, capabilityId), 'r');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return Buffer.alloc(0);
+      throw err;
+    }
+    try {
+      const { size } = await fh.stat();
+      if (offset >= size) return Buffer.alloc(0);
+      const buf = Buffer.alloc(Math.min(max, size - offset));
+      const { bytesRead } = await fh.read(buf, 0, buf.length, offset);
+      return buf.subarray(0, bytesRead);
+    } finally {
+      await fh.close();
+    }
+  }
+
+  /** Resolves when the log grows, or after `ms` (whichever first), or when `signal` aborts. */
+  waitForGrowth(owner: string, capabilityId: string, ms: number, signal: AbortSignal): Promise<void> {
+    const file = this.file(owner, capabilityId);
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.grew.off(file, done);
+        signal.removeEventListener('abort', done);
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      this.grew.on(file, done);
+      signal.addEventListener('abort', done);
+    });
+  }
+}
