@@ -311,6 +311,28 @@ taskCommand('cancel <task-id>', 'cancel a running task: its VM is stopped, its l
   });
 
 program
+  .command('describe <task-id>')
+  .description(
+    "operators: a task's Temporal record (TEMPORAL_ADDRESS, ...): status, summary, details and search attributes as values",
+  )
+  .action(async (taskId: string) => {
+    const d = await (await VspClient.connect()).describe(taskId);
+    const rows: [string, unknown][] = [
+      ['task', `${d.taskId} (run ${d.runId})`],
+      ['type', d.type],
+      ['status', d.status],
+      ['summary', d.summary ?? '-'],
+      ['started', d.startTime],
+      ['closed', d.closeTime ?? '-'],
+      ['history', `${d.historyLength} events`],
+      ...Object.entries(d.searchAttributes).sort(([a], [b]) => a.localeCompare(b)),
+    ];
+    const width = Math.max(...rows.map(([k]) => k.length));
+    const lines = rows.map(([k, v]) => `${k.padEnd(width)}  ${Array.isArray(v) ? v.join(', ') : String(v)}`);
+    print([...lines, ...(d.details ? ['', d.details] : [])].join('\n'), d);
+  });
+
+program
   .command('localize-disks <task-id>')
   .description(
     "operators: move a running task's disks to the host where its VM runs, while it runs (storage evacuation)",

@@ -36,6 +36,23 @@ export interface TaskSummary {
 const OWNER_KEY = defineSearchAttributeKey(SEARCH_ATTRIBUTES.owner, SearchAttributeType.KEYWORD);
 const TERMINAL = new Set(['completed', 'failed', 'cancelled']);
 
+/** A task's Temporal record as `vsp describe` shows it: search attributes as values, not protobuf maps. */
+export interface TaskDescription {
+  taskId: string;
+  runId: string;
+  type: string;
+  /** Temporal's execution status: RUNNING, COMPLETED, FAILED, CANCELLED, TERMINATED, TIMED_OUT, ... */
+  status: string;
+  startTime: string;
+  closeTime?: string;
+  historyLength: number;
+  /** Set at start (VspClient.submit; `temporal workflow start --static-summary`). */
+  summary?: string;
+  /** The workflow's current details (phase, owner, host, progress, command), as the Temporal UI shows them. */
+  details?: string;
+  searchAttributes: Record<string, unknown>;
+}
+
 /**
  * VSP's client library over Temporal: submit tasks (validated here first), follow them, cancel them.
  * Files go through the repository client (repository/client.ts).
@@ -148,6 +165,32 @@ export class VspClient {
     const final = await this.status(taskId).catch(() => undefined);
     if (final && JSON.stringify(final) !== last) onStatus(final);
     return result;
+  }
+
+  /** The task's Temporal record, decoded; its details from the workflow's metadata query (none without a worker). */
+  async describe(taskId: string): Promise<TaskDescription> {
+    const handle = this.temporal.workflow.getHandle(taskId);
+    const d = await handle.describe();
+    const metadata = await handle
+      .query<{ currentDetails?: string }>('__temporal_workflow_metadata')
+      .catch(() => undefined);
+    const value = (v: unknown) => (v instanceof Date ? v.toISOString() : v);
+    return {
+      taskId,
+      runId: d.runId,
+      type: d.type,
+      status: d.status.name,
+      startTime: d.startTime.toISOString(),
+      closeTime: d.closeTime?.toISOString(),
+      historyLength: d.historyLength,
+      summary: await d.staticSummary().catch(() => undefined),
+      details: metadata?.currentDetails || undefined,
+      searchAttributes: Object.fromEntries(
+        d.typedSearchAttributes
+          .getAll()
+          .map((p) => [p.key.name, Array.isArray(p.value) ? p.value.map(value) : value(p.value)]),
+      ),
+    };
   }
 
   async result(taskId: string, runId?: string): Promise<TaskResult> {

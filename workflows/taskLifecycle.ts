@@ -27,6 +27,7 @@ import {
   recordAddress,
   recordDriver,
   recordOwner,
+  recordProgress,
   recordWhere,
   resumeFrom,
   setPhase,
@@ -205,6 +206,7 @@ async function stageOut(t: TaskState, exit: AwaitResult): Promise<void> {
   if (exit.progress !== undefined) {
     t.status.progress = exit.progress;
     t.status.progressMessage = exit.progressMessage;
+    recordProgress(t);
   }
   // A migration that began as the task ended settles before stage-out reads the disks.
   await condition(() => !t.migrating);
@@ -292,6 +294,7 @@ function finish(t: TaskState): TaskResult {
     );
   }
   setPhase(t, 'completed');
+  recordProgress(t, 100);
   return {
     taskId: ref.taskId,
     host: t.host ?? '',

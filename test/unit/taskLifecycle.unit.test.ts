@@ -7,7 +7,9 @@ import {
 import { TestWorkflowEnvironment } from '@temporalio/testing';
 import { Worker, type WorkflowBundle } from '@temporalio/worker';
 import { VspClient } from '../../client/vspClient';
+import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
 import { CONTROL_TASK_QUEUE, hostTaskQueue, SEARCH_ATTRIBUTES } from '../../config/names';
+import { searchAttributeArgs } from '../../deploy/devcluster/temporal';
 import { taskInput, type TaskTuning } from '../../spec/taskInput';
 import type { TaskSpecInput } from '../../spec/taskSpec';
 import {
@@ -49,10 +51,7 @@ const workers: Worker[] = [];
 let running: Promise<void>[] = [];
 
 beforeAll(async () => {
-  ({ env, bundle } = await startWorkflowTestEnv(
-    require.resolve('../../workflows'),
-    Object.values(SEARCH_ATTRIBUTES).flatMap((n) => ['--search-attribute', `${n}=Keyword`]),
-  ));
+  ({ env, bundle } = await startWorkflowTestEnv(require.resolve('../../workflows'), searchAttributeArgs()));
   const connection = env.nativeConnection;
   cluster.client = env.client;
   workers.push(
@@ -147,6 +146,7 @@ async function executionStatus(h: WorkflowHandle): Promise<string> {
 }
 
 const record = (name: string, h: WorkflowHandle) => recordHistory(env, FIXTURES, name, h);
+const PROGRESS_KEY = defineSearchAttributeKey(SEARCH_ATTRIBUTES.progress, SearchAttributeType.INT);
 
 test('completed: outputs staged out, VM destroyed after, capability released last', async () => {
   const h = await start('completed');
@@ -245,8 +245,17 @@ test('malformed requests are refused by validators; a malformed progress signal 
   await h.signal('progress');
   await h.signal('progress', { progress: 40, message: 'ok' });
   await until(h, (s) => s.progress === 40);
+  // The step is in VspProgress (the Temporal UI's column) and in the details its task page shows.
+  expect((await h.describe()).typedSearchAttributes.get(PROGRESS_KEY)).toBe(40);
+  const details = async () =>
+    ((await h.query('__temporal_workflow_metadata')) as { currentDetails?: string }).currentDetails;
+  expect(await details()).toMatch(
+    /^\*\*running\*\* · owner \*\*alice\*\* · host \*\*a\*\* · \*\*40 %\*\* ok\n/,
+  );
   cluster.release(h.workflowId);
   expect(((await h.result()) as TaskResult).exitCode).toBe(0);
+  expect((await h.describe()).typedSearchAttributes.get(PROGRESS_KEY)).toBe(100);
+  expect(await details()).toMatch(/^\*\*completed\*\* .* · \*\*100 %\*\*/);
 });
 
 test('migrated: the VM moves to b, the wait follows it, the task completes there', async () => {
