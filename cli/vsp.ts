@@ -182,6 +182,8 @@ interface TaskAccess {
     address?: string;
     error?: string;
     queue?: TaskStatus['queue'];
+    progress?: number;
+    progressMessage?: string;
   }>;
   watch(taskId: string, onStatus: (s: DisplayedStatus) => void): Promise<TaskResult>;
   cancel(taskId: string, reason?: string): Promise<TaskStatus>;
@@ -291,12 +293,17 @@ taskCommand(
 
 taskCommand(
   'status <task-id>',
-  "show a task's phase, host, address and error (exit 0 running or completed, 3 failed, 4 cancelled)",
+  "show a task's phase, host, address, progress and error (exit 0 running or completed, 3 failed, 4 cancelled)",
 ).action(async (taskId: string, opts: TaskCommandOptions) => {
   const s = await (await tasks(opts)).status(taskId);
   const q = s.queue;
+  // The last report while the task runs (once ended, `--json` still has it).
+  const progress =
+    s.phase === 'running' && s.progress !== undefined
+      ? ` (${s.progress.toFixed(0)}%${s.progressMessage ? ` ${s.progressMessage}` : ''})`
+      : '';
   print(
-    `${s.phase ?? 'unknown'}${q ? ` (${q.position} of ${q.of} in the queue${q.why ? `: ${q.why}` : ''})` : ''}${s.host ? ` on ${s.host}` : ''}${s.address ? ` at ${s.address}` : ''}${s.error ? `: ${s.error}` : ''}`,
+    `${s.phase ?? 'unknown'}${q ? ` (${q.position} of ${q.of} in the queue${q.why ? `: ${q.why}` : ''})` : ''}${s.host ? ` on ${s.host}` : ''}${s.address ? ` at ${s.address}` : ''}${progress}${s.error ? `: ${s.error}` : ''}`,
     s,
   );
   const code = endedExitCode(s.phase);

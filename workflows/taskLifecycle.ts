@@ -7,6 +7,7 @@ import {
   continueAsNew,
   isCancellation,
   log,
+  setCurrentDetails,
   setHandler,
   upsertSearchAttributes,
   workflowInfo,
@@ -76,6 +77,7 @@ function validate(input: unknown): TaskState {
     const status = { ...invalidTaskStatus(), phase: 'failed' as const, error: (err as Error).message };
     setHandler(statusQuery, () => status);
     upsertSearchAttributes([phaseAttribute('failed')]);
+    setCurrentDetails(`**failed** · ${status.error}`);
     throw ApplicationFailure.nonRetryable((err as Error).message, 'InvalidTaskSpec');
   }
   const t = newTaskState(parsed.spec, parsed.specInput, parsed.capability, parsed.tuning);

@@ -126,6 +126,7 @@ test('submit --watch on a terminal shows every phase, 100 % and the final state 
       const d = JSON.parse(vsp(['--json', 'describe', id]).out);
       return d.searchAttributes.VspProgress === 30 && d.details.includes('**30 %** warming');
     });
+    expect(vsp(['status', id]).out).toMatch(/^running on \S+ \(30% warming\)$/m);
     await releaseTask(fx.cluster.storeDir('a'), id);
     const screen = await until('the CLI to end on the screen', async () => {
       const text = screenNow();

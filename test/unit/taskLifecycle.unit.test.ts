@@ -148,6 +148,11 @@ async function executionStatus(h: WorkflowHandle): Promise<string> {
 const record = (name: string, h: WorkflowHandle) => recordHistory(env, FIXTURES, name, h);
 const PROGRESS_KEY = defineSearchAttributeKey(SEARCH_ATTRIBUTES.progress, SearchAttributeType.INT);
 
+/** The details the Temporal UI shows on the task's page (the SDK's built-in metadata query). */
+async function currentDetails(h: WorkflowHandle): Promise<string | undefined> {
+  return ((await h.query('__temporal_workflow_metadata')) as { currentDetails?: string }).currentDetails;
+}
+
 test('completed: outputs staged out, VM destroyed after, capability released last', async () => {
   const h = await start('completed');
   await runningOn(h, 'a');
@@ -186,6 +191,9 @@ test('a bare spec (the input before capabilities) fails at once saying how to st
   expect(f.type).toBe('InvalidTaskSpec');
   expect(f.message).toMatch(/a bare task spec has no capability.*vsp task grant/);
   expect(await h.query(statusQuery)).toMatchObject({ phase: 'failed' });
+  expect(await currentDetails(h)).toMatch(
+    /^\*\*failed\*\* · invalid task spec: .*a bare task spec has no capability/,
+  );
   expect(cluster.calls.filter((c) => c.taskId === h.workflowId)).toEqual([]);
 });
 
@@ -247,8 +255,7 @@ test('malformed requests are refused by validators; a malformed progress signal 
   await until(h, (s) => s.progress === 40);
   // The step is in VspProgress (the Temporal UI's column) and in the details its task page shows.
   expect((await h.describe()).typedSearchAttributes.get(PROGRESS_KEY)).toBe(40);
-  const details = async () =>
-    ((await h.query('__temporal_workflow_metadata')) as { currentDetails?: string }).currentDetails;
+  const details = () => currentDetails(h);
   expect(await details()).toMatch(
     /^\*\*running\*\* · owner \*\*alice\*\* · host \*\*a\*\* · \*\*40 %\*\* ok\n/,
   );
