@@ -453,7 +453,8 @@ async function loadTasks() {
       class: 'link',
       'aria-label': `Show task ${t.taskId} run ${t.runId}`,
     });
-    const run = element('code', t.runId.slice(0, 8), { title: t.runId });
+    // The tail: run ids begin with the time (UUIDv7), so their heads look alike.
+    const run = element('code', t.runId.slice(-8), { title: t.runId });
     const tr = row([open, run, t.phase ?? '', t.status, t.host ?? '', timeCell(t.startTime)]);
     tr.dataset.taskId = t.taskId;
     tr.dataset.runId = t.runId;
