@@ -74,6 +74,8 @@ export class LiveLogShipper {
         const end = await this.opts.append(undefined, Buffer.alloc(0), signal);
         state = this.state = { ...state, remote: end.size };
         this.full = end.full;
+        // Kept before any byte goes: an attempt that starts meanwhile maps this file to the same place.
+        await this.save();
         continue;
       }
       const raw = await readRange(this.opts.file, state.local, CHUNK_BYTES);
@@ -95,9 +97,13 @@ export class LiveLogShipper {
       }
       state = this.state = { ino: st.ino, local: state.local + consumed, remote: sent.size };
       this.full = sent.full;
-      await writeFileAtomic(this.opts.stateFile, JSON.stringify(state), 0o600);
+      await this.save();
       this.warned = false;
     }
+  }
+
+  private async save(): Promise<void> {
+    await writeFileAtomic(this.opts.stateFile, JSON.stringify(this.state), 0o600);
   }
 
   private async loadState(): Promise<ShipState> {

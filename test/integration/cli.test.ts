@@ -356,6 +356,8 @@ test("vsp logs -f shows a running task's output within 2 s of it being printed, 
     for await (const chunk of await client.logs(marker, { follow: true }))
       followed += Buffer.from(chunk).toString();
   })();
+  // Awaited below; a test that fails first must not leave its rejection unhandled.
+  following.catch(() => undefined);
   const cli = vspInBackground(['logs', '-f', marker], 'carol');
   // From the moment the host's log has the line to the moment the follower has it.
   const dir = await until('the task to print', () => waitingTaskDir(fx.cluster.storeDir('a'), marker));
