@@ -5,6 +5,7 @@ import { createLogger, describeError } from '../../logging/logger';
 import { RepositoryError } from '../../repository/client';
 import { decodeCapabilityClaims } from '../../spec/capability';
 import { writeFileAtomic } from '../../storage/durableFile';
+import { MAX_APPEND_BYTES } from '../../repository/tasks/liveLogs';
 import type { HostDeps } from './hostDeps';
 import { readTaskRecord } from './taskAccess';
 
@@ -12,8 +13,8 @@ const log = createLogger('activities.live-log');
 
 /** How often new output goes to the repository: well inside the 2 s an owner may wait to see a line. */
 export const SHIP_INTERVAL_MS = 500;
-/** Bytes read per append (the repository takes at most 1 MiB). */
-const CHUNK_BYTES = 512 * 1024;
+/** Bytes read per append (the repository takes at most this many; a console line loses bytes, never gains). */
+const CHUNK_BYTES = MAX_APPEND_BYTES;
 /** The guest prefixes the task's own lines on the console with this (deploy/guest/init). */
 const OUTPUT_PREFIX = 'VSP-OUT ';
 
