@@ -14,7 +14,7 @@ export default tseslint.config(
   },
   {
     // Jest's configs are CommonJS, as jest loads them.
-    files: ['jest*.config.js', 'test/tiers.js'],
+    files: ['jest*.config.js', 'test/tiers.js', 'test/sequencer.js'],
     rules: { '@typescript-eslint/no-require-imports': 'off' },
   },
   {

@@ -8,6 +8,7 @@ const tiers = require('./test/tiers');
 
 module.exports = {
   testTimeout: 180000,
+  testSequencer: '<rootDir>/test/sequencer.js',
   globalSetup: '<rootDir>/test/support/globalSetup.ts',
   globalTeardown: '<rootDir>/test/support/globalTeardown.ts',
   projects: [tiers.integration, tiers.system, tiers.cluster],

@@ -12,6 +12,7 @@ import { commandGroup, IMAGE_GROUP_DESCRIPTION, registerAdminCommands } from './
 import { registerClusterCommands } from './clusterCommands';
 import { registerHostCommands } from './hostCommands';
 import { createProgressDisplay, type DisplayedStatus } from './progressDisplay';
+import { loadSettings } from './settingsFile';
 
 /**
  * `vsp`: upload inputs, submit and watch tasks, cancel them, fetch outputs; and the repository's
@@ -32,6 +33,8 @@ Environment:
   VSP_OWNER           optional: the owner to address (only your own is allowed)
   VSP_REPO_DIR        admin commands: the repository's data folder
   TEMPORAL_ADDRESS    operators' --temporal: the Temporal frontend (also TEMPORAL_NAMESPACE, TLS settings)
+  VSP_ENV_FILE        a file of KEY=value lines for the variables above that are unset (default
+                      ~/.config/vsp/env, which the demo writes; empty: none)
 
 Exit codes: 0 done, 1 error, 2 invalid spec, 3 task failed, 4 task cancelled.`,
   )
@@ -179,6 +182,8 @@ interface TaskAccess {
     address?: string;
     error?: string;
     queue?: TaskStatus['queue'];
+    progress?: number;
+    progressMessage?: string;
   }>;
   watch(taskId: string, onStatus: (s: DisplayedStatus) => void): Promise<TaskResult>;
   cancel(taskId: string, reason?: string): Promise<TaskStatus>;
@@ -288,12 +293,17 @@ taskCommand(
 
 taskCommand(
   'status <task-id>',
-  "show a task's phase, host, address and error (exit 0 running or completed, 3 failed, 4 cancelled)",
+  "show a task's phase, host, address, progress and error (exit 0 running or completed, 3 failed, 4 cancelled)",
 ).action(async (taskId: string, opts: TaskCommandOptions) => {
   const s = await (await tasks(opts)).status(taskId);
   const q = s.queue;
+  // The last report while the task runs (once ended, `--json` still has it).
+  const progress =
+    s.phase === 'running' && s.progress !== undefined
+      ? ` (${s.progress.toFixed(0)}%${s.progressMessage ? ` ${s.progressMessage}` : ''})`
+      : '';
   print(
-    `${s.phase ?? 'unknown'}${q ? ` (${q.position} of ${q.of} in the queue${q.why ? `: ${q.why}` : ''})` : ''}${s.host ? ` on ${s.host}` : ''}${s.address ? ` at ${s.address}` : ''}${s.error ? `: ${s.error}` : ''}`,
+    `${s.phase ?? 'unknown'}${q ? ` (${q.position} of ${q.of} in the queue${q.why ? `: ${q.why}` : ''})` : ''}${s.host ? ` on ${s.host}` : ''}${s.address ? ` at ${s.address}` : ''}${progress}${s.error ? `: ${s.error}` : ''}`,
     s,
   );
   const code = endedExitCode(s.phase);
@@ -305,6 +315,28 @@ taskCommand('cancel <task-id>', 'cancel a running task: its VM is stopped, its l
   .action(async (taskId: string, opts: TaskCommandOptions & { reason?: string }) => {
     const s = await (await tasks(opts)).cancel(taskId, opts.reason);
     print(`cancelling ${taskId} (was ${s.phase})`, s);
+  });
+
+program
+  .command('describe <task-id>')
+  .description(
+    "operators: a task's Temporal record (TEMPORAL_ADDRESS, ...): status, summary, details and search attributes as values",
+  )
+  .action(async (taskId: string) => {
+    const d = await (await VspClient.connect()).describe(taskId);
+    const rows: [string, unknown][] = [
+      ['task', `${d.taskId} (run ${d.runId})`],
+      ['type', d.type],
+      ['status', d.status],
+      ['summary', d.summary ?? '-'],
+      ['started', d.startTime],
+      ['closed', d.closeTime ?? '-'],
+      ['history', `${d.historyLength} events`],
+      ...Object.entries(d.searchAttributes).sort(([a], [b]) => a.localeCompare(b)),
+    ];
+    const width = Math.max(...rows.map(([k]) => k.length));
+    const lines = rows.map(([k, v]) => `${k.padEnd(width)}  ${Array.isArray(v) ? v.join(', ') : String(v)}`);
+    print([...lines, ...(d.details ? ['', d.details] : [])].join('\n'), d);
   });
 
 program
@@ -459,6 +491,7 @@ async function readStdin(): Promise<string> {
 /** Runs `vsp` with `argv` (node's, script included); resolves with the exit code. */
 export async function run(argv = process.argv): Promise<number> {
   try {
+    loadSettings();
     await program.parseAsync(argv);
     return 0;
   } catch (err) {

@@ -24,6 +24,8 @@ import type { SchedulerSnapshot } from '../workflows/scheduling/definitions';
 
 export interface TaskSummary {
   taskId: string;
+  /** This run of the task: a task id used again (after the first run ended) names another run. */
+  runId: string;
   status: string;
   owner?: string;
   phase?: string;
@@ -33,6 +35,23 @@ export interface TaskSummary {
 
 const OWNER_KEY = defineSearchAttributeKey(SEARCH_ATTRIBUTES.owner, SearchAttributeType.KEYWORD);
 const TERMINAL = new Set(['completed', 'failed', 'cancelled']);
+
+/** A task's Temporal record as `vsp describe` shows it: search attributes as values, not protobuf maps. */
+export interface TaskDescription {
+  taskId: string;
+  runId: string;
+  type: string;
+  /** Temporal's execution status: RUNNING, COMPLETED, FAILED, CANCELLED, TERMINATED, TIMED_OUT, ... */
+  status: string;
+  startTime: string;
+  closeTime?: string;
+  historyLength: number;
+  /** Set at start (VspClient.submit; `temporal workflow start --static-summary`). */
+  summary?: string;
+  /** The workflow's current details (phase, owner, host, progress, command), as the Temporal UI shows them. */
+  details?: string;
+  searchAttributes: Record<string, unknown>;
+}
 
 /**
  * VSP's client library over Temporal: submit tasks (validated here first), follow them, cancel them.
@@ -99,8 +118,8 @@ export class VspClient {
    * The workflow's status, with the task's live progress: that travels in the heartbeats of the
    * pending `awaitVm` (no history event per change), read here from the workflow's description.
    */
-  async status(taskId: string): Promise<TaskStatus> {
-    const handle = this.temporal.workflow.getHandle(taskId);
+  async status(taskId: string, runId?: string): Promise<TaskStatus> {
+    const handle = this.temporal.workflow.getHandle(taskId, runId);
     const [status, description] = await Promise.all([
       handle.query(statusQuery),
       handle.describe().catch(() => undefined),
@@ -148,8 +167,34 @@ export class VspClient {
     return result;
   }
 
-  async result(taskId: string): Promise<TaskResult> {
-    return (await this.temporal.workflow.getHandle(taskId).result()) as TaskResult;
+  /** The task's Temporal record, decoded; its details from the workflow's metadata query (none without a worker). */
+  async describe(taskId: string): Promise<TaskDescription> {
+    const handle = this.temporal.workflow.getHandle(taskId);
+    const d = await handle.describe();
+    const metadata = await handle
+      .query<{ currentDetails?: string }>('__temporal_workflow_metadata')
+      .catch(() => undefined);
+    const value = (v: unknown) => (v instanceof Date ? v.toISOString() : v);
+    return {
+      taskId,
+      runId: d.runId,
+      type: d.type,
+      status: d.status.name,
+      startTime: d.startTime.toISOString(),
+      closeTime: d.closeTime?.toISOString(),
+      historyLength: d.historyLength,
+      summary: await d.staticSummary().catch(() => undefined),
+      details: metadata?.currentDetails || undefined,
+      searchAttributes: Object.fromEntries(
+        d.typedSearchAttributes
+          .getAll()
+          .map((p) => [p.key.name, Array.isArray(p.value) ? p.value.map(value) : value(p.value)]),
+      ),
+    };
+  }
+
+  async result(taskId: string, runId?: string): Promise<TaskResult> {
+    return (await this.temporal.workflow.getHandle(taskId, runId).result()) as TaskResult;
   }
 
   /** Cancels a running task; its VM is stopped, its logs kept in the repository. */
@@ -189,6 +234,7 @@ export class VspClient {
       };
       out.push({
         taskId: wf.workflowId,
+        runId: wf.runId,
         status: wf.status.name,
         owner: get(SEARCH_ATTRIBUTES.owner),
         phase: get(SEARCH_ATTRIBUTES.phase),

@@ -22,4 +22,19 @@ export const SEARCH_ATTRIBUTES = {
   storageHost: 'VspStorageHost',
   phase: 'VspPhase',
   driver: 'VspDriver',
+  /** The task's last progress report (0-100, in steps; 100 once completed): an Int, the others Keyword. */
+  progress: 'VspProgress',
 } as const;
+
+/** Each search attribute's Temporal type, as it is registered (`--search-attribute <name>=<type>`). */
+export const SEARCH_ATTRIBUTE_TYPES: Record<
+  (typeof SEARCH_ATTRIBUTES)[keyof typeof SEARCH_ATTRIBUTES],
+  'Keyword' | 'Int'
+> = {
+  VspOwner: 'Keyword',
+  VspHost: 'Keyword',
+  VspStorageHost: 'Keyword',
+  VspPhase: 'Keyword',
+  VspDriver: 'Keyword',
+  VspProgress: 'Int',
+};

@@ -5,7 +5,7 @@ import { DRIVER_NAMES } from '../spec/taskSpec';
 import { validateMountRoot } from '../storage/diskLocator';
 import { HOST_NAME } from './names';
 import { parseUidRange } from '../drivers/process/taskAccounts';
-import { XEN_CPU_LIST } from '../drivers/xen/domainConfig';
+import { xenCpuListSetting } from '../drivers/xen/domainConfig';
 import { DEFAULT_SCHEDULER_CONFIG, type SchedulerConfig } from '../scheduler/model';
 
 const hostName = z.string().regex(HOST_NAME, 'host names are lower-case letters, digits and -');
@@ -115,7 +115,7 @@ const HostSchema = z.object({
   /** Xen guests: `pvh` (live-migratable) or `pv` (no live migration; hosts without HAP). */
   xenGuestType: z.enum(['pvh', 'pv']).default('pvh'),
   /** Xen guests run only on these physical CPUs (e.g. all but dom0's, when dom0 is pinned); default any. */
-  xenGuestCpus: z.string().regex(XEN_CPU_LIST, 'a CPU list like 1-3 or 1,3').optional(),
+  xenGuestCpus: xenCpuListSetting.optional(),
   /** This host's migration credentials (deploy/migration-tls.sh): QEMU migrations then go over TLS only. */
   migrationTlsDir: z
     .string()

@@ -14,6 +14,7 @@ import { RepositoryClient } from '../repository/client';
 import { checkClusterExports } from '../storage/nfsExport';
 import { ImageNames } from '../storage/imageNames';
 import { VmStore } from '../storage/vmStore';
+import { progressSignal } from '../workflows/definitions';
 import type { HostLivenessInput } from '../workflows/hostLiveness';
 import { acceleratorOf, createDriverBindings } from './driverBindings';
 import { OrphanReaper } from './orphanReaper';
@@ -43,6 +44,7 @@ async function main(): Promise<void> {
     repositoryFor,
     drivers,
     defaultDriver: config.defaultDriver,
+    reportProgress: (taskId, report) => client.workflow.getHandle(taskId).signal(progressSignal, report),
   });
   const migration = createMigrationActivities({
     hostName: config.host,

@@ -197,7 +197,9 @@ export const resizeUpdate = defineUpdate<TaskStatus, [ResizeRequest]>('resize');
  */
 export const localizeDisksUpdate = defineUpdate<TaskStatus, []>('localizeDisks');
 /**
- * Progress once travelled by this signal; it now travels in awaitVm's heartbeats (bounded history), and
- * the handler stays so that histories with it replay. Malformed input is ignored (signals have no validator).
+ * The task's progress in steps (the host sends it each time the report crosses a 10 % step): the
+ * workflow records it in `VspProgress` and its details. Every report travels in awaitVm's heartbeats,
+ * which the status merges; a signal per report would grow the history. Malformed input is ignored
+ * (signals have no validator).
  */
 export const progressSignal = defineSignal<[ProgressReport]>('progress');

@@ -7,6 +7,7 @@ import {
   continueAsNew,
   isCancellation,
   log,
+  setCurrentDetails,
   setHandler,
   upsertSearchAttributes,
   workflowInfo,
@@ -27,6 +28,7 @@ import {
   recordAddress,
   recordDriver,
   recordOwner,
+  recordProgress,
   recordWhere,
   resumeFrom,
   setPhase,
@@ -75,6 +77,7 @@ function validate(input: unknown): TaskState {
     const status = { ...invalidTaskStatus(), phase: 'failed' as const, error: (err as Error).message };
     setHandler(statusQuery, () => status);
     upsertSearchAttributes([phaseAttribute('failed')]);
+    setCurrentDetails(`**failed** · ${status.error}`);
     throw ApplicationFailure.nonRetryable((err as Error).message, 'InvalidTaskSpec');
   }
   const t = newTaskState(parsed.spec, parsed.specInput, parsed.capability, parsed.tuning);
@@ -205,6 +208,7 @@ async function stageOut(t: TaskState, exit: AwaitResult): Promise<void> {
   if (exit.progress !== undefined) {
     t.status.progress = exit.progress;
     t.status.progressMessage = exit.progressMessage;
+    recordProgress(t);
   }
   // A migration that began as the task ended settles before stage-out reads the disks.
   await condition(() => !t.migrating);
@@ -292,6 +296,7 @@ function finish(t: TaskState): TaskResult {
     );
   }
   setPhase(t, 'completed');
+  recordProgress(t, 100);
   return {
     taskId: ref.taskId,
     host: t.host ?? '',

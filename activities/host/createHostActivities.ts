@@ -16,6 +16,7 @@ import { CpuSteering, type CpuPlan } from './cpuSteering';
 import { classified } from './failures';
 import { heartbeating, type Heartbeat } from './heartbeat';
 import { shipLiveLog } from './liveLog';
+import { progressSteps } from './progressSteps';
 import { listOutputFiles } from './outputs';
 import { saveTaskRecord, taskRecordOf, taskRepository } from './taskAccess';
 
@@ -263,6 +264,7 @@ export function createHostActivities(deps: HostDeps) {
       return heartbeating({ phase: 'running', ...previous }, async (hb) => {
         let progress = typeof previous?.progress === 'number' ? previous.progress : undefined;
         let message = typeof previous?.message === 'string' ? previous.message : undefined;
+        const step = progressSteps(workflowId, deps.reportProgress, progress);
         let failingSince: number | undefined;
         for (;;) {
           try {
@@ -280,6 +282,7 @@ export function createHostActivities(deps: HostDeps) {
               onProgress: (s) => {
                 failingSince = undefined;
                 if (s.progress !== undefined) [progress, message] = [s.progress, s.progressMessage];
+                step(progress, message);
                 steering.observe(progress);
                 hb.update({
                   progress,

@@ -2,6 +2,7 @@ import type { HypervisorDriver } from '../../drivers/types';
 import type { RepositoryClient } from '../../repository/client';
 import type { HomeStaging } from '../../storage/homeStaging';
 import type { VmStore } from '../../storage/vmStore';
+import type { ProgressReport } from '../../workflows/definitions';
 
 /** A hypervisor driver with the staging that feeds it. */
 export interface DriverBinding {
@@ -29,4 +30,9 @@ export interface HostDeps {
   drivers: Record<string, DriverBinding>;
   /** The driver of tasks that name none: the host's first VM driver; none when it has only `process`. */
   defaultDriver?: string;
+  /**
+   * Tells a task's workflow its progress (the progress signal); awaitVm calls it at each 10 % step.
+   * Absent: progress travels in heartbeats only.
+   */
+  reportProgress?: (taskId: string, report: ProgressReport) => Promise<void>;
 }

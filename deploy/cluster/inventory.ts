@@ -4,7 +4,7 @@ import { utils } from 'ssh2';
 import { z } from 'zod';
 import { HOST_NAME } from '../../config/names';
 import { DRIVER_NAMES } from '../../spec/taskSpec';
-import { XEN_CPU_LIST } from '../../drivers/xen/domainConfig';
+import { xenCpuListSetting } from '../../drivers/xen/domainConfig';
 import {
   ClusterStorageConfigSchema,
   DEFAULT_STORE_DIR,
@@ -87,7 +87,7 @@ const ClusterSchema = z
      * Xen hosts: the physical CPUs guests run on (VSP_XEN_GUEST_CPUS), e.g. "1-7" when Xen boots with
      * `dom0_max_vcpus=1 dom0_vcpus_pin`. Default: any.
      */
-    xenGuestCpus: z.string().regex(XEN_CPU_LIST, 'a CPU list like 1-3 or 1,3').optional(),
+    xenGuestCpus: xenCpuListSetting.optional(),
     /** Where each host keeps the guest appliance it builds (VSP_APPLIANCE_DIR). */
     applianceDir: absolutePath('applianceDir').default('/var/lib/vsp/appliance'),
     logLevel: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).default('info'),

@@ -1,6 +1,6 @@
 import { Connection } from '@temporalio/client';
 
-import { SEARCH_ATTRIBUTES } from '../../config/names';
+import { SEARCH_ATTRIBUTE_TYPES, SEARCH_ATTRIBUTES } from '../../config/names';
 import { createLogger } from '../../logging/logger';
 import { freePort } from './ports';
 import { spawnManaged } from './processes';
@@ -9,8 +9,15 @@ import { resolveTemporalCli } from './tools';
 const log = createLogger('devcluster.temporal');
 
 /** The custom search attributes VSP's workflows set; the dev server registers them at start. */
-/** The project's custom search attributes (all Keyword), registered at start. */
 export const VSP_SEARCH_ATTRIBUTES: readonly string[] = Object.values(SEARCH_ATTRIBUTES);
+
+/** `temporal server start-dev` arguments that register them, each with its type. */
+export function searchAttributeArgs(): string[] {
+  return Object.entries(SEARCH_ATTRIBUTE_TYPES).flatMap(([name, type]) => [
+    '--search-attribute',
+    `${name}=${type}`,
+  ]);
+}
 
 export interface TemporalDevServerOptions {
   /** SQLite file that keeps workflow state across restarts; absent = in memory. */
@@ -67,7 +74,7 @@ export async function startTemporalDevServer(opts: TemporalDevServerOptions): Pr
 
   const args = ['server', 'start-dev', '--ip', ip, '--port', String(port), '--log-format', 'json'];
   args.push('--log-level', 'warn');
-  for (const name of VSP_SEARCH_ATTRIBUTES) args.push('--search-attribute', `${name}=Keyword`);
+  args.push(...searchAttributeArgs());
   if (opts.dbFile) args.push('--db-filename', opts.dbFile);
   if (uiPort === undefined) args.push('--headless');
   else args.push('--ui-port', String(uiPort), '--ui-disable-news-fetch');

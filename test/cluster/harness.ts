@@ -24,10 +24,14 @@
  *                                 then waits until the scheduler takes tasks on every host; markDeployed()
  *                                 records a deploy a test made itself
  *   ownerToken(owner)             a token of `owner` in the tier's repository (created on first use)
- *   submitTask(owner, spec)       submits a task as `owner` through the repository's task API
+ *   submitTask(owner, spec)       submits a task as `owner` through the repository's task API; one the
+ *                                 test leaves running is cancelled after it
  *   repo(owner)                   a RepositoryClient as `owner` (upload inputs, download results)
  *   vspClient()                   a VspClient on the tier's Temporal (status, migrate, result), closed
  *                                 after the file
+ *   emulatorCrash(err, host, vmId) when `err` (a failed migration) says the guest died and the guest's
+ *                                 console on `host` or the error shows nested virtualisation's fault
+ *                                 (EMULATOR_CRASH), that reason; else undefined
  *   whileTaskRuns(task, what, check, timeoutMs)
  *                                 polls `check(the task's status)` until it yields; fails at once with the
  *                                 task's error if the task ends first (a test never waits out its timeout for a dead task)
@@ -61,6 +65,7 @@ import { repoRoot } from '../../deploy/devcluster/tools';
 import { clusterConfig, inventoryFile as vmInventoryFile } from '../../deploy/vmcluster/config';
 import { RepositoryClient } from '../../repository/client';
 import { until } from '../support/clusterFixture';
+import { describeError } from '../../logging/logger';
 import { sshTargets } from '../../deploy/vmcluster/ssh';
 import { CLUSTER_INVENTORY_ENV, CLUSTER_RUN_DIR_ENV, CLUSTER_VSP_DIR_ENV, GATEWAY } from './suiteEnv';
 
@@ -220,8 +225,13 @@ export async function submitTask(
   opts: { taskId?: string } = {},
 ): Promise<SubmittedTask> {
   const url = (await clusterInventory()).cluster!.repositoryUrl;
-  return new TaskClient({ url, token: tokenOf(owner) }).submit(spec, opts);
+  const submitted = await new TaskClient({ url, token: tokenOf(owner) }).submit(spec, opts);
+  testTasks.push(submitted.taskId);
+  return submitted;
 }
+
+/** The tasks the running test submitted: any it leaves running is cancelled after it (afterEach below). */
+const testTasks: string[] = [];
 
 export async function repo(owner: string): Promise<RepositoryClient> {
   return new RepositoryClient({
@@ -242,6 +252,21 @@ function temporalClient(): Promise<{ connection: Connection; client: Client }> {
 
 export async function vspClient(): Promise<VspClient> {
   return new VspClient((await temporalClient()).client);
+}
+
+/**
+ * Xen in QEMU/TCG (Debian 12's QEMU 7.2 emulating nested SVM) with PVH guests: a guest often crashes as a
+ * live migration starts tracking its dirty pages (its kernel faults on its own per-CPU data in interrupt
+ * entry: "ENTRY_TRAMPOLINE stack guard page was hit"), and some boots triple-fault. The emulator's fault,
+ * not the guest's or VSP's.
+ */
+const EMULATOR_CRASH = /ENTRY_TRAMPOLINE stack guard page was hit|triple-faulted/;
+
+export async function emulatorCrash(err: unknown, host: string, vmId: string): Promise<string | undefined> {
+  const why = describeError(err);
+  if (!/the guest died during it/.test(why)) return undefined;
+  const console = (await onHost(host, `cat /var/lib/vsp/store/vms/${vmId}/console.log`)).stdout;
+  return EMULATOR_CRASH.test(`${why}\n${console}`) ? why : undefined;
 }
 
 const ENDED = new Set(['completed', 'failed', 'cancelled']);
@@ -269,6 +294,20 @@ export async function whileTaskRuns<T>(
     );
   return r.value;
 }
+
+// A test that failed (or was cut short) leaves its tasks running: cancelled here, so a retry does not share two
+// dom0s on two cores with them. A passing test's tasks have ended: nothing to do.
+afterEach(async () => {
+  const ids = testTasks.splice(0);
+  if (ids.length === 0) return;
+  const vsp = await vspClient();
+  for (const id of ids) {
+    const st = await vsp.status(id).catch(() => undefined);
+    if (!st || ENDED.has(st.phase)) continue;
+    await vsp.cancel(id, 'its test ended').catch(() => undefined);
+    await vsp.result(id).catch(() => undefined);
+  }
+}, 10 * 60_000);
 
 // Each test file gets its own module instance: its sessions end with it.
 afterAll(async () => {

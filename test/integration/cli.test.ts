@@ -103,10 +103,10 @@ function tmux(socket: string, args: string[]): string {
 
 test('submit --watch on a terminal shows every phase, 100 % and the final state (read off the screen)', async () => {
   const id = `cli-screen-${Date.now()}`;
-  // Ends before the first poll: the phases and the last report reach the screen after the task ended.
+  // Once released, it ends before the next poll: its last phases and report reach the screen after it ended.
   const spec = {
     driver: 'process',
-    command: 'echo VSP-PROGRESS 10 starting; echo VSP-PROGRESS 60 halfway; echo VSP-PROGRESS 99 last-words',
+    command: `echo VSP-PROGRESS 30 warming; ${waitingCommand(id, 'echo VSP-PROGRESS 60 halfway; echo VSP-PROGRESS 99 last-words')}`,
   };
   await fs.writeFile(path.join(tmp, 'screen.json'), JSON.stringify(spec));
   const socket = path.join(tmp, 'tmux.sock');
@@ -118,9 +118,18 @@ test('submit --watch on a terminal shows every phase, 100 % and the final state 
   // The pane waits on `read` after the CLI ended, so its last screen stays to be read.
   const command = `cd ${tmp} && ${process.execPath} ${VSP_JS()} submit screen.json --watch --task-id ${id}; echo vsp-exit=$?; read x`;
   tmux(socket, ['new-session', '-d', '-x', '160', '-y', '40', ...vars, 'sh', '-c', command]);
+  const screenNow = () => tmux(socket, ['capture-pane', '-p', '-S', '-100']);
   try {
+    await until('the running task on the screen', async () => /running .*\] 30% warming/.test(screenNow()));
+    // The host told the workflow that step: the Temporal UI's VspProgress column has it while it runs.
+    await until('VspProgress 30', async () => {
+      const d = JSON.parse(vsp(['--json', 'describe', id]).out);
+      return d.searchAttributes.VspProgress === 30 && d.details.includes('**30 %** warming');
+    });
+    expect(vsp(['status', id]).out).toMatch(/^running on \S+ \(30% warming\)$/m);
+    await releaseTask(fx.cluster.storeDir('a'), id);
     const screen = await until('the CLI to end on the screen', async () => {
-      const text = tmux(socket, ['capture-pane', '-p', '-S', '-100']);
+      const text = screenNow();
       return text.includes('vsp-exit=') ? text : undefined;
     });
     expect(screen).toContain('vsp-exit=0');
@@ -138,6 +147,11 @@ test('submit --watch on a terminal shows every phase, 100 % and the final state 
   // The report printed just before the end is the one recorded.
   const status = JSON.parse(vsp(['--json', 'status', id]).out);
   expect(status).toMatchObject({ phase: 'completed', progress: 99, progressMessage: 'last-words' });
+  // `vsp describe` decodes the search attributes (the Temporal CLI prints protobuf maps).
+  const described = vsp(['describe', id]).out;
+  expect(described).toMatch(/^VspProgress +100$/m);
+  expect(described).toMatch(/^VspPhase +completed$/m);
+  expect(described).toMatch(/^summary +carol: echo VSP-PROGRESS 30/m);
 });
 
 test("download '-' writes the file's bytes to standard output, and nothing else (no file named '-')", async () => {

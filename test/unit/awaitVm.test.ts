@@ -25,13 +25,14 @@ function fakeDriver(script: { waitErrors: number; phaseAfterError: VmStatus['pha
   } as unknown as HypervisorDriver;
 }
 
-function activitiesWith(driver: HypervisorDriver) {
+function activitiesWith(driver: HypervisorDriver, reportProgress?: HostDeps['reportProgress']) {
   const repository = new RepositoryClient({ url: 'http://127.0.0.1:9', token: 'unused' });
   const deps: HostDeps = {
     hostName: 'a',
     store: new VmStore(os.tmpdir()),
     repositoryFor: () => repository,
     drivers: { fake: { driver, staging: new DirectoryStaging() } },
+    reportProgress,
   };
   return createHostActivities(deps);
 }
@@ -57,6 +58,26 @@ test('awaitVm returns the report the driver read after the end, which no poll sa
   };
   const result = await new MockActivityEnvironment().run(activitiesWith(driver).awaitVm, handle);
   expect(result).toMatchObject({ progress: 100, progressMessage: 'done' });
+});
+
+test('awaitVm tells the workflow its progress at each 10 % step, not at every report', async () => {
+  const driver = {
+    ...fakeDriver({ waitErrors: 0, phaseAfterError: 'running' }),
+    wait: async (_h: VmHandle, opts: WaitOptions) => {
+      for (const progress of [5, 8, 12, 40, 41, 49, 50])
+        opts.onProgress({ phase: 'running', progress, progressMessage: `at ${progress}`, details: {} });
+      return { exitCode: 0, timedOut: false, progress: 100 };
+    },
+  };
+  const sent: unknown[] = [];
+  const env = new MockActivityEnvironment();
+  const taskId = env.context.info.workflowExecution?.workflowId;
+  await env.run(
+    activitiesWith(driver, async (id, report) => void sent.push({ id, ...report })).awaitVm,
+    handle,
+  );
+  // The end (100) reaches the workflow in awaitVm's result.
+  expect(sent).toEqual([5, 12, 40, 50].map((p) => ({ id: taskId, progress: p, message: `at ${p}` })));
 });
 
 test('awaitVm fails as VmFailed, with the driver error, once the VM is gone', async () => {

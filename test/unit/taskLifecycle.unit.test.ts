@@ -7,7 +7,9 @@ import {
 import { TestWorkflowEnvironment } from '@temporalio/testing';
 import { Worker, type WorkflowBundle } from '@temporalio/worker';
 import { VspClient } from '../../client/vspClient';
+import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
 import { CONTROL_TASK_QUEUE, hostTaskQueue, SEARCH_ATTRIBUTES } from '../../config/names';
+import { searchAttributeArgs } from '../../deploy/devcluster/temporal';
 import { taskInput, type TaskTuning } from '../../spec/taskInput';
 import type { TaskSpecInput } from '../../spec/taskSpec';
 import {
@@ -49,10 +51,7 @@ const workers: Worker[] = [];
 let running: Promise<void>[] = [];
 
 beforeAll(async () => {
-  ({ env, bundle } = await startWorkflowTestEnv(
-    require.resolve('../../workflows'),
-    Object.values(SEARCH_ATTRIBUTES).flatMap((n) => ['--search-attribute', `${n}=Keyword`]),
-  ));
+  ({ env, bundle } = await startWorkflowTestEnv(require.resolve('../../workflows'), searchAttributeArgs()));
   const connection = env.nativeConnection;
   cluster.client = env.client;
   workers.push(
@@ -147,6 +146,12 @@ async function executionStatus(h: WorkflowHandle): Promise<string> {
 }
 
 const record = (name: string, h: WorkflowHandle) => recordHistory(env, FIXTURES, name, h);
+const PROGRESS_KEY = defineSearchAttributeKey(SEARCH_ATTRIBUTES.progress, SearchAttributeType.INT);
+
+/** The details the Temporal UI shows on the task's page (the SDK's built-in metadata query). */
+async function currentDetails(h: WorkflowHandle): Promise<string | undefined> {
+  return ((await h.query('__temporal_workflow_metadata')) as { currentDetails?: string }).currentDetails;
+}
 
 test('completed: outputs staged out, VM destroyed after, capability released last', async () => {
   const h = await start('completed');
@@ -186,6 +191,9 @@ test('a bare spec (the input before capabilities) fails at once saying how to st
   expect(f.type).toBe('InvalidTaskSpec');
   expect(f.message).toMatch(/a bare task spec has no capability.*vsp task grant/);
   expect(await h.query(statusQuery)).toMatchObject({ phase: 'failed' });
+  expect(await currentDetails(h)).toMatch(
+    /^\*\*failed\*\* · invalid task spec: .*a bare task spec has no capability/,
+  );
   expect(cluster.calls.filter((c) => c.taskId === h.workflowId)).toEqual([]);
 });
 
@@ -245,8 +253,16 @@ test('malformed requests are refused by validators; a malformed progress signal 
   await h.signal('progress');
   await h.signal('progress', { progress: 40, message: 'ok' });
   await until(h, (s) => s.progress === 40);
+  // The step is in VspProgress (the Temporal UI's column) and in the details its task page shows.
+  expect((await h.describe()).typedSearchAttributes.get(PROGRESS_KEY)).toBe(40);
+  const details = () => currentDetails(h);
+  expect(await details()).toMatch(
+    /^\*\*running\*\* · owner \*\*alice\*\* · host \*\*a\*\* · \*\*40 %\*\* ok\n/,
+  );
   cluster.release(h.workflowId);
   expect(((await h.result()) as TaskResult).exitCode).toBe(0);
+  expect((await h.describe()).typedSearchAttributes.get(PROGRESS_KEY)).toBe(100);
+  expect(await details()).toMatch(/^\*\*completed\*\* .* · \*\*100 %\*\*/);
 });
 
 test('migrated: the VM moves to b, the wait follows it, the task completes there', async () => {

@@ -689,6 +689,9 @@ describe('Xen in the host worker configuration', () => {
     expect(() => loadHostConfig({ ...HOST_ENV, VSP_XEN_GUEST_CPUS: 'all' })).toThrow(
       /VSP_XEN_GUEST_CPUS \(xenGuestCpus\): a CPU list like 1-3 or 1,3/,
     );
+    expect(() => loadHostConfig({ ...HOST_ENV, VSP_XEN_GUEST_CPUS: '1,3-1' })).toThrow(
+      /VSP_XEN_GUEST_CPUS \(xenGuestCpus\): a range runs backwards/,
+    );
     expect(parseTaskSpec({ owner: 'alice', command: 'true', driver: 'xen' }).driver).toBe('xen');
     expect(() => parseTaskSpec({ owner: 'alice', command: 'true', driver: 'lxc' })).toThrow(/driver/);
   });

@@ -20,11 +20,11 @@ import { cancellation, onHost } from './activities';
 import { describe } from './failures';
 import { migrate, migrationRefusal } from './migration';
 import { diskMoveRefusal, LOCALIZE_PATCH, moveDisksHere } from './storage';
-import { isFinishing, type TaskState } from './state';
+import { isFinishing, recordProgress, type TaskState } from './state';
 
 /**
  * The status query, the cancel, migrate and resize updates (shapes checked in their validators), the scheduler's
- * grant, and the old progress signal.
+ * grant, and the host's progress steps.
  */
 export function handleRequests(t: TaskState): void {
   setHandler(statusQuery, () => t.status);
@@ -111,6 +111,7 @@ export function handleRequests(t: TaskState): void {
     if (!r.success) return;
     t.status.progress = r.data.progress;
     t.status.progressMessage = r.data.message;
+    recordProgress(t);
   });
 }
 

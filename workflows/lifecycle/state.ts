@@ -1,4 +1,10 @@
-import { CancellationScope, upsertSearchAttributes, workflowInfo } from '@temporalio/workflow';
+import {
+  CancellationScope,
+  patched,
+  setCurrentDetails,
+  upsertSearchAttributes,
+  workflowInfo,
+} from '@temporalio/workflow';
 import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
 import type { ConsoleSegment } from '../../activities/host/consoleSegments';
 import type { AwaitResult, StageOutResult, TaskRef, UploadedFile, VmHandle } from '../../activities/types';
@@ -13,7 +19,11 @@ const SA = {
   storageHost: defineSearchAttributeKey(SEARCH_ATTRIBUTES.storageHost, SearchAttributeType.KEYWORD),
   phase: defineSearchAttributeKey(SEARCH_ATTRIBUTES.phase, SearchAttributeType.KEYWORD),
   driver: defineSearchAttributeKey(SEARCH_ATTRIBUTES.driver, SearchAttributeType.KEYWORD),
+  progress: defineSearchAttributeKey(SEARCH_ATTRIBUTES.progress, SearchAttributeType.INT),
 };
+
+/** Runs that record the task's progress in `VspProgress` (upserts older histories lack). */
+export const PROGRESS_PATCH = 'vsp-progress-attribute';
 
 /** Why the wait for the VM was stopped without the task being cancelled. */
 export type WaitStop = 'migration' | 'continue-as-new';
@@ -61,6 +71,8 @@ export interface TaskState {
   granted?: string;
   /** The disks follow the VM after its migration (spec, else the cluster's default). */
   localizeAfterMigration?: boolean;
+  /** The `VspProgress` last upserted: the same value is not upserted again. */
+  recordedProgress?: number;
 }
 
 /** What a run hands to the next when it continues as new: the running task, where it is, its past. */
@@ -164,6 +176,42 @@ export function setPhase(t: TaskState, phase: TaskPhase): void {
   t.status.phase = phase;
   t.status.timestamps[phase] = new Date(now).toISOString();
   upsertSearchAttributes([phaseAttribute(phase)]);
+  showDetails(t);
+}
+
+/**
+ * The task's progress (whole percent) in `VspProgress`, where the Temporal UI's list and queries see it,
+ * and in its details. Progress reaches the workflow in steps (the host's progress signal), at the end of
+ * the run (awaitVm's result), and as 100 once completed: a few upserts per task, never one per report.
+ */
+export function recordProgress(t: TaskState, progress = t.status.progress): void {
+  showDetails(t);
+  if (progress === undefined) return;
+  const value = Math.round(progress);
+  if (value === t.recordedProgress || !patched(PROGRESS_PATCH)) return;
+  t.recordedProgress = value;
+  upsertSearchAttributes([{ key: SA.progress, value }]);
+}
+
+/**
+ * The current details the Temporal UI shows on the task's page (markdown): phase, owner, host, progress
+ * and the command. Workflow state, answered from queries: no history event.
+ */
+export function showDetails(t: TaskState): void {
+  const s = t.status;
+  const where = t.host
+    ? `${t.host}${t.storageHost && t.storageHost !== t.host ? ` (disks on ${t.storageHost})` : ''}`
+    : 'none yet';
+  const progress = s.phase === 'completed' ? 100 : s.progress;
+  const pct =
+    progress === undefined
+      ? ''
+      : ` · **${Math.round(progress)} %**${s.progressMessage ? ` ${s.progressMessage}` : ''}`;
+  const command = t.spec.command.replace(/`/g, "'").slice(0, 300);
+  setCurrentDetails(
+    `**${s.phase}** · owner **${t.spec.owner}** · host **${where}**${pct}\n\n` +
+      `${t.spec.name ? `${t.spec.name}: ` : ''}\`${command}\`${s.error ? `\n\n${s.error}` : ''}`,
+  );
 }
 
 export function recordOwner(t: TaskState): void {
@@ -184,6 +232,7 @@ export function recordWhere(t: TaskState): void {
   t.status.host = t.host;
   t.status.storageHost = t.storageHost;
   recordAddress(t);
+  showDetails(t);
   upsertSearchAttributes([
     { key: SA.host, value: t.host ?? '' },
     { key: SA.storageHost, value: t.storageHost ?? '' },
