@@ -90,7 +90,8 @@ async function main(): Promise<void> {
   const temporal = await startTemporalDevServer({
     ip: LOOPBACK,
     port: ports.temporal,
-    dbFile: path.join(demoDir, 'temporal.db'),
+    // In memory: each demo starts afresh, as its repository does (a database kept from an older demo would
+    // lack search attributes registered since, and the server would never be ready).
     uiPort: ports.ui,
     logFile: path.join(runDir, 'logs', 'temporal.log'),
   });
