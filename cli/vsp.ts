@@ -12,6 +12,7 @@ import { commandGroup, IMAGE_GROUP_DESCRIPTION, registerAdminCommands } from './
 import { registerClusterCommands } from './clusterCommands';
 import { registerHostCommands } from './hostCommands';
 import { createProgressDisplay, type DisplayedStatus } from './progressDisplay';
+import { loadSettings } from './settingsFile';
 
 /**
  * `vsp`: upload inputs, submit and watch tasks, cancel them, fetch outputs; and the repository's
@@ -32,6 +33,8 @@ Environment:
   VSP_OWNER           optional: the owner to address (only your own is allowed)
   VSP_REPO_DIR        admin commands: the repository's data folder
   TEMPORAL_ADDRESS    operators' --temporal: the Temporal frontend (also TEMPORAL_NAMESPACE, TLS settings)
+  VSP_ENV_FILE        a file of KEY=value lines for the variables above that are unset (default
+                      ~/.config/vsp/env, which the demo writes; empty: none)
 
 Exit codes: 0 done, 1 error, 2 invalid spec, 3 task failed, 4 task cancelled.`,
   )
@@ -488,6 +491,7 @@ async function readStdin(): Promise<string> {
 /** Runs `vsp` with `argv` (node's, script included); resolves with the exit code. */
 export async function run(argv = process.argv): Promise<number> {
   try {
+    loadSettings();
     await program.parseAsync(argv);
     return 0;
   } catch (err) {

@@ -24,6 +24,8 @@ import type { SchedulerSnapshot } from '../workflows/scheduling/definitions';
 
 export interface TaskSummary {
   taskId: string;
+  /** This run of the task: a task id used again (after the first run ended) names another run. */
+  runId: string;
   status: string;
   owner?: string;
   phase?: string;
@@ -116,8 +118,8 @@ export class VspClient {
    * The workflow's status, with the task's live progress: that travels in the heartbeats of the
    * pending `awaitVm` (no history event per change), read here from the workflow's description.
    */
-  async status(taskId: string): Promise<TaskStatus> {
-    const handle = this.temporal.workflow.getHandle(taskId);
+  async status(taskId: string, runId?: string): Promise<TaskStatus> {
+    const handle = this.temporal.workflow.getHandle(taskId, runId);
     const [status, description] = await Promise.all([
       handle.query(statusQuery),
       handle.describe().catch(() => undefined),
@@ -191,8 +193,8 @@ export class VspClient {
     };
   }
 
-  async result(taskId: string): Promise<TaskResult> {
-    return (await this.temporal.workflow.getHandle(taskId).result()) as TaskResult;
+  async result(taskId: string, runId?: string): Promise<TaskResult> {
+    return (await this.temporal.workflow.getHandle(taskId, runId).result()) as TaskResult;
   }
 
   /** Cancels a running task; its VM is stopped, its logs kept in the repository. */
@@ -232,6 +234,7 @@ export class VspClient {
       };
       out.push({
         taskId: wf.workflowId,
+        runId: wf.runId,
         status: wf.status.name,
         owner: get(SEARCH_ATTRIBUTES.owner),
         phase: get(SEARCH_ATTRIBUTES.phase),

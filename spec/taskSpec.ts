@@ -175,7 +175,39 @@ export class TaskSpecError extends Error {
 export function parseTaskSpec(input: unknown): TaskSpec {
   const r = TaskSpecSchema.safeParse(input);
   if (r.success) return r.data;
-  throw new TaskSpecError(
-    r.error.issues.map((i) => `${i.path.length ? i.path.join('.') : 'spec'}: ${i.message}`),
-  );
+  throw new TaskSpecError(r.error.issues.flatMap(issueText));
+}
+
+/** One line per bad field, `<field>: <reason>`, in words a user can act on. */
+function issueText(issue: z.core.$ZodIssue): string[] {
+  const field = (path: readonly PropertyKey[]) => (path.length ? path.join('.') : 'spec');
+  if (issue.code === 'unrecognized_keys')
+    return issue.keys.map((key) => {
+      const near = issue.path.length ? undefined : nearestField(key);
+      return `${field([...issue.path, key])}: unknown field${near ? ` (did you mean "${near}"?)` : ''}`;
+    });
+  if (issue.code === 'invalid_type' && issue.input === undefined) return [`${field(issue.path)}: required`];
+  return [`${field(issue.path)}: ${issue.message}`];
+}
+
+/** The spec field a misspelt key most likely meant: at most two edits away. */
+function nearestField(key: string): string | undefined {
+  let best: { name: string; d: number } | undefined;
+  for (const name of Object.keys(TaskSpecSchema.shape)) {
+    const d = editDistance(key.toLowerCase(), name.toLowerCase());
+    if (d <= 2 && (!best || d < best.d)) best = { name, d };
+  }
+  return best?.name;
+}
+
+/** Levenshtein distance (short strings: field names). */
+function editDistance(a: string, b: string): number {
+  let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const cur = [i];
+    for (let j = 1; j <= b.length; j++)
+      cur[j] = Math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
+    prev = cur;
+  }
+  return prev[b.length];
 }

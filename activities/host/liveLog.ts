@@ -5,6 +5,7 @@ import { createLogger, describeError } from '../../logging/logger';
 import { RepositoryError } from '../../repository/client';
 import { decodeCapabilityClaims } from '../../spec/capability';
 import { writeFileAtomic } from '../../storage/durableFile';
+import { MAX_APPEND_BYTES } from '../../repository/tasks/liveLogs';
 import type { HostDeps } from './hostDeps';
 import { readTaskRecord } from './taskAccess';
 
@@ -12,8 +13,8 @@ const log = createLogger('activities.live-log');
 
 /** How often new output goes to the repository: well inside the 2 s an owner may wait to see a line. */
 export const SHIP_INTERVAL_MS = 500;
-/** Bytes read per append (the repository takes at most 1 MiB). */
-const CHUNK_BYTES = 512 * 1024;
+/** Bytes read per append (the repository takes at most this many; a console line loses bytes, never gains). */
+const CHUNK_BYTES = MAX_APPEND_BYTES;
 /** The guest prefixes the task's own lines on the console with this (deploy/guest/init). */
 const OUTPUT_PREFIX = 'VSP-OUT ';
 
@@ -74,6 +75,8 @@ export class LiveLogShipper {
         const end = await this.opts.append(undefined, Buffer.alloc(0), signal);
         state = this.state = { ...state, remote: end.size };
         this.full = end.full;
+        // Kept before any byte goes: an attempt that starts meanwhile maps this file to the same place.
+        await this.save();
         continue;
       }
       const raw = await readRange(this.opts.file, state.local, CHUNK_BYTES);
@@ -95,9 +98,13 @@ export class LiveLogShipper {
       }
       state = this.state = { ino: st.ino, local: state.local + consumed, remote: sent.size };
       this.full = sent.full;
-      await writeFileAtomic(this.opts.stateFile, JSON.stringify(state), 0o600);
+      await this.save();
       this.warned = false;
     }
+  }
+
+  private async save(): Promise<void> {
+    await writeFileAtomic(this.opts.stateFile, JSON.stringify(this.state), 0o600);
   }
 
   private async loadState(): Promise<ShipState> {

@@ -1,12 +1,14 @@
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { createProgressDisplay } from '../../cli/progressDisplay';
 import { z } from 'zod';
 import { TaskClientError } from '../../client/taskClient';
 import { RepositoryClient } from '../../repository/client';
 import { DRIVER_NAMES } from '../../spec/taskSpec';
+import { writeDemoSettings } from './demoSettings';
 import { LocalCluster } from './localCluster';
 import { stopAll, stopAllOnSignals } from './processes';
 import { startTemporalDevServer } from './temporal';
@@ -14,9 +16,40 @@ import { repoRoot } from './tools';
 
 /**
  * `npm start`: the whole task life on this machine, on real parts. Uses QEMU VMs when QEMU is installed,
- * the process driver otherwise, and says which.
+ * the process driver otherwise, and says which. Listens on fixed ports (the README's addresses), prints
+ * owner alice's token and the `export` lines for `vsp`, and writes them to the settings file `vsp` reads
+ * by default, removed again when the demo stops.
  */
 const say = (s: string) => process.stdout.write(`${s}\n`);
+
+const LOOPBACK = '127.0.0.1';
+
+/** `VSP_DEMO_<name>_PORT`, or the default; checked before anything starts. */
+function demoPort(name: string, fallback: number): number {
+  const variable = `VSP_DEMO_${name}_PORT`;
+  const raw = process.env[variable];
+  if (raw === undefined || raw === '') return fallback;
+  const port = Number(raw);
+  if (!/^\d{1,5}$/.test(raw) || port < 1 || port > 65535)
+    throw new Error(`${variable} must be a TCP port from 1 to 65535, got ${JSON.stringify(raw)}`);
+  return port;
+}
+
+/** Fails at once, naming the variable to change, when a port is taken (another demo, a Temporal server). */
+async function requireFreePort(port: number, variable: string): Promise<void> {
+  await new Promise<void>((resolve, reject) => {
+    const server = net.createServer();
+    server.once('error', (err: NodeJS.ErrnoException) =>
+      reject(
+        new Error(
+          `port ${port} on ${LOOPBACK} is taken${err.code === 'EADDRINUSE' ? ' (another demo or server?)' : ''}: stop what uses it or set ${variable}`,
+          { cause: err },
+        ),
+      ),
+    );
+    server.listen({ host: LOOPBACK, port }, () => server.close(() => resolve()));
+  });
+}
 
 function qemuAvailable(): boolean {
   try {
@@ -27,12 +60,25 @@ function qemuAvailable(): boolean {
   }
 }
 
+/** Removes the settings file the demo wrote, once it has written one. */
+let removeSettings: () => Promise<void> = async () => undefined;
+
 async function main(): Promise<void> {
-  stopAllOnSignals();
+  // Ctrl-C (the way out with VSP_DEMO_KEEP=1) and failures remove the settings file too.
+  stopAllOnSignals(() => removeSettings());
   const demoDir = path.join(repoRoot(), '.vsp', 'demo');
   const runDir = path.join(demoDir, 'run');
   await fs.rm(runDir, { recursive: true, force: true });
   await fs.mkdir(runDir, { recursive: true });
+
+  const ports = {
+    repository: demoPort('REPOSITORY', 8420),
+    temporal: demoPort('TEMPORAL', 7233),
+    ui: demoPort('UI', 8233),
+  };
+  await requireFreePort(ports.repository, 'VSP_DEMO_REPOSITORY_PORT');
+  await requireFreePort(ports.temporal, 'VSP_DEMO_TEMPORAL_PORT');
+  await requireFreePort(ports.ui, 'VSP_DEMO_UI_PORT');
 
   const chosen = process.env.VSP_DEMO_DRIVER;
   const driver = z.enum(DRIVER_NAMES).parse(chosen ?? (qemuAvailable() ? 'qemu' : 'process'));
@@ -42,11 +88,12 @@ async function main(): Promise<void> {
   );
 
   const temporal = await startTemporalDevServer({
+    ip: LOOPBACK,
+    port: ports.temporal,
     dbFile: path.join(demoDir, 'temporal.db'),
-    uiPort: Number(process.env.VSP_DEMO_UI_PORT ?? 8233),
+    uiPort: ports.ui,
     logFile: path.join(runDir, 'logs', 'temporal.log'),
   });
-  say(`Temporal dev server at ${temporal.address}; web UI: ${temporal.uiUrl}`);
 
   const cluster = await new LocalCluster({
     temporalAddress: temporal.address,
@@ -55,12 +102,36 @@ async function main(): Promise<void> {
     drivers: [driver],
     hostEnv: { VSP_ACCEL: process.env.VSP_ACCEL ?? 'auto' },
     owners: ['alice'],
+    repositoryListen: { host: LOOPBACK, port: ports.repository },
   }).start();
-  say(`repository at ${cluster.repositoryUrl}; host workers a and b; logs in ${cluster.logDir}`);
   const token = cluster.ownerToken('alice');
+  const settings = await writeDemoSettings(
+    { VSP_REPOSITORY_URL: cluster.repositoryUrl, VSP_TOKEN: token, TEMPORAL_ADDRESS: temporal.address },
+    path.join(runDir, 'vsp.env'),
+  );
+  removeSettings = settings.remove;
+  const vspJs = path.join(repoRoot(), 'dist', 'cli', 'vsp.js');
   say(
-    `owner alice's token (sign in to the web page at ${cluster.repositoryUrl} with owner alice and this token, ` +
-      `or use vsp):\n  export VSP_REPOSITORY_URL=${cluster.repositoryUrl}\n  export VSP_TOKEN=${token}`,
+    [
+      '',
+      `  web page (repository)  ${cluster.repositoryUrl}/   sign in as owner alice with the token below`,
+      `  Temporal web UI        ${temporal.uiUrl}`,
+      `  Temporal frontend      ${temporal.address}`,
+      `  owner alice's token    ${token}`,
+      `  logs                   ${cluster.logDir}`,
+      '',
+      `vsp and the temporal CLI, in another shell (vsp reads ${settings.file}${settings.byDefault ? ' by default' : ''}; these lines do the same):`,
+      `  alias vsp='node ${vspJs}'`,
+      ...(settings.byDefault ? [] : [`  export VSP_ENV_FILE=${settings.file}`]),
+      `  export VSP_REPOSITORY_URL=${cluster.repositoryUrl}`,
+      `  export VSP_TOKEN=${token}`,
+      `  export TEMPORAL_ADDRESS=${temporal.address}`,
+      '',
+      "Live migration needs hosts with their own addresses and NFS-shared stores, which the demo's two host",
+      'workers on this machine do not have: `vsp migrate` is refused here. Try it on namespace test hosts:',
+      '`npx jest --runInBand test/system/migrationLifecycle.test.ts` (root; README, Development).',
+      '',
+    ].join('\n'),
   );
 
   const repo = new RepositoryClient({ url: cluster.repositoryUrl, token });
@@ -122,6 +193,7 @@ async function main(): Promise<void> {
       say('VSP_DEMO_KEEP=1: everything keeps running; press Ctrl-C to stop.');
       await new Promise(() => undefined);
     }
+    await removeSettings();
     await cluster.stop();
     await temporal.stop();
   }
@@ -133,6 +205,7 @@ main().then(
   async (err: unknown) => {
     process.stderr.write(`demo failed: ${err instanceof Error ? err.message : String(err)}\n`);
     await stopAll().catch(() => undefined);
+    await removeSettings().catch(() => undefined);
     process.exit(1);
   },
 );

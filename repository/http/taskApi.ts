@@ -42,6 +42,8 @@ type FileRef = TaskResult['outputs'][number];
 /** One task as the page shows it: where it is in its life, and what it left in the repository. */
 export interface TaskView {
   taskId: string;
+  /** The run shown: a task id used again names a new run, and each run is shown as itself. */
+  runId: string;
   /** Temporal's execution status: RUNNING, COMPLETED, FAILED, CANCELED, TERMINATED, TIMED_OUT. */
   status: string;
   phase?: TaskPhase;
@@ -128,8 +130,8 @@ export class TaskApi {
    * The task's description, if it is `owner`'s. Another owner's task is answered as one that does not
    * exist (its existence is not theirs to learn), but audited as denied.
    */
-  private async owned(owner: string, taskId: string): Promise<WorkflowExecutionDescription> {
-    const handle = this.vsp.temporal.workflow.getHandle(taskId);
+  private async owned(owner: string, taskId: string, runId?: string): Promise<WorkflowExecutionDescription> {
+    const handle = this.vsp.temporal.workflow.getHandle(taskId, runId);
     const notFound = `no such task: ${taskId}`;
     const desc = await handle.describe().catch((err: unknown) => {
       throw err instanceof WorkflowNotFoundError
@@ -143,11 +145,15 @@ export class TaskApi {
     return desc;
   }
 
-  /** The task, if it is `owner`'s (404 otherwise, as for a task that does not exist). */
-  async get(owner: string, taskId: string): Promise<TaskView> {
-    const desc = await this.owned(owner, taskId);
+  /**
+   * The task, if it is `owner`'s (404 otherwise, as for a task that does not exist): the run `runId`, or
+   * the latest.
+   */
+  async get(owner: string, taskId: string, runId?: string): Promise<TaskView> {
+    const desc = await this.owned(owner, taskId, runId);
     const view: TaskView = {
       taskId,
+      runId: desc.runId,
       status: desc.status.name,
       phase: desc.typedSearchAttributes.get(PHASE_KEY) as TaskPhase | undefined,
       host: desc.typedSearchAttributes.get(HOST_KEY) || undefined,
@@ -157,7 +163,7 @@ export class TaskApi {
     // The status query is richer than visibility (error, exit code, results path), but a closed task's
     // query needs a worker to replay it: without one, visibility is what there is.
     try {
-      const s = await this.vsp.status(taskId);
+      const s = await this.vsp.status(taskId, desc.runId);
       Object.assign(view, {
         phase: s.phase,
         queue: s.queue,
@@ -179,7 +185,7 @@ export class TaskApi {
       );
     }
     if (desc.status.name === 'COMPLETED') {
-      const result = await this.temporal('read the task result', () => this.vsp.result(taskId));
+      const result = await this.temporal('read the task result', () => this.vsp.result(taskId, desc.runId));
       Object.assign(view, {
         exitCode: result.exitCode,
         host: result.host,
@@ -188,7 +194,7 @@ export class TaskApi {
         logs: result.logs,
       });
     } else if (desc.status.name !== 'RUNNING' && view.error === undefined) {
-      view.error = await this.vsp.result(taskId).then(
+      view.error = await this.vsp.result(taskId, desc.runId).then(
         () => undefined,
         (err: unknown) => taskFailureMessage(err),
       );

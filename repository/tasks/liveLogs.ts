@@ -9,8 +9,11 @@ import path from 'node:path';
  * following new bytes as they land; the file stays after the task ends (bounded: `maxBytes` a run).
  */
 
-/** Bytes one append request may carry (the host sends what it has every half second). */
-export const MAX_APPEND_BYTES = 1 << 20;
+/**
+ * Bytes one append request may carry: the most any request but an upload may (httpApi's MAX_JSON_BODY);
+ * a host with more sends one after the other at once.
+ */
+export const MAX_APPEND_BYTES = 64 * 1024;
 /** What a run's live log may hold; its stored `task.log` keeps the whole output. */
 export const DEFAULT_LIVE_LOG_BYTES = 16 << 20;
 

@@ -76,6 +76,15 @@ function listFilter(query: URLSearchParams): TaskListFilter {
   }
 }
 
+/** `?runId=`: one run of a task whose id was used again (a UUID, as Temporal makes them). */
+function runIdOf(query: URLSearchParams): string | undefined {
+  const runId = query.get('runId');
+  if (runId === null) return undefined;
+  if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(runId))
+    throw new TaskApiError(400, 'runId must be a run id as the task list gives it (a UUID)');
+  return runId;
+}
+
 /** Answers one task request with its status and JSON body; throws TaskApiError. */
 export async function taskRequest(
   api: TaskApi | undefined,
@@ -96,7 +105,7 @@ export async function taskRequest(
   switch (req.action) {
     case undefined:
       only('GET');
-      return { status: 200, body: await api.get(owner, taskId) };
+      return { status: 200, body: await api.get(owner, taskId, runIdOf(req.query)) };
     case 'cancel': {
       only('POST');
       const { reason } = parseBody(CancelRequest, await req.body(), 'cancel request');

@@ -361,7 +361,11 @@ test('a failed task: submit --watch and status exit 3 with the error and the log
 test("vsp logs -f shows a running task's output within 2 s of it being printed, and ends with the task", async () => {
   const marker = `cli-logs-${Date.now()}`;
   const submitted = vsp(['--json', 'submit', '-', '--task-id', marker], {
-    input: JSON.stringify({ driver: 'process', command: waitingCommand(marker, `echo ${marker}-done`) }),
+    // First a burst larger than one append may carry (64 KiB): it arrives whole, in order.
+    input: JSON.stringify({
+      driver: 'process',
+      command: `yes abcdefgh | head -n 20000; ${waitingCommand(marker, `echo ${marker}-done`)}`,
+    }),
   });
   expect(submitted.code).toBe(0);
   const client = new TaskClient({ url: fx.cluster.repositoryUrl, token: fx.cluster.ownerToken('carol') });
@@ -370,6 +374,8 @@ test("vsp logs -f shows a running task's output within 2 s of it being printed, 
     for await (const chunk of await client.logs(marker, { follow: true }))
       followed += Buffer.from(chunk).toString();
   })();
+  // Awaited below; a test that fails first must not leave its rejection unhandled.
+  following.catch(() => undefined);
   const cli = vspInBackground(['logs', '-f', marker], 'carol');
   // From the moment the host's log has the line to the moment the follower has it.
   const dir = await until('the task to print', () => waitingTaskDir(fx.cluster.storeDir('a'), marker));
@@ -398,9 +404,11 @@ test("vsp logs -f shows a running task's output within 2 s of it being printed, 
 
   await releaseTask(fx.cluster.storeDir('a'), marker);
   await following;
-  const whole = `${marker}-started\n${marker}-done\n`;
+  const whole = `${'abcdefgh\n'.repeat(20000)}${marker}-started\n${marker}-done\n`;
   expect(followed).toBe(whole);
-  expect(await cli).toEqual({ code: 0, out: whole, err: '' });
+  const shown = await cli;
+  expect(shown.out).toBe(whole);
+  expect(shown).toMatchObject({ code: 0, err: '' });
   // After the end: the same log, from any offset.
   expect(vsp(['logs', marker]).out).toBe(whole);
   expect(await client.logText(marker, { offset: 4 })).toBe(whole.slice(4));

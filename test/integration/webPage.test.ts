@@ -8,9 +8,11 @@ import { addOwner } from '../../repository/accounts/admin';
 import { startRepositoryServer } from '../../repository/server';
 import { TEMPORAL_NOT_CONFIGURED } from '../../repository/tasks/taskRequests';
 import { CONTENT_SECURITY_POLICY } from '../../repository/http/webAssets';
+import { repoRoot } from '../../deploy/devcluster/tools';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
 import { launchChromium } from '../support/headlessChromium';
-import { testLogDir } from '../support/testRun';
+import { waitingCommand } from '../support/releasedTasks';
+import { temporalUiUrl } from '../support/temporalEnv';
 
 /**
  * The repository's web page in headless Chromium against a real cluster (Temporal, repository, control
@@ -57,6 +59,28 @@ async function present(selector: string, opts: { hasText?: RegExp | string; time
   return loc;
 }
 
+/** The README's pictures: the web page and Temporal's web UI, with a running and a finished task. */
+async function screenshot(name: string, of: Page = page): Promise<void> {
+  const file = path.join(repoRoot(), 'docs', 'screenshots', `${name}.png`);
+  await fs.mkdir(path.dirname(file), { recursive: true });
+  await of.screenshot({ path: file, fullPage: true });
+  expect((await fs.stat(file)).size).toBeGreaterThan(10_000);
+}
+
+/** Temporal's web UI on the task's page, once it shows the task. */
+async function temporalUiShot(name: string, taskId: string, status: RegExp): Promise<void> {
+  const ui = await context!.newPage();
+  try {
+    await ui.setViewportSize({ width: 1280, height: 900 });
+    await ui.goto(`${temporalUiUrl()}/namespaces/default/workflows/${encodeURIComponent(taskId)}`);
+    await ui.getByText(taskId).first().waitFor({ timeout: 30_000 });
+    await ui.getByText(status).first().waitFor({ timeout: 30_000 });
+    await screenshot(name, ui);
+  } finally {
+    await ui.close();
+  }
+}
+
 /** Browser-side code goes in as text: the test compiles without the DOM library. */
 const sessionStorageLength = () => page.evaluate<number>('sessionStorage.length');
 
@@ -68,7 +92,12 @@ async function signIn(owner: string, secret: string, by: 'click' | 'keyboard' = 
 }
 
 test('the page is served with its security headers, and refuses a bad token with a clear error', async () => {
-  const res = await page.goto(fx.cluster.repositoryUrl);
+  // Nothing the page asks for at load is missing (no favicon 404 in the console).
+  const failed: string[] = [];
+  page.on('response', (r) => void (r.status() >= 400 && failed.push(`${r.status()} ${r.url()}`)));
+  const res = await page.goto(fx.cluster.repositoryUrl, { waitUntil: 'networkidle' });
+  expect(failed).toEqual([]);
+  page.removeAllListeners('response');
   expect(res?.status()).toBe(200);
   const headers = res!.headers();
   expect(headers['content-type']).toBe('text/html; charset=utf-8');
@@ -143,9 +172,15 @@ test('sign in, upload with progress, run a task, follow it and download its outp
   await specBox.fill('{"command": ');
   await runButton.click();
   await present('#run-error', { hasText: /^The spec is not valid JSON/ });
-  await specBox.fill(JSON.stringify({ command: 'true', vcpus: 0 }));
+  // Each bad field is listed with its reason; a misspelt one with the field it most likely meant.
+  await specBox.fill(JSON.stringify({ comand: 'true', vcpus: 0 }));
   await runButton.click();
-  await present('#run-error', { hasText: /invalid task spec: vcpus/ });
+  await present('#run-error li', { hasText: 'comand: unknown field (did you mean "command"?)' });
+  const issues = await page.locator('#run-error li').allTextContents();
+  expect(issues).toEqual(
+    expect.arrayContaining(['command: required', expect.stringMatching(/^vcpus: .*>=1/)]),
+  );
+  expect(issues).toHaveLength(3);
 
   // Run a task that sorts the uploaded file.
   const spec = {
@@ -163,6 +198,15 @@ test('sign in, upload with progress, run a task, follow it and download its outp
   expect(await page.locator('#task-detail-phase').textContent()).toBe('completed');
   expect(await page.locator('#task-detail-exit').textContent()).toBe('0');
   expect(await page.locator('#task-detail-host').textContent()).toBe('a');
+  expect(await page.locator('#task-progress').getAttribute('data-progress')).toBe('100');
+  expect(await page.locator('#task-progress-text').textContent()).toMatch(/^100% done/);
+  // Every phase it went through, with how long it took; none still counting.
+  const phases = await page.evaluate<string[]>(
+    `[...document.querySelectorAll('#task-phases tbody tr')].map((r) => r.dataset.phase)`,
+  );
+  expect(phases).toEqual(expect.arrayContaining(['staging-in', 'running', 'staging-out', 'completed']));
+  expect(await page.locator('#task-phases').textContent()).not.toContain('so far');
+  expect(await page.locator('#task-cancel').isHidden()).toBe(true);
   const taskId = (await page.locator('#task-detail-id').textContent()) as string;
   expect(taskId).toMatch(/^dora-sort-/);
   // The list comes from Temporal's visibility, which catches up a little later than the task itself.
@@ -208,15 +252,12 @@ test('sign in, upload with progress, run a task, follow it and download its outp
   };
   expect(probes).toEqual({ files: 403, tasks: 403, task: 404, submitAsErin: 403 });
 
-  // The screenshot is kept with the run's logs.
   await page
     .getByRole('button', { name: /^Show task / })
     .first()
     .focus();
-  const shot = path.join(testLogDir(), 'webPage', 'web-page-flow.png');
-  await fs.mkdir(path.dirname(shot), { recursive: true });
-  await page.screenshot({ path: shot, fullPage: true });
-  expect((await fs.stat(shot)).size).toBeGreaterThan(10_000);
+  await screenshot('web-page-finished');
+  await temporalUiShot('temporal-ui-finished', taskId, /Completed/i);
 
   // A reload keeps the session (sessionStorage); sign-out forgets the token.
   await page.reload();
@@ -229,6 +270,79 @@ test('sign in, upload with progress, run a task, follow it and download its outp
   await page.reload();
   await page.locator('#sign-in').waitFor({ state: 'visible' });
   expect(await page.locator('#workspace').isHidden()).toBe(true);
+});
+
+test('a running task shows progress, phase times and its live output, and can be cancelled; cancelled and failed runs show their logs and failure.txt; one row per run', async () => {
+  await page.goto(fx.cluster.repositoryUrl);
+  await signIn('dora', token('dora'));
+  await page.locator('#workspace').waitFor({ state: 'visible' });
+
+  // A task that reports progress, then waits (for a release that never comes: it is cancelled).
+  const specBox = page.getByLabel(/Task spec/);
+  await specBox.fill(
+    JSON.stringify({
+      name: 'live',
+      driver: 'process',
+      command: `echo VSP-PROGRESS 40 halfway; ${waitingCommand('web-live')}`,
+    }),
+  );
+  await page.getByRole('button', { name: 'Run task', exact: true }).click();
+  await present('#task-progress[data-progress="40"]', { timeout: 120_000 });
+  expect(await page.locator('#task-progress-text').textContent()).toBe('40% halfway');
+  await present('#task-phases tr[data-phase="running"]', { hasText: 'so far' });
+  // The log viewer follows the task's output while it runs.
+  await present('#task-log', { hasText: 'web-live-started' });
+  expect(await page.locator('#task-log-state').textContent()).toBe('live');
+  const taskId = (await page.locator('#task-detail-id').textContent()) as string;
+  await screenshot('web-page-running');
+  await temporalUiShot('temporal-ui-running', taskId, /Running/i);
+
+  page.once('dialog', (d) => void d.accept());
+  await page.getByRole('button', { name: 'Cancel task', exact: true }).click();
+  // Temporal's name for the state: CANCELLED, which `vsp status` reports as exit code 4.
+  await present('#task-detail[data-phase="cancelled"][data-status="CANCELLED"]', { timeout: 120_000 });
+  // The last progress it reported stays in view.
+  expect(await page.locator('#task-progress-text').textContent()).toBe('40% halfway (cancelled)');
+  expect(await page.locator('#task-cancel').isHidden()).toBe(true);
+  // Cancelled: no result, but its logs are in its results folder, and failure.txt is shown.
+  await present(`#task-logs li[data-path="results/${taskId}/logs/failure.txt"]`);
+  await present(`#task-logs li[data-path="results/${taskId}/logs/task.log"]`);
+  expect(await page.locator('#task-failure').textContent()).toContain('cancelled by dora on the web page');
+
+  // One id, two runs: the first completes, the second (another results folder) exits 3. Each row opens
+  // its own run.
+  const tasks = fx.cluster.tasks('dora');
+  const first = await tasks.submit(
+    { driver: 'process', command: 'echo first run' },
+    { taskId: 'dora-twice' },
+  );
+  await tasks.watch(first.taskId, () => undefined);
+  const second = await tasks.submit(
+    { driver: 'process', command: 'echo second run; exit 3', resultsPath: 'results/dora-twice-2' },
+    { taskId: 'dora-twice' },
+  );
+  await expect(tasks.watch(second.taskId, () => undefined)).rejects.toThrow();
+  expect(second.runId).not.toBe(first.runId);
+  await until('both runs in the page list', async () => {
+    await page.getByRole('button', { name: 'Refresh', exact: true }).click();
+    return (await page.locator('tr[data-task-id="dora-twice"]').count()) === 2;
+  });
+  for (const [run, status, output] of [
+    [first.runId, 'COMPLETED', 'first run'],
+    [second.runId, 'FAILED', 'second run'],
+  ]) {
+    await page.locator(`tr[data-run-id="${run}"]`).getByRole('button').click();
+    await present(`#task-detail[data-run-id="${run}"][data-status="${status}"]`);
+    expect(await page.locator('#task-detail-run').textContent()).toBe(run);
+    // Each run's own output, not the latest run's.
+    await present('#task-log-state', { hasText: 'ended' });
+    expect(await page.locator('#task-log').textContent()).toBe(`${output}\n`);
+  }
+  // The failed run: its logs are listed although it has no result; its output and failure.txt are shown.
+  await present('#task-logs li[data-path="results/dora-twice-2/logs/task.log"]');
+  await present('#task-logs li[data-path="results/dora-twice-2/logs/failure.txt"]');
+  expect(await page.locator('#task-detail-error').textContent()).toMatch(/\b3\b/);
+  expect(await page.locator('#task-failure').textContent()).toMatch(/\b3\b/);
 });
 
 test('without Temporal the task endpoints answer 503 with the reason; the page files still serve', async () => {

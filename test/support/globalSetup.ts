@@ -4,7 +4,7 @@ import path from 'node:path';
 import { startTemporalDevServer, type TemporalDevServer } from '../../deploy/devcluster/temporal';
 import { repoRoot } from '../../deploy/devcluster/tools';
 import { findLeftoverProcesses } from './leakCheck';
-import { TEST_LOG_DIR_ENV, TEST_RUN_ID_ENV, temporalAddressFile } from './testRun';
+import { TEST_LOG_DIR_ENV, TEST_RUN_ID_ENV, temporalAddressFile, temporalUiFile } from './testRun';
 
 /** Runs of logs kept under .vsp/test-logs/ (older ones are removed). */
 const KEPT_LOG_RUNS = 5;
@@ -59,15 +59,16 @@ export default async function globalSetup(): Promise<void> {
   // Every process the suite starts inherits the marker, so teardown finds leftovers even when orphaned.
   process.env[TEST_RUN_ID_ENV] = runId;
   process.env[TEST_LOG_DIR_ENV] = logDir;
+  // vsp in tests reads no settings file of this machine's user (a running demo writes one).
+  process.env.VSP_ENV_FILE = '';
 
   killSuiteProcessesOnSignals(runId);
-  const temporal = await startTemporalDevServer({
-    headless: true,
-    logFile: path.join(logDir, 'temporal.log'),
-  });
+  // With its web UI: the browser test takes screenshots of it.
+  const temporal = await startTemporalDevServer({ logFile: path.join(logDir, 'temporal.log') });
   process.env.TEMPORAL_ADDRESS = temporal.address;
   const addressFile = temporalAddressFile(process.pid);
   writeFileSync(addressFile, `${temporal.address}\n`);
+  writeFileSync(temporalUiFile(process.pid), `${temporal.uiUrl}\n`);
   const handle: SuiteHandle = { temporal, addressFile, runId };
   (globalThis as Record<string, unknown>)[SUITE_HANDLE_KEY] = handle;
   process.stderr.write(

@@ -4,7 +4,7 @@ import { stopAll } from '../../deploy/devcluster/processes';
 import { hostCgroupCpu, removeCpuParent } from '../../drivers/cpuShare';
 import { SUITE_HANDLE_KEY, type SuiteHandle } from './globalSetup';
 import { awaitNoLeftovers } from './leakCheck';
-import { TEST_RUN_ID_ENV } from './testRun';
+import { TEST_RUN_ID_ENV, temporalUiFile } from './testRun';
 
 /** Stops the suite's Temporal server, then fails the run if any process the suite started is still alive. */
 export default async function globalTeardown(): Promise<void> {
@@ -12,6 +12,7 @@ export default async function globalTeardown(): Promise<void> {
   if (handle) {
     await handle.temporal.stop();
     rmSync(handle.addressFile, { force: true });
+    rmSync(temporalUiFile(process.pid), { force: true });
   }
   await stopAll();
   // The CPU-share tests' VMs each removed their own group; the parent of those groups goes too.

@@ -14,6 +14,11 @@ export function temporalAddressFile(jestPid: number): string {
   return path.join(os.tmpdir(), `vsp-jest-${jestPid}.temporal-address`);
 }
 
+/** Where the suite's Temporal web UI address is written (screenshots of it: webPage.test.ts). */
+export function temporalUiFile(jestPid: number): string {
+  return path.join(os.tmpdir(), `vsp-jest-${jestPid}.temporal-ui`);
+}
+
 /**
  * Folder for this run's logs (.vsp/test-logs/<run>/), kept after the run so a failed test's logs can be
  * read. Outside jest (no global setup), a folder for this process.

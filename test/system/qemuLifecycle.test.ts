@@ -192,12 +192,32 @@ test('the host worker SIGKILLed mid-task and restarted: the VM keeps running, th
   expect(await vmFolders()).toEqual([]);
 }, 180_000);
 
-test('QEMU killed mid-task: the task fails clearly, its logs reach the repository, the host is clean', async () => {
+test('QEMU killed mid-task: its live log showed the output within 2 s; the task fails clearly, its logs reach the repository, the host is clean', async () => {
   const marker = `before-kill-${Date.now()}`;
   const { taskId } = await submit({
     command: `echo ${marker}; sleep 1; sync; echo VSP-PROGRESS 10 started; sleep 120`,
   });
+  // The owner follows the task's live log from the start (what `vsp logs -f` does).
+  let followed = '';
+  const following = (async () => {
+    for await (const c of await fx.cluster.tasks(OWNER).logs(taskId, { follow: true }))
+      followed += Buffer.from(c).toString();
+  })();
+  // Awaited below; a test that fails first must not leave its rejection unhandled.
+  following.catch(() => undefined);
   const vmId = await vmIdOf(taskId);
+  // From the guest printing the line (it is on the host's console file) to the follower having it.
+  const consoleFile = path.join(vmDir(vmId), 'console.log');
+  const printed = await until(
+    'the task to print on the console',
+    async () =>
+      (await fs.readFile(consoleFile, 'utf8')).includes(`VSP-OUT ${marker}\r\n`) ? Date.now() : undefined,
+    120_000,
+  );
+  await until('the follower to show the line', async () => followed.includes(`\n${marker}\n`) || undefined);
+  const latencyMs = Date.now() - printed;
+  console.log(`live log latency (QEMU console): ${latencyMs} ms`);
+  expect(latencyMs).toBeLessThan(2000);
   await awaitConsole(vmId, 'VSP-PROGRESS 10');
   const pid = await qemuPidOf(vmId);
   process.kill(pid, 'SIGKILL');
@@ -219,6 +239,11 @@ test('QEMU killed mid-task: the task fails clearly, its logs reach the repositor
   expect(await downloadText(`${status.resultsPath}/logs/console.log`)).toContain('VSP-START');
   expect(await downloadText(`${status.resultsPath}/logs/task.log`)).toContain(marker);
   expect(await downloadText(`${status.resultsPath}/logs/failure.txt`)).toMatch(/QEMU exited/);
+  // The follow ended with the task: the console as the owner reads it (the guest's prefix off).
+  await following;
+  expect(followed).toContain('VSP-START\n');
+  expect(followed).toContain('VSP-PROGRESS 10 started\n');
+  expect(followed).not.toContain('VSP-OUT');
   expect(await vmFolders()).toEqual([]);
   expect(qemuPids()).toEqual([]);
 }, 180_000);

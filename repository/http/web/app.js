@@ -12,7 +12,7 @@ const STORAGE_KEY = 'vsp.session';
 
 /** @type {{ owner: string, token: string }} */
 const session = { owner: '', token: '' };
-const state = { folder: '', selectedTask: '', taskTimer: 0, specEdited: false };
+const state = { folder: '', selectedTask: '', selectedRun: '', taskTimer: 0, specEdited: false };
 
 const byId = (id) => /** @type {HTMLElement} */ (document.getElementById(id));
 
@@ -165,7 +165,8 @@ function signOut() {
   sessionStorage.removeItem(STORAGE_KEY);
   Object.assign(session, { owner: '', token: '' });
   clearTimeout(state.taskTimer);
-  Object.assign(state, { folder: '', selectedTask: '', specEdited: false });
+  resetLog('');
+  Object.assign(state, { folder: '', selectedTask: '', selectedRun: '', specEdited: false });
   for (const id of ['file-table', 'image-table', 'task-table'])
     byId(id).querySelector('tbody').replaceChildren();
   byId('task-detail').hidden = true;
@@ -446,20 +447,51 @@ async function loadTasks() {
     showError('tasks-error', err);
     return;
   }
+  // One row per run: a task id used again is another run, opened as itself.
   const rows = tasks.map((t) => {
-    const open = button(t.taskId, () => selectTask(t.taskId), {
+    const open = button(t.taskId, () => selectTask(t.taskId, t.runId), {
       class: 'link',
-      'aria-label': `Show task ${t.taskId}`,
+      'aria-label': `Show task ${t.taskId} run ${t.runId}`,
     });
-    const tr = row([open, t.phase ?? '', t.status, t.host ?? '', timeCell(t.startTime)]);
+    // The tail: run ids begin with the time (UUIDv7), so their heads look alike.
+    const run = element('code', t.runId.slice(-8), { title: t.runId });
+    const tr = row([open, run, t.phase ?? '', t.status, t.host ?? '', timeCell(t.startTime)]);
     tr.dataset.taskId = t.taskId;
+    tr.dataset.runId = t.runId;
     tr.dataset.phase = t.phase ?? '';
+    if (t.taskId === state.selectedTask && t.runId === state.selectedRun)
+      tr.setAttribute('aria-current', 'true');
     return tr;
   });
   byId('task-table')
     .querySelector('tbody')
     .replaceChildren(...rows);
   byId('tasks-empty').hidden = rows.length > 0;
+}
+
+const SPEC_REFUSED = 'invalid task spec: ';
+
+/** A refusal of the spec as a list of `field: reason`; any other error as its message. */
+function showRunError(err) {
+  const msg = err instanceof Error ? err.message : String(err);
+  const box = byId('run-error');
+  if (!msg.startsWith(SPEC_REFUSED)) {
+    box.textContent = msg;
+    return;
+  }
+  const items = msg
+    .slice(SPEC_REFUSED.length)
+    .split('; ')
+    .map((issue) => {
+      const colon = issue.indexOf(': ');
+      const li = element('li');
+      if (colon < 0) li.textContent = issue;
+      else li.append(element('code', issue.slice(0, colon)), `: ${issue.slice(colon + 2)}`);
+      return li;
+    });
+  const list = element('ul');
+  list.append(...items);
+  box.replaceChildren(element('p', 'The task spec was refused; fix these fields and run it again:'), list);
 }
 
 async function onRun(event) {
@@ -475,11 +507,11 @@ async function onRun(event) {
   const submit = /** @type {HTMLButtonElement} */ (byId('run-button'));
   submit.disabled = true;
   try {
-    const { taskId } = await (await api('/tasks', { method: 'POST', json: spec })).json();
+    const { taskId, runId } = await (await api('/tasks', { method: 'POST', json: spec })).json();
     byId('run-status').textContent = `Started ${taskId}.`;
-    await selectTask(taskId);
+    await selectTask(taskId, runId);
   } catch (err) {
-    showError('run-error', err);
+    showRunError(err);
   } finally {
     submit.disabled = false;
   }
@@ -503,39 +535,250 @@ function fileList(id, files) {
   );
 }
 
-/** Shows one task and follows it until it ends. */
-async function selectTask(taskId) {
-  clearTimeout(state.taskTimer);
-  state.selectedTask = taskId;
-  const detail = byId('task-detail');
-  detail.hidden = false;
-  byId('task-detail-id').textContent = taskId;
-  for (const id of ['status', 'phase', 'host', 'exit', 'results', 'error'])
-    byId(`task-detail-${id}`).textContent = '';
-  fileList('task-outputs', []);
-  fileList('task-logs', []);
-  await pollTask(taskId, 0, '');
+function formatDuration(ms) {
+  if (ms < 1000) return `${Math.max(0, Math.round(ms))} ms`;
+  const s = ms / 1000;
+  if (s < 60) return `${s.toFixed(1)} s`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return `${m} min ${Math.round(s % 60)} s`;
+  return `${Math.floor(m / 60)} h ${m % 60} min`;
 }
 
-async function pollTask(taskId, attempt, seen) {
-  if (state.selectedTask !== taskId) return;
+const END_PHASES = new Set(['completed', 'failed', 'cancelled']);
+
+/** When each phase began and how long it took; the current one counts up while the task runs. */
+function renderPhases(task) {
+  const began = Object.entries(task.timestamps ?? {}).sort(([, a], [, b]) => a.localeCompare(b));
+  const rows = began.map(([phase, iso], i) => {
+    const next = began[i + 1]?.[1];
+    let took = '';
+    if (next) took = formatDuration(Date.parse(next) - Date.parse(iso));
+    else if (!END_PHASES.has(phase) && OPEN_STATUSES.has(task.status))
+      took = `${formatDuration(Date.now() - Date.parse(iso))} so far`;
+    const tr = row([phase, timeCell(iso), took]);
+    tr.dataset.phase = phase;
+    return tr;
+  });
+  byId('task-phases')
+    .querySelector('tbody')
+    .replaceChildren(...rows);
+}
+
+/** The bar and its words; a task that ended without completing keeps the last progress it reported. */
+function renderProgress(task) {
+  const bar = /** @type {HTMLProgressElement} */ (byId('task-progress'));
+  const done = task.status === 'COMPLETED';
+  const reported = typeof task.progress === 'number';
+  const pct = done ? 100 : reported ? Math.round(task.progress) : Number(bar.dataset.progress ?? 0);
+  const words = done ? 'done' : reported ? (task.progressMessage ?? '') : (bar.dataset.message ?? '');
+  bar.value = pct;
+  bar.dataset.progress = String(pct);
+  bar.dataset.message = words;
+  byId('task-progress-text').textContent =
+    `${pct}%${words ? ` ${words}` : ''}` +
+    (OPEN_STATUSES.has(task.status) ? '' : ` (${task.status.toLowerCase()})`);
+}
+
+// ---- the task's log: streamed while it runs, read whole once it has ended ------------------------------
+
+/** Keeps the viewer's text bounded; the whole log is under Logs once the task ends. */
+const LOG_KEEP_CHARS = 1_000_000;
+const log = { key: '', bytes: 0, done: false, ctrl: /** @type {AbortController | undefined} */ (undefined) };
+
+function resetLog(key) {
+  log.ctrl?.abort();
+  Object.assign(log, { key, bytes: 0, done: false, ctrl: undefined });
+  byId('task-log').textContent = '';
+  byId('task-log-state').textContent = '';
+}
+
+function appendLog(text) {
+  const pre = byId('task-log');
+  const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+  let all = (pre.textContent ?? '') + text;
+  if (all.length > LOG_KEEP_CHARS) all = `[earlier output cut]\n${all.slice(-LOG_KEEP_CHARS)}`;
+  pre.textContent = all;
+  if (atEnd) pre.scrollTop = pre.scrollHeight;
+}
+
+/**
+ * Reads the log from where it stopped: with `follow` the repository keeps the response open and sends new
+ * output until the task ends. A broken stream is taken up again at the next poll, from its byte offset.
+ */
+async function readLog(taskId, follow) {
+  const key = log.key;
+  const ctrl = new AbortController();
+  log.ctrl = ctrl;
+  byId('task-log-state').textContent = follow ? 'live' : '';
+  try {
+    const res = await fetch(
+      ownerUrl(`/tasks/${encodeURIComponent(taskId)}/logs?offset=${log.bytes}${follow ? '&follow=1' : ''}`),
+      { headers: { Authorization: `Bearer ${session.token}` }, cache: 'no-store', signal: ctrl.signal },
+    );
+    if (!res.ok) {
+      const err = await errorOf(res.status, await res.text());
+      if (log.key !== key) return;
+      log.done = true;
+      byId('task-log-state').textContent =
+        res.status === 404 ? 'no output recorded for this task' : `log unavailable: ${err.message}`;
+      return;
+    }
+    const reader = res.body.getReader();
+    const decoder = new TextDecoder();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (log.key !== key) return;
+      if (done) break;
+      log.bytes += value.byteLength;
+      appendLog(decoder.decode(value, { stream: true }));
+    }
+    appendLog(decoder.decode());
+    // The repository ends a followed log when the task has ended: the log is whole.
+    log.done = true;
+    byId('task-log-state').textContent = 'ended';
+  } catch {
+    if (log.key === key) byId('task-log-state').textContent = follow ? 'reconnecting…' : 'log unavailable';
+  } finally {
+    if (log.ctrl === ctrl) log.ctrl = undefined;
+  }
+}
+
+/**
+ * An ended run's output: its stored `logs/task.log` (whole, and this run's own, where the live route
+ * serves the latest run of the id).
+ */
+async function readStoredLog(task) {
+  const key = log.key;
+  log.done = true;
+  let text;
+  try {
+    text = await (
+      await api(filePath(`${task.resultsPath ?? `results/${task.taskId}`}/logs/task.log`))
+    ).text();
+  } catch (err) {
+    if (log.key === key)
+      byId('task-log-state').textContent =
+        err.status === 404 ? 'no output recorded for this run' : `log unavailable: ${err.message}`;
+    return;
+  }
+  if (log.key !== key) return;
+  byId('task-log').textContent = '';
+  appendLog(text);
+  byId('task-log-state').textContent = 'ended';
+}
+
+/**
+ * Follows a running task's output (the live route, which serves the id's latest run: a running run is
+ * that); an ended run opened as such shows its stored log. A run followed to its end keeps what the live
+ * route sent.
+ */
+function followLog(task) {
+  if (log.ctrl || log.done) return;
+  if (OPEN_STATUSES.has(task.status)) void readLog(task.taskId, true);
+  else if (log.bytes === 0) void readStoredLog(task);
+  // A followed stream broke before the end: the rest, from where it stopped.
+  else void readLog(task.taskId, false);
+}
+
+/**
+ * A task that did not complete has no result to list its logs: they are in its results folder
+ * (`logs/task.log`, `logs/failure.txt`), and failure.txt is shown as it is.
+ */
+async function showFailureFiles(task) {
+  const folder = `${task.resultsPath ?? `results/${task.taskId}`}/logs/`;
+  let files;
+  try {
+    files = (await (await api(`/files?prefix=${encodeURIComponent(folder)}`)).json()).files;
+  } catch {
+    return;
+  }
+  if (state.selectedTask !== task.taskId || state.selectedRun !== task.runId) return;
+  fileList('task-logs', files);
+  const failure = files.find((f) => f.path === `${folder}failure.txt`);
+  if (!failure) return;
+  const text = await (await api(filePath(failure.path))).text().catch(() => '');
+  const box = byId('task-failure');
+  box.textContent = text;
+  box.hidden = text === '';
+}
+
+async function cancelTask() {
+  const taskId = state.selectedTask;
+  if (!confirm(`Cancel task ${taskId}? Its VM is stopped; its logs are kept.`)) return;
+  const cancel = /** @type {HTMLButtonElement} */ (byId('task-cancel'));
+  cancel.disabled = true;
+  byId('task-cancel-status').textContent = 'Cancelling…';
+  try {
+    await api(`/tasks/${encodeURIComponent(taskId)}/cancel`, {
+      method: 'POST',
+      json: { reason: `cancelled by ${session.owner} on the web page` },
+    });
+    byId('task-cancel-status').textContent = 'Cancelled.';
+  } catch (err) {
+    byId('task-cancel-status').textContent = '';
+    byId('task-detail-error').textContent = `Cancel failed: ${err.message}`;
+  } finally {
+    cancel.disabled = false;
+  }
+  if (state.selectedTask === taskId) {
+    clearTimeout(state.taskTimer);
+    await pollTask(taskId, state.selectedRun, 0, '');
+  }
+}
+
+/** Shows one run of a task (the latest when `runId` is not known yet) and follows it until it ends. */
+async function selectTask(taskId, runId) {
+  clearTimeout(state.taskTimer);
+  state.selectedTask = taskId;
+  state.selectedRun = runId ?? '';
+  const detail = byId('task-detail');
+  detail.hidden = false;
+  delete detail.dataset.status;
+  byId('task-detail-id').textContent = taskId;
+  for (const id of ['status', 'phase', 'run', 'host', 'exit', 'results', 'error'])
+    byId(`task-detail-${id}`).textContent = '';
+  for (const id of ['task-progress-text', 'task-cancel-status']) byId(id).textContent = '';
+  const bar = /** @type {HTMLProgressElement} */ (byId('task-progress'));
+  bar.value = 0;
+  delete bar.dataset.progress;
+  delete bar.dataset.message;
+  byId('task-failure').hidden = true;
+  byId('task-cancel').hidden = true;
+  fileList('task-outputs', []);
+  fileList('task-logs', []);
+  renderPhases({ status: '' });
+  resetLog(`${taskId}/${runId ?? ''}`);
+  await pollTask(taskId, state.selectedRun, 0, '');
+}
+
+async function pollTask(taskId, runId, attempt, seen) {
+  const current = () => state.selectedTask === taskId && state.selectedRun === runId;
+  if (!current()) return;
   let task;
   try {
-    task = await (await api(`/tasks/${encodeURIComponent(taskId)}`)).json();
+    const run = runId ? `?runId=${encodeURIComponent(runId)}` : '';
+    task = await (await api(`/tasks/${encodeURIComponent(taskId)}${run}`)).json();
   } catch (err) {
     if (err.status === 404 && attempt < TASK_APPEAR_POLLS) {
       byId('task-detail-status').textContent = 'waiting for the task to start…';
-      state.taskTimer = setTimeout(() => pollTask(taskId, attempt + 1, seen), TASK_POLL_MS);
+      state.taskTimer = setTimeout(() => pollTask(taskId, runId, attempt + 1, seen), TASK_POLL_MS);
       return;
     }
     byId('task-detail-error').textContent = err.message;
     return;
   }
-  if (state.selectedTask !== taskId) return;
+  if (!current()) return;
+  if (!runId) {
+    // Opened by id alone: from now on this run, even if the id is used again.
+    state.selectedRun = runId = task.runId;
+    log.key = `${taskId}/${runId}`;
+  }
   const detail = byId('task-detail');
   detail.dataset.status = task.status;
   detail.dataset.phase = task.phase ?? '';
+  detail.dataset.runId = task.runId;
   byId('task-detail-status').textContent = task.status;
+  byId('task-detail-run').textContent = task.runId;
   const q = task.queue;
   byId('task-detail-phase').textContent =
     (task.phase ?? '') + (q ? ` (${q.position} of ${q.of} in the queue${q.why ? `: ${q.why}` : ''})` : '');
@@ -546,12 +789,18 @@ async function pollTask(taskId, attempt, seen) {
   if (task.resultsPath)
     results.append(button(task.resultsPath, () => openFolder(`${task.resultsPath}/`), { class: 'link' }));
   byId('task-detail-error').textContent = task.error ?? '';
+  const open = OPEN_STATUSES.has(task.status);
+  byId('task-cancel').hidden = !open || END_PHASES.has(task.phase ?? '');
+  renderProgress(task);
+  renderPhases(task);
   fileList('task-outputs', task.outputs);
-  fileList('task-logs', task.logs);
+  followLog(task);
   const key = `${task.status}/${task.phase}`;
+  if (task.status === 'COMPLETED') fileList('task-logs', task.logs);
+  else if (!open && key !== seen) await showFailureFiles(task);
   if (key !== seen) await loadTasks();
-  if (OPEN_STATUSES.has(task.status)) {
-    state.taskTimer = setTimeout(() => pollTask(taskId, 0, key), TASK_POLL_MS);
+  if (open) {
+    state.taskTimer = setTimeout(() => pollTask(taskId, runId, 0, key), TASK_POLL_MS);
   } else if (key !== seen) {
     await openFolder(state.folder);
   }
@@ -574,6 +823,7 @@ byId('sign-out').addEventListener('click', signOut);
 byId('upload-form').addEventListener('submit', onUpload);
 byId('run-form').addEventListener('submit', onRun);
 byId('refresh-tasks').addEventListener('click', loadTasks);
+byId('task-cancel').addEventListener('click', cancelTask);
 byId('spec').addEventListener('input', () => (state.specEdited = true));
 
 const saved = sessionStorage.getItem(STORAGE_KEY);
