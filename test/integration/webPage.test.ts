@@ -312,7 +312,10 @@ test('a running task shows progress, phase times and its live output, and can be
   // One id, two runs: the first completes, the second (another results folder) exits 3. Each row opens
   // its own run.
   const tasks = fx.cluster.tasks('dora');
-  const first = await tasks.submit({ driver: 'process', command: 'true' }, { taskId: 'dora-twice' });
+  const first = await tasks.submit(
+    { driver: 'process', command: 'echo first run' },
+    { taskId: 'dora-twice' },
+  );
   await tasks.watch(first.taskId, () => undefined);
   const second = await tasks.submit(
     { driver: 'process', command: 'echo second run; exit 3', resultsPath: 'results/dora-twice-2' },
@@ -324,20 +327,22 @@ test('a running task shows progress, phase times and its live output, and can be
     await page.getByRole('button', { name: 'Refresh', exact: true }).click();
     return (await page.locator('tr[data-task-id="dora-twice"]').count()) === 2;
   });
-  for (const [run, status] of [
-    [first.runId, 'COMPLETED'],
-    [second.runId, 'FAILED'],
+  for (const [run, status, output] of [
+    [first.runId, 'COMPLETED', 'first run'],
+    [second.runId, 'FAILED', 'second run'],
   ]) {
     await page.locator(`tr[data-run-id="${run}"]`).getByRole('button').click();
     await present(`#task-detail[data-run-id="${run}"][data-status="${status}"]`);
     expect(await page.locator('#task-detail-run').textContent()).toBe(run);
+    // Each run's own output, not the latest run's.
+    await present('#task-log-state', { hasText: 'ended' });
+    expect(await page.locator('#task-log').textContent()).toBe(`${output}\n`);
   }
   // The failed run: its logs are listed although it has no result; its output and failure.txt are shown.
   await present('#task-logs li[data-path="results/dora-twice-2/logs/task.log"]');
   await present('#task-logs li[data-path="results/dora-twice-2/logs/failure.txt"]');
   expect(await page.locator('#task-detail-error').textContent()).toMatch(/\b3\b/);
   expect(await page.locator('#task-failure').textContent()).toMatch(/\b3\b/);
-  await present('#task-log', { hasText: 'second run' });
 });
 
 test('without Temporal the task endpoints answer 503 with the reason; the page files still serve', async () => {

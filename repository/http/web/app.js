@@ -453,7 +453,8 @@ async function loadTasks() {
       class: 'link',
       'aria-label': `Show task ${t.taskId} run ${t.runId}`,
     });
-    const run = element('code', t.runId.slice(0, 8), { title: t.runId });
+    // The tail: run ids begin with the time (UUIDv7), so their heads look alike.
+    const run = element('code', t.runId.slice(-8), { title: t.runId });
     const tr = row([open, run, t.phase ?? '', t.status, t.host ?? '', timeCell(t.startTime)]);
     tr.dataset.taskId = t.taskId;
     tr.dataset.runId = t.runId;
@@ -642,10 +643,41 @@ async function readLog(taskId, follow) {
   }
 }
 
-/** Starts reading the log unless it is being read or is whole. */
+/**
+ * An ended run's output: its stored `logs/task.log` (whole, and this run's own, where the live route
+ * serves the latest run of the id).
+ */
+async function readStoredLog(task) {
+  const key = log.key;
+  log.done = true;
+  let text;
+  try {
+    text = await (
+      await api(filePath(`${task.resultsPath ?? `results/${task.taskId}`}/logs/task.log`))
+    ).text();
+  } catch (err) {
+    if (log.key === key)
+      byId('task-log-state').textContent =
+        err.status === 404 ? 'no output recorded for this run' : `log unavailable: ${err.message}`;
+    return;
+  }
+  if (log.key !== key) return;
+  byId('task-log').textContent = '';
+  appendLog(text);
+  byId('task-log-state').textContent = 'ended';
+}
+
+/**
+ * Follows a running task's output (the live route, which serves the id's latest run: a running run is
+ * that); an ended run opened as such shows its stored log. A run followed to its end keeps what the live
+ * route sent.
+ */
 function followLog(task) {
   if (log.ctrl || log.done) return;
-  void readLog(task.taskId, OPEN_STATUSES.has(task.status));
+  if (OPEN_STATUSES.has(task.status)) void readLog(task.taskId, true);
+  else if (log.bytes === 0) void readStoredLog(task);
+  // A followed stream broke before the end: the rest, from where it stopped.
+  else void readLog(task.taskId, false);
 }
 
 /**
