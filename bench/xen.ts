@@ -9,6 +9,7 @@ import { requireRoot } from '../deploy/devcluster/netns';
 import { startNfsTestHosts } from '../deploy/devcluster/nfsTestHosts';
 import { repoRoot } from '../deploy/devcluster/tools';
 import { clusterDown, clusterUp } from '../deploy/vmcluster/cluster';
+import { clusterConfig } from '../deploy/vmcluster/config';
 import { startClusterServices, type ClusterServices } from '../deploy/vmcluster/services';
 import { sshTargets } from '../deploy/vmcluster/ssh';
 import { renderDomainConfig } from '../drivers/xen/domainConfig';
@@ -396,7 +397,7 @@ export async function benchXen(opts: XenBenchOptions): Promise<BenchReport> {
       name: 'xen',
       title: 'VSP on real Xen hosts (virtual cluster): create, live migration, local vs kernel-NFS disk',
       method:
-        `Two Xen 4.17 dom0s in QEMU (TCG, 2 vCPUs, dom0 1 GiB) from deploy/vmcluster, deployed with ` +
+        `Two Xen 4.17 dom0s in QEMU (TCG, ${clusterConfig().smp} vCPU(s), dom0 1 GiB) from deploy/vmcluster, deployed with ` +
         `vsp cluster deploy; Temporal, the repository and the control worker on this machine. PVH guests of ` +
         `${MEMORY_MIB} MiB, 1 vCPU, the VSP appliance, raw disks on the phy backend. Create to first output: ` +
         `the recipe's raw xl create (disks prepared beforehand, timed in dom0 from xl create to the line in ` +

@@ -24,7 +24,7 @@ export interface VmClusterOptions {
   /** QEMU memory per dom0, MiB (default 2048); Xen gives dom0 `dom0MemMiB` of it (default 1024). */
   memMiB?: number;
   dom0MemMiB?: number;
-  /** vCPUs per dom0 (default 2). */
+  /** vCPUs per dom0 (default $VSP_VMCLUSTER_SMP or 1: see dom0.ts). */
   smp?: number;
   /** false: always boot cold and keep no warm snapshot (default true). */
   warm?: boolean;
@@ -69,7 +69,7 @@ export function clusterConfig(o: VmClusterOptions = {}): ClusterConfig {
   const subnet = o.subnet ?? process.env.VSP_VMCLUSTER_SUBNET ?? '10.77.30';
   const memMiB = o.memMiB ?? 2048;
   const dom0MemMiB = o.dom0MemMiB ?? 1024;
-  const smp = o.smp ?? 2;
+  const smp = o.smp ?? Number(process.env.VSP_VMCLUSTER_SMP ?? 1);
   const bad: string[] = [];
   if (!Number.isInteger(count) || count < 1 || count > HOST_NAMES.length)
     bad.push(`hosts must be 1 to ${HOST_NAMES.length}, got ${count}`);

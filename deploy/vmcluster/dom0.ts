@@ -84,9 +84,10 @@ export function qemuArgs(c: ClusterConfig, h: HostConfig, image: Dom0Image): str
     'root=/dev/vda rw console=hvc0 net.ifnames=0 panic=-1',
     `systemd.hostname=${h.name} vsp.ip=${h.address}/24 vsp.peers=${peersArg(c)}`,
   ].join(' ');
-  // A TCG thread per vCPU. One thread per dom0 (thread=single) boots two dom0s in 60-100 s instead of
-  // ~180 s and ends the guests' triple faults, but guests then crashed in nearly every live migration
-  // (faults.test.ts failed in CI), against about one in two with a thread per vCPU.
+  // A TCG thread per vCPU, and one vCPU (config.ts) by default: two dom0s of 2 vCPUs each put four busy
+  // threads on this machine's two cores, and deployed in 627 s where dom0s of one vCPU took 358 s (same
+  // load), their guests surviving both live migrations. One thread per dom0 with 2 vCPUs (thread=single)
+  // was as fast, but its guests crashed in nearly every live migration.
   return [
     ...['-name', `${c.prefix}-${h.name}`, '-machine', 'q35', '-accel', `tcg,tb-size=${TB_SIZE_MIB}`],
     ...[
