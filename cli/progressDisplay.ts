@@ -1,4 +1,4 @@
-import type { TaskStatus } from '../workflows/definitions';
+import type { TaskPhase, TaskStatus } from '../workflows/definitions';
 
 /** What the display shows of a task's status (the owners' task API and the status query both have it). */
 export type DisplayedStatus = Partial<
@@ -16,7 +16,8 @@ export function createProgressDisplay(out: NodeJS.WriteStream = process.stderr) 
   const opened = Date.now();
   /** A line is on the terminal, not yet ended. */
   let drawn = false;
-  let current: string | undefined;
+  /** The current phase's status and when it began (its line is redrawn until the phase changes). */
+  let current: { s: DisplayedStatus; start: number } | undefined;
   /** `phase@time` of every phase given its line: a restarted task's phases come again with new times. */
   const shown = new Set<string>();
 
@@ -28,22 +29,32 @@ export function createProgressDisplay(out: NodeJS.WriteStream = process.stderr) 
 
   return {
     update(s: DisplayedStatus): void {
-      const stamps = Object.entries(s.timestamps ?? {}).sort(([, a], [, b]) => a.localeCompare(b));
+      const stamps = Object.entries(s.timestamps ?? {})
+        .map(([phase, at]) => [phase, Date.parse(at), at] as const)
+        .sort((a, b) => a[1] - b[1]);
       // Seconds since the task began (its first phase), or since the display opened without timestamps.
-      const origin = stamps.length ? Math.min(opened, Date.parse(stamps[0][1])) : opened;
-      const secs = (at: number) => `${((at - origin) / 1000).toFixed(1).padStart(6)}s  `;
-      if (s.phase !== current) {
-        if (drawn) out.write('\n');
-        drawn = false;
-        for (const [phase, at] of stamps)
-          if (phase !== s.phase && !shown.has(`${phase}@${at}`)) {
-            shown.add(`${phase}@${at}`);
-            emit(`${secs(Date.parse(at))}${phase}`, true);
+      const origin = stamps.length ? Math.min(opened, stamps[0][1]) : opened;
+      // Each line is timed by when its phase began; a current phase says how long it has lasted.
+      const line = (c: { s: DisplayedStatus; start: number }, lasted: string) =>
+        `${((c.start - origin) / 1000).toFixed(1).padStart(6)}s  ${describeStatus(c.s)}${lasted}`;
+      const seconds = (ms: number) => `  (${(ms / 1000).toFixed(ms < 10_000 ? 1 : 0)} s)`;
+      if (s.phase !== current?.s.phase) {
+        // The phase that ended: its line, still under the cursor on a terminal, gets its whole duration.
+        if (drawn && current) {
+          const next = stamps.find(([, at]) => at > (current as { start: number }).start)?.[1] ?? Date.now();
+          emit(line(current, seconds(next - current.start)), true);
+        }
+        for (const [phase, at, iso] of stamps)
+          if (phase !== s.phase && !shown.has(`${phase}@${iso}`)) {
+            shown.add(`${phase}@${iso}`);
+            emit(line({ s: { phase: phase as TaskPhase }, start: at }, ''), true);
           }
-        current = s.phase;
       }
-      if (s.phase && s.timestamps?.[s.phase]) shown.add(`${s.phase}@${s.timestamps[s.phase]}`);
-      emit(`${secs(Date.now())}${describeStatus(s)}`, s.phase !== undefined && ENDED.has(s.phase));
+      const began = s.phase && s.timestamps?.[s.phase];
+      if (began) shown.add(`${s.phase}@${began}`);
+      current = { s, start: began ? Date.parse(began) : Date.now() };
+      const ended = s.phase !== undefined && ENDED.has(s.phase);
+      emit(line(current, ended ? '' : `${seconds(Date.now() - current.start)} so far`), ended);
     },
     done(): void {
       if (drawn) out.write('\n');

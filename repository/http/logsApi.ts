@@ -121,8 +121,13 @@ export async function serveTaskLog(
   const send = async (chunk: Buffer): Promise<void> => {
     if (!res.write(chunk))
       await new Promise<void>((resolve) => {
-        res.once('drain', resolve);
-        stop.signal.addEventListener('abort', () => resolve());
+        const done = (): void => {
+          res.off('drain', done);
+          stop.signal.removeEventListener('abort', done);
+          resolve();
+        };
+        res.on('drain', done);
+        stop.signal.addEventListener('abort', done);
       });
   };
 

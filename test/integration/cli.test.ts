@@ -361,10 +361,10 @@ test('a failed task: submit --watch and status exit 3 with the error and the log
 test("vsp logs -f shows a running task's output within 2 s of it being printed, and ends with the task", async () => {
   const marker = `cli-logs-${Date.now()}`;
   const submitted = vsp(['--json', 'submit', '-', '--task-id', marker], {
-    // First a burst larger than one append may carry (64 KiB): it arrives whole, in order.
+    // Once released, a burst larger than one append may carry (64 KiB): it arrives whole, in order.
     input: JSON.stringify({
       driver: 'process',
-      command: `yes abcdefgh | head -n 20000; ${waitingCommand(marker, `echo ${marker}-done`)}`,
+      command: waitingCommand(marker, `yes abcdefgh | head -n 20000; echo ${marker}-done`),
     }),
   });
   expect(submitted.code).toBe(0);
@@ -404,7 +404,7 @@ test("vsp logs -f shows a running task's output within 2 s of it being printed, 
 
   await releaseTask(fx.cluster.storeDir('a'), marker);
   await following;
-  const whole = `${'abcdefgh\n'.repeat(20000)}${marker}-started\n${marker}-done\n`;
+  const whole = `${marker}-started\n${'abcdefgh\n'.repeat(20000)}${marker}-done\n`;
   expect(followed).toBe(whole);
   const shown = await cli;
   expect(shown.out).toBe(whole);

@@ -146,6 +146,8 @@ test('a CPU-bound task runs in a VM: outputs match the host checksum, home is th
   const result = await fx.vsp.result(taskId);
   expect(result.exitCode).toBe(0);
   expect(result.host).toBe(HOST);
+  // The guest's last report, printed just before it powered off, is the one the task keeps.
+  expect(await fx.vsp.status(taskId)).toMatchObject({ progress: 100, progressMessage: 'done' });
 
   const sums = await downloadText(`${result.resultsPath}/outputs/data.sha256`);
   expect(sums).toBe(`${sha256(data)}  in/data.bin\n`);

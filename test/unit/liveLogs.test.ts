@@ -125,3 +125,24 @@ test('the shipper goes on from the end when the repository has less than it thou
   expect(calls).toEqual([99, undefined, 10]);
   expect(JSON.parse(await fs.readFile(stateFile, 'utf8'))).toMatchObject({ local: 3, remote: 12 });
 });
+
+test('after a migration the next host goes on where the log ends: each host ships its own console once', async () => {
+  const logs = await LiveLogs.open(path.join(dir, 'repo'));
+  const append = (offset: number | undefined, bytes: Buffer) => logs.append('alice', CAP, offset, bytes);
+  const host = async (name: string) => {
+    await fs.mkdir(path.join(dir, name));
+    const file = path.join(dir, name, 'console.log');
+    const stateFile = path.join(dir, name, 'live-log.json');
+    return { file, shipper: new LiveLogShipper({ file, console: true, stateFile, append }) };
+  };
+  const a = await host('a');
+  await fs.writeFile(a.file, 'VSP-START\r\nVSP-OUT before\r\nVSP-OUT hal');
+  await a.shipper.ship(false);
+  // The VM leaves a: its last piece goes (a line cut by the move included); b's console starts empty.
+  await a.shipper.ship(true);
+  const b = await host('b');
+  await fs.writeFile(b.file, 'f\r\nVSP-OUT after\r\n');
+  await b.shipper.ship(false);
+  await b.shipper.ship(false);
+  expect(await text(logs)).toBe('VSP-START\nbefore\nhalf\nafter\n');
+});
