@@ -156,7 +156,9 @@ test('submit --watch on a terminal shows every phase, 100 % and the final state 
 
 test("download '-' writes the file's bytes to standard output, and nothing else (no file named '-')", async () => {
   const bytes = Buffer.concat([Buffer.from('line\n\x00\xff'), createHash('sha512').update('x').digest()]);
-  const blob = Buffer.concat(Array.from({ length: 3000 }, () => bytes));
+  // 4 MiB: more than the socket pair between this process and the CLI buffers, so a reader that stops
+  // early always leaves the CLI bytes it cannot write.
+  const blob = Buffer.concat(Array.from({ length: 60_000 }, () => bytes));
   await fs.writeFile(path.join(tmp, 'blob.bin'), blob);
   expect(vsp(['upload', 'blob.bin', 'in/blob.bin']).code).toBe(0);
   await fs.rm(path.join(tmp, 'blob.bin'));
@@ -164,6 +166,7 @@ test("download '-' writes the file's bytes to standard output, and nothing else 
     spawnSync(process.execPath, [VSP_JS(), ...args], {
       cwd: tmp,
       env: cliEnv(fx.cluster.ownerToken('carol')),
+      maxBuffer: 64 * 1024 * 1024,
     });
   for (const args of [
     ['download', 'in/blob.bin', '-'],
