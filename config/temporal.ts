@@ -1,5 +1,7 @@
 import { Client, Connection } from '@temporalio/client';
 import { loadClientConnectConfig } from '@temporalio/envconfig';
+import { temporal } from '@temporalio/proto';
+import { SEARCH_ATTRIBUTE_TYPES } from './names';
 import { dataConverterFromEnv } from './payloadCodec';
 
 /**
@@ -34,4 +36,35 @@ export async function connectClient(): Promise<Client> {
   } catch (err) {
     throw new Error(`cannot reach Temporal at ${s.address}`, { cause: err });
   }
+}
+
+/** The one call of Temporal's operator service this needs (a client's or a worker's connection has it). */
+interface SearchAttributeLister {
+  listSearchAttributes(request: {
+    namespace: string;
+  }): Promise<{ customAttributes?: Record<string, temporal.api.enums.v1.IndexedValueType> | null }>;
+}
+
+const INDEXED_TYPE = temporal.api.enums.v1.IndexedValueType;
+const indexedType = {
+  Keyword: INDEXED_TYPE.INDEXED_VALUE_TYPE_KEYWORD,
+  Int: INDEXED_TYPE.INDEXED_VALUE_TYPE_INT,
+};
+
+/**
+ * What the namespace lacks of VSP's search attributes (missing, or of another type), as
+ * `temporal operator search-attribute create` commands that add them; empty when none is missing. A task's
+ * workflow upserts them: in a namespace without them its every workflow task would fail.
+ */
+export async function missingSearchAttributes(
+  operator: SearchAttributeLister,
+  namespace: string,
+): Promise<string[]> {
+  const have = (await operator.listSearchAttributes({ namespace })).customAttributes ?? {};
+  return Object.entries(SEARCH_ATTRIBUTE_TYPES)
+    .filter(([name, type]) => have[name] !== indexedType[type])
+    .map(
+      ([name, type]) =>
+        `temporal operator search-attribute create --namespace ${namespace} --name ${name} --type ${type}`,
+    );
 }

@@ -3,6 +3,7 @@ import { Client } from '@temporalio/client';
 import { Worker } from '@temporalio/worker';
 import { createControlActivities } from '../activities/control/createControlActivities';
 import { CONTROL_TASK_QUEUE } from '../config/names';
+import { missingSearchAttributes } from '../config/temporal';
 import { connectWorkerConnection } from '../config/workerConnection';
 import { syncRebalanceSchedule } from '../client/rebalanceSchedule';
 import { SchedulerClient } from '../client/schedulerClient';
@@ -21,6 +22,11 @@ const log = createLogger('worker.control');
 async function main(): Promise<void> {
   const config = loadControlConfig();
   const { connection, namespace, dataConverter } = await connectWorkerConnection();
+  const missing = await missingSearchAttributes(connection.operatorService, namespace);
+  if (missing.length > 0)
+    throw new Error(
+      `Temporal namespace ${namespace} lacks VSP's search attributes (every task would fail); create them: ${missing.join('; ')}`,
+    );
   const client = new Client({ connection, namespace, dataConverter });
   const worker = await Worker.create({
     connection,

@@ -2,6 +2,7 @@ import { Connection } from '@temporalio/client';
 
 import { SEARCH_ATTRIBUTE_TYPES, SEARCH_ATTRIBUTES } from '../../config/names';
 import { createLogger } from '../../logging/logger';
+import { missingSearchAttributes } from '../../config/temporal';
 import { freePort } from './ports';
 import { spawnManaged } from './processes';
 import { resolveTemporalCli } from './tools';
@@ -56,8 +57,7 @@ function validPort(what: string, port: number | undefined): void {
 async function hasSearchAttributes(address: string): Promise<boolean> {
   const connection = await Connection.connect({ address, connectTimeout: '2s' });
   try {
-    const res = await connection.operatorService.listSearchAttributes({ namespace: 'default' });
-    return VSP_SEARCH_ATTRIBUTES.every((name) => name in (res.customAttributes ?? {}));
+    return (await missingSearchAttributes(connection.operatorService, 'default')).length === 0;
   } finally {
     await connection.close();
   }
