@@ -13,6 +13,7 @@ import { startClusterFixture, until, type ClusterFixture } from '../support/clus
 import { launchChromium } from '../support/headlessChromium';
 import { waitingCommand } from '../support/releasedTasks';
 import { temporalUiUrl } from '../support/temporalEnv';
+import { testLogDir } from '../support/testRun';
 
 /**
  * The repository's web page in headless Chromium against a real cluster (Temporal, repository, control
@@ -59,9 +60,17 @@ async function present(selector: string, opts: { hasText?: RegExp | string; time
   return loc;
 }
 
-/** The README's pictures: the web page and Temporal's web UI, with a running and a finished task. */
+/**
+ * The README's pictures: the web page and Temporal's web UI, with a running and a finished task. Into the
+ * run's log folder; VSP_UPDATE_SCREENSHOTS=1 writes the README's own (docs/screenshots/), so a test run leaves
+ * the checkout as it was.
+ */
 async function screenshot(name: string, of: Page = page): Promise<void> {
-  const file = path.join(repoRoot(), 'docs', 'screenshots', `${name}.png`);
+  const dir =
+    process.env.VSP_UPDATE_SCREENSHOTS === '1'
+      ? path.join(repoRoot(), 'docs', 'screenshots')
+      : path.join(testLogDir(), 'screenshots');
+  const file = path.join(dir, `${name}.png`);
   await fs.mkdir(path.dirname(file), { recursive: true });
   await of.screenshot({ path: file, fullPage: true });
   expect((await fs.stat(file)).size).toBeGreaterThan(10_000);
