@@ -4,7 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { createLogger, describeError } from '../../logging/logger';
 import { RepositoryError } from '../../repository/client';
 import { decodeCapabilityClaims } from '../../spec/capability';
-import { writeFileAtomic } from '../../storage/durableFile';
+import { replaceFile } from '../../storage/durableFile';
 import { MAX_APPEND_BYTES } from '../../repository/tasks/liveLogs';
 import type { HostDeps } from './hostDeps';
 import { readTaskRecord } from './taskAccess';
@@ -104,7 +104,7 @@ export class LiveLogShipper {
   }
 
   private async save(): Promise<void> {
-    await writeFileAtomic(this.opts.stateFile, JSON.stringify(this.state), 0o600);
+    await replaceFile(this.opts.stateFile, JSON.stringify(this.state), 0o600);
   }
 
   private async loadState(): Promise<ShipState> {
