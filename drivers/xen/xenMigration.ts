@@ -48,6 +48,8 @@ const RESUME_TIMEOUT_MS = 30_000;
 const POLL_MS = 200;
 const REACH_TIMEOUT_MS = 10_000;
 const SSH_URI = /^ssh:(\d{1,3}(?:\.\d{1,3}){3})$/;
+/** How a failed migration's error says that its guest died during it (what callers may test for). */
+export const GUEST_DIED = 'the guest died during it';
 
 export class XenMigration extends MigrationRecords {
   private readonly log = createLogger('xen-migration');
@@ -193,7 +195,7 @@ export class XenMigration extends MigrationRecords {
       const died = await this.keepRunningHere(name, vmId);
       await this.ctx.store.writeState(vmId, { config, handle: current } satisfies XenVmState);
       // xl reports a guest that died mid-migration as one that would not suspend: say which it was.
-      const where = died ? `the guest died during it (${died})` : 'it runs on here';
+      const where = died ? `${GUEST_DIED} (${died})` : 'it runs on here';
       throw new Error(`VM ${vmId}: migration ${self} -> ${target.host} failed; ${where}: ${why}`);
     } finally {
       clearInterval(ticker);

@@ -66,6 +66,7 @@ import { clusterConfig, inventoryFile as vmInventoryFile } from '../../deploy/vm
 import { RepositoryClient } from '../../repository/client';
 import { until } from '../support/clusterFixture';
 import { describeError } from '../../logging/logger';
+import { GUEST_DIED } from '../../drivers/xen/xenMigration';
 import { sshTargets } from '../../deploy/vmcluster/ssh';
 import { CLUSTER_INVENTORY_ENV, CLUSTER_RUN_DIR_ENV, CLUSTER_VSP_DIR_ENV, GATEWAY } from './suiteEnv';
 
@@ -264,7 +265,7 @@ const EMULATOR_CRASH = /ENTRY_TRAMPOLINE stack guard page was hit|triple-faulted
 
 export async function emulatorCrash(err: unknown, host: string, vmId: string): Promise<string | undefined> {
   const why = describeError(err);
-  if (!/the guest died during it/.test(why)) return undefined;
+  if (!why.includes(GUEST_DIED)) return undefined;
   const console = (await onHost(host, `cat /var/lib/vsp/store/vms/${vmId}/console.log`)).stdout;
   return EMULATOR_CRASH.test(`${why}\n${console}`) ? why : undefined;
 }
