@@ -1,5 +1,3 @@
-import { promises as fs } from 'node:fs';
-
 /**
  * Tasks report progress by printing `VSP-PROGRESS <0-100> [message]` on their output; drivers read the
  * last such line from the tail of a log (the task log for processes, the serial console for VMs).
@@ -24,24 +22,4 @@ export function lastProgress(text: string): Progress | undefined {
     if (p) return p;
   }
   return undefined;
-}
-
-/** The last `bytes` of a file ('' when it does not exist). */
-export async function readTail(file: string, bytes = 64 * 1024): Promise<string> {
-  let fh: fs.FileHandle;
-  try {
-    fh = await fs.open(file, 'r');
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return '';
-    throw err;
-  }
-  try {
-    const { size } = await fh.stat();
-    const start = Math.max(0, size - bytes);
-    const buf = Buffer.alloc(size - start);
-    await fh.read(buf, 0, buf.length, start);
-    return buf.toString('utf8');
-  } finally {
-    await fh.close();
-  }
 }

@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { departedConsoleOf } from '../../drivers/qemu/consoleLog';
-import { readTail } from '../../drivers/progress';
+import { readTail } from '../../lib/fileRange';
 import { createLogger } from '../../logging/logger';
 import { RepositoryError, type RepositoryClient } from '../../repository/client';
 import type { TaskRef, UploadedFile } from '../types';

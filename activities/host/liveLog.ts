@@ -4,6 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { createLogger, describeError } from '../../logging/logger';
 import { RepositoryError } from '../../repository/client';
 import { decodeCapabilityClaims } from '../../spec/capability';
+import { readRange } from '../../lib/fileRange';
 import { replaceFile } from '../../storage/durableFile';
 import { MAX_APPEND_BYTES } from '../../repository/tasks/liveLogs';
 import type { HostDeps } from './hostDeps';
@@ -120,17 +121,6 @@ export class LiveLogShipper {
     if (this.warned) return;
     this.warned = true;
     log.warn({ file: this.opts.file, err: describeError(err) }, 'live log not sent; trying again');
-  }
-}
-
-async function readRange(file: string, start: number, max: number): Promise<Buffer> {
-  const fh = await fs.open(file, 'r');
-  try {
-    const buf = Buffer.alloc(max);
-    const { bytesRead } = await fh.read(buf, 0, max, start);
-    return buf.subarray(0, bytesRead);
-  } finally {
-    await fh.close();
   }
 }
 

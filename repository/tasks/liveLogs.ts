@@ -1,6 +1,7 @@
 import { EventEmitter } from 'node:events';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
+import { readRange } from '../../lib/fileRange';
 
 /**
  * Tasks' live logs (issue 14): what a running task printed (its output; a VM's console), sent by its
@@ -122,23 +123,8 @@ export class LiveLogs {
   }
 
   /** Up to `max` of the log's bytes from `offset` on (empty when there are none yet). */
-  async read(owner: string, capabilityId: string, offset: number, max = MAX_APPEND_BYTES): Promise<Buffer> {
-    let fh: fs.FileHandle;
-    try {
-      fh = await fs.open(this.file(owner, capabilityId), 'r');
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return Buffer.alloc(0);
-      throw err;
-    }
-    try {
-      const { size } = await fh.stat();
-      if (offset >= size) return Buffer.alloc(0);
-      const buf = Buffer.alloc(Math.min(max, size - offset));
-      const { bytesRead } = await fh.read(buf, 0, buf.length, offset);
-      return buf.subarray(0, bytesRead);
-    } finally {
-      await fh.close();
-    }
+  read(owner: string, capabilityId: string, offset: number, max = MAX_APPEND_BYTES): Promise<Buffer> {
+    return readRange(this.file(owner, capabilityId), offset, max);
   }
 
   /** Resolves when the log grows, or after `ms` (whichever first), or when `signal` aborts. */
