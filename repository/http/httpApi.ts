@@ -30,6 +30,7 @@ import type { ImageStore } from '../store/imageStore';
 import type { LiveLogs } from '../tasks/liveLogs';
 import { LiveLogError } from '../tasks/liveLogs';
 import { appendTaskLog, serveTaskLog } from './logsApi';
+import { HttpError, readSmallBody } from './requestBody';
 
 /**
  * The repository's HTTP API (v1): routing, auth, validation and streaming. Paths are taken from the
@@ -63,17 +64,6 @@ type AuditDraft = Omit<AuditEvent, 'result' | 'protocol'>;
 
 const ACTIONS: Record<string, string> = { PUT: 'upload', GET: 'download', HEAD: 'stat', DELETE: 'delete' };
 
-/** A request refused with a status and a message for the client. */
-class HttpError extends Error {
-  constructor(
-    readonly status: number,
-    message: string,
-    readonly headers: Record<string, string> = {},
-  ) {
-    super(message);
-  }
-}
-
 const STORE_STATUS: Record<StoreErrorCode, number> = {
   'not-found': 404,
   'too-large': 413,
@@ -94,8 +84,7 @@ const SHA256_HEX = /^[0-9a-f]{64}$/;
  * session) carry at most a small JSON object.
  */
 export const MAX_JSON_BODY = 64 * 1024;
-/** How long a small JSON body may take to arrive (uploads are bounded by the idle timeout instead). */
-const JSON_BODY_TIMEOUT_MS = 30_000;
+const JSON_TOO_LARGE = `request body is larger than ${MAX_JSON_BODY} bytes`;
 
 /** What the audit log calls a host's append to a task's live log (recorded only when refused). */
 const LOG_APPEND = 'task-log-append';
@@ -236,51 +225,14 @@ function declaredLength(req: IncomingMessage): number | undefined {
   return raw === undefined ? undefined : Number(raw);
 }
 
-/**
- * Reads a small JSON body. Over the limit it answers 413 without reading further (and without
- * destroying the request, so the reply still goes out); a body that does not arrive in time gets 408.
- */
-function readJson(req: IncomingMessage): Promise<unknown> {
-  const declared = declaredLength(req);
-  if (declared !== undefined && declared > MAX_JSON_BODY) return Promise.reject(jsonTooLarge());
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    let size = 0;
-    const cleanup = (): void => {
-      clearTimeout(timer);
-      req.off('data', onData).off('end', onEnd).off('close', onClose).off('error', onClose);
-    };
-    const fail = (err: Error): void => {
-      cleanup();
-      req.pause();
-      reject(err);
-    };
-    const onData = (chunk: Buffer): void => {
-      size += chunk.length;
-      if (size > MAX_JSON_BODY) fail(jsonTooLarge());
-      else chunks.push(chunk);
-    };
-    const onEnd = (): void => {
-      cleanup();
-      try {
-        resolve(JSON.parse(Buffer.concat(chunks).toString('utf8')) as unknown);
-      } catch {
-        reject(new HttpError(400, 'request body is not valid JSON'));
-      }
-    };
-    const onClose = (): void => {
-      if (!req.complete) fail(new Error('the client went away before sending its whole request body'));
-    };
-    const timer = setTimeout(
-      () => fail(new HttpError(408, `request body not received within ${JSON_BODY_TIMEOUT_MS / 1000} s`)),
-      JSON_BODY_TIMEOUT_MS,
-    );
-    req.on('data', onData).on('end', onEnd).on('close', onClose).on('error', onClose);
-  });
-}
-
-function jsonTooLarge(): HttpError {
-  return new HttpError(413, `request body is larger than ${MAX_JSON_BODY} bytes`);
+/** Reads a small JSON body (413 over MAX_JSON_BODY, 408 when it does not arrive in time). */
+async function readJson(req: IncomingMessage): Promise<unknown> {
+  const body = await readSmallBody(req, MAX_JSON_BODY, JSON_TOO_LARGE);
+  try {
+    return JSON.parse(body.toString('utf8')) as unknown;
+  } catch {
+    throw new HttpError(400, 'request body is not valid JSON');
+  }
 }
 
 function hasBody(req: IncomingMessage): boolean {
@@ -478,7 +430,7 @@ export function createRequestHandler(
   async function handle(req: IncomingMessage, res: ServerResponse, draft: AuditDraft): Promise<void> {
     const method = req.method ?? 'GET';
     if (method !== 'PUT' && method !== 'PATCH' && (declaredLength(req) ?? 0) > MAX_JSON_BODY)
-      throw jsonTooLarge();
+      throw new HttpError(413, JSON_TOO_LARGE);
     if (deps.web && serveWebAsset(deps.web, req, res)) return;
     const r = route(req.url ?? '/');
     if (!r) throw new HttpError(404, `no such endpoint: ${method} ${(req.url ?? '').split('?')[0]}`);

@@ -7,6 +7,7 @@ import type { MetadataDb } from '../store/metadataDb';
 import { LiveLogError, MAX_APPEND_BYTES, type LiveLogs } from '../tasks/liveLogs';
 import { TaskApiError } from '../tasks/taskAdmission';
 import { TEMPORAL_NOT_CONFIGURED } from '../tasks/taskRequests';
+import { readSmallBody } from './requestBody';
 import type { TaskApi } from './taskApi';
 
 /**
@@ -47,26 +48,6 @@ function followParam(query: URLSearchParams): boolean {
   throw new LiveLogError(400, `follow must be 1 or 0, got '${raw}'`);
 }
 
-/** The request body, at most `max` bytes (413 beyond, said before reading on when it is announced). */
-function readBytes(req: IncomingMessage, max: number): Promise<Buffer> {
-  const declared = req.headers['content-length'];
-  if (declared !== undefined && Number(declared) > max)
-    return Promise.reject(new LiveLogError(413, `an append carries at most ${max} bytes`));
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    let size = 0;
-    req.on('data', (c: Buffer) => {
-      size += c.length;
-      if (size > max) {
-        req.pause();
-        reject(new LiveLogError(413, `an append carries at most ${max} bytes`));
-      } else chunks.push(c);
-    });
-    req.on('end', () => resolve(Buffer.concat(chunks)));
-    req.on('error', reject);
-  });
-}
-
 /** The host of a task appends to its live log: only with that task's own capability. */
 export async function appendTaskLog(
   deps: LogsRouteDeps,
@@ -80,7 +61,11 @@ export async function appendTaskLog(
   if (principal.kind !== 'capability' || principal.owner !== owner || principal.claims.taskId !== taskId)
     throw new AccessDenied(403, `only task ${taskId}'s own capability may append to its log`);
   const offset = offsetParam(query);
-  const bytes = await readBytes(req, MAX_APPEND_BYTES);
+  const bytes = await readSmallBody(
+    req,
+    MAX_APPEND_BYTES,
+    `an append carries at most ${MAX_APPEND_BYTES} bytes`,
+  );
   const result = await deps.liveLogs.append(owner, principal.claims.id, offset, bytes);
   const text = JSON.stringify(result);
   res.writeHead(200, {
