@@ -6,13 +6,27 @@ import type { Appliance } from './appliance';
 import { QEMU_SANDBOX } from './qemuAccount';
 import type { VmNic } from './vmNetwork';
 
+/**
+ * The machine QEMU emulates. `microvm` (the default where it can boot): no PCI, no firmware to speak of,
+ * virtio-mmio devices, the kernel entered at its PVH entry (the appliance's vmlinux), ACPI only for the power
+ * button. `pc`: the i440FX PC with virtio-pci devices booting the compressed kernel, as VSP ran before; for
+ * a host where microvm cannot boot (see chooseMachine) and for VMs started before microvm, whose migration
+ * target must build the same machine (the VM's handle records it).
+ */
+export type QemuMachine = 'microvm' | 'pc';
+
 export interface QemuLaunch {
   vmId: string;
   accel: Accelerator;
+  machine: QemuMachine;
   memoryMiB: number;
   vcpus: number;
   vmlinuz: string;
+  /** Required by microvm. */
+  vmlinux?: string;
   initrd: string;
+  /** The host's TSC frequency: a TCG microvm guest must be told it (accelerator.ts hostTscKhz). */
+  tscKhz?: number;
   rootDisk: string;
   dataDisk: string;
   qmpSocket: string;
@@ -22,6 +36,18 @@ export interface QemuLaunch {
   portForwards: Record<number, number>;
   /** A tap on the cluster's VM network instead of user-mode networking (port forwards are then unused). */
   nic?: VmNic;
+}
+
+/**
+ * microvm where it boots: it needs the ELF kernel, and under TCG the host's TSC frequency (no clock in the
+ * machine to calibrate against); else pc.
+ */
+export function chooseMachine(
+  accel: Accelerator,
+  appliance: Appliance,
+  tscKhz: number | undefined,
+): QemuMachine {
+  return appliance.vmlinux && (accel === 'kvm' || tscKhz !== undefined) ? 'microvm' : 'pc';
 }
 
 /** Where the worker records QEMU's pid, in the VM's folder (root's: QEMU cannot rewrite it). */
@@ -44,6 +70,8 @@ export function vmLaunch(
   paths: VmPaths,
   run: {
     accel: Accelerator;
+    machine: QemuMachine;
+    tscKhz?: number;
     portForwards: Record<number, number>;
     nic?: VmNic;
     disks?: { root: string; data: string };
@@ -52,10 +80,13 @@ export function vmLaunch(
   return {
     vmId: config.vmId,
     accel: run.accel,
+    machine: run.machine,
     memoryMiB: config.memoryMiB,
     vcpus: config.vcpus,
     vmlinuz: appliance.vmlinuz,
+    vmlinux: appliance.vmlinux,
     initrd: appliance.initrd,
+    tscKhz: run.tscKhz,
     rootDisk: run.disks?.root ?? paths.rootDisk,
     dataDisk: run.disks?.data ?? paths.dataDisk,
     qmpSocket: paths.qmpSocket,
@@ -70,12 +101,38 @@ export function vmLaunch(
 export const opt = (value: string) => value.replace(/,/g, ',,');
 
 /**
+ * Kernel parameters that shorten a boot without changing what the guest can do: the crypto self-tests
+ * (they check the kernel's own ciphers, at every boot) are skipped.
+ */
+const LEAN_KERNEL_ARGS = ['cryptomgr.notests'];
+
+/** Per machine: its QEMU name and options, the kernel it boots, and how a virtio device attaches. */
+const MACHINES: Record<QemuMachine, { machine: string; kernel: (l: QemuLaunch) => string; virtio: string }> =
+  {
+    microvm: {
+      machine: 'microvm',
+      kernel: (l) => {
+        if (!l.vmlinux)
+          throw new Error("the microvm machine needs the appliance's vmlinux; rebuild the appliance");
+        return l.vmlinux;
+      },
+      virtio: 'device',
+    },
+    pc: { machine: 'pc', kernel: (l) => l.vmlinuz, virtio: 'pci' },
+  };
+
+/**
  * The QEMU command line of a VSP VM (pure, so it is testable and readable in one place). QEMU stays in the
  * foreground of its own session (vmProcess.ts startDetached): `-daemonize` forks, which the sandbox denies.
  */
 export function buildQemuArgs(l: QemuLaunch): string[] {
+  const m = MACHINES[l.machine];
   const forwards = Object.entries(l.portForwards);
-  const append = ['console=ttyS0', 'quiet', 'panic=-1', `vsp.owner=${l.owner}`];
+  const append = ['console=ttyS0', 'quiet', 'panic=-1', ...LEAN_KERNEL_ARGS, `vsp.owner=${l.owner}`];
+  if (l.machine === 'microvm' && l.accel === 'tcg') {
+    if (!l.tscKhz) throw new Error("a microvm under TCG needs the host's TSC frequency");
+    append.push(`tsc_early_khz=${l.tscKhz}`);
+  }
   if (l.nic) append.push(`vsp.ip=${l.nic.address}`);
   else if (forwards.length > 0) append.push('vsp.net=1');
   const args = [
@@ -84,7 +141,7 @@ export function buildQemuArgs(l: QemuLaunch): string[] {
     '-accel',
     l.accel,
     '-machine',
-    'pc',
+    m.machine,
     '-cpu',
     l.accel === 'kvm' ? 'host' : 'max',
     '-m',
@@ -96,7 +153,7 @@ export function buildQemuArgs(l: QemuLaunch): string[] {
     'none',
     '-no-reboot',
     '-kernel',
-    l.vmlinuz,
+    m.kernel(l),
     '-initrd',
     l.initrd,
     '-append',
@@ -107,10 +164,16 @@ export function buildQemuArgs(l: QemuLaunch): string[] {
     'chardev:console0',
     '-qmp',
     `unix:${opt(l.qmpSocket)},server=on,wait=off`,
+    // The root first: the guest sees it as vda, the data disk as vdb. `file=` leads (migration.ts finds the
+    // root drive by it).
     '-drive',
-    `file=${opt(l.rootDisk)},format=qcow2,if=virtio,cache=writeback,discard=unmap`,
+    `file=${opt(l.rootDisk)},format=qcow2,if=none,id=root,cache=writeback,discard=unmap`,
+    '-device',
+    `virtio-blk-${m.virtio},drive=root`,
     '-drive',
-    `file=${opt(l.dataDisk)},format=raw,if=virtio,cache=writeback`,
+    `file=${opt(l.dataDisk)},format=raw,if=none,id=data,cache=writeback`,
+    '-device',
+    `virtio-blk-${m.virtio},drive=data`,
     '-sandbox',
     QEMU_SANDBOX,
   ];
@@ -119,11 +182,11 @@ export function buildQemuArgs(l: QemuLaunch): string[] {
       '-netdev',
       `tap,id=net0,ifname=${l.nic.tap},script=no,downscript=no`,
       '-device',
-      `virtio-net-pci,netdev=net0,mac=${l.nic.mac}`,
+      `virtio-net-${m.virtio},netdev=net0,mac=${l.nic.mac}`,
     );
   } else if (forwards.length > 0) {
     const hostfwd = forwards.map(([guest, host]) => `,hostfwd=tcp:127.0.0.1:${host}-:${guest}`).join('');
-    args.push('-netdev', `user,id=net0${hostfwd}`, '-device', 'virtio-net-pci,netdev=net0');
+    args.push('-netdev', `user,id=net0${hostfwd}`, '-device', `virtio-net-${m.virtio},netdev=net0`);
   }
   return args;
 }

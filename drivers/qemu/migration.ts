@@ -24,7 +24,7 @@ import type {
 } from '../types';
 import type { Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
-import { buildQemuArgs, pidFileOf, qemuLogOf, vmLaunch } from './commandLine';
+import { buildQemuArgs, pidFileOf, qemuLogOf, vmLaunch, type QemuMachine } from './commandLine';
 import { ConsoleFollower, departedConsoleOf, setConsoleAside } from './consoleLog';
 import { QMP_TIMEOUT_MS, QmpClient, qmpCommand } from './qmp';
 import { type QemuVmState } from './qemuDriver';
@@ -205,6 +205,9 @@ export class QemuMigration extends MigrationRecords {
     const args = buildQemuArgs(
       vmLaunch(config, this.ctx.appliance, paths, {
         accel: from.state.accel as Accelerator,
+        // A VM started before VSP chose its machine ran on pc.
+        machine: (from.state.machine as QemuMachine | undefined) ?? 'pc',
+        tscKhz: typeof from.state.tscKhz === 'number' ? from.state.tscKhz : undefined,
         portForwards,
         nic,
         disks: { root: qemuFileName(root), data: qemuFileName(data) },

@@ -11,9 +11,9 @@ import type { ExitResult, MigratableDriver, VmConfig, VmHandle, VmStatus, WaitOp
 import type { CpuShare, DiskLocalizingDriver } from '../types';
 import { checkVmConfig } from '../vmConfigCheck';
 import { createRootOverlay, requireDataDisk, writeTaskCommand } from '../vmDisks';
-import { probeAccelerator, type Accelerator } from './accelerator';
+import { hostTscKhz, probeAccelerator, type Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
-import { buildQemuArgs, pidFileOf, qemuLogOf, vmLaunch } from './commandLine';
+import { buildQemuArgs, chooseMachine, pidFileOf, qemuLogOf, vmLaunch } from './commandLine';
 import { ConsoleFollower } from './consoleLog';
 import { QemuDiskMirror } from './diskMirror';
 import { QemuMigration } from './migration';
@@ -181,6 +181,8 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
       this.opts.accel && this.opts.accel !== 'auto'
         ? this.opts.accel
         : await probeAccelerator(this.opts.appliance.vmlinuz, undefined, this.qemuBinary);
+    const tscKhz = accel === 'tcg' ? await hostTscKhz() : undefined;
+    const machine = chooseMachine(accel, this.opts.appliance, tscKhz);
     const nic =
       this.opts.vmNetwork && config.ports.length > 0
         ? await chooseVmNic(
@@ -192,8 +194,11 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
         : undefined;
     const portForwards: Record<number, number> = {};
     if (!nic) for (const port of config.ports) portForwards[port] = await freeLocalPort();
+    // The machine and the TSC frequency its kernel was told: a migration target builds the same machine.
     const handle = startingHandle(current, this.opts.hostName, config, {
       accel,
+      machine,
+      ...(tscKhz ? { tscKhz } : {}),
       ...Object.fromEntries(Object.entries(portForwards).map(([g, h]) => [`${HOST_PORT_KEY}${g}`, h])),
       ...(nic ? nicState(nic) : {}),
     });
@@ -206,7 +211,9 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
       consoleLog: paths.consoleLog,
       runDir: paths.runDir,
     });
-    const args = buildQemuArgs(vmLaunch(config, this.opts.appliance, paths, { accel, portForwards, nic }));
+    const args = buildQemuArgs(
+      vmLaunch(config, this.opts.appliance, paths, { accel, machine, tscKhz, portForwards, nic }),
+    );
     const qemu = asAccount(account, this.qemuBinary, args);
     if (nic && this.opts.vmNetwork) await addVmTap(this.wrap, this.opts.vmNetwork.bridge, nic.tap, account);
     let pid: number;
@@ -224,7 +231,7 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
     handle.state.pid = pid;
     await this.opts.store.writeState(config.vmId, { config, handle } satisfies QemuVmState);
     this.log.info(
-      { vmId: config.vmId, pid, accel, portForwards, address: nic?.address, user: account?.user },
+      { vmId: config.vmId, pid, accel, machine, portForwards, address: nic?.address, user: account?.user },
       'VM started',
     );
     return handle;

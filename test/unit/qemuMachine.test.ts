@@ -1,0 +1,57 @@
+import { tscKhzOf } from '../../drivers/qemu/accelerator';
+import type { Appliance } from '../../drivers/qemu/appliance';
+import { buildQemuArgs, chooseMachine } from '../../drivers/qemu/commandLine';
+import { SAMPLE_LAUNCH } from '../support/qemuLaunch';
+
+/** The QEMU machine a VM gets and what it boots (pure: no QEMU runs). */
+
+const appliance: Appliance = {
+  version: 'v',
+  kernelVersion: 'k',
+  vmlinuz: '/a/vmlinuz',
+  vmlinux: '/a/vmlinux',
+  initrd: '/a/initrd.cpio',
+  root: { path: '/a/root.qcow2', sha256: '0'.repeat(64), format: 'qcow2' },
+};
+const after = (args: string[], flag: string) => args.filter((_, i) => args[i - 1] === flag);
+
+test('microvm where it can boot: KVM, or TCG with the host TSC known; else pc', () => {
+  expect(chooseMachine('kvm', appliance, undefined)).toBe('microvm');
+  expect(chooseMachine('tcg', appliance, 2_600_000)).toBe('microvm');
+  expect(chooseMachine('tcg', appliance, undefined)).toBe('pc');
+  expect(chooseMachine('kvm', { ...appliance, vmlinux: undefined }, undefined)).toBe('pc');
+});
+
+test('microvm boots the ELF kernel with virtio-mmio disks, root first, and tells a TCG kernel its TSC', () => {
+  const args = buildQemuArgs(SAMPLE_LAUNCH);
+  expect(after(args, '-machine')).toEqual(['microvm']);
+  expect(after(args, '-kernel')).toEqual([SAMPLE_LAUNCH.vmlinux]);
+  expect(after(args, '-device')).toEqual(['virtio-blk-device,drive=root', 'virtio-blk-device,drive=data']);
+  expect(after(args, '-drive')[0]).toMatch(/^file=\/r\.qcow2,format=qcow2,if=none,id=root,/);
+  expect(after(args, '-append')[0].split(' ')).toContain('tsc_early_khz=2600000');
+  expect(() => buildQemuArgs({ ...SAMPLE_LAUNCH, tscKhz: undefined })).toThrow('TSC frequency');
+  expect(() => buildQemuArgs({ ...SAMPLE_LAUNCH, vmlinux: undefined })).toThrow("appliance's vmlinux");
+  const kvm = buildQemuArgs({ ...SAMPLE_LAUNCH, accel: 'kvm', tscKhz: undefined });
+  expect(after(kvm, '-append')[0]).not.toContain('tsc_early_khz');
+});
+
+test('pc boots the compressed kernel with virtio-pci devices (as VMs started before microvm run)', () => {
+  const args = buildQemuArgs({ ...SAMPLE_LAUNCH, machine: 'pc', portForwards: { 22: 2222 } });
+  expect(after(args, '-machine')).toEqual(['pc']);
+  expect(after(args, '-kernel')).toEqual([SAMPLE_LAUNCH.vmlinuz]);
+  expect(after(args, '-device')).toEqual([
+    'virtio-blk-pci,drive=root',
+    'virtio-blk-pci,drive=data',
+    'virtio-net-pci,netdev=net0',
+  ]);
+  expect(after(args, '-append')[0]).not.toContain('tsc_early_khz');
+});
+
+test("the host's TSC frequency comes from /proc/cpuinfo only where that figure is the TSC's", () => {
+  const cpuinfo = (flags: string) => `processor\t: 0\ncpu MHz\t\t: 2596.124\nflags\t\t: fpu tsc ${flags}\n`;
+  expect(tscKhzOf(cpuinfo('constant_tsc nonstop_tsc tsc_known_freq'))).toBe(2_596_124);
+  // APERF/MPERF: "cpu MHz" is the current clock, not the TSC's.
+  expect(tscKhzOf(cpuinfo('constant_tsc aperfmperf'))).toBeUndefined();
+  expect(tscKhzOf(cpuinfo('nonstop_tsc'))).toBeUndefined();
+  expect(tscKhzOf('flags : constant_tsc\n')).toBeUndefined();
+});
