@@ -2,7 +2,7 @@
 # Builds the VSP guest appliance from Debian packages, without root mounts: the Debian kernel (as shipped,
 # for Xen and the pc machine, and unpacked to an ELF vmlinux that QEMU's microvm starts at its PVH entry: no
 # decompression in the guest, which takes seconds under TCG), an uncompressed initramfs (static busybox, the
-# virtio/ext4/e1000/Xen modules without their signatures, deploy/guest/init) and a busybox root disk (ext4
+# virtio/ext4/Xen modules without their signatures, deploy/guest/init) and a busybox root disk (ext4
 # made with mke2fs -d, stored as qcow2). Cached: the output goes to <outDir>/<version>/ where
 # the version hashes the build inputs (this script, the init, the kernel and busybox versions), so a
 # rebuild happens only when one of them changes. Prints the version folder on stdout.
@@ -20,7 +20,7 @@ ROOT_DISK_SIZE=256M
 # What the guest needs; modprobe adds their dependencies. crc32c is a soft dependency of ext4; virtio_mmio is
 # the microvm machine's bus, virtio_pci the pc machine's; button and evdev let the init see the ACPI power
 # button (graceful stop); xen-*front are the disks and NIC under Xen.
-MODULES=(crc32c_generic virtio_mmio virtio_pci virtio_blk ext4 virtio_net e1000 button evdev xen-blkfront xen-netfront)
+MODULES=(crc32c_generic virtio_mmio virtio_pci virtio_blk ext4 virtio_net button evdev xen-blkfront xen-netfront)
 
 say() { echo "build-appliance: $*" >&2; }
 die() {

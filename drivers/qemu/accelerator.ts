@@ -84,16 +84,11 @@ async function runProbe(kernel: string, timeoutMs: number, qemuBinary: string): 
  * the host's, and a microvm guest has no other clock (no HPET, no PM timer) to measure it against: its kernel
  * must be told (tsc_early_khz), or its own calibration against the PIT fails under load and it hangs. /proc/
  * cpuinfo's "cpu MHz" is the kernel's calibrated frequency when the TSC is constant and the CPU has no
- * APERF/MPERF counters (with them it is the current clock, not the TSC's). VSP_TSC_KHZ overrides.
+ * APERF/MPERF counters (with them it is the current clock, not the TSC's). VSP_TSC_KHZ (workerConfig.ts)
+ * overrides it.
  */
 export async function hostTscKhz(cpuinfo = '/proc/cpuinfo'): Promise<number | undefined> {
-  const forced = process.env.VSP_TSC_KHZ;
-  if (forced !== undefined && forced !== '') {
-    if (!/^[1-9][0-9]{3,7}$/.test(forced)) throw new Error(`VSP_TSC_KHZ=${forced} is not a frequency in kHz`);
-    return Number(forced);
-  }
-  const text = await fs.readFile(cpuinfo, 'utf8').catch(() => '');
-  return tscKhzOf(text);
+  return tscKhzOf(await fs.readFile(cpuinfo, 'utf8').catch(() => ''));
 }
 
 /** hostTscKhz's reading of /proc/cpuinfo (pure, for tests). */

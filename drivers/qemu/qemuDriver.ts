@@ -46,6 +46,8 @@ export interface QemuDriverOptions {
   hostName: string;
   appliance: Appliance;
   accel?: 'auto' | Accelerator;
+  /** The host's TSC frequency in kHz, when /proc/cpuinfo does not tell it (accelerator.ts hostTscKhz). */
+  tscKhz?: number;
   qemuBinary?: string;
   /** Poll period of `wait`; progress is reported on every poll. */
   pollMs?: number;
@@ -181,7 +183,7 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
       this.opts.accel && this.opts.accel !== 'auto'
         ? this.opts.accel
         : await probeAccelerator(this.opts.appliance.vmlinuz, undefined, this.qemuBinary);
-    const tscKhz = accel === 'tcg' ? await hostTscKhz() : undefined;
+    const tscKhz = accel === 'tcg' ? (this.opts.tscKhz ?? (await hostTscKhz())) : undefined;
     const machine = chooseMachine(accel, this.opts.appliance, tscKhz);
     const nic =
       this.opts.vmNetwork && config.ports.length > 0

@@ -1,3 +1,4 @@
+import { loadHostConfig } from '../../config/workerConfig';
 import { tscKhzOf } from '../../drivers/qemu/accelerator';
 import type { Appliance } from '../../drivers/qemu/appliance';
 import { buildQemuArgs, chooseMachine } from '../../drivers/qemu/commandLine';
@@ -54,4 +55,12 @@ test("the host's TSC frequency comes from /proc/cpuinfo only where that figure i
   expect(tscKhzOf(cpuinfo('constant_tsc aperfmperf'))).toBeUndefined();
   expect(tscKhzOf(cpuinfo('nonstop_tsc'))).toBeUndefined();
   expect(tscKhzOf('flags : constant_tsc\n')).toBeUndefined();
+});
+
+test('VSP_TSC_KHZ is a frequency in kHz, checked at worker start', () => {
+  const env = { VSP_HOST: 'a', VSP_REPOSITORY_URL: 'http://127.0.0.1:1', VSP_REPOSITORY_TOKEN: 'abcdefghij' };
+  expect(loadHostConfig(env).tscKhz).toBeUndefined();
+  expect(loadHostConfig({ ...env, VSP_TSC_KHZ: '2596124' }).tscKhz).toBe(2_596_124);
+  expect(() => loadHostConfig({ ...env, VSP_TSC_KHZ: '2.6GHz' })).toThrow(/VSP_TSC_KHZ/);
+  expect(() => loadHostConfig({ ...env, VSP_TSC_KHZ: '12' })).toThrow(/VSP_TSC_KHZ/);
 });
