@@ -286,18 +286,19 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
       });
     } catch (err) {
       if (nic) await removeVmTap(this.wrap, nic.tap);
+      if (restore) return this.bootInstead(config, current, paths, restore.key, err);
       throw new Error(`VM ${config.vmId}: cannot start QEMU`, { cause: err });
     } finally {
       await saved?.close();
     }
     handle.state.pid = pid;
     await this.opts.store.writeState(config.vmId, { config, handle } satisfies QemuVmState);
-    if (restore && !(await this.resume(handle, paths, launch))) {
-      // A snapshot that does not restore is dropped (the next VM rebuilds it); this one boots.
-      await this.killQemu(pid, paths);
-      await this.snapshots?.discard(restore.key);
-      await fs.truncate(paths.consoleLog, 0);
-      return this.launch(config, current, paths, false);
+    if (restore) {
+      const failed = await this.resume(handle, paths, launch);
+      if (failed) {
+        await this.killQemu(pid, paths);
+        return this.bootInstead(config, current, paths, restore.key, failed);
+      }
     }
     this.log.info(
       {
@@ -314,27 +315,37 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
     return handle;
   }
 
-  /** Hands a restored guest its start message; false (logged) when it cannot. */
-  private async resume(handle: VmHandle, paths: VmPaths, launch: QemuLaunch): Promise<boolean> {
-    const pid = Number(handle.state.pid);
+  /** A snapshot that does not restore is dropped (the next VM rebuilds it); this VM boots. */
+  private async bootInstead(
+    config: VmConfig,
+    current: VmHandle,
+    paths: VmPaths,
+    key: string,
+    why: unknown,
+  ): Promise<VmHandle> {
+    this.log.warn({ vmId: config.vmId, key, err: describeError(why) }, 'snapshot did not restore: booting');
+    await this.snapshots?.discard(key);
+    await fs.truncate(paths.consoleLog, 0);
+    return this.launch(config, current, paths, false);
+  }
+
+  /** Hands a restored guest its start message; returns the error when it cannot. */
+  private async resume(handle: VmHandle, paths: VmPaths, launch: QemuLaunch): Promise<unknown> {
+    const vm = {
+      pid: Number(handle.state.pid),
+      qmpSocket: paths.qmpSocket,
+      controlSocket: controlSocketOf(paths),
+      consoleLog: paths.consoleLog,
+    };
     try {
-      await sendStartMessage(
-        {
-          pid,
-          qmpSocket: paths.qmpSocket,
-          controlSocket: controlSocketOf(paths),
-          consoleLog: paths.consoleLog,
-        },
-        launch,
-      );
+      await sendStartMessage(vm, launch);
     } catch (err) {
-      this.log.warn({ vmId: handle.vmId, err: describeError(err) }, 'the restored VM did not resume');
-      return false;
+      return err;
     }
     handle.state.resumed = true;
     const { config } = await this.readState(handle.vmId);
     await this.opts.store.writeState(handle.vmId, { config, handle } satisfies QemuVmState);
-    return true;
+    return undefined;
   }
 
   async wait(handle: VmHandle, options: WaitOptions): Promise<ExitResult> {
@@ -346,8 +357,8 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
       !current.state.resumed &&
       current.host === this.opts.hostName &&
       !(await consoleHasLine(paths.consoleLog, RESUMED_LINE))
-    )
-      await this.resume(
+    ) {
+      const failed = await this.resume(
         current,
         paths,
         vmLaunch(config, this.opts.appliance, paths, {
@@ -356,6 +367,10 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
           nic: nicFromState(current.state),
         }),
       );
+      // The guest still waits; the wait below reports it when QEMU is gone, else the time limit ends it.
+      if (failed)
+        this.log.warn({ vmId: handle.vmId, err: describeError(failed) }, 'cannot resume the restored VM');
+    }
     return this.waitForGuest(
       current,
       {

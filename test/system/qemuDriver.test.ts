@@ -347,5 +347,16 @@ describe('QemuDriver (real QEMU)', () => {
       expect(second.rand).toMatch(/^[0-9a-f]{32}$/);
       expect(first.rand).not.toBe(second.rand);
     });
+
+    test('a snapshot that does not restore is dropped and the VM boots', async () => {
+      const dir = await snap.buildSnapshot(shape());
+      const state = path.join(dir, 'state');
+      await fs.truncate(state, (await fs.stat(state)).size / 2);
+      const r = await run('snap-bad');
+      expect(r.started.state.snapshot).toBeUndefined();
+      expect(r.console).not.toContain('VSP-RESUMED');
+      expect(r.mark).toBe('snap-bad');
+      await expect(fs.access(dir)).rejects.toThrow();
+    });
   });
 });

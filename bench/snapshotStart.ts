@@ -1,0 +1,88 @@
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { FIRST_LINE, HOST, oneTask, POLL_MS, type Run } from './lifecycle';
+import { LIFECYCLE_PHASES, median, round, withBenchCluster, type ClusterBenchEnv } from './orchestration';
+import type { BenchReport } from './report';
+
+/** How long the benchmark waits for the host's background snapshot build (one TCG boot and a save). */
+const BUILD_WAIT_MS = 10 * 60_000;
+
+/** The snapshot's state file once the host has published it, with its size. */
+async function untilSnapshot(snapshotsDir: string): Promise<{ state: string; bytes: number }> {
+  const deadline = Date.now() + BUILD_WAIT_MS;
+  for (;;) {
+    for (const key of await fs.readdir(snapshotsDir).catch(() => [] as string[])) {
+      if (key.startsWith('.')) continue;
+      const state = path.join(snapshotsDir, key, 'state');
+      const st = await fs.stat(state).catch(() => undefined);
+      if (st) return { state, bytes: st.size };
+    }
+    if (Date.now() > deadline) throw new Error(`no snapshot in ${snapshotsDir} after ${BUILD_WAIT_MS} ms`);
+    await sleep(200);
+  }
+}
+
+/**
+ * The lifecycle benchmark's task on a host with snapshots on (VSP_QEMU_SNAPSHOTS=on): the first task
+ * boots while the host builds its snapshot in the background; the next ones restore from it.
+ */
+export async function benchSnapshotStart(env: ClusterBenchEnv): Promise<BenchReport> {
+  const warmRuns = env.quick ? 1 : 5;
+  return withBenchCluster(
+    env,
+    'snapshot-start',
+    {
+      hosts: [HOST],
+      drivers: ['qemu'],
+      hostEnv: { VSP_ACCEL: 'tcg', VSP_QEMU_SNAPSHOTS: 'on' },
+      owners: ['bench'],
+    },
+    async (bench) => {
+      const store = bench.cluster.storeDir(HOST);
+      const ctx = { bench, vmsDir: path.join(store, 'vms') };
+      const cold = await oneTask(ctx);
+      const snapshot = await untilSnapshot(path.join(store, 'snapshots'));
+      const warm: Run[] = [];
+      for (let i = 0; i < warmRuns; i++) warm.push(await oneTask(ctx));
+
+      const total = (r: Run) => LIFECYCLE_PHASES.reduce((s, p) => s + (r.phaseMs[p] ?? 0), 0);
+      const measures: [string, (r: Run) => number][] = [
+        ...LIFECYCLE_PHASES.map((p): [string, (r: Run) => number] => [
+          `phase: ${p}`,
+          (r) => r.phaseMs[p] ?? 0,
+        ]),
+        ['workflow total (sum of phases)', total],
+        ['client submit to result', (r) => r.clientMs],
+        ['startVm to console opened (dispatch + QEMU launch)', (r) => r.launchMs],
+        ['startVm to first output line', (r) => r.bootToFirstLineMs],
+      ];
+      const rows = measures.map(([measure, f]) => ({
+        measure,
+        'first task (boots) ms': round(f(cold)),
+        [`restored median ms (n=${warm.length})`]: round(median(warm.map(f))),
+        'restored min ms': round(Math.min(...warm.map(f))),
+        'restored max ms': round(Math.max(...warm.map(f))),
+      }));
+      const w = (f: (r: Run) => number) => round(median(warm.map(f)));
+      return {
+        name: 'snapshot-start',
+        title: 'QEMU (TCG) task start from a snapshot: startVm to first output, one-second task',
+        method:
+          `As the lifecycle benchmark (one host worker with the QEMU driver under TCG, the task ` +
+          `\`echo ${FIRST_LINE} && sleep 1\`, 1 vCPU, 256 MiB, one task at a time, the console polled every ` +
+          `${POLL_MS} ms), with VSP_QEMU_SNAPSHOTS=on. The first task boots while the host builds its ` +
+          `snapshot in the background; the benchmark waits for the snapshot (` +
+          `${(snapshot.bytes / 1024 ** 2).toFixed(1)} MiB of saved state), then runs ${warm.length} tasks ` +
+          `that restore from it (medians). Compare with the lifecycle benchmark's boot figures.`,
+        rows,
+        summary: {
+          'restored: startVm to first output line, TCG (median ms)': w((r) => r.bootToFirstLineMs),
+          'restored: one-second task, client submit to result (median ms)': w((r) => r.clientMs),
+          'restored: one-second task, workflow total (median ms)': w(total),
+          'snapshot saved state (MiB)': round(snapshot.bytes / 1024 ** 2),
+        },
+      };
+    },
+  );
+}
