@@ -351,7 +351,7 @@ describe('QemuDriver (real QEMU)', () => {
     test('a snapshot that does not restore is dropped and the VM boots', async () => {
       const dir = await snap.buildSnapshot(shape());
       const state = path.join(dir, 'state');
-      await fs.truncate(state, (await fs.stat(state)).size / 2);
+      await fs.truncate(state, Math.floor((await fs.stat(state)).size / 2));
       const r = await run('snap-bad');
       expect(r.started.state.snapshot).toBeUndefined();
       expect(r.console).not.toContain('VSP-RESUMED');
