@@ -20,16 +20,16 @@ import {
 } from './orchestration';
 import type { BenchReport } from './report';
 
-const HOST = 'q1';
-const FIRST_LINE = 'VSP-PROGRESS 1 first-line';
-const TASK: TaskSpecInput = {
+export const HOST = 'q1';
+export const FIRST_LINE = 'VSP-PROGRESS 1 first-line';
+export const TASK: TaskSpecInput = {
   owner: 'bench',
   name: 'sleep1',
   driver: 'qemu',
   command: `echo ${FIRST_LINE} && sleep 1`,
   timeLimitSec: 300,
 };
-const POLL_MS = 20;
+export const POLL_MS = 20;
 const MEMORY_MIB = 256;
 
 const hasFirstLine = (text: string) => text.split('\n').some((l) => l.replace(/\r$/, '') === FIRST_LINE);
@@ -61,7 +61,7 @@ async function watchConsole(vmsDir: string, stop: AbortSignal): Promise<ConsoleT
   return seen;
 }
 
-interface Run {
+export interface Run {
   phaseMs: Partial<Record<TaskPhase, number>>;
   clientMs: number;
   /** startVm scheduled (workflow's 'starting' timestamp) to the first output line on the console. */
@@ -70,7 +70,7 @@ interface Run {
   launchMs: number;
 }
 
-async function oneTask(env: { bench: BenchCluster; vmsDir: string }): Promise<Run> {
+export async function oneTask(env: { bench: BenchCluster; vmsDir: string }): Promise<Run> {
   const stop = new AbortController();
   const watching = watchConsole(env.vmsDir, stop.signal);
   let lifecycle;
@@ -101,6 +101,7 @@ interface RawFiles {
   dataDisk: string;
   consoleLog: string;
   qmpSocket: string;
+  controlSocket: string;
 }
 
 async function rawFiles(appliance: Appliance, dir: string): Promise<RawFiles> {
@@ -110,6 +111,7 @@ async function rawFiles(appliance: Appliance, dir: string): Promise<RawFiles> {
     dataDisk: path.join(dir, 'data.img'),
     consoleLog: path.join(dir, 'console.log'),
     qmpSocket: path.join(dir, 'qmp.sock'),
+    controlSocket: path.join(dir, 'control.sock'),
   };
   const home = path.join(dir, 'home');
   await fs.mkdir(path.join(home, '.vsp'), { recursive: true });
@@ -158,6 +160,7 @@ const leanArgs = (a: Appliance, machine: QemuMachine, tscKhz: number | undefined
     rootDisk: f.rootDisk,
     dataDisk: f.dataDisk,
     qmpSocket: f.qmpSocket,
+    controlSocket: f.controlSocket,
     consoleLog: f.consoleLog,
     owner: TASK.owner,
     portForwards: {},

@@ -15,6 +15,13 @@ import type { VmNic } from './vmNetwork';
  */
 export type QemuMachine = 'microvm' | 'pc';
 
+/** What a host's VMs start on: the accelerator, the machine, the TSC frequency a TCG microvm kernel is told. */
+export interface HostMachine {
+  accel: Accelerator;
+  machine: QemuMachine;
+  tscKhz?: number;
+}
+
 export interface QemuLaunch {
   vmId: string;
   accel: Accelerator;
@@ -30,12 +37,30 @@ export interface QemuLaunch {
   rootDisk: string;
   dataDisk: string;
   qmpSocket: string;
+  /** The guest's control port (COM2): a snapshot-restored guest reads its start message there. */
+  controlSocket: string;
   consoleLog: string;
   owner: string;
   /** guest port -> host port on 127.0.0.1; empty: no network device. */
   portForwards: Record<number, number>;
   /** A tap on the cluster's VM network instead of user-mode networking (port forwards are then unused). */
   nic?: VmNic;
+  /** A snapshot build (snapshot.ts): the guest init stops at its ready point and waits for its start message. */
+  snapshot?: boolean;
+}
+
+/** The guest's control port socket, in QEMU's private folder. */
+export function controlSocketOf(paths: VmPaths): string {
+  return path.join(paths.runDir, 'control.sock');
+}
+
+/** The machine a started VM's handle records; a VM started before VSP chose machines ran on pc. */
+export function recordedMachine(state: Record<string, string | number | boolean>): HostMachine {
+  return {
+    accel: state.accel as Accelerator,
+    machine: state.machine === 'microvm' ? 'microvm' : 'pc',
+    ...(typeof state.tscKhz === 'number' ? { tscKhz: state.tscKhz } : {}),
+  };
 }
 
 /**
@@ -90,11 +115,23 @@ export function vmLaunch(
     rootDisk: run.disks?.root ?? paths.rootDisk,
     dataDisk: run.disks?.data ?? paths.dataDisk,
     qmpSocket: paths.qmpSocket,
+    controlSocket: controlSocketOf(paths),
     consoleLog: paths.consoleLog,
     owner: config.owner,
     portForwards: run.portForwards,
     nic: run.nic,
   };
+}
+
+/**
+ * What the guest init learns about its task: on the kernel command line of a booted VM, in the start
+ * message of a restored one (snapshot.ts).
+ */
+export function guestArgs(l: Pick<QemuLaunch, 'owner' | 'nic' | 'portForwards'>): string[] {
+  const words = [`vsp.owner=${l.owner}`];
+  if (l.nic) words.push(`vsp.ip=${l.nic.address}`);
+  else if (Object.keys(l.portForwards).length > 0) words.push('vsp.net=1');
+  return words;
 }
 
 /** QEMU option values separate sub-options with commas; a literal comma is doubled. */
@@ -128,13 +165,12 @@ const MACHINES: Record<QemuMachine, { machine: string; kernel: (l: QemuLaunch) =
 export function buildQemuArgs(l: QemuLaunch): string[] {
   const m = MACHINES[l.machine];
   const forwards = Object.entries(l.portForwards);
-  const append = ['console=ttyS0', 'quiet', 'panic=-1', ...LEAN_KERNEL_ARGS, `vsp.owner=${l.owner}`];
+  const append = ['console=ttyS0', 'quiet', 'panic=-1', ...LEAN_KERNEL_ARGS, ...guestArgs(l)];
   if (l.machine === 'microvm' && l.accel === 'tcg') {
     if (!l.tscKhz) throw new Error("a microvm under TCG needs the host's TSC frequency");
     append.push(`tsc_early_khz=${l.tscKhz}`);
   }
-  if (l.nic) append.push(`vsp.ip=${l.nic.address}`);
-  else if (forwards.length > 0) append.push('vsp.net=1');
+  if (l.snapshot) append.push('vsp.snapshot=1');
   const args = [
     '-name',
     `vsp-${l.vmId}`,
@@ -164,6 +200,10 @@ export function buildQemuArgs(l: QemuLaunch): string[] {
     'chardev:console0',
     '-qmp',
     `unix:${opt(l.qmpSocket)},server=on,wait=off`,
+    '-chardev',
+    `socket,id=vspctl,path=${opt(l.controlSocket)},server=on,wait=off`,
+    '-device',
+    'isa-serial,chardev=vspctl,index=1',
     // The root first: the guest sees it as vda, the data disk as vdb. `file=` leads (migration.ts finds the
     // root drive by it).
     '-drive',
