@@ -17,8 +17,15 @@ const sha256 = (...parts: Buffer[]): string => {
   return h.digest('hex');
 };
 
-/** A real file's handle whose n-th writev writes only part of its batch and then fails. */
-function failingOnWrite(handle: FileHandle, failAt: number): FileHandle & { datasyncs: number } {
+/**
+ * A real file's handle whose n-th writev writes only part of its batch and then fails, and whose
+ * fdatasync fails if asked to.
+ */
+function failingOnWrite(
+  handle: FileHandle,
+  failAt: number,
+  failDatasync = false,
+): FileHandle & { datasyncs: number } {
   let calls = 0;
   const wrapped = Object.create(handle) as FileHandle & { datasyncs: number };
   wrapped.datasyncs = 0;
@@ -28,8 +35,9 @@ function failingOnWrite(handle: FileHandle, failAt: number): FileHandle & { data
     throw Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' });
   };
   wrapped.writev = writev;
-  wrapped.datasync = () => {
+  wrapped.datasync = async () => {
     wrapped.datasyncs++;
+    if (failDatasync) throw Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' });
     return handle.datasync();
   };
   return wrapped;
@@ -80,5 +88,25 @@ describe('streamInto', () => {
     expect(onDisk.length).toBe(written + 100);
     expect(written).toBeGreaterThan(0);
     expect(hashBefore(failure)?.digest('hex')).toBe(sha256(onDisk.subarray(0, written)));
+  });
+
+  test('a failed background flush fails the stream and counts nothing as written', async () => {
+    const chunks = Array.from({ length: 40 }, (_, i) => Buffer.alloc(1 << 20, i));
+    const handle = failingOnWrite(await fs.open(path.join(dir, 'eio'), 'w'), Infinity, true);
+    const given = createHash('sha256').update('earlier bytes');
+    let failure: unknown;
+    try {
+      await streamInto(Readable.from(chunks), handle, { hash: given }).catch(
+        (err: unknown) => (failure = err),
+      );
+    } finally {
+      await handle.close();
+    }
+    expect(handle.datasyncs).toBe(1);
+    expect((failure as Error).message).toMatch(/writing the file back to disk failed: EIO/);
+    expect(writtenBefore(failure)).toBe(0);
+    expect(hashBefore(failure)?.digest('hex')).toBe(
+      createHash('sha256').update('earlier bytes').digest('hex'),
+    );
   });
 });
