@@ -170,7 +170,9 @@ export function buildQemuArgs(l: QemuLaunch): string[] {
     if (!l.tscKhz) throw new Error("a microvm under TCG needs the host's TSC frequency");
     append.push(`tsc_early_khz=${l.tscKhz}`);
   }
-  if (l.snapshot) append.push('vsp.snapshot=1');
+  // init_on_free zeroes the pages the boot frees (the compressed kernel and initramfs): the saved state
+  // then holds only what the guest uses (~64 instead of ~89 MiB here), and restores that much faster.
+  if (l.snapshot) append.push('vsp.snapshot=1', 'init_on_free=1');
   const args = [
     '-name',
     `vsp-${l.vmId}`,
