@@ -5,11 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { addOwner } from '../repository/accounts/admin';
 import { RepositoryClient } from '../repository/client';
-import { ensureAppliance } from '../drivers/qemu/appliance';
-import { probeAccelerator } from '../drivers/qemu/accelerator';
-import { QemuDriver } from '../drivers/qemu/qemuDriver';
 import { DiskImageStaging } from '../storage/diskImageStaging';
-import { ImageCache } from '../storage/imageCache';
 import { VmStore, type VmPaths } from '../storage/vmStore';
 import { median, startServerProcess, stopServerProcess, writeRandomFile } from './repository';
 import type { BenchReport } from './report';
@@ -24,21 +20,6 @@ async function timed(fn: () => Promise<unknown>): Promise<number> {
   const t0 = process.hrtime.bigint();
   await fn();
   return Number(process.hrtime.bigint() - t0) / 1e6;
-}
-
-/** Milliseconds from `t0` until `line` shows on the console (bounded). */
-async function untilConsoleLine(
-  file: string,
-  line: string,
-  t0: number,
-  timeoutMs = 120_000,
-): Promise<number> {
-  for (;;) {
-    const text = await fs.readFile(file, 'utf8').catch(() => '');
-    if (text.includes(line)) return Date.now() - t0;
-    if (Date.now() - t0 > timeoutMs) throw new Error(`no "${line}" on ${file} within ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 const sh = (script: string, ...args: string[]) => execFileSync('sh', ['-c', script, 'sh', ...args]);
@@ -71,8 +52,8 @@ async function stageIn(
 /**
  * Data-disk staging side by side with the plain tools, in one run: 1 GiB of inputs from the repository
  * (a server process on loopback) to a ready data disk against `cp` + sync of the same files; 10,000
- * files of 4 KiB made into a data disk against `tar` extraction + sync; stage-out of the 1 GiB against
- * `cp` + sync; and the time from start() to the task's first console line in a TCG VM.
+ * files of 4 KiB made into a data disk, and a task's 1000 small inputs staged in, against `tar` extraction
+ * + sync; stage-out of the 1 GiB against `cp` + sync. (Boot times: the lifecycle benchmark.)
  */
 export async function benchStaging(opts: { quick?: boolean } = {}): Promise<BenchReport> {
   const bigBytes = (opts.quick ? 64 : 1024) * MiB;
@@ -97,8 +78,6 @@ export async function benchStaging(opts: { quick?: boolean } = {}): Promise<Benc
     inputs: [] as number[],
   };
   let child: ChildProcess | undefined;
-  let bootMs = 0;
-  let bootAccel = '';
   try {
     // The inputs sit under out/ so that stage-out extracts the same bytes (room for them declared).
     const src = path.join(work, 'src');
@@ -166,34 +145,6 @@ export async function benchStaging(opts: { quick?: boolean } = {}): Promise<Benc
       small.inputs.push(await timed(() => stageIn(staging, client, vm, names, 16 * MiB)));
       await store.remove(`inputs-${run}`);
     }
-
-    const appliance = await ensureAppliance();
-    // Probe outside the timing: its bounded KVM attempt is not boot time.
-    const accel = await probeAccelerator(appliance.vmlinuz);
-    const cache = new ImageCache({ dir: store.imagesDir, maxVirtualBytes: 1024 ** 3 });
-    const base = await cache.ensureFromFile(appliance.root.path, appliance.root.sha256);
-    const driver = new QemuDriver({ store, hostName: 'bench', appliance, accel });
-    const vm = store.paths('bench-boot');
-    await fs.mkdir(vm.inputsDir, { recursive: true });
-    await staging.build(vm, MiB);
-    const handle = await driver.create({
-      vmId: 'bench-boot',
-      owner: 'bench',
-      command: 'echo VSP-PROGRESS 1 first-line',
-      vcpus: 1,
-      memoryMiB: 256,
-      baseImage: base.path,
-      ports: [],
-      timeLimitSec: 120,
-    });
-    try {
-      const t0 = Date.now();
-      await driver.start(handle);
-      bootMs = await untilConsoleLine(vm.consoleLog, 'VSP-PROGRESS 1 first-line', t0);
-      bootAccel = accel;
-    } finally {
-      await driver.destroy(handle);
-    }
   } finally {
     if (child) await stopServerProcess(child);
     await fs.rm(work, { recursive: true, force: true });
@@ -218,8 +169,7 @@ export async function benchStaging(opts: { quick?: boolean } = {}): Promise<Benc
       `reference: cp -r + sync of the same files. Stage-out: extract (dumpe2fs + debugfs dump as an ` +
       `unprivileged account) of the same bytes; reference: cp -r + sync. Small files: ${smallFiles} files ` +
       `of ${SMALL_BYTES} bytes already on the host made into a data disk (mke2fs -d); reference: tar x + ` +
-      `sync -f. Small inputs: ${MAX_INPUTS} of those (a task's most) staged in from the repository. ` +
-      `Boot: start() to the task's first console line.`,
+      `sync -f. Small inputs: ${MAX_INPUTS} of those (a task's most) staged in from the repository.`,
     rows: [
       row('cp -r + sync (reference)', m.cpIn, bigBytes, m.cpIn),
       row('stage-in: repository -> data disk ready', m.stageIn, bigBytes, m.cpIn),
@@ -240,7 +190,6 @@ export async function benchStaging(opts: { quick?: boolean } = {}): Promise<Benc
       [`stage-in of ${MAX_INPUTS} small inputs / tar`]: ratio(m.tarInputs, m.inputs),
       'stage-out / cp + sync': ratio(m.cpOut, m.stageOut),
       'stage-in MiB/s': mbps(bigBytes, m.stageIn),
-      [`boot to first output line (ms, ${bootAccel})`]: bootMs,
     },
   };
 }
