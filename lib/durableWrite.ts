@@ -25,20 +25,29 @@ export interface StreamIntoOptions {
    * written, to check limits or report progress; a throw refuses the stream with that error.
    */
   onChunk?: (total: number) => void;
-  /** Extended with exactly the bytes that reach the file (default: a fresh SHA-256). */
+  /**
+   * Extended with the bytes that reach the file (default: a fresh SHA-256). After a failure it may be
+   * ahead of the file: the error carries the hash of exactly what was written (`hashBefore`).
+   */
   hash?: Hash;
 }
 
+/** Written back in the background every this many bytes (see fileSink's flushEveryBytes). */
+const FLUSH_EVERY_BYTES = 32 << 20;
+
 /**
- * Streams `source` to the open `handle` (at its position: opened with O_APPEND, its end), hashing
- * exactly what was written: after a failed write the file may hold a prefix of a chunk that was never
- * hashed, so the resolved or thrown count (`written` on the error) is what the caller truncates back to.
+ * Streams `source` to the open `handle` (at its position: opened with O_APPEND, its end), hashing each
+ * batch while it is being written. The resolved count and hash cover exactly what was written; after a
+ * failed write the file may hold a prefix of a batch that is counted nowhere, so the thrown error
+ * carries the count to truncate the file back to (`writtenBefore`) and, when the caller passed its own
+ * `hash` to extend, the hash of exactly those bytes (`hashBefore`).
  */
 export async function streamInto(
   source: Readable,
   handle: FileHandle,
-  { onChunk, hash = createHash('sha256') }: StreamIntoOptions = {},
+  { onChunk, hash: given }: StreamIntoOptions = {},
 ): Promise<{ size: number; hash: Hash }> {
+  const hash = given ?? createHash('sha256');
   let seen = 0;
   let size = 0;
   const meter = new Transform({
@@ -54,17 +63,25 @@ export async function streamInto(
       done(null, chunk);
     },
   });
-  const onWritten = (chunk: Buffer): void => {
-    hash.update(chunk);
-    size += chunk.length;
-  };
-  const sink = fileSink(handle, { onWritten });
+  // The hash of what is in the file while a batch is being written and hashed (kept for a caller's hash).
+  let beforeBatch: Hash | undefined;
+  const sink = fileSink(handle, {
+    onWriting: (chunks) => {
+      if (given) beforeBatch = hash.copy();
+      for (const chunk of chunks) hash.update(chunk);
+    },
+    onWritten: (chunks) => {
+      beforeBatch = undefined;
+      for (const chunk of chunks) size += chunk.length;
+    },
+    flushEveryBytes: FLUSH_EVERY_BYTES,
+  });
   try {
     await pipeline(source, meter, sink);
   } catch (err) {
     // A write may still be in flight: the count is final only once the sink has closed.
     if (!sink.closed) await new Promise((resolve) => sink.once('close', resolve));
-    throw Object.assign(err as Error, { written: size });
+    throw Object.assign(err as Error, { written: size }, given && { hashBefore: beforeBatch ?? hash });
   }
   return { size, hash };
 }
@@ -73,6 +90,11 @@ export async function streamInto(
 export function writtenBefore(err: unknown): number {
   const n = (err as { written?: unknown } | undefined)?.written;
   return typeof n === 'number' ? n : 0;
+}
+
+/** The hash of those bytes, when the failed streamInto extended a hash of its caller's. */
+export function hashBefore(err: unknown): Hash | undefined {
+  return (err as { hashBefore?: Hash } | undefined)?.hashBefore;
 }
 
 export interface DurableWriteOptions {

@@ -5,7 +5,7 @@ import type { Readable } from 'node:stream';
 import { z } from 'zod';
 import { normaliseFilePath } from '../../spec/repoPath';
 import { describeError, type Logger } from '../../logging/logger';
-import { streamInto, writtenBefore } from '../../lib/durableWrite';
+import { hashBefore, streamInto, writtenBefore } from '../../lib/durableWrite';
 import { fsyncFile } from '../../storage/durableFile';
 import { StoreError, type FileStore } from './fileStore';
 import type { FileRow, MetadataDb } from './metadataDb';
@@ -255,7 +255,7 @@ export class ResumableUploads {
         // A refusal keeps nothing of the request; a disconnect keeps what arrived, so a resume continues.
         const refused = err instanceof UploadError;
         written = refused ? 0 : writtenBefore(err);
-        s.hash = refused ? before : hash;
+        s.hash = refused ? before : (hashBefore(err) ?? before);
       } finally {
         // A write that failed partway may have left part of a chunk that was never hashed: it goes too.
         if ((await handle.stat()).size !== s.offset + written) await handle.truncate(s.offset + written);
