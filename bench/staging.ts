@@ -119,32 +119,41 @@ export async function benchStaging(opts: { quick?: boolean } = {}): Promise<Benc
     }
     const tarFile = path.join(work, 'small.tar');
     sh('tar cf "$1" -C "$2" .', tarFile, smallSrc);
-    for (let run = 0; run < runs; run++) {
-      const dest = path.join(work, 'untar');
-      await fs.mkdir(dest);
-      small.tar.push(await timed(async () => sh('tar xf "$1" -C "$2" && sync -f "$2"', tarFile, dest)));
-      await fs.rm(dest, { recursive: true });
-      const vm = store.paths(`small-${run}`);
-      await fs.mkdir(vm.dir, { recursive: true });
-      sh('cp -r "$1" "$2"', smallSrc, vm.inputsDir);
-      small.build.push(await timed(() => staging.build(vm, 16 * MiB)));
-      await store.remove(`small-${run}`);
-    }
+    /** Each run: `tar x` of `tar` + sync, then `stage` onto a fresh VM's data disk (after `setup`, untimed). */
+    const besideTar = async (
+      tar: string,
+      tarMs: number[],
+      stageMs: number[],
+      stage: (vm: VmPaths) => Promise<unknown>,
+      setup: (vm: VmPaths) => void = () => undefined,
+    ) => {
+      for (let run = 0; run < runs; run++) {
+        const dest = path.join(work, 'untar');
+        await fs.mkdir(dest);
+        tarMs.push(await timed(async () => sh('tar xf "$1" -C "$2" && sync -f "$2"', tar, dest)));
+        await fs.rm(dest, { recursive: true });
+        const vm = store.paths(`small-${run}`);
+        await fs.mkdir(vm.dir, { recursive: true });
+        setup(vm);
+        stageMs.push(await timed(() => stage(vm)));
+        await store.remove(`small-${run}`);
+      }
+    };
+    await besideTar(
+      tarFile,
+      small.tar,
+      small.build,
+      (vm) => staging.build(vm, 16 * MiB),
+      (vm) => sh('cp -r "$1" "$2"', smallSrc, vm.inputsDir),
+    );
     // As many small inputs as a task may name, from the repository (the stageIn path) against tar x.
     const names = Array.from({ length: MAX_INPUTS }, (_, i) => `d${Math.floor(i / 500)}/f${i}`);
     for (const name of names) await client.upload('bench', name, path.join(smallSrc, name));
     const fewTar = path.join(work, 'inputs.tar');
     sh('cd "$2" && tar cf "$1" d0 d1', fewTar, smallSrc);
-    for (let run = 0; run < runs; run++) {
-      const dest = path.join(work, 'untar');
-      await fs.mkdir(dest);
-      small.tarInputs.push(await timed(async () => sh('tar xf "$1" -C "$2" && sync -f "$2"', fewTar, dest)));
-      await fs.rm(dest, { recursive: true });
-      const vm = store.paths(`inputs-${run}`);
-      await fs.mkdir(vm.dir, { recursive: true });
-      small.inputs.push(await timed(() => stageIn(staging, client, vm, names, 16 * MiB)));
-      await store.remove(`inputs-${run}`);
-    }
+    await besideTar(fewTar, small.tarInputs, small.inputs, (vm) =>
+      stageIn(staging, client, vm, names, 16 * MiB),
+    );
   } finally {
     if (child) await stopServerProcess(child);
     await fs.rm(work, { recursive: true, force: true });
