@@ -14,16 +14,16 @@ import {
 } from './orchestration';
 import type { BenchReport } from './report';
 
-const HOST = 'q1';
-const FIRST_LINE = 'VSP-PROGRESS 1 first-line';
-const TASK: TaskSpecInput = {
+export const HOST = 'q1';
+export const FIRST_LINE = 'VSP-PROGRESS 1 first-line';
+export const TASK: TaskSpecInput = {
   owner: 'bench',
   name: 'sleep1',
   driver: 'qemu',
   command: `echo ${FIRST_LINE} && sleep 1`,
   timeLimitSec: 300,
 };
-const POLL_MS = 20;
+export const POLL_MS = 20;
 
 /** Wall-clock times (ms since the epoch) the benchmark saw on the VM's console. */
 interface ConsoleTimes {
@@ -52,7 +52,7 @@ async function watchConsole(vmsDir: string, stop: AbortSignal): Promise<ConsoleT
   return seen;
 }
 
-interface Run {
+export interface Run {
   phaseMs: Partial<Record<TaskPhase, number>>;
   clientMs: number;
   /** startVm scheduled (workflow's 'starting' timestamp) to the first output line on the console. */
@@ -61,7 +61,7 @@ interface Run {
   launchMs: number;
 }
 
-async function oneTask(env: { bench: BenchCluster; vmsDir: string }): Promise<Run> {
+export async function oneTask(env: { bench: BenchCluster; vmsDir: string }): Promise<Run> {
   const stop = new AbortController();
   const watching = watchConsole(env.vmsDir, stop.signal);
   let lifecycle;

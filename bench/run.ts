@@ -14,6 +14,7 @@ import { writeFileAtomicSync } from '../storage/durableFile';
 import { benchCpuShare } from './cpuShare';
 import { benchDrain } from './drain';
 import { benchLifecycle } from './lifecycle';
+import { benchSnapshotStart } from './snapshotStart';
 import { benchMigrationTls } from './migrationTls';
 import { benchMigrationTraces } from './migrationTraces';
 import { benchOrchestration, type ClusterBenchEnv } from './orchestration';
@@ -51,6 +52,7 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   submission: async (ctx) =>
     benchSubmission({ temporalAddress: await ctx.temporalAddress(), quick: ctx.quick }),
   lifecycle: async (ctx) => benchLifecycle(await clusterEnv(ctx)),
+  'snapshot-start': async (ctx) => benchSnapshotStart(await clusterEnv(ctx)),
   scheduler: async (ctx) =>
     benchScheduler({ temporalAddress: await ctx.temporalAddress(), quick: ctx.quick }),
   'vm-creation': () => benchVmCreation(),

@@ -112,6 +112,11 @@ const HostSchema = z.object({
    * `mounts` (the kernel NFS mounts under mountRoot, production: exports keep `secure`).
    */
   qemuRemoteDisks: z.enum(['nfs', 'mounts']).default('nfs'),
+  /**
+   * `on`: QEMU tasks' VMs start from this host's saved state of the booted appliance instead of booting
+   * (drivers/qemu/snapshot.ts; built in the background on first need, under <store>/snapshots).
+   */
+  qemuSnapshots: z.enum(['on', 'off']).default('off'),
   /** Xen guests: `pvh` (live-migratable) or `pv` (no live migration; hosts without HAP). */
   xenGuestType: z.enum(['pvh', 'pv']).default('pvh'),
   /** Xen guests run only on these physical CPUs (e.g. all but dom0's, when dom0 is pinned); default any. */
@@ -171,6 +176,7 @@ export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig
       qemuUser: 'VSP_QEMU_USER',
       migrationTlsDir: 'VSP_MIGRATION_TLS_DIR',
       qemuRemoteDisks: 'VSP_QEMU_REMOTE_DISKS',
+      qemuSnapshots: 'VSP_QEMU_SNAPSHOTS',
       xenGuestType: 'VSP_XEN_GUEST_TYPE',
       xenGuestCpus: 'VSP_XEN_GUEST_CPUS',
       migrationDowntimeMs: 'VSP_MIGRATION_DOWNTIME_MS',

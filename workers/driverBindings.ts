@@ -62,6 +62,7 @@ export async function createDriverBindings(
           qemuUser: config.qemuUser,
           migrationTlsDir: config.migrationTlsDir,
           remoteDisksUnder: config.qemuRemoteDisks === 'mounts' ? config.mountRoot : undefined,
+          snapshots: config.qemuSnapshots === 'on',
         }),
         staging: new DiskImageStaging(new GuestDiskTools(accounts)),
         resolveImage: vmImages.resolveImage,

@@ -152,6 +152,7 @@ export class LocalCluster {
 
   async start(): Promise<this> {
     // QEMU's unprivileged account reaches the host stores through the base folder, nothing else in it.
+    await fs.mkdir(this.opts.baseDir, { recursive: true });
     if (this.opts.drivers?.includes('qemu')) await fs.chmod(this.opts.baseDir, 0o711);
     await fs.mkdir(this.logDir, { recursive: true, mode: 0o700 });
     await fs.mkdir(this.repoDir, { recursive: true, mode: 0o700 });

@@ -16,12 +16,21 @@ export interface QemuLaunch {
   rootDisk: string;
   dataDisk: string;
   qmpSocket: string;
+  /** The guest's control port (COM2): a snapshot-restored guest reads its start message there. */
+  controlSocket: string;
   consoleLog: string;
   owner: string;
   /** guest port -> host port on 127.0.0.1; empty: no network device. */
   portForwards: Record<number, number>;
   /** A tap on the cluster's VM network instead of user-mode networking (port forwards are then unused). */
   nic?: VmNic;
+  /** A snapshot build (snapshot.ts): the guest init stops at its ready point and waits for its start message. */
+  snapshot?: boolean;
+}
+
+/** The guest's control port socket, in QEMU's private folder. */
+export function controlSocketOf(paths: VmPaths): string {
+  return path.join(paths.runDir, 'control.sock');
 }
 
 /** Where the worker records QEMU's pid, in the VM's folder (root's: QEMU cannot rewrite it). */
@@ -59,11 +68,23 @@ export function vmLaunch(
     rootDisk: run.disks?.root ?? paths.rootDisk,
     dataDisk: run.disks?.data ?? paths.dataDisk,
     qmpSocket: paths.qmpSocket,
+    controlSocket: controlSocketOf(paths),
     consoleLog: paths.consoleLog,
     owner: config.owner,
     portForwards: run.portForwards,
     nic: run.nic,
   };
+}
+
+/**
+ * What the guest init learns about its task: on the kernel command line of a booted VM, in the start
+ * message of a restored one (snapshot.ts).
+ */
+export function guestArgs(l: Pick<QemuLaunch, 'owner' | 'nic' | 'portForwards'>): string[] {
+  const words = [`vsp.owner=${l.owner}`];
+  if (l.nic) words.push(`vsp.ip=${l.nic.address}`);
+  else if (Object.keys(l.portForwards).length > 0) words.push('vsp.net=1');
+  return words;
 }
 
 /** QEMU option values separate sub-options with commas; a literal comma is doubled. */
@@ -75,9 +96,8 @@ export const opt = (value: string) => value.replace(/,/g, ',,');
  */
 export function buildQemuArgs(l: QemuLaunch): string[] {
   const forwards = Object.entries(l.portForwards);
-  const append = ['console=ttyS0', 'quiet', 'panic=-1', `vsp.owner=${l.owner}`];
-  if (l.nic) append.push(`vsp.ip=${l.nic.address}`);
-  else if (forwards.length > 0) append.push('vsp.net=1');
+  const append = ['console=ttyS0', 'quiet', 'panic=-1', ...guestArgs(l)];
+  if (l.snapshot) append.push('vsp.snapshot=1');
   const args = [
     '-name',
     `vsp-${l.vmId}`,
@@ -107,6 +127,10 @@ export function buildQemuArgs(l: QemuLaunch): string[] {
     'chardev:console0',
     '-qmp',
     `unix:${opt(l.qmpSocket)},server=on,wait=off`,
+    '-chardev',
+    `socket,id=vspctl,path=${opt(l.controlSocket)},server=on,wait=off`,
+    '-device',
+    'isa-serial,chardev=vspctl,index=1',
     '-drive',
     `file=${opt(l.rootDisk)},format=qcow2,if=virtio,cache=writeback,discard=unmap`,
     '-drive',

@@ -1,4 +1,5 @@
 import { promises as fs } from 'node:fs';
+import path from 'node:path';
 import { inNetns } from '../../deploy/devcluster/netns';
 import { createLogger, describeError } from '../../logging/logger';
 import type { ClusterStorage } from '../../storage/diskLocator';
@@ -13,7 +14,14 @@ import { checkVmConfig } from '../vmConfigCheck';
 import { createRootOverlay, requireDataDisk, writeTaskCommand } from '../vmDisks';
 import { probeAccelerator, type Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
-import { buildQemuArgs, pidFileOf, qemuLogOf, vmLaunch } from './commandLine';
+import {
+  buildQemuArgs,
+  controlSocketOf,
+  pidFileOf,
+  qemuLogOf,
+  vmLaunch,
+  type QemuLaunch,
+} from './commandLine';
 import { ConsoleFollower } from './consoleLog';
 import { QemuDiskMirror } from './diskMirror';
 import { QemuMigration } from './migration';
@@ -26,6 +34,13 @@ import {
   type QemuAccount,
 } from './qemuAccount';
 import { QMP_TIMEOUT_MS, qmpCommand } from './qmp';
+import {
+  consoleHasLine,
+  QemuSnapshots,
+  RESUMED_LINE,
+  sendStartMessage,
+  type SnapshotShape,
+} from './snapshot';
 import {
   addVmTap,
   chooseVmNic,
@@ -67,6 +82,12 @@ export interface QemuDriverOptions {
    * and from this host then go over TLS with the cluster's CA, and a plain stream is refused both ways.
    */
   migrationTlsDir?: string;
+  /**
+   * Start tasks' VMs from a saved state of the booted appliance instead of booting (snapshot.ts,
+   * VSP_QEMU_SNAPSHOTS): built in the background on first need, VMs boot until it exists. VMs with ports
+   * always boot (the snapshot has no NIC).
+   */
+  snapshots?: boolean;
 }
 
 /** What the VM folder's state file holds. */
@@ -100,6 +121,7 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
   protected readonly migration: QemuMigration;
   private readonly mirror: QemuDiskMirror;
   private accountOnce: Promise<QemuAccount | undefined> | undefined;
+  private readonly snapshots: QemuSnapshots | undefined;
 
   constructor(private readonly opts: QemuDriverOptions) {
     super(opts);
@@ -118,6 +140,15 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
       netns: opts.netns,
       vmNetwork: opts.vmNetwork,
     });
+    this.snapshots = opts.snapshots
+      ? new QemuSnapshots({
+          dir: path.join(opts.store.root, 'snapshots'),
+          appliance: opts.appliance,
+          qemuBinary: this.qemuBinary,
+          account: () => this.account(),
+          wrap: this.wrap,
+        })
+      : undefined;
     this.mirror = new QemuDiskMirror({
       store: opts.store,
       hostName: opts.hostName,
@@ -176,11 +207,28 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
     }
   }
 
-  private async launch(config: VmConfig, current: VmHandle, paths: VmPaths): Promise<VmHandle> {
-    const accel =
-      this.opts.accel && this.opts.accel !== 'auto'
-        ? this.opts.accel
-        : await probeAccelerator(this.opts.appliance.vmlinuz, undefined, this.qemuBinary);
+  /**
+   * Builds this host's snapshot for VMs of this shape (memory, vCPUs, base image) unless it exists; the
+   * VMs started after it restore from it. Resolves with the snapshot's folder.
+   */
+  async buildSnapshot(shape: Omit<SnapshotShape, 'accel'>): Promise<string> {
+    if (!this.snapshots) throw new Error(`snapshots are off on host ${this.opts.hostName}`);
+    return this.snapshots.build({ ...shape, accel: await this.accelerator() });
+  }
+
+  private async accelerator(): Promise<Accelerator> {
+    return this.opts.accel && this.opts.accel !== 'auto'
+      ? this.opts.accel
+      : probeAccelerator(this.opts.appliance.vmlinuz, undefined, this.qemuBinary);
+  }
+
+  private async launch(
+    config: VmConfig,
+    current: VmHandle,
+    paths: VmPaths,
+    mayRestore = true,
+  ): Promise<VmHandle> {
+    const accel = await this.accelerator();
     const nic =
       this.opts.vmNetwork && config.ports.length > 0
         ? await chooseVmNic(
@@ -192,10 +240,25 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
         : undefined;
     const portForwards: Record<number, number> = {};
     if (!nic) for (const port of config.ports) portForwards[port] = await freeLocalPort();
+    const restore =
+      this.snapshots && mayRestore && config.ports.length === 0
+        ? await this.snapshots
+            .lookup({
+              accel,
+              memoryMiB: config.memoryMiB,
+              vcpus: config.vcpus,
+              baseImage: String(current.state.baseImage),
+            })
+            .catch((err: unknown) => {
+              this.log.warn({ vmId: config.vmId, err: describeError(err) }, 'no snapshot: booting');
+              return undefined;
+            })
+        : undefined;
     const handle = startingHandle(current, this.opts.hostName, config, {
       accel,
       ...Object.fromEntries(Object.entries(portForwards).map(([g, h]) => [`${HOST_PORT_KEY}${g}`, h])),
       ...(nic ? nicState(nic) : {}),
+      ...(restore ? { snapshot: restore.key } : {}),
     });
     await this.opts.store.writeState(config.vmId, { config, handle } satisfies QemuVmState);
     await fs.rm(paths.qmpSocket, { force: true });
@@ -206,33 +269,108 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
       consoleLog: paths.consoleLog,
       runDir: paths.runDir,
     });
-    const args = buildQemuArgs(vmLaunch(config, this.opts.appliance, paths, { accel, portForwards, nic }));
+    const launch = vmLaunch(config, this.opts.appliance, paths, { accel, portForwards, nic });
+    const args = [...buildQemuArgs(launch), ...(restore ? ['-incoming', 'fd:3'] : [])];
     const qemu = asAccount(account, this.qemuBinary, args);
     if (nic && this.opts.vmNetwork) await addVmTap(this.wrap, this.opts.vmNetwork.bridge, nic.tap, account);
     let pid: number;
+    // QEMU reads the saved state from this descriptor: its account needs no access to the snapshot.
+    const saved = restore ? await fs.open(restore.state, 'r') : undefined;
     try {
       pid = await startDetached(this.wrap(qemu.cmd, qemu.args), {
         qmpSocket: paths.qmpSocket,
         logFile: qemuLogOf(paths),
         pidFile: pidFileOf(paths),
         timeoutMs: LAUNCH_TIMEOUT_MS,
+        fds: saved ? [saved.fd] : undefined,
       });
     } catch (err) {
       if (nic) await removeVmTap(this.wrap, nic.tap);
+      if (restore) return this.bootInstead(config, current, paths, restore.key, err);
       throw new Error(`VM ${config.vmId}: cannot start QEMU`, { cause: err });
+    } finally {
+      await saved?.close();
     }
     handle.state.pid = pid;
     await this.opts.store.writeState(config.vmId, { config, handle } satisfies QemuVmState);
+    if (restore) {
+      const failed = await this.resume(handle, paths, launch);
+      if (failed) {
+        await this.killQemu(pid, paths);
+        return this.bootInstead(config, current, paths, restore.key, failed);
+      }
+    }
     this.log.info(
-      { vmId: config.vmId, pid, accel, portForwards, address: nic?.address, user: account?.user },
-      'VM started',
+      {
+        vmId: config.vmId,
+        pid,
+        accel,
+        portForwards,
+        address: nic?.address,
+        user: account?.user,
+        snapshot: restore?.key,
+      },
+      restore ? 'VM started from its snapshot' : 'VM started',
     );
     return handle;
   }
 
+  /** A snapshot that does not restore is dropped (the next VM rebuilds it); this VM boots. */
+  private async bootInstead(
+    config: VmConfig,
+    current: VmHandle,
+    paths: VmPaths,
+    key: string,
+    why: unknown,
+  ): Promise<VmHandle> {
+    this.log.warn({ vmId: config.vmId, key, err: describeError(why) }, 'snapshot did not restore: booting');
+    await this.snapshots?.discard(key);
+    await fs.truncate(paths.consoleLog, 0);
+    return this.launch(config, current, paths, false);
+  }
+
+  /** Hands a restored guest its start message; returns the error when it cannot. */
+  private async resume(handle: VmHandle, paths: VmPaths, launch: QemuLaunch): Promise<unknown> {
+    const vm = {
+      pid: Number(handle.state.pid),
+      qmpSocket: paths.qmpSocket,
+      controlSocket: controlSocketOf(paths),
+      consoleLog: paths.consoleLog,
+    };
+    try {
+      await sendStartMessage(vm, launch);
+    } catch (err) {
+      return err;
+    }
+    handle.state.resumed = true;
+    const { config } = await this.readState(handle.vmId);
+    await this.opts.store.writeState(handle.vmId, { config, handle } satisfies QemuVmState);
+    return undefined;
+  }
+
   async wait(handle: VmHandle, options: WaitOptions): Promise<ExitResult> {
     const paths = this.opts.store.paths(handle.vmId);
-    const { handle: current } = await this.readState(handle.vmId);
+    const { config, handle: current } = await this.readState(handle.vmId);
+    // A worker that died between a restore and its start message: the guest still waits for it.
+    if (
+      current.state.snapshot &&
+      !current.state.resumed &&
+      current.host === this.opts.hostName &&
+      !(await consoleHasLine(paths.consoleLog, RESUMED_LINE))
+    ) {
+      const failed = await this.resume(
+        current,
+        paths,
+        vmLaunch(config, this.opts.appliance, paths, {
+          accel: current.state.accel as Accelerator,
+          portForwards: hostPortsOf(current),
+          nic: nicFromState(current.state),
+        }),
+      );
+      // The guest still waits; the wait below reports it when QEMU is gone, else the time limit ends it.
+      if (failed)
+        this.log.warn({ vmId: handle.vmId, err: describeError(failed) }, 'cannot resume the restored VM');
+    }
     return this.waitForGuest(
       current,
       {
@@ -312,13 +450,17 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
       if (await waitForExit(pid, paths.qmpSocket, half)) return;
     }
     this.log.warn({ vmId: handle.vmId, pid }, 'VM did not stop in time: killing QEMU');
+    await this.killQemu(pid, paths);
+  }
+
+  private async killQemu(pid: number, paths: VmPaths): Promise<void> {
     try {
       process.kill(pid, 'SIGKILL');
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
     }
     if (!(await waitForExit(pid, paths.qmpSocket, 5000)))
-      throw new Error(`VM ${handle.vmId}: QEMU ${pid} survived SIGKILL`);
+      throw new Error(`VM ${path.basename(paths.dir)}: QEMU ${pid} survived SIGKILL`);
   }
 
   async destroy(handle: VmHandle): Promise<void> {

@@ -59,17 +59,21 @@ const QMP_PROBE_MS = 1_000;
  * appended to `logFile`, and writes its pid to `pidFile`. Resolves with the pid once QMP answers (QEMU
  * has set up the machine); rejects with what QEMU printed when it exits first or stays silent past
  * `timeoutMs`. `cmd` must exec QEMU itself (ip netns exec and setpriv do), so the child's pid is QEMU's.
+ * `fds` become QEMU's fds 3, 4... (a snapshot to restore from: `-incoming fd:3`).
  */
 export async function startDetached(
   c: { cmd: string; args: string[] },
-  o: { qmpSocket: string; logFile: string; pidFile: string; timeoutMs: number },
+  o: { qmpSocket: string; logFile: string; pidFile: string; timeoutMs: number; fds?: number[] },
 ): Promise<number> {
   const log = await fs.open(o.logFile, 'a', 0o600);
   const from = (await log.stat()).size;
   let exited: string | undefined;
   let pid: number | undefined;
   try {
-    const child = spawn(c.cmd, c.args, { detached: true, stdio: ['ignore', log.fd, log.fd] });
+    const child = spawn(c.cmd, c.args, {
+      detached: true,
+      stdio: ['ignore', log.fd, log.fd, ...(o.fds ?? [])],
+    });
     child.once('exit', (code, signal) => (exited = signal ? `killed by ${signal}` : `exit code ${code}`));
     child.once('error', (err) => (exited = err.message));
     child.unref();

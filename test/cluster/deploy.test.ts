@@ -2,7 +2,7 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { utils } from 'ssh2';
-import { clusterInventory, inventoryFile, markDeployed, onHostOk, vspCli } from './harness';
+import { clusterInventory, deployCluster, inventoryFile, markDeployed, onHostOk, vspCli } from './harness';
 
 /**
  * `vsp cluster deploy` on the real Xen dom0s, typed as deploy/production/README.md section 0 types it:
@@ -48,8 +48,7 @@ describe('vsp cluster deploy on the Xen hosts', () => {
   test(
     'the first deploy installs and checks every host; a second one changes nothing',
     async () => {
-      const first = await vsp(['cluster', 'deploy', '--inventory', inventory]);
-      expect({ code: first.code, stdout: first.stdout }).toMatchObject({ code: 0 });
+      const first = await deployCluster();
       await markDeployed();
       const firstLines = deployedLines(first.stdout);
       expect(Object.keys(firstLines).sort()).toEqual([...hosts].sort());
@@ -75,8 +74,7 @@ describe('vsp cluster deploy on the Xen hosts', () => {
         await Promise.all(hosts.map(async (h) => [h, await mainPid(h)] as const)),
       );
 
-      const second = await vsp(['cluster', 'deploy', '--inventory', inventory]);
-      expect({ code: second.code, stdout: second.stdout }).toMatchObject({ code: 0 });
+      const second = await deployCluster();
       const secondLines = deployedLines(second.stdout);
       for (const h of hosts) {
         expect(secondLines[h]?.changes).toBe('nothing changed');

@@ -188,10 +188,13 @@ describe('faults on real Xen hosts', () => {
     async () => {
       const vsp = await vspClient();
       const migrating = await submitTicker('power-off-target', 'a');
-      const { vmId: migratingVm } = await untilTicking(migrating, 'a', 2);
       // Pinned to b: a restart after a host failure drops the pin and excludes the dead host.
       const stranded = await submitTicker('power-off-running', 'b', { onHostFailure: 'restart' });
-      const { vmId: strandedVm, host: strandedHost } = await untilTicking(stranded, 'b', 2);
+      // The two guests boot side by side, one on each host.
+      const [{ vmId: migratingVm }, { vmId: strandedVm, host: strandedHost }] = await Promise.all([
+        untilTicking(migrating, 'a', 2),
+        untilTicking(stranded, 'b', 2),
+      ]);
       expect(strandedHost).toBe('b');
 
       const migration = vsp.migrate(migrating, { host: 'b' }).then(
@@ -206,6 +209,8 @@ describe('faults on real Xen hosts', () => {
       );
       const cut = Date.now();
       await powerOff('b');
+      // b boots again while a finishes the tasks, once nothing placed after the cut can land on it.
+      let back: Promise<void> | undefined;
       try {
         const err = await migration;
         figure('power cut of the target to the failed migration', seconds(cut), 's');
@@ -232,12 +237,16 @@ describe('faults on real Xen hosts', () => {
         figure('power cut to the stranded task running again on a', seconds(cut), 's');
         expect(restarted.restartedFrom).toEqual(['b']);
         expect(restarted.vmId).not.toBe(strandedVm);
+        back = bringBack('b');
+        back.catch(() => undefined); // no unhandled rejection while the finishes run: awaited in finally
 
-        if (!crashed) await finish(migrating, migratingVm!, { host: 'a' });
-        await finish(stranded, restarted.vmId!, { host: 'a' });
+        await Promise.all([
+          crashed ? undefined : finish(migrating, migratingVm!, { host: 'a' }),
+          finish(stranded, restarted.vmId!, { host: 'a' }),
+        ]);
         expect((await onHost('a', 'pgrep -f "xl .*migrate"')).stdout).toBe('');
       } finally {
-        await bringBack('b');
+        await (back ?? bringBack('b'));
       }
       // What b held when its power went (the stranded VM's folder) is its reaper's: nothing of it stays.
       await expectNothingLeft('b', strandedVm!);

@@ -20,6 +20,7 @@
  *   onHostOk(host, command, opts?) the same; a non-zero exit throws (RemoteCommandError); its stdout
  *   hostTarget(host)              the SshTarget, for a test's own SshSession
  *   GATEWAY                       this machine's address on the cluster network
+ *   deployCluster()               `vsp cluster deploy --inventory`; a failure carries the report
  *   ensureDeployed()              `vsp cluster deploy --inventory` once per run (host workers on the dom0s),
  *                                 then waits until the scheduler takes tasks on every host; markDeployed()
  *                                 records a deploy a test made itself
@@ -182,13 +183,19 @@ export function markDeployed(): Promise<void> {
  * heartbeat, a moment after the deploy's check saw it poll). Returns the seconds the deploy took (0 when
  * this run deployed already).
  */
+/** `vsp cluster deploy` of the tier's inventory; unless it exits 0, fails with its report and its log's end. */
+export async function deployCluster(): Promise<{ stdout: string; stderr: string }> {
+  const r = await vspCli(['cluster', 'deploy', '--inventory', inventoryFile()]);
+  if (r.code !== 0)
+    throw new Error(`vsp cluster deploy failed (exit ${r.code}):\n${r.stdout}\n${r.stderr.slice(-4000)}`);
+  return r;
+}
+
 export async function ensureDeployed(): Promise<number> {
   let seconds = 0;
   if (!existsSync(deployedMarker())) {
     const t0 = Date.now();
-    const r = await vspCli(['cluster', 'deploy', '--inventory', inventoryFile()]);
-    if (r.code !== 0)
-      throw new Error(`vsp cluster deploy failed (exit ${r.code}):\n${r.stdout}\n${r.stderr.slice(-4000)}`);
+    const r = await deployCluster();
     await markDeployed();
     seconds = (Date.now() - t0) / 1000;
     // The deploy's report (each host's steps and their times) belongs in the run's output.

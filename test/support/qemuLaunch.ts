@@ -11,6 +11,7 @@ export const SAMPLE_LAUNCH: QemuLaunch = {
   rootDisk: '/r.qcow2',
   dataDisk: '/d.img',
   qmpSocket: '/run/q.sock',
+  controlSocket: '/run/control.sock',
   consoleLog: '/c.log',
   owner: 'alice',
   portForwards: {},

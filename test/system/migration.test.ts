@@ -237,4 +237,37 @@ describe('live migration over per-host NFS (real QEMU, namespace hosts)', () => 
 
     await finishAndCheck(toC.handle, 'vm-roam', blobMd5);
   });
+
+  test('a VM restored from a snapshot migrates live like a booted one', async () => {
+    const snapshotsOnA = new QemuDriver({ ...hosts!.driverOptions.a, snapshots: true });
+    await snapshotsOnA.buildSnapshot({ memoryMiB: MEMORY_MIB, vcpus: 1, baseImage });
+    const vmId = 'vm-restored';
+    const paths = stores.a.paths(vmId);
+    await fs.mkdir(paths.inputsDir, { recursive: true });
+    await staging.build(paths, 1024 * 1024);
+    // No ports (a snapshot has no NIC): the task waits until the test stops it.
+    const config: VmConfig = {
+      vmId,
+      owner: 'alice',
+      command: 'echo "VSP-PROGRESS 1 waiting"; exec sleep 3600',
+      vcpus: 1,
+      memoryMiB: MEMORY_MIB,
+      baseImage,
+      ports: [],
+      timeLimitSec: 3600,
+    };
+    const handle = await snapshotsOnA.start(await snapshotsOnA.create(config));
+    started.push({ host: 'a', handle });
+    expect(handle.state.snapshot).toEqual(expect.any(String));
+    await untilConsoleLine(paths.consoleLog, 'VSP-PROGRESS 1');
+
+    const toB = await migrate(handle, 'b');
+    expectMemoryOnly(toB.result);
+    expect((await drivers.b.inspect(toB.handle)).details.qmpStatus).toBe('running');
+    // The guest lives on at b: a graceful stop there ends its task, and the init records the exit there.
+    await drivers.b.stop(toB.handle, 60_000);
+    const consoleOnB = await fs.readFile(String(toB.handle.state.consoleLog), 'utf8');
+    expect(consoleOnB).toMatch(/^VSP-STOPPING/m);
+    expect(consoleOnB).toMatch(/^VSP-EXIT /m);
+  });
 });

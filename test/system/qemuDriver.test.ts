@@ -276,4 +276,87 @@ describe('QemuDriver (real QEMU)', () => {
       fetch(`http://127.0.0.1:${hostPort}/`, { signal: AbortSignal.timeout(3000) }),
     ).rejects.toThrow();
   });
+  describe('started from a snapshot', () => {
+    const snapshotDriver = () =>
+      new QemuDriver({
+        store,
+        hostName: 'test-host',
+        appliance,
+        accel: 'auto',
+        pollMs: 250,
+        snapshots: true,
+      });
+    // One driver, as in a worker: the build its first VM starts in the background is the one awaited.
+    let snap: QemuDriver;
+    const shape = () => ({ memoryMiB: 256, vcpus: 1, baseImage });
+    // What each task prints: random bytes, its clock, its own data disk's mark, what it finds on its root.
+    const command = [
+      'echo "rand=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d " \\n")"',
+      'echo "time=$(date +%s)"',
+      'echo "mark=$(cat mark.txt) root=$(cat /var/tmp/vsp-mark 2>/dev/null || echo none)"',
+      'cat mark.txt > /var/tmp/vsp-mark',
+    ].join('\n');
+    const outputOf = async (vmId: string) => {
+      const log = await fs.readFile((await staging.extract(store.paths(vmId), 'none')).taskLog!, 'utf8');
+      const field = (k: string) => new RegExp(`^${k}=(\\S+)`, 'm').exec(log)?.[1];
+      return {
+        rand: field('rand'),
+        time: Number(field('time')),
+        mark: field('mark'),
+        root: /root=(\S+)/.exec(log)?.[1],
+      };
+    };
+    const run = async (vmId: string) => {
+      const { driver: _creator, handle } = await prepare(vmId, { 'mark.txt': Buffer.from(`${vmId}\n`) }, 4, {
+        command,
+      });
+      const before = Date.now();
+      const started = await snap.start(handle);
+      expect(await snap.wait(started, { onProgress: () => undefined, signal: noAbort() })).toMatchObject({
+        exitCode: 0,
+      });
+      const console = await fs.readFile(store.paths(vmId).consoleLog, 'utf8');
+      return { started, before, after: Date.now(), console, ...(await outputOf(vmId)) };
+    };
+
+    beforeAll(() => {
+      snap = snapshotDriver();
+    });
+
+    test('a VM boots while no snapshot exists; once built, VMs restore with their own disks, a reseeded RNG and the clock set', async () => {
+      const booted = await run('snap-boot');
+      expect(booted.started.state.snapshot).toBeUndefined();
+      expect(booted.console).not.toContain('VSP-RESUMED');
+      const dir = await snap.buildSnapshot(shape());
+      const state = await fs.readFile(path.join(dir, 'state'));
+
+      const first = await run('snap-1');
+      const second = await run('snap-2');
+      for (const r of [first, second]) {
+        expect(r.started.state.snapshot).toBe(path.basename(dir));
+        expect(r.console).toMatch(/^VSP-RESUMED/m);
+        // The guest's clock is the host's (the snapshot's reads 2001), to the second.
+        expect(r.time).toBeGreaterThanOrEqual(Math.floor(r.before / 1000) - 1);
+        expect(r.time).toBeLessThanOrEqual(Math.ceil(r.after / 1000) + 1);
+      }
+      expect([first.mark, second.mark]).toEqual(['snap-1', 'snap-2']);
+      // No writable state shared: the second sees nothing the first wrote on its root, and the saved state is unchanged.
+      expect([first.root, second.root]).toEqual(['none', 'none']);
+      expect((await fs.readFile(path.join(dir, 'state'))).equals(state)).toBe(true);
+      expect(first.rand).toMatch(/^[0-9a-f]{32}$/);
+      expect(second.rand).toMatch(/^[0-9a-f]{32}$/);
+      expect(first.rand).not.toBe(second.rand);
+    });
+
+    test('a snapshot that does not restore is dropped and the VM boots', async () => {
+      const dir = await snap.buildSnapshot(shape());
+      const state = path.join(dir, 'state');
+      await fs.truncate(state, Math.floor((await fs.stat(state)).size / 2));
+      const r = await run('snap-bad');
+      expect(r.started.state.snapshot).toBeUndefined();
+      expect(r.console).not.toContain('VSP-RESUMED');
+      expect(r.mark).toBe('snap-bad');
+      await expect(fs.access(dir)).rejects.toThrow();
+    });
+  });
 });
