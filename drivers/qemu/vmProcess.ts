@@ -96,7 +96,8 @@ export async function startDetached(
       process.kill(pid, 'SIGKILL');
       throw new Error(`QEMU ${pid} did not answer on ${o.qmpSocket} within ${o.timeoutMs} ms`);
     }
-    await sleep(100);
+    // Short: a VM restored from a snapshot answers within tens of milliseconds, and its start waits on it.
+    await sleep(20);
   }
   await fs.writeFile(o.pidFile, `${pid}\n`);
   return pid;
