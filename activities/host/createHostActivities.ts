@@ -221,15 +221,28 @@ export function createHostActivities(deps: HostDeps) {
           await baseImageFor(ref, driver, imageFetch(ref, hb));
         }
 
+        // Sizes first: a data disk is made to measure and the inputs stream onto it (one landing).
+        hb.update({ step: 'plan', of: ref.spec.inputs.length });
+        const files = await inputSizes(repository, ref.spec.owner, ref.spec.inputs).catch(
+          async (err: unknown) => {
+            if (err instanceof InputNotFound) {
+              await store.remove(ref.vmId);
+              throw ApplicationFailure.nonRetryable(err.message, 'InputNotFound');
+            }
+            throw err;
+          },
+        );
+        const outputRoomBytes = ref.spec.outputRoomMiB * 1024 * 1024;
+        await staging.prepare(p, { files, outputRoomBytes }, { signal: hb.signal });
         await fs.mkdir(p.inputsDir, { recursive: true });
         const partial = await removePartialDownloads(p.inputsDir);
         if (partial > 0)
           log.info({ vmId: ref.vmId, files: partial }, 'partial downloads of an earlier attempt removed');
         const verified = { ...hb.previous<StageInProgress>()?.verified };
-        let files = 0;
+        let fetched = 0;
         let skipped = 0;
         for (const input of ref.spec.inputs) {
-          hb.update({ step: 'download', file: input, done: files, of: ref.spec.inputs.length, bytes: 0 });
+          hb.update({ step: 'download', file: input, done: fetched, of: ref.spec.inputs.length, bytes: 0 });
           const dest = path.join(p.inputsDir, input);
           try {
             const sha256 = await stagedCopy(repository, ref.spec.owner, input, dest, verified[input]);
@@ -254,12 +267,12 @@ export function createHostActivities(deps: HostDeps) {
             }
             throw err;
           }
-          files++;
+          fetched++;
           hb.update({ verified }, true);
         }
         hb.update({ step: 'build-home', kind: staging.kind });
-        const built = await staging.build(p, ref.spec.outputRoomMiB * 1024 * 1024, { signal: hb.signal });
-        const result: StageInResult = { driver, files, bytes: built.bytes };
+        const built = await staging.build(p, outputRoomBytes, { signal: hb.signal });
+        const result: StageInResult = { driver, files: fetched, bytes: built.bytes };
         await fs.writeFile(stagedMarker(ref.vmId), JSON.stringify(result));
         log.info({ vmId: ref.vmId, ...result, skipped }, 'stage-in done');
         return result;
@@ -516,6 +529,26 @@ async function stagedCopy(
   if (!remote || remote.size !== have.size) return undefined;
   const sha = verifiedSha ?? (await sha256File(dest));
   return sha === remote.sha256 ? sha : undefined;
+}
+
+class InputNotFound extends Error {}
+
+/** Each input's size, from the repository (a few at a time); InputNotFound names the first one missing. */
+async function inputSizes(
+  repository: RepositoryClient,
+  owner: string,
+  inputs: string[],
+): Promise<{ path: string; size: number }[]> {
+  const sizes: { path: string; size: number }[] = [];
+  for (let i = 0; i < inputs.length; i += 16) {
+    const batch = inputs.slice(i, i + 16);
+    const infos = await Promise.all(batch.map((input) => repository.stat(owner, input)));
+    for (const [j, info] of infos.entries()) {
+      if (!info) throw new InputNotFound(`input file '${batch[j]}' is not in ${owner}'s repository space`);
+      sizes.push({ path: batch[j], size: info.size });
+    }
+  }
+  return sizes;
 }
 
 /** Downloads cut short by an earlier attempt (`.<name>.<nonce>.part`, see RepositoryClient.download). */
