@@ -128,6 +128,9 @@ async function bringUp(t: TaskState): Promise<void> {
   setPhase(t, 'creating');
   if (patched(LAUNCH_PATCH)) {
     t.consoleSegments.push({ n: 1, host, since: new Date().toISOString() });
+    // Until launchVm answers, the VM is known by its id only: a cancel or failure meanwhile must still
+    // stop whatever it started (drivers find a VM's process from its folder).
+    t.handle = { driver: stagedIn.driver, vmId: t.ref.vmId, host, storageHost: host, state: {} };
     const launched = await call(
       'vm',
       'launchVm',
