@@ -22,6 +22,12 @@ export interface StageInResult {
   bytes: number;
 }
 
+/** A VM created and started in one step (launchVm); `createdAtMs` is the host's clock when it was ready. */
+export interface LaunchResult {
+  handle: VmHandle;
+  createdAtMs: number;
+}
+
 export type AwaitResult = ExitResult;
 
 export interface UploadedFile {
@@ -33,6 +39,8 @@ export interface UploadedFile {
 export interface StageOutResult {
   outputs: UploadedFile[];
   logs: UploadedFile[];
+  /** The console, when stage-out kept it too (a VM that never left its storage host). */
+  console?: UploadedFile[];
 }
 
 /** Where the scheduler put a task, or its place in the queue (it then waits for the grant signal). */

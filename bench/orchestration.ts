@@ -1,6 +1,7 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { Client, Connection } from '@temporalio/client';
+import type { temporal } from '@temporalio/proto';
 import { taskFailureMessage, VspClient } from '../client/vspClient';
 import { LocalCluster, type LocalClusterOptions } from '../deploy/devcluster/localCluster';
 import { tailLog } from '../deploy/devcluster/processes';
@@ -80,6 +81,7 @@ export async function withBenchCluster<T>(
 }
 
 interface Lifecycle {
+  taskId: string;
   result: TaskResult;
   /** Client side: the owners' submission (repository pre-flight, capability, workflow start). */
   submitMs: number;
@@ -97,7 +99,7 @@ export async function runLifecycle({ cluster, vsp }: BenchCluster, spec: TaskSpe
   const submitMs = performance.now() - t0;
   try {
     const result = await vsp.result(taskId);
-    return { result, submitMs, clientMs: performance.now() - t0 };
+    return { taskId, result, submitMs, clientMs: performance.now() - t0 };
   } catch (err) {
     throw new Error(`task ${taskId} failed: ${taskFailureMessage(err)}`, { cause: err });
   }
@@ -128,6 +130,79 @@ function row(measure: string, values: number[], extra: { perMinute?: number; spr
   };
 }
 
+type HistoryEvent = temporal.api.history.v1.IHistoryEvent;
+
+/** Where one activity's time went, from its task's history (server clock). */
+interface ActivityTimes {
+  name: string;
+  /** Scheduled -> started: Temporal handing the task to a poller (and the poller's worker taking it). */
+  dispatchMs: number;
+  /** Started -> closed: the activity's own work on its worker. */
+  workMs: number;
+  /** Closed -> the next workflow task completed: Temporal and the workflow reacting to the result. */
+  reactMs: number;
+}
+
+/** What Temporal recorded of one lifecycle: its events, workflow tasks and activities' times. */
+export interface HistoryTimes {
+  events: number;
+  workflowTasks: number;
+  activities: ActivityTimes[];
+}
+
+const eventMs = (e: HistoryEvent | undefined): number =>
+  e?.eventTime ? Number(e.eventTime.seconds ?? 0) * 1000 + Math.floor((e.eventTime.nanos ?? 0) / 1e6) : NaN;
+
+export function historyTimes(events: HistoryEvent[]): HistoryTimes {
+  const byId = new Map(events.map((e) => [Number(e.eventId), e]));
+  const activities: ActivityTimes[] = [];
+  for (const e of events) {
+    const closed =
+      e.activityTaskCompletedEventAttributes ??
+      e.activityTaskFailedEventAttributes ??
+      e.activityTaskTimedOutEventAttributes ??
+      e.activityTaskCanceledEventAttributes;
+    if (!closed) continue;
+    const scheduled = byId.get(Number(closed.scheduledEventId));
+    const started = byId.get(Number(closed.startedEventId));
+    const reacted = events.find(
+      (w) => Number(w.eventId) > Number(e.eventId) && w.workflowTaskCompletedEventAttributes,
+    );
+    activities.push({
+      name: scheduled?.activityTaskScheduledEventAttributes?.activityType?.name ?? '?',
+      dispatchMs: eventMs(started) - eventMs(scheduled),
+      workMs: eventMs(e) - eventMs(started),
+      reactMs: eventMs(reacted) - eventMs(e),
+    });
+  }
+  return {
+    events: events.length,
+    workflowTasks: events.filter((e) => e.workflowTaskCompletedEventAttributes).length,
+    activities,
+  };
+}
+
+/**
+ * Rows that split each activity of the lifecycles into Temporal's part (dispatch, then the workflow's
+ * reaction to its result) and the worker's own work, in the order the lifecycle runs them.
+ */
+function temporalRows(histories: HistoryTimes[]): Row[] {
+  const names = [...new Set(histories.flatMap((h) => h.activities.map((a) => a.name)))];
+  return names.flatMap((name) => {
+    const runs = histories.flatMap((h) => h.activities.filter((a) => a.name === name));
+    return [
+      row(
+        `${name}: Temporal (dispatch + reaction)`,
+        runs.map((a) => a.dispatchMs + a.reactMs),
+      ),
+      row(
+        `${name}: its worker's work`,
+        runs.map((a) => a.workMs),
+      ),
+    ];
+  });
+}
+
 /** Per-phase times over sequential no-op lifecycles. */
 async function sequential(bench: BenchCluster, count: number) {
   const runs: Lifecycle[] = [];
@@ -136,11 +211,35 @@ async function sequential(bench: BenchCluster, count: number) {
   const total = runs.map((r) => LIFECYCLE_PHASES.reduce((sum, p) => sum + (r.result.phaseMs[p] ?? 0), 0));
   const overhead = runs.map((r, i) => total[i] - (r.result.phaseMs.running ?? 0));
   const client = runs.map((r) => r.clientMs);
+  const histories = await Promise.all(
+    runs.map(async (r) =>
+      historyTimes((await bench.vsp.temporal.workflow.getHandle(r.taskId).fetchHistory()).events ?? []),
+    ),
+  );
+  // The non-running time that no activity's own work accounts for (awaitVm's work is the running).
+  const temporalPart = histories.map(
+    (h, i) =>
+      overhead[i] - h.activities.filter((a) => a.name !== 'awaitVm').reduce((sum, a) => sum + a.workMs, 0),
+  );
   return {
     rows: [
       ...LIFECYCLE_PHASES.map((p) => row(`phase: ${p}`, phase(p))),
       row('workflow total (sum of phases)', total),
       row('workflow total minus running', overhead),
+      row("of which Temporal's (minus the activities' own work)", temporalPart),
+      ...temporalRows(histories),
+      row(
+        'history events per lifecycle (count)',
+        histories.map((h) => h.events),
+      ),
+      row(
+        'workflow tasks per lifecycle (count)',
+        histories.map((h) => h.workflowTasks),
+      ),
+      row(
+        'activities per lifecycle (count)',
+        histories.map((h) => h.activities.length),
+      ),
       row(
         'client submit (task API: pre-flight, capability, workflow start)',
         runs.map((r) => r.submitMs),
@@ -149,6 +248,8 @@ async function sequential(bench: BenchCluster, count: number) {
     ],
     total: median(total),
     overhead: median(overhead),
+    temporalPart: median(temporalPart),
+    activities: median(histories.map((h) => h.activities.length)),
     client: median(client),
   };
 }
@@ -196,8 +297,12 @@ async function throughput(bench: BenchCluster, concurrency: number, total: numbe
  * task's phases one at a time, then lifecycles per minute at 1, 10 and 50 tasks in flight.
  */
 export async function benchOrchestration(env: ClusterBenchEnv): Promise<BenchReport> {
-  const sequentialCount = env.quick ? 5 : 20;
-  const levels = [1, 10, 50].map((c) => ({ c, total: env.quick ? Math.max(5, c) : Math.max(20, 3 * c) }));
+  const sequentialCount = env.quick ? 10 : 20;
+  // A smoke run leaves out the 50 in flight (minutes on a loaded machine).
+  const levels = (env.quick ? [1, 10] : [1, 10, 50]).map((c) => ({
+    c,
+    total: env.quick ? Math.max(5, c) : Math.max(20, 3 * c),
+  }));
   return withBenchCluster(
     env,
     'orchestration',
@@ -226,6 +331,8 @@ export async function benchOrchestration(env: ClusterBenchEnv): Promise<BenchRep
           'no-op lifecycle, workflow total (median ms)': round(seq.total),
           'no-op lifecycle, client submit to result (median ms)': round(seq.client),
           'no-op lifecycle minus running (median ms)': round(seq.overhead),
+          "no-op lifecycle minus running, Temporal's part (median ms)": round(seq.temporalPart),
+          'activities per no-op lifecycle (median)': seq.activities,
           ...Object.fromEntries(
             rates.map((r) => [`lifecycles/min, ${r.concurrency} in flight`, r.perMinute]),
           ),

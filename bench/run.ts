@@ -56,7 +56,7 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   scheduler: async (ctx) =>
     benchScheduler({ temporalAddress: await ctx.temporalAddress(), quick: ctx.quick }),
   'vm-creation': () => benchVmCreation(),
-  staging: () => benchStaging(),
+  staging: (ctx) => benchStaging({ quick: ctx.quick }),
   repository: (ctx) => benchRepository(ctx.quick ? { sizeMiB: 64, runs: 1 } : {}),
   protocols: (ctx) => benchRepositoryProtocols(ctx.quick ? { sizeMiB: 64, runs: 1 } : {}),
   'repository-concurrency': (ctx) => benchRepositoryConcurrency(ctx.quick ? { clients: 20, sizeMiB: 2 } : {}),

@@ -1,3 +1,4 @@
+import { watch, type FSWatcher } from 'node:fs';
 import type { Logger } from '../logging/logger';
 import { ConsoleFollower, consoleTail, type ConsoleState } from './qemu/consoleLog';
 import { sleep } from './qemu/vmProcess';
@@ -43,6 +44,20 @@ export interface GuestWatch {
  */
 export async function waitForGuest(w: GuestWatch, options: WaitOptions): Promise<ExitResult> {
   const follower = new ConsoleFollower(w.consoleLog);
+  const waker = new ConsoleWaker(w.consoleLog);
+  try {
+    return await follow(w, options, follower, waker);
+  } finally {
+    waker.close();
+  }
+}
+
+async function follow(
+  w: GuestWatch,
+  options: WaitOptions,
+  follower: ConsoleFollower,
+  waker: ConsoleWaker,
+): Promise<ExitResult> {
   for (;;) {
     if (options.signal.aborted)
       throw new Error(`waiting for VM ${w.vmId} was aborted`, { cause: options.signal.reason });
@@ -72,7 +87,61 @@ export async function waitForGuest(w: GuestWatch, options: WaitOptions): Promise
       ...reported(cons),
       details: { ...live.details, taskStarted: cons.started },
     });
-    await sleep(w.pollMs, options.signal);
+    await waker.wait(w.pollMs, options.signal);
+  }
+}
+
+/** Polls that a console write brings forward are still at least this far apart (a chatty guest). */
+const MIN_POLL_MS = 50;
+
+/**
+ * The poll's pause, cut short when the console log changes: the guest prints its exit there, so a
+ * short task's end is seen at once rather than up to a poll period later. Without a watch (the log
+ * not there yet, a file system without inotify) it is the plain pause.
+ */
+class ConsoleWaker {
+  private watcher?: FSWatcher;
+  private changed = false;
+  private wake?: () => void;
+
+  constructor(private readonly file: string) {
+    this.arm();
+  }
+
+  private arm(): void {
+    if (this.watcher) return;
+    try {
+      this.watcher = watch(this.file, { persistent: false }, () => {
+        this.changed = true;
+        this.wake?.();
+      });
+      this.watcher.on('error', () => this.close());
+    } catch {
+      // Not written yet: each pause tries again.
+    }
+  }
+
+  async wait(ms: number, signal: AbortSignal): Promise<void> {
+    this.arm();
+    await sleep(Math.min(MIN_POLL_MS, ms), signal);
+    if (!this.changed && !signal.aborted)
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          clearTimeout(timer);
+          signal.removeEventListener('abort', done);
+          this.wake = undefined;
+          resolve();
+        };
+        const timer = setTimeout(done, ms - MIN_POLL_MS);
+        this.wake = done;
+        signal.addEventListener('abort', done, { once: true });
+      });
+    this.changed = false;
+  }
+
+  close(): void {
+    this.watcher?.close();
+    this.watcher = undefined;
   }
 }
 

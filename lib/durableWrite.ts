@@ -3,7 +3,7 @@ import type { FileHandle } from 'node:fs/promises';
 import { createHash, type Hash } from 'node:crypto';
 import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { fileSink } from './fileSink';
+import { fileSink, FlushError } from './fileSink';
 
 /**
  * The one writer behind every stored byte stream (the repository's uploads on every protocol, resumable
@@ -40,7 +40,8 @@ const FLUSH_EVERY_BYTES = 32 << 20;
  * batch while it is being written. The resolved count and hash cover exactly what was written; after a
  * failed write the file may hold a prefix of a batch that is counted nowhere, so the thrown error
  * carries the count to truncate the file back to (`writtenBefore`) and, when the caller passed its own
- * `hash` to extend, the hash of exactly those bytes (`hashBefore`).
+ * `hash` to extend, the hash of exactly those bytes (`hashBefore`). A failed background flush (a
+ * FlushError) counts nothing as written: none of it is known to be on disk.
  */
 export async function streamInto(
   source: Readable,
@@ -48,6 +49,7 @@ export async function streamInto(
   { onChunk, hash: given }: StreamIntoOptions = {},
 ): Promise<{ size: number; hash: Hash }> {
   const hash = given ?? createHash('sha256');
+  const initial = given?.copy();
   let seen = 0;
   let size = 0;
   const meter = new Transform({
@@ -81,7 +83,13 @@ export async function streamInto(
   } catch (err) {
     // A write may still be in flight: the count is final only once the sink has closed.
     if (!sink.closed) await new Promise((resolve) => sink.once('close', resolve));
-    throw Object.assign(err as Error, { written: size }, given && { hashBefore: beforeBatch ?? hash });
+    // After a failed flush nothing written is known to be on disk.
+    const written = err instanceof FlushError ? 0 : size;
+    throw Object.assign(
+      err as Error,
+      { written },
+      given && { hashBefore: written === size ? (beforeBatch ?? hash) : initial },
+    );
   }
   return { size, hash };
 }

@@ -16,9 +16,21 @@ export interface FileSinkOptions {
   /**
    * Starts an fdatasync in the background each time this many more bytes were written (one at a
    * time), so the page cache is written back while the stream still runs and the caller's final
-   * fsync has little left to do, as `cp` + `sync` would; it also bounds the dirty pages per stream.
+   * fsync has little left to do; it also bounds the dirty pages per stream. If one fails, the sink
+   * fails with a FlushError.
    */
   flushEveryBytes?: number;
+}
+
+/**
+ * A background flush failed: the bytes written so far may not be on disk, whatever a later fsync of the
+ * same file says.
+ */
+export class FlushError extends Error {
+  constructor(cause: unknown) {
+    super(`writing the file back to disk failed: ${(cause as Error)?.message ?? String(cause)}`, { cause });
+    this.name = 'FlushError';
+  }
 }
 
 /**
@@ -32,8 +44,10 @@ export function fileSink(
   { highWaterMark = 1 << 20, onWriting, onWritten, flushEveryBytes }: FileSinkOptions = {},
 ): Writable {
   let unflushed = 0;
-  // A background flush's failure is not lost: the caller's own fsync reports the error again.
   let flushing: Promise<unknown> | undefined;
+  // Kept and reported by the sink: Linux tells a write-back error to one fsync per open file only, so
+  // the caller's own fsync after a failed background one could succeed.
+  let flushFailure: Error | undefined;
   const flushInBackground = (bytes: number): void => {
     if (flushEveryBytes === undefined) return;
     unflushed += bytes;
@@ -41,10 +55,14 @@ export function fileSink(
     unflushed = 0;
     flushing = handle.datasync().then(
       () => (flushing = undefined),
-      () => (flushing = undefined),
+      (err: unknown) => {
+        flushFailure ??= new FlushError(err);
+        flushing = undefined;
+      },
     );
   };
   async function writeAll(chunks: Buffer[]): Promise<void> {
+    if (flushFailure) throw flushFailure;
     let pending = chunks;
     let writing = handle.writev(pending);
     try {
@@ -85,7 +103,7 @@ export function fileSink(
       );
     },
     final(done) {
-      settled().then(() => done(), done);
+      settled().then(() => done(flushFailure), done);
     },
     destroy(err, done) {
       settled().then(

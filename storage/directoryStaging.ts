@@ -9,6 +9,11 @@ import type { VmPaths } from './vmStore';
 export class DirectoryStaging implements HomeStaging {
   readonly kind = 'directory' as const;
 
+  /** The inputs folder is the home-to-be: nothing to make beforehand. */
+  async prepare(vm: VmPaths): Promise<void> {
+    if (!(await isDir(vm.homeDir))) await fs.mkdir(vm.inputsDir, { recursive: true });
+  }
+
   async build(vm: VmPaths, outputRoomBytes: number): Promise<{ bytes: number }> {
     const free = await freeBytes(vm.dir);
     if (free < outputRoomBytes)

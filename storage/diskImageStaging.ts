@@ -7,7 +7,8 @@ import { createLogger } from '../logging/logger';
 import { normaliseRepoPath } from '../spec/repoPath';
 import { GuestDiskReader, RefusedTree } from './guestDiskReader';
 import { GuestDiskTools } from './guestDiskTools';
-import type { ExtractedOutputs, HomeStaging } from './homeStaging';
+import type { ExtractedOutputs, HomeStaging, StagingPlan } from './homeStaging';
+import { isMountPoint, mountStagingImage, stagingImageOf, unmountStagingImage } from './stagingMount';
 import { DEFAULT_MAX_DEPTH, DEFAULT_MAX_ENTRIES } from './outputTree';
 import type { VmPaths } from './vmStore';
 
@@ -49,8 +50,10 @@ interface StagingRecord {
 }
 
 /**
- * Task homes as ext4 data-disk images (the paper's mechanism), built and read without mounting: mke2fs -d
- * copies the inputs in, debugfs rdump copies the outputs out. The disk root is the owner's home.
+ * Task homes as ext4 data-disk images (the paper's mechanism). The inputs stream from the repository
+ * straight onto the new disk (prepare mounts it, build publishes it), or mke2fs -d copies in a folder
+ * of them; the outputs come out without mounting the guest-written disk (GuestDiskReader). The disk
+ * root is the owner's home.
  */
 export class DiskImageStaging implements HomeStaging {
   readonly kind = 'disk-image' as const;
@@ -58,72 +61,92 @@ export class DiskImageStaging implements HomeStaging {
 
   constructor(private readonly tools = new GuestDiskTools()) {}
 
+  /**
+   * Makes the data disk empty, sized for `plan`, and mounts it on `vm.inputsDir`, so that the inputs
+   * downloaded there land once, on the disk itself; build() then finishes it. A retry finds the disk
+   * still mounted with what the earlier attempt verified, and keeps it.
+   */
+  async prepare(vm: VmPaths, plan: StagingPlan, opts: { signal?: AbortSignal } = {}): Promise<void> {
+    checkRoom(plan.outputRoomBytes);
+    if (await isMountPoint(vm.inputsDir)) return;
+    if (!(await exists(vm.inputsDir)) && (await exists(vm.dataDisk))) return;
+    const usage = planUsage(plan.files);
+    await fs.mkdir(vm.dir, { recursive: true });
+    await removeStaleBuilds(vm);
+    // The disk is sparse: a full store would show as I/O errors on the mounted disk mid-download, so it
+    // is checked here, worded as the full disk it is (the task fails at once, StoreFull).
+    const { bavail, bsize } = await fs.statfs(vm.dir);
+    if (bavail * bsize < usage.bytes + 4 * MiB)
+      throw Object.assign(
+        new Error(
+          `No space left on device: the VM store has ${bavail * bsize} bytes free, the inputs take ${usage.bytes}`,
+        ),
+        { code: 'ENOSPC' },
+      );
+    await fs.rm(vm.inputsDir, { recursive: true, force: true });
+    const image = stagingImageOf(vm.dataDisk);
+    try {
+      const record = await makeFileSystem(image, usage, plan.outputRoomBytes, undefined, opts.signal);
+      await writeFileAtomic(stagingRecordOf(vm), JSON.stringify(record));
+      await mountStagingImage(image, vm.inputsDir, opts.signal);
+    } catch (err) {
+      await unmountStagingImage(image, vm.inputsDir).catch(() => undefined);
+      await fs.rm(image, { force: true });
+      throw new Error(`cannot make the data disk ${vm.dataDisk}`, { cause: err });
+    }
+  }
+
   async build(
     vm: VmPaths,
     outputRoomBytes: number,
     opts: { signal?: AbortSignal } = {},
   ): Promise<{ bytes: number }> {
-    if (!Number.isSafeInteger(outputRoomBytes) || outputRoomBytes < 0)
-      throw new Error(`output room must be a non-negative byte count, got ${outputRoomBytes}`);
+    checkRoom(outputRoomBytes);
     const haveInputs = await exists(vm.inputsDir);
     if (!haveInputs && (await exists(vm.dataDisk))) {
       // A retry after a build that already finished (the inputs folder is removed last).
       return { bytes: (await fs.stat(vm.dataDisk)).size };
     }
+    if (await isMountPoint(vm.inputsDir)) return this.finishMounted(vm);
+    // Inputs placed in a plain folder (no prepare): mke2fs copies them in.
     await fs.mkdir(vm.inputsDir, { recursive: true });
     const usage = await measureInputs(vm.inputsDir);
     await fs.mkdir(path.join(vm.inputsDir, VSP_DIR));
-    const inodes = usage.entries + 1024 + Math.ceil(outputRoomBytes / (64 * 1024));
-    const payload = usage.bytes + outputRoomBytes;
-    // ext4 metadata: journal, inode tables, bitmaps and extent blocks (~2%), plus the root reserve.
-    const metadata = inodes * INODE_BYTES + Math.ceil(payload * 0.02) + RESERVED_BYTES + 4 * MiB;
-    const journal = journalMiB(payload + metadata);
-    const imageBytes = Math.ceil((payload + metadata + journal * MiB) / MiB) * MiB;
+    await removeStaleBuilds(vm);
     // One name per attempt; an earlier attempt's leftovers go (its tools were stopped with it).
-    await removeStaleBuilds(vm.dataDisk);
     const tmp = `${vm.dataDisk}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
+    let record: StagingRecord;
     try {
-      await runCommand(
-        'mke2fs',
-        [
-          '-q',
-          '-F',
-          '-t',
-          'ext4',
-          '-b',
-          String(BLOCK),
-          '-m',
-          '0',
-          '-N',
-          String(inodes),
-          '-J',
-          `size=${journal}`,
-          '-E',
-          'root_owner=0:0',
-          '-L',
-          'vsp-home',
-          '-d',
-          vm.inputsDir,
-          tmp,
-          `${imageBytes / 1024}k`,
-        ],
-        { timeoutMs: TOOL_TIMEOUT_MS, signal: opts.signal },
-      );
-      await runCommand('tune2fs', ['-r', String(RESERVED_BYTES / BLOCK), tmp], {
-        timeoutMs: TOOL_TIMEOUT_MS,
-        signal: opts.signal,
-      });
+      record = await makeFileSystem(tmp, usage, outputRoomBytes, vm.inputsDir, opts.signal);
       await fsyncFile(tmp);
       await fs.rename(tmp, vm.dataDisk);
     } catch (err) {
       await fs.rm(tmp, { force: true });
       throw new Error(`cannot build the data disk ${vm.dataDisk}`, { cause: err });
     }
-    const record: StagingRecord = { inputBytes: usage.bytes, outputRoomBytes, imageBytes };
     await writeFileAtomic(stagingRecordOf(vm), JSON.stringify(record));
     await fs.rm(vm.inputsDir, { recursive: true, force: true });
     this.log.info({ dataDisk: vm.dataDisk, ...record, files: usage.entries }, 'data disk built');
-    return { bytes: imageBytes };
+    return { bytes: record.imageBytes };
+  }
+
+  /** The inputs are on the mounted disk: VSP's folder goes beside them, then the disk is unmounted and published. */
+  private async finishMounted(vm: VmPaths): Promise<{ bytes: number }> {
+    const image = stagingImageOf(vm.dataDisk);
+    try {
+      await fs.mkdir(path.join(vm.inputsDir, VSP_DIR));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'EEXIST')
+        throw new Error(`input ${VSP_DIR}/ is reserved for VSP's own files`, { cause: err });
+      throw err;
+    }
+    await unmountStagingImage(image, vm.inputsDir);
+    await fsyncFile(image);
+    await fs.rename(image, vm.dataDisk);
+    await fs.rm(vm.inputsDir, { recursive: true, force: true });
+    const record = await readStagingRecord(vm);
+    this.log.info({ dataDisk: vm.dataDisk, ...record }, 'data disk built');
+    return { bytes: (await fs.stat(vm.dataDisk)).size };
   }
 
   /**
@@ -204,12 +227,51 @@ async function markUnwrittenTail(file: string): Promise<void> {
   }
 }
 
-/** Data disks half-built by earlier attempts (`data.img.<pid>.<nonce>.tmp`). */
-async function removeStaleBuilds(dataDisk: string): Promise<void> {
-  const dir = path.dirname(dataDisk);
-  const prefix = `${path.basename(dataDisk)}.`;
+/**
+ * Data disks half-built by earlier attempts: `data.img.<pid>.<nonce>.tmp` (mke2fs -d) and the staging
+ * image, unmounted first if a worker that died left it mounted.
+ */
+async function removeStaleBuilds(vm: VmPaths): Promise<void> {
+  const staging = stagingImageOf(vm.dataDisk);
+  await unmountStagingImage(staging, vm.inputsDir);
+  await fs.rm(staging, { force: true });
+  const dir = path.dirname(vm.dataDisk);
+  const prefix = `${path.basename(vm.dataDisk)}.`;
   for (const name of await fs.readdir(dir))
     if (name.startsWith(prefix) && name.endsWith('.tmp')) await fs.rm(path.join(dir, name), { force: true });
+}
+
+/**
+ * Makes an ext4 file system in `image` with room for `usage` plus `outputRoomBytes`, holding the files
+ * of `from` when given; root keeps a small reserve.
+ */
+async function makeFileSystem(
+  image: string,
+  usage: Usage,
+  outputRoomBytes: number,
+  from: string | undefined,
+  signal: AbortSignal | undefined,
+): Promise<StagingRecord> {
+  const inodes = usage.entries + 1024 + Math.ceil(outputRoomBytes / (64 * 1024));
+  const payload = usage.bytes + outputRoomBytes;
+  // ext4 metadata: journal, inode tables, bitmaps and extent blocks (~2%), plus the root reserve.
+  const metadata = inodes * INODE_BYTES + Math.ceil(payload * 0.02) + RESERVED_BYTES + 4 * MiB;
+  const journal = journalMiB(payload + metadata);
+  const imageBytes = Math.ceil((payload + metadata + journal * MiB) / MiB) * MiB;
+  const opts = { timeoutMs: TOOL_TIMEOUT_MS, signal };
+  await runCommand(
+    'mke2fs',
+    [
+      ...['-q', '-F', '-t', 'ext4', '-b', String(BLOCK), '-m', '0', '-N', String(inodes)],
+      ...['-J', `size=${journal}`, '-E', 'root_owner=0:0', '-L', 'vsp-home'],
+      ...(from ? ['-d', from] : []),
+      image,
+      `${imageBytes / 1024}k`,
+    ],
+    opts,
+  );
+  await runCommand('tune2fs', ['-r', String(RESERVED_BYTES / BLOCK), image], opts);
+  return { inputBytes: usage.bytes, outputRoomBytes, imageBytes };
 }
 
 /**
@@ -283,7 +345,31 @@ function roomOverflow(stdout: string, image: string, record: StagingRecord | und
   return `outputs exceeded the declared room of ${room}: the task filled its data disk`;
 }
 
-async function measureInputs(dir: string): Promise<{ bytes: number; entries: number }> {
+interface Usage {
+  /** Bytes the entries take in whole blocks. */
+  bytes: number;
+  entries: number;
+}
+
+/** The files and the folders on their paths, as they will take room on the disk. */
+function planUsage(files: StagingPlan['files']): Usage {
+  const dirs = new Set<string>();
+  let bytes = 0;
+  for (const f of files) {
+    const parts = f.path.split('/');
+    if (parts[0] === VSP_DIR) throw new Error(`input ${VSP_DIR}/ is reserved for VSP's own files`);
+    for (let i = 1; i < parts.length; i++) dirs.add(parts.slice(0, i).join('/'));
+    bytes += Math.ceil(f.size / BLOCK) * BLOCK;
+  }
+  return { bytes: bytes + dirs.size * BLOCK, entries: files.length + dirs.size };
+}
+
+function checkRoom(outputRoomBytes: number): void {
+  if (!Number.isSafeInteger(outputRoomBytes) || outputRoomBytes < 0)
+    throw new Error(`output room must be a non-negative byte count, got ${outputRoomBytes}`);
+}
+
+async function measureInputs(dir: string): Promise<Usage> {
   let bytes = 0;
   let entries = 0;
   const walk = async (d: string, rel: string): Promise<void> => {

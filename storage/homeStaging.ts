@@ -8,12 +8,23 @@ export interface ExtractedOutputs {
   taskLog?: string;
 }
 
+/** What a task's home must hold: its input files (paths relative to the home, sizes) and its output room. */
+export interface StagingPlan {
+  files: { path: string; size: number }[];
+  outputRoomBytes: number;
+}
+
 /**
  * How a task's inputs become its home and its outputs come back: a plain folder for the process
  * driver, an ext4 data-disk image for VMs (the paper's mechanism). The workflow never sees which.
  */
 export interface HomeStaging {
   readonly kind: 'directory' | 'disk-image';
+  /**
+   * Readies `vm.inputsDir` for the inputs, before they are downloaded there: for a data disk, the disk
+   * itself mounted there, so that they land once. Optional: build() also takes a plain folder of them.
+   */
+  prepare(vm: VmPaths, plan: StagingPlan, opts?: { signal?: AbortSignal }): Promise<void>;
   /**
    * Builds the home from the inputs downloaded into `vm.inputsDir`, leaving `outputRoomBytes` free;
    * `signal` stops the tools it runs (the activity was cancelled or its attempt timed out).

@@ -1,5 +1,6 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
+import { stagingImageOf, unmountStagingImage } from './stagingMount';
 import { writeFileAtomic } from './durableFile';
 
 /**
@@ -93,6 +94,9 @@ export class VmStore {
   }
 
   async remove(vmId: string): Promise<void> {
-    await fs.rm(this.paths(vmId).dir, { recursive: true, force: true });
+    const p = this.paths(vmId);
+    // A stage-in cut short may have left the data disk mounted on the inputs folder.
+    await unmountStagingImage(stagingImageOf(p.dataDisk), p.inputsDir);
+    await fs.rm(p.dir, { recursive: true, force: true });
   }
 }

@@ -77,6 +77,10 @@ const { goneTasks } = proxyActivities<Pick<ControlActivities, 'goneTasks'>>({
   retry: { initialInterval: '1s', maximumInterval: '10s', maximumAttempts: 3 },
 });
 
+/** Placements decide on a survey younger than SURVEY_REUSE_MS instead of always surveying first. */
+export const SURVEY_REUSE_PATCH = 'vsp-scheduler-survey-reuse';
+const SURVEY_REUSE_MS = 2000;
+
 /** A drain also moves the disks the host stores for VMs that run elsewhere (storage evacuation). */
 export const EVACUATION_PATCH = 'vsp-drain-evacuates-storage';
 
@@ -243,7 +247,10 @@ export async function Scheduler(input: SchedulerInput): Promise<void> {
     if (held) delete s.reservations[req.taskId];
     const waiting = position(req.taskId);
     if (waiting) return { queued: waiting };
-    await refresh();
+    // A survey this young reads the same heartbeats (hosts beat every VSP_HOST_HEARTBEAT_SEC, 5 s):
+    // the placement then completes in this one workflow task, with no survey activity before it.
+    const fresh = Date.now() - s.surveyedAtMs < SURVEY_REUSE_MS && patched(SURVEY_REUSE_PATCH);
+    if (!fresh) await refresh();
     // Asked again while the survey ran (a retried activity): the first answer stands.
     const again = s.reservations[req.taskId] ?? position(req.taskId);
     if (again) return 'host' in again ? { host: again.host } : { queued: again };

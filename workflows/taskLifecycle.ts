@@ -7,6 +7,7 @@ import {
   continueAsNew,
   isCancellation,
   log,
+  patched,
   setCurrentDetails,
   setHandler,
   upsertSearchAttributes,
@@ -22,6 +23,7 @@ import { untilStored } from './lifecycle/repositoryWait';
 import { handleRequests } from './lifecycle/requests';
 import {
   carriedOf,
+  enterPhaseAt,
   invalidTaskStatus,
   newTaskState,
   phaseAttribute,
@@ -124,18 +126,35 @@ async function bringUp(t: TaskState): Promise<void> {
   recordDriver(t, stagedIn.driver);
 
   setPhase(t, 'creating');
-  t.handle = await call(
-    'vm',
-    'createVm',
-    `create ${stagedIn.driver} VM ${t.ref.vmId}`,
-    t.ref,
-    stagedIn.driver,
-  );
-  setPhase(t, 'starting');
-  t.consoleSegments.push({ n: 1, host, since: new Date().toISOString() });
-  t.handle = await call('vm', 'startVm', `start VM ${t.ref.vmId}`, t.handle);
+  if (patched(LAUNCH_PATCH)) {
+    t.consoleSegments.push({ n: 1, host, since: new Date().toISOString() });
+    const launched = await call(
+      'vm',
+      'launchVm',
+      `create and start ${stagedIn.driver} VM ${t.ref.vmId}`,
+      t.ref,
+      stagedIn.driver,
+    );
+    // One step on the host: 'starting' began when it says the VM was created (within this step's time).
+    enterPhaseAt(t, 'starting', Math.min(Math.max(launched.createdAtMs, t.phaseStart), Date.now()));
+    t.handle = launched.handle;
+  } else {
+    t.handle = await call(
+      'vm',
+      'createVm',
+      `create ${stagedIn.driver} VM ${t.ref.vmId}`,
+      t.ref,
+      stagedIn.driver,
+    );
+    setPhase(t, 'starting');
+    t.consoleSegments.push({ n: 1, host, since: new Date().toISOString() });
+    t.handle = await call('vm', 'startVm', `start VM ${t.ref.vmId}`, t.handle);
+  }
   recordAddress(t);
 }
+
+/** Runs that create and start the VM in one host step (launchVm) rather than two. */
+export const LAUNCH_PATCH = 'vsp-launch-vm';
 
 /**
  * The scheduler grants the task's resources on a host now, or queues it: the task then waits, in phase
@@ -214,6 +233,10 @@ async function stageOut(t: TaskState, exit: AwaitResult): Promise<void> {
   await condition(() => !t.migrating);
   setPhase(t, 'staging-out');
   const storageHost = t.storageHost as string;
+  // A VM that never left its storage host has its console there: stage-out keeps it too, and cleanup
+  // then needs no collectConsole step (decided by the result, so older histories replay as they were).
+  const [segment, ...moved] = t.consoleSegments;
+  const segments = segment?.host === storageHost && moved.length === 0 ? [segment] : undefined;
   t.staged = await untilStored(t, 'the outputs', () =>
     onHost(t, storageHost)(
       'transfer',
@@ -223,8 +246,10 @@ async function stageOut(t: TaskState, exit: AwaitResult): Promise<void> {
       t.handle as VmHandle,
       // A command that failed leaves its reason in logs/failure.txt (an argument only: replay-safe).
       exit,
+      segments,
     ),
   );
+  if (t.staged.console) t.consoleLogs = t.staged.console;
 }
 
 /** At most this many restarts after host failures: a task that kills its hosts is not placed forever. */

@@ -9,9 +9,16 @@ import { RepositoryError, type RepositoryClient } from '../../repository/client'
 import { commandFailure } from '../../workflows/definitions';
 import { UnusableOutputsError } from '../../storage/diskImageStaging';
 import { sha256File } from '../../storage/imageCache';
-import type { AwaitResult, StageInResult, StageOutResult, TaskRef, UploadedFile } from '../types';
+import type {
+  AwaitResult,
+  LaunchResult,
+  StageInResult,
+  StageOutResult,
+  TaskRef,
+  UploadedFile,
+} from '../types';
 import type { DriverBinding, HostDeps, ImageFetch } from './hostDeps';
-import { createConsoleActivities } from './consoleSegments';
+import { createConsoleActivities, type ConsoleSegment } from './consoleSegments';
 import { CpuSteering, type CpuPlan } from './cpuSteering';
 import { classified } from './failures';
 import { heartbeating, type Heartbeat } from './heartbeat';
@@ -140,12 +147,55 @@ export function createHostActivities(deps: HostDeps) {
     }
   }
 
+  async function create(ref: TaskRef, driver: string, hb: Heartbeat): Promise<VmHandle> {
+    const baseImage = await baseImageFor(ref, driver, imageFetch(ref, hb));
+    const config: VmConfig = {
+      vmId: ref.vmId,
+      owner: ref.spec.owner,
+      command: ref.spec.command,
+      vcpus: ref.spec.vcpus,
+      memoryMiB: ref.spec.memoryMiB,
+      baseImage,
+      ports: ref.spec.ports,
+      timeLimitSec: ref.spec.timeLimitSec,
+    };
+    return binding(driver).driver.create(config);
+  }
+
+  /**
+   * The task's last step: its capability stops working (DELETE /v1/capabilities/self), so neither a
+   * replay nor a reused workflow id can write into this run's results. Idempotent: a capability that
+   * no longer works counts as released.
+   */
+  async function releaseCapability(ref: TaskRef): Promise<void> {
+    if (ref.capability === undefined) return;
+    const repository = repositoryOf(ref);
+    await classified(hostName, async () => {
+      const revoked = await repository.revokeSelf();
+      log.info({ taskId: ref.taskId, revokedNow: revoked }, 'task capability released');
+    });
+  }
+
   /** Runs a long host step: timer heartbeats with `details`, errors classified. */
   const longStep = <T>(details: Record<string, unknown>, work: (hb: Heartbeat) => Promise<T>) =>
     classified(hostName, () => heartbeating(details, work));
 
+  const consoleActivities = createConsoleActivities(deps, repositoryOf);
+
+  /**
+   * The console, for a stage-out on the host the VM ran on alone: what collectConsole would store
+   * next. Any failure leaves it to collectConsole (undefined), with its own retries and repository wait.
+   */
+  async function consoleHere(ref: TaskRef, segments: ConsoleSegment[]): Promise<UploadedFile[] | undefined> {
+    if (segments.length !== 1 || segments[0].host !== hostName) return undefined;
+    return consoleActivities.collectConsole(ref, segments).catch((err: unknown) => {
+      log.warn({ vmId: ref.vmId, err: describeError(err) }, 'console not kept with the outputs');
+      return undefined;
+    });
+  }
+
   return {
-    ...createConsoleActivities(deps, repositoryOf),
+    ...consoleActivities,
 
     /** Downloads the inputs from the repository and builds the task's home (a folder or a data disk). */
     async stageIn(ref: TaskRef): Promise<StageInResult> {
@@ -171,15 +221,28 @@ export function createHostActivities(deps: HostDeps) {
           await baseImageFor(ref, driver, imageFetch(ref, hb));
         }
 
+        // Sizes first: a data disk is made to measure and the inputs stream onto it (one landing).
+        hb.update({ step: 'plan', of: ref.spec.inputs.length });
+        const files = await inputSizes(repository, ref.spec.owner, ref.spec.inputs).catch(
+          async (err: unknown) => {
+            if (err instanceof InputNotFound) {
+              await store.remove(ref.vmId);
+              throw ApplicationFailure.nonRetryable(err.message, 'InputNotFound');
+            }
+            throw err;
+          },
+        );
+        const outputRoomBytes = ref.spec.outputRoomMiB * 1024 * 1024;
+        await staging.prepare(p, { files, outputRoomBytes }, { signal: hb.signal });
         await fs.mkdir(p.inputsDir, { recursive: true });
         const partial = await removePartialDownloads(p.inputsDir);
         if (partial > 0)
           log.info({ vmId: ref.vmId, files: partial }, 'partial downloads of an earlier attempt removed');
         const verified = { ...hb.previous<StageInProgress>()?.verified };
-        let files = 0;
+        let fetched = 0;
         let skipped = 0;
         for (const input of ref.spec.inputs) {
-          hb.update({ step: 'download', file: input, done: files, of: ref.spec.inputs.length, bytes: 0 });
+          hb.update({ step: 'download', file: input, done: fetched, of: ref.spec.inputs.length, bytes: 0 });
           const dest = path.join(p.inputsDir, input);
           try {
             const sha256 = await stagedCopy(repository, ref.spec.owner, input, dest, verified[input]);
@@ -204,12 +267,12 @@ export function createHostActivities(deps: HostDeps) {
             }
             throw err;
           }
-          files++;
+          fetched++;
           hb.update({ verified }, true);
         }
         hb.update({ step: 'build-home', kind: staging.kind });
-        const built = await staging.build(p, ref.spec.outputRoomMiB * 1024 * 1024, { signal: hb.signal });
-        const result: StageInResult = { driver, files, bytes: built.bytes };
+        const built = await staging.build(p, outputRoomBytes, { signal: hb.signal });
+        const result: StageInResult = { driver, files: fetched, bytes: built.bytes };
         await fs.writeFile(stagedMarker(ref.vmId), JSON.stringify(result));
         log.info({ vmId: ref.vmId, ...result, skipped }, 'stage-in done');
         return result;
@@ -218,24 +281,26 @@ export function createHostActivities(deps: HostDeps) {
 
     /** Prepares the VM (root disk from the cached base image, configuration) without running it. */
     async createVm(ref: TaskRef, driver: string): Promise<VmHandle> {
-      return longStep({ step: 'create' }, async (hb) => {
-        const baseImage = await baseImageFor(ref, driver, imageFetch(ref, hb));
-        const config: VmConfig = {
-          vmId: ref.vmId,
-          owner: ref.spec.owner,
-          command: ref.spec.command,
-          vcpus: ref.spec.vcpus,
-          memoryMiB: ref.spec.memoryMiB,
-          baseImage,
-          ports: ref.spec.ports,
-          timeLimitSec: ref.spec.timeLimitSec,
-        };
-        return binding(driver).driver.create(config);
-      });
+      return longStep({ step: 'create' }, (hb) => create(ref, driver, hb));
     },
 
     async startVm(handle: VmHandle): Promise<VmHandle> {
       return longStep({ step: 'start' }, () => driverOf(handle).start(handle));
+    },
+
+    /**
+     * createVm then startVm in one step on the same host, one Temporal round trip fewer. Both halves
+     * are idempotent (the driver finds the VM it created, and a start is claimed once in the VM folder),
+     * so a retried attempt goes on where the last one stopped. `createdAtMs` (this host's clock) is
+     * when the VM was ready to start: the workflow's 'starting' phase begins there.
+     */
+    async launchVm(ref: TaskRef, driver: string): Promise<LaunchResult> {
+      return longStep({ step: 'create' }, async (hb) => {
+        const created = await create(ref, driver, hb);
+        const createdAtMs = Date.now();
+        hb.update({ step: 'start' }, true);
+        return { handle: await binding(driver).driver.start(created), createdAtMs };
+      });
     },
 
     /**
@@ -341,9 +406,15 @@ export function createHostActivities(deps: HostDeps) {
 
     /**
      * Extracts the outputs and the task log from the task's home and uploads them, file by file; with
-     * an `exit` that failed (status not 0, time limit), its reason as `logs/failure.txt` too.
+     * an `exit` that failed (status not 0, time limit), its reason as `logs/failure.txt` too. With the
+     * console's `segments` (a VM that never left this host), the console as well (`console`).
      */
-    async stageOut(ref: TaskRef, handle: VmHandle, exit?: ExitResult): Promise<StageOutResult> {
+    async stageOut(
+      ref: TaskRef,
+      handle: VmHandle,
+      exit?: ExitResult,
+      segments?: ConsoleSegment[],
+    ): Promise<StageOutResult> {
       return longStep({ step: 'extract' }, async (hb) => {
         const repository = repositoryOf(ref);
         const { staging } = binding(handle.driver);
@@ -375,8 +446,9 @@ export function createHostActivities(deps: HostDeps) {
         const logs = await uploadLogs(repository, ref, extracted.taskLog, hb);
         const failed = exit && commandFailure(exit, ref.spec.timeLimitSec);
         if (failed) logs.push(await storeFailure(repository, ref, failed, hb));
+        const consoleKept = segments && (await consoleHere(ref, segments));
         log.info({ vmId: ref.vmId, outputs: outputs.length, bytes: total }, 'stage-out done');
-        return { outputs, logs };
+        return { outputs, logs, ...(consoleKept ? { console: consoleKept } : {}) };
       });
     },
 
@@ -392,29 +464,34 @@ export function createHostActivities(deps: HostDeps) {
       });
     },
 
-    /** Stops the VM and removes its folder; safe to call any number of times. */
-    async destroyVm(ref: TaskRef, handle: VmHandle | undefined): Promise<void> {
+    /**
+     * Stops the VM and removes its folder; safe to call any number of times. With `releaseCapability`
+     * (the task's last host step), then ends the task's capability too, one round trip fewer. The result
+     * says whether it did: a failure there is not the destroy's (it must not hold the VM's cleanup in
+     * retries), and the workflow then asks releaseCapability, with that step's own bounds.
+     */
+    async destroyVm(
+      ref: TaskRef,
+      handle: VmHandle | undefined,
+      opts: { releaseCapability?: boolean } = {},
+    ): Promise<{ capabilityReleased: boolean }> {
       resized.delete(ref.vmId);
-      return longStep({ step: 'destroy' }, async () => {
+      await longStep({ step: 'destroy' }, async () => {
         if (handle) await driverOf(handle).destroy(handle);
         await store.remove(ref.vmId);
         log.info({ vmId: ref.vmId }, 'VM destroyed');
       });
+      if (!opts.releaseCapability) return { capabilityReleased: false };
+      return releaseCapability(ref).then(
+        () => ({ capabilityReleased: true }),
+        (err: unknown) => {
+          log.warn({ taskId: ref.taskId, err: describeError(err) }, 'capability not released with the VM');
+          return { capabilityReleased: false };
+        },
+      );
     },
 
-    /**
-     * The task's last step: its capability stops working (DELETE /v1/capabilities/self), so neither a
-     * replay nor a reused workflow id can write into this run's results. Idempotent: a capability that
-     * no longer works counts as released.
-     */
-    async releaseCapability(ref: TaskRef): Promise<void> {
-      if (ref.capability === undefined) return;
-      const repository = repositoryOf(ref);
-      await classified(hostName, async () => {
-        const revoked = await repository.revokeSelf();
-        log.info({ taskId: ref.taskId, revokedNow: revoked }, 'task capability released');
-      });
-    },
+    releaseCapability,
   };
 }
 
@@ -452,6 +529,26 @@ async function stagedCopy(
   if (!remote || remote.size !== have.size) return undefined;
   const sha = verifiedSha ?? (await sha256File(dest));
   return sha === remote.sha256 ? sha : undefined;
+}
+
+class InputNotFound extends Error {}
+
+/** Each input's size, from the repository (a few at a time); InputNotFound names the first one missing. */
+async function inputSizes(
+  repository: RepositoryClient,
+  owner: string,
+  inputs: string[],
+): Promise<{ path: string; size: number }[]> {
+  const sizes: { path: string; size: number }[] = [];
+  for (let i = 0; i < inputs.length; i += 16) {
+    const batch = inputs.slice(i, i + 16);
+    const infos = await Promise.all(batch.map((input) => repository.stat(owner, input)));
+    for (const [j, info] of infos.entries()) {
+      if (!info) throw new InputNotFound(`input file '${batch[j]}' is not in ${owner}'s repository space`);
+      sizes.push({ path: batch[j], size: info.size });
+    }
+  }
+  return sizes;
 }
 
 /** Downloads cut short by an earlier attempt (`.<name>.<nonce>.part`, see RepositoryClient.download). */

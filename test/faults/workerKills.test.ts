@@ -89,8 +89,8 @@ async function untilRunning(taskId: string): Promise<void> {
 /** Each phase, and the activity the host worker is killed in: held after its work, its result unreported. */
 const PHASES: { phase: TaskPhase; activity?: string; point?: HoldPoint }[] = [
   { phase: 'staging-in', activity: 'stageIn', point: 'after' },
-  { phase: 'creating', activity: 'createVm', point: 'after' },
-  { phase: 'starting', activity: 'startVm', point: 'after' },
+  // One host step creates and starts the VM (launchVm): killed after it started the VM, unreported.
+  { phase: 'creating', activity: 'launchVm', point: 'after' },
   // The task itself holds the running phase: it waits for its release.
   { phase: 'running' },
   { phase: 'staging-out', activity: 'stageOut', point: 'after' },

@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { createHash, type Hash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import os from 'node:os';
@@ -17,8 +17,15 @@ const sha256 = (...parts: Buffer[]): string => {
   return h.digest('hex');
 };
 
-/** A real file's handle whose n-th writev writes only part of its batch and then fails. */
-function failingOnWrite(handle: FileHandle, failAt: number): FileHandle & { datasyncs: number } {
+/**
+ * A real file's handle whose n-th writev writes only part of its batch and then fails, and whose
+ * fdatasync fails if asked to.
+ */
+function failingOnWrite(
+  handle: FileHandle,
+  failAt: number,
+  failDatasync = false,
+): FileHandle & { datasyncs: number } {
   let calls = 0;
   const wrapped = Object.create(handle) as FileHandle & { datasyncs: number };
   wrapped.datasyncs = 0;
@@ -28,11 +35,24 @@ function failingOnWrite(handle: FileHandle, failAt: number): FileHandle & { data
     throw Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' });
   };
   wrapped.writev = writev;
-  wrapped.datasync = () => {
+  wrapped.datasync = async () => {
     wrapped.datasyncs++;
+    if (failDatasync) throw Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' });
     return handle.datasync();
   };
   return wrapped;
+}
+
+/** streamInto of `chunks` to `handle` with a caller's hash, which must fail: its error; the handle is closed. */
+async function failure(handle: FileHandle, chunks: Buffer[], given: Hash): Promise<Error> {
+  try {
+    await streamInto(Readable.from(chunks), handle, { hash: given });
+  } catch (err) {
+    return err as Error;
+  } finally {
+    await handle.close();
+  }
+  throw new Error('streamInto succeeded');
 }
 
 describe('streamInto', () => {
@@ -63,22 +83,24 @@ describe('streamInto', () => {
     const chunks = Array.from({ length: 8 }, (_, i) => Buffer.alloc(1 << 20, i + 1));
     const file = path.join(dir, 'partial');
     const handle = failingOnWrite(await fs.open(file, 'w'), 3);
-    const given = createHash('sha256');
-    let failure: unknown;
-    try {
-      // 1 MiB chunks, as much as the sink buffers: a few batches, so the third write comes midway.
-      await streamInto(Readable.from(chunks), handle, { hash: given }).catch(
-        (err: unknown) => (failure = err),
-      );
-    } finally {
-      await handle.close();
-    }
-    expect((failure as Error).message).toMatch(/ENOSPC/);
-    const written = writtenBefore(failure);
+    // 1 MiB chunks, as much as the sink buffers: a few batches, so the third write comes midway.
+    const err = await failure(handle, chunks, createHash('sha256'));
+    expect(err.message).toMatch(/ENOSPC/);
+    const written = writtenBefore(err);
     const onDisk = await fs.readFile(file);
     // The failed write left part of a batch that is counted nowhere.
     expect(onDisk.length).toBe(written + 100);
     expect(written).toBeGreaterThan(0);
-    expect(hashBefore(failure)?.digest('hex')).toBe(sha256(onDisk.subarray(0, written)));
+    expect(hashBefore(err)?.digest('hex')).toBe(sha256(onDisk.subarray(0, written)));
+  });
+
+  test('a failed background flush fails the stream and counts nothing as written', async () => {
+    const chunks = Array.from({ length: 40 }, (_, i) => Buffer.alloc(1 << 20, i));
+    const handle = failingOnWrite(await fs.open(path.join(dir, 'eio'), 'w'), Infinity, true);
+    const err = await failure(handle, chunks, createHash('sha256').update('earlier bytes'));
+    expect(handle.datasyncs).toBe(1);
+    expect(err.message).toMatch(/writing the file back to disk failed: EIO/);
+    expect(writtenBefore(err)).toBe(0);
+    expect(hashBefore(err)?.digest('hex')).toBe(createHash('sha256').update('earlier bytes').digest('hex'));
   });
 });

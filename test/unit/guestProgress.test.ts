@@ -39,3 +39,28 @@ test('a guest that reported progress and exited between two polls: its last repo
   expect(result).toEqual({ exitCode: 0, timedOut: false, progress: 100, progressMessage: 'done' });
   expect(seen).toEqual([]);
 });
+
+test("a guest's exit is seen when it is written, not a poll period later", async () => {
+  const consoleLog = path.join(dir, 'console.log');
+  await writeFile(consoleLog, 'VSP-START\r\n');
+  let running = true;
+  // A poll period far past the test's timeout: only the console's change can end the wait in time.
+  const guest: GuestWatch = {
+    ...endedGuest(consoleLog),
+    pollMs: 600_000,
+    probe: async () => ({ exists: running, running, endedWhy: 'powered off', details: {} }),
+  };
+  const stop = new AbortController();
+  const waiting = waitForGuest(guest, {
+    signal: stop.signal,
+    // The first poll saw the guest running: it now prints its exit and powers off.
+    onProgress: () => {
+      running = false;
+      void writeFile(consoleLog, 'VSP-START\r\nVSP-EXIT 0\r\n');
+    },
+  });
+  // Should it fail, the wait is stopped at the timeout rather than left pending.
+  const timeout = setTimeout(() => stop.abort(), 9_000);
+  await expect(waiting).resolves.toMatchObject({ exitCode: 0, timedOut: false });
+  clearTimeout(timeout);
+}, 10_000);

@@ -24,7 +24,7 @@ export async function cleanUp(t: TaskState): Promise<void> {
       await destroy(t, live);
     }
     const releaser = [t.storageHost, t.host].find(live);
-    if (releaser)
+    if (releaser && !t.capabilityReleased)
       await hostSteps(t, releaser)('release', 'releaseCapability', 'end the task capability', t.ref).catch(
         (err: unknown) => log.warn('could not end the task capability', { error: describe(err) }),
       );
@@ -66,7 +66,8 @@ async function keepLogs(t: TaskState, host: string): Promise<void> {
 }
 
 async function keepConsole(t: TaskState, host: string): Promise<void> {
-  if (t.consoleSegments.length === 0) return;
+  // Stage-out kept it already (its result says so).
+  if (t.consoleSegments.length === 0 || t.staged?.console) return;
   await Promise.all(t.keepingConsoles);
   try {
     t.consoleLogs = await untilStored(t, 'the console', () =>
@@ -83,15 +84,30 @@ async function keepConsole(t: TaskState, host: string): Promise<void> {
   }
 }
 
-/** Stops the VM where it runs, then removes its folder where its disks live (they must not vanish under it). */
+/**
+ * Stops the VM where it runs, then removes its folder where its disks live (they must not vanish under
+ * it). The last of these steps also ends the task's capability (once the VM is gone nothing of the task
+ * uses it): one step fewer. Its result says it did; a destroyVm of older histories returned nothing,
+ * and cleanUp then asks releaseCapability, as those histories did.
+ */
 async function destroy(t: TaskState, live: (h: string | undefined) => h is string): Promise<void> {
   const { host, storageHost, ref, handle } = t;
   const left = [host, storageHost].filter((h) => !live(h));
+  const released = (r: { capabilityReleased?: boolean } | undefined) => r?.capabilityReleased === true;
   try {
-    if (live(host) && host !== storageHost)
-      await hostSteps(t, host)('cleanup', 'destroyVm', `stop VM ${ref.vmId}`, ref, handle);
+    if (live(host) && host !== storageHost) {
+      const last = !live(storageHost);
+      const stopped = await hostSteps(t, host)('cleanup', 'destroyVm', `stop VM ${ref.vmId}`, ref, handle, {
+        releaseCapability: last,
+      });
+      t.capabilityReleased = released(stopped);
+    }
     if (live(storageHost))
-      await hostSteps(t, storageHost)('cleanup', 'destroyVm', `destroy VM ${ref.vmId}`, ref, handle);
+      t.capabilityReleased = released(
+        await hostSteps(t, storageHost)('cleanup', 'destroyVm', `destroy VM ${ref.vmId}`, ref, handle, {
+          releaseCapability: true,
+        }),
+      );
     if (left.length > 0)
       t.status.cleanupError = `host ${left[0]} is down: its VM folder is left to its reaper`;
   } catch (err) {

@@ -71,6 +71,8 @@ export interface TaskState {
   granted?: string;
   /** The disks follow the VM after its migration (spec, else the cluster's default). */
   localizeAfterMigration?: boolean;
+  /** The last destroyVm ended the task's capability too (its result said so). */
+  capabilityReleased?: boolean;
   /** The `VspProgress` last upserted: the same value is not upserted again. */
   recordedProgress?: number;
 }
@@ -170,12 +172,19 @@ export function phaseAttribute(phase: TaskPhase) {
 }
 
 export function setPhase(t: TaskState, phase: TaskPhase): void {
-  const now = Date.now();
-  t.phaseMs[t.status.phase] = (t.phaseMs[t.status.phase] ?? 0) + (now - t.phaseStart);
-  t.phaseStart = now;
-  t.status.phase = phase;
-  t.status.timestamps[phase] = new Date(now).toISOString();
+  enterPhaseAt(t, phase, Date.now());
   upsertSearchAttributes([phaseAttribute(phase)]);
+}
+
+/**
+ * The task entered `phase` at `at` (ms; not before the current phase began): its times and status,
+ * without the search attribute, for a phase that began inside a host step and ends as that step does.
+ */
+export function enterPhaseAt(t: TaskState, phase: TaskPhase, at: number): void {
+  t.phaseMs[t.status.phase] = (t.phaseMs[t.status.phase] ?? 0) + (at - t.phaseStart);
+  t.phaseStart = at;
+  t.status.phase = phase;
+  t.status.timestamps[phase] = new Date(at).toISOString();
   showDetails(t);
 }
 

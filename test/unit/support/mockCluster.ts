@@ -125,6 +125,10 @@ export class MockCluster {
         record('startVm');
         return handle;
       },
+      launchVm: async (ref: TaskRef) => {
+        record('launchVm', ref);
+        return { handle: handleOf(ref), createdAtMs: Date.now() };
+      },
       awaitVm: async () => {
         record('awaitVm');
         const ctx = Context.current();
@@ -141,7 +145,7 @@ export class MockCluster {
         }
         return { exitCode: this.released.get(taskId) as number, timedOut: false, progress: 100 };
       },
-      stageOut: async (ref: TaskRef) => {
+      stageOut: async (ref: TaskRef, _handle: VmHandle, _exit: unknown, segments?: { host: string }[]) => {
         record('stageOut', ref);
         if (this.repositoryDown.has(ref.taskId))
           throw ApplicationFailure.create({
@@ -151,6 +155,10 @@ export class MockCluster {
         return {
           outputs: [file(`${ref.resultsPath}/outputs/o.txt`)],
           logs: [file(`${ref.resultsPath}/logs/task.log`)],
+          // The console too, when the VM never left this host (the workflow then passes its segment).
+          ...(segments?.at(-1)?.host === host
+            ? { console: [file(`${ref.resultsPath}/logs/console.log`)] }
+            : {}),
         };
       },
       collectLogs: async (ref: TaskRef) => {
@@ -165,8 +173,10 @@ export class MockCluster {
         record('keepConsoleSegment', ref);
         return undefined;
       },
-      destroyVm: async (ref: TaskRef) => {
+      destroyVm: async (ref: TaskRef, _handle: unknown, opts?: { releaseCapability?: boolean }) => {
         record('destroyVm', ref);
+        if (opts?.releaseCapability) record('releaseCapability', ref);
+        return { capabilityReleased: opts?.releaseCapability === true };
       },
       releaseCapability: async (ref: TaskRef) => {
         record('releaseCapability', ref);
