@@ -7,9 +7,8 @@ import { runCommand } from '../../lib/runCommand';
 import { createLogger, describeError } from '../../logging/logger';
 import { sha256File } from '../../storage/imageCache';
 import { createRootOverlay } from '../vmDisks';
-import type { Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
-import { buildQemuArgs, guestArgs, type QemuLaunch } from './commandLine';
+import { buildQemuArgs, guestArgs, type HostMachine, type QemuLaunch } from './commandLine';
 import { asAccount, checkReachable, giveToAccount, type QemuAccount } from './qemuAccount';
 import { QMP_TIMEOUT_MS, QmpClient, qmpCommand } from './qmp';
 import { isVmProcess, sleep, startDetached, waitForExit } from './vmProcess';
@@ -30,8 +29,7 @@ import { isVmProcess, sleep, startDetached, waitForExit } from './vmProcess';
  */
 
 /** What a snapshot's machine must match: a restore uses the same values. */
-export interface SnapshotShape {
-  accel: Accelerator;
+export interface SnapshotShape extends HostMachine {
   memoryMiB: number;
   vcpus: number;
   /** The base image of the root overlay (absolute path). */
@@ -79,9 +77,12 @@ function templateLaunch(shape: SnapshotShape, appliance: Appliance, files: Launc
   return {
     vmId: 'snapshot',
     accel: shape.accel,
+    machine: shape.machine,
+    tscKhz: shape.tscKhz,
     memoryMiB: shape.memoryMiB,
     vcpus: shape.vcpus,
     vmlinuz: appliance.vmlinuz,
+    vmlinux: appliance.vmlinux,
     initrd: appliance.initrd,
     ...files,
     owner: 'snapshot',

@@ -29,7 +29,13 @@ describe('QemuSnapshots.keyOf', () => {
       initrd: path.join(dir, 'initrd'),
       root: { path: path.join(dir, 'base.qcow2'), sha256: '0'.repeat(64), format: 'qcow2' },
     };
-    shape = { accel: 'tcg', memoryMiB: 256, vcpus: 1, baseImage: path.join(dir, 'base.qcow2') };
+    shape = {
+      accel: 'tcg',
+      machine: 'pc',
+      memoryMiB: 256,
+      vcpus: 1,
+      baseImage: path.join(dir, 'base.qcow2'),
+    };
   });
 
   afterAll(() => fs.rm(dir, { recursive: true, force: true }));
