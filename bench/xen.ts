@@ -103,7 +103,7 @@ async function rawGuest(
     memoryMiB: MEMORY_MIB,
     vcpus: 1,
     kernel: `${appliance}vmlinuz`,
-    ramdisk: `${appliance}initrd.gz`,
+    ramdisk: `${appliance}initrd.cpio`,
     owner: OWNER,
     rootDisk: `${links}/root`,
     dataDisk: `${links}/data`,

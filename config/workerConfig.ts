@@ -84,6 +84,8 @@ const HostSchema = z.object({
     .positive()
     .default(8 * 1024 ** 3),
   accel: z.enum(['auto', 'kvm', 'tcg']).default('auto'),
+  /** The host's TSC frequency, for TCG microvm guests where /proc/cpuinfo does not tell it (accelerator.ts). */
+  tscKhz: z.coerce.number().int().min(1_000).max(100_000_000).optional(),
   /** The uids the process driver gives its tasks, one each: "first-last", none of the host's accounts. */
   processUids: checkedString(parseUidRange).transform(parseUidRange).optional(),
   /** Where every host's store is mounted (deploy/production/storagePlan.ts): the Xen driver's disk paths. */
@@ -168,6 +170,7 @@ export function loadHostConfig(env: NodeJS.ProcessEnv = process.env): HostConfig
       applianceDir: 'VSP_APPLIANCE_DIR',
       maxImageBytes: 'VSP_MAX_IMAGE_BYTES',
       accel: 'VSP_ACCEL',
+      tscKhz: 'VSP_TSC_KHZ',
       processUids: 'VSP_PROCESS_UIDS',
       mountRoot: 'VSP_MOUNT_ROOT',
       clusterStorage: 'VSP_CLUSTER_STORAGE',

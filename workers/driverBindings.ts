@@ -56,6 +56,7 @@ export async function createDriverBindings(
           hostName: config.host,
           appliance: vmImages.appliance,
           accel: config.accel,
+          tscKhz: config.tscKhz,
           cluster: config.clusterStorage,
           netns: config.netns,
           vmNetwork: config.vmNetwork,

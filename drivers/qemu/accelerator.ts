@@ -78,3 +78,24 @@ async function runProbe(kernel: string, timeoutMs: number, qemuBinary: string): 
     child.on('exit', (code) => finish('tcg', `probe exited with ${code} before the kernel printed`));
   });
 }
+
+/**
+ * The host's TSC frequency in kHz, or undefined when this host does not tell it. Under TCG the guest's TSC is
+ * the host's, and a microvm guest has no other clock (no HPET, no PM timer) to measure it against: its kernel
+ * must be told (tsc_early_khz), or its own calibration against the PIT fails under load and it hangs. /proc/
+ * cpuinfo's "cpu MHz" is the kernel's calibrated frequency when the TSC is constant and the CPU has no
+ * APERF/MPERF counters (with them it is the current clock, not the TSC's). VSP_TSC_KHZ (workerConfig.ts)
+ * overrides it.
+ */
+export async function hostTscKhz(cpuinfo = '/proc/cpuinfo'): Promise<number | undefined> {
+  return tscKhzOf(await fs.readFile(cpuinfo, 'utf8').catch(() => ''));
+}
+
+/** hostTscKhz's reading of /proc/cpuinfo (pure, for tests). */
+export function tscKhzOf(cpuinfo: string): number | undefined {
+  const flags = /^flags\s*:(.*)$/m.exec(cpuinfo)?.[1].trim().split(/\s+/) ?? [];
+  if (!flags.includes('constant_tsc') || flags.includes('aperfmperf')) return undefined;
+  const mhz = /^cpu MHz\s*:\s*([0-9]+(?:\.[0-9]+)?)\s*$/m.exec(cpuinfo)?.[1];
+  const khz = mhz === undefined ? NaN : Math.round(Number(mhz) * 1000);
+  return khz >= 1_000 ? khz : undefined;
+}

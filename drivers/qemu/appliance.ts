@@ -8,6 +8,8 @@ export interface Appliance {
   kernelVersion: string;
   /** Absolute paths. */
   vmlinuz: string;
+  /** The kernel unpacked to ELF with a PVH entry (QEMU's microvm starts it); absent when the build could not. */
+  vmlinux?: string;
   initrd: string;
   root: { path: string; sha256: string; format: 'qcow2' | 'raw' };
 }
@@ -15,7 +17,12 @@ export interface Appliance {
 interface Manifest {
   version: string;
   kernelVersion: string;
-  files: { vmlinuz: string; initrd: string; root: { path: string; sha256: string; format: string } };
+  files: {
+    vmlinuz: string;
+    vmlinux?: string;
+    initrd: string;
+    root: { path: string; sha256: string; format: string };
+  };
 }
 
 /** The source tree: two levels up from this file, or three when it runs compiled from dist/. */
@@ -45,6 +52,7 @@ async function readManifest(versionDir: string): Promise<Appliance> {
     version: m.version,
     kernelVersion: m.kernelVersion,
     vmlinuz: path.join(versionDir, m.files.vmlinuz),
+    ...(m.files.vmlinux ? { vmlinux: path.join(versionDir, m.files.vmlinux) } : {}),
     initrd: path.join(versionDir, m.files.initrd),
     root: { path: path.join(versionDir, m.files.root.path), sha256: m.files.root.sha256, format: fmt },
   };

@@ -22,9 +22,8 @@ import type {
   VmConfig,
   VmHandle,
 } from '../types';
-import type { Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
-import { buildQemuArgs, pidFileOf, qemuLogOf, vmLaunch } from './commandLine';
+import { buildQemuArgs, pidFileOf, qemuLogOf, recordedMachine, vmLaunch } from './commandLine';
 import { ConsoleFollower, departedConsoleOf, setConsoleAside } from './consoleLog';
 import { QMP_TIMEOUT_MS, QmpClient, qmpCommand } from './qmp';
 import { type QemuVmState } from './qemuDriver';
@@ -204,7 +203,7 @@ export class QemuMigration extends MigrationRecords {
     if (!nic) for (const port of config.ports) portForwards[port] = await freeLocalPort();
     const args = buildQemuArgs(
       vmLaunch(config, this.ctx.appliance, paths, {
-        accel: from.state.accel as Accelerator,
+        ...recordedMachine(from.state),
         portForwards,
         nic,
         disks: { root: qemuFileName(root), data: qemuFileName(data) },

@@ -12,14 +12,17 @@ import type { ExitResult, MigratableDriver, VmConfig, VmHandle, VmStatus, WaitOp
 import type { CpuShare, DiskLocalizingDriver } from '../types';
 import { checkVmConfig } from '../vmConfigCheck';
 import { createRootOverlay, requireDataDisk, writeTaskCommand } from '../vmDisks';
-import { probeAccelerator, type Accelerator } from './accelerator';
+import { hostTscKhz, probeAccelerator, type Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
 import {
   buildQemuArgs,
+  chooseMachine,
   controlSocketOf,
   pidFileOf,
   qemuLogOf,
+  recordedMachine,
   vmLaunch,
+  type HostMachine,
   type QemuLaunch,
 } from './commandLine';
 import { ConsoleFollower } from './consoleLog';
@@ -61,6 +64,8 @@ export interface QemuDriverOptions {
   hostName: string;
   appliance: Appliance;
   accel?: 'auto' | Accelerator;
+  /** The host's TSC frequency in kHz, when /proc/cpuinfo does not tell it (accelerator.ts hostTscKhz). */
+  tscKhz?: number;
   qemuBinary?: string;
   /** Poll period of `wait`; progress is reported on every poll. */
   pollMs?: number;
@@ -126,7 +131,8 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
   constructor(private readonly opts: QemuDriverOptions) {
     super(opts);
     this.qemuBinary = opts.qemuBinary ?? 'qemu-system-x86_64';
-    this.pollMs = opts.pollMs ?? 1000;
+    // A restored VM's one-second task ends within a few seconds: a 1 s poll would add half a second to it.
+    this.pollMs = opts.pollMs ?? 250;
     if (opts.vmNetwork) validateVmNetwork(opts.vmNetwork);
     this.migration = new QemuMigration({
       account: () => this.account(),
@@ -211,15 +217,26 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
    * Builds this host's snapshot for VMs of this shape (memory, vCPUs, base image) unless it exists; the
    * VMs started after it restore from it. Resolves with the snapshot's folder.
    */
-  async buildSnapshot(shape: Omit<SnapshotShape, 'accel'>): Promise<string> {
+  async buildSnapshot(shape: Omit<SnapshotShape, keyof HostMachine>): Promise<string> {
     if (!this.snapshots) throw new Error(`snapshots are off on host ${this.opts.hostName}`);
-    return this.snapshots.build({ ...shape, accel: await this.accelerator() });
+    return this.snapshots.build({ ...shape, ...(await this.hostMachine()) });
   }
 
-  private async accelerator(): Promise<Accelerator> {
-    return this.opts.accel && this.opts.accel !== 'auto'
-      ? this.opts.accel
-      : probeAccelerator(this.opts.appliance.vmlinuz, undefined, this.qemuBinary);
+  /**
+   * The accelerator and machine this host's VMs start on, and the TSC frequency a TCG microvm kernel is
+   * told (recorded with each VM: a migration target builds the same machine).
+   */
+  private async hostMachine(): Promise<HostMachine> {
+    const accel =
+      this.opts.accel && this.opts.accel !== 'auto'
+        ? this.opts.accel
+        : await probeAccelerator(this.opts.appliance.vmlinuz, undefined, this.qemuBinary);
+    const tscKhz = accel === 'tcg' ? (this.opts.tscKhz ?? (await hostTscKhz())) : undefined;
+    return {
+      accel,
+      machine: chooseMachine(accel, this.opts.appliance, tscKhz),
+      ...(tscKhz ? { tscKhz } : {}),
+    };
   }
 
   private async launch(
@@ -228,7 +245,8 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
     paths: VmPaths,
     mayRestore = true,
   ): Promise<VmHandle> {
-    const accel = await this.accelerator();
+    const host = await this.hostMachine();
+    const { accel, machine, tscKhz } = host;
     const nic =
       this.opts.vmNetwork && config.ports.length > 0
         ? await chooseVmNic(
@@ -244,7 +262,7 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
       this.snapshots && mayRestore && config.ports.length === 0
         ? await this.snapshots
             .lookup({
-              accel,
+              ...host,
               memoryMiB: config.memoryMiB,
               vcpus: config.vcpus,
               baseImage: String(current.state.baseImage),
@@ -256,6 +274,8 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
         : undefined;
     const handle = startingHandle(current, this.opts.hostName, config, {
       accel,
+      machine,
+      ...(tscKhz ? { tscKhz } : {}),
       ...Object.fromEntries(Object.entries(portForwards).map(([g, h]) => [`${HOST_PORT_KEY}${g}`, h])),
       ...(nic ? nicState(nic) : {}),
       ...(restore ? { snapshot: restore.key } : {}),
@@ -269,7 +289,13 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
       consoleLog: paths.consoleLog,
       runDir: paths.runDir,
     });
-    const launch = vmLaunch(config, this.opts.appliance, paths, { accel, portForwards, nic });
+    const launch = vmLaunch(config, this.opts.appliance, paths, {
+      accel,
+      machine,
+      tscKhz,
+      portForwards,
+      nic,
+    });
     const args = [...buildQemuArgs(launch), ...(restore ? ['-incoming', 'fd:3'] : [])];
     const qemu = asAccount(account, this.qemuBinary, args);
     if (nic && this.opts.vmNetwork) await addVmTap(this.wrap, this.opts.vmNetwork.bridge, nic.tap, account);
@@ -305,6 +331,7 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
         vmId: config.vmId,
         pid,
         accel,
+        machine,
         portForwards,
         address: nic?.address,
         user: account?.user,
@@ -362,7 +389,7 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
         current,
         paths,
         vmLaunch(config, this.opts.appliance, paths, {
-          accel: current.state.accel as Accelerator,
+          ...recordedMachine(current.state),
           portForwards: hostPortsOf(current),
           nic: nicFromState(current.state),
         }),

@@ -7,9 +7,8 @@ import { runCommand } from '../../lib/runCommand';
 import { createLogger, describeError } from '../../logging/logger';
 import { sha256File } from '../../storage/imageCache';
 import { createRootOverlay } from '../vmDisks';
-import type { Accelerator } from './accelerator';
 import type { Appliance } from './appliance';
-import { buildQemuArgs, guestArgs, type QemuLaunch } from './commandLine';
+import { buildQemuArgs, guestArgs, type HostMachine, type QemuLaunch } from './commandLine';
 import { asAccount, checkReachable, giveToAccount, type QemuAccount } from './qemuAccount';
 import { QMP_TIMEOUT_MS, QmpClient, qmpCommand } from './qmp';
 import { isVmProcess, sleep, startDetached, waitForExit } from './vmProcess';
@@ -30,8 +29,7 @@ import { isVmProcess, sleep, startDetached, waitForExit } from './vmProcess';
  */
 
 /** What a snapshot's machine must match: a restore uses the same values. */
-export interface SnapshotShape {
-  accel: Accelerator;
+export interface SnapshotShape extends HostMachine {
   memoryMiB: number;
   vcpus: number;
   /** The base image of the root overlay (absolute path). */
@@ -79,9 +77,12 @@ function templateLaunch(shape: SnapshotShape, appliance: Appliance, files: Launc
   return {
     vmId: 'snapshot',
     accel: shape.accel,
+    machine: shape.machine,
+    tscKhz: shape.tscKhz,
     memoryMiB: shape.memoryMiB,
     vcpus: shape.vcpus,
     vmlinuz: appliance.vmlinuz,
+    vmlinux: appliance.vmlinux,
     initrd: appliance.initrd,
     ...files,
     owner: 'snapshot',
@@ -96,6 +97,7 @@ export class QemuSnapshots {
   private readonly failedAt = new Map<string, number>();
   private readonly fileIds = new Map<string, Promise<string>>();
   private qemuVersion: Promise<string> | undefined;
+  private staleSwept: Promise<void> | undefined;
 
   constructor(private readonly ctx: QemuSnapshotsContext) {}
 
@@ -161,6 +163,8 @@ export class QemuSnapshots {
   private async buildOnce(shape: SnapshotShape, key: string): Promise<string> {
     const dir = path.join(this.ctx.dir, key);
     if (await exists(path.join(dir, STATE_FILE))) return dir;
+    this.staleSwept ??= this.sweepStaleBuilds();
+    await this.staleSwept;
     const started = Date.now();
     await fs.mkdir(this.ctx.dir, { recursive: true });
     const tmp = await fs.mkdtemp(path.join(this.ctx.dir, `.build-${key.slice(0, 8)}-`));
@@ -227,6 +231,22 @@ export class QemuSnapshots {
     } finally {
       if (pid !== undefined) await stopQemu(pid, files.qmpSocket);
       await fs.rm(tmp, { recursive: true, force: true });
+    }
+  }
+
+  /**
+   * Ends the builds an earlier worker left when it died mid-build (their QEMU waits at the ready point
+   * forever) and removes their folders. Runs once, before this process's first build.
+   */
+  private async sweepStaleBuilds(): Promise<void> {
+    for (const name of await fs.readdir(this.ctx.dir).catch(() => [] as string[])) {
+      if (!name.startsWith('.build-')) continue;
+      const tmp = path.join(this.ctx.dir, name);
+      const pid = Number((await fs.readFile(path.join(tmp, 'qemu.pid'), 'utf8').catch(() => '')).trim());
+      const qmpSocket = path.join(tmp, 'run', 'qmp.sock');
+      if (await isVmProcess(pid, qmpSocket)) await stopQemu(pid, qmpSocket);
+      await fs.rm(tmp, { recursive: true, force: true });
+      this.log.info({ build: name, pid }, 'removed a snapshot build left by an earlier worker');
     }
   }
 

@@ -29,7 +29,7 @@ describe('VM network: buildQemuArgs and NIC identity (pure)', () => {
     const nic = vmNicOf('vm-1', VM_NETWORK);
     const args = buildQemuArgs({ ...launch, nic }).join(' ');
     expect(args).toContain(`-netdev tap,id=net0,ifname=${nic.tap},script=no,downscript=no`);
-    expect(args).toContain(`-device virtio-net-pci,netdev=net0,mac=${nic.mac}`);
+    expect(args).toContain(`-device virtio-net-device,netdev=net0,mac=${nic.mac}`);
     expect(args).toContain(`vsp.ip=${nic.address}`);
     expect(args).not.toMatch(/vsp\.net=1|user,id=net0/);
   });

@@ -29,7 +29,13 @@ describe('QemuSnapshots.keyOf', () => {
       initrd: path.join(dir, 'initrd'),
       root: { path: path.join(dir, 'base.qcow2'), sha256: '0'.repeat(64), format: 'qcow2' },
     };
-    shape = { accel: 'tcg', memoryMiB: 256, vcpus: 1, baseImage: path.join(dir, 'base.qcow2') };
+    shape = {
+      accel: 'tcg',
+      machine: 'pc',
+      memoryMiB: 256,
+      vcpus: 1,
+      baseImage: path.join(dir, 'base.qcow2'),
+    };
   });
 
   afterAll(() => fs.rm(dir, { recursive: true, force: true }));
@@ -61,5 +67,17 @@ describe('QemuSnapshots.keyOf', () => {
     expect(
       await snapshots().keyOf({ ...shape, baseImage: path.join(dir, `${'b'.repeat(64)}.qcow2`) }),
     ).not.toBe(key);
+  });
+
+  test("a build first removes the folders of builds an earlier worker left, never killing a stranger's pid", async () => {
+    const stale = path.join(dir, 'snapshots', '.build-stale');
+    await fs.mkdir(stale, { recursive: true });
+    // This process's own pid: its command line names no build socket, so it is no build's QEMU.
+    await fs.writeFile(path.join(stale, 'qemu.pid'), `${process.pid}\n`);
+    // The build itself fails here (no such base image), after the sweep.
+    await expect(
+      snapshots().build({ ...shape, baseImage: path.join(dir, `${'c'.repeat(64)}.qcow2`) }),
+    ).rejects.toThrow(/build failed/);
+    await expect(fs.access(stale)).rejects.toThrow();
   });
 });
