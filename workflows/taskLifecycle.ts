@@ -16,7 +16,7 @@ import {
 import type { AwaitResult, VmHandle } from '../activities/types';
 import { parseTaskInput, taskInput } from '../spec/taskInput';
 import { commandFailure, statusQuery, type TaskResult } from './definitions';
-import { control, onHost } from './lifecycle/activities';
+import { control, LOCAL_PLACEMENT_PATCH, localControl, onHost } from './lifecycle/activities';
 import { cleanUp } from './lifecycle/cleanup';
 import { describe, ownFailureType } from './lifecycle/failures';
 import { untilStored } from './lifecycle/repositoryWait';
@@ -128,6 +128,9 @@ async function bringUp(t: TaskState): Promise<void> {
   setPhase(t, 'creating');
   if (patched(LAUNCH_PATCH)) {
     t.consoleSegments.push({ n: 1, host, since: new Date().toISOString() });
+    // Until launchVm answers, the VM is known by its id only: a cancel or failure meanwhile must still
+    // stop whatever it started (drivers find a VM's process from its folder).
+    t.handle = { driver: stagedIn.driver, vmId: t.ref.vmId, host, storageHost: host, state: {} };
     const launched = await call(
       'vm',
       'launchVm',
@@ -165,7 +168,8 @@ async function place(t: TaskState): Promise<string> {
   t.placementAsked = true;
   const restartedFrom = t.status.restartedFrom;
   // After a host died under it, the task goes wherever a live host is, even if it named the dead one.
-  const placed = await control.placeTask(
+  const placer = patched(LOCAL_PLACEMENT_PATCH) ? localControl : control;
+  const placed = await placer.placeTask(
     restartedFrom ? { ...t.spec, host: undefined } : t.spec,
     restartedFrom ? { exclude: restartedFrom } : {},
   );

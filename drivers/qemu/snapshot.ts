@@ -97,6 +97,7 @@ export class QemuSnapshots {
   private readonly failedAt = new Map<string, number>();
   private readonly fileIds = new Map<string, Promise<string>>();
   private qemuVersion: Promise<string> | undefined;
+  private staleSwept: Promise<void> | undefined;
 
   constructor(private readonly ctx: QemuSnapshotsContext) {}
 
@@ -162,6 +163,8 @@ export class QemuSnapshots {
   private async buildOnce(shape: SnapshotShape, key: string): Promise<string> {
     const dir = path.join(this.ctx.dir, key);
     if (await exists(path.join(dir, STATE_FILE))) return dir;
+    this.staleSwept ??= this.sweepStaleBuilds();
+    await this.staleSwept;
     const started = Date.now();
     await fs.mkdir(this.ctx.dir, { recursive: true });
     const tmp = await fs.mkdtemp(path.join(this.ctx.dir, `.build-${key.slice(0, 8)}-`));
@@ -228,6 +231,22 @@ export class QemuSnapshots {
     } finally {
       if (pid !== undefined) await stopQemu(pid, files.qmpSocket);
       await fs.rm(tmp, { recursive: true, force: true });
+    }
+  }
+
+  /**
+   * Ends the builds an earlier worker left when it died mid-build (their QEMU waits at the ready point
+   * forever) and removes their folders. Runs once, before this process's first build.
+   */
+  private async sweepStaleBuilds(): Promise<void> {
+    for (const name of await fs.readdir(this.ctx.dir).catch(() => [] as string[])) {
+      if (!name.startsWith('.build-')) continue;
+      const tmp = path.join(this.ctx.dir, name);
+      const pid = Number((await fs.readFile(path.join(tmp, 'qemu.pid'), 'utf8').catch(() => '')).trim());
+      const qmpSocket = path.join(tmp, 'run', 'qmp.sock');
+      if (await isVmProcess(pid, qmpSocket)) await stopQemu(pid, qmpSocket);
+      await fs.rm(tmp, { recursive: true, force: true });
+      this.log.info({ build: name, pid }, 'removed a snapshot build left by an earlier worker');
     }
   }
 

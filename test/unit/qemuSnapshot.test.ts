@@ -68,4 +68,16 @@ describe('QemuSnapshots.keyOf', () => {
       await snapshots().keyOf({ ...shape, baseImage: path.join(dir, `${'b'.repeat(64)}.qcow2`) }),
     ).not.toBe(key);
   });
+
+  test("a build first removes the folders of builds an earlier worker left, never killing a stranger's pid", async () => {
+    const stale = path.join(dir, 'snapshots', '.build-stale');
+    await fs.mkdir(stale, { recursive: true });
+    // This process's own pid: its command line names no build socket, so it is no build's QEMU.
+    await fs.writeFile(path.join(stale, 'qemu.pid'), `${process.pid}\n`);
+    // The build itself fails here (no such base image), after the sweep.
+    await expect(
+      snapshots().build({ ...shape, baseImage: path.join(dir, `${'c'.repeat(64)}.qcow2`) }),
+    ).rejects.toThrow(/build failed/);
+    await expect(fs.access(stale)).rejects.toThrow();
+  });
 });

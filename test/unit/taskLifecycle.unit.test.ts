@@ -178,15 +178,15 @@ test('completed: outputs staged out, VM destroyed after, capability released las
   // last destroyVm, after the VM is gone: a lifecycle with no step it does not need.
   expect(order).toEqual(['stageIn', 'launchVm', 'awaitVm', 'stageOut', 'destroyVm', 'releaseCapability']);
   const events = (await h.fetchHistory()).events ?? [];
+  // Placement and its release are local activities (markers, no activity task).
   expect(events.flatMap((e) => e.activityTaskScheduledEventAttributes?.activityType?.name ?? [])).toEqual([
-    'placeTask',
     'stageIn',
     'launchVm',
     'awaitVm',
     'stageOut',
     'destroyVm',
-    'releasePlacement',
   ]);
+  expect(cluster.called('placeTask')).not.toHaveLength(0);
   expect(result.logs.map((l) => l.path)).toContain(`results/${h.workflowId}/logs/console.log`);
   expect(await executionStatus(h)).toBe('COMPLETED');
   await record('completed', h);
@@ -435,14 +435,17 @@ test('HostDown: a host still within its liveness period is asked again when it w
   // Once live-but-silent, then down: the task failed on the second answer, without trying the step again.
   const events = (await h.fetchHistory()).events ?? [];
   const scheduled = events.filter((e) => e.activityTaskScheduledEventAttributes?.activityType?.name);
+  // Placement and its release are local activities: the dead host is left to its reaper, and the
+  // task's resources go back to the scheduler (a marker each, no activity task).
   expect(scheduled.map((e) => e.activityTaskScheduledEventAttributes?.activityType?.name)).toEqual([
-    'placeTask',
     'stageIn',
     'hostStatus',
     'hostStatus',
-    // The dead host is left to its reaper; the task's resources go back to the scheduler.
-    'releasePlacement',
   ]);
+  const localActivities = events.flatMap((e) =>
+    e.markerRecordedEventAttributes?.markerName === 'core_local_activity' ? [e] : [],
+  );
+  expect(localActivities).toHaveLength(2);
 });
 
 test("HostDown with onHostFailure 'restart': placed again on a live host, completes there", async () => {

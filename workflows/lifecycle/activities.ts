@@ -4,6 +4,7 @@ import {
   isCancellation,
   log,
   proxyActivities,
+  proxyLocalActivities,
   sleep,
   type ActivityFunctionWithOptions,
   type ActivityOptions,
@@ -38,6 +39,20 @@ export const control = proxyActivities<ControlActivities>({
   taskQueue: CONTROL_TASK_QUEUE,
   startToCloseTimeout: '30s',
   // No live host yet: keep trying for a while, then fail the task clearly.
+  scheduleToCloseTimeout: '10m',
+  retry: { initialInterval: '1s', maximumInterval: '15s' },
+});
+
+/**
+ * Placement and its release as local activities (patch `vsp-local-placement`): the control worker that
+ * runs the workflow asks the scheduler itself, with no activity task to dispatch and no workflow task
+ * for the result. Both are idempotent (the scheduler answers a repeated request with what it granted),
+ * so a retried or replayed call is safe; their bounds are the activities' own.
+ */
+export const LOCAL_PLACEMENT_PATCH = 'vsp-local-placement';
+
+export const localControl = proxyLocalActivities<ControlActivities>({
+  startToCloseTimeout: '30s',
   scheduleToCloseTimeout: '10m',
   retry: { initialInterval: '1s', maximumInterval: '15s' },
 });

@@ -1,5 +1,5 @@
 import { CancellationScope, condition, log, patched } from '@temporalio/workflow';
-import { hostSteps, reservations, SCHEDULER_PATCH } from './activities';
+import { hostSteps, LOCAL_PLACEMENT_PATCH, localControl, reservations, SCHEDULER_PATCH } from './activities';
 import { describe, ownFailureType } from './failures';
 import { untilStored } from './repositoryWait';
 import { setPhase, type TaskState } from './state';
@@ -30,7 +30,7 @@ export async function cleanUp(t: TaskState): Promise<void> {
       );
     // The VM is gone (or its host is): its resources go back to the scheduler, or the task leaves its queue.
     if (t.placementAsked && patched(SCHEDULER_PATCH))
-      await reservations
+      await (patched(LOCAL_PLACEMENT_PATCH) ? localControl : reservations)
         .releasePlacement()
         .catch((err: unknown) => log.error('could not release the task placement', { error: describe(err) }));
   });
