@@ -124,18 +124,12 @@ class ConsoleWaker {
   async wait(ms: number, signal: AbortSignal): Promise<void> {
     this.arm();
     await sleep(Math.min(MIN_POLL_MS, ms), signal);
-    if (!this.changed && !signal.aborted)
-      await new Promise<void>((resolve) => {
-        const done = () => {
-          clearTimeout(timer);
-          signal.removeEventListener('abort', done);
-          this.wake = undefined;
-          resolve();
-        };
-        const timer = setTimeout(done, ms - MIN_POLL_MS);
-        this.wake = done;
-        signal.addEventListener('abort', done, { once: true });
-      });
+    if (!this.changed && !signal.aborted) {
+      const woken = new AbortController();
+      this.wake = () => woken.abort();
+      await sleep(ms - MIN_POLL_MS, AbortSignal.any([signal, woken.signal]));
+      this.wake = undefined;
+    }
     this.changed = false;
   }
 

@@ -2,20 +2,15 @@ import { promises as fs } from 'node:fs';
 import { VSP_DIR, writeDataDiskFile } from '../storage/diskImageStaging';
 import type { VmPaths } from '../storage/vmStore';
 import { runCommand } from '../lib/runCommand';
+import { pathExists } from '../lib/pathExists';
 
 /** The disks every VM driver boots a task from: a root overlay of the base image and the data disk. */
 
 const QEMU_IMG_TIMEOUT_MS = 30_000;
 
-const exists = (file: string) =>
-  fs.access(file).then(
-    () => true,
-    () => false,
-  );
-
 /** Builds `rootDisk` with `make(tmp)` into a temporary file renamed into place; kept if present. */
 async function buildRootDisk(rootDisk: string, make: (tmp: string) => Promise<unknown>): Promise<void> {
-  if (await exists(rootDisk)) return;
+  if (await pathExists(rootDisk)) return;
   const tmp = `${rootDisk}.${process.pid}.tmp`;
   await make(tmp);
   await fs.rename(tmp, rootDisk);

@@ -11,6 +11,7 @@ import type { ExtractedOutputs, HomeStaging, StagingPlan } from './homeStaging';
 import { isMountPoint, mountStagingImage, stagingImageOf, unmountStagingImage } from './stagingMount';
 import { DEFAULT_MAX_DEPTH, DEFAULT_MAX_ENTRIES } from './outputTree';
 import type { VmPaths } from './vmStore';
+import { pathExists } from '../lib/pathExists';
 
 const MiB = 1024 * 1024;
 const BLOCK = 4096;
@@ -69,7 +70,7 @@ export class DiskImageStaging implements HomeStaging {
   async prepare(vm: VmPaths, plan: StagingPlan, opts: { signal?: AbortSignal } = {}): Promise<void> {
     checkRoom(plan.outputRoomBytes);
     if (await isMountPoint(vm.inputsDir)) return;
-    if (!(await exists(vm.inputsDir)) && (await exists(vm.dataDisk))) return;
+    if (!(await pathExists(vm.inputsDir)) && (await pathExists(vm.dataDisk))) return;
     const usage = planUsage(plan.files);
     await fs.mkdir(vm.dir, { recursive: true });
     await removeStaleBuilds(vm);
@@ -102,8 +103,8 @@ export class DiskImageStaging implements HomeStaging {
     opts: { signal?: AbortSignal } = {},
   ): Promise<{ bytes: number }> {
     checkRoom(outputRoomBytes);
-    const haveInputs = await exists(vm.inputsDir);
-    if (!haveInputs && (await exists(vm.dataDisk))) {
+    const haveInputs = await pathExists(vm.inputsDir);
+    if (!haveInputs && (await pathExists(vm.dataDisk))) {
       // A retry after a build that already finished (the inputs folder is removed last).
       return { bytes: (await fs.stat(vm.dataDisk)).size };
     }
@@ -146,7 +147,7 @@ export class DiskImageStaging implements HomeStaging {
     await fs.rm(vm.inputsDir, { recursive: true, force: true });
     const record = await readStagingRecord(vm);
     this.log.info({ dataDisk: vm.dataDisk, ...record }, 'data disk built');
-    return { bytes: (await fs.stat(vm.dataDisk)).size };
+    return { bytes: record.imageBytes };
   }
 
   /**
@@ -158,7 +159,8 @@ export class DiskImageStaging implements HomeStaging {
     if (rel.includes('"')) throw new Error(`outputDir ${JSON.stringify(rel)} contains a double quote`);
     if (rel === VSP_DIR || rel.startsWith(`${VSP_DIR}/`))
       throw new Error(`outputDir may not be inside ${VSP_DIR}/`);
-    if (!(await exists(vm.dataDisk))) throw new Error(`no data disk ${vm.dataDisk} to extract outputs from`);
+    if (!(await pathExists(vm.dataDisk)))
+      throw new Error(`no data disk ${vm.dataDisk} to extract outputs from`);
     const record = await readStagingRecord(vm);
 
     await fs.rm(vm.outboxDir, { recursive: true, force: true });
@@ -405,11 +407,4 @@ async function readStagingRecord(vm: VmPaths): Promise<StagingRecord | undefined
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     throw err;
   }
-}
-
-async function exists(p: string): Promise<boolean> {
-  return fs.access(p).then(
-    () => true,
-    () => false,
-  );
 }

@@ -8,7 +8,8 @@ import { runCommand } from '../../lib/runCommand';
 import { isVmProcess, startDetached, waitForExit } from '../../drivers/qemu/vmProcess';
 import { createLogger, describeError } from '../../logging/logger';
 import type { ClusterConfig, HostConfig } from './config';
-import { exists, pruneUnused, touch } from './files';
+import { pathExists } from '../../lib/pathExists';
+import { pruneUnused, touch } from './files';
 import type { Dom0Image } from './image';
 import { sshOnce, type SshTarget } from './ssh';
 
@@ -276,7 +277,7 @@ export async function powerOnDom0(
 ): Promise<Dom0Boot> {
   const started = Date.now();
   const p = await clearRunFiles(h);
-  if (!(await exists(p.disk)))
+  if (!(await pathExists(p.disk)))
     throw new Error(`dom0 ${h.name} has no disk at ${p.disk}: bring the cluster up`);
   log.info({ host: h.name }, 'dom0 powering on (cold boot from its own disk)');
   const pid = await bootCold(c, h, image, target, started);
@@ -374,7 +375,7 @@ export async function startDom0(
   target: SshTarget,
 ): Promise<Dom0Boot> {
   const dir = await warmDir(c, h, image);
-  if (c.warm && (await exists(path.join(dir, 'state.gz')))) {
+  if (c.warm && (await pathExists(path.join(dir, 'state.gz')))) {
     const started = Date.now();
     try {
       await touch(dir);

@@ -4,13 +4,6 @@ import path from 'node:path';
 import type { Logger } from '../../logging/logger';
 import { describeError } from '../../logging/logger';
 
-export async function exists(file: string): Promise<boolean> {
-  return fs.access(file).then(
-    () => true,
-    () => false,
-  );
-}
-
 /** Marks a cached entry as used now (pruneUnused goes by modification time). */
 export async function touch(p: string): Promise<void> {
   const now = new Date();

@@ -8,7 +8,8 @@ import { runCommand } from '../../lib/runCommand';
 import { createLogger } from '../../logging/logger';
 import { repoRoot } from '../devcluster/tools';
 import { HOST_NAMES, type ClusterConfig } from './config';
-import { exists, pruneUnused, touch } from './files';
+import { pathExists } from '../../lib/pathExists';
+import { pruneUnused, touch } from './files';
 import { withLock } from './lock';
 
 const log = createLogger('vmcluster.image');
@@ -42,7 +43,7 @@ export interface ClusterKeys {
 }
 
 async function keygen(file: string, comment: string): Promise<void> {
-  if (await exists(file)) return;
+  if (await pathExists(file)) return;
   await fs.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
   await runCommand('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', comment, '-f', file]);
 }
@@ -110,7 +111,7 @@ function imageAt(hash: string, dir: string): Dom0Image {
 /** The cached image a running cluster was booted from (its state records the hash). */
 export async function builtImage(c: ClusterConfig, hash: string): Promise<Dom0Image> {
   const image = imageAt(hash, path.join(c.cacheDir, 'images', hash));
-  if (!(await exists(path.join(image.dir, 'complete'))))
+  if (!(await pathExists(path.join(image.dir, 'complete'))))
     throw new Error(`the cluster's dom0 image ${hash} is no longer in ${path.dirname(image.dir)}`);
   return image;
 }
@@ -126,7 +127,7 @@ export async function ensureImage(c: ClusterConfig, keys: ClusterKeys): Promise<
   const imagesDir = path.join(c.cacheDir, 'images');
   const image = imageAt(hash, path.join(imagesDir, hash));
   const complete = path.join(image.dir, 'complete');
-  if (await exists(complete)) {
+  if (await pathExists(complete)) {
     await touch(image.dir);
     return image;
   }
@@ -136,7 +137,7 @@ export async function ensureImage(c: ClusterConfig, keys: ClusterKeys): Promise<
     log,
     BUILD_TIMEOUT_MS,
     async () => {
-      if (await exists(complete)) return image;
+      if (await pathExists(complete)) return image;
       const scratch = path.join(imagesDir, `${hash}.build-${process.pid}`);
       await fs.rm(scratch, { recursive: true, force: true });
       await fs.rm(image.dir, { recursive: true, force: true });

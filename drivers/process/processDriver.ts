@@ -20,6 +20,7 @@ import type {
   VmStatus,
   WaitOptions,
 } from '../types';
+import { pathExists } from '../../lib/pathExists';
 
 const log = createLogger('driver.process');
 
@@ -153,7 +154,7 @@ export class ProcessDriver implements HypervisorDriver {
   async start(handle: VmHandle): Promise<VmHandle> {
     const p = this.opts.store.paths(handle.vmId);
     const state = await this.state(handle.vmId);
-    const claimed = await exists(path.join(p.dir, '.started'));
+    const claimed = await pathExists(path.join(p.dir, '.started'));
     if (!claimed) {
       // Root never runs a task: the uid comes from a range that excludes it, and this checks it again.
       if (!(state.uid >= 1000)) throw new Error(`refusing to run task ${handle.vmId} as uid ${state.uid}`);
@@ -306,13 +307,6 @@ function signalGroup(pid: number, signal: NodeJS.Signals): void {
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
   }
-}
-
-async function exists(p: string): Promise<boolean> {
-  return fs.stat(p).then(
-    () => true,
-    () => false,
-  );
 }
 
 async function readExitCode(file: string): Promise<number | undefined> {

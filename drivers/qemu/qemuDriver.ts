@@ -54,7 +54,7 @@ import {
   type VmNetworkOptions,
 } from './vmNetwork';
 import { readPidFile } from '../processLiveness';
-import { freeLocalPort, isVmProcess, startDetached, waitForExit } from './vmProcess';
+import { freeLocalPort, isVmProcess, killVmProcess, startDetached, waitForExit } from './vmProcess';
 
 // Shared by every VM driver (drivers/vmOutcome.ts); still exported here for the callers that import them from here.
 export { TIMEOUT_EXIT_CODE, VmMigratedError } from '../vmOutcome';
@@ -126,6 +126,7 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
   protected readonly migration: QemuMigration;
   private readonly mirror: QemuDiskMirror;
   private accountOnce: Promise<QemuAccount | undefined> | undefined;
+  private machineOnce: Promise<HostMachine> | undefined;
   private readonly snapshots: QemuSnapshots | undefined;
 
   constructor(private readonly opts: QemuDriverOptions) {
@@ -226,7 +227,16 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
    * The accelerator and machine this host's VMs start on, and the TSC frequency a TCG microvm kernel is
    * told (recorded with each VM: a migration target builds the same machine).
    */
-  private async hostMachine(): Promise<HostMachine> {
+  private hostMachine(): Promise<HostMachine> {
+    // Once per driver: a host fact, and a snapshot key hashes it (a re-read /proc/cpuinfo must not move it).
+    this.machineOnce ??= this.probeHostMachine();
+    return this.machineOnce.catch((err: unknown) => {
+      this.machineOnce = undefined;
+      throw err;
+    });
+  }
+
+  private async probeHostMachine(): Promise<HostMachine> {
     const accel =
       this.opts.accel && this.opts.accel !== 'auto'
         ? this.opts.accel
@@ -481,12 +491,7 @@ export class QemuDriver extends StoredVmDriver implements MigratableDriver, Disk
   }
 
   private async killQemu(pid: number, paths: VmPaths): Promise<void> {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
-    }
-    if (!(await waitForExit(pid, paths.qmpSocket, 5000)))
+    if (!(await killVmProcess(pid, paths.qmpSocket)))
       throw new Error(`VM ${path.basename(paths.dir)}: QEMU ${pid} survived SIGKILL`);
   }
 

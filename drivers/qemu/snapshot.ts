@@ -3,6 +3,8 @@ import { createWriteStream, promises as fs } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { pipeline } from 'node:stream/promises';
+import { readRange } from '../../lib/fileRange';
+import { pathExists } from '../../lib/pathExists';
 import { runCommand } from '../../lib/runCommand';
 import { createLogger, describeError } from '../../logging/logger';
 import { sha256File } from '../../storage/imageCache';
@@ -11,7 +13,7 @@ import type { Appliance } from './appliance';
 import { buildQemuArgs, guestArgs, type HostMachine, type QemuLaunch } from './commandLine';
 import { asAccount, checkReachable, giveToAccount, type QemuAccount } from './qemuAccount';
 import { QMP_TIMEOUT_MS, QmpClient, qmpCommand } from './qmp';
-import { isVmProcess, sleep, startDetached, waitForExit } from './vmProcess';
+import { isVmProcess, killVmProcess, sleep, startDetached, waitForExit } from './vmProcess';
 
 /**
  * Saved VM states to start tasks from instead of booting (issue 13). A snapshot is the appliance booted
@@ -127,7 +129,7 @@ export class QemuSnapshots {
   async lookup(shape: SnapshotShape): Promise<{ key: string; state: string } | undefined> {
     const key = await this.keyOf(shape);
     const state = path.join(this.ctx.dir, key, STATE_FILE);
-    if (await exists(state)) return { key, state };
+    if (await pathExists(state)) return { key, state };
     const failed = this.failedAt.get(key);
     if (!this.builds.has(key) && (failed === undefined || Date.now() - failed > RETRY_AFTER_MS))
       this.build(shape).catch(() => undefined);
@@ -162,7 +164,7 @@ export class QemuSnapshots {
 
   private async buildOnce(shape: SnapshotShape, key: string): Promise<string> {
     const dir = path.join(this.ctx.dir, key);
-    if (await exists(path.join(dir, STATE_FILE))) return dir;
+    if (await pathExists(path.join(dir, STATE_FILE))) return dir;
     this.staleSwept ??= this.sweepStaleBuilds();
     await this.staleSwept;
     const started = Date.now();
@@ -219,7 +221,7 @@ export class QemuSnapshots {
         await fs.rm(f, { recursive: true, force: true });
       // Published whole or not at all; a concurrent build of the same key keeps the first.
       await fs.rename(tmp, dir).catch(async (err: unknown) => {
-        if (!(await exists(path.join(dir, STATE_FILE)))) throw err;
+        if (!(await pathExists(path.join(dir, STATE_FILE)))) throw err;
       });
       this.log.info({ key, bytes, ms: Date.now() - started, ...shape }, 'snapshot built');
       return dir;
@@ -368,15 +370,7 @@ export async function sendStartMessage(
 
 /** The start of the console (where the guest's resume lines are), after a newline so lines match as `\n<line>`. */
 async function consoleHead(consoleLog: string): Promise<string> {
-  const fh = await fs.open(consoleLog, 'r').catch(() => undefined);
-  if (!fh) return '\n';
-  try {
-    const buf = Buffer.alloc(CONSOLE_SCAN_BYTES);
-    const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
-    return `\n${buf.subarray(0, bytesRead).toString('utf8')}`;
-  } finally {
-    await fh.close();
-  }
+  return `\n${(await readRange(consoleLog, 0, CONSOLE_SCAN_BYTES)).toString('utf8')}`;
 }
 
 /** Whether the guest has printed `line` early in its console. */
@@ -407,17 +401,5 @@ async function waitForConsoleLine(
 /** Ends a QEMU this module started (QMP quit, then SIGKILL). */
 async function stopQemu(pid: number, qmpSocket: string): Promise<void> {
   await qmpCommand(qmpSocket, 'quit').catch(() => undefined);
-  if (await waitForExit(pid, qmpSocket, 5_000)) return;
-  try {
-    process.kill(pid, 'SIGKILL');
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
-  }
-  await waitForExit(pid, qmpSocket, 5_000);
+  if (!(await waitForExit(pid, qmpSocket, 5_000))) await killVmProcess(pid, qmpSocket);
 }
-
-const exists = (file: string) =>
-  fs.access(file).then(
-    () => true,
-    () => false,
-  );

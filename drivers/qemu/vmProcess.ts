@@ -27,6 +27,16 @@ export async function waitForExit(pid: number, qmpSocket: string, timeoutMs: num
   return true;
 }
 
+/** SIGKILLs this VM's QEMU (gone already is fine); true once it has exited, false after 5 s. */
+export async function killVmProcess(pid: number, qmpSocket: string): Promise<boolean> {
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
+  }
+  return waitForExit(pid, qmpSocket, 5_000);
+}
+
 export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
     const timer = setTimeout(done, ms);
