@@ -147,7 +147,7 @@ export class DiskImageStaging implements HomeStaging {
     await fs.rm(vm.inputsDir, { recursive: true, force: true });
     const record = await readStagingRecord(vm);
     this.log.info({ dataDisk: vm.dataDisk, ...record }, 'data disk built');
-    return { bytes: record.imageBytes };
+    return { bytes: (await fs.stat(vm.dataDisk)).size };
   }
 
   /**
