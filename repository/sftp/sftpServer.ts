@@ -6,7 +6,7 @@ import { describeError } from '../../logging/logger';
 import { AccessDenied, authenticateKey, authenticatePassword, type OwnerSession } from '../accounts/auth';
 import { remoteOf } from '../accounts/auditLog';
 import { serveSftp, type SftpSessionDeps } from './sftpSession';
-import { generateEd25519KeyPair } from '../accounts/sshKeys';
+import { generateEd25519KeyPair } from '../../lib/sshKeyPair';
 
 /**
  * The repository's SFTP service (ssh2's Server): owners log in with their password, an API token as

@@ -1,7 +1,7 @@
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { utils } from 'ssh2';
+import { generateEd25519KeyPair } from '../../lib/sshKeyPair';
 import { clusterInventory, deployCluster, inventoryFile, markDeployed, onHostOk, vspCli } from './harness';
 
 /**
@@ -97,8 +97,7 @@ describe('vsp cluster deploy on the Xen hosts', () => {
       const inv = JSON.parse(await fs.readFile(inventory, 'utf8'));
       const [victim] = hosts.slice(-1);
       const others = hosts.filter((h) => h !== victim);
-      inv.hosts.find((h: { name: string }) => h.name === victim).hostKey =
-        utils.generateKeyPairSync('ed25519').public;
+      inv.hosts.find((h: { name: string }) => h.name === victim).hostKey = generateEd25519KeyPair().public;
       const file = path.join(dir, 'wrong-host-key.json');
       await fs.writeFile(file, JSON.stringify(inv));
       try {

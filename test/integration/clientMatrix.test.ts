@@ -7,7 +7,7 @@ import { Readable } from 'node:stream';
 import { promisify } from 'node:util';
 import { addKey, addOwner, setPassword } from '../../repository/accounts/admin';
 import { RepositoryClient } from '../../repository/client';
-import { generateEd25519KeyPair } from '../../repository/accounts/sshKeys';
+import { generateEd25519KeyPair } from '../../lib/sshKeyPair';
 import type { RepositoryServer } from '../../repository/server';
 import { startAllProtocols } from '../support/repositoryServer';
 

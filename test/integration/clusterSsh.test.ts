@@ -3,7 +3,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { utils } from 'ssh2';
+import { generateEd25519KeyPair } from '../../lib/sshKeyPair';
 import { freePort } from '../../deploy/devcluster/ports';
 import {
   HostKeyMismatchError,
@@ -29,9 +29,9 @@ maybe('deploy SSH transport (OpenSSH on loopback)', () => {
 
   beforeAll(async () => {
     dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-sshd-'));
-    const hostKey = utils.generateKeyPairSync('ed25519');
-    const client = utils.generateKeyPairSync('ed25519');
-    otherHostKey = utils.generateKeyPairSync('ed25519').public;
+    const hostKey = generateEd25519KeyPair();
+    const client = generateEd25519KeyPair();
+    otherHostKey = generateEd25519KeyPair().public;
     await fs.writeFile(path.join(dir, 'host_key'), hostKey.private, { mode: 0o600 });
     await fs.writeFile(path.join(dir, 'authorized_keys'), `${client.public}\n`, { mode: 0o600 });
     const port = await freePort();
@@ -140,7 +140,7 @@ maybe('deploy SSH transport (OpenSSH on loopback)', () => {
   });
 
   it('says why a login is refused', async () => {
-    const stranger = Buffer.from(utils.generateKeyPairSync('ed25519').private);
+    const stranger = Buffer.from(generateEd25519KeyPair().private);
     await expect(SshSession.connect({ ...target, privateKey: stranger })).rejects.toThrow(
       /^cannot connect to loop \(root@127\.0\.0\.1:\d+\): All configured authentication methods failed/,
     );

@@ -6,7 +6,7 @@ import { Readable } from 'node:stream';
 import { addOwner, createServiceToken } from '../../repository/accounts/admin';
 import { RepositoryClient, RepositoryError } from '../../repository/client';
 import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
-import { generateEd25519KeyPair } from '../../repository/accounts/sshKeys';
+import { generateEd25519KeyPair } from '../../lib/sshKeyPair';
 import { sha256File } from '../../storage/imageCache';
 import { runAdminCli } from '../support/adminCli';
 import { refusal, SftpTestClient } from '../support/sftpTestClient';

@@ -18,7 +18,7 @@ import {
   setQuota,
 } from '../../repository/accounts/admin';
 import { RepositoryClient } from '../../repository/client';
-import { generateEd25519KeyPair } from '../../repository/accounts/sshKeys';
+import { generateEd25519KeyPair } from '../../lib/sshKeyPair';
 import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
 import { refusal, SftpTestClient } from '../support/sftpTestClient';
 

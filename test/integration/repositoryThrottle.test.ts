@@ -7,7 +7,7 @@ import { AccessDenied } from '../../repository/accounts/auth';
 import { RepositoryClient, RepositoryError } from '../../repository/client';
 import { addressKey, LoginRateLimited, LoginThrottle } from '../../repository/accounts/loginThrottle';
 import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
-import { generateEd25519KeyPair } from '../../repository/accounts/sshKeys';
+import { generateEd25519KeyPair } from '../../lib/sshKeyPair';
 import { SftpTestClient } from '../support/sftpTestClient';
 
 const PASSWORD = 'correct horse battery staple';

@@ -1,7 +1,7 @@
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { utils } from 'ssh2';
+import { generateEd25519KeyPair } from '../../lib/sshKeyPair';
 import { currentPlatformTriple, excludePatterns, productionPackagePaths } from '../../deploy/cluster/bundle';
 import { parseFacts, parseFileDump, parseXlInfo, preflightProblems, shq } from '../../deploy/cluster/deploy';
 import {
@@ -25,8 +25,8 @@ import {
 import { formatPlan, formatReport } from '../../deploy/cluster/report';
 import { fingerprint, parsePublicKeyLine } from '../../deploy/cluster/sshSession';
 
-const hostKeyA = utils.generateKeyPairSync('ed25519').public;
-const hostKeyB = utils.generateKeyPairSync('ed25519').public;
+const hostKeyA = generateEd25519KeyPair().public;
+const hostKeyB = generateEd25519KeyPair().public;
 
 function inventory(overrides: Record<string, unknown> = {}): Record<string, unknown> {
   return {
@@ -114,7 +114,7 @@ describe('inventory', () => {
   });
 
   it('refuses a private key, duplicate names and addresses, and a storage layout that loops', () => {
-    const priv = utils.generateKeyPairSync('ed25519').private;
+    const priv = generateEd25519KeyPair().private;
     expect(
       errorOf(() =>
         parseInventory(inventory({ hosts: [{ name: 'a', address: '10.0.0.1', hostKey: priv }] })),
@@ -186,7 +186,7 @@ describe('inventory', () => {
     };
 
     it('reads the key and the first line of the token file', async () => {
-      const priv = utils.generateKeyPairSync('ed25519').private;
+      const priv = generateEd25519KeyPair().private;
       const s = await withFiles(priv, 0o600, 'service-token-0123456789\nignored\n', 0o600)();
       expect(s.repositoryToken).toBe('service-token-0123456789');
       expect(s.privateKey.toString()).toBe(priv);

@@ -14,7 +14,8 @@ import {
 } from '../../repository/accounts/admin';
 import { authenticate, authenticatePassword, hashToken } from '../../repository/accounts/auth';
 import { MetadataDb, repositoryDbPath } from '../../repository/store/metadataDb';
-import { fingerprintOf, generateEd25519KeyPair, parsePublicKeyLine } from '../../repository/accounts/sshKeys';
+import { generateEd25519KeyPair } from '../../lib/sshKeyPair';
+import { fingerprintOf, parsePublicKeyLine } from '../../repository/accounts/sshKeys';
 import { runAdminCli } from '../support/adminCli';
 
 let dataDir: string;
