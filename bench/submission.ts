@@ -45,11 +45,11 @@ export async function benchSubmission(env: {
   const temporal = new Client({ connection, namespace: 'default' });
   const vsp = new VspClient(temporal);
   const started: string[] = [];
-  const { token } = addOwner(dataDir, 'alice');
+  const { token } = await addOwner(dataDir, 'alice');
   const db = MetadataDb.open(dataDir);
   try {
     const mtime = new Date().toISOString();
-    db.transaction(() => {
+    await db.transaction(() => {
       for (let i = 0; i < STORED_FILES; i++)
         db.upsertFile('alice', { path: `data/f${i}.bin`, size: 1024, sha256: '0'.repeat(64), mtime });
     });
@@ -70,7 +70,7 @@ export async function benchSubmission(env: {
     try {
       for (let i = 0; i < runs; i++) {
         // before: validation and the workflow start only
-        const direct = admitTask(
+        const direct = await admitTask(
           { db, keys },
           { owner: 'alice', spec: spec(`b${i}`), taskId: `bench-b-${run}-${i}`, mintedBy: 'bench' },
         );
@@ -94,7 +94,7 @@ export async function benchSubmission(env: {
 
         // admission alone (pre-flight + capability)
         t = performance.now();
-        admitTask(
+        await admitTask(
           { db, keys },
           { owner: 'alice', spec: spec(`c${i}`), taskId: `bench-c-${run}-${i}`, mintedBy: 'bench' },
         );

@@ -62,9 +62,9 @@ export interface LocalClusterOptions {
  * first time.
  */
 export function ownerTokenIn(repoDir: string, owner: string): string {
-  return listOwners(repoDir).some((o) => o.name === owner)
+  return (await listOwners(repoDir)).some((o) => o.name === owner)
     ? createToken(repoDir, owner, 'devcluster')
-    : addOwner(repoDir, owner).token;
+    : (await addOwner(repoDir, owner)).token;
 }
 
 /**

@@ -31,7 +31,7 @@ const sha256 = (b: Buffer | string) => createHash('sha256').update(b).digest('he
 beforeAll(async () => {
   dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-host-staging-repo-'));
   storeDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-host-staging-store-'));
-  const token = addOwner(dataDir, 'alice').token;
+  const token = (await addOwner(dataDir, 'alice')).token;
   server = await startRepositoryServer({ dataDir, port: 0 });
   owner = new RepositoryClient({ url: server.url, token });
   await owner.upload('alice', 'in/x.bin', Readable.from([input]));
@@ -51,7 +51,7 @@ function taskOf(taskId: string, inputs: string[]): TaskRef {
     results: `results/${taskId}`,
     exp: Math.floor(Date.now() / 1000) + 3600,
   };
-  const { token } = withAdmin(dataDir, (_a, db) =>
+  const { token } = await withAdmin(dataDir, (_a, db) =>
     mintCapability(db, loadCapabilityKeys(dataDir), grant, 'test'),
   );
   return {

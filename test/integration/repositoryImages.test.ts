@@ -84,10 +84,10 @@ async function httpStatus(p: Promise<unknown>): Promise<number> {
 beforeAll(async () => {
   dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-images-'));
   work = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-images-work-'));
-  aliceToken = addOwner(dataDir, 'alice').token;
-  const bobToken = addOwner(dataDir, 'bob').token;
+  aliceToken = (await addOwner(dataDir, 'alice')).token;
+  const bobToken = (await addOwner(dataDir, 'bob')).token;
   await setPassword(dataDir, 'alice', PASSWORD);
-  const hostsToken = createServiceToken(dataDir, 'hosts');
+  const hostsToken = await createServiceToken(dataDir, 'hosts');
   qcow2 = path.join(work, 'mine.qcow2');
   qemuImg('create', '-q', '-f', 'qcow2', qcow2, '32M');
   qcow2Sha = await sha256File(qcow2);
@@ -313,10 +313,10 @@ describe("the provider's base images", () => {
     const notes = path.join(work, 'notes.txt');
     await fs.writeFile(notes, 'hello\n');
     await expect(
-      withAdmin(dataDir, (_a, db) => addBaseImage(dataDir, db, 'broken', createReadStream(notes))),
+      await withAdmin(dataDir, (_a, db) => addBaseImage(dataDir, db, 'broken', createReadStream(notes))),
     ).rejects.toThrow(/not a disk image/);
     await expect(
-      withAdmin(dataDir, (_a, db) => addBaseImage(dataDir, db, 'debian-12', createReadStream(base))),
+      await withAdmin(dataDir, (_a, db) => addBaseImage(dataDir, db, 'debian-12', createReadStream(base))),
     ).rejects.toThrow(/already exists/);
     expect(await fs.readdir(path.join(dataDir, 'base-images'))).toEqual(['debian-12']);
   });
@@ -325,7 +325,7 @@ describe("the provider's base images", () => {
 test('a database of schema 2 is upgraded in place to the current schema, keeping its data', async () => {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-images-db-'));
   try {
-    addOwner(dir, 'carol');
+    await addOwner(dir, 'carol');
     const raw = new Database(repositoryDbPath(dir));
     raw.exec(
       'DROP TABLE admin_tokens; DROP TABLE base_images; DROP TABLE image_info; DROP TABLE capabilities;',
@@ -334,11 +334,11 @@ test('a database of schema 2 is upgraded in place to the current schema, keeping
     raw.close();
     const db = MetadataDb.open(dir);
     try {
-      expect(db.getOwner('carol')).toMatchObject({ name: 'carol' });
-      expect(db.listBaseImages()).toEqual([]);
-      expect(db.listAdminTokens()).toEqual([]);
-      expect(db.getImageInfo('a'.repeat(64))).toBeUndefined();
-      expect(db.liveCapabilities('carol', 0)).toEqual([]);
+      expect(await db.getOwner('carol')).toMatchObject({ name: 'carol' });
+      expect(await db.listBaseImages()).toEqual([]);
+      expect(await db.listAdminTokens()).toEqual([]);
+      expect(await db.getImageInfo('a'.repeat(64))).toBeUndefined();
+      expect(await db.liveCapabilities('carol', 0)).toEqual([]);
     } finally {
       db.close();
     }

@@ -47,9 +47,9 @@ async function withDbAsync<T>(fn: (db: MetadataDb) => Promise<T>): Promise<T> {
 
 describe('passwords', () => {
   test('are stored as argon2id hashes and checked on login', async () => {
-    addOwner(dataDir, 'alice');
+    await addOwner(dataDir, 'alice');
     await setPassword(dataDir, 'alice', 'a long enough secret');
-    const stored = withDb((db) => db.getPasswordHash('alice'));
+    const stored = withDb((db) => await db.getPasswordHash('alice'));
     expect(stored).toMatch(/^\$argon2id\$/);
     expect(await fs.readFile(repositoryDbPath(dataDir), 'latin1')).not.toContain('a long enough secret');
     await withDbAsync(async (db) => {
@@ -64,50 +64,58 @@ describe('passwords', () => {
         status: 401,
       });
     });
-    expect(listOwners(dataDir)[0]).toMatchObject({ name: 'alice', hasPassword: true });
+    expect((await listOwners(dataDir))[0]).toMatchObject({ name: 'alice', hasPassword: true });
   });
 
   test('weak, token-like or ownerless passwords are refused', async () => {
-    addOwner(dataDir, 'alice');
-    await expect(setPassword(dataDir, 'alice', 'short')).rejects.toThrow(/10-1024 characters/);
-    await expect(setPassword(dataDir, 'alice', 'vsp_looks_like_a_token')).rejects.toThrow(/may not start/);
-    await expect(setPassword(dataDir, 'bob', 'a long enough secret')).rejects.toThrow(/no such owner: bob/);
+    await addOwner(dataDir, 'alice');
+    await expect(await setPassword(dataDir, 'alice', 'short')).rejects.toThrow(/10-1024 characters/);
+    await expect(await setPassword(dataDir, 'alice', 'vsp_looks_like_a_token')).rejects.toThrow(
+      /may not start/,
+    );
+    await expect(await setPassword(dataDir, 'bob', 'a long enough secret')).rejects.toThrow(
+      /no such owner: bob/,
+    );
   });
 });
 
 describe('SSH keys', () => {
   test('public keys are parsed, fingerprinted and listed; private keys and junk are refused', () => {
-    addOwner(dataDir, 'alice');
+    await addOwner(dataDir, 'alice');
     const pair = generateEd25519KeyPair('alice@laptop');
     const info = parsePublicKeyLine(pair.public);
     expect(info.fingerprint).toBe(fingerprintOf(Buffer.from(info.keyData, 'base64')));
-    const row = addKey(dataDir, 'alice', pair.public);
+    const row = await addKey(dataDir, 'alice', pair.public);
     expect(row).toMatchObject({ owner: 'alice', name: 'alice@laptop', algorithm: 'ssh-ed25519' });
-    expect(() => addKey(dataDir, 'alice', pair.public)).toThrow(/already has key SHA256:/);
-    expect(() => addKey(dataDir, 'alice', pair.private)).toThrow(/private key/);
-    expect(() => addKey(dataDir, 'alice', 'ssh-ed25519 AAAAnotakey')).toThrow(/not a valid SSH public key/);
-    expect(() => addKey(dataDir, 'alice', '')).toThrow(/empty/);
-    expect(() => addKey(dataDir, 'bob', pair.public)).toThrow(/no such owner/);
-    expect(listKeys(dataDir, 'alice').map((k) => k.fingerprint)).toEqual([info.fingerprint]);
-    expect(() => removeKey(dataDir, 'alice', row.id + 1)).toThrow(/has no key with id/);
-    removeKey(dataDir, 'alice', row.id);
-    expect(listKeys(dataDir)).toEqual([]);
+    expect(() => await addKey(dataDir, 'alice', pair.public)).toThrow(/already has key SHA256:/);
+    expect(() => await addKey(dataDir, 'alice', pair.private)).toThrow(/private key/);
+    expect(() => await addKey(dataDir, 'alice', 'ssh-ed25519 AAAAnotakey')).toThrow(
+      /not a valid SSH public key/,
+    );
+    expect(() => await addKey(dataDir, 'alice', '')).toThrow(/empty/);
+    expect(() => await addKey(dataDir, 'bob', pair.public)).toThrow(/no such owner/);
+    expect((await listKeys(dataDir, 'alice')).map((k) => k.fingerprint)).toEqual([info.fingerprint]);
+    expect(() => await removeKey(dataDir, 'alice', row.id + 1)).toThrow(/has no key with id/);
+    await removeKey(dataDir, 'alice', row.id);
+    expect(await listKeys(dataDir)).toEqual([]);
   });
 });
 
 describe('quotas', () => {
   test('are validated and shown with usage', () => {
-    addOwner(dataDir, 'alice');
-    expect(() => setQuota(dataDir, 'alice', { bytes: -1 })).toThrow(/quota bytes must be a whole number/);
-    expect(() => setQuota(dataDir, 'alice', { files: 1.5 })).toThrow(/quota files/);
-    setQuota(dataDir, 'alice', { bytes: 1000, files: 3 });
-    expect(listOwners(dataDir)[0]).toMatchObject({
+    await addOwner(dataDir, 'alice');
+    expect(() => await setQuota(dataDir, 'alice', { bytes: -1 })).toThrow(
+      /quota bytes must be a whole number/,
+    );
+    expect(() => await setQuota(dataDir, 'alice', { files: 1.5 })).toThrow(/quota files/);
+    await setQuota(dataDir, 'alice', { bytes: 1000, files: 3 });
+    expect((await listOwners(dataDir))[0]).toMatchObject({
       quotaBytes: 1000,
       quotaFiles: 3,
       usage: { bytes: 0, files: 0 },
     });
-    setQuota(dataDir, 'alice', {});
-    expect(listOwners(dataDir)[0].quotaBytes).toBeUndefined();
+    await setQuota(dataDir, 'alice', {});
+    expect((await listOwners(dataDir))[0].quotaBytes).toBeUndefined();
   });
 
   test('limits parse with units', () => {
@@ -140,12 +148,16 @@ describe('schema', () => {
     old.pragma('user_version = 1');
     old.close();
     withDb((db) => {
-      expect(db.getOwner('alice')).toMatchObject({ name: 'alice', hasPassword: false, disabled: false });
+      expect(await db.getOwner('alice')).toMatchObject({
+        name: 'alice',
+        hasPassword: false,
+        disabled: false,
+      });
       expect(authenticate(db, token)).toMatchObject({ kind: 'owner', owner: 'alice' });
-      expect(db.listKeys()).toEqual([]);
+      expect(await db.listKeys()).toEqual([]);
     });
     // Opening again is a no-op.
-    expect(withDb((db) => db.usage('alice'))).toEqual({ bytes: 0, files: 0 });
+    expect(withDb((db) => await db.usage('alice'))).toEqual({ bytes: 0, files: 0 });
   });
 });
 
@@ -168,7 +180,7 @@ describe('admin CLI', () => {
     const keys = JSON.parse(await vsp('--json', 'key', 'list', 'alice')) as { id: number; name: string }[];
     expect(keys.map((k) => k.name)).toEqual(['laptop']);
     await vsp('key', 'remove', 'alice', String(keys[0].id));
-    expect(listKeys(dataDir, 'alice')).toEqual([]);
+    expect(await listKeys(dataDir, 'alice')).toEqual([]);
 
     const second = (await vsp('token', 'create', 'alice', 'ci')).trim();
     const tokens = JSON.parse(await vsp('--json', 'token', 'list', 'alice')) as {
