@@ -189,7 +189,7 @@ export async function benchRepositoryConcurrency(
   let child: ChildProcess | undefined;
   try {
     const dataDir = path.join(dir, 'data');
-    const tokens = owners.map((o) => (await addOwner(dataDir, o)).token);
+    const tokens = await Promise.all(owners.map(async (o) => (await addOwner(dataDir, o)).token));
     const srcs = await Promise.all(
       Array.from({ length: 4 }, async (_, i) => {
         const file = path.join(dir, `source${i}.bin`);

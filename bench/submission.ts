@@ -6,6 +6,7 @@ import { VspClient } from '../client/vspClient';
 import { addOwner } from '../repository/accounts/admin';
 import { loadCapabilityKeys } from '../repository/accounts/capabilities';
 import { MetadataDb } from '../repository/store/metadataDb';
+import { localMetadata } from '../repository/store/metadataStore';
 import { startRepositoryServer } from '../repository/server';
 import { admitTask } from '../repository/tasks/taskAdmission';
 import { taskApiOver } from '../repository/http/taskApi';
@@ -46,12 +47,13 @@ export async function benchSubmission(env: {
   const vsp = new VspClient(temporal);
   const started: string[] = [];
   const { token } = await addOwner(dataDir, 'alice');
-  const db = MetadataDb.open(dataDir);
+  const sqlite = MetadataDb.open(dataDir);
+  const db = localMetadata(sqlite);
   try {
     const mtime = new Date().toISOString();
-    await db.transaction(() => {
+    sqlite.transaction(() => {
       for (let i = 0; i < STORED_FILES; i++)
-        db.upsertFile('alice', { path: `data/f${i}.bin`, size: 1024, sha256: '0'.repeat(64), mtime });
+        sqlite.upsertFile('alice', { path: `data/f${i}.bin`, size: 1024, sha256: '0'.repeat(64), mtime });
     });
     const keys = loadCapabilityKeys(dataDir);
     const server = await startRepositoryServer({ dataDir, port: 0, tasks: taskApiOver(vsp) });
@@ -137,7 +139,7 @@ export async function benchSubmission(env: {
         .getHandle(id)
         .terminate('benchmark cleanup')
         .catch(() => undefined);
-    db.close();
+    await db.close();
     await connection.close();
     await fs.rm(dataDir, { recursive: true, force: true });
   }

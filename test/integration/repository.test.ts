@@ -452,8 +452,8 @@ describe('repository HTTP service', () => {
       // Pretend metadata exists for the symlinks, as if planted by someone with disk access.
       const db = MetadataDb.open(dataDir);
       const fake = { size: 14, sha256: sha(Buffer.from('outside-secret')), mtime: new Date().toISOString() };
-      await db.upsertFile('alice', { path: 'linked', ...fake });
-      await db.upsertFile('alice', { path: 'escape/secret', ...fake });
+      db.upsertFile('alice', { path: 'linked', ...fake });
+      db.upsertFile('alice', { path: 'escape/secret', ...fake });
       db.close();
 
       for (const p of ['linked', 'escape/secret']) {
@@ -483,11 +483,11 @@ describe('repository HTTP service', () => {
 });
 
 describe('repository accounts', () => {
-  test('owners are unique and validated; listOwners counts active tokens', () => {
-    expect(() => await addOwner(dataDir, 'alice')).toThrow(/already exists/);
-    expect(() => await addOwner(dataDir, 'Bad Name')).toThrow(/owner name "Bad Name" is invalid/);
-    expect(() => await createToken(dataDir, 'nobody', 'ci')).toThrow(/no such owner: nobody/);
-    expect(() => await createToken(dataDir, 'alice', '')).toThrow(/token name/);
+  test('owners are unique and validated; listOwners counts active tokens', async () => {
+    await expect(addOwner(dataDir, 'alice')).rejects.toThrow(/already exists/);
+    await expect(addOwner(dataDir, 'Bad Name')).rejects.toThrow(/owner name "Bad Name" is invalid/);
+    await expect(createToken(dataDir, 'nobody', 'ci')).rejects.toThrow(/no such owner: nobody/);
+    await expect(createToken(dataDir, 'alice', '')).rejects.toThrow(/token name/);
     const owners = await listOwners(dataDir);
     expect(owners.map((o) => o.name)).toEqual(['alice', 'bob']);
     expect(owners[0]).toMatchObject({ disabled: false, activeTokens: 1 });
@@ -513,7 +513,7 @@ describe('repository accounts', () => {
       status: 401,
       message: expect.stringMatching(/revoked/),
     });
-    expect(() => await revokeToken(dataDir, row!.id)).toThrow(/no unrevoked token/);
+    await expect(revokeToken(dataDir, row!.id)).rejects.toThrow(/no unrevoked token/);
   });
 
   test('a disabled owner is refused to its own tokens and to service tokens', async () => {

@@ -218,7 +218,7 @@ beforeAll(async () => {
   dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-repofaults-'));
   token = (await addOwner(dataDir, 'alice')).token;
   bobToken = (await addOwner(dataDir, 'bob')).token;
-  adminToken = await withAdmin(dataDir, (a) => a.createAdminToken('faults').token);
+  adminToken = (await withAdmin(dataDir, (a) => a.createAdminToken('faults'))).token;
   [httpPort, sftpPort, ftpsPort] = [await freePort(), await freePort(), await freePort()];
   const pasv = 20000 + (process.pid % 20000);
   env = {

@@ -1,3 +1,4 @@
+import { withBackend } from '../../repository/store/backend';
 import { execFile, execFileSync } from 'node:child_process';
 import { createReadStream, promises as fs } from 'node:fs';
 import os from 'node:os';
@@ -6,7 +7,7 @@ import { PassThrough, Readable } from 'node:stream';
 import { promisify } from 'node:util';
 import Database from 'better-sqlite3';
 import { Client, FTPError } from 'basic-ftp';
-import { addOwner, createServiceToken, setPassword, withAdmin } from '../../repository/accounts/admin';
+import { addOwner, createServiceToken, setPassword } from '../../repository/accounts/admin';
 import { RepositoryClient, RepositoryError, type ImageEntry } from '../../repository/client';
 import { addBaseImage } from '../../repository/store/imageStore';
 import { MetadataDb, repositoryDbPath } from '../../repository/store/metadataDb';
@@ -100,7 +101,7 @@ beforeAll(async () => {
   bob = new RepositoryClient({ url: server.url, token: bobToken });
   hosts = new RepositoryClient({ url: server.url, token: hostsToken });
   // The admin CLI's way in, next to the running server.
-  await withAdmin(dataDir, (_a, db) => addBaseImage(dataDir, db, 'debian-12', createReadStream(base)));
+  await withBackend(dataDir, (backend) => addBaseImage(backend, 'debian-12', createReadStream(base)));
 });
 
 afterAll(async () => {
@@ -313,10 +314,10 @@ describe("the provider's base images", () => {
     const notes = path.join(work, 'notes.txt');
     await fs.writeFile(notes, 'hello\n');
     await expect(
-      await withAdmin(dataDir, (_a, db) => addBaseImage(dataDir, db, 'broken', createReadStream(notes))),
+      withBackend(dataDir, (backend) => addBaseImage(backend, 'broken', createReadStream(notes))),
     ).rejects.toThrow(/not a disk image/);
     await expect(
-      await withAdmin(dataDir, (_a, db) => addBaseImage(dataDir, db, 'debian-12', createReadStream(base))),
+      withBackend(dataDir, (backend) => addBaseImage(backend, 'debian-12', createReadStream(base))),
     ).rejects.toThrow(/already exists/);
     expect(await fs.readdir(path.join(dataDir, 'base-images'))).toEqual(['debian-12']);
   });
@@ -334,11 +335,11 @@ test('a database of schema 2 is upgraded in place to the current schema, keeping
     raw.close();
     const db = MetadataDb.open(dir);
     try {
-      expect(await db.getOwner('carol')).toMatchObject({ name: 'carol' });
-      expect(await db.listBaseImages()).toEqual([]);
-      expect(await db.listAdminTokens()).toEqual([]);
-      expect(await db.getImageInfo('a'.repeat(64))).toBeUndefined();
-      expect(await db.liveCapabilities('carol', 0)).toEqual([]);
+      expect(db.getOwner('carol')).toMatchObject({ name: 'carol' });
+      expect(db.listBaseImages()).toEqual([]);
+      expect(db.listAdminTokens()).toEqual([]);
+      expect(db.getImageInfo('a'.repeat(64))).toBeUndefined();
+      expect(db.liveCapabilities('carol', 0)).toEqual([]);
     } finally {
       db.close();
     }

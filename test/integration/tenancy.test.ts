@@ -332,7 +332,7 @@ describe('a task capability reaches only its own task', () => {
 
   test('SFTP and FTPS do not take a capability for a login', async () => {
     await expect(
-      await withAdmin(dataDir, (_a, db) => authenticatePassword(db, 'alice', cap)),
+      withAdmin(dataDir, (_a, db) => authenticatePassword(db, 'alice', cap)),
     ).rejects.toMatchObject({ status: 401 });
   });
 
@@ -370,7 +370,7 @@ describe('a task capability reaches only its own task', () => {
     // Signed with another repository's key.
     const otherDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-tenancy-other-'));
     try {
-      const foreign = mint(claims.exp, otherDir);
+      const foreign = await mint(claims.exp, otherDir);
       expect((await call('GET', fileTarget('alice', 'in/a.txt'), { token: foreign.token })).status).toBe(401);
     } finally {
       await fs.rm(otherDir, { recursive: true, force: true });
@@ -378,7 +378,7 @@ describe('a task capability reaches only its own task', () => {
   });
 
   /** A capability for this task minted directly (same database), signed with `keysDir`'s key. */
-  function mint(exp: number, keysDir = dataDir) {
+  async function mint(exp: number, keysDir = dataDir) {
     const grant = { owner: 'alice', taskId, read: ['in/a.txt'], results: `results/${taskId}`, exp };
     return await withAdmin(dataDir, (_a, db) =>
       mintCapability(db, loadCapabilityKeys(keysDir), grant, 'test'),
@@ -386,7 +386,7 @@ describe('a task capability reaches only its own task', () => {
   }
 
   test('an expired capability is refused', async () => {
-    const expired = mint(Math.floor(Date.now() / 1000) - 1);
+    const expired = await mint(Math.floor(Date.now() / 1000) - 1);
     const r = await call('GET', fileTarget('alice', 'in/a.txt'), { token: expired.token });
     expect(r).toEqual({ status: 401, body: { error: expect.stringMatching(/capability expired at/) } });
     expect(await auditLines()).toContainEqual(
@@ -531,7 +531,7 @@ describe('pre-flight: refused at submission, nothing started', () => {
     ['an invalid spec', 'alice', { command: '' }, 400, /command: command is empty/],
   ];
 
-  beforeAll(() => await setQuota(dataDir, 'carol', { bytes: 1024 * 1024 }));
+  beforeAll(() => setQuota(dataDir, 'carol', { bytes: 1024 * 1024 }));
 
   test.each(cases)('%s', async (_what, owner, spec, status, why) => {
     const taskId = `refused-${started.length}-${Math.random().toString(36).slice(2, 8)}`;
