@@ -136,7 +136,7 @@ export interface RepositoryBackend {
 /** Opens the metadata alone (the admin CLI, task admission). */
 export async function openMetadata(dataDir: string, settings: BackendSettings): Promise<MetadataStore> {
   if (settings.kind === 'local') return localMetadata(MetadataDb.open(dataDir));
-  const { PgMetadata } = await import('./pgMetadata');
+  const { PgMetadata } = await import('./pgMetadata.js');
   return PgMetadata.open(settings.pgUrl);
 }
 
@@ -153,8 +153,8 @@ export async function openBackend(
   try {
     const bytes =
       settings.kind === 'local'
-        ? await (await import('./diskBytes')).DiskBytes.open(dataDir, serving)
-        : await (await import('./s3Bytes')).S3Bytes.open(dataDir, settings.s3, serving);
+        ? await (await import('./diskBytes.js')).DiskBytes.open(dataDir, serving)
+        : await (await import('./s3Bytes.js')).S3Bytes.open(dataDir, settings.s3, serving);
     return {
       settings,
       metadata,
