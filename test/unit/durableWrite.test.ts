@@ -55,15 +55,15 @@ async function failure(handle: FileHandle, chunks: Buffer[], given: Hash): Promi
   throw new Error('streamInto succeeded');
 }
 
-describe('streamInto', () => {
-  let dir: string;
-  beforeEach(async () => {
-    dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-durable-'));
-  });
-  afterEach(async () => {
-    await fs.rm(dir, { recursive: true, force: true });
-  });
+let dir: string;
+beforeEach(async () => {
+  dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-durable-'));
+});
+afterEach(async () => {
+  await fs.rm(dir, { recursive: true, force: true });
+});
 
+describe('streamInto', () => {
   test('a stream of 40 MiB: its size and SHA-256, the bytes in the file, a background flush on the way', async () => {
     const chunks = Array.from({ length: 40 }, (_, i) => Buffer.alloc(1 << 20, i));
     const file = path.join(dir, 'ok');
@@ -106,14 +106,6 @@ describe('streamInto', () => {
 });
 
 describe('writeDurably', () => {
-  let dir: string;
-  beforeEach(async () => {
-    dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-durable-'));
-  });
-  afterEach(async () => {
-    await fs.rm(dir, { recursive: true, force: true });
-  });
-
   /** Odd-sized chunks, different in each stream, so that a batch hashed twice, late or in another stream shows. */
   const chunksOf = (seed: number, n: number): Buffer[] =>
     Array.from({ length: n }, (_, i) => Buffer.alloc(65_536 + ((i * 7919 + seed) % 4096), (seed + i) % 251));
