@@ -401,7 +401,7 @@ describe('repository HTTP service', () => {
     expect(await tmpEntries()).toEqual([]);
   });
 
-  test('a client aborting mid-upload leaves no file and no temp file', async () => {
+  localOnly()('a client aborting mid-upload leaves no file and no temp file', async () => {
     const { hostname, port } = new URL(server.url);
     const req = http.request({
       host: hostname,
