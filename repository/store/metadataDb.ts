@@ -1,4 +1,4 @@
-import { mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
 import type { StoredFile } from './metadataStore';
@@ -294,6 +294,22 @@ export class MetadataDb {
       db.pragma(`user_version = ${SCHEMA_VERSION}`);
     })();
     return new MetadataDb(db);
+  }
+
+  /** Opens the database (which migrates it) and closes it again; the versions before and after. */
+  static migrate(dataDir: string): { from: number; to: number } {
+    const file = repositoryDbPath(dataDir);
+    let from = 0;
+    if (existsSync(file)) {
+      const peek = new Database(file, { readonly: true });
+      try {
+        from = peek.pragma('user_version', { simple: true }) as number;
+      } finally {
+        peek.close();
+      }
+    }
+    MetadataDb.open(dataDir).close();
+    return { from, to: SCHEMA_VERSION };
   }
 
   close(): void {

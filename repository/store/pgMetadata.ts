@@ -188,11 +188,10 @@ async function inTransaction<T>(pool: Pool, fn: (client: PoolClient) => Promise<
 
 /** The schema version of the database at `pool` (0 when it has none yet). */
 export async function pgSchemaVersion(pool: Pool): Promise<number> {
-  const { rows } = await pool.query<{ v: number | null }>(
-    `SELECT CASE WHEN to_regclass('vsp_schema') IS NULL THEN 0
-                 ELSE (SELECT MAX(version) FROM vsp_schema) END AS v`,
-  );
-  return Number(rows[0]?.v ?? 0);
+  const { rows } = await pool.query<{ t: string | null }>("SELECT to_regclass('vsp_schema') AS t");
+  if (rows[0]?.t === null) return 0;
+  const v = await pool.query<{ v: number | null }>('SELECT MAX(version) AS v FROM vsp_schema');
+  return Number(v.rows[0]?.v ?? 0);
 }
 
 /**
