@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { Worker } from 'node:worker_threads';
 
 /**
@@ -100,11 +101,24 @@ function hashThread(): HashThread {
  */
 const AHEAD_BYTES = 4 << 20;
 
-/** One stream's SHA-256, computed on the hashing thread: update() in order, then digest() once. */
+/**
+ * Streams up to this size are hashed here, at digest(): a round trip to the thread cost more than the
+ * hashing (1000 small inputs staged in).
+ */
+const INLINE_BYTES = 256 << 10;
+
+/**
+ * One stream's SHA-256, computed on the hashing thread once it outgrows INLINE_BYTES: update() in
+ * order, then digest() once.
+ */
 export class OffThreadSha256 {
   private readonly id = ++nextId;
-  private readonly thread = hashThread();
+  /** Taken on the first batch sent: a process that only ever hashes small streams never starts it. */
+  private thread: HashThread | undefined;
   private finished = false;
+  /** Copies of the first bytes, while the stream is within INLINE_BYTES. */
+  private held: Buffer[] | undefined = [];
+  private heldBytes = 0;
   /** Batches sent and not yet hashed, oldest first, with their sizes. */
   private readonly ahead: { bytes: number; hashed: Promise<unknown> }[] = [];
   private aheadBytes = 0;
@@ -115,6 +129,17 @@ export class OffThreadSha256 {
    * thread rejects this or a later call, or digest().
    */
   async update(chunks: Buffer[]): Promise<void> {
+    if (this.held) {
+      let total = 0;
+      for (const c of chunks) total += c.length;
+      if (this.heldBytes + total <= INLINE_BYTES) {
+        for (const c of chunks) this.held.push(Buffer.from(c));
+        this.heldBytes += total;
+        return;
+      }
+      chunks = [...this.held, ...chunks];
+      this.held = undefined;
+    }
     let slot: Uint8Array | undefined;
     let filled = 0;
     for (const chunk of chunks) {
@@ -139,6 +164,7 @@ export class OffThreadSha256 {
   }
 
   private send(slot: ArrayBuffer, length: number): void {
+    this.thread ??= hashThread();
     const hashed = this.thread.request(this.id, 'update', slot, length);
     hashed.catch(() => undefined);
     this.ahead.push({ bytes: length, hashed });
@@ -147,12 +173,17 @@ export class OffThreadSha256 {
 
   async digest(): Promise<string> {
     this.finished = true;
-    return (await this.thread.request(this.id, 'digest')) as string;
+    if (this.held) {
+      const hash = createHash('sha256');
+      for (const c of this.held) hash.update(c);
+      return hash.digest('hex');
+    }
+    return (await this.thread!.request(this.id, 'digest')) as string;
   }
 
   /** Frees the thread's state of a stream that will not be digested (it failed). */
   dispose(): void {
-    if (!this.finished) this.thread.drop(this.id);
+    if (!this.finished) this.thread?.drop(this.id);
     this.finished = true;
   }
 }
