@@ -13,7 +13,12 @@ import {
   type FtpsServer,
 } from './ftps/ftpsServer';
 import { createRequestHandler } from './http/httpApi';
-import { MetadataDb } from './store/metadataDb';
+import {
+  backendSettingsFromEnv,
+  openBackend,
+  type BackendSettings,
+  type RepositoryBackend,
+} from './store/backend';
 import { ResumableUploads } from './store/resumableUploads';
 import { LoginThrottle, type LoginThrottleOptions } from './accounts/loginThrottle';
 import { ImageStore } from './store/imageStore';
@@ -24,7 +29,10 @@ import { loadWebAssets } from './http/webAssets';
 import type { Logger } from '../logging/logger';
 
 export interface RepositoryServerOptions {
+  /** On `cluster`, only this server's own files (host keys, certificates, temp files). */
   dataDir: string;
+  /** Where metadata and file bytes live; default from the VSP_REPOSITORY_* settings (`local`). */
+  backend?: BackendSettings;
   host?: string;
   /** 0 picks an ephemeral port. */
   port?: number;
@@ -105,18 +113,22 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
   const { dataDir, host, port, maxFileBytes } = validate(opts);
   const idleTimeoutMs = opts.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
   const log = createLogger('repository');
-  const db = MetadataDb.open(dataDir);
+  const backend: RepositoryBackend = await openBackend(
+    dataDir,
+    opts.backend ?? backendSettingsFromEnv(process.env),
+  );
+  const db = backend.metadata;
   let audit: AuditLog | undefined;
   let sftp: SftpServer | undefined;
   let uploads: ResumableUploads | undefined;
   let ftps: FtpsServer | undefined;
   let images: ImageStore | undefined;
   try {
-    if (opts.serviceToken !== undefined) ensureServiceToken(db, opts.serviceToken, 'hosts');
+    if (opts.serviceToken !== undefined) await ensureServiceToken(db, opts.serviceToken, 'hosts');
     const keys = loadCapabilityKeys(dataDir);
-    const store = await FileStore.open(dataDir, db);
+    const store = new FileStore(db, backend.bytes);
     // Before any protocol starts: it hears of every image stored, whichever protocol stores it.
-    images = new ImageStore({ dataDir, db, store, log: log.child({ part: 'images' }) });
+    images = new ImageStore({ db, store, log: log.child({ part: 'images' }) });
     audit = AuditLog.open(opts.auditLogFile ?? defaultAuditLogPath(dataDir));
     uploads = await ResumableUploads.open({
       dataDir,
@@ -192,7 +204,7 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
         await images?.close();
         clearTimeout(cutOff);
         audit?.close();
-        db.close();
+        await backend.close();
       }
       log.info({ url }, 'repository closed');
     };
@@ -208,7 +220,7 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
     await uploads?.close();
     await images?.close();
     audit?.close();
-    db.close();
+    await backend.close();
     throw err;
   }
 }

@@ -105,13 +105,16 @@ export async function startSftpServer(deps: SftpSessionDeps, opts: SftpServerOpt
         // Without a signature the client only asks whether this key would do: no login, and no
         // guess either (public keys are public), so a refusal is not counted as a failure.
         if (!ctx.signature) {
-          authenticateKey(db, ctx.username, ctx.key.data);
-          return ctx.accept();
+          authenticateKey(db, ctx.username, ctx.key.data).then(
+            () => ctx.accept(),
+            (err: unknown) => denied(ctx, err),
+          );
+          return;
         }
         const { signature } = ctx;
         loginThrottle
-          .guard(who, () => {
-            const s = authenticateKey(db, ctx.username, ctx.key.data);
+          .guard(who, async () => {
+            const s = await authenticateKey(db, ctx.username, ctx.key.data);
             const key = utils.parseKey(ctx.key.data);
             if (
               key instanceof Error ||
