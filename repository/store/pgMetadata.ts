@@ -12,6 +12,7 @@ import type {
   UploadSessionRow,
 } from './metadataDb';
 import type { MetadataStore, StoredFile } from './metadataStore';
+import { LIVE_LOG_TABLES } from '../tasks/pgLiveLogs';
 
 /**
  * The `cluster` backend's metadata: the same rows as the SQLite database, in PostgreSQL, shared by any
@@ -137,6 +138,7 @@ CREATE TRIGGER files_usage_update AFTER UPDATE ON files
 CREATE TRIGGER files_usage_delete AFTER DELETE ON files
   REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION files_usage();
 `,
+  LIVE_LOG_TABLES,
 ];
 
 export const PG_SCHEMA_VERSION = PG_MIGRATIONS.length;
