@@ -6,14 +6,16 @@ import { Command, InvalidArgumentError } from 'commander';
 import { createLogger, describeError } from '../../logging/logger';
 import { startPostgresCluster } from '../postgres/cluster';
 import { repoRoot } from '../devcluster/tools';
-import { setUpTemporalSchema, startTemporalPgServer, temporalSqlEnv } from './server';
+import { MAX_PORT, MIN_PORT, setUpTemporalSchema, startTemporalPgServer, temporalSqlEnv } from './server';
 
 const log = createLogger('temporal.main');
 
 function parsePort(value: string): number {
   const port = Number(value);
-  if (!/^\d+$/.test(value) || port <= 300 || port > 65525) {
-    throw new InvalidArgumentError(`expected a port from 301 to 65525 (others follow it), got '${value}'`);
+  if (!/^\d+$/.test(value) || port < MIN_PORT || port > MAX_PORT) {
+    throw new InvalidArgumentError(
+      `expected a port from ${MIN_PORT} to ${MAX_PORT} (the other services use ports around it), got '${value}'`,
+    );
   }
   return port;
 }

@@ -21,6 +21,9 @@ const READY_TIMEOUT_MS = 180_000;
 const POLL_MS = 200;
 /** config/vsp.yaml's port layout around the frontend port P (Temporal's own defaults around 7233). */
 const PORT_OFFSETS = [0, 1, 2, 6, 10, -300, -299, -298, -294];
+/** Temporal's SQL schema keeps the services' ports as smallint: the whole layout stays at or below 32767. */
+export const MAX_PORT = 32_767 - 10;
+export const MIN_PORT = 301;
 
 function script(name: string): string {
   return path.join(repoRoot(), 'deploy', 'temporal', name);
@@ -84,7 +87,8 @@ function portFree(host: string, port: number): Promise<boolean> {
 /** A frontend port P whose whole layout (PORT_OFFSETS) is free on `host` right now. */
 export async function freeTemporalPort(host = '127.0.0.1'): Promise<number> {
   for (let attempt = 0; attempt < 50; attempt++) {
-    const port = 20_000 + Math.floor(Math.random() * 30_000);
+    // Above the well-known ports, below the ephemeral ones (32768 and up: clients' outgoing ports).
+    const port = 10_300 + Math.floor(Math.random() * (MAX_PORT - 10_300));
     const free = await Promise.all(PORT_OFFSETS.map((o) => portFree(host, port + o)));
     if (free.every(Boolean)) return port;
   }
@@ -133,8 +137,13 @@ async function serving(address: string): Promise<boolean> {
 export async function startTemporalPgServer(opts: TemporalPgServerOptions): Promise<TemporalPgServer> {
   const ip = opts.ip ?? '127.0.0.1';
   if (net.isIP(ip) !== 4) throw new Error(`ip must be an IPv4 address, got '${ip}'`);
-  if (opts.port !== undefined && !(Number.isInteger(opts.port) && opts.port > 300 && opts.port <= 65525))
-    throw new Error(`port must be an integer from 301 to 65525 (config/vsp.yaml's layout), got ${opts.port}`);
+  if (
+    opts.port !== undefined &&
+    !(Number.isInteger(opts.port) && opts.port >= MIN_PORT && opts.port <= MAX_PORT)
+  )
+    throw new Error(
+      `port must be an integer from ${MIN_PORT} to ${MAX_PORT} (config/vsp.yaml's layout, stored as smallint), got ${opts.port}`,
+    );
   const port = opts.port ?? (await freeTemporalPort(ip));
   const address = `${ip}:${port}`;
   const started = Date.now();
