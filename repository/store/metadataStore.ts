@@ -1,4 +1,4 @@
-import type { FileRow, MetadataDb, OwnerRow } from './metadataDb';
+import type { FileRow, MetadataDb } from './metadataDb';
 
 /**
  * The repository's metadata behind one asynchronous interface, so that one process (`local`: SQLite in
@@ -33,9 +33,6 @@ export type MetadataStore = Promisified<MetadataOps> & {
   transaction<T>(fn: (tx: MetadataStore) => Promise<T>): Promise<T>;
   close(): Promise<void>;
 };
-
-/** The owner, locked against other transactions that lock it until this one ends (a quota's commit). */
-export type LockOwner = (name: string) => Promise<OwnerRow | undefined>;
 
 /**
  * `local`: the SQLite database wrapped. SQLite has one writer and better-sqlite3 runs synchronously, so a
