@@ -15,7 +15,7 @@ import {
 import { createRequestHandler } from './http/httpApi';
 import { MetadataDb } from './store/metadataDb';
 import { ResumableUploads } from './store/resumableUploads';
-import { LoginThrottle, type LoginThrottleOptions } from './accounts/loginThrottle';
+import { LoginThrottle, type LoginThrottleOptions, type ThrottleStore } from './accounts/loginThrottle';
 import { ImageStore } from './store/imageStore';
 import { defaultHostKeyPath, startSftpServer, type SftpServer } from './sftp/sftpServer';
 import type { TaskApi, TaskAdmissionDeps } from './http/taskApi';
@@ -56,6 +56,8 @@ export interface RepositoryServerOptions {
   uploadExpiryMs?: number;
   /** Login rate limiting shared by all protocols (defaults in loginThrottle.ts). */
   loginThrottle?: Partial<LoginThrottleOptions>;
+  /** Where failures and lockouts live; default this process's memory (one server is the whole repository). */
+  throttleStore?: ThrottleStore;
   /**
    * Temporal, for the task endpoints the web page uses (list, submit, status). Without it they answer
    * 503. The caller keeps the connection and closes it after the server. A factory (taskApi.ts's
@@ -126,7 +128,7 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
       log,
       expiryMs: opts.uploadExpiryMs,
     });
-    const loginThrottle = new LoginThrottle(opts.loginThrottle);
+    const loginThrottle = new LoginThrottle(opts.loginThrottle, opts.throttleStore);
     const deps = { db, store, maxFileBytes, log, audit, uploads, loginThrottle };
     const web = await loadWebAssets();
     const tasks = opts.tasks?.(log.child({ part: 'tasks' }), { db, keys });
