@@ -1,6 +1,6 @@
 /**
- * Integration, system and cluster tiers, serially in one run that shares one Temporal dev server (the
- * global setup starts it); `--selectProjects integration` (or `system`, `cluster`) runs one. `npm test`
+ * Integration, system, scale and cluster tiers, serially in one run that shares one Temporal dev server
+ * (the global setup starts it); `--selectProjects integration` (or `system`, `scale`, `cluster`) runs one. `npm test`
  * (test/all-tiers.sh) runs integration and system in one jest run, then the cluster tier in another, never
  * beside the QEMU tests. The unit tier has its own config (jest.unit.config.js): it starts nothing.
  */
@@ -11,5 +11,5 @@ module.exports = {
   testSequencer: '<rootDir>/test/sequencer.js',
   globalSetup: '<rootDir>/test/support/globalSetup.ts',
   globalTeardown: '<rootDir>/test/support/globalTeardown.ts',
-  projects: [tiers.integration, tiers.system, tiers.cluster],
+  projects: [tiers.integration, tiers.system, tiers.scale, tiers.cluster],
 };

