@@ -1,6 +1,7 @@
 import { mkdirSync } from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
+import type { StoredFile } from './metadataStore';
 
 /**
  * The repository's metadata: owners, access tokens (hashed) and the files each owner holds. One
@@ -368,6 +369,24 @@ export class MetadataDb {
     return this.db.transaction(fn)();
   }
 
+  /** For metadataStore.ts's asynchronous transactions, which cannot run inside `transaction`. */
+  begin(): void {
+    this.db.exec('BEGIN IMMEDIATE');
+  }
+
+  commit(): void {
+    this.db.exec('COMMIT');
+  }
+
+  rollback(): void {
+    if (this.db.inTransaction) this.db.exec('ROLLBACK');
+  }
+
+  /** The owner; SQLite's single writer already orders the transactions that read it (see PgMetadata). */
+  lockOwner(name: string): OwnerRow | undefined {
+    return this.getOwner(name);
+  }
+
   // --- tokens ---
 
   /** `owner` undefined makes a service token. */
@@ -424,7 +443,13 @@ export class MetadataDb {
       .all(owner, prefix, prefix) as FileRow[];
   }
 
-  upsertFile(owner: string, f: FileRow): void {
+  /** The file's row; on `local` its bytes are at its path, so there is no object key. */
+  getStoredFile(owner: string, repoPath: string): StoredFile | undefined {
+    return this.getFile(owner, repoPath);
+  }
+
+  /** `_blob` is the `cluster` backend's object key; on `local` the bytes are at the path. */
+  upsertFile(owner: string, f: FileRow, _blob?: string): void {
     this.db
       .prepare(
         `INSERT INTO files (owner, path, size, sha256, mtime) VALUES (?, ?, ?, ?, ?)
