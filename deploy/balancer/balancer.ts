@@ -106,16 +106,15 @@ export async function startBalancer(
           });
           s.once('error', reject);
         });
-        downUntil.delete(label(b));
+        if (downUntil.delete(label(b))) log.info({ backend: label(b) }, 'backend accepts connections again');
         accepted.set(label(b), (accepted.get(label(b)) ?? 0) + 1);
         return s;
       } catch (err) {
         lastErr = err;
+        // Logged when it goes down, not for every connection it refuses while down.
+        if (!downUntil.has(label(b)))
+          log.warn({ backend: label(b), err: describeError(err) }, 'backend refuses connections: skipped');
         downUntil.set(label(b), Date.now() + downMs);
-        log.warn(
-          { backend: label(b), err: describeError(err) },
-          'backend refused a connection; trying the next',
-        );
       }
     }
     throw new Error(`no backend of ${label(route.listen)} accepts connections`, { cause: lastErr });
@@ -143,7 +142,7 @@ export async function startBalancer(
           client.resume();
         },
         (err: unknown) => {
-          log.error({ route: label(route.listen), err: describeError(err) }, 'connection dropped');
+          log.debug({ err: describeError(err) }, 'connection dropped');
           client.destroy();
         },
       );

@@ -150,21 +150,12 @@ export interface SqlQueryable {
   query(text: string, values?: unknown[]): Promise<{ rows: Record<string, unknown>[] }>;
 }
 
-/** The throttle's table, for the `cluster` backend's schema migrations. */
-export const THROTTLE_MIGRATION = `
-CREATE TABLE login_throttle (
-  key text PRIMARY KEY,
-  failures bigint[] NOT NULL,
-  locked_until bigint NOT NULL DEFAULT 0
-);
-CREATE INDEX login_throttle_stale ON login_throttle (locked_until);
-`;
-
 /** Stale rows are swept at most this often per process (from the failure path, so idle servers do no work). */
 const PG_SWEEP_INTERVAL_MS = 60_000;
 
 /**
- * Failures and lockouts in PostgreSQL, shared by every server of a `cluster` repository. Each call is
+ * Failures and lockouts in PostgreSQL (table `login_throttle`, a step of store/pgMetadata.ts's
+ * migrations), shared by every server of a `cluster` repository. Each call is
  * one statement: the upsert's row lock serialises concurrent failures for a key across servers.
  */
 export class PgThrottleStore implements ThrottleStore {

@@ -137,6 +137,15 @@ CREATE TRIGGER files_usage_update AFTER UPDATE ON files
 CREATE TRIGGER files_usage_delete AFTER DELETE ON files
   REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION files_usage();
 `,
+  // 2: the login throttle's failures and lockouts, shared by every server (accounts/loginThrottle.ts).
+  `
+CREATE TABLE login_throttle (
+  key TEXT PRIMARY KEY,
+  failures BIGINT[] NOT NULL,
+  locked_until BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX login_throttle_locked_until ON login_throttle (locked_until);
+`,
 ];
 
 export const PG_SCHEMA_VERSION = PG_MIGRATIONS.length;

@@ -1,11 +1,7 @@
 import { Pool } from 'pg';
 import { AccessDenied } from '../../repository/accounts/auth';
-import {
-  LoginRateLimited,
-  LoginThrottle,
-  PgThrottleStore,
-  THROTTLE_MIGRATION,
-} from '../../repository/accounts/loginThrottle';
+import { LoginRateLimited, LoginThrottle, PgThrottleStore } from '../../repository/accounts/loginThrottle';
+import { migratePg } from '../../repository/store/pgMetadata';
 import { startPostgres, type TestDatabase } from '../support/postgres';
 
 /**
@@ -36,7 +32,7 @@ describe('PgThrottleStore', () => {
   beforeAll(async () => {
     db = await startPostgres();
     const pool = new Pool({ connectionString: db.url });
-    await pool.query(THROTTLE_MIGRATION);
+    await migratePg(pool);
     await pool.end();
   });
 
