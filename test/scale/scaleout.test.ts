@@ -27,6 +27,8 @@ const RESUMABLE = 6;
 const RESUMABLE_BYTES = 1 << 20;
 /** Transport failures one file survives (each retry is a new connection, through the balancer). */
 const MAX_ATTEMPTS = 40;
+/** A client's own timeout for one upload attempt (a dead server's connection may never answer). */
+const ATTEMPT_TIMEOUT_MS = 60_000;
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 const protocols = ['http', 'sftp', 'ftps'] as const;
@@ -36,6 +38,8 @@ let workDir: string;
 let fleet: Fleet;
 const owners = Array.from({ length: OWNERS }, (_, i) => ({ name: `owner${i}`, token: '' }));
 const resumableOwner = { name: 'bulk', token: '' };
+/** For the revocation test: an owner, one of its tokens by id, and an admin token. */
+const revoked = { name: 'leaver', token: '', tokenId: 0, adminToken: '' };
 
 beforeAll(async () => {
   workDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-scaleout-'));
@@ -43,6 +47,9 @@ beforeAll(async () => {
   withAdmin(dataDir, (admin) => {
     for (const o of [...owners, resumableOwner]) o.token = admin.addOwner(o.name).token;
     for (const o of owners) admin.setQuota(o.name, { files: QUOTA_FILES });
+    admin.addOwner(revoked.name);
+    ({ token: revoked.token, id: revoked.tokenId } = admin.createToken(revoked.name, 'to revoke'));
+    revoked.adminToken = admin.createAdminToken('scaleout test').token;
   });
   fleet = await startFleet({
     servers: SERVERS,
@@ -56,13 +63,24 @@ afterAll(async () => {
   await fs.rm(workDir, { recursive: true, force: true });
 });
 
-async function uploadOnce(protocol: Protocol, owner: (typeof owners)[0], name: string, data: Buffer) {
+/**
+ * One upload over a fresh connection through the balancer. `signal` (the client's own timeout) closes
+ * the connection: a client whose server vanished mid-transfer must not wait on it for ever.
+ */
+async function uploadOnce(
+  protocol: Protocol,
+  owner: (typeof owners)[0],
+  name: string,
+  data: Buffer,
+  signal: AbortSignal,
+): Promise<void> {
   switch (protocol) {
     case 'http': {
       const client = new RepositoryClient({ url: fleet.url, token: owner.token });
       const info = await client.upload(owner.name, name, Readable.from([data]), {
         sha256: sha(data),
         size: data.length,
+        signal,
       });
       if (info.sha256 !== sha(data)) throw new Error(`${name}: the server stored ${info.sha256}`);
       return;
@@ -74,15 +92,22 @@ async function uploadOnce(protocol: Protocol, owner: (typeof owners)[0], name: s
         username: owner.name,
         password: owner.token,
       });
+      const stop = (): void => {
+        c.conn.destroy();
+      };
+      signal.addEventListener('abort', stop);
       try {
         await c.writeFile(`/${name}`, data);
       } finally {
+        signal.removeEventListener('abort', stop);
         c.end();
       }
       return;
     }
     case 'ftps': {
       const c = new FtpClient(30_000);
+      const stop = (): void => c.close();
+      signal.addEventListener('abort', stop);
       try {
         await c.access({
           host: '127.0.0.1',
@@ -94,6 +119,7 @@ async function uploadOnce(protocol: Protocol, owner: (typeof owners)[0], name: s
         });
         await c.uploadFrom(Readable.from([data]), name);
       } finally {
+        signal.removeEventListener('abort', stop);
         c.close();
       }
     }
@@ -115,6 +141,7 @@ test('100 clients over three protocols lose nothing while a server is killed and
   let inFlight = 0;
   let inFlightAtKill = -1;
   let transportFailures = 0;
+  let timedOut = 0;
   const milestones: { at: number; resolve: () => void }[] = [];
   const reached = (at: number): Promise<void> => new Promise((resolve) => milestones.push({ at, resolve }));
   const afterEach = (): void => {
@@ -150,6 +177,12 @@ test('100 clients over three protocols lose nothing while a server is killed and
     expect(r.uploadId).not.toBe('');
   }
 
+  const dbgState = new Map<number, string>();
+  const dbg = setInterval(
+    () =>
+      console.error('DBG', finished, inFlight, transportFailures, JSON.stringify([...dbgState].slice(0, 12))),
+    5000,
+  );
   const clientRuns = Array.from({ length: CLIENTS }, async (_, c): Promise<Outcome[]> => {
     const protocol = protocols[c % protocols.length];
     const owner = owners[c % OWNERS];
@@ -161,8 +194,21 @@ test('100 clients over three protocols lose nothing while a server is killed and
       for (;;) {
         attempts++;
         inFlight++;
+        dbgState.set(c, `${name}#${attempts}`);
         try {
-          await uploadOnce(protocol, owner, name, data);
+          const signal = AbortSignal.timeout(ATTEMPT_TIMEOUT_MS);
+          const attempt = uploadOnce(protocol, owner, name, data, signal);
+          // Settled late when the timeout wins the race: nothing to report then.
+          attempt.catch(() => undefined);
+          await Promise.race([
+            attempt,
+            new Promise((_, reject) =>
+              signal.addEventListener('abort', () => {
+                timedOut++;
+                reject(new Error(`${name}: no answer in ${ATTEMPT_TIMEOUT_MS / 1000} s`));
+              }),
+            ),
+          ]);
           out.push({ owner: owner.name, name, sha256: sha(data), result: 'stored', attempts });
           break;
         } catch (err) {
@@ -181,6 +227,7 @@ test('100 clients over three protocols lose nothing while a server is killed and
       }
       afterEach();
     }
+    dbgState.delete(c);
     return out;
   });
 
@@ -208,6 +255,7 @@ test('100 clients over three protocols lose nothing while a server is killed and
   })();
 
   const outcomes = (await Promise.all(clientRuns)).flat();
+  clearInterval(dbg);
   const resumedInfos = await chaos;
 
   expect(inFlightAtKill).toBeGreaterThan(0);
@@ -240,9 +288,53 @@ test('100 clients over three protocols lose nothing while a server is killed and
   console.log(
     JSON.stringify({
       transportFailures,
+      timedOut,
       inFlightAtKill,
       overQuota,
       accepted: Object.fromEntries(fleet.balancer.accepted),
     }),
   );
+});
+
+test('a revocation or a lockout on one server holds on every server at once', async () => {
+  const [a, b, c] = fleet.servers.length >= 3 ? fleet.servers : [0, 0, 0].map(() => fleet.servers[0]);
+  const sftpLogin = (password: string, username = revoked.name): Promise<SftpTestClient> =>
+    SftpTestClient.connect({ host: c.host, port: c.ports.sftp, username, password });
+  const refused = (p: Promise<unknown>): Promise<string> =>
+    p.then(
+      () => 'accepted',
+      (e: unknown) => String(e),
+    );
+  expect(await new RepositoryClient({ url: b.url, token: revoked.token }).list(revoked.name)).toEqual([]);
+  const session = await sftpLogin(revoked.token);
+  try {
+    expect((await session.readdir('/')).map((e) => e.filename)).toEqual(['base-images']);
+    const res = await fetch(`${a.url}/v1/admin/tokens/${revoked.tokenId}`, {
+      method: 'DELETE',
+      headers: { authorization: `Bearer ${revoked.adminToken}` },
+    });
+    expect(res.status).toBe(204);
+    // Refused on the other servers at once: a new request, a new login, and the open session's next call.
+    expect(
+      await refused(new RepositoryClient({ url: b.url, token: revoked.token }).list(revoked.name)),
+    ).toMatch(/revoked/);
+    expect(await refused(sftpLogin(revoked.token))).toMatch(/authentication methods failed/);
+    expect(await refused(session.readdir('/'))).not.toBe('accepted');
+  } finally {
+    session.end();
+  }
+
+  // Failed logins on one server lock the address out on the others (10 per address by default). Last in
+  // this file: from here on, every login from 127.0.0.1 is refused.
+  // The revoked token's refusals above count too: fewer than ten more failures may do.
+  const failures: string[] = [];
+  for (let i = 0; i < 10 && !/rate-limited/.test(failures.at(-1) ?? ''); i++)
+    failures.push(
+      await refused(new RepositoryClient({ url: a.url, token: `vsp_wrong${i}` }).list(owners[0].name)),
+    );
+  expect(failures[0]).toMatch(/invalid access token/);
+  expect(
+    await refused(new RepositoryClient({ url: b.url, token: owners[0].token }).list(owners[0].name)),
+  ).toMatch(/rate-limited: too many failed logins from 127\.0\.0\.1/);
+  expect(await refused(sftpLogin(owners[0].token, owners[0].name))).toMatch(/authentication methods failed/);
 });
