@@ -11,6 +11,7 @@ import { stopAll, stopAllOnSignals } from '../deploy/devcluster/processes';
 import { startTemporalDevServer, type TemporalDevServer } from '../deploy/devcluster/temporal';
 import { createLogger, describeError } from '../logging/logger';
 import { writeFileAtomicSync } from '../storage/durableFile';
+import { tuneHeapForStreaming } from '../lib/streamingHeap';
 import { benchCpuShare } from './cpuShare';
 import { benchDrain } from './drain';
 import { benchLifecycle } from './lifecycle';
@@ -219,6 +220,8 @@ function parseArgs(): { names: string[]; quick: boolean; outDir: string; keepLog
 }
 
 async function main(): Promise<number> {
+  // The benchmarks' clients run here: tuned as the host worker and the CLI are.
+  tuneHeapForStreaming();
   const { names, quick, outDir, keepLogs } = parseArgs();
   const workDir = mkdtempSync(path.join(os.tmpdir(), 'vsp-bench-'));
   // QEMU runs as its own unprivileged account and must reach the VM stores made in here.

@@ -6,6 +6,7 @@ import path from 'node:path';
 import { addOwner } from '../repository/accounts/admin';
 import { RepositoryClient } from '../repository/client';
 import { DiskImageStaging } from '../storage/diskImageStaging';
+import { downloadInputs, inputSizes } from '../storage/inputDownloads';
 import { VmStore, type VmPaths } from '../storage/vmStore';
 import { median, startServerProcess, stopServerProcess, writeRandomFile } from './repository';
 import type { BenchReport } from './report';
@@ -37,15 +38,9 @@ async function stageIn(
   inputs: string[],
   outputRoomBytes: number,
 ): Promise<void> {
-  const files = await Promise.all(
-    inputs.map(async (input) => ({ path: input, size: (await client.stat('bench', input))!.size })),
-  );
+  const files = await inputSizes(client, 'bench', inputs);
   await staging.prepare(vm, { files, outputRoomBytes });
-  for (const input of inputs) {
-    const dest = path.join(vm.inputsDir, input);
-    await fs.mkdir(path.dirname(dest), { recursive: true });
-    await client.download('bench', input, dest);
-  }
+  await downloadInputs(client, 'bench', vm.inputsDir, { files, verified: {}, sync: !staging.syncsInputs });
   await staging.build(vm, outputRoomBytes);
 }
 

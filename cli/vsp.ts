@@ -13,6 +13,7 @@ import { registerClusterCommands } from './clusterCommands';
 import { registerHostCommands } from './hostCommands';
 import { createProgressDisplay, type DisplayedStatus } from './progressDisplay';
 import { loadSettings } from './settingsFile';
+import { tuneHeapForStreaming } from '../lib/streamingHeap';
 
 /**
  * `vsp`: upload inputs, submit and watch tasks, cancel them, fetch outputs; and the repository's
@@ -517,4 +518,7 @@ export async function run(argv = process.argv): Promise<number> {
 
 export { program };
 
-if (require.main === module) void run().then((code) => process.exit(code));
+if (require.main === module) {
+  tuneHeapForStreaming();
+  void run().then((code) => process.exit(code));
+}

@@ -4,6 +4,7 @@ import { createHash, type Hash } from 'node:crypto';
 import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { fileSink, FlushError } from './fileSink';
+import { OffThreadSha256 } from './offThreadSha256';
 
 /**
  * The one writer behind every stored byte stream (the repository's uploads on every protocol, resumable
@@ -36,6 +37,57 @@ export interface StreamIntoOptions {
 const FLUSH_EVERY_BYTES = 32 << 20;
 
 /**
+ * `source` through a size meter into `handle`: the pipeline shared by streamInto and writeDurably,
+ * `onWriting` and `onWritten` as for fileSink. Resolves with the bytes written; a failure is thrown once
+ * no write is in flight, carrying `written` (see writtenBefore).
+ */
+async function pump(
+  source: Readable,
+  handle: FileHandle,
+  opts: {
+    onChunk?: (total: number) => void;
+    flush: boolean;
+    onWriting: (chunks: Buffer[]) => void | Promise<void>;
+    onWritten?: (bytes: number) => void;
+  },
+): Promise<number> {
+  let seen = 0;
+  let size = 0;
+  const meter = new Transform({
+    highWaterMark: 1 << 20,
+    transform(chunk: Buffer, _enc, done) {
+      seen += chunk.length;
+      try {
+        opts.onChunk?.(seen);
+      } catch (err) {
+        done(err as Error);
+        return;
+      }
+      done(null, chunk);
+    },
+  });
+  const sink = fileSink(handle, {
+    onWriting: opts.onWriting,
+    onWritten: (chunks) => {
+      let bytes = 0;
+      for (const chunk of chunks) bytes += chunk.length;
+      size += bytes;
+      opts.onWritten?.(bytes);
+    },
+    flushEveryBytes: opts.flush ? FLUSH_EVERY_BYTES : undefined,
+  });
+  try {
+    await pipeline(source, meter, sink);
+  } catch (err) {
+    // A write may still be in flight: the count is final only once the sink has closed.
+    if (!sink.closed) await new Promise((resolve) => sink.once('close', resolve));
+    // After a failed flush nothing written is known to be on disk.
+    throw Object.assign(err as Error, { written: err instanceof FlushError ? 0 : size });
+  }
+  return size;
+}
+
+/**
  * Streams `source` to the open `handle` (at its position: opened with O_APPEND, its end), hashing each
  * batch while it is being written. The resolved count and hash cover exactly what was written; after a
  * failed write the file may hold a prefix of a batch that is counted nowhere, so the thrown error
@@ -50,46 +102,28 @@ export async function streamInto(
 ): Promise<{ size: number; hash: Hash }> {
   const hash = given ?? createHash('sha256');
   const initial = given?.copy();
-  let seen = 0;
-  let size = 0;
-  const meter = new Transform({
-    highWaterMark: 1 << 20,
-    transform(chunk: Buffer, _enc, done) {
-      seen += chunk.length;
-      try {
-        onChunk?.(seen);
-      } catch (err) {
-        done(err as Error);
-        return;
-      }
-      done(null, chunk);
-    },
-  });
   // The hash of what is in the file while a batch is being written and hashed (kept for a caller's hash).
   let beforeBatch: Hash | undefined;
-  const sink = fileSink(handle, {
-    onWriting: (chunks) => {
-      if (given) beforeBatch = hash.copy();
-      for (const chunk of chunks) hash.update(chunk);
-    },
-    onWritten: (chunks) => {
-      beforeBatch = undefined;
-      for (const chunk of chunks) size += chunk.length;
-    },
-    flushEveryBytes: FLUSH_EVERY_BYTES,
-  });
+  let size = 0;
   try {
-    await pipeline(source, meter, sink);
+    await pump(source, handle, {
+      onChunk,
+      flush: true,
+      onWriting: (chunks) => {
+        if (given) beforeBatch = hash.copy();
+        for (const chunk of chunks) hash.update(chunk);
+      },
+      onWritten: (bytes) => {
+        beforeBatch = undefined;
+        size += bytes;
+      },
+    });
   } catch (err) {
-    // A write may still be in flight: the count is final only once the sink has closed.
-    if (!sink.closed) await new Promise((resolve) => sink.once('close', resolve));
-    // After a failed flush nothing written is known to be on disk.
-    const written = err instanceof FlushError ? 0 : size;
-    throw Object.assign(
-      err as Error,
-      { written },
-      given && { hashBefore: written === size ? (beforeBatch ?? hash) : initial },
-    );
+    if (given)
+      Object.assign(err as Error, {
+        hashBefore: writtenBefore(err) === size ? (beforeBatch ?? hash) : initial,
+      });
+    throw err;
   }
   return { size, hash };
 }
@@ -113,10 +147,16 @@ export interface DurableWriteOptions {
   onChunk?: (total: number) => void;
   /** The published file's mode (default 0644). */
   mode?: number;
+  /**
+   * Whether the file is fsynced before `publish` (default): false only for a caller that makes it
+   * durable with others later (a data disk being staged is fsynced as a whole once complete).
+   */
+  sync?: boolean;
 }
 
 /**
- * Writes `source` to a new file `tmp` (created exclusively, never through a symlink), fsyncs it, and
+ * Writes `source` to a new file `tmp` (created exclusively, never through a symlink), fsyncs it (unless
+ * told not to), and
  * hands its size and SHA-256 to `publish`, which checks them and renames `tmp` into place (and records
  * it). If anything fails before `publish` returns, including `publish` itself, `tmp` is removed and the
  * error is thrown; `source` is destroyed whenever it was not read to its end.
@@ -127,7 +167,7 @@ export async function writeDurably<T>(
   opts: DurableWriteOptions,
   publish: (written: Written) => T | Promise<T>,
 ): Promise<T> {
-  const { maxBytes, tooLarge, onChunk, mode = 0o644 } = opts;
+  const { maxBytes, tooLarge, onChunk, mode = 0o644, sync = true } = opts;
   const limit = (total: number): void => {
     if (maxBytes !== undefined && total > maxBytes)
       throw tooLarge?.(maxBytes) ?? new Error(`stream is larger than the limit of ${maxBytes} bytes`);
@@ -143,12 +183,18 @@ export async function writeDurably<T>(
       throw err;
     }
     let written: Written;
+    const hash = new OffThreadSha256();
     try {
-      const { size, hash } = await streamInto(source, handle, { onChunk: limit });
-      await handle.sync();
+      const size = await pump(source, handle, {
+        onChunk: limit,
+        flush: sync,
+        onWriting: (chunks) => hash.update(chunks),
+      });
+      if (sync) await handle.sync();
       await handle.chmod(mode);
-      written = { size, sha256: hash.digest('hex') };
+      written = { size, sha256: await hash.digest() };
     } finally {
+      hash.dispose();
       await handle.close();
     }
     const out = await publish(written);

@@ -4,10 +4,12 @@ import { Writable } from 'node:stream';
 export interface FileSinkOptions {
   highWaterMark?: number;
   /**
-   * Called with each batch of chunks just after its write was issued: it runs on this thread while
-   * the write runs on libuv's (e.g. hashing the batch meanwhile). A throw fails the sink.
+   * Called with each batch of chunks just after its write was issued: it runs while the write runs on
+   * libuv's thread (e.g. hashing the batch meanwhile, here or on a thread of its own). The batch counts
+   * as written once both its write and the promise returned, if any, are done. A throw or a rejection
+   * fails the sink.
    */
-  onWriting?: (chunks: Buffer[]) => void;
+  onWriting?: (chunks: Buffer[]) => void | Promise<void>;
   /**
    * Called with each batch once all of it is in the file, in file order (e.g. to count exactly what
    * was written: after a failed write the file may hold a prefix of a batch never passed here).
@@ -65,18 +67,22 @@ export function fileSink(
     if (flushFailure) throw flushFailure;
     let pending = chunks;
     let writing = handle.writev(pending);
+    let beside: Promise<void>;
     try {
-      onWriting?.(chunks);
+      beside = Promise.resolve(onWriting?.(chunks));
     } catch (err) {
       await writing.catch(() => undefined);
       throw err;
     }
+    // Awaited after the write; handled now, so that a rejection meanwhile is never an unhandled one.
+    beside.catch(() => undefined);
     for (;;) {
       const { bytesWritten } = await writing;
       pending = dropBytes(pending, bytesWritten);
       if (pending.length === 0) break;
       writing = handle.writev(pending);
     }
+    await beside;
     onWritten?.(chunks);
     flushInBackground(chunks.reduce((n, c) => n + c.length, 0));
   }

@@ -233,13 +233,14 @@ export class RepositoryClient {
 
   /**
    * Downloads to `destFile` atomically (a temp file of its own, renamed once complete), verifying the
-   * SHA-256 on the way.
+   * SHA-256 on the way, and fsynced unless `sync` is false (for a caller that syncs the whole file
+   * system after, e.g. a data disk being staged).
    */
   async download(
     owner: string,
     repoPath: string,
     destFile: string,
-    opts: TransferOptions = {},
+    opts: TransferOptions & { sync?: boolean } = {},
   ): Promise<FileInfo> {
     const { p, res, info } = await this.getFile(owner, repoPath, opts.signal);
     const dest = path.resolve(destFile);
@@ -249,7 +250,7 @@ export class RepositoryClient {
     );
     try {
       const onChunk = opts.onProgress && ((received: number) => opts.onProgress?.(received, info.size));
-      return await writeDurably(res, tmp, { onChunk }, async ({ size, sha256 }) => {
+      return await writeDurably(res, tmp, { onChunk, sync: opts.sync }, async ({ size, sha256 }) => {
         checkReceived(p, info, { size, sha256 });
         await fs.rename(tmp, dest);
         return info;

@@ -5,6 +5,7 @@ import {
   startRepositoryServer,
   type RepositoryServerOptions,
 } from './server';
+import { tuneHeapForStreaming } from '../lib/streamingHeap';
 
 /**
  * Repository process entrypoint (`node dist/repository/main.js`), configured by environment:
@@ -155,6 +156,7 @@ async function main(): Promise<void> {
 }
 
 if (require.main === module) {
+  tuneHeapForStreaming();
   main().catch((err: unknown) => {
     log.fatal({ err: describeError(err) }, 'repository failed to start');
     process.exit(1);

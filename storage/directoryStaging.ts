@@ -8,6 +8,8 @@ import type { VmPaths } from './vmStore';
 /** Staging for the process driver: the inputs folder becomes the task's home as it is. */
 export class DirectoryStaging implements HomeStaging {
   readonly kind = 'directory' as const;
+  /** The inputs folder becomes the home as it is: each download is fsynced. */
+  readonly syncsInputs = false;
 
   /** The inputs folder is the home-to-be: nothing to make beforehand. */
   async prepare(vm: VmPaths): Promise<void> {

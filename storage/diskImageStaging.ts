@@ -58,6 +58,12 @@ interface StagingRecord {
  */
 export class DiskImageStaging implements HomeStaging {
   readonly kind = 'disk-image' as const;
+  /**
+   * build() unmounts the disk the inputs were downloaded onto and fsyncs its image (or copies a folder
+   * of them into a new image, fsynced): one flush for all of them. Until then a worker that died left
+   * them in the kernel's cache (the mount outlives it), and a host that died takes the disk with it.
+   */
+  readonly syncsInputs = true;
   private readonly log = createLogger('disk-staging');
 
   constructor(private readonly tools = new GuestDiskTools()) {}

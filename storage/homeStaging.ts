@@ -21,6 +21,11 @@ export interface StagingPlan {
 export interface HomeStaging {
   readonly kind: 'directory' | 'disk-image';
   /**
+   * Whether build() makes the downloaded inputs durable as a whole (a data disk fsynced once), so that
+   * each download need not be fsynced on its own.
+   */
+  readonly syncsInputs: boolean;
+  /**
    * Readies `vm.inputsDir` for the inputs, before they are downloaded there: for a data disk, the disk
    * itself mounted there, so that they land once. Optional: build() also takes a plain folder of them.
    */

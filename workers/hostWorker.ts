@@ -18,6 +18,7 @@ import { progressSignal } from '../workflows/definitions';
 import type { HostLivenessInput } from '../workflows/hostLiveness';
 import { acceleratorOf, createDriverBindings } from './driverBindings';
 import { OrphanReaper } from './orphanReaper';
+import { tuneHeapForStreaming } from '../lib/streamingHeap';
 
 const log = createLogger('worker.host');
 
@@ -28,6 +29,7 @@ const log = createLogger('worker.host');
  * control worker it is up, and what it offers (its inventory, for the scheduler).
  */
 async function main(): Promise<void> {
+  tuneHeapForStreaming();
   const config = loadHostConfig();
   const store = new VmStore(config.storeDir);
   await store.init();

@@ -5,10 +5,11 @@ import { ApplicationFailure, Context } from '@temporalio/activity';
 import type { CpuShare, ExitResult, HypervisorDriver, VmConfig, VmHandle } from '../../drivers/types';
 import { VmMigratedError } from '../../drivers/qemu/qemuDriver';
 import { createLogger, describeError } from '../../logging/logger';
-import { RepositoryError, type RepositoryClient } from '../../repository/client';
+import type { RepositoryClient } from '../../repository/client';
 import { commandFailure } from '../../workflows/definitions';
 import { UnusableOutputsError } from '../../storage/diskImageStaging';
 import { sha256File } from '../../storage/imageCache';
+import { downloadInputs, InputNotFound, inputSizes } from '../../storage/inputDownloads';
 import type {
   AwaitResult,
   LaunchResult,
@@ -223,58 +224,37 @@ export function createHostActivities(deps: HostDeps) {
 
         // Sizes first: a data disk is made to measure and the inputs stream onto it (one landing).
         hb.update({ step: 'plan', of: ref.spec.inputs.length });
-        const files = await inputSizes(repository, ref.spec.owner, ref.spec.inputs).catch(
-          async (err: unknown) => {
-            if (err instanceof InputNotFound) {
-              await store.remove(ref.vmId);
-              throw ApplicationFailure.nonRetryable(err.message, 'InputNotFound');
-            }
-            throw err;
-          },
-        );
         const outputRoomBytes = ref.spec.outputRoomMiB * 1024 * 1024;
-        await staging.prepare(p, { files, outputRoomBytes }, { signal: hb.signal });
-        await fs.mkdir(p.inputsDir, { recursive: true });
-        const partial = await removePartialDownloads(p.inputsDir);
-        if (partial > 0)
-          log.info({ vmId: ref.vmId, files: partial }, 'partial downloads of an earlier attempt removed');
-        const verified = { ...hb.previous<StageInProgress>()?.verified };
-        let fetched = 0;
-        let skipped = 0;
-        for (const input of ref.spec.inputs) {
-          hb.update({ step: 'download', file: input, done: fetched, of: ref.spec.inputs.length, bytes: 0 });
-          const dest = path.join(p.inputsDir, input);
-          try {
-            const sha256 = await stagedCopy(repository, ref.spec.owner, input, dest, verified[input]);
-            if (sha256) {
-              verified[input] = sha256;
-              skipped++;
-            } else {
-              await fs.mkdir(path.dirname(dest), { recursive: true });
-              const info = await repository.download(ref.spec.owner, input, dest, {
-                signal: hb.signal,
-                onProgress: hb.onBytes,
-              });
-              verified[input] = info.sha256;
-            }
-          } catch (err) {
-            if (err instanceof RepositoryError && err.status === 404) {
-              await store.remove(ref.vmId);
-              throw ApplicationFailure.nonRetryable(
-                `input file '${input}' is not in ${ref.spec.owner}'s repository space`,
-                'InputNotFound',
-              );
-            }
-            throw err;
+        let inputs: { downloaded: number; kept: number };
+        try {
+          const files = await inputSizes(repository, ref.spec.owner, ref.spec.inputs);
+          await staging.prepare(p, { files, outputRoomBytes }, { signal: hb.signal });
+          await fs.mkdir(p.inputsDir, { recursive: true });
+          const partial = await removePartialDownloads(p.inputsDir);
+          if (partial > 0)
+            log.info({ vmId: ref.vmId, files: partial }, 'partial downloads of an earlier attempt removed');
+          const verified = { ...hb.previous<StageInProgress>()?.verified };
+          hb.update({ step: 'download', done: 0, of: files.length, bytes: 0 });
+          inputs = await downloadInputs(repository, ref.spec.owner, p.inputsDir, {
+            files,
+            verified,
+            sync: !staging.syncsInputs,
+            signal: hb.signal,
+            onProgress: (progress) => hb.update({ ...progress }),
+            onVerified: () => hb.update({ verified }, true),
+          });
+        } catch (err) {
+          if (err instanceof InputNotFound) {
+            await store.remove(ref.vmId);
+            throw ApplicationFailure.nonRetryable(err.message, 'InputNotFound');
           }
-          fetched++;
-          hb.update({ verified }, true);
+          throw err;
         }
         hb.update({ step: 'build-home', kind: staging.kind });
         const built = await staging.build(p, outputRoomBytes, { signal: hb.signal });
-        const result: StageInResult = { driver, files: fetched, bytes: built.bytes };
+        const result: StageInResult = { driver, files: inputs.downloaded + inputs.kept, bytes: built.bytes };
         await fs.writeFile(stagedMarker(ref.vmId), JSON.stringify(result));
-        log.info({ vmId: ref.vmId, ...result, skipped }, 'stage-in done');
+        log.info({ vmId: ref.vmId, ...result, skipped: inputs.kept }, 'stage-in done');
         return result;
       });
     },
@@ -510,45 +490,6 @@ async function extractTaskLog(
       return undefined;
     },
   );
-}
-
-/**
- * The SHA-256 of the copy of `input` already at `dest` when it is the repository's current content
- * (size, then hash: the one a previous attempt verified, or computed), else undefined.
- */
-async function stagedCopy(
-  repository: RepositoryClient,
-  owner: string,
-  input: string,
-  dest: string,
-  verifiedSha: string | undefined,
-): Promise<string | undefined> {
-  const have = await fs.stat(dest).catch(() => undefined);
-  if (!have?.isFile()) return undefined;
-  const remote = await repository.stat(owner, input);
-  if (!remote || remote.size !== have.size) return undefined;
-  const sha = verifiedSha ?? (await sha256File(dest));
-  return sha === remote.sha256 ? sha : undefined;
-}
-
-class InputNotFound extends Error {}
-
-/** Each input's size, from the repository (a few at a time); InputNotFound names the first one missing. */
-async function inputSizes(
-  repository: RepositoryClient,
-  owner: string,
-  inputs: string[],
-): Promise<{ path: string; size: number }[]> {
-  const sizes: { path: string; size: number }[] = [];
-  for (let i = 0; i < inputs.length; i += 16) {
-    const batch = inputs.slice(i, i + 16);
-    const infos = await Promise.all(batch.map((input) => repository.stat(owner, input)));
-    for (const [j, info] of infos.entries()) {
-      if (!info) throw new InputNotFound(`input file '${batch[j]}' is not in ${owner}'s repository space`);
-      sizes.push({ path: batch[j], size: info.size });
-    }
-  }
-  return sizes;
 }
 
 /** Downloads cut short by an earlier attempt (`.<name>.<nonce>.part`, see RepositoryClient.download). */

@@ -4,7 +4,7 @@ import type { FileHandle } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
-import { hashBefore, streamInto, writtenBefore } from '../../lib/durableWrite';
+import { hashBefore, streamInto, writeDurably, writtenBefore } from '../../lib/durableWrite';
 
 /**
  * streamInto hashes each batch while its write runs and flushes in the background; what it reports
@@ -55,15 +55,15 @@ async function failure(handle: FileHandle, chunks: Buffer[], given: Hash): Promi
   throw new Error('streamInto succeeded');
 }
 
-describe('streamInto', () => {
-  let dir: string;
-  beforeEach(async () => {
-    dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-durable-'));
-  });
-  afterEach(async () => {
-    await fs.rm(dir, { recursive: true, force: true });
-  });
+let dir: string;
+beforeEach(async () => {
+  dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-durable-'));
+});
+afterEach(async () => {
+  await fs.rm(dir, { recursive: true, force: true });
+});
 
+describe('streamInto', () => {
   test('a stream of 40 MiB: its size and SHA-256, the bytes in the file, a background flush on the way', async () => {
     const chunks = Array.from({ length: 40 }, (_, i) => Buffer.alloc(1 << 20, i));
     const file = path.join(dir, 'ok');
@@ -102,5 +102,52 @@ describe('streamInto', () => {
     expect(err.message).toMatch(/writing the file back to disk failed: EIO/);
     expect(writtenBefore(err)).toBe(0);
     expect(hashBefore(err)?.digest('hex')).toBe(createHash('sha256').update('earlier bytes').digest('hex'));
+  });
+});
+
+describe('writeDurably', () => {
+  /** Odd-sized chunks, different in each stream, so that a batch hashed twice, late or in another stream shows. */
+  const chunksOf = (seed: number, n: number): Buffer[] =>
+    Array.from({ length: n }, (_, i) => Buffer.alloc(65_536 + ((i * 7919 + seed) % 4096), (seed + i) % 251));
+
+  test('streams written at once each get the SHA-256 of their own bytes, hashed on the hashing thread', async () => {
+    const streams = [0, 1, 2, 3].map((seed) => chunksOf(seed, 200 + seed * 37));
+    const results = await Promise.all(
+      streams.map((chunks, i) =>
+        writeDurably(Readable.from(chunks), path.join(dir, `t${i}`), {}, async (written) => {
+          await fs.rename(path.join(dir, `t${i}`), path.join(dir, `f${i}`));
+          return written;
+        }),
+      ),
+    );
+    for (const [i, chunks] of streams.entries()) {
+      expect(results[i]).toEqual({ size: Buffer.concat(chunks).length, sha256: sha256(...chunks) });
+      expect(sha256(await fs.readFile(path.join(dir, `f${i}`)))).toBe(sha256(...chunks));
+    }
+  });
+
+  test('a source that fails midway publishes nothing and leaves no temp file; the next stream still hashes', async () => {
+    const chunks = chunksOf(5, 50);
+    const source = new Readable({
+      read() {
+        const next = chunks.shift();
+        if (next) this.push(next);
+        else this.destroy(new Error('client went away'));
+      },
+    });
+    const publish = jest.fn();
+    await expect(writeDurably(source, path.join(dir, 'broken'), {}, publish)).rejects.toThrow(
+      'client went away',
+    );
+    expect(publish).not.toHaveBeenCalled();
+    expect(await fs.readdir(dir)).toEqual([]);
+    const again = chunksOf(6, 3);
+    const written = await writeDurably(Readable.from(again), path.join(dir, 'ok'), { sync: false }, (w) => w);
+    expect(written.sha256).toBe(sha256(...again));
+  });
+
+  test('an empty stream is the SHA-256 of no bytes', async () => {
+    const written = await writeDurably(Readable.from([]), path.join(dir, 'empty'), {}, (w) => w);
+    expect(written).toEqual({ size: 0, sha256: sha256() });
   });
 });
