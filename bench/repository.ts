@@ -116,7 +116,7 @@ export async function benchRepository(opts: { sizeMiB?: number; runs?: number } 
     const dataDir = path.join(dir, 'data');
     const sha256 = await writeRandomFile(src, sizeMiB * 1024 * 1024);
     // The owner's own token: a service token (the hosts') reads base images only.
-    const { token } = addOwner(dataDir, 'bench');
+    const { token } = await addOwner(dataDir, 'bench');
     const started = await startServerProcess(dataDir, randomBytes(32).toString('base64url'));
     child = started.child;
     const client = new RepositoryClient({ url: started.url, token });
@@ -189,7 +189,7 @@ export async function benchRepositoryConcurrency(
   let child: ChildProcess | undefined;
   try {
     const dataDir = path.join(dir, 'data');
-    const tokens = owners.map((o) => addOwner(dataDir, o).token);
+    const tokens = await Promise.all(owners.map(async (o) => (await addOwner(dataDir, o)).token));
     const srcs = await Promise.all(
       Array.from({ length: 4 }, async (_, i) => {
         const file = path.join(dir, `source${i}.bin`);

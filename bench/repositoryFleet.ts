@@ -2,6 +2,8 @@ import type { ChildProcess } from 'node:child_process';
 import { randomInt } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
+import { CAPABILITY_KEY_FILE } from '../repository/accounts/capabilities';
+import type { BackendSettings } from '../repository/store/backend';
 import { startBalancer, type Balancer, type BalancerRoute } from '../deploy/balancer/balancer';
 import { freePort } from '../deploy/devcluster/ports';
 import { createLogger } from '../logging/logger';
@@ -119,8 +121,16 @@ export async function startFleet(opts: FleetOptions): Promise<Fleet> {
       children.set(s.index, child);
       return url;
     };
-    // The first server makes the shared host key and certificate; the others then read them.
+    // The first server makes the shared host key, certificate and capability key; the others then read
+    // them (the capability key from their own data dirs: a copy).
     const urls = [await start(plan[0])];
+    for (const s of plan.slice(1)) {
+      await fs.mkdir(s.dataDir, { recursive: true });
+      await fs.copyFile(
+        path.join(plan[0].dataDir, CAPABILITY_KEY_FILE),
+        path.join(s.dataDir, CAPABILITY_KEY_FILE),
+      );
+    }
     urls.push(...(await Promise.all(plan.slice(1).map(start))));
     const servers = plan.map((s): FleetServer => ({
       index: s.index,
@@ -157,4 +167,18 @@ export async function startFleet(opts: FleetOptions): Promise<Fleet> {
     await balancer?.close();
     throw err;
   }
+}
+
+/** The servers' environment for a backend (repository/store/backend.ts reads it). */
+export function backendEnv(settings: BackendSettings): NodeJS.ProcessEnv {
+  if (settings.kind === 'local') return { VSP_REPOSITORY_BACKEND: 'local' };
+  return {
+    VSP_REPOSITORY_BACKEND: 'cluster',
+    VSP_REPOSITORY_PG_URL: settings.pgUrl,
+    VSP_REPOSITORY_S3_ENDPOINT: settings.s3.endpoint,
+    VSP_REPOSITORY_S3_BUCKET: settings.s3.bucket,
+    VSP_REPOSITORY_S3_ACCESS_KEY: settings.s3.accessKey,
+    VSP_REPOSITORY_S3_SECRET_KEY: settings.s3.secretKey,
+    VSP_REPOSITORY_S3_REGION: settings.s3.region,
+  };
 }

@@ -275,10 +275,10 @@ export async function benchRepositoryProtocols(
 
     // VSP: one server process with all three protocols.
     const dataDir = path.join(dir, 'data');
-    const { token } = addOwner(dataDir, OWNER);
+    const { token } = await addOwner(dataDir, OWNER);
     const password = randomBytes(18).toString('base64url');
     await setPassword(dataDir, OWNER, password);
-    addKey(dataDir, OWNER, clientPublicKey.trim(), 'bench');
+    await addKey(dataDir, OWNER, clientPublicKey.trim(), 'bench');
     const [vspSftpPort, vspFtpsPort] = [await freePort(), await freePort()];
     // Passive ports above the kernel's ephemeral range (32768-60999), so no outgoing connection or
     // port-0 listener of another program holds them; 10 for VSP, the next 10 for vsftpd.

@@ -79,7 +79,7 @@ export async function benchStaging(opts: { quick?: boolean } = {}): Promise<Benc
     await fs.mkdir(path.join(src, 'out'), { recursive: true });
     const inputs = Array.from({ length: BIG_FILES }, (_, i) => `out/part-${i}.bin`);
     const dataDir = path.join(work, 'repo');
-    const { token } = addOwner(dataDir, 'bench');
+    const { token } = await addOwner(dataDir, 'bench');
     const started = await startServerProcess(dataDir, randomBytes(32).toString('base64url'));
     child = started.child;
     const client = new RepositoryClient({ url: started.url, token });

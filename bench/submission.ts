@@ -6,6 +6,7 @@ import { VspClient } from '../client/vspClient';
 import { addOwner } from '../repository/accounts/admin';
 import { loadCapabilityKeys } from '../repository/accounts/capabilities';
 import { MetadataDb } from '../repository/store/metadataDb';
+import { localMetadata } from '../repository/store/metadataStore';
 import { startRepositoryServer } from '../repository/server';
 import { admitTask } from '../repository/tasks/taskAdmission';
 import { taskApiOver } from '../repository/http/taskApi';
@@ -45,13 +46,14 @@ export async function benchSubmission(env: {
   const temporal = new Client({ connection, namespace: 'default' });
   const vsp = new VspClient(temporal);
   const started: string[] = [];
-  const { token } = addOwner(dataDir, 'alice');
-  const db = MetadataDb.open(dataDir);
+  const { token } = await addOwner(dataDir, 'alice');
+  const sqlite = MetadataDb.open(dataDir);
+  const db = localMetadata(sqlite);
   try {
     const mtime = new Date().toISOString();
-    db.transaction(() => {
+    sqlite.transaction(() => {
       for (let i = 0; i < STORED_FILES; i++)
-        db.upsertFile('alice', { path: `data/f${i}.bin`, size: 1024, sha256: '0'.repeat(64), mtime });
+        sqlite.upsertFile('alice', { path: `data/f${i}.bin`, size: 1024, sha256: '0'.repeat(64), mtime });
     });
     const keys = loadCapabilityKeys(dataDir);
     const server = await startRepositoryServer({ dataDir, port: 0, tasks: taskApiOver(vsp) });
@@ -70,7 +72,7 @@ export async function benchSubmission(env: {
     try {
       for (let i = 0; i < runs; i++) {
         // before: validation and the workflow start only
-        const direct = admitTask(
+        const direct = await admitTask(
           { db, keys },
           { owner: 'alice', spec: spec(`b${i}`), taskId: `bench-b-${run}-${i}`, mintedBy: 'bench' },
         );
@@ -94,7 +96,7 @@ export async function benchSubmission(env: {
 
         // admission alone (pre-flight + capability)
         t = performance.now();
-        admitTask(
+        await admitTask(
           { db, keys },
           { owner: 'alice', spec: spec(`c${i}`), taskId: `bench-c-${run}-${i}`, mintedBy: 'bench' },
         );
@@ -137,7 +139,7 @@ export async function benchSubmission(env: {
         .getHandle(id)
         .terminate('benchmark cleanup')
         .catch(() => undefined);
-    db.close();
+    await db.close();
     await connection.close();
     await fs.rm(dataDir, { recursive: true, force: true });
   }

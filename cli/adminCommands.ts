@@ -17,6 +17,7 @@ import {
   withAdmin,
 } from '../repository/accounts/admin';
 import { addBaseImage, removeBaseImage } from '../repository/store/imageStore';
+import { withBackend } from '../repository/store/backend';
 import { grantTask } from '../repository/tasks/taskAdmission';
 import { parseListen } from '../repository/main';
 import { PAYLOAD_KEY_ENV, payloadCodecFromEnv, startCodecServer } from '../config/payloadCodec';
@@ -89,16 +90,16 @@ export function registerAdminCommands(program: Command): void {
     .command('add <name>')
     .description('create an owner and print its first API token')
     .addOption(dataDirOption())
-    .action((name: string, opts: { dataDir: string }) => {
-      const r = addOwner(opts.dataDir, name);
+    .action(async (name: string, opts: { dataDir: string }) => {
+      const r = await addOwner(opts.dataDir, name);
       print(r.token, r);
     });
   owner
     .command('list')
     .description('owners with their state, credentials, quota and usage')
     .addOption(dataDirOption())
-    .action((opts: { dataDir: string }) => {
-      const owners = listOwners(opts.dataDir);
+    .action(async (opts: { dataDir: string }) => {
+      const owners = await listOwners(opts.dataDir);
       const quota = (used: number, limit?: number) => (limit === undefined ? `${used}` : `${used}/${limit}`);
       print(
         owners
@@ -122,8 +123,8 @@ export function registerAdminCommands(program: Command): void {
         disabled ? 'refuse the owner on every protocol, at once (files are kept)' : 'let the owner in again',
       )
       .addOption(dataDirOption())
-      .action((name: string, opts: { dataDir: string }) => {
-        setOwnerDisabled(opts.dataDir, name, disabled);
+      .action(async (name: string, opts: { dataDir: string }) => {
+        await setOwnerDisabled(opts.dataDir, name, disabled);
         print(`${name} ${verb}d`, { owner: name, disabled });
       });
   }
@@ -133,12 +134,12 @@ export function registerAdminCommands(program: Command): void {
     .requiredOption('--bytes <n>', "total bytes, e.g. 500G, or 'none'")
     .requiredOption('--files <n>', "number of files, or 'none'")
     .addOption(dataDirOption())
-    .action((name: string, opts: { dataDir: string; bytes: string; files: string }) => {
+    .action(async (name: string, opts: { dataDir: string; bytes: string; files: string }) => {
       const quota = {
         bytes: parseLimit(opts.bytes, '--bytes', true),
         files: parseLimit(opts.files, '--files', false),
       };
-      setQuota(opts.dataDir, name, quota);
+      await setQuota(opts.dataDir, name, quota);
       print(`${name}: bytes ${quota.bytes ?? 'unlimited'}, files ${quota.files ?? 'unlimited'}`, {
         owner: name,
         ...quota,
@@ -150,25 +151,27 @@ export function registerAdminCommands(program: Command): void {
     .command('create <owner-or-service> <token-name>')
     .description("create a named token for an owner, or with 'service' one for host workers; printed once")
     .addOption(dataDirOption())
-    .action((who: string, name: string, opts: { dataDir: string }) => {
+    .action(async (who: string, name: string, opts: { dataDir: string }) => {
       const t =
-        who === 'service' ? createServiceToken(opts.dataDir, name) : createToken(opts.dataDir, who, name);
+        who === 'service'
+          ? await createServiceToken(opts.dataDir, name)
+          : await createToken(opts.dataDir, who, name);
       print(t, { token: t });
     });
   token
     .command('revoke <id>')
     .description('revoke a token at once, on every protocol')
     .addOption(dataDirOption())
-    .action((id: string, opts: { dataDir: string }) => {
-      revokeToken(opts.dataDir, parseId(id, 'token id'));
+    .action(async (id: string, opts: { dataDir: string }) => {
+      await revokeToken(opts.dataDir, parseId(id, 'token id'));
       print(`token ${id} revoked`, { id: Number(id), revoked: true });
     });
   token
     .command('list [owner]')
     .description('tokens (without their secrets)')
     .addOption(dataDirOption())
-    .action((who: string | undefined, opts: { dataDir: string }) => {
-      const tokens = listTokens(opts.dataDir, who);
+    .action(async (who: string | undefined, opts: { dataDir: string }) => {
+      const tokens = await listTokens(opts.dataDir, who);
       print(
         tokens
           .map(
@@ -189,23 +192,23 @@ export function registerAdminCommands(program: Command): void {
     .addOption(dataDirOption())
     .action(async (who: string, file: string, opts: { dataDir: string; name?: string }) => {
       const text = file === '-' ? await readStdin() : await fs.readFile(file, 'utf8');
-      const k = addKey(opts.dataDir, who, text, opts.name);
+      const k = await addKey(opts.dataDir, who, text, opts.name);
       print(`key ${k.id} ${k.fingerprint} added for ${who}`, k);
     });
   key
     .command('remove <owner> <id>')
     .description('remove a key; sessions that logged in with it end at their next request')
     .addOption(dataDirOption())
-    .action((who: string, id: string, opts: { dataDir: string }) => {
-      removeKey(opts.dataDir, who, parseId(id, 'key id'));
+    .action(async (who: string, id: string, opts: { dataDir: string }) => {
+      await removeKey(opts.dataDir, who, parseId(id, 'key id'));
       print(`key ${id} removed`, { owner: who, id: Number(id), removed: true });
     });
   key
     .command('list [owner]')
     .description("SSH public keys (every owner's, or one owner's)")
     .addOption(dataDirOption())
-    .action((who: string | undefined, opts: { dataDir: string }) => {
-      const keys = listKeys(opts.dataDir, who);
+    .action(async (who: string | undefined, opts: { dataDir: string }) => {
+      const keys = await listKeys(opts.dataDir, who);
       print(
         keys
           .map((k) => `${String(k.id).padStart(5)}  ${k.owner}  ${k.algorithm}  ${k.fingerprint}  ${k.name}`)
@@ -220,24 +223,24 @@ export function registerAdminCommands(program: Command): void {
     .command('create <name>')
     .description('create a named admin token for /v1/admin/...; printed once')
     .addOption(dataDirOption())
-    .action((name: string, opts: { dataDir: string }) => {
-      const t = withAdmin(opts.dataDir, (a) => a.createAdminToken(name));
+    .action(async (name: string, opts: { dataDir: string }) => {
+      const t = await withAdmin(opts.dataDir, (a) => a.createAdminToken(name));
       print(t.token, t);
     });
   adminToken
     .command('revoke <id>')
     .description('revoke an admin token at once')
     .addOption(dataDirOption())
-    .action((id: string, opts: { dataDir: string }) => {
-      withAdmin(opts.dataDir, (a) => a.revokeAdminToken(parseId(id, 'admin token id')));
+    .action(async (id: string, opts: { dataDir: string }) => {
+      await withAdmin(opts.dataDir, (a) => a.revokeAdminToken(parseId(id, 'admin token id')));
       print(`admin token ${id} revoked`, { id: Number(id), revoked: true });
     });
   adminToken
     .command('list')
     .description('admin tokens (without their secrets)')
     .addOption(dataDirOption())
-    .action((opts: { dataDir: string }) => {
-      const tokens = withAdmin(opts.dataDir, (a) => a.listAdminTokens());
+    .action(async (opts: { dataDir: string }) => {
+      const tokens = await withAdmin(opts.dataDir, (a) => a.listAdminTokens());
       print(
         tokens
           .map(
@@ -256,8 +259,8 @@ export function registerAdminCommands(program: Command): void {
     .requiredOption('--name <name>', 'the base image name, e.g. debian-12.qcow2')
     .addOption(dataDirOption())
     .action(async (file: string, opts: { dataDir: string; name: string }) => {
-      const entry = await withAdmin(opts.dataDir, (_a, db) =>
-        addBaseImage(opts.dataDir, db, opts.name, createReadStream(file, { highWaterMark: 1 << 20 })),
+      const entry = await withBackend(opts.dataDir, (backend) =>
+        addBaseImage(backend, opts.name, createReadStream(file, { highWaterMark: 1 << 20 })),
       );
       print(
         `${entry.name}  ${entry.format}  ${entry.virtualBytes} bytes virtual  sha256 ${entry.sha256}`,
@@ -269,7 +272,7 @@ export function registerAdminCommands(program: Command): void {
     .description('remove a provider base image (hosts keep cached copies for running tasks)')
     .addOption(dataDirOption())
     .action(async (name: string, opts: { dataDir: string }) => {
-      await withAdmin(opts.dataDir, (_a, db) => removeBaseImage(opts.dataDir, db, name));
+      await withBackend(opts.dataDir, (backend) => removeBaseImage(backend, name));
       print(`base image ${name} removed`, { name, removed: true });
     });
 
@@ -292,7 +295,7 @@ export function registerAdminCommands(program: Command): void {
       } catch (err) {
         throw new Error(`--spec ${opts.spec} is not JSON: ${(err as Error).message}`, { cause: err });
       }
-      const granted = grantTask(opts.dataDir, { owner: opts.owner, spec, taskId: opts.taskId });
+      const granted = await grantTask(opts.dataDir, { owner: opts.owner, spec, taskId: opts.taskId });
       process.stderr.write(
         `task ${granted.taskId}: temporal workflow start --type TaskLifecycle --task-queue vsp ` +
           `--workflow-id ${JSON.stringify(granted.taskId)} --input "$(cat <this output>)"\n`,
@@ -342,8 +345,8 @@ export function registerAdminCommands(program: Command): void {
     .command('clear <owner>')
     .description('remove the password: only keys and tokens log in')
     .addOption(dataDirOption())
-    .action((who: string, opts: { dataDir: string }) => {
-      clearPassword(opts.dataDir, who);
+    .action(async (who: string, opts: { dataDir: string }) => {
+      await clearPassword(opts.dataDir, who);
       print(`password cleared for ${who}`, { owner: who, password: false });
     });
 }

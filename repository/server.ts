@@ -13,9 +13,20 @@ import {
   type FtpsServer,
 } from './ftps/ftpsServer';
 import { createRequestHandler } from './http/httpApi';
-import { MetadataDb } from './store/metadataDb';
+import {
+  backendSettingsFromEnv,
+  openBackend,
+  type BackendSettings,
+  type RepositoryBackend,
+} from './store/backend';
 import { ResumableUploads } from './store/resumableUploads';
-import { LoginThrottle, type LoginThrottleOptions, type ThrottleStore } from './accounts/loginThrottle';
+import {
+  LoginThrottle,
+  PgThrottleStore,
+  type LoginThrottleOptions,
+  type ThrottleStore,
+} from './accounts/loginThrottle';
+import type { PgMetadata } from './store/pgMetadata';
 import { ImageStore } from './store/imageStore';
 import { defaultHostKeyPath, startSftpServer, type SftpServer } from './sftp/sftpServer';
 import type { TaskApi, TaskAdmissionDeps } from './http/taskApi';
@@ -24,7 +35,10 @@ import { loadWebAssets } from './http/webAssets';
 import type { Logger } from '../logging/logger';
 
 export interface RepositoryServerOptions {
+  /** On `cluster`, only this server's own files (host keys, certificates, temp files). */
   dataDir: string;
+  /** Where metadata and file bytes live; default from the VSP_REPOSITORY_* settings (`local`). */
+  backend?: BackendSettings;
   host?: string;
   /** 0 picks an ephemeral port. */
   port?: number;
@@ -56,7 +70,10 @@ export interface RepositoryServerOptions {
   uploadExpiryMs?: number;
   /** Login rate limiting shared by all protocols (defaults in loginThrottle.ts). */
   loginThrottle?: Partial<LoginThrottleOptions>;
-  /** Where failures and lockouts live; default this process's memory (one server is the whole repository). */
+  /**
+   * Where failures and lockouts live; default the backend's: PostgreSQL on `cluster` (shared by every
+   * server), this process's memory on `local` (one server is the whole repository).
+   */
   throttleStore?: ThrottleStore;
   /**
    * Temporal, for the task endpoints the web page uses (list, submit, status). Without it they answer
@@ -107,18 +124,22 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
   const { dataDir, host, port, maxFileBytes } = validate(opts);
   const idleTimeoutMs = opts.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
   const log = createLogger('repository');
-  const db = MetadataDb.open(dataDir);
+  const backend: RepositoryBackend = await openBackend(
+    dataDir,
+    opts.backend ?? backendSettingsFromEnv(process.env),
+  );
+  const db = backend.metadata;
   let audit: AuditLog | undefined;
   let sftp: SftpServer | undefined;
   let uploads: ResumableUploads | undefined;
   let ftps: FtpsServer | undefined;
   let images: ImageStore | undefined;
   try {
-    if (opts.serviceToken !== undefined) ensureServiceToken(db, opts.serviceToken, 'hosts');
+    if (opts.serviceToken !== undefined) await ensureServiceToken(db, opts.serviceToken, 'hosts');
     const keys = loadCapabilityKeys(dataDir);
-    const store = await FileStore.open(dataDir, db);
+    const store = new FileStore(db, backend.bytes);
     // Before any protocol starts: it hears of every image stored, whichever protocol stores it.
-    images = new ImageStore({ dataDir, db, store, log: log.child({ part: 'images' }) });
+    images = new ImageStore({ db, store, log: log.child({ part: 'images' }) });
     audit = AuditLog.open(opts.auditLogFile ?? defaultAuditLogPath(dataDir));
     uploads = await ResumableUploads.open({
       dataDir,
@@ -128,7 +149,11 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
       log,
       expiryMs: opts.uploadExpiryMs,
     });
-    const loginThrottle = new LoginThrottle(opts.loginThrottle, opts.throttleStore);
+    const loginThrottle = new LoginThrottle(
+      opts.loginThrottle,
+      opts.throttleStore ??
+        (db.kind === 'cluster' ? new PgThrottleStore((db as PgMetadata).sharedPool) : undefined),
+    );
     const deps = { db, store, maxFileBytes, log, audit, uploads, loginThrottle };
     const web = await loadWebAssets();
     const tasks = opts.tasks?.(log.child({ part: 'tasks' }), { db, keys });
@@ -194,7 +219,7 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
         await images?.close();
         clearTimeout(cutOff);
         audit?.close();
-        db.close();
+        await backend.close();
       }
       log.info({ url }, 'repository closed');
     };
@@ -210,7 +235,7 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
     await uploads?.close();
     await images?.close();
     audit?.close();
-    db.close();
+    await backend.close();
     throw err;
   }
 }

@@ -10,6 +10,8 @@
 const base = {
   testEnvironment: 'node',
   transform: { '^.+\\.ts$': ['@swc/jest'] },
+  // Lazy imports name the compiled file (`await import('./s3Bytes.js')`, as Node needs); jest loads the source.
+  moduleNameMapper: { '^(\\.{1,2}/.*)\\.js$': '$1' },
 };
 
 module.exports = {

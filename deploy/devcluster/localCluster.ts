@@ -1,3 +1,4 @@
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
@@ -6,7 +7,6 @@ import { SCHEDULER_WORKFLOW_ID, hostLivenessWorkflowId } from '../../config/name
 import { syncRebalanceSchedule } from '../../client/rebalanceSchedule';
 import { createLogger, describeError } from '../../logging/logger';
 import { TaskClient, type OwnerTaskSpec, type SubmittedTask } from '../../client/taskClient';
-import { addOwner, createToken, listOwners } from '../../repository/accounts/admin';
 import type { ClusterStorage } from '../../storage/diskLocator';
 import { startNfsExport, type RunningNfsExport } from '../../storage/nfsExport';
 import type { VmNetworkOptions } from '../../drivers/qemu/vmNetwork';
@@ -58,13 +58,22 @@ export interface LocalClusterOptions {
 }
 
 /**
- * A new token of `owner` in the repository at `repoDir`, through the admin path: the owner is created the
- * first time.
+ * A new token of `owner` in the repository at `repoDir`, through the admin path (the `vsp` admin CLI, run
+ * to completion: callers want the token at once): the owner is created the first time.
  */
 export function ownerTokenIn(repoDir: string, owner: string): string {
-  return listOwners(repoDir).some((o) => o.name === owner)
-    ? createToken(repoDir, owner, 'devcluster')
-    : addOwner(repoDir, owner).token;
+  const vsp = <T>(...args: string[]): T => {
+    const r = spawnSync(process.execPath, [path.join(repoRoot(), 'dist/cli/vsp.js'), '--json', ...args], {
+      encoding: 'utf8',
+      env: { ...process.env, VSP_REPO_DIR: repoDir },
+    });
+    if (r.status !== 0)
+      throw new Error(`vsp ${args.join(' ')} failed: ${r.stderr.trim() || r.error?.message}`);
+    return JSON.parse(r.stdout) as T;
+  };
+  return vsp<{ name: string }[]>('owner', 'list').some((o) => o.name === owner)
+    ? vsp<{ token: string }>('token', 'create', owner, 'devcluster').token
+    : vsp<{ token: string }>('owner', 'add', owner).token;
 }
 
 /**

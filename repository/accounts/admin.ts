@@ -1,14 +1,9 @@
 import { RefusedRequest } from '../refusedRequest';
 import { OWNER_NAME } from '../../spec/repoPath';
 import { generateToken, hashPassword, hashToken } from './auth';
-import {
-  MetadataDb,
-  type AdminTokenRow,
-  type OwnerRow,
-  type OwnerUsage,
-  type SshKeyRow,
-  type TokenRow,
-} from '../store/metadataDb';
+import type { AdminTokenRow, OwnerRow, OwnerUsage, SshKeyRow, TokenRow } from '../store/metadataDb';
+import type { MetadataStore } from '../store/metadataStore';
+import { backendSettingsFromEnv, openMetadata } from '../store/backend';
 import { parsePublicKeyLine } from './sshKeys';
 
 /**
@@ -69,64 +64,66 @@ function invalid<T>(fn: () => T): T {
 }
 
 export class AccountAdmin {
-  constructor(private readonly db: MetadataDb) {}
+  constructor(private readonly db: MetadataStore) {}
 
-  private requireOwner(owner: string): void {
+  private async requireOwner(owner: string): Promise<void> {
     checkOwnerName(owner);
-    if (!this.db.getOwner(owner)) throw new AdminError('not-found', `no such owner: ${owner}`);
+    if (!(await this.db.getOwner(owner))) throw new AdminError('not-found', `no such owner: ${owner}`);
   }
 
   /** Creates an owner with a first token named 'default'; fails if the owner exists. */
-  addOwner(name: string): { owner: string; token: string } {
+  async addOwner(name: string): Promise<{ owner: string; token: string }> {
     checkOwnerName(name);
-    return this.db.transaction(() => {
-      if (!this.db.insertOwner(name)) throw new AdminError('conflict', `owner ${name} already exists`);
+    return await this.db.transaction(async (tx) => {
+      if (!(await tx.insertOwner(name))) throw new AdminError('conflict', `owner ${name} already exists`);
       const token = generateToken();
-      this.db.insertToken(name, 'default', hashToken(token));
+      await tx.insertToken(name, 'default', hashToken(token));
       return { owner: name, token };
     });
   }
 
-  listOwners(): OwnerSummary[] {
-    return this.db.listOwners().map((o) => ({ ...o, usage: this.db.usage(o.name) }));
+  async listOwners(): Promise<OwnerSummary[]> {
+    const owners = await this.db.listOwners();
+    return Promise.all(owners.map(async (o) => ({ ...o, usage: await this.db.usage(o.name) })));
   }
 
   /** A disabled owner's tokens and its tasks' capabilities stop working at their next request. */
-  setOwnerDisabled(owner: string, disabled: boolean): void {
+  async setOwnerDisabled(owner: string, disabled: boolean): Promise<void> {
     checkOwnerName(owner);
-    if (!this.db.setOwnerDisabled(owner, disabled))
+    if (!(await this.db.setOwnerDisabled(owner, disabled)))
       throw new AdminError('not-found', `no such owner: ${owner}`);
   }
 
   /** Limits an owner's space; undefined means no limit. Files already stored are kept. */
-  setQuota(owner: string, quota: { bytes?: number; files?: number }): void {
+  async setQuota(owner: string, quota: { bytes?: number; files?: number }): Promise<void> {
     checkOwnerName(owner);
     checkQuota(quota);
-    if (!this.db.setQuota(owner, quota)) throw new AdminError('not-found', `no such owner: ${owner}`);
+    if (!(await this.db.setQuota(owner, quota))) throw new AdminError('not-found', `no such owner: ${owner}`);
   }
 
-  createToken(owner: string, name: string): { id: number; token: string } {
+  async createToken(owner: string, name: string): Promise<{ id: number; token: string }> {
     checkName(name, 'token');
-    this.requireOwner(owner);
+    await this.requireOwner(owner);
     const token = generateToken();
-    return { id: this.db.insertToken(owner, name, hashToken(token)), token };
+    return { id: await this.db.insertToken(owner, name, hashToken(token)), token };
   }
 
   /** A token for host workers: it reads the provider's base images; owners' files need a task's capability. */
-  createServiceToken(name: string): { id: number; token: string } {
+  async createServiceToken(name: string): Promise<{ id: number; token: string }> {
     checkName(name, 'token');
     const token = generateToken();
-    return { id: this.db.insertToken(undefined, name, hashToken(token)), token };
+    return { id: await this.db.insertToken(undefined, name, hashToken(token)), token };
   }
 
   /** All tokens (or one owner's), without their secrets; service tokens have no owner. */
-  listTokens(owner?: string): TokenRow[] {
+  async listTokens(owner?: string): Promise<TokenRow[]> {
     if (owner !== undefined) checkOwnerName(owner);
-    return this.db.listTokens(owner);
+    return await this.db.listTokens(owner);
   }
 
-  revokeToken(id: number): void {
-    if (!this.db.revokeToken(id)) throw new AdminError('not-found', `no unrevoked token with id ${id}`);
+  async revokeToken(id: number): Promise<void> {
+    if (!(await this.db.revokeToken(id)))
+      throw new AdminError('not-found', `no unrevoked token with id ${id}`);
   }
 
   /** Sets (or replaces) an owner's password for SFTP/FTPS logins; sessions using the old one end. */
@@ -138,80 +135,84 @@ export class AccountAdmin {
     } catch (err) {
       throw new AdminError('invalid', (err as Error).message, { cause: err });
     }
-    if (!this.db.setPasswordHash(owner, hash)) throw new AdminError('not-found', `no such owner: ${owner}`);
+    if (!(await this.db.setPasswordHash(owner, hash)))
+      throw new AdminError('not-found', `no such owner: ${owner}`);
   }
 
-  clearPassword(owner: string): void {
+  async clearPassword(owner: string): Promise<void> {
     checkOwnerName(owner);
-    if (!this.db.setPasswordHash(owner, undefined))
+    if (!(await this.db.setPasswordHash(owner, undefined)))
       throw new AdminError('not-found', `no such owner: ${owner}`);
   }
 
   /** Authorises an SSH public key (one `authorized_keys` line) for an owner's SFTP logins. */
-  addKey(owner: string, publicKeyLine: string, name?: string): SshKeyRow {
+  async addKey(owner: string, publicKeyLine: string, name?: string): Promise<SshKeyRow> {
     checkOwnerName(owner);
     const key = invalid(() => parsePublicKeyLine(publicKeyLine));
     const keyName = name ?? (key.comment || key.fingerprint);
     checkName(keyName, 'key');
-    return this.db.transaction(() => {
-      this.requireOwner(owner);
-      if (this.db.findKey(owner, key.keyData))
+    return await this.db.transaction(async (tx) => {
+      checkOwnerName(owner);
+      if (!(await tx.getOwner(owner))) throw new AdminError('not-found', `no such owner: ${owner}`);
+      if (await tx.findKey(owner, key.keyData))
         throw new AdminError('conflict', `${owner} already has key ${key.fingerprint}`);
-      const id = this.db.insertKey({ owner, name: keyName, ...key });
-      return this.db.listKeys(owner).find((k) => k.id === id) as SshKeyRow;
+      const id = await tx.insertKey({ owner, name: keyName, ...key });
+      return (await tx.listKeys(owner)).find((k) => k.id === id) as SshKeyRow;
     });
   }
 
   /** Removes a key; sessions that logged in with it end at their next request. */
-  removeKey(owner: string, id: number): void {
+  async removeKey(owner: string, id: number): Promise<void> {
     checkOwnerName(owner);
-    if (!this.db.deleteKey(owner, id)) throw new AdminError('not-found', `${owner} has no key with id ${id}`);
+    if (!(await this.db.deleteKey(owner, id)))
+      throw new AdminError('not-found', `${owner} has no key with id ${id}`);
   }
 
-  listKeys(owner?: string): SshKeyRow[] {
+  async listKeys(owner?: string): Promise<SshKeyRow[]> {
     if (owner !== undefined) checkOwnerName(owner);
-    return this.db.listKeys(owner);
+    return await this.db.listKeys(owner);
   }
 
   /** A credential for the admin HTTP API, printed once. */
-  createAdminToken(name: string): { id: number; token: string } {
+  async createAdminToken(name: string): Promise<{ id: number; token: string }> {
     checkName(name, 'admin token');
     const token = generateToken();
-    return { id: this.db.insertAdminToken(name, hashToken(token)), token };
+    return { id: await this.db.insertAdminToken(name, hashToken(token)), token };
   }
 
-  listAdminTokens(): AdminTokenRow[] {
-    return this.db.listAdminTokens();
+  async listAdminTokens(): Promise<AdminTokenRow[]> {
+    return await this.db.listAdminTokens();
   }
 
-  revokeAdminToken(id: number): void {
-    if (!this.db.revokeAdminToken(id))
+  async revokeAdminToken(id: number): Promise<void> {
+    if (!(await this.db.revokeAdminToken(id)))
       throw new AdminError('not-found', `no unrevoked admin token with id ${id}`);
   }
 }
 
-/** Runs `fn` on the data dir's database, opened for the call (the CLI's way in). */
-export function withAdmin<T>(dataDir: string, fn: (admin: AccountAdmin, db: MetadataDb) => T): T {
-  const db = MetadataDb.open(dataDir);
-  let out: T;
+/**
+ * Runs `fn` on the repository's metadata, opened for the call (the CLI's way in): the data dir's
+ * database on `local`, PostgreSQL on `cluster` (the backend the VSP_REPOSITORY_* settings name).
+ */
+export async function withAdmin<T>(
+  dataDir: string,
+  fn: (admin: AccountAdmin, db: MetadataStore) => T | Promise<T>,
+): Promise<T> {
+  const db = await openMetadata(dataDir, backendSettingsFromEnv(process.env));
   try {
-    out = fn(new AccountAdmin(db), db);
-  } catch (err) {
-    db.close();
-    throw err;
+    return await fn(new AccountAdmin(db), db);
+  } finally {
+    await db.close();
   }
-  if (out instanceof Promise) return out.finally(() => db.close()) as T;
-  db.close();
-  return out;
 }
 
 // The data-dir forms used by the CLI, tests and tools: each opens the database for one AccountAdmin call.
 
 export const addOwner = (dataDir: string, name: string) => withAdmin(dataDir, (a) => a.addOwner(name));
-export const createToken = (dataDir: string, owner: string, name: string): string =>
-  withAdmin(dataDir, (a) => a.createToken(owner, name).token);
-export const createServiceToken = (dataDir: string, name: string): string =>
-  withAdmin(dataDir, (a) => a.createServiceToken(name).token);
+export const createToken = async (dataDir: string, owner: string, name: string): Promise<string> =>
+  (await withAdmin(dataDir, (a) => a.createToken(owner, name))).token;
+export const createServiceToken = async (dataDir: string, name: string): Promise<string> =>
+  (await withAdmin(dataDir, (a) => a.createServiceToken(name))).token;
 export const listOwners = (dataDir: string) => withAdmin(dataDir, (a) => a.listOwners());
 export const listTokens = (dataDir: string, owner?: string) => withAdmin(dataDir, (a) => a.listTokens(owner));
 export const revokeToken = (dataDir: string, id: number) => withAdmin(dataDir, (a) => a.revokeToken(id));

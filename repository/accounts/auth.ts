@@ -4,7 +4,7 @@ import { OWNER_NAME } from '../../spec/repoPath';
 import { CAPABILITY_PREFIX, type CapabilityClaims } from '../../spec/capability';
 import { BASE_IMAGES_FOLDER } from '../../spec/taskSpec';
 import { isUnder, verifyCapability, type CapabilityKeys } from './capabilities';
-import type { MetadataDb } from '../store/metadataDb';
+import type { MetadataStore } from '../store/metadataStore';
 
 /**
  * Access tokens and who may touch which owner's space. Protocol-neutral: HTTP passes a bearer
@@ -59,22 +59,26 @@ export function hashToken(token: string): string {
  * Resolves a presented token (an API token, or with `keys` a task capability) to its principal, or
  * throws AccessDenied(401).
  */
-export function authenticate(db: MetadataDb, token: string | undefined, keys?: CapabilityKeys): Principal {
+export async function authenticate(
+  db: MetadataStore,
+  token: string | undefined,
+  keys?: CapabilityKeys,
+): Promise<Principal> {
   if (token === undefined || token.length === 0) throw new AccessDenied(401, 'missing access token');
   if (token.startsWith(CAPABILITY_PREFIX)) {
     if (!keys) throw new AccessDenied(401, 'a task capability is not accepted here');
-    const claims = verifyCapability(db, keys, token);
+    const claims = await verifyCapability(db, keys, token);
     return { kind: 'capability', owner: claims.owner, claims };
   }
   const hash = hashToken(token);
-  const row = db.findTokenByHash(hash);
+  const row = await db.findTokenByHash(hash);
   // The lookup is by hash already; the constant-time re-check keeps the comparison itself timing-safe.
   if (!row || !timingSafeEqual(Buffer.from(row.hash, 'hex'), Buffer.from(hash, 'hex'))) {
     throw new AccessDenied(401, 'invalid access token');
   }
   if (row.revoked !== undefined) throw new AccessDenied(401, 'access token has been revoked');
   if (row.owner === undefined) return { kind: 'service', tokenId: row.id };
-  const owner = db.getOwner(row.owner);
+  const owner = await db.getOwner(row.owner);
   if (!owner || owner.disabled) throw new AccessDenied(401, `owner ${row.owner} is disabled`);
   return { kind: 'owner', owner: row.owner, tokenId: row.id };
 }
@@ -85,7 +89,12 @@ export function authenticate(db: MetadataDb, token: string | undefined, keys?: C
  * image (read) and its results folder (read, write, list), nothing else. Service tokens (the hosts')
  * read the provider's base images only: a task's files need that task's capability.
  */
-export function authorise(db: MetadataDb, principal: Principal, owner: string, access: Access): void {
+export async function authorise(
+  db: MetadataStore,
+  principal: Principal,
+  owner: string,
+  access: Access,
+): Promise<void> {
   if (principal.kind === 'owner') {
     if (principal.owner !== owner) throw new AccessDenied(403, `this token may not access owner ${owner}`);
     return;
@@ -103,7 +112,7 @@ export function authorise(db: MetadataDb, principal: Principal, owner: string, a
       403,
       `a service token reads only ${BASE_IMAGES_FOLDER}/; ${describeAccess(access)} needs the task's capability`,
     );
-  const row = db.getOwner(owner);
+  const row = await db.getOwner(owner);
   if (!row) throw new AccessDenied(404, `no such owner: ${owner}`);
   if (row.disabled) throw new AccessDenied(403, `owner ${owner} is disabled`);
 }
@@ -166,18 +175,18 @@ export interface OwnerSession {
  * tools that only know passwords can use a revocable token). Throws AccessDenied(401).
  */
 export async function authenticatePassword(
-  db: MetadataDb,
+  db: MetadataStore,
   owner: string,
   secret: string,
 ): Promise<OwnerSession> {
   if (secret.startsWith(TOKEN_PREFIX)) {
-    const p = authenticate(db, secret);
+    const p = await authenticate(db, secret);
     if (p.kind !== 'owner' || p.owner !== owner)
       throw new AccessDenied(401, `token is not one of ${owner}'s`);
     return { owner, credential: { kind: 'token', id: p.tokenId } };
   }
-  const row = OWNER_NAME.test(owner) ? db.getOwner(owner) : undefined;
-  const stored = row ? db.getPasswordHash(owner) : undefined;
+  const row = OWNER_NAME.test(owner) ? await db.getOwner(owner) : undefined;
+  const stored = row ? await db.getPasswordHash(owner) : undefined;
   const ok =
     secret.length <= MAX_PASSWORD_LENGTH &&
     (await argon2Verify(
@@ -190,9 +199,13 @@ export async function authenticatePassword(
 }
 
 /** A login by SSH key, once the protocol has checked the signature. Throws AccessDenied(401). */
-export function authenticateKey(db: MetadataDb, owner: string, keyBlob: Buffer): OwnerSession {
-  const row = OWNER_NAME.test(owner) ? db.getOwner(owner) : undefined;
-  const key = row && db.findKey(owner, keyBlob.toString('base64'));
+export async function authenticateKey(
+  db: MetadataStore,
+  owner: string,
+  keyBlob: Buffer,
+): Promise<OwnerSession> {
+  const row = OWNER_NAME.test(owner) ? await db.getOwner(owner) : undefined;
+  const key = row && (await db.findKey(owner, keyBlob.toString('base64')));
   if (!row || !key) throw new AccessDenied(401, `key is not authorised for ${owner}`);
   if (row.disabled) throw new AccessDenied(401, `owner ${owner} is disabled`);
   return { owner, credential: { kind: 'key', id: key.id } };
@@ -202,30 +215,31 @@ export function authenticateKey(db: MetadataDb, owner: string, keyBlob: Buffer):
  * Is a session still allowed? Disabling the owner, revoking the token, removing the key or changing
  * the password ends its sessions at their next request.
  */
-export function checkSession(db: MetadataDb, s: OwnerSession): void {
-  const row = db.getOwner(s.owner);
+export async function checkSession(db: MetadataStore, s: OwnerSession): Promise<void> {
+  const row = await db.getOwner(s.owner);
   if (!row || row.disabled) throw new AccessDenied(401, `owner ${s.owner} is disabled`);
   const c = s.credential;
-  if (c.kind === 'token' && db.tokenRevoked(c.id))
+  if (c.kind === 'token' && (await db.tokenRevoked(c.id)))
     throw new AccessDenied(401, 'access token has been revoked');
-  if (c.kind === 'key' && !db.keyExists(c.id)) throw new AccessDenied(401, 'SSH key has been removed');
-  if (c.kind === 'password' && db.getPasswordHash(s.owner) !== c.hash) {
+  if (c.kind === 'key' && !(await db.keyExists(c.id)))
+    throw new AccessDenied(401, 'SSH key has been removed');
+  if (c.kind === 'password' && (await db.getPasswordHash(s.owner)) !== c.hash) {
     throw new AccessDenied(401, 'password has been changed');
   }
 }
 
 /** Records a supplied service token under `name` unless a token with its hash already exists. */
-export function ensureServiceToken(db: MetadataDb, token: string, name: string): void {
+export async function ensureServiceToken(db: MetadataStore, token: string, name: string): Promise<void> {
   if (token.length < MIN_SUPPLIED_TOKEN_LENGTH) {
     throw new Error(`service token is too short: at least ${MIN_SUPPLIED_TOKEN_LENGTH} characters required`);
   }
-  const existing = db.findTokenByHash(hashToken(token));
+  const existing = await db.findTokenByHash(hashToken(token));
   if (existing) {
     if (existing.owner !== undefined) throw new Error('the supplied service token is already an owner token');
     if (existing.revoked !== undefined) throw new Error('the supplied service token has been revoked');
     return;
   }
-  db.insertToken(undefined, name, hashToken(token));
+  await db.insertToken(undefined, name, hashToken(token));
 }
 
 /** An admin API caller: one of the admin tokens made by `vsp admin token create`. */
@@ -248,22 +262,23 @@ export function principalLabel(p: Principal | AdminPrincipal): string {
   }
 }
 
-function findAdmin(db: MetadataDb, token: string): AdminPrincipal | undefined {
+async function findAdmin(db: MetadataStore, token: string): Promise<AdminPrincipal | undefined> {
   const hash = hashToken(token);
-  const row = db.findAdminTokenByHash(hash);
+  const row = await db.findAdminTokenByHash(hash);
   if (!row || !timingSafeEqual(Buffer.from(row.hash, 'hex'), Buffer.from(hash, 'hex'))) return undefined;
   if (row.revoked !== undefined) throw new AccessDenied(401, 'admin token has been revoked');
   return { kind: 'admin', tokenId: row.id };
 }
 
 /** Any credential's principal (`GET /v1/whoami`); throws AccessDenied(401) for none. */
-export function identify(
-  db: MetadataDb,
+export async function identify(
+  db: MetadataStore,
   token: string | undefined,
   keys: CapabilityKeys,
-): Principal | AdminPrincipal {
+): Promise<Principal | AdminPrincipal> {
   return (
-    (token && !token.startsWith(CAPABILITY_PREFIX) && findAdmin(db, token)) || authenticate(db, token, keys)
+    (token && !token.startsWith(CAPABILITY_PREFIX) && (await findAdmin(db, token))) ||
+    (await authenticate(db, token, keys))
   );
 }
 
@@ -271,10 +286,13 @@ export function identify(
  * Resolves an admin API caller. Admin tokens live apart from owner and service tokens; a valid token
  * of those kinds is known but not allowed here (403), anything else is not known (401).
  */
-export function authenticateAdmin(db: MetadataDb, token: string | undefined): AdminPrincipal {
+export async function authenticateAdmin(
+  db: MetadataStore,
+  token: string | undefined,
+): Promise<AdminPrincipal> {
   if (token === undefined || token.length === 0) throw new AccessDenied(401, 'missing admin token');
-  const admin = findAdmin(db, token);
+  const admin = await findAdmin(db, token);
   if (admin) return admin;
-  authenticate(db, token); // throws 401 for an unknown, revoked or disabled owner's token
+  await authenticate(db, token); // throws 401 for an unknown, revoked or disabled owner's token
   throw new AccessDenied(403, 'this token is not an admin token');
 }

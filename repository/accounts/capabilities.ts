@@ -8,7 +8,7 @@ import {
   type CapabilityClaims,
 } from '../../spec/capability';
 import { AccessDenied } from './auth';
-import type { MetadataDb } from '../store/metadataDb';
+import type { MetadataStore } from '../store/metadataStore';
 
 /**
  * Task capabilities (the wire form and claims are spec/capability.ts's): minted here for one task at
@@ -91,12 +91,12 @@ function sign(key: Buffer, payload: string): Buffer {
 export type CapabilityGrant = Omit<CapabilityClaims, 'v' | 'id'>;
 
 /** Mints a capability and records it; `mintedBy` says who asked (owner:<name>, admin:cli). */
-export function mintCapability(
-  db: MetadataDb,
+export async function mintCapability(
+  db: MetadataStore,
   keys: CapabilityKeys,
   grant: CapabilityGrant,
   mintedBy: string,
-): { token: string; claims: CapabilityClaims } {
+): Promise<{ token: string; claims: CapabilityClaims }> {
   const claims: CapabilityClaims = {
     v: CAPABILITY_VERSION,
     id: randomBytes(12).toString('base64url'),
@@ -104,7 +104,7 @@ export function mintCapability(
   };
   const payload = Buffer.from(JSON.stringify(claims), 'utf8').toString('base64url');
   const token = `${CAPABILITY_PREFIX}${payload}.${sign(keys.signing, payload).toString('base64url')}`;
-  db.insertCapability({
+  await db.insertCapability({
     id: claims.id,
     owner: claims.owner,
     taskId: claims.taskId,
@@ -129,12 +129,12 @@ export function claimedCapability(token: string): CapabilityClaims | undefined {
  * its owner existing and enabled. Throws AccessDenied(401) otherwise; checked on every request, so a
  * revocation or a disabled owner takes effect at once.
  */
-export function verifyCapability(
-  db: MetadataDb,
+export async function verifyCapability(
+  db: MetadataStore,
   keys: CapabilityKeys,
   token: string,
   nowMs = Date.now(),
-): CapabilityClaims {
+): Promise<CapabilityClaims> {
   let claims: CapabilityClaims;
   try {
     claims = decodeCapabilityClaims(token);
@@ -150,11 +150,11 @@ export function verifyCapability(
   if (!valid) throw new AccessDenied(401, 'capability signature is invalid');
   if (claims.exp * 1000 <= nowMs)
     throw new AccessDenied(401, `capability expired at ${new Date(claims.exp * 1000).toISOString()}`);
-  const row = db.getCapability(claims.id);
+  const row = await db.getCapability(claims.id);
   if (!row || row.owner !== claims.owner || row.taskId !== claims.taskId)
     throw new AccessDenied(401, 'capability is not known to this repository');
   if (row.revoked !== undefined) throw new AccessDenied(401, 'capability has been revoked');
-  const owner = db.getOwner(claims.owner);
+  const owner = await db.getOwner(claims.owner);
   if (!owner || owner.disabled) throw new AccessDenied(401, `owner ${claims.owner} is disabled`);
   return claims;
 }

@@ -185,26 +185,26 @@ class OwnerFileSystem extends FileSystem {
   }
 
   override get(fileName: string): Promise<FtpStat> {
-    return this.act(undefined, fileName, () => {
-      const e = entryAsSpelled(this.deps.store, this.session.owner, this.absolute(fileName));
+    return this.act(undefined, fileName, async () => {
+      const e = await entryAsSpelled(this.deps.store, this.session.owner, this.absolute(fileName));
       if (!e) throw new StoreError('not-found', `no such file or folder: ${fileName}`);
       return statOf(path.posix.basename(fileName) || '/', e);
     });
   }
 
   override list(dir = '.'): Promise<FtpStat[]> {
-    return this.act('list', dir, (p) => {
-      if (this.deps.store.entry(this.session.owner, p)?.kind !== 'folder')
+    return this.act('list', dir, async (p) => {
+      if ((await this.deps.store.entry(this.session.owner, p))?.kind !== 'folder')
         throw new StoreError('not-found', `no such folder: ${dir}`);
-      return this.deps.store.readdir(this.session.owner, p).map((d) => statOf(d.name, d));
+      return (await this.deps.store.readdir(this.session.owner, p)).map((d) => statOf(d.name, d));
     });
   }
 
   /** '..' is lexical and stops at the owner's root, as in a chroot. */
   override chdir(dir = '.'): Promise<string> {
-    return this.act(undefined, undefined, () => {
+    return this.act(undefined, undefined, async () => {
       const shown = resolveSftpPath(dir.startsWith('/') ? dir : `${this.dir}/${dir}`);
-      if (this.deps.store.entry(this.session.owner, toRepoPath(shown))?.kind !== 'folder')
+      if ((await this.deps.store.entry(this.session.owner, toRepoPath(shown)))?.kind !== 'folder')
         throw new StoreError('not-found', `no such folder: ${dir}`);
       this.dir = shown;
       return shown;
@@ -215,12 +215,12 @@ class OwnerFileSystem extends FileSystem {
     fileName: string,
     { append = false, start }: { append?: boolean; start?: number } = {},
   ): Promise<{ stream: Writable; clientPath: string }> {
-    return this.act('upload', fileName, (p) => {
+    return this.act('upload', fileName, async (p) => {
       if (append || (start ?? 0) > 0)
         throw new StoreError('conflict', 'uploads write a whole new file (no APPE or REST)');
       this.refuseFolder(fileName, p);
       const { store, maxFileBytes } = this.deps;
-      store.precheckWrite(this.session.owner, p);
+      await store.precheckWrite(this.session.owner, p);
       const body = new PassThrough({ highWaterMark: 1 << 20 });
       const result = store.write(this.session.owner, p, body, { maxBytes: maxFileBytes });
       // Failures reach the client through the sink below (the store destroys `body` when it fails) and
@@ -275,7 +275,7 @@ class OwnerFileSystem extends FileSystem {
   ): Promise<{ stream: Readable; clientPath: string }> {
     return this.act('download', fileName, async (p) => {
       this.refuseFolder(fileName, p);
-      if (this.deps.store.entry(this.session.owner, p)?.kind !== 'file')
+      if ((await this.deps.store.entry(this.session.owner, p))?.kind !== 'file')
         throw new StoreError('not-found', `no such file: ${fileName}`);
       const file = await this.deps.store.open(this.session.owner, p);
       const size = file.info.size;
@@ -294,36 +294,36 @@ class OwnerFileSystem extends FileSystem {
   }
 
   override delete(target: string): Promise<void> {
-    return this.act('delete', target, (p) => {
-      const e = this.deps.store.entry(this.session.owner, p);
+    return this.act('delete', target, async (p) => {
+      const e = await this.deps.store.entry(this.session.owner, p);
       if (p === '' || target === '.')
         throw new StoreError('conflict', `${JSON.stringify(target)} is the folder you are in or the root`);
-      if (e?.kind === 'folder') return this.deps.store.removeFolder(this.session.owner, p);
+      if (e?.kind === 'folder') return await this.deps.store.removeFolder(this.session.owner, p);
       this.refuseFolder(target, p);
-      if (!this.deps.store.delete(this.session.owner, p))
+      if (!(await this.deps.store.delete(this.session.owner, p)))
         throw new StoreError('not-found', `no such file: ${target}`);
     });
   }
 
   override mkdir(dir: string): Promise<string> {
-    return this.act('mkdir', dir, (p) => {
-      if (this.deps.store.entry(this.session.owner, p))
+    return this.act('mkdir', dir, async (p) => {
+      if (await this.deps.store.entry(this.session.owner, p))
         throw new StoreError('conflict', `${JSON.stringify(dir)} exists already (as /${p})`);
-      this.deps.store.makeFolder(this.session.owner, p);
+      await this.deps.store.makeFolder(this.session.owner, p);
       return `/${p}`;
     });
   }
 
   override rename(from: string, to: string): Promise<void> {
-    return this.act('rename', from, () => {
-      const [src, dst] = renamePaths(
+    return this.act('rename', from, async () => {
+      const [src, dst] = await renamePaths(
         this.deps.store,
         this.session.owner,
         this.absolute(from),
         this.absolute(to),
       );
       if (src === '' || dst === '') throw new StoreError('conflict', 'the root folder cannot be renamed');
-      this.deps.store.rename(this.session.owner, src, dst);
+      await this.deps.store.rename(this.session.owner, src, dst);
     });
   }
 
@@ -375,7 +375,7 @@ class OwnerFileSystem extends FileSystem {
   ): Promise<T> {
     let repoPath: string | undefined;
     try {
-      checkSession(this.deps.db, this.session);
+      await checkSession(this.deps.db, this.session);
       repoPath = input === undefined ? '' : this.repoPathOf(input);
       const out = await fn(repoPath);
       // An upload is recorded when it commits.

@@ -4,7 +4,7 @@ import { AccountAdmin } from '../accounts/admin';
 import { RefusedRequest } from '../refusedRequest';
 import { authenticateAdmin } from '../accounts/auth';
 import { listBaseImages, type ImageStore } from '../store/imageStore';
-import type { MetadataDb } from '../store/metadataDb';
+import type { MetadataStore } from '../store/metadataStore';
 
 /**
  * The admin HTTP API (`/v1/admin/...`): the `vsp owner|token|key|password` commands and the provider's
@@ -21,7 +21,7 @@ import type { MetadataDb } from '../store/metadataDb';
  */
 
 export interface AdminApiDeps {
-  db: MetadataDb;
+  db: MetadataStore;
   images?: ImageStore;
   maxFileBytes: number;
 }
@@ -135,12 +135,12 @@ async function dispatch(
       if (seg.length === 1) {
         if (method === 'GET') {
           act('owner-list');
-          return { status: 200, body: { owners: admin.listOwners() } };
+          return { status: 200, body: { owners: await admin.listOwners() } };
         }
         if (method !== 'POST') notAllowed(method, 'owners', 'GET, POST');
         const { name } = parse(NewOwner, await call.json(), 'new owner');
         act('owner-add', name);
-        return { status: 201, body: admin.addOwner(name) };
+        return { status: 201, body: await admin.addOwner(name) };
       }
       const owner = seg[1];
       act('owner', owner);
@@ -150,15 +150,16 @@ async function dispatch(
         act(
           change.disabled === undefined ? 'owner-quota' : change.disabled ? 'owner-disable' : 'owner-enable',
         );
-        deps.db.transaction(() => {
-          if (change.disabled !== undefined) admin.setOwnerDisabled(owner, change.disabled);
+        await deps.db.transaction(async (tx) => {
+          const inTx = new AccountAdmin(tx);
+          if (change.disabled !== undefined) await inTx.setOwnerDisabled(owner, change.disabled);
           if (change.quota)
-            admin.setQuota(owner, {
+            await inTx.setQuota(owner, {
               bytes: change.quota.bytes ?? undefined,
               files: change.quota.files ?? undefined,
             });
         });
-        const row = admin.listOwners().find((o) => o.name === owner);
+        const row = (await admin.listOwners()).find((o) => o.name === owner);
         if (!row) throw new AdminApiError(404, `no such owner: ${owner}`);
         return { status: 200, body: row };
       }
@@ -168,7 +169,7 @@ async function dispatch(
           await admin.setPassword(owner, parse(Password, await call.json(), 'password').password);
         } else if (method === 'DELETE') {
           act('password-clear');
-          admin.clearPassword(owner);
+          await admin.clearPassword(owner);
         } else notAllowed(method, 'a password', 'PUT, DELETE');
         return { status: 204 };
       }
@@ -177,11 +178,11 @@ async function dispatch(
           if (method !== 'POST') notAllowed(method, "an owner's keys", 'POST');
           act('key-add');
           const k = parse(NewKey, await call.json(), 'new key');
-          return { status: 201, body: admin.addKey(owner, k.publicKey, k.name) };
+          return { status: 201, body: await admin.addKey(owner, k.publicKey, k.name) };
         }
         if (method !== 'DELETE') notAllowed(method, 'a key', 'DELETE');
         act('key-remove');
-        admin.removeKey(owner, parseId(seg[3], 'key id'));
+        await admin.removeKey(owner, parseId(seg[3], 'key id'));
         return { status: 204 };
       }
       break;
@@ -190,21 +191,21 @@ async function dispatch(
       if (seg.length === 1) {
         if (method === 'GET') {
           act('token-list', ownerFilter);
-          return { status: 200, body: { tokens: admin.listTokens(ownerFilter) } };
+          return { status: 200, body: { tokens: await admin.listTokens(ownerFilter) } };
         }
         if (method !== 'POST') notAllowed(method, 'tokens', 'GET, POST');
         const t = parse(NewToken, await call.json(), 'new token');
         if ('service' in t) {
           act('token-create-service');
-          return { status: 201, body: admin.createServiceToken(t.name) };
+          return { status: 201, body: await admin.createServiceToken(t.name) };
         }
         act('token-create', t.owner);
-        return { status: 201, body: { owner: t.owner, ...admin.createToken(t.owner, t.name) } };
+        return { status: 201, body: { owner: t.owner, ...(await admin.createToken(t.owner, t.name)) } };
       }
       if (seg.length === 2) {
         if (method !== 'DELETE') notAllowed(method, 'a token', 'DELETE');
         act('token-revoke');
-        admin.revokeToken(parseId(seg[1], 'token id'));
+        await admin.revokeToken(parseId(seg[1], 'token id'));
         return { status: 204 };
       }
       break;
@@ -213,7 +214,7 @@ async function dispatch(
       if (seg.length === 1) {
         if (method !== 'GET') notAllowed(method, 'keys', 'GET');
         act('key-list', ownerFilter);
-        return { status: 200, body: { keys: admin.listKeys(ownerFilter) } };
+        return { status: 200, body: { keys: await admin.listKeys(ownerFilter) } };
       }
       break;
     case 'base-images': {
@@ -222,7 +223,7 @@ async function dispatch(
       if (seg.length === 1) {
         if (method !== 'GET') notAllowed(method, 'base images', 'GET');
         act('base-image-list');
-        return { status: 200, body: { images: listBaseImages(deps.db) } };
+        return { status: 200, body: { images: await listBaseImages(deps.db) } };
       }
       if (seg.length === 2) {
         if (method === 'PUT') {

@@ -16,7 +16,7 @@ import { claimedCapability, type CapabilityKeys } from '../accounts/capabilities
 import { CAPABILITY_PREFIX } from '../../spec/capability';
 import { remoteOf, type AuditEvent, type AuditLog } from '../accounts/auditLog';
 import { StoreError, type FileStore, type StoreErrorCode } from '../store/fileStore';
-import type { MetadataDb } from '../store/metadataDb';
+import type { MetadataStore } from '../store/metadataStore';
 import { parseRange } from './byteRange';
 import { UploadError, type ResumableUploads } from '../store/resumableUploads';
 import { LoginRateLimited, type LoginThrottle } from '../accounts/loginThrottle';
@@ -39,7 +39,7 @@ import { HttpError, readSmallBody } from './requestBody';
  */
 
 export interface HttpApiDeps {
-  db: MetadataDb;
+  db: MetadataStore;
   store: FileStore;
   maxFileBytes: number;
   log: Logger;
@@ -352,7 +352,7 @@ export function createRequestHandler(
     owner: string,
     id: string | undefined,
     draft: AuditDraft,
-    allowWrite: (repoPath: string) => void,
+    allowWrite: (repoPath: string) => Promise<void>,
   ): Promise<void> {
     const method = req.method ?? 'GET';
     if (id === undefined) {
@@ -361,7 +361,7 @@ export function createRequestHandler(
       const request = await readJson(req);
       const target = (request as { path?: unknown } | null)?.path;
       draft.path = typeof target === 'string' ? checkRepoPath(target) : undefined;
-      allowWrite(draft.path ?? '');
+      await allowWrite(draft.path ?? '');
       const session = await deps.uploads.create(owner, request);
       draft.path = session.path;
       sendJson(res, 201, session, {
@@ -375,9 +375,9 @@ export function createRequestHandler(
     switch (method) {
       case 'HEAD':
       case 'GET': {
-        const s = deps.uploads.get(owner, id);
+        const s = await deps.uploads.get(owner, id);
         draft.path = s.path;
-        allowWrite(s.path);
+        await allowWrite(s.path);
         const headers = {
           'Upload-Offset': String(s.offset),
           'Upload-Length': String(s.size),
@@ -391,9 +391,9 @@ export function createRequestHandler(
         const raw = req.headers['upload-offset'];
         if (typeof raw !== 'string' || !/^\d{1,16}$/.test(raw.trim()))
           throw new HttpError(400, 'Upload-Offset header must be a whole number of bytes');
-        const s = deps.uploads.get(owner, id);
+        const s = await deps.uploads.get(owner, id);
         draft.path = s.path;
-        allowWrite(s.path);
+        await allowWrite(s.path);
         const result = await deps.uploads.append(
           owner,
           id,
@@ -416,7 +416,7 @@ export function createRequestHandler(
         return;
       }
       case 'DELETE':
-        allowWrite(deps.uploads.get(owner, id).path);
+        await allowWrite((await deps.uploads.get(owner, id)).path);
         await deps.uploads.abort(owner, id);
         res.writeHead(204).end();
         return;
@@ -487,7 +487,7 @@ export function createRequestHandler(
       if (p.kind !== 'capability')
         throw new AccessDenied(403, 'only a task capability can revoke itself (bearer: the capability)');
       [draft.owner, draft.task] = [p.owner, p.claims.taskId];
-      db.revokeCapability(p.claims.id);
+      await db.revokeCapability(p.claims.id);
       log.info({ owner: p.owner, taskId: p.claims.taskId, capabilityId: p.claims.id }, 'capability revoked');
       res.writeHead(204).end();
       return;
@@ -509,13 +509,13 @@ export function createRequestHandler(
     draft.user = principalLabel(principal);
     if (principal.kind === 'capability') draft.task = principal.claims.taskId;
     checkOwnerName(r.owner);
-    const allow = (access: Access) => authorise(db, principal, r.owner, access);
+    const allow = (access: Access): Promise<void> => authorise(db, principal, r.owner, access);
     if (r.kind === 'list') {
       const prefix = checkPrefix(r.query.get('prefix'));
-      allow({ op: 'list', prefix });
+      await allow({ op: 'list', prefix });
       if (method !== 'GET')
         throw new HttpError(405, `${method} is not allowed on a file list`, { Allow: 'GET' });
-      sendJson(res, 200, { files: store.list(r.owner, prefix) });
+      sendJson(res, 200, { files: await store.list(r.owner, prefix) });
       return;
     }
     if (r.kind === 'task-logs') {
@@ -524,14 +524,14 @@ export function createRequestHandler(
       if (method === 'POST') return appendTaskLog(logs, req, res, principal, r.owner, r.id, r.query);
       if (method !== 'GET')
         throw new HttpError(405, `${method} is not allowed on a task log`, { Allow: 'GET, POST' });
-      allow({ op: 'account' });
+      await allow({ op: 'account' });
       return serveTaskLog(logs, req, res, r.owner, r.id, r.query);
     }
     if (r.kind === 'uploads')
       return resumable(req, res, r.owner, r.id, draft, (path) => allow({ op: 'write', path }));
-    if (r.kind === 'images' || r.kind === 'tasks') allow({ op: 'account' });
+    if (r.kind === 'images' || r.kind === 'tasks') await allow({ op: 'account' });
     if (r.kind === 'images') {
-      const out = imageRequest(deps.images, method, r.owner);
+      const out = await imageRequest(deps.images, method, r.owner);
       sendJson(res, out.status, out.body);
       return;
     }
@@ -550,7 +550,7 @@ export function createRequestHandler(
     }
     const repoPath = checkPath(r.rawPath);
     draft.path = repoPath;
-    allow({ op: method === 'GET' || method === 'HEAD' ? 'read' : 'write', path: repoPath });
+    await allow({ op: method === 'GET' || method === 'HEAD' ? 'read' : 'write', path: repoPath });
     switch (method) {
       case 'PUT':
         draft.bytes = await upload(req, res, r.owner, repoPath);
@@ -559,7 +559,7 @@ export function createRequestHandler(
       case 'HEAD':
         return download(req, res, r.owner, repoPath);
       case 'DELETE':
-        if (!store.delete(r.owner, repoPath)) throw new HttpError(404, `no such file: ${repoPath}`);
+        if (!(await store.delete(r.owner, repoPath))) throw new HttpError(404, `no such file: ${repoPath}`);
         log.info({ owner: r.owner, path: repoPath }, 'file deleted');
         res.writeHead(204).end();
         return;

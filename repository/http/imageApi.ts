@@ -18,12 +18,12 @@ export class ImageApiError extends Error {
   }
 }
 
-export function imageRequest(
+export async function imageRequest(
   images: ImageStore | undefined,
   method: string,
   owner: string,
-): { status: number; body: { images: ImageEntry[] } } {
+): Promise<{ status: number; body: { images: ImageEntry[] } }> {
   if (!images) throw new ImageApiError(503, 'the image store is not available on this repository');
   if (method !== 'GET') throw new ImageApiError(405, `${method} is not allowed on images`, { Allow: 'GET' });
-  return { status: 200, body: { images: images.list(owner) } };
+  return { status: 200, body: { images: await images.list(owner) } };
 }

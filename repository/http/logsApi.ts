@@ -3,7 +3,7 @@ import { pipeline } from 'node:stream/promises';
 import { describeError, type Logger } from '../../logging/logger';
 import { AccessDenied, type Principal } from '../accounts/auth';
 import type { FileStore } from '../store/fileStore';
-import type { MetadataDb } from '../store/metadataDb';
+import type { MetadataStore } from '../store/metadataStore';
 import { LiveLogError, MAX_APPEND_BYTES, type LiveLogs } from '../tasks/liveLogs';
 import { TaskApiError } from '../tasks/taskAdmission';
 import { TEMPORAL_NOT_CONFIGURED } from '../tasks/taskRequests';
@@ -24,7 +24,7 @@ export interface LogsRouteDeps {
   liveLogs: LiveLogs;
   tasks?: TaskApi;
   store: FileStore;
-  db: MetadataDb;
+  db: MetadataStore;
   log: Logger;
 }
 
@@ -120,7 +120,7 @@ export async function serveTaskLog(
   let checkedAt = Date.now();
   /** Whether the run is over: its capability ended (its last step), or Temporal says it closed. */
   const ended = async (): Promise<boolean> => {
-    const row = cap === undefined ? undefined : deps.db.getCapability(cap);
+    const row = cap === undefined ? undefined : await deps.db.getCapability(cap);
     if (row && (row.revoked !== undefined || row.expires * 1000 <= Date.now())) return true;
     if (Date.now() - checkedAt >= TEMPORAL_CHECK_MS) {
       checkedAt = Date.now();

@@ -18,7 +18,7 @@ import {
   type TaskStatus,
 } from '../../workflows/definitions';
 import type { CapabilityKeys } from '../accounts/capabilities';
-import type { MetadataDb } from '../store/metadataDb';
+import type { MetadataStore } from '../store/metadataStore';
 import { admitTask, submissionOf, TaskApiError } from '../tasks/taskAdmission';
 
 /**
@@ -75,7 +75,7 @@ export interface LogSource {
 
 /** The admission's needs: the metadata DB (pre-flight, capability records) and the signing key. */
 export interface TaskAdmissionDeps {
-  db: MetadataDb;
+  db: MetadataStore;
   keys: CapabilityKeys;
 }
 
@@ -108,7 +108,7 @@ export class TaskApi {
     body: unknown,
   ): Promise<{ taskId: string; runId: string; resultsPath: string }> {
     const { spec, taskId } = submissionOf(body);
-    const task = admitTask(this.admission, { owner, spec, taskId, mintedBy: `owner:${owner}` });
+    const task = await admitTask(this.admission, { owner, spec, taskId, mintedBy: `owner:${owner}` });
     try {
       const started = await this.vsp.submit(task.input, {
         taskId: task.taskId,
@@ -118,7 +118,7 @@ export class TaskApi {
       return { ...started, resultsPath: task.claims.results };
     } catch (err) {
       // Never started: its capability must not outlive the refusal.
-      this.admission.db.revokeCapability(task.claims.id);
+      await this.admission.db.revokeCapability(task.claims.id);
       if (err instanceof TaskSpecError) throw new TaskApiError(400, err.message, { cause: err });
       if (err instanceof WorkflowExecutionAlreadyStartedError)
         throw new TaskApiError(409, `taskId: a task ${task.taskId} is already running`, { cause: err });
@@ -248,7 +248,7 @@ export class TaskApi {
    */
   async logSource(owner: string, taskId: string): Promise<LogSource> {
     const desc = await this.owned(owner, taskId);
-    const cap = this.admission.db.latestCapability(owner, taskId);
+    const cap = await this.admission.db.latestCapability(owner, taskId);
     return {
       capabilityId: cap?.id,
       resultsPath: cap?.results,

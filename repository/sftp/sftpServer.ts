@@ -103,26 +103,25 @@ export async function startSftpServer(deps: SftpSessionDeps, opts: SftpServerOpt
       const { signature } = ctx;
       loginThrottle
         .check(who)
-        .then(() => {
+        .then(async () => {
           // Without a signature the client only asks whether this key would do: no login, and no
           // guess either (public keys are public), so a refusal is not counted as a failure.
           if (!signature) {
-            authenticateKey(db, ctx.username, ctx.key.data);
+            await authenticateKey(db, ctx.username, ctx.key.data);
             return ctx.accept();
           }
-          return loginThrottle
-            .guard(who, () => {
-              const s = authenticateKey(db, ctx.username, ctx.key.data);
-              const key = utils.parseKey(ctx.key.data);
-              if (
-                key instanceof Error ||
-                ctx.blob === undefined ||
-                !key.verify(ctx.blob, signature, ctx.hashAlgo)
-              )
-                throw new AccessDenied(401, 'SSH key signature does not verify');
-              return s;
-            })
-            .then((s) => loggedIn(ctx, s, 'publickey'));
+          const s = await loginThrottle.guard(who, async () => {
+            const s = await authenticateKey(db, ctx.username, ctx.key.data);
+            const key = utils.parseKey(ctx.key.data);
+            if (
+              key instanceof Error ||
+              ctx.blob === undefined ||
+              !key.verify(ctx.blob, signature, ctx.hashAlgo)
+            )
+              throw new AccessDenied(401, 'SSH key signature does not verify');
+            return s;
+          });
+          loggedIn(ctx, s, 'publickey');
         })
         .catch((err: unknown) => denied(ctx, err));
     });

@@ -92,15 +92,24 @@ export function toFilePath(input: string): string {
 }
 
 /** `a/` names a folder: a file there is not found, as stat("file/") is ENOTDIR on POSIX. */
-export function entryAsSpelled(store: FileStore, owner: string, input: string): Entry | undefined {
-  const e = store.entry(owner, toRepoPath(input));
+export async function entryAsSpelled(
+  store: FileStore,
+  owner: string,
+  input: string,
+): Promise<Entry | undefined> {
+  const e = await store.entry(owner, toRepoPath(input));
   return e?.kind === 'file' && input.endsWith('/') ? undefined : e;
 }
 
 /** A rename's paths may end with '/' only when it moves a folder. */
-export function renamePaths(store: FileStore, owner: string, from: string, to: string): [string, string] {
+export async function renamePaths(
+  store: FileStore,
+  owner: string,
+  from: string,
+  to: string,
+): Promise<[string, string]> {
   const src = toRepoPath(from);
-  if (store.entry(owner, src)?.kind !== 'folder') [from, to].forEach(toFilePath);
+  if ((await store.entry(owner, src))?.kind !== 'folder') [from, to].forEach(toFilePath);
   return [src, toRepoPath(to)];
 }
 
@@ -129,6 +138,7 @@ export function serveSftp(
   const handles = new Map<number, Handle>();
   let nextHandle = 1;
   let loginCheckedAt = 0;
+  let started: Promise<void> = Promise.resolve();
   /** Bytes held in all write handles' `ahead` maps. */
   let aheadBytes = 0;
 
@@ -180,29 +190,33 @@ export function serveSftp(
     fn: () => unknown,
     dataRequest = false,
   ): void {
-    try {
-      const now = Date.now();
-      if (!dataRequest || now - loginCheckedAt >= DATA_RECHECK_MS) {
-        checkSession(db, session);
-        loginCheckedAt = now;
+    // The checks run one at a time and each request starts after its own, so requests start in the order
+    // they came (a CLOSE never overtakes the WRITEs before it) even when the metadata answers out of order.
+    const arrived = Date.now();
+    started = started.then(async () => {
+      try {
+        if (!dataRequest || arrived - loginCheckedAt >= DATA_RECHECK_MS) {
+          await checkSession(db, session);
+          loginCheckedAt = arrived;
+        }
+      } catch (err) {
+        fail(reqId, err, action ?? 'request', path);
+        endConnection();
+        return;
       }
-    } catch (err) {
-      fail(reqId, err, action ?? 'request', path);
-      endConnection();
-      return;
-    }
-    Promise.resolve()
-      .then(fn)
-      .catch((err: unknown) => fail(reqId, err, action, path));
+      Promise.resolve()
+        .then(fn)
+        .catch((err: unknown) => fail(reqId, err, action, path));
+    });
   }
 
-  function openForWrite(reqId: number, repoPath: string, flags: number): void {
+  async function openForWrite(reqId: number, repoPath: string, flags: number): Promise<void> {
     if (flags & (OPEN_MODE.READ | OPEN_MODE.APPEND))
       throw new StoreError('conflict', 'files are opened either to read or to write a whole new file');
-    const existing = store.entry(owner, repoPath);
+    const existing = await store.entry(owner, repoPath);
     if (existing?.kind === 'folder') throw new StoreError('conflict', `${repoPath} is a folder`);
     if (existing && flags & OPEN_MODE.EXCL) throw new StoreError('conflict', `${repoPath} already exists`);
-    store.precheckWrite(owner, repoPath);
+    await store.precheckWrite(owner, repoPath);
     const body = new PassThrough({ highWaterMark: 1 << 20 });
     const h: Handle & { kind: 'write' } = {
       kind: 'write',
@@ -219,17 +233,17 @@ export function serveSftp(
   }
 
   sftp.on('REALPATH', (reqId, p) =>
-    serve(reqId, undefined, undefined, () => {
+    serve(reqId, undefined, undefined, async () => {
       const shown = resolveSftpPath(p);
-      const e = store.entry(owner, toRepoPath(shown));
+      const e = await store.entry(owner, toRepoPath(shown));
       const entry: Entry = e ?? { kind: 'folder', path: shown };
       sftp.name(reqId, [{ filename: shown, longname: longname(shown, entry), attrs: attrsOf(entry) }]);
     }),
   );
 
   const statHandler = (reqId: number, p: string): void =>
-    serve(reqId, undefined, undefined, () => {
-      const e = entryAsSpelled(store, owner, p);
+    serve(reqId, undefined, undefined, async () => {
+      const e = await entryAsSpelled(store, owner, p);
       if (!e) throw new StoreError('not-found', `no such file or folder: ${p}`);
       sftp.attrs(reqId, attrsOf(e));
     });
@@ -242,7 +256,7 @@ export function serveSftp(
       const repoPath = toFilePath(filename);
       if (repoPath === '') throw new StoreError('conflict', 'the root is a folder');
       if (action === 'upload') return openForWrite(reqId, repoPath, flags);
-      if (store.entry(owner, repoPath)?.kind === 'folder')
+      if ((await store.entry(owner, repoPath))?.kind === 'folder')
         throw new StoreError('conflict', `${repoPath} is a folder`);
       const file = await store.open(owner, repoPath);
       record({ action, path: repoPath, result: 'ok', bytes: file.info.size });
@@ -319,7 +333,7 @@ export function serveSftp(
   );
 
   sftp.on('FSTAT', (reqId, hbuf) =>
-    serve(reqId, undefined, undefined, () => {
+    serve(reqId, undefined, undefined, async () => {
       const h = handleOf(hbuf)?.[1];
       if (!h || h.kind === 'dir') throw new StoreError('not-found', 'invalid handle');
       if (h.kind === 'read') return sftp.attrs(reqId, attrsOf({ kind: 'file', info: h.file.info }));
@@ -366,24 +380,24 @@ export function serveSftp(
   );
   // Modes, owners and times are not kept: accepting them lets `put -p` and friends work.
   sftp.on('SETSTAT', (reqId, p) =>
-    serve(reqId, undefined, undefined, () => {
-      if (!store.entry(owner, toRepoPath(p)))
+    serve(reqId, undefined, undefined, async () => {
+      if (!(await store.entry(owner, toRepoPath(p))))
         throw new StoreError('not-found', `no such file or folder: ${p}`);
       sftp.status(reqId, STATUS_CODE.OK);
     }),
   );
 
   sftp.on('OPENDIR', (reqId, p) =>
-    serve(reqId, 'list', p, () => {
+    serve(reqId, 'list', p, async () => {
       const repoPath = toRepoPath(p);
-      const e = store.entry(owner, repoPath);
+      const e = await store.entry(owner, repoPath);
       if (e?.kind !== 'folder') throw new StoreError('not-found', `no such folder: ${p}`);
-      sftp.handle(reqId, newHandle({ kind: 'dir', entries: store.readdir(owner, repoPath), sent: 0 }));
+      sftp.handle(reqId, newHandle({ kind: 'dir', entries: await store.readdir(owner, repoPath), sent: 0 }));
     }),
   );
 
   sftp.on('READDIR', (reqId, hbuf) =>
-    serve(reqId, undefined, undefined, () => {
+    serve(reqId, undefined, undefined, async () => {
       const h = handleOf(hbuf)?.[1];
       if (h?.kind !== 'dir') throw new StoreError('not-found', 'invalid handle');
       if (h.sent >= h.entries.length) return sftp.status(reqId, STATUS_CODE.EOF);
@@ -396,11 +410,11 @@ export function serveSftp(
     }),
   );
 
-  const mutation = (action: string, p: string, fn: (repoPath: string) => void) => (reqId: number) =>
-    serve(reqId, action, p, () => {
+  const mutation = (action: string, p: string, fn: (repoPath: string) => Promise<void>) => (reqId: number) =>
+    serve(reqId, action, p, async () => {
       const repoPath = toRepoPath(p);
       if (repoPath === '') throw new PathRefused(`cannot ${action} the root folder`);
-      fn(repoPath);
+      await fn(repoPath);
       record({ action, path: repoPath, result: 'ok' });
       sftp.status(reqId, STATUS_CODE.OK);
     });
@@ -408,17 +422,18 @@ export function serveSftp(
   sftp.on('MKDIR', (reqId, p) => mutation('mkdir', p, (rp) => store.makeFolder(owner, rp))(reqId));
   sftp.on('RMDIR', (reqId, p) => mutation('rmdir', p, (rp) => store.removeFolder(owner, rp))(reqId));
   sftp.on('REMOVE', (reqId, p) =>
-    mutation('delete', p, (rp) => {
+    mutation('delete', p, async (rp) => {
       toFilePath(p);
-      if (store.entry(owner, rp)?.kind === 'folder') throw new StoreError('conflict', `${rp} is a folder`);
-      if (!store.delete(owner, rp)) throw new StoreError('not-found', `no such file: ${rp}`);
+      if ((await store.entry(owner, rp))?.kind === 'folder')
+        throw new StoreError('conflict', `${rp} is a folder`);
+      if (!(await store.delete(owner, rp))) throw new StoreError('not-found', `no such file: ${rp}`);
     })(reqId),
   );
   sftp.on('RENAME', (reqId, from, to) =>
-    serve(reqId, 'rename', from, () => {
-      const [src, dst] = renamePaths(store, owner, from, to);
+    serve(reqId, 'rename', from, async () => {
+      const [src, dst] = await renamePaths(store, owner, from, to);
       if (src === '' || dst === '') throw new PathRefused('cannot rename the root folder');
-      store.rename(owner, src, dst);
+      await store.rename(owner, src, dst);
       record({ action: 'rename', path: src, to: dst, result: 'ok' });
       sftp.status(reqId, STATUS_CODE.OK);
     }),

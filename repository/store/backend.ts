@@ -96,6 +96,14 @@ export interface FileBytes {
    * the staged bytes are removed (unless `commit` installed them) and `source` is destroyed.
    */
   receive<T>(source: Readable, opts: ReceiveOptions, commit: (staged: Staged) => Promise<T>): Promise<T>;
+  /**
+   * Stages a complete local file whose size and SHA-256 the caller counted (a resumable upload's partial
+   * file): `local` takes it as it is (it is renamed into place, never copied), `cluster` uploads it. The
+   * file is consumed when it is installed; the caller removes it otherwise.
+   */
+  stageLocalFile(file: string, sum: Received): Promise<Staged>;
+  /** Removes staged bytes that were not installed. */
+  discard(staged: Staged): Promise<void>;
   /** Makes `staged` the bytes of `owner`'s `repoPath`; run inside the transaction that records the row. */
   install(owner: string, repoPath: string, staged: Staged): Promise<string | undefined>;
   /** Opens a stored file's bytes, checking they are there and of the recorded size. */
@@ -104,6 +112,17 @@ export interface FileBytes {
   release(owner: string, file: StoredFile, stillAtPath: boolean): Promise<void>;
   /** A file or folder renamed; run inside the transaction that renames the rows. */
   move(owner: string, from: string, to: string, kind: 'file' | 'folder'): Promise<void>;
+  /**
+   * Runs `fn` on a local path holding exactly the bytes of `file` (for qemu-img): `local` passes its own
+   * descriptor's /proc path, `cluster` a temp copy removed afterwards.
+   */
+  withLocalFile<T>(owner: string, file: StoredFile, fn: (localPath: string) => Promise<T>): Promise<T>;
+  /** The provider's base images: opened by name; added from a complete local file (consumed); removed. */
+  openBase(name: string, size: number): Promise<OpenBytes>;
+  installBase(name: string, localFile: string): Promise<void>;
+  removeBase(name: string): Promise<void>;
+  /** A temp file path on this server's disk, for bytes on their way in (base images, inspections). */
+  tempPath(): string;
   close(): Promise<void>;
 }
 
@@ -119,4 +138,47 @@ export async function openMetadata(dataDir: string, settings: BackendSettings): 
   if (settings.kind === 'local') return localMetadata(MetadataDb.open(dataDir));
   const { PgMetadata } = await import('./pgMetadata.js');
   return PgMetadata.open(settings.pgUrl);
+}
+
+/**
+ * Opens the backend the settings name: `local` on `dataDir`; `cluster` on PostgreSQL and S3. A server
+ * (`serving`) owns its data dir's temp files and clears those a crash left; the admin CLI does not.
+ */
+export async function openBackend(
+  dataDir: string,
+  settings: BackendSettings,
+  { serving = true }: { serving?: boolean } = {},
+): Promise<RepositoryBackend> {
+  const metadata = await openMetadata(dataDir, settings);
+  try {
+    const bytes =
+      settings.kind === 'local'
+        ? await (await import('./diskBytes.js')).DiskBytes.open(dataDir, serving)
+        : await (await import('./s3Bytes.js')).S3Bytes.open(dataDir, settings.s3, serving);
+    return {
+      settings,
+      metadata,
+      bytes,
+      close: async () => {
+        await bytes.close();
+        await metadata.close();
+      },
+    };
+  } catch (err) {
+    await metadata.close();
+    throw err;
+  }
+}
+
+/** Runs `fn` on the backend the VSP_REPOSITORY_* settings name, opened for the call (the admin CLI's). */
+export async function withBackend<T>(
+  dataDir: string,
+  fn: (backend: RepositoryBackend) => Promise<T>,
+): Promise<T> {
+  const backend = await openBackend(dataDir, backendSettingsFromEnv(process.env), { serving: false });
+  try {
+    return await fn(backend);
+  } finally {
+    await backend.close();
+  }
 }

@@ -1,39 +1,31 @@
-import {
-  closeSync,
-  constants as fsc,
-  fstatSync,
-  lstatSync,
-  mkdirSync,
-  openSync,
-  renameSync,
-  rmdirSync,
-  unlinkSync,
-} from 'node:fs';
-import { promises as fs } from 'node:fs';
-import type { FileHandle } from 'node:fs/promises';
-import { randomBytes } from 'node:crypto';
+import { rm } from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { BASE_IMAGES_FOLDER } from '../../spec/taskSpec';
 import { AccessDenied } from '../accounts/auth';
-import { writeDurably } from '../../lib/durableWrite';
-import { fsyncFile } from '../../storage/durableFile';
-import type { BaseImageRow, FileRow, MetadataDb, OwnerRow, OwnerUsage } from './metadataDb';
+import type { FileBytes, Staged } from './backend';
+import type { BaseImageRow, FileRow, OwnerRow, OwnerUsage } from './metadataDb';
+import type { MetadataStore } from './metadataStore';
+import { StoreError } from './storeError';
+
+export { StoreError, type StoreErrorCode } from './storeError';
 
 /**
- * The owners' files on disk (`<dataDir>/files/<owner>/<path>`) kept in step with their metadata rows.
- * Protocol-neutral: callers pass owner names and paths already validated (OWNER_NAME,
- * normaliseRepoPath) and a byte stream; this module makes writes atomic and never follows a symlink.
+ * The owners' files: their metadata rows (MetadataStore) kept in step with their bytes (FileBytes: the
+ * data dir on `local`, the object store on `cluster`). Protocol-neutral: callers pass owner names and
+ * paths already validated (OWNER_NAME, normaliseRepoPath) and a byte stream; this module makes writes
+ * atomic and enforces quotas.
  *
- * The commit of a write (mkdir, rename, metadata row) and a delete run synchronously, so within the
- * one process that owns a data dir they never interleave and the metadata always names the bytes on disk.
+ * A write's bytes are received and made durable first; then one metadata transaction locks the owner's
+ * row, checks the quota afresh, installs the bytes and records the row, so two commits (on one server or
+ * on many) cannot both fit the last of a quota, and a file is visible only once complete.
  *
  * Every owner also sees the provider's base images, read-only, in the folder BASE_IMAGES_FOLDER of its
- * space (`<dataDir>/base-images/<name>`, recorded in the base_images table). The refusal of writes there
- * lives here, below every protocol, so HTTP, SFTP and FTPS cannot differ on it.
+ * space (recorded in the base_images table). The refusal of writes there lives here, below every
+ * protocol, so HTTP, SFTP and FTPS cannot differ on it.
  */
 
-/** The provider's base images on disk; filled by imageStore.addBaseImage only. */
+/** The provider's base images on a `local` data dir; filled by imageStore.addBaseImage only. */
 export function baseImagesDir(dataDir: string): string {
   return path.join(dataDir, 'base-images');
 }
@@ -63,26 +55,6 @@ export function baseImageFile(b: BaseImageRow): FileRow {
 
 /** Called after a file appears at `repoPath` (written or renamed there). */
 export type CommitListener = (owner: string, repoPath: string) => void;
-
-export type StoreErrorCode =
-  | 'not-found'
-  | 'too-large'
-  | 'quota-exceeded'
-  | 'checksum-mismatch'
-  | 'size-mismatch'
-  | 'conflict'
-  | 'corrupt';
-
-export class StoreError extends Error {
-  constructor(
-    readonly code: StoreErrorCode,
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-    this.name = 'StoreError';
-  }
-}
 
 export interface WriteLimits {
   maxBytes: number;
@@ -115,33 +87,30 @@ interface PendingUpload {
   /** Does it add a file (rather than replace one)? */
   adds: boolean;
   /** The owner's limits and stored totals, re-read during a transfer at most every QUOTA_REFRESH_MS. */
-  snapshot?: { at: number; row?: OwnerRow; usage: OwnerUsage; replaced: number };
+  snapshot: QuotaSnapshot;
+  refreshing?: Promise<void>;
+}
+
+interface QuotaSnapshot {
+  at: number;
+  row?: OwnerRow;
+  usage: OwnerUsage;
+  /** The size of the file the upload replaces (0 if it adds one). */
+  replaced: number;
 }
 
 /** The final check at commit always reads afresh; this only bounds the work per received chunk. */
 const QUOTA_REFRESH_MS = 1000;
 
-/** Duck-typed: errors from Node's fs need not be `instanceof Error` of this realm (e.g. under jest). */
-function isErrno(err: unknown, ...codes: string[]): boolean {
-  const code = typeof err === 'object' && err !== null ? (err as NodeJS.ErrnoException).code : undefined;
-  return typeof code === 'string' && codes.includes(code);
-}
-
 export class FileStore {
-  private readonly filesDir: string;
-  private readonly tmpDir: string;
-  private readonly baseDir: string;
+  /** This server's uploads in progress; other servers' are seen only when they commit. */
   private readonly pending = new Set<PendingUpload>();
   private readonly listeners: CommitListener[] = [];
 
-  private constructor(
-    dataDir: string,
-    private readonly db: MetadataDb,
-  ) {
-    this.filesDir = path.join(dataDir, 'files');
-    this.tmpDir = path.join(dataDir, 'tmp');
-    this.baseDir = baseImagesDir(dataDir);
-  }
+  constructor(
+    private readonly db: MetadataStore,
+    readonly bytes: FileBytes,
+  ) {}
 
   /** `listener` hears of every file committed or renamed into place, after the fact (errors are its own). */
   onCommit(listener: CommitListener): void {
@@ -152,68 +121,49 @@ export class FileStore {
     for (const l of this.listeners) for (const p of repoPaths) l(owner, p);
   }
 
-  /** Creates the folders and clears temp files left by a crash (one process owns a data dir). */
-  static async open(dataDir: string, db: MetadataDb): Promise<FileStore> {
-    const store = new FileStore(dataDir, db);
-    await fs.mkdir(store.filesDir, { recursive: true, mode: 0o700 });
-    await fs.rm(store.tmpDir, { recursive: true, force: true });
-    await fs.mkdir(store.tmpDir, { recursive: true, mode: 0o700 });
-    return store;
-  }
-
-  list(owner: string, prefix?: string): FileRow[] {
+  list(owner: string, prefix?: string): Promise<FileRow[]> {
     return this.db.listFiles(owner, prefix);
   }
 
   /**
-   * Streams `source` into a temp file (hashing and counting as it goes), fsyncs it, then renames it
-   * into place and records it. Any failure, including `source` erroring on a client disconnect,
-   * leaves neither the file nor the temp file. `source` is destroyed on failure.
+   * Receives `source` (hashing and counting as it goes) durably into a staging place, then commits it.
+   * Any failure, including `source` erroring on a client disconnect, leaves neither the file nor the
+   * staged bytes. `source` is destroyed on failure.
    */
   async write(owner: string, repoPath: string, source: Readable, limits: WriteLimits): Promise<FileRow> {
-    const upload: PendingUpload = {
-      owner,
-      path: repoPath,
-      bytes: 0,
-      adds: !this.db.getFile(owner, repoPath),
-    };
+    let upload: PendingUpload;
     try {
-      this.precheckWrite(owner, repoPath, limits.expectedSize);
+      upload = await this.precheck(owner, repoPath, limits.expectedSize ?? 0);
     } catch (err) {
       source.destroy();
       throw err;
     }
-    const tmp = path.join(this.tmpDir, `upload-${randomBytes(12).toString('hex')}`);
     this.pending.add(upload);
     try {
-      return await writeDurably(
+      return await this.bytes.receive(
         source,
-        tmp,
         {
           maxBytes: limits.maxBytes,
           tooLarge: (max) => new StoreError('too-large', `file is larger than the limit of ${max} bytes`),
           onChunk: (total) => {
             upload.bytes = total;
-            this.checkQuota(upload, total, false);
+            this.checkQuotaSoon(upload, total);
           },
         },
-        async ({ size, sha256 }) => {
-          if (limits.expectedSize !== undefined && size !== limits.expectedSize) {
+        async (staged) => {
+          if (limits.expectedSize !== undefined && staged.size !== limits.expectedSize) {
             throw new StoreError(
               'size-mismatch',
-              `received ${size} bytes but ${limits.expectedSize} were announced`,
+              `received ${staged.size} bytes but ${limits.expectedSize} were announced`,
             );
           }
-          if (limits.expectedSha256 !== undefined && sha256 !== limits.expectedSha256) {
+          if (limits.expectedSha256 !== undefined && staged.sha256 !== limits.expectedSha256) {
             throw new StoreError(
               'checksum-mismatch',
-              `content SHA-256 is ${sha256} but ${limits.expectedSha256} was announced; nothing stored`,
+              `content SHA-256 is ${staged.sha256} but ${limits.expectedSha256} was announced; nothing stored`,
             );
           }
-          const info: FileRow = { path: repoPath, size, sha256, mtime: new Date().toISOString() };
-          const dest = this.commitChecked(upload, tmp, info);
-          await fsyncFile(path.dirname(dest)); // the rename is durable
-          return info;
+          return this.commitChecked(upload, staged);
         },
       );
     } finally {
@@ -222,9 +172,9 @@ export class FileStore {
   }
 
   /**
-   * Stores a file already complete and fsynced on the store's filesystem (a resumable upload's
-   * partial file), whose size and SHA-256 the caller has counted as it was written: checked as
-   * `write` checks, then renamed into place, never copied. `file` is consumed: renamed or removed.
+   * Stores a complete local file (a resumable upload's partial file, fsynced) whose size and SHA-256
+   * the caller counted as it was written: checked as `write` checks, then installed (on `local` renamed
+   * into place, never copied). `file` is consumed: stored or removed.
    */
   async adopt(
     owner: string,
@@ -232,63 +182,98 @@ export class FileStore {
     file: string,
     sum: { size: number; sha256: string },
   ): Promise<FileRow> {
+    let staged: Staged | undefined;
+    try {
+      refuseBaseImages(repoPath);
+      staged = await this.bytes.stageLocalFile(file, sum);
+      const upload = { owner, path: repoPath, bytes: 0, adds: false, snapshot: emptySnapshot() };
+      const info = await this.commitChecked(upload, staged);
+      staged = undefined;
+      return info;
+    } finally {
+      await rm(file, { force: true });
+      if (staged) await this.bytes.discard(staged);
+    }
+  }
+
+  /**
+   * The quota check and commit in one transaction holding the owner's row: the check reads the stored
+   * totals afresh, so no commit on any server can slip between it and the row. The replaced file's bytes
+   * go once the new row is committed.
+   */
+  private async commitChecked(upload: PendingUpload, staged: Staged): Promise<FileRow> {
+    this.pending.delete(upload);
+    const info: FileRow = {
+      path: upload.path,
+      size: staged.size,
+      sha256: staged.sha256,
+      mtime: new Date().toISOString(),
+    };
+    const replaced = await this.db.transaction(async (tx) => {
+      const row = await tx.lockOwner(upload.owner);
+      const old = await tx.getStoredFile(upload.owner, upload.path);
+      if (await this.folderAt(tx, upload.owner, upload.path))
+        throw new StoreError('conflict', `${upload.path} is a folder`);
+      upload.adds = !old;
+      upload.snapshot = {
+        at: Date.now(),
+        row,
+        usage: await tx.usage(upload.owner),
+        replaced: old?.size ?? 0,
+      };
+      this.checkQuota(upload, info.size);
+      const blob = await this.bytes.install(upload.owner, upload.path, staged);
+      await tx.upsertFile(upload.owner, info, blob);
+      return old;
+    });
+    if (replaced) await this.bytes.release(upload.owner, replaced, true);
+    this.notify(upload.owner, [upload.path]);
+    return info;
+  }
+
+  /** Fails before any byte is sent if an upload of `expectedSize` bytes to `repoPath` cannot be stored. */
+  async precheckWrite(owner: string, repoPath: string, expectedSize = 0): Promise<void> {
+    await this.precheck(owner, repoPath, expectedSize);
+  }
+
+  private async precheck(owner: string, repoPath: string, expectedSize: number): Promise<PendingUpload> {
+    refuseBaseImages(repoPath);
+    if ((await this.entry(owner, repoPath))?.kind === 'folder')
+      throw new StoreError('conflict', `${repoPath} is a folder`);
+    const old = await this.db.getFile(owner, repoPath);
     const upload: PendingUpload = {
       owner,
       path: repoPath,
       bytes: 0,
-      adds: !this.db.getFile(owner, repoPath),
+      adds: !old,
+      snapshot: await this.snapshot(owner, old?.size ?? 0),
     };
-    let committed = false;
-    try {
-      refuseBaseImages(repoPath);
-      await fs.chmod(file, 0o644);
-      const info: FileRow = { path: repoPath, ...sum, mtime: new Date().toISOString() };
-      const dest = this.commitChecked(upload, file, info);
-      committed = true;
-      await fsyncFile(path.dirname(dest)); // the rename is durable
-      return info;
-    } finally {
-      if (!committed) await fs.rm(file, { force: true });
+    this.checkQuota(upload, expectedSize);
+    return upload;
+  }
+
+  private async snapshot(owner: string, replaced: number): Promise<QuotaSnapshot> {
+    const [row, usage] = await Promise.all([this.db.getOwner(owner), this.db.usage(owner)]);
+    return { at: Date.now(), row, usage, replaced };
+  }
+
+  /** The check per received chunk: against the snapshot, refreshed in the background when it is old. */
+  private checkQuotaSoon(upload: PendingUpload, bytes: number): void {
+    if (!upload.refreshing && Date.now() - upload.snapshot.at > QUOTA_REFRESH_MS) {
+      upload.refreshing = this.snapshot(upload.owner, upload.snapshot.replaced)
+        .then((snap) => void (upload.snapshot = snap))
+        .catch(() => undefined) // the commit's check reads afresh anyway
+        .finally(() => (upload.refreshing = undefined));
     }
-  }
-
-  /** The quota check and commit, synchronous so the check cannot race another commit. */
-  private commitChecked(upload: PendingUpload, tmp: string, info: FileRow): string {
-    this.pending.delete(upload);
-    upload.adds = !this.db.getFile(upload.owner, upload.path);
-    this.checkQuota(upload, info.size);
-    const dest = this.commit(upload.owner, upload.path, tmp, info);
-    this.notify(upload.owner, [upload.path]);
-    return dest;
-  }
-
-  /** Fails before any byte is sent if an upload of `expectedSize` bytes to `repoPath` cannot be stored. */
-  precheckWrite(owner: string, repoPath: string, expectedSize = 0): void {
-    refuseBaseImages(repoPath);
-    if (this.entry(owner, repoPath)?.kind === 'folder')
-      throw new StoreError('conflict', `${repoPath} is a folder`);
-    this.checkQuota(
-      { owner, path: repoPath, bytes: 0, adds: !this.db.getFile(owner, repoPath) },
-      expectedSize,
-    );
+    this.checkQuota(upload, bytes);
   }
 
   /**
-   * Would `upload`, at `bytes`, fit in its owner's quota beside the stored files and the other uploads
-   * in progress? The file it replaces does not count. Throws StoreError('quota-exceeded').
+   * Would `upload`, at `bytes`, fit in its owner's quota beside the stored files and this server's other
+   * uploads in progress? The file it replaces does not count. Throws StoreError('quota-exceeded').
    */
-  private checkQuota(upload: PendingUpload, bytes: number, fresh = true): void {
-    let snap = upload.snapshot;
-    if (fresh || !snap || Date.now() - snap.at > QUOTA_REFRESH_MS) {
-      const replaced = upload.adds ? 0 : (this.db.getFile(upload.owner, upload.path)?.size ?? 0);
-      snap = upload.snapshot = {
-        at: Date.now(),
-        row: this.db.getOwner(upload.owner),
-        usage: this.db.usage(upload.owner),
-        replaced,
-      };
-    }
-    const { row, usage } = snap;
+  private checkQuota(upload: PendingUpload, bytes: number): void {
+    const { row, usage, replaced } = upload.snapshot;
     if (!row || (row.quotaBytes === undefined && row.quotaFiles === undefined)) return;
     let otherBytes = 0;
     let otherAdds = 0;
@@ -304,7 +289,7 @@ export class FileStore {
       );
     }
     if (row.quotaBytes === undefined) return;
-    const used = usage.bytes - snap.replaced + otherBytes;
+    const used = usage.bytes - replaced + otherBytes;
     if (used + bytes > row.quotaBytes) {
       throw new StoreError(
         'quota-exceeded',
@@ -313,121 +298,88 @@ export class FileStore {
     }
   }
 
-  /** Opens a recorded file for reading, refusing anything but a regular file reached without symlinks. */
+  /** Opens a recorded file for reading (on `local`, a regular file reached without symlinks). */
   async open(owner: string, repoPath: string): Promise<OpenFile> {
     const base = baseImageName(repoPath);
-    const info = base ? this.baseImageRow(base) : this.db.getFile(owner, repoPath);
-    if (!info) throw new StoreError('not-found', `no such file: ${repoPath}`);
-    const dest = base ? path.join(this.baseDir, base) : this.checkedParents(owner, repoPath, false);
-    let handle: FileHandle;
-    try {
-      handle = await fs.open(dest, fsc.O_RDONLY | fsc.O_NOFOLLOW);
-    } catch (err) {
-      if (isErrno(err, 'ENOENT'))
-        throw new StoreError('corrupt', `${repoPath} is recorded but missing on disk`);
-      if (isErrno(err, 'ELOOP'))
-        throw new StoreError('corrupt', `${repoPath} is a symlink on disk; refusing it`);
-      throw err;
+    if (base) {
+      const info = await this.baseImageRow(base);
+      if (!info) throw new StoreError('not-found', `no such file: ${repoPath}`);
+      return { info, ...(await this.bytes.openBase(base, info.size)) };
     }
-    try {
-      const st = await handle.stat();
-      if (!st.isFile()) throw new StoreError('corrupt', `${repoPath} is not a regular file on disk`);
-      if (st.size !== info.size) {
-        throw new StoreError(
-          'corrupt',
-          `${repoPath} is ${st.size} bytes on disk but ${info.size} in the metadata`,
-        );
-      }
-    } catch (err) {
-      await handle.close();
-      throw err;
-    }
-    return {
-      info,
-      createReadStream: (range) => handle.createReadStream({ ...range, highWaterMark: 1 << 20 }),
-      read: async (position, length) => {
-        const buf = Buffer.allocUnsafe(Math.max(0, Math.min(length, info.size - position)));
-        let done = 0;
-        while (done < buf.length) {
-          const { bytesRead } = await handle.read(buf, done, buf.length - done, position + done);
-          if (bytesRead === 0) break;
-          done += bytesRead;
-        }
-        return buf.subarray(0, done);
-      },
-      close: () => handle.close(),
-    };
+    const stored = await this.db.getStoredFile(owner, repoPath);
+    if (!stored) throw new StoreError('not-found', `no such file: ${repoPath}`);
+    const { blob: _blob, ...info } = stored;
+    return { info, ...(await this.bytes.open(owner, stored)) };
   }
 
   /**
-   * Opens an owner's stored file together with its metadata row in one synchronous step, so the bytes
-   * are those the row describes (files are replaced by rename, never in place). For inspecting a file
-   * with tools run on `/proc/<pid>/fd/<fd>`; the caller closes `fd`. Undefined if there is no such file.
+   * Runs `fn` on a local path holding exactly the bytes the file's row describes (for tools such as
+   * qemu-img), with that row; undefined if there is no such file or it was replaced meanwhile (its new
+   * content is then seen by its own commit).
    */
-  openWithRow(owner: string, repoPath: string): { info: FileRow; fd: number } | undefined {
-    const info = this.db.getFile(owner, repoPath);
-    if (!info) return undefined;
-    const fd = openSync(this.checkedParents(owner, repoPath, false), fsc.O_RDONLY | fsc.O_NOFOLLOW);
-    try {
-      const st = fstatSync(fd);
-      if (!st.isFile() || st.size !== info.size)
-        throw new StoreError('corrupt', `${repoPath} on disk does not match its metadata`);
-    } catch (err) {
-      closeSync(fd);
-      throw err;
-    }
-    return { info, fd };
+  async withContent<T>(
+    owner: string,
+    repoPath: string,
+    fn: (localPath: string, info: FileRow) => Promise<T>,
+  ): Promise<T | undefined> {
+    const stored = await this.db.getStoredFile(owner, repoPath);
+    if (!stored) return undefined;
+    const { blob: _blob, ...info } = stored;
+    return this.bytes.withLocalFile(owner, stored, async (file) => {
+      // On `local` the bytes at a path change by rename: after opening them, the row must still be theirs.
+      const now = await this.db.getFile(owner, repoPath);
+      if (!now || now.sha256 !== info.sha256 || now.mtime !== info.mtime) return undefined;
+      return fn(file, info);
+    });
   }
 
   /** Returns false if there was no such file. Empty folders left behind are removed. */
-  delete(owner: string, repoPath: string): boolean {
+  async delete(owner: string, repoPath: string): Promise<boolean> {
     refuseBaseImages(repoPath);
-    if (!this.db.getFile(owner, repoPath)) return false;
-    let dest: string;
-    try {
-      dest = this.checkedParents(owner, repoPath, false);
-    } catch (err) {
-      // Nothing safe to unlink (a folder is missing or is a symlink): forgetting the record is enough.
-      if (!(err instanceof StoreError)) throw err;
-      return this.db.deleteFile(owner, repoPath);
-    }
-    try {
-      unlinkSync(dest); // unlink never follows a symlink
-    } catch (err) {
-      if (!isErrno(err, 'ENOENT')) throw err;
-    }
-    this.db.deleteFile(owner, repoPath);
-    this.removeEmptyParents(owner, dest);
+    const gone = await this.db.transaction(async (tx) => {
+      const stored = await tx.getStoredFile(owner, repoPath);
+      if (stored) await tx.deleteFile(owner, repoPath);
+      return stored;
+    });
+    if (!gone) return false;
+    await this.bytes.release(owner, gone, false);
     return true;
   }
 
   /** What `repoPath` names ('' is the owner's root folder), or undefined. */
-  entry(owner: string, repoPath: string): Entry | undefined {
+  async entry(owner: string, repoPath: string): Promise<Entry | undefined> {
     if (repoPath === '') return { kind: 'folder', path: '' };
     const base = baseImageName(repoPath);
     if (base === '') return { kind: 'folder', path: repoPath };
     if (base !== undefined) {
-      const info = this.baseImageRow(base);
+      const info = await this.baseImageRow(base);
       return info && { kind: 'file', info };
     }
-    const info = this.db.getFile(owner, repoPath);
+    const info = await this.db.getFile(owner, repoPath);
     if (info) return { kind: 'file', info };
-    if (this.db.folderExists(owner, repoPath) || this.db.listFiles(owner, `${repoPath}/`).length > 0)
-      return { kind: 'folder', path: repoPath };
+    if (await this.folderAt(this.db, owner, repoPath)) return { kind: 'folder', path: repoPath };
     return undefined;
   }
 
+  private async folderAt(db: MetadataStore, owner: string, repoPath: string): Promise<boolean> {
+    return (await db.folderExists(owner, repoPath)) || (await db.listFiles(owner, `${repoPath}/`)).length > 0;
+  }
+
   /** The files and folders directly in folder `dir` ('' for the root), by name. */
-  readdir(owner: string, dir: string): DirEntry[] {
+  async readdir(owner: string, dir: string): Promise<DirEntry[]> {
     const prefix = dir === '' ? '' : `${dir}/`;
     const base = baseImageName(dir);
     if (base !== undefined && base !== '') return [];
     if (base === '')
-      return this.db.listBaseImages().map((b) => ({ name: b.name, kind: 'file', info: baseImageFile(b) }));
+      return (await this.db.listBaseImages()).map((b) => ({
+        name: b.name,
+        kind: 'file',
+        info: baseImageFile(b),
+      }));
     const out = new Map<string, DirEntry>();
     if (dir === '')
       out.set(BASE_IMAGES_FOLDER, { name: BASE_IMAGES_FOLDER, kind: 'folder', path: BASE_IMAGES_FOLDER });
-    for (const info of this.db.listFiles(owner, prefix)) {
+    for (const info of await this.db.listFiles(owner, prefix)) {
       const rest = info.path.slice(prefix.length);
       const slash = rest.indexOf('/');
       if (slash < 0) out.set(rest, { name: rest, kind: 'file', info });
@@ -438,7 +390,7 @@ export class FileStore {
           path: prefix + rest.slice(0, slash),
         });
     }
-    for (const folder of this.db.listFolders(owner, prefix)) {
+    for (const folder of await this.db.listFolders(owner, prefix)) {
       const rest = folder.slice(prefix.length);
       const name = rest.split('/')[0];
       if (!out.has(name)) out.set(name, { name, kind: 'folder', path: prefix + name });
@@ -447,121 +399,58 @@ export class FileStore {
   }
 
   /** Makes an empty folder; its parent must be a folder and the name free. */
-  makeFolder(owner: string, repoPath: string): void {
+  async makeFolder(owner: string, repoPath: string): Promise<void> {
     refuseBaseImages(repoPath);
-    this.requireFreeWithParent(owner, repoPath);
-    this.db.insertFolder(owner, repoPath);
+    await this.requireFreeWithParent(owner, repoPath);
+    await this.db.insertFolder(owner, repoPath);
   }
 
   /** Removes an empty folder. */
-  removeFolder(owner: string, repoPath: string): void {
+  async removeFolder(owner: string, repoPath: string): Promise<void> {
     refuseBaseImages(repoPath);
-    const e = this.entry(owner, repoPath);
+    const e = await this.entry(owner, repoPath);
     if (e?.kind !== 'folder' || repoPath === '')
       throw new StoreError('not-found', `no such folder: ${repoPath}`);
-    if (this.readdir(owner, repoPath).length > 0)
+    if ((await this.readdir(owner, repoPath)).length > 0)
       throw new StoreError('conflict', `folder ${repoPath} is not empty`);
-    this.db.deleteFolder(owner, repoPath);
+    await this.db.deleteFolder(owner, repoPath);
   }
 
   /**
    * Renames a file or folder within an owner's space. The target must not exist and its parent must
-   * be a folder; a folder cannot move into itself. Disk and metadata change together.
+   * be a folder; a folder cannot move into itself. Bytes and metadata change together.
    */
-  rename(owner: string, from: string, to: string): void {
+  async rename(owner: string, from: string, to: string): Promise<void> {
     refuseBaseImages(from, to);
-    const src = this.entry(owner, from);
+    const src = await this.entry(owner, from);
     if (!src || from === '') throw new StoreError('not-found', `no such file or folder: ${from}`);
-    this.requireFreeWithParent(owner, to);
+    await this.requireFreeWithParent(owner, to);
     if (src.kind === 'folder' && to.startsWith(`${from}/`))
       throw new StoreError('conflict', `cannot move folder ${from} into itself`);
-    const onDisk =
-      src.kind === 'file'
-        ? this.checkedParents(owner, from, false)
-        : this.checkedDirs(owner, from.split('/'), 'probe');
-    const dest = this.checkedParents(owner, to, onDisk !== undefined);
-    this.db.transaction(() => {
-      if (src.kind === 'file') this.db.renameFile(owner, from, to);
-      else this.db.renameTree(owner, from, to);
-      if (onDisk !== undefined) renameSync(onDisk, dest); // a throw here rolls the metadata back
+    await this.db.transaction(async (tx) => {
+      if (src.kind === 'file') await tx.renameFile(owner, from, to);
+      else await tx.renameTree(owner, from, to);
+      await this.bytes.move(owner, from, to, src.kind); // a throw here rolls the metadata back
     });
-    if (onDisk !== undefined) this.removeEmptyParents(owner, onDisk);
-    this.notify(owner, src.kind === 'file' ? [to] : this.db.listFiles(owner, `${to}/`).map((f) => f.path));
+    this.notify(
+      owner,
+      src.kind === 'file' ? [to] : (await this.db.listFiles(owner, `${to}/`)).map((f) => f.path),
+    );
   }
 
-  private baseImageRow(name: string): FileRow | undefined {
-    const b = this.db.getBaseImage(name);
+  private async baseImageRow(name: string): Promise<FileRow | undefined> {
+    const b = await this.db.getBaseImage(name);
     return b && baseImageFile(b);
   }
 
-  private requireFreeWithParent(owner: string, repoPath: string): void {
-    if (this.entry(owner, repoPath)) throw new StoreError('conflict', `${repoPath} already exists`);
+  private async requireFreeWithParent(owner: string, repoPath: string): Promise<void> {
+    if (await this.entry(owner, repoPath)) throw new StoreError('conflict', `${repoPath} already exists`);
     const parent = repoPath.includes('/') ? repoPath.slice(0, repoPath.lastIndexOf('/')) : '';
-    if (this.entry(owner, parent)?.kind !== 'folder')
+    if ((await this.entry(owner, parent))?.kind !== 'folder')
       throw new StoreError('not-found', `no such folder: ${parent}`);
   }
+}
 
-  private removeEmptyParents(owner: string, removed: string): void {
-    const ownerDir = path.join(this.filesDir, owner);
-    for (let dir = path.dirname(removed); dir !== ownerDir; dir = path.dirname(dir)) {
-      try {
-        rmdirSync(dir);
-      } catch {
-        break; // not empty (or already gone): its parents are not empty either
-      }
-    }
-  }
-
-  private commit(owner: string, repoPath: string, tmp: string, info: FileRow): string {
-    const dest = this.checkedParents(owner, repoPath, true);
-    try {
-      if (lstatSync(dest).isDirectory()) throw new StoreError('conflict', `${repoPath} is a folder`);
-    } catch (err) {
-      if (!isErrno(err, 'ENOENT')) throw err;
-    }
-    renameSync(tmp, dest); // replaces a file (or a stray symlink) atomically, never follows it
-    this.db.upsertFile(owner, info);
-    return dest;
-  }
-
-  /**
-   * The on-disk path of `repoPath`, after checking that every folder on the way is a real folder
-   * (not a symlink, not a file). With `create`, missing folders are made one by one, so a symlink
-   * can never redirect a mkdir out of the owner's space.
-   */
-  private checkedParents(owner: string, repoPath: string, create: boolean): string {
-    const segments = repoPath.split('/');
-    const dir = this.checkedDirs(owner, segments.slice(0, -1), create ? 'create' : repoPath);
-    return path.join(dir as string, segments[segments.length - 1]);
-  }
-
-  /**
-   * Walks `<owner>/<dirs...>` on disk, refusing symlinks and files on the way. A missing folder is
-   * made ('create'), ends the walk with undefined ('probe'), or is corruption of the recorded file
-   * named by the string.
-   */
-  private checkedDirs(
-    owner: string,
-    dirs: string[],
-    onMissing: 'create' | 'probe' | string,
-  ): string | undefined {
-    let dir = this.filesDir;
-    for (const [i, seg] of [owner, ...dirs].entries()) {
-      dir = path.join(dir, seg);
-      const shown = i === 0 ? 'owner folder' : `'${dirs.slice(0, i).join('/')}'`;
-      try {
-        const st = lstatSync(dir);
-        if (st.isSymbolicLink())
-          throw new StoreError('corrupt', `${shown} is a symlink on disk; refusing it`);
-        if (!st.isDirectory()) throw new StoreError('conflict', `${shown} is a file, not a folder`);
-      } catch (err) {
-        if (!isErrno(err, 'ENOENT')) throw err;
-        if (onMissing === 'probe') return undefined;
-        if (onMissing !== 'create')
-          throw new StoreError('corrupt', `${onMissing} is recorded but ${shown} is missing on disk`);
-        mkdirSync(dir, { mode: 0o755 });
-      }
-    }
-    return dir;
-  }
+function emptySnapshot(): QuotaSnapshot {
+  return { at: 0, usage: { bytes: 0, files: 0 }, replaced: 0 };
 }

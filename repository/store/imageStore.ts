@@ -1,15 +1,15 @@
-import { closeSync, promises as fs, renameSync } from 'node:fs';
-import { randomBytes } from 'node:crypto';
+import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { runCommand } from '../../lib/runCommand';
 import { describeError, type Logger } from '../../logging/logger';
 import { BASE_IMAGE_NAME, BASE_IMAGE_PREFIX } from '../../spec/taskSpec';
 import { writeDurably } from '../../lib/durableWrite';
-import { fsyncFile } from '../../storage/durableFile';
 import { ImageCache } from '../../storage/imageCache';
-import { baseImageFile, baseImagesDir, StoreError, type FileStore } from './fileStore';
-import type { BaseImageRow, FileRow, ImageInfoRow, MetadataDb } from './metadataDb';
+import { baseImageFile, StoreError, type FileStore } from './fileStore';
+import type { RepositoryBackend } from './backend';
+import type { BaseImageRow, ImageInfoRow } from './metadataDb';
+import type { MetadataStore } from './metadataStore';
 import { RefusedRequest } from '../refusedRequest';
 
 /**
@@ -128,12 +128,17 @@ function toEntry(
   };
 }
 
-function baseEntry(db: MetadataDb, b: BaseImageRow): ImageEntry {
-  return toEntry(baseImageFile(b), 'provider', `${BASE_IMAGE_PREFIX}${b.name}`, db.getImageInfo(b.sha256));
+async function baseEntry(db: MetadataStore, b: BaseImageRow): Promise<ImageEntry> {
+  return toEntry(
+    baseImageFile(b),
+    'provider',
+    `${BASE_IMAGE_PREFIX}${b.name}`,
+    await db.getImageInfo(b.sha256),
+  );
 }
 
-export function listBaseImages(db: MetadataDb): ImageEntry[] {
-  return db.listBaseImages().map((b) => baseEntry(db, b));
+export async function listBaseImages(db: MetadataStore): Promise<ImageEntry[]> {
+  return Promise.all((await db.listBaseImages()).map((b) => baseEntry(db, b)));
 }
 
 function checkBaseName(name: string): void {
@@ -144,29 +149,31 @@ function checkBaseName(name: string): void {
     );
 }
 
+/** The parts of a backend the base images need. */
+export type BaseImageBackend = Pick<RepositoryBackend, 'metadata' | 'bytes'>;
+
 /**
  * Adds a provider base image from `source` (streamed to a temp file, hashed, fsynced, inspected, then
- * renamed into place): refused, leaving nothing, if the name is taken or the image is not one a host
- * would boot. Used by the admin CLI (on the repository host) and the admin HTTP API alike.
+ * moved into the backend's store): refused, leaving nothing, if the name is taken or the image is not one
+ * a host would boot. Used by the admin CLI (on the repository host) and the admin HTTP API alike.
  */
 export async function addBaseImage(
-  dataDir: string,
-  db: MetadataDb,
+  backend: BaseImageBackend,
   name: string,
   source: Readable,
   maxBytes = Number.MAX_SAFE_INTEGER,
 ): Promise<ImageEntry> {
+  const { metadata: db, bytes } = backend;
   try {
     checkBaseName(name);
-    if (db.getBaseImage(name)) throw new ImageStoreError('conflict', `base image ${name} already exists`);
+    if (await db.getBaseImage(name))
+      throw new ImageStoreError('conflict', `base image ${name} already exists`);
   } catch (err) {
     source.destroy();
     throw err;
   }
-  const dir = baseImagesDir(dataDir);
-  await fs.mkdir(dir, { recursive: true, mode: 0o755 });
-  // A dot name is never a base image name, so a temp file cannot be taken for one.
-  const tmp = path.join(dir, `.incoming-${randomBytes(12).toString('hex')}`);
+  const tmp = bytes.tempPath();
+  await fs.mkdir(path.dirname(tmp), { recursive: true, mode: 0o755 });
   return writeDurably(
     source,
     tmp,
@@ -180,29 +187,28 @@ export async function addBaseImage(
       if (info.status !== 'ok')
         throw new ImageStoreError('invalid', info.error ?? `base image ${name} is invalid`);
       const row: BaseImageRow = { name, size, sha256, mtime: new Date().toISOString() };
-      // Synchronous from the name check to the row, so two adds of one name cannot both rename.
-      db.transaction(() => {
-        if (!db.insertBaseImage(row))
+      // The name is claimed by the row before the bytes move, so two adds of one name cannot both move.
+      await db.transaction(async (tx) => {
+        if (!(await tx.insertBaseImage(row)))
           throw new ImageStoreError('conflict', `base image ${name} already exists`);
-        db.putImageInfo(info);
-        renameSync(tmp, path.join(dir, name)); // a throw here rolls the rows back
+        await tx.putImageInfo(info);
+        await bytes.installBase(name, tmp); // a throw here rolls the rows back
       });
-      await fsyncFile(dir);
       return baseEntry(db, row);
     },
   );
 }
 
 /** Removes a base image; hosts keep their cached copy, so running tasks are unaffected. */
-export async function removeBaseImage(dataDir: string, db: MetadataDb, name: string): Promise<void> {
+export async function removeBaseImage(backend: BaseImageBackend, name: string): Promise<void> {
   checkBaseName(name);
-  if (!db.deleteBaseImage(name)) throw new ImageStoreError('not-found', `no such base image: ${name}`);
-  await fs.rm(path.join(baseImagesDir(dataDir), name), { force: true });
+  if (!(await backend.metadata.deleteBaseImage(name)))
+    throw new ImageStoreError('not-found', `no such base image: ${name}`);
+  await backend.bytes.removeBase(name);
 }
 
 export interface ImageStoreOptions {
-  dataDir: string;
-  db: MetadataDb;
+  db: MetadataStore;
   store: FileStore;
   log: Logger;
   /** Images with a larger virtual size are listed invalid (hosts have their own limit too). */
@@ -226,23 +232,29 @@ export class ImageStore {
   }
 
   /** The owner's images, then the provider's base images. */
-  list(owner: string): ImageEntry[] {
+  async list(owner: string): Promise<ImageEntry[]> {
     const { db } = this.opts;
-    const own = db.listFiles(owner, `${IMAGES_FOLDER}/`).map((f) => {
-      const info = db.getImageInfo(f.sha256);
-      if (!info) this.inspectLater(owner, f.path);
-      return toEntry(f, 'owner', f.path, info);
-    });
-    return [...own, ...listBaseImages(db)];
+    const own = await Promise.all(
+      (await db.listFiles(owner, `${IMAGES_FOLDER}/`)).map(async (f) => {
+        const info = await db.getImageInfo(f.sha256);
+        if (!info) this.inspectLater(owner, f.path);
+        return toEntry(f, 'owner', f.path, info);
+      }),
+    );
+    return [...own, ...(await listBaseImages(db))];
   }
 
   /** Adds a provider base image (admin API); see addBaseImage. */
   addBase(name: string, source: Readable, maxBytes?: number): Promise<ImageEntry> {
-    return addBaseImage(this.opts.dataDir, this.opts.db, name, source, maxBytes);
+    return addBaseImage(this.backend(), name, source, maxBytes);
   }
 
   removeBase(name: string): Promise<void> {
-    return removeBaseImage(this.opts.dataDir, this.opts.db, name);
+    return removeBaseImage(this.backend(), name);
+  }
+
+  private backend(): BaseImageBackend {
+    return { metadata: this.opts.db, bytes: this.opts.store.bytes };
   }
 
   inspectLater(owner: string, repoPath: string): void {
@@ -272,25 +284,17 @@ export class ImageStore {
     }
   }
 
+  /**
+   * Inspects the file's content once per SHA-256: a content already inspected (here, or by another
+   * server sharing the metadata) is not inspected again.
+   */
   private async inspect(owner: string, repoPath: string): Promise<void> {
     const { db, store, log } = this.opts;
-    let pinned: { info: FileRow; fd: number } | undefined;
-    try {
-      pinned = store.openWithRow(owner, repoPath);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
-      throw err;
-    }
-    if (!pinned) return;
-    try {
-      if (db.getImageInfo(pinned.info.sha256)) return;
-      // Through our own descriptor: what is inspected is the content the row's hash describes.
-      const file = `/proc/${process.pid}/fd/${pinned.fd}`;
-      const info = await inspectImage(file, repoPath, pinned.info.sha256, this.opts.maxVirtualBytes);
-      db.putImageInfo(info);
-      log.info({ owner, path: repoPath, status: info.status, format: info.format }, 'image inspected');
-    } finally {
-      closeSync(pinned.fd);
-    }
+    await store.withContent(owner, repoPath, async (file, info) => {
+      if (await db.getImageInfo(info.sha256)) return;
+      const result = await inspectImage(file, repoPath, info.sha256, this.opts.maxVirtualBytes);
+      await db.putImageInfo(result);
+      log.info({ owner, path: repoPath, status: result.status, format: result.format }, 'image inspected');
+    });
   }
 }

@@ -8,7 +8,8 @@ import { describeError, type Logger } from '../../logging/logger';
 import { hashBefore, streamInto, writtenBefore } from '../../lib/durableWrite';
 import { fsyncFile } from '../../storage/durableFile';
 import { StoreError, type FileStore } from './fileStore';
-import type { FileRow, MetadataDb } from './metadataDb';
+import type { FileRow } from './metadataDb';
+import type { MetadataStore } from './metadataStore';
 
 /**
  * Resumable uploads by offset (HTTP: POST creates a session, PATCH appends at `Upload-Offset`, HEAD
@@ -78,7 +79,7 @@ export type AppendResult = { done: false; offset: number } | { done: true; info:
 
 export interface ResumableUploadsOptions {
   dataDir: string;
-  db: MetadataDb;
+  db: MetadataStore;
   store: FileStore;
   maxFileBytes: number;
   log: Logger;
@@ -91,7 +92,7 @@ export class ResumableUploads {
 
   private constructor(
     private readonly dir: string,
-    private readonly db: MetadataDb,
+    private readonly db: MetadataStore,
     private readonly store: FileStore,
     private readonly maxFileBytes: number,
     private readonly log: Logger,
@@ -114,7 +115,7 @@ export class ResumableUploads {
     await fs.mkdir(dir, { recursive: true, mode: 0o700 });
     const uploads = new ResumableUploads(dir, opts.db, opts.store, opts.maxFileBytes, opts.log, expiryMs);
     const kept = new Set<string>();
-    for (const row of opts.db.listUploadSessions()) {
+    for (const row of await opts.db.listUploadSessions()) {
       const s: Session = { ...row, offset: row.received, partial: path.join(dir, row.id), busy: false };
       if (await uploads.reopen(s)) kept.add(row.id);
     }
@@ -145,7 +146,7 @@ export class ResumableUploads {
       }
     }
     if (why !== undefined) {
-      this.db.deleteUploadSession(s.id);
+      await this.db.deleteUploadSession(s.id);
       this.log.warn({ owner: s.owner, path: s.path, id: s.id, why }, 'resumable upload dropped at start');
       return false;
     }
@@ -180,7 +181,7 @@ export class ResumableUploads {
       );
     // The other sessions' bytes are reserved too, so many sessions cannot outgrow the quota together.
     const reserved = mine.reduce((sum, s) => sum + s.size, 0);
-    this.store.precheckWrite(owner, repoPath, req.size + reserved);
+    await this.store.precheckWrite(owner, repoPath, req.size + reserved);
     const id = randomBytes(18).toString('base64url');
     const partial = path.join(this.dir, id);
     await (await fs.open(partial, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600)).close();
@@ -198,13 +199,13 @@ export class ResumableUploads {
     };
     // The new name is durable before it is recorded, so a recorded session never lacks its file.
     await fsyncFile(this.dir);
-    this.db.insertUploadSession({ ...describe(s), owner, received: 0, expiresAt: s.expiresAt });
+    await this.db.insertUploadSession({ ...describe(s), owner, received: 0, expiresAt: s.expiresAt });
     this.sessions.set(id, s);
     this.log.info({ owner, path: repoPath, size: req.size, id }, 'resumable upload started');
     return describe(s);
   }
 
-  get(owner: string, id: string): UploadSessionInfo {
+  async get(owner: string, id: string): Promise<UploadSessionInfo> {
     return describe(this.find(owner, id));
   }
 
@@ -265,7 +266,7 @@ export class ResumableUploads {
       if (written > 0) {
         s.offset += written;
         s.expiresAt = Date.now() + this.expiryMs;
-        this.db.updateUploadSession(s.id, s.offset, s.expiresAt);
+        await this.db.updateUploadSession(s.id, s.offset, s.expiresAt);
       }
       if (failure !== undefined) throw failure;
       if (s.offset < s.size) return { done: false, offset: s.offset };
@@ -316,7 +317,7 @@ export class ResumableUploads {
 
   private async drop(s: Session): Promise<void> {
     this.sessions.delete(s.id);
-    this.db.deleteUploadSession(s.id);
+    await this.db.deleteUploadSession(s.id);
     await fs.rm(s.partial, { force: true });
   }
 

@@ -20,7 +20,8 @@ import {
   mintCapability,
   type CapabilityKeys,
 } from '../accounts/capabilities';
-import { MetadataDb } from '../store/metadataDb';
+import type { MetadataStore } from '../store/metadataStore';
+import { backendSettingsFromEnv, openMetadata } from '../store/backend';
 
 /**
  * Admitting a task, before anything starts on any host: the spec's owner and results path are fixed
@@ -100,11 +101,11 @@ export interface AdmissionRequest {
 }
 
 /** Fixes the spec, runs the pre-flight and mints the capability; throws TaskApiError naming the field. */
-export function admitTask(
-  deps: { db: MetadataDb; keys: CapabilityKeys },
+export async function admitTask(
+  deps: { db: MetadataStore; keys: CapabilityKeys },
   req: AdmissionRequest,
   nowMs = Date.now(),
-): AdmittedTask {
+): Promise<AdmittedTask> {
   const { owner } = req;
   const given = req.spec.owner;
   if (given !== undefined && given !== owner)
@@ -125,8 +126,8 @@ export function admitTask(
     if (err instanceof TaskSpecError) throw new TaskApiError(400, err.message, { cause: err });
     throw err;
   }
-  preflight(deps.db, spec, nowMs);
-  const { token, claims } = mintCapability(
+  await preflight(deps.db, spec, nowMs);
+  const { token, claims } = await mintCapability(
     deps.db,
     deps.keys,
     {
@@ -146,22 +147,24 @@ export function admitTask(
  * The pre-flight checks: what a host would otherwise find out only after staging, or never. Reads the
  * metadata DB only (no file store), so the admin command can run it next to a running server.
  */
-export function preflight(db: MetadataDb, spec: TaskSpec, nowMs = Date.now()): void {
+export async function preflight(db: MetadataStore, spec: TaskSpec, nowMs = Date.now()): Promise<void> {
   const { owner } = spec;
   if (!OWNER_NAME.test(owner)) throw new TaskApiError(400, `owner ${JSON.stringify(owner)} is invalid`);
-  const row = db.getOwner(owner);
+  const row = await db.getOwner(owner);
   if (!row) throw new TaskApiError(404, `owner: no such owner: ${owner}`);
   if (row.disabled) throw new TaskApiError(403, `owner: ${owner} is disabled`, { denied: true });
 
-  spec.inputs.forEach((input, i) => {
-    if (fileOf(db, owner, input)) return;
-    const what = isFolder(db, owner, input) ? 'is a folder, not a file' : `is not in ${owner}'s space`;
+  for (const [i, input] of spec.inputs.entries()) {
+    if (await fileOf(db, owner, input)) continue;
+    const what = (await isFolder(db, owner, input))
+      ? 'is a folder, not a file'
+      : `is not in ${owner}'s space`;
     throw new TaskApiError(404, `inputs[${i}]: ${input} ${what}`);
-  });
+  }
 
   if (spec.image !== 'default') {
     const p = imageRepoPath(spec.image);
-    const file = fileOf(db, owner, p);
+    const file = await fileOf(db, owner, p);
     if (!file)
       throw new TaskApiError(
         404,
@@ -169,7 +172,7 @@ export function preflight(db: MetadataDb, spec: TaskSpec, nowMs = Date.now()): v
           ? `image: the provider has no base image ${spec.image.slice(BASE_IMAGE_PREFIX.length)}`
           : `image: ${p} is not in ${owner}'s space`,
       );
-    const info = db.getImageInfo(file.sha256);
+    const info = await db.getImageInfo(file.sha256);
     if (info?.status === 'invalid')
       throw new TaskApiError(400, `image: ${p} is not a usable VM image: ${info.error ?? 'invalid'}`);
   }
@@ -179,30 +182,31 @@ export function preflight(db: MetadataDb, spec: TaskSpec, nowMs = Date.now()): v
     throw new TaskApiError(403, `resultsPath: ${BASE_IMAGES_FOLDER}/ is the provider's, read-only`, {
       denied: true,
     });
-  if (db.getFile(owner, results)) throw new TaskApiError(409, `resultsPath: ${results} is an existing file`);
+  if (await db.getFile(owner, results))
+    throw new TaskApiError(409, `resultsPath: ${results} is an existing file`);
   const parts = results.split('/');
   for (let i = 1; i < parts.length; i++) {
     const parent = parts.slice(0, i).join('/');
-    if (db.getFile(owner, parent))
+    if (await db.getFile(owner, parent))
       throw new TaskApiError(409, `resultsPath: ${parent} is a file, so ${results} cannot be a folder`);
   }
   // Another task that may still write there (its capability neither revoked nor expired).
-  const sharing = db
-    .liveCapabilities(owner, Math.floor(nowMs / 1000))
-    .find((c) => isUnder(c.results, results) || isUnder(results, c.results));
+  const sharing = (await db.liveCapabilities(owner, Math.floor(nowMs / 1000))).find(
+    (c) => isUnder(c.results, results) || isUnder(results, c.results),
+  );
   if (sharing)
     throw new TaskApiError(
       409,
       `resultsPath: ${results} overlaps ${sharing.results}, the results folder of task ${sharing.taskId}`,
     );
-  const held = db.listFiles(owner, `${results}/`);
+  const held = await db.listFiles(owner, `${results}/`);
   if (held.length > 0)
     throw new TaskApiError(
       409,
       `resultsPath: ${results} already holds ${held.length} file(s) (e.g. ${held[0].path}); choose a free folder`,
     );
 
-  const usage = db.usage(owner);
+  const usage = await db.usage(owner);
   const room = spec.outputRoomMiB * MIB;
   if (row.quotaBytes !== undefined && usage.bytes + room > row.quotaBytes)
     throw new TaskApiError(
@@ -218,14 +222,18 @@ export function preflight(db: MetadataDb, spec: TaskSpec, nowMs = Date.now()): v
     );
 }
 
-function fileOf(db: MetadataDb, owner: string, repoPath: string): { sha256: string } | undefined {
+async function fileOf(
+  db: MetadataStore,
+  owner: string,
+  repoPath: string,
+): Promise<{ sha256: string } | undefined> {
   if (isUnder(repoPath, BASE_IMAGES_FOLDER))
-    return db.getBaseImage(repoPath.slice(BASE_IMAGES_FOLDER.length + 1));
-  return db.getFile(owner, repoPath);
+    return await db.getBaseImage(repoPath.slice(BASE_IMAGES_FOLDER.length + 1));
+  return await db.getFile(owner, repoPath);
 }
 
-function isFolder(db: MetadataDb, owner: string, repoPath: string): boolean {
-  return db.folderExists(owner, repoPath) || db.listFiles(owner, `${repoPath}/`).length > 0;
+async function isFolder(db: MetadataStore, owner: string, repoPath: string): Promise<boolean> {
+  return (await db.folderExists(owner, repoPath)) || (await db.listFiles(owner, `${repoPath}/`)).length > 0;
 }
 
 /**
@@ -233,16 +241,17 @@ function isFolder(db: MetadataDb, owner: string, repoPath: string): boolean {
  * as the task API against the data dir (safe next to a running server: SQLite WAL, the key file made
  * once) and returns the workflow input; audited as `admin:cli` with the local user name.
  */
-export function grantTask(
+export async function grantTask(
   dataDir: string,
   req: { owner: string; spec: unknown; taskId?: string },
-): { taskId: string; input: TaskInput } {
+): Promise<{ taskId: string; input: TaskInput }> {
   const audit = AuditLog.open(defaultAuditLogPath(dataDir));
   const user = `admin:cli(${os.userInfo().username})`;
-  const db = MetadataDb.open(dataDir);
+  let db: MetadataStore | undefined;
   try {
+    db = await openMetadata(dataDir, backendSettingsFromEnv(process.env));
     const { spec } = submissionOf(req.spec);
-    const task = admitTask(
+    const task = await admitTask(
       { db, keys: loadCapabilityKeys(dataDir) },
       { owner: req.owner, spec, taskId: req.taskId && checkTaskId(req.taskId), mintedBy: user },
     );
@@ -269,7 +278,7 @@ export function grantTask(
     });
     throw err;
   } finally {
-    db.close();
+    await db?.close();
     audit.close();
   }
 }

@@ -202,7 +202,7 @@ function bigJson(method: string, apiPath: string, token: string, bytes: number):
 
 test('aborted uploads and oversized bodies: the repository answers at once and keeps serving another client', async () => {
   const token = fc.cluster.ownerTokens.get(OWNER) ?? '';
-  const admin = withAdmin(fc.cluster.repoDir, (a) => a.createAdminToken('faults')).token;
+  const admin = (await withAdmin(fc.cluster.repoDir, (a) => a.createAdminToken('faults'))).token;
   const pid = fc.cluster.repositoryPid;
 
   // Another client uploads and reads back a file, over and over, for as long as the attacks last.

@@ -295,11 +295,11 @@ c.close()
 beforeAll(async () => {
   dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-clients-'));
   scratch = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-clients-work-'));
-  token = addOwner(dataDir, 'alice').token;
+  token = (await addOwner(dataDir, 'alice')).token;
   await setPassword(dataDir, 'alice', PASSWORD);
   const key = generateEd25519KeyPair('alice@clients');
   await fs.writeFile(path.join(scratch, 'id_ed25519'), key.private, { mode: 0o600 });
-  addKey(dataDir, 'alice', key.public);
+  await addKey(dataDir, 'alice', key.public);
   server = await startAllProtocols(dataDir);
   ports = {
     http: Number(new URL(server.url).port),

@@ -21,7 +21,7 @@ afterAll(async () => {
 });
 
 test('a running task continues as new and its next run re-attaches to the same VM', async () => {
-  const granted = grantTask(fx.cluster.repoDir, {
+  const granted = await grantTask(fx.cluster.repoDir, {
     owner: 'alice',
     spec: {
       driver: 'process',

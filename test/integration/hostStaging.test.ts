@@ -31,7 +31,7 @@ const sha256 = (b: Buffer | string) => createHash('sha256').update(b).digest('he
 beforeAll(async () => {
   dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-host-staging-repo-'));
   storeDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-host-staging-store-'));
-  const token = addOwner(dataDir, 'alice').token;
+  const token = (await addOwner(dataDir, 'alice')).token;
   server = await startRepositoryServer({ dataDir, port: 0 });
   owner = new RepositoryClient({ url: server.url, token });
   await owner.upload('alice', 'in/x.bin', Readable.from([input]));
@@ -43,7 +43,7 @@ afterAll(async () => {
   for (const d of [dataDir, storeDir]) if (d) await fs.rm(d, { recursive: true, force: true });
 });
 
-function taskOf(taskId: string, inputs: string[]): TaskRef {
+async function taskOf(taskId: string, inputs: string[]): Promise<TaskRef> {
   const grant = {
     owner: 'alice',
     taskId,
@@ -51,7 +51,7 @@ function taskOf(taskId: string, inputs: string[]): TaskRef {
     results: `results/${taskId}`,
     exp: Math.floor(Date.now() / 1000) + 3600,
   };
-  const { token } = withAdmin(dataDir, (_a, db) =>
+  const { token } = await withAdmin(dataDir, (_a, db) =>
     mintCapability(db, loadCapabilityKeys(dataDir), grant, 'test'),
   );
   return {
@@ -87,7 +87,7 @@ function attempt(ref: TaskRef, heartbeatDetails?: unknown) {
 }
 
 test('a retried stage-in skips the input an earlier attempt verified and drops its partial download', async () => {
-  const ref = taskOf('staging-1', ['in/x.bin']);
+  const ref = await taskOf('staging-1', ['in/x.bin']);
   const p = store().paths(ref.vmId);
   // What a killed first attempt left: the input in place and verified, a partial download beside it.
   await fs.mkdir(path.join(p.inputsDir, 'in'), { recursive: true });
@@ -114,7 +114,7 @@ test('a retried stage-in skips the input an earlier attempt verified and drops i
 });
 
 test('a retried stage-out does not send again the outputs an earlier attempt stored', async () => {
-  const ref = taskOf('staging-2', ['in/x.bin']);
+  const ref = await taskOf('staging-2', ['in/x.bin']);
   const { env } = attempt(ref);
   await env.run(activities().stageIn, ref);
   const p = store().paths(ref.vmId);
@@ -143,7 +143,7 @@ test('a retried stage-out does not send again the outputs an earlier attempt sto
 });
 
 test("an input the task's capability does not grant fails at once with the repository's refusal", async () => {
-  const ref = taskOf('staging-3', ['in/not-granted.txt']);
+  const ref = await taskOf('staging-3', ['in/not-granted.txt']);
   const err = await attempt(ref)
     .env.run(activities().stageIn, ref)
     .catch((e: unknown) => e);

@@ -32,7 +32,7 @@ const files = inputs.map((i) => ({ path: i.path, size: i.bytes.length }));
 
 beforeAll(async () => {
   dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-inputs-repo-'));
-  const { token } = addOwner(dataDir, 'alice');
+  const { token } = await addOwner(dataDir, 'alice');
   server = await startRepositoryServer({ dataDir, port: 0 });
   client = new RepositoryClient({ url: server.url, token });
   for (const i of inputs) await client.upload('alice', i.path, Readable.from([i.bytes]));

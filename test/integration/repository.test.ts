@@ -85,9 +85,9 @@ async function writeScratch(name: string, data: Buffer): Promise<string> {
 beforeAll(async () => {
   dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-repo-test-'));
   scratch = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-repo-scratch-'));
-  aliceToken = addOwner(dataDir, 'alice').token;
-  bobToken = addOwner(dataDir, 'bob').token;
-  serviceToken = createServiceToken(dataDir, 'test-hosts');
+  aliceToken = (await addOwner(dataDir, 'alice')).token;
+  bobToken = (await addOwner(dataDir, 'bob')).token;
+  serviceToken = await createServiceToken(dataDir, 'test-hosts');
   server = await startRepositoryServer({ dataDir, port: 0, maxFileBytes: MAX });
   alice = new RepositoryClient({ url: server.url, token: aliceToken });
   bob = new RepositoryClient({ url: server.url, token: bobToken });
@@ -483,12 +483,12 @@ describe('repository HTTP service', () => {
 });
 
 describe('repository accounts', () => {
-  test('owners are unique and validated; listOwners counts active tokens', () => {
-    expect(() => addOwner(dataDir, 'alice')).toThrow(/already exists/);
-    expect(() => addOwner(dataDir, 'Bad Name')).toThrow(/owner name "Bad Name" is invalid/);
-    expect(() => createToken(dataDir, 'nobody', 'ci')).toThrow(/no such owner: nobody/);
-    expect(() => createToken(dataDir, 'alice', '')).toThrow(/token name/);
-    const owners = listOwners(dataDir);
+  test('owners are unique and validated; listOwners counts active tokens', async () => {
+    await expect(addOwner(dataDir, 'alice')).rejects.toThrow(/already exists/);
+    await expect(addOwner(dataDir, 'Bad Name')).rejects.toThrow(/owner name "Bad Name" is invalid/);
+    await expect(createToken(dataDir, 'nobody', 'ci')).rejects.toThrow(/no such owner: nobody/);
+    await expect(createToken(dataDir, 'alice', '')).rejects.toThrow(/token name/);
+    const owners = await listOwners(dataDir);
     expect(owners.map((o) => o.name)).toEqual(['alice', 'bob']);
     expect(owners[0]).toMatchObject({ disabled: false, activeTokens: 1 });
   });
@@ -503,21 +503,21 @@ describe('repository accounts', () => {
   });
 
   test('a second token works; a revoked one is refused', async () => {
-    const token = createToken(dataDir, 'alice', 'laptop');
+    const token = await createToken(dataDir, 'alice', 'laptop');
     const laptop = new RepositoryClient({ url: server.url, token });
     expect((await laptop.list('alice', 'inputs/')).length).toBe(1);
-    const row = listTokens(dataDir, 'alice').find((t) => t.name === 'laptop');
+    const row = (await listTokens(dataDir, 'alice')).find((t) => t.name === 'laptop');
     expect(row).toMatchObject({ owner: 'alice', revoked: undefined });
-    revokeToken(dataDir, row!.id);
+    await revokeToken(dataDir, row!.id);
     await expect(laptop.list('alice')).rejects.toMatchObject({
       status: 401,
       message: expect.stringMatching(/revoked/),
     });
-    expect(() => revokeToken(dataDir, row!.id)).toThrow(/no unrevoked token/);
+    await expect(revokeToken(dataDir, row!.id)).rejects.toThrow(/no unrevoked token/);
   });
 
   test('a disabled owner is refused to its own tokens and to service tokens', async () => {
-    setOwnerDisabled(dataDir, 'bob', true);
+    await setOwnerDisabled(dataDir, 'bob', true);
     try {
       await expect(bob.list('bob')).rejects.toMatchObject({
         status: 401,
@@ -526,7 +526,7 @@ describe('repository accounts', () => {
       const r = await raw('GET', '/v1/owners/bob/files/base-images/none', { token: serviceToken });
       expect([r.status, errorOf(r)]).toEqual([403, expect.stringMatching(/disabled/)]);
     } finally {
-      setOwnerDisabled(dataDir, 'bob', false);
+      await setOwnerDisabled(dataDir, 'bob', false);
     }
     expect((await bob.list('bob')).length).toBeGreaterThan(0);
   });
@@ -551,7 +551,7 @@ describe('repository accounts', () => {
           await s.close();
         }
       }
-      expect(listTokens(dir).map((t) => [t.name, t.owner])).toEqual([['hosts', undefined]]);
+      expect((await listTokens(dir)).map((t) => [t.name, t.owner])).toEqual([['hosts', undefined]]);
     } finally {
       await fs.rm(dir, { recursive: true, force: true });
     }

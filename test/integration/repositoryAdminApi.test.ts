@@ -60,8 +60,8 @@ const sftpLogin = (username: string, auth: { password?: string; privateKey?: str
 
 beforeAll(async () => {
   dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-adminapi-'));
-  aliceToken = addOwner(dataDir, 'alice').token;
-  serviceToken = createServiceToken(dataDir, 'hosts');
+  aliceToken = (await addOwner(dataDir, 'alice')).token;
+  serviceToken = await createServiceToken(dataDir, 'hosts');
   const created = (await vsp('admin', 'token', 'create', 'ops')) as { id: number; token: string };
   [adminId, adminToken] = [created.id, created.token];
   server = await startRepositoryServer({ dataDir, port: 0, sftp: { port: 0 } });

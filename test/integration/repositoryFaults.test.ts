@@ -216,9 +216,9 @@ const partialSize = async (id: string): Promise<number> =>
 
 beforeAll(async () => {
   dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-repofaults-'));
-  token = addOwner(dataDir, 'alice').token;
-  bobToken = addOwner(dataDir, 'bob').token;
-  adminToken = withAdmin(dataDir, (a) => a.createAdminToken('faults').token);
+  token = (await addOwner(dataDir, 'alice')).token;
+  bobToken = (await addOwner(dataDir, 'bob')).token;
+  adminToken = (await withAdmin(dataDir, (a) => a.createAdminToken('faults'))).token;
   [httpPort, sftpPort, ftpsPort] = [await freePort(), await freePort(), await freePort()];
   const pasv = 20000 + (process.pid % 20000);
   env = {

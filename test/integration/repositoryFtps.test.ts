@@ -116,8 +116,8 @@ async function auditLines(): Promise<Record<string, unknown>[]> {
 
 beforeAll(async () => {
   dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-ftps-'));
-  aliceToken = addOwner(dataDir, 'alice').token;
-  bobToken = addOwner(dataDir, 'bob').token;
+  aliceToken = (await addOwner(dataDir, 'alice')).token;
+  bobToken = (await addOwner(dataDir, 'bob')).token;
   await setPassword(dataDir, 'alice', PASSWORD);
   await setPassword(dataDir, 'bob', `${PASSWORD} bob`);
   const min = randomInt(30_000, 60_000);
@@ -231,19 +231,19 @@ describe('FTPS service', () => {
 
     const c = await login('bob', bobToken);
     try {
-      setOwnerDisabled(dataDir, 'bob', true);
+      await setOwnerDisabled(dataDir, 'bob', true);
       expect((await refusal(fetch(c, 'secret.txt'))).message).toMatch(/disabled/);
       expect((await refusal(login('bob', `${PASSWORD} bob`))).code).toBe(530);
     } finally {
       c.close();
-      setOwnerDisabled(dataDir, 'bob', false);
+      await setOwnerDisabled(dataDir, 'bob', false);
     }
     const denied = (await auditLines()).filter((e) => e.action === 'login' && e.result === 'denied');
     expect(denied.map((e) => e.user)).toEqual(expect.arrayContaining(['alice', 'nobody', 'bob']));
   });
 
   test('an upload over quota fails with a clear message and leaves nothing', async () => {
-    setQuota(dataDir, 'bob', { bytes: 100_000 });
+    await setQuota(dataDir, 'bob', { bytes: 100_000 });
     const c = await login('bob', bobToken);
     try {
       const err = await refusal(c.uploadFrom(Readable.from([randomBytes(300_000)]), 'big.bin'));
@@ -251,7 +251,7 @@ describe('FTPS service', () => {
       expect(err.message).toMatch(/quota of 100000 bytes/);
     } finally {
       c.close();
-      setQuota(dataDir, 'bob', {});
+      await setQuota(dataDir, 'bob', {});
     }
     expect(await bobHttp.stat('bob', 'big.bin')).toBeUndefined();
     expect(await fs.readdir(path.join(dataDir, 'tmp'))).toEqual([]);

@@ -1,3 +1,4 @@
+import { withBackend } from '../../repository/store/backend';
 import { execFile, execFileSync } from 'node:child_process';
 import { createReadStream, promises as fs } from 'node:fs';
 import os from 'node:os';
@@ -6,7 +7,7 @@ import { PassThrough, Readable } from 'node:stream';
 import { promisify } from 'node:util';
 import Database from 'better-sqlite3';
 import { Client, FTPError } from 'basic-ftp';
-import { addOwner, createServiceToken, setPassword, withAdmin } from '../../repository/accounts/admin';
+import { addOwner, createServiceToken, setPassword } from '../../repository/accounts/admin';
 import { RepositoryClient, RepositoryError, type ImageEntry } from '../../repository/client';
 import { addBaseImage } from '../../repository/store/imageStore';
 import { MetadataDb, repositoryDbPath } from '../../repository/store/metadataDb';
@@ -84,10 +85,10 @@ async function httpStatus(p: Promise<unknown>): Promise<number> {
 beforeAll(async () => {
   dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-images-'));
   work = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-images-work-'));
-  aliceToken = addOwner(dataDir, 'alice').token;
-  const bobToken = addOwner(dataDir, 'bob').token;
+  aliceToken = (await addOwner(dataDir, 'alice')).token;
+  const bobToken = (await addOwner(dataDir, 'bob')).token;
   await setPassword(dataDir, 'alice', PASSWORD);
-  const hostsToken = createServiceToken(dataDir, 'hosts');
+  const hostsToken = await createServiceToken(dataDir, 'hosts');
   qcow2 = path.join(work, 'mine.qcow2');
   qemuImg('create', '-q', '-f', 'qcow2', qcow2, '32M');
   qcow2Sha = await sha256File(qcow2);
@@ -100,7 +101,7 @@ beforeAll(async () => {
   bob = new RepositoryClient({ url: server.url, token: bobToken });
   hosts = new RepositoryClient({ url: server.url, token: hostsToken });
   // The admin CLI's way in, next to the running server.
-  await withAdmin(dataDir, (_a, db) => addBaseImage(dataDir, db, 'debian-12', createReadStream(base)));
+  await withBackend(dataDir, (backend) => addBaseImage(backend, 'debian-12', createReadStream(base)));
 });
 
 afterAll(async () => {
@@ -313,10 +314,10 @@ describe("the provider's base images", () => {
     const notes = path.join(work, 'notes.txt');
     await fs.writeFile(notes, 'hello\n');
     await expect(
-      withAdmin(dataDir, (_a, db) => addBaseImage(dataDir, db, 'broken', createReadStream(notes))),
+      withBackend(dataDir, (backend) => addBaseImage(backend, 'broken', createReadStream(notes))),
     ).rejects.toThrow(/not a disk image/);
     await expect(
-      withAdmin(dataDir, (_a, db) => addBaseImage(dataDir, db, 'debian-12', createReadStream(base))),
+      withBackend(dataDir, (backend) => addBaseImage(backend, 'debian-12', createReadStream(base))),
     ).rejects.toThrow(/already exists/);
     expect(await fs.readdir(path.join(dataDir, 'base-images'))).toEqual(['debian-12']);
   });
@@ -325,7 +326,7 @@ describe("the provider's base images", () => {
 test('a database of schema 2 is upgraded in place to the current schema, keeping its data', async () => {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-images-db-'));
   try {
-    addOwner(dir, 'carol');
+    await addOwner(dir, 'carol');
     const raw = new Database(repositoryDbPath(dir));
     raw.exec(
       'DROP TABLE admin_tokens; DROP TABLE base_images; DROP TABLE image_info; DROP TABLE capabilities;',

@@ -86,8 +86,8 @@ const partialFiles = () => fs.readdir(path.join(dataDir, 'partial-uploads'));
 beforeAll(async () => {
   dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-resumable-'));
   scratch = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-resumable-scratch-'));
-  aliceToken = addOwner(dataDir, 'alice').token;
-  bobToken = addOwner(dataDir, 'bob').token;
+  aliceToken = (await addOwner(dataDir, 'alice')).token;
+  bobToken = (await addOwner(dataDir, 'bob')).token;
   server = await startRepositoryServer({ dataDir, port: 0 });
   alice = new RepositoryClient({ url: server.url, token: aliceToken });
 });
@@ -230,7 +230,7 @@ describe('resumable uploads over HTTP', () => {
 
   test('the quota is enforced when the upload starts and again when it completes', async () => {
     const { file } = await localFile('quota.bin', 200_000);
-    setQuota(dataDir, 'bob', { bytes: 100_000 });
+    await setQuota(dataDir, 'bob', { bytes: 100_000 });
     const bob = new RepositoryClient({ url: server.url, token: bobToken });
     const refused = await bob.uploadResumable('bob', 'quota.bin', file).catch((e: unknown) => e);
     expect(refused).toBeInstanceOf(ResumableUploadError);
@@ -238,16 +238,16 @@ describe('resumable uploads over HTTP', () => {
     expect((refused as ResumableUploadError).message).toMatch(/quota of 100000 bytes/);
 
     // Room at the start, none left at the end: the commit refuses it and leaves nothing behind.
-    setQuota(dataDir, 'bob', { bytes: 300_000 });
+    await setQuota(dataDir, 'bob', { bytes: 300_000 });
     const data = randomBytes(200_000);
     const { id } = await startUpload('bob', bobToken, { path: 'late.bin', size: data.length });
-    setQuota(dataDir, 'bob', { bytes: 150_000 });
+    await setQuota(dataDir, 'bob', { bytes: 150_000 });
     const late = await patch('bob', id, bobToken, 0, data);
     expect(late.status).toBe(413);
     expect(JSON.parse(late.body).error).toMatch(/quota/);
     expect(await bob.list('bob')).toEqual([]);
     expect(await partialFiles()).not.toContain(id);
-    setQuota(dataDir, 'bob', {});
+    await setQuota(dataDir, 'bob', {});
   });
 
   test('another owner cannot see, append to or drop a session', async () => {
@@ -283,7 +283,7 @@ describe('resumable uploads over HTTP', () => {
 
   test('unfinished sessions expire and their bytes are removed', async () => {
     const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-resumable-expiry-'));
-    const token = addOwner(dir, 'carol').token;
+    const token = (await addOwner(dir, 'carol')).token;
     const short = await startRepositoryServer({ dataDir: dir, port: 0, uploadExpiryMs: 400 });
     try {
       const reply = await new Promise<Reply>((resolve, reject) => {

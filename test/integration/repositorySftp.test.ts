@@ -74,14 +74,14 @@ async function until(cond: () => Promise<boolean>, what: string, ms = 5000): Pro
 beforeAll(async () => {
   dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-sftp-'));
   scratch = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-sftp-scratch-'));
-  aliceToken = addOwner(dataDir, 'alice').token;
-  addOwner(dataDir, 'bob');
+  aliceToken = (await addOwner(dataDir, 'alice')).token;
+  await addOwner(dataDir, 'bob');
   await setPassword(dataDir, 'alice', PASSWORD);
   await setPassword(dataDir, 'bob', `${PASSWORD} bob`);
   aliceKey = generateEd25519KeyPair('alice@test');
   aliceKeyFile = path.join(scratch, 'alice_ed25519');
   await fs.writeFile(aliceKeyFile, aliceKey.private, { mode: 0o600 });
-  addKey(dataDir, 'alice', aliceKey.public);
+  await addKey(dataDir, 'alice', aliceKey.public);
   await startServer();
 });
 
@@ -155,8 +155,8 @@ describe('SFTP service', () => {
   test('key login works; a removed key is refused and logged', async () => {
     const c = await login('alice', { privateKey: aliceKey.private });
     expect((await c.readdir('/')).length).toBeGreaterThan(0);
-    const [key] = listKeys(dataDir, 'alice');
-    removeKey(dataDir, 'alice', key.id);
+    const [key] = await listKeys(dataDir, 'alice');
+    await removeKey(dataDir, 'alice', key.id);
     // The open session ends at its next request; a new login is refused.
     expect(await refusal(c.readdir('/'))).toMatch(/key has been removed/);
     c.end();
@@ -168,18 +168,18 @@ describe('SFTP service', () => {
     );
     expect(denied.at(-1)).toMatchObject({ user: 'alice', detail: expect.stringMatching(/not authorised/) });
     expect(denied.at(-1)?.remote).toMatch(/^127\.0\.0\.1:\d+$/);
-    addKey(dataDir, 'alice', aliceKey.public);
+    await addKey(dataDir, 'alice', aliceKey.public);
   });
 
   test('bad passwords, unknown owners and revoked tokens are refused and logged', async () => {
     expect(await refusal(login('alice', { password: 'wrong password!' }))).toMatch(/authentication/);
     expect(await refusal(login('nobody', { password: PASSWORD }))).toMatch(/authentication/);
     expect(await refusal(login('bob', { password: PASSWORD }))).toMatch(/authentication/);
-    const token = createToken(dataDir, 'alice', 'sftp-tool');
+    const token = await createToken(dataDir, 'alice', 'sftp-tool');
     const c = await login('alice', { password: token });
     await c.writeFile('/by-token.txt', 'x');
-    const id = listTokens(dataDir, 'alice').find((t) => t.name === 'sftp-tool')?.id ?? -1;
-    revokeToken(dataDir, id);
+    const id = (await listTokens(dataDir, 'alice')).find((t) => t.name === 'sftp-tool')?.id ?? -1;
+    await revokeToken(dataDir, id);
     expect(await refusal(c.readFile('/by-token.txt'))).toMatch(/revoked/);
     c.end();
     expect(await refusal(login('alice', { password: token }))).toMatch(/authentication/);
@@ -191,7 +191,7 @@ describe('SFTP service', () => {
   test('a disabled owner loses access at once, over SFTP and HTTP', async () => {
     const c = await alice();
     await c.writeFile('/before-disable.txt', 'x');
-    setOwnerDisabled(dataDir, 'alice', true);
+    await setOwnerDisabled(dataDir, 'alice', true);
     try {
       expect(await refusal(c.readdir('/'))).toMatch(/disabled/);
       expect(await refusal(alice())).toMatch(/authentication/);
@@ -209,7 +209,7 @@ describe('SFTP service', () => {
       ).toBe(true);
     } finally {
       c.end();
-      setOwnerDisabled(dataDir, 'alice', false);
+      await setOwnerDisabled(dataDir, 'alice', false);
     }
   });
 
@@ -277,10 +277,10 @@ describe('SFTP service', () => {
     try {
       const h = await c.open('/disabled-mid.bin', 'w');
       await c.write(h, randomBytes(64 * 1024), 0);
-      setOwnerDisabled(dataDir, 'alice', true);
+      await setOwnerDisabled(dataDir, 'alice', true);
       expect(await refusal(c.close(h))).toMatch(/disabled/);
     } finally {
-      setOwnerDisabled(dataDir, 'alice', false);
+      await setOwnerDisabled(dataDir, 'alice', false);
       c.end();
     }
     await until(async () => (await fs.readdir(path.join(dataDir, 'tmp'))).length === 0, 'temp file removal');
@@ -288,8 +288,11 @@ describe('SFTP service', () => {
   });
 
   test('over-quota uploads fail clearly on SFTP and HTTP and leave nothing', async () => {
-    setQuota(dataDir, 'bob', { bytes: 100_000, files: 2 });
-    const bobHttp = new RepositoryClient({ url: server.url, token: createToken(dataDir, 'bob', 'quota') });
+    await setQuota(dataDir, 'bob', { bytes: 100_000, files: 2 });
+    const bobHttp = new RepositoryClient({
+      url: server.url,
+      token: await createToken(dataDir, 'bob', 'quota'),
+    });
     const c = await login('bob', { password: `${PASSWORD} bob` });
     try {
       expect(await refusal(c.writeFile('/big.bin', randomBytes(150_000)))).toMatch(/quota of 100000 bytes/);
@@ -307,7 +310,7 @@ describe('SFTP service', () => {
       expect(await fs.readdir(path.join(dataDir, 'files', 'bob'))).toEqual(['one.bin', 'two.bin']);
     } finally {
       c.end();
-      setQuota(dataDir, 'bob', {});
+      await setQuota(dataDir, 'bob', {});
     }
   });
 
@@ -356,7 +359,7 @@ describe('SFTP service', () => {
 
 describe('SFTP owner isolation', () => {
   beforeAll(async () => {
-    const bob = new RepositoryClient({ url: server.url, token: createToken(dataDir, 'bob', 'iso') });
+    const bob = new RepositoryClient({ url: server.url, token: await createToken(dataDir, 'bob', 'iso') });
     await putBytes(bob, 'bob', 'secret.txt', Buffer.from('bob only'));
   });
 

@@ -91,7 +91,7 @@ describe('login rate limiting on every protocol', () => {
 
   beforeEach(async () => {
     dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-throttle-'));
-    token = addOwner(dataDir, 'alice').token;
+    token = (await addOwner(dataDir, 'alice')).token;
     await setPassword(dataDir, 'alice', PASSWORD);
     const ftpsPasv = 40_000 + Math.floor(Math.random() * 20_000);
     server = await startRepositoryServer({
@@ -149,7 +149,7 @@ describe('login rate limiting on every protocol', () => {
       expect(String(await login(`wrong password ${i}`))).toMatch(/authentication methods failed/);
     expect(String(await login(PASSWORD))).toMatch(/authentication methods failed/);
     const key = generateEd25519KeyPair('alice@test');
-    addKey(dataDir, 'alice', key.public);
+    await addKey(dataDir, 'alice', key.public);
     const byKey = await SftpTestClient.connect({
       port: server.sftp?.port ?? 0,
       username: 'alice',

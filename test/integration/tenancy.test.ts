@@ -112,12 +112,12 @@ const fileTarget = (owner: string, p: string) =>
 beforeAll(async () => {
   dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-tenancy-'));
   tokens = {
-    alice: addOwner(dataDir, 'alice').token,
-    bob: addOwner(dataDir, 'bob').token,
-    carol: addOwner(dataDir, 'carol').token,
+    alice: (await addOwner(dataDir, 'alice')).token,
+    bob: (await addOwner(dataDir, 'bob')).token,
+    carol: (await addOwner(dataDir, 'carol')).token,
   };
-  serviceToken = createServiceToken(dataDir, 'hosts');
-  adminToken = withAdmin(dataDir, (a) => a.createAdminToken('ops')).token;
+  serviceToken = await createServiceToken(dataDir, 'hosts');
+  adminToken = (await withAdmin(dataDir, (a) => a.createAdminToken('ops'))).token;
   connection = await Connection.connect({ address: temporalAddress() });
   temporal = new Client({ connection, namespace: 'default' });
   server = await startRepositoryServer({
@@ -370,7 +370,7 @@ describe('a task capability reaches only its own task', () => {
     // Signed with another repository's key.
     const otherDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-tenancy-other-'));
     try {
-      const foreign = mint(claims.exp, otherDir);
+      const foreign = await mint(claims.exp, otherDir);
       expect((await call('GET', fileTarget('alice', 'in/a.txt'), { token: foreign.token })).status).toBe(401);
     } finally {
       await fs.rm(otherDir, { recursive: true, force: true });
@@ -378,13 +378,15 @@ describe('a task capability reaches only its own task', () => {
   });
 
   /** A capability for this task minted directly (same database), signed with `keysDir`'s key. */
-  function mint(exp: number, keysDir = dataDir) {
+  async function mint(exp: number, keysDir = dataDir) {
     const grant = { owner: 'alice', taskId, read: ['in/a.txt'], results: `results/${taskId}`, exp };
-    return withAdmin(dataDir, (_a, db) => mintCapability(db, loadCapabilityKeys(keysDir), grant, 'test'));
+    return await withAdmin(dataDir, (_a, db) =>
+      mintCapability(db, loadCapabilityKeys(keysDir), grant, 'test'),
+    );
   }
 
   test('an expired capability is refused', async () => {
-    const expired = mint(Math.floor(Date.now() / 1000) - 1);
+    const expired = await mint(Math.floor(Date.now() / 1000) - 1);
     const r = await call('GET', fileTarget('alice', 'in/a.txt'), { token: expired.token });
     expect(r).toEqual({ status: 401, body: { error: expect.stringMatching(/capability expired at/) } });
     expect(await auditLines()).toContainEqual(
@@ -394,7 +396,7 @@ describe('a task capability reaches only its own task', () => {
 
   test("a disabled owner's running task loses access at once, and gets it back when re-enabled", async () => {
     expect((await call('GET', fileTarget('alice', 'in/a.txt'), { token: cap })).status).toBe(200);
-    setOwnerDisabled(dataDir, 'alice', true);
+    await setOwnerDisabled(dataDir, 'alice', true);
     try {
       const r = await call('GET', fileTarget('alice', 'in/a.txt'), { token: cap });
       expect(r).toEqual({ status: 401, body: { error: 'owner alice is disabled' } });
@@ -406,7 +408,7 @@ describe('a task capability reaches only its own task', () => {
         }),
       );
     } finally {
-      setOwnerDisabled(dataDir, 'alice', false);
+      await setOwnerDisabled(dataDir, 'alice', false);
     }
     expect((await call('GET', fileTarget('alice', 'in/a.txt'), { token: cap })).status).toBe(200);
   });
@@ -574,13 +576,13 @@ describe('pre-flight: refused at submission, nothing started', () => {
   });
 
   test("a disabled owner's token submits nothing", async () => {
-    setOwnerDisabled(dataDir, 'carol', true);
+    await setOwnerDisabled(dataDir, 'carol', true);
     try {
       const id = `disabled-${run}`;
       expect((await submit('carol', { command: 'x' }, id)).status).toBe(401);
       expect(await workflowExists(id)).toBe(false);
     } finally {
-      setOwnerDisabled(dataDir, 'carol', false);
+      await setOwnerDisabled(dataDir, 'carol', false);
     }
   });
 });
@@ -634,13 +636,13 @@ describe('vsp task grant (operators)', () => {
     expect(await auditLines()).toContainEqual(
       audited({ protocol: 'cli', action: 'task-grant', result: 'denied' }),
     );
-    setOwnerDisabled(dataDir, 'bob', true);
+    await setOwnerDisabled(dataDir, 'bob', true);
     try {
       await expect(
         runAdminCli(dataDir, 'task', 'grant', '--owner', 'bob', '--spec', specFile),
       ).rejects.toThrow(/owner: bob is disabled/);
     } finally {
-      setOwnerDisabled(dataDir, 'bob', false);
+      await setOwnerDisabled(dataDir, 'bob', false);
     }
   });
 

@@ -114,7 +114,7 @@ test("a disabled owner's running task loses repository access at once", async ()
     );
     const capability = await capabilityOf(fx, taskId);
     expect((await readWith(capability, `results/${taskId}/none`)).status).toBe(404);
-    setOwnerDisabled(fx.cluster.repoDir, 'alice', true);
+    await setOwnerDisabled(fx.cluster.repoDir, 'alice', true);
     expect(await readWith(capability, `results/${taskId}/none`)).toEqual({
       status: 401,
       text: JSON.stringify({ error: 'owner alice is disabled' }),
@@ -137,7 +137,7 @@ test("a disabled owner's running task loses repository access at once", async ()
       ),
     ).toEqual([]);
   } finally {
-    setOwnerDisabled(fx.cluster.repoDir, 'alice', false);
+    await setOwnerDisabled(fx.cluster.repoDir, 'alice', false);
     await fx.temporal.workflow
       .getHandle(taskId)
       .terminate('test cleanup')

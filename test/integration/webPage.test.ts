@@ -358,7 +358,7 @@ test('without Temporal the task endpoints answer 503 with the reason; the page f
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-web-notemporal-'));
   const server = await startRepositoryServer({ dataDir: dir, port: 0 });
   try {
-    const { token: t } = addOwner(dir, 'fay');
+    const { token: t } = await addOwner(dir, 'fay');
     const res = await fetch(`${server.url}/v1/owners/fay/tasks`, {
       headers: { Authorization: `Bearer ${t}` },
     });

@@ -152,7 +152,7 @@ export class FaultCluster {
    * the one way to give the workflow other durations than its defaults (`tuning`).
    */
   async submitTuned(prefix: string, spec: Omit<TaskSpecInput, 'owner'>, tuning: TaskTuning): Promise<string> {
-    const granted = grantTask(this.cluster.repoDir, {
+    const granted = await grantTask(this.cluster.repoDir, {
       owner: OWNER,
       spec: { driver: 'process', ...spec },
       taskId: `${prefix}-${Date.now()}-${randomBytes(3).toString('hex')}`,

@@ -1,3 +1,4 @@
+import { withBackend } from '../../repository/store/backend';
 import { createHash, randomBytes } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
 import { createReadStream, promises as fs } from 'node:fs';
@@ -7,7 +8,6 @@ import { gunzipSync } from 'node:zlib';
 import { ApplicationFailure, WorkflowFailedError } from '@temporalio/client';
 import { taskFailureMessage } from '../../client/vspClient';
 import { ensureAppliance, type Appliance } from '../../drivers/qemu/appliance';
-import { withAdmin } from '../../repository/accounts/admin';
 import { addBaseImage } from '../../repository/store/imageStore';
 import type { TaskSpecInput } from '../../spec/taskSpec';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
@@ -335,8 +335,8 @@ test("a provider base image named 'base:<name>' boots the task; the owner sees i
   // Added on the repository host, as `vsp image add-base` does; the host fetches it through the owner's view.
   const text = `provider base image ${Date.now()}\n`;
   const image = await markedImage('base', text);
-  const added = await withAdmin(fx.cluster.repoDir, (_a, db) =>
-    addBaseImage(fx.cluster.repoDir, db, 'marked', createReadStream(image)),
+  const added = await withBackend(fx.cluster.repoDir, (backend) =>
+    addBaseImage(backend, 'marked', createReadStream(image)),
   );
   expect(added).toMatchObject({ name: 'base:marked', status: 'ok', format: 'qcow2' });
   expect((await fx.repo(OWNER).listImages(OWNER)).map((i) => i.name)).toContain('base:marked');

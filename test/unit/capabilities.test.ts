@@ -15,7 +15,7 @@ let dataDir: string;
 
 beforeEach(async () => {
   dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-capkey-'));
-  addOwner(dataDir, 'alice');
+  await addOwner(dataDir, 'alice');
 });
 afterEach(async () => {
   await fs.rm(dataDir, { recursive: true, force: true });
@@ -39,30 +39,30 @@ test('the key is made once, mode 0600, and a key readable by others is refused',
 });
 
 test('after a rotation, capabilities signed with the previous key stay valid until it is removed', async () => {
-  const old = withAdmin(dataDir, (_a, db) =>
+  const old = await withAdmin(dataDir, (_a, db) =>
     mintCapability(db, loadCapabilityKeys(dataDir), grant(), 'test'),
   );
   await fs.rename(path.join(dataDir, CAPABILITY_KEY_FILE), path.join(dataDir, PREVIOUS_CAPABILITY_KEY_FILE));
   const rotated = loadCapabilityKeys(dataDir);
-  const fresh = withAdmin(dataDir, (_a, db) => mintCapability(db, rotated, grant(), 'test'));
-  withAdmin(dataDir, (_a, db) => {
-    expect(verifyCapability(db, rotated, old.token).id).toBe(old.claims.id);
-    expect(verifyCapability(db, rotated, fresh.token).id).toBe(fresh.claims.id);
+  const fresh = await withAdmin(dataDir, (_a, db) => mintCapability(db, rotated, grant(), 'test'));
+  await withAdmin(dataDir, async (_a, db) => {
+    expect((await verifyCapability(db, rotated, old.token)).id).toBe(old.claims.id);
+    expect((await verifyCapability(db, rotated, fresh.token)).id).toBe(fresh.claims.id);
   });
   await fs.rm(path.join(dataDir, PREVIOUS_CAPABILITY_KEY_FILE));
   const only = loadCapabilityKeys(dataDir);
-  withAdmin(dataDir, (_a, db) => {
-    expect(() => verifyCapability(db, only, old.token)).toThrow(/signature is invalid/);
-    expect(verifyCapability(db, only, fresh.token).id).toBe(fresh.claims.id);
+  await withAdmin(dataDir, async (_a, db) => {
+    await expect(verifyCapability(db, only, old.token)).rejects.toThrow(/signature is invalid/);
+    expect((await verifyCapability(db, only, fresh.token)).id).toBe(fresh.claims.id);
   });
 });
 
-test('a correctly signed capability the database does not know is refused', () => {
+test('a correctly signed capability the database does not know is refused', async () => {
   const keys = loadCapabilityKeys(dataDir);
-  const minted = withAdmin(dataDir, (_a, db) => mintCapability(db, keys, grant(), 'test'));
+  const minted = await withAdmin(dataDir, (_a, db) => mintCapability(db, keys, grant(), 'test'));
   const elsewhere = path.join(dataDir, 'other');
-  addOwner(elsewhere, 'alice');
-  withAdmin(elsewhere, (_a, db) =>
-    expect(() => verifyCapability(db, keys, minted.token)).toThrow(/not known to this repository/),
+  await addOwner(elsewhere, 'alice');
+  await withAdmin(elsewhere, (_a, db) =>
+    expect(verifyCapability(db, keys, minted.token)).rejects.toThrow(/not known to this repository/),
   );
 });

@@ -14,6 +14,7 @@ import {
 } from '../../repository/accounts/admin';
 import { authenticate, authenticatePassword, hashToken } from '../../repository/accounts/auth';
 import { MetadataDb, repositoryDbPath } from '../../repository/store/metadataDb';
+import { localMetadata, type MetadataStore } from '../../repository/store/metadataStore';
 import { generateEd25519KeyPair } from '../../lib/sshKeyPair';
 import { fingerprintOf, parsePublicKeyLine } from '../../repository/accounts/sshKeys';
 import { runAdminCli } from '../support/adminCli';
@@ -27,32 +28,23 @@ afterEach(async () => {
   await fs.rm(dataDir, { recursive: true, force: true });
 });
 
-function withDb<T>(fn: (db: MetadataDb) => T): T {
-  const db = MetadataDb.open(dataDir);
-  try {
-    return fn(db);
-  } finally {
-    db.close();
-  }
-}
-
-async function withDbAsync<T>(fn: (db: MetadataDb) => Promise<T>): Promise<T> {
-  const db = MetadataDb.open(dataDir);
+async function withDb<T>(fn: (db: MetadataStore) => Promise<T>): Promise<T> {
+  const db = localMetadata(MetadataDb.open(dataDir));
   try {
     return await fn(db);
   } finally {
-    db.close();
+    await db.close();
   }
 }
 
 describe('passwords', () => {
   test('are stored as argon2id hashes and checked on login', async () => {
-    addOwner(dataDir, 'alice');
+    await addOwner(dataDir, 'alice');
     await setPassword(dataDir, 'alice', 'a long enough secret');
-    const stored = withDb((db) => db.getPasswordHash('alice'));
+    const stored = await withDb((db) => db.getPasswordHash('alice'));
     expect(stored).toMatch(/^\$argon2id\$/);
     expect(await fs.readFile(repositoryDbPath(dataDir), 'latin1')).not.toContain('a long enough secret');
-    await withDbAsync(async (db) => {
+    await withDb(async (db) => {
       await expect(authenticatePassword(db, 'alice', 'a long enough secret')).resolves.toMatchObject({
         owner: 'alice',
         credential: { kind: 'password' },
@@ -64,11 +56,11 @@ describe('passwords', () => {
         status: 401,
       });
     });
-    expect(listOwners(dataDir)[0]).toMatchObject({ name: 'alice', hasPassword: true });
+    expect((await listOwners(dataDir))[0]).toMatchObject({ name: 'alice', hasPassword: true });
   });
 
   test('weak, token-like or ownerless passwords are refused', async () => {
-    addOwner(dataDir, 'alice');
+    await addOwner(dataDir, 'alice');
     await expect(setPassword(dataDir, 'alice', 'short')).rejects.toThrow(/10-1024 characters/);
     await expect(setPassword(dataDir, 'alice', 'vsp_looks_like_a_token')).rejects.toThrow(/may not start/);
     await expect(setPassword(dataDir, 'bob', 'a long enough secret')).rejects.toThrow(/no such owner: bob/);
@@ -76,38 +68,42 @@ describe('passwords', () => {
 });
 
 describe('SSH keys', () => {
-  test('public keys are parsed, fingerprinted and listed; private keys and junk are refused', () => {
-    addOwner(dataDir, 'alice');
+  test('public keys are parsed, fingerprinted and listed; private keys and junk are refused', async () => {
+    await addOwner(dataDir, 'alice');
     const pair = generateEd25519KeyPair('alice@laptop');
     const info = parsePublicKeyLine(pair.public);
     expect(info.fingerprint).toBe(fingerprintOf(Buffer.from(info.keyData, 'base64')));
-    const row = addKey(dataDir, 'alice', pair.public);
+    const row = await addKey(dataDir, 'alice', pair.public);
     expect(row).toMatchObject({ owner: 'alice', name: 'alice@laptop', algorithm: 'ssh-ed25519' });
-    expect(() => addKey(dataDir, 'alice', pair.public)).toThrow(/already has key SHA256:/);
-    expect(() => addKey(dataDir, 'alice', pair.private)).toThrow(/private key/);
-    expect(() => addKey(dataDir, 'alice', 'ssh-ed25519 AAAAnotakey')).toThrow(/not a valid SSH public key/);
-    expect(() => addKey(dataDir, 'alice', '')).toThrow(/empty/);
-    expect(() => addKey(dataDir, 'bob', pair.public)).toThrow(/no such owner/);
-    expect(listKeys(dataDir, 'alice').map((k) => k.fingerprint)).toEqual([info.fingerprint]);
-    expect(() => removeKey(dataDir, 'alice', row.id + 1)).toThrow(/has no key with id/);
-    removeKey(dataDir, 'alice', row.id);
-    expect(listKeys(dataDir)).toEqual([]);
+    await expect(addKey(dataDir, 'alice', pair.public)).rejects.toThrow(/already has key SHA256:/);
+    await expect(addKey(dataDir, 'alice', pair.private)).rejects.toThrow(/private key/);
+    await expect(addKey(dataDir, 'alice', 'ssh-ed25519 AAAAnotakey')).rejects.toThrow(
+      /not a valid SSH public key/,
+    );
+    await expect(addKey(dataDir, 'alice', '')).rejects.toThrow(/empty/);
+    await expect(addKey(dataDir, 'bob', pair.public)).rejects.toThrow(/no such owner/);
+    expect((await listKeys(dataDir, 'alice')).map((k) => k.fingerprint)).toEqual([info.fingerprint]);
+    await expect(removeKey(dataDir, 'alice', row.id + 1)).rejects.toThrow(/has no key with id/);
+    await removeKey(dataDir, 'alice', row.id);
+    expect(await listKeys(dataDir)).toEqual([]);
   });
 });
 
 describe('quotas', () => {
-  test('are validated and shown with usage', () => {
-    addOwner(dataDir, 'alice');
-    expect(() => setQuota(dataDir, 'alice', { bytes: -1 })).toThrow(/quota bytes must be a whole number/);
-    expect(() => setQuota(dataDir, 'alice', { files: 1.5 })).toThrow(/quota files/);
-    setQuota(dataDir, 'alice', { bytes: 1000, files: 3 });
-    expect(listOwners(dataDir)[0]).toMatchObject({
+  test('are validated and shown with usage', async () => {
+    await addOwner(dataDir, 'alice');
+    await expect(setQuota(dataDir, 'alice', { bytes: -1 })).rejects.toThrow(
+      /quota bytes must be a whole number/,
+    );
+    await expect(setQuota(dataDir, 'alice', { files: 1.5 })).rejects.toThrow(/quota files/);
+    await setQuota(dataDir, 'alice', { bytes: 1000, files: 3 });
+    expect((await listOwners(dataDir))[0]).toMatchObject({
       quotaBytes: 1000,
       quotaFiles: 3,
       usage: { bytes: 0, files: 0 },
     });
-    setQuota(dataDir, 'alice', {});
-    expect(listOwners(dataDir)[0].quotaBytes).toBeUndefined();
+    await setQuota(dataDir, 'alice', {});
+    expect((await listOwners(dataDir))[0].quotaBytes).toBeUndefined();
   });
 
   test('limits parse with units', () => {
@@ -121,7 +117,7 @@ describe('quotas', () => {
 });
 
 describe('schema', () => {
-  test('a schema 1 database is migrated in place, keeping owners and tokens', () => {
+  test('a schema 1 database is migrated in place, keeping owners and tokens', async () => {
     const token = 'vsp_0123456789abcdef0123456789abcdef';
     const old = new Database(repositoryDbPath(dataDir));
     old.exec(`
@@ -139,13 +135,17 @@ describe('schema', () => {
       .run(hashToken(token));
     old.pragma('user_version = 1');
     old.close();
-    withDb((db) => {
-      expect(db.getOwner('alice')).toMatchObject({ name: 'alice', hasPassword: false, disabled: false });
-      expect(authenticate(db, token)).toMatchObject({ kind: 'owner', owner: 'alice' });
-      expect(db.listKeys()).toEqual([]);
+    await withDb(async (db) => {
+      expect(await db.getOwner('alice')).toMatchObject({
+        name: 'alice',
+        hasPassword: false,
+        disabled: false,
+      });
+      await expect(authenticate(db, token)).resolves.toMatchObject({ kind: 'owner', owner: 'alice' });
+      expect(await db.listKeys()).toEqual([]);
     });
     // Opening again is a no-op.
-    expect(withDb((db) => db.usage('alice'))).toEqual({ bytes: 0, files: 0 });
+    expect(await withDb((db) => db.usage('alice'))).toEqual({ bytes: 0, files: 0 });
   });
 });
 
@@ -158,7 +158,7 @@ describe('admin CLI', () => {
     const pwFile = path.join(dataDir, 'pw');
     await fs.writeFile(pwFile, 'a long enough secret\nignored second line\n');
     await vsp('password', 'set', 'alice', '--from-file', pwFile);
-    await withDbAsync((db) =>
+    await withDb((db) =>
       expect(authenticatePassword(db, 'alice', 'a long enough secret')).resolves.toBeTruthy(),
     );
 
@@ -168,7 +168,7 @@ describe('admin CLI', () => {
     const keys = JSON.parse(await vsp('--json', 'key', 'list', 'alice')) as { id: number; name: string }[];
     expect(keys.map((k) => k.name)).toEqual(['laptop']);
     await vsp('key', 'remove', 'alice', String(keys[0].id));
-    expect(listKeys(dataDir, 'alice')).toEqual([]);
+    expect(await listKeys(dataDir, 'alice')).toEqual([]);
 
     const second = (await vsp('token', 'create', 'alice', 'ci')).trim();
     const tokens = JSON.parse(await vsp('--json', 'token', 'list', 'alice')) as {
@@ -177,9 +177,9 @@ describe('admin CLI', () => {
     }[];
     expect(tokens.map((t) => t.name)).toEqual(['default', 'ci']);
     await vsp('token', 'revoke', String(tokens[1].id));
-    withDb((db) => {
-      expect(() => authenticate(db, second)).toThrow(/revoked/);
-      expect(authenticate(db, token)).toMatchObject({ owner: 'alice' });
+    await withDb(async (db) => {
+      await expect(authenticate(db, second)).rejects.toThrow(/revoked/);
+      await expect(authenticate(db, token)).resolves.toMatchObject({ owner: 'alice' });
     });
 
     await vsp('owner', 'quota', 'alice', '--bytes', '1G', '--files', 'none');
@@ -189,9 +189,9 @@ describe('admin CLI', () => {
       quotaBytes: number;
     }[];
     expect(owner).toMatchObject({ disabled: true, quotaBytes: 1024 ** 3 });
-    withDb((db) => expect(() => authenticate(db, token)).toThrow(/disabled/));
+    await withDb((db) => expect(authenticate(db, token)).rejects.toThrow(/disabled/));
     await vsp('owner', 'enable', 'alice');
-    withDb((db) => expect(authenticate(db, token)).toMatchObject({ owner: 'alice' }));
+    await withDb((db) => expect(authenticate(db, token)).resolves.toMatchObject({ owner: 'alice' }));
 
     await expect(vsp('token', 'revoke', 'abc')).rejects.toThrow(/token id "abc" must be a whole number/);
     await expect(vsp('owner', 'quota', 'alice', '--bytes', 'lots', '--files', '1')).rejects.toThrow(
