@@ -214,6 +214,7 @@ export class FileStore {
       const old = await tx.getStoredFile(upload.owner, upload.path);
       if (await this.folderAt(tx, upload.owner, upload.path))
         throw new StoreError('conflict', `${upload.path} is a folder`);
+      await this.refuseFileParents(tx, upload.owner, upload.path);
       upload.adds = !old;
       upload.snapshot = {
         at: Date.now(),
@@ -240,6 +241,7 @@ export class FileStore {
     refuseBaseImages(repoPath);
     if ((await this.entry(owner, repoPath))?.kind === 'folder')
       throw new StoreError('conflict', `${repoPath} is a folder`);
+    await this.refuseFileParents(this.db, owner, repoPath);
     const old = await this.db.getFile(owner, repoPath);
     const upload: PendingUpload = {
       owner,
@@ -359,6 +361,16 @@ export class FileStore {
     if (info) return { kind: 'file', info };
     if (await this.folderAt(this.db, owner, repoPath)) return { kind: 'folder', path: repoPath };
     return undefined;
+  }
+
+  /** A path's parents are folders: none of them may be a file (whatever the backend keeps on disk). */
+  private async refuseFileParents(db: MetadataStore, owner: string, repoPath: string): Promise<void> {
+    const parts = repoPath.split('/');
+    for (let i = 1; i < parts.length; i++) {
+      const parent = parts.slice(0, i).join('/');
+      if (await db.getFile(owner, parent))
+        throw new StoreError('conflict', `'${parent}' is a file, not a folder`);
+    }
   }
 
   private async folderAt(db: MetadataStore, owner: string, repoPath: string): Promise<boolean> {
