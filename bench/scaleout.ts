@@ -3,11 +3,16 @@ import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { Readable } from 'node:stream';
-import { withAdmin } from '../repository/accounts/admin';
+import { startPostgresCluster } from '../deploy/postgres/cluster';
+import { startSeaweedS3 } from '../deploy/s3/seaweedfs';
+import { createLogger, describeError } from '../logging/logger';
+import { AccountAdmin, withAdmin } from '../repository/accounts/admin';
+import { openMetadata, type BackendSettings } from '../repository/store/backend';
+import { migratePg, openPgPool } from '../repository/store/pgMetadata';
 import { RepositoryClient } from '../repository/client';
 import type { BenchReport } from './report';
 import { timed, writeRandomFile } from './repository';
-import { startFleet, type Fleet } from './repositoryFleet';
+import { backendEnv, startFleet, type Fleet } from './repositoryFleet';
 
 /**
  * Scale-out of the repository (issue 15): the same load through the balancer on 1, 2 and 3 servers of
@@ -138,36 +143,117 @@ export async function measureLoad(
 export interface ScaleoutBenchOptions {
   quick: boolean;
   workDir: string;
-  local: BenchBackend;
-  /** Absent when PostgreSQL or the S3 server cannot be started here: the report says so. */
-  cluster?: BenchBackend;
+  /** Where PostgreSQL's and SeaweedFS's output go. */
+  logsDir: string;
+}
+
+type ClusterSettings = Extract<BackendSettings, { kind: 'cluster' }>;
+
+/** Owners made on the cluster's metadata directly (as `vsp owner add` does with the cluster settings). */
+function clusterBackend(settings: BackendSettings): BenchBackend {
+  return {
+    name: 'cluster',
+    env: backendEnv(settings),
+    addOwners: async (dataDir, names) => {
+      const db = await openMetadata(dataDir, settings);
+      try {
+        const admin = new AccountAdmin(db);
+        const tokens: string[] = [];
+        for (const name of names) tokens.push((await admin.addOwner(name)).token);
+        return tokens;
+      } finally {
+        await db.close();
+      }
+    },
+  };
 }
 
 export async function benchScaleout(opts: ScaleoutBenchOptions): Promise<BenchReport> {
   const load = opts.quick ? QUICK_LOAD : FULL_LOAD;
-  const rows: LoadResult[] = [await measureLoad(opts.local, 1, load, opts.workDir)];
-  if (opts.cluster)
-    for (const servers of [1, 2, 3]) rows.push(await measureLoad(opts.cluster, servers, load, opts.workDir));
-  const local = rows[0];
+  const rows: LoadResult[] = [await measureLoad(LOCAL_BACKEND, 1, load, opts.workDir)];
   const summary: Record<string, string | number> = {
-    'local, 1 server: large MiB/s': local['large MiB/s'],
-    'local, 1 server: small uploads/s': local['small uploads/s'],
+    'local, 1 server: large MiB/s': rows[0]['large MiB/s'],
+    'local, 1 server: small uploads/s': rows[0]['small uploads/s'],
   };
-  for (const r of rows.slice(1)) {
-    summary[`cluster, ${r.servers} servers: large MiB/s`] = r['large MiB/s'];
-    summary[`cluster, ${r.servers} servers: small uploads/s`] = r['small uploads/s'];
+  let metadata: Record<string, string | number>[] = [];
+  const pg = await startPostgresCluster({
+    dir: path.join(opts.workDir, 'postgres'),
+    logFile: path.join(opts.logsDir, 'scaleout-postgres.log'),
+    noFsync: false,
+  });
+  try {
+    const s3 = await startSeaweedS3({ logFile: path.join(opts.logsDir, 'scaleout-weed.log') });
+    try {
+      const settingsFor = async (name: string): Promise<ClusterSettings> => {
+        const pgUrl = await pg.createDatabase(name);
+        const pool = openPgPool(pgUrl, 1);
+        try {
+          await migratePg(pool);
+        } finally {
+          await pool.end();
+        }
+        return { kind: 'cluster', pgUrl, s3: await s3.bucket(name.replace(/_/g, '-')) };
+      };
+      for (const servers of [1, 2, 3]) {
+        const r = await measureLoad(
+          clusterBackend(await settingsFor(`load_${servers}`)),
+          servers,
+          load,
+          opts.workDir,
+        );
+        rows.push(r);
+        summary[`cluster, ${servers} servers: large MiB/s`] = r['large MiB/s'];
+        summary[`cluster, ${servers} servers: small uploads/s`] = r['small uploads/s'];
+      }
+      const settings = await settingsFor('metadata');
+      metadata = await measureMetadata({
+        quick: opts.quick,
+        workDir: opts.workDir,
+        cluster: clusterBackend(settings),
+        bulkLoad: (owners, n, seed) => copyFileRows(settings.pgUrl, owners, n, seed),
+      });
+      summary['bulk load (COPY) s'] = metadata[0]['bulk load s'];
+      for (const m of metadata) {
+        summary[`${m['file rows']} rows, ${m.servers} servers: stat ops/s`] = m['stat ops/s'];
+        summary[`${m['file rows']} rows, ${m.servers} servers: list ops/s`] = m['list ops/s'];
+      }
+    } finally {
+      await s3.stop();
+    }
+  } catch (err) {
+    summary['cluster backend'] = `not measured: ${describeError(err)}`;
+    createLogger('bench.scaleout').error({ err: describeError(err) }, 'cluster backend not measured');
+  } finally {
+    await pg.stop();
   }
   return {
     name: 'scaleout',
-    title: 'Repository scale-out: 1, 2, 3 servers behind the balancer',
+    title: 'Repository scale-out: 1, 2, 3 servers behind the balancer; metadata with many rows',
     method:
       `Servers are separate processes (node dist/repository/main.js) behind the project's TCP balancer ` +
-      `(deploy/balancer/), all on this machine with the clients. Large: ${load.largeClients} clients each ` +
-      `upload a ${load.largeMiB} MiB file at once over HTTP (SHA-256 checked), aggregate MiB/s over the ` +
-      `wall time. Small: ${load.smallRequests} uploads of ${load.smallBytes} bytes by ${load.smallClients} ` +
-      `clients at once, then as many stats of them; requests/s. The local backend (SQLite + disk) runs one ` +
-      `server (it is one machine's store); the cluster backend (PostgreSQL + S3) runs 1, 2 and 3.`,
-    rows: rows.map((r) => ({ ...r })),
+      `(deploy/balancer/), all on this machine with the clients, PostgreSQL (fsync on) and SeaweedFS. Large: ` +
+      `${load.largeClients} clients each upload a ${load.largeMiB} MiB file at once over HTTP (SHA-256 ` +
+      `checked), aggregate MiB/s over the wall time. Small: ${load.smallRequests} uploads of ` +
+      `${load.smallBytes} bytes by ${load.smallClients} clients at once, then as many stats of them; ` +
+      `requests/s. The local backend (SQLite + disk) runs one server (it is one machine's store); the cluster ` +
+      `backend (PostgreSQL + S3) runs 1, 2 and 3, each on a fresh database and bucket. Metadata: file rows ` +
+      `bulk-loaded with psql COPY (10 owners, ${FOLDER_FILES} files per folder, all naming one 4 KiB object), ` +
+      `then 32 clients stat one file (HEAD: a row lookup and the object's S3 HEAD) or list one folder each ` +
+      `request, over HTTP through the balancer to 1 and 3 servers.`,
+    rows: [
+      ...rows.map((r) => ({ ...r, 'stat ops/s': '', 'list ops/s': '', 'file rows': '' })),
+      ...metadata.map((m) => ({
+        backend: 'cluster',
+        servers: m.servers,
+        'large MiB/s': '',
+        'small uploads/s': '',
+        'small stats/s': '',
+        errors: m['wrong answers'],
+        'stat ops/s': m['stat ops/s'],
+        'list ops/s': m['list ops/s'],
+        'file rows': m['file rows'],
+      })),
+    ],
     summary,
   };
 }
@@ -176,8 +262,12 @@ export interface MetadataBenchOptions {
   quick: boolean;
   workDir: string;
   cluster: BenchBackend;
-  /** Loads `rows` file rows for `owners` (paths `d<folder>/f<n>.bin`, FOLDER_FILES per folder) by COPY. */
-  bulkLoad(owners: string[], rows: number): Promise<void>;
+  /**
+   * Loads `rows` file rows for `owners` (paths `d<folder>/f<n>.bin`, FOLDER_FILES per folder) by COPY,
+   * every one naming the bytes of `seed` (owners[0]'s file, stored through the repository): a stat checks
+   * its object is there, and a million objects would measure the object store, not the metadata.
+   */
+  bulkLoad(owners: string[], rows: number, seed: string): Promise<void>;
 }
 
 /** Files per folder in the bulk-loaded rows: what one `list` returns. */
@@ -197,7 +287,7 @@ export async function measureMetadata(
   const dir = await fs.mkdtemp(path.join(opts.workDir, 'metadata-'));
   try {
     const tokens = await opts.cluster.addOwners(path.join(dir, 'server0'), owners);
-    const loadSeconds = await timed(() => opts.bulkLoad(owners, rows));
+    let loadSeconds = 0;
     const perOwner = rows / owners.length;
     const out: Record<string, string | number>[] = [];
     for (const servers of [1, 3]) {
@@ -209,6 +299,10 @@ export async function measureMetadata(
       });
       try {
         const http = tokens.map((token) => new RepositoryClient({ url: fleet.url, token }));
+        if (servers === 1) {
+          await http[0].upload(owners[0], 'seed.bin', Readable.from([randomBytes(4096)]), { size: 4096 });
+          loadSeconds = await timed(() => opts.bulkLoad(owners, rows, 'seed.bin'));
+        }
         // A fixed spread of owners and files, the same for every configuration.
         const pick = (i: number): { o: number; n: number } => ({
           o: i % owners.length,
@@ -245,9 +339,26 @@ export async function measureMetadata(
 
 /**
  * Bulk-loads file rows with `psql ... COPY files FROM STDIN` (PostgreSQL's bulk path): `rows` in all,
- * spread evenly over `owners`, FOLDER_FILES per folder. Metadata only: no object is behind these rows.
+ * spread evenly over `owners`, FOLDER_FILES per folder, all naming the object of owners[0]'s `seed`.
  */
-export async function copyFileRows(pgUrl: string, owners: string[], rows: number): Promise<void> {
+export async function copyFileRows(
+  pgUrl: string,
+  owners: string[],
+  rows: number,
+  seed: string,
+): Promise<void> {
+  const pool = openPgPool(pgUrl, 1);
+  let file: { size: number; sha256: string; blob: string };
+  try {
+    const { rows: found } = await pool.query<{ size: number; sha256: string; blob: string }>(
+      'SELECT size, sha256, blob FROM files WHERE owner = $1 AND path = $2',
+      [owners[0], seed],
+    );
+    if (found.length !== 1) throw new Error(`no file ${seed} of ${owners[0]} to bulk-load rows after`);
+    file = found[0];
+  } finally {
+    await pool.end();
+  }
   const child = spawn(
     'psql',
     [pgUrl, '-v', 'ON_ERROR_STOP=1', '-c', 'COPY files (owner, path, size, sha256, mtime, blob) FROM STDIN'],
@@ -259,14 +370,13 @@ export async function copyFileRows(pgUrl: string, owners: string[], rows: number
     child.once('error', reject);
     child.once('exit', resolve);
   });
-  const sha = '0'.repeat(64);
   const mtime = new Date().toISOString();
   const perOwner = Math.ceil(rows / owners.length);
   function* lines(): Generator<string> {
     for (const owner of owners) {
       let batch = '';
       for (let n = 0; n < perOwner; n++) {
-        batch += `${owner}\td${Math.floor(n / FOLDER_FILES)}/f${n % FOLDER_FILES}.bin\t4096\t${sha}\t${mtime}\t\\N\n`;
+        batch += `${owner}\td${Math.floor(n / FOLDER_FILES)}/f${n % FOLDER_FILES}.bin\t${file.size}\t${file.sha256}\t${mtime}\t${file.blob}\n`;
         if (n % 10_000 === 9_999) {
           yield batch;
           batch = '';

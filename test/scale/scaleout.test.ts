@@ -197,12 +197,6 @@ test('100 clients over three protocols lose nothing while a server is killed and
     expect(r.uploadId).not.toBe('');
   }
 
-  const dbgState = new Map<number, string>();
-  const dbg = setInterval(
-    () =>
-      console.error('DBG', finished, inFlight, transportFailures, JSON.stringify([...dbgState].slice(0, 12))),
-    5000,
-  );
   const clientRuns = Array.from({ length: CLIENTS }, async (_, c): Promise<Outcome[]> => {
     const protocol = protocols[c % protocols.length];
     const owner = owners[c % OWNERS];
@@ -214,7 +208,6 @@ test('100 clients over three protocols lose nothing while a server is killed and
       for (;;) {
         attempts++;
         inFlight++;
-        dbgState.set(c, `${name}#${attempts}`);
         try {
           const signal = AbortSignal.timeout(ATTEMPT_TIMEOUT_MS);
           const attempt = uploadOnce(protocol, owner, name, data, signal);
@@ -247,7 +240,6 @@ test('100 clients over three protocols lose nothing while a server is killed and
       }
       afterEach();
     }
-    dbgState.delete(c);
     return out;
   });
 
@@ -271,7 +263,6 @@ test('100 clients over three protocols lose nothing while a server is killed and
   })();
 
   const outcomes = (await Promise.all(clientRuns)).flat();
-  clearInterval(dbg);
   const resumedInfos = await chaos;
 
   expect(inFlightAtKill).toBeGreaterThan(0);
