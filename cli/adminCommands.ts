@@ -17,7 +17,7 @@ import {
   withAdmin,
 } from '../repository/accounts/admin';
 import { addBaseImage, removeBaseImage } from '../repository/store/imageStore';
-import { withBackend } from '../repository/store/backend';
+import { backendSettingsFromEnv, migrateRepository, withBackend } from '../repository/store/backend';
 import { grantTask } from '../repository/tasks/taskAdmission';
 import { parseListen } from '../repository/main';
 import { PAYLOAD_KEY_ENV, payloadCodecFromEnv, startCodecServer } from '../config/payloadCodec';
@@ -274,6 +274,22 @@ export function registerAdminCommands(program: Command): void {
     .action(async (name: string, opts: { dataDir: string }) => {
       await withBackend(opts.dataDir, (backend) => removeBaseImage(backend, name));
       print(`base image ${name} removed`, { name, removed: true });
+    });
+
+  commandGroup(program, 'repository', "the repository's storage (admin, on a repository host)")
+    .command('migrate')
+    .description(
+      "bring the repository's schema to this version: the SQLite file on `local`; on `cluster` " +
+        '(VSP_REPOSITORY_BACKEND=cluster) the PostgreSQL schema and the S3 bucket, before new servers start',
+    )
+    .addOption(dataDirOption())
+    .action(async (opts: { dataDir: string }) => {
+      const r = await migrateRepository(opts.dataDir, backendSettingsFromEnv(process.env));
+      print(
+        `${r.backend}: schema ${r.fromVersion} -> ${r.toVersion}` +
+          (r.bucketCreated === undefined ? '' : r.bucketCreated ? ', bucket created' : ', bucket present'),
+        r,
+      );
     });
 
   const task = commandGroup(program, 'task', 'tasks');

@@ -51,20 +51,30 @@ const indexedType = {
   Int: INDEXED_TYPE.INDEXED_VALUE_TYPE_INT,
 };
 
+/** VSP's search attributes the namespace lacks (missing, or of another type), each with its Temporal type. */
+export async function missingSearchAttributeTypes(
+  operator: SearchAttributeLister,
+  namespace: string,
+): Promise<Record<string, temporal.api.enums.v1.IndexedValueType>> {
+  const have = (await operator.listSearchAttributes({ namespace })).customAttributes ?? {};
+  return Object.fromEntries(
+    Object.entries(SEARCH_ATTRIBUTE_TYPES)
+      .filter(([name, type]) => have[name] !== indexedType[type])
+      .map(([name, type]) => [name, indexedType[type]]),
+  );
+}
+
 /**
- * What the namespace lacks of VSP's search attributes (missing, or of another type), as
- * `temporal operator search-attribute create` commands that add them; empty when none is missing. A task's
- * workflow upserts them: in a namespace without them its every workflow task would fail.
+ * What the namespace lacks of VSP's search attributes, as `temporal operator search-attribute create`
+ * commands that add them; empty when none is missing. A task's workflow upserts them: in a namespace
+ * without them its every workflow task would fail.
  */
 export async function missingSearchAttributes(
   operator: SearchAttributeLister,
   namespace: string,
 ): Promise<string[]> {
-  const have = (await operator.listSearchAttributes({ namespace })).customAttributes ?? {};
-  return Object.entries(SEARCH_ATTRIBUTE_TYPES)
-    .filter(([name, type]) => have[name] !== indexedType[type])
-    .map(
-      ([name, type]) =>
-        `temporal operator search-attribute create --namespace ${namespace} --name ${name} --type ${type}`,
-    );
+  return Object.keys(await missingSearchAttributeTypes(operator, namespace)).map(
+    (name) =>
+      `temporal operator search-attribute create --namespace ${namespace} --name ${name} --type ${SEARCH_ATTRIBUTE_TYPES[name as keyof typeof SEARCH_ATTRIBUTE_TYPES]}`,
+  );
 }

@@ -22,6 +22,8 @@ const log = createLogger('devcluster.local');
 export interface LocalClusterOptions {
   /** Temporal front end to use (host:port). */
   temporalAddress: string;
+  /** Its namespace (default `default`, the dev server's). */
+  temporalNamespace?: string;
   /** Host names; each gets a worker and a VM store under baseDir. */
   hosts: string[];
   /** Holds the repository data, host stores and logs. */
@@ -104,6 +106,10 @@ export class LocalCluster {
     return this.repository;
   }
 
+  get temporalNamespace(): string {
+    return this.opts.temporalNamespace ?? 'default';
+  }
+
   get logDir(): string {
     return path.join(this.opts.baseDir, 'logs');
   }
@@ -121,7 +127,11 @@ export class LocalCluster {
   }
 
   private baseEnv(): NodeJS.ProcessEnv {
-    return { ...process.env, TEMPORAL_ADDRESS: this.opts.temporalAddress, TEMPORAL_NAMESPACE: 'default' };
+    return {
+      ...process.env,
+      TEMPORAL_ADDRESS: this.opts.temporalAddress,
+      TEMPORAL_NAMESPACE: this.temporalNamespace,
+    };
   }
 
   /** node's arguments for a worker entry point, with the fault holds preloaded when asked. */
@@ -361,7 +371,7 @@ export class LocalCluster {
    */
   private async endClusterWorkflows(why: string): Promise<void> {
     const connection = await Connection.connect({ address: this.opts.temporalAddress });
-    const client = new Client({ connection });
+    const client = new Client({ connection, namespace: this.temporalNamespace });
     try {
       await syncRebalanceSchedule(client, undefined);
       for (const id of [SCHEDULER_WORKFLOW_ID, ...this.opts.hosts.map(hostLivenessWorkflowId)])

@@ -7,7 +7,7 @@ import { ensureAppliance } from '../../drivers/qemu/appliance';
 import { RepositoryClient } from '../../repository/client';
 import { LocalCluster } from './localCluster';
 import { createTestNetwork, requireRoot, type TestNetwork } from './netns';
-import { startTemporalDevServer, type TemporalDevServer } from './temporal';
+import { startTemporalDevServer } from './temporal';
 
 /**
  * A dev cluster on namespace test hosts, for the workflow-level migration tests and benchmarks
@@ -30,6 +30,13 @@ export interface NamespaceCluster {
   stop(): Promise<void>;
 }
 
+/** A Temporal server the cluster uses, and how to stop it. */
+export interface StartedTemporal {
+  address: string;
+  namespace: string;
+  stop(): Promise<void>;
+}
+
 export async function startNamespaceCluster(opts: {
   hosts: string[];
   /** Namespace and link prefix, and the segment's /24: distinct per test file. */
@@ -41,12 +48,17 @@ export async function startNamespaceCluster(opts: {
   controlEnv?: NodeJS.ProcessEnv;
   /** Where the cluster's Temporal dev server writes its log. */
   logDir: string;
+  /**
+   * Another Temporal server instead of a dev server, started once the network exists, bound to `ip` (the
+   * namespaces' gateway): e.g. deploy/temporal/'s on PostgreSQL.
+   */
+  startTemporal?: (ip: string) => Promise<StartedTemporal>;
 }): Promise<NamespaceCluster> {
   requireRoot('the migration tests (network namespaces, NFS exports)');
   await ensureAppliance();
   const baseDir = await fs.mkdtemp(path.join(os.tmpdir(), `${opts.prefix}e2e-`));
   let network: TestNetwork | undefined;
-  let temporal: TemporalDevServer | undefined;
+  let temporal: StartedTemporal | undefined;
   let cluster: LocalCluster | undefined;
   let connection: Connection | undefined;
   const stop = async () => {
@@ -60,16 +72,22 @@ export async function startNamespaceCluster(opts: {
   };
   try {
     network = await createTestNetwork({ hosts: opts.hosts, prefix: opts.prefix, subnet: opts.subnet });
-    // The suite's Temporal listens on loopback, which the namespaces cannot reach. This one listens on
-    // every address (its services also dial each other on loopback) and is reached at the gateway.
-    temporal = await startTemporalDevServer({
-      ip: '0.0.0.0',
-      headless: true,
-      logFile: path.join(opts.logDir, `${opts.prefix}temporal.log`),
-    });
-    const temporalAddress = `${network.gateway}:${temporal.address.split(':').pop()}`;
+    // The suite's Temporal listens on loopback, which the namespaces cannot reach: the cluster's own is
+    // reached at the gateway (a dev server listens on every address: its services dial each other on
+    // loopback).
+    const gateway = network.gateway;
+    const started = opts.startTemporal
+      ? await opts.startTemporal(gateway)
+      : await startTemporalDevServer({
+          ip: '0.0.0.0',
+          headless: true,
+          logFile: path.join(opts.logDir, `${opts.prefix}temporal.log`),
+        }).then((dev) => ({ ...dev, address: `${gateway}:${dev.address.split(':').pop()}` }));
+    temporal = started;
+    const temporalAddress = started.address;
     cluster = await new LocalCluster({
       temporalAddress,
+      temporalNamespace: started.namespace,
       hosts: opts.hosts,
       baseDir,
       drivers: ['qemu', 'process'],
@@ -79,7 +97,7 @@ export async function startNamespaceCluster(opts: {
       testHosts: { network },
     }).start();
     connection = await Connection.connect({ address: temporalAddress });
-    const client = new Client({ connection, namespace: 'default' });
+    const client = new Client({ connection, namespace: started.namespace });
     const c = cluster;
     return {
       network,

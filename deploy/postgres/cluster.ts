@@ -28,8 +28,11 @@ export interface PostgresCluster {
   dir: string;
   port: number;
   pid: number;
-  /** Creates database `name` owned by a role of the same name (once), returns its URL (password inside). */
-  createDatabase(name: string): Promise<string>;
+  /**
+   * Creates database `name` owned by role `owner` (default: a role named as the database), each once;
+   * returns the URL to reach it as that role (password inside).
+   */
+  createDatabase(name: string, owner?: string): Promise<string>;
   /** Drops the database, closing its connections first. */
   dropDatabase(name: string): Promise<void>;
   /** Fast shutdown (open sessions are ended), SIGKILL after 30 s. */
@@ -76,7 +79,7 @@ export async function startPostgresCluster(opts: PostgresClusterOptions): Promis
     dir: opts.dir,
     port,
     pid: proc.pid,
-    createDatabase: (name) => runScript(['createdb', opts.dir, name]),
+    createDatabase: (name, owner) => runScript(['createdb', opts.dir, name, ...(owner ? [owner] : [])]),
     dropDatabase: async (name) => {
       await runScript(['dropdb', opts.dir, name]);
     },

@@ -182,3 +182,42 @@ export async function withBackend<T>(
     await backend.close();
   }
 }
+
+/** What `vsp repository migrate` did. */
+export interface MigrationReport {
+  backend: BackendSettings['kind'];
+  fromVersion: number;
+  toVersion: number;
+  /** `cluster`: whether the S3 bucket had to be created. */
+  bucketCreated?: boolean;
+}
+
+/**
+ * Brings the backend's schema to this VSP's version (`vsp repository migrate`). `local` migrates its
+ * SQLite file (servers also do so when they start); `cluster` applies the missing PostgreSQL steps under
+ * an advisory lock and creates the S3 bucket if it is missing. Servers on `cluster` refuse any schema but
+ * their own, so the operator runs this once per upgrade, before the new servers start.
+ */
+export async function migrateRepository(
+  dataDir: string,
+  settings: BackendSettings,
+): Promise<MigrationReport> {
+  if (settings.kind === 'local') {
+    const { from, to } = MetadataDb.migrate(dataDir);
+    return { backend: 'local', fromVersion: from, toVersion: to };
+  }
+  const { migratePg, openPgPool } = await import('./pgMetadata.js');
+  const { ensureBucket } = await import('./s3Bytes.js');
+  const pool = openPgPool(settings.pgUrl, 1);
+  try {
+    const { from, to } = await migratePg(pool);
+    return {
+      backend: 'cluster',
+      fromVersion: from,
+      toVersion: to,
+      bucketCreated: await ensureBucket(settings.s3),
+    };
+  } finally {
+    await pool.end();
+  }
+}

@@ -1,4 +1,4 @@
-import { mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
 import type { StoredFile } from './metadataStore';
@@ -219,29 +219,30 @@ export function repositoryDbPath(dataDir: string): string {
   return path.join(dataDir, 'repository.db');
 }
 
-const OWNER_COLUMNS = 'name, created, disabled, password_hash, quota_bytes, quota_files';
+export const OWNER_COLUMNS = 'name, created, disabled, password_hash, quota_bytes, quota_files';
 
-interface RawOwner {
+/** An owner row as SQLite (0/1) or PostgreSQL (boolean) returns it. */
+export interface RawOwner {
   name: string;
   created: string;
-  disabled: number;
+  disabled: number | boolean;
   password_hash: string | null;
   quota_bytes: number | null;
   quota_files: number | null;
 }
 
-function toOwnerRow(r: RawOwner): OwnerRow {
+export function toOwnerRow(r: RawOwner): OwnerRow {
   return {
     name: r.name,
     created: r.created,
-    disabled: r.disabled !== 0,
+    disabled: Boolean(r.disabled),
     hasPassword: r.password_hash !== null,
     quotaBytes: r.quota_bytes ?? undefined,
     quotaFiles: r.quota_files ?? undefined,
   };
 }
 
-interface RawToken {
+export interface RawToken {
   id: number;
   owner: string | null;
   name: string;
@@ -250,7 +251,7 @@ interface RawToken {
   hash: string;
 }
 
-function toTokenRow(r: RawToken): TokenRow {
+export function toTokenRow(r: RawToken): TokenRow {
   return {
     id: r.id,
     owner: r.owner ?? undefined,
@@ -293,6 +294,22 @@ export class MetadataDb {
       db.pragma(`user_version = ${SCHEMA_VERSION}`);
     })();
     return new MetadataDb(db);
+  }
+
+  /** Opens the database (which migrates it) and closes it again; the versions before and after. */
+  static migrate(dataDir: string): { from: number; to: number } {
+    const file = repositoryDbPath(dataDir);
+    let from = 0;
+    if (existsSync(file)) {
+      const peek = new Database(file, { readonly: true });
+      try {
+        from = peek.pragma('user_version', { simple: true }) as number;
+      } finally {
+        peek.close();
+      }
+    }
+    MetadataDb.open(dataDir).close();
+    return { from, to: SCHEMA_VERSION };
   }
 
   close(): void {
@@ -739,33 +756,33 @@ export class MetadataDb {
   }
 }
 
-interface RawImageInfo {
+export interface RawImageInfo {
   sha256: string;
   status: 'ok' | 'invalid';
   format: string | null;
   virtual_bytes: number | null;
   actual_bytes: number | null;
-  has_backing: number | null;
+  has_backing: number | boolean | null;
   error: string | null;
   inspected: string;
 }
 
-function toImageInfoRow(r: RawImageInfo): ImageInfoRow {
+export function toImageInfoRow(r: RawImageInfo): ImageInfoRow {
   return {
     sha256: r.sha256,
     status: r.status,
     format: r.format ?? undefined,
     virtualBytes: r.virtual_bytes ?? undefined,
     actualBytes: r.actual_bytes ?? undefined,
-    hasBackingFile: r.has_backing === null ? undefined : r.has_backing !== 0,
+    hasBackingFile: r.has_backing === null ? undefined : Boolean(r.has_backing),
     error: r.error ?? undefined,
     inspected: r.inspected,
   };
 }
 
-const CAPABILITY_COLUMNS = 'id, owner, task_id, results, expires, created, minted_by, revoked';
+export const CAPABILITY_COLUMNS = 'id, owner, task_id, results, expires, created, minted_by, revoked';
 
-interface RawCapability {
+export interface RawCapability {
   id: string;
   owner: string;
   task_id: string;
@@ -776,7 +793,7 @@ interface RawCapability {
   revoked: string | null;
 }
 
-function toCapabilityRow(r: RawCapability): CapabilityRow {
+export function toCapabilityRow(r: RawCapability): CapabilityRow {
   return {
     id: r.id,
     owner: r.owner,

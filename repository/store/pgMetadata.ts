@@ -1,15 +1,25 @@
 import { Pool, types, type PoolClient, type QueryResultRow } from 'pg';
-import type {
-  AdminTokenRow,
-  BaseImageRow,
-  CapabilityRow,
-  FileRow,
-  ImageInfoRow,
-  OwnerRow,
-  OwnerUsage,
-  SshKeyRow,
-  TokenRow,
-  UploadSessionRow,
+import {
+  CAPABILITY_COLUMNS,
+  OWNER_COLUMNS,
+  toCapabilityRow,
+  toImageInfoRow,
+  toOwnerRow,
+  toTokenRow,
+  type AdminTokenRow,
+  type BaseImageRow,
+  type CapabilityRow,
+  type FileRow,
+  type ImageInfoRow,
+  type OwnerRow,
+  type OwnerUsage,
+  type RawCapability,
+  type RawImageInfo,
+  type RawOwner,
+  type RawToken,
+  type SshKeyRow,
+  type TokenRow,
+  type UploadSessionRow,
 } from './metadataDb';
 import type { MetadataStore, StoredFile } from './metadataStore';
 
@@ -187,11 +197,10 @@ async function inTransaction<T>(pool: Pool, fn: (client: PoolClient) => Promise<
 
 /** The schema version of the database at `pool` (0 when it has none yet). */
 export async function pgSchemaVersion(pool: Pool): Promise<number> {
-  const { rows } = await pool.query<{ v: number | null }>(
-    `SELECT CASE WHEN to_regclass('vsp_schema') IS NULL THEN 0
-                 ELSE (SELECT MAX(version) FROM vsp_schema) END AS v`,
-  );
-  return Number(rows[0]?.v ?? 0);
+  const { rows } = await pool.query<{ t: string | null }>("SELECT to_regclass('vsp_schema') AS t");
+  if (rows[0]?.t === null) return 0;
+  const v = await pool.query<{ v: number | null }>('SELECT MAX(version) AS v FROM vsp_schema');
+  return Number(v.rows[0]?.v ?? 0);
 }
 
 /**
@@ -246,91 +255,6 @@ function prefixClause(prefix: string, n: number): { sql: string; params: string[
     ? { sql: `starts_with(path, $${n})`, params: [prefix] }
     : { sql: `path >= $${n} AND path < $${n + 1}`, params: [prefix, end] };
 }
-
-const OWNER_COLUMNS = 'name, created, disabled, password_hash, quota_bytes, quota_files';
-
-interface RawOwner {
-  name: string;
-  created: string;
-  disabled: boolean;
-  password_hash: string | null;
-  quota_bytes: number | null;
-  quota_files: number | null;
-}
-
-function toOwnerRow(r: RawOwner): OwnerRow {
-  return {
-    name: r.name,
-    created: r.created,
-    disabled: r.disabled,
-    hasPassword: r.password_hash !== null,
-    quotaBytes: orUndef(r.quota_bytes),
-    quotaFiles: orUndef(r.quota_files),
-  };
-}
-
-interface RawToken {
-  id: number;
-  owner: string | null;
-  name: string;
-  created: string;
-  revoked: string | null;
-  hash: string;
-}
-
-const toTokenRow = (r: RawToken): TokenRow => ({
-  id: r.id,
-  owner: orUndef(r.owner),
-  name: r.name,
-  created: r.created,
-  revoked: orUndef(r.revoked),
-});
-
-const CAPABILITY_COLUMNS = 'id, owner, task_id, results, expires, created, minted_by, revoked';
-
-interface RawCapability {
-  id: string;
-  owner: string;
-  task_id: string;
-  results: string;
-  expires: number;
-  created: string;
-  minted_by: string;
-  revoked: string | null;
-}
-
-const toCapabilityRow = (r: RawCapability): CapabilityRow => ({
-  id: r.id,
-  owner: r.owner,
-  taskId: r.task_id,
-  results: r.results,
-  expires: r.expires,
-  created: r.created,
-  mintedBy: r.minted_by,
-  revoked: orUndef(r.revoked),
-});
-
-interface RawImageInfo {
-  sha256: string;
-  status: 'ok' | 'invalid';
-  format: string | null;
-  virtual_bytes: number | null;
-  actual_bytes: number | null;
-  has_backing: boolean | null;
-  error: string | null;
-  inspected: string;
-}
-
-const toImageInfoRow = (r: RawImageInfo): ImageInfoRow => ({
-  sha256: r.sha256,
-  status: r.status,
-  format: orUndef(r.format),
-  virtualBytes: orUndef(r.virtual_bytes),
-  actualBytes: orUndef(r.actual_bytes),
-  hasBackingFile: orUndef(r.has_backing),
-  error: orUndef(r.error),
-  inspected: r.inspected,
-});
 
 export class PgMetadata implements MetadataStore {
   readonly kind = 'cluster' as const;

@@ -10,6 +10,7 @@ import {
   downloadInputs,
   INPUT_DOWNLOADS_AT_ONCE,
   InputNotFound,
+  inputSizes,
   type InputProgress,
 } from '../../storage/inputDownloads';
 
@@ -117,4 +118,17 @@ test('a missing input fails the stage-in by its name; the other downloads stop, 
     const i = inputs.find((x) => x.path === f);
     expect(i && sha256(await fs.readFile(path.join(work, f)))).toBe(i && sha256(i.bytes));
   }
+});
+
+test('sizes come back in input order, and the first missing input in that order is named', async () => {
+  expect(await inputSizes(client, 'alice', files.map((f) => f.path).reverse())).toEqual([...files].reverse());
+  const names = files.map((f) => f.path);
+  const err = await inputSizes(client, 'alice', [
+    ...names.slice(0, 9),
+    'in/first-gone.bin',
+    ...names.slice(9),
+    'in/second-gone.bin',
+  ]).catch((e: unknown) => e);
+  expect(err).toBeInstanceOf(InputNotFound);
+  expect((err as InputNotFound).input).toBe('in/first-gone.bin');
 });

@@ -15,15 +15,19 @@ export interface ClusterFixture {
   stop(): Promise<void>;
 }
 
-/** A local cluster on the suite's Temporal server, in a fresh temp folder removed on stop. */
+/**
+ * A local cluster in a fresh temp folder removed on stop, on the suite's Temporal dev server unless
+ * `temporalAddress` (and `temporalNamespace`) name another.
+ */
 export async function startClusterFixture(
-  opts: Omit<LocalClusterOptions, 'temporalAddress' | 'baseDir'>,
+  opts: Omit<LocalClusterOptions, 'temporalAddress' | 'baseDir'> & { temporalAddress?: string },
 ): Promise<ClusterFixture> {
   const baseDir = await fs.mkdtemp(path.join(os.tmpdir(), 'vsp-test-'));
-  const cluster = new LocalCluster({ ...opts, temporalAddress: temporalAddress(), baseDir });
+  const address = opts.temporalAddress ?? temporalAddress();
+  const cluster = new LocalCluster({ ...opts, temporalAddress: address, baseDir });
   await cluster.start();
-  const connection = await Connection.connect({ address: temporalAddress() });
-  const temporal = new Client({ connection, namespace: 'default' });
+  const connection = await Connection.connect({ address });
+  const temporal = new Client({ connection, namespace: cluster.temporalNamespace });
   return {
     cluster,
     temporal,

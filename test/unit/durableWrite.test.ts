@@ -146,6 +146,15 @@ describe('writeDurably', () => {
     expect(written.sha256).toBe(sha256(...again));
   });
 
+  test('streams about the size hashed in line, and just past it, get their own SHA-256', async () => {
+    for (const size of [(256 << 10) - 1, 256 << 10, (256 << 10) + 1, 3 << 20]) {
+      const bytes = Buffer.alloc(size, size % 251);
+      const chunks = [bytes.subarray(0, 1000), bytes.subarray(1000, 200_000), bytes.subarray(200_000)];
+      const written = await writeDurably(Readable.from(chunks), path.join(dir, `s${size}`), {}, (w) => w);
+      expect(written).toEqual({ size, sha256: sha256(bytes) });
+    }
+  });
+
   test('an empty stream is the SHA-256 of no bytes', async () => {
     const written = await writeDurably(Readable.from([]), path.join(dir, 'empty'), {}, (w) => w);
     expect(written).toEqual({ size: 0, sha256: sha256() });
