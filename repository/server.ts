@@ -19,14 +19,15 @@ import {
   type BackendSettings,
   type RepositoryBackend,
 } from './store/backend';
-import { ResumableUploads } from './store/resumableUploads';
+import { ResumableUploads, type Uploads } from './store/resumableUploads';
+import { SharedUploads } from './store/sharedUploads';
+import type { PgMetadata } from './store/pgMetadata';
 import {
   LoginThrottle,
   PgThrottleStore,
   type LoginThrottleOptions,
   type ThrottleStore,
 } from './accounts/loginThrottle';
-import type { PgMetadata } from './store/pgMetadata';
 import { ImageStore } from './store/imageStore';
 import { defaultHostKeyPath, startSftpServer, type SftpServer } from './sftp/sftpServer';
 import type { TaskApi, TaskAdmissionDeps } from './http/taskApi';
@@ -131,7 +132,7 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
   const db = backend.metadata;
   let audit: AuditLog | undefined;
   let sftp: SftpServer | undefined;
-  let uploads: ResumableUploads | undefined;
+  let uploads: Uploads | undefined;
   let ftps: FtpsServer | undefined;
   let images: ImageStore | undefined;
   try {
@@ -141,14 +142,17 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
     // Before any protocol starts: it hears of every image stored, whichever protocol stores it.
     images = new ImageStore({ db, store, log: log.child({ part: 'images' }) });
     audit = AuditLog.open(opts.auditLogFile ?? defaultAuditLogPath(dataDir));
-    uploads = await ResumableUploads.open({
-      dataDir,
-      db,
-      store,
-      maxFileBytes,
-      log,
-      expiryMs: opts.uploadExpiryMs,
-    });
+    uploads =
+      backend.settings.kind === 'cluster'
+        ? new SharedUploads(db as PgMetadata, store, backend.bytes, maxFileBytes, log, opts.uploadExpiryMs)
+        : await ResumableUploads.open({
+            dataDir,
+            db,
+            store,
+            maxFileBytes,
+            log,
+            expiryMs: opts.uploadExpiryMs,
+          });
     const loginThrottle = new LoginThrottle(
       opts.loginThrottle,
       opts.throttleStore ??

@@ -18,7 +18,7 @@ import { remoteOf, type AuditEvent, type AuditLog } from '../accounts/auditLog';
 import { StoreError, type FileStore, type StoreErrorCode } from '../store/fileStore';
 import type { MetadataStore } from '../store/metadataStore';
 import { parseRange } from './byteRange';
-import { UploadError, type ResumableUploads } from '../store/resumableUploads';
+import { UploadError, type Uploads } from '../store/resumableUploads';
 import { LoginRateLimited, type LoginThrottle } from '../accounts/loginThrottle';
 import type { TaskApi } from './taskApi';
 import { TaskApiError } from '../tasks/taskAdmission';
@@ -44,7 +44,7 @@ export interface HttpApiDeps {
   maxFileBytes: number;
   log: Logger;
   audit: AuditLog;
-  uploads: ResumableUploads;
+  uploads: Uploads;
   /** Counts failed token logins per address (tokens are unguessable, so not per account). */
   loginThrottle: LoginThrottle;
   /** The web page's files, served at `/` (webAssets.ts). */

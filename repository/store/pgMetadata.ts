@@ -147,7 +147,17 @@ CREATE TRIGGER files_usage_update AFTER UPDATE ON files
 CREATE TRIGGER files_usage_delete AFTER DELETE ON files
   REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION files_usage();
 `,
-  // 2: the login throttle's failures and lockouts, shared by every server (accounts/loginThrottle.ts).
+  // Resumable uploads shared by all servers: each acknowledged append is one object, in offset order.
+  `
+CREATE TABLE upload_parts (
+  upload_id TEXT NOT NULL REFERENCES upload_sessions(id) ON DELETE CASCADE,
+  start BIGINT NOT NULL,
+  size BIGINT NOT NULL,
+  blob TEXT NOT NULL,
+  PRIMARY KEY (upload_id, start)
+);
+`,
+  // The login throttle's failures and lockouts, shared by every server (accounts/loginThrottle.ts).
   `
 CREATE TABLE login_throttle (
   key TEXT PRIMARY KEY,
@@ -676,18 +686,70 @@ export class PgMetadata implements MetadataStore {
     await this.q.query('DELETE FROM upload_sessions WHERE id = $1', [id]);
   }
 
-  async listUploadSessions(): Promise<UploadSessionRow[]> {
+  /** All sessions, or the one with `id`. */
+  async listUploadSessions(id?: string): Promise<UploadSessionRow[]> {
     const rows = await this.rows<
       Omit<UploadSessionRow, 'sha256' | 'expiresAt'> & {
         sha256: string | null;
         expires_at: number;
       }
-    >('SELECT id, owner, path, size, sha256, received, expires_at FROM upload_sessions');
+    >(
+      `SELECT id, owner, path, size, sha256, received, expires_at FROM upload_sessions
+       WHERE $1::text IS NULL OR id = $1`,
+      [id ?? null],
+    );
     return rows.map(({ sha256, expires_at, ...r }) => ({
       ...r,
       ...(sha256 !== null && { sha256 }),
       expiresAt: expires_at,
     }));
+  }
+
+  async getUploadSession(id: string): Promise<UploadSessionRow | undefined> {
+    return (await this.listUploadSessions(id))[0];
+  }
+
+  /**
+   * Records an append of `size` bytes (object `blob`) at `start`, if the session is still at `start`: the
+   * one way a session moves on, so two servers appending at one offset cannot both succeed. False if
+   * another append (or the session's end) came first.
+   */
+  async appendUploadPart(
+    id: string,
+    start: number,
+    size: number,
+    blob: string,
+    expiresAt: number,
+  ): Promise<boolean> {
+    return inTransaction(this.pool, async (c) => {
+      const moved = await c.query(
+        'UPDATE upload_sessions SET received = $1, expires_at = $2 WHERE id = $3 AND received = $4',
+        [start + size, expiresAt, id, start],
+      );
+      if (moved.rowCount !== 1) return false;
+      await c.query('INSERT INTO upload_parts (upload_id, start, size, blob) VALUES ($1, $2, $3, $4)', [
+        id,
+        start,
+        size,
+        blob,
+      ]);
+      return true;
+    });
+  }
+
+  async uploadParts(id: string): Promise<{ start: number; size: number; blob: string }[]> {
+    return this.rows('SELECT start, size, blob FROM upload_parts WHERE upload_id = $1 ORDER BY start', [id]);
+  }
+
+  /** Ends a session (whoever gets here first); its parts' objects, for the caller to remove. */
+  async claimUploadSession(id: string): Promise<string[] | undefined> {
+    return inTransaction(this.pool, async (c) => {
+      const parts = await c.query<{ blob: string }>('SELECT blob FROM upload_parts WHERE upload_id = $1', [
+        id,
+      ]);
+      const gone = await c.query('DELETE FROM upload_sessions WHERE id = $1', [id]);
+      return gone.rowCount === 1 ? parts.rows.map((r) => r.blob) : undefined;
+    });
   }
 
   // --- image inspections ---

@@ -49,6 +49,45 @@ export const createUploadRequest = z.object({
 });
 export type CreateUploadRequest = z.infer<typeof createUploadRequest>;
 
+/**
+ * Checks a request to start an upload before anything is kept: its fields, its size against the limit,
+ * the owner's number of unfinished uploads and (with their sizes reserved, so many sessions cannot
+ * outgrow it together) the quota.
+ */
+export async function admitUpload(
+  store: FileStore,
+  owner: string,
+  body: unknown,
+  maxFileBytes: number,
+  unfinished: { size: number }[],
+): Promise<{ req: CreateUploadRequest; repoPath: string }> {
+  const parsed = createUploadRequest.safeParse(body);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    throw new UploadError(400, `upload request: ${issue.path.join('.') || 'body'}: ${issue.message}`);
+  }
+  const req = parsed.data;
+  let repoPath: string;
+  try {
+    repoPath = normaliseFilePath(req.path);
+  } catch (err) {
+    throw new UploadError(400, (err as Error).message);
+  }
+  if (req.size > maxFileBytes)
+    throw new UploadError(413, `file of ${req.size} bytes is larger than the limit of ${maxFileBytes} bytes`);
+  if (unfinished.length >= MAX_SESSIONS_PER_OWNER)
+    throw new UploadError(
+      429,
+      `${owner} already has ${unfinished.length} unfinished uploads; finish or delete some`,
+    );
+  const reserved = unfinished.reduce((sum, s) => sum + s.size, 0);
+  await store.precheckWrite(owner, repoPath, req.size + reserved);
+  return { req, repoPath };
+}
+
+/** What the HTTP API needs of resumable uploads, whichever backend keeps them. */
+export type Uploads = Pick<ResumableUploads, 'create' | 'get' | 'append' | 'abort' | 'close'>;
+
 export interface UploadSessionInfo {
   id: string;
   path: string;
@@ -156,32 +195,13 @@ export class ResumableUploads {
 
   /** Starts a session for `req.path` in `owner`'s space, refusing early what could never be stored. */
   async create(owner: string, body: unknown): Promise<UploadSessionInfo> {
-    const parsed = createUploadRequest.safeParse(body);
-    if (!parsed.success) {
-      const issue = parsed.error.issues[0];
-      throw new UploadError(400, `upload request: ${issue.path.join('.') || 'body'}: ${issue.message}`);
-    }
-    const req = parsed.data;
-    let repoPath: string;
-    try {
-      repoPath = normaliseFilePath(req.path);
-    } catch (err) {
-      throw new UploadError(400, (err as Error).message);
-    }
-    if (req.size > this.maxFileBytes)
-      throw new UploadError(
-        413,
-        `file of ${req.size} bytes is larger than the limit of ${this.maxFileBytes} bytes`,
-      );
-    const mine = [...this.sessions.values()].filter((s) => s.owner === owner);
-    if (mine.length >= MAX_SESSIONS_PER_OWNER)
-      throw new UploadError(
-        429,
-        `${owner} already has ${mine.length} unfinished uploads; finish or delete some`,
-      );
-    // The other sessions' bytes are reserved too, so many sessions cannot outgrow the quota together.
-    const reserved = mine.reduce((sum, s) => sum + s.size, 0);
-    await this.store.precheckWrite(owner, repoPath, req.size + reserved);
+    const { req, repoPath } = await admitUpload(
+      this.store,
+      owner,
+      body,
+      this.maxFileBytes,
+      [...this.sessions.values()].filter((s) => s.owner === owner),
+    );
     const id = randomBytes(18).toString('base64url');
     const partial = path.join(this.dir, id);
     await (await fs.open(partial, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600)).close();
@@ -335,7 +355,7 @@ export class ResumableUploads {
   }
 }
 
-function describe(s: Session): UploadSessionInfo {
+export function describe(s: Omit<Session, 'partial' | 'busy' | 'owner'>): UploadSessionInfo {
   return {
     id: s.id,
     path: s.path,
@@ -355,6 +375,6 @@ async function hashPrefix(file: string, bytes: number): Promise<Hash> {
   return hash;
 }
 
-function offsetHeader(s: Session): Record<string, string> {
+export function offsetHeader(s: { offset: number; size: number }): Record<string, string> {
   return { 'Upload-Offset': String(s.offset), 'Upload-Length': String(s.size) };
 }

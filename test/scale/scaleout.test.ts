@@ -268,12 +268,7 @@ test('100 clients over three protocols lose nothing while a server is killed and
   );
 });
 
-/**
- * Fails while resumable sessions keep their partial bytes in one server's data dir (the session's row is
- * shared, its bytes are not: another server answers 404). When they live in the shared stores this test
- * fails as `.failing`: make it a plain `test` then.
- */
-test.failing('in-flight resumable uploads resume on another server when theirs is killed', async () => {
+test('in-flight resumable uploads resume on another server when theirs is killed', async () => {
   const victim = fleet.servers[2];
   const dir = path.join(workDir, 'resumable');
   await fs.mkdir(dir, { recursive: true });
