@@ -181,19 +181,25 @@ test('100 clients over three protocols lose nothing while a server is killed and
         attempts++;
         inFlight++;
         try {
-          const signal = AbortSignal.timeout(ATTEMPT_TIMEOUT_MS);
-          const attempt = uploadOnce(protocol, owner, name, data, signal);
+          const stop = new AbortController();
+          const attempt = uploadOnce(protocol, owner, name, data, stop.signal);
           // Settled late when the timeout wins the race: nothing to report then.
           attempt.catch(() => undefined);
-          await Promise.race([
-            attempt,
-            new Promise((_, reject) =>
-              signal.addEventListener('abort', () => {
-                timedOut++;
-                reject(new Error(`${name}: no answer in ${ATTEMPT_TIMEOUT_MS / 1000} s`));
+          let timer: NodeJS.Timeout | undefined;
+          try {
+            await Promise.race([
+              attempt,
+              new Promise((_, reject) => {
+                timer = setTimeout(() => {
+                  timedOut++;
+                  stop.abort();
+                  reject(new Error(`${name}: no answer in ${ATTEMPT_TIMEOUT_MS / 1000} s`));
+                }, ATTEMPT_TIMEOUT_MS);
               }),
-            ),
-          ]);
+            ]);
+          } finally {
+            clearTimeout(timer);
+          }
           out.push({ owner: owner.name, name, sha256: sha(data), result: 'stored', attempts });
           break;
         } catch (err) {
