@@ -32,6 +32,7 @@ import { ImageStore } from './store/imageStore';
 import { defaultHostKeyPath, startSftpServer, type SftpServer } from './sftp/sftpServer';
 import type { TaskApi, TaskAdmissionDeps } from './http/taskApi';
 import { LiveLogs } from './tasks/liveLogs';
+import { PgLiveLogs } from './tasks/pgLiveLogs';
 import { loadWebAssets } from './http/webAssets';
 import type { Logger } from '../logging/logger';
 
@@ -181,7 +182,8 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
       });
       log.info({ host: ftps.host, port: ftps.port }, 'FTPS listening');
     }
-    const liveLogs = await LiveLogs.open(dataDir);
+    const liveLogs =
+      db.kind === 'cluster' ? new PgLiveLogs((db as PgMetadata).sharedPool) : await LiveLogs.open(dataDir);
     const handler = createRequestHandler({ ...deps, web, tasks, images, keys, liveLogs });
     const inFlight = new Set<Promise<void>>();
     const server = createServer(

@@ -27,7 +27,7 @@ import { serveWebAsset, type WebAssets } from './webAssets';
 import { adminRequest, AdminApiError } from './adminApi';
 import { imageRequest, ImageApiError } from './imageApi';
 import type { ImageStore } from '../store/imageStore';
-import type { LiveLogs } from '../tasks/liveLogs';
+import type { LiveLogStore } from '../tasks/liveLogs';
 import { LiveLogError } from '../tasks/liveLogs';
 import { appendTaskLog, serveTaskLog } from './logsApi';
 import { HttpError, readSmallBody } from './requestBody';
@@ -56,7 +56,7 @@ export interface HttpApiDeps {
   /** Verify task capabilities presented as bearer tokens (capabilities.ts). */
   keys: CapabilityKeys;
   /** Tasks' live logs (liveLogs.ts), sent by their hosts, read by owners at `tasks/<id>/logs`. */
-  liveLogs?: LiveLogs;
+  liveLogs?: LiveLogStore;
 }
 
 /** What a request did, filled in as it is understood, recorded in the audit log when it ends. */

@@ -4,7 +4,7 @@ import { describeError, type Logger } from '../../logging/logger';
 import { AccessDenied, type Principal } from '../accounts/auth';
 import type { FileStore } from '../store/fileStore';
 import type { MetadataStore } from '../store/metadataStore';
-import { LiveLogError, MAX_APPEND_BYTES, type LiveLogs } from '../tasks/liveLogs';
+import { LiveLogError, MAX_APPEND_BYTES, type LiveLogStore } from '../tasks/liveLogs';
 import { TaskApiError } from '../tasks/taskAdmission';
 import { TEMPORAL_NOT_CONFIGURED } from '../tasks/taskRequests';
 import { readSmallBody } from './requestBody';
@@ -21,7 +21,7 @@ import type { TaskApi } from './taskApi';
  */
 
 export interface LogsRouteDeps {
-  liveLogs: LiveLogs;
+  liveLogs: LiveLogStore;
   tasks?: TaskApi;
   store: FileStore;
   db: MetadataStore;

@@ -22,6 +22,7 @@ import {
   type UploadSessionRow,
 } from './metadataDb';
 import type { MetadataStore, StoredFile } from './metadataStore';
+import { LIVE_LOG_TABLES } from '../tasks/pgLiveLogs';
 
 /**
  * The `cluster` backend's metadata: the same rows as the SQLite database, in PostgreSQL, shared by any
@@ -157,6 +158,8 @@ CREATE TABLE upload_parts (
   PRIMARY KEY (upload_id, start)
 );
 `,
+  // Live logs shared by all servers (tasks/pgLiveLogs.ts).
+  LIVE_LOG_TABLES,
   // The login throttle's failures and lockouts, shared by every server (accounts/loginThrottle.ts).
   `
 CREATE TABLE login_throttle (

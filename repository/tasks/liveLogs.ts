@@ -37,7 +37,61 @@ export interface AppendResult {
   full: boolean;
 }
 
-export class LiveLogs {
+/** Where live logs are kept: files on this server (`local`), or PostgreSQL shared by many servers (`cluster`). */
+export interface LiveLogStore {
+  /** The log's size in bytes (0 when nothing was sent yet). */
+  size(owner: string, capabilityId: string): Promise<number>;
+  /**
+   * Appends `bytes` sent as the log's bytes from `offset` on (the end when undefined). A retried append
+   * (offset before the end) adds only what the log does not have yet; one past the end is refused with
+   * 409, naming the size to continue from. Bytes beyond the limit are dropped, once marked as such.
+   */
+  append(
+    owner: string,
+    capabilityId: string,
+    offset: number | undefined,
+    bytes: Buffer,
+  ): Promise<AppendResult>;
+  /** Up to `max` of the log's bytes from `offset` on (empty when there are none yet). */
+  read(owner: string, capabilityId: string, offset: number, max?: number): Promise<Buffer>;
+  /** Resolves when the log grows, or after `ms` (whichever first), or when `signal` aborts. */
+  waitForGrowth(owner: string, capabilityId: string, ms: number, signal: AbortSignal): Promise<void>;
+}
+
+/** A capability id as a log's name: checked before it reaches a path or a query. */
+export function checkCapabilityId(capabilityId: string): void {
+  if (!CAPABILITY_ID.test(capabilityId))
+    throw new LiveLogError(400, `capability id ${JSON.stringify(capabilityId)} cannot name a log`);
+}
+
+/**
+ * What of an append the log takes, given its size: the bytes past its end (a retry overlaps it), up to
+ * the limit, where a note says the rest is in task.log. Refuses an append that would leave a gap.
+ */
+export function planAppend(
+  size: number,
+  offset: number | undefined,
+  bytes: Buffer,
+  maxBytes: number,
+): { fresh: Buffer } & AppendResult {
+  if (bytes.length > MAX_APPEND_BYTES)
+    throw new LiveLogError(413, `an append carries at most ${MAX_APPEND_BYTES} bytes, not ${bytes.length}`);
+  const at = offset ?? size;
+  if (at > size)
+    throw new LiveLogError(409, `the log has ${size} bytes: an append at ${at} would leave a gap`);
+  const note = Buffer.from(
+    `\n[vsp: the live log stops at ${maxBytes} bytes; task.log keeps the whole output]\n`,
+  );
+  const room = maxBytes - note.length - size;
+  if (room < 0) return { fresh: Buffer.alloc(0), size, full: true };
+  let fresh = bytes.subarray(size - at);
+  const full = fresh.length > room;
+  if (full) fresh = Buffer.concat([fresh.subarray(0, room), note]);
+  return { fresh, size: size + fresh.length, full };
+}
+
+/** Live logs as files under the data dir: one server's (`local`). */
+export class LiveLogs implements LiveLogStore {
   private readonly grew = new EventEmitter();
   /** Appends to one file run one at a time (the offset check and the write must not interleave). */
   private readonly queues = new Map<string, Promise<unknown>>();
@@ -57,12 +111,10 @@ export class LiveLogs {
   }
 
   private file(owner: string, capabilityId: string): string {
-    if (!CAPABILITY_ID.test(capabilityId))
-      throw new LiveLogError(400, `capability id ${JSON.stringify(capabilityId)} cannot name a log`);
+    checkCapabilityId(capabilityId);
     return path.join(this.dir, owner, `${capabilityId}.log`);
   }
 
-  /** The log's size in bytes (0 when nothing was sent yet). */
   async size(owner: string, capabilityId: string): Promise<number> {
     const st = await fs.stat(this.file(owner, capabilityId)).catch((err: NodeJS.ErrnoException) => {
       if (err.code === 'ENOENT') return undefined;
@@ -71,11 +123,6 @@ export class LiveLogs {
     return st?.size ?? 0;
   }
 
-  /**
-   * Appends `bytes` sent as the log's bytes from `offset` on (the end when undefined). A retried append
-   * (offset before the end) adds only what the log does not have yet; one past the end is refused with
-   * 409, naming the size to continue from. Bytes beyond the limit are dropped, once marked as such.
-   */
   async append(
     owner: string,
     capabilityId: string,
@@ -95,39 +142,24 @@ export class LiveLogs {
   }
 
   private async appendNow(file: string, offset: number | undefined, bytes: Buffer): Promise<AppendResult> {
-    if (bytes.length > MAX_APPEND_BYTES)
-      throw new LiveLogError(413, `an append carries at most ${MAX_APPEND_BYTES} bytes, not ${bytes.length}`);
     await fs.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
     const fh = await fs.open(file, 'a', 0o600);
     try {
-      const size = (await fh.stat()).size;
-      const at = offset ?? size;
-      if (at > size)
-        throw new LiveLogError(409, `the log has ${size} bytes: an append at ${at} would leave a gap`);
-      const note = Buffer.from(
-        `\n[vsp: the live log stops at ${this.maxBytes} bytes; task.log keeps the whole output]\n`,
-      );
-      const room = this.maxBytes - note.length - size;
-      if (room < 0) return { size, full: true };
-      let fresh = bytes.subarray(size - at);
-      const full = fresh.length > room;
-      if (full) fresh = Buffer.concat([fresh.subarray(0, room), note]);
+      const { fresh, ...result } = planAppend((await fh.stat()).size, offset, bytes, this.maxBytes);
       if (fresh.length > 0) {
         await fh.write(fresh);
         this.grew.emit(file);
       }
-      return { size: size + fresh.length, full };
+      return result;
     } finally {
       await fh.close();
     }
   }
 
-  /** Up to `max` of the log's bytes from `offset` on (empty when there are none yet). */
   read(owner: string, capabilityId: string, offset: number, max = MAX_APPEND_BYTES): Promise<Buffer> {
     return readRange(this.file(owner, capabilityId), offset, max);
   }
 
-  /** Resolves when the log grows, or after `ms` (whichever first), or when `signal` aborts. */
   waitForGrowth(owner: string, capabilityId: string, ms: number, signal: AbortSignal): Promise<void> {
     const file = this.file(owner, capabilityId);
     return new Promise((resolve) => {

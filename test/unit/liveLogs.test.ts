@@ -3,7 +3,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { consoleText, LiveLogShipper } from '../../activities/host/liveLog';
 import { RepositoryError } from '../../repository/client';
-import { LiveLogError, LiveLogs } from '../../repository/tasks/liveLogs';
+import { LiveLogs } from '../../repository/tasks/liveLogs';
+import { liveLogStoreCases } from '../support/liveLogStoreCases';
 
 let dir: string;
 beforeEach(async () => {
@@ -16,55 +17,7 @@ afterEach(async () => {
 const CAP = 'cap12345';
 const text = async (logs: LiveLogs, offset = 0) => (await logs.read('alice', CAP, offset)).toString();
 
-test('a live log takes appends in order: a repeated one adds nothing, one past the end is refused with its size', async () => {
-  const logs = await LiveLogs.open(dir);
-  expect(await logs.append('alice', CAP, 0, Buffer.from('one\n'))).toEqual({ size: 4, full: false });
-  // A retry of the same append (the host did not hear the reply), then one that overlaps the end.
-  expect(await logs.append('alice', CAP, 0, Buffer.from('one\n'))).toEqual({ size: 4, full: false });
-  expect(await logs.append('alice', CAP, 2, Buffer.from('e\ntwo\n'))).toEqual({ size: 8, full: false });
-  // Without an offset: at the end (a host that takes the VM over after a migration).
-  expect(await logs.append('alice', CAP, undefined, Buffer.from('three\n'))).toEqual({
-    size: 14,
-    full: false,
-  });
-  await expect(logs.append('alice', CAP, 20, Buffer.from('x'))).rejects.toMatchObject({
-    status: 409,
-    message: expect.stringContaining('has 14 bytes'),
-  });
-  expect(await text(logs)).toBe('one\ntwo\nthree\n');
-  expect(await text(logs, 8)).toBe('three\n');
-  expect(await logs.size('alice', CAP)).toBe(14);
-  expect(await logs.size('alice', 'cap-never')).toBe(0);
-  // Concurrent appends at the same offset: the file gets the bytes once.
-  const both = await Promise.all([0, 1].map(() => logs.append('alice', 'cap-race1', 0, Buffer.from('abc'))));
-  expect(both.map((r) => r.size)).toEqual([3, 3]);
-  expect((await logs.read('alice', 'cap-race1', 0)).toString()).toBe('abc');
-  // A capability id never becomes a path outside the folder.
-  await expect(logs.append('alice', '../../etc', 0, Buffer.from('x'))).rejects.toBeInstanceOf(LiveLogError);
-});
-
-test('a live log stops at its limit with a note, and says it is full', async () => {
-  const logs = await LiveLogs.open(dir, 200);
-  expect(await logs.append('alice', CAP, 0, Buffer.alloc(50, 'a'))).toEqual({ size: 50, full: false });
-  const r = await logs.append('alice', CAP, 50, Buffer.alloc(500, 'b'));
-  expect(r.full).toBe(true);
-  expect(r.size).toBe(200);
-  expect(await text(logs)).toMatch(
-    /^a{50}b+\n\[vsp: the live log stops at 200 bytes; task\.log keeps the whole output\]\n$/,
-  );
-  expect(await logs.append('alice', CAP, undefined, Buffer.from('more'))).toEqual({ size: 200, full: true });
-});
-
-test('a follower waiting on a log wakes when it grows, not only at its poll', async () => {
-  const logs = await LiveLogs.open(dir);
-  const stop = new AbortController();
-  const woke = logs.waitForGrowth('alice', CAP, 60_000, stop.signal).then(() => 'grew');
-  await logs.append('alice', CAP, 0, Buffer.from('line\n'));
-  expect(await woke).toBe('grew');
-  const aborted = logs.waitForGrowth('alice', CAP, 60_000, stop.signal).then(() => 'stopped');
-  stop.abort();
-  expect(await aborted).toBe('stopped');
-});
+liveLogStoreCases('files', (maxBytes) => LiveLogs.open(dir, maxBytes));
 
 test("a console is shipped as the owner reads it: whole lines, the guest's output prefix off", () => {
   const raw = Buffer.from('Linux version 6.1\r\nVSP-START\nVSP-OUT hello\r\nVSP-PROGRESS 10 a\nVSP-OUT par');
