@@ -24,6 +24,7 @@ import { benchRepository, benchRepositoryConcurrency } from './repository';
 import { benchRepositoryProtocols } from './repositoryProtocols';
 import { writeReport, type BenchReport } from './report';
 import { benchScheduler } from './scheduler';
+import { benchScaleout } from './scaleout';
 import { benchStaging } from './staging';
 import { benchStorageEvacuation } from './storageEvacuation';
 import { benchSubmission } from './submission';
@@ -61,6 +62,8 @@ const BENCHMARKS: Record<string, (ctx: RunContext) => Promise<BenchReport>> = {
   repository: (ctx) => benchRepository(ctx.quick ? { sizeMiB: 64, runs: 1 } : {}),
   protocols: (ctx) => benchRepositoryProtocols(ctx.quick ? { sizeMiB: 64, runs: 1 } : {}),
   'repository-concurrency': (ctx) => benchRepositoryConcurrency(ctx.quick ? { clients: 20, sizeMiB: 2 } : {}),
+  scaleout: (ctx) =>
+    benchScaleout({ quick: ctx.quick, workDir: ctx.workDir, logsDir: ctx.logsDir ?? ctx.workDir }),
   paper: (ctx) => benchPaper({ workDir: ctx.workDir, quick: ctx.quick }),
   'migration-traces': (ctx) =>
     benchMigrationTraces({ workDir: ctx.workDir, outDir: ctx.outDir, quick: ctx.quick }),

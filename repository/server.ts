@@ -22,7 +22,12 @@ import {
 import { ResumableUploads, type Uploads } from './store/resumableUploads';
 import { SharedUploads } from './store/sharedUploads';
 import type { PgMetadata } from './store/pgMetadata';
-import { LoginThrottle, type LoginThrottleOptions } from './accounts/loginThrottle';
+import {
+  LoginThrottle,
+  PgThrottleStore,
+  type LoginThrottleOptions,
+  type ThrottleStore,
+} from './accounts/loginThrottle';
 import { ImageStore } from './store/imageStore';
 import { defaultHostKeyPath, startSftpServer, type SftpServer } from './sftp/sftpServer';
 import type { TaskApi, TaskAdmissionDeps } from './http/taskApi';
@@ -67,6 +72,11 @@ export interface RepositoryServerOptions {
   uploadExpiryMs?: number;
   /** Login rate limiting shared by all protocols (defaults in loginThrottle.ts). */
   loginThrottle?: Partial<LoginThrottleOptions>;
+  /**
+   * Where failures and lockouts live; default the backend's: PostgreSQL on `cluster` (shared by every
+   * server), this process's memory on `local` (one server is the whole repository).
+   */
+  throttleStore?: ThrottleStore;
   /**
    * Temporal, for the task endpoints the web page uses (list, submit, status). Without it they answer
    * 503. The caller keeps the connection and closes it after the server. A factory (taskApi.ts's
@@ -144,7 +154,11 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
             log,
             expiryMs: opts.uploadExpiryMs,
           });
-    const loginThrottle = new LoginThrottle(opts.loginThrottle);
+    const loginThrottle = new LoginThrottle(
+      opts.loginThrottle,
+      opts.throttleStore ??
+        (db.kind === 'cluster' ? new PgThrottleStore((db as PgMetadata).sharedPool) : undefined),
+    );
     const deps = { db, store, maxFileBytes, log, audit, uploads, loginThrottle };
     const web = await loadWebAssets();
     const tasks = opts.tasks?.(log.child({ part: 'tasks' }), { db, keys });

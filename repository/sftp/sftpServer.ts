@@ -100,20 +100,17 @@ export async function startSftpServer(deps: SftpSessionDeps, opts: SftpServerOpt
         return;
       }
       if (ctx.method !== 'publickey') return ctx.reject(['publickey', 'password']);
-      try {
-        loginThrottle.check(who);
-        // Without a signature the client only asks whether this key would do: no login, and no
-        // guess either (public keys are public), so a refusal is not counted as a failure.
-        if (!ctx.signature) {
-          authenticateKey(db, ctx.username, ctx.key.data).then(
-            () => ctx.accept(),
-            (err: unknown) => denied(ctx, err),
-          );
-          return;
-        }
-        const { signature } = ctx;
-        loginThrottle
-          .guard(who, async () => {
+      const { signature } = ctx;
+      loginThrottle
+        .check(who)
+        .then(async () => {
+          // Without a signature the client only asks whether this key would do: no login, and no
+          // guess either (public keys are public), so a refusal is not counted as a failure.
+          if (!signature) {
+            await authenticateKey(db, ctx.username, ctx.key.data);
+            return ctx.accept();
+          }
+          const s = await loginThrottle.guard(who, async () => {
             const s = await authenticateKey(db, ctx.username, ctx.key.data);
             const key = utils.parseKey(ctx.key.data);
             if (
@@ -123,14 +120,10 @@ export async function startSftpServer(deps: SftpSessionDeps, opts: SftpServerOpt
             )
               throw new AccessDenied(401, 'SSH key signature does not verify');
             return s;
-          })
-          .then(
-            (s) => loggedIn(ctx, s, 'publickey'),
-            (err: unknown) => denied(ctx, err),
-          );
-      } catch (err) {
-        denied(ctx, err);
-      }
+          });
+          loggedIn(ctx, s, 'publickey');
+        })
+        .catch((err: unknown) => denied(ctx, err));
     });
 
     client.on('ready', () => {

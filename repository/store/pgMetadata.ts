@@ -160,6 +160,15 @@ CREATE TABLE upload_parts (
 `,
   // Live logs shared by all servers (tasks/pgLiveLogs.ts).
   LIVE_LOG_TABLES,
+  // The login throttle's failures and lockouts, shared by every server (accounts/loginThrottle.ts).
+  `
+CREATE TABLE login_throttle (
+  key TEXT PRIMARY KEY,
+  failures BIGINT[] NOT NULL,
+  locked_until BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX login_throttle_locked_until ON login_throttle (locked_until);
+`,
 ];
 
 export const PG_SCHEMA_VERSION = PG_MIGRATIONS.length;

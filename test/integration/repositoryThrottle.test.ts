@@ -5,7 +5,12 @@ import { Client, FTPError } from 'basic-ftp';
 import { addKey, addOwner, setPassword } from '../../repository/accounts/admin';
 import { AccessDenied } from '../../repository/accounts/auth';
 import { RepositoryClient, RepositoryError } from '../../repository/client';
-import { addressKey, LoginRateLimited, LoginThrottle } from '../../repository/accounts/loginThrottle';
+import {
+  addressKey,
+  LoginRateLimited,
+  LoginThrottle,
+  MemoryThrottleStore,
+} from '../../repository/accounts/loginThrottle';
 import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
 import { generateEd25519KeyPair } from '../../lib/sshKeyPair';
 import { SftpTestClient } from '../support/sftpTestClient';
@@ -19,7 +24,8 @@ describe('LoginThrottle', () => {
     throw new AccessDenied(401, 'wrong name or password');
   };
   let now = 1_000_000;
-  const throttle = (): LoginThrottle => new LoginThrottle({ ...LIMITS, lockoutMs: 1000 }, () => now);
+  const throttle = (): LoginThrottle =>
+    new LoginThrottle({ ...LIMITS, lockoutMs: 1000 }, new MemoryThrottleStore(), () => now);
   const refusal = async (p: Promise<unknown>): Promise<unknown> =>
     p.then(
       () => undefined,

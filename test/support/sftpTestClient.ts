@@ -18,11 +18,15 @@ export class SftpTestClient {
 
   static async connect(config: ConnectConfig): Promise<SftpTestClient> {
     const conn = new Client();
+    // A connection lost later reports to the pending call's callback; without a listener its 'error'
+    // event would also throw.
+    conn.on('error', () => undefined);
     let hostKey: Buffer = Buffer.alloc(0);
     await new Promise<void>((resolve, reject) => {
       conn
         .once('ready', () => resolve())
         .once('error', reject)
+        .once('close', () => reject(new Error('connection closed before it was ready')))
         .connect({
           host: '127.0.0.1',
           readyTimeout: 10_000,
@@ -33,9 +37,16 @@ export class SftpTestClient {
           ...config,
         });
     });
-    const sftp = await new Promise<SFTPWrapper>((resolve, reject) =>
-      conn.sftp((err, s) => (err ? reject(err) : resolve(s))),
-    );
+    // ssh2 never answers an SFTP channel request on a connection that closes meanwhile.
+    const sftp = await new Promise<SFTPWrapper>((resolve, reject) => {
+      const lost = (): void => reject(new Error('connection closed before the SFTP session opened'));
+      conn.once('close', lost);
+      conn.sftp((err, s) => {
+        conn.off('close', lost);
+        if (err) reject(err);
+        else resolve(s);
+      });
+    });
     return new SftpTestClient(conn, sftp, hostKey);
   }
 
@@ -43,8 +54,17 @@ export class SftpTestClient {
     this.conn.end();
   }
 
+  /** Runs one SFTP call; a connection lost meanwhile fails it (ssh2 may never call back then). */
   private call<T>(fn: (cb: (err: Error | null | undefined, value?: T) => void) => void): Promise<T> {
-    return new Promise<T>((resolve, reject) => fn((err, value) => (err ? reject(err) : resolve(value as T))));
+    return new Promise<T>((resolve, reject) => {
+      const lost = (): void => reject(new Error('SFTP connection closed'));
+      this.conn.once('close', lost);
+      fn((err, value) => {
+        this.conn.off('close', lost);
+        if (err) reject(err);
+        else resolve(value as T);
+      });
+    });
   }
 
   writeFile(p: string, data: Buffer | string): Promise<void> {
