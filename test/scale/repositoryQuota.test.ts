@@ -1,35 +1,21 @@
 import { randomBytes } from 'node:crypto';
-import { promises as fs } from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
 import { Readable } from 'node:stream';
 import { addOwner, listOwners, setQuota } from '../../repository/accounts/admin';
 import { RepositoryClient, RepositoryError } from '../../repository/client';
-import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
-import { useClusterBackend } from '../support/repositoryBackends';
+import { clusterServers } from '../support/repositoryBackends';
 
 // Quotas under concurrency across servers: the commit locks the owner's row, so the last bytes fit once.
-const done = useClusterBackend();
-let dirs: string[] = [];
-let servers: RepositoryServer[] = [];
+const fleet = clusterServers(3, 'quota');
 let token: string;
 
 beforeAll(async () => {
-  dirs = await Promise.all([0, 1, 2].map((i) => fs.mkdtemp(path.join(os.tmpdir(), `vsp-quota-${i}-`))));
-  token = (await addOwner(dirs[0], 'alice')).token;
-  servers = await Promise.all(dirs.map((dataDir) => startRepositoryServer({ dataDir, port: 0 })));
+  token = (await addOwner(fleet.dirs[0], 'alice')).token;
 });
-
-afterAll(async () => {
-  await Promise.all(servers.map((s) => s.close()));
-  await Promise.all(dirs.map((d) => fs.rm(d, { recursive: true, force: true })));
-});
-done();
 
 test('30 uploads racing on three servers for room for 10: at most 10 stored, the quota never passed', async () => {
   const size = 100_000;
-  await setQuota(dirs[0], 'alice', { bytes: 10 * size, files: 100 });
-  const clients = servers.map((s) => new RepositoryClient({ url: s.url, token }));
+  await setQuota(fleet.dirs[0], 'alice', { bytes: 10 * size, files: 100 });
+  const clients = fleet.servers.map((s) => new RepositoryClient({ url: s.url, token }));
   const results = await Promise.all(
     Array.from({ length: 30 }, (_, i) =>
       clients[i % 3]
@@ -47,7 +33,7 @@ test('30 uploads racing on three servers for room for 10: at most 10 stored, the
   expect(stored).toBeLessThanOrEqual(10);
   const listed = await clients[1].list('alice', 'race/');
   expect(listed).toHaveLength(stored);
-  const [alice] = await listOwners(dirs[0]);
+  const [alice] = await listOwners(fleet.dirs[0]);
   // The counter the commits checked agrees with the rows.
   expect(alice.usage).toEqual({ bytes: stored * size, files: stored });
 });

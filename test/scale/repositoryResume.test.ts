@@ -1,36 +1,23 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { addOwner } from '../../repository/accounts/admin';
 import { RepositoryClient, ResumableUploadError } from '../../repository/client';
-import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
-import { useClusterBackend } from '../support/repositoryBackends';
+import { clusterServers } from '../support/repositoryBackends';
 
 // Two servers on one `cluster` backend: a resumable upload started on one resumes on the other.
-const done = useClusterBackend();
-let dirs: string[] = [];
-let servers: RepositoryServer[] = [];
+const fleet = clusterServers(2, 'resume');
+const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 let token: string;
 
-const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
-
 beforeAll(async () => {
-  dirs = await Promise.all([0, 1].map((i) => fs.mkdtemp(path.join(os.tmpdir(), `vsp-resume-${i}-`))));
-  token = (await addOwner(dirs[0], 'alice')).token;
-  servers = await Promise.all(dirs.map((dataDir) => startRepositoryServer({ dataDir, port: 0 })));
+  token = (await addOwner(fleet.dirs[0], 'alice')).token;
 });
-
-afterAll(async () => {
-  await Promise.all(servers.map((s) => s.close()));
-  await Promise.all(dirs.map((d) => fs.rm(d, { recursive: true, force: true })));
-});
-done();
 
 test('an upload cut off on one server resumes on another to the right checksum; stale offsets are refused', async () => {
-  const [a, b] = servers.map((s) => new RepositoryClient({ url: s.url, token }));
+  const [a, b] = fleet.servers.map((s) => new RepositoryClient({ url: s.url, token }));
   const data = randomBytes(3 << 20);
-  const file = path.join(dirs[0], 'source.bin');
+  const file = path.join(fleet.dirs[0], 'source.bin');
   await fs.writeFile(file, data);
   const abort = new AbortController();
   const err = await a
@@ -47,14 +34,14 @@ test('an upload cut off on one server resumes on another to the right checksum; 
   expect(await b.stat('alice', 'in/moved.bin')).toBeUndefined();
 
   // The other server knows the session and its offset, and refuses an append at a stale one.
-  const head = await fetch(`${servers[1].url}/v1/owners/alice/uploads/${uploadId}`, {
+  const head = await fetch(`${fleet.servers[1].url}/v1/owners/alice/uploads/${uploadId}`, {
     method: 'HEAD',
     headers: { Authorization: `Bearer ${token}` },
   });
   const offset = Number(head.headers.get('upload-offset'));
   expect(head.status).toBe(200);
   expect(offset).toBeGreaterThanOrEqual(data.length / 3);
-  const stale = await fetch(`${servers[1].url}/v1/owners/alice/uploads/${uploadId}`, {
+  const stale = await fetch(`${fleet.servers[1].url}/v1/owners/alice/uploads/${uploadId}`, {
     method: 'PATCH',
     headers: {
       Authorization: `Bearer ${token}`,
@@ -69,10 +56,10 @@ test('an upload cut off on one server resumes on another to the right checksum; 
   const info = await b.uploadResumable('alice', 'in/moved.bin', file, { uploadId, chunkBytes: 1 << 20 });
   expect(info).toMatchObject({ path: 'in/moved.bin', size: data.length, sha256: sha(data) });
   for (const c of [a, b]) expect(await c.stat('alice', 'in/moved.bin')).toMatchObject({ sha256: sha(data) });
-  const back = path.join(dirs[1], 'back.bin');
+  const back = path.join(fleet.dirs[1], 'back.bin');
   await a.download('alice', 'in/moved.bin', back);
   expect(sha(await fs.readFile(back))).toBe(sha(data));
-  const gone = await fetch(`${servers[0].url}/v1/owners/alice/uploads/${uploadId}`, {
+  const gone = await fetch(`${fleet.servers[0].url}/v1/owners/alice/uploads/${uploadId}`, {
     method: 'HEAD',
     headers: { Authorization: `Bearer ${token}` },
   });

@@ -1,5 +1,7 @@
 import { promises as fs } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
+import { startRepositoryServer, type RepositoryServer } from '../../repository/server';
 import { withBackend } from '../../repository/store/backend';
 import { FileStore, StoreError } from '../../repository/store/fileStore';
 import { migratePg, openPgPool } from '../../repository/store/pgMetadata';
@@ -62,6 +64,30 @@ export function useClusterBackend(): () => void {
       }
       await Promise.all([db?.stop(), s3?.stop()]);
     }, 120_000);
+}
+
+/**
+ * `count` repository servers on the `cluster` backend, each with a data dir of its own (under `dirs[i]`),
+ * all sharing one fresh database and bucket: `useClusterBackend` with the servers started and closed.
+ * Call at a file's top level; the returned object fills in before its tests run.
+ */
+export function clusterServers(count: number, name: string): { dirs: string[]; servers: RepositoryServer[] } {
+  const done = useClusterBackend();
+  const fleet: { dirs: string[]; servers: RepositoryServer[] } = { dirs: [], servers: [] };
+  beforeAll(async () => {
+    fleet.dirs = await Promise.all(
+      Array.from({ length: count }, (_, i) => fs.mkdtemp(path.join(os.tmpdir(), `vsp-${name}-${i}-`))),
+    );
+    fleet.servers = await Promise.all(
+      fleet.dirs.map((dataDir) => startRepositoryServer({ dataDir, port: 0 })),
+    );
+  });
+  afterAll(async () => {
+    await Promise.all(fleet.servers.map((s) => s.close()));
+    await Promise.all(fleet.dirs.map((d) => fs.rm(d, { recursive: true, force: true })));
+  });
+  done();
+  return fleet;
 }
 
 /**
