@@ -5,6 +5,7 @@ import { createLogger } from '../logging/logger';
 import { ensureServiceToken } from './accounts/auth';
 import { loadCapabilityKeys } from './accounts/capabilities';
 import { AuditLog, defaultAuditLogPath } from './accounts/auditLog';
+import { AuditShipper, serverIdOf } from './accounts/auditShipper';
 import { FileStore } from './store/fileStore';
 import {
   DEFAULT_IDLE_TIMEOUT_MS,
@@ -132,6 +133,7 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
   );
   const db = backend.metadata;
   let audit: AuditLog | undefined;
+  let shipper: AuditShipper | undefined;
   let sftp: SftpServer | undefined;
   let uploads: Uploads | undefined;
   let ftps: FtpsServer | undefined;
@@ -142,7 +144,17 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
     const store = new FileStore(db, backend.bytes);
     // Before any protocol starts: it hears of every image stored, whichever protocol stores it.
     images = new ImageStore({ db, store, log: log.child({ part: 'images' }) });
-    audit = AuditLog.open(opts.auditLogFile ?? defaultAuditLogPath(dataDir));
+    const auditFile = opts.auditLogFile ?? defaultAuditLogPath(dataDir);
+    audit = AuditLog.open(auditFile);
+    if (db.kind === 'cluster') {
+      shipper = new AuditShipper(
+        (db as PgMetadata).sharedPool,
+        auditFile,
+        await serverIdOf(dataDir),
+        log.child({ part: 'audit' }),
+      );
+      shipper.start();
+    }
     uploads =
       backend.settings.kind === 'cluster'
         ? new SharedUploads(db as PgMetadata, store, backend.bytes, maxFileBytes, log, opts.uploadExpiryMs)
@@ -225,6 +237,7 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
         await images?.close();
         clearTimeout(cutOff);
         audit?.close();
+        await shipper?.close();
         await backend.close();
       }
       log.info({ url }, 'repository closed');
@@ -241,6 +254,7 @@ export async function startRepositoryServer(opts: RepositoryServerOptions): Prom
     await uploads?.close();
     await images?.close();
     audit?.close();
+    await shipper?.close();
     await backend.close();
     throw err;
   }

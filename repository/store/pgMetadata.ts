@@ -23,6 +23,7 @@ import {
 } from './metadataDb';
 import type { MetadataStore, StoredFile } from './metadataStore';
 import { LIVE_LOG_TABLES } from '../tasks/pgLiveLogs';
+import { AUDIT_LOG_TABLE } from '../accounts/auditShipper';
 
 /**
  * The `cluster` backend's metadata: the same rows as the SQLite database, in PostgreSQL, shared by any
@@ -169,6 +170,8 @@ CREATE TABLE login_throttle (
 );
 CREATE INDEX login_throttle_locked_until ON login_throttle (locked_until);
 `,
+  // Every server's audit events, shipped from its own file (accounts/auditShipper.ts).
+  AUDIT_LOG_TABLE,
 ];
 
 export const PG_SCHEMA_VERSION = PG_MIGRATIONS.length;
