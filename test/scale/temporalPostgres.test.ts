@@ -9,6 +9,7 @@ import {
   temporalSqlEnv,
   type TemporalPgServer,
 } from '../../deploy/temporal/server';
+import { SchedulerClient } from '../../client/schedulerClient';
 import { runCommand } from '../../lib/runCommand';
 import { startClusterFixture, until, type ClusterFixture } from '../support/clusterFixture';
 import { startPostgres, type TestDatabase } from '../support/postgres';
@@ -103,6 +104,12 @@ test('a task runs end to end on Temporal on PostgreSQL: outputs stored, listed t
 
 test('the Temporal server killed mid-task and restarted on the same databases: the task completes once', async () => {
   const marker = `vsp-pg-${Date.now()}`;
+  // The task names host a: the scheduler must have heard from it (a host reports within a heartbeat).
+  const scheduler = new SchedulerClient(cluster().temporal);
+  await until('host a to report its inventory', async () => {
+    const state = await scheduler.state({ fresh: true }).catch(() => undefined);
+    return state?.hosts.some((h) => h.host === 'a' && h.state === 'ready') || undefined;
+  });
   const { taskId } = await cluster().cluster.submitTask('alice', {
     driver: 'process',
     host: 'a',
