@@ -313,6 +313,13 @@ export class FaultCluster {
     this.killTaskProcesses();
     await this.connection?.close();
     await this.temporalServer?.stop();
+    // The processes' logs outlive the cluster's folder: a hang seen once is read from them afterwards.
+    const kept = path.join(testLogDir(), path.basename(this.dir));
+    await fs.mkdir(kept, { recursive: true });
+    await fs.cp(path.join(this.dir, 'cluster', 'logs'), kept, { recursive: true }).catch(() => undefined);
+    await fs
+      .copyFile(path.join(this.dir, 'temporal.log'), path.join(kept, 'temporal.log'))
+      .catch(() => undefined);
     if (process.env.VSP_KEEP_TEST_DIRS !== '1')
       await fs.rm(this.dir, { recursive: true, force: true, maxRetries: 5 });
   }
