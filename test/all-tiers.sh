@@ -18,30 +18,42 @@ phase() {
   phase_start=$SECONDS
 }
 
+# Background builds run in process groups of their own (job control), so stopping one ends all of it
+# (mmdebstrap, go build).
+stop_group() {
+  if [ -n "$1" ] && kill -0 "$1" 2>/dev/null; then kill -- "-$1" 2>/dev/null || true; fi
+}
+# start_background LOG COMMAND...: runs the command in the background, its output in LOG; sets bg_pid.
+start_background() {
+  local log=$1
+  shift
+  mkdir -p .vsp/test-logs
+  set -m
+  "$@" >"$log" 2>&1 &
+  bg_pid=$!
+  set +m
+}
+# await_background PID LOG WHAT: waits for a background build; on failure shows its log's end.
+await_background() {
+  if ! wait "$1"; then
+    echo "all-tiers: building $3 failed (log: $2):" >&2
+    tail -n 40 "$2" >&2
+    return 1
+  fi
+}
 image_pid=""
 image_log=".vsp/test-logs/dom0-image-$$.log"
-stop_image() {
-  # The build runs in a process group of its own (job control below): end all of it, mmdebstrap included.
-  if [ -n "$image_pid" ] && kill -0 "$image_pid" 2>/dev/null; then kill -- "-$image_pid" 2>/dev/null || true; fi
-}
 tools_pid=""
 tools_log=".vsp/test-logs/go-tools-$$.log"
-stop_background() {
-  stop_image
-  if [ -n "$tools_pid" ] && kill -0 "$tools_pid" 2>/dev/null; then kill -- "-$tools_pid" 2>/dev/null || true; fi
-}
-trap stop_background EXIT
+trap 'stop_group "$image_pid"; stop_group "$tools_pid"' EXIT
 scale=0
 if [ "${VSP_TEST_SCALE:-1}" != 0 ]; then
   # Its PostgreSQL clusters run as the postgres user, which takes root to arrange.
   if [ "$(id -u)" = 0 ]; then scale=1; else echo "all-tiers: not root, so no scale tier (PostgreSQL, S3, Temporal on PostgreSQL)" >&2; fi
 fi
 if [ "$scale" = 1 ]; then
-  mkdir -p .vsp/test-logs
-  set -m
-  nice -n 15 bash deploy/go-tools.sh >"$tools_log" 2>&1 &
-  tools_pid=$!
-  set +m
+  start_background "$tools_log" nice -n 15 bash deploy/go-tools.sh
+  tools_pid=$bg_pid
 fi
 
 npm run lint
@@ -55,11 +67,8 @@ if [ "${VSP_TEST_CLUSTER:-1}" != 0 ]; then
 fi
 
 if [ "$cluster" = 1 ]; then
-  mkdir -p .vsp/test-logs
-  set -m
-  node dist/deploy/vmcluster/main.js image >"$image_log" 2>&1 &
-  image_pid=$!
-  set +m
+  start_background "$image_log" node dist/deploy/vmcluster/main.js image
+  image_pid=$bg_pid
 fi
 
 npx jest -c jest.unit.config.js
@@ -68,12 +77,7 @@ npx jest --runInBand --forceExit --selectProjects integration system
 phase integration+system
 
 if [ "$scale" = 1 ]; then
-  if ! wait "$tools_pid"; then
-    tools_pid=""
-    echo "all-tiers: building the scale tier's Go servers failed (log: $tools_log):" >&2
-    tail -n 40 "$tools_log" >&2
-    exit 1
-  fi
+  await_background "$tools_pid" "$tools_log" "the scale tier's Go servers" || exit 1
   tools_pid=""
   phase "waiting for the Go servers"
   npx jest --runInBand --forceExit --selectProjects scale
@@ -81,12 +85,7 @@ if [ "$scale" = 1 ]; then
 fi
 
 if [ -n "$image_pid" ]; then
-  if ! wait "$image_pid"; then
-    image_pid=""
-    echo "all-tiers: building the dom0 image failed (log: $image_log):" >&2
-    tail -n 40 "$image_log" >&2
-    exit 1
-  fi
+  await_background "$image_pid" "$image_log" "the dom0 image" || exit 1
   image_pid=""
   phase "waiting for the dom0 image"
 fi
