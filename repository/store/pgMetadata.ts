@@ -23,6 +23,7 @@ import {
 } from './metadataDb';
 import type { MetadataStore, StoredFile } from './metadataStore';
 import { LIVE_LOG_TABLES } from '../tasks/pgLiveLogs';
+import { inTransaction } from './pgTransaction';
 import { AUDIT_LOG_TABLE } from '../accounts/auditShipper';
 
 /**
@@ -191,24 +192,6 @@ export function openPgPool(url: string, max = 10): Pool {
         oid === INT8_OID ? parseInt8 : types.getTypeParser(oid, format)) as typeof types.getTypeParser,
     },
   });
-}
-
-/** Runs `fn` on one client inside BEGIN ... COMMIT (ROLLBACK when it throws). */
-async function inTransaction<T>(pool: Pool, fn: (client: PoolClient) => Promise<T>): Promise<T> {
-  const client = await pool.connect();
-  try {
-    await client.query('BEGIN');
-    try {
-      const out = await fn(client);
-      await client.query('COMMIT');
-      return out;
-    } catch (err) {
-      await client.query('ROLLBACK').catch(() => undefined);
-      throw err;
-    }
-  } finally {
-    client.release();
-  }
 }
 
 /** The schema version of the database at `pool` (0 when it has none yet). */

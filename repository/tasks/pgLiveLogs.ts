@@ -8,6 +8,7 @@ import {
   type AppendResult,
   type LiveLogStore,
 } from './liveLogs';
+import { inTransaction } from '../store/pgTransaction';
 
 /**
  * Live logs in PostgreSQL (the `cluster` backend): any repository server takes a host's appends and
@@ -66,9 +67,7 @@ export class PgLiveLogs implements LiveLogStore {
     bytes: Buffer,
   ): Promise<AppendResult> {
     checkCapabilityId(capabilityId);
-    const client = await this.pool.connect();
-    try {
-      await client.query('BEGIN');
+    const { fresh, ...result } = await inTransaction(this.pool, async (client) => {
       await client.query('INSERT INTO live_logs (owner, capability) VALUES ($1, $2) ON CONFLICT DO NOTHING', [
         owner,
         capabilityId,
@@ -78,26 +77,21 @@ export class PgLiveLogs implements LiveLogStore {
         [owner, capabilityId],
       );
       const size = Number(rows[0].size);
-      const { fresh, ...result } = planAppend(size, offset, bytes, this.maxBytes);
-      if (fresh.length > 0) {
+      const plan = planAppend(size, offset, bytes, this.maxBytes);
+      if (plan.fresh.length > 0) {
         await client.query(
           'INSERT INTO live_log_chunks (owner, capability, start, bytes) VALUES ($1, $2, $3, $4)',
-          [owner, capabilityId, size, fresh],
+          [owner, capabilityId, size, plan.fresh],
         );
         await client.query(
           'UPDATE live_logs SET size = $3, updated = now() WHERE owner = $1 AND capability = $2',
-          [owner, capabilityId, result.size],
+          [owner, capabilityId, plan.size],
         );
       }
-      await client.query('COMMIT');
-      if (fresh.length > 0) this.grew.emit(`${owner}/${capabilityId}`);
-      return result;
-    } catch (err) {
-      await client.query('ROLLBACK').catch(() => undefined);
-      throw err;
-    } finally {
-      client.release();
-    }
+      return plan;
+    });
+    if (fresh.length > 0) this.grew.emit(`${owner}/${capabilityId}`);
+    return result;
   }
 
   async read(owner: string, capabilityId: string, offset: number, max = MAX_APPEND_BYTES): Promise<Buffer> {
